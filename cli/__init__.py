@@ -1,0 +1,1 @@
+"""The `cones` command: a thin client of the service's socket API (never imports torch)."""

@@ -1,0 +1,90 @@
+"""One interface for the three methods, so they are swappable.
+
+    record = method.learn(pipe, photos, spec, progress, cancel, previous=records)
+    handle = method.apply(pipe, [records...])   # for one request; also rewrites prompts
+    method.remove(handle)                        # weights + tokenizer bit-identical to before
+
+CNS is "fusion-free": after learning, the service keeps it applied (`apply` at start-up for every
+stored CNS record, `remove` only when the concept is removed). Cones and Cones 2 are applied for
+one generation and removed right after.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from cns_daemon.errors import Cancelled
+
+
+@dataclass
+class LearnSpec:
+    name: str
+    class_word: str
+    steps: int | None = None          # None: the method's default
+    seed: int = 0
+    captions: list[str] | None = None  # one per photo; None: sidecar .txt or templates
+    options: dict = field(default_factory=dict)  # method-specific hyper-parameters
+
+
+@dataclass
+class ProgressEvent:
+    phase: str          # "prepare" | "class-images" | "select" | "train" | "generate" | ...
+    step: int
+    total: int
+    loss: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+class CancelToken:
+    """Cooperative cancel: long loops call `check()` once per step."""
+
+    def __init__(self):
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled("The job was cancelled.")
+
+
+class ProgressReporter:
+    """Turns per-step calls into ProgressEvents with a running ETA."""
+
+    def __init__(self, fn: ProgressFn | None, phase: str, total: int):
+        self.fn, self.phase, self.total = fn, phase, total
+        self.start = time.monotonic()
+
+    def __call__(self, step: int, loss: float | None = None, message: str = "") -> None:
+        if self.fn is None:
+            return
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / step * (self.total - step) if step > 0 else None
+        self.fn(ProgressEvent(self.phase, step, self.total, loss, eta, message))
+
+
+class Method(Protocol):
+    name: str
+
+    def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None,
+              cancel: CancelToken | None, previous: list | None = None):
+        """Learn a concept; returns a store.ConceptRecord. Leaves no trace on `pipe` except,
+        for CNS, the learned concept applied (fusion-free)."""
+
+    def apply(self, pipe, records: list):
+        """Apply records of this method to `pipe`; returns a handle for `remove`."""
+
+    def remove(self, handle) -> None:
+        """Undo `apply` exactly."""

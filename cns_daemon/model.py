@@ -1,0 +1,146 @@
+"""Loading the base model, building the tiny test model, and fingerprinting either.
+
+The service owns one diffusers StableDiffusionPipeline. It comes from a diffusers folder, a
+single-file checkpoint (.safetensors/.ckpt, through diffusers' own `from_single_file`), or, when
+nothing is configured, the toy-world fixture shipped in the package. Tests build a tiny pipeline
+of the same architecture from configs with seeded random weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ModelLoad
+from .tokenizer import clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+TOYWORLD_MODEL = Path(__file__).parent / "toyworld" / "model"
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+
+
+def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
+    """CUDA with bf16 (or fp16 where bf16 is unsupported) when present, else CPU fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoad("device=cuda was asked for but no CUDA GPU is visible.",
+                        "Set device to `auto` or `cpu`, or check the GPU driver.")
+    if dtype == "auto":
+        if device == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    if device == "cpu" and dtype == "float16":
+        raise ModelLoad("float16 is not supported on the CPU.", "Use dtype float32 or bfloat16 on CPU.")
+    return Placement(torch.device(device), getattr(torch, dtype))
+
+
+def _common_kwargs(dtype: torch.dtype) -> dict:
+    return dict(dtype=dtype, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+
+
+def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: str = "auto"):
+    """Load the configured base model. `None` means the shipped toy-world fixture."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    place = choose_placement(device, dtype)
+    source = Path(model).expanduser() if model is not None else TOYWORLD_MODEL
+    try:
+        if source.is_file() and source.suffix in (".safetensors", ".ckpt"):
+            pipe = StableDiffusionPipeline.from_single_file(str(source), **_common_kwargs(place.dtype))
+        elif source.is_dir():
+            pipe = StableDiffusionPipeline.from_pretrained(str(source), local_files_only=True,
+                                                           **_common_kwargs(place.dtype))
+        elif model is not None and not source.exists() and "/" in str(model) and not str(model).startswith(("/", ".", "~")):
+            # A hub id ("org/name"): allowed for real users, never used by tests.
+            pipe = StableDiffusionPipeline.from_pretrained(str(model), **_common_kwargs(place.dtype))
+        else:
+            raise ModelLoad(f"No model at {source}.")
+    except ModelLoad:
+        raise
+    except Exception as exc:  # diffusers raises many kinds; the user needs one sentence
+        raise ModelLoad(f"Could not load the model from {source}: {exc}") from exc
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(place.device)
+
+
+def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, *, width: int = 64,
+                        blocks: tuple[int, int] = (32, 64)):
+    """A tiny SD-architecture pipeline with seeded random weights (tests, benches).
+
+    Same structure as SD 1.x: UNet2DConditionModel with cross-attention at two resolutions
+    (so `attn2.to_k`/`to_v` exist), AutoencoderKL with a 4-channel latent and a 2x downsample,
+    CLIPTextModel with the real CLIP tokenizer and its full 49,408-token vocabulary.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=blocks, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=width,
+        attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, sample_size=sample_size * 2)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=width * 2, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+        eos_token_id=49407, pad_token_id=49407, projection_dim=width))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=clip_tokenizer(),
+                                   unet=unet, scheduler=scheduler, **{
+                                       k: v for k, v in _common_kwargs(torch.float32).items()
+                                       if k != "dtype"})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def kv_weights(unet) -> dict[str, torch.nn.Parameter]:
+    """The cross-attention key/value projections ("neurons" live here), by parameter name."""
+    return {name: p for name, p in unet.named_parameters()
+            if ".attn2.to_k." in name or ".attn2.to_v." in name}
+
+
+# Config keys that record how or where a model was saved/loaded, not what it computes.
+_VOLATILE_KEYS = {"name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures",
+                  "output_hidden_states", "output_attentions", "return_dict", "use_cache"}
+
+
+def _architecture(config) -> dict:
+    return {k: v for k, v in dict(config).items()
+            if not k.startswith("_") and k not in _VOLATILE_KEYS}
+
+
+def fingerprint(pipe) -> str:
+    """A stable digest of what the concept records depend on: the model configs, the
+    cross-attention K/V weights and the token embeddings. Identical for two loads of the same
+    model; any change to those weights changes it. Excluded: weights concepts never touch."""
+    h = hashlib.sha256()
+    for part in (pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config):
+        h.update(json.dumps(_architecture(part), sort_keys=True, default=str).encode())
+    tensors = dict(sorted(kv_weights(pipe.unet).items()))
+    tensors["text.token_embedding"] = pipe.text_encoder.get_input_embeddings().weight
+    for name, t in tensors.items():
+        # fp32 bytes so a model loaded in another dtype on another device still compares
+        # by value; concepts learned on fp16 weights remain valid on the same fp16 file.
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]

@@ -1,0 +1,121 @@
+"""One typed settings object, layered: defaults → config.toml → CONES_* environment → flags.
+
+Paths come from platformdirs unless CONES_HOME is set, in which case every path (data, config,
+runtime, inbox) lives under that one folder: tests, benchmarks and the demo use it so they
+never touch a person's real data.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field
+from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
+
+APP = "cones"
+Method = Literal["cns", "cones", "cones2"]
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: Path      # LMDB store, photo archive, class-image cache, outputs
+    config: Path    # config.toml
+    runtime: Path   # the socket's 0700 folder
+    inbox: Path     # watched folder people drop photos into
+
+    @property
+    def config_file(self) -> Path:
+        return self.config / "config.toml"
+
+    @property
+    def socket(self) -> Path:
+        return self.runtime / "cones.sock"
+
+    @property
+    def store(self) -> Path:
+        return self.data / "store"
+
+    @property
+    def archive(self) -> Path:
+        return self.data / "archive"
+
+    @property
+    def outputs(self) -> Path:
+        return self.data / "outputs"
+
+
+def default_paths(home: str | os.PathLike | None = None) -> Paths:
+    """Where things live. `home` (or CONES_HOME) overrides everything."""
+    home = home if home is not None else os.environ.get("CONES_HOME")
+    if home:
+        root = Path(home).expanduser().absolute()
+        return Paths(root / "data", root / "config", root / "run", root / "inbox")
+    with warnings.catch_warnings():  # no XDG_RUNTIME_DIR (containers, CI): /tmp fallback is fine
+        warnings.simplefilter("ignore")
+        runtime = platformdirs.user_runtime_dir(APP, ensure_exists=False)
+    return Paths(
+        data=Path(platformdirs.user_data_dir(APP)),
+        config=Path(platformdirs.user_config_dir(APP)),
+        runtime=Path(runtime),
+        inbox=Path(platformdirs.user_pictures_dir()) / "cones-inbox",
+    )
+
+
+class Settings(BaseSettings):
+    """Everything a user can configure. Field names double as config.toml keys and, upper-cased
+    with a CONES_ prefix, as environment variables (CONES_MODEL, CONES_DEVICE, …)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONES_", extra="forbid", validate_default=True)
+
+    # Where: empty means "the platformdirs default" (or under CONES_HOME).
+    home: str | None = Field(None, description="Put every path under this folder.")
+    data_dir: Path | None = None
+    runtime_dir: Path | None = None
+    inbox_dir: Path | None = None
+
+    # What model: empty means the shipped toy-world fixture (offline).
+    model: str | None = Field(None, description="Diffusers folder, .safetensors/.ckpt file, or hub id.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    # Learning defaults.
+    method: Method = "cns"
+    steps: int | None = Field(None, ge=1, le=100_000, description="Training steps; None = method default.")
+
+    # Service.
+    settle_seconds: float = Field(5.0, ge=0.0, le=3600.0)
+    watch_inbox: bool = True
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        # Earlier sources win: flags (init kwargs) > environment > config.toml > defaults.
+        home = getattr(init_settings, "init_kwargs", {}).get("home") or os.environ.get("CONES_HOME")
+        toml_file = default_paths(home).config_file
+        return (init_settings, env_settings,
+                TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+
+    @property
+    def paths(self) -> Paths:
+        base = default_paths(self.home)
+        return Paths(
+            data=Path(self.data_dir) if self.data_dir else base.data,
+            config=base.config,
+            runtime=Path(self.runtime_dir) if self.runtime_dir else base.runtime,
+            inbox=Path(self.inbox_dir) if self.inbox_dir else base.inbox,
+        )
+
+
+def load_settings(**flags) -> Settings:
+    """Build settings; `flags` are the command-line overrides (None values are ignored so an
+    unset flag never hides the config file or the environment)."""
+    return Settings(**{k: v for k, v in flags.items() if v is not None})

@@ -1,0 +1,5 @@
+"""The LMDB concept store: records, sparse index codecs, overlap bookkeeping and jobs."""
+from .records import (ConceptMeta, ConceptRecord, JobRecord, Overlap, SparseDelta,
+                      validate_name)
+
+__all__ = ["ConceptMeta", "ConceptRecord", "JobRecord", "Overlap", "SparseDelta", "validate_name"]

@@ -1,0 +1,94 @@
+"""Typed records the store keeps. Methods produce them, the store persists them, the daemon
+rebuilds models from them. Plain dataclasses of numpy arrays: no torch here, so the CLI and the
+store never need it.
+
+Index sets are flat positions into a tensor's row-major storage (int64, sorted, unique): the
+"neurons" of a K/V weight of shape (out, in) are its out*in elements.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cns_daemon.errors import BadInput
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+METHODS = ("cns", "cones", "cones2")
+
+
+def validate_name(name: str) -> str:
+    """Concept names: letters, digits, `-`, `_`; 1–64 characters."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        shown = name if isinstance(name, str) and len(name) <= 80 else f"{str(name)[:77]}..."
+        raise BadInput(f"Invalid concept name {shown!r}.",
+                       "Use 1-64 letters, digits, '-' or '_' (for example: rex, my_mug, red-star).")
+    return name
+
+
+@dataclass
+class SparseDelta:
+    """New values at some positions of one tensor (CNS). `values` may be float16/32."""
+    indices: np.ndarray  # int64, sorted, unique
+    values: np.ndarray   # same length as indices
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Overlap:
+    """Which earlier concepts share this concept's neurons, and how many (all tensors)."""
+    shared_with: dict[str, int] = field(default_factory=dict)  # earlier concept -> shared count
+    total: int = 0                                             # this concept's neuron count
+
+
+@dataclass
+class ConceptMeta:
+    name: str
+    method: str                       # "cns" | "cones" | "cones2"
+    class_word: str                   # "dog", "mug", "star"
+    token: str                        # the rare/new token the prompt expands to ("" for cones2)
+    created: float = field(default_factory=time.time)
+    photo_digests: list[str] = field(default_factory=list)  # sha256 of archived photos
+    hparams: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""             # base model this was learned on
+
+    def __post_init__(self):
+        validate_name(self.name)
+        if self.method not in METHODS:
+            raise BadInput(f"Unknown method {self.method!r}.", f"Use one of: {', '.join(METHODS)}.")
+
+
+@dataclass
+class ConceptRecord:
+    """Everything one concept needs. Only the parts its method uses are filled."""
+    meta: ConceptMeta
+    masks: dict[str, np.ndarray] = field(default_factory=dict)         # cones: tensor -> indices
+    deltas: dict[str, SparseDelta] = field(default_factory=dict)       # cns: tensor -> delta
+    residual: np.ndarray | None = None                                  # cones2: (d,) float32
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)    # token -> (d,) vector
+    overlap: Overlap = field(default_factory=Overlap)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+
+@dataclass
+class JobRecord:
+    """A persistent queue entry. `kind` is learn | generate | remove; `request` is the
+    protocol request model dumped to JSON-able data (the protocol module owns its schema)."""
+    id: str
+    kind: str
+    request: dict[str, Any]
+    state: str = "queued"     # queued | running | done | failed | cancelled
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0         # times it was started; a crash re-queues it once
+    error: dict[str, Any] | None = None   # {"code", "message", "hint"}
+    result: dict[str, Any] | None = None
+    priority: int = 0         # higher runs first (generate ahead of learn)
