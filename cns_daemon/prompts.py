@@ -1,0 +1,176 @@
+"""The `<name>` prompt syntax and layout boxes.
+
+A prompt names stored concepts in angle brackets: "a photo of <rex> and <mug> on the beach".
+Each reference is expanded per method (CNS and Cones: "<token> <class>", Cones 2: "<class>", the
+residual going to that class word), and we record which positions of the tokenized prompt belong
+to which concept: Cones 2 adds its residual there and layout guidance biases attention there.
+
+Positions are computed by tokenizing the expanded prompt in segments. CLIP's tokenizer splits
+text into pre-tokens that never cross whitespace, and we put spaces around every expansion, so
+the segment-wise token ids equal the whole prompt's ids; `expand` checks that they do.
+
+Boxes are `name=x0,y0,x1,y1` in image fractions, x to the right and y downwards from the
+top-left corner, with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from cns_daemon.errors import BadInput, Internal, NotFound
+from store.records import ConceptMeta, validate_name
+
+# Anything in angle brackets without spaces is meant as a reference; the name check then says
+# precisely what is wrong with a malformed one instead of silently passing "<my dog>" through.
+REFERENCE_RE = re.compile(r"<([^<>\s]+)>")
+BOX_FORM = "NAME=x0,y0,x1,y1 with numbers in [0,1], x0 < x1 and y0 < y1 (for example rex=0,0.2,0.5,1)"
+
+
+@dataclass(frozen=True)
+class ConceptSpan:
+    """One occurrence of a concept in the expanded prompt."""
+    name: str
+    method: str
+    positions: tuple[int, ...]   # every token of the expansion (token + class word), BOS = 0
+    anchor: int                  # the class word's last token: where a Cones 2 residual goes
+
+
+@dataclass(frozen=True)
+class ExpandedPrompt:
+    text: str                          # what the text encoder sees
+    token_ids: tuple[int, ...]         # BOS ... EOS, before padding
+    spans: tuple[ConceptSpan, ...]     # in prompt order; a concept may occur more than once
+
+    @property
+    def names(self) -> list[str]:
+        """Referenced concept names, first occurrence order, without repeats."""
+        return list(dict.fromkeys(s.name for s in self.spans))
+
+    def positions(self, name: str) -> list[int]:
+        return sorted({p for s in self.spans if s.name == name for p in s.positions})
+
+    def anchors(self, name: str) -> list[int]:
+        return sorted({s.anchor for s in self.spans if s.name == name})
+
+
+def referenced_names(prompt: str) -> list[str]:
+    """The validated `<name>` references of a prompt, first occurrence order, no repeats."""
+    return list(dict.fromkeys(validate_name(m.group(1)) for m in REFERENCE_RE.finditer(prompt)))
+
+
+def expansion(meta: ConceptMeta) -> tuple[str, str]:
+    """(prefix, class word) a reference expands to; the prefix is "" for Cones 2."""
+    if meta.method == "cones2":
+        return "", meta.class_word
+    if not meta.token:
+        raise Internal(f"Concept {meta.name!r} ({meta.method}) has no token to expand to.")
+    return meta.token, meta.class_word
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    text = text.strip()
+    return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+
+def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> ExpandedPrompt:
+    """Replace each `<name>` by its method's expansion and locate the concepts' tokens.
+
+    Unknown names raise NotFound; a prompt whose concepts fall past the tokenizer's length limit
+    raises BadInput (the encoder would silently drop them)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadInput("The prompt is empty.", "Give a prompt such as 'a photo of <rex> on the beach'.")
+    missing = [n for n in referenced_names(prompt) if n not in metas]
+    if missing:
+        raise NotFound(f"Unknown concept{'s' if len(missing) > 1 else ''} in the prompt: "
+                       + ", ".join(f"<{n}>" for n in missing) + ".")
+
+    pieces: list[str] = []
+    ids: list[int] = [tokenizer.bos_token_id]
+    spans: list[ConceptSpan] = []
+    cursor = 0
+    for match in REFERENCE_RE.finditer(prompt):
+        before = prompt[cursor:match.start()]
+        pieces.append(before)
+        ids += _ids(tokenizer, before)
+        meta = metas[match.group(1)]
+        prefix, word = expansion(meta)
+        prefix_ids, word_ids = _ids(tokenizer, prefix), _ids(tokenizer, word)
+        if not word_ids:
+            raise Internal(f"Concept {meta.name!r} has an empty class word.")
+        start = len(ids)
+        ids += prefix_ids + word_ids
+        pieces.append(f" {prefix} {word} " if prefix else f" {word} ")
+        spans.append(ConceptSpan(meta.name, meta.method, tuple(range(start, len(ids))), len(ids) - 1))
+        cursor = match.end()
+    pieces.append(prompt[cursor:])
+    ids += _ids(tokenizer, prompt[cursor:])
+    ids.append(tokenizer.eos_token_id)
+    text = " ".join("".join(pieces).split())
+
+    whole = list(tokenizer(text).input_ids)
+    if whole != ids:  # cannot happen with a whitespace-splitting tokenizer; guard the assumption
+        raise Internal(f"Segment-wise tokenization of {text!r} disagrees with the whole prompt.")
+    limit = tokenizer.model_max_length - 1  # the last slot keeps EOS after truncation
+    late = [s.name for s in spans if s.positions[-1] >= limit]
+    if late:
+        raise BadInput(f"The prompt is too long: <{late[0]}> falls past the {limit}-token limit of "
+                       "the text encoder.", "Shorten the prompt or name the concepts earlier in it.")
+    return ExpandedPrompt(text, tuple(ids), tuple(spans))
+
+
+@dataclass(frozen=True)
+class Box:
+    """A layout box in image fractions (x right, y down, origin top-left)."""
+    name: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def __post_init__(self):
+        validate_name(self.name)
+        coords = (self.x0, self.y0, self.x1, self.y1)
+        if not all(0.0 <= c <= 1.0 for c in coords) or not (self.x0 < self.x1 and self.y0 < self.y1):
+            raise BadInput(f"Box for {self.name!r} is not a box inside the image: {coords}.",
+                           f"Use {BOX_FORM}.")
+
+
+def parse_box(text: str) -> Box:
+    """Parse `name=x0,y0,x1,y1` (the name may keep its angle brackets)."""
+    name, sep, rest = str(text).partition("=")
+    name = name.strip()
+    if name.startswith("<") and name.endswith(">"):
+        name = name[1:-1]
+    parts = rest.split(",")
+    if not sep or not name or len(parts) != 4:
+        raise BadInput(f"Malformed box {text!r}.", f"Use {BOX_FORM}.")
+    try:
+        coords = [float(p) for p in parts]
+    except ValueError:
+        raise BadInput(f"Malformed box {text!r}: the coordinates must be numbers.",
+                       f"Use {BOX_FORM}.") from None
+    return Box(name, *coords)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Checked boxes for one expanded prompt: one box per named concept at most."""
+    boxes: tuple[Box, ...] = field(default_factory=tuple)
+
+    def __bool__(self) -> bool:
+        return bool(self.boxes)
+
+
+def check_boxes(boxes: Iterable[Box | str], expanded: ExpandedPrompt) -> Layout:
+    """Boxes must name concepts of the prompt, each once."""
+    parsed = [b if isinstance(b, Box) else parse_box(b) for b in boxes]
+    seen: set[str] = set()
+    for box in parsed:
+        if box.name not in expanded.names:
+            raise BadInput(f"There is a box for <{box.name}>, which is not in the prompt.",
+                           "Name the concept in the prompt as <" + box.name + ">, or drop its box.")
+        if box.name in seen:
+            raise BadInput(f"Two boxes for <{box.name}>.", "Give one box per concept.")
+        seen.add(box.name)
+    return Layout(tuple(parsed))

@@ -1,0 +1,106 @@
+"""The `<name>` syntax: expansion per method, token positions, boxes."""
+from __future__ import annotations
+
+import pytest
+
+from cns_daemon.errors import BadInput, NotFound
+from cns_daemon.prompts import Box, check_boxes, expand, parse_box, referenced_names
+from cns_daemon.tokenizer import clip_tokenizer
+from store.records import ConceptMeta
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return clip_tokenizer()
+
+
+@pytest.fixture
+def metas():
+    return {
+        "rex": ConceptMeta("rex", "cns", "dog", "sks"),
+        "mug": ConceptMeta("mug", "cones", "mug", "ohwx"),
+        "pot": ConceptMeta("pot", "cones2", "teapot", ""),
+    }
+
+
+def _words(tok, ids):
+    return [tok.convert_ids_to_tokens(i).replace("</w>", "") for i in ids]
+
+
+def test_expansion_per_method(tok, metas):
+    e = expand("a photo of <rex>, <mug> and <pot> on the beach", metas, tok)
+    assert e.text == "a photo of sks dog , ohwx mug and teapot on the beach"
+    assert e.names == ["rex", "mug", "pot"]
+    assert list(e.token_ids) == list(tok(e.text).input_ids)
+
+
+def test_positions_point_at_the_expanded_tokens(tok, metas):
+    e = expand("<pot> next to <rex>'s bowl and <mug>", metas, tok)
+    words = _words(tok, e.token_ids)
+    assert [words[p] for p in e.positions("rex")] == ["sks", "dog"]
+    assert [words[p] for p in e.positions("mug")] == ["ohwx", "mug"]
+    assert [words[p] for p in e.positions("pot")] == ["teapot"]
+    # The anchor (Cones 2 residual position) is the class word's last token.
+    assert [words[p] for p in e.anchors("rex")] == ["dog"]
+    assert [words[p] for p in e.anchors("pot")] == ["teapot"]
+    assert words[0] == "<|startoftext|>" and words[-1] == "<|endoftext|>"
+
+
+def test_repeated_concept_and_glued_text(tok, metas):
+    e = expand("x<rex>y and <rex>", metas, tok)
+    words = _words(tok, e.token_ids)
+    assert e.names == ["rex"]
+    assert len(e.spans) == 2
+    assert [words[p] for p in e.positions("rex")] == ["sks", "dog", "sks", "dog"]
+    assert words[e.spans[0].positions[0] - 1] == "x" and words[e.spans[0].positions[-1] + 1] == "y"
+
+
+def test_multi_token_class_word(tok):
+    metas = {"sh": ConceptMeta("sh", "cones2", "sunglasses hat", "")}
+    e = expand("a <sh>", metas, tok)
+    words = _words(tok, e.token_ids)
+    assert [words[p] for p in e.positions("sh")] == ["sunglasses", "hat"]
+    assert e.anchors("sh") == [e.positions("sh")[-1]]
+
+
+def test_plain_prompt_has_no_spans(tok, metas):
+    e = expand("a red star on grass", metas, tok)
+    assert e.spans == () and e.text == "a red star on grass"
+
+
+def test_unknown_name_is_not_found(tok, metas):
+    with pytest.raises(NotFound, match="<nobody>"):
+        expand("a photo of <nobody> and <rex>", metas, tok)
+
+
+def test_invalid_name_is_bad_input(tok, metas):
+    with pytest.raises(BadInput):
+        expand("a photo of <re$x>", metas, tok)
+    assert referenced_names("<a> <b> <a>") == ["a", "b"]
+
+
+def test_concept_past_the_token_limit(tok, metas):
+    with pytest.raises(BadInput, match="too long"):
+        expand("word " * 80 + "<rex>", metas, tok)
+
+
+def test_parse_box_forms():
+    b = parse_box("rex=0,0.25,0.5,1")
+    assert (b.name, b.x0, b.y0, b.x1, b.y1) == ("rex", 0.0, 0.25, 0.5, 1.0)
+    assert parse_box("<rex>=0.1,0.1,0.2,0.2").name == "rex"
+    for bad in ["rex", "rex=0,0,1", "rex=a,0,1,1", "=0,0,1,1", "rex=0,0,1,1,1"]:
+        with pytest.raises(BadInput, match="x0,y0,x1,y1"):
+            parse_box(bad)
+    for bad in ["rex=0.5,0,0.5,1", "rex=0,0.6,1,0.5", "rex=-0.1,0,1,1", "rex=0,0,1.2,1"]:
+        with pytest.raises(BadInput):
+            parse_box(bad)
+
+
+def test_box_for_a_name_not_in_the_prompt(tok, metas):
+    e = expand("<rex> and <mug>", metas, tok)
+    layout = check_boxes(["rex=0,0,0.5,1", Box("mug", 0.5, 0, 1, 1)], e)
+    assert [b.name for b in layout.boxes] == ["rex", "mug"]
+    with pytest.raises(BadInput, match="not in the prompt"):
+        check_boxes(["pot=0,0,0.5,1"], e)
+    with pytest.raises(BadInput, match="Two boxes"):
+        check_boxes(["rex=0,0,0.5,1", "rex=0.5,0,1,1"], e)
