@@ -1,0 +1,147 @@
+"""The LMDB environment under the store: opening, named databases, transactions that survive a
+full map, and the locking that makes one writer + many reader threads safe.
+
+Why a lock of our own: LMDB already serialises writers, but growing the map
+(`Environment.set_mapsize`) is only allowed while this process has no transaction open, and a
+read transaction must not outlive a resize. So reads take a shared lock, writes and resizes an
+exclusive one. Writes are short (values are encoded before the transaction starts), so readers
+rarely wait.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import lmdb
+
+from cns_daemon.errors import Corrupt, Internal, NotFound, Unavailable
+
+DB_NAMES = ("meta", "concepts", "masks", "residuals", "deltas", "embeddings", "overlap", "jobs")
+DEFAULT_MAP_SIZE = 64 << 20   # virtual reservation; the file only grows with the data
+MAX_MAP_SIZE = 1 << 40
+T = TypeVar("T")
+
+
+class _SharedLock:
+    """Many shared holders or one exclusive holder; exclusive waiters block new shared ones."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class Env:
+    """One LMDB environment (a directory) with the store's named databases."""
+
+    def __init__(self, path: Path, map_size: int = DEFAULT_MAP_SIZE, create: bool = True,
+                 readonly: bool = False):
+        self.path = Path(path)
+        if not (self.path / "data.mdb").exists():
+            if not create or readonly:
+                raise NotFound(f"No concept store at {self.path}.",
+                               "Check the data folder (CONES_HOME) or let the service create it.")
+            self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DB_NAMES) + 2,
+                                 readonly=readonly, create=create, max_readers=126)
+        except lmdb.InvalidError:
+            raise Corrupt(f"The concept store at {self.path} is not a readable LMDB store.",
+                          "Restore it from a backup or move it aside to start a new store.") from None
+        except lmdb.Error as exc:
+            raise Unavailable(f"Cannot open the concept store at {self.path}: {exc}.",
+                              "Check the folder's permissions and free disk space.") from None
+        self.readonly = readonly
+        self._lock = _SharedLock()
+        self.dbs: dict[str, lmdb._Database] = {}
+        if readonly:
+            with self.env.begin() as txn:
+                self.dbs = {n: self.env.open_db(n.encode(), txn=txn, create=False)
+                            for n in DB_NAMES if txn.get(n.encode()) is not None}
+        else:
+            with self.env.begin(write=True) as txn:  # creates the databases on first use
+                self.dbs = {n: self.env.open_db(n.encode(), txn=txn) for n in DB_NAMES}
+
+    @property
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run `fn` in one read transaction (a consistent snapshot)."""
+        with self._lock.shared():
+            return self._run(fn, write=False)
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run `fn` in one write transaction: all of its puts land, or none. If the map is
+        full, the transaction is aborted, the map doubled and `fn` run again from scratch."""
+        if self.readonly:
+            raise Internal("Write to a store opened read-only.")
+        with self._lock.exclusive():
+            while True:
+                try:
+                    return self._run(fn, write=True)
+                except lmdb.MapFullError:
+                    self._grow()
+
+    def _run(self, fn: Callable[[lmdb.Transaction], T], write: bool) -> T:
+        for attempt in (0, 1):
+            try:
+                with self.env.begin(write=write) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                # another process grew the map: adopt its size (no transaction is open here)
+                if attempt:
+                    raise
+                self.env.set_mapsize(0)
+            except (lmdb.MapFullError, lmdb.CorruptedError, lmdb.PageNotFoundError):
+                raise
+            except lmdb.Error as exc:
+                raise Unavailable(f"The concept store at {self.path} failed: {exc}.",
+                                  "Check free disk space and the folder's permissions.") from None
+        raise AssertionError("unreachable")
+
+    def _grow(self) -> None:
+        size = self.map_size * 2
+        if size > MAX_MAP_SIZE:
+            raise Unavailable(f"The concept store at {self.path} reached {MAX_MAP_SIZE >> 30} GiB.",
+                              "Remove concepts you no longer need.")
+        self.env.set_mapsize(size)
+
+    def copy(self, dest: Path) -> None:
+        """A compacted copy (for fixtures and backups)."""
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        with self._lock.shared():
+            self.env.copy(str(dest), compact=True)
+
+    def close(self) -> None:
+        with self._lock.exclusive():
+            self.env.close()

@@ -1,0 +1,484 @@
+"""The concept store: one LMDB environment, one small typed API.
+
+    store = ConceptStore.open(paths.store, fingerprint=fingerprint(pipe))
+    store.put(record)            # all parts + overlap bookkeeping in ONE transaction
+    record = store.get("rex")    # NotFound / Corrupt("concept 'rex' is damaged ...")
+    store.tuned_union("cns")     # every tuned neuron, per tensor (for M_reg)
+
+Layout (named databases; every value framed by `envelope`: schema version + crc32):
+    meta        b"schema" -> {"version"}, b"fingerprint" -> base model fingerprint
+    concepts    name -> ConceptMeta (JSON)
+    masks       name \\0 tensor -> index set          (Cones)
+    deltas      name \\0 tensor -> shape, indices, values (CNS)
+    residuals   name -> vector                        (Cones 2)
+    embeddings  name \\0 token -> vector
+    overlap     name -> Overlap (JSON): earlier concepts sharing its neurons, and how many
+    jobs        job id -> JobRecord (JSON)
+A concept's parts are keyed by its name, so a damaged value only ever affects that concept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import lmdb
+import numpy as np
+
+from cns_daemon.errors import (Conflict, Corrupt, Internal, ModelMismatch, NotFound,
+                               ProtocolMismatch)
+
+from . import serialize as ser
+from .codec import CodecError, decode_tensor, encode_tensor
+from .env import DEFAULT_MAP_SIZE, Env
+from .jobs import JobQueue
+from .envelope import SCHEMA_VERSION, frame, unframe
+from .records import ConceptMeta, ConceptRecord, Overlap, validate_name
+
+log = logging.getLogger("cones.store")
+SEP = b"\x00"
+_PART_DBS = ("masks", "deltas", "embeddings")   # name \0 part keys
+_WHOLE_DBS = ("residuals", "overlap")           # name keys
+_DAMAGE = (CodecError, lmdb.CorruptedError, lmdb.PageNotFoundError)
+Item = tuple[str, bytes, bytes]                 # (database, key, framed value)
+
+# Upgrades from schema version v to v + 1, run inside one write transaction on open.
+# A new schema version adds its step here and keeps the fixture of the previous one.
+MIGRATIONS: dict[int, Callable[["lmdb.Transaction", dict], None]] = {}
+
+
+class ConceptStore(JobQueue):
+    def __init__(self, env: Env, fingerprint: str | None = None):
+        self._env = env
+        self._db = env.dbs
+        self._bound: str | None = None
+        self._check_schema()
+        if fingerprint:
+            self.bind(fingerprint)
+
+    @classmethod
+    def open(cls, path: str | Path, fingerprint: str | None = None, create: bool = True,
+             map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False) -> "ConceptStore":
+        return cls(Env(Path(path), map_size=map_size, create=create, readonly=readonly),
+                   fingerprint)
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> "ConceptStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._env.path
+
+    @property
+    def map_size(self) -> int:
+        return self._env.map_size
+
+    def copy(self, dest: str | Path) -> None:
+        """A compacted copy of the whole store (fixtures, backups)."""
+        self._env.copy(Path(dest))
+
+    # -- schema and base model ---------------------------------------------------------------
+
+    def _check_schema(self) -> None:
+        stored = self._meta_value(b"schema")
+        if stored is None:
+            if self._env.readonly:
+                return
+            self._env.write(lambda txn: self._put_meta(txn, b"schema", {"version": SCHEMA_VERSION}))
+            return
+        version = stored.get("version") if isinstance(stored, dict) else None
+        if not isinstance(version, int):
+            raise Corrupt(f"The concept store at {self.path} has a damaged schema record.",
+                          "Restore it from a backup or move it aside to start a new store.")
+        if version > SCHEMA_VERSION:
+            raise ProtocolMismatch(
+                f"The concept store at {self.path} has schema {version}; this cones reads up "
+                f"to schema {SCHEMA_VERSION}.", "Upgrade cones, or point CONES_HOME elsewhere.")
+        if version < SCHEMA_VERSION and not self._env.readonly:
+            self._env.write(lambda txn: self._migrate(txn, version))
+
+    def _migrate(self, txn, version: int) -> None:
+        for v in range(version, SCHEMA_VERSION):
+            if v not in MIGRATIONS:
+                raise Internal(f"No upgrade from store schema {v} to {v + 1}.")
+            MIGRATIONS[v](txn, self._db)
+        self._put_meta(txn, b"schema", {"version": SCHEMA_VERSION})
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The base model this store serves (recorded by the first `bind` or `put`)."""
+        value = self._meta_value(b"fingerprint")
+        return value if isinstance(value, str) else None
+
+    def bind(self, fingerprint: str) -> None:
+        """Serve records for this base model only: the first binding records it; a store made on
+        another model raises ModelMismatch naming both."""
+        def txn_fn(txn):
+            stored = self._read_meta(txn, b"fingerprint")
+            if stored is None:
+                self._put_meta(txn, b"fingerprint", fingerprint)
+            elif stored != fingerprint:
+                raise self._mismatch(stored, fingerprint)
+
+        if self._env.readonly:
+            stored = self.fingerprint
+            if stored is not None and stored != fingerprint:
+                raise self._mismatch(stored, fingerprint)
+        else:
+            self._env.write(txn_fn)
+        self._bound = fingerprint
+
+    def _mismatch(self, stored: str, current: str, what: str | None = None) -> ModelMismatch:
+        what = what or f"The concept store at {self.path}"
+        return ModelMismatch(f"{what} was made with base model {stored}, but the loaded base "
+                             f"model is {current}.")
+
+    def _meta_value(self, key: bytes):
+        return self._env.read(lambda txn: self._read_meta(txn, key))
+
+    def _read_meta(self, txn, key: bytes):
+        raw = txn.get(key, db=self._db["meta"]) if "meta" in self._db else None
+        if raw is None:
+            return None
+        try:
+            return ser.load_json(unframe(key, raw)[1])
+        except CodecError:
+            raise Corrupt(f"The concept store at {self.path} has a damaged '{key.decode()}' "
+                          "record.", "Restore it from a backup or move it aside.") from None
+
+    def _put_meta(self, txn, key: bytes, value) -> None:
+        txn.put(key, frame(key, ser.dump_json(value)), db=self._db["meta"])
+
+    # -- concepts: write -----------------------------------------------------------------------
+
+    def put(self, record: ConceptRecord, replace: bool = False) -> Overlap:
+        """Store a concept with all its parts in one transaction and return its overlap with
+        the concepts stored before it (also stored). Conflict if the name is taken."""
+        name = validate_name(record.meta.name)
+        meta = self._stamped_meta(record.meta)
+        record = dataclasses.replace(record, meta=meta)
+        try:
+            items = _encode_parts(record)
+        except ValueError as exc:
+            raise Internal(f"Concept record '{name}' is inconsistent: {exc}.") from None
+        own = record_indices(record)
+
+        def txn_fn(txn) -> Overlap:
+            key = name.encode()
+            if txn.get(key, db=self._db["concepts"]) is not None:
+                if not replace:
+                    raise Conflict(f"A concept named '{name}' already exists.")
+                self._delete_parts(txn, name)
+            stored_fp = self._read_meta(txn, b"fingerprint")
+            if meta.fingerprint and stored_fp is None:
+                self._put_meta(txn, b"fingerprint", meta.fingerprint)
+            elif meta.fingerprint and stored_fp != meta.fingerprint:
+                raise self._mismatch(stored_fp, meta.fingerprint, f"Concept '{name}'")
+            self._put_items(txn, items)
+            overlap = Overlap(shared_with=self._shared_counts(txn, own, exclude=name),
+                              total=sum(int(v.size) for v in own.values()))
+            self._put_overlap(txn, name, overlap)
+            self._sync_others(txn, name, overlap.shared_with)
+            return overlap
+
+        return self._env.write(txn_fn)
+
+    def _stamped_meta(self, meta: ConceptMeta) -> ConceptMeta:
+        """The meta to store: carries the bound base model; refuses another one."""
+        if not self._bound:
+            return meta
+        if meta.fingerprint and meta.fingerprint != self._bound:
+            raise self._mismatch(meta.fingerprint, self._bound, f"Concept '{meta.name}'")
+        return dataclasses.replace(meta, fingerprint=self._bound)
+
+    def _put_items(self, txn, items: Iterable[Item]) -> None:
+        for db, key, value in items:
+            txn.put(key, value, db=self._db[db])
+
+    def _put_overlap(self, txn, name: str, overlap: Overlap) -> None:
+        key = name.encode()
+        txn.put(key, frame(key, ser.encode_overlap(overlap)), db=self._db["overlap"])
+
+    def _sync_others(self, txn, name: str, counts: dict[str, int]) -> None:
+        """After `name` was (re)written or deleted, concepts that list it as an earlier
+        concept get the new pairwise count (overlap is symmetric) or lose the entry."""
+        for other, raw in txn.cursor(db=self._db["overlap"]):
+            other_name = other.decode()
+            if other_name == name:
+                continue
+            try:
+                ov = ser.decode_overlap(unframe(other, raw)[1])
+            except CodecError:
+                continue  # that concept is damaged; its own get() reports it
+            if name not in ov.shared_with:
+                continue
+            if name in counts:
+                ov.shared_with[name] = counts[name]
+            else:
+                del ov.shared_with[name]
+            self._put_overlap(txn, other_name, ov)
+
+    def delete(self, name: str) -> None:
+        validate_name(name)
+
+        def txn_fn(txn):
+            if not txn.delete(name.encode(), db=self._db["concepts"]):
+                raise NotFound(f"No concept named '{name}'.")
+            self._delete_parts(txn, name)
+            self._sync_others(txn, name, {})
+
+        self._env.write(txn_fn)
+
+    def _delete_parts(self, txn, name: str) -> None:
+        key = name.encode()
+        for db in _PART_DBS:
+            for part_key in [k for k, _ in _scan(txn, self._db[db], key)]:
+                txn.delete(part_key, db=self._db[db])
+        for db in _WHOLE_DBS:
+            txn.delete(key, db=self._db[db])
+
+    def update_metrics(self, name: str, metrics: dict) -> ConceptMeta:
+        """Merge evaluation metrics into a concept's metadata."""
+        validate_name(name)
+
+        def txn_fn(txn):
+            meta = self._read_concept_meta(txn, name)
+            meta.metrics.update(metrics)
+            key = name.encode()
+            txn.put(key, frame(key, ser.encode_meta(meta)), db=self._db["concepts"])
+            return meta
+
+        return self._env.write(txn_fn)
+
+    # -- concepts: read ------------------------------------------------------------------------
+
+    def get(self, name: str) -> ConceptRecord:
+        validate_name(name)
+        record = self._env.read(lambda txn: self._read_record(txn, name))
+        if self._bound and record.meta.fingerprint and record.meta.fingerprint != self._bound:
+            raise self._mismatch(record.meta.fingerprint, self._bound, f"Concept '{name}'")
+        return record
+
+    def __contains__(self, name: str) -> bool:
+        validate_name(name)
+        return self._env.read(
+            lambda txn: txn.get(name.encode(), db=self._db["concepts"]) is not None)
+
+    def names(self) -> list[str]:
+        """Every stored concept name, damaged or not."""
+        return self._env.read(lambda txn: [k.decode() for k, _ in
+                                           txn.cursor(db=self._db["concepts"])])
+
+    def list(self) -> list[ConceptMeta]:
+        """Metadata of every concept whose metadata is readable (see `damaged()` for the rest)."""
+        def txn_fn(txn):
+            out = []
+            for key, raw in txn.cursor(db=self._db["concepts"]):
+                try:
+                    out.append(ser.decode_meta(unframe(key, raw)[1]))
+                except CodecError:
+                    log.warning("concept %r has damaged metadata", key.decode(errors="replace"))
+            return out
+        return self._env.read(txn_fn)
+
+    def damaged(self) -> dict[str, str]:
+        """Concepts with any damaged value -> what is damaged (checks every checksum)."""
+        def txn_fn(txn):
+            bad: dict[str, str] = {}
+            for name in [k.decode() for k, _ in txn.cursor(db=self._db["concepts"])]:
+                try:
+                    self._read_record(txn, name)
+                except Corrupt as exc:
+                    bad[name] = exc.message
+            return bad
+        return self._env.read(txn_fn)
+
+    def overlap(self, name: str) -> Overlap:
+        return self.get(name).overlap
+
+    def size_of(self, name: str) -> int:
+        """Bytes this concept takes in the store (keys + values, all databases)."""
+        validate_name(name)
+        key = name.encode()
+
+        def txn_fn(txn):
+            raw = txn.get(key, db=self._db["concepts"])
+            if raw is None:
+                raise NotFound(f"No concept named '{name}'.")
+            total = len(key) + len(raw)
+            for db in _PART_DBS:
+                total += sum(len(k) + len(v) for k, v in _scan(txn, self._db[db], key))
+            for db in _WHOLE_DBS:
+                value = txn.get(key, db=self._db[db])
+                total += len(key) + len(value) if value is not None else 0
+            return total
+        return self._env.read(txn_fn)
+
+    def _read_record(self, txn, name: str) -> ConceptRecord:
+        key = name.encode()
+        meta = self._read_concept_meta(txn, name)
+        record = ConceptRecord(meta=meta)
+        try:
+            for part_key, raw in _scan(txn, self._db["masks"], key):
+                record.masks[_part(part_key)] = self._decode(part_key, raw, ser.decode_mask)
+            for part_key, raw in _scan(txn, self._db["deltas"], key):
+                record.deltas[_part(part_key)] = self._decode(part_key, raw, ser.decode_delta)
+            for part_key, raw in _scan(txn, self._db["embeddings"], key):
+                record.embeddings[_part(part_key)] = self._decode(part_key, raw, decode_tensor)
+            raw = txn.get(key, db=self._db["residuals"])
+            if raw is not None:
+                record.residual = self._decode(key, raw, decode_tensor)
+            raw = txn.get(key, db=self._db["overlap"])
+            if raw is not None:
+                record.overlap = self._decode(key, raw, ser.decode_overlap)
+        except _DamagedPart as exc:
+            raise _damaged(name, exc.where, exc.reason) from None
+        return record
+
+    def _read_concept_meta(self, txn, name: str) -> ConceptMeta:
+        key = name.encode()
+        raw = txn.get(key, db=self._db["concepts"])
+        if raw is None:
+            raise NotFound(f"No concept named '{name}'.")
+        try:
+            return ser.decode_meta(unframe(key, raw)[1])
+        except _DAMAGE as exc:
+            raise _damaged(name, "metadata", str(exc)) from None
+
+    @staticmethod
+    def _decode(key: bytes, raw: bytes, decoder):
+        try:
+            return decoder(unframe(key, raw)[1])
+        except _DAMAGE as exc:
+            raise _DamagedPart(key.replace(SEP, b"/").decode(errors="replace"), str(exc)) from None
+
+    # -- overlap queries -----------------------------------------------------------------------
+
+    def tuned_union(self, method: str | None = None) -> dict[str, np.ndarray]:
+        """Union of the neurons every stored concept (of `method`, or all) tunes, per tensor:
+        Cones mask positions and CNS delta positions. Damaged values are skipped (a damaged
+        concept cannot be applied, so its neurons are not in use)."""
+        def txn_fn(txn):
+            parts: dict[str, list[np.ndarray]] = {}
+            for name, tensor, idx in self._stored_indices(txn, method=method):
+                parts.setdefault(tensor, []).append(idx)
+            return {t: np.unique(np.concatenate(v)) if len(v) > 1 else v[0]
+                    for t, v in parts.items()}
+        return self._env.read(txn_fn)
+
+    def intersect(self, tensor_indices: dict[str, np.ndarray],
+                  exclude: str | None = None) -> dict[str, int]:
+        """For every stored concept (but `exclude`): how many of these positions it also
+        tunes, summed over tensors. Concepts sharing none are left out."""
+        return self._env.read(lambda txn: self._shared_counts(txn, tensor_indices, exclude))
+
+    def _shared_counts(self, txn, own: dict[str, np.ndarray], exclude: str | None) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name, tensor, idx in self._stored_indices(txn, tensors=own.keys()):
+            if name != exclude:
+                counts[name] = counts.get(name, 0) + count_common(idx, own[tensor])
+        return {k: v for k, v in sorted(counts.items()) if v}
+
+    def _stored_indices(self, txn, method: str | None = None,
+                        tensors: Iterable[str] | None = None) -> Iterator[tuple[str, str, np.ndarray]]:
+        """(concept, tensor, positions) for every stored mask and delta."""
+        wanted = set(tensors) if tensors is not None else None
+        methods = None
+        if method is not None:
+            methods = {m.name: m.method for m in self._metas(txn)}
+        for db, decoder in (("masks", ser.decode_mask), ("deltas", ser.delta_indices)):
+            for key, raw in txn.cursor(db=self._db[db]):
+                name, tensor = (p.decode() for p in key.split(SEP, 1))
+                if wanted is not None and tensor not in wanted:
+                    continue
+                if methods is not None and methods.get(name) != method:
+                    continue
+                try:
+                    yield name, tensor, decoder(unframe(key, raw)[1])
+                except _DAMAGE:
+                    log.warning("skipping damaged %s value of concept %r", db, name)
+
+    def _metas(self, txn) -> list[ConceptMeta]:
+        out = []
+        for key, raw in txn.cursor(db=self._db["concepts"]):
+            try:
+                out.append(ser.decode_meta(unframe(key, raw)[1]))
+            except _DAMAGE:
+                pass
+        return out
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+class _DamagedPart(Exception):
+    def __init__(self, where: str, reason: str):
+        super().__init__(where)
+        self.where, self.reason = where, reason
+
+
+def _damaged(name: str, where: str, reason: str) -> Corrupt:
+    return Corrupt(f"Concept '{name}' is damaged ({where}: {reason}).",
+                   f"Remove it with `cones rm {name}` and learn it again; other concepts are "
+                   "unaffected.")
+
+
+def _part(key: bytes) -> str:
+    return key.split(SEP, 1)[1].decode()
+
+
+def _scan(txn, db, name_key: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of every `name \\0 part` entry of one concept in a part database."""
+    prefix = name_key + SEP
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        if not key.startswith(prefix):
+            return
+        yield key, value
+
+
+def _encode_parts(record: ConceptRecord) -> list[Item]:
+    """Every value of a concept except its overlap (computed inside the write transaction)."""
+    name = record.meta.name.encode()
+    items: list[Item] = [("concepts", name, ser.encode_meta(record.meta))]
+    for tensor, idx in record.masks.items():
+        items.append(("masks", name + SEP + tensor.encode(), ser.encode_mask(idx)))
+    for tensor, delta in record.deltas.items():
+        items.append(("deltas", name + SEP + tensor.encode(), ser.encode_delta(delta)))
+    for token, vector in record.embeddings.items():
+        items.append(("embeddings", name + SEP + token.encode(), encode_tensor(vector)))
+    if record.residual is not None:
+        items.append(("residuals", name, encode_tensor(record.residual)))
+    for _, key, _ in items:
+        if len(key) > 500:
+            raise ValueError(f"part name too long ({key[:60]!r}...)")
+    return [(db, key, frame(key, payload)) for db, key, payload in items]
+
+
+def record_indices(record: ConceptRecord) -> dict[str, np.ndarray]:
+    """The neurons a record tunes, per tensor (its mask and delta positions)."""
+    out = {t: np.asarray(i, dtype=np.int64) for t, i in record.masks.items()}
+    for tensor, delta in record.deltas.items():
+        idx = np.asarray(delta.indices, dtype=np.int64)
+        out[tensor] = np.union1d(out[tensor], idx) if tensor in out else idx
+    return out
+
+
+def count_common(a: np.ndarray, b: np.ndarray) -> int:
+    """|a ∩ b| for sorted unique arrays, by binary search of the smaller in the larger."""
+    if a.size > b.size:
+        a, b = b, a
+    if a.size == 0:
+        return 0
+    pos = np.searchsorted(b, a)
+    pos[pos == b.size] = b.size - 1
+    return int(np.count_nonzero(b[pos] == a))
