@@ -27,6 +27,9 @@ class LearnSpec:
     seed: int = 0
     captions: list[str] | None = None  # one per photo; None: sidecar .txt or templates
     options: dict = field(default_factory=dict)  # method-specific hyper-parameters
+    # Where prior-preservation class images are cached (one sub-folder per class word). It must
+    # belong to one base model (the daemon keeps it beside the store). None: no cache.
+    cache_dir: Path | None = None
 
 
 @dataclass

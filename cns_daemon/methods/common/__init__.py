@@ -1,0 +1,28 @@
+"""Machinery the methods share (one implementation each):
+
+- options:  typed hyper-parameter dataclasses overridden by LearnSpec.options
+- tokens:   rare-token allocation, token-embedding rows (write / exact restore / train one row)
+- kv:       sparse reads and writes of the K/V "neurons" with exact undo
+- training: text/photo encoding, denoising + prior-preservation loss, freezing, step loop
+- prior:    class images made by the base model, cached per class word
+Photo loading, validation, augmentation and captions live in methods/data.py.
+"""
+from .kv import (SavedValues, count, kv_total, kv_weights, mask_indices, read_values,
+                 restore_values, union_indices, write_values)
+from .options import as_dict, parse_options
+from .prior import class_images, prior_prompt
+from .tokens import (SavedRows, TrainableRow, allocate_token, embedding_rows, rare_tokens,
+                     restore_rows, token_id, token_ids, write_rows)
+from .training import (ConceptLoss, LossParts, denoising_losses, encode_pixels, encode_text,
+                       noise_schedule, only_trainable, pipeline_modules, run_steps, step_generator,
+                       tokenize)
+
+__all__ = [
+    "SavedValues", "count", "kv_total", "kv_weights", "mask_indices", "read_values",
+    "restore_values", "union_indices", "write_values", "as_dict", "parse_options",
+    "class_images", "prior_prompt", "SavedRows", "TrainableRow", "allocate_token",
+    "embedding_rows", "rare_tokens", "restore_rows", "token_id", "token_ids", "write_rows",
+    "ConceptLoss", "LossParts", "denoising_losses", "encode_pixels", "encode_text",
+    "noise_schedule", "only_trainable", "pipeline_modules", "run_steps", "step_generator",
+    "tokenize",
+]

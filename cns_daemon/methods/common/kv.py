@@ -1,0 +1,72 @@
+"""Sparse reads and writes of the UNet's cross-attention K/V weights ("neurons").
+
+Indices are flat positions into a tensor's row-major storage (int64, sorted, unique), as in
+store.records. Every write saves what it overwrote, so undoing it is bit-exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cns_daemon.model import kv_weights
+
+__all__ = ["kv_weights", "SavedValues", "write_values", "restore_values", "read_values",
+           "mask_indices", "union_indices", "count", "kv_total"]
+
+
+def _idx(indices, device) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(indices, dtype=np.int64)).to(device)
+
+
+def read_values(param: torch.Tensor, indices) -> torch.Tensor:
+    return param.detach().reshape(-1)[_idx(indices, param.device)].clone()
+
+
+@dataclass
+class SavedValues:
+    """Values some writes replaced: tensor name → (indices, old values)."""
+    params: dict[str, torch.nn.Parameter]
+    old: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+def write_values(params: dict[str, torch.nn.Parameter],
+                 updates: dict[str, tuple[np.ndarray, np.ndarray | torch.Tensor | float]]) -> SavedValues:
+    """Write `values` (an array, or one scalar such as 0.0) at `indices` of each named tensor."""
+    saved = SavedValues(params)
+    with torch.no_grad():
+        for name, (indices, values) in updates.items():
+            p = params[name]
+            idx = _idx(indices, p.device)
+            flat = p.data.view(-1)
+            saved.old[name] = (idx, flat[idx].clone())
+            flat[idx] = torch.as_tensor(values).to(p.device, p.dtype)
+    return saved
+
+
+def restore_values(saved: SavedValues) -> None:
+    with torch.no_grad():
+        for name, (idx, old) in saved.old.items():
+            saved.params[name].data.view(-1)[idx] = old
+
+
+def mask_indices(mask: torch.Tensor) -> np.ndarray:
+    """A boolean tensor → its sorted flat true positions."""
+    return torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1).cpu().numpy().astype(np.int64)
+
+
+def union_indices(index_sets: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for sets in index_sets:
+        for name, idx in sets.items():
+            out[name] = np.union1d(out[name], idx) if name in out else np.asarray(idx, np.int64)
+    return out
+
+
+def count(index_sets: dict[str, np.ndarray]) -> int:
+    return int(sum(len(v) for v in index_sets.values()))
+
+
+def kv_total(unet) -> int:
+    return int(sum(p.numel() for p in kv_weights(unet).values()))

@@ -1,0 +1,74 @@
+"""Prior-preservation class images: what the base model draws for "a photo of a <class>".
+
+They are made once per class word and cached as PNGs under `cache_dir/class-images/<class>/`,
+in a sub-folder named by the settings that made them (count is not part of it: asking for more
+images later adds to the same folder). The cache folder must belong to one base model; the
+daemon keeps it beside that model's store.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
+from cns_daemon.methods.data import to_tensor
+
+PROMPT = "a photo of a {cls}"
+
+
+def prior_prompt(class_word: str) -> str:
+    return PROMPT.format(cls=class_word)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "class"
+
+
+def _folder(cache_dir: Path, class_word: str, size: int, steps: int, guidance: float,
+            seed: int) -> Path:
+    return (Path(cache_dir) / "class-images" / _slug(class_word)
+            / f"s{size}-n{steps}-g{guidance:g}-seed{seed}")
+
+
+def class_images(pipe, class_word: str, n: int, *, size: int, steps: int = 20,
+                 guidance: float = 7.5, seed: int = 0, cache_dir: Path | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelToken | None = None,
+                 batch: int = 4) -> torch.Tensor:
+    """`n` class images as (n, 3, size, size) in [-1, 1]; image i is always made with seed+i,
+    so a cached set and a fresh one are the same pictures."""
+    folder = _folder(cache_dir, class_word, size, steps, guidance, seed) if cache_dir else None
+    images: dict[int, Image.Image] = {}
+    if folder is not None and folder.is_dir():
+        for i in range(n):
+            f = folder / f"{i:04d}.png"
+            if f.is_file():
+                try:
+                    with Image.open(f) as img:
+                        images[i] = img.convert("RGB")
+                except OSError:
+                    pass  # a damaged cache file is simply made again
+    missing = [i for i in range(n) if i not in images]
+    report = ProgressReporter(progress, "class-images", len(missing))
+    done = 0
+    for start in range(0, len(missing), batch):
+        if cancel is not None:
+            cancel.check()
+        part = missing[start:start + batch]
+        gens = [torch.Generator().manual_seed(seed + i) for i in part]
+        out = pipe([prior_prompt(class_word)] * len(part), num_inference_steps=steps,
+                   guidance_scale=guidance, generator=gens, height=size, width=size,
+                   output_type="pil").images
+        for i, img in zip(part, out):
+            images[i] = img
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{i:04d}.{os.getpid()}.tmp.png"
+                img.save(tmp)
+                os.replace(tmp, folder / f"{i:04d}.png")  # never a half-written file
+        done += len(part)
+        report(done)
+    return torch.stack([to_tensor(images[i].resize((size, size))) for i in range(n)])

@@ -1,0 +1,179 @@
+"""What every method's training shares: text and photo encoding, the denoising loss with prior
+preservation, freezing everything but the trained tensors, and a step loop with progress and
+cooperative cancel.
+
+Randomness (photo variant, prior images, noise, timesteps) is drawn per step from a CPU
+generator seeded by (seed, step): a run is reproducible per seed on any device, and two
+computations can replay exactly the same loss sequence (the Cones mask test relies on it).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
+
+
+def tokenize(pipe, prompts: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids.to(pipe.text_encoder.device)
+
+
+def encode_text(pipe, prompts: list[str]) -> torch.Tensor:
+    """Conditional encoder output (batch, tokens, d), as the UNet's cross-attention sees it."""
+    return pipe.text_encoder(tokenize(pipe, prompts))[0]
+
+
+@torch.no_grad()
+def encode_pixels(pipe, pixels: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """(n, 3, H, W) in [-1, 1] → scaled latents. The posterior mean, not a sample, so the same
+    photo always gives the same latent."""
+    vae = pipe.vae
+    out = []
+    for part in pixels.split(chunk):
+        dist = vae.encode(part.to(vae.device, vae.dtype)).latent_dist
+        out.append(dist.mean * vae.config.scaling_factor)
+    return torch.cat(out).float()
+
+
+def noise_schedule(pipe):
+    """The training-time (DDPM) view of the pipeline's noise schedule."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def denoising_losses(unet, schedule, latents: torch.Tensor, cond: torch.Tensor,
+                     gen: torch.Generator) -> torch.Tensor:
+    """Per-sample noise-prediction MSE at uniformly random timesteps (v-prediction targets for
+    v-models such as SD 2.x 768)."""
+    n = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+    t = torch.randint(0, schedule.config.num_train_timesteps, (n,), generator=gen).to(latents.device)
+    noisy = schedule.add_noise(latents, noise, t)
+    if schedule.config.prediction_type == "v_prediction":
+        target = schedule.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    photos: float
+    prior: float
+
+
+class ConceptLoss:
+    """Denoising loss on the concept's photos (each with its caption) + λ_prior × the same loss
+    on class images with a plain class prompt ("a photo of a dog"): the concept-implanting loss
+    of Cones and the training loss of CNS.
+
+    With `text_grad=False` the captions are encoded once; with True (a trained token row) they
+    are re-encoded each step so gradients reach the text encoder's input embedding.
+    """
+
+    def __init__(self, pipe, photo_latents: torch.Tensor, captions: list[str], *,
+                 prior_latents: torch.Tensor | None = None, prior_prompt: str = "",
+                 lambda_prior: float = 1.0, prior_batch: int = 2, seed: int = 0,
+                 text_grad: bool = False):
+        self.pipe = pipe
+        self.photos = photo_latents           # (n_photos, n_variants, 4, h, w)
+        self.captions = list(captions)
+        self.prior = prior_latents if prior_latents is not None and lambda_prior > 0 else None
+        self.prior_prompt = prior_prompt
+        self.lambda_prior = lambda_prior
+        self.prior_batch = prior_batch
+        self.seed = seed
+        self.text_grad = text_grad
+        self.schedule = noise_schedule(pipe)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        if self.text_grad:
+            return encode_text(self.pipe, prompts)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
+        if missing:
+            with torch.no_grad():
+                for p, e in zip(missing, encode_text(self.pipe, missing)):
+                    self._cache[p] = e
+        return torch.stack([self._cache[p] for p in prompts])
+
+    def parts(self, step: int) -> LossParts:
+        gen = step_generator(self.seed, step)
+        n, n_var = self.photos.shape[:2]
+        variant = torch.randint(0, n_var, (n,), generator=gen)
+        latents = [self.photos[torch.arange(n), variant]]
+        prompts = list(self.captions)
+        m = 0
+        if self.prior is not None:
+            pick = torch.randperm(self.prior.shape[0], generator=gen)[:self.prior_batch]
+            latents.append(self.prior[pick])
+            m = len(pick)
+            prompts += [self.prior_prompt] * m
+        device = self.pipe.unet.device
+        losses = denoising_losses(self.pipe.unet, self.schedule, torch.cat(latents).to(device),
+                                  self._encode(prompts), gen)
+        photo = losses[:n].mean()
+        total = photo
+        prior = 0.0
+        if m:
+            prior_t = losses[n:].mean()
+            total = photo + self.lambda_prior * prior_t
+            prior = float(prior_t.detach())
+        return LossParts(total, float(photo.detach()), prior)
+
+    def __call__(self, step: int) -> torch.Tensor:
+        return self.parts(step).total
+
+
+@contextlib.contextmanager
+def only_trainable(modules: Iterable[torch.nn.Module], params: Iterable[torch.Tensor]):
+    """Inside: gradients flow only to `params`. On exit the requires_grad flags are back as they
+    were and no .grad is left behind (a learn job leaves the pipeline as it found it)."""
+    params = list(params)
+    flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.grad = None
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+def pipeline_modules(pipe) -> list[torch.nn.Module]:
+    return [m for m in (pipe.unet, pipe.text_encoder, pipe.vae) if m is not None]
+
+
+def run_steps(steps: int, step_fn: Callable[[int], float], progress: ProgressFn | None,
+              cancel: CancelToken | None, phase: str = "train") -> list[float]:
+    """Call `step_fn(k)` for k < steps (it returns the step's loss), reporting step, loss and
+    ETA after each and honouring cancel before each (Cancelled propagates to the caller, whose
+    `finally` blocks undo what the steps did)."""
+    report = ProgressReporter(progress, phase, steps)
+    report(0)
+    losses = []
+    for k in range(steps):
+        if cancel is not None:
+            cancel.check()
+        loss = float(step_fn(k))
+        losses.append(loss)
+        report(k + 1, loss)
+    return losses

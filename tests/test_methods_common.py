@@ -1,0 +1,213 @@
+"""The machinery all methods share: photos, captions, tokens, sparse writes, loss, prior cache,
+options, the step loop and the registry."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cns_daemon.errors import BadInput, BadPhoto, Cancelled, Conflict
+from cns_daemon.methods import CancelToken, get_method
+from cns_daemon.methods import common as C
+from cns_daemon.methods.data import (augment_pool, load_photo, photo_captions, prepare_photos,
+                                     resolution)
+
+
+def write_photo(path: Path, size=40, color=(200, 30, 30), offset=0) -> Path:
+    a = np.full((size, size, 3), 240, np.uint8)
+    a[4 + offset:size - 6, 6:size - 4] = color
+    Image.fromarray(a).save(path)
+    return path
+
+
+# -- photos ---------------------------------------------------------------------------------
+
+def test_bad_photos_are_reported_by_name(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image at all")
+    with pytest.raises(BadPhoto, match="notes.png is not an image"):
+        load_photo(tmp_path / "notes.png")
+    good = write_photo(tmp_path / "good.png", size=64)
+    data = good.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadPhoto, match="cut.png"):
+        load_photo(tmp_path / "cut.png")
+    write_photo(tmp_path / "tiny.png", size=20)
+    with pytest.raises(BadPhoto, match=r"tiny.png is too small \(20x20"):
+        load_photo(tmp_path / "tiny.png")
+    assert load_photo(good).size == (64, 64)
+
+
+def test_prepare_photos_crops_to_pipeline_resolution(tiny_pipe, tmp_path):
+    size = resolution(tiny_pipe)
+    assert size == 32
+    a = np.zeros((48, 80, 3), np.uint8)
+    a[:, :16], a[:, 16:64], a[:, 64:] = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+    img = Image.fromarray(a)
+    pool = augment_pool(img, size, 5, seed=3)
+    assert pool.shape == (5, 3, size, size)
+    assert pool.min() >= -1 and pool.max() <= 1
+    assert torch.equal(pool, augment_pool(img, size, 5, seed=3))       # deterministic per seed
+    assert not torch.equal(pool[1:], augment_pool(img, size, 5, seed=4)[1:])
+    # variant 0 is the plain centre crop: only the green middle square of the wide photo
+    inner = pool[0][:, :, 1:-1]
+    assert torch.allclose(inner[1], torch.ones_like(inner[1]), atol=0.05)
+    assert inner[0].max() < -0.95 and inner[2].max() < -0.95
+
+
+def test_captions_sidecar_template_and_given(tmp_path):
+    a, b = write_photo(tmp_path / "a.png"), write_photo(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_text("a red star on the grass\n")
+    caps = photo_captions([a, b], "sks", "star")
+    assert caps[0] == "a red sks star on the grass"
+    assert "sks star" in caps[1] and caps[1] != caps[0]
+    assert photo_captions([a], "sks", "dog", ["my pet in a field"]) == ["sks dog, my pet in a field"]
+    with pytest.raises(BadInput, match="2 photos"):
+        photo_captions([a, b], "sks", "star", ["one"])
+    ps = prepare_photos([a, b], 32, "sks", "star", variants=3)
+    assert ps.pixels.shape == (2, 3, 3, 32, 32) and ps.captions == caps
+
+
+# -- tokens ---------------------------------------------------------------------------------
+
+def test_rare_tokens_are_single_ids_and_distinct(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    first = C.allocate_token(tok, [])
+    second = C.allocate_token(tok, [first])
+    assert first != second
+    for word in (first, second):
+        assert len(C.token_ids(tok, word)) == 1
+        assert word.isalpha() and word.islower()
+    assert C.allocate_token(tok, []) == first                            # deterministic
+    assert len(C.rare_tokens(tok)) >= 100
+    with pytest.raises(Conflict):
+        C.allocate_token(tok, [first], requested=first)
+    with pytest.raises(BadInput):
+        C.allocate_token(tok, [], requested="two words")
+
+
+def test_embedding_rows_restore_exactly(tiny_pipe):
+    enc = tiny_pipe.text_encoder
+    before = enc.get_input_embeddings().weight.detach().clone()
+    tid = C.token_id(tiny_pipe.tokenizer, "sks")
+    saved = C.write_rows(enc, {tid: np.ones(before.shape[1], np.float32)})
+    assert torch.equal(enc.get_input_embeddings().weight[tid], torch.ones(before.shape[1]))
+    C.restore_rows(saved)
+    assert torch.equal(enc.get_input_embeddings().weight, before)
+
+
+def test_trainable_row_changes_only_its_token(tiny_pipe):
+    enc = tiny_pipe.text_encoder
+    tid = C.token_id(tiny_pipe.tokenizer, "sks")
+    ids = C.tokenize(tiny_pipe, ["a sks star", "a red star"])
+    emb = enc.get_input_embeddings()
+    with torch.no_grad():
+        plain = emb(ids)
+    row = C.TrainableRow(enc, tid, init=torch.zeros(plain.shape[-1]))
+    with C.only_trainable([enc], [row.param]), row:
+        swapped = emb(ids)
+        swapped.sum().backward()
+        assert row.param.grad is not None and emb.weight.grad is None
+    assert emb.weight.requires_grad and row.param.grad is None          # flags restored
+    hit = ids == tid
+    assert hit.sum() == 1
+    assert torch.equal(swapped[hit], torch.zeros(1, plain.shape[-1]))
+    assert torch.equal(swapped[~hit], plain[~hit])
+    with torch.no_grad():
+        assert torch.equal(emb(ids), plain)                             # hook removed on exit
+
+
+# -- sparse K/V writes ----------------------------------------------------------------------
+
+def test_write_values_restore_bit_identical(tiny_pipe):
+    params = C.kv_weights(tiny_pipe.unet)
+    before = {k: v.detach().clone() for k, v in params.items()}
+    name = sorted(params)[0]
+    idx = np.array([0, 5, 17], np.int64)
+    saved = C.write_values(params, {name: (idx, 0.0)})
+    assert torch.count_nonzero(params[name].detach().reshape(-1)[idx]) == 0
+    changed = (params[name].detach() != before[name]).reshape(-1).nonzero().reshape(-1).numpy()
+    assert set(changed) <= set(idx)
+    C.restore_values(saved)
+    assert all(torch.equal(params[k], before[k]) for k in params)
+    assert C.union_indices([{name: idx}, {name: np.array([5, 99])}])[name].tolist() == [0, 5, 17, 99]
+
+
+# -- options --------------------------------------------------------------------------------
+
+def test_options_typed_and_unknown_keys_rejected():
+    from dataclasses import dataclass
+
+    @dataclass
+    class HP:
+        steps: int = 10
+        lr: float = 1e-3
+        prior: bool = True
+
+    hp = C.parse_options(HP, {"lr": 1, "prior": False}, steps=3)
+    assert (hp.steps, hp.lr, hp.prior) == (3, 1.0, False)
+    with pytest.raises(BadInput, match="'lrr'"):
+        C.parse_options(HP, {"lrr": 1})
+    with pytest.raises(BadInput, match="steps"):
+        C.parse_options(HP, {"steps": "many"})
+
+
+# -- loss, prior images, loop ---------------------------------------------------------------
+
+def test_concept_loss_is_deterministic_per_step(tiny_pipe):
+    lat = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    prior = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    loss = C.ConceptLoss(tiny_pipe, lat, ["a sks star", "a sks star"], prior_latents=prior,
+                         prior_prompt="a photo of a star", lambda_prior=0.5, seed=1)
+    with torch.no_grad():
+        a, b, c = loss.parts(0), loss.parts(0), loss.parts(1)
+    assert a.total.item() == b.total.item()
+    assert a.total.item() != c.total.item()
+    assert a.total.item() == pytest.approx(a.photos + 0.5 * a.prior, rel=1e-5)
+
+
+def test_class_images_are_cached_per_class(tiny_pipe, tmp_path):
+    events = []
+    imgs = C.class_images(tiny_pipe, "star", 2, size=32, steps=2, cache_dir=tmp_path,
+                          progress=events.append)
+    assert imgs.shape == (2, 3, 32, 32)
+    assert events[-1].phase == "class-images" and events[-1].step == 2
+    files = sorted((tmp_path / "class-images" / "star").rglob("*.png"))
+    assert len(files) == 2
+
+    class Exploding:  # a cached set must not run the model again
+        def __getattr__(self, name):
+            return getattr(tiny_pipe, name)
+
+        def __call__(self, *a, **k):
+            raise AssertionError("generated although cached")
+
+    again = C.class_images(Exploding(), "star", 2, size=32, steps=2, cache_dir=tmp_path)
+    assert torch.equal(imgs, again)
+
+
+def test_run_steps_reports_progress_and_cancels():
+    events = []
+    losses = C.run_steps(3, lambda k: 1.0 / (k + 1), events.append, CancelToken())
+    assert losses == [1.0, 0.5, 1.0 / 3]
+    assert [e.step for e in events] == [0, 1, 2, 3]
+    assert events[-1].total == 3 and events[-1].loss == pytest.approx(1 / 3)
+    assert events[1].eta_s is not None and events[1].eta_s >= 0
+    token, seen = CancelToken(), []
+
+    def step(k):
+        seen.append(k)
+        if k == 1:
+            token.cancel()
+        return 0.0
+
+    with pytest.raises(Cancelled):
+        C.run_steps(5, step, None, token)
+    assert seen == [0, 1]
+
+
+def test_get_method_unknown_is_bad_input():
+    with pytest.raises(BadInput, match="Unknown method"):
+        get_method("dreambooth")
