@@ -78,7 +78,7 @@ class Env:
             raise Corrupt(f"The concept store at {self.path} is not a readable LMDB store.",
                           "Restore it from a backup or move it aside to start a new store.") from None
         except lmdb.Error as exc:
-            raise Unavailable(f"Cannot open the concept store at {self.path}: {exc}.",
+            raise Unavailable(f"Cannot open the concept store at {self.path}: {str(exc).rstrip('.')}.",
                               "Check the folder's permissions and free disk space.") from None
         self.readonly = readonly
         self._lock = _SharedLock()
@@ -125,7 +125,7 @@ class Env:
             except (lmdb.MapFullError, lmdb.CorruptedError, lmdb.PageNotFoundError):
                 raise
             except lmdb.Error as exc:
-                raise Unavailable(f"The concept store at {self.path} failed: {exc}.",
+                raise Unavailable(f"The concept store at {self.path} failed: {str(exc).rstrip('.')}.",
                                   "Check free disk space and the folder's permissions.") from None
         raise AssertionError("unreachable")
 

@@ -53,9 +53,13 @@ class ConceptStore(JobQueue):
         self._env = env
         self._db = env.dbs
         self._bound: str | None = None
-        self._check_schema()
-        if fingerprint:
-            self.bind(fingerprint)
+        try:
+            self._check_schema()
+            if fingerprint:
+                self.bind(fingerprint)
+        except BaseException:
+            env.close()  # a refused open must not keep the environment (LMDB allows one per process)
+            raise
 
     @classmethod
     def open(cls, path: str | Path, fingerprint: str | None = None, create: bool = True,
@@ -219,8 +223,8 @@ class ConceptStore(JobQueue):
                 continue  # that concept is damaged; its own get() reports it
             if name not in ov.shared_with:
                 continue
-            if name in counts:
-                ov.shared_with[name] = counts[name]
+            if other_name in counts:
+                ov.shared_with[name] = counts[other_name]
             else:
                 del ov.shared_with[name]
             self._put_overlap(txn, other_name, ov)
