@@ -6,7 +6,7 @@ import pytest
 
 from cns_daemon.errors import BadInput, Conflict, Corrupt, Internal, ModelMismatch, NotFound
 from store import ConceptMeta, ConceptRecord, ConceptStore, JobRecord
-from store.fixtures.samples import sample_record
+from store.fixtures.samples import assert_same_record, sample_record
 
 
 @pytest.fixture
@@ -14,28 +14,6 @@ def store(tmp_path):
     s = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
     yield s
     s.close()
-
-
-def assert_same_record(got: ConceptRecord, want: ConceptRecord, fingerprint: str = "base-A"):
-    assert got.meta == type(want.meta)(**{**vars(want.meta), "fingerprint": fingerprint})
-    assert got.masks.keys() == want.masks.keys()
-    for t, idx in want.masks.items():
-        np.testing.assert_array_equal(got.masks[t], idx)
-        assert got.masks[t].dtype == np.int64
-    assert got.deltas.keys() == want.deltas.keys()
-    for t, d in want.deltas.items():
-        np.testing.assert_array_equal(got.deltas[t].indices, d.indices)
-        assert got.deltas[t].values.dtype == d.values.dtype
-        assert got.deltas[t].values.tobytes() == d.values.tobytes()
-        assert got.deltas[t].shape == tuple(d.shape)
-    assert got.embeddings.keys() == want.embeddings.keys()
-    for tok, vec in want.embeddings.items():
-        assert got.embeddings[tok].tobytes() == vec.tobytes()
-    if want.residual is None:
-        assert got.residual is None
-    else:
-        assert got.residual.dtype == want.residual.dtype
-        assert got.residual.tobytes() == want.residual.tobytes()
 
 
 @pytest.mark.parametrize("method", ["cns", "cones", "cones2"])

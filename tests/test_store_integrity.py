@@ -1,0 +1,320 @@
+"""The store under failure: crashes mid-write, damaged bytes, a full map, concurrent threads and
+processes, a store from a newer schema."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from cns_daemon.errors import Corrupt, NotFound, ProtocolMismatch
+from store import ConceptStore
+from store.envelope import frame
+from store.fixtures.samples import sample_record
+from store.serialize import dump_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def all_keys(path: Path) -> dict[str, list[bytes]]:
+    """Every key of every named database, read with plain lmdb (store closed)."""
+    env = lmdb.open(str(path), max_dbs=16, readonly=True, lock=False)
+    out = {}
+    with env.begin() as txn:
+        for name, _ in txn.cursor():
+            db = env.open_db(name, txn=txn, create=False)
+            out[name.decode()] = [k for k, _ in txn.cursor(db=db)]
+    env.close()
+    return out
+
+
+def keys_of(path: Path, concept: str) -> list[bytes]:
+    prefix = concept.encode()
+    return [k for keys in all_keys(path).values() for k in keys
+            if k == prefix or k.startswith(prefix + b"\x00")]
+
+
+# -- one transaction per concept ------------------------------------------------------------------
+
+
+def _half_then(action):
+    """Replace ConceptStore._put_items: write half the items into the transaction, then `action`."""
+    original = ConceptStore._put_items
+
+    def patched(self, txn, items):
+        items = list(items)
+        original(self, txn, items[: len(items) // 2])
+        action()
+        original(self, txn, items[len(items) // 2:])
+    return patched
+
+
+class Boom(Exception):
+    pass
+
+
+def test_exception_inside_write_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "s"
+    rex_v1 = sample_record("rex", "cns", seed=1)
+    with ConceptStore.open(path) as s:
+        s.put(rex_v1)
+        monkeypatch.setattr(ConceptStore, "_put_items", _half_then(lambda: (_ for _ in ()).throw(Boom())))
+        with pytest.raises(Boom):
+            s.put(sample_record("mug", "cones", seed=2))
+        with pytest.raises(Boom):
+            s.put(sample_record("rex", "cones", seed=3), replace=True)
+        monkeypatch.undo()
+        assert s.names() == ["rex"]
+        assert s.get("rex").meta.method == "cns"  # the old version, whole
+        np.testing.assert_array_equal(
+            next(iter(s.get("rex").deltas.values())).indices,
+            next(iter(rex_v1.deltas.values())).indices)
+        s.put(sample_record("mug", "cones", seed=2))  # and the store still takes writes
+    assert keys_of(path, "mug") and len(keys_of(path, "rex")) == len(rex_v1.deltas) + 3
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from store import ConceptStore
+    from store.fixtures.samples import sample_record
+    path, flag, name, method, replace = sys.argv[1:]
+    original = ConceptStore._put_items
+    def patched(self, txn, items):
+        items = list(items)
+        original(self, txn, items[: len(items) // 2])
+        Path(flag).write_text("half written")
+        time.sleep(120)  # killed here
+        original(self, txn, items[len(items) // 2:])
+    ConceptStore._put_items = patched
+    store = ConceptStore.open(path)
+    store.put(sample_record(name, method, seed=5), replace=replace == "1")
+""")
+
+
+def _kill_mid_write(path: Path, tmp_path: Path, name: str, method: str, replace: bool) -> None:
+    flag = tmp_path / f"flag-{name}-{int(replace)}"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(flag), name, method,
+                              "1" if replace else "0"], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists():
+            assert child.poll() is None, "child exited before reaching the write"
+            assert time.monotonic() < deadline, "child never reached the write"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_sigkill_mid_write_leaves_all_or_nothing(tmp_path):
+    path = tmp_path / "s"
+    rex = sample_record("rex", "cns", seed=1)
+    with ConceptStore.open(path) as s:
+        s.put(rex)
+    before = all_keys(path)
+
+    _kill_mid_write(path, tmp_path, "mug", "cones", replace=False)  # a new concept
+    _kill_mid_write(path, tmp_path, "rex", "cones", replace=True)   # replacing one
+    assert all_keys(path) == before and keys_of(path, "mug") == []
+    with ConceptStore.open(path) as s:
+        assert s.names() == ["rex"]
+        got = s.get("rex")
+        assert got.meta.method == "cns"
+        for t, d in rex.deltas.items():
+            assert got.deltas[t].values.tobytes() == d.values.tobytes()
+        s.put(sample_record("mug", "cones", seed=5))  # the killed writer's lock was released
+        assert s.get("mug").masks
+
+
+# -- damaged values -------------------------------------------------------------------------------
+
+
+def _three_concepts(path: Path) -> dict:
+    records = {n: sample_record(n, m, seed=i) for i, (n, m) in
+               enumerate([("rex", "cns"), ("star", "cones2"), ("mug", "cones")])}
+    with ConceptStore.open(path, fingerprint="base-A") as s:
+        for r in records.values():
+            s.put(r)
+    return records
+
+
+def _assert_only_damaged(path: Path, records: dict, bad: str) -> None:
+    with ConceptStore.open(path, fingerprint="base-A") as s:
+        with pytest.raises(Corrupt) as err:
+            s.get(bad)
+        assert f"'{bad}'" in err.value.message and f"cones rm {bad}" in err.value.hint
+        assert sorted(s.damaged()) == [bad]
+        for name in records:
+            if name != bad:
+                assert s.get(name).meta.name == name
+        assert sorted(s.names()) == sorted(records)
+        s.delete(bad)  # the damaged concept can be removed and learned again
+        s.put(records[bad])
+        assert s.get(bad).meta.name == bad and s.damaged() == {}
+
+
+def test_bytes_changed_on_disk_name_the_concept(tmp_path):
+    path = tmp_path / "s"
+    records = _three_concepts(path)
+    pattern = records["star"].residual.tobytes()
+    data = bytearray((path / "data.mdb").read_bytes())
+    hits = 0
+    pos = data.find(pattern)
+    while pos >= 0:
+        data[pos + 100] ^= 0x01  # one bit of one float of the residual
+        hits += 1
+        pos = data.find(pattern, pos + 1)
+    assert hits >= 1
+    (path / "data.mdb").write_bytes(bytes(data))
+    _assert_only_damaged(path, records, "star")
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated", "wrong key"])
+def test_bad_write_names_the_concept(tmp_path, how):
+    path = tmp_path / "s"
+    records = _three_concepts(path)
+    tensor = next(iter(records["mug"].masks)).encode()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        masks = env.open_db(b"masks", txn=txn)
+        key = b"mug\x00" + tensor
+        good = txn.get(key, db=masks)
+        if how == "garbage":
+            bad = b"\x00" * 40
+        elif how == "truncated":
+            bad = good[: len(good) // 2]
+        else:  # rex's delta, written under mug's key
+            bad = txn.get(b"rex\x00" + tensor, db=env.open_db(b"deltas", txn=txn))
+        txn.put(key, bad, db=masks)
+    env.close()
+    _assert_only_damaged(path, records, "mug")
+
+
+def test_damaged_metadata_and_jobs(tmp_path):
+    path = tmp_path / "s"
+    records = _three_concepts(path)
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"rex", b"cs\x01\x00junkjunk", db=env.open_db(b"concepts", txn=txn))
+        txn.put(b"job-1", b"not a job", db=env.open_db(b"jobs", txn=txn))
+    env.close()
+    with ConceptStore.open(path) as s:
+        assert sorted(m.name for m in s.list()) == ["mug", "star"]  # listing still works
+        with pytest.raises(Corrupt, match="'rex'"):
+            s.get("rex")
+        with pytest.raises(Corrupt, match="job-1"):
+            s.get_job("job-1")
+        assert s.jobs() == []
+        assert s.get("mug").masks.keys() == records["mug"].masks.keys()
+
+
+def test_not_an_lmdb_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "s"
+    path.mkdir()
+    (path / "data.mdb").write_bytes(b"this is not lmdb" * 1000)
+    with pytest.raises(Corrupt, match="not a readable LMDB"):
+        ConceptStore.open(path)
+    with pytest.raises(NotFound):
+        ConceptStore.open(tmp_path / "missing", create=False)
+
+
+def test_store_from_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "s"
+    ConceptStore.open(path).close()
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        txn.put(b"schema", frame(b"schema", dump_json({"version": 99})),
+                db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with pytest.raises(ProtocolMismatch, match="schema 99"):
+        ConceptStore.open(path)
+
+
+# -- map growth and concurrency -------------------------------------------------------------------
+
+BIG = {f"blocks.{i}.attn2.to_k.weight": (320, 768) for i in range(4)}
+
+
+def test_map_grows_when_full(tmp_path):
+    path = tmp_path / "s"
+    records = [sample_record(f"c{i}", "cns", seed=i, density=0.05, shapes=BIG) for i in range(4)]
+    with ConceptStore.open(path, map_size=64 << 10) as s:
+        start = s.map_size
+        for r in records:  # each about 200 KB of fp16 values + indices: far past 64 KB
+            s.put(r)
+        assert s.map_size >= 4 * start
+        assert (path / "data.mdb").stat().st_size > start
+        for r in records:
+            got = s.get(r.name)
+            for t, d in r.deltas.items():
+                assert got.deltas[t].values.tobytes() == d.values.tobytes()
+    with ConceptStore.open(path, map_size=64 << 10) as s:  # reopening small still reads all
+        assert sorted(s.names()) == sorted(r.name for r in records)
+        assert s.get("c3").deltas.keys() == BIG.keys()
+
+
+def test_map_grown_by_another_process_is_adopted(tmp_path):
+    path = tmp_path / "s"
+    with ConceptStore.open(path, map_size=64 << 10) as s:
+        s.put(sample_record("small", "cones2"))
+        small_map = s.map_size
+        code = ("import sys; from store import ConceptStore; "
+                "from store.fixtures.samples import sample_record; "
+                f"BIG = {BIG!r}; s = ConceptStore.open(sys.argv[1], map_size=64 << 10); "
+                "[s.put(sample_record(f'big{i}', 'cns', seed=i, shapes=BIG)) for i in range(3)]")
+        subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, check=True, timeout=120)
+        assert sorted(s.names()) == ["big0", "big1", "big2", "small"]
+        assert s.get("big2").deltas.keys() == BIG.keys()
+        s.put(sample_record("after", "cones", seed=1, shapes=BIG))  # and this process can write
+        assert s.map_size > small_map
+
+
+def test_one_writer_and_readers_across_map_growth(tmp_path):
+    stable = sample_record("stable", "cones", seed=0, shapes=BIG)
+    store = ConceptStore.open(tmp_path / "s", map_size=64 << 10)
+    store.put(stable)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def writer():
+        try:
+            for i in range(12):
+                store.put(sample_record(f"w{i}", "cns", seed=i, shapes=BIG))
+                if i % 3 == 2:
+                    store.delete(f"w{i - 1}")
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    def reader():
+        try:
+            while not done.is_set():
+                got = store.get("stable")
+                assert all(np.array_equal(got.masks[t], stable.masks[t]) for t in BIG)
+                names = store.names()
+                assert "stable" in names
+                store.tuned_union("cones")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    store.close()
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
