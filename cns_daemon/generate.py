@@ -1,0 +1,166 @@
+"""The generation routine: one request, concepts of any method in one prompt, optional layout.
+
+    images = generate(pipe, "a photo of <rex> and <pot> on the beach", records,
+                      boxes=["rex=0,0,0.5,1", "pot=0.5,0,1,1"], n=2, seed=7)
+
+Order of work: expand the prompt (prompts.py), apply each method's records for this request
+(CNS token rows and deltas only when `apply_cns`; the service keeps CNS concepts live already),
+encode the prompt ourselves so Cones 2 residuals land on the conditional embeddings at their
+class-word positions only, install layout guidance when boxes are given, run the pipeline with a
+step callback (progress, cooperative cancel, guidance step), and, whatever happens, take
+everything off again in reverse order: weights, token rows and attention processors are
+bit-identical afterwards.
+
+Determinism: image i of a request starts from noise drawn by a CPU generator seeded with
+seed + i, so an image does not depend on `n` or on the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from cns_daemon.errors import BadInput
+from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
+from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
+from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, expand
+from store.records import ConceptRecord
+
+METHOD_ORDER = ("cns", "cones", "cones2")
+MAX_IMAGES = 16
+
+
+@dataclass
+class Embeddings:
+    cond: torch.Tensor            # (n, tokens, d)
+    uncond: torch.Tensor | None   # (n, tokens, d), None without classifier-free guidance
+
+
+def encode(pipe, expanded: ExpandedPrompt, n: int, cfg: bool, handles: Iterable = (),
+           negative_prompt: str | None = None) -> Embeddings:
+    """Encode the expanded prompt; handles that carry residuals (Cones 2) add them to the
+    conditional embeddings at their concepts' anchors. The unconditional branch stays plain."""
+    cond, uncond = pipe.encode_prompt(expanded.text, pipe._execution_device, n, cfg,
+                                      negative_prompt=negative_prompt)
+    anchors = {name: expanded.anchors(name) for name in expanded.names}
+    for handle in handles:
+        add = getattr(handle, "add_residuals", None)
+        if add is not None:
+            cond = add(cond, anchors)
+    return Embeddings(cond, uncond if cfg else None)
+
+
+@contextlib.contextmanager
+def applied(pipe, records: list[ConceptRecord], apply_cns: bool):
+    """Apply each method's records for one request; remove them in reverse order on exit.
+    Yields the handles (Cones 2 handles carry the residuals for `encode`)."""
+    from cns_daemon.methods import get_method
+
+    by_method: dict[str, list[ConceptRecord]] = {}
+    for r in records:
+        by_method.setdefault(r.meta.method, []).append(r)
+    done: list[tuple[object, object]] = []
+    try:
+        for m in METHOD_ORDER:
+            if by_method.get(m) and (m != "cns" or apply_cns):
+                method = get_method(m)
+                done.append((method, method.apply(pipe, by_method[m])))
+        yield [h for _, h in done]
+    finally:
+        errors = []
+        for method, handle in reversed(done):
+            try:
+                method.remove(handle)
+            except Exception as exc:  # keep undoing the others; report the first failure
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+def _size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    default = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    h, w = height or default, width or default
+    step = int(pipe.vae_scale_factor)   # the UNet pads odd latent sizes itself
+    if h % step or w % step or h < step or w < step:
+        raise BadInput(f"Image size {w}x{h} is not a positive multiple of {step} pixels.",
+                       f"Use width and height divisible by {step}.")
+    return h, w
+
+
+def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
+             boxes: Iterable[Box | str] = (), n: int = 1, seed: int = 0, steps: int = 30,
+             guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+             progress: ProgressFn | None = None, cancel: CancelToken | None = None, *,
+             apply_cns: bool = False, negative_prompt: str | None = None,
+             guidance: GuidanceConfig | None = None, output_type: str = "pil") -> list:
+    """Generate `n` images for `prompt`. `records_by_name` must hold every `<name>` the prompt
+    uses (others are ignored). Raises NotFound / BadInput for bad prompts and boxes, Cancelled
+    when `cancel` fires (at the next step)."""
+    if not 1 <= n <= MAX_IMAGES:
+        raise BadInput(f"n must be between 1 and {MAX_IMAGES}, not {n}.")
+    if steps < 1:
+        raise BadInput(f"steps must be at least 1, not {steps}.")
+    expanded = expand(prompt, {k: r.meta for k, r in records_by_name.items()}, pipe.tokenizer)
+    layout = check_boxes(boxes, expanded)
+    h, w = _size(pipe, height, width)
+    cfg = guidance_scale > 1.0
+    records = [records_by_name[name] for name in expanded.names]
+    report = ProgressReporter(progress, "generate", steps)
+    if cancel is not None:
+        cancel.check()
+
+    with torch.no_grad(), applied(pipe, records, apply_cns) as handles:
+        emb = encode(pipe, expanded, n, cfg, handles, negative_prompt)
+        latent_hw = (h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
+        state = GuidanceState.for_scheduler(pipe.scheduler, steps, latent_hw, cfg)
+
+        def on_step_end(_pipe, i, _t, kwargs):
+            state.on_step_end(i)
+            report(i + 1)
+            if cancel is not None:
+                cancel.check()
+            return kwargs
+
+        config = guidance or GuidanceConfig()
+        guided = (layout_guidance(pipe.unet, LayoutBias(layout, expanded, emb.cond.shape[1], config),
+                                  state, config) if layout else contextlib.nullcontext())
+        gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        report(0)
+        with guided:
+            out = pipe(prompt_embeds=emb.cond, negative_prompt_embeds=emb.uncond,
+                       num_inference_steps=steps, guidance_scale=guidance_scale, height=h,
+                       width=w, generator=gens, output_type=output_type,
+                       callback_on_step_end=on_step_end)
+    return list(out.images)
+
+
+@dataclass
+class Overhead:
+    plain_s: float
+    guided_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.guided_s / self.plain_s
+
+
+def guidance_overhead(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
+                      boxes: list[str], *, steps: int = 20, n: int = 1, repeats: int = 3,
+                      seed: int = 0) -> Overhead:
+    """Best-of-`repeats` wall time of the same request without and with its boxes (for the
+    overhead bench; not a test). One warm-up run of each first."""
+    def best(b):
+        generate(pipe, prompt, records_by_name, b, n=n, seed=seed, steps=steps)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            generate(pipe, prompt, records_by_name, b, n=n, seed=seed, steps=steps)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+    return Overhead(best([]), best(boxes))
+
+
+__all__ = ["generate", "encode", "applied", "Embeddings", "guidance_overhead", "Overhead"]

@@ -1,0 +1,262 @@
+"""Cones 2: a subject as a residual on its class word's text-encoder output (paper 002, §3.2).
+
+Learning fine-tunes a float32 COPY of the text encoder (the UNet and the live encoder stay
+frozen and untouched) with
+
+    L = L_sub + λ · L_reg
+
+L_sub is the shared denoising loss on the photos captioned with the plain class word ("a photo of
+a dog", Eq. 2). L_reg (Eq. 3) keeps the tuned encoder's output equal to the frozen one at every
+position except the class word's tokens, over the shipped sentences (cones2_sentences.txt,
+templates × fillers); we average it per position and channel (an MSE) so λ is on the scale of the
+denoising loss. The residual (Eq. 5) is the mean over those sentences of (tuned − frozen) output
+at the class word's last token: one vector of the encoder width.
+
+Generation (Eq. 6) adds the residual to the CONDITIONAL encoder output at that concept's class
+word position only (see `Cones2Handle.add_residuals`); the weights are never changed, so
+`apply`/`remove` only carry the residuals.
+
+What is trained: the encoder's transformer layers and final norm. The token and position
+embedding tables are left out: they are a third of SD's encoder, Adam would hold two more copies
+of them, and the output at the class word moves through the layers anyway.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cns_daemon.errors import BadInput, ModelMismatch
+from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
+from cns_daemon.methods.common import (ConceptLoss, as_dict, encode_pixels, only_trainable,
+                                       parse_options, pipeline_modules, run_steps, step_generator,
+                                       tokenize)
+from cns_daemon.methods.data import prepare_photos, resolution
+from cns_daemon.prompts import expand
+from store.records import ConceptMeta, ConceptRecord
+
+SENTENCES_FILE = Path(__file__).with_name("cones2_sentences.txt")
+
+
+@dataclass
+class Cones2Options:
+    steps: int = 300
+    lr: float = 1e-4            # AdamW on the encoder copy (no weight decay)
+    lambda_reg: float = 1.0     # weight of the text-embedding-preservation loss
+    reg_batch: int = 8          # preservation sentences per step
+    variants: int = 4           # augmented variants per photo
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.lr <= 0 or self.lambda_reg < 0 or self.reg_batch < 1 \
+                or self.variants < 1 or self.grad_clip <= 0:
+            raise BadInput(f"Invalid Cones 2 options: {self}.",
+                           "steps, reg_batch, variants >= 1; lr, grad_clip > 0; lambda_reg >= 0.")
+
+
+# --- the shipped sentences ------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def sentence_templates() -> tuple[str, ...]:
+    """Every template × every filler from the data file, with `{cls}` still open."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in SENTENCES_FILE.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+        elif current is not None:
+            current.append(line)
+    return tuple(t.replace("{ctx}", f) for t, f in
+                 itertools.product(sections["templates"], sections["fillers"]))
+
+
+def sentences(class_word: str) -> list[str]:
+    return [t.format(cls=class_word) for t in sentence_templates()]
+
+
+@dataclass
+class SentenceSet:
+    """The preservation sentences for one class word, tokenized, with the class word located."""
+    ids: torch.Tensor       # (S, T) padded token ids
+    anchors: torch.Tensor   # (S,) the class word's last token (where the residual is measured)
+    keep: torch.Tensor      # (S, T) bool: positions L_reg preserves (all but the class word)
+
+
+def sentence_set(pipe, class_word: str) -> SentenceSet:
+    """Locate the class word with the prompt expander, so training and generation agree on
+    positions by construction: each sentence is written as a Cones 2 reference."""
+    meta = {"subject": ConceptMeta("subject", "cones2", class_word, "")}
+    texts, anchors, classes = [], [], []
+    for template in sentence_templates():
+        e = expand(template.replace("{cls}", "<subject>"), meta, pipe.tokenizer)
+        texts.append(e.text)
+        anchors.append(e.anchors("subject")[0])
+        classes.append(e.positions("subject"))
+    ids = tokenize(pipe, texts)
+    keep = torch.ones(ids.shape, dtype=torch.bool)
+    for row, positions in enumerate(classes):
+        keep[row, positions] = False
+    return SentenceSet(ids, torch.tensor(anchors), keep.to(ids.device))
+
+
+# --- learning -------------------------------------------------------------------------------
+
+@dataclass
+class _EncoderView:
+    """The pipeline as the shared loss sees it, with the text encoder swapped for the copy."""
+    unet: object
+    vae: object
+    scheduler: object
+    tokenizer: object
+    text_encoder: object
+
+
+def _trainable(encoder) -> list[torch.nn.Parameter]:
+    return [p for n, p in encoder.named_parameters() if ".embeddings." not in f".{n}"]
+
+
+@torch.no_grad()
+def _encode(encoder, ids: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    return torch.cat([encoder(part)[0].float() for part in ids.split(chunk)])
+
+
+def preservation_loss(tuned, frozen_out: torch.Tensor, ids: torch.Tensor,
+                      keep: torch.Tensor) -> torch.Tensor:
+    """Eq. 3 as an MSE over the kept positions and all channels."""
+    diff = (tuned(ids)[0].float() - frozen_out) ** 2
+    weights = keep[..., None].to(diff.dtype)
+    return (diff * weights).sum() / (weights.sum() * diff.shape[-1])
+
+
+def class_residual(tuned, frozen_out: torch.Tensor, sset: SentenceSet) -> torch.Tensor:
+    """Eq. 5: mean over the sentences of the output shift at the class word."""
+    tuned_out = _encode(tuned, sset.ids)
+    rows = torch.arange(len(sset.anchors))
+    return (tuned_out[rows, sset.anchors] - frozen_out[rows, sset.anchors]).mean(0)
+
+
+class Cones2:
+    name = "cones2"
+
+    def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None,
+              cancel: CancelToken | None, previous: list | None = None) -> ConceptRecord:
+        hp = parse_options(Cones2Options, spec.options, spec.steps)
+        size = resolution(pipe)
+        photoset = prepare_photos(photos, size, "", spec.class_word, captions=spec.captions,
+                                  variants=hp.variants, seed=spec.seed)
+        n, v = photoset.pixels.shape[:2]
+        latents = encode_pixels(pipe, photoset.pixels.flatten(0, 1))
+        latents = latents.view(n, v, *latents.shape[1:])
+
+        frozen = pipe.text_encoder
+        tuned = copy.deepcopy(frozen).to(torch.float32).train(False)
+        sset = sentence_set(pipe, spec.class_word)
+        frozen_out = _encode(frozen, sset.ids)
+        view = _EncoderView(pipe.unet, pipe.vae, pipe.scheduler, pipe.tokenizer, tuned)
+        concept_loss = ConceptLoss(view, latents, photoset.captions, lambda_prior=0.0,
+                                   seed=spec.seed, text_grad=True)
+        params = _trainable(tuned)
+        opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.0)
+        reg_values: list[float] = []
+
+        def step(k: int) -> float:
+            gen = step_generator(spec.seed + 7919, k)
+            pick = torch.randperm(len(sset.ids), generator=gen)[:hp.reg_batch].to(sset.ids.device)
+            reg = preservation_loss(tuned, frozen_out[pick], sset.ids[pick], sset.keep[pick])
+            loss = concept_loss(k) + hp.lambda_reg * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
+            opt.step()
+            reg_values.append(float(reg.detach()))
+            return float(loss.detach())
+
+        with only_trainable(pipeline_modules(pipe) + [tuned], params):
+            losses = run_steps(hp.steps, step, progress, cancel)
+        with torch.no_grad():
+            residual = class_residual(tuned, frozen_out, sset)
+        del tuned, opt
+
+        meta = ConceptMeta(spec.name, "cones2", spec.class_word, "", hparams=as_dict(hp),
+                           metrics={"loss_first": losses[0], "loss_last": losses[-1],
+                                    "preservation_last": reg_values[-1],
+                                    "residual_norm": float(residual.norm()),
+                                    "sentences": len(sset.ids)})
+        return ConceptRecord(meta, residual=residual.cpu().numpy().astype(np.float32))
+
+    def apply(self, pipe, records: list[ConceptRecord]) -> "Cones2Handle":
+        width = encoder_width(pipe)
+        residuals = {}
+        for r in records:
+            vec = np.asarray(r.residual, dtype=np.float32).reshape(-1) if r.residual is not None else None
+            if vec is None or vec.shape != (width,):
+                got = "none" if vec is None else str(vec.shape[0])
+                raise ModelMismatch(f"Concept {r.name!r} has a residual of width {got}; this "
+                                    f"model's text encoder has width {width}.")
+            residuals[r.name] = torch.from_numpy(vec)
+        return Cones2Handle(residuals)
+
+    def remove(self, handle: "Cones2Handle") -> None:
+        handle.residuals.clear()   # nothing in the pipeline was changed
+
+
+@dataclass
+class Cones2Handle:
+    residuals: dict[str, torch.Tensor]   # concept name → (d,) float32
+
+    def add_residuals(self, cond: torch.Tensor, anchors: dict[str, list[int]]) -> torch.Tensor:
+        """Eq. 6 on conditional embeddings (batch, tokens, d): a copy with each concept's
+        residual added at its anchor positions, nothing else changed."""
+        out = cond.clone()
+        for name, vec in self.residuals.items():
+            for pos in anchors.get(name, ()):
+                out[:, pos] += vec.to(out.device, out.dtype)
+        return out
+
+
+def encoder_width(pipe) -> int:
+    return int(pipe.text_encoder.config.hidden_size)
+
+
+def import_residual(path: Path, pipe) -> np.ndarray:
+    """A public Cones 2 `residual.pt` (a float tensor of shape (1, d) or (d,)) as (d,) float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"No residual file at {path}.")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle and zip errors come in many types
+        raise BadInput(f"{path.name} is not a readable residual file ({exc}).",
+                       "Give the residual.pt that Cones 2 training saved.") from None
+    if not isinstance(data, torch.Tensor) or not data.is_floating_point() \
+            or data.dim() not in (1, 2) or (data.dim() == 2 and data.shape[0] != 1):
+        what = f"tensor of shape {tuple(data.shape)}" if isinstance(data, torch.Tensor) \
+            else type(data).__name__
+        raise BadInput(f"{path.name} holds a {what}, not a float tensor of shape (1, d) or (d,).")
+    vec = data.reshape(-1).to(torch.float32)
+    width = encoder_width(pipe)
+    if vec.numel() != width:
+        raise BadInput(f"{path.name} is a residual of width {vec.numel()}, but this model's text "
+                       f"encoder has width {width}.",
+                       "Use a residual trained on the same base model family (768 for SD 1.x, "
+                       "1024 for SD 2.x).")
+    if not torch.isfinite(vec).all():
+        raise BadInput(f"{path.name} contains NaN or infinite values.")
+    return vec.numpy().copy()
+
+
+def imported_record(name: str, class_word: str, path: Path, pipe) -> ConceptRecord:
+    """A Cones 2 concept made from an imported residual."""
+    meta = ConceptMeta(name, "cones2", class_word, "", metrics={"imported_from": Path(path).name})
+    return ConceptRecord(meta, residual=import_residual(path, pipe))
+
+
+METHOD = Cones2()

@@ -1,0 +1,145 @@
+"""Cones 2 on the tiny model: the live encoder is never changed, the residual lands only on the
+conditional embeddings at the concept's class-word position, public residuals import."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cns_daemon.errors import BadInput, ModelMismatch
+from cns_daemon.generate import encode
+from cns_daemon.methods.base import LearnSpec
+from cns_daemon.methods.cones2 import (METHOD, Cones2Handle, imported_record, import_residual,
+                                       sentence_set, sentences)
+from cns_daemon.prompts import expand
+from store.records import ConceptMeta, ConceptRecord
+
+WIDTH = 64  # the tiny model's text encoder width
+
+
+def write_photos(folder, n=3, seed=0):
+    """Small PNGs of one 'object': a two-tone striped square on a noisy background."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        img = rng.integers(90, 130, (40, 40, 3)).astype(np.uint8)
+        x, y = rng.integers(4, 14, 2)
+        patch = np.zeros((20, 20, 3), np.uint8)
+        patch[:] = (220, 40, 40)
+        patch[::4] = (40, 40, 220)
+        img[y:y + 20, x:x + 20] = patch
+        p = folder / f"p{i}.png"
+        Image.fromarray(img).save(p)
+        paths.append(p)
+    return paths
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory, tiny_pipe):
+    torch.set_num_threads(2)
+    photos = write_photos(tmp_path_factory.mktemp("photos"))
+    before = {"text": _state(tiny_pipe.text_encoder), "unet": _state(tiny_pipe.unet)}
+    flags = [p.requires_grad for p in tiny_pipe.text_encoder.parameters()]
+    spec = LearnSpec("pot", "teapot", steps=4, seed=3, options={"reg_batch": 4})
+    record = METHOD.learn(tiny_pipe, photos, spec, None, None)
+    return record, before, flags, photos, spec
+
+
+def test_learn_leaves_the_live_pipeline_untouched(learned, tiny_pipe):
+    record, before, flags, _, _ = learned
+    assert _same(before["text"], _state(tiny_pipe.text_encoder))
+    assert _same(before["unet"], _state(tiny_pipe.unet))
+    assert [p.requires_grad for p in tiny_pipe.text_encoder.parameters()] == flags
+    assert all(p.grad is None for p in tiny_pipe.text_encoder.parameters())
+
+
+def test_record_is_one_residual_vector(learned):
+    record, *_ = learned
+    assert record.meta.method == "cones2" and record.meta.token == ""
+    assert record.residual.shape == (WIDTH,) and record.residual.dtype == np.float32
+    assert np.isfinite(record.residual).all() and np.abs(record.residual).max() > 0
+    assert record.meta.metrics["sentences"] >= 100
+
+
+def test_learn_is_deterministic_per_seed(learned, tiny_pipe):
+    record, _, _, photos, spec = learned
+    again = METHOD.learn(tiny_pipe, photos, spec, None, None)
+    np.testing.assert_array_equal(again.residual, record.residual)
+
+
+def test_shipped_sentences_contain_the_class_word(tiny_pipe):
+    s = sentences("teapot")
+    assert len(s) >= 100 and len(set(s)) == len(s) and all("teapot" in x for x in s)
+    sset = sentence_set(tiny_pipe, "teapot")
+    teapot = tiny_pipe.tokenizer("teapot", add_special_tokens=False).input_ids[-1]
+    rows = torch.arange(len(s))
+    assert (sset.ids[rows, sset.anchors] == teapot).all()
+    assert (~sset.keep).sum(1).eq(1).all()   # exactly the class word is not preserved
+
+
+def test_residual_changes_only_the_conditional_class_word_position(learned, tiny_pipe):
+    record, *_ = learned
+    other = ConceptRecord(ConceptMeta("cup", "cones2", "mug", ""),
+                          residual=np.full(WIDTH, 0.5, np.float32))
+    metas = {"pot": record.meta, "cup": other.meta}
+    e = expand("a <pot> beside a <cup> on the sand", metas, tiny_pipe.tokenizer)
+    handle = METHOD.apply(tiny_pipe, [record, other])
+    with torch.no_grad():
+        plain = encode(tiny_pipe, e, 2, True)
+        edited = encode(tiny_pipe, e, 2, True, [handle])
+    assert torch.equal(plain.uncond, edited.uncond)
+    diff = (edited.cond - plain.cond).abs().amax(dim=(0, 2))
+    changed = torch.nonzero(diff).flatten().tolist()
+    assert changed == sorted(e.anchors("pot") + e.anchors("cup"))
+    for name, rec in (("pot", record), ("cup", other)):
+        p = e.anchors(name)[0]
+        torch.testing.assert_close(edited.cond[:, p] - plain.cond[:, p],
+                                   torch.from_numpy(rec.residual).expand(2, -1))
+    METHOD.remove(handle)
+
+
+def test_apply_refuses_a_residual_of_another_width(tiny_pipe):
+    bad = ConceptRecord(ConceptMeta("big", "cones2", "dog", ""), residual=np.zeros(768, np.float32))
+    with pytest.raises(ModelMismatch, match="768.*64"):
+        METHOD.apply(tiny_pipe, [bad])
+
+
+def test_import_public_residual_shapes(tmp_path, tiny_pipe):
+    vec = torch.randn(WIDTH)
+    for name, tensor in (("flat.pt", vec), ("row.pt", vec[None])):
+        torch.save(tensor, tmp_path / name)
+        np.testing.assert_array_equal(import_residual(tmp_path / name, tiny_pipe), vec.numpy())
+    rec = imported_record("imp", "dog", tmp_path / "row.pt", tiny_pipe)
+    assert rec.meta.method == "cones2" and rec.residual.shape == (WIDTH,)
+
+    torch.save(torch.randn(1, 768), tmp_path / "sd15.pt")
+    with pytest.raises(BadInput, match=r"768.*64"):
+        import_residual(tmp_path / "sd15.pt", tiny_pipe)
+    cases = {"two.pt": torch.randn(2, WIDTH), "int.pt": torch.arange(WIDTH),
+             "dict.pt": {"residual": vec}, "cube.pt": torch.randn(1, 1, WIDTH)}
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(BadInput, match="not a float tensor"):
+            import_residual(tmp_path / name, tiny_pipe)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(BadInput, match="junk.pt"):
+        import_residual(tmp_path / "junk.pt", tiny_pipe)
+    with pytest.raises(BadInput, match="No residual"):
+        import_residual(tmp_path / "missing.pt", tiny_pipe)
+
+
+def test_handle_add_residuals_copies():
+    handle = Cones2Handle({"a": torch.ones(3)})
+    cond = torch.zeros(1, 5, 3)
+    out = handle.add_residuals(cond, {"a": [2], "b": [4]})
+    assert cond.abs().sum() == 0 and out[0, 2].tolist() == [1, 1, 1] and out.abs().sum() == 3
