@@ -1,10 +1,244 @@
-"""`cones` entry point. Sub-command groups live in their own modules and register here."""
+"""`cones` entry point: a thin client of the service's socket API.
+
+This module must never import torch (the CLI starts in a blink and runs where the model does
+not): it imports only the protocol, settings and errors from cns_daemon, plus httpx/typer/rich.
+`cones serve` and `cones demo` import the daemon lazily inside the command.
+"""
 from __future__ import annotations
+
+import functools
+import shutil
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
+from cli.client import Client
+from cli.views import (concept_table, concepts_table, console, err_console, follow, jobs_table,
+                       print_error, print_json, status_table)
+from cns_daemon.errors import BadInput, ConesError
+from cns_daemon.protocol import AddRequest, GenerateRequest, JobInfo, Photo
+
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
+service_app = typer.Typer(help="Install or remove the systemd user service.", no_args_is_help=True)
+app.add_typer(service_app, name="service")
+
+JSON = typer.Option(False, "--json", help="Print one machine-readable JSON document.")
+
+
+def handled(fn):
+    """Typed errors become one red line + hint on stderr and their exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConesError as exc:
+            print_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+    return wrapper
+
+
+def settings(**flags):
+    from pydantic import ValidationError
+
+    from cns_daemon.settings import load_settings
+
+    try:
+        return load_settings(**flags)
+    except ValidationError as exc:
+        from cns_daemon.protocol import describe_validation_error
+
+        raise BadInput(f"Invalid configuration: {describe_validation_error(exc)}.",
+                       "Fix config.toml or the CONES_* environment variables.") from None
+
+
+def client() -> Client:
+    return Client(settings().paths.socket)
+
+
+def wait_for(c: Client, job: JobInfo, quiet: bool = False) -> JobInfo:
+    """Follow a job to its end; Ctrl-C stops following, not the job."""
+    try:
+        follow(c.follow(job.id), quiet=quiet)
+    except KeyboardInterrupt:
+        err_console.print(f"Stopped following; job {job.id} goes on in the service "
+                          f"(`cones jobs`, `cones cancel {job.id}`).")
+        raise typer.Exit(130) from None
+    return c.job(job.id)
+
+
+# ---------------------------------------------------------------- the service
+
+
+@app.command()
+@handled
+def serve(model: Optional[str] = typer.Option(None, help="Diffusers folder, .safetensors/.ckpt file, hub id, or 'tiny'."),
+          device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+          dtype: Optional[str] = typer.Option(None, help="auto | float32 | float16 | bfloat16"),
+          settle: Optional[float] = typer.Option(None, help="Seconds an inbox folder must be quiet before it is taken."),
+          no_inbox: bool = typer.Option(False, "--no-inbox", help="Do not watch the inbox folder."),
+          log_level: str = typer.Option("INFO", help="DEBUG | INFO | WARNING")) -> None:
+    """Run the service in the foreground (what the systemd unit starts)."""
+    from cns_daemon.daemon import configure_logging, serve as run
+
+    configure_logging(log_level)
+    run(settings(model=model, device=device, dtype=dtype, settle_seconds=settle,
+                 watch_inbox=False if no_inbox else None))
+
+
+@app.command()
+@handled
+def status(as_json: bool = JSON) -> None:
+    """Is the service running, on what model, with what queue."""
+    with client() as c:
+        info = c.status()
+    print_json(info) if as_json else console.print(status_table(info))
+
+
+# ---------------------------------------------------------------- concepts
+
+
+@app.command()
+@handled
+def add(name: str = typer.Argument(..., help="Concept name, used as <name> in prompts."),
+        photos: List[Path] = typer.Argument(..., help="3-5 photos of it."),
+        class_word: str = typer.Option(..., "--class", help="What it is: dog, mug, star …"),
+        method: Optional[str] = typer.Option(None, help="cns (default) | cones | cones2"),
+        steps: Optional[int] = typer.Option(None, help="Training steps (default: the method's)."),
+        seed: int = typer.Option(0, help="Training seed."),
+        no_wait: bool = typer.Option(False, "--no-wait", help="Queue the job and return."),
+        as_json: bool = JSON) -> None:
+    """Learn a concept from photos."""
+    items = []
+    for p in photos:
+        if not p.is_file():
+            raise BadInput(f"No such file: {p}.", "Give paths of photo files.")
+        items.append(Photo(filename=p.name, data=p.read_bytes()))
+    req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
+                 seed=seed, photos=items)
+    with client() as c:
+        job = c.add(req)
+        for s in (job.result.skipped if job.result else []):
+            err_console.print(f"[yellow]skipped[/] {s.file}: {s.reason}")
+        if no_wait:
+            print_json(job) if as_json else console.print(f"Queued job {job.id}: {job.summary}")
+            return
+        job = wait_for(c, job, quiet=as_json)
+        if as_json:
+            print_json(job)
+            return
+        info = c.concept(name)
+        console.print(f"Learned <{info.name}> ({info.method}, {info.class_word}): "
+                      f"{info.neurons:,} neurons, {info.size_bytes:,} bytes.")
+
+
+@app.command("list")
+@handled
+def list_(as_json: bool = JSON) -> None:
+    """The stored concepts: method, class, size on disk, neurons, overlap."""
+    with client() as c:
+        concepts = c.concepts()
+    print_json(concepts) if as_json else console.print(concepts_table(concepts))
+
+
+@app.command()
+@handled
+def show(name: str, as_json: bool = JSON) -> None:
+    """One concept in detail."""
+    with client() as c:
+        info = c.concept(name)
+    print_json(info) if as_json else console.print(concept_table(info))
+
+
+@app.command()
+@handled
+def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait")) -> None:
+    """Remove a concept (its weights come off the model, its record out of the store)."""
+    with client() as c:
+        job = c.remove(name)
+        if not no_wait:
+            wait_for(c, job, quiet=True)
+    console.print(f"Removed <{name}>." if not no_wait else f"Queued job {job.id}: {job.summary}")
+
+
+@app.command()
+@handled
+def export(name: str, output: Path = typer.Option(..., "-o", "--output", help="File to write (.safetensors).")) -> None:
+    """Write a concept to one safetensors file (with its metadata)."""
+    with client() as c:
+        data = c.export(name)
+    output.write_bytes(data)
+    console.print(f"Wrote <{name}> to {output} ({len(data):,} bytes).")
+
+
+@app.command("import")
+@handled
+def import_(file: Path) -> None:
+    """Add a concept from an exported file (refused if made on another base model)."""
+    if not file.is_file():
+        raise BadInput(f"No such file: {file}.")
+    with client() as c:
+        job = wait_for(c, c.import_file(file.read_bytes()), quiet=True)
+    console.print(f"Imported <{job.result.concept if job.result else '?'}>.")
+
+
+# ---------------------------------------------------------------- generation
+
+
+@app.command()
+@handled
+def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <name>."),
+             n: int = typer.Option(1, "-n", help="Number of images."),
+             seed: Optional[int] = typer.Option(None, help="Seed (default: random)."),
+             steps: Optional[int] = typer.Option(None, help="Denoising steps."),
+             box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
+             out: Optional[Path] = typer.Option(None, "-o", "--out", help="Copy the PNGs into this folder."),
+             as_json: bool = JSON) -> None:
+    """Generate images; writes PNGs and a contact sheet and prints their paths."""
+    req = _model(GenerateRequest, prompt=prompt, n=n, seed=seed, steps=steps, boxes=box)
+    with client() as c:
+        job = wait_for(c, c.generate(req), quiet=as_json)
+    result = job.result
+    if result is None:
+        raise BadInput("The job finished without images.")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        copied = [str(shutil.copy2(p, out / Path(p).name)) for p in result.images]
+        sheet = str(shutil.copy2(result.contact_sheet, out / Path(result.contact_sheet).name)) if result.contact_sheet else None
+        job = job.model_copy(update={"result": result.model_copy(update={"images": copied, "contact_sheet": sheet})})
+        result = job.result
+    if as_json:
+        print_json(job)
+        return
+    for p in result.images:
+        console.print(p, highlight=False)
+    if result.contact_sheet:
+        console.print(f"contact sheet: {result.contact_sheet}", highlight=False)
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@app.command()
+@handled
+def jobs(limit: int = typer.Option(20, help="How many (newest first)."), as_json: bool = JSON) -> None:
+    """Recent jobs and their state."""
+    with client() as c:
+        items = c.jobs(limit)
+    print_json(items) if as_json else console.print(jobs_table(items))
+
+
+@app.command()
+@handled
+def cancel(job_id: str) -> None:
+    """Cancel a job (a running one stops at its next step; nothing partial is kept)."""
+    with client() as c:
+        job = c.cancel(job_id)
+    console.print(f"Cancelling job {job.id} ({job.summary}); it was {job.state}.")
+
+
+# ---------------------------------------------------------------- misc
 
 
 @app.command()
@@ -13,3 +247,19 @@ def version() -> None:
     from importlib.metadata import version as v
 
     typer.echo(v("cones"))
+
+
+def _model(model, **fields):
+    """Build a request model; a bad value becomes BadInput naming the field."""
+    from pydantic import ValidationError
+
+    from cns_daemon.protocol import describe_validation_error
+
+    try:
+        return model(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        raise BadInput(f"Invalid value: {describe_validation_error(exc)}.") from None
+
+
+if __name__ == "__main__":
+    app()

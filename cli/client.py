@@ -1,0 +1,127 @@
+"""The CLI's side of the socket API: httpx over the Unix socket, typed in and out.
+
+Every request carries the protocol header; error responses come back as the typed ConesError
+they were on the service side; a missing or dead socket becomes Unavailable with one line
+saying how to start the service.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, TypeVar
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from cns_daemon.errors import ConesError, Internal, ProtocolMismatch, Unavailable, from_code
+from cns_daemon.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest,
+                                 ConceptInfo, ConceptList, ErrorBody, GenerateRequest, JobInfo,
+                                 JobList, ProgressInfo, StatusInfo)
+
+M = TypeVar("M", bound=BaseModel)
+START_HINT = "Start it with `cones serve` (foreground) or `cones service install` (systemd user service)."
+
+
+class Client:
+    def __init__(self, socket_path: Path, timeout: float = 60.0):
+        self.socket_path = Path(socket_path)
+        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket_path)),
+                                 base_url="http://cones", timeout=timeout,
+                                 headers={PROTOCOL_HEADER: PROTOCOL_VERSION})
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ verbs
+
+    def status(self) -> StatusInfo:
+        return self._call("GET", "/status", StatusInfo)
+
+    def concepts(self) -> list[ConceptInfo]:
+        return self._call("GET", "/concepts", ConceptList).concepts
+
+    def concept(self, name: str) -> ConceptInfo:
+        return self._call("GET", f"/concepts/{name}", ConceptInfo)
+
+    def add(self, req: AddRequest) -> JobInfo:
+        return self._call("POST", "/concepts", JobInfo, body=req)
+
+    def remove(self, name: str) -> JobInfo:
+        return self._call("DELETE", f"/concepts/{name}", JobInfo)
+
+    def generate(self, req: GenerateRequest) -> JobInfo:
+        return self._call("POST", "/generate", JobInfo, body=req)
+
+    def jobs(self, limit: int = 50) -> list[JobInfo]:
+        return self._call("GET", f"/jobs?limit={limit}", JobList).jobs
+
+    def job(self, job_id: str) -> JobInfo:
+        return self._call("GET", f"/jobs/{job_id}", JobInfo)
+
+    def cancel(self, job_id: str) -> JobInfo:
+        return self._call("POST", f"/jobs/{job_id}/cancel", JobInfo)
+
+    def export(self, name: str) -> bytes:
+        return self._send("GET", f"/concepts/{name}/export").content
+
+    def import_file(self, data: bytes) -> JobInfo:
+        return self._parse(self._send("POST", "/concepts/import", content=data,
+                                      headers={"content-type": "application/octet-stream"}), JobInfo)
+
+    def follow(self, job_id: str) -> Iterator[ProgressInfo]:
+        """Progress lines of a job until its final state (no read timeout: jobs take long)."""
+        try:
+            with self.http.stream("GET", f"{API_PREFIX}/jobs/{job_id}/events",
+                                  timeout=httpx.Timeout(None, connect=5.0)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise self._error(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        yield ProgressInfo.model_validate_json(line)
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc) from None
+
+    # ------------------------------------------------------------ plumbing
+
+    def _call(self, method: str, path: str, model: type[M], body: BaseModel | None = None) -> M:
+        content = body.model_dump_json().encode() if body is not None else None
+        headers = {"content-type": "application/json"} if body is not None else None
+        return self._parse(self._send(method, path, content=content, headers=headers), model)
+
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self.http.request(method, f"{API_PREFIX}{path}", **kwargs)
+        except httpx.TransportError as exc:
+            raise self._transport_error(exc) from None
+        if response.status_code >= 400:
+            raise self._error(response)
+        return response
+
+    def _parse(self, response: httpx.Response, model: type[M]) -> M:
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError:
+            raise ProtocolMismatch("The service sent an answer this CLI does not understand.") from None
+
+    def _error(self, response: httpx.Response) -> ConesError:
+        try:
+            body = ErrorBody.model_validate_json(response.content)
+        except ValidationError:
+            return Internal(f"The service answered HTTP {response.status_code} without an error body.")
+        return from_code(body.code, body.message, body.hint or None)
+
+    def _transport_error(self, exc: httpx.TransportError) -> ConesError:
+        if isinstance(exc, httpx.ConnectError):
+            return Unavailable(f"The cones service is not running (no live socket at {self.socket_path}).",
+                               START_HINT)
+        if isinstance(exc, httpx.TimeoutException):
+            return Unavailable("The cones service did not answer in time.",
+                               "It may be busy loading the model; try again, or see its log.")
+        return Unavailable(f"The connection to the cones service broke ({type(exc).__name__}).",
+                           "It may have stopped; check `cones status` and the service log.")

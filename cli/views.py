@@ -1,0 +1,141 @@
+"""How the CLI shows things: rich tables, a progress bar for a followed job, JSON for scripts."""
+from __future__ import annotations
+
+import time
+from typing import Iterable
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cns_daemon.errors import ConesError, from_code
+from cns_daemon.protocol import FINAL_STATES, ConceptInfo, JobInfo, ProgressInfo, StatusInfo
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(doc: BaseModel | list[BaseModel]) -> None:
+    """One JSON document on stdout (no rich markup, no wrapping)."""
+    import json
+
+    if isinstance(doc, list):
+        text = json.dumps([d.model_dump(mode="json") for d in doc], indent=2)
+    else:
+        text = doc.model_dump_json(indent=2)
+    print(text)
+
+
+def print_error(exc: ConesError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    if exc.hint:
+        err_console.print(f"[dim]{exc.hint}[/]", highlight=False)
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def ago(t: float | None) -> str:
+    if t is None:
+        return "-"
+    s = max(0.0, time.time() - t)
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if s >= size:
+            return f"{s / size:.0f} {unit} ago"
+    return f"{s:.0f} s ago"
+
+
+def concepts_table(concepts: Iterable[ConceptInfo]) -> Table:
+    table = Table(title="Concepts")
+    for col in ("name", "method", "class", "size", "neurons", "overlap", "created"):
+        table.add_column(col, justify="right" if col in ("size", "neurons") else "left")
+    for c in concepts:
+        overlap = ", ".join(f"{k}:{v}" for k, v in sorted(c.overlap.items())) or "-"
+        table.add_row(c.name, c.method, c.class_word, human_size(c.size_bytes), f"{c.neurons:,}",
+                      overlap, ago(c.created))
+    return table
+
+
+def concept_table(c: ConceptInfo) -> Table:
+    table = Table(title=f"<{c.name}>", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = [("method", c.method), ("class", c.class_word), ("token", c.token or "-"),
+            ("photos", str(c.photos)), ("size", human_size(c.size_bytes)),
+            ("neurons", f"{c.neurons:,}"),
+            ("overlap", ", ".join(f"{k}:{v}" for k, v in sorted(c.overlap.items())) or "-"),
+            ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created))),
+            ("fingerprint", c.fingerprint or "-")]
+    rows += [(f"metric {k}", str(v)) for k, v in sorted(c.metrics.items())]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def jobs_table(jobs: Iterable[JobInfo]) -> Table:
+    table = Table(title="Jobs (newest first)")
+    for col in ("id", "kind", "state", "what", "progress", "created", "note"):
+        table.add_column(col)
+    for j in jobs:
+        p = j.progress
+        prog = f"{p.phase} {p.step}/{p.total}" if p and p.total else (p.phase if p else "-")
+        note = j.error.message if j.error else (f"{len(j.result.images)} images" if j.result and j.result.images else "")
+        table.add_row(j.id, j.kind, _state(j.state), j.summary, prog, ago(j.created), note)
+    return table
+
+
+def status_table(s: StatusInfo) -> Table:
+    table = Table(title="cones service", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    running = s.queue.running.summary if s.queue.running else "-"
+    for k, v in (("version", f"{s.version} (protocol {s.protocol})"), ("pid", str(s.pid)),
+                 ("uptime", f"{s.uptime_s:.0f} s"), ("model", s.model),
+                 ("device", f"{s.device} / {s.dtype}"), ("fingerprint", s.fingerprint),
+                 ("concepts", str(s.concepts)), ("running", running), ("queued", str(s.queue.queued)),
+                 ("socket", s.socket), ("data", s.data),
+                 ("inbox", s.inbox + ("" if s.inbox_watched else " (not watched)"))):
+        table.add_row(k, v)
+    return table
+
+
+def _state(state: str) -> str:
+    colour = {"done": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}.get(state, "white")
+    return f"[{colour}]{state}[/]"
+
+
+def follow(events: Iterable[ProgressInfo], quiet: bool = False) -> ProgressInfo:
+    """Show a job's progress as a bar per phase; returns the final event. A failed or cancelled
+    job raises its typed error (so the exit code says what happened)."""
+    last: ProgressInfo | None = None
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=False, disable=quiet) as bar:
+        tasks: dict[str, int] = {}
+        for info in events:
+            last = info
+            if info.state in FINAL_STATES:
+                break
+            label = info.phase or info.state
+            if info.total:
+                loss = f"loss {info.loss:.4f}" if info.loss is not None else ""
+                if label not in tasks:
+                    tasks[label] = bar.add_task(label, total=info.total, loss=loss)
+                bar.update(tasks[label], completed=info.step, total=info.total, loss=loss)
+            elif label not in tasks and label not in ("start",):
+                tasks[label] = bar.add_task(label, total=None, loss="")
+    if last is None or last.state not in FINAL_STATES:
+        from cns_daemon.errors import Unavailable
+
+        raise Unavailable("The service stopped reporting before the job finished.",
+                          "Check `cones jobs` and the service log.")
+    if last.state != "done":
+        err = last.error
+        raise from_code(err.code, err.message, err.hint) if err else from_code("cancelled", f"The job {last.state}.")
+    return last

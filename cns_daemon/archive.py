@@ -1,0 +1,111 @@
+"""The photo archive: every photo a concept was learned from, stored by content (sha256).
+
+Photos arrive from `cones add` (bytes in the request) or the inbox (files). Each is checked
+(opens as an image, not truncated, at least MIN_SIDE pixels a side) before it is kept, so a job
+never starts on a file it cannot read. Writes go to a temporary name and are renamed into place,
+so the archive never holds half a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from cns_daemon.errors import NotFound
+from cns_daemon.protocol import SkippedFile
+
+MIN_SIDE = 32  # the smallest photo the methods train on (methods.data.MIN_SIDE; errors.BadPhoto says so)
+ACCEPTED_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif",
+                    "TIFF": ".tif"}
+
+
+@dataclass(frozen=True)
+class CheckedPhoto:
+    filename: str
+    data: bytes
+    suffix: str
+    caption: str | None = None  # sidecar photo.txt, when the inbox had one
+
+
+def check_photo(filename: str, data: bytes) -> CheckedPhoto | SkippedFile:
+    """Decode the whole image once; return it checked, or why it is skipped."""
+    if not data:
+        return SkippedFile(file=filename, reason="empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning etc.
+            with Image.open(io.BytesIO(data)) as img:
+                fmt = img.format or ""
+                img.load()  # forces a full decode: truncated files fail here
+                width, height = img.size
+    except UnidentifiedImageError:
+        return SkippedFile(file=filename, reason="not an image")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return SkippedFile(file=filename, reason=f"damaged or truncated image ({exc})")
+    if fmt not in ACCEPTED_FORMATS:
+        return SkippedFile(file=filename, reason=f"unsupported image format {fmt or 'unknown'}")
+    if min(width, height) < MIN_SIDE:
+        return SkippedFile(file=filename,
+                           reason=f"too small ({width}x{height}; at least {MIN_SIDE}x{MIN_SIDE})")
+    return CheckedPhoto(filename, data, ACCEPTED_FORMATS[fmt])
+
+
+def check_photos(items: list[tuple[str, bytes]]) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
+    good: list[CheckedPhoto] = []
+    skipped: list[SkippedFile] = []
+    for filename, data in items:
+        result = check_photo(filename, data)
+        (good if isinstance(result, CheckedPhoto) else skipped).append(result)
+    return good, skipped
+
+
+class Archive:
+    """Content-addressed files under `root`: <root>/<aa>/<sha256><suffix> (+ .txt caption)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def put(self, photo: CheckedPhoto) -> str:
+        digest = hashlib.sha256(photo.data).hexdigest()
+        target = self._dir(digest) / f"{digest}{photo.suffix}"
+        if not target.exists():
+            _atomic_write(target, photo.data)
+        if photo.caption is not None:
+            _atomic_write(target.with_suffix(".txt"), photo.caption.encode())
+        return digest
+
+    def path(self, digest: str) -> Path:
+        folder = self._dir(digest)
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if p.stem == digest and p.suffix != ".txt" and not p.name.startswith("."):
+                    return p
+        raise NotFound(f"Photo {digest[:12]}… is missing from the archive ({self.root}).",
+                       "Add the concept again with its photos.")
+
+    def has(self, digest: str) -> bool:
+        try:
+            self.path(digest)
+            return True
+        except NotFound:
+            return False
+
+    def _dir(self, digest: str) -> Path:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise NotFound(f"{digest!r} is not a photo digest.")
+        return self.root / digest[:2]
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)

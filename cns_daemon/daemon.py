@@ -1,0 +1,195 @@
+"""`cones serve`: start-up, the socket, and the service's lifetime.
+
+Order matters: take the single-instance lock (a second `cones serve` refuses at once), open the
+store, settle jobs a dead process left running, load the model and rebuild the concepts, then
+bind the socket (0600 in a 0700 folder; a stale one is replaced), start the worker and the inbox
+watcher, serve, and tell systemd READY=1. On SIGTERM/SIGINT the running job is put back in the
+queue, the socket removed and the lock released.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import Callable
+
+from cns_daemon.archive import Archive
+from cns_daemon.errors import BadInput, Conflict, ConesError
+from cns_daemon.notify import Notifier
+from cns_daemon.settings import Paths, Settings
+
+log = logging.getLogger("cones")
+
+SUN_PATH_MAX = 107   # sockaddr_un.sun_path is 108 bytes including the terminating NUL
+
+
+def prepare_runtime(paths: Paths) -> None:
+    """The socket's folder: created 0700, tightened to 0700 if it already exists."""
+    paths.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(paths.runtime, 0o700)
+    if len(os.fsencode(paths.socket)) > SUN_PATH_MAX:
+        raise BadInput(f"The socket path {paths.socket} is too long for a Unix socket "
+                       f"(over {SUN_PATH_MAX} bytes).", "Use a shorter CONES_HOME or runtime_dir.")
+
+
+class InstanceLock:
+    """flock on a file beside the socket: held for the service's lifetime, released by the
+    kernel when the process dies (so kill -9 never leaves a stale lock)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self, socket_path: Path) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            owner = self.path.read_text().strip() or "?"
+            raise Conflict(f"A cones service is already running on {socket_path} (pid {owner}).",
+                           "Use it (`cones status`), stop it first (`systemctl --user stop cones` "
+                           "or end its `cones serve`), or give this one another CONES_HOME.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0600 from the start (umask), replacing a stale
+    one (we hold the instance lock, so whatever socket file is there belongs to no live service)."""
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _protocol_class():
+    """uvicorn's h11 protocol, refusing connections from any other user (SO_PEERCRED)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class PeerCheckedH11(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family == socket.AF_UNIX:
+                uid = peer_uid(sock)
+                if uid != os.getuid():
+                    log.warning("refused a connection from uid %d", uid)
+                    transport.close()
+
+    return PeerCheckedH11
+
+
+def open_store(paths: Paths):
+    from store import ConceptStore
+
+    return ConceptStore.open(paths.store)
+
+
+def serve(settings: Settings, engine_factory: Callable | None = None,
+          notifier: Notifier | None = None) -> None:
+    """Run the service in the foreground until SIGTERM/SIGINT. Raises ConesError when it cannot
+    start (the CLI prints it and exits with its code)."""
+    import uvicorn
+
+    from cns_daemon.engine import Engine
+    from cns_daemon.inbox import Inbox
+    from cns_daemon.server import App
+    from cns_daemon.service import Service
+
+    paths = settings.paths
+    notifier = notifier or Notifier()
+    prepare_runtime(paths)
+    lock = InstanceLock(paths.runtime / "cones.lock")
+    lock.acquire(paths.socket)
+    sock = None
+    inbox = None
+    service = None
+    store = None
+    try:
+        paths.data.mkdir(parents=True, exist_ok=True)
+        store = open_store(paths)
+        archive = Archive(paths.archive)
+        engine = (engine_factory or Engine)(settings, store, archive)
+        service = Service(settings, store, engine, archive)
+        for job in service.worker.recover():
+            log.warning("job %s (%s) left running by the previous process: %s", job.id, job.kind, job.state)
+        notifier.status("loading the model")
+        engine.start()
+        service.job_listeners.append(lambda job: notifier.status(_status_line(service)))
+        sock = bind_socket(paths.socket)
+        if settings.watch_inbox:
+            inbox = Inbox(service, paths.inbox, settings.settle_seconds)
+            inbox.start()
+            service.inbox_watched = True
+        service.worker.start()
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                # uvicorn re-raises a caught SIGTERM after its shutdown, which would kill us
+                # before our own clean-up (job back in the queue, socket removed) runs.
+                with super().capture_signals():
+                    yield
+                    self._captured_signals.clear()
+
+            async def startup(self, sockets=None) -> None:
+                await super().startup(sockets=sockets)
+                notifier.ready(_status_line(service))
+                log.info("cones is serving on %s", paths.socket)
+
+        config = uvicorn.Config(App(service, settings.max_request_bytes), http=_protocol_class(),
+                                lifespan="on", log_level="warning", access_log=False,
+                                timeout_graceful_shutdown=3)
+        notifier.start_watchdog(alive=lambda: service.worker.alive)
+        Server(config).run(sockets=[sock])
+    finally:
+        notifier.stopping()
+        notifier.stop()
+        if inbox is not None:
+            inbox.stop()
+        if service is not None:
+            service.worker.stop()
+        if sock is not None:
+            sock.close()
+            paths.socket.unlink(missing_ok=True)
+        if store is not None and hasattr(store, "close"):
+            store.close()
+        lock.release()
+
+
+def _status_line(service) -> str:
+    running = service.worker.running()
+    queued = len(service.worker.queued())
+    head = f"running {service.worker.summarize(running)}" if running else "idle"
+    return f"{head}; {queued} queued"
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+__all__ = ["serve", "ConesError"]

@@ -1,0 +1,226 @@
+"""The engine binds the one pipeline, the concept store and the methods: it is everything a job
+does to the model. Only the worker thread calls the pipeline-touching methods (start, learn,
+generate, remove, import); the read-only ones (concepts, check_generate, export) are safe from
+the server's threads because they only read the store.
+
+Start-up: load the model, fingerprint the base weights (before any concept is applied), bind the
+store to that fingerprint (a store made on another model is refused), then re-apply every stored
+CNS concept (CNS is fusion-free: the service keeps its concepts in the weights).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cns_daemon.archive import Archive
+from cns_daemon.errors import Conflict, ConesError, Internal, ModelMismatch, NotFound
+from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
+from cns_daemon.protocol import ConceptInfo, GenerateRequest, JobResult, LearnJob
+from cns_daemon.settings import Paths, Settings
+from store.records import ConceptRecord
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL = "tiny"   # settings.model value: the seeded tiny test pipeline (tests, benches)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    model: str
+    device: str
+    dtype: str
+    fingerprint: str
+
+
+def concept_info(record: ConceptRecord, size_bytes: int) -> ConceptInfo:
+    meta = record.meta
+    neurons = (sum(len(d.indices) for d in record.deltas.values())
+               + sum(len(m) for m in record.masks.values()))
+    return ConceptInfo(name=meta.name, method=meta.method, class_word=meta.class_word,
+                       token=meta.token, created=meta.created, photos=len(meta.photo_digests),
+                       size_bytes=size_bytes, neurons=int(neurons),
+                       overlap=dict(record.overlap.shared_with), fingerprint=meta.fingerprint,
+                       metrics={k: v for k, v in meta.metrics.items()
+                                if isinstance(v, (int, float, str)) or v is None})
+
+
+class Engine:
+    def __init__(self, settings: Settings, store, archive: Archive):
+        self.settings = settings
+        self.paths: Paths = settings.paths
+        self.store = store
+        self.archive = archive
+        self.pipe = None
+        self.info = EngineInfo(model=settings.model or "toy-world (built in)", device="-",
+                               dtype="-", fingerprint="")
+        self._handles: dict[str, object] = {}   # CNS concept -> handle that takes it off again
+
+    # ------------------------------------------------------------ start-up
+
+    def start(self) -> None:
+        import torch
+
+        from cns_daemon.model import build_tiny_pipeline, fingerprint, load_pipeline
+
+        t0 = time.monotonic()
+        if self.settings.model == TINY_MODEL:
+            self.pipe = build_tiny_pipeline(seed=0)
+        else:
+            self.pipe = load_pipeline(self.settings.model, self.settings.device, self.settings.dtype)
+        weights = self.pipe.unet.dtype
+        self.info = EngineInfo(model=self.info.model, device=str(self.pipe.device),
+                               dtype=str(weights).replace("torch.", ""),
+                               fingerprint=fingerprint(self.pipe))
+        log.info("model %s loaded on %s/%s in %.1fs (fingerprint %s)", self.info.model,
+                 self.info.device, self.info.dtype, time.monotonic() - t0, self.info.fingerprint)
+        self.store.bind(self.info.fingerprint)
+        with torch.no_grad():
+            self.rebuild()
+
+    def rebuild(self) -> None:
+        """Re-apply every stored CNS concept; a damaged record is skipped (and logged), so one
+        bad concept never keeps the service down."""
+        from cns_daemon.methods import get_method
+
+        cns = get_method("cns")
+        for meta in self.store.list():
+            if meta.method != "cns":
+                continue
+            try:
+                record = self.store.get(meta.name)
+                self._check_fingerprint(record)
+                self._handles[meta.name] = cns.apply(self.pipe, [record])
+            except ConesError as exc:
+                log.error("concept %s not rebuilt: %s", meta.name, exc)
+
+    # ------------------------------------------------------------ jobs (worker thread)
+
+    def learn(self, job: LearnJob, progress: ProgressFn, cancel: CancelToken) -> JobResult:
+        from cns_daemon.methods import get_method
+
+        if job.name in self.store:
+            raise Conflict(f"A concept named {job.name!r} already exists.",
+                           f"Pick another name, or remove it first with `cones rm {job.name}`.")
+        photos = [self.archive.path(d) for d in job.photo_digests]
+        method = get_method(job.method)
+        previous = [self.store.get(m.name) for m in self.store.list() if m.method == job.method]
+        spec = LearnSpec(name=job.name, class_word=job.class_word, steps=job.steps, seed=job.seed,
+                         cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16])
+        record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
+        record.meta.photo_digests = list(job.photo_digests)
+        record.meta.fingerprint = self.info.fingerprint
+        try:
+            cancel.check()   # a cancel that arrived during the last step still wins
+            self.store.put(record)
+        except BaseException:
+            self._undo_learn(method, record)
+            raise
+        if job.method == "cns":
+            self._handles[job.name] = method.applied_handle(self.pipe, record)
+        return JobResult(concept=job.name, skipped=job.skipped)
+
+    def _undo_learn(self, method, record: ConceptRecord) -> None:
+        """CNS leaves a learned concept in the weights; take it off when it is not kept."""
+        if record.meta.method == "cns":
+            method.remove(method.applied_handle(self.pipe, record))
+
+    def generate(self, req: GenerateRequest, out_dir: Path, progress: ProgressFn,
+                 cancel: CancelToken) -> JobResult:
+        from cns_daemon.generate import generate
+        from cns_daemon.prompts import parse_box, referenced_names
+
+        records = {n: self._get(n) for n in referenced_names(req.prompt)}
+        images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
+                          n=req.n, seed=req.seed, steps=req.steps, progress=progress, cancel=cancel)
+        return save_images(images, out_dir)
+
+    def remove(self, name: str) -> JobResult:
+        from cns_daemon.methods import get_method
+
+        record = self._get(name)
+        # Store first: if the process dies between the two steps, the store (which start-up
+        # rebuilds from) already says the concept is gone.
+        self.store.delete(name)
+        handle = self._handles.pop(name, None)
+        if record.meta.method == "cns" and handle is not None:
+            get_method("cns").remove(handle)
+        return JobResult(concept=name)
+
+    def import_record(self, record: ConceptRecord) -> JobResult:
+        from cns_daemon.methods import get_method
+
+        self._check_fingerprint(record)
+        if record.name in self.store:
+            raise Conflict(f"A concept named {record.name!r} already exists.",
+                           f"Remove it first with `cones rm {record.name}`, then import again.")
+        self.store.put(record)
+        if record.meta.method == "cns":
+            self._handles[record.name] = get_method("cns").apply(self.pipe, [record])
+        return JobResult(concept=record.name)
+
+    # ------------------------------------------------------------ read-only (any thread)
+
+    def check_generate(self, req: GenerateRequest) -> None:
+        """Refuse a bad prompt or box before it is queued: unknown concepts, boxes for names not
+        in the prompt, malformed boxes."""
+        from cns_daemon.prompts import check_boxes, expand
+
+        metas = {m.name: m for m in self.store.list()}
+        expanded = expand(req.prompt, metas, self.pipe.tokenizer)
+        check_boxes(req.boxes, expanded)
+
+    def concepts(self) -> list[ConceptInfo]:
+        return [self.concept(m.name) for m in self.store.list()]
+
+    def concept(self, name: str) -> ConceptInfo:
+        return concept_info(self._get(name), self.store.size_of(name))
+
+    def record(self, name: str) -> ConceptRecord:
+        return self._get(name)
+
+    def _get(self, name: str) -> ConceptRecord:
+        try:
+            return self.store.get(name)
+        except KeyError:
+            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.") from None
+
+    def _check_fingerprint(self, record: ConceptRecord) -> None:
+        if record.meta.fingerprint and record.meta.fingerprint != self.info.fingerprint:
+            raise ModelMismatch(f"Concept {record.name!r} was learned on another base model "
+                                f"({record.meta.fingerprint[:12]}…, this one is "
+                                f"{self.info.fingerprint[:12]}…).")
+
+
+def save_images(images, out_dir: Path) -> JobResult:
+    """PNG per image plus a contact sheet of all of them, side by side."""
+    from PIL import Image
+
+    if not images:
+        raise Internal("The generation returned no images.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        path = out_dir / f"{i:02d}.png"
+        img.save(path)
+        paths.append(str(path))
+    sheet = contact_sheet(images)
+    sheet_path = out_dir / "contact-sheet.png"
+    sheet.save(sheet_path)
+    return JobResult(images=paths, contact_sheet=str(sheet_path))
+
+
+def contact_sheet(images, columns: int = 4, pad: int = 2):
+    """Images on a white grid, up to `columns` a row."""
+    from PIL import Image
+
+    w = max(i.width for i in images)
+    h = max(i.height for i in images)
+    cols = min(columns, len(images))
+    rows = -(-len(images) // cols)
+    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        sheet.paste(img.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
+    return sheet

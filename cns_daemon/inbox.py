@@ -1,0 +1,263 @@
+"""The inbox: a watched folder where a person drops photos, one sub-folder per concept.
+
+    inbox/rex/            photos of rex; class from concept.toml
+    inbox/rex.dog/        the class may also be given in the folder name
+    inbox/rex/concept.toml   class = "dog", method = "cns", steps = 400 (all optional but class)
+
+A folder is taken once nothing in it changed for `settle` seconds (watchdog events and file
+mtimes both count). Bad files are skipped and listed; a folder that cannot be learned from gets
+an ERROR.txt saying why and what to do, and is retried when its contents change. Taken photos
+are copied into the content-addressed archive before the job is queued; when the job succeeds
+the folder goes away (photos are in the archive, anything else is moved to
+archive/inbox-leftovers/), when it fails the folder stays, with an ERROR.txt. Nothing dropped in
+is ever deleted unread.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import threading
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cns_daemon.archive import CheckedPhoto, check_photos
+from cns_daemon.errors import BadInput, ConesError
+from cns_daemon.protocol import FINAL_STATES, SkippedFile
+from store.records import METHODS, JobRecord, validate_name
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "concept.toml"
+ERROR_FILE = "ERROR.txt"
+CONFIG_KEYS = {"class", "method", "steps", "seed"}
+
+
+@dataclass
+class FolderSpec:
+    name: str
+    class_word: str
+    method: str | None
+    steps: int | None
+    seed: int
+
+
+def read_spec(folder: Path) -> FolderSpec:
+    """Name, class and options of one inbox folder, or BadInput saying what to fix."""
+    name, _, dotted_class = folder.name.partition(".")
+    config: dict = {}
+    cfg = folder / CONFIG_FILE
+    if cfg.is_file():
+        try:
+            config = tomllib.loads(cfg.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{CONFIG_FILE} is not valid TOML ({exc}).",
+                           'Write it like:  class = "dog"   (optional: method = "cns", steps = 400)') from None
+        unknown = set(config) - CONFIG_KEYS
+        if unknown:
+            raise BadInput(f"{CONFIG_FILE} has unknown keys: {', '.join(sorted(unknown))}.",
+                           f"Allowed keys: {', '.join(sorted(CONFIG_KEYS))}.")
+    validate_name(name)
+    class_word = str(config.get("class") or dotted_class or "").strip()
+    if not class_word:
+        raise BadInput(f"No class word for {name!r}: what is it (dog, mug, star …)?",
+                       f'Add a {CONFIG_FILE} with  class = "dog"  or rename the folder to {name}.dog')
+    method = config.get("method")
+    if method is not None and method not in METHODS:
+        raise BadInput(f"Unknown method {method!r} in {CONFIG_FILE}.", f"Use one of: {', '.join(METHODS)}.")
+    steps = config.get("steps")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100_000):
+        raise BadInput(f"steps in {CONFIG_FILE} must be a whole number from 1 to 100000, not {steps!r}.")
+    seed = config.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise BadInput(f"seed in {CONFIG_FILE} must be a whole number, not {seed!r}.")
+    return FolderSpec(name, class_word, method, steps, seed)
+
+
+def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
+    """Every file except the config, ERROR.txt, hidden files and caption sidecars is a candidate
+    photo; a `photo.txt` beside `photo.png` is that photo's caption."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
+    captions = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in stems}
+    candidates = [p for p in files if p.name not in (CONFIG_FILE, ERROR_FILE)
+                  and p not in captions.values()]
+    good, skipped = check_photos([(p.name, p.read_bytes()) for p in candidates])
+    with_captions = []
+    for photo in good:
+        stem = Path(photo.filename).stem
+        caption = captions[stem].read_text(encoding="utf-8", errors="replace").strip() if stem in captions else None
+        with_captions.append(CheckedPhoto(photo.filename, photo.data, photo.suffix, caption))
+    return with_captions, skipped
+
+
+def write_error(folder: Path, name: str, exc: ConesError, skipped: list[SkippedFile]) -> None:
+    lines = [f"cones could not learn a concept from this folder ({name}).", "",
+             f"Why: {exc.message}", f"What to do: {exc.hint}", ""]
+    if skipped:
+        lines += ["Skipped files:"] + [f"  {s.file}: {s.reason}" for s in skipped] + [""]
+    lines += ["The service tries again as soon as anything in this folder changes.",
+              "Your files are untouched; this note is replaced on the next try.", ""]
+    (folder / ERROR_FILE).write_text("\n".join(lines), encoding="utf-8")
+
+
+def latest_change(folder: Path) -> float:
+    """Newest mtime (wall clock) of the folder and everything in it, ERROR.txt excluded."""
+    newest = folder.stat().st_mtime
+    for p in folder.rglob("*"):
+        if p.name != ERROR_FILE:
+            try:
+                newest = max(newest, p.stat().st_mtime)
+            except FileNotFoundError:  # removed while we looked: it changed, which is the point
+                newest = time.time()
+    return newest
+
+
+class Inbox:
+    def __init__(self, service, root: Path, settle: float, poll: float = 0.5):
+        self.service = service
+        self.root = Path(root)
+        self.settle = settle
+        self.poll = poll
+        self._events: dict[str, float] = {}     # folder name -> wall time of its last event
+        self._in_flight: dict[str, str] = {}    # folder name -> learn job id
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._observer = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        for job in self.service.worker.jobs.jobs(("queued", "running")):
+            folder = job.request.get("inbox_folder") if job.kind == "learn" else None
+            if folder:
+                self._in_flight[folder] = job.id
+        self.service.job_listeners.append(self._job_changed)
+
+        inbox = self
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:
+                inbox._note(Path(str(event.src_path)))
+                if getattr(event, "dest_path", ""):
+                    inbox._note(Path(str(event.dest_path)))
+
+        self._observer = Observer()
+        self._observer.schedule(Handler(), str(self.root), recursive=True)
+        self._observer.start()
+        self._thread = threading.Thread(target=self._loop, name="cones-inbox", daemon=True)
+        self._thread.start()
+        log.info("watching the inbox %s (settle %.1fs)", self.root, self.settle)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(5)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _note(self, path: Path) -> None:
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return
+        if rel.parts and rel.parts[-1] != ERROR_FILE:
+            with self._lock:
+                self._events[rel.parts[0]] = time.time()
+            self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan()
+            except Exception:  # the watcher must outlive any one odd folder
+                log.exception("inbox scan failed")
+            self._wake.wait(self.poll)
+            self._wake.clear()
+
+    def scan(self) -> None:
+        """Take every settled folder that is not in flight and not waiting for a fix."""
+        if not self.root.is_dir():
+            return
+        now = time.time()
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            with self._lock:
+                if folder.name in self._in_flight:
+                    continue
+                last = max(self._events.get(folder.name, 0.0), latest_change(folder))
+            if now - last < self.settle:
+                continue
+            error = folder / ERROR_FILE
+            if error.exists() and error.stat().st_mtime >= last:
+                continue   # already told the person; wait for them to change something
+            self.take(folder)
+
+    def take(self, folder: Path) -> JobRecord | None:
+        skipped: list[SkippedFile] = []
+        name = folder.name
+        try:
+            spec = read_spec(folder)
+            name = spec.name
+            photos, skipped = read_photos(folder)
+            job = self.service.submit_learn(spec.name, spec.class_word, spec.method, spec.steps,
+                                            spec.seed, photos, skipped, source="inbox",
+                                            inbox_folder=folder.name)
+        except ConesError as exc:
+            log.warning("inbox folder %s: %s", folder.name, exc.message)
+            write_error(folder, name, exc, skipped)
+            return None
+        with self._lock:
+            self._in_flight[folder.name] = job.id
+        (folder / ERROR_FILE).unlink(missing_ok=True)
+        log.info("inbox folder %s taken as job %s (%d photos, %d skipped)", folder.name, job.id,
+                 len(photos), len(skipped))
+        return job
+
+    def _job_changed(self, job: JobRecord) -> None:
+        folder_name = job.request.get("inbox_folder") if job.kind == "learn" else None
+        if not folder_name or job.state not in FINAL_STATES:
+            return
+        folder = self.root / folder_name
+        try:
+            if job.state == "done":
+                self._clear(folder, job)
+            elif folder.is_dir() and job.error:
+                write_error(folder, job.request.get("name", folder_name),
+                            _as_error(job.error),
+                            [SkippedFile(**s) for s in job.request.get("skipped", [])])
+        finally:
+            with self._lock:
+                self._in_flight.pop(folder_name, None)
+
+    def _clear(self, folder: Path, job: JobRecord) -> None:
+        """Learned: photos are in the archive, so they go; anything else is moved aside."""
+        if not folder.is_dir():
+            return
+        archive = self.service.archive
+        digests = set(job.request.get("photo_digests", []))
+        for p in folder.iterdir():
+            if p.is_file() and p.name not in (CONFIG_FILE, ERROR_FILE):
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+                if digest in digests and archive.has(digest):
+                    p.unlink()
+        leftovers = [p for p in folder.iterdir() if p.name != ERROR_FILE]
+        if leftovers:
+            dest = archive.root / "inbox-leftovers" / f"{folder.name}-{job.id}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(folder), str(dest))
+        else:
+            shutil.rmtree(folder)
+
+
+def _as_error(body: dict) -> ConesError:
+    from cns_daemon.errors import from_code
+
+    return from_code(body.get("code", "internal"), body.get("message", "The job failed."), body.get("hint"))

@@ -1,0 +1,205 @@
+"""The socket API's contract: typed request/response models, the protocol version and limits.
+
+Both sides import this module and nothing heavier (no torch): the CLI builds requests from these
+models and parses responses with them; the service validates every request body against them.
+Errors travel as `ErrorBody` with the codes of cns_daemon.errors.
+
+Routes (all under API_PREFIX, every request carries PROTOCOL_HEADER = PROTOCOL_VERSION):
+    GET    /status                    -> StatusInfo
+    GET    /concepts                  -> ConceptList
+    GET    /concepts/{name}           -> ConceptInfo
+    POST   /concepts       AddRequest -> JobInfo       (learn job)
+    DELETE /concepts/{name}           -> JobInfo       (remove job)
+    GET    /concepts/{name}/export    -> safetensors bytes
+    POST   /concepts/import  (bytes)  -> JobInfo       (import job)
+    POST   /generate  GenerateRequest -> JobInfo       (generate job)
+    GET    /jobs                      -> JobList
+    GET    /jobs/{id}                 -> JobInfo
+    POST   /jobs/{id}/cancel          -> JobInfo
+    GET    /jobs/{id}/events          -> NDJSON stream of ProgressInfo, last one has a final state
+    GET    /openapi.json              -> the OpenAPI schema (no header needed)
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = "1"
+PROTOCOL_HEADER = "X-Cones-Protocol"
+API_PREFIX = "/v1"
+NDJSON = "application/x-ndjson"
+
+# Limits (the request-size limit itself is Settings.max_request_bytes).
+MAX_PHOTOS = 64
+MAX_PROMPT_CHARS = 1000
+MAX_IMAGES = 16
+MAX_BOXES = 8
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+CLASS_PATTERN = r"^[A-Za-z][A-Za-z -]{0,63}$"
+JobKind = Literal["learn", "generate", "remove", "import"]
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+FINAL_STATES = ("done", "failed", "cancelled")
+MethodName = Literal["cns", "cones", "cones2"]
+
+
+class Model(BaseModel):
+    # Unknown fields are errors: a typo in a script must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(Model):
+    code: str
+    message: str
+    hint: str = ""
+
+
+# ---------------------------------------------------------------- requests
+
+
+class Photo(Model):
+    # Raw bytes in Python, base64 in JSON (both directions).
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+    filename: str = Field(min_length=1, max_length=255)
+    data: bytes
+
+
+class AddRequest(Model):
+    name: str = Field(pattern=NAME_PATTERN, description="Concept name used as <name> in prompts.")
+    class_word: str = Field(pattern=CLASS_PATTERN, description="What it is: dog, mug, star …")
+    method: MethodName | None = Field(None, description="None: the service's default method.")
+    steps: int | None = Field(None, ge=1, le=100_000)
+    seed: int = 0
+    photos: list[Photo] = Field(min_length=1, max_length=MAX_PHOTOS)
+
+
+class SkippedFile(Model):
+    file: str
+    reason: str
+
+
+class LearnJob(Model):
+    """What a learn job's record keeps: photos are already in the archive by then."""
+    name: str = Field(pattern=NAME_PATTERN)
+    class_word: str = Field(pattern=CLASS_PATTERN)
+    method: MethodName
+    steps: int | None = Field(None, ge=1, le=100_000)
+    seed: int = 0
+    photo_digests: list[str] = Field(min_length=1)
+    skipped: list[SkippedFile] = Field(default_factory=list)
+    source: Literal["cli", "inbox"] = "cli"
+    inbox_folder: str | None = None   # the inbox folder to remove on success
+
+
+class GenerateRequest(Model):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    n: int = Field(1, ge=1, le=MAX_IMAGES)
+    seed: int | None = None
+    steps: int | None = Field(None, ge=1, le=1000)
+    # Boxes stay in their user-facing text form, NAME=x0,y0,x1,y1 in image fractions: the
+    # service parses them with the same routine as every other prompt input (prompts.parse_box).
+    boxes: list[str] = Field(default_factory=list, max_length=MAX_BOXES)
+
+
+class RemoveJob(Model):
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class ImportJob(Model):
+    staged: str   # path of the uploaded file inside the data folder
+
+
+# ---------------------------------------------------------------- responses
+
+
+class ProgressInfo(Model):
+    job: str
+    state: JobState
+    phase: str = ""
+    step: int = 0
+    total: int = 0
+    loss: float | None = None
+    eta_s: float | None = None
+    message: str = ""
+    error: ErrorBody | None = None
+
+
+class JobResult(Model):
+    concept: str | None = None
+    images: list[str] = Field(default_factory=list)
+    contact_sheet: str | None = None
+    skipped: list[SkippedFile] = Field(default_factory=list)
+
+
+class JobInfo(Model):
+    id: str
+    kind: JobKind
+    state: JobState
+    summary: str
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0
+    error: ErrorBody | None = None
+    result: JobResult | None = None
+    progress: ProgressInfo | None = None
+
+
+class JobList(Model):
+    jobs: list[JobInfo]
+
+
+class ConceptInfo(Model):
+    name: str
+    method: str
+    class_word: str
+    token: str
+    created: float
+    photos: int
+    size_bytes: int
+    neurons: int                      # weight elements this concept touches (0 for cones2)
+    overlap: dict[str, int] = Field(default_factory=dict)
+    fingerprint: str = ""
+    metrics: dict[str, float | int | str | None] = Field(default_factory=dict)
+
+
+class ConceptList(Model):
+    concepts: list[ConceptInfo]
+
+
+class QueueInfo(Model):
+    queued: int
+    running: JobInfo | None = None
+
+
+class StatusInfo(Model):
+    protocol: str
+    version: str
+    pid: int
+    uptime_s: float
+    socket: str
+    data: str
+    inbox: str
+    inbox_watched: bool
+    model: str
+    device: str
+    dtype: str
+    fingerprint: str
+    concepts: int
+    queue: QueueInfo
+
+
+# ---------------------------------------------------------------- helpers
+
+def describe_validation_error(exc: Exception) -> str:
+    """One readable line out of a pydantic ValidationError (field path: message)."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    parts = []
+    for err in errors()[:3]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts)

@@ -1,0 +1,178 @@
+"""The service facade: what a request (socket or inbox) can ask for, in one place.
+
+It checks requests, archives photos, puts jobs in the queue, runs them on the worker thread
+through the engine, and answers read-only questions. The HTTP layer (server.py) and the inbox
+watcher (inbox.py) are thin callers of this class, so both paths behave the same.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Callable
+
+from cns_daemon.archive import Archive, CheckedPhoto, check_photos
+from cns_daemon.errors import BadPhoto, Conflict, Internal, NotFound
+from cns_daemon.methods.base import CancelToken, ProgressEvent
+from cns_daemon.protocol import (PROTOCOL_VERSION, AddRequest, ConceptInfo, GenerateRequest,
+                                 ImportJob, JobInfo, JobResult, LearnJob, QueueInfo, RemoveJob,
+                                 SkippedFile, StatusInfo)
+from cns_daemon.settings import Settings
+from cns_daemon.worker import Worker, get_job_or_404
+from store.records import JobRecord
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, settings: Settings, store, engine, archive: Archive | None = None):
+        self.settings = settings
+        self.paths = settings.paths
+        self.store = store
+        self.engine = engine
+        self.archive = archive or Archive(self.paths.archive)
+        self.started = time.time()
+        self.inbox_watched = False
+        self.job_listeners: list[Callable[[JobRecord], None]] = []
+        self.worker = Worker(store, self._run, summarize, on_change=self._job_changed)
+
+    # ------------------------------------------------------------ submissions
+
+    def add(self, req: AddRequest) -> JobRecord:
+        photos, skipped = check_photos([(p.filename, p.data) for p in req.photos])
+        return self.submit_learn(req.name, req.class_word, req.method, req.steps, req.seed,
+                                 photos, skipped, source="cli")
+
+    def submit_learn(self, name: str, class_word: str, method: str | None, steps: int | None,
+                     seed: int, photos: list[CheckedPhoto], skipped: list[SkippedFile], *,
+                     source: str, inbox_folder: str | None = None) -> JobRecord:
+        if not photos:
+            why = "; ".join(f"{s.file}: {s.reason}" for s in skipped) or "no files"
+            raise BadPhoto(f"No usable photo for {name!r} ({why}).")
+        self._check_name_free(name)
+        digests = [self.archive.put(p) for p in photos]
+        job = LearnJob(name=name, class_word=class_word, method=method or self.settings.method,
+                       steps=steps, seed=seed, photo_digests=digests, skipped=skipped,
+                       source=source, inbox_folder=inbox_folder)
+        return self.worker.submit("learn", job)
+
+    def generate(self, req: GenerateRequest) -> JobRecord:
+        self.engine.check_generate(req)
+        return self.worker.submit("generate", req)
+
+    def remove(self, name: str) -> JobRecord:
+        self.engine.concept(name)   # NotFound now rather than from the queue
+        return self.worker.submit("remove", RemoveJob(name=name))
+
+    def import_file(self, data: bytes) -> JobRecord:
+        from cns_daemon.transfer import decode
+
+        record = decode(data)           # refuses a damaged file now
+        self._check_name_free(record.name)
+        staged = self.paths.data / "imports" / f"{uuid.uuid4().hex}.safetensors"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        staged.write_bytes(data)
+        return self.worker.submit("import", ImportJob(staged=str(staged)))
+
+    def export(self, name: str) -> bytes:
+        from cns_daemon.transfer import encode
+
+        return encode(self.engine.record(name))
+
+    def cancel(self, job_id: str) -> JobRecord:
+        return self.worker.cancel(job_id)
+
+    def _check_name_free(self, name: str) -> None:
+        if name in self.store:
+            raise Conflict(f"A concept named {name!r} already exists.",
+                           f"Pick another name, or remove it first with `cones rm {name}`.")
+        for job in self.worker.jobs.jobs():
+            if job.kind == "learn" and job.state in ("queued", "running") and job.request.get("name") == name:
+                raise Conflict(f"A concept named {name!r} is already being learned (job {job.id}).",
+                               f"Wait for it (`cones jobs`) or cancel it with `cones cancel {job.id}`.")
+
+    # ------------------------------------------------------------ reads
+
+    def job(self, job_id: str) -> JobRecord:
+        return get_job_or_404(self.worker.jobs, job_id)
+
+    def job_info(self, job: JobRecord) -> JobInfo:
+        return self.worker.info(job)
+
+    def jobs(self, limit: int = 50) -> list[JobInfo]:
+        jobs = sorted(self.worker.jobs.jobs(), key=lambda j: j.created, reverse=True)[:limit]
+        return [self.worker.info(j) for j in jobs]
+
+    def concepts(self) -> list[ConceptInfo]:
+        return self.engine.concepts()
+
+    def concept(self, name: str) -> ConceptInfo:
+        return self.engine.concept(name)
+
+    def status(self) -> StatusInfo:
+        info = self.engine.info
+        running = self.worker.running()
+        return StatusInfo(
+            protocol=PROTOCOL_VERSION, version=_version(), pid=os.getpid(),
+            uptime_s=round(time.time() - self.started, 3), socket=str(self.paths.socket),
+            data=str(self.paths.data), inbox=str(self.paths.inbox), inbox_watched=self.inbox_watched,
+            model=info.model, device=info.device, dtype=info.dtype, fingerprint=info.fingerprint,
+            concepts=len(self.store.list()),
+            queue=QueueInfo(queued=len(self.worker.queued()),
+                            running=self.worker.info(running) if running else None))
+
+    # ------------------------------------------------------------ the worker's side
+
+    def _run(self, job: JobRecord, progress: Callable[[ProgressEvent], None],
+             cancel: CancelToken) -> JobResult:
+        if job.kind == "learn":
+            return self.engine.learn(LearnJob(**job.request), progress, cancel)
+        if job.kind == "generate":
+            out = self.paths.outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{job.id}"
+            return self.engine.generate(GenerateRequest(**job.request), out, progress, cancel)
+        if job.kind == "remove":
+            return self.engine.remove(RemoveJob(**job.request).name)
+        if job.kind == "import":
+            return self._run_import(Path(ImportJob(**job.request).staged))
+        raise Internal(f"Unknown job kind {job.kind!r}.")
+
+    def _run_import(self, staged: Path) -> JobResult:
+        from cns_daemon.transfer import decode
+
+        if not staged.is_file():
+            raise NotFound(f"The uploaded file {staged} is gone.", "Run `cones import` again.")
+        result = self.engine.import_record(decode(staged.read_bytes()))
+        staged.unlink(missing_ok=True)
+        return result
+
+    def _job_changed(self, job: JobRecord) -> None:
+        for listener in list(self.job_listeners):
+            try:
+                listener(job)
+            except Exception:  # a listener (status line, inbox) must never stop the worker
+                log.exception("job listener failed")
+
+
+def summarize(job: JobRecord) -> str:
+    """One line saying what a job is, for `cones jobs`."""
+    r = job.request
+    if job.kind == "learn":
+        return f"learn <{r.get('name')}> ({r.get('class_word')}, {r.get('method')}, " \
+               f"{len(r.get('photo_digests', []))} photos{', inbox' if r.get('source') == 'inbox' else ''})"
+    if job.kind == "generate":
+        return f"generate {r.get('n', 1)}x {r.get('prompt', '')!r}"
+    if job.kind == "remove":
+        return f"remove <{r.get('name')}>"
+    if job.kind == "import":
+        return "import concept"
+    return job.kind
+
+
+def _version() -> str:
+    try:
+        return dist_version("cones")
+    except Exception:
+        return "0+unknown"

@@ -1,0 +1,88 @@
+"""`cones export` / `cones import`: one concept as one safetensors file.
+
+Arrays are safetensors tensors under "/"-separated keys (K/V parameter names use dots, so the
+separator never collides); the metadata (ConceptMeta, overlap, delta shapes) rides in the
+file's string header as JSON. The base-model fingerprint travels in the meta, so importing on
+another model is refused by the engine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from cns_daemon.errors import Corrupt
+from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
+
+FORMAT = "cones-concept/1"
+
+
+def encode(record: ConceptRecord) -> bytes:
+    from safetensors.numpy import save
+
+    tensors: dict[str, np.ndarray] = {}
+    for name, idx in record.masks.items():
+        tensors[f"mask/{name}"] = np.ascontiguousarray(idx, dtype=np.int64)
+    for name, d in record.deltas.items():
+        tensors[f"delta/{name}/indices"] = np.ascontiguousarray(d.indices, dtype=np.int64)
+        tensors[f"delta/{name}/values"] = np.ascontiguousarray(d.values)
+    if record.residual is not None:
+        tensors["residual"] = np.ascontiguousarray(record.residual)
+    for token, vec in record.embeddings.items():
+        tensors[f"embedding/{token}"] = np.ascontiguousarray(vec)
+    metadata = {
+        "format": FORMAT,
+        "meta": json.dumps(dataclasses.asdict(record.meta), default=_jsonable),
+        "overlap": json.dumps(dataclasses.asdict(record.overlap)),
+        "delta_shapes": json.dumps({k: list(d.shape) for k, d in record.deltas.items()}),
+    }
+    return save(tensors, metadata=metadata)
+
+
+def decode(data: bytes) -> ConceptRecord:
+    """Bytes -> ConceptRecord, or Corrupt saying the file is not a usable concept file."""
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(data)
+        metadata = _header_metadata(data)
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"format {metadata.get('format')!r}")
+        meta = ConceptMeta(**json.loads(metadata["meta"]))
+        overlap = Overlap(**json.loads(metadata.get("overlap", "{}")))
+        shapes = json.loads(metadata.get("delta_shapes", "{}"))
+        record = ConceptRecord(meta=meta, overlap=overlap)
+        for key, arr in tensors.items():
+            kind, _, rest = key.partition("/")
+            if kind == "mask":
+                record.masks[rest] = arr
+            elif kind == "embedding":
+                record.embeddings[rest] = arr
+            elif kind == "residual":
+                record.residual = arr
+            elif kind == "delta" and rest.endswith("/indices"):
+                name = rest[: -len("/indices")]
+                record.deltas[name] = SparseDelta(arr, tensors[f"delta/{name}/values"],
+                                                  tuple(shapes[name]))
+            elif kind != "delta":
+                raise ValueError(f"unexpected tensor {key!r}")
+    except Exception as exc:  # safetensors, json, dataclass and name errors all mean "not ours"
+        raise Corrupt(f"This is not a cones concept file ({type(exc).__name__}: {exc}).",
+                      "Export it again with `cones export NAME -o FILE`.") from None
+    return record
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The safetensors header's __metadata__ (8-byte little-endian length, then JSON)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    return header.get("__metadata__", {}) or {}
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")

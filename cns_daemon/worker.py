@@ -1,0 +1,257 @@
+"""The job queue and the one worker thread that owns the pipeline.
+
+Jobs live in the store's persistent `jobs` table (JobRecord); this module decides which runs
+next (higher priority first, then oldest: generate jobs go ahead of queued learn jobs but never
+interrupt a running one), runs it on the worker thread, streams its progress to any number of
+followers, cancels it cooperatively, and on start-up settles jobs a dead process left behind:
+a job that was running is re-queued once, then failed with the reason.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from typing import Callable, Protocol
+
+from pydantic import BaseModel
+
+from cns_daemon.errors import Cancelled, ConesError, Internal, NotFound
+from cns_daemon.methods.base import CancelToken, ProgressEvent
+from cns_daemon.protocol import FINAL_STATES, ErrorBody, JobInfo, JobResult, ProgressInfo
+from store.records import JobRecord
+
+log = logging.getLogger(__name__)
+
+PRIORITY = {"generate": 10, "remove": 5, "import": 5, "learn": 0}
+MAX_ATTEMPTS = 2  # the first run plus one re-run after a crash
+CRASH_REASON = ("The service stopped while this job was running, twice; it was not tried again.")
+
+
+class JobStore(Protocol):
+    """The part of store.ConceptStore the queue uses."""
+
+    def put_job(self, job: JobRecord) -> None: ...
+    def get_job(self, job_id: str) -> JobRecord: ...
+    def jobs(self) -> list[JobRecord]: ...
+
+
+JobRunner = Callable[[JobRecord, Callable[[ProgressEvent], None], CancelToken], JobResult]
+
+
+def error_body(exc: ConesError) -> dict:
+    return ErrorBody(code=exc.code.value, message=exc.message, hint=exc.hint).model_dump()
+
+
+class ProgressHub:
+    """Latest progress per running job, fanned out to async followers from the worker thread."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._latest: dict[str, ProgressInfo] = {}
+        self._subs: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]]] = {}
+
+    def publish(self, info: ProgressInfo) -> None:
+        with self._lock:
+            if info.state in FINAL_STATES:
+                self._latest.pop(info.job, None)
+            else:
+                self._latest[info.job] = info
+            subs = list(self._subs.get(info.job, ()))
+        for loop, queue in subs:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, info)
+            except RuntimeError:  # that follower's loop is gone (service shutting down)
+                pass
+
+    def latest(self, job_id: str) -> ProgressInfo | None:
+        with self._lock:
+            return self._latest.get(job_id)
+
+    def subscribe(self, job_id: str) -> asyncio.Queue:
+        """Call from the event loop; pair with `unsubscribe`."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._subs.setdefault(job_id, []).append((asyncio.get_running_loop(), queue))
+        return queue
+
+    def unsubscribe(self, job_id: str, queue: asyncio.Queue) -> None:
+        with self._lock:
+            subs = [s for s in self._subs.get(job_id, []) if s[1] is not queue]
+            if subs:
+                self._subs[job_id] = subs
+            else:
+                self._subs.pop(job_id, None)
+
+
+class Worker:
+    def __init__(self, jobs: JobStore, run: JobRunner, summarize: Callable[[JobRecord], str],
+                 on_change: Callable[[JobRecord], None] | None = None):
+        self.jobs = jobs
+        self.run = run
+        self.summarize = summarize
+        self.on_change = on_change or (lambda job: None)
+        self.hub = ProgressHub()
+        self._lock = threading.Lock()          # job state transitions (submit/cancel vs start)
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._current: tuple[str, CancelToken] | None = None
+
+    # ------------------------------------------------------------ start-up and shutdown
+
+    def recover(self) -> list[JobRecord]:
+        """Settle what a dead process left: running -> queued (once) or failed. Returns the
+        jobs it changed."""
+        changed = []
+        for job in self.jobs.jobs():
+            if job.state != "running":
+                continue
+            if job.attempts >= MAX_ATTEMPTS:
+                job.state, job.finished = "failed", time.time()
+                job.error = error_body(Internal(
+                    CRASH_REASON, "Look at the service log (`journalctl --user -u cones`) for why it "
+                    "stopped, then submit the job again."))
+            else:
+                job.state, job.started = "queued", None
+            self.jobs.put_job(job)
+            changed.append(job)
+            log.warning("job %s was running when the service stopped: now %s", job.id, job.state)
+        return changed
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="cones-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Graceful stop: the running job is cancelled at its next step and put back in the
+        queue without counting the attempt (it was not the job's fault)."""
+        self._stop.set()
+        with self._lock:
+            if self._current is not None:
+                self._current[1].cancel()
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (what the systemd watchdog vouches for)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    # ------------------------------------------------------------ client side
+
+    def submit(self, kind: str, request: BaseModel) -> JobRecord:
+        job = JobRecord(id=uuid.uuid4().hex[:12], kind=kind, request=request.model_dump(mode="json"),
+                        priority=PRIORITY[kind])
+        with self._lock:
+            self.jobs.put_job(job)
+        self.on_change(job)
+        with self._wake:
+            self._wake.notify_all()
+        return job
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """A queued job is cancelled at once; a running one at its next step."""
+        with self._lock:
+            job = get_job_or_404(self.jobs, job_id)
+            was_queued = job.state == "queued"
+            if was_queued:
+                self._finish(job, "cancelled", error=error_body(Cancelled("Cancelled before it started.")))
+            elif job.state == "running" and self._current and self._current[0] == job_id:
+                self._current[1].cancel()
+        if was_queued:
+            self.on_change(job)
+        return job
+
+    def info(self, job: JobRecord) -> JobInfo:
+        return JobInfo(id=job.id, kind=job.kind, state=job.state, summary=self.summarize(job),
+                       created=job.created, started=job.started, finished=job.finished,
+                       attempts=job.attempts, error=job.error, result=job.result,
+                       progress=self.hub.latest(job.id))
+
+    def running(self) -> JobRecord | None:
+        with self._lock:
+            current = self._current
+        return self.jobs.get_job(current[0]) if current else None
+
+    def queued(self) -> list[JobRecord]:
+        jobs = [j for j in self.jobs.jobs() if j.state == "queued"]
+        return sorted(jobs, key=lambda j: (-j.priority, j.created))
+
+    # ------------------------------------------------------------ worker thread
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            job = self._take_next()
+            if job is None:
+                with self._wake:
+                    self._wake.wait(timeout=1.0)
+                continue
+            self._run_one(job)
+
+    def _take_next(self) -> JobRecord | None:
+        with self._lock:
+            if self._stop.is_set():
+                return None
+            queue = self.queued()
+            if not queue:
+                return None
+            job = queue[0]
+            job.state, job.started, job.attempts = "running", time.time(), job.attempts + 1
+            self.jobs.put_job(job)
+            self._current = (job.id, CancelToken())
+        self.on_change(job)
+        return job
+
+    def _run_one(self, job: JobRecord) -> None:
+        token = self._current[1]
+
+        def progress(ev: ProgressEvent) -> None:
+            self.hub.publish(ProgressInfo(job=job.id, state="running", phase=ev.phase, step=ev.step,
+                                          total=ev.total, loss=ev.loss, eta_s=ev.eta_s,
+                                          message=ev.message))
+
+        self.hub.publish(ProgressInfo(job=job.id, state="running", phase="start"))
+        try:
+            result = self.run(job, progress, token)
+            state, error = "done", None
+        except Cancelled as exc:
+            result = None
+            if self._stop.is_set():  # shutdown, not the user: back in the queue for next start
+                state, error = "queued", None
+            else:
+                state, error = "cancelled", error_body(exc)
+        except ConesError as exc:
+            result, state, error = None, "failed", error_body(exc)
+        except Exception as exc:  # a bug: keep serving, tell the user in typed form
+            log.exception("job %s failed", job.id)
+            result, state = None, "failed"
+            error = error_body(Internal(f"The job failed unexpectedly: {type(exc).__name__}: {exc}"))
+        with self._lock:
+            job = self.jobs.get_job(job.id)
+            if state == "queued":
+                job.state, job.started, job.attempts = "queued", None, max(0, job.attempts - 1)
+                self.jobs.put_job(job)
+            else:
+                self._finish(job, state, error=error, result=result)
+            self._current = None
+        self.on_change(job)
+
+    def _finish(self, job: JobRecord, state: str, *, error: dict | None = None,
+                result: JobResult | None = None) -> None:
+        """Record a final state and tell followers (caller holds self._lock)."""
+        job.state, job.finished, job.error = state, time.time(), error
+        job.result = result.model_dump(mode="json") if result is not None else None
+        self.jobs.put_job(job)
+        self.hub.publish(ProgressInfo(job=job.id, state=state,
+                                      error=ErrorBody(**error) if error else None))
+
+
+def get_job_or_404(jobs: JobStore, job_id: str) -> JobRecord:
+    try:
+        return jobs.get_job(job_id)
+    except (KeyError, NotFound):
+        raise NotFound(f"No job {job_id!r}.", "`cones jobs` lists the jobs.") from None

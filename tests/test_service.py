@@ -1,0 +1,183 @@
+"""The service end to end with a real daemon process (FakeEngine: the model parts are sleeps),
+driven through the real CLI: add, list, show, generate, jobs, cancel, rm, status, the socket's
+modes, one instance per socket, and two clients at once."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.client import Client
+from cli.main import app
+from cns_daemon.errors import EXIT_CODES, ErrorCode
+from test_service_harness import REPO, daemon_env, short_home, start_daemon, wait_until, write_photos
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    home = short_home()
+    d = start_daemon(home)
+    yield d
+    d.kill(15)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def cones(daemon, monkeypatch):
+    """Run the CLI in-process against the module's daemon; returns (exit code, stdout)."""
+    monkeypatch.setenv("CONES_HOME", str(daemon.home))
+
+    def run(*args: str):
+        result = runner.invoke(app, list(args))
+        return result.exit_code, result.stdout + (result.stderr if result.stderr_bytes is not None else "")
+    return run
+
+
+def test_add_list_show_generate(cones, daemon, tmp_path):
+    photos = write_photos(tmp_path / "rex", 3)
+    code, out = cones("add", "rex", *map(str, photos), "--class", "dog", "--steps", "5")
+    assert code == 0, out
+    assert "Learned <rex>" in out
+    code, out = cones("list", "--json")
+    assert code == 0, out
+    names = {c["name"]: c for c in json.loads(out)}
+    assert names["rex"]["class_word"] == "dog" and names["rex"]["photos"] == 3
+    assert names["rex"]["size_bytes"] > 0
+    code, out = cones("show", "rex", "--json")
+    assert json.loads(out)["method"] == "cns"
+    code, out = cones("generate", "a photo of <rex>", "-n", "2", "--seed", "1", "--json",
+                      "-o", str(tmp_path / "out"))
+    assert code == 0, out
+    job = json.loads(out)
+    assert job["state"] == "done" and len(job["result"]["images"]) == 2
+    for p in job["result"]["images"] + [job["result"]["contact_sheet"]]:
+        assert p.startswith(str(tmp_path / "out")) and open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # photos are in the content-addressed archive
+    archived = [p for p in (daemon.home / "data" / "archive").rglob("*.png")]
+    assert len(archived) >= 3
+
+
+def test_status_json_has_paths_model_and_queue(cones, daemon):
+    code, out = cones("status", "--json")
+    assert code == 0, out
+    s = json.loads(out)
+    assert s["socket"] == str(daemon.socket)
+    assert s["data"] == str(daemon.home / "data") and s["inbox"] == str(daemon.home / "inbox")
+    assert (s["model"], s["device"], s["dtype"]) == ("fake", "cpu", "float32")
+    assert s["fingerprint"] == "f" * 32 and s["queue"]["queued"] >= 0 and s["pid"] == daemon.proc.pid
+
+
+def test_typed_errors_and_exit_codes(cones, tmp_path):
+    code, out = cones("show", "nobody")
+    assert code == EXIT_CODES[ErrorCode.NOT_FOUND] and "No concept named 'nobody'" in out
+    code, out = cones("generate", "a photo of <nobody>")
+    assert code == EXIT_CODES[ErrorCode.NOT_FOUND] and "<nobody>" in out
+    photos = write_photos(tmp_path / "p", 1)
+    code, out = cones("add", "../x", str(photos[0]), "--class", "dog")
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "name" in out
+    code, out = cones("cancel", "nosuchjob")
+    assert code == EXIT_CODES[ErrorCode.NOT_FOUND]
+
+
+def test_cancel_running_learn_leaves_no_concept(cones, daemon, tmp_path):
+    photos = write_photos(tmp_path / "slow", 3)
+    code, out = cones("add", "slowpoke", *map(str, photos), "--class", "cat", "--steps", "400",
+                      "--no-wait", "--json")
+    assert code == 0, out
+    job_id = json.loads(out)["id"]
+    with Client(daemon.socket) as c:
+        wait_until(lambda: c.job(job_id).state == "running", what="job running")
+        code, out = cones("cancel", job_id)
+        assert code == 0, out
+        wait_until(lambda: c.job(job_id).state == "cancelled", what="job cancelled")
+        assert "slowpoke" not in {x.name for x in c.concepts()}
+        assert c.job(job_id).error.code == "cancelled"
+
+
+def test_generate_jumps_queued_learn_jobs(daemon, tmp_path):
+    with Client(daemon.socket) as c:
+        from cns_daemon.protocol import AddRequest, GenerateRequest, Photo
+
+        photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(tmp_path / "q", 2)]
+        first = c.add(AddRequest(name="first", class_word="dog", steps=60, photos=photos))
+        wait_until(lambda: c.job(first.id).state == "running", what="first running")
+        second = c.add(AddRequest(name="second", class_word="dog", steps=5, photos=photos))
+        gen = c.generate(GenerateRequest(prompt="a plain photo", steps=2))
+        wait_until(lambda: c.job(second.id).state == "done", timeout=60, what="second done")
+        first_job, gen_job, second_job = c.job(first.id), c.job(gen.id), c.job(second.id)
+        # the running learn job was not interrupted; the generate job went before the queued learn
+        assert first_job.state == "done" and first_job.attempts == 1
+        assert first_job.finished <= gen_job.started <= gen_job.finished <= second_job.started
+
+
+def test_two_clients_follow_and_list_at_once(daemon, tmp_path):
+    from cns_daemon.protocol import AddRequest, Photo
+
+    photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(tmp_path / "two", 2)]
+    with Client(daemon.socket) as c1, Client(daemon.socket) as c2:
+        job = c1.add(AddRequest(name="followed", class_word="mug", steps=40, photos=photos))
+        events, lists = [], []
+
+        def follow():
+            events.extend(c1.follow(job.id))
+
+        t = threading.Thread(target=follow)
+        t.start()
+        while t.is_alive():
+            lists.append(len(c2.concepts()))
+        t.join()
+    steps = [e.step for e in events if e.phase == "train"]
+    assert events[-1].state == "done"
+    assert steps == sorted(steps) and steps[-1] == 40 and len(steps) > 5
+    assert len(lists) > 3   # listing kept answering while the other client followed
+
+
+def test_socket_and_folder_modes(daemon):
+    assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(daemon.socket.parent).st_mode) == 0o700
+    assert stat.S_ISSOCK(os.stat(daemon.socket).st_mode)
+
+
+def test_second_serve_refuses_with_clear_message(daemon):
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "serve"], env=daemon_env(daemon.home),
+                          cwd=str(REPO), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_CODES[ErrorCode.CONFLICT], proc.stderr
+    assert "already running" in proc.stderr and str(daemon.socket) in proc.stderr
+    assert daemon.proc.poll() is None and daemon.socket.exists()   # the first one is untouched
+
+
+def test_not_running_says_how_to_start(monkeypatch, tmp_path):
+    monkeypatch.setenv("CONES_HOME", str(tmp_path / "nothing"))
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == EXIT_CODES[ErrorCode.UNAVAILABLE]
+    assert "not running" in result.stderr and "cones serve" in result.stderr
+
+
+def test_stale_socket_is_replaced():
+    home = short_home()
+    try:
+        run = home / "run"
+        run.mkdir(parents=True)
+        import socket as so
+
+        s = so.socket(so.AF_UNIX)
+        s.bind(str(run / "cones.sock"))   # a socket file nobody listens on
+        s.close()
+        d = start_daemon(home)
+        try:
+            with Client(d.socket) as c:
+                assert c.status().pid == d.proc.pid
+        finally:
+            d.kill(15)
+        assert d.proc.returncode == 0 and not d.socket.exists()   # clean shutdown removes it
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

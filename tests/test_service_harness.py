@@ -1,0 +1,195 @@
+"""Support for the service tests (no tests here): a real daemon process in a temporary
+CONES_HOME, photos drawn with numpy, and a FakeEngine for tests about the service itself
+(queue, protocol, inbox, restarts) rather than about learning.
+
+The FakeEngine is a test double, run only by this file's `serve` entry point; the shipped daemon
+always uses cns_daemon.engine.Engine. It stores real (empty) concept records in the real store,
+takes a configurable time per step and honours cancel like a method does.
+
+Run as a script: `python tests/test_service_harness.py serve` starts a daemon with the FakeEngine.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from cns_daemon.engine import Engine, EngineInfo, save_images  # noqa: E402
+from cns_daemon.errors import Conflict  # noqa: E402
+from cns_daemon.methods.base import ProgressReporter  # noqa: E402
+from cns_daemon.protocol import JobResult  # noqa: E402
+from store.records import ConceptMeta, ConceptRecord  # noqa: E402
+
+
+def photo_bytes(seed: int, size: int = 48, fmt: str = "PNG") -> bytes:
+    """A distinct small picture: a coloured disc on a noisy background."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    img[disc] = rng.integers(100, 255, 3, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"photo{i}.png"
+        p.write_bytes(photo_bytes(seed + i))
+        paths.append(p)
+    return paths
+
+
+class FakeEngine(Engine):
+    """Engine with the model parts replaced by sleeps; everything else (store, archive,
+    prompt checks with the real CLIP tokenizer) is the real thing."""
+
+    step_s = float(os.environ.get("CONES_TEST_STEP_S", "0.02"))
+
+    def start(self) -> None:
+        from types import SimpleNamespace
+
+        from cns_daemon.tokenizer import clip_tokenizer
+
+        self.pipe = SimpleNamespace(tokenizer=clip_tokenizer())
+        self.info = EngineInfo(model="fake", device="cpu", dtype="float32", fingerprint="f" * 32)
+        self.store.bind(self.info.fingerprint)
+
+    def learn(self, job, progress, cancel) -> JobResult:
+        if job.name in self.store:
+            raise Conflict(f"A concept named {job.name!r} already exists.")
+        for d in job.photo_digests:
+            self.archive.path(d)
+        total = job.steps or 20
+        report = ProgressReporter(progress, "train", total)
+        for step in range(1, total + 1):
+            cancel.check()
+            time.sleep(self.step_s)
+            report(step, loss=1.0 / step)
+        self.store.put(ConceptRecord(meta=ConceptMeta(
+            name=job.name, method=job.method, class_word=job.class_word, token="sks",
+            photo_digests=list(job.photo_digests), fingerprint=self.info.fingerprint)))
+        return JobResult(concept=job.name, skipped=job.skipped)
+
+    def generate(self, req, out_dir, progress, cancel) -> JobResult:
+        from cns_daemon.prompts import referenced_names
+
+        for name in referenced_names(req.prompt):
+            self._get(name)
+        total = req.steps or 5
+        report = ProgressReporter(progress, "generate", total)
+        for step in range(1, total + 1):
+            cancel.check()
+            time.sleep(self.step_s)
+            report(step)
+        rng = np.random.default_rng(req.seed or 0)
+        images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(req.n)]
+        return save_images(images, out_dir)
+
+
+# ---------------------------------------------------------------- daemon processes
+
+
+def short_home() -> Path:
+    """CONES_HOME short enough for a Unix socket path (108 bytes)."""
+    return Path(tempfile.mkdtemp(prefix="cones-", dir="/tmp"))
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    home: Path
+    log: Path
+
+    @property
+    def socket(self) -> Path:
+        return self.home / "run" / "cones.sock"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def daemon_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONES_")}
+    env.update(CONES_HOME=str(home), CONES_SETTLE_SECONDS="0.3", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+def start_daemon(home: Path, *, fake: bool = True, args: tuple[str, ...] = (), wait: bool = True,
+                 timeout: float = 90.0, **env: str) -> Daemon:
+    cmd = ([sys.executable, str(Path(__file__)), "serve"] if fake
+           else [sys.executable, "-m", "cli.main", "serve", *args])
+    log = home / f"daemon-{time.monotonic_ns()}.log"
+    home.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=daemon_env(home, **env), stdout=fh, stderr=subprocess.STDOUT,
+                                cwd=str(REPO), start_new_session=True)
+    daemon = Daemon(proc, home, log)
+    if wait:
+        wait_ready(daemon, timeout)
+    return daemon
+
+
+def wait_ready(daemon: Daemon, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {daemon.proc.returncode}:\n{daemon.output()}")
+        if daemon.socket.exists():
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(daemon.socket))
+                return
+        time.sleep(0.1)
+    daemon.kill()
+    raise RuntimeError(f"daemon not ready after {timeout}s:\n{daemon.output()}")
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _serve_fake() -> None:
+    from cns_daemon.daemon import configure_logging, serve
+    from cns_daemon.settings import load_settings
+
+    configure_logging("INFO")
+    serve(load_settings(), engine_factory=FakeEngine)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
+    _serve_fake()
