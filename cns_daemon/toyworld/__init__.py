@@ -1,0 +1,1 @@
+"""The toy world (work in progress; API documented here once complete)."""

@@ -1,0 +1,315 @@
+"""Train the toy-world fixture model: `python -m cns_daemon.toyworld.train [--out DIR]`.
+
+Reproducible (fixed seed; data rendered from that seed) and sized for a 2-core CPU in under an
+hour. Stages, all in one run:
+  1. render the training set (single objects, plus a share of two-object left/right scenes);
+  2. train the VAE (reconstruction + a tiny KL term), then encode the set to latents and set the
+     VAE's scaling factor so latents have unit variance, as SD's pipeline expects;
+  3. train the UNet and the text encoder jointly on (latent, caption) pairs with the standard
+     epsilon objective; the caption is dropped 10% of the time (classifier-free guidance) and
+     captions sometimes leave out the colour or the background, so "a photo of a star" means
+     "a star of some colour on some background" — the class prompt the methods rely on.
+An EMA of the UNet/text weights is what gets saved. Checkpoints are written periodically to
+`<out>.work/` so a cut-off run can `--resume`. The result is a diffusers folder (safetensors)
+plus `train_info.json` (seed, steps, wall time, git commit) and `SHA256SUMS`; the loader needs
+neither info file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model import TOYWORLD_MODEL, build_tiny_pipeline
+from .world import caption, random_scene, render_array
+
+log = logging.getLogger("toyworld.train")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    n_images: int = 16000
+    two_object_share: float = 0.2
+    vae_steps: int = 500
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-6
+    unet_steps: int = 3200
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    warmup: int = 200
+    ema_decay: float = 0.998
+    cfg_drop: float = 0.1
+    omit_color: float = 0.1
+    omit_background: float = 0.15
+    blocks: tuple[int, int] = (32, 64)
+    threads: int = 2
+    checkpoint_every: int = 500
+    max_minutes: float = 50.0  # whole-run wall-time budget: the denoiser stage anneals and stops by then
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+def render_dataset(cfg: TrainConfig) -> tuple[np.ndarray, list]:
+    """The training images (N,32,32,3 uint8) and their scenes, all from cfg.seed."""
+    rng = np.random.default_rng(cfg.seed)
+    scenes = [random_scene(rng, two_prob=cfg.two_object_share) for _ in range(cfg.n_images)]
+    images = np.stack([render_array(s, cfg.seed * 10_000_000 + i)[0] for i, s in enumerate(scenes)])
+    return images, scenes
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1] (the VAE's range)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def sample_caption(scene, rng: np.random.Generator, cfg: TrainConfig) -> str:
+    if rng.random() < cfg.cfg_drop:
+        return ""
+    return caption(scene, template=int(rng.integers(3)),
+                   with_color=rng.random() >= cfg.omit_color,
+                   with_background=rng.random() >= cfg.omit_background)
+
+
+# --- stages --------------------------------------------------------------------------------------
+
+def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> float:
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.vae_lr, total_steps=cfg.vae_steps, pct_start=0.05)
+    vae.train()
+    loss_avg = 0.0
+    for step in range(cfg.vae_steps):
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
+        x = images[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        # L1 keeps edges and pattern texture crisper than MSE alone.
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + cfg.vae_kl * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        loss_avg = 0.98 * loss_avg + 0.02 * loss.item() if step else loss.item()
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            log.info("vae step %d/%d loss %.4f", step, cfg.vae_steps, loss_avg)
+    vae.eval()
+    return loss_avg
+
+
+@torch.no_grad()
+def encode_all(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Posterior means and stds of the whole set: (N, 2, 4, 16, 16)."""
+    out = []
+    for i in range(0, len(images), batch):
+        post = vae.encode(images[i:i + batch]).latent_dist
+        out.append(torch.stack([post.mean, post.std], dim=1))
+    return torch.cat(out)
+
+
+def lr_at(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
+    """Warm-up, then cosine decay over whichever runs out first: the steps or the wall-time
+    budget (so a run slowed by a busy machine still anneals before it stops)."""
+    if step < cfg.warmup:
+        return cfg.unet_lr * (step + 1) / cfg.warmup
+    frac = max((step - cfg.warmup) / max(1, cfg.unet_steps - cfg.warmup), time_frac)
+    frac = min(frac, 1.0)
+    return cfg.unet_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def train_denoiser(pipe, latents: torch.Tensor, scenes: list, cfg: TrainConfig, gen: torch.Generator,
+                   work: Path, start: dict | None, t_begin: float) -> tuple[dict, float, int]:
+    """Joint UNet + text-encoder training; returns the EMA state, the final loss and the number
+    of steps done (fewer than asked when the wall-time budget ran out)."""
+    unet, text, sched = pipe.unet, pipe.text_encoder, pipe.scheduler
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
+    ema = {k: v.detach().clone() for k, v in _trainable_state(pipe).items()}
+    first = 0
+    if start is not None:
+        unet.load_state_dict(start["unet"])
+        text.load_state_dict(start["text"])
+        opt.load_state_dict(start["opt"])
+        ema = start["ema"]
+        gen.set_state(start["gen"])
+        first = start["step"]
+    rng = np.random.default_rng(cfg.seed + 1 + first)
+    alphas = sched.alphas_cumprod
+    unet.train()
+    text.train()
+    loss_avg = 0.0
+    t0 = time.time()
+    budget = cfg.max_minutes * 60
+    for step in range(first, cfg.unet_steps):
+        time_frac = (time.time() - t_begin) / budget
+        if time_frac >= 1.0:
+            log.warning("wall-time budget reached: stopping at step %d of %d", step, cfg.unet_steps)
+            break
+        lr = lr_at(step, cfg, time_frac)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(latents), (cfg.unet_batch,), generator=gen)
+        mean, std = latents[idx, 0], latents[idx, 1]
+        z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * pipe.vae.config.scaling_factor
+        ids = _tokenize(pipe.tokenizer, [sample_caption(scenes[i], rng, cfg) for i in idx.tolist()])
+        t = torch.randint(0, len(alphas), (cfg.unet_batch,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        enc = text(ids)[0]
+        pred = unet(zt, t, enc).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        _ema_update(ema, pipe, cfg.ema_decay if step > cfg.warmup else 0.0)
+        loss_avg = 0.99 * loss_avg + 0.01 * loss.item() if step > first else loss.item()
+        if step % 50 == 0 or step == cfg.unet_steps - 1:
+            rate = (time.time() - t0) / (step - first + 1)
+            log.info("unet step %d/%d loss %.4f lr %.2e %.2fs/step eta %.1f min", step, cfg.unet_steps,
+                     loss_avg, lr, rate, rate * (cfg.unet_steps - step) / 60)
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.unet_steps:
+            torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
+                        "ema": ema, "gen": gen.get_state(), "step": step + 1},
+                       work / "denoiser.pt")
+            log.info("checkpoint at step %d", step + 1)
+    else:
+        step = cfg.unet_steps
+    unet.eval()
+    text.eval()
+    return ema, loss_avg, step
+
+
+def _trainable_state(pipe) -> dict[str, torch.Tensor]:
+    state = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items()}
+    state.update({f"text.{k}": v for k, v in pipe.text_encoder.state_dict().items()})
+    return state
+
+
+@torch.no_grad()
+def _ema_update(ema: dict[str, torch.Tensor], pipe, decay: float) -> None:
+    for k, v in _trainable_state(pipe).items():
+        if v.dtype.is_floating_point:
+            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+def _load_ema(pipe, ema: dict[str, torch.Tensor]) -> None:
+    pipe.unet.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")})
+    pipe.text_encoder.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("text.")})
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_checksums(folder: Path) -> Path:
+    """SHA256SUMS over every weight/config file (sha256sum -c compatible)."""
+    import hashlib
+
+    lines = []
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("SHA256SUMS",)):
+        lines.append(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.relative_to(folder)}")
+    out = folder / "SHA256SUMS"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def save_model(pipe, out: Path, info: dict) -> None:
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_checksums(out)
+
+
+def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    work = out.with_name(out.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    commit = git_commit()
+
+    log.info("rendering %d images", cfg.n_images)
+    images_np, scenes = render_dataset(cfg)
+    images = to_tensor(images_np)
+    log.info("rendered in %.0fs", time.time() - t_start)
+
+    pipe = build_tiny_pipeline(seed=cfg.seed, blocks=cfg.blocks)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vae_file = work / "vae.pt"
+    if resume and vae_file.exists():
+        saved = torch.load(vae_file)
+        pipe.vae.load_state_dict(saved["vae"])
+        vae_loss = saved["loss"]
+    else:
+        vae_loss = train_vae(pipe.vae, images, cfg, gen)
+        torch.save({"vae": pipe.vae.state_dict(), "loss": vae_loss}, vae_file)
+    pipe.vae.eval()
+    pipe.vae.requires_grad_(False)
+    t_vae = time.time() - t_start
+
+    latents = encode_all(pipe.vae, images)
+    scale = float(1.0 / latents[:, 0].std())
+    pipe.vae.register_to_config(scaling_factor=scale)
+    log.info("latent scaling factor %.4f", scale)
+
+    ckpt = work / "denoiser.pt"
+    start = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
+    ema, unet_loss, steps_done = train_denoiser(pipe, latents, scenes, cfg, gen, work, start, t_start)
+    _load_ema(pipe, ema)
+
+    info = {"config": asdict(cfg), "git_commit": commit, "wall_seconds": round(time.time() - t_start, 1),
+            "vae_seconds": round(t_vae, 1), "vae_final_loss": round(vae_loss, 5),
+            "unet_final_loss": round(unet_loss, 5), "unet_steps_done": steps_done, "latent_scaling_factor": scale,
+            "torch": torch.__version__, "resumed": start is not None}
+    save_model(pipe, out, info)
+    log.info("saved to %s in %.1f min", out, info["wall_seconds"] / 60)
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=TOYWORLD_MODEL)
+    p.add_argument("--resume", action="store_true", help="continue from <out>.work checkpoints")
+    for name, value in asdict(TrainConfig()).items():
+        if isinstance(value, tuple):
+            p.add_argument(f"--{name.replace('_', '-')}", type=int, nargs=len(value), default=value)
+        else:
+            p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = vars(p.parse_args(argv))
+    out, resume = args.pop("out"), args.pop("resume")
+    args["blocks"] = tuple(args["blocks"])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    run(TrainConfig(**args), out, resume)
+
+
+if __name__ == "__main__":
+    main()
