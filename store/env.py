@@ -1,11 +1,11 @@
 """The LMDB environment under the store: opening, named databases, transactions that survive a
 full map, and the locking that makes one writer + many reader threads safe.
 
-Why a lock of our own: LMDB already serialises writers, but growing the map
-(`Environment.set_mapsize`) is only allowed while this process has no transaction open, and a
-read transaction must not outlive a resize. So reads take a shared lock, writes and resizes an
-exclusive one. Writes are short (values are encoded before the transaction starts), so readers
-rarely wait.
+Why a lock of our own: LMDB lets readers run beside the one writer, but growing the map
+(`Environment.set_mapsize`) is only allowed while this process has no transaction open. So every
+transaction, read or write, holds a shared lock; writers also take a writer mutex (one write
+transaction at a time in this process); a resize takes the exclusive lock, between two attempts
+of a write. Readers therefore wait only for a resize, never for a write.
 """
 from __future__ import annotations
 
@@ -82,11 +82,16 @@ class Env:
                               "Check the folder's permissions and free disk space.") from None
         self.readonly = readonly
         self._lock = _SharedLock()
+        self._writer = threading.Lock()
         self.dbs: dict[str, lmdb._Database] = {}
         if readonly:
-            with self.env.begin() as txn:
-                self.dbs = {n: self.env.open_db(n.encode(), txn=txn, create=False)
-                            for n in DB_NAMES if txn.get(n.encode()) is not None}
+            try:
+                self.dbs = {n: self.env.open_db(n.encode(), create=False) for n in DB_NAMES}
+            except lmdb.NotFoundError:
+                self.env.close()
+                raise Unavailable(f"The concept store at {self.path} needs an upgrade before it "
+                                  "can be read read-only.",
+                                  "Open it once read-write (start the service).") from None
         else:
             with self.env.begin(write=True) as txn:  # creates the databases on first use
                 self.dbs = {n: self.env.open_db(n.encode(), txn=txn) for n in DB_NAMES}
@@ -105,12 +110,14 @@ class Env:
         full, the transaction is aborted, the map doubled and `fn` run again from scratch."""
         if self.readonly:
             raise Internal("Write to a store opened read-only.")
-        with self._lock.exclusive():
+        with self._writer:
             while True:
                 try:
-                    return self._run(fn, write=True)
+                    with self._lock.shared():
+                        return self._run(fn, write=True)
                 except lmdb.MapFullError:
-                    self._grow()
+                    with self._lock.exclusive():
+                        self._grow()
 
     def _run(self, fn: Callable[[lmdb.Transaction], T], write: bool) -> T:
         for attempt in (0, 1):

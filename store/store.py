@@ -27,7 +27,7 @@ import lmdb
 import numpy as np
 
 from cns_daemon.errors import (Conflict, Corrupt, Internal, ModelMismatch, NotFound,
-                               ProtocolMismatch)
+                               ProtocolMismatch, Unavailable)
 
 from . import serialize as ser
 from .codec import CodecError, decode_tensor, encode_tensor
@@ -105,7 +105,11 @@ class ConceptStore(JobQueue):
             raise ProtocolMismatch(
                 f"The concept store at {self.path} has schema {version}; this cones reads up "
                 f"to schema {SCHEMA_VERSION}.", "Upgrade cones, or point CONES_HOME elsewhere.")
-        if version < SCHEMA_VERSION and not self._env.readonly:
+        if version < SCHEMA_VERSION:
+            if self._env.readonly:
+                raise Unavailable(f"The concept store at {self.path} has schema {version} and "
+                                  "needs an upgrade before it can be read read-only.",
+                                  "Open it once read-write (start the service).")
             self._env.write(lambda txn: self._migrate(txn, version))
 
     def _migrate(self, txn, version: int) -> None:
@@ -148,7 +152,7 @@ class ConceptStore(JobQueue):
         return self._env.read(lambda txn: self._read_meta(txn, key))
 
     def _read_meta(self, txn, key: bytes):
-        raw = txn.get(key, db=self._db["meta"]) if "meta" in self._db else None
+        raw = txn.get(key, db=self._db["meta"])
         if raw is None:
             return None
         try:

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from cns_daemon.errors import ModelMismatch
+from cns_daemon.errors import Internal, ModelMismatch
 from store import ConceptStore
 from store.envelope import SCHEMA_VERSION
 from store.fixtures.make import FINGERPRINT, expected_records, fixture_dir
@@ -41,3 +41,17 @@ def test_schema1_fixture_reads_back_exactly(tmp_path):
         assert sorted(store.names()) == ["my_mug", "rex"]
     with pytest.raises(ModelMismatch, match=FINGERPRINT):
         ConceptStore.open(path, fingerprint="another-model")
+
+
+def test_fixture_opens_read_only(tmp_path):
+    path = tmp_path / "store"
+    shutil.copytree(fixture_dir(1), path)
+    records, _ = expected_records()
+    before = (path / "data.mdb").read_bytes()
+    with ConceptStore.open(path, fingerprint=FINGERPRINT, readonly=True) as store:
+        assert_same_record(store.get("rex"), records[0], fingerprint=FINGERPRINT)
+        with pytest.raises(Internal, match="read-only"):
+            store.delete("rex")
+    with pytest.raises(ModelMismatch, match=FINGERPRINT):
+        ConceptStore.open(path, fingerprint="another-model", readonly=True)
+    assert (path / "data.mdb").read_bytes() == before

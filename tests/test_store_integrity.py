@@ -318,3 +318,23 @@ def test_one_writer_and_readers_across_map_growth(tmp_path):
     store.close()
     assert not errors, errors
     assert not any(t.is_alive() for t in threads)
+
+
+def test_readers_do_not_wait_for_a_slow_write(tmp_path, monkeypatch):
+    store = ConceptStore.open(tmp_path / "s")
+    store.put(sample_record("rex", "cones"))
+    halfway, release = threading.Event(), threading.Event()
+    monkeypatch.setattr(ConceptStore, "_put_items",
+                        _half_then(lambda: (halfway.set(), release.wait(30))))
+    writer = threading.Thread(target=store.put, args=(sample_record("mug", "cns"),))
+    writer.start()
+    try:
+        assert halfway.wait(30)
+        t0 = time.monotonic()
+        assert store.get("rex").masks and store.names() == ["rex"]  # the old snapshot
+        assert time.monotonic() - t0 < 5
+    finally:
+        release.set()
+        writer.join(30)
+    assert store.names() == ["mug", "rex"]
+    store.close()
