@@ -167,8 +167,10 @@ class ConceptStore(JobQueue):
     # -- concepts: write -----------------------------------------------------------------------
 
     def put(self, record: ConceptRecord, replace: bool = False) -> Overlap:
-        """Store a concept with all its parts in one transaction and return its overlap with
-        the concepts stored before it (also stored). Conflict if the name is taken."""
+        """Store a concept with all its parts in one transaction. Conflict if the name is taken
+        (unless `replace`). The store computes the concept's overlap itself, against every
+        stored concept's mask and delta positions, stores it in place of `record.overlap` and
+        returns it; concepts that already list this name get the new pairwise count."""
         name = validate_name(record.meta.name)
         meta = self._stamped_meta(record.meta)
         record = dataclasses.replace(record, meta=meta)
@@ -217,6 +219,7 @@ class ConceptStore(JobQueue):
     def _sync_others(self, txn, name: str, counts: dict[str, int]) -> None:
         """After `name` was (re)written or deleted, concepts that list it as an earlier
         concept get the new pairwise count (overlap is symmetric) or lose the entry."""
+        updated: dict[str, Overlap] = {}
         for other, raw in txn.cursor(db=self._db["overlap"]):
             other_name = other.decode()
             if other_name == name:
@@ -231,6 +234,8 @@ class ConceptStore(JobQueue):
                 ov.shared_with[name] = counts[other_name]
             else:
                 del ov.shared_with[name]
+            updated[other_name] = ov
+        for other_name, ov in updated.items():  # written after the scan, not under its cursor
             self._put_overlap(txn, other_name, ov)
 
     def delete(self, name: str) -> None:
