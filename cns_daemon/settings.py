@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     method: Method = "cns"
     steps: int | None = Field(None, ge=1, le=100_000, description="Training steps; None = method default.")
 
+    # Memory options for full-size models (cns_daemon/memory.py); None = per-device default.
+    gradient_checkpointing: bool | None = None
+    sdpa: bool | None = None
+    autocast: bool | None = None
+    offload: bool | None = None
+    vae_tiling: bool | None = None
+
     # Service.
     settle_seconds: float = Field(5.0, ge=0.0, le=3600.0)
     watch_inbox: bool = True
@@ -103,6 +110,10 @@ class Settings(BaseSettings):
         toml_file = default_paths(home).config_file
         return (init_settings, env_settings,
                 TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+
+    def memory_overrides(self) -> dict[str, bool | None]:
+        return {k: getattr(self, k) for k in
+                ("gradient_checkpointing", "sdpa", "autocast", "offload", "vae_tiling")}
 
     @property
     def paths(self) -> Paths:

@@ -1,0 +1,101 @@
+"""Memory options for full-size models, applied by configuration.
+
+Learning a concept on SD 1.5 at 512 px needs the whole UNet's activations for backward even
+though only K/V elements train; these options trade a little speed for a lot of memory:
+
+- gradient checkpointing (UNet) during learning: activations recomputed in backward;
+- attention through PyTorch SDPA (flash / memory-efficient kernels where available);
+- fp16/bf16 autocast on CUDA, with the trained values kept as fp32 master copies by the
+  methods (they optimise fp32 tensors and write them into the half-precision weights);
+- the VAE (and, when the method does not train through it, the text encoder) moved to the CPU
+  while the UNet trains: they are only needed before the loop (photos and captions are
+  encoded once);
+- VAE tiling for generation (decoding large images in tiles).
+
+`None` in Settings means "the default for this device": all on for CUDA, only SDPA on CPU
+(there checkpointing costs time and saves little, and nothing can be offloaded further).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+
+import torch
+
+from .model import Placement
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    gradient_checkpointing: bool = False
+    sdpa: bool = True
+    autocast: bool = False
+    offload: bool = False
+    vae_tiling: bool = False
+
+    @classmethod
+    def for_device(cls, device: torch.device | str) -> "MemoryOptions":
+        if torch.device(device).type == "cuda":
+            return cls(gradient_checkpointing=True, sdpa=True, autocast=True, offload=True,
+                       vae_tiling=True)
+        return cls()
+
+    @classmethod
+    def resolve(cls, placement: Placement, **overrides: bool | None) -> "MemoryOptions":
+        """Device defaults, with every non-None override (from Settings) applied."""
+        base = cls.for_device(placement.device)
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"unknown memory options: {sorted(unknown)}")
+        values = {f: getattr(base, f) for f in known}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if values["autocast"] and placement.device.type != "cuda":
+            values["autocast"] = False  # CPU autocast to bf16 is slower and less exact here
+        return cls(**values)
+
+
+def set_attention(unet, sdpa: bool) -> None:
+    """PyTorch SDPA processors (fused kernels) or the classic explicit-softmax ones."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
+
+
+@contextlib.contextmanager
+def training(pipe, opts: MemoryOptions, *, text_encoder_needed: bool = True):
+    """Wrap a method's training loop: checkpointing, offload and autocast as configured;
+    everything is put back on exit (the pipeline serves generations right after)."""
+    unet = pipe.unet
+    device = unet.device
+    moved: list[torch.nn.Module] = []
+    was_ckpt = bool(getattr(unet, "is_gradient_checkpointing", False))
+    try:
+        if opts.gradient_checkpointing and not was_ckpt:
+            unet.enable_gradient_checkpointing()
+        if opts.offload and device.type != "cpu":
+            for module in (pipe.vae, None if text_encoder_needed else pipe.text_encoder):
+                if module is not None:
+                    module.to("cpu")
+                    moved.append(module)
+            torch.cuda.empty_cache()
+        if opts.autocast and device.type == "cuda":
+            dtype = unet.dtype if unet.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+            with torch.autocast("cuda", dtype=dtype):
+                yield
+        else:
+            yield
+    finally:
+        if opts.gradient_checkpointing and not was_ckpt:
+            unet.disable_gradient_checkpointing()
+        for module in moved:
+            module.to(device)
+
+
+def prepare_generation(pipe, opts: MemoryOptions) -> None:
+    """Generation-side options; applied once when the service loads its model."""
+    set_attention(pipe.unet, opts.sdpa)
+    if opts.vae_tiling:
+        pipe.vae.enable_tiling()
+    else:
+        pipe.vae.disable_tiling()
