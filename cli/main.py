@@ -119,7 +119,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
                  seed=seed, photos=items)
     with client() as c:
         job = c.add(req)
-        for s in (job.result.skipped if job.result else []):
+        for s in job.skipped:
             err_console.print(f"[yellow]skipped[/] {s.file}: {s.reason}")
         if no_wait:
             print_json(job) if as_json else console.print(f"Queued job {job.id}: {job.summary}")

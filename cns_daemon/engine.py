@@ -55,7 +55,6 @@ class Engine:
         self.pipe = None
         self.info = EngineInfo(model=settings.model or "toy-world (built in)", device="-",
                                dtype="-", fingerprint="")
-        self._handles: dict[str, object] = {}   # CNS concept -> handle that takes it off again
 
     # ------------------------------------------------------------ start-up
 
@@ -85,13 +84,14 @@ class Engine:
         from cns_daemon.methods import get_method
 
         cns = get_method("cns")
-        for meta in self.store.list():
+        # In learning order: each CNS concept was trained on top of the ones before it.
+        for meta in sorted(self.store.list(), key=lambda m: m.created):
             if meta.method != "cns":
                 continue
             try:
                 record = self.store.get(meta.name)
                 self._check_fingerprint(record)
-                self._handles[meta.name] = cns.apply(self.pipe, [record])
+                cns.apply(self.pipe, [record])
             except ConesError as exc:
                 log.error("concept %s not rebuilt: %s", meta.name, exc)
 
@@ -115,16 +115,10 @@ class Engine:
             cancel.check()   # a cancel that arrived during the last step still wins
             self.store.put(record)
         except BaseException:
-            self._undo_learn(method, record)
+            if job.method == "cns":   # CNS leaves what it learned live; not kept, so take it off
+                method.unlearn(self.pipe, job.name)
             raise
-        if job.method == "cns":
-            self._handles[job.name] = method.applied_handle(self.pipe, record)
-        return JobResult(concept=job.name, skipped=job.skipped)
-
-    def _undo_learn(self, method, record: ConceptRecord) -> None:
-        """CNS leaves a learned concept in the weights; take it off when it is not kept."""
-        if record.meta.method == "cns":
-            method.remove(method.applied_handle(self.pipe, record))
+        return JobResult(concept=job.name)
 
     def generate(self, req: GenerateRequest, out_dir: Path, progress: ProgressFn,
                  cancel: CancelToken) -> JobResult:
@@ -132,8 +126,9 @@ class Engine:
         from cns_daemon.prompts import parse_box, referenced_names
 
         records = {n: self._get(n) for n in referenced_names(req.prompt)}
+        options = {k: v for k, v in (("seed", req.seed), ("steps", req.steps)) if v is not None}
         images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
-                          n=req.n, seed=req.seed, steps=req.steps, progress=progress, cancel=cancel)
+                          n=req.n, progress=progress, cancel=cancel, **options)
         return save_images(images, out_dir)
 
     def remove(self, name: str) -> JobResult:
@@ -143,9 +138,8 @@ class Engine:
         # Store first: if the process dies between the two steps, the store (which start-up
         # rebuilds from) already says the concept is gone.
         self.store.delete(name)
-        handle = self._handles.pop(name, None)
-        if record.meta.method == "cns" and handle is not None:
-            get_method("cns").remove(handle)
+        if record.meta.method == "cns":
+            get_method("cns").unlearn(self.pipe, name)
         return JobResult(concept=name)
 
     def import_record(self, record: ConceptRecord) -> JobResult:
@@ -157,7 +151,7 @@ class Engine:
                            f"Remove it first with `cones rm {record.name}`, then import again.")
         self.store.put(record)
         if record.meta.method == "cns":
-            self._handles[record.name] = get_method("cns").apply(self.pipe, [record])
+            get_method("cns").apply(self.pipe, [record])
         return JobResult(concept=record.name)
 
     # ------------------------------------------------------------ read-only (any thread)

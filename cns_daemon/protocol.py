@@ -130,7 +130,6 @@ class JobResult(Model):
     concept: str | None = None
     images: list[str] = Field(default_factory=list)
     contact_sheet: str | None = None
-    skipped: list[SkippedFile] = Field(default_factory=list)
 
 
 class JobInfo(Model):
@@ -145,6 +144,7 @@ class JobInfo(Model):
     error: ErrorBody | None = None
     result: JobResult | None = None
     progress: ProgressInfo | None = None
+    skipped: list[SkippedFile] = Field(default_factory=list)   # learn: photos not used, and why
 
 
 class JobList(Model):

@@ -170,7 +170,7 @@ class Worker:
         return JobInfo(id=job.id, kind=job.kind, state=job.state, summary=self.summarize(job),
                        created=job.created, started=job.started, finished=job.finished,
                        attempts=job.attempts, error=job.error, result=job.result,
-                       progress=self.hub.latest(job.id))
+                       progress=self.hub.latest(job.id), skipped=job.request.get("skipped", []))
 
     def running(self) -> JobRecord | None:
         with self._lock:

@@ -87,7 +87,7 @@ class FakeEngine(Engine):
         self.store.put(ConceptRecord(meta=ConceptMeta(
             name=job.name, method=job.method, class_word=job.class_word, token="sks",
             photo_digests=list(job.photo_digests), fingerprint=self.info.fingerprint)))
-        return JobResult(concept=job.name, skipped=job.skipped)
+        return JobResult(concept=job.name)
 
     def generate(self, req, out_dir, progress, cancel) -> JobResult:
         from cns_daemon.prompts import referenced_names

@@ -1,0 +1,153 @@
+"""Reliability with a real daemon process (FakeEngine): kill -9 during a learn job and restart,
+and a corpus of bad inputs, each answered with a typed error while the service keeps serving."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import pytest
+
+from cli.client import Client
+from cns_daemon.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest, Photo
+from cns_daemon.worker import CRASH_REASON
+from test_service_harness import photo_bytes, short_home, start_daemon, wait_until, write_photos
+
+LIMIT = 300_000   # a small request limit for this daemon, so "oversized" is cheap to send
+
+
+def photos_of(seed: int, n: int = 3) -> list[Photo]:
+    return [Photo(filename=f"p{i}.png", data=photo_bytes(seed + i)) for i in range(n)]
+
+
+def test_kill9_during_learn_requeues_once_then_fails(tmp_path):
+    home = short_home()
+    daemon = None
+    try:
+        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
+        with Client(daemon.socket) as c:
+            early = c.add(AddRequest(name="early", class_word="dog", steps=3, photos=photos_of(0)))
+            wait_until(lambda: c.job(early.id).state == "done", what="early learned")
+            victim = c.add(AddRequest(name="victim", class_word="cat", steps=5000, photos=photos_of(10)))
+            queued = c.add(AddRequest(name="waiting", class_word="mug", steps=3, photos=photos_of(20)))
+            wait_until(lambda: c.job(victim.id).state == "running", what="victim running")
+        daemon.kill()   # SIGKILL: no clean-up at all
+
+        archived = {p.stem for p in (home / "data" / "archive").rglob("*.png")}
+        assert len(archived) == 9   # every photo of all three jobs survived in the archive
+
+        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
+        with Client(daemon.socket) as c:
+            job = c.job(victim.id)
+            assert job.attempts == 2 and job.state == "running"   # re-queued once, running again
+            assert c.job(queued.id).state == "queued"              # queued jobs survive
+            assert {x.name for x in c.concepts()} == {"early"}     # no half concept
+            assert c.concept("early").photos == 3
+        daemon.kill()
+
+        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
+        with Client(daemon.socket) as c:
+            job = c.job(victim.id)
+            assert job.state == "failed" and job.error.message == CRASH_REASON
+            wait_until(lambda: c.job(queued.id).state == "done", what="queued job runs after restart")
+            assert {x.name for x in c.concepts()} == {"early", "waiting"}
+    finally:
+        if daemon is not None:
+            daemon.kill(15)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    home = short_home()
+    d = start_daemon(home, CONES_MAX_REQUEST_BYTES=str(LIMIT))
+    yield d
+    d.kill(15)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def raw(daemon):
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), base_url="http://cones",
+                      headers={PROTOCOL_HEADER: PROTOCOL_VERSION}, timeout=30) as http:
+        yield http
+
+
+def _error(response: httpx.Response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["code"] == code and body["message"] and body["hint"], body
+    return body
+
+
+def _add_body(name: str = "thing", files: list[tuple[str, bytes]] | None = None, **extra) -> dict:
+    photos = [Photo(filename=f, data=d) for f, d in (files or [("a.png", photo_bytes(1))])]
+    req = AddRequest(name="placeholder", class_word="dog", steps=2, photos=photos)
+    body = json.loads(req.model_dump_json())
+    body.update(name=name, **extra)
+    return body
+
+
+def test_bad_photos(raw):
+    truncated = photo_bytes(3, fmt="JPEG")[:300]
+    bad = [("notes.txt", b"hello, not a photo"), ("cut.jpg", truncated), ("empty.png", b""),
+           ("tiny.png", photo_bytes(4, size=8))]
+    body = _error(raw.post(f"{API_PREFIX}/concepts", json=_add_body(files=bad)), 422, "bad_photo")
+    for name, why in (("notes.txt", "not an image"), ("cut.jpg", "truncated"), ("empty.png", "0 bytes"),
+                      ("tiny.png", "too small")):
+        assert name in body["message"] and why in body["message"], body["message"]
+    # one good photo among bad ones: accepted, the bad ones listed as skipped
+    ok = raw.post(f"{API_PREFIX}/concepts", json=_add_body("mixed", bad + [("good.png", photo_bytes(5))]))
+    assert ok.status_code == 202, ok.text
+    skipped = {s["file"] for s in ok.json()["skipped"]}
+    assert skipped == {"notes.txt", "cut.jpg", "empty.png", "tiny.png"}
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "", "x" * 65, "with space", "<rex>"])
+def test_bad_names(raw, name):
+    _error(raw.post(f"{API_PREFIX}/concepts", json=_add_body(name)), 400, "bad_input")
+
+
+def test_bad_requests(raw):
+    p = API_PREFIX
+    _error(raw.post(f"{p}/concepts", content=b"{not json", headers={"content-type": "application/json"}),
+           400, "bad_input")
+    _error(raw.post(f"{p}/concepts", json=_add_body(unexpected_field=1)), 400, "bad_input")
+    _error(raw.post(f"{p}/concepts", json={"name": "x"}), 400, "bad_input")
+    _error(raw.post(f"{p}/generate", json={"prompt": "a photo of <ghost>"}), 404, "not_found")
+    _error(raw.post(f"{p}/generate", json={"prompt": "a plain photo", "boxes": ["ghost=0,0,1,1"]}),
+           400, "bad_input")
+    for box in ["rex", "rex=1,2,3", "rex=a,b,c,d", "rex=0.5,0,0.2,1", "rex=0,0,1,2"]:
+        _error(raw.post(f"{p}/generate", json={"prompt": "a plain photo", "boxes": [box]}), 400, "bad_input")
+    _error(raw.post(f"{p}/generate", json={"prompt": "", "n": 1}), 400, "bad_input")
+    _error(raw.post(f"{p}/generate", json={"prompt": "x", "n": 1000}), 400, "bad_input")
+    _error(raw.get(f"{p}/nowhere"), 404, "not_found")
+    _error(raw.put(f"{p}/concepts"), 400, "bad_input")
+    _error(raw.get(f"{p}/jobs/" + "x" * 300), 400, "bad_input")
+
+
+def test_oversized_request(raw):
+    big = _add_body(files=[("big.png", b"\0" * (LIMIT * 2))])
+    body = _error(raw.post(f"{API_PREFIX}/concepts", json=big), 400, "bad_input")
+    assert "too large" in body["message"] and str(LIMIT) in body["message"]
+
+
+def test_wrong_or_missing_protocol_version(daemon, raw):
+    body = _error(raw.get(f"{API_PREFIX}/status", headers={PROTOCOL_HEADER: "0"}), 400, "protocol")
+    assert "protocol 0" in body["message"]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), base_url="http://cones") as bare:
+        _error(bare.get(f"{API_PREFIX}/status"), 400, "protocol")
+        schema = bare.get("/openapi.json").json()   # the schema needs no header
+    assert schema["openapi"].startswith("3.")
+    assert {"/v1/concepts", "/v1/generate", "/v1/jobs/{id}/events"} <= set(schema["paths"])
+    assert "AddRequest" in schema["components"]["schemas"]
+
+
+def test_service_still_serves_after_the_corpus(daemon, raw):
+    # runs last in this module: every bad request above left the service healthy
+    assert daemon.proc.poll() is None
+    with Client(daemon.socket) as c:
+        assert c.status().pid == daemon.proc.pid
+        job = c.add(AddRequest(name="after", class_word="dog", steps=2, photos=photos_of(30)))
+        wait_until(lambda: c.job(job.id).state == "done", what="learn after corpus")
+        assert "after" in {x.name for x in c.concepts()}
