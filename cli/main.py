@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 
 from cli.client import Client
+from cli.toyworld import toyworld_app
 from cli.views import (concept_table, concepts_table, console, err_console, follow, jobs_table,
                        print_error, print_json, status_table)
 from cns_daemon.errors import BadInput, ConesError
@@ -23,6 +24,7 @@ app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concep
                   no_args_is_help=True, add_completion=False)
 service_app = typer.Typer(help="Install or remove the systemd user service.", no_args_is_help=True)
 app.add_typer(service_app, name="service")
+app.add_typer(toyworld_app, name="toyworld")
 
 JSON = typer.Option(False, "--json", help="Print one machine-readable JSON document.")
 

@@ -1,0 +1,99 @@
+"""`cones toyworld ...`: local tools for the synthetic world (no service needed).
+
+`render` needs only numpy + PIL; `probe` loads the small torch classifier lazily inside the
+command, so importing the CLI never imports torch.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cns_daemon.errors import BadInput, ConesError, NotFound
+
+toyworld_app = typer.Typer(help="The toy world: render synthetic photos, read them with the probe.",
+                           no_args_is_help=True)
+
+
+def _handled(fn):
+    """Typed errors become one line + hint on stderr and their exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConesError as exc:
+            from cli.views import print_error
+
+            print_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+    return wrapper
+
+
+@toyworld_app.command()
+@_handled
+def render(shape: str = typer.Option(..., help="circle | square | triangle | star | ring | cross"),
+           color: str = typer.Option(..., help="red | orange | yellow | green | blue | purple | pink | black"),
+           pattern: str = typer.Option("solid", help="solid | stripes | dots | checks"),
+           second_color: Optional[str] = typer.Option(None, help="The pattern's colour (not for solid)."),
+           background: Optional[str] = typer.Option(
+               None, help="white | grass | sand | sky | snow (default: varies per photo)"),
+           n: int = typer.Option(4, "-n", min=1, max=10_000, help="How many photos."),
+           seed: int = typer.Option(0, help="Same seed, same photos."),
+           out: Path = typer.Option(..., "-o", "--out", help="Folder for NNN.png + NNN.txt (caption).")) -> None:
+    """Write photos of one object (a 'personal concept') with sidecar captions."""
+    from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
+
+    try:
+        obj = ObjectSpec(shape, color, pattern, second_color)
+        photos = render_concept_photos(obj, n, seed, background=background)
+    except ValueError as exc:
+        raise BadInput(f"{exc}.", "See `cones toyworld render --help` for the choices.") from None
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (image, text) in enumerate(photos):
+        image.save(out / f"{i:03d}.png")
+        (out / f"{i:03d}.txt").write_text(text + "\n")
+    typer.echo(f"wrote {len(photos)} photos to {out}")
+
+
+@toyworld_app.command()
+@_handled
+def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the toy world."),
+          halves: bool = typer.Option(False, "--halves", help="Two-object images: read left and right halves."),
+          as_json: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
+    """Read shape, colour, pattern, second colour and background from images."""
+    from dataclasses import asdict
+
+    from PIL import Image, UnidentifiedImageError
+
+    from cns_daemon.toyworld.probe import Probe
+
+    loaded = []
+    for path in images:
+        if not path.is_file():
+            raise NotFound(f"No image at {path}.", "Check the path.")
+        try:
+            with Image.open(path) as im:
+                loaded.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise BadInput(f"{path} is not a readable image ({exc}).", "Pass PNG or JPEG files.") from None
+    reader = Probe.load()
+    if halves:
+        rows = [{"image": str(p), "left": asdict(lft), "right": asdict(rgt)}
+                for p, (lft, rgt) in zip(images, reader.read_halves(loaded))]
+    else:
+        rows = [{"image": str(p), **asdict(a)} for p, a in zip(images, reader.read(loaded))]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for row in rows:
+        parts = [("left", row["left"]), ("right", row["right"])] if halves else [("", row)]
+        text = "; ".join(f"{label + ': ' if label else ''}{_describe(a)}" for label, a in parts)
+        typer.echo(f"{row['image']}: {text}")
+
+
+def _describe(a: dict) -> str:
+    pattern = a["pattern"] if a["pattern"] == "solid" else f"{a['pattern']} in {a['second_color']}"
+    return f"{a['color']} {a['shape']}, {pattern}, on {a['background']} (confidence {a['confidence']:.2f})"
