@@ -1,0 +1,139 @@
+"""The inbox: folder naming and concept.toml, bad files, ERROR.txt, settle time, clean-up, and
+pick-up at start-up, against a real daemon process (FakeEngine)."""
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from cli.client import Client
+from cns_daemon.errors import BadInput
+from cns_daemon.inbox import ERROR_FILE, read_photos, read_spec
+from test_service_harness import photo_bytes, short_home, start_daemon, wait_until, write_photos
+
+
+def test_read_spec_forms(tmp_path):
+    (tmp_path / "rex.dog").mkdir()
+    spec = read_spec(tmp_path / "rex.dog")
+    assert (spec.name, spec.class_word, spec.method, spec.steps) == ("rex", "dog", None, None)
+    folder = tmp_path / "mug"
+    folder.mkdir()
+    (folder / "concept.toml").write_text('class = "mug"\nmethod = "cones2"\nsteps = 7\n')
+    spec = read_spec(folder)
+    assert (spec.name, spec.class_word, spec.method, spec.steps) == ("mug", "mug", "cones2", 7)
+
+
+@pytest.mark.parametrize("folder,toml,needle", [
+    ("noclass", None, "No class word"),
+    ("bad name.dog", None, "Invalid concept name"),
+    ("x" * 70 + ".dog", None, "Invalid concept name"),
+    ("m", 'class = "dog"\nmethod = "magic"\n', "Unknown method"),
+    ("m", 'class = "dog"\nsteps = -3\n', "steps"),
+    ("m", 'class = "dog"\ncolour = "red"\n', "unknown keys"),
+    ("m", 'class = "dog\n', "not valid TOML"),
+])
+def test_read_spec_errors(tmp_path, folder, toml, needle):
+    (tmp_path / folder).mkdir()
+    if toml is not None:
+        (tmp_path / folder / "concept.toml").write_text(toml)
+    with pytest.raises(BadInput, match=needle):
+        read_spec(tmp_path / folder)
+
+
+def test_read_photos_skips_bad_files_and_reads_captions(tmp_path):
+    write_photos(tmp_path, 2)
+    (tmp_path / "photo0.txt").write_text("a photo of a dog on grass")
+    (tmp_path / "notes.md").write_text("not a photo")
+    (tmp_path / "cut.jpg").write_bytes(photo_bytes(9, fmt="JPEG")[:200])
+    (tmp_path / "concept.toml").write_text('class = "dog"\n')
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0")
+    good, skipped = read_photos(tmp_path)
+    assert [p.filename for p in good] == ["photo0.png", "photo1.png"]
+    assert good[0].caption == "a photo of a dog on grass" and good[1].caption is None
+    assert {s.file for s in skipped} == {"notes.md", "cut.jpg"}
+
+
+@pytest.fixture
+def daemon():
+    home = short_home()
+    started = []
+
+    def start(**env):
+        d = start_daemon(home, **env)
+        started.append(d)
+        return d
+
+    yield home, start
+    for d in started:
+        d.kill(15)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_inbox_drop_learns_and_cleans_up(daemon):
+    home, start = daemon
+    d = start()
+    inbox = home / "inbox"
+    folder = inbox / "rex.dog"
+    write_photos(folder, 3)
+    (folder / "readme.txt").write_text("my dog")          # not an image: skipped, kept aside
+    with Client(d.socket) as c:
+        wait_until(lambda: "rex" in {x.name for x in c.concepts()}, timeout=30, what="rex learned")
+        job = next(j for j in c.jobs() if j.kind == "learn")
+        assert job.state == "done" and "inbox" in job.summary
+        assert [s.file for s in job.skipped] == ["readme.txt"]
+        assert c.concept("rex").photos == 3
+    wait_until(lambda: not folder.exists(), what="inbox folder removed")
+    leftovers = list((home / "data" / "archive" / "inbox-leftovers").rglob("readme.txt"))
+    assert len(leftovers) == 1 and leftovers[0].read_text() == "my dog"   # nothing deleted unread
+
+
+def test_inbox_errors_then_retry_after_fix(daemon):
+    home, start = daemon
+    d = start()
+    inbox = home / "inbox"
+    write_photos(inbox / "nameless", 2)          # no class anywhere
+    (inbox / "empty.dog").mkdir(parents=True)    # no photos
+    write_photos(inbox / "bad name.dog", 1)      # invalid name
+    junk = inbox / "junk.cat"
+    junk.mkdir()
+    (junk / "a.png").write_bytes(b"")            # only a 0-byte file
+    for name, needle in (("nameless", "No class word"), ("empty.dog", "No usable photo"),
+                         ("bad name.dog", "Invalid concept name"), ("junk.cat", "0 bytes")):
+        error = inbox / name / ERROR_FILE
+        wait_until(error.exists, timeout=20, what=f"ERROR.txt in {name}")
+        text = error.read_text()
+        assert needle in text and "What to do:" in text, text
+    assert len(list((inbox / "nameless").glob("*.png"))) == 2   # the photos are untouched
+    # the person fixes the folder: the service retries and learns it
+    time.sleep(0.05)
+    (inbox / "nameless" / "concept.toml").write_text('class = "dog"\n')
+    with Client(d.socket) as c:
+        wait_until(lambda: "nameless" in {x.name for x in c.concepts()}, timeout=30, what="retry")
+        # a folder in error is not retried while nothing changes in it
+        learn_jobs = [j for j in c.jobs() if j.kind == "learn"]
+        assert len(learn_jobs) == 1
+    wait_until(lambda: not (inbox / "nameless").exists(), what="fixed folder removed")
+    assert (inbox / "empty.dog" / ERROR_FILE).exists()
+
+
+def test_folders_present_at_startup_and_settle_time(daemon):
+    home, start = daemon
+    inbox = home / "inbox"
+    write_photos(inbox / "early.mug", 2)         # dropped while the service was down
+    d = start(CONES_SETTLE_SECONDS="1.5")
+    with Client(d.socket) as c:
+        wait_until(lambda: "early" in {x.name for x in c.concepts()}, timeout=30, what="start-up pick-up")
+        # a folder still being written to is not taken before it settles
+        folder = inbox / "late.mug"
+        t0 = time.monotonic()
+        for i in range(4):
+            folder.mkdir(exist_ok=True)
+            (folder / f"p{i}.png").write_bytes(photo_bytes(40 + i))
+            time.sleep(0.5)
+            assert not any(j.summary.startswith("learn <late>") for j in c.jobs())
+        wait_until(lambda: any(j.summary.startswith("learn <late>") for j in c.jobs()), timeout=20,
+                   what="late taken")
+        assert time.monotonic() - t0 >= 2.0 + 1.5 - 0.6
+        job = next(j for j in c.jobs() if j.summary.startswith("learn <late>"))
+        assert "4 photos" in job.summary
