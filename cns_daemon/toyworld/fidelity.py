@@ -1,0 +1,91 @@
+"""Measuring a model on the toy world with the probe: prompt fidelity and the attribute
+distributions it produces. Used by bench/toyworld.py, the quality tests and the method benches.
+
+Generation here is batched over *different* prompts (one pipeline call for many prompts, image i
+seeded with its own CPU generator), which is what a benchmark over hundreds of plain prompts
+needs; the service's single-prompt routine is cns_daemon.generate.generate.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .probe import Attributes, Probe
+from .world import SceneSpec, caption, random_scene
+
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 4.0
+
+
+@dataclass(frozen=True)
+class PromptCase:
+    scene: SceneSpec
+    prompt: str
+    seed: int
+
+
+def plain_prompt_cases(n: int, seed: int = 0, *, two_objects: bool = False) -> list[PromptCase]:
+    """`n` fixed plain prompts ("a photo of a red star on the grass") with their noise seeds."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(n):
+        scene = random_scene(rng, two_prob=1.0 if two_objects else 0.0)
+        cases.append(PromptCase(scene, caption(scene), seed * 100_000 + i))
+    return cases
+
+
+@torch.no_grad()
+def generate_batch(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int = DEFAULT_STEPS,
+                   guidance_scale: float = DEFAULT_GUIDANCE, batch: int = 32) -> list:
+    """One PIL image per prompt; image i starts from noise seeded with seeds[i]."""
+    images: list = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds[i:i + batch]]
+        out = pipe(prompt=list(prompts[i:i + batch]), num_inference_steps=steps,
+                   guidance_scale=guidance_scale, generator=gens, output_type="pil")
+        images.extend(out.images)
+    return images
+
+
+@dataclass
+class Fidelity:
+    """Fractions of images whose probed attributes match the prompt."""
+    n: int
+    all_match: float                        # shape, colour and background all right
+    per_attribute: dict[str, float] = field(default_factory=dict)
+
+
+SCENE_ATTRIBUTES = ("shape", "color", "background")
+
+
+def _score(pairs: list[tuple[Attributes, object, str]]) -> Fidelity:
+    hits = {a: [getattr(read, a) == (bg if a == "background" else getattr(obj, a))
+                for read, obj, bg in pairs] for a in SCENE_ATTRIBUTES}
+    all_ok = [all(h[i] for h in hits.values()) for i in range(len(pairs))]
+    return Fidelity(len(pairs), float(np.mean(all_ok)) if pairs else 0.0,
+                    {a: float(np.mean(v)) if v else 0.0 for a, v in hits.items()})
+
+
+def prompt_fidelity(probe: Probe, images: Sequence, scenes: Sequence[SceneSpec]) -> Fidelity:
+    """Single-object prompts: does the image show the named shape, colour and background?"""
+    reads = probe.read(images)
+    return _score([(r, s.objects[0], s.background) for r, s in zip(reads, scenes)])
+
+
+def two_object_fidelity(probe: Probe, images: Sequence, scenes: Sequence[SceneSpec]) -> Fidelity:
+    """Two-object prompts, per half: left object in the left half, right one in the right."""
+    pairs = []
+    for (left, right), s in zip(probe.read_halves(images), scenes):
+        pairs += [(left, s.objects[0], s.background), (right, s.objects[1], s.background)]
+    return _score(pairs)
+
+
+def attribute_distribution(probe: Probe, images: Sequence, attribute: str = "pattern") -> dict[str, float]:
+    """How often each value of `attribute` is read over the images (fractions, sorted)."""
+    counts = Counter(getattr(a, attribute) for a in probe.read(images))
+    total = sum(counts.values())
+    return {k: counts[k] / total for k in sorted(counts, key=lambda k: -counts[k])}
