@@ -240,6 +240,33 @@ def cancel(job_id: str) -> None:
     console.print(f"Cancelling job {job.id} ({job.summary}); it was {job.state}.")
 
 
+# ---------------------------------------------------------------- systemd
+
+
+UNIT_DIR = typer.Option(None, "--unit-dir", help="Where the unit goes (default ~/.config/systemd/user).")
+
+
+@service_app.command("install")
+@handled
+def service_install(unit_dir: Optional[Path] = UNIT_DIR,
+                    no_start: bool = typer.Option(False, "--no-start", help="Write the unit only.")) -> None:
+    """Write the user unit with this machine's paths; enable and start it when systemd runs."""
+    from cli import service_unit
+
+    service_unit.install(settings(), unit_dir or service_unit.default_unit_dir(), not no_start,
+                         say=lambda line: console.print(line, highlight=False))
+
+
+@service_app.command("uninstall")
+@handled
+def service_uninstall(unit_dir: Optional[Path] = UNIT_DIR) -> None:
+    """Stop, disable and remove the user unit (data and inbox are kept)."""
+    from cli import service_unit
+
+    service_unit.uninstall(unit_dir or service_unit.default_unit_dir(),
+                           say=lambda line: console.print(line, highlight=False))
+
+
 # ---------------------------------------------------------------- misc
 
 

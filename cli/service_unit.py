@@ -1,0 +1,124 @@
+"""`cones service install|uninstall`: the systemd user unit, written with this machine's paths.
+
+The template is systemd/cones.service (in the source tree the project is installed from);
+`render` fills in the command, the environment that selects the data folders, and the paths
+the hardened unit may write. `install` writes it and, when a systemd user manager answers,
+runs daemon-reload and enable --now; every step it takes is printed.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from cns_daemon.errors import NotFound, Unavailable
+from cns_daemon.settings import Settings
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "cones.service"
+UNIT_NAME = "cones.service"
+
+
+def default_unit_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "systemd" / "user"
+
+
+def exec_command() -> str:
+    """The installed `cones` script beside this Python, else `python -m cli.main`."""
+    script = Path(sys.executable).parent / "cones"
+    return str(script) if script.is_file() else f"{sys.executable} -m cli.main"
+
+
+def _quote(value: str) -> str:
+    """A systemd-quoted word (paths may contain spaces)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' if any(c in value for c in ' "\\') else value
+
+
+def render(settings: Settings) -> str:
+    if not TEMPLATE.is_file():
+        raise NotFound(f"The unit template {TEMPLATE} is missing.",
+                       "Install cones from its source folder (`pip install -e .`).")
+    paths = settings.paths
+    env = {"PYTHONUNBUFFERED": "1"}
+    if settings.home:
+        env["CONES_HOME"] = str(Path(settings.home).expanduser().absolute())
+    for key in ("CONES_HOME", "CONES_MODEL", "CONES_DEVICE", "CONES_DTYPE"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    hf_cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    text = TEMPLATE.read_text()
+    fields = {
+        "@EXEC@": exec_command(),
+        "@ENVIRONMENT@": "\n".join(f"Environment={_quote(f'{k}={v}')}" for k, v in sorted(env.items())),
+        "@DATA@": _quote(str(paths.data)),
+        "@INBOX@": _quote(str(paths.inbox)),
+        "@RUNTIME@": _quote(str(paths.runtime)),
+        "@HF_CACHE@": str(hf_cache) if " " not in str(hf_cache) else _quote(str(hf_cache)),
+    }
+    for key, value in fields.items():
+        text = text.replace(key, value)
+    if any(_under_tmp(p) for p in (paths.data, paths.inbox, paths.runtime)):
+        # a private /tmp would hide folders that live in the real one
+        text = text.replace("PrivateTmp=yes\n", "")
+    # the template's header comment describes the template, not this file
+    body = text.split("\n[Unit]", 1)[1]
+    return ("# Written by `cones service install`; edit the template systemd/cones.service or the\n"
+            "# settings (config.toml) and run it again rather than editing this file.\n[Unit]" + body)
+
+
+def _under_tmp(path: Path) -> bool:
+    return any(path.is_relative_to(t) for t in (Path("/tmp"), Path("/var/tmp")))
+
+
+def systemd_user_available() -> bool:
+    if shutil.which("systemctl") is None:
+        return False
+    probe = subprocess.run(["systemctl", "--user", "show-environment"], capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+def _systemctl(*args: str, say) -> None:
+    cmd = ["systemctl", "--user", *args]
+    say(f"$ {' '.join(cmd)}")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise Unavailable(f"`{' '.join(cmd)}` failed: {(result.stderr or result.stdout).strip()}",
+                          "Check `systemctl --user status cones` and `journalctl --user -u cones`.")
+
+
+def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
+    paths = settings.paths
+    for folder in (paths.data, paths.inbox, paths.runtime):
+        folder.mkdir(parents=True, exist_ok=True)
+        say(f"folder {folder}")
+    os.chmod(paths.runtime, 0o700)
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    unit = unit_dir / UNIT_NAME
+    unit.write_text(render(settings))
+    say(f"wrote {unit}")
+    if not start:
+        say("not starting it (--no-start)")
+    elif systemd_user_available():
+        _systemctl("daemon-reload", say=say)
+        _systemctl("enable", "--now", UNIT_NAME, say=say)
+        say("the service is enabled and started; `cones status` talks to it")
+    else:
+        say("no systemd user manager here: the unit is written but not enabled; run "
+            "`systemctl --user enable --now cones` where systemd runs, or `cones serve`")
+    return unit
+
+
+def uninstall(unit_dir: Path, say) -> None:
+    unit = unit_dir / UNIT_NAME
+    if systemd_user_available():
+        _systemctl("disable", "--now", UNIT_NAME, say=say)
+    if unit.exists():
+        unit.unlink()
+        say(f"removed {unit}")
+    else:
+        say(f"no unit at {unit}")
+    if systemd_user_available():
+        _systemctl("daemon-reload", say=say)
+    say("your concepts, photos and inbox are kept")

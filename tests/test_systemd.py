@@ -1,0 +1,71 @@
+"""The systemd user unit: rendered with this machine's paths, hardened, and accepted by
+`systemd-analyze verify` where that tool exists; sd_notify messages reach NOTIFY_SOCKET."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from cns_daemon.notify import Notifier
+from cns_daemon.settings import load_settings
+
+
+def _install(tmp_path, cones_home):
+    result = CliRunner().invoke(app, ["service", "install", "--unit-dir", str(tmp_path / "units"), "--no-start"])
+    assert result.exit_code == 0, result.output
+    return (tmp_path / "units" / "cones.service").read_text(), result.output
+
+
+def test_install_writes_unit_with_paths_and_hardening(tmp_path, cones_home):
+    unit, output = _install(tmp_path, cones_home)
+    paths = load_settings().paths
+    lines = unit.splitlines()
+    assert "Type=notify" in lines and "Restart=on-failure" in lines
+    assert any(l.startswith("WatchdogSec=") for l in lines)
+    assert "NoNewPrivileges=yes" in lines and "ProtectSystem=strict" in lines
+    rw = next(l for l in lines if l.startswith("ReadWritePaths="))
+    for p in (paths.data, paths.inbox, paths.runtime):
+        assert str(p) in rw and p.is_dir()
+    exec_start = next(l for l in lines if l.startswith("ExecStart="))
+    assert exec_start.endswith(" serve") and os.access(exec_start.split("=", 1)[1].split()[0], os.X_OK)
+    assert f"Environment=CONES_HOME={cones_home}" in lines
+    assert "@" not in unit.replace("default.target", "")   # every placeholder filled
+    assert "wrote" in output and "--no-start" in output
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_unit_passes_systemd_analyze_verify(tmp_path, cones_home):
+    _install(tmp_path, cones_home)
+    unit = tmp_path / "units" / "cones.service"
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
+                            timeout=60)
+    complaints = [l for l in (result.stderr + result.stdout).splitlines() if "cones.service" in l]
+    assert result.returncode == 0 and not complaints, result.stderr
+
+
+def test_sd_notify_messages(tmp_path):
+    path = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    server.settimeout(5)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"})
+        assert n.watchdog_interval == pytest.approx(0.1)
+        n.ready("idle; 0 queued")
+        assert server.recv(1024) == b"READY=1\nSTATUS=idle; 0 queued"
+        n.status("running learn <rex>")
+        assert server.recv(1024) == b"STATUS=running learn <rex>"
+        n.start_watchdog()
+        assert server.recv(1024) == b"WATCHDOG=1"
+        n.stop()
+    finally:
+        server.close()
+    quiet = Notifier({})
+    assert not quiet.enabled and not quiet.send("READY=1") and quiet.watchdog_interval is None
+    other = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+    assert other.watchdog_interval is None   # the watchdog is for another process
