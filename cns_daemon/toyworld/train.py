@@ -38,15 +38,15 @@ log = logging.getLogger("toyworld.train")
 @dataclass
 class TrainConfig:
     seed: int = 0
-    n_images: int = 16000
+    n_images: int = 12000
     two_object_share: float = 0.2
-    vae_steps: int = 500
-    vae_batch: int = 32
+    vae_steps: int = 300
+    vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
     unet_steps: int = 3200
-    unet_batch: int = 32
-    unet_lr: float = 1e-3
+    unet_batch: int = 24
+    unet_lr: float = 1.5e-3
     warmup: int = 200
     ema_decay: float = 0.998
     cfg_drop: float = 0.1
@@ -65,6 +65,20 @@ def render_dataset(cfg: TrainConfig) -> tuple[np.ndarray, list]:
     rng = np.random.default_rng(cfg.seed)
     scenes = [random_scene(rng, two_prob=cfg.two_object_share) for _ in range(cfg.n_images)]
     images = np.stack([render_array(s, cfg.seed * 10_000_000 + i)[0] for i, s in enumerate(scenes)])
+    return images, scenes
+
+
+def cached_dataset(cfg: TrainConfig, work: Path) -> tuple[np.ndarray, list]:
+    """render_dataset, kept in the work folder so a resumed run does not render again (the
+    scenes are cheap to redraw from the seed; only the pixels are cached)."""
+    rng = np.random.default_rng(cfg.seed)
+    cache = work / f"images-{cfg.seed}-{cfg.n_images}-{cfg.two_object_share}.npy"
+    if cache.exists():
+        scenes = [random_scene(rng, two_prob=cfg.two_object_share) for _ in range(cfg.n_images)]
+        return np.load(cache), scenes
+    log.info("rendering %d images", cfg.n_images)
+    images, scenes = render_dataset(cfg)
+    np.save(cache, images)
     return images, scenes
 
 
@@ -257,8 +271,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     t_start = time.time()
     commit = git_commit()
 
-    log.info("rendering %d images", cfg.n_images)
-    images_np, scenes = render_dataset(cfg)
+    images_np, scenes = cached_dataset(cfg, work)
     images = to_tensor(images_np)
     log.info("rendered in %.0fs", time.time() - t_start)
 
