@@ -109,6 +109,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         method: Optional[str] = typer.Option(None, help="cns (default) | cones | cones2"),
         steps: Optional[int] = typer.Option(None, help="Training steps (default: the method's)."),
         seed: int = typer.Option(0, help="Training seed."),
+        option: List[str] = typer.Option([], "--option", help="Method hyper-parameter KEY=VALUE (e.g. top_p=5); repeatable."),
         no_wait: bool = typer.Option(False, "--no-wait", help="Queue the job and return."),
         as_json: bool = JSON) -> None:
     """Learn a concept from photos."""
@@ -118,7 +119,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
             raise BadInput(f"No such file: {p}.", "Give paths of photo files.")
         items.append(Photo(filename=p.name, data=p.read_bytes()))
     req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
-                 seed=seed, photos=items)
+                 seed=seed, photos=items, options=dict(_option(o) for o in option))
     with client() as c:
         job = c.add(req)
         for s in job.skipped:
@@ -276,6 +277,22 @@ def version() -> None:
     from importlib.metadata import version as v
 
     typer.echo(v("cones"))
+
+
+def _option(text: str) -> tuple[str, bool | int | float | str]:
+    """KEY=VALUE with the value read as a bool, whole number, number or text, in that order."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise BadInput(f"Malformed option {text!r}.", "Write options as KEY=VALUE, e.g. --option top_p=5.")
+    raw = raw.strip()
+    if raw.lower() in ("true", "false"):
+        return key.strip(), raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key.strip(), kind(raw)
+        except ValueError:
+            pass
+    return key.strip(), raw
 
 
 def _model(model, **fields):

@@ -107,6 +107,7 @@ class Engine:
         method = get_method(job.method)
         previous = [self.store.get(m.name) for m in self.store.list() if m.method == job.method]
         spec = LearnSpec(name=job.name, class_word=job.class_word, steps=job.steps, seed=job.seed,
+                         options=dict(job.options),
                          cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16])
         record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
         record.meta.photo_digests = list(job.photo_digests)

@@ -2,7 +2,8 @@
 
     inbox/rex/            photos of rex; class from concept.toml
     inbox/rex.dog/        the class may also be given in the folder name
-    inbox/rex/concept.toml   class = "dog", method = "cns", steps = 400 (all optional but class)
+    inbox/rex/concept.toml   class = "dog", method = "cns", steps = 400 (all optional but class),
+                             and an [options] table of method hyper-parameters
 
 A folder is taken once nothing in it changed for `settle` seconds (watchdog events and file
 mtimes both count). Bad files are skipped and listed; a folder that cannot be learned from gets
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "concept.toml"
 ERROR_FILE = "ERROR.txt"
-CONFIG_KEYS = {"class", "method", "steps", "seed"}
+CONFIG_KEYS = {"class", "method", "steps", "seed", "options"}
 
 
 @dataclass
@@ -42,6 +43,7 @@ class FolderSpec:
     method: str | None
     steps: int | None
     seed: int
+    options: dict
 
 
 def read_spec(folder: Path) -> FolderSpec:
@@ -73,7 +75,11 @@ def read_spec(folder: Path) -> FolderSpec:
     seed = config.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise BadInput(f"seed in {CONFIG_FILE} must be a whole number, not {seed!r}.")
-    return FolderSpec(name, class_word, method, steps, seed)
+    options = config.get("options", {})
+    if not isinstance(options, dict) or not all(isinstance(v, (bool, int, float, str)) for v in options.values()):
+        raise BadInput(f"[options] in {CONFIG_FILE} must be a table of plain values.",
+                       "For example:\n[options]\ntop_p = 5.0")
+    return FolderSpec(name, class_word, method, steps, seed, options)
 
 
 def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
@@ -209,7 +215,7 @@ class Inbox:
             photos, skipped = read_photos(folder)
             job = self.service.submit_learn(spec.name, spec.class_word, spec.method, spec.steps,
                                             spec.seed, photos, skipped, source="inbox",
-                                            inbox_folder=folder.name)
+                                            inbox_folder=folder.name, options=spec.options)
         except ConesError as exc:
             log.warning("inbox folder %s: %s", folder.name, exc.message)
             write_error(folder, name, exc, skipped)

@@ -42,6 +42,7 @@ JobKind = Literal["learn", "generate", "remove", "import"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 FINAL_STATES = ("done", "failed", "cancelled")
 MethodName = Literal["cns", "cones", "cones2"]
+OptionValue = bool | int | float | str
 
 
 class Model(BaseModel):
@@ -72,6 +73,8 @@ class AddRequest(Model):
     method: MethodName | None = Field(None, description="None: the service's default method.")
     steps: int | None = Field(None, ge=1, le=100_000)
     seed: int = 0
+    options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32,
+                                            description="Method hyper-parameters (e.g. top_p, lr).")
     photos: list[Photo] = Field(min_length=1, max_length=MAX_PHOTOS)
 
 
@@ -87,6 +90,7 @@ class LearnJob(Model):
     method: MethodName
     steps: int | None = Field(None, ge=1, le=100_000)
     seed: int = 0
+    options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32)
     photo_digests: list[str] = Field(min_length=1)
     skipped: list[SkippedFile] = Field(default_factory=list)
     source: Literal["cli", "inbox"] = "cli"

@@ -44,18 +44,20 @@ class Service:
     def add(self, req: AddRequest) -> JobRecord:
         photos, skipped = check_photos([(p.filename, p.data) for p in req.photos])
         return self.submit_learn(req.name, req.class_word, req.method, req.steps, req.seed,
-                                 photos, skipped, source="cli")
+                                 photos, skipped, source="cli", options=req.options)
 
     def submit_learn(self, name: str, class_word: str, method: str | None, steps: int | None,
                      seed: int, photos: list[CheckedPhoto], skipped: list[SkippedFile], *,
-                     source: str, inbox_folder: str | None = None) -> JobRecord:
+                     source: str, inbox_folder: str | None = None,
+                     options: dict | None = None) -> JobRecord:
         if not photos:
             why = "; ".join(f"{s.file}: {s.reason}" for s in skipped) or "no files"
             raise BadPhoto(f"No usable photo for {name!r} ({why}).")
         self._check_name_free(name)
         digests = [self.archive.put(p) for p in photos]
         job = LearnJob(name=name, class_word=class_word, method=method or self.settings.method,
-                       steps=steps, seed=seed, photo_digests=digests, skipped=skipped,
+                       steps=steps, seed=seed, options=options or {}, photo_digests=digests,
+                       skipped=skipped,
                        source=source, inbox_folder=inbox_folder)
         return self.worker.submit("learn", job)
 

@@ -78,9 +78,9 @@ def test_inbox_drop_learns_and_cleans_up(daemon):
     write_photos(folder, 3)
     (folder / "readme.txt").write_text("my dog")          # not an image: skipped, kept aside
     with Client(d.socket) as c:
-        wait_until(lambda: "rex" in {x.name for x in c.concepts()}, timeout=30, what="rex learned")
-        job = next(j for j in c.jobs() if j.kind == "learn")
-        assert job.state == "done" and "inbox" in job.summary
+        job = wait_until(lambda: next((j for j in c.jobs() if j.kind == "learn" and j.state == "done"), None),
+                         timeout=30, what="rex learned")
+        assert "inbox" in job.summary and job.summary.startswith("learn <rex> (dog,")
         assert [s.file for s in job.skipped] == ["readme.txt"]
         assert c.concept("rex").photos == 3
     wait_until(lambda: not folder.exists(), what="inbox folder removed")

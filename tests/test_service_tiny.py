@@ -1,0 +1,98 @@
+"""End to end on the real engine: `cones serve --model tiny` (the seeded tiny SD pipeline), real
+methods and generation, driven through the CLI and the inbox; export / import of a concept."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.client import Client
+from cli.main import app
+from cns_daemon.errors import EXIT_CODES, ErrorCode
+from cns_daemon.transfer import decode, encode
+from test_service_harness import short_home, start_daemon, wait_until, write_photos
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    home = short_home()
+    d = start_daemon(home, fake=False, args=("--model", "tiny"), timeout=180)
+    yield d
+    d.kill(15)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def cones(daemon, monkeypatch):
+    monkeypatch.setenv("CONES_HOME", str(daemon.home))
+
+    def run(*args: str):
+        result = runner.invoke(app, list(args))
+        return result.exit_code, result.stdout + result.stderr
+    return run
+
+
+def test_cli_and_inbox_then_generate_with_boxes(cones, daemon, tmp_path):
+    photos = write_photos(tmp_path / "rex", 3)
+    code, out = cones("add", "rex", *map(str, photos), "--class", "dog", "--method", "cones2",
+                      "--steps", "2")
+    assert code == 0, out
+    folder = daemon.home / "inbox" / "mug"
+    write_photos(folder, 3, seed=50)
+    (folder / "concept.toml").write_text('class = "mug"\nmethod = "cones2"\nsteps = 2\n')
+    with Client(daemon.socket) as c:
+        wait_until(lambda: "mug" in {x.name for x in c.concepts()}, timeout=120, what="inbox learn")
+        assert c.status().model == "tiny"
+    wait_until(lambda: not folder.exists(), what="inbox folder removed")
+
+    code, out = cones("list", "--json")
+    listed = {c["name"]: c for c in json.loads(out)}
+    assert {"rex", "mug"} <= set(listed) and listed["mug"]["method"] == "cones2"
+    out_dir = tmp_path / "images"
+    code, out = cones("generate", "a photo of <rex> and <mug>", "-n", "2", "--steps", "3", "--seed", "3",
+                      "--box", "rex=0,0,0.5,1", "--box", "mug=0.5,0,1,1", "-o", str(out_dir), "--json")
+    assert code == 0, out
+    result = json.loads(out)["result"]
+    from PIL import Image
+
+    images = [Image.open(p) for p in result["images"]]
+    assert len(images) == 2 and images[0].size == (32, 32)
+    assert Image.open(result["contact_sheet"]).width > 2 * 32
+    code, out = cones("generate", "a photo of <rex>", "--box", "mug=0,0,1,1")
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "not in the prompt" in out
+
+
+def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
+    photos = write_photos(tmp_path / "star", 3, seed=80)
+    code, out = cones("add", "star", *map(str, photos), "--class", "star", "--method", "cones2", "--steps", "2")
+    assert code == 0, out
+    code, before = cones("show", "star", "--json")
+    exported = tmp_path / "star.safetensors"
+    code, out = cones("export", "star", "-o", str(exported))
+    assert code == 0 and exported.stat().st_size > 0, out
+    code, out = cones("import", str(exported))
+    assert code == EXIT_CODES[ErrorCode.CONFLICT], out          # the name is taken
+    assert cones("rm", "star")[0] == 0
+    assert cones("show", "star")[0] == EXIT_CODES[ErrorCode.NOT_FOUND]
+    code, out = cones("import", str(exported))
+    assert code == 0, out
+    code, after = cones("show", "star", "--json")
+    a, b = json.loads(after), json.loads(before)
+    assert {k: a[k] for k in ("method", "class_word", "token", "photos", "fingerprint")} == \
+           {k: b[k] for k in ("method", "class_word", "token", "photos", "fingerprint")}
+    # the same concept claimed for another base model is refused
+    record = decode(exported.read_bytes())
+    other = dataclasses.replace(record, meta=dataclasses.replace(record.meta, name="alien", fingerprint="0" * 32))
+    alien = tmp_path / "alien.safetensors"
+    alien.write_bytes(encode(other))
+    code, out = cones("import", str(alien))
+    assert code == EXIT_CODES[ErrorCode.MODEL_MISMATCH], out
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a concept file at all")
+    code, out = cones("import", str(junk))
+    assert code == EXIT_CODES[ErrorCode.CORRUPT], out
