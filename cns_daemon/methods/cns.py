@@ -1,0 +1,297 @@
+"""CNS — Concept Neuron Selection (paper 003), the default method.
+
+Selection. The importance of K/V weight W[i, j] for a text embedding X (encoder output,
+tokens × d) is |W[i, j]| · ||X[:, j]||₂ (Eq. 3). Per row the top p % are selected. Base neurons:
+the selection ANDed over the captions of the concept's photos. General neurons: ORed over the
+shipped calibration prompts (computed once per base model and cached in memory). Concept
+neurons = base AND NOT general. Both are scored on the pretrained weights, so the general set is
+a property of the base model alone.
+
+Training. Only the concept neurons and the concept's token-embedding row change, with
+loss = denoising on the photos + λ_prior · prior preservation on class images made by the base
+model + λ₁‖M_reg ⊙ (W − W_prev)‖² + λ₂‖M ⊙ (W − W₀)‖², where M_reg marks the concept neurons
+earlier concepts already tuned, W_prev are the live values before this concept (earlier concepts
+included) and W₀ the pretrained ones. The weights are full tensors during the forward pass; the
+selected values are a separate flat parameter scattered into them after every step, so no other
+element can change.
+
+Fusion-free. `learn` leaves the concept written into the live pipeline, with exactly the values
+the record stores (the stored dtype is applied, so the live model equals what the store
+rebuilds). `apply(records)` rebuilds at start-up (already-applied names are skipped);
+`remove(handle)` or `unlearn(pipe, name)` takes concepts off again. Removing the most recent
+concept restores every weight and token row bit-exactly. Removing an older one restores its
+non-shared neurons bit-exactly; on neurons it shares with a later concept that later concept's
+values stay (they were trained on top of it, pulled toward its values by λ₁), and removing the
+later concept too then returns them to their values before the older one (see cns_layers.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cns_daemon.errors import BadInput
+from cns_daemon.methods import common as C
+from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
+from cns_daemon.methods.calibration_prompts import CALIBRATION_PROMPTS
+from cns_daemon.methods.cns_layers import CNSStack, stack_for
+from cns_daemon.methods.data import prepare_photos, resolution
+from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
+
+
+@dataclass
+class CNSParams:
+    steps: int = 100
+    top_p: float = 5.0            # % of each row selected per prompt (Eq. 3 score)
+    lr: float = 2e-3              # Adam, concept neurons
+    lr_token: float = 5e-3        # Adam, the token-embedding row
+    lambda_prior: float = 1.0     # prior-preservation weight
+    lambda_prev: float = 1.0      # λ₁: shared neurons toward earlier concepts' values
+    lambda_base: float = 0.01     # λ₂: all concept neurons toward the pretrained values
+    prior_images: int = 8         # class images made by the base model (cached per class)
+    prior_batch: int = 2          # class images per step
+    prior_steps: int = 20         # denoising steps used to make a class image
+    variants: int = 4             # augmented variants per photo
+    delta_dtype: str = "float32"  # stored values: float32 | float16
+    token: str = ""               # a specific rare token; "" picks one automatically
+
+    def validate(self) -> None:
+        if not 0 < self.top_p <= 100:
+            raise BadInput("top_p must be in (0, 100].")
+        if self.steps < 0 or self.prior_images < 0 or self.variants < 1:
+            raise BadInput("steps and prior_images must be ≥ 0, variants ≥ 1.")
+        if self.delta_dtype not in ("float32", "float16"):
+            raise BadInput("delta_dtype must be float32 or float16.")
+
+
+# -- selection (Eq. 3) ------------------------------------------------------------------------
+
+@torch.no_grad()
+def column_norms(pipe, prompts: list[str], chunk: int = 16) -> torch.Tensor:
+    """||X[:, j]||₂ over the tokens of each prompt's encoder output: (n_prompts, d)."""
+    out = [C.encode_text(pipe, prompts[i:i + chunk]).float().norm(dim=1)
+           for i in range(0, len(prompts), chunk)]
+    return torch.cat(out)
+
+
+def row_top(weight: torch.Tensor, norms: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean (out, in): per row, the top p % of |W[i, j]| · norms[j]."""
+    k = max(1, math.ceil(top_p / 100 * weight.shape[1]))
+    score = weight.detach().abs().float() * norms.to(weight.device)[None, :]
+    mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    return mask.scatter_(1, score.topk(k, dim=1).indices, True)
+
+
+def select(weights: dict[str, torch.Tensor], norms: torch.Tensor, top_p: float,
+           combine: str) -> dict[str, torch.Tensor]:
+    """Per tensor, the per-prompt selections combined with AND (base) or OR (general)."""
+    out = {}
+    for name, w in weights.items():
+        acc = None
+        for n in norms:
+            m = row_top(w, n, top_p)
+            acc = m if acc is None else (acc & m if combine == "and" else acc | m)
+        out[name] = acc
+    return out
+
+
+_GENERAL: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
+_CALIBRATION_KEY = hashlib.sha256("\n".join(CALIBRATION_PROMPTS).encode()).hexdigest()[:12]
+
+
+def general_neurons(pipe, stack: CNSStack, top_p: float) -> dict[str, torch.Tensor]:
+    key = (f"{stack.base_fingerprint}:{_CALIBRATION_KEY}", float(top_p))
+    if key not in _GENERAL:
+        with stack.base_weights():
+            _GENERAL[key] = select(stack.params, column_norms(pipe, list(CALIBRATION_PROMPTS)),
+                                   top_p, "or")
+    return _GENERAL[key]
+
+
+def concept_neurons(pipe, stack: CNSStack, captions: list[str], top_p: float) -> dict[str, np.ndarray]:
+    """Base AND NOT general, as sorted flat indices per tensor (empty tensors left out)."""
+    general = general_neurons(pipe, stack, top_p)
+    with stack.base_weights():
+        base = select(stack.params, column_norms(pipe, captions), top_p, "and")
+    out = {}
+    for name in base:
+        idx = C.mask_indices(base[name] & ~general[name])
+        if len(idx):
+            out[name] = idx
+    return out
+
+
+# -- learning -----------------------------------------------------------------------------------
+
+@dataclass
+class _Trainee:
+    """The selected values of one tensor as a trainable flat parameter, with the references the
+    regularisers pull toward."""
+    weight: torch.nn.Parameter
+    idx: torch.Tensor
+    values: torch.nn.Parameter
+    prev: torch.Tensor
+    base: torch.Tensor
+    reg_mask: torch.Tensor  # bool, shared with earlier concepts
+
+    def write(self) -> None:
+        with torch.no_grad():
+            self.weight.data.view(-1)[self.idx] = self.values.detach().to(self.weight.dtype)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            self.weight.data.view(-1)[self.idx] = self.prev.to(self.weight.dtype)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def overlap_with(indices: dict[str, np.ndarray], earlier: list[ConceptRecord]) -> Overlap:
+    total = C.count(indices)
+    shared = {}
+    for rec in earlier:
+        n = sum(len(np.intersect1d(idx, rec.deltas[t].indices)) for t, idx in indices.items()
+                if t in rec.deltas)
+        if n:
+            shared[rec.name] = int(n)
+    return Overlap(shared, total)
+
+
+class CNSMethod:
+    name = "cns"
+    Params = CNSParams
+
+    def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None = None,
+              cancel: CancelToken | None = None, previous: list[ConceptRecord] | None = None
+              ) -> ConceptRecord:
+        hp = C.parse_options(CNSParams, spec.options, spec.steps)
+        ConceptMeta(spec.name, "cns", spec.class_word, "")  # validates the name early
+        stack = stack_for(pipe)
+        earlier = [r for r in (stack.records() if previous is None else previous)
+                   if r.meta.method == "cns"]
+        taken = {r.meta.token for r in (previous or [])} | {r.meta.token for r in stack.records()}
+        token = C.allocate_token(pipe.tokenizer, taken - {""}, hp.token or None)
+        size = resolution(pipe)
+        report = ProgressReporter(progress, "prepare", 1)
+        report(0, message=f"token {token}")
+        photo_set = prepare_photos(photos, size, token, spec.class_word, captions=spec.captions,
+                                   variants=hp.variants, seed=spec.seed)
+        latents = C.encode_pixels(pipe, photo_set.pixels.flatten(0, 1)).unflatten(
+            0, photo_set.pixels.shape[:2])
+        prior = None
+        if hp.lambda_prior > 0 and hp.prior_images > 0:
+            with stack.base_weights():  # "made by the base model", not by earlier concepts
+                pixels = C.class_images(pipe, spec.class_word, hp.prior_images, size=size,
+                                        steps=hp.prior_steps, seed=spec.seed,
+                                        cache_dir=spec.cache_dir, progress=progress, cancel=cancel)
+            prior = C.encode_pixels(pipe, pixels)
+        if cancel is not None:
+            cancel.check()
+        ProgressReporter(progress, "select", 1)(0)
+        indices = concept_neurons(pipe, stack, photo_set.captions, hp.top_p)
+        if not indices:
+            raise BadInput("No concept neurons were selected for these photos.",
+                           "Raise the `top_p` option (percent of each row scored per caption).")
+        tuned = stack.tuned(earlier)
+        tid = C.token_id(pipe.tokenizer, token)
+        row = C.TrainableRow(pipe.text_encoder, tid)
+        trainees = self._trainees(stack, indices, tuned)
+        loss = C.ConceptLoss(pipe, latents, photo_set.captions, prior_latents=prior,
+                             prior_prompt=C.prior_prompt(spec.class_word),
+                             lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,
+                             seed=spec.seed, text_grad=True)
+        opt = torch.optim.Adam([{"params": [t.values for t in trainees], "lr": hp.lr},
+                                {"params": [row.param], "lr": hp.lr_token}])
+        weights = [t.weight for t in trainees]
+
+        def step(k: int) -> float:
+            opt.zero_grad(set_to_none=True)
+            for w in weights:
+                w.grad = None
+            parts = loss.parts(k)
+            reg = sum(hp.lambda_prev * ((t.values - t.prev)[t.reg_mask] ** 2).sum()
+                      + hp.lambda_base * ((t.values - t.base) ** 2).sum() for t in trainees)
+            (parts.total + reg).backward()
+            for t in trainees:  # the denoising gradient reaches the full weight; keep ours
+                t.values.grad += t.weight.grad.view(-1)[t.idx].float()
+            opt.step()
+            for t in trainees:
+                t.write()
+            return float(parts.total.detach())
+
+        try:
+            with C.only_trainable(C.pipeline_modules(pipe), weights), row:
+                losses = C.run_steps(hp.steps, step, progress, cancel)
+        finally:
+            for t in trainees:  # the live model gets the *stored* values below, or nothing
+                t.restore()
+        dtype = np.float16 if hp.delta_dtype == "float16" else np.float32
+        deltas = {t_name: SparseDelta(idx, t.values.detach().cpu().numpy().astype(dtype),
+                                      tuple(stack.params[t_name].shape))
+                  for (t_name, idx), t in zip(indices.items(), trainees)}
+        n = C.count(indices)
+        meta = ConceptMeta(
+            spec.name, "cns", spec.class_word, token,
+            photo_digests=[_digest(p) for p in photo_set.paths],
+            hparams={**C.as_dict(hp), "token": token, "seed": spec.seed, "neurons": n,
+                     "fraction_kv": n / C.kv_total(pipe.unet)},
+            metrics={"loss_first": losses[0] if losses else None,
+                     "loss_last": float(np.mean(losses[-10:])) if losses else None},
+            fingerprint=stack.base_fingerprint)
+        record = ConceptRecord(meta, deltas=deltas,
+                               embeddings={token: row.param.detach().cpu().numpy().astype(np.float32)},
+                               overlap=overlap_with(indices, earlier))
+        stack.push(record)
+        return record
+
+    @staticmethod
+    def _trainees(stack: CNSStack, indices: dict[str, np.ndarray],
+                  tuned: dict[str, np.ndarray]) -> list[_Trainee]:
+        out = []
+        for name, idx_np in indices.items():
+            w = stack.params[name]
+            idx = torch.as_tensor(idx_np).to(w.device)
+            prev = w.detach().view(-1)[idx].clone().float()
+            reg = np.isin(idx_np, tuned.get(name, np.empty(0, np.int64)))
+            out.append(_Trainee(w, idx, torch.nn.Parameter(prev.clone()), prev,
+                                stack.base_values(name, idx).float(),
+                                torch.as_tensor(reg).to(w.device)))
+        return out
+
+    def apply(self, pipe, records: list[ConceptRecord]) -> "CNSHandle":
+        stack = stack_for(pipe)
+        pushed = []
+        for rec in records:
+            if rec.meta.method != "cns":
+                raise BadInput(f"{rec.name} is a {rec.meta.method} concept, not a CNS one.")
+            if rec.name in stack.names():
+                continue  # fusion-free: already live
+            stack.push(rec)
+            pushed.append(rec.name)
+        return CNSHandle(stack, pushed)
+
+    def remove(self, handle: "CNSHandle") -> None:
+        for name in reversed(handle.names):
+            handle.stack.pop(name)
+        handle.names = []
+
+    def unlearn(self, pipe, name: str) -> None:
+        """Take a live concept off (e.g. one `learn` left applied)."""
+        stack_for(pipe).pop(name)
+
+    def applied(self, pipe) -> list[str]:
+        return stack_for(pipe).names()
+
+
+@dataclass
+class CNSHandle:
+    stack: CNSStack
+    names: list[str] = field(default_factory=list)
+
+
+METHOD = CNSMethod()

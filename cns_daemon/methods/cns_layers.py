@@ -1,0 +1,164 @@
+"""The live CNS concepts of one pipeline, as an ordered stack of sparse layers.
+
+CNS is fusion-free: learned concepts stay written into the UNet's K/V weights (and their token
+rows into the text encoder's input embedding). Each applied concept is a layer that remembers
+what it covered: its positions per tensor and the values *below* it there (what the weights held
+before it was written, as seen through the layers applied earlier).
+
+Removing the top layer writes its `below` values back: bit-exact. Removing an older layer L:
+- positions no later layer covers get L's `below` values back: bit-exact;
+- positions a later layer M also covers (shared neurons) keep M's live values, and M's `below`
+  there becomes L's `below`. So M keeps working as it was trained (its values were learned with
+  L present, regularised toward L's values by λ₁), and removing M afterwards too brings those
+  positions back to what they were before L: removing every concept, in any order, restores the
+  base weights bit-exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cns_daemon.errors import Conflict, NotFound
+from cns_daemon.methods.common import (SavedRows, embedding_rows, kv_weights, restore_rows,
+                                       write_rows)
+from store.records import ConceptRecord
+
+
+@dataclass
+class Layer:
+    record: ConceptRecord
+    indices: dict[str, torch.Tensor]   # tensor name → flat positions (int64, sorted)
+    below: dict[str, torch.Tensor]     # tensor name → values under this layer at `indices`
+    rows: SavedRows                    # token-embedding rows as they were before
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+
+class CNSStack:
+    def __init__(self, pipe):
+        self.unet = pipe.unet
+        self.text_encoder = pipe.text_encoder
+        self.tokenizer = pipe.tokenizer
+        self.params = kv_weights(pipe.unet)
+        self.layers: list[Layer] = []
+        self._base_fingerprint: str | None = None
+        from cns_daemon.model import fingerprint
+        # Taken now, while no CNS concept is written: the base model's identity.
+        self._base_fingerprint = fingerprint(pipe)
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self._base_fingerprint
+
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def records(self) -> list[ConceptRecord]:
+        return [layer.record for layer in self.layers]
+
+    def push(self, record: ConceptRecord) -> Layer:
+        if record.name in self.names():
+            raise Conflict(f"Concept {record.name!r} is already applied.")
+        indices, below = {}, {}
+        with torch.no_grad():
+            for name, delta in record.deltas.items():
+                p = self.params.get(name)
+                if p is None:
+                    raise NotFound(f"{record.name}: the model has no K/V tensor {name!r}.")
+                if tuple(p.shape) != tuple(delta.shape):
+                    raise Conflict(f"{record.name}: tensor {name} has shape {tuple(p.shape)}, "
+                                   f"the record {tuple(delta.shape)}.")
+                idx = torch.as_tensor(np.asarray(delta.indices, np.int64)).to(p.device)
+                flat = p.data.view(-1)
+                below[name] = flat[idx].clone()
+                indices[name] = idx
+                flat[idx] = torch.as_tensor(np.asarray(delta.values)).to(p.device, p.dtype)
+        rows = write_rows(self.text_encoder,
+                          embedding_rows(self.text_encoder, self.tokenizer, record.embeddings))
+        layer = Layer(record, indices, below, rows)
+        self.layers.append(layer)
+        return layer
+
+    def pop(self, name: str) -> None:
+        pos = self.names().index(name) if name in self.names() else -1
+        if pos < 0:
+            raise NotFound(f"Concept {name!r} is not applied.")
+        layer = self.layers.pop(pos)
+        later = self.layers[pos:]
+        with torch.no_grad():
+            for tname, idx in layer.indices.items():
+                below = layer.below[tname]
+                handed = np.zeros(len(idx), bool)   # positions a later layer took over
+                idx_np = idx.cpu().numpy()
+                for upper in later:                  # nearest later layer first
+                    if tname not in upper.indices:
+                        continue
+                    up_idx = upper.indices[tname].cpu().numpy()
+                    _, mine, theirs = np.intersect1d(idx_np, up_idx, assume_unique=True,
+                                                     return_indices=True)
+                    keep = ~handed[mine]
+                    mine, theirs = mine[keep], theirs[keep]
+                    if len(mine):
+                        upper.below[tname][torch.as_tensor(theirs)] = below[torch.as_tensor(mine)]
+                        handed[mine] = True
+                free = torch.as_tensor(~handed)
+                self.params[tname].data.view(-1)[idx[free]] = below[free]
+        restore_rows(layer.rows)
+
+    def base_values(self, tname: str, indices: torch.Tensor) -> torch.Tensor:
+        """The pretrained values at `indices`: the bottom-most layer's `below` where a layer
+        covers a position, the live value elsewhere."""
+        values = self.params[tname].detach().reshape(-1)[indices].clone()
+        want = indices.cpu().numpy()
+        for layer in reversed(self.layers):        # top to bottom: the bottom one wins
+            if tname not in layer.indices:
+                continue
+            _, a, b = np.intersect1d(want, layer.indices[tname].cpu().numpy(),
+                                     assume_unique=True, return_indices=True)
+            values[torch.as_tensor(a)] = layer.below[tname][torch.as_tensor(b)].to(values.dtype)
+        return values
+
+    def tuned(self, records: list[ConceptRecord] | None = None) -> dict[str, np.ndarray]:
+        """Union of the positions the given (default: applied) concepts tuned, per tensor."""
+        out: dict[str, np.ndarray] = {}
+        for rec in (self.records() if records is None else records):
+            for tname, delta in rec.deltas.items():
+                idx = np.asarray(delta.indices, np.int64)
+                out[tname] = np.union1d(out[tname], idx) if tname in out else idx
+        return out
+
+    @contextlib.contextmanager
+    def base_weights(self):
+        """Inside: the K/V weights are the pretrained ones (token rows untouched, they only
+        matter for the concepts' own tokens); outside again exactly as before."""
+        saved = []
+        with torch.no_grad():
+            for tname in {t for layer in self.layers for t in layer.indices}:
+                idx = torch.unique(torch.cat([l.indices[tname] for l in self.layers
+                                              if tname in l.indices]))
+                flat = self.params[tname].data.view(-1)
+                saved.append((flat, idx, flat[idx].clone()))
+                flat[idx] = self.base_values(tname, idx).to(flat.dtype)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for flat, idx, live in saved:
+                    flat[idx] = live
+
+
+_STACKS: "weakref.WeakKeyDictionary[torch.nn.Module, CNSStack]" = weakref.WeakKeyDictionary()
+
+
+def stack_for(pipe) -> CNSStack:
+    """The pipeline's stack (made on first use, when no CNS concept is written yet)."""
+    stack = _STACKS.get(pipe.unet)
+    if stack is None:
+        stack = _STACKS[pipe.unet] = CNSStack(pipe)
+    return stack

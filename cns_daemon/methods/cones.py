@@ -1,0 +1,271 @@
+"""Cones — concept neurons found by the scaled-gradient rule (paper 000).
+
+A K/V weight θ is a concept neuron when scaling it down lowers the concept-implanting loss
+(denoising on the photos captioned "a photo of <token> <class>" + λ · prior loss on class
+images), i.e. when θ · ∂L/∂θ accumulated along a short path is large (Eq. 9–11).
+
+Algorithm A2 (appendix): re-parametrise every K/V weight as γ = ξ ⊙ θ with ξ = 1, take K plain
+gradient-descent steps of size ρ on ξ (∇_ξ L = θ ⊙ ∇_γ L), then M_p = (1 − ξ_K)/ρ and the concept
+neurons are M_p > τ. τ can be given directly or as a target sparsity (the top `sparsity` % of all
+K/V weights by M_p, among those with M_p > 0). `algorithm1_scores` is the explicit Algorithm 1
+accumulation, kept for the test that A2 agrees with it.
+
+The record is the index set per tensor. Generating with the concept sets those weights to 0 for
+that request only ("shutting"); several Cones concepts shut the union of their sets.
+`joint_finetune` repeats A2 on the summed losses of several subjects, limited to the union of
+their sets (paper §3.3), and returns the refined union to shut instead.
+
+The token is a rare existing token, never trained: Cones changes no embedding.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cns_daemon.errors import BadInput
+from cns_daemon.methods import common as C
+from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
+from cns_daemon.methods.data import prepare_photos, resolution
+from store.records import ConceptMeta, ConceptRecord, Overlap
+
+LossFn = Callable[[int], torch.Tensor]
+
+
+@dataclass
+class ConesParams:
+    steps: int = 30               # K
+    rho: float = 1e-2             # ρ, step size on ξ (plain gradient descent)
+    sparsity: float = 1.3         # % of all K/V weights kept (picks τ); 0: use `tau`
+    tau: float = 0.0              # threshold on M_p when sparsity is 0
+    lambda_prior: float = 1.0
+    prior_images: int = 8
+    prior_batch: int = 2
+    prior_steps: int = 20
+    variants: int = 4
+    token: str = ""
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.rho <= 0:
+            raise BadInput("steps must be ≥ 1 and rho > 0.")
+        if not 0 <= self.sparsity <= 100:
+            raise BadInput("sparsity is a percentage in [0, 100].")
+
+
+# -- the two score computations ------------------------------------------------------------------
+
+def _gradients(pipe, params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor],
+               loss_fn: LossFn, k: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """∇L at weights = `values` (written into the live tensors), for step k's loss."""
+    with torch.no_grad():
+        for name, p in params.items():
+            p.data.copy_(values[name].to(p.dtype))
+            p.grad = None
+    loss = loss_fn(k)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.float() for n, p in params.items()}
+
+
+def _walk(pipe, loss_fn: LossFn, steps: int, progress: ProgressFn | None,
+          cancel: CancelToken | None, step: Callable[[int, Callable], float], phase: str):
+    params = C.kv_weights(pipe.unet)
+    pristine = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with C.only_trainable(C.pipeline_modules(pipe), params.values()):
+            C.run_steps(steps, lambda k: step(k, lambda vals: _gradients(pipe, params, vals, loss_fn, k)),
+                        progress, cancel, phase)
+    finally:
+        with torch.no_grad():  # the walk moved the live weights: put them back bit-exactly
+            for n, p in params.items():
+                p.data.copy_(pristine[n])
+    return pristine
+
+
+def a2_scores(pipe, loss_fn: LossFn, steps: int, rho: float, *,
+              restrict: dict[str, np.ndarray] | None = None, progress: ProgressFn | None = None,
+              cancel: CancelToken | None = None) -> dict[str, torch.Tensor]:
+    """Algorithm A2: M_p = (1 − ξ_K)/ρ per K/V weight. With `restrict`, ξ moves only at those
+    positions (the rest keep ξ = 1, hence M_p = 0)."""
+    params = C.kv_weights(pipe.unet)
+    theta = {n: p.detach().float().clone() for n, p in params.items()}
+    xi = {n: torch.ones_like(t) for n, t in theta.items()}
+    allow = None
+    if restrict is not None:
+        allow = {n: torch.zeros(t.numel(), dtype=torch.bool, device=t.device) for n, t in theta.items()}
+        for n, idx in restrict.items():
+            allow[n][torch.as_tensor(idx).to(allow[n].device)] = True
+        allow = {n: m.view_as(theta[n]) for n, m in allow.items()}
+
+    def step(k, grads_at):
+        loss, grads = grads_at({n: xi[n] * theta[n] for n in theta})
+        for n, g in grads.items():
+            d = theta[n] * g                      # ∇_ξ L = θ ⊙ ∇_γ L  (A13)
+            if allow is not None:
+                d = d * allow[n]
+            xi[n] -= rho * d
+        return loss
+
+    _walk(pipe, loss_fn, steps, progress, cancel, step, "train")
+    return {n: (1.0 - xi[n]) / rho for n in xi}
+
+
+def algorithm1_scores(pipe, loss_fn: LossFn, steps: int, rho: float) -> dict[str, torch.Tensor]:
+    """Algorithm 1, explicitly: θ¹ = θ, θ^{k+1} = θ^k ⊙ (1 − ρ θ^k ⊙ ∇L(θ^k)) (Eq. 10–11),
+    M_p = Σ_k θ^k ⊙ ∇L(θ^k) (Eq. 9)."""
+    params = C.kv_weights(pipe.unet)
+    cur = {n: p.detach().float().clone() for n, p in params.items()}
+    acc = {n: torch.zeros_like(t) for n, t in cur.items()}
+
+    def step(k, grads_at):
+        loss, grads = grads_at(cur)
+        for n, g in grads.items():
+            s = cur[n] * g
+            acc[n] += s
+            cur[n] = cur[n] * (1 - rho * s)
+        return loss
+
+    _walk(pipe, loss_fn, steps, None, None, step, "train")
+    return acc
+
+
+def select_neurons(scores: dict[str, torch.Tensor], *, sparsity: float = 0.0,
+                   tau: float = 0.0) -> tuple[dict[str, np.ndarray], float]:
+    """Concept neurons M_p > τ; with `sparsity` > 0, τ is chosen so that `sparsity` % of all
+    weights are kept (never one with M_p ≤ 0: scaling it down would not help). Returns the
+    index sets and the τ used."""
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1) for n in names])
+    if sparsity > 0:
+        k = max(1, round(flat.numel() * sparsity / 100))
+        tau = float(flat.topk(k).values[-1])
+        keep = flat >= tau
+        tau = max(tau, 0.0)
+        keep &= flat > 0
+    else:
+        keep = flat > tau
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        idx = C.mask_indices(keep[start:start + size])
+        start += size
+        if len(idx):
+            out[n] = idx
+    return out, tau
+
+
+# -- the method -----------------------------------------------------------------------------------
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def implanting_loss(pipe, photos: list[Path], token: str, class_word: str, hp: ConesParams, *,
+                    seed: int, captions: list[str] | None, cache_dir: Path | None,
+                    progress: ProgressFn | None, cancel: CancelToken | None):
+    """The concept-implanting loss (photos + λ · prior) as a per-step closure, and the photos."""
+    size = resolution(pipe)
+    photo_set = prepare_photos(photos, size, token, class_word, captions=captions,
+                               variants=hp.variants, seed=seed)
+    latents = C.encode_pixels(pipe, photo_set.pixels.flatten(0, 1)).unflatten(
+        0, photo_set.pixels.shape[:2])
+    prior = None
+    if hp.lambda_prior > 0 and hp.prior_images > 0:
+        pixels = C.class_images(pipe, class_word, hp.prior_images, size=size, steps=hp.prior_steps,
+                                seed=seed, cache_dir=cache_dir, progress=progress, cancel=cancel)
+        prior = C.encode_pixels(pipe, pixels)
+    loss = C.ConceptLoss(pipe, latents, photo_set.captions, prior_latents=prior,
+                         prior_prompt=C.prior_prompt(class_word), lambda_prior=hp.lambda_prior,
+                         prior_batch=hp.prior_batch, seed=seed)
+    return loss, photo_set
+
+
+def overlap_with(masks: dict[str, np.ndarray], earlier: list[ConceptRecord]) -> Overlap:
+    shared = {}
+    for rec in earlier:
+        n = sum(len(np.intersect1d(idx, rec.masks[t])) for t, idx in masks.items() if t in rec.masks)
+        if n:
+            shared[rec.name] = int(n)
+    return Overlap(shared, C.count(masks))
+
+
+class ConesMethod:
+    name = "cones"
+    Params = ConesParams
+
+    def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None = None,
+              cancel: CancelToken | None = None, previous: list[ConceptRecord] | None = None
+              ) -> ConceptRecord:
+        from cns_daemon.methods.cns_layers import stack_for
+
+        hp = C.parse_options(ConesParams, spec.options, spec.steps)
+        ConceptMeta(spec.name, "cones", spec.class_word, "")  # validates the name early
+        previous = previous or []
+        stack = stack_for(pipe)
+        taken = {r.meta.token for r in previous} | {r.meta.token for r in stack.records()}
+        token = C.allocate_token(pipe.tokenizer, taken - {""}, hp.token or None)
+        ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
+        loss, photo_set = implanting_loss(pipe, photos, token, spec.class_word, hp, seed=spec.seed,
+                                          captions=spec.captions, cache_dir=spec.cache_dir,
+                                          progress=progress, cancel=cancel)
+        scores = a2_scores(pipe, loss, hp.steps, hp.rho, progress=progress, cancel=cancel)
+        masks, tau = select_neurons(scores, sparsity=hp.sparsity, tau=hp.tau)
+        if not masks:
+            raise BadInput("No concept neurons were found for these photos.",
+                           "Raise `sparsity`, lower `tau`, or give more steps.")
+        n = C.count(masks)
+        meta = ConceptMeta(
+            spec.name, "cones", spec.class_word, token,
+            photo_digests=[_digest(p) for p in photo_set.paths],
+            hparams={**C.as_dict(hp), "token": token, "seed": spec.seed, "tau_used": tau,
+                     "neurons": n, "fraction_kv": n / C.kv_total(pipe.unet)},
+            fingerprint=stack.base_fingerprint)
+        earlier = [r for r in previous if r.meta.method == "cones"]
+        return ConceptRecord(meta, masks=masks, overlap=overlap_with(masks, earlier))
+
+    def apply(self, pipe, records: list[ConceptRecord]) -> C.SavedValues:
+        for rec in records:
+            if rec.meta.method != "cones":
+                raise BadInput(f"{rec.name} is a {rec.meta.method} concept, not a Cones one.")
+        return apply_masks(pipe, C.union_indices([r.masks for r in records]))
+
+    def remove(self, handle: C.SavedValues) -> None:
+        C.restore_values(handle)
+        handle.old.clear()
+
+
+def apply_masks(pipe, masks: dict[str, np.ndarray]) -> C.SavedValues:
+    """Shut (zero) the given neurons; `ConesMethod.remove` / `restore_values` undoes it."""
+    return C.write_values(C.kv_weights(pipe.unet), {n: (idx, 0.0) for n, idx in masks.items()})
+
+
+def joint_finetune(pipe, items: list[tuple[ConceptRecord, list[Path]]], *, steps: int = 10,
+                   rho: float | None = None, tau: float = 0.0, seed: int = 0,
+                   cache_dir: Path | None = None, progress: ProgressFn | None = None,
+                   cancel: CancelToken | None = None) -> dict[str, np.ndarray]:
+    """Paper §3.3: A2 on the sum of the subjects' concept-implanting losses, with ξ moving only
+    inside the union of their concept neurons; returns the neurons of that union with M_p > τ
+    (shut these instead of the plain union when generating the subjects together)."""
+    if not items:
+        raise BadInput("No concepts were given for the joint fine-tune.")
+    losses = []
+    hp = None
+    for rec, photos in items:
+        hp = C.parse_options(ConesParams, {k: v for k, v in rec.meta.hparams.items()
+                                           if k in ConesParams.__dataclass_fields__})
+        loss, _ = implanting_loss(pipe, photos, rec.meta.token, rec.meta.class_word, hp,
+                                  seed=seed, captions=None, cache_dir=cache_dir,
+                                  progress=progress, cancel=cancel)
+        losses.append(loss)
+    union = C.union_indices([rec.masks for rec, _ in items])
+    scores = a2_scores(pipe, lambda k: sum(l(k) for l in losses), steps,
+                       rho if rho is not None else hp.rho, restrict=union,
+                       progress=progress, cancel=cancel)
+    refined, _ = select_neurons(scores, tau=tau)
+    return refined
+
+
+METHOD = ConesMethod()

@@ -1,0 +1,218 @@
+"""CNS on the tiny model: selection maths, training touches only the selected neurons and the
+token row, regularisation, cancel, exact apply/remove (including the older-concept rule)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cns_daemon.errors import Cancelled
+from cns_daemon.methods import CancelToken, LearnSpec, cns, get_method
+from cns_daemon.methods import common as C
+from cns_daemon.methods.cns_layers import stack_for
+from store.records import ConceptMeta, ConceptRecord, SparseDelta
+
+FAST = {"prior_images": 2, "prior_steps": 2, "prior_batch": 1, "variants": 2}
+
+
+def photos(folder: Path, color=(200, 30, 30), n=3) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        a = np.full((40, 40, 3), 235, np.uint8)
+        a[6 + 2 * i:30, 8:32 - i] = color
+        a[12:16, 8:32 - i] = (20, 20, 20)  # a stripe: the look a caption cannot say
+        Image.fromarray(a).save(folder / f"{i}.png")
+        out.append(folder / f"{i}.png")
+    return out
+
+
+def fixed_selection(fraction: float, seed: int):
+    """A stand-in for Eq. 3 selection (the random tiny model's text encoder makes every prompt
+    rank neurons alike, so the real selection is nearly empty there): a seeded random subset."""
+    def select(pipe, stack, captions, top_p):
+        rng = np.random.default_rng(seed)
+        return {n: np.sort(rng.choice(p.numel(), max(1, int(p.numel() * fraction)), replace=False))
+                for n, p in stack.params.items()}
+    return select
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    out = {f"unet.{k}": v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+    out.update({f"text.{k}": v.detach().clone() for k, v in pipe.text_encoder.state_dict().items()})
+    out.update({f"vae.{k}": v.detach().clone() for k, v in pipe.vae.state_dict().items()})
+    return out
+
+
+def changed(pipe, before) -> list[str]:
+    now = snapshot(pipe)
+    return [k for k in before if not torch.equal(before[k], now[k])]
+
+
+EMB = "text.embeddings.token_embedding.weight"
+
+
+# -- selection maths --------------------------------------------------------------------------
+
+def test_row_top_is_eq3_top_p_per_row():
+    w = torch.tensor([[0.1, -0.9, 0.5, 0.2], [1.0, 0.1, -0.1, 0.3]])
+    norms = torch.tensor([10.0, 1.0, 1.0, 1.0])
+    got = cns.row_top(w, norms, 50.0)            # top 2 of 4 per row
+    score = np.abs(w.numpy()) * norms.numpy()
+    want = np.zeros_like(score, bool)
+    for i, row in enumerate(score):
+        want[i, np.argsort(-row)[:2]] = True
+    assert np.array_equal(got.numpy(), want)
+    assert got.sum(dim=1).tolist() == [2, 2]
+
+
+def test_select_and_or():
+    w = {"t": torch.tensor([[3.0, 2.0, 1.0]])}
+    norms = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 10.0]])   # prompt 2 favours column 2
+    assert cns.select(w, norms, 33.0, "and")["t"].tolist() == [[False, False, False]]
+    assert cns.select(w, norms, 33.0, "or")["t"].tolist() == [[True, False, True]]
+
+
+def test_concept_neurons_are_base_and_not_general(tiny_pipe):
+    stack = stack_for(tiny_pipe)
+    caps = ["a photo of a sks star", "a picture of a sks star"]
+    got = cns.concept_neurons(tiny_pipe, stack, caps, 20.0)
+    general = cns.general_neurons(tiny_pipe, stack, 20.0)
+    base = cns.select(stack.params, cns.column_norms(tiny_pipe, caps), 20.0, "and")
+    for name, p in stack.params.items():
+        want = C.mask_indices(base[name] & ~general[name])
+        assert np.array_equal(got.get(name, np.empty(0, np.int64)), want)
+    assert cns.general_neurons(tiny_pipe, stack, 20.0) is general   # cached per model
+
+
+# -- learning ---------------------------------------------------------------------------------
+
+def test_learn_changes_only_selected_neurons_and_token_row(fresh_tiny_pipe, tmp_path, monkeypatch):
+    pipe = fresh_tiny_pipe
+    monkeypatch.setattr(cns, "concept_neurons", fixed_selection(0.03, seed=1))
+    before = snapshot(pipe)
+    events = []
+    spec = LearnSpec("rex", "star", steps=4, options={**FAST, "lr": 1e-2, "delta_dtype": "float16"},
+                     cache_dir=tmp_path / "cache")
+    rec = get_method("cns").learn(pipe, photos(tmp_path / "p"), spec, events.append, None)
+
+    kv = C.kv_weights(pipe.unet)
+    assert set(changed(pipe, before)) == {f"unet.{n}" for n in rec.deltas} | {EMB}
+    for name, delta in rec.deltas.items():
+        now = kv[name].detach().reshape(-1)
+        diff = (now != before[f"unet.{name}"].reshape(-1)).nonzero().reshape(-1).numpy()
+        assert set(diff) <= set(delta.indices) and len(diff) > 0
+        assert delta.values.dtype == np.float16
+        assert torch.equal(now[torch.as_tensor(delta.indices)], torch.as_tensor(delta.values).float())
+    tid = C.token_id(pipe.tokenizer, rec.meta.token)
+    emb = pipe.text_encoder.get_input_embeddings().weight.detach()
+    rows = (emb != before[EMB]).any(dim=1).nonzero().reshape(-1).tolist()
+    assert rows == [tid]
+    assert torch.equal(emb[tid], torch.as_tensor(rec.embeddings[rec.meta.token]))
+    assert rec.meta.hparams["fraction_kv"] == pytest.approx(C.count(
+        {n: d.indices for n, d in rec.deltas.items()}) / C.kv_total(pipe.unet))
+    train = [e for e in events if e.phase == "train"]
+    assert [e.step for e in train] == [0, 1, 2, 3, 4] and train[-1].loss > 0
+    assert all(not p.requires_grad or p.grad is None for p in pipe.unet.parameters())
+
+    get_method("cns").unlearn(pipe, "rex")
+    assert changed(pipe, before) == []
+
+
+def test_cancel_leaves_pipeline_bit_identical(fresh_tiny_pipe, tmp_path, monkeypatch):
+    pipe = fresh_tiny_pipe
+    monkeypatch.setattr(cns, "concept_neurons", fixed_selection(0.03, seed=1))
+    before = snapshot(pipe)
+    token = CancelToken()
+
+    def progress(e):
+        if e.phase == "train" and e.step == 2:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        get_method("cns").learn(pipe, photos(tmp_path / "p"), LearnSpec(
+            "rex", "star", steps=6, options={**FAST, "lr": 1e-2}), progress, token)
+    assert changed(pipe, before) == []
+    assert get_method("cns").applied(pipe) == []
+
+
+def test_regularisation_reduces_drift_on_shared_neurons(fresh_tiny_pipe, tmp_path, monkeypatch):
+    pipe = fresh_tiny_pipe
+    method = get_method("cns")
+    pics = photos(tmp_path / "p")
+    monkeypatch.setattr(cns, "concept_neurons", fixed_selection(0.05, seed=1))
+    first = method.learn(pipe, pics, LearnSpec("a", "star", steps=3, options={**FAST, "lr": 1e-2}),
+                         None, None)
+    a_values = {n: C.read_values(C.kv_weights(pipe.unet)[n], d.indices) for n, d in first.deltas.items()}
+    monkeypatch.setattr(cns, "concept_neurons", fixed_selection(0.05, seed=2))
+
+    def drift(lambda_prev: float) -> tuple[float, int]:
+        rec = method.learn(pipe, photos(tmp_path / "q", (30, 30, 200)), LearnSpec(
+            "b", "star", steps=6, options={**FAST, "lr": 1e-2, "lambda_prev": lambda_prev,
+                                           "lambda_base": 0.0}), None, None)
+        total, shared = 0.0, 0
+        for n, d in rec.deltas.items():
+            if n in first.deltas:
+                _, mine, theirs = np.intersect1d(d.indices, first.deltas[n].indices,
+                                                 return_indices=True)
+                total += float(((torch.as_tensor(d.values[mine]) - a_values[n][theirs]) ** 2).sum())
+                shared += len(mine)
+        assert rec.overlap.shared_with == {"a": shared}
+        method.unlearn(pipe, "b")
+        return total, shared
+
+    free, shared = drift(0.0)
+    held, _ = drift(1000.0)
+    assert shared > 0
+    assert held < 0.25 * free
+
+
+# -- apply / remove -------------------------------------------------------------------------
+
+def synthetic(pipe, name: str, token: str, seed: int, fraction=0.1) -> ConceptRecord:
+    rng = np.random.default_rng(seed)
+    deltas = {}
+    for n, p in list(C.kv_weights(pipe.unet).items())[:4]:
+        idx = np.sort(rng.choice(p.numel(), int(p.numel() * fraction), replace=False))
+        deltas[n] = SparseDelta(idx, rng.normal(size=len(idx)).astype(np.float32), tuple(p.shape))
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    return ConceptRecord(ConceptMeta(name, "cns", "star", token), deltas=deltas,
+                         embeddings={token: rng.normal(size=width).astype(np.float32)})
+
+
+def test_apply_remove_bit_identical(fresh_tiny_pipe):
+    pipe, method = fresh_tiny_pipe, get_method("cns")
+    before = snapshot(pipe)
+    a, b = synthetic(pipe, "a", "sks", 1), synthetic(pipe, "b", "pbc", 2)
+    handle = method.apply(pipe, [a, b])
+    assert method.applied(pipe) == ["a", "b"] and changed(pipe, before)
+    assert method.apply(pipe, [a]).names == []            # already live: not applied twice
+    method.remove(handle)
+    assert changed(pipe, before) == [] and method.applied(pipe) == []
+
+
+def test_removing_an_older_concept(fresh_tiny_pipe):
+    pipe, method = fresh_tiny_pipe, get_method("cns")
+    kv = C.kv_weights(pipe.unet)
+    before = snapshot(pipe)
+    a, b = synthetic(pipe, "a", "sks", 1), synthetic(pipe, "b", "pbc", 2)
+    method.apply(pipe, [a])
+    method.apply(pipe, [b])
+    with_b = snapshot(pipe)
+    method.unlearn(pipe, "a")
+    for n, da in a.deltas.items():
+        live = kv[n].detach().reshape(-1)
+        base = before[f"unet.{n}"].reshape(-1)
+        shared = np.isin(da.indices, b.deltas[n].indices)
+        own = torch.as_tensor(da.indices[~shared])
+        assert torch.equal(live[own], base[own])                            # exact
+        mine = torch.as_tensor(da.indices[shared])
+        assert torch.equal(live[mine], with_b[f"unet.{n}"].reshape(-1)[mine])  # b keeps them
+        assert shared.any()
+    tid_a = C.token_id(pipe.tokenizer, "sks")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[tid_a], before[EMB][tid_a])
+    method.unlearn(pipe, "b")
+    assert changed(pipe, before) == []
