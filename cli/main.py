@@ -241,6 +241,25 @@ def cancel(job_id: str) -> None:
     console.print(f"Cancelling job {job.id} ({job.summary}); it was {job.state}.")
 
 
+# ---------------------------------------------------------------- demo
+
+
+@app.command()
+@handled
+def demo(model: Optional[str] = typer.Option(None, help="Model for a temporary service (default: the toy world)."),
+         method: Optional[str] = typer.Option(None, help="cns (default) | cones | cones2"),
+         steps: Optional[int] = typer.Option(None, help="Training steps per concept (default: the method's)."),
+         images: int = typer.Option(4, help="Images per generation."),
+         seed: int = typer.Option(0, help="Seed for photos and generations."),
+         sample_steps: Optional[int] = typer.Option(None, help="Denoising steps per generation.")) -> None:
+    """Offline tour: learn two toy-world concepts (inbox + add), generate with and without them
+    and with both in boxes, print the probe's verdict and the contact sheets."""
+    from cli import demo as tour
+
+    tour.run(tour.Options(model=model, method=method, steps=steps, images=images, seed=seed,
+                          sample_steps=sample_steps))
+
+
 # ---------------------------------------------------------------- systemd
 
 

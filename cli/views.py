@@ -12,7 +12,7 @@ from rich.table import Table
 from cns_daemon.errors import ConesError, from_code
 from cns_daemon.protocol import FINAL_STATES, ConceptInfo, JobInfo, ProgressInfo, StatusInfo
 
-console = Console()
+console = Console(soft_wrap=True)   # paths must stay whole for copy and paste
 err_console = Console(stderr=True)
 
 

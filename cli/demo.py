@@ -1,0 +1,226 @@
+"""`cones demo`: the whole product in one offline command.
+
+Starts a service in a temporary CONES_HOME (or uses the running one), renders toy-world photos of
+two personal concepts (objects whose pattern the words cannot say), drops the first in the inbox
+and adds the second with the CLI's own request, shows learning progress, then generates without
+the concept, with it, and with both in boxes, asks the toy world's attribute probe what it sees,
+and prints the contact sheets. Only the probe needs torch; it is imported inside `probe_verdicts`.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cli.client import Client
+from cli.views import console, err_console, follow
+from cns_daemon.errors import ConesError, ModelLoad, Unavailable
+from cns_daemon.protocol import AddRequest, GenerateRequest, JobInfo, Photo
+from cns_daemon.settings import load_settings
+
+
+@dataclass(frozen=True)
+class DemoConcept:
+    name: str
+    shape: str
+    color: str
+    pattern: str
+    second_color: str
+
+    @property
+    def words(self) -> str:
+        return f"a {self.color} {self.shape} with {self.second_color} {self.pattern}"
+
+
+FIRST = DemoConcept("redstar", "star", "red", "stripes", "yellow")
+SECOND = DemoConcept("bluering", "ring", "blue", "dots", "orange")
+
+
+@dataclass
+class Options:
+    model: str | None
+    method: str | None
+    steps: int | None
+    images: int
+    seed: int
+    sample_steps: int | None = None
+
+
+class TempService:
+    """A `cones serve` child in its own CONES_HOME, stopped (SIGTERM) at the end."""
+
+    def __init__(self, model: str | None):
+        self.home = Path(tempfile.mkdtemp(prefix="cones-demo-", dir="/tmp"))
+        self.log = self.home / "service.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONES_")}
+        env.update(CONES_HOME=str(self.home), CONES_SETTLE_SECONDS="1")
+        cmd = [sys.executable, "-m", "cli.main", "serve"] + (["--model", model] if model else [])
+        with open(self.log, "wb") as fh:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.socket = load_settings(home=str(self.home)).paths.socket
+
+    def wait_ready(self, timeout: float = 900.0) -> None:
+        deadline = time.monotonic() + timeout
+        with console.status("starting a service in a temporary folder (loading the model)…"):
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
+                    raise ModelLoad("The demo service did not start: " + " / ".join(tail),
+                                    f"Full log: {self.log}")
+                try:
+                    with Client(self.socket, timeout=5) as c:
+                        c.status()
+                    return
+                except Unavailable:
+                    time.sleep(0.3)
+        raise Unavailable(f"The demo service was not ready after {timeout:.0f} s.", f"Log: {self.log}")
+
+    def stop(self, keep_files: bool) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if not keep_files:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+
+def photos_of(concept: DemoConcept, n: int, seed: int) -> list[tuple[str, bytes]]:
+    from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
+
+    obj = ObjectSpec(concept.shape, concept.color, concept.pattern, concept.second_color)
+    out = []
+    for i, (image, _caption) in enumerate(render_concept_photos(obj, n, seed)):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append((f"{concept.name}-{i}.png", buf.getvalue()))
+    return out
+
+
+def learn_from_inbox(c: Client, inbox: Path, concept: DemoConcept, opts: Options) -> None:
+    folder = inbox / f"{concept.name}.{concept.shape}"
+    staging = inbox / f".{concept.name}.staging"   # hidden: the watcher ignores it until renamed
+    staging.mkdir(parents=True, exist_ok=True)
+    for filename, data in photos_of(concept, 4, opts.seed):
+        (staging / filename).write_bytes(data)
+    extra = [f'method = "{opts.method}"'] if opts.method else []
+    extra += [f"steps = {opts.steps}"] if opts.steps else []
+    if extra:
+        (staging / "concept.toml").write_text("\n".join(extra) + "\n")
+    staging.rename(folder)   # appears at once, complete
+    console.print(f"dropped 4 photos of {concept.words} into [bold]{folder}[/]")
+    with console.status("waiting for the inbox to take the folder…"):
+        job = _wait_for_job(c, f"learn <{concept.name}>", folder)
+    console.print(f"learning <{concept.name}> (job {job.id}): {job.summary}")
+    follow(c.follow(job.id))
+
+
+def _wait_for_job(c: Client, prefix: str, folder: Path, timeout: float = 120.0) -> JobInfo:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for job in c.jobs(20):
+            if job.summary.startswith(prefix):
+                return job
+        error = folder / "ERROR.txt"
+        if error.exists():
+            raise Unavailable(f"The inbox refused the folder: {error.read_text().splitlines()[2]}",
+                              f"See {error}.")
+        time.sleep(0.3)
+    raise Unavailable("The inbox did not take the demo folder in time.",
+                      "Is the running service watching its inbox? (`cones status`)")
+
+
+def learn_with_add(c: Client, concept: DemoConcept, opts: Options) -> None:
+    photos = [Photo(filename=f, data=d) for f, d in photos_of(concept, 4, opts.seed + 100)]
+    job = c.add(AddRequest(name=concept.name, class_word=concept.shape, method=opts.method,
+                           steps=opts.steps, seed=opts.seed, photos=photos))
+    console.print(f"learning <{concept.name}> from 4 photos of {concept.words} (job {job.id})")
+    follow(c.follow(job.id))
+
+
+def generate(c: Client, title: str, prompt: str, opts: Options, boxes: list[str] = ()) -> JobInfo:
+    console.print(f"[bold]{title}[/]: {prompt!r}" + (f"  boxes {' '.join(boxes)}" if boxes else ""))
+    job = c.generate(GenerateRequest(prompt=prompt, n=opts.images, seed=opts.seed,
+                                     steps=opts.sample_steps, boxes=list(boxes)))
+    follow(c.follow(job.id))
+    return c.job(job.id)
+
+
+def probe_verdicts(runs: dict[str, JobInfo]) -> list[str]:
+    """What the attribute probe reads in each run's images, in one line per run."""
+    from PIL import Image
+
+    from cns_daemon.toyworld.probe import Probe
+    from cns_daemon.toyworld.world import ObjectSpec
+
+    probe = Probe.load()
+    objs = {c.name: ObjectSpec(c.shape, c.color, c.pattern, c.second_color) for c in (FIRST, SECOND)}
+    lines = []
+    for title, job in runs.items():
+        images = [Image.open(p).convert("RGB") for p in job.result.images]
+        if title == "both":
+            pairs = probe.read_halves(images)
+            hits = sum(l.matches(objs[FIRST.name]) and r.matches(objs[SECOND.name]) for l, r in pairs)
+            lines.append(f"both in boxes: {hits}/{len(pairs)} images show <{FIRST.name}> on the left "
+                         f"and <{SECOND.name}> on the right")
+            continue
+        reads = probe.read(images)
+        hits = sum(a.matches(objs[FIRST.name]) for a in reads)
+        seen = ", ".join(sorted({f"{a.color} {a.shape} ({a.pattern})" for a in reads}))
+        lines.append(f"{title}: {hits}/{len(reads)} images show {FIRST.words}  [probe saw: {seen}]")
+    return lines
+
+
+def run(opts: Options) -> None:
+    settings = load_settings()
+    temp: TempService | None = None
+    try:
+        with Client(settings.paths.socket, timeout=5) as c:
+            status = c.status()
+        socket, inbox = settings.paths.socket, Path(status.inbox)
+        console.print(f"using the running service ({status.model}, pid {status.pid})")
+    except Unavailable:
+        temp = TempService(opts.model)
+        temp.wait_ready()
+        socket = temp.socket
+        with Client(socket) as c:
+            status = c.status()
+        inbox = Path(status.inbox)
+        console.print(f"service started in {temp.home} ({status.model} on {status.device})")
+    try:
+        with Client(socket) as c:
+            taken = {x.name for x in c.concepts()}
+            if FIRST.name not in taken:
+                learn_from_inbox(c, inbox, FIRST, opts)
+            if SECOND.name not in taken:
+                learn_with_add(c, SECOND, opts)
+            runs = {
+                "without the concept": generate(c, "without", f"a photo of a {FIRST.color} {FIRST.shape}", opts),
+                "with the concept": generate(c, "with", f"a photo of <{FIRST.name}>", opts),
+                "both": generate(c, "two concepts in boxes", f"a photo of <{FIRST.name}> and <{SECOND.name}>",
+                                 opts, [f"{FIRST.name}=0,0,0.5,1", f"{SECOND.name}=0.5,0,1,1"]),
+            }
+        try:
+            verdicts = probe_verdicts(runs)
+        except ConesError as exc:
+            verdicts = [f"probe not available: {exc.message}"]
+        console.print("\n[bold]probe verdict[/]")
+        for line in verdicts:
+            console.print(f"  {line}", highlight=False)
+        console.print("\n[bold]contact sheets[/]")
+        for title, job in runs.items():
+            console.print(f"  {title}: {job.result.contact_sheet}", highlight=False)
+        if temp is not None:
+            err_console.print(f"the demo's service is stopped; its files stay in {temp.home}")
+    finally:
+        if temp is not None:
+            temp.stop(keep_files=True)   # the contact sheets printed above live there
