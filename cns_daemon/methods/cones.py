@@ -141,10 +141,11 @@ def select_neurons(scores: dict[str, torch.Tensor], *, sparsity: float = 0.0,
     flat = torch.cat([scores[n].reshape(-1) for n in names])
     if sparsity > 0:
         k = max(1, round(flat.numel() * sparsity / 100))
-        tau = float(flat.topk(k).values[-1])
-        keep = flat >= tau
-        tau = max(tau, 0.0)
+        top = flat.topk(k)                 # exactly k, whatever the ties at the threshold
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[top.indices] = True
         keep &= flat > 0
+        tau = max(float(top.values[-1]), 0.0)
     else:
         keep = flat > tau
     out, start = {}, 0
