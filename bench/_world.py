@@ -1,0 +1,106 @@
+"""Toy-world material for the quality bench: the personal concepts, their photos, the prompts,
+and judging generated images with the attribute probe.
+
+A concept is a patterned two-tone object (a striped blue-on-red star): its shape is the class
+word, its main colour appears in the photos' captions, and its pattern and second colour are
+what no word says. Concept fidelity therefore asks the probe for shape + pattern + second colour,
+the part the method had to learn. Concepts of one run get distinct shapes (while there are
+shapes left), so one concept is never mistaken for another.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cns_daemon.toyworld.world import (BACKGROUND_PHRASE, BACKGROUNDS, COLORS, PATTERNS, SHAPES,
+                                       ObjectSpec, render_concept_photos)
+
+CONCEPT_ATTRS = ("shape", "pattern", "second_color")
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    obj: ObjectSpec
+    photos: tuple[Path, ...]
+    captions: tuple[str, ...]
+
+    @property
+    def class_word(self) -> str:
+        return self.obj.shape
+
+
+def make_concepts(n: int, photos: int, seed: int, folder: Path) -> list[Concept]:
+    """`n` patterned objects with `photos` rendered photos each, written as PNGs to `folder`."""
+    rng = np.random.default_rng(seed)
+    shapes = [SHAPES[i % len(SHAPES)] for i in rng.permutation(max(n, len(SHAPES)))][:n]
+    patterns = [p for p in PATTERNS if p != "solid"]
+    out = []
+    for i, shape in enumerate(shapes):
+        color, second = (COLORS[j] for j in rng.choice(len(COLORS), 2, replace=False))
+        obj = ObjectSpec(shape, color, patterns[int(rng.integers(len(patterns)))], second)
+        name = f"c{i + 1}"
+        paths, caps = [], []
+        for k, (img, cap) in enumerate(render_concept_photos(obj, photos, seed * 100 + i)):
+            path = folder / f"{name}-{k}.png"
+            img.save(path)
+            paths.append(path)
+            caps.append(cap)
+        out.append(Concept(name, obj, tuple(paths), tuple(caps)))
+    return out
+
+
+def concept_prompt(concept: Concept, background: str | None = None) -> str:
+    if background is None:
+        return f"a photo of <{concept.name}>"
+    return f"a photo of <{concept.name}> {BACKGROUND_PHRASE[background]}"
+
+
+def class_prompt(concept: Concept) -> str:
+    """The same request without the concept: what the base model draws for the class word."""
+    return f"a photo of a {concept.class_word}"
+
+
+def prompt_background(index: int) -> str:
+    """The background asked for in concept i's prompt-fidelity prompt (never plain white)."""
+    coloured = [b for b in BACKGROUNDS if b != "white"]
+    return coloured[index % len(coloured)]
+
+
+def pairs(concepts: list[Concept]) -> list[tuple[Concept, Concept]]:
+    """Disjoint pairs (1, 2), (3, 4), ... for the two-concept placement prompts."""
+    return [(concepts[i], concepts[i + 1]) for i in range(0, len(concepts) - 1, 2)]
+
+
+PAIR_PROMPT = "a photo of <{a}> and <{b}>"
+LEFT_BOX, RIGHT_BOX = "0,0,0.5,1", "0.5,0,1,1"
+
+
+class Judge:
+    """Rates generated images with the toy-world attribute probe."""
+
+    def __init__(self, probe=None):
+        if probe is None:
+            from cns_daemon.toyworld.probe import Probe
+
+            probe = Probe.load()
+        self.probe = probe
+
+    def concept_rate(self, images, obj: ObjectSpec) -> float:
+        return _rate(a.matches(obj, attrs=CONCEPT_ATTRS) for a in self.probe.read(images))
+
+    def background_rate(self, images, background: str) -> float:
+        return _rate(a.background == background for a in self.probe.read(images))
+
+    def placement_rate(self, images, left: ObjectSpec, right: ObjectSpec) -> float:
+        """Both objects in their halves: the left half reads as the left concept's shape and the
+        right half as the right one's (shape only: placement is about where, not how well)."""
+        return _rate(la.shape == left.shape and ra.shape == right.shape
+                     for la, ra in self.probe.read_halves(images))
+
+
+def _rate(hits) -> float:
+    hits = list(hits)
+    return sum(map(bool, hits)) / len(hits) if hits else 0.0

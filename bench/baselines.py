@@ -1,0 +1,135 @@
+"""The two baselines the quality bench compares the methods with (bench code, not product code).
+
+- naive: sequential fine-tuning of ALL cross-attention K/V weights plus the concept's token
+  embedding (Custom-Diffusion-like), with the same loss (denoising on the photos + prior
+  preservation on class images made by the base model) and the same step budget as CNS.
+- ti: textual inversion, only the concept's token embedding, same loss and budget.
+
+Both take their hyper-parameters from CNS's dataclass (`CNSParams`: steps, lr, lr_token,
+lambda_prior, prior_images, prior_batch, prior_steps, variants), so "same budget" holds by
+construction; CNS-only fields (top_p, λ₁, λ₂) are ignored. Their records are CNS-shaped
+(`deltas` + `embeddings`; naive's delta covers every K/V position, ti's none), tagged with
+`hparams["baseline"]`, and live on the pipeline through the CNS layer stack exactly like CNS
+concepts: learn leaves the concept applied (sequential fine-tuning keeps what it did),
+generation expands `<name>` to "<token> <class>", and removal is exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cns_daemon.methods import common as C
+from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
+from cns_daemon.methods.cns import CNSParams
+from cns_daemon.methods.cns_layers import stack_for
+from cns_daemon.methods.data import prepare_photos, resolution
+from store.records import ConceptMeta, ConceptRecord, SparseDelta
+
+BASELINES = ("naive", "ti")
+
+
+@dataclass
+class _Prepared:
+    token: str
+    captions: list[str]
+    latents: torch.Tensor          # (n_photos, n_variants, 4, h, w)
+    prior: torch.Tensor | None     # class-image latents made by the base model
+
+
+def _prepare(pipe, photos: list[Path], spec: LearnSpec, hp: CNSParams,
+             progress: ProgressFn | None, cancel: CancelToken | None) -> _Prepared:
+    """Token, photos and class images, with the shared machinery and CNS's settings."""
+    stack = stack_for(pipe)
+    taken = {r.meta.token for r in stack.records()} - {""}
+    token = C.allocate_token(pipe.tokenizer, taken, hp.token or None)
+    size = resolution(pipe)
+    ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
+    photo_set = prepare_photos(photos, size, token, spec.class_word, captions=spec.captions,
+                               variants=hp.variants, seed=spec.seed)
+    latents = C.encode_pixels(pipe, photo_set.pixels.flatten(0, 1)).unflatten(
+        0, photo_set.pixels.shape[:2])
+    prior = None
+    if hp.lambda_prior > 0 and hp.prior_images > 0:
+        with stack.base_weights():
+            pixels = C.class_images(pipe, spec.class_word, hp.prior_images, size=size,
+                                    steps=hp.prior_steps, seed=spec.seed,
+                                    cache_dir=spec.cache_dir, progress=progress, cancel=cancel)
+        prior = C.encode_pixels(pipe, pixels)
+    return _Prepared(token, photo_set.captions, latents, prior)
+
+
+class BaselineMethod:
+    """`kv=True`: naive (all K/V + token); `kv=False`: textual inversion (token only)."""
+
+    def __init__(self, name: str, kv: bool):
+        self.name, self.kv = name, kv
+
+    def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None = None,
+              cancel: CancelToken | None = None, previous: list | None = None) -> ConceptRecord:
+        hp = C.parse_options(CNSParams, spec.options, spec.steps)
+        prep = _prepare(pipe, photos, spec, hp, progress, cancel)
+        stack = stack_for(pipe)
+        weights = stack.params if self.kv else {}
+        before = {n: w.detach().clone() for n, w in weights.items()}
+        row = C.TrainableRow(pipe.text_encoder, C.token_id(pipe.tokenizer, prep.token))
+        loss = C.ConceptLoss(pipe, prep.latents, prep.captions, prior_latents=prep.prior,
+                             prior_prompt=C.prior_prompt(spec.class_word),
+                             lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,
+                             seed=spec.seed, text_grad=True)
+        groups = [{"params": [row.param], "lr": hp.lr_token}]
+        if weights:
+            groups.append({"params": list(weights.values()), "lr": hp.lr})
+        opt = torch.optim.Adam(groups)
+
+        def step(k: int) -> float:
+            opt.zero_grad(set_to_none=True)
+            total = loss.parts(k).total
+            total.backward()
+            opt.step()
+            return float(total.detach())
+
+        try:
+            with C.only_trainable(C.pipeline_modules(pipe), list(weights.values())), row:
+                losses = C.run_steps(hp.steps, step, progress, cancel)
+            trained = {n: w.detach().cpu().numpy().reshape(-1).astype(np.float32)
+                       for n, w in weights.items()}
+        finally:
+            with torch.no_grad():  # the stack writes the stored values back below
+                for n, w in weights.items():
+                    w.copy_(before[n])
+        deltas = {n: SparseDelta(np.arange(v.size, dtype=np.int64), v, tuple(weights[n].shape))
+                  for n, v in trained.items()}
+        n_touched = sum(v.size for v in trained.values())
+        meta = ConceptMeta(spec.name, "cns", spec.class_word, prep.token,
+                           hparams={**C.as_dict(hp), "baseline": self.name, "token": prep.token,
+                                    "seed": spec.seed, "neurons": n_touched,
+                                    "fraction_kv": n_touched / C.kv_total(pipe.unet)},
+                           metrics={"loss_first": losses[0] if losses else None,
+                                    "loss_last": float(np.mean(losses[-10:])) if losses else None},
+                           fingerprint=stack.base_fingerprint)
+        record = ConceptRecord(meta, deltas=deltas, embeddings={
+            prep.token: row.param.detach().cpu().numpy().astype(np.float32)})
+        stack.push(record)
+        return record
+
+    # Applying and removing is the CNS layer stack's job: the records have its shape.
+    def apply(self, pipe, records: list[ConceptRecord]):
+        from cns_daemon.methods.cns import METHOD as CNS
+
+        return CNS.apply(pipe, records)
+
+    def remove(self, handle) -> None:
+        from cns_daemon.methods.cns import METHOD as CNS
+
+        CNS.remove(handle)
+
+
+NAIVE = BaselineMethod("naive", kv=True)
+TEXTUAL_INVERSION = BaselineMethod("ti", kv=False)
+
+
+def get_baseline(name: str) -> BaselineMethod:
+    return {"naive": NAIVE, "ti": TEXTUAL_INVERSION}[name]

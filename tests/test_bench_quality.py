@@ -1,0 +1,103 @@
+"""Smoke tests of the quality bench and its baselines on the tiny random model.
+
+The tiny model learns nothing in a few steps, so these check the machinery: every method runs
+through the bench, the summary has the documented keys with sane values, and the baselines
+touch what they claim (naive: every K/V weight; ti: none) and come off exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bench import quality
+from bench._world import Judge, make_concepts
+from bench.baselines import NAIVE, TEXTUAL_INVERSION
+from cns_daemon.methods.base import LearnSpec
+from cns_daemon.model import kv_weights
+from cns_daemon.toyworld.probe import Probe, ProbeNet
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model runs fastest on one thread, and far faster than on two when the machine's
+    two cores are shared (OpenMP workers then wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def random_judge():
+    torch.manual_seed(0)
+    return Judge(Probe(ProbeNet(width=8)))
+
+
+FAST = {"steps": 2, "prior_images": 2, "prior_steps": 2, "variants": 1}
+
+
+def test_quality_bench_smoke(random_judge):
+    cfg = quality.QualityConfig(
+        methods=("cns", "cones2", "naive", "ti", "nosuch"), concepts=2, photos=2, generations=2,
+        gen_steps=2, tiny=True,
+        steps={"cones2": 2},
+        options={"cns": FAST, "naive": FAST, "ti": FAST, "cones2": {"reg_batch": 2, "variants": 1}})
+    result = quality.run(cfg, random_judge, log=lambda *_: None)
+    s = quality.summary(result)
+    for m in ("cns", "cones2", "naive", "ti"):
+        assert s.get(f"{m}_error") is None, s[f"{m}_error"]
+        for key in ("fidelity", "fidelity_final", "prompt_fidelity", "placement_guided",
+                    "placement_unguided"):
+            assert 0.0 <= s[f"{m}_{key}"] <= 1.0
+        assert -1.0 <= s[f"{m}_forgetting"] <= 1.0 and -1.0 <= s[f"{m}_prior_drop"] <= 1.0
+        assert s[f"{m}_bytes_per_concept"] > 0 and s[f"{m}_learn_s_per_concept"] > 0
+        # fractions of 2 generations can only be 0, 0.5 or 1
+        assert s[f"{m}_fidelity"] * 4 == round(s[f"{m}_fidelity"] * 4)
+    # a broken method is reported, not fatal; the top-level keys are CNS's
+    assert "nosuch" in s["nosuch_error"] and s["nosuch_fidelity"] is None
+    assert s["placement_guided"] == s["cns_placement_guided"]
+    # Cones 2 and textual inversion never change the UNet: plain prompts come out identical
+    assert s["cones2_prior_drop"] == 0.0 and s["ti_prior_drop"] == 0.0
+    # naive stores every K/V value, CNS a sparse part of them
+    assert s["naive_bytes_per_concept"] > s["cns_bytes_per_concept"] > s["ti_bytes_per_concept"]
+
+
+def test_parse_sets():
+    steps, options = quality.parse_sets(["cns.steps=50", "cns.top_p=2.5", "cones2.lr=1e-4"])
+    assert steps == {"cns": 50}
+    assert options == {"cns": {"top_p": 2.5}, "cones2": {"lr": 1e-4}}
+    with pytest.raises(SystemExit):
+        quality.parse_sets(["bogus.steps=3"])
+
+
+@pytest.mark.parametrize("baseline", [NAIVE, TEXTUAL_INVERSION], ids=lambda b: b.name)
+def test_baseline_touches_what_it_claims_and_comes_off(fresh_tiny_pipe, tmp_path, baseline):
+    pipe = fresh_tiny_pipe
+    concept = make_concepts(1, 2, seed=3, folder=tmp_path)[0]
+    kv0 = {n: w.detach().clone() for n, w in kv_weights(pipe.unet).items()}
+    emb0 = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    spec = LearnSpec("x", concept.class_word, captions=list(concept.captions),
+                     options={**FAST, "steps": 3, "lr": 1e-2, "lr_token": 1e-1})
+    record = baseline.learn(pipe, list(concept.photos), spec)
+    kv = kv_weights(pipe.unet)
+    changed = sum(int((kv[n] != kv0[n]).sum()) for n in kv)
+    total = sum(w.numel() for w in kv.values())
+    row = pipe.tokenizer.convert_tokens_to_ids(record.meta.token + "</w>")
+    emb = pipe.text_encoder.get_input_embeddings().weight
+    assert not torch.equal(emb[row], emb0[row])           # the token row was learned and is live
+    assert torch.equal(emb[row], torch.from_numpy(record.embeddings[record.meta.token]))
+    if baseline.kv:
+        assert changed > 0.9 * total                       # Adam moves (nearly) every weight
+        assert math.isclose(record.meta.hparams["fraction_kv"], 1.0)
+        for n, d in record.deltas.items():                 # the live weights are the record's
+            assert np.array_equal(kv[n].detach().numpy().reshape(-1), d.values)
+    else:
+        assert changed == 0 and not record.deltas
+    from cns_daemon.methods.cns import METHOD as CNS
+
+    CNS.unlearn(pipe, "x")
+    assert all(torch.equal(w, kv0[n]) for n, w in kv_weights(pipe.unet).items())
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, emb0)
