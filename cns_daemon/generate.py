@@ -148,19 +148,28 @@ class Overhead:
 
 
 def guidance_overhead(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
-                      boxes: list[str], *, steps: int = 20, n: int = 1, repeats: int = 3,
+                      boxes: list[str], *, steps: int = 20, n: int = 1, repeats: int = 5,
                       seed: int = 0) -> Overhead:
-    """Best-of-`repeats` wall time of the same request without and with its boxes (for the
-    overhead bench; not a test). One warm-up run of each first."""
-    def best(b):
+    """Best-of-`repeats` time of the same request without and with its boxes (for the
+    overhead bench; not a test). Runs alternate plain/guided after one warm-up of each, so a
+    busy machine slows both alike. On CPU the clock is this process's CPU time (robust to other
+    processes sharing the cores); on a GPU, synchronised wall time."""
+    cuda = pipe.unet.device.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+
+    def timed(b) -> float:
+        t0 = clock()
         generate(pipe, prompt, records_by_name, b, n=n, seed=seed, steps=steps)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            generate(pipe, prompt, records_by_name, b, n=n, seed=seed, steps=steps)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-    return Overhead(best([]), best(boxes))
+        if cuda:
+            torch.cuda.synchronize()
+        return clock() - t0
+
+    timed([]), timed(boxes)
+    plain, guided = [], []
+    for _ in range(repeats):
+        plain.append(timed([]))
+        guided.append(timed(boxes))
+    return Overhead(min(plain), min(guided))
 
 
 __all__ = ["generate", "encode", "applied", "Embeddings", "guidance_overhead", "Overhead"]

@@ -17,7 +17,8 @@ Choices the paper leaves open, fixed here:
   `std_rows` image positions (all of them at low resolutions). A 256-row sample estimates the
   std of a 4096-row map to within a few percent and costs 1/16 of the logits of a 64×64 layer,
   so a guided step costs one SDPA call with an additive mask plus that, not a second UNet pass.
-- The bias goes to F.scaled_dot_product_attention as `attn_mask`, with the layer's own scale.
+- The bias goes to F.scaled_dot_product_attention as `attn_mask`, with the layer's own scale;
+  the unconditional half of a CFG batch is a separate unmasked call (fast kernels, no zeros).
 - Boxes are resampled to a layer's grid by rounding their edges to the nearest cell edge, and
   always keep at least one cell; a layer's grid (h, w) is the latent grid downsampled by the
   power of two whose ceil-rounded size has h·w equal to the layer's query length (SD's stride-2
@@ -197,11 +198,7 @@ class LayoutAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        bias = self.layer_bias(query, key, attn.scale, factor)
-        mask = bias if attention_mask is None else attention_mask + bias
-        hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
-                                                       dropout_p=0.0, is_causal=False,
-                                                       scale=attn.scale)
+        hidden_states = self.attend(query, key, value, attention_mask, attn.scale, factor)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -212,20 +209,31 @@ class LayoutAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def layer_bias(self, query: torch.Tensor, key: torch.Tensor, scale: float,
-                   factor: float) -> torch.Tensor:
-        """(B, H, N, T) additive mask: η·M on the conditional samples, 0 on the others."""
+    def attend(self, query, key, value, attention_mask, scale: float, factor: float):
+        """SDPA with η·M added on the conditional samples. With CFG the unconditional half is a
+        separate, unmasked call, so it keeps the fast kernels and no zero mask is built for it."""
         batch, heads, n_queries, _ = query.shape
-        cond = slice(batch // 2, batch) if self.state.cfg else slice(0, batch)
-        if self.state.cfg and batch % 2:
-            raise Internal(f"A CFG batch must be even, got {batch}.")
+        first = 0
+        if self.state.cfg:
+            if batch % 2:
+                raise Internal(f"A CFG batch must be even, got {batch}.")
+            first = batch // 2
         h, w = layer_grid(n_queries, self.state.latent_hw)
         m = self.bias.matrix(h, w).to(query.device)
-        eta = factor * logit_std(query[cond], key[cond], scale, self.config.std_rows)
-        out = torch.zeros(batch, heads, n_queries, key.shape[2], device=query.device,
-                          dtype=query.dtype)
-        out[cond] = (eta * m).to(query.dtype)
-        return out
+        q, k, v = query[first:], key[first:], value[first:]
+        eta = factor * logit_std(q, k, scale, self.config.std_rows)
+        bias = (eta * m).to(query.dtype)
+        if attention_mask is not None:
+            bias = bias + attention_mask[first:]
+        cond = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.0,
+                                              is_causal=False, scale=scale)
+        if not first:
+            return cond
+        plain_mask = attention_mask[:first] if attention_mask is not None else None
+        uncond = F.scaled_dot_product_attention(query[:first], key[:first], value[:first],
+                                                attn_mask=plain_mask, dropout_p=0.0,
+                                                is_causal=False, scale=scale)
+        return torch.cat([uncond, cond])
 
 
 def cross_attention_modules(unet) -> dict[str, torch.nn.Module]:
