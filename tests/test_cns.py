@@ -33,10 +33,11 @@ def photos(folder: Path, color=(200, 30, 30), n=3) -> list[Path]:
 def fixed_selection(fraction: float, seed: int):
     """A stand-in for Eq. 3 selection (the random tiny model's text encoder makes every prompt
     rank neurons alike, so the real selection is nearly empty there): a seeded random subset."""
-    def select(pipe, stack, captions, top_p):
+    def select(pipe, stack, captions, top_p, min_percent):
         rng = np.random.default_rng(seed)
-        return {n: np.sort(rng.choice(p.numel(), max(1, int(p.numel() * fraction)), replace=False))
-                for n, p in stack.params.items()}
+        return cns.Selection({n: np.sort(rng.choice(p.numel(), max(1, int(p.numel() * fraction)),
+                                                    replace=False))
+                              for n, p in stack.params.items()}, 1, 0, 0)
     return select
 
 
@@ -79,13 +80,26 @@ def test_select_and_or():
 def test_concept_neurons_are_base_and_not_general(tiny_pipe):
     stack = stack_for(tiny_pipe)
     caps = ["a photo of a sks star", "a picture of a sks star"]
-    got = cns.concept_neurons(tiny_pipe, stack, caps, 20.0)
     general = cns.general_neurons(tiny_pipe, stack, 20.0)
+    counts = cns.general_counts(tiny_pipe, stack, 20.0)
+    assert cns.general_counts(tiny_pipe, stack, 20.0) is counts       # cached per model
     base = cns.select(stack.params, cns.column_norms(tiny_pipe, caps), 20.0, "and")
-    for name, p in stack.params.items():
+    plain = cns.concept_neurons(tiny_pipe, stack, caps, 20.0, min_percent=0.0)
+    assert plain.quorum == 1
+    for name in stack.params:
         want = C.mask_indices(base[name] & ~general[name])
-        assert np.array_equal(got.get(name, np.empty(0, np.int64)), want)
-    assert cns.general_neurons(tiny_pipe, stack, 20.0) is general   # cached per model
+        assert np.array_equal(plain.indices.get(name, np.empty(0, np.int64)), want)
+    # the floor: the random tiny model's OR leaves almost nothing, so the quorum rises until
+    # 2 % of the weights are kept -- base neurons the fewest calibration prompts select
+    floor = cns.concept_neurons(tiny_pipe, stack, caps, 20.0, min_percent=2.0)
+    total = C.kv_total(tiny_pipe.unet)
+    assert C.count(plain.indices) < 0.02 * total <= C.count(floor.indices)
+    assert floor.quorum > 1
+    for name in stack.params:
+        want = C.mask_indices(base[name] & (counts[name] < floor.quorum))
+        assert np.array_equal(floor.indices.get(name, np.empty(0, np.int64)), want)
+    fewer = cns.concept_neurons(tiny_pipe, stack, caps, 20.0, min_percent=1.0)
+    assert C.count(fewer.indices) < C.count(floor.indices)
 
 
 # -- learning ---------------------------------------------------------------------------------
@@ -122,9 +136,8 @@ def test_learn_changes_only_selected_neurons_and_token_row(fresh_tiny_pipe, tmp_
     assert changed(pipe, before) == []
 
 
-def test_cancel_leaves_pipeline_bit_identical(fresh_tiny_pipe, tmp_path, monkeypatch):
-    pipe = fresh_tiny_pipe
-    monkeypatch.setattr(cns, "concept_neurons", fixed_selection(0.03, seed=1))
+def test_cancel_leaves_pipeline_bit_identical(fresh_tiny_pipe, tmp_path):
+    pipe = fresh_tiny_pipe          # real Eq. 3 selection here (with its floor)
     before = snapshot(pipe)
     token = CancelToken()
 
@@ -144,15 +157,15 @@ def test_regularisation_reduces_drift_on_shared_neurons(fresh_tiny_pipe, tmp_pat
     method = get_method("cns")
     pics = photos(tmp_path / "p")
     monkeypatch.setattr(cns, "concept_neurons", fixed_selection(0.05, seed=1))
-    first = method.learn(pipe, pics, LearnSpec("a", "star", steps=3, options={**FAST, "lr": 1e-2}),
-                         None, None)
+    first = method.learn(pipe, pics, LearnSpec("a", "star", steps=3, options={**FAST, "lr": 1e-2},
+                                              cache_dir=tmp_path), None, None)
     a_values = {n: C.read_values(C.kv_weights(pipe.unet)[n], d.indices) for n, d in first.deltas.items()}
     monkeypatch.setattr(cns, "concept_neurons", fixed_selection(0.05, seed=2))
 
     def drift(lambda_prev: float) -> tuple[float, int]:
         rec = method.learn(pipe, photos(tmp_path / "q", (30, 30, 200)), LearnSpec(
             "b", "star", steps=6, options={**FAST, "lr": 1e-2, "lambda_prev": lambda_prev,
-                                           "lambda_base": 0.0}), None, None)
+                                           "lambda_base": 0.0}, cache_dir=tmp_path), None, None)
         total, shared = 0.0, 0
         for n, d in rec.deltas.items():
             if n in first.deltas:

@@ -69,7 +69,8 @@ def test_learn_apply_remove(fresh_tiny_pipe, tmp_path):
     assert a.meta.hparams["fraction_kv"] == C.count(a.masks) / total
     assert [e.step for e in events if e.phase == "train"] == [0, 1, 2, 3]
     b = method.learn(pipe, photos(tmp_path / "b", (30, 30, 200)), LearnSpec(
-        "b", "star", steps=2, seed=1, options={**FAST, "sparsity": 2.0}), None, None, previous=[a])
+        "b", "star", steps=2, seed=1, options={**FAST, "sparsity": 2.0}, cache_dir=tmp_path),
+        None, None, previous=[a])
     assert b.meta.token != a.meta.token
     union = C.union_indices([a.masks, b.masks])
     assert b.overlap.shared_with.get("a", 0) == C.count(a.masks) + C.count(b.masks) - C.count(union)

@@ -5,7 +5,10 @@ tokens × d) is |W[i, j]| · ||X[:, j]||₂ (Eq. 3). Per row the top p % are sel
 the selection ANDed over the captions of the concept's photos. General neurons: ORed over the
 shipped calibration prompts (computed once per base model and cached in memory). Concept
 neurons = base AND NOT general. Both are scored on the pretrained weights, so the general set is
-a property of the base model alone.
+a property of the base model alone. Where the OR leaves fewer than `min_percent` % of the K/V
+weights (a text encoder that ranks neurons alike for every prompt), the general set is narrowed
+to neurons selected by at least `quorum` calibration prompts, the smallest quorum that keeps that
+many; the quorum used is recorded in the concept's hparams (1 = the paper's OR).
 
 Training. Only the concept neurons and the concept's token-embedding row change, with
 loss = denoising on the photos + λ_prior · prior preservation on class images made by the base
@@ -47,6 +50,7 @@ from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 class CNSParams:
     steps: int = 100
     top_p: float = 5.0            # % of each row selected per prompt (Eq. 3 score)
+    min_percent: float = 0.5      # floor on concept neurons, % of K/V (see concept_neurons)
     lr: float = 2e-3              # Adam, concept neurons
     lr_token: float = 5e-3        # Adam, the token-embedding row
     lambda_prior: float = 1.0     # prior-preservation weight
@@ -60,8 +64,8 @@ class CNSParams:
     token: str = ""               # a specific rare token; "" picks one automatically
 
     def validate(self) -> None:
-        if not 0 < self.top_p <= 100:
-            raise BadInput("top_p must be in (0, 100].")
+        if not 0 < self.top_p <= 100 or not 0 <= self.min_percent <= 100:
+            raise BadInput("top_p must be in (0, 100] and min_percent in [0, 100].")
         if self.steps < 0 or self.prior_images < 0 or self.variants < 1:
             raise BadInput("steps and prior_images must be ≥ 0, variants ≥ 1.")
         if self.delta_dtype not in ("float32", "float16"):
@@ -99,30 +103,66 @@ def select(weights: dict[str, torch.Tensor], norms: torch.Tensor, top_p: float,
     return out
 
 
+@dataclass
+class Selection:
+    indices: dict[str, np.ndarray]   # concept neurons per tensor (sorted flat positions)
+    quorum: int                      # a neuron is general when ≥ this many prompts select it
+    base: int                        # base-neuron count
+    general: int                     # general-neuron count at that quorum
+
+
 _GENERAL: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
 _CALIBRATION_KEY = hashlib.sha256("\n".join(CALIBRATION_PROMPTS).encode()).hexdigest()[:12]
 
 
-def general_neurons(pipe, stack: CNSStack, top_p: float) -> dict[str, torch.Tensor]:
+def general_counts(pipe, stack: CNSStack, top_p: float) -> dict[str, torch.Tensor]:
+    """Per K/V weight, how many calibration prompts select it (≥ 1: a general neuron under the
+    paper's OR). Computed on the pretrained weights once per base model and top_p."""
     key = (f"{stack.base_fingerprint}:{_CALIBRATION_KEY}", float(top_p))
     if key not in _GENERAL:
+        norms = column_norms(pipe, list(CALIBRATION_PROMPTS))
+        counts = {}
         with stack.base_weights():
-            _GENERAL[key] = select(stack.params, column_norms(pipe, list(CALIBRATION_PROMPTS)),
-                                   top_p, "or")
+            for name, w in stack.params.items():
+                acc = torch.zeros(w.shape, dtype=torch.int16, device=w.device)
+                for n in norms:
+                    acc += row_top(w, n, top_p)
+                counts[name] = acc
+        _GENERAL[key] = counts
     return _GENERAL[key]
 
 
-def concept_neurons(pipe, stack: CNSStack, captions: list[str], top_p: float) -> dict[str, np.ndarray]:
-    """Base AND NOT general, as sorted flat indices per tensor (empty tensors left out)."""
-    general = general_neurons(pipe, stack, top_p)
+def general_neurons(pipe, stack: CNSStack, top_p: float) -> dict[str, torch.Tensor]:
+    """The paper's general neurons: selected for ANY calibration prompt (OR)."""
+    return {n: c > 0 for n, c in general_counts(pipe, stack, top_p).items()}
+
+
+def concept_neurons(pipe, stack: CNSStack, captions: list[str], top_p: float,
+                    min_percent: float = 0.0) -> Selection:
+    """Base AND NOT general. General is the paper's OR over the calibration prompts (quorum 1)
+    unless that leaves fewer than `min_percent` % of all K/V weights: then the quorum is raised
+    to the smallest count that keeps that many base neurons (the base neurons the fewest
+    calibration prompts also select). On a model whose text encoder ranks neurons alike for
+    every prompt (the random tiny model) the OR removes almost every base neuron."""
+    counts = general_counts(pipe, stack, top_p)
     with stack.base_weights():
         base = select(stack.params, column_norms(pipe, captions), top_p, "and")
+    in_base = torch.cat([counts[n][base[n]].reshape(-1).long() for n in base])
+    total = sum(p.numel() for p in stack.params.values())
+    want = math.ceil(total * min_percent / 100)
+    quorum = 1
+    if int((in_base < 1).sum()) < want:
+        if len(in_base) <= want:
+            quorum = len(CALIBRATION_PROMPTS) + 1          # every base neuron
+        else:
+            quorum = int(in_base.sort().values[want - 1]) + 1
     out = {}
     for name in base:
-        idx = C.mask_indices(base[name] & ~general[name])
+        idx = C.mask_indices(base[name] & (counts[name] < quorum))
         if len(idx):
             out[name] = idx
-    return out
+    general = sum(int((c >= quorum).sum()) for c in counts.values())
+    return Selection(out, quorum, len(in_base), general)
 
 
 # -- learning -----------------------------------------------------------------------------------
@@ -193,7 +233,8 @@ class CNSMethod:
         if cancel is not None:
             cancel.check()
         ProgressReporter(progress, "select", 1)(0)
-        indices = concept_neurons(pipe, stack, photo_set.captions, hp.top_p)
+        selection = concept_neurons(pipe, stack, photo_set.captions, hp.top_p, hp.min_percent)
+        indices = selection.indices
         if not indices:
             raise BadInput("No concept neurons were selected for these photos.",
                            "Raise the `top_p` option (percent of each row scored per caption).")
@@ -239,7 +280,8 @@ class CNSMethod:
             spec.name, "cns", spec.class_word, token,
             photo_digests=[_digest(p) for p in photo_set.paths],
             hparams={**C.as_dict(hp), "token": token, "seed": spec.seed, "neurons": n,
-                     "fraction_kv": n / C.kv_total(pipe.unet)},
+                     "fraction_kv": n / C.kv_total(pipe.unet), "quorum": selection.quorum,
+                     "base_neurons": selection.base, "general_neurons": selection.general},
             metrics={"loss_first": losses[0] if losses else None,
                      "loss_last": float(np.mean(losses[-10:])) if losses else None},
             fingerprint=stack.base_fingerprint)
