@@ -19,7 +19,7 @@ from cns_daemon.errors import Conflict, ConesError, Internal, ModelMismatch, Not
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.protocol import ConceptInfo, GenerateRequest, JobResult, LearnJob
 from cns_daemon.settings import Paths, Settings
-from store.records import ConceptRecord
+from store.records import ConceptMeta, ConceptRecord, Overlap
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,12 @@ class EngineInfo:
     fingerprint: str
 
 
-def concept_info(record: ConceptRecord, size_bytes: int) -> ConceptInfo:
-    meta = record.meta
-    neurons = (sum(len(d.indices) for d in record.deltas.values())
-               + sum(len(m) for m in record.masks.values()))
+def concept_info(meta: ConceptMeta, overlap: Overlap, size_bytes: int) -> ConceptInfo:
+    """`overlap.total` is the store's count of the concept's neurons (mask + delta indices)."""
     return ConceptInfo(name=meta.name, method=meta.method, class_word=meta.class_word,
                        token=meta.token, created=meta.created, photos=len(meta.photo_digests),
-                       size_bytes=size_bytes, neurons=int(neurons),
-                       overlap=dict(record.overlap.shared_with), fingerprint=meta.fingerprint,
+                       size_bytes=size_bytes, neurons=int(overlap.total),
+                       overlap=dict(overlap.shared_with), fingerprint=meta.fingerprint,
                        metrics={k: v for k, v in meta.metrics.items()
                                 if isinstance(v, (int, float, str)) or v is None})
 
@@ -59,24 +57,35 @@ class Engine:
     # ------------------------------------------------------------ start-up
 
     def start(self) -> None:
-        import torch
-
-        from cns_daemon.model import build_tiny_pipeline, fingerprint, load_pipeline
+        from cns_daemon.model import build_tiny_pipeline, load_pipeline
 
         t0 = time.monotonic()
         if self.settings.model == TINY_MODEL:
-            self.pipe = build_tiny_pipeline(seed=0)
+            pipe = build_tiny_pipeline(seed=0)
         else:
-            self.pipe = load_pipeline(self.settings.model, self.settings.device, self.settings.dtype)
-        weights = self.pipe.unet.dtype
-        self.info = EngineInfo(model=self.info.model, device=str(self.pipe.device),
-                               dtype=str(weights).replace("torch.", ""),
-                               fingerprint=fingerprint(self.pipe))
-        log.info("model %s loaded on %s/%s in %.1fs (fingerprint %s)", self.info.model,
-                 self.info.device, self.info.dtype, time.monotonic() - t0, self.info.fingerprint)
-        self.store.bind(self.info.fingerprint)
+            pipe = load_pipeline(self.settings.model, self.settings.device, self.settings.dtype)
+        log.info("model %s loaded in %.1fs", self.info.model, time.monotonic() - t0)
+        self.attach(pipe)
+
+    def attach(self, pipe) -> None:
+        """Everything start-up does beyond loading the model: fingerprint the base weights, bind
+        the store to them, rebuild the CNS concepts."""
+        import torch
+
+        from cns_daemon.methods.cns_layers import stack_for
+
+        t0 = time.monotonic()
+        self.pipe = pipe
+        # The CNS stack fingerprints the base weights when it is created (before any concept is
+        # written); the engine uses that same digest instead of hashing the weights twice.
+        fp = stack_for(pipe).base_fingerprint
+        self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
+                               dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
+        self.store.bind(fp)
         with torch.no_grad():
             self.rebuild()
+        log.info("on %s/%s, fingerprint %s, concepts rebuilt in %.2fs", self.info.device,
+                 self.info.dtype, fp, time.monotonic() - t0)
 
     def rebuild(self) -> None:
         """Re-apply every stored CNS concept; a damaged record is skipped (and logged), so one
@@ -105,7 +114,9 @@ class Engine:
                            f"Pick another name, or remove it first with `cones rm {job.name}`.")
         photos = [self.archive.path(d) for d in job.photo_digests]
         method = get_method(job.method)
-        previous = [self.store.get(m.name) for m in self.store.list() if m.method == job.method]
+        # Every stored concept, whatever its method: the methods pick a token no concept uses
+        # and filter by method themselves for overlap / regularisation.
+        previous = [self.store.get(m.name) for m in self.store.list()]
         spec = LearnSpec(name=job.name, class_word=job.class_word, steps=job.steps, seed=job.seed,
                          options=dict(job.options),
                          cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16])
@@ -167,10 +178,14 @@ class Engine:
         check_boxes(req.boxes, expanded)
 
     def concepts(self) -> list[ConceptInfo]:
-        return [self.concept(m.name) for m in self.store.list()]
+        """Metadata, overlap and size only: listing never reads masks or deltas."""
+        return [self._info(m) for m in sorted(self.store.list(), key=lambda m: m.created)]
 
     def concept(self, name: str) -> ConceptInfo:
-        return concept_info(self._get(name), self.store.size_of(name))
+        return self._info(self._get(name).meta)
+
+    def _info(self, meta: ConceptMeta) -> ConceptInfo:
+        return concept_info(meta, self.store.overlap(meta.name), self.store.size_of(meta.name))
 
     def record(self, name: str) -> ConceptRecord:
         return self._get(name)

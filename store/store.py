@@ -314,7 +314,20 @@ class ConceptStore(JobQueue):
         return self._env.read(txn_fn)
 
     def overlap(self, name: str) -> Overlap:
-        return self.get(name).overlap
+        """This concept's overlap alone: no masks or deltas are read (`cones list` is cheap)."""
+        validate_name(name)
+        key = name.encode()
+
+        def txn_fn(txn):
+            raw = txn.get(key, db=self._db["overlap"])
+            if raw is None:
+                self._read_concept_meta(txn, name)   # NotFound for an unknown name
+                return Overlap()
+            try:
+                return self._decode(key, raw, ser.decode_overlap)
+            except _DamagedPart as exc:
+                raise _damaged(name, exc.where, exc.reason) from None
+        return self._env.read(txn_fn)
 
     def size_of(self, name: str) -> int:
         """Bytes this concept takes in the store (keys + values, all databases)."""
