@@ -143,3 +143,15 @@ def test_handle_add_residuals_copies():
     cond = torch.zeros(1, 5, 3)
     out = handle.add_residuals(cond, {"a": [2], "b": [4]})
     assert cond.abs().sum() == 0 and out[0, 2].tolist() == [1, 1, 1] and out.abs().sum() == 3
+
+
+def test_preservation_loss_limits_drift_of_the_other_tokens(tmp_path, tiny_pipe):
+    """With a large learning rate the encoder copy drifts; λ_reg pulls the non-class-word
+    outputs back toward the frozen encoder's (measured on the shipped sentences)."""
+    photos = write_photos(tmp_path / "p", n=3, seed=1)
+    drift = {}
+    for lam in (0.0, 20.0):
+        spec = LearnSpec("pot", "teapot", steps=3, seed=0,
+                         options={"lr": 3e-3, "lambda_reg": lam, "reg_batch": 8})
+        drift[lam] = METHOD.learn(tiny_pipe, photos, spec, None, None).meta.metrics["preservation_last"]
+    assert drift[20.0] < 0.6 * drift[0.0]

@@ -157,3 +157,10 @@ def test_guidance_moves_the_image_and_weight_zero_is_plain(tiny_pipe):
                             guidance=GuidanceConfig(weight=0.0), **args))[0].astype(int)
     assert np.abs(guided - plain).max() > 2
     assert np.abs(zero - plain).max() <= 1   # same math through SDPA with a zero mask
+
+
+def test_non_square_guided_generation(tiny_pipe):
+    recs = _records(tiny_pipe)
+    images = generate(tiny_pipe, "<pot> on the sand", recs, ["pot=0.5,0,1,0.5"], steps=2,
+                      height=32, width=48, guidance=GuidanceConfig(weight=0.5))
+    assert images[0].size == (48, 32)
