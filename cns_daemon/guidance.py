@@ -116,25 +116,32 @@ class LayoutBias:
     expanded: ExpandedPrompt
     n_tokens: int
     config: GuidanceConfig
-    _cache: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _cache: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
-    def matrix(self, h: int, w: int) -> torch.Tensor:
-        """(h·w, n_tokens) float32 matrix M."""
-        if (h, w) not in self._cache:
-            cells = {b.name: box_cells(b, h, w).flatten() for b in self.layout.boxes}
-            m = torch.zeros(h * w, self.n_tokens)
-            for name, inside in cells.items():
-                others = torch.zeros(h * w, dtype=torch.bool)
-                for other, o_inside in cells.items():
-                    if other != name:
-                        others |= o_inside
-                column = torch.zeros(h * w)
-                column[others] = self.config.gamma_neg
-                column[inside] = self.config.gamma_pos   # own box wins over others'
-                cols = [p for p in self.expanded.positions(name) if p < self.n_tokens]
-                m[:, cols] = column[:, None]
-            self._cache[(h, w)] = m
-        return self._cache[(h, w)]
+    def matrix(self, h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(h·w, n_tokens) float32 matrix M, kept per device (a GPU gets it copied once)."""
+        key = (h, w, str(device))
+        if key not in self._cache:
+            base = self._cache.get((h, w, "cpu"))
+            if base is None:
+                base = self._cache[(h, w, "cpu")] = self._build(h, w)
+            self._cache[key] = base.to(device)
+        return self._cache[key]
+
+    def _build(self, h: int, w: int) -> torch.Tensor:
+        cells = {b.name: box_cells(b, h, w).flatten() for b in self.layout.boxes}
+        m = torch.zeros(h * w, self.n_tokens)
+        for name, inside in cells.items():
+            others = torch.zeros(h * w, dtype=torch.bool)
+            for other, o_inside in cells.items():
+                if other != name:
+                    others |= o_inside
+            column = torch.zeros(h * w)
+            column[others] = self.config.gamma_neg
+            column[inside] = self.config.gamma_pos   # own box wins over others'
+            cols = [p for p in self.expanded.positions(name) if p < self.n_tokens]
+            m[:, cols] = column[:, None]
+        return m
 
 
 def logit_std(query: torch.Tensor, key: torch.Tensor, scale: float, rows: int) -> torch.Tensor:
@@ -219,7 +226,7 @@ class LayoutAttnProcessor:
                 raise Internal(f"A CFG batch must be even, got {batch}.")
             first = batch // 2
         h, w = layer_grid(n_queries, self.state.latent_hw)
-        m = self.bias.matrix(h, w).to(query.device)
+        m = self.bias.matrix(h, w, query.device)
         q, k, v = query[first:], key[first:], value[first:]
         eta = factor * logit_std(q, k, scale, self.config.std_rows)
         bias = (eta * m).to(query.dtype)
