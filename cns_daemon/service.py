@@ -146,9 +146,10 @@ class Service:
 
         if not staged.is_file():
             raise NotFound(f"The uploaded file {staged} is gone.", "Run `cones import` again.")
-        result = self.engine.import_record(decode(staged.read_bytes()))
-        staged.unlink(missing_ok=True)
-        return result
+        try:
+            return self.engine.import_record(decode(staged.read_bytes()))
+        finally:
+            staged.unlink(missing_ok=True)   # imported or refused: the upload is not kept
 
     def _job_changed(self, job: JobRecord) -> None:
         for listener in list(self.job_listeners):

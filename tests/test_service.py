@@ -147,6 +147,16 @@ def test_socket_and_folder_modes(daemon):
     assert stat.S_ISSOCK(os.stat(daemon.socket).st_mode)
 
 
+def test_peer_credentials_name_the_connecting_user():
+    import socket as so
+
+    from cns_daemon.daemon import peer_uid
+
+    a, b = so.socketpair(so.AF_UNIX, so.SOCK_STREAM)
+    with a, b:
+        assert peer_uid(a) == os.getuid()   # what the server compares with its own uid
+
+
 def test_second_serve_refuses_with_clear_message(daemon):
     proc = subprocess.run([sys.executable, "-m", "cli.main", "serve"], env=daemon_env(daemon.home),
                           cwd=str(REPO), capture_output=True, text=True, timeout=60)
