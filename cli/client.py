@@ -21,6 +21,24 @@ M = TypeVar("M", bound=BaseModel)
 START_HINT = "Start it with `cones serve` (foreground) or `cones service install` (systemd user service)."
 
 
+def service_starting(lock: Path) -> bool:
+    """A `cones serve` holds this lock from before the model loads until it exits."""
+    import fcntl
+    import os
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 class Client:
     def __init__(self, socket_path: Path, timeout: float = 60.0):
         self.socket_path = Path(socket_path)
@@ -118,6 +136,9 @@ class Client:
 
     def _transport_error(self, exc: httpx.TransportError) -> ConesError:
         if isinstance(exc, httpx.ConnectError):
+            if service_starting(self.socket_path.parent / "cones.lock"):
+                return Unavailable("The cones service is starting (loading the model); it will answer "
+                                   f"on {self.socket_path} when ready.", "Try again in a moment.")
             return Unavailable(f"The cones service is not running (no live socket at {self.socket_path}).",
                                START_HINT)
         if isinstance(exc, httpx.TimeoutException):

@@ -140,9 +140,14 @@ class Inbox:
         from watchdog.observers import Observer
 
         self.root.mkdir(parents=True, exist_ok=True)
-        for job in self.service.worker.jobs.jobs(("queued", "running")):
+        for job in self.service.worker.jobs.jobs(("queued", "running", "done")):
             folder = job.request.get("inbox_folder") if job.kind == "learn" else None
-            if folder:
+            if not folder:
+                continue
+            if job.state == "done":   # learned, but the process died before the clean-up
+                if (self.root / folder).is_dir() and job.request.get("name") in self.service.store:
+                    self._clear(self.root / folder, job)
+            else:
                 self._in_flight[folder] = job.id
         self.service.job_listeners.append(self._job_changed)
 

@@ -172,6 +172,20 @@ def test_not_running_says_how_to_start(monkeypatch, tmp_path):
     assert "not running" in result.stderr and "cones serve" in result.stderr
 
 
+def test_starting_service_is_reported_as_starting(monkeypatch, tmp_path):
+    import fcntl
+
+    home = tmp_path / "h"
+    (home / "run").mkdir(parents=True)
+    monkeypatch.setenv("CONES_HOME", str(home))
+    with open(home / "run" / "cones.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # what `cones serve` holds while the model loads
+        result = runner.invoke(app, ["status"])
+    assert result.exit_code == EXIT_CODES[ErrorCode.UNAVAILABLE] and "starting" in result.stderr
+    result = runner.invoke(app, ["status"])
+    assert "not running" in result.stderr
+
+
 def test_stale_socket_is_replaced():
     home = short_home()
     try:
