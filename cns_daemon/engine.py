@@ -92,17 +92,28 @@ class Engine:
         bad concept never keeps the service down."""
         from cns_daemon.methods import get_method
 
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
         cns = get_method("cns")
         # In learning order: each CNS concept was trained on top of the ones before it.
-        for meta in sorted(self.store.list(), key=lambda m: m.created):
-            if meta.method != "cns":
-                continue
-            try:
-                record = self.store.get(meta.name)
-                self._check_fingerprint(record)
-                cns.apply(self.pipe, [record])
-            except ConesError as exc:
-                log.error("concept %s not rebuilt: %s", meta.name, exc)
+        metas = sorted((m for m in self.store.list() if m.method == "cns"), key=lambda m: m.created)
+        # Records are read and decoded (numpy, mostly outside the GIL) a few ahead of the
+        # concept being written into the weights, so the two overlap.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cones-read") as pool:
+            ahead = deque((m.name, pool.submit(self.store.get, m.name)) for m in metas[:4])
+            rest = iter(metas[4:])
+            while ahead:
+                name, future = ahead.popleft()
+                nxt = next(rest, None)
+                if nxt is not None:
+                    ahead.append((nxt.name, pool.submit(self.store.get, nxt.name)))
+                try:
+                    record = future.result()
+                    self._check_fingerprint(record)
+                    cns.apply(self.pipe, [record])
+                except ConesError as exc:
+                    log.error("concept %s not rebuilt: %s", name, exc)
 
     # ------------------------------------------------------------ jobs (worker thread)
 

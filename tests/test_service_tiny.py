@@ -96,3 +96,40 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     junk.write_bytes(b"not a concept file at all")
     code, out = cones("import", str(junk))
     assert code == EXIT_CODES[ErrorCode.CORRUPT], out
+
+
+def test_cns_concept_survives_restart_and_removal_restores_base(tmp_path, monkeypatch):
+    """Learn a CNS concept, restart the service: the rebuilt weights give the same images; remove
+    it: plain prompts give exactly the images of the untouched base model again."""
+    import numpy as np
+    from PIL import Image
+
+    home = short_home()
+    monkeypatch.setenv("CONES_HOME", str(home))
+
+    def pixels(*args: str) -> list[np.ndarray]:
+        result = runner.invoke(app, ["generate", *args, "-n", "2", "--steps", "3", "--seed", "5", "--json"])
+        assert result.exit_code == 0, result.stdout + result.stderr
+        return [np.asarray(Image.open(p)) for p in json.loads(result.stdout)["result"]["images"]]
+
+    d = start_daemon(home, fake=False, args=("--model", "tiny"), timeout=180)
+    try:
+        plain_before = pixels("a photo of a dog")
+        photos = write_photos(tmp_path / "rex", 3)
+        result = runner.invoke(app, ["add", "rex", *map(str, photos), "--class", "dog", "--steps", "3",
+                                     "--option", "prior_images=0"])
+        assert result.exit_code == 0, result.stdout + result.stderr
+        with_rex = pixels("a photo of <rex>")
+        d.kill(15)
+        d = start_daemon(home, fake=False, args=("--model", "tiny"), timeout=180)
+        with Client(d.socket) as c:
+            info = c.concept("rex")
+            assert info.method == "cns" and info.neurons > 0
+        again = pixels("a photo of <rex>")
+        assert all(np.array_equal(a, b) for a, b in zip(with_rex, again))   # rebuilt exactly
+        assert runner.invoke(app, ["rm", "rex"]).exit_code == 0
+        plain_after = pixels("a photo of a dog")
+        assert all(np.array_equal(a, b) for a, b in zip(plain_before, plain_after))   # base restored
+    finally:
+        d.kill(15)
+        shutil.rmtree(home, ignore_errors=True)
