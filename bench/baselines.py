@@ -39,7 +39,7 @@ class _Prepared:
     prior: torch.Tensor | None     # class-image latents made by the base model
 
 
-def _prepare(pipe, photos: list[Path], spec: LearnSpec, hp: CNSParams,
+def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: CNSParams,
              progress: ProgressFn | None, cancel: CancelToken | None) -> _Prepared:
     """Token, photos and class images, with the shared machinery and CNS's settings."""
     stack = stack_for(pipe)
@@ -70,7 +70,7 @@ class BaselineMethod:
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None = None,
               cancel: CancelToken | None = None, previous: list | None = None) -> ConceptRecord:
         hp = C.parse_options(CNSParams, spec.options, spec.steps)
-        prep = _prepare(pipe, photos, spec, hp, progress, cancel)
+        prep = prepare(pipe, photos, spec, hp, progress, cancel)
         stack = stack_for(pipe)
         weights = stack.params if self.kv else {}
         before = {n: w.detach().clone() for n, w in weights.items()}
