@@ -172,4 +172,43 @@ def guidance_overhead(pipe, prompt: str, records_by_name: Mapping[str, ConceptRe
     return Overhead(min(plain), min(guided))
 
 
-__all__ = ["generate", "encode", "applied", "Embeddings", "guidance_overhead", "Overhead"]
+def unet_overhead(unet, latent_hw: tuple[int, int], *, repeats: int = 3) -> Overhead:
+    """One UNet call on a CFG batch of 2 (random latents and text, t = 500) without and with
+    two-box layout guidance: the guidance cost where it matters, on any UNet (for example an
+    SD 1.5-shaped one with random weights), without a text encoder or VAE. Same clocks and
+    alternation as `guidance_overhead`."""
+    from cns_daemon.prompts import ConceptSpan
+
+    gen = torch.Generator().manual_seed(0)
+    width = int(unet.config.cross_attention_dim)
+    device, dtype = unet.device, unet.dtype
+    x = torch.randn(2, int(unet.config.in_channels), *latent_hw, generator=gen).to(device, dtype)
+    text = torch.randn(2, 77, width, generator=gen).to(device, dtype)
+    expanded = ExpandedPrompt("", tuple(range(10)), (ConceptSpan("a", "cones2", (3,), 3),
+                                                     ConceptSpan("b", "cones2", (6, 7), 7)))
+    layout = check_boxes(["a=0,0,0.5,1", "b=0.5,0,1,1"], expanded)
+    config = GuidanceConfig()
+    state = GuidanceState([200.0], latent_hw, cfg=True)
+    cuda = device.type == "cuda"
+    clock = time.perf_counter if cuda else time.process_time
+
+    def timed(guided: bool) -> float:
+        ctx = (layout_guidance(unet, LayoutBias(layout, expanded, 77, config), state, config)
+               if guided else contextlib.nullcontext())
+        t0 = clock()
+        with torch.no_grad(), ctx:
+            unet(x, torch.tensor(500, device=device), encoder_hidden_states=text)
+        if cuda:
+            torch.cuda.synchronize()
+        return clock() - t0
+
+    timed(False), timed(True)
+    plain, guided = [], []
+    for _ in range(repeats):
+        plain.append(timed(False))
+        guided.append(timed(True))
+    return Overhead(min(plain), min(guided))
+
+
+__all__ = ["generate", "encode", "applied", "Embeddings", "guidance_overhead", "unet_overhead",
+           "Overhead"]
