@@ -1,0 +1,59 @@
+"""Smoke test of the overhead bench on the scaled-down SD-1.5 architecture: real worker
+subprocesses (plain K/V step, CNS, generation), the documented summary keys, sane values."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import overhead
+from bench import _overhead_worker as worker
+from bench._overhead_worker import Measurement, Task
+
+
+@pytest.fixture(scope="module")
+def small_result():
+    cfg = overhead.OverheadConfig(methods=("cns",), small=True, size=64, steps=2, gen_steps=2,
+                                  repeats=1, memory_rows=False, cuda=False, timeout_s=300)
+    return overhead.run(cfg, log=lambda *_: None)
+
+
+def test_overhead_smoke(small_result, capsys):
+    rows = small_result["rows"]
+    assert set(rows) == {"learn/plain", "learn/cns", "generate"}
+    for name, r in rows.items():
+        assert r["error"] is None, (name, r["error"])
+        assert r["peak_rss_kb"] >= r["model_rss_kb"] > 0   # measured in the worker itself
+    assert len(rows["learn/cns"]["step_s"]) == 2 and len(rows["learn/plain"]["step_s"]) == 2
+    s = overhead.summary(small_result)
+    for key in ("guidance_ratio", "train_step_ratio_cns", "peak_rss_ratio_cns", "plain_step_s"):
+        assert s[key] > 0, key
+    assert 0 <= s["apply_remove_ms"] < 10_000
+    assert s["cns_delta_bytes"] > 0
+    assert 0 < s["fraction_kv_cns"] < 1                  # CNS touches a sparse subset
+    for key in ("cones_mask_bytes", "residual_bytes"):   # methods not run: reported as absent
+        assert key in s and s[key] is None
+    overhead.print_table(small_result)
+    assert "learn/cns" in capsys.readouterr().out
+    json.dumps(s)  # the --json line must serialise
+
+
+def test_worker_failure_is_reported_not_fatal():
+    import torch
+
+    threads = torch.get_num_threads()
+    try:  # in-process: the same code path as the subprocess, without its start-up cost
+        m = worker.run(Task("learn", method="nosuch", small=True, size=64, steps=1))
+    finally:
+        torch.set_num_threads(threads)
+    assert isinstance(m, Measurement) and m.error and "nosuch" in m.error
+    assert m.peak_rss_kb > 0
+
+
+def test_cuda_rows_only_when_asked():
+    cfg = overhead.OverheadConfig(small=True)
+    names = [n for n, _ in overhead.tasks(cfg, cuda=False)]
+    assert not any(n.startswith("cuda/") for n in names)
+    assert {"learn/plain", "generate", "memory/cns/no-sdpa"} <= set(names)
+    gpu = dict(overhead.tasks(cfg, cuda=True))
+    assert gpu["cuda/learn-full/cns"].device == "cuda" and gpu["cuda/learn-full/cns"].full_learn
