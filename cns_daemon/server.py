@@ -279,8 +279,9 @@ class App:
 
     async def _read_body(self, headers: dict[str, str], receive) -> bytes:
         limit = self.max_request_bytes
-        declared = headers.get("content-length")
-        too_big = declared is not None and declared.isdigit() and int(declared) > limit
+        raw_length = headers.get("content-length", "")
+        declared = int(raw_length) if raw_length.isdigit() else 0
+        too_big = declared > limit
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -296,7 +297,7 @@ class App:
             if not message.get("more_body", False) or size > limit * DRAIN_FACTOR:
                 break
         if too_big:
-            raise BadInput(f"The request is too large ({max(size, int(declared or 0))} bytes; the "
+            raise BadInput(f"The request is too large ({max(size, declared)} bytes; the "
                            f"limit is {limit}).",
                            "Send fewer or smaller photos, or raise max_request_bytes in config.toml.")
         return b"".join(chunks)
