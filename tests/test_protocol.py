@@ -1,0 +1,72 @@
+"""The protocol's models and the API description: what is accepted, what is refused, and that
+every route and error code is described."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from cns_daemon.errors import ERROR_TYPES
+from cns_daemon.protocol import (AddRequest, GenerateRequest, JobInfo, Photo, ProgressInfo,
+                                 describe_validation_error)
+from cns_daemon.server import HTTP_STATUS, App
+
+
+def test_photo_bytes_travel_as_base64():
+    req = AddRequest(name="rex", class_word="dog", photos=[Photo(filename="a.png", data=b"\x89PNG\0\xff")])
+    text = json.loads(req.model_dump_json())["photos"][0]["data"]
+    assert base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)) == b"\x89PNG\0\xff"
+    assert AddRequest.model_validate_json(req.model_dump_json()) == req
+
+
+@pytest.mark.parametrize("fields,where", [
+    ({"name": "../x"}, "name"),
+    ({"name": "x" * 65}, "name"),
+    ({"class_word": ""}, "class_word"),
+    ({"class_word": "dog; rm -rf"}, "class_word"),
+    ({"method": "dreambooth"}, "method"),
+    ({"steps": 0}, "steps"),
+    ({"photos": []}, "photos"),
+    ({"extra": 1}, "extra"),
+])
+def test_add_request_refusals_name_the_field(fields, where):
+    base = {"name": "rex", "class_word": "dog", "photos": [{"filename": "a.png", "data": "AAAA"}]}
+    with pytest.raises(ValidationError) as info:
+        AddRequest.model_validate_json(json.dumps({**base, **fields}))
+    assert describe_validation_error(info.value).startswith(where)
+
+
+def test_generate_request_limits():
+    GenerateRequest(prompt="a photo of <rex>", n=16, boxes=["rex=0,0,1,1"] * 8)
+    for bad in ({"prompt": ""}, {"prompt": "x" * 1001}, {"prompt": "x", "n": 0}, {"prompt": "x", "n": 17},
+                {"prompt": "x", "boxes": ["a=0,0,1,1"] * 9}, {"prompt": "x", "steps": 0}):
+        with pytest.raises(ValidationError):
+            GenerateRequest(**bad)
+
+
+def test_openapi_describes_every_route_and_model():
+    app = App(service=None, max_request_bytes=1024)
+    schema = app.openapi_schema()
+    described = {(path, method) for path, ops in schema["paths"].items() for method in ops}
+    assert described == {(r.path, r.method.lower()) for r in app.routes}
+    models = schema["components"]["schemas"]
+    for name in ("AddRequest", "GenerateRequest", "JobInfo", "StatusInfo", "ConceptList", "ErrorBody",
+                 "ProgressInfo"):
+        assert name in models
+    add = schema["paths"]["/v1/concepts"]["post"]
+    assert add["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/AddRequest")
+    assert any(p["name"] == "X-Cones-Protocol" for p in add["parameters"])
+
+
+def test_every_error_code_has_an_http_status():
+    assert set(HTTP_STATUS) == set(ERROR_TYPES)
+    assert all(400 <= s < 600 for s in HTTP_STATUS.values())
+
+
+def test_job_and_progress_models_round_trip():
+    info = JobInfo(id="abc", kind="learn", state="running", summary="learn <rex>", created=1.0,
+                   progress=ProgressInfo(job="abc", state="running", phase="train", step=3, total=10,
+                                         loss=0.5, eta_s=2.0))
+    assert JobInfo.model_validate_json(info.model_dump_json()) == info
