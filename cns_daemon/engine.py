@@ -172,6 +172,12 @@ class Engine:
         if record.name in self.store:
             raise Conflict(f"A concept named {record.name!r} already exists.",
                            f"Remove it first with `cones rm {record.name}`, then import again.")
+        clash = [m.name for m in self.store.list() if record.meta.token and m.token == record.meta.token]
+        if clash:
+            # two concepts on one token would overwrite each other's embedding row
+            raise Conflict(f"Concept {record.name!r} uses the token {record.meta.token!r}, which "
+                           f"<{clash[0]}> already uses here.",
+                           f"Remove <{clash[0]}> first, or learn {record.name!r} again from its photos.")
         self.store.put(record)
         if record.meta.method == "cns":
             get_method("cns").apply(self.pipe, [record])

@@ -69,7 +69,8 @@ def test_cli_and_inbox_then_generate_with_boxes(cones, daemon, tmp_path):
 
 def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     photos = write_photos(tmp_path / "star", 3, seed=80)
-    code, out = cones("add", "star", *map(str, photos), "--class", "star", "--method", "cones2", "--steps", "2")
+    code, out = cones("add", "star", *map(str, photos), "--class", "star", "--method", "cns", "--steps", "2",
+                      "--option", "prior_images=0")
     assert code == 0, out
     code, before = cones("show", "star", "--json")
     exported = tmp_path / "star.safetensors"
@@ -92,6 +93,10 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     alien.write_bytes(encode(other))
     code, out = cones("import", str(alien))
     assert code == EXIT_CODES[ErrorCode.MODEL_MISMATCH], out
+    twin = tmp_path / "twin.safetensors"   # another name, the same token: refused
+    twin.write_bytes(encode(dataclasses.replace(record, meta=dataclasses.replace(record.meta, name="twin"))))
+    code, out = cones("import", str(twin))
+    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "token" in out, out
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a concept file at all")
     code, out = cones("import", str(junk))
