@@ -44,6 +44,9 @@ class TrainConfig:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
+    decoder_steps: int = 1500
+    decoder_lr: float = 1e-3
+    decoder_minutes: float = 30.0
     unet_steps: int = 3200
     unet_batch: int = 24
     unet_lr: float = 1.5e-3
@@ -119,6 +122,41 @@ def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator)
         if step % 50 == 0 or step == cfg.vae_steps - 1:
             log.info("vae step %d/%d loss %.4f", step, cfg.vae_steps, loss_avg)
     vae.eval()
+    return loss_avg
+
+
+def refine_decoder(vae, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> float:
+    """Train the decoder alone, the encoder frozen: sharper reconstructions (patterns, exact
+    colours) while the latents, and so everything the UNet learns on them, stay the same. This is
+    why it can run after, or beside, the denoiser stage."""
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for q in params:
+        q.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.decoder_lr, total_steps=cfg.decoder_steps,
+                                                pct_start=0.05)
+    vae.eval()  # no dropout/batch statistics in this VAE; eval keeps the encoder exactly fixed
+    loss_avg, t0 = 0.0, time.time()
+    for step in range(cfg.decoder_steps):
+        if time.time() - t0 > cfg.decoder_minutes * 60:
+            log.warning("decoder budget reached at step %d of %d", step, cfg.decoder_steps)
+            break
+        x = images[torch.randint(len(images), (cfg.vae_batch,), generator=gen)]
+        with torch.no_grad():
+            post = vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        loss_avg = 0.98 * loss_avg + 0.02 * loss.item() if step else loss.item()
+        if step % 50 == 0:
+            log.info("decoder step %d/%d loss %.4f", step, cfg.decoder_steps, loss_avg)
+    vae.requires_grad_(False)
     return loss_avg
 
 
@@ -284,6 +322,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
         vae_loss = saved["loss"]
     else:
         vae_loss = train_vae(pipe.vae, images, cfg, gen)
+        if cfg.decoder_steps:
+            vae_loss = refine_decoder(pipe.vae, images, cfg, gen)
         torch.save({"vae": pipe.vae.state_dict(), "loss": vae_loss}, vae_file)
     pipe.vae.eval()
     pipe.vae.requires_grad_(False)
@@ -308,10 +348,48 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     return info
 
 
+def refine_decoder_only(cfg: TrainConfig, out: Path) -> None:
+    """`--refine-decoder`: refine the decoder of `<out>.work/vae.pt` into `vae_refined.pt`
+    (runs beside a denoiser stage that already has its latents)."""
+    torch.set_num_threads(cfg.threads)
+    work = out.with_name(out.name + ".work")
+    images = to_tensor(cached_dataset(cfg, work)[0])
+    pipe = build_tiny_pipeline(seed=cfg.seed, blocks=cfg.blocks)
+    pipe.vae.load_state_dict(torch.load(work / "vae.pt")["vae"])
+    t0 = time.time()
+    loss = refine_decoder(pipe.vae, images, cfg, torch.Generator().manual_seed(cfg.seed + 7))
+    torch.save({"vae": pipe.vae.state_dict(), "loss": loss, "steps": cfg.decoder_steps,
+                "seconds": round(time.time() - t0, 1), "git_commit": git_commit()}, work / "vae_refined.pt")
+
+
+def install_decoder(out: Path) -> None:
+    """`--install-decoder`: put the refined decoder into the saved model (the encoder, hence
+    the latents and the fingerprint, are unchanged; checked) and record it in train_info."""
+    from diffusers import AutoencoderKL
+
+    work = out.with_name(out.name + ".work")
+    refined = torch.load(work / "vae_refined.pt")
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    for name, tensor in vae.encoder.state_dict().items():
+        if not torch.equal(tensor, refined["vae"][f"encoder.{name}"]):
+            raise SystemExit("vae_refined.pt was made from another encoder; refusing to install it")
+    vae.load_state_dict(refined["vae"])
+    vae.save_pretrained(out / "vae", safe_serialization=True)
+    info = json.loads((out / "train_info.json").read_text())
+    info["decoder_refinement"] = {k: refined[k] for k in ("loss", "steps", "seconds", "git_commit")}
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_checksums(out)
+    log.info("installed the refined decoder into %s", out)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=TOYWORLD_MODEL)
     p.add_argument("--resume", action="store_true", help="continue from <out>.work checkpoints")
+    p.add_argument("--refine-decoder", action="store_true",
+                   help="only refine the decoder of <out>.work/vae.pt (beside a running denoiser stage)")
+    p.add_argument("--install-decoder", action="store_true",
+                   help="only install <out>.work/vae_refined.pt into the saved model at --out")
     for name, value in asdict(TrainConfig()).items():
         if isinstance(value, tuple):
             p.add_argument(f"--{name.replace('_', '-')}", type=int, nargs=len(value), default=value)
@@ -319,9 +397,15 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(p.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
+    refine, install = args.pop("refine_decoder"), args.pop("install_decoder")
     args["blocks"] = tuple(args["blocks"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    run(TrainConfig(**args), out, resume)
+    if refine:
+        refine_decoder_only(TrainConfig(**args), out)
+    elif install:
+        install_decoder(out)
+    else:
+        run(TrainConfig(**args), out, resume)
 
 
 if __name__ == "__main__":
