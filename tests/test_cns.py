@@ -229,3 +229,51 @@ def test_removing_an_older_concept(fresh_tiny_pipe):
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[tid_a], before[EMB][tid_a])
     method.unlearn(pipe, "b")
     assert changed(pipe, before) == []
+
+
+# -- quality on the toy world (CI-sized) ------------------------------------------------------
+
+def _toyworld():
+    from cns_daemon.model import TOYWORLD_MODEL
+
+    probe_dir = Path(__file__).parents[1] / "cns_daemon" / "toyworld" / "probe"
+    if not (TOYWORLD_MODEL / "model_index.json").is_file() or not probe_dir.is_dir():
+        pytest.skip("the toy-world fixture model or probe is not built yet")
+    from cns_daemon.model import load_pipeline
+    from cns_daemon.toyworld.probe import Probe
+
+    return load_pipeline(None, "cpu", "float32"), Probe.load()
+
+
+def test_cns_learns_a_toyworld_concept(tmp_path):
+    """After CNS learns a striped two-tone star from 4 photos, "a photo of <tok> star" shows
+    that look (shape, pattern, second colour, as the probe reads them) far more often than the
+    base model does for the same prompt."""
+    from cns_daemon.toyworld.fidelity import generate_batch
+    from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
+
+    pipe, probe = _toyworld()
+    obj = ObjectSpec("star", "blue", "stripes", "yellow")
+    paths, caps = [], []
+    for i, (img, cap) in enumerate(render_concept_photos(obj, 4, seed=7)):
+        img.save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+        caps.append(cap)
+    method = get_method("cns")
+    token = C.allocate_token(pipe.tokenizer, [])
+    prompt = f"a photo of {token} star"
+    n = 16
+
+    def rate() -> float:
+        images = generate_batch(pipe, [prompt] * n, list(range(n)))
+        return float(np.mean([a.matches(obj, attrs=("shape", "pattern", "second_color"))
+                              for a in probe.read(images)]))
+
+    base = rate()
+    rec = method.learn(pipe, paths, LearnSpec("blue-star", "star", captions=caps,
+                                              cache_dir=tmp_path / "cache"), None, None)
+    assert rec.meta.token == token
+    learned = rate()
+    print(f"toy-world CNS fidelity: base {base:.2f} -> learned {learned:.2f}, "
+          f"{rec.meta.hparams['neurons']} neurons ({100 * rec.meta.hparams['fraction_kv']:.2f} % of K/V)")
+    assert learned >= base + 0.4

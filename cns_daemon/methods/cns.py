@@ -62,12 +62,15 @@ class CNSParams:
     variants: int = 4             # augmented variants per photo
     delta_dtype: str = "float32"  # stored values: float32 | float16
     token: str = ""               # a specific rare token; "" picks one automatically
+    token_init: str = "token"     # start the row from the rare token's own row | the "class" word's
 
     def validate(self) -> None:
         if not 0 < self.top_p <= 100 or not 0 <= self.min_percent <= 100:
             raise BadInput("top_p must be in (0, 100] and min_percent in [0, 100].")
         if self.steps < 0 or self.prior_images < 0 or self.variants < 1:
             raise BadInput("steps and prior_images must be ≥ 0, variants ≥ 1.")
+        if self.token_init not in ("token", "class"):
+            raise BadInput("token_init must be `token` or `class`.")
         if self.delta_dtype not in ("float32", "float16"):
             raise BadInput("delta_dtype must be float32 or float16.")
 
@@ -240,7 +243,11 @@ class CNSMethod:
                            "Raise the `top_p` option (percent of each row scored per caption).")
         tuned = stack.tuned(earlier)
         tid = C.token_id(pipe.tokenizer, token)
-        row = C.TrainableRow(pipe.text_encoder, tid)
+        init = None
+        if hp.token_init == "class":
+            class_ids = C.token_ids(pipe.tokenizer, spec.class_word)
+            init = pipe.text_encoder.get_input_embeddings().weight[class_ids].mean(0)
+        row = C.TrainableRow(pipe.text_encoder, tid, init=init)
         trainees = self._trainees(stack, indices, tuned)
         loss = C.ConceptLoss(pipe, latents, photo_set.captions, prior_latents=prior,
                              prior_prompt=C.prior_prompt(spec.class_word),
