@@ -108,7 +108,7 @@ def test_generate_jumps_queued_learn_jobs(daemon, tmp_path):
         from cns_daemon.protocol import AddRequest, GenerateRequest, Photo
 
         photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(tmp_path / "q", 2)]
-        first = c.add(AddRequest(name="first", class_word="dog", steps=60, photos=photos))
+        first = c.add(AddRequest(name="first", class_word="dog", steps=150, photos=photos))
         wait_until(lambda: c.job(first.id).state == "running", what="first running")
         second = c.add(AddRequest(name="second", class_word="dog", steps=5, photos=photos))
         gen = c.generate(GenerateRequest(prompt="a plain photo", steps=2))
