@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,36 +76,37 @@ class Engine:
 
         t0 = time.monotonic()
         self.pipe = pipe
-        # In learning order: each CNS concept was trained on top of the ones before it.
-        metas = sorted((m for m in self.store.list() if m.method == "cns"), key=lambda m: m.created)
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cones-read") as pool:
-            # Reading and decoding records starts now and overlaps the fingerprint (hashlib and
-            # numpy work outside the GIL); records are checked against it before being applied.
-            reader = ReadAhead(pool, self.store.get, [m.name for m in metas])
-            # The CNS stack fingerprints the base weights when it is created (before any concept
-            # is written); the engine uses that digest instead of hashing the weights twice.
-            fp = stack_for(pipe).base_fingerprint
-            self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
-                                   dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
-            self.store.bind(fp)
-            with torch.no_grad():
-                self.rebuild(reader)
+        # The CNS stack fingerprints the base weights when it is created (before any concept is
+        # written); the engine uses that same digest instead of hashing the weights twice.
+        fp = stack_for(pipe).base_fingerprint
+        self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
+                               dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
+        self.store.bind(fp)
+        with torch.no_grad():
+            count = self.rebuild()
         log.info("on %s/%s, fingerprint %s, %d CNS concepts rebuilt in %.2fs", self.info.device,
-                 self.info.dtype, fp, len(metas), time.monotonic() - t0)
+                 self.info.dtype, fp, count, time.monotonic() - t0)
 
-    def rebuild(self, reader: "ReadAhead") -> None:
-        """Re-apply every CNS concept `reader` yields; a damaged record is skipped (and logged),
-        so one bad concept never keeps the service down."""
+    def rebuild(self) -> int:
+        """Re-apply every stored CNS concept, in learning order (each was trained on top of the
+        ones before it). A damaged record is skipped (and logged), so one bad concept never keeps
+        the service down. (Reading records ahead on a second thread was measured: no gain on
+        2 cores, so it stays sequential.)"""
         from cns_daemon.methods import get_method
 
         cns = get_method("cns")
-        for name, future in reader:
+        count = 0
+        for meta in sorted(self.store.list(), key=lambda m: m.created):
+            if meta.method != "cns":
+                continue
             try:
-                record = future.result()
+                record = self.store.get(meta.name)
                 self._check_fingerprint(record)
                 cns.apply(self.pipe, [record])
+                count += 1
             except ConesError as exc:
-                log.error("concept %s not rebuilt: %s", name, exc)
+                log.error("concept %s not rebuilt: %s", meta.name, exc)
+        return count
 
     # ------------------------------------------------------------ jobs (worker thread)
 
@@ -212,28 +211,6 @@ class Engine:
             raise ModelMismatch(f"Concept {record.name!r} was learned on another base model "
                                 f"({record.meta.fingerprint[:12]}…, this one is "
                                 f"{self.info.fingerprint[:12]}…).")
-
-
-class ReadAhead:
-    """Iterate (name, future of read(name)) in order, keeping `depth` reads in flight."""
-
-    def __init__(self, pool: ThreadPoolExecutor, read, names: list[str], depth: int = 8):
-        self._pool, self._read = pool, read
-        self._names = iter(names)
-        self._ahead: deque = deque()
-        for _ in range(depth):
-            self._submit_next()
-
-    def _submit_next(self) -> None:
-        name = next(self._names, None)
-        if name is not None:
-            self._ahead.append((name, self._pool.submit(self._read, name)))
-
-    def __iter__(self):
-        while self._ahead:
-            item = self._ahead.popleft()
-            self._submit_next()
-            yield item
 
 
 def save_images(images, out_dir: Path) -> JobResult:
