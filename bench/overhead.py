@@ -30,6 +30,7 @@ from pathlib import Path
 from bench._overhead_worker import Measurement, Task
 
 METHODS = ("cns", "cones", "cones2", "naive", "ti")
+PRODUCT_METHODS = ("cns", "cones", "cones2")
 PAPER_CONES_BYTES = 1.43e6  # Cones paper: 1.43 MB per subject as int indices
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,8 +142,10 @@ def summary(result: dict) -> dict:
     gen = rows["generate"]
     out["plain_gen_s"], out["guided_gen_s"] = gen["plain_gen_s"], gen["guided_gen_s"]
     out["guidance_ratio"] = _ratio(gen["guided_gen_s"], gen["plain_gen_s"])
-    ar = [out[k] for k in out if k.startswith("apply_remove_ms_") and out[k] is not None]
-    out["apply_remove_ms"] = max(ar) if ar else None   # the slowest method's, per concept
+    # The goal (< 50 ms per concept) is the product methods'; the baselines are listed apart.
+    ar = [out.get(f"apply_remove_ms_{m}") for m in PRODUCT_METHODS]
+    ar = [v for v in ar if v is not None]
+    out["apply_remove_ms"] = max(ar) if ar else None   # the slowest product method's
     out["cones_mask_bytes"] = out.get("stored_bytes_cones")
     out["cones_mask_vs_paper"] = _ratio(out.get("stored_bytes_cones"), PAPER_CONES_BYTES)
     out["cns_delta_bytes"] = out.get("stored_bytes_cns")
@@ -189,14 +192,14 @@ def print_table(result: dict) -> None:
               f"{r['peak_rss_kb'] / 1e6:9.2f}{_f(1.0 if plain else s[f'peak_rss_ratio_{m}'], '9.2f')}"
               f"{_f(r['apply_remove_ms'], '8.1f') + ' ms' if r['apply_remove_ms'] is not None else '-':>10}"
               f"{_f(r['stored_bytes'], ',d'):>12}"
-              f"{_f(r['fraction_kv'], '10.4f')}")
+              f"{_f(r['fraction_kv'], '.4f'):>10}")
     print(f"Generation ({cfg['gen_steps']} DDIM steps, best of {cfg['repeats']}): plain "
           f"{_f(s['plain_gen_s'], '.2f')} s, layout-guided {_f(s['guided_gen_s'], '.2f')} s, "
           f"ratio {_f(s['guidance_ratio'], '.3f')} (goal <= 1.15)")
     print(f"Cones mask {_f(s['cones_mask_bytes'], ',')} B stored vs the paper's 1.43 MB; CNS delta "
           f"{_f(s['cns_delta_bytes'], ',')} B; Cones 2 residual {_f(s['residual_bytes'], ',')} B "
           f"stored ({_f(s['residual_raw_bytes'], ',')} B raw; goal <= 4 KB); apply+remove "
-          f"slowest {_f(s['apply_remove_ms'], '.1f')} ms (goal < 50 ms)")
+          f"slowest of CNS/Cones/Cones 2 {_f(s['apply_remove_ms'], '.1f')} ms (goal < 50 ms)")
     print("Memory options (peak RSS, GB):")
     mem = [("CNS learn, classic attention", "memory/cns/no-sdpa"),
            ("CNS learn, SDPA (CPU default)", "learn/cns"),
