@@ -181,6 +181,9 @@ def probe_verdicts(runs: dict[str, JobInfo]) -> list[str]:
 
 
 def run(opts: Options) -> None:
+    # SIGTERM (e.g. `timeout`) ends the demo through the `finally` below, which stops the
+    # temporary service; the default action would leave it running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     settings = load_settings()
     temp: TempService | None = None
     try:

@@ -9,6 +9,7 @@ status per error code. Blocking work (store reads, photo checks) runs in threads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -341,8 +342,10 @@ async def _send(response: Response, send, receive) -> None:
             nxt = asyncio.ensure_future(stream.__anext__())
             gone = asyncio.ensure_future(disconnected.wait())
             done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if nxt not in done:
+            if nxt not in done:   # the client went away: stop the generator, then close it
                 nxt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await nxt
                 break
             gone.cancel()
             try:

@@ -205,3 +205,18 @@ def test_stale_socket_is_replaced():
         assert d.proc.returncode == 0 and not d.socket.exists()   # clean shutdown removes it
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_follower_that_disconnects_leaves_the_service_healthy(daemon, tmp_path):
+    from cns_daemon.protocol import AddRequest, Photo
+
+    photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(tmp_path / "gone", 2)]
+    with Client(daemon.socket) as c:
+        job = c.add(AddRequest(name="leaver", class_word="dog", steps=100, photos=photos))
+        for i, _ in enumerate(c.follow(job.id)):   # read a few lines, then hang up mid-stream
+            if i == 3:
+                break
+    with Client(daemon.socket) as c:
+        wait_until(lambda: c.job(job.id).state == "done", timeout=60, what="job done after hang-up")
+        assert c.status().pid == daemon.proc.pid
+    assert "RuntimeError" not in daemon.output() and "Traceback" not in daemon.output()
