@@ -318,6 +318,7 @@ def _quiet() -> None:
     dlog.set_verbosity_error()
     dlog.disable_progress_bar()
     tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> None:
