@@ -33,4 +33,10 @@ The fixture model (cns_daemon/toyworld/model, a diffusers folder; `cns_daemon.mo
 by `python -m cns_daemon.toyworld.probe_train`. Both record their seed and settings next to the
 weights. CLI: `cones toyworld render ...`, `cones toyworld probe IMAGES... [--json]`.
 Benchmark: `python -m bench.toyworld [--json]`.
+
+Measured (bench.toyworld, 20 DDIM steps, guidance 4): probe accuracy >= 0.968 per attribute on
+fresh renders; the shipped model is undertrained (2008 UNet steps fitted in its 60-min run on a
+busy 2-core machine): plain-prompt fidelity 0.06 (shape 0.25, colour 0.36, background 0.60, chance
+0.17 / 0.125 / 0.2), and its VAE loses fine pattern detail. Resume training with
+`python -m cns_daemon.toyworld.train --resume` (checkpoints in toyworld/model.work/, not committed).
 """
