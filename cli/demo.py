@@ -218,7 +218,7 @@ def run(opts: Options) -> None:
             verdicts = [f"probe not available: {exc.message}"]
         console.print("\n[bold]probe verdict[/]")
         for line in verdicts:
-            console.print(f"  {line}", highlight=False)
+            console.print(f"  {line}", highlight=False, markup=False)   # "[probe saw: …]" is text
         console.print("\n[bold]contact sheets[/]")
         for title, job in runs.items():
             console.print(f"  {title}: {job.result.contact_sheet}", highlight=False)
