@@ -52,6 +52,7 @@ class QualityConfig:
     generations: int = 32           # images per cell (per concept, per plain-prompt set, per pair)
     gen_steps: int = 20             # DDIM steps per generation
     cfg_scale: float = DEFAULT_GUIDANCE   # what the toy-world model is measured with
+    guidance_weight: float | None = None  # layout guidance w; None: GuidanceConfig's default
     seed: int = 0
     steps: dict[str, int] = field(default_factory=dict)          # per method; absent = default
     options: dict[str, dict] = field(default_factory=dict)       # per method LearnSpec.options
@@ -123,13 +124,41 @@ class Generator:
 
     def __call__(self, prompt: str, records: dict, n: int, seed: int, boxes=()) -> list:
         from cns_daemon.generate import generate
+        from cns_daemon.guidance import GuidanceConfig
 
+        w = self.cfg.guidance_weight
+        layout = GuidanceConfig() if w is None else GuidanceConfig(weight=w)
         images = []
         for start in range(0, n, MAX_BATCH):
             images += generate(self.pipe, prompt, records, boxes, n=min(MAX_BATCH, n - start),
                                seed=seed + start, steps=self.cfg.gen_steps,
-                               guidance_scale=self.cfg.cfg_scale)
+                               guidance_scale=self.cfg.cfg_scale, guidance=layout)
         return images
+
+
+def placement_sweep(cfg: QualityConfig, weights: list[float], judge: Judge | None = None) -> dict:
+    """Layout guidance alone, on the base model: "a photo of <a> and <b>" where a and b are
+    zero-residual Cones 2 concepts (so the prompt is "a photo of star and ring"), boxes a = left
+    half, b = right half; the share of images with both shapes in their halves, per weight w
+    (0 = unguided)."""
+    import numpy as np
+
+    from bench._world import ObjectSpec
+    from store.records import ConceptMeta, ConceptRecord
+
+    judge = judge or Judge()
+    pipe = load_model(cfg)
+    width = pipe.text_encoder.config.hidden_size
+    objs = {"a": ObjectSpec("star", "red"), "b": ObjectSpec("ring", "blue")}
+    records = {n: ConceptRecord(ConceptMeta(n, "cones2", o.shape, ""),
+                                residual=np.zeros(width, np.float32)) for n, o in objs.items()}
+    out = {}
+    for w in weights:
+        gen = Generator(pipe, QualityConfig(**{**asdict(cfg), "guidance_weight": w or None}))
+        boxes = [f"a={LEFT_BOX}", f"b={RIGHT_BOX}"] if w else []
+        images = gen(PAIR_PROMPT.format(a="a", b="b"), records, cfg.generations, _cell_seed(6, 0), boxes)
+        out[w] = judge.placement_rate(images, objs["a"], objs["b"])
+    return out
 
 
 def _cell_seed(kind: int, index: int) -> int:
@@ -333,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny random model (smoke test)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--guidance-weight", type=float, default=None, help="layout guidance w")
+    parser.add_argument("--placement-sweep", default=None, metavar="W1,W2,...",
+                        help="only measure guided placement on the base model for these w (0 = unguided)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     _quiet()
@@ -341,7 +373,15 @@ def main(argv: list[str] | None = None) -> None:
               seed=args.seed, steps=steps, options=options, model=args.model, tiny=args.tiny)
     if args.generations is not None:
         kw["generations"] = args.generations
+    kw["guidance_weight"] = args.guidance_weight
     cfg = QualityConfig.quick(**kw) if args.quick else QualityConfig(**kw)
+    if args.placement_sweep:
+        rates = placement_sweep(cfg, [float(w) for w in args.placement_sweep.split(",")])
+        for w, rate in rates.items():
+            print(f"w = {w:g}: both shapes in their halves {rate:.3f}")
+        if args.json:
+            print(json.dumps({f"placement_w{w:g}": r for w, r in rates.items()}))
+        return
     result = run(cfg)
     print_table(result)
     if args.json:
