@@ -101,3 +101,10 @@ def test_baseline_touches_what_it_claims_and_comes_off(fresh_tiny_pipe, tmp_path
     CNS.unlearn(pipe, "x")
     assert all(torch.equal(w, kv0[n]) for n, w in kv_weights(pipe.unet).items())
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, emb0)
+
+
+def test_placement_sweep_smoke(random_judge):
+    cfg = quality.QualityConfig(generations=2, gen_steps=2, tiny=True)
+    rates = quality.placement_sweep(cfg, [0.0, 1.0], random_judge)
+    assert set(rates) == {0.0, 1.0}
+    assert all(r in (0.0, 0.5, 1.0) for r in rates.values())   # fractions of 2 images
