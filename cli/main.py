@@ -6,7 +6,6 @@ not): it imports only the protocol, settings and errors from cns_daemon, plus ht
 """
 from __future__ import annotations
 
-import functools
 import shutil
 from pathlib import Path
 from typing import List, Optional
@@ -15,9 +14,9 @@ import typer
 
 from cli.client import Client
 from cli.toyworld import toyworld_app
-from cli.views import (concept_table, concepts_table, console, err_console, follow, jobs_table,
-                       print_error, print_json, status_table)
-from cns_daemon.errors import BadInput, ConesError
+from cli.views import (concept_table, concepts_table, console, err_console, follow, handled,
+                       jobs_table, print_json, status_table)
+from cns_daemon.errors import BadInput
 from cns_daemon.protocol import AddRequest, GenerateRequest, JobInfo, Photo
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
@@ -27,18 +26,6 @@ app.add_typer(service_app, name="service")
 app.add_typer(toyworld_app, name="toyworld")
 
 JSON = typer.Option(False, "--json", help="Print one machine-readable JSON document.")
-
-
-def handled(fn):
-    """Typed errors become one red line + hint on stderr and their exit code."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConesError as exc:
-            print_error(exc)
-            raise typer.Exit(exc.exit_code) from None
-    return wrapper
 
 
 def settings(**flags):

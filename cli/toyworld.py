@@ -5,35 +5,21 @@ command, so importing the CLI never imports torch.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from cns_daemon.errors import BadInput, ConesError, NotFound
+from cli.views import handled
+from cns_daemon.errors import BadInput, NotFound
 
 toyworld_app = typer.Typer(help="The toy world: render synthetic photos, read them with the probe.",
                            no_args_is_help=True)
 
 
-def _handled(fn):
-    """Typed errors become one line + hint on stderr and their exit code."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ConesError as exc:
-            from cli.views import print_error
-
-            print_error(exc)
-            raise typer.Exit(exc.exit_code) from None
-    return wrapper
-
-
 @toyworld_app.command()
-@_handled
+@handled
 def render(shape: str = typer.Option(..., help="circle | square | triangle | star | ring | cross"),
            color: str = typer.Option(..., help="red | orange | yellow | green | blue | purple | pink | black"),
            pattern: str = typer.Option("solid", help="solid | stripes | dots | checks"),
@@ -59,7 +45,7 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
 
 
 @toyworld_app.command()
-@_handled
+@handled
 def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the toy world."),
           halves: bool = typer.Option(False, "--halves", help="Two-object images: read left and right halves."),
           as_json: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:

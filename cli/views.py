@@ -1,9 +1,11 @@
 """How the CLI shows things: rich tables, a progress bar for a followed job, JSON for scripts."""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Iterable
 
+import typer
 from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -31,6 +33,18 @@ def print_error(exc: ConesError) -> None:
     err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
     if exc.hint:
         err_console.print(f"[dim]{exc.hint}[/]", highlight=False)
+
+
+def handled(fn):
+    """Typed errors become one red line + hint on stderr and their exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConesError as exc:
+            print_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+    return wrapper
 
 
 def human_size(n: int) -> str:
