@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cns_daemon.archive import Archive
 from cns_daemon.errors import Conflict, ConesError, Internal, ModelMismatch, NotFound
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
-from cns_daemon.protocol import ConceptInfo, GenerateRequest, JobResult, LearnJob
+from cns_daemon.protocol import ConceptInfo, EvalRequest, GenerateRequest, JobResult, LearnJob
 from cns_daemon.settings import Paths, Settings
 from store.records import ConceptMeta, ConceptRecord, Overlap
 
@@ -82,10 +82,26 @@ class Engine:
         self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
                                dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
         self.store.bind(fp)
+        from cns_daemon.memory import prepare_generation
+
+        self.memory = self._memory_options()
+        prepare_generation(pipe, self.memory)
         with torch.no_grad():
             count = self.rebuild()
         log.info("on %s/%s, fingerprint %s, %d CNS concepts rebuilt in %.2fs", self.info.device,
                  self.info.dtype, fp, count, time.monotonic() - t0)
+
+    def _memory_options(self):
+        """The configured memory options, resolved for the device the model is on."""
+        from cns_daemon.memory import MemoryOptions
+        from cns_daemon.model import Placement
+
+        place = Placement(self.pipe.device, self.pipe.unet.dtype)
+        opts = MemoryOptions.resolve(place, **self.settings.memory_overrides())
+        if opts.offload:
+            log.warning("offload is configured but not applied while learning yet; "
+                        "the other memory options are")
+        return opts
 
     def rebuild(self) -> int:
         """Re-apply every stored CNS concept, in learning order (each was trained on top of the
@@ -124,7 +140,12 @@ class Engine:
         spec = LearnSpec(name=job.name, class_word=job.class_word, steps=job.steps, seed=job.seed,
                          options=dict(job.options),
                          cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16])
-        record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
+        # Offload stays off here: the methods use the VAE and the text encoder before and
+        # inside their loops (class images, photo latents, captions); see memory.training.
+        from cns_daemon.memory import training
+
+        with training(self.pipe, replace(self.memory, offload=False)):
+            record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
         record.meta.photo_digests = list(job.photo_digests)
         record.meta.fingerprint = self.info.fingerprint
         try:
@@ -146,6 +167,46 @@ class Engine:
         images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
                           n=req.n, progress=progress, cancel=cancel, **options)
         return save_images(images, out_dir)
+
+    def evaluate(self, req: EvalRequest, progress: ProgressFn, cancel: CancelToken) -> JobResult:
+        """CLIP-I / CLIP-T of the named concepts (evaluate.py), generated with the same routine
+        as a generate job; each concept's scores are stored in its metadata under `eval_*`."""
+        from PIL import Image
+
+        from cns_daemon.evaluate import default_prompts, evaluate, load_scorer
+        from cns_daemon.generate import generate
+        from cns_daemon.methods.base import ProgressReporter
+
+        records = {n: self._get(n) for n in req.names}
+        scorer = load_scorer(req.clip, req.clip_weights)   # ModelLoad / Unavailable, typed
+        photos = {}
+        for name, record in records.items():
+            photos[name] = [Image.open(self.archive.path(d)).convert("RGB")
+                            for d in record.meta.photo_digests]
+            if not photos[name]:
+                raise NotFound(f"Concept {name!r} has no archived photos to compare with.",
+                               "Learn it again from its photos (imported concepts carry none).")
+        prompts = list(req.prompts) if req.prompts else default_prompts()
+        options = {k: v for k, v in (("steps", req.steps),) if v is not None}
+        report = ProgressReporter(progress, "eval", len(prompts))
+        report(0)
+
+        def gen(prompt: str, n: int):
+            cancel.check()
+            # per-step progress stays quiet: the eval bar counts prompts
+            return generate(self.pipe, prompt, records, n=n, seed=req.seed, cancel=cancel, **options)
+
+        result = evaluate(gen, photos, {n: r.meta.class_word for n, r in records.items()},
+                          prompts, req.n, scorer, progress=lambda i, _t: report(i))
+        cancel.check()
+        clip_id = req.clip_weights or req.clip
+        for name in req.names:
+            per = [p.per_concept_clip_i[name] for p in result.prompts]
+            self.store.update_metrics(name, {
+                "eval_clip_i": round(sum(per) / len(per), 4), "eval_clip_t": round(result.clip_t, 4),
+                "eval_n_images": result.n_images, "eval_n_prompts": len(result.prompts),
+                "eval_clip": clip_id})
+        return JobResult(metrics={**result.summary(), "clip": clip_id})
 
     def remove(self, name: str) -> JobResult:
         from cns_daemon.methods import get_method

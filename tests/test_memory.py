@@ -49,3 +49,20 @@ def test_generation_options_switch_processors_and_tiling(fresh_tiny_pipe):
     prepare_generation(pipe, MemoryOptions(sdpa=True, vae_tiling=False))
     assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
     assert not pipe.vae.use_tiling
+
+
+def test_engine_applies_configured_memory_options(tmp_path, fresh_tiny_pipe):
+    """The service resolves the options from settings at start-up; the generation-side ones are
+    on the live pipeline from then on."""
+    from cns_daemon.archive import Archive
+    from cns_daemon.engine import Engine
+    from store.store import ConceptStore
+
+    settings = load_settings(model="tiny", vae_tiling=True, sdpa=False, gradient_checkpointing=True)
+    store = ConceptStore.open(tmp_path / "store")
+    engine = Engine(settings, store, Archive(tmp_path / "archive"))
+    engine.attach(fresh_tiny_pipe)
+    assert engine.memory == MemoryOptions(gradient_checkpointing=True, sdpa=False, vae_tiling=True)
+    assert fresh_tiny_pipe.vae.use_tiling
+    assert all(isinstance(p, AttnProcessor) for p in fresh_tiny_pipe.unet.attn_processors.values())
+    store.close()
