@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from cns_daemon.errors import ConesError, Internal, ProtocolMismatch, Unavailable, from_code
 from cns_daemon.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest,
-                                 ConceptInfo, ConceptList, ErrorBody, GenerateRequest, JobInfo,
+                                 ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest, JobInfo,
                                  JobList, ProgressInfo, StatusInfo)
 
 M = TypeVar("M", bound=BaseModel)
@@ -74,6 +74,9 @@ class Client:
 
     def generate(self, req: GenerateRequest) -> JobInfo:
         return self._call("POST", "/generate", JobInfo, body=req)
+
+    def evaluate(self, req: EvalRequest) -> JobInfo:
+        return self._call("POST", "/eval", JobInfo, body=req)
 
     def jobs(self, limit: int = 50) -> list[JobInfo]:
         return self._call("GET", f"/jobs?limit={limit}", JobList).jobs

@@ -6,6 +6,7 @@ not): it imports only the protocol, settings and errors from cns_daemon, plus ht
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import List, Optional
@@ -14,10 +15,10 @@ import typer
 
 from cli.client import Client
 from cli.toyworld import toyworld_app
-from cli.views import (concept_table, concepts_table, console, err_console, follow, handled,
-                       jobs_table, print_json, status_table)
+from cli.views import (concept_table, concepts_table, console, err_console, eval_table, follow,
+                       handled, jobs_table, print_json, status_table)
 from cns_daemon.errors import BadInput
-from cns_daemon.protocol import AddRequest, GenerateRequest, JobInfo, Photo
+from cns_daemon.protocol import AddRequest, EvalRequest, GenerateRequest, JobInfo, Photo
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
@@ -205,6 +206,45 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
         console.print(p, highlight=False)
     if result.contact_sheet:
         console.print(f"contact sheet: {result.contact_sheet}", highlight=False)
+
+
+@app.command("eval")
+@handled
+def eval_(names: List[str] = typer.Argument(..., help="Concepts to score (all of them in every prompt)."),
+          prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file, one a line; `{}` marks the concepts (default: the shipped list)."),
+          n: int = typer.Option(4, "-n", help="Images per prompt."),
+          clip: str = typer.Option("ViT-L-14", "--clip", help="open_clip model name."),
+          clip_weights: Optional[str] = typer.Option(None, "--clip-weights", help="Weights file, transformers CLIP folder, or open_clip pretrained tag."),
+          seed: int = typer.Option(0, help="Generation seed."),
+          steps: Optional[int] = typer.Option(None, help="Denoising steps."),
+          as_json: bool = JSON) -> None:
+    """Score concepts with CLIP-I (likeness to their photos) and CLIP-T (prompt fidelity)."""
+    lines = _prompt_lines(prompts) if prompts is not None else None
+    if clip_weights is not None and (Path(clip_weights).expanduser().exists() or "/" in clip_weights):
+        # a path, not an open_clip tag: the service has its own working folder, so send it whole
+        clip_weights = str(Path(clip_weights).expanduser().absolute())
+    req = _model(EvalRequest, names=names, prompts=lines, n=n, clip=clip, clip_weights=clip_weights,
+                 seed=seed, steps=steps)
+    with client() as c:
+        job = wait_for(c, c.evaluate(req), quiet=as_json)
+    if job.result is None or job.result.metrics is None:
+        raise BadInput("The job finished without scores.")
+    if as_json:
+        print(json.dumps({"names": names, **job.result.metrics}, indent=2))
+        return
+    console.print(eval_table(names, job.result.metrics))
+
+
+def _prompt_lines(path: Path) -> list[str]:
+    """One prompt a line; blank lines and # comments are skipped (as in the shipped list)."""
+    if not path.is_file():
+        raise BadInput(f"No prompt file at {path}.", "Give a text file with one prompt per line; "
+                       "`{}` marks where the concepts go.")
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise BadInput(f"The prompt file {path} has no prompts.", "Write one prompt per line.")
+    return lines
 
 
 # ---------------------------------------------------------------- jobs

@@ -92,6 +92,15 @@ def concept_table(c: ConceptInfo) -> Table:
     return table
 
 
+def eval_table(names: list[str], metrics: dict) -> Table:
+    table = Table(title="CLIP scores of " + ", ".join(f"<{n}>" for n in names))
+    for col in ("CLIP-I", "CLIP-T", "images", "prompts", "CLIP model"):
+        table.add_column(col, justify="left" if col == "CLIP model" else "right")
+    table.add_row(f"{metrics['clip_i']:.4f}", f"{metrics['clip_t']:.4f}", str(metrics["n_images"]),
+                  str(metrics["n_prompts"]), str(metrics.get("clip", "-")))
+    return table
+
+
 def jobs_table(jobs: Iterable[JobInfo]) -> Table:
     table = Table(title="Jobs (newest first)")
     for col in ("id", "kind", "state", "what", "progress", "created", "note"):
@@ -99,9 +108,18 @@ def jobs_table(jobs: Iterable[JobInfo]) -> Table:
     for j in jobs:
         p = j.progress
         prog = f"{p.phase} {p.step}/{p.total}" if p and p.total else (p.phase if p else "-")
-        note = j.error.message if j.error else (f"{len(j.result.images)} images" if j.result and j.result.images else "")
+        note = j.error.message if j.error else _result_note(j)
         table.add_row(j.id, j.kind, _state(j.state), j.summary, prog, ago(j.created), note)
     return table
+
+
+def _result_note(j: JobInfo) -> str:
+    r = j.result
+    if r is None:
+        return ""
+    if r.metrics:
+        return f"CLIP-I {r.metrics.get('clip_i', '-')}, CLIP-T {r.metrics.get('clip_t', '-')}"
+    return f"{len(r.images)} images" if r.images else ""
 
 
 def status_table(s: StatusInfo) -> Table:

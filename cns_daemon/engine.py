@@ -17,7 +17,7 @@ from pathlib import Path
 from cns_daemon.archive import Archive
 from cns_daemon.errors import Conflict, ConesError, Internal, ModelMismatch, NotFound
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
-from cns_daemon.protocol import ConceptInfo, GenerateRequest, JobResult, LearnJob
+from cns_daemon.protocol import ConceptInfo, EvalRequest, GenerateRequest, JobResult, LearnJob
 from cns_daemon.settings import Paths, Settings
 from store.records import ConceptMeta, ConceptRecord, Overlap
 
@@ -167,6 +167,46 @@ class Engine:
         images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
                           n=req.n, progress=progress, cancel=cancel, **options)
         return save_images(images, out_dir)
+
+    def evaluate(self, req: EvalRequest, progress: ProgressFn, cancel: CancelToken) -> JobResult:
+        """CLIP-I / CLIP-T of the named concepts (evaluate.py), generated with the same routine
+        as a generate job; each concept's scores are stored in its metadata under `eval_*`."""
+        from PIL import Image
+
+        from cns_daemon.evaluate import default_prompts, evaluate, load_scorer
+        from cns_daemon.generate import generate
+        from cns_daemon.methods.base import ProgressReporter
+
+        records = {n: self._get(n) for n in req.names}
+        scorer = load_scorer(req.clip, req.clip_weights)   # ModelLoad / Unavailable, typed
+        photos = {}
+        for name, record in records.items():
+            photos[name] = [Image.open(self.archive.path(d)).convert("RGB")
+                            for d in record.meta.photo_digests]
+            if not photos[name]:
+                raise NotFound(f"Concept {name!r} has no archived photos to compare with.",
+                               "Learn it again from its photos (imported concepts carry none).")
+        prompts = list(req.prompts) if req.prompts else default_prompts()
+        options = {k: v for k, v in (("steps", req.steps),) if v is not None}
+        report = ProgressReporter(progress, "eval", len(prompts))
+        report(0)
+
+        def gen(prompt: str, n: int):
+            cancel.check()
+            # per-step progress stays quiet: the eval bar counts prompts
+            return generate(self.pipe, prompt, records, n=n, seed=req.seed, cancel=cancel, **options)
+
+        result = evaluate(gen, photos, {n: r.meta.class_word for n, r in records.items()},
+                          prompts, req.n, scorer, progress=lambda i, _t: report(i))
+        cancel.check()
+        clip_id = req.clip_weights or req.clip
+        for name in req.names:
+            per = [p.per_concept_clip_i[name] for p in result.prompts]
+            self.store.update_metrics(name, {
+                "eval_clip_i": round(sum(per) / len(per), 4), "eval_clip_t": round(result.clip_t, 4),
+                "eval_n_images": result.n_images, "eval_n_prompts": len(result.prompts),
+                "eval_clip": clip_id})
+        return JobResult(metrics={**result.summary(), "clip": clip_id})
 
     def remove(self, name: str) -> JobResult:
         from cns_daemon.methods import get_method

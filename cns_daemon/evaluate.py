@@ -123,7 +123,7 @@ class OpenClipScorer:
                               "Install the eval extra: pip install 'cones[eval]' (needs a "
                               "torchvision matching your torch), or pass a transformers CLIP "
                               "folder with --clip-weights.") from exc
-        if weights and ("/" in weights or weights.endswith((".pt", ".bin", ".safetensors"))):
+        if weights and _looks_like_path(weights):
             if not Path(weights).expanduser().is_file():
                 raise ModelLoad(f"No CLIP weights file at {weights}.",
                                 f"Put the {model_name} weights file there, or pass its path "
@@ -154,7 +154,17 @@ def load_scorer(clip: str = "ViT-L-14", weights: str | None = None) -> ClipScore
     """A transformers folder (has config.json) → HFClipScorer; anything else → open_clip."""
     if weights and (Path(weights).expanduser() / "config.json").exists():
         return HFClipScorer.from_folder(weights)
+    if weights and _looks_like_path(weights) and not Path(weights).expanduser().exists():
+        # said before importing open_clip: a wrong path is the user's first problem to fix
+        raise ModelLoad(f"No CLIP weights at {weights}.",
+                        f"Put the {clip} weights file there (or a transformers CLIP folder), "
+                        "or pass its path with --clip-weights.")
     return OpenClipScorer(clip, weights)
+
+
+def _looks_like_path(weights: str) -> bool:
+    """A path rather than an open_clip pretrained tag such as 'openai' or 'laion2b_s32b_b82k'."""
+    return "/" in weights or os.sep in weights or weights.endswith((".pt", ".bin", ".safetensors"))
 
 
 # ---- the metrics -------------------------------------------------------------------------

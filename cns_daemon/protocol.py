@@ -13,6 +13,7 @@ Routes (all under API_PREFIX, every request carries PROTOCOL_HEADER = PROTOCOL_V
     GET    /concepts/{name}/export    -> safetensors bytes
     POST   /concepts/import  (bytes)  -> JobInfo       (import job)
     POST   /generate  GenerateRequest -> JobInfo       (generate job)
+    POST   /eval      EvalRequest     -> JobInfo       (eval job: CLIP-I / CLIP-T)
     GET    /jobs                      -> JobList
     GET    /jobs/{id}                 -> JobInfo
     POST   /jobs/{id}/cancel          -> JobInfo
@@ -21,9 +22,10 @@ Routes (all under API_PREFIX, every request carries PROTOCOL_HEADER = PROTOCOL_V
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PROTOCOL_VERSION = "1"
 PROTOCOL_HEADER = "X-Cones-Protocol"
@@ -38,7 +40,7 @@ MAX_BOXES = 8
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 CLASS_PATTERN = r"^[A-Za-z][A-Za-z -]{0,63}$"
-JobKind = Literal["learn", "generate", "remove", "import"]
+JobKind = Literal["learn", "generate", "remove", "import", "eval"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 FINAL_STATES = ("done", "failed", "cancelled")
 MethodName = Literal["cns", "cones", "cones2"]
@@ -107,6 +109,36 @@ class GenerateRequest(Model):
     boxes: list[str] = Field(default_factory=list, max_length=MAX_BOXES)
 
 
+class EvalRequest(Model):
+    """Score concepts with CLIP: n images per prompt, all named concepts in every prompt."""
+    names: list[str] = Field(min_length=1, max_length=MAX_BOXES)
+    # None: the service's shipped prompt list. `{}` marks where the concept references go.
+    prompts: list[str] | None = Field(None, min_length=1, max_length=200)
+    n: int = Field(4, ge=1, le=MAX_IMAGES)
+    clip: str = Field("ViT-L-14", min_length=1, max_length=100, description="open_clip model name.")
+    clip_weights: str | None = Field(None, max_length=4096, description=(
+        "Local weights file, a transformers CLIP folder, or an open_clip pretrained tag."))
+    seed: int = 0
+    steps: int | None = Field(None, ge=1, le=1000)
+
+    @field_validator("names")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not re.fullmatch(NAME_PATTERN, name):
+                raise ValueError(f"invalid concept name {name!r}")
+        if len(set(v)) != len(v):
+            raise ValueError("a concept is named twice")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any(not p.strip() or len(p) > MAX_PROMPT_CHARS for p in v):
+            raise ValueError(f"prompts must be non-empty and at most {MAX_PROMPT_CHARS} characters")
+        return v
+
+
 class RemoveJob(Model):
     name: str = Field(pattern=NAME_PATTERN)
 
@@ -134,6 +166,7 @@ class JobResult(Model):
     concept: str | None = None
     images: list[str] = Field(default_factory=list)
     contact_sheet: str | None = None
+    metrics: dict[str, float | int | str] | None = None   # eval: clip_i, clip_t, n_images …
 
 
 class JobInfo(Model):

@@ -21,7 +21,7 @@ from pydantic.json_schema import models_json_schema
 
 from cns_daemon.errors import BadInput, ConesError, ErrorCode, Internal, NotFound, ProtocolMismatch
 from cns_daemon.protocol import (API_PREFIX, FINAL_STATES, NDJSON, PROTOCOL_HEADER, PROTOCOL_VERSION,
-                                 AddRequest, ConceptInfo, ConceptList, ErrorBody, GenerateRequest,
+                                 AddRequest, ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest,
                                  JobInfo, JobList, ProgressInfo, StatusInfo,
                                  describe_validation_error)
 from cns_daemon.service import Service
@@ -116,6 +116,8 @@ class App:
                   "Export a concept as one safetensors file", content_type="application/octet-stream"),
             Route("POST", f"{p}/generate", self.generate, "Generate images (queues a job)",
                   request=GenerateRequest, response=JobInfo),
+            Route("POST", f"{p}/eval", self.evaluate, "Score concepts with CLIP-I / CLIP-T (queues a job)",
+                  request=EvalRequest, response=JobInfo),
             Route("GET", f"{p}/jobs", self.list_jobs, "Recent jobs, newest first", response=JobList),
             Route("GET", f"{p}/jobs/{{id}}", self.show_job, "One job", response=JobInfo),
             Route("POST", f"{p}/jobs/{{id}}/cancel", self.cancel, "Cancel a job", response=JobInfo),
@@ -157,6 +159,11 @@ class App:
     async def generate(self, req: Request) -> Response:
         body = parse_body(GenerateRequest, req.body)
         job = await asyncio.to_thread(self.service.generate, body)
+        return json_response(self.service.job_info(job), 202)
+
+    async def evaluate(self, req: Request) -> Response:
+        body = parse_body(EvalRequest, req.body)
+        job = await asyncio.to_thread(self.service.evaluate, body)
         return json_response(self.service.job_info(job), 202)
 
     async def list_jobs(self, req: Request) -> Response:

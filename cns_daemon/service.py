@@ -17,7 +17,7 @@ from typing import Callable
 from cns_daemon.archive import Archive, CheckedPhoto, check_photos
 from cns_daemon.errors import BadPhoto, Conflict, Internal, NotFound
 from cns_daemon.methods.base import CancelToken, ProgressEvent
-from cns_daemon.protocol import (PROTOCOL_VERSION, AddRequest, ConceptInfo, GenerateRequest,
+from cns_daemon.protocol import (PROTOCOL_VERSION, AddRequest, ConceptInfo, EvalRequest, GenerateRequest,
                                  ImportJob, JobInfo, JobResult, LearnJob, QueueInfo, RemoveJob,
                                  SkippedFile, StatusInfo)
 from cns_daemon.settings import Settings
@@ -64,6 +64,11 @@ class Service:
     def generate(self, req: GenerateRequest) -> JobRecord:
         self.engine.check_generate(req)
         return self.worker.submit("generate", req)
+
+    def evaluate(self, req: EvalRequest) -> JobRecord:
+        for name in req.names:
+            self.engine.concept(name)   # NotFound now rather than from the queue
+        return self.worker.submit("eval", req)
 
     def remove(self, name: str) -> JobRecord:
         self.engine.concept(name)   # NotFound now rather than from the queue
@@ -135,6 +140,8 @@ class Service:
         if job.kind == "generate":
             out = self.paths.outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{job.id}"
             return self.engine.generate(GenerateRequest(**job.request), out, progress, cancel)
+        if job.kind == "eval":
+            return self.engine.evaluate(EvalRequest(**job.request), progress, cancel)
         if job.kind == "remove":
             return self.engine.remove(RemoveJob(**job.request).name)
         if job.kind == "import":
@@ -167,6 +174,10 @@ def summarize(job: JobRecord) -> str:
                f"{len(r.get('photo_digests', []))} photos{', inbox' if r.get('source') == 'inbox' else ''})"
     if job.kind == "generate":
         return f"generate {r.get('n', 1)}x {r.get('prompt', '')!r}"
+    if job.kind == "eval":
+        names = " ".join(f"<{n}>" for n in r.get("names", []))
+        prompts = len(r["prompts"]) if r.get("prompts") else "default"
+        return f"eval {names} ({r.get('n', 1)}x, {prompts} prompts)"
     if job.kind == "remove":
         return f"remove <{r.get('name')}>"
     if job.kind == "import":

@@ -24,7 +24,7 @@ from store.records import JobRecord
 
 log = logging.getLogger(__name__)
 
-PRIORITY = {"generate": 10, "remove": 5, "import": 5, "learn": 0}
+PRIORITY = {"generate": 10, "eval": 8, "remove": 5, "import": 5, "learn": 0}
 MAX_ATTEMPTS = 2  # the first run plus one re-run after a crash
 CRASH_REASON = ("The service stopped while this job was running, twice; it was not tried again.")
 

@@ -1,0 +1,90 @@
+"""`cones eval` end to end on the real engine (tiny SD pipeline) with a tiny random CLIP saved as
+a transformers folder: scores come back, are stored with the concept and shown by `cones show`."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from cns_daemon.errors import EXIT_CODES, ErrorCode
+from test_service_harness import short_home, start_daemon, write_photos
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    home = short_home()
+    d = start_daemon(home, fake=False, args=("--model", "tiny"), timeout=180)
+    yield d
+    d.kill(15)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def cones(daemon, monkeypatch):
+    monkeypatch.setenv("CONES_HOME", str(daemon.home))
+
+    def run(*args: str):
+        result = runner.invoke(app, list(args))
+        return result.exit_code, result.stdout, result.stderr
+    return run
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from cns_daemon.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16)
+    folder = tmp_path_factory.mktemp("clip")
+    CLIPModel(cfg).save_pretrained(folder)
+    clip_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_eval_scores_are_reported_and_stored(cones, clip_folder, tmp_path):
+    photos = write_photos(tmp_path / "rex", 3)
+    code, out, err = cones("add", "rex", *map(str, photos), "--class", "dog", "--method", "cones2",
+                           "--steps", "2")
+    assert code == 0, out + err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na photo of {}\n{} on the beach\n")
+    code, out, err = cones("eval", "rex", "-n", "2", "--steps", "2", "--prompts", str(prompts),
+                           "--clip-weights", str(clip_folder), "--json")
+    assert code == 0, out + err
+    doc = json.loads(out)
+    assert -1 <= doc["clip_i"] <= 1 and -1 <= doc["clip_t"] <= 1
+    assert doc["n_images"] == 2 * 2 and doc["n_prompts"] == 2
+    code, out, err = cones("show", "rex", "--json")
+    metrics = json.loads(out)["metrics"]
+    assert metrics["eval_clip_i"] == pytest.approx(doc["clip_i"], abs=1e-4)
+    assert metrics["eval_clip_t"] == pytest.approx(doc["clip_t"], abs=1e-4)
+    assert metrics["eval_n_images"] == 4 and metrics["eval_clip"] == str(clip_folder)
+    code, out, err = cones("show", "rex")
+    assert code == 0 and "eval_clip_i" in out
+    code, out, err = cones("eval", "rex", "-n", "1", "--steps", "2", "--prompts", str(prompts),
+                           "--clip-weights", str(clip_folder))
+    assert code == 0 and "CLIP-I" in out, out + err
+
+
+def test_eval_errors_are_typed(cones, tmp_path):
+    missing = tmp_path / "no-such" / "clip.safetensors"
+    code, out, err = cones("eval", "rex", "-n", "1", "--clip-weights", str(missing))
+    assert code == EXIT_CODES[ErrorCode.MODEL_LOAD], out + err
+    assert str(missing) in "".join(err.split())   # rich wraps long paths across lines
+    code, out, err = cones("eval", "ghost", "--clip-weights", str(missing))
+    assert code == EXIT_CODES[ErrorCode.NOT_FOUND], out + err
+    code, out, err = cones("eval", "rex", "--prompts", str(tmp_path / "none.txt"))
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "none.txt" in err
