@@ -3,25 +3,21 @@ a transformers folder: scores come back, are stored with the concept and shown b
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
 from cns_daemon.errors import EXIT_CODES, ErrorCode
-from test_service_harness import short_home, start_daemon, write_photos
+from test_service_harness import running_daemon, write_photos
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def daemon():
-    home = short_home()
-    d = start_daemon(home, fake=False, args=("--model", "tiny"), timeout=180)
-    yield d
-    d.kill(15)
-    shutil.rmtree(home, ignore_errors=True)
+    with running_daemon(fake=False, args=("--model", "tiny"), timeout=180) as d:
+        yield d
 
 
 @pytest.fixture

@@ -17,18 +17,16 @@ from typer.testing import CliRunner
 from cli.client import Client
 from cli.main import app
 from cns_daemon.errors import EXIT_CODES, ErrorCode
-from test_service_harness import REPO, daemon_env, short_home, start_daemon, wait_until, write_photos
+from test_service_harness import (REPO, daemon_env, running_daemon, short_home, start_daemon,
+                                  wait_until, write_photos)
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def daemon():
-    home = short_home()
-    d = start_daemon(home)
-    yield d
-    d.kill(15)
-    shutil.rmtree(home, ignore_errors=True)
+    with running_daemon() as d:
+        yield d
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -157,6 +158,19 @@ def start_daemon(home: Path, *, fake: bool = True, args: tuple[str, ...] = (), w
     if wait:
         wait_ready(daemon, timeout)
     return daemon
+
+
+@contextlib.contextmanager
+def running_daemon(**start: object):
+    """A daemon in a fresh short CONES_HOME for a `with` block (a module fixture's body);
+    stopped with SIGTERM and its home removed afterwards."""
+    home = short_home()
+    daemon = start_daemon(home, **start)
+    try:
+        yield daemon
+    finally:
+        daemon.kill(signal.SIGTERM)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def wait_ready(daemon: Daemon, timeout: float = 90.0) -> None:

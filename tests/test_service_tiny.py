@@ -13,18 +13,15 @@ from cli.client import Client
 from cli.main import app
 from cns_daemon.errors import EXIT_CODES, ErrorCode
 from cns_daemon.transfer import decode, encode
-from test_service_harness import short_home, start_daemon, wait_until, write_photos
+from test_service_harness import running_daemon, short_home, start_daemon, wait_until, write_photos
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def daemon():
-    home = short_home()
-    d = start_daemon(home, fake=False, args=("--model", "tiny"), timeout=180)
-    yield d
-    d.kill(15)
-    shutil.rmtree(home, ignore_errors=True)
+    with running_daemon(fake=False, args=("--model", "tiny"), timeout=180) as d:
+        yield d
 
 
 @pytest.fixture
