@@ -15,50 +15,18 @@ generation expands `<name>` to "<token> <class>", and removal is exact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cns_daemon.methods import common as C
-from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
-from cns_daemon.methods.cns import CNSParams
+from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
+from cns_daemon.methods.cns import CNSParams, prepare
 from cns_daemon.methods.cns_layers import stack_for
-from cns_daemon.methods.data import prepare_photos, resolution
 from store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 BASELINES = ("naive", "ti")
-
-
-@dataclass
-class _Prepared:
-    token: str
-    captions: list[str]
-    latents: torch.Tensor          # (n_photos, n_variants, 4, h, w)
-    prior: torch.Tensor | None     # class-image latents made by the base model
-
-
-def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: CNSParams,
-             progress: ProgressFn | None, cancel: CancelToken | None) -> _Prepared:
-    """Token, photos and class images, with the shared machinery and CNS's settings."""
-    stack = stack_for(pipe)
-    taken = {r.meta.token for r in stack.records()} - {""}
-    token = C.allocate_token(pipe.tokenizer, taken, hp.token or None)
-    size = resolution(pipe)
-    ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
-    photo_set = prepare_photos(photos, size, token, spec.class_word, captions=spec.captions,
-                               variants=hp.variants, seed=spec.seed)
-    latents = C.encode_pixels(pipe, photo_set.pixels.flatten(0, 1)).unflatten(
-        0, photo_set.pixels.shape[:2])
-    prior = None
-    if hp.lambda_prior > 0 and hp.prior_images > 0:
-        with stack.base_weights():
-            pixels = C.class_images(pipe, spec.class_word, hp.prior_images, size=size,
-                                    steps=hp.prior_steps, seed=spec.seed,
-                                    cache_dir=spec.cache_dir, progress=progress, cancel=cancel)
-        prior = C.encode_pixels(pipe, pixels)
-    return _Prepared(token, photo_set.captions, latents, prior)
 
 
 class BaselineMethod:
@@ -75,7 +43,7 @@ class BaselineMethod:
         weights = stack.params if self.kv else {}
         before = {n: w.detach().clone() for n, w in weights.items()}
         row = C.TrainableRow(pipe.text_encoder, C.token_id(pipe.tokenizer, prep.token))
-        loss = C.ConceptLoss(pipe, prep.latents, prep.captions, prior_latents=prep.prior,
+        loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
                              prior_prompt=C.prior_prompt(spec.class_word),
                              lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,
                              seed=spec.seed, text_grad=True)

@@ -42,7 +42,7 @@ from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
 from cns_daemon.methods.calibration_prompts import CALIBRATION_PROMPTS
 from cns_daemon.methods.cns_layers import CNSStack, stack_for
-from cns_daemon.methods.data import prepare_photos, resolution
+from cns_daemon.methods.data import PhotoSet, prepare_photos, resolution
 from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 
 
@@ -224,6 +224,40 @@ def overlap_with(indices: dict[str, np.ndarray], earlier: list[ConceptRecord]) -
     return Overlap(shared, total)
 
 
+@dataclass
+class Prepared:
+    """What learning starts from: the concept's token, its photos (captions include the token),
+    their latents and the prior-preservation latents."""
+    token: str
+    photos: PhotoSet
+    latents: torch.Tensor          # (n_photos, n_variants, 4, h, w)
+    prior: torch.Tensor | None     # class-image latents made by the base model
+
+
+def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
+            progress: ProgressFn | None, cancel: CancelToken | None,
+            previous: list[ConceptRecord] | None = None) -> Prepared:
+    """Token, photos and class images with CNS's settings (also used by the bench baselines).
+    The token avoids every token in use: live CNS concepts and `previous` records."""
+    stack = stack_for(pipe)
+    taken = {r.meta.token for r in (previous or [])} | {r.meta.token for r in stack.records()}
+    token = C.allocate_token(pipe.tokenizer, taken - {""}, hp.token or None)
+    size = resolution(pipe)
+    ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
+    photo_set = prepare_photos(photos, size, token, spec.class_word, captions=spec.captions,
+                               variants=hp.variants, seed=spec.seed)
+    latents = C.encode_pixels(pipe, photo_set.pixels.flatten(0, 1)).unflatten(
+        0, photo_set.pixels.shape[:2])
+    prior = None
+    if hp.lambda_prior > 0 and hp.prior_images > 0:
+        with stack.base_weights():  # "made by the base model", not by earlier concepts
+            pixels = C.class_images(pipe, spec.class_word, hp.prior_images, size=size,
+                                    steps=hp.prior_steps, seed=spec.seed,
+                                    cache_dir=spec.cache_dir, progress=progress, cancel=cancel)
+        prior = C.encode_pixels(pipe, pixels)
+    return Prepared(token, photo_set, latents, prior)
+
+
 class CNSMethod:
     name = "cns"
     Params = CNSParams
@@ -236,22 +270,8 @@ class CNSMethod:
         stack = stack_for(pipe)
         earlier = [r for r in (stack.records() if previous is None else previous)
                    if r.meta.method == "cns"]
-        taken = {r.meta.token for r in (previous or [])} | {r.meta.token for r in stack.records()}
-        token = C.allocate_token(pipe.tokenizer, taken - {""}, hp.token or None)
-        size = resolution(pipe)
-        report = ProgressReporter(progress, "prepare", 1)
-        report(0, message=f"token {token}")
-        photo_set = prepare_photos(photos, size, token, spec.class_word, captions=spec.captions,
-                                   variants=hp.variants, seed=spec.seed)
-        latents = C.encode_pixels(pipe, photo_set.pixels.flatten(0, 1)).unflatten(
-            0, photo_set.pixels.shape[:2])
-        prior = None
-        if hp.lambda_prior > 0 and hp.prior_images > 0:
-            with stack.base_weights():  # "made by the base model", not by earlier concepts
-                pixels = C.class_images(pipe, spec.class_word, hp.prior_images, size=size,
-                                        steps=hp.prior_steps, seed=spec.seed,
-                                        cache_dir=spec.cache_dir, progress=progress, cancel=cancel)
-            prior = C.encode_pixels(pipe, pixels)
+        prep = prepare(pipe, photos, spec, hp, progress, cancel, previous)
+        token, photo_set, latents, prior = prep.token, prep.photos, prep.latents, prep.prior
         if cancel is not None:
             cancel.check()
         ProgressReporter(progress, "select", 1)(0)
