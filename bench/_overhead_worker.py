@@ -127,13 +127,13 @@ class _StepClock:
 def _plain_learn(pipe, photos: list[Path], spec, progress) -> None:
     """A plain K/V fine-tune: the same photos, prior images and loss as the methods, Adam on
     every K/V weight, text encoded once (no token training), nothing else."""
-    from bench.baselines import prepare
+    from cns_daemon.methods.cns import prepare
     from cns_daemon.methods import common as C
     from cns_daemon.methods.cns import CNSParams
 
     hp = C.parse_options(CNSParams, spec.options, spec.steps)
     prep = prepare(pipe, photos, spec, hp, None, None)
-    loss = C.ConceptLoss(pipe, prep.latents, prep.captions, prior_latents=prep.prior,
+    loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
                          prior_prompt=C.prior_prompt(spec.class_word), lambda_prior=hp.lambda_prior,
                          prior_batch=hp.prior_batch, seed=spec.seed)
     weights = list(C.kv_weights(pipe.unet).values())
