@@ -40,15 +40,15 @@ class TrainConfig:
     seed: int = 0
     n_images: int = 12000
     two_object_share: float = 0.2
-    vae_steps: int = 300
+    vae_steps: int = 1600
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
-    decoder_steps: int = 1500
+    decoder_steps: int = 0  # optional decoder-only refinement after the VAE stage
     decoder_lr: float = 1e-3
     decoder_minutes: float = 30.0
-    unet_steps: int = 3200
-    unet_batch: int = 24
+    unet_steps: int = 8000
+    unet_batch: int = 32
     unet_lr: float = 1.5e-3
     warmup: int = 200
     ema_decay: float = 0.998
@@ -56,9 +56,10 @@ class TrainConfig:
     omit_color: float = 0.1
     omit_background: float = 0.15
     blocks: tuple[int, int] = (32, 64)
+    heads: int = 2
     threads: int = 2
-    checkpoint_every: int = 500
-    max_minutes: float = 50.0  # whole-run wall-time budget: the denoiser stage anneals and stops by then
+    checkpoint_every: int = 1000
+    max_minutes: float = 55.0  # whole-run wall-time budget: the denoiser stage anneals and stops by then
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     images = to_tensor(images_np)
     log.info("rendered in %.0fs", time.time() - t_start)
 
-    pipe = build_tiny_pipeline(seed=cfg.seed, blocks=cfg.blocks)
+    pipe = build_tiny_pipeline(seed=cfg.seed, blocks=cfg.blocks, heads=cfg.heads)
     gen = torch.Generator().manual_seed(cfg.seed)
     vae_file = work / "vae.pt"
     if resume and vae_file.exists():
@@ -354,7 +355,7 @@ def refine_decoder_only(cfg: TrainConfig, out: Path) -> None:
     torch.set_num_threads(cfg.threads)
     work = out.with_name(out.name + ".work")
     images = to_tensor(cached_dataset(cfg, work)[0])
-    pipe = build_tiny_pipeline(seed=cfg.seed, blocks=cfg.blocks)
+    pipe = build_tiny_pipeline(seed=cfg.seed, blocks=cfg.blocks, heads=cfg.heads)
     pipe.vae.load_state_dict(torch.load(work / "vae.pt")["vae"])
     t0 = time.time()
     loss = refine_decoder(pipe.vae, images, cfg, torch.Generator().manual_seed(cfg.seed + 7))
