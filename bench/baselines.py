@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cns_daemon.memory import loop_context
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.methods.cns import CNSParams, prepare
@@ -61,7 +62,8 @@ class BaselineMethod:
 
         try:
             with C.only_trainable(C.pipeline_modules(pipe), list(weights.values())), row:
-                losses = C.run_steps(hp.steps, step, progress, cancel)
+                losses = C.run_steps(hp.steps, step, progress, cancel,
+                                     around=loop_context(pipe, spec.memory))
             trained = {n: w.detach().cpu().numpy().reshape(-1).astype(np.float32)
                        for n, w in weights.items()}
         finally:

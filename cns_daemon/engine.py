@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from cns_daemon.archive import Archive
@@ -98,9 +98,6 @@ class Engine:
 
         place = Placement(self.pipe.device, self.pipe.unet.dtype)
         opts = MemoryOptions.resolve(place, **self.settings.memory_overrides())
-        if opts.offload:
-            log.warning("offload is configured but not applied while learning yet; "
-                        "the other memory options are")
         return opts
 
     def rebuild(self) -> int:
@@ -139,13 +136,9 @@ class Engine:
         previous = [self.store.get(m.name) for m in self.store.list()]
         spec = LearnSpec(name=job.name, class_word=job.class_word, steps=job.steps, seed=job.seed,
                          options=dict(job.options),
-                         cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16])
-        # Offload stays off here: the methods use the VAE and the text encoder before and
-        # inside their loops (class images, photo latents, captions); see memory.training.
-        from cns_daemon.memory import training
-
-        with training(self.pipe, replace(self.memory, offload=False)):
-            record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
+                         cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16],
+                         memory=self.memory)   # the methods apply it around their loops only
+        record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
         record.meta.photo_digests = list(job.photo_digests)
         record.meta.fingerprint = self.info.fingerprint
         try:

@@ -62,23 +62,37 @@ def set_attention(unet, sdpa: bool) -> None:
     unet.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
 
 
+def _can_offload(device: torch.device) -> bool:
+    """Offloading moves modules to the CPU; a model already there has nowhere further to go."""
+    return device.type != "cpu"
+
+
+def _park(module: torch.nn.Module, device: torch.device):
+    """Move `module` off the accelerator; returns what puts it back."""
+    module.to("cpu")
+    return lambda: module.to(device)
+
+
 @contextlib.contextmanager
 def training(pipe, opts: MemoryOptions, *, text_encoder_needed: bool = True):
-    """Wrap a method's training loop: checkpointing, offload and autocast as configured;
-    everything is put back on exit (the pipeline serves generations right after)."""
+    """Wrap a method's optimisation loop (not its preparation: class images, photo latents and
+    frozen caption encodings are made before it): checkpointing, offload and autocast as
+    configured; everything is put back on exit (the pipeline serves generations right after).
+    The VAE is always offloaded when offload is on (the loop works on cached latents); the text
+    encoder only when the method says its loop does not run it."""
     unet = pipe.unet
     device = unet.device
-    moved: list[torch.nn.Module] = []
+    restores: list = []
     was_ckpt = bool(getattr(unet, "is_gradient_checkpointing", False))
     try:
         if opts.gradient_checkpointing and not was_ckpt:
             unet.enable_gradient_checkpointing()
-        if opts.offload and device.type != "cpu":
+        if opts.offload and _can_offload(device):
             for module in (pipe.vae, None if text_encoder_needed else pipe.text_encoder):
                 if module is not None:
-                    module.to("cpu")
-                    moved.append(module)
-            torch.cuda.empty_cache()
+                    restores.append(_park(module, device))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         if opts.autocast and device.type == "cuda":
             dtype = unet.dtype if unet.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
             with torch.autocast("cuda", dtype=dtype):
@@ -88,8 +102,16 @@ def training(pipe, opts: MemoryOptions, *, text_encoder_needed: bool = True):
     finally:
         if opts.gradient_checkpointing and not was_ckpt:
             unet.disable_gradient_checkpointing()
-        for module in moved:
-            module.to(device)
+        for restore in restores:
+            restore()
+
+
+def loop_context(pipe, opts: "MemoryOptions | None", *, text_encoder_needed: bool = True):
+    """`training(...)` for a method's loop, or nothing when no options were given (direct
+    library use and tests leave the pipeline exactly as it is)."""
+    if opts is None:
+        return contextlib.nullcontext()
+    return training(pipe, opts, text_encoder_needed=text_encoder_needed)
 
 
 def prepare_generation(pipe, opts: MemoryOptions) -> None:

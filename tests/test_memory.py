@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
@@ -66,3 +67,55 @@ def test_engine_applies_configured_memory_options(tmp_path, fresh_tiny_pipe):
     assert fresh_tiny_pipe.vae.use_tiling
     assert all(isinstance(p, AttnProcessor) for p in fresh_tiny_pipe.unet.attn_processors.values())
     store.close()
+
+
+def _parking_spy(monkeypatch):
+    """Make `training` offload on the CPU too, with 'parked' modules that fail loudly if they
+    run: a method whose loop still used the VAE (or a text encoder it said it does not need)
+    would raise. Returns the names of the modules parked."""
+    import cns_daemon.memory as memory
+
+    parked: list[str] = []
+
+    def park(module, device):
+        def refuse(*_):
+            raise AssertionError(f"{type(module).__name__} ran while offloaded")
+        handles = [m.register_forward_pre_hook(refuse) for m in module.modules()]
+        parked.append(type(module).__name__)
+        return lambda: [h.remove() for h in handles]
+
+    monkeypatch.setattr(memory, "_can_offload", lambda device: True)
+    monkeypatch.setattr(memory, "_park", park)
+    return parked
+
+
+@pytest.mark.parametrize("method, expected", [("cns", ["AutoencoderKL"]),
+                                              ("cones", ["AutoencoderKL", "CLIPTextModel"]),
+                                              ("cones2", ["AutoencoderKL"])])
+def test_methods_loops_run_with_vae_and_unneeded_encoder_offloaded(method, expected, fresh_tiny_pipe,
+                                                                   tmp_path, monkeypatch):
+    from cns_daemon.methods import LearnSpec, cns, get_method
+    from test_cns import FAST, fixed_selection, photos
+
+    monkeypatch.setattr(cns, "concept_neurons", fixed_selection(0.02, 0))
+    parked = _parking_spy(monkeypatch)
+    options = {"cns": FAST, "cones": {**FAST, "sparsity": 2.0}, "cones2": {"reg_batch": 4}}[method]
+    spec = LearnSpec("x", "star", steps=2, options=options, cache_dir=tmp_path,
+                     memory=MemoryOptions(offload=True))
+    record = get_method(method).learn(fresh_tiny_pipe, photos(tmp_path / "p"), spec, None, None)
+    assert record.meta.method == method
+    assert parked == expected
+    # and everything is back in service afterwards: the parked modules run again
+    fresh_tiny_pipe.vae.decode(torch.zeros(1, 4, 16, 16))
+    fresh_tiny_pipe.text_encoder(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_no_memory_options_leave_the_loop_alone(fresh_tiny_pipe, tmp_path, monkeypatch):
+    from cns_daemon.methods import LearnSpec, get_method
+    from test_cns import FAST, photos
+
+    parked = _parking_spy(monkeypatch)
+    get_method("cones").learn(fresh_tiny_pipe, photos(tmp_path / "p"),
+                              LearnSpec("x", "star", steps=1, options={**FAST, "sparsity": 2.0},
+                                        cache_dir=tmp_path), None, None)
+    assert parked == []

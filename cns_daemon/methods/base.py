@@ -30,6 +30,9 @@ class LearnSpec:
     # Where prior-preservation class images are cached (one sub-folder per class word). It must
     # belong to one base model (the daemon keeps it beside the store). None: no cache.
     cache_dir: Path | None = None
+    # Memory options for the optimisation loop (cns_daemon.memory.MemoryOptions), set by the
+    # service from its settings; None: the loop runs on the pipeline exactly as it is.
+    memory: object | None = None
 
 
 @dataclass

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cns_daemon.memory import loop_context
 from cns_daemon.errors import BadInput
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
@@ -313,7 +314,8 @@ class CNSMethod:
 
         try:
             with C.only_trainable(C.pipeline_modules(pipe), weights), row:
-                losses = C.run_steps(hp.steps, step, progress, cancel)
+                losses = C.run_steps(hp.steps, step, progress, cancel,
+                                     around=loop_context(pipe, spec.memory))
         finally:
             for t in trainees:  # the live model gets the *stored* values below, or nothing
                 t.restore()

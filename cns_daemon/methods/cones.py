@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cns_daemon.memory import loop_context
 from cns_daemon.errors import BadInput
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
@@ -71,13 +72,16 @@ def _gradients(pipe, params: dict[str, torch.nn.Parameter], values: dict[str, to
 
 
 def _walk(pipe, loss_fn: LossFn, steps: int, progress: ProgressFn | None,
-          cancel: CancelToken | None, step: Callable[[int, Callable], float], phase: str):
+          cancel: CancelToken | None, step: Callable[[int, Callable], float], phase: str,
+          memory=None):
     params = C.kv_weights(pipe.unet)
     pristine = {n: p.detach().clone() for n, p in params.items()}
     try:
         with C.only_trainable(C.pipeline_modules(pipe), params.values()):
+            # The loss encodes its captions up front, so the loop needs neither VAE nor text encoder.
             C.run_steps(steps, lambda k: step(k, lambda vals: _gradients(pipe, params, vals, loss_fn, k)),
-                        progress, cancel, phase)
+                        progress, cancel, phase,
+                        around=loop_context(pipe, memory, text_encoder_needed=False))
     finally:
         with torch.no_grad():  # the walk moved the live weights: put them back bit-exactly
             for n, p in params.items():
@@ -87,7 +91,7 @@ def _walk(pipe, loss_fn: LossFn, steps: int, progress: ProgressFn | None,
 
 def a2_scores(pipe, loss_fn: LossFn, steps: int, rho: float, *,
               restrict: dict[str, np.ndarray] | None = None, progress: ProgressFn | None = None,
-              cancel: CancelToken | None = None) -> dict[str, torch.Tensor]:
+              cancel: CancelToken | None = None, memory=None) -> dict[str, torch.Tensor]:
     """Algorithm A2: M_p = (1 − ξ_K)/ρ per K/V weight. With `restrict`, ξ moves only at those
     positions (the rest keep ξ = 1, hence M_p = 0)."""
     params = C.kv_weights(pipe.unet)
@@ -109,7 +113,7 @@ def a2_scores(pipe, loss_fn: LossFn, steps: int, rho: float, *,
             xi[n] -= rho * d
         return loss
 
-    _walk(pipe, loss_fn, steps, progress, cancel, step, "train")
+    _walk(pipe, loss_fn, steps, progress, cancel, step, "train", memory)
     return {n: (1.0 - xi[n]) / rho for n in xi}
 
 
@@ -212,7 +216,8 @@ class ConesMethod:
         loss, photo_set = implanting_loss(pipe, photos, token, spec.class_word, hp, seed=spec.seed,
                                           captions=spec.captions, cache_dir=spec.cache_dir,
                                           progress=progress, cancel=cancel)
-        scores = a2_scores(pipe, loss, hp.steps, hp.rho, progress=progress, cancel=cancel)
+        scores = a2_scores(pipe, loss, hp.steps, hp.rho, progress=progress, cancel=cancel,
+                           memory=spec.memory)
         masks, tau = select_neurons(scores, sparsity=hp.sparsity, tau=hp.tau)
         if not masks:
             raise BadInput("No concept neurons were found for these photos.",

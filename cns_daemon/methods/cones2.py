@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cns_daemon.memory import loop_context
 from cns_daemon.errors import BadInput, ModelMismatch
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.methods.common import (ConceptLoss, as_dict, encode_pixels, only_trainable,
@@ -180,7 +181,8 @@ class Cones2:
             return float(loss.detach())
 
         with only_trainable(pipeline_modules(pipe) + [tuned], params):
-            losses = run_steps(hp.steps, step, progress, cancel)
+            losses = run_steps(hp.steps, step, progress, cancel,
+                               around=loop_context(pipe, spec.memory))
         with torch.no_grad():
             residual = class_residual(tuned, frozen_out, sset)
         del tuned, opt

@@ -99,6 +99,8 @@ class ConceptLoss:
         self.text_grad = text_grad
         self.schedule = noise_schedule(pipe)
         self._cache: dict[str, torch.Tensor] = {}
+        if not text_grad:  # frozen captions: encode them now, so the loop never runs the encoder
+            self._encode(self.captions + ([prior_prompt] if self.prior is not None else []))
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         if self.text_grad:
@@ -163,17 +165,20 @@ def pipeline_modules(pipe) -> list[torch.nn.Module]:
 
 
 def run_steps(steps: int, step_fn: Callable[[int], float], progress: ProgressFn | None,
-              cancel: CancelToken | None, phase: str = "train") -> list[float]:
+              cancel: CancelToken | None, phase: str = "train", *,
+              around: contextlib.AbstractContextManager | None = None) -> list[float]:
     """Call `step_fn(k)` for k < steps (it returns the step's loss), reporting step, loss and
     ETA after each and honouring cancel before each (Cancelled propagates to the caller, whose
-    `finally` blocks undo what the steps did)."""
+    `finally` blocks undo what the steps did). `around` wraps the loop alone: the memory
+    options of `cns_daemon.memory.loop_context` (offload, checkpointing, autocast)."""
     report = ProgressReporter(progress, phase, steps)
     report(0)
     losses = []
-    for k in range(steps):
-        if cancel is not None:
-            cancel.check()
-        loss = float(step_fn(k))
-        losses.append(loss)
-        report(k + 1, loss)
+    with around if around is not None else contextlib.nullcontext():
+        for k in range(steps):
+            if cancel is not None:
+                cancel.check()
+            loss = float(step_fn(k))
+            losses.append(loss)
+            report(k + 1, loss)
     return losses
