@@ -282,3 +282,25 @@ def test_cns_learns_a_toyworld_concept(tmp_path):
     print(f"toy-world CNS fidelity: base {base:.2f} -> learned {learned:.2f}, "
           f"{rec.meta.hparams['neurons']} neurons ({100 * rec.meta.hparams['fraction_kv']:.2f} % of K/V)")
     assert learned >= base + 0.4
+
+
+def test_half_precision_weights_train_through_fp32_master_copies(tmp_path, monkeypatch):
+    """On a bf16 model (as on a GPU with autocast), the trained neurons live as fp32 masters: the
+    stored values carry digits bf16 cannot hold, and the live weights are those masters rounded."""
+    from cns_daemon.model import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0).to(torch.bfloat16)
+    monkeypatch.setattr(cns, "concept_neurons", fixed_selection(0.03, seed=1))
+    spec = LearnSpec("rex", "star", steps=3, options={**FAST, "lr": 1e-4, "delta_dtype": "float32"},
+                     cache_dir=tmp_path / "cache")
+    rec = get_method("cns").learn(pipe, photos(tmp_path / "p"), spec, None, None)
+    kv = C.kv_weights(pipe.unet)
+    unrepresentable = 0
+    for name, delta in rec.deltas.items():
+        master = torch.as_tensor(delta.values)
+        assert master.dtype == torch.float32 and kv[name].dtype == torch.bfloat16
+        unrepresentable += int((master.to(torch.bfloat16).float() != master).sum())
+        assert torch.equal(kv[name].detach().reshape(-1)[torch.as_tensor(delta.indices)],
+                           master.to(torch.bfloat16))
+    assert unrepresentable > 0.5 * C.count({n: d.indices for n, d in rec.deltas.items()})
+    assert rec.embeddings[rec.meta.token].dtype == np.float32
