@@ -2,9 +2,10 @@
 and judging generated images with the attribute probe.
 
 A concept is a patterned two-tone object (a striped blue-on-red star): its shape is the class
-word, its main colour appears in the photos' captions, and its pattern and second colour are
-what no word says. Concept fidelity therefore asks the probe for shape + pattern + second colour,
-the part the method had to learn. Concepts of one run get distinct shapes (while there are
+word; its pattern and second colour are what no word of the world says (the bench learns from
+template captions, "a photo of a <tok> star", so the token also has to take the main colour).
+Concept fidelity asks the probe for shape + pattern + second colour, the part only the concept
+can supply. Concepts of one run get distinct shapes (while there are
 shapes left), so one concept is never mistaken for another.
 """
 from __future__ import annotations

@@ -107,4 +107,6 @@ def test_placement_sweep_smoke(random_judge):
     cfg = quality.QualityConfig(generations=2, gen_steps=2, tiny=True)
     rates = quality.placement_sweep(cfg, [0.0, 1.0], random_judge)
     assert set(rates) == {0.0, 1.0}
-    assert all(r in (0.0, 0.5, 1.0) for r in rates.values())   # fractions of 2 images
+    for r in rates.values():
+        assert set(r) == {"with_order", "against_order"}
+        assert all(v in (0.0, 0.5, 1.0) for v in r.values())   # fractions of 2 images

@@ -142,3 +142,17 @@ def test_context_manager_restores_the_same_processors(tiny_pipe):
             raise RuntimeError("boom")
     after = unet.attn_processors
     assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+
+
+def test_toyworld_guidance_puts_each_concept_in_its_box():
+    """On the toy-world model, "a photo of <a> and <b>" (a star, b ring) with a box per concept
+    puts both shapes in their halves far more often with layout guidance than without, whether
+    the boxes follow the word order or go against it (bench.quality's placement sweep; measured
+    at w = 0.075 over 16 images: 0.75 / 0.62 guided vs 0.00 / 0.19 unguided)."""
+    from bench import quality
+
+    cfg = quality.QualityConfig(generations=16, gen_steps=10)
+    rates = quality.placement_sweep(cfg, [0.0, GuidanceConfig().weight])
+    unguided, guided = rates[0.0], rates[GuidanceConfig().weight]
+    for order in ("with_order", "against_order"):
+        assert guided[order] >= unguided[order] + 0.25, (order, rates)
