@@ -67,8 +67,8 @@ class CNSParams:
       shipped; settings compare the same way with `python -m bench.quality --quick
       --concepts 1 --methods cns --set cns.OPTION=VALUE`): the regulariser toward the
       pretrained weights, written as Eq. 7's plain squared norm summed over the trained values,
-      outweighs the denoising gradient on each value for any λ₂ ≥ 1e-4: with every K/V value trainable, λ₂ = 0.01 gave 0.00 and λ₂ = 0 gave 0.62
-      (the naive all-K/V baseline: 0.62); with the 5 % floor, λ₂ = 1e-4 gave 0.00 and 0 gave
+      outweighs the denoising gradient on each value for any λ₂ ≥ 1e-4: with every K/V value
+      trainable, λ₂ = 0.01 gave 0.00 and λ₂ = 0 gave 0.62 (the naive all-K/V baseline: 0.62); with the 5 % floor, λ₂ = 1e-4 gave 0.00 and 0 gave
       0.12. Hence λ₂ = 0 (prior preservation and the selection keep the prior). More neurons
       and a larger step help: floor 0.5 % → 0.00 at every lr tried; floor 5 %: lr 1e-2 0.12,
       lr 3e-2 0.19; floor 15 %: 0.19 (lr 1e-2). But over six concepts in sequence
