@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from cli.main import app
 from cns_daemon.errors import EXIT_CODES, ErrorCode
-from test_service_harness import running_daemon, write_photos
-
-runner = CliRunner()
+from test_evaluate import tiny_clip_model
+from test_service_harness import cli_in_process, running_daemon, write_photos
 
 
 @pytest.fixture(scope="module")
@@ -22,30 +19,15 @@ def daemon():
 
 @pytest.fixture
 def cones(daemon, monkeypatch):
-    monkeypatch.setenv("CONES_HOME", str(daemon.home))
-
-    def run(*args: str):
-        result = runner.invoke(app, list(args))
-        return result.exit_code, result.stdout, result.stderr
-    return run
+    return cli_in_process(daemon.home, monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-
     from cns_daemon.tokenizer import clip_tokenizer
 
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=16)
     folder = tmp_path_factory.mktemp("clip")
-    CLIPModel(cfg).save_pretrained(folder)
+    tiny_clip_model().save_pretrained(folder)
     clip_tokenizer().save_pretrained(folder)
     return folder
 

@@ -10,8 +10,8 @@ from cns_daemon.evaluate import (HFClipScorer, OpenClipScorer, default_prompts, 
 from cns_daemon.tokenizer import clip_tokenizer
 
 
-@pytest.fixture(scope="module")
-def scorer():
+def tiny_clip_model():
+    """A tiny randomly initialised transformers CLIP (seeded), built from a config: no download."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
@@ -21,7 +21,12 @@ def scorer():
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                            num_attention_heads=2, image_size=32, patch_size=8),
         projection_dim=16)
-    return HFClipScorer(CLIPModel(cfg), clip_tokenizer())
+    return CLIPModel(cfg)
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return HFClipScorer(tiny_clip_model(), clip_tokenizer())
 
 
 def _img(seed: int) -> Image.Image:

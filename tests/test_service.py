@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 from cli.client import Client
 from cli.main import app
 from cns_daemon.errors import EXIT_CODES, ErrorCode
-from test_service_harness import (REPO, daemon_env, running_daemon, short_home, start_daemon,
-                                  wait_until, write_photos)
+from test_service_harness import (REPO, cli_in_process, daemon_env, running_daemon, short_home,
+                                  start_daemon, wait_until, write_photos)
 
 runner = CliRunner()
 
@@ -31,13 +31,13 @@ def daemon():
 
 @pytest.fixture
 def cones(daemon, monkeypatch):
-    """Run the CLI in-process against the module's daemon; returns (exit code, stdout)."""
-    monkeypatch.setenv("CONES_HOME", str(daemon.home))
+    """Run the CLI in-process against the module's daemon; returns (exit code, stdout + stderr)."""
+    run = cli_in_process(daemon.home, monkeypatch)
 
-    def run(*args: str):
-        result = runner.invoke(app, list(args))
-        return result.exit_code, result.stdout + (result.stderr if result.stderr_bytes is not None else "")
-    return run
+    def joined(*args: str) -> tuple[int, str]:
+        code, out, err = run(*args)
+        return code, out + err
+    return joined
 
 
 def test_add_list_show_generate(cones, daemon, tmp_path):

@@ -207,3 +207,19 @@ def _serve_fake() -> None:
 
 if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
     _serve_fake()
+
+
+def cli_in_process(home: Path, monkeypatch):
+    """The `cones` CLI run in-process against the daemon whose CONES_HOME is `home`; each call
+    returns (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("CONES_HOME", str(home))
+    runner = CliRunner()
+
+    def run(*args: str) -> tuple[int, str, str]:
+        result = runner.invoke(app, list(args))
+        return result.exit_code, result.stdout, result.stderr if result.stderr_bytes is not None else ""
+    return run

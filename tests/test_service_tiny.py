@@ -13,7 +13,8 @@ from cli.client import Client
 from cli.main import app
 from cns_daemon.errors import EXIT_CODES, ErrorCode
 from cns_daemon.transfer import decode, encode
-from test_service_harness import running_daemon, short_home, start_daemon, wait_until, write_photos
+from test_service_harness import (cli_in_process, running_daemon, short_home, start_daemon,
+                                  wait_until, write_photos)
 
 runner = CliRunner()
 
@@ -26,12 +27,13 @@ def daemon():
 
 @pytest.fixture
 def cones(daemon, monkeypatch):
-    monkeypatch.setenv("CONES_HOME", str(daemon.home))
+    """Run the CLI in-process against the module's daemon; returns (exit code, stdout + stderr)."""
+    run = cli_in_process(daemon.home, monkeypatch)
 
-    def run(*args: str):
-        result = runner.invoke(app, list(args))
-        return result.exit_code, result.stdout + result.stderr
-    return run
+    def joined(*args: str) -> tuple[int, str]:
+        code, out, err = run(*args)
+        return code, out + err
+    return joined
 
 
 def test_cli_and_inbox_then_generate_with_boxes(cones, daemon, tmp_path):
