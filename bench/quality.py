@@ -161,10 +161,12 @@ def placement_sweep(cfg: QualityConfig, weights: list[float], judge: Judge | Non
     for w in weights:
         gen = Generator(pipe, QualityConfig(**{**asdict(cfg), "guidance_weight": w or None}))
         prompt = PAIR_PROMPT.format(a="a", b="b")
+        unguided = None if w else gen(prompt, records, cfg.generations, _cell_seed(6, 0))
         rates = {}
         for order, (left, right) in (("with_order", ("a", "b")), ("against_order", ("b", "a"))):
-            boxes = [f"{left}={LEFT_BOX}", f"{right}={RIGHT_BOX}"] if w else []
-            images = gen(prompt, records, cfg.generations, _cell_seed(6, 0), boxes)
+            images = unguided if unguided is not None else gen(
+                prompt, records, cfg.generations, _cell_seed(6, 0),
+                [f"{left}={LEFT_BOX}", f"{right}={RIGHT_BOX}"])
             rates[order] = judge.placement_rate(images, objs[left], objs[right])
         out[w] = rates
     return out
