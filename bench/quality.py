@@ -18,7 +18,9 @@ unless noted, each from fixed seeds:
 - prompt fidelity: "a photo of <ci> on the grass" (a background per concept) after all six: the
   background the prompt asks for is honoured.
 - prior drop: plain prompts ("a photo of a red circle on the sand": shape, colour, background
-  honoured) before any learning minus after all six.
+  honoured) before any learning minus after all six. `prior_drop_two`: the same for plain
+  two-object prompts ("a photo of a red star and a blue ring on the grass", per half): the class
+  images guard single-object prompts only, so damage to colour words in busier prompts shows here.
 - placement: "a photo of <a> and <b>" with boxes a = left half, b = right half, for the pairs
   (c1, c2), (c3, c4), (c5, c6): both shapes come out in their halves, with and without layout
   guidance; `*_against` the same with the boxes swapped (b left, a right), against the word
@@ -40,7 +42,7 @@ import torch
 from bench._world import (LEFT_BOX, PAIR_PROMPT, RIGHT_BOX, Concept, Judge, class_prompt,
                           concept_prompt, make_concepts, pairs, prompt_background)
 from cns_daemon.toyworld.fidelity import (DEFAULT_GUIDANCE, generate_batch, plain_prompt_cases,
-                                          prompt_fidelity)
+                                          prompt_fidelity, two_object_fidelity)
 
 METHODS = ("cns", "cones", "cones2", "naive", "ti")
 MAX_BATCH = 16  # generate()'s per-request limit
@@ -76,6 +78,7 @@ class MethodResult:
     fidelity_final: list[float] = field(default_factory=list)  # per concept, after all
     prompt_fidelity: list[float] = field(default_factory=list)
     prior_after: float = 0.0
+    prior_two_after: float = 0.0
     placement_guided: float = 0.0
     placement_unguided: float = 0.0
     placement_guided_against: float = 0.0     # boxes against the word order (b left, a right)
@@ -93,6 +96,7 @@ class MethodResult:
 class BaseResult:
     fidelity: list[float]     # per concept: "a photo of a <class>" on the base model
     prior: float              # plain-prompt fidelity on the base model
+    prior_two: float          # the same for plain two-object prompts (per half)
 
 
 # --- models and methods --------------------------------------------------------------------------
@@ -176,12 +180,16 @@ def _cell_seed(kind: int, index: int) -> int:
     return 1_000_000 * kind + 10_000 * index
 
 
-def measure_prior(pipe, judge: Judge, cfg: QualityConfig) -> float:
-    """Plain prompts (no concept; one image each): shape, colour and background honoured."""
-    cases = plain_prompt_cases(cfg.generations, cfg.seed)
-    images = generate_batch(pipe, [c.prompt for c in cases], [c.seed for c in cases],
-                            steps=cfg.gen_steps, guidance_scale=cfg.cfg_scale)
-    return prompt_fidelity(judge.probe, images, [c.scene for c in cases]).all_match
+def measure_prior(pipe, judge: Judge, cfg: QualityConfig) -> tuple[float, float]:
+    """Plain prompts (no concept; one image each): shape, colour and background honoured, for
+    single-object prompts and (per half) for two-object ones."""
+    rates = []
+    for two, score in ((False, prompt_fidelity), (True, two_object_fidelity)):
+        cases = plain_prompt_cases(cfg.generations, cfg.seed, two_objects=two)
+        images = generate_batch(pipe, [c.prompt for c in cases], [c.seed for c in cases],
+                                steps=cfg.gen_steps, guidance_scale=cfg.cfg_scale)
+        rates.append(score(judge.probe, images, [c.scene for c in cases]).all_match)
+    return rates[0], rates[1]
 
 
 def measure_base(cfg: QualityConfig, concepts: list[Concept], judge: Judge) -> BaseResult:
@@ -189,7 +197,7 @@ def measure_base(cfg: QualityConfig, concepts: list[Concept], judge: Judge) -> B
     gen = Generator(pipe, cfg)
     fid = [judge.concept_rate(gen(class_prompt(c), {}, cfg.generations, _cell_seed(2, i)), c.obj)
            for i, c in enumerate(concepts)]
-    return BaseResult(fid, measure_prior(pipe, judge, cfg))
+    return BaseResult(fid, *measure_prior(pipe, judge, cfg))
 
 
 def run_method(name: str, cfg: QualityConfig, concepts: list[Concept], judge: Judge,
@@ -229,7 +237,7 @@ def run_method(name: str, cfg: QualityConfig, concepts: list[Concept], judge: Ju
         bg = prompt_background(i)
         result.prompt_fidelity.append(judge.background_rate(
             gen(concept_prompt(c, bg), records, n, _cell_seed(4, i)), bg))
-    result.prior_after = measure_prior(pipe, judge, cfg)
+    result.prior_after, result.prior_two_after = measure_prior(pipe, judge, cfg)
     # Placement: boxes in the word order (a left, b right; the toy model's two-object captions
     # always named the left object first, so that order alone often suffices) and against it.
     rates: dict[tuple[bool, bool], list[float]] = {}
@@ -259,6 +267,7 @@ def run(cfg: QualityConfig, judge: Judge | None = None, log=print) -> dict:
         concepts = make_concepts(cfg.concepts, cfg.photos, cfg.seed, work / "photos")
         base = measure_base(cfg, concepts, judge)
         log(f"base model: fidelity {_mean(base.fidelity):.3f}, plain prompts {base.prior:.3f} "
+            f"(two objects {base.prior_two:.3f}) "
             f"({time.perf_counter() - started:.0f} s)")
         results = {}
         for name in cfg.methods:
@@ -291,13 +300,15 @@ def _mean(xs) -> float | None:
 
 def summary(result: dict) -> dict:
     base = result["base"]
-    out: dict = {"base_fidelity": _mean(base["fidelity"]), "prior_before": base["prior"]}
+    out: dict = {"base_fidelity": _mean(base["fidelity"]), "prior_before": base["prior"],
+                 "prior_two_before": base["prior_two"]}
     for m, r in result["methods"].items():
         ok = r["error"] is None
         out[f"{m}_fidelity"] = _mean(r["fidelity"]) if ok else None
         out[f"{m}_fidelity_final"] = _mean(r["fidelity_final"]) if ok else None
         out[f"{m}_forgetting"] = r["forgetting"] if ok else None
         out[f"{m}_prior_drop"] = base["prior"] - r["prior_after"] if ok else None
+        out[f"{m}_prior_drop_two"] = base["prior_two"] - r["prior_two_after"] if ok else None
         out[f"{m}_prompt_fidelity"] = _mean(r["prompt_fidelity"]) if ok else None
         out[f"{m}_placement_guided"] = r["placement_guided"] if ok else None
         out[f"{m}_placement_unguided"] = r["placement_unguided"] if ok else None
@@ -323,9 +334,10 @@ def print_table(result: dict) -> None:
           f"{cfg['generations']} generations per cell, {cfg['gen_steps']} DDIM steps, seed {cfg['seed']}")
     print("Concepts: " + "; ".join(result["concepts"]))
     print(f"Base model: fidelity (class prompt) {s['base_fidelity']:.3f}, plain prompts "
-          f"{s['prior_before']:.3f}")
+          f"{s['prior_before']:.3f}, two-object plain prompts {s['prior_two_before']:.3f}")
     cols = [("fidelity", "fidelity"), ("final", "fidelity_final"), ("forget", "forgetting"),
             ("prompt", "prompt_fidelity"), ("prior_drop", "prior_drop"),
+            ("prior2_drop", "prior_drop_two"),
             ("place_g", "placement_guided"), ("place_u", "placement_unguided"),
             ("swap_g", "placement_guided_against"), ("swap_u", "placement_unguided_against"),
             ("KB/concept", "bytes_per_concept"), ("learn s", "learn_s_per_concept")]

@@ -33,7 +33,7 @@ def photos(folder: Path, color=(200, 30, 30), n=3) -> list[Path]:
 def fixed_selection(fraction: float, seed: int):
     """A stand-in for Eq. 3 selection (the random tiny model's text encoder makes every prompt
     rank neurons alike, so the real selection is nearly empty there): a seeded random subset."""
-    def select(pipe, stack, captions, top_p, min_percent):
+    def select(pipe, stack, captions, top_p, min_percent, base_top_p=None):
         rng = np.random.default_rng(seed)
         return cns.Selection({n: np.sort(rng.choice(p.numel(), max(1, int(p.numel() * fraction)),
                                                     replace=False))
@@ -100,6 +100,13 @@ def test_concept_neurons_are_base_and_not_general(tiny_pipe):
         assert np.array_equal(floor.indices.get(name, np.empty(0, np.int64)), want)
     fewer = cns.concept_neurons(tiny_pipe, stack, caps, 20.0, min_percent=1.0)
     assert C.count(fewer.indices) < C.count(floor.indices)
+    # a wider base percentile than the general one: base at 60 %, general still at 20 %
+    wide = cns.concept_neurons(tiny_pipe, stack, caps, 20.0, min_percent=0.0, base_top_p=60.0)
+    base60 = cns.select(stack.params, cns.column_norms(tiny_pipe, caps), 60.0, "and")
+    assert wide.quorum == 1 and C.count(wide.indices) > C.count(plain.indices)
+    for name in stack.params:
+        want = C.mask_indices(base60[name] & ~general[name])
+        assert np.array_equal(wide.indices.get(name, np.empty(0, np.int64)), want)
 
 
 # -- learning ---------------------------------------------------------------------------------
