@@ -110,8 +110,13 @@ class CNSStack:
                     if len(mine):
                         upper.below[tname][torch.as_tensor(theirs)] = below[torch.as_tensor(mine)]
                         handed[mine] = True
-                free = torch.as_tensor(~handed)
-                self.params[tname].data.view(-1)[idx[free]] = below[free]
+                # index_copy_ as in push (a boolean-masked assignment took ~3x as long)
+                flat = self.params[tname].data.view(-1)
+                if handed.any():
+                    free = torch.as_tensor(np.flatnonzero(~handed)).to(idx.device)
+                    flat.index_copy_(0, idx.index_select(0, free), below.index_select(0, free))
+                else:
+                    flat.index_copy_(0, idx, below)
         restore_rows(layer.rows)
 
     def base_values(self, tname: str, indices: torch.Tensor) -> torch.Tensor:
