@@ -19,8 +19,9 @@ unless noted, each from fixed seeds:
   background the prompt asks for is honoured.
 - prior drop: plain prompts ("a photo of a red circle on the sand": shape, colour, background
   honoured) before any learning minus after all six. `prior_drop_two`: the same for plain
-  two-object prompts ("a photo of a red star and a blue ring on the grass", per half): the class
-  images guard single-object prompts only, so damage to colour words in busier prompts shows here.
+  two-object prompts ("a photo of a red star on the left and a blue ring on the right on the
+  grass", per half): the class images guard single-object prompts only, so damage to colour
+  words in busier prompts shows here.
 - placement: "a photo of <a> and <b>" with boxes a = left half, b = right half, for the pairs
   (c1, c2), (c3, c4), (c5, c6): both shapes come out in their halves, with and without layout
   guidance; `*_against` the same with the boxes swapped (b left, a right), against the word
