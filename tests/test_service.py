@@ -32,12 +32,7 @@ def daemon():
 @pytest.fixture
 def cones(daemon, monkeypatch):
     """Run the CLI in-process against the module's daemon; returns (exit code, stdout + stderr)."""
-    run = cli_in_process(daemon.home, monkeypatch)
-
-    def joined(*args: str) -> tuple[int, str]:
-        code, out, err = run(*args)
-        return code, out + err
-    return joined
+    return cli_in_process(daemon.home, monkeypatch, merged=True)
 
 
 def test_add_list_show_generate(cones, daemon, tmp_path):

@@ -209,9 +209,9 @@ if __name__ == "__main__" and sys.argv[1:] == ["serve"]:
     _serve_fake()
 
 
-def cli_in_process(home: Path, monkeypatch):
+def cli_in_process(home: Path, monkeypatch, *, merged: bool = False):
     """The `cones` CLI run in-process against the daemon whose CONES_HOME is `home`; each call
-    returns (exit code, stdout, stderr)."""
+    returns (exit code, stdout, stderr), or (exit code, stdout + stderr) when `merged`."""
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -219,7 +219,10 @@ def cli_in_process(home: Path, monkeypatch):
     monkeypatch.setenv("CONES_HOME", str(home))
     runner = CliRunner()
 
-    def run(*args: str) -> tuple[int, str, str]:
+    def run(*args: str):
         result = runner.invoke(app, list(args))
-        return result.exit_code, result.stdout, result.stderr if result.stderr_bytes is not None else ""
+        err = result.stderr if result.stderr_bytes is not None else ""
+        if merged:
+            return result.exit_code, result.stdout + err
+        return result.exit_code, result.stdout, err
     return run
