@@ -56,7 +56,7 @@ class Measurement:
 
 # Small step budgets: the bench measures per-step cost, not quality.
 FAST_OPTIONS = {
-    "cns": {"prior_images": 1, "prior_batch": 1, "prior_steps": 1, "variants": 1},
+    "cns": {"prior_images": 1, "prior_batch": 1, "prior_steps": 1, "variants": 1, "probe_steps": 1},
     "naive": {"prior_images": 1, "prior_batch": 1, "prior_steps": 1, "variants": 1},
     "ti": {"prior_images": 1, "prior_batch": 1, "prior_steps": 1, "variants": 1},
     "plain": {"prior_images": 1, "prior_batch": 1, "prior_steps": 1, "variants": 1},
@@ -107,9 +107,10 @@ def _method(name: str):
 
 
 class _StepClock:
-    """Progress callback: wall time between consecutive training-step events."""
+    """Progress callback: wall time between consecutive training-step events. CNS's probe
+    fine-tune (selection, every K/V weight) counts as setup: it is in learn_s, not step_s."""
 
-    SETUP = ("prepare", "class-images", "select")
+    SETUP = ("prepare", "class-images", "select", "probe")
 
     def __init__(self):
         self.last: float | None = None

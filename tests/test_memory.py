@@ -97,7 +97,7 @@ def test_methods_loops_run_with_vae_and_unneeded_encoder_offloaded(method, expec
     from cns_daemon.methods import LearnSpec, cns, get_method
     from test_cns import FAST, fixed_selection, photos
 
-    monkeypatch.setattr(cns, "concept_neurons", fixed_selection(0.02, 0))
+    monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.02, 0))
     parked = _parking_spy(monkeypatch)
     options = {"cns": FAST, "cones": {**FAST, "sparsity": 2.0}, "cones2": {"reg_batch": 4}}[method]
     spec = LearnSpec("x", "star", steps=2, options=options, cache_dir=tmp_path,

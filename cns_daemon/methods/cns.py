@@ -33,7 +33,6 @@ later concept too then returns them to their values before the older one (see cn
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,8 +43,10 @@ from cns_daemon.memory import loop_context
 from cns_daemon.errors import BadInput
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
-from cns_daemon.methods.calibration_prompts import CALIBRATION_PROMPTS
 from cns_daemon.methods.cns_layers import CNSStack, stack_for
+from cns_daemon.methods.cns_select import (  # noqa: F401  (re-exported: the selection API)
+    Selection, column_norms, concept_neurons, general_counts, general_neurons, movement_base,
+    row_top, select)
 from cns_daemon.methods.data import PhotoSet, prepare_photos, resolution
 from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 
@@ -92,6 +93,10 @@ class CNSParams:
     """
 
     steps: int = 300
+    selection: str = "movement"   # base neurons: movement (probe fine-tune) | eq3 (the paper's)
+    movement_percent: float = 5.0  # movement: % of all K/V weights taken as base neurons
+    probe_steps: int = 100        # movement: steps of the probe fine-tune (undone afterwards)
+    probe_lr: float = 3e-3        # movement: Adam lr of the probe, every K/V weight
     top_p: float = 5.0            # % of each row selected per calibration prompt (general)
     base_top_p: float = 5.0       # % of each row selected per caption (base neurons; see above)
     min_percent: float = 5.0      # floor on concept neurons, % of K/V (see concept_neurons)
@@ -112,109 +117,16 @@ class CNSParams:
         if not (0 < self.top_p <= 100 and 0 < self.base_top_p <= 100
                 and 0 <= self.min_percent <= 100):
             raise BadInput("top_p and base_top_p must be in (0, 100], min_percent in [0, 100].")
+        if self.selection not in ("movement", "eq3"):
+            raise BadInput("selection must be `movement` or `eq3`.")
+        if not 0 < self.movement_percent <= 100 or self.probe_steps < 1:
+            raise BadInput("movement_percent must be in (0, 100] and probe_steps ≥ 1.")
         if self.steps < 0 or self.prior_images < 0 or self.variants < 1:
             raise BadInput("steps and prior_images must be ≥ 0, variants ≥ 1.")
         if self.token_init not in ("token", "class"):
             raise BadInput("token_init must be `token` or `class`.")
         if self.delta_dtype not in ("float32", "float16"):
             raise BadInput("delta_dtype must be float32 or float16.")
-
-
-# -- selection (Eq. 3) ------------------------------------------------------------------------
-
-@torch.no_grad()
-def column_norms(pipe, prompts: list[str], chunk: int = 16) -> torch.Tensor:
-    """||X[:, j]||₂ over the tokens of each prompt's encoder output: (n_prompts, d)."""
-    out = [C.encode_text(pipe, prompts[i:i + chunk]).float().norm(dim=1)
-           for i in range(0, len(prompts), chunk)]
-    return torch.cat(out)
-
-
-def row_top(weight: torch.Tensor, norms: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Boolean (out, in): per row, the top p % of |W[i, j]| · norms[j]."""
-    k = max(1, math.ceil(top_p / 100 * weight.shape[1]))
-    score = weight.detach().abs().float() * norms.to(weight.device)[None, :]
-    mask = torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
-    return mask.scatter_(1, score.topk(k, dim=1).indices, True)
-
-
-def select(weights: dict[str, torch.Tensor], norms: torch.Tensor, top_p: float,
-           combine: str) -> dict[str, torch.Tensor]:
-    """Per tensor, the per-prompt selections combined with AND (base) or OR (general)."""
-    out = {}
-    for name, w in weights.items():
-        acc = None
-        for n in norms:
-            m = row_top(w, n, top_p)
-            acc = m if acc is None else (acc & m if combine == "and" else acc | m)
-        out[name] = acc
-    return out
-
-
-@dataclass
-class Selection:
-    indices: dict[str, np.ndarray]   # concept neurons per tensor (sorted flat positions)
-    quorum: int                      # a neuron is general when ≥ this many prompts select it
-    base: int                        # base-neuron count
-    general: int                     # general-neuron count at that quorum
-
-
-_GENERAL: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
-_CALIBRATION_KEY = hashlib.sha256("\n".join(CALIBRATION_PROMPTS).encode()).hexdigest()[:12]
-
-
-def general_counts(pipe, stack: CNSStack, top_p: float) -> dict[str, torch.Tensor]:
-    """Per K/V weight, how many calibration prompts select it (≥ 1: a general neuron under the
-    paper's OR). Computed on the pretrained weights once per base model and top_p."""
-    key = (f"{stack.base_fingerprint}:{_CALIBRATION_KEY}", float(top_p))
-    if key not in _GENERAL:
-        norms = column_norms(pipe, list(CALIBRATION_PROMPTS))
-        counts = {}
-        with stack.base_weights():
-            for name, w in stack.params.items():
-                acc = torch.zeros(w.shape, dtype=torch.int16, device=w.device)
-                for n in norms:
-                    acc += row_top(w, n, top_p)
-                counts[name] = acc
-        _GENERAL[key] = counts
-    return _GENERAL[key]
-
-
-def general_neurons(pipe, stack: CNSStack, top_p: float) -> dict[str, torch.Tensor]:
-    """The paper's general neurons: selected for ANY calibration prompt (OR)."""
-    return {n: c > 0 for n, c in general_counts(pipe, stack, top_p).items()}
-
-
-def concept_neurons(pipe, stack: CNSStack, captions: list[str], top_p: float,
-                    min_percent: float = 0.0, base_top_p: float | None = None) -> Selection:
-    """Base AND NOT general. Base neurons are the top `base_top_p` % per row (default `top_p`)
-    for every caption, general ones the top `top_p` % for any calibration prompt: with a wider
-    base percentile the concept keeps the neurons its captions rank high that no calibration
-    prompt ranks among its very top. General is the paper's OR (quorum 1) unless that leaves
-    fewer than `min_percent` % of all K/V weights: then the quorum is raised to the smallest
-    count that keeps that many base neurons (the base neurons the fewest calibration prompts
-    also select). On a model whose text encoder ranks neurons alike for every prompt (the
-    random tiny model) the OR removes almost every base neuron."""
-    counts = general_counts(pipe, stack, top_p)
-    with stack.base_weights():
-        base = select(stack.params, column_norms(pipe, captions),
-                      top_p if base_top_p is None else base_top_p, "and")
-    in_base = torch.cat([counts[n][base[n]].reshape(-1).long() for n in base])
-    total = sum(p.numel() for p in stack.params.values())
-    want = math.ceil(total * min_percent / 100)
-    quorum = 1
-    if int((in_base < 1).sum()) < want:
-        if len(in_base) <= want:
-            quorum = len(CALIBRATION_PROMPTS) + 1          # every base neuron
-        else:
-            quorum = int(in_base.sort().values[want - 1]) + 1
-    out = {}
-    for name in base:
-        idx = C.mask_indices(base[name] & (counts[name] < quorum))
-        if len(idx):
-            out[name] = idx
-    general = sum(int((c >= quorum).sum()) for c in counts.values())
-    return Selection(out, quorum, len(in_base), general)
 
 
 # -- learning -----------------------------------------------------------------------------------
@@ -288,6 +200,89 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
     return Prepared(token, photo_set, latents, prior)
 
 
+@dataclass
+class _Run:
+    trainees: list[_Trainee]
+    row: C.TrainableRow
+    losses: list[float]
+
+
+def _train(pipe, stack: CNSStack, prep: Prepared, spec: LearnSpec, hp: CNSParams,
+           indices: dict[str, np.ndarray], tuned: dict[str, np.ndarray], lr: float, steps: int,
+           progress: ProgressFn | None, cancel: CancelToken | None, phase: str = "train") -> _Run:
+    """Train the `indices` values of the K/V tensors and the token's embedding row with the CNS
+    loss. On return (or on any exception) the weights hold their values from before; the
+    trained values are in the returned trainees, the trained row in the returned row."""
+    init = None
+    if hp.token_init == "class":
+        class_ids = C.token_ids(pipe.tokenizer, spec.class_word)
+        init = pipe.text_encoder.get_input_embeddings().weight[class_ids].mean(0)
+    row = C.TrainableRow(pipe.text_encoder, C.token_id(pipe.tokenizer, prep.token), init=init)
+    trainees = _trainees(stack, indices, tuned)
+    loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
+                         prior_prompt=C.prior_prompt(spec.class_word),
+                         lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,
+                         seed=spec.seed, text_grad=True)
+    opt = torch.optim.Adam([{"params": [t.values for t in trainees], "lr": lr},
+                            {"params": [row.param], "lr": hp.lr_token}])
+    weights = [t.weight for t in trainees]
+
+    def step(k: int) -> float:
+        opt.zero_grad(set_to_none=True)
+        for w in weights:
+            w.grad = None
+        parts = loss.parts(k)
+        reg = sum(hp.lambda_prev * ((t.values - t.prev)[t.reg_mask] ** 2).sum()
+                  + hp.lambda_base * ((t.values - t.base) ** 2).sum() for t in trainees)
+        (parts.total + reg).backward()
+        for t in trainees:  # the denoising gradient reaches the full weight; keep ours
+            t.values.grad += t.weight.grad.view(-1)[t.idx].float()
+        opt.step()
+        for t in trainees:
+            t.write()
+        return float(parts.total.detach())
+
+    try:
+        with C.only_trainable(C.pipeline_modules(pipe), weights), row:
+            losses = C.run_steps(steps, step, progress, cancel, phase,
+                                 around=loop_context(pipe, spec.memory))
+    finally:
+        for t in trainees:  # the live model gets the *stored* values, or nothing
+            t.restore()
+    return _Run(trainees, row, losses)
+
+
+def _trainees(stack: CNSStack, indices: dict[str, np.ndarray],
+              tuned: dict[str, np.ndarray]) -> list[_Trainee]:
+    out = []
+    for name, idx_np in indices.items():
+        w = stack.params[name]
+        idx = torch.as_tensor(idx_np).to(w.device)
+        prev = w.detach().view(-1)[idx].clone().float()
+        reg = np.isin(idx_np, tuned.get(name, np.empty(0, np.int64)))
+        out.append(_Trainee(w, idx, torch.nn.Parameter(prev.clone()), prev,
+                            stack.base_values(name, idx).float(),
+                            torch.as_tensor(reg).to(w.device)))
+    return out
+
+
+def choose_neurons(pipe, stack: CNSStack, prep: Prepared, spec: LearnSpec, hp: CNSParams,
+                   progress: ProgressFn | None, cancel: CancelToken | None) -> Selection:
+    """The concept neurons: base AND NOT general, with base neurons by Eq. 3 (`selection eq3`)
+    or by the probe fine-tune (`selection movement`, see cns_select)."""
+    ProgressReporter(progress, "select", 1)(0)
+    if hp.selection == "eq3":
+        return concept_neurons(pipe, stack, prep.photos.captions, hp.top_p, hp.min_percent,
+                               base_top_p=hp.base_top_p)
+    every = {n: np.arange(w.numel()) for n, w in stack.params.items()}
+    run = _train(pipe, stack, prep, spec, hp, every, {}, hp.probe_lr, hp.probe_steps, progress,
+                 cancel, phase="probe")
+    before = {n: t.prev.view(stack.params[n].shape) for n, t in zip(every, run.trainees)}
+    after = {n: t.values.detach().view(stack.params[n].shape) for n, t in zip(every, run.trainees)}
+    return concept_neurons(pipe, stack, prep.photos.captions, hp.top_p, 0.0,
+                           base=movement_base(before, after, hp.movement_percent))
+
+
 class CNSMethod:
     name = "cns"
     Params = CNSParams
@@ -301,87 +296,35 @@ class CNSMethod:
         earlier = [r for r in (stack.records() if previous is None else previous)
                    if r.meta.method == "cns"]
         prep = prepare(pipe, photos, spec, hp, progress, cancel, previous)
-        token, photo_set, latents, prior = prep.token, prep.photos, prep.latents, prep.prior
         if cancel is not None:
             cancel.check()
-        ProgressReporter(progress, "select", 1)(0)
-        selection = concept_neurons(pipe, stack, photo_set.captions, hp.top_p, hp.min_percent,
-                                    base_top_p=hp.base_top_p)
+        selection = choose_neurons(pipe, stack, prep, spec, hp, progress, cancel)
         indices = selection.indices
         if not indices:
             raise BadInput("No concept neurons were selected for these photos.",
                            "Raise the `top_p` option (percent of each row scored per caption).")
-        tuned = stack.tuned(earlier)
-        tid = C.token_id(pipe.tokenizer, token)
-        init = None
-        if hp.token_init == "class":
-            class_ids = C.token_ids(pipe.tokenizer, spec.class_word)
-            init = pipe.text_encoder.get_input_embeddings().weight[class_ids].mean(0)
-        row = C.TrainableRow(pipe.text_encoder, tid, init=init)
-        trainees = self._trainees(stack, indices, tuned)
-        loss = C.ConceptLoss(pipe, latents, photo_set.captions, prior_latents=prior,
-                             prior_prompt=C.prior_prompt(spec.class_word),
-                             lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,
-                             seed=spec.seed, text_grad=True)
-        opt = torch.optim.Adam([{"params": [t.values for t in trainees], "lr": hp.lr},
-                                {"params": [row.param], "lr": hp.lr_token}])
-        weights = [t.weight for t in trainees]
-
-        def step(k: int) -> float:
-            opt.zero_grad(set_to_none=True)
-            for w in weights:
-                w.grad = None
-            parts = loss.parts(k)
-            reg = sum(hp.lambda_prev * ((t.values - t.prev)[t.reg_mask] ** 2).sum()
-                      + hp.lambda_base * ((t.values - t.base) ** 2).sum() for t in trainees)
-            (parts.total + reg).backward()
-            for t in trainees:  # the denoising gradient reaches the full weight; keep ours
-                t.values.grad += t.weight.grad.view(-1)[t.idx].float()
-            opt.step()
-            for t in trainees:
-                t.write()
-            return float(parts.total.detach())
-
-        try:
-            with C.only_trainable(C.pipeline_modules(pipe), weights), row:
-                losses = C.run_steps(hp.steps, step, progress, cancel,
-                                     around=loop_context(pipe, spec.memory))
-        finally:
-            for t in trainees:  # the live model gets the *stored* values below, or nothing
-                t.restore()
+        run = _train(pipe, stack, prep, spec, hp, indices, stack.tuned(earlier), hp.lr, hp.steps,
+                     progress, cancel)
         dtype = np.float16 if hp.delta_dtype == "float16" else np.float32
         deltas = {t_name: SparseDelta(idx, t.values.detach().cpu().numpy().astype(dtype),
                                       tuple(stack.params[t_name].shape))
-                  for (t_name, idx), t in zip(indices.items(), trainees)}
+                  for (t_name, idx), t in zip(indices.items(), run.trainees)}
         n = C.count(indices)
+        token = prep.token
         meta = ConceptMeta(
             spec.name, "cns", spec.class_word, token,
-            photo_digests=[_digest(p) for p in photo_set.paths],
+            photo_digests=[_digest(p) for p in prep.photos.paths],
             hparams={**C.as_dict(hp), "token": token, "seed": spec.seed, "neurons": n,
                      "fraction_kv": n / C.kv_total(pipe.unet), "quorum": selection.quorum,
                      "base_neurons": selection.base, "general_neurons": selection.general},
-            metrics={"loss_first": losses[0] if losses else None,
-                     "loss_last": float(np.mean(losses[-10:])) if losses else None},
+            metrics={"loss_first": run.losses[0] if run.losses else None,
+                     "loss_last": float(np.mean(run.losses[-10:])) if run.losses else None},
             fingerprint=stack.base_fingerprint)
         record = ConceptRecord(meta, deltas=deltas,
-                               embeddings={token: row.param.detach().cpu().numpy().astype(np.float32)},
+                               embeddings={token: run.row.param.detach().cpu().numpy().astype(np.float32)},
                                overlap=overlap_with(indices, earlier))
         stack.push(record)
         return record
-
-    @staticmethod
-    def _trainees(stack: CNSStack, indices: dict[str, np.ndarray],
-                  tuned: dict[str, np.ndarray]) -> list[_Trainee]:
-        out = []
-        for name, idx_np in indices.items():
-            w = stack.params[name]
-            idx = torch.as_tensor(idx_np).to(w.device)
-            prev = w.detach().view(-1)[idx].clone().float()
-            reg = np.isin(idx_np, tuned.get(name, np.empty(0, np.int64)))
-            out.append(_Trainee(w, idx, torch.nn.Parameter(prev.clone()), prev,
-                                stack.base_values(name, idx).float(),
-                                torch.as_tensor(reg).to(w.device)))
-        return out
 
     def apply(self, pipe, records: list[ConceptRecord]) -> "CNSHandle":
         stack = stack_for(pipe)
