@@ -1,17 +1,15 @@
 """CNS — Concept Neuron Selection (paper 003), the default method.
 
-Selection. The importance of K/V weight W[i, j] for a text embedding X (encoder output,
-tokens × d) is |W[i, j]| · ||X[:, j]||₂ (Eq. 3). Base neurons: per row the top `base_top_p` %
-for each of the concept's photo captions, ANDed. General neurons: per row the top `top_p` % for
-any of the shipped calibration prompts (OR; computed once per base model and cached in memory).
-Concept neurons = base AND NOT general. The paper leaves its thresholds to a supplement we lack;
-with one percentile for both (the default), base neurons fall inside the general ones on the toy
-world, and a wider base percentile learns more of a concept at the prior's expense (see
-CNSParams). Both are scored on the pretrained weights, so the
-general set is a property of the base model alone. Where that leaves fewer than `min_percent` %
-of the K/V weights (a text encoder that ranks neurons alike for every prompt), the general set
-is narrowed to neurons selected by at least `quorum` calibration prompts, the smallest quorum
-that keeps that many; the quorum used is recorded in the concept's hparams (1 = the paper's OR).
+Selection (cns_select.py). Concept neurons = base AND NOT general. General neurons: per row the
+top `top_p` % of the Eq. 3 score |W[i, j]| · ||X[:, j]||₂ for any of the shipped calibration
+prompts (OR), scored on the pretrained weights. Base neurons, by default (`selection eq3`, the
+paper's): per row the top `base_top_p` % of the Eq. 3 score for each of the concept's captions,
+ANDed; where base AND NOT general is smaller than `min_percent` % of the K/V weights, the
+general set is narrowed to neurons at least `quorum` calibration prompts select (recorded in
+the concept's hparams; 1 = the paper's OR). With `selection movement`: the `movement_percent` %
+of all K/V weights that move most in a short probe fine-tune of every K/V weight and the
+token on the concept's photos (`probe_steps` at `probe_lr`, prior preservation on), undone
+before the real training starts. Which to use is a trade-off measured in CNSParams.
 
 Training. Only the concept neurons and the concept's token-embedding row change, with
 loss = denoising on the photos + λ_prior · prior preservation on class images made by the base
@@ -56,28 +54,24 @@ class CNSParams:
     """Defaults and what chose them (the paper's thresholds are in a supplement we lack; tables and
     commands in docs/tuning.md).
 
-    - Selection. On the toy-world fixture, with the paper's OR over the 64 calibration prompts
-      at one percentile, base neurons are a subset of the general ones (general 5.0 / 9.5 /
-      16.6 / 30.7 % of K/V at p = 2 / 5 / 10 / 20; concept neurons 0.000-0.007 %): the Eq. 3
-      score is dominated by input dimensions every prompt shares. The quorum floor refills the
-      set with base neurons the fewest calibration prompts select; at the 5 % floor those are
-      neurons that all 64 select, i.e. the most general ones. Two concepts learned that way
-      (a blue star, a green ring) drew "a photo of a red star" right in 0 of 8 images (base 8
-      of 8) while reaching fidelity 0.00 / 0.00 -- damage the bench's random plain prompts do
-      not catch (its drop stays 0.00). `base_top_p` ranks base neurons over a wider percentile than
-      the general ones so the paper's exclusion can be strict: base top 20 % per caption AND
-      NOT top 5 % for any calibration prompt (8.4 / 9.1 % of K/V) gave fidelity 0.31 / 0.44
-      and the plain prompt 5 of 8; base 15 %: 4.9 / 5.4 %, 0.06 / 0.12, 7 of 8; base 25 %:
-      12 %, 0.31 / 0.44, 0 of 8; base 30 %: 17 %, 0.88 / 0.12, 0 of 8 (two concepts in
-      sequence, a striped yellow-on-blue star and a dotted pink-on-green ring, 4 photos each
-      with template captions, 16 generations of "a photo of <c>", fidelity = shape + pattern +
-      second colour, base model 0.00). But over six concepts (`python -m bench.quality --quick
-      --methods cns --set cns.base_top_p=P`) base 20 % cost what the floor kept: fidelity
-      0.083 vs 0.021, forgetting 0.25 vs 0.00, plain-prompt drop 0.25 vs 0.00, two-object
-      plain-prompt drop 0.31 vs 0.00; base 15 %: 0.000 / 0.00 / 0.00 / 0.25. So the default
-      stays one percentile (base_top_p = top_p = 5) with the 5 % floor: it keeps the model
-      and earlier concepts intact and learns little of the look on this model;
-      `base_top_p 20` is the option that learns more of it at the prior's expense.
+    - Selection: eq3 by default, movement as an option. On the toy world Eq. 3's base neurons
+      leave a concept's look (shape + pattern + second colour) unlearned: a striped
+      yellow-on-blue star reads 0.06 (32 images; base model 0.03). Eq. 3's picks are no better
+      than random at finding the weights a K/V fine-tune moves most (precision 0.04 at 5 %,
+      chance 0.05): the score is dominated by input dimensions every prompt shares, so base
+      neurons fall inside the general ones (concept neurons 0.000-0.007 % of K/V before the
+      `min_percent` floor refills the set with the most general ones). `selection movement`
+      (5 %, probe 100 steps at lr 3e-3) learns the star: 0.44, "a photo of a red star" 14 of
+      16; two concepts in sequence 0.44 / 0.44, the first falling to 0.22 after the second.
+      But over six concepts (`python -m bench.quality --quick --methods cns --set
+      cns.selection=movement`) it breaks the model: fidelity 0.188 vs 0.021, plain-prompt drop
+      0.875 vs 0.000, backgrounds honoured 0.438 vs 1.000. Neither excluding more general
+      neurons (top_p 20: drop 0.875), a smaller share (2 %: 0.750), per-row instead of pooled
+      ranking (1.000) nor λ₂ (1e-4 to 1e-2: fidelity 0.000-0.021, drop 0.000) found a point in
+      between, so the default keeps the model intact and learns little, and `--option
+      selection=movement` learns one or two concepts' look at a cost that grows with each
+      concept (removing the concepts restores the model exactly). `base_top_p` widens Eq. 3's
+      base percentile (base 20 %: 0.31 / 0.44 on two concepts, over six 0.083 / drop 0.25).
     - λ₂ = 0: the regulariser toward the pretrained weights, Eq. 7's squared norm summed over
       the trained values, outweighs the denoising gradient for any λ₂ ≥ 1e-4 (every K/V value
       trainable: λ₂ 0.01 → fidelity 0.00, λ₂ 0 → 0.62, the naive baseline's figure).
@@ -85,21 +79,22 @@ class CNSParams:
     - lr 1e-2, 300 steps, λ_prior 1, floor 5 %: with one percentile, floor 0.5 % learned
       nothing at any lr; floor 5 %: lr 1e-2 0.12, lr 3e-2 0.19 on the star alone, but over six
       concepts lr 3e-2 cost forgetting 0.25 and plain-prompt drop 0.375 where lr 1e-2 cost
-      none. With base 20 %, lr 5e-3 gave 0.00 / 0.19 (plain prompt 8 of 8) and λ_prior 3
-      0.12 / 0.06 (5 of 8). About 30 s per concept on 2 cores.
+      none. With movement selection lr 2e-2 0.50, 500 steps 0.47, lr_token 2e-2 0.34 -- within
+      the noise of 32 images. About 30 s per concept on 2 cores (movement: 45 s, the probe
+      included).
     - delta_dtype float16: writing fp16-rounded instead of fp32 values at 1 % of the K/V
       weights changed 8 toy-world generations (20 DDIM steps) by at most 1 grey level of 255
       (mean 0.0003), and the tiny model's by at most 1 (mean 0.00004); it halves the values.
     """
 
     steps: int = 300
-    selection: str = "movement"   # base neurons: movement (probe fine-tune) | eq3 (the paper's)
+    selection: str = "eq3"        # base neurons: eq3 (the paper's) | movement (probe fine-tune)
     movement_percent: float = 5.0  # movement: % of all K/V weights taken as base neurons
     probe_steps: int = 100        # movement: steps of the probe fine-tune (undone afterwards)
     probe_lr: float = 3e-3        # movement: Adam lr of the probe, every K/V weight
     top_p: float = 5.0            # % of each row selected per calibration prompt (general)
-    base_top_p: float = 5.0       # % of each row selected per caption (base neurons; see above)
-    min_percent: float = 5.0      # floor on concept neurons, % of K/V (see concept_neurons)
+    base_top_p: float = 5.0       # eq3: % of each row selected per caption (base neurons)
+    min_percent: float = 5.0      # eq3: floor on concept neurons, % of K/V (see concept_neurons)
     lr: float = 1e-2              # Adam, concept neurons
     lr_token: float = 5e-3        # Adam, the token-embedding row
     lambda_prior: float = 1.0     # prior-preservation weight

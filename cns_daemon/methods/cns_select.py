@@ -6,13 +6,15 @@ calibration prompts (OR; computed once per base model and cached in memory). Con
 base AND NOT general.
 
 Base neurons come one of two ways (CNSParams.selection):
-- "eq3", the paper's: per row the top `base_top_p` % for each of the concept's captions, ANDed.
-- "movement", the default: the `movement_percent` % of all K/V weights that move most in a short
-  probe fine-tune of every K/V weight and the token on the concept's photos (prior preservation
-  on), which is then undone. On the toy world Eq. 3's base neurons are no better than a random
-  draw at finding the weights that carry a concept's look (precision 0.04 at 5 % against the
-  weights a full K/V fine-tune moves most, random 0.05), and learning them leaves the look
-  unlearned; the probe's set learns it (docs/tuning.md, "CNS selection").
+- "eq3", the paper's and the default: per row the top `base_top_p` % for each of the concept's
+  captions, ANDed.
+- "movement": the `movement_percent` % of all K/V weights that move most in a short probe
+  fine-tune of every K/V weight and the token on the concept's photos (prior preservation on),
+  which is then undone. On the toy world Eq. 3's base neurons are no better than a random draw
+  at finding the weights that carry a concept's look (precision 0.04 at 5 % against the weights
+  a full K/V fine-tune moves most, random 0.05) and learning them leaves the look unlearned;
+  the probe's set learns it, and over six concepts breaks the model's prior (CNSParams,
+  docs/tuning.md "CNS selection").
 """
 from __future__ import annotations
 
