@@ -174,8 +174,9 @@ def test_movement_base_pools_the_largest_moves_over_tensors():
 
 
 def test_movement_selection_probes_all_kv_then_undoes_it(fresh_tiny_pipe, tmp_path):
-    """The probe fine-tunes every K/V weight, leaves the pipeline bit-identical, and the concept
-    neurons are its largest moves minus the general neurons; learning then changes only those."""
+    """The probe fine-tunes every K/V weight and leaves the pipeline bit-identical; the concept
+    neurons are at most `movement_percent` % of K/V, none of them general, and the same again
+    for the same seed."""
     pipe, stack = fresh_tiny_pipe, stack_for(fresh_tiny_pipe)
     before = snapshot(pipe)
     spec = LearnSpec("rex", "star", options={**MOVEMENT, "probe_steps": 4}, cache_dir=tmp_path)
