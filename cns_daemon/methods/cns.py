@@ -67,10 +67,11 @@ class CNSParams:
       cns.selection=movement`) it breaks the model: fidelity 0.188 vs 0.021, plain-prompt drop
       0.875 vs 0.000, backgrounds honoured 0.438 vs 1.000. Neither excluding more general
       neurons (top_p 20: drop 0.875), a smaller share (2 %: 0.750), per-row instead of pooled
-      ranking (1.000) nor λ₂ (1e-4 to 1e-2: fidelity 0.000-0.021, drop 0.000) found a point in
-      between, so the default keeps the model intact and learns little, and `--option
-      selection=movement` learns one or two concepts' look at a cost that grows with each
-      concept (removing the concepts restores the model exactly). `base_top_p` widens Eq. 3's
+      ranking (1.000), λ₂ (1e-4 to 1e-2: fidelity 0.000-0.021, drop 0.000) nor prior
+      preservation on every class learned so far (0.500) found a point in between, so the
+      default keeps the model intact and learns little, and `--option selection=movement`
+      learns one or two concepts' look at a cost that grows with each concept (removing the
+      concepts restores the model exactly). `base_top_p` widens Eq. 3's
       base percentile (base 20 %: 0.31 / 0.44 on two concepts, over six 0.083 / drop 0.25).
     - λ₂ = 0: the regulariser toward the pretrained weights, Eq. 7's squared norm summed over
       the trained values, outweighs the denoising gradient for any λ₂ ≥ 1e-4 (every K/V value
@@ -315,8 +316,8 @@ class CNSMethod:
             metrics={"loss_first": run.losses[0] if run.losses else None,
                      "loss_last": float(np.mean(run.losses[-10:])) if run.losses else None},
             fingerprint=stack.base_fingerprint)
-        record = ConceptRecord(meta, deltas=deltas,
-                               embeddings={token: run.row.param.detach().cpu().numpy().astype(np.float32)},
+        embedding = run.row.param.detach().cpu().numpy().astype(np.float32)
+        record = ConceptRecord(meta, deltas=deltas, embeddings={token: embedding},
                                overlap=overlap_with(indices, earlier))
         stack.push(record)
         return record
