@@ -222,17 +222,27 @@ def _train(pipe, stack: CNSStack, prep: Prepared, spec: LearnSpec, hp: CNSParams
     opt = torch.optim.Adam([{"params": [t.values for t in trainees], "lr": lr},
                             {"params": [row.param], "lr": hp.lr_token}])
     weights = [t.weight for t in trainees]
+    shared = [bool(t.reg_mask.any()) for t in trainees]
+
+    def pull(t: _Trainee, has_shared: bool):
+        """The regularisers' terms that are not zero by construction (the probe trains every
+        K/V weight: a zero-weighted term over all of them each step is wasted work)."""
+        out = 0.0
+        if hp.lambda_prev and has_shared:
+            out = out + hp.lambda_prev * ((t.values - t.prev)[t.reg_mask] ** 2).sum()
+        if hp.lambda_base:
+            out = out + hp.lambda_base * ((t.values - t.base) ** 2).sum()
+        return out
 
     def step(k: int) -> float:
         opt.zero_grad(set_to_none=True)
         for w in weights:
             w.grad = None
         parts = loss.parts(k)
-        reg = sum(hp.lambda_prev * ((t.values - t.prev)[t.reg_mask] ** 2).sum()
-                  + hp.lambda_base * ((t.values - t.base) ** 2).sum() for t in trainees)
-        (parts.total + reg).backward()
+        (parts.total + sum(pull(t, h) for t, h in zip(trainees, shared))).backward()
         for t in trainees:  # the denoising gradient reaches the full weight; keep ours
-            t.values.grad += t.weight.grad.view(-1)[t.idx].float()
+            mine = t.weight.grad.view(-1)[t.idx].float()
+            t.values.grad = mine if t.values.grad is None else t.values.grad + mine
         opt.step()
         for t in trainees:
             t.write()
