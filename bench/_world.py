@@ -1,12 +1,13 @@
 """Toy-world material for the quality bench: the personal concepts, their photos, the prompts,
 and judging generated images with the attribute probe.
 
-A concept is a patterned two-tone object (a striped blue-on-red star): its shape is the class
-word; its pattern and second colour are what no word of the world says (the bench learns from
-template captions, "a photo of a <tok> star", so the token also has to take the main colour).
-Concept fidelity asks the probe for shape + pattern + second colour, the part only the concept
-can supply. Concepts of one run get distinct shapes (while there are
-shapes left), so one concept is never mistaken for another.
+A concept is a patterned two-tone object with a tilt (a diagonally striped blue-on-red star):
+its shape is the class word; its main colour, pattern and second colour are its named look
+(words can say them, but the bench learns from template captions, "a photo of a <tok> star", so
+the token has to take them); its tilt is what no word of the world says. Concept fidelity asks
+the probe for the named look (shape, colour, pattern, second colour) and, separately, for the
+tilt. Concepts of one run get distinct shapes (while there are shapes left), so one concept is
+never mistaken for another.
 """
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cns_daemon.toyworld.world import (BACKGROUND_PHRASE, BACKGROUNDS, COLORS, PATTERNS, SHAPES,
-                                       ObjectSpec, render_concept_photos)
-
-CONCEPT_ATTRS = ("shape", "pattern", "second_color")
+from cns_daemon.toyworld.world import (BACKGROUND_PHRASE, BACKGROUNDS, COLORS, NAMED_LOOK, PATTERNS,
+                                       SHAPES, TILTS, UNNAMED, ObjectSpec, render_concept_photos)
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,8 @@ def make_concepts(n: int, photos: int, seed: int, folder: Path) -> list[Concept]
     out = []
     for i, shape in enumerate(shapes):
         color, second = (COLORS[j] for j in rng.choice(len(COLORS), 2, replace=False))
-        obj = ObjectSpec(shape, color, patterns[int(rng.integers(len(patterns)))], second)
+        obj = ObjectSpec(shape, color, patterns[int(rng.integers(len(patterns)))], second,
+                         TILTS[int(rng.integers(len(TILTS)))])
         name = f"c{i + 1}"
         paths, caps = [], []
         for k, (img, cap) in enumerate(render_concept_photos(obj, photos, seed * 100 + i)):
@@ -90,7 +90,13 @@ class Judge:
         self.probe = probe
 
     def concept_rate(self, images, obj: ObjectSpec) -> float:
-        return _rate(a.matches(obj, attrs=CONCEPT_ATTRS) for a in self.probe.read(images))
+        """The named look: shape, colour, pattern and second colour all as the concept's."""
+        return _rate(a.matches(obj, attrs=NAMED_LOOK) for a in self.probe.read(images))
+
+    def unnamed_rate(self, images, obj: ObjectSpec) -> float:
+        """The look no word says (the pattern's tilt), over all images (chance 1/2 of the
+        patterned ones)."""
+        return _rate(a.matches(obj, attrs=UNNAMED) for a in self.probe.read(images))
 
     def background_rate(self, images, background: str) -> float:
         return _rate(a.background == background for a in self.probe.read(images))

@@ -3,28 +3,44 @@
     python -m bench.toyworld            # tables
     python -m bench.toyworld --json     # the tables, then one JSON object on the last line
 
-Rows: probe accuracy per attribute on fresh renders (whole single-object photos, and halves of
-two-object photos); base-model prompt fidelity over fixed plain single-object prompts (shape,
-colour and background all as named, and each alone), and per half for two-object prompts; the
-pattern distribution the base model draws for one shape/colour/background prompt (it should
-vary: pinning it down is a concept's job); model size on disk; generation time per image (in a
-batch, and alone). Everything is seeded: the same model gives the same fidelity numbers.
+Rows (everything seeded: the same model gives the same numbers):
+- probe accuracy per attribute on fresh renders (whole single-object photos, and halves of
+  two-object photos);
+- base-model prompt fidelity over fixed plain single-object prompts (shape, colour and
+  background all as named, and each alone), and per half for two-object prompts;
+- named-look fidelity over prompts that name pattern and second colour ("a photo of a red star
+  with yellow stripes on the grass": shape, colour, pattern, second colour all as named);
+- for "a photo of a red star" (no look named) the patterns and tilts the model draws, and their
+  entropy in bits: they should stay spread (pinning them down is a concept's job);
+- `eq3_base_general_overlap`: the share of a concept caption's Eq. 3 base neurons (top 5 % per
+  row of |W| * ||X[:, j]||) that are also general (top 5 % for any calibration prompt), as
+  cns_select computes them;
+- textual inversion of one concept (4 photos, default steps): named-look and tilt fidelity of
+  "a photo of <c>" beside the base model's rate for "a photo of a <class>" — evidence that the
+  words' text pathway exists and a learned token can reach it;
+- model size on disk; generation time per image (in a batch, and alone).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from cns_daemon.model import TOYWORLD_MODEL, load_pipeline
 from cns_daemon.toyworld.fidelity import (DEFAULT_GUIDANCE, DEFAULT_STEPS, attribute_distribution,
-                                          generate_batch, plain_prompt_cases, prompt_fidelity,
+                                          entropy_bits, generate_batch, look_fidelity,
+                                          named_look_cases, plain_prompt_cases, prompt_fidelity,
                                           two_object_fidelity)
 from cns_daemon.toyworld.probe import Probe
 from cns_daemon.toyworld.probe_train import accuracy
-from cns_daemon.toyworld.world import ObjectSpec, SceneSpec, caption
+from cns_daemon.toyworld.world import UNNAMED, ObjectSpec, SceneSpec, caption
+
+UNNAMED_PROMPT = "a photo of a red star"
+TOP_P = 5.0
 
 
 def model_bytes() -> int:
@@ -32,48 +48,136 @@ def model_bytes() -> int:
     return sum(f.stat().st_size for f in TOYWORLD_MODEL.rglob("*") if f.is_file())
 
 
-def run(n_prompts: int, n_pairs: int, n_pattern: int, steps: int, guidance: float) -> dict:
+def probe_floor(acc: dict[str, dict[str, float]]) -> float:
+    """The worst attribute over both readings, except the tilt of two-object halves: halves
+    judge where things went and their named look (composition), never the tilt."""
+    return min(v for part, attrs in acc.items() for k, v in attrs.items()
+               if not (part == "halves" and k in UNNAMED))
+
+
+def eq3_overlap(pipe, caption_text: str, top_p: float = TOP_P) -> float:
+    """Share of `caption_text`'s Eq. 3 base neurons (one caption, top_p % per row) that are
+    general (top_p % per row for any calibration prompt, the paper's OR)."""
+    from cns_daemon.methods.calibration_prompts import CALIBRATION_PROMPTS
+    from cns_daemon.methods.cns_select import column_norms, row_top
+    from cns_daemon.model import kv_weights
+
+    calib = column_norms(pipe, list(CALIBRATION_PROMPTS))
+    norms = column_norms(pipe, [caption_text])[0]
+    base = shared = 0
+    for w in kv_weights(pipe.unet).values():
+        mask = row_top(w, norms, top_p)
+        general = torch.zeros_like(mask)
+        for n in calib:
+            general |= row_top(w, n, top_p)
+        base += int(mask.sum())
+        shared += int((mask & general).sum())
+    return shared / base
+
+
+def textual_inversion(pipe, probe: Probe, n: int, steps: int, guidance: float, seed: int = 0) -> dict:
+    """Learn one concept by textual inversion (the bench baseline, default settings) on a copy of
+    the model; generate "a photo of <c>" n times and read it."""
+    from bench._world import Judge, class_prompt, concept_prompt, make_concepts
+    from bench.baselines import TEXTUAL_INVERSION
+    from cns_daemon.generate import MAX_IMAGES, generate
+    from cns_daemon.methods.base import LearnSpec
+    from cns_daemon.methods.cns_layers import stack_for
+
+    judge = Judge(probe)
+    with tempfile.TemporaryDirectory(prefix="cones-tw-") as tmp:
+        (concept,) = make_concepts(1, 4, seed, Path(tmp))
+        spec = LearnSpec(concept.name, concept.class_word, seed=seed, cache_dir=Path(tmp) / "cache")
+        t0 = time.perf_counter()
+        record = TEXTUAL_INVERSION.learn(pipe, list(concept.photos), spec)
+        learn_s = time.perf_counter() - t0
+        def images_of(prompt: str, records: dict) -> list:
+            out = []
+            for start in range(0, n, MAX_IMAGES):   # the routine's per-request limit
+                out += generate(pipe, prompt, records, (), n=min(MAX_IMAGES, n - start),
+                                seed=seed + start, steps=steps, guidance_scale=guidance)
+            return out
+
+        images = images_of(concept_prompt(concept), {concept.name: record})
+        stack_for(pipe).pop(concept.name)  # learning left the token row written: take it off
+        base = images_of(class_prompt(concept), {})
+    o = concept.obj
+    return {"concept": f"{o.color} {o.shape} with {o.second_color} {o.pattern}, {o.tilt}",
+            "named": judge.concept_rate(images, o), "unnamed": judge.unnamed_rate(images, o),
+            "base_named": judge.concept_rate(base, o), "base_unnamed": judge.unnamed_rate(base, o),
+            "learn_s": learn_s}
+
+
+def run(n_prompts: int, n_pairs: int, n_pattern: int, steps: int, guidance: float,
+        ti: bool = True) -> dict:
     probe = Probe.load()
     acc = accuracy(probe)
     pipe = load_pipeline(None, device="cpu")
 
+    def batch(cases):
+        return generate_batch(pipe, [c.prompt for c in cases], [c.seed for c in cases],
+                              steps=steps, guidance_scale=guidance)
+
     cases = plain_prompt_cases(n_prompts, seed=1)
     t0 = time.perf_counter()
-    images = generate_batch(pipe, [c.prompt for c in cases], [c.seed for c in cases],
-                            steps=steps, guidance_scale=guidance)
+    images = batch(cases)
     per_image = (time.perf_counter() - t0) / len(cases)
     single = prompt_fidelity(probe, images, [c.scene for c in cases])
 
-    pairs = plain_prompt_cases(n_pairs, seed=2, two_objects=True)
-    pair_images = generate_batch(pipe, [c.prompt for c in pairs], [c.seed for c in pairs],
-                                 steps=steps, guidance_scale=guidance)
-    two = two_object_fidelity(probe, pair_images, [c.scene for c in pairs])
+    named_cases = named_look_cases(n_prompts, seed=3)
+    named = look_fidelity(probe, batch(named_cases), [c.scene for c in named_cases])
 
-    scene = SceneSpec((ObjectSpec("star", "red"),), "white")
-    pattern_prompt = caption(scene)
-    pattern_images = generate_batch(pipe, [pattern_prompt] * n_pattern, list(range(n_pattern)),
+    pairs = plain_prompt_cases(n_pairs, seed=2, two_objects=True)
+    two = two_object_fidelity(probe, batch(pairs), [c.scene for c in pairs])
+
+    pattern_images = generate_batch(pipe, [UNNAMED_PROMPT] * n_pattern, list(range(n_pattern)),
                                     steps=steps, guidance_scale=guidance)
     patterns = attribute_distribution(probe, pattern_images, "pattern")
+    tilts = attribute_distribution(probe, pattern_images, "tilt")
 
     t0 = time.perf_counter()
-    generate_batch(pipe, [pattern_prompt], [0], steps=steps, guidance_scale=guidance)
+    generate_batch(pipe, [UNNAMED_PROMPT], [0], steps=steps, guidance_scale=guidance)
     alone = time.perf_counter() - t0
 
-    return {
+    from cns_daemon.methods.common import allocate_token
+
+    token = allocate_token(pipe.tokenizer, set())
+    star = SceneSpec((ObjectSpec("star", "red", "stripes", "yellow"),), "grass")
+    overlaps = {f"a photo of a {token} star": eq3_overlap(pipe, f"a photo of a {token} star"),
+                caption(star, look="full"): eq3_overlap(pipe, caption(star, look="full"))}
+
+    out = {
         "probe_accuracy": acc,
-        "probe_accuracy_min": min(min(v.values()) for v in acc.values()),
+        "probe_accuracy_min": probe_floor(acc),
         "base_prompt_fidelity": single.all_match,
         "base_prompt_fidelity_per_attribute": single.per_attribute,
+        "named_look_fidelity": named.all_match,
+        "named_look_fidelity_per_attribute": named.per_attribute,
         "two_object_fidelity": two.all_match,
         "two_object_fidelity_per_attribute": two.per_attribute,
-        "pattern_prompt": pattern_prompt,
-        "pattern_distribution": patterns,
+        "unnamed_prompt": UNNAMED_PROMPT,
+        "unnamed_prompt_pattern_distribution": patterns,
+        "unnamed_prompt_pattern_entropy": entropy_bits(patterns),
+        "unnamed_prompt_tilt_distribution": tilts,
+        "unnamed_prompt_tilt_entropy": entropy_bits(tilts),
+        "eq3_base_general_overlap": next(iter(overlaps.values())),
+        "eq3_base_general_overlap_per_caption": overlaps,
         "model_bytes": model_bytes(),
         "gen_seconds_per_image": per_image,
         "gen_seconds_single_image": alone,
-        "n_generations": single.n, "n_two_object_halves": two.n, "steps": steps,
-        "guidance_scale": guidance, "torch_threads": torch.get_num_threads(),
+        "n_generations": single.n, "n_named": named.n, "n_two_object_halves": two.n,
+        "n_unnamed": n_pattern, "steps": steps, "guidance_scale": guidance,
+        "torch_threads": torch.get_num_threads(),
     }
+    if ti:
+        r = textual_inversion(pipe, probe, n_pattern, steps, guidance)
+        out.update({"textual_inversion_named_fidelity": r["named"],
+                    "textual_inversion_unnamed_fidelity": r["unnamed"],
+                    "textual_inversion_base_named": r["base_named"],
+                    "textual_inversion_base_unnamed": r["base_unnamed"],
+                    "textual_inversion_concept": r["concept"],
+                    "textual_inversion_learn_s": r["learn_s"]})
+    return out
 
 
 def print_tables(r: dict) -> None:
@@ -89,22 +193,31 @@ def print_tables(r: dict) -> None:
         t.add_row(attr, *(f"{r['probe_accuracy'][p][attr]:.3f}" for p in r["probe_accuracy"]))
     con.print(t)
 
-    t = Table(title=f"Base-model prompt fidelity ({r['steps']} DDIM steps, guidance {r['guidance_scale']})")
-    for col in ("prompts", "n", "all of shape+colour+background", "shape", "colour", "background"):
+    t = Table(title=f"Base-model fidelity ({r['steps']} DDIM steps, CFG {r['guidance_scale']})")
+    for col in ("prompts", "n", "all", "per attribute"):
         t.add_column(col, justify="right")
-    for label, key, n in (("one object", "base_prompt_fidelity", r["n_generations"]),
-                          ("two objects, per half", "two_object_fidelity", r["n_two_object_halves"])):
+    for label, key, n in (("plain, one object (shape+colour+background)", "base_prompt_fidelity",
+                           r["n_generations"]),
+                          ("naming the look (shape+colour+pattern+second colour)", "named_look_fidelity",
+                           r["n_named"]),
+                          ("plain, two objects, per half", "two_object_fidelity", r["n_two_object_halves"])):
         per = r[f"{key}_per_attribute"]
-        t.add_row(label, str(n), f"{r[key]:.3f}", f"{per['shape']:.3f}", f"{per['color']:.3f}",
-                  f"{per['background']:.3f}")
+        t.add_row(label, str(n), f"{r[key]:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in per.items()))
     con.print(t)
 
-    t = Table(title=f"Patterns drawn for '{r['pattern_prompt']}'")
-    t.add_column("pattern")
-    t.add_column("fraction", justify="right")
-    for k, v in r["pattern_distribution"].items():
-        t.add_row(k, f"{v:.2f}")
-    con.print(t)
+    for attr in ("pattern", "tilt"):
+        dist = r[f"unnamed_prompt_{attr}_distribution"]
+        con.print(f"{attr} drawn for '{r['unnamed_prompt']}' ({r['n_unnamed']} images): "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in dist.items())
+                  + f"; entropy {r[f'unnamed_prompt_{attr}_entropy']:.2f} bits")
+    for text, v in r["eq3_base_general_overlap_per_caption"].items():
+        con.print(f"Eq. 3 base neurons that are general, '{text}': {v:.3f}")
+    if "textual_inversion_named_fidelity" in r:
+        con.print(f"Textual inversion ({r['textual_inversion_concept']}): named look "
+                  f"{r['textual_inversion_named_fidelity']:.3f} (base model "
+                  f"{r['textual_inversion_base_named']:.3f}), tilt {r['textual_inversion_unnamed_fidelity']:.3f} "
+                  f"(base {r['textual_inversion_base_unnamed']:.3f}); learned in "
+                  f"{r['textual_inversion_learn_s']:.0f} s")
     con.print(f"model size {r['model_bytes'] / 1e6:.1f} MB; generation {r['gen_seconds_per_image']:.3f} s/image "
               f"in batches, {r['gen_seconds_single_image']:.3f} s alone ({r['torch_threads']} threads)")
 
@@ -112,15 +225,17 @@ def print_tables(r: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Toy-world benchmark (probe + fixture model).")
     p.add_argument("--json", action="store_true", help="end with one JSON line")
-    p.add_argument("--prompts", type=int, default=120, help="single-object plain prompts")
+    p.add_argument("--prompts", type=int, default=120, help="single-object prompts (plain, and naming the look)")
     p.add_argument("--pairs", type=int, default=40, help="two-object plain prompts")
-    p.add_argument("--pattern-samples", type=int, default=48)
+    p.add_argument("--pattern-samples", type=int, default=64,
+                   help=f"images of '{UNNAMED_PROMPT}' (and of the textual-inversion concept)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--no-ti", action="store_true", help="leave out the textual-inversion row")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    r = run(a.prompts, a.pairs, a.pattern_samples, a.steps, a.guidance)
+    r = run(a.prompts, a.pairs, a.pattern_samples, a.steps, a.guidance, ti=not a.no_ti)
     print_tables(r)
     if a.json:
         print(json.dumps(r))

@@ -24,16 +24,20 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
            color: str = typer.Option(..., help="red | orange | yellow | green | blue | purple | pink | black"),
            pattern: str = typer.Option("solid", help="solid | stripes | dots | checks"),
            second_color: Optional[str] = typer.Option(None, help="The pattern's colour (not for solid)."),
+           tilt: Optional[str] = typer.Option(
+               None, help="How the pattern lies: straight | diagonal (default straight; not for solid). "
+                          "No caption ever names it."),
            background: Optional[str] = typer.Option(
                None, help="white | grass | sand | sky | snow (default: varies per photo)"),
            n: int = typer.Option(4, "-n", min=1, max=10_000, help="How many photos."),
            seed: int = typer.Option(0, help="Same seed, same photos."),
            out: Path = typer.Option(..., "-o", "--out", help="Folder for NNN.png + NNN.txt (caption).")) -> None:
-    """Write photos of one object (a 'personal concept') with sidecar captions."""
+    """Write photos of one object (a 'personal concept') with sidecar captions that describe it
+    as a captioning model would (shape, colours, pattern, background; never the tilt)."""
     from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
 
     try:
-        obj = ObjectSpec(shape, color, pattern, second_color)
+        obj = ObjectSpec(shape, color, pattern, second_color, tilt)
         photos = render_concept_photos(obj, n, seed, background=background)
     except ValueError as exc:
         raise BadInput(f"{exc}.", "See `cones toyworld render --help` for the choices.") from None
@@ -49,7 +53,7 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
 def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the toy world."),
           halves: bool = typer.Option(False, "--halves", help="Two-object images: read left and right halves."),
           as_json: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
-    """Read shape, colour, pattern, second colour and background from images."""
+    """Read shape, colour, pattern, second colour, tilt and background from images."""
     from dataclasses import asdict
 
     from PIL import Image, UnidentifiedImageError
@@ -81,5 +85,12 @@ def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the t
 
 
 def _describe(a: dict) -> str:
-    pattern = a["pattern"] if a["pattern"] == "solid" else f"{a['pattern']} in {a['second_color']}"
+    # The probe's heads are independent: a "solid" reading can still come with a second colour
+    # or tilt answer of "none"; say only what the pattern reading makes meaningful.
+    if a["pattern"] == "solid":
+        pattern = "solid"
+    else:
+        second = f" in {a['second_color']}" if a["second_color"] else ""
+        tilt = f", {a['tilt']}" if a["tilt"] else ""
+        pattern = f"{a['pattern']}{second}{tilt}"
     return f"{a['color']} {a['shape']}, {pattern}, on {a['background']} (confidence {a['confidence']:.2f})"

@@ -79,14 +79,17 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
 
 
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, *, width: int = 64,
-                        blocks: tuple[int, int] = (32, 64), heads: int = 8):
+                        blocks: tuple[int, int] = (32, 64), heads: int | tuple[int, ...] = 8,
+                        text_layers: int = 2, text_ffn: int | None = None):
     """A tiny SD-architecture pipeline with seeded random weights (tests, benches).
 
     Same structure as SD 1.x: UNet2DConditionModel with cross-attention at two resolutions
     (so `attn2.to_k`/`to_v` exist), AutoencoderKL with a 4-channel latent and a 2x downsample,
     CLIPTextModel with the real CLIP tokenizer and its full 49,408-token vocabulary.
-    `heads` is the attention head count (diffusers names it `attention_head_dim`); on a CPU
-    fewer, wider heads train ~2.5x faster at this size, which is what the toy-world model uses.
+    `heads` is the attention head count, one for all blocks or one per block (diffusers names
+    it `attention_head_dim`); on a CPU fewer, wider heads train faster at this size. `width` is
+    the text encoder's width (= the UNet's cross-attention width), `text_ffn` its MLP width
+    (default 2 x width).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -96,13 +99,14 @@ def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, *, width: int = 64
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=blocks, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=width,
-        attention_head_dim=heads, norm_num_groups=8)
+        attention_head_dim=heads if isinstance(heads, int) else tuple(heads), norm_num_groups=8)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
                         block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                         down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=sample_size * 2)
     text = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=width, intermediate_size=width * 2, num_hidden_layers=2,
+        vocab_size=49408, hidden_size=width, intermediate_size=text_ffn or width * 2,
+        num_hidden_layers=text_layers,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
         eos_token_id=49407, pad_token_id=49407, projection_dim=width))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

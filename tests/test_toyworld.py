@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cns_daemon.toyworld.world import (BACKGROUNDS, COLORS, PATTERNS, SHAPES, SIZE, ObjectSpec,
-                                       SceneSpec, caption, random_scene, render, render_array,
-                                       render_concept_photos, shape_mask)
+from cns_daemon.toyworld.world import (BACKGROUNDS, COLORS, PATTERNS, SHAPES, SIZE, TILTS, ObjectSpec,
+                                       SceneSpec, caption, random_object, random_scene, render,
+                                       render_array, render_concept_photos, shape_mask)
 
 STAR = ObjectSpec("star", "red", "stripes", "yellow")
 
@@ -18,6 +18,45 @@ STAR = ObjectSpec("star", "red", "stripes", "yellow")
 def test_world_is_big_enough():
     assert len(SHAPES) >= 6 and len(COLORS) >= 8 and len(BACKGROUNDS) >= 5
     assert set(PATTERNS) == {"solid", "stripes", "dots", "checks"}
+    assert 2 <= len(TILTS) <= 4
+
+
+def test_tilt_defaults_and_belongs_to_patterns_only():
+    assert STAR.tilt == "straight"
+    assert ObjectSpec("star", "red").tilt is None
+    assert ObjectSpec("star", "red", "dots", "blue", "diagonal").tilt == "diagonal"
+    with pytest.raises(ValueError):
+        ObjectSpec("star", "red", "solid", None, "diagonal")
+    with pytest.raises(ValueError):
+        ObjectSpec("star", "red", "dots", "blue", "sideways")
+    rng = np.random.default_rng(0)
+    objs = [random_object(rng) for _ in range(400)]
+    tilts = [o.tilt for o in objs if o.pattern != "solid"]
+    assert {o.tilt for o in objs if o.pattern == "solid"} == {None}
+    # the base model must see every tilt about equally often, never named
+    assert all(abs(tilts.count(t) / len(tilts) - 1 / len(TILTS)) < 0.08 for t in TILTS)
+
+
+def _turn(img: np.ndarray) -> float:
+    """Mean orientation cue of the second colour's mask: the share of its horizontal
+    neighbour pairs that agree minus that of diagonal pairs (horizontal stripes: > 0)."""
+    mask = (np.abs(img.astype(int) - np.array([250, 220, 20])).sum(-1) < 120)
+    horiz = (mask[:, 1:] == mask[:, :-1]).mean()
+    diag = (mask[1:, 1:] == mask[:-1, :-1]).mean()
+    return float(horiz - diag)
+
+
+def test_tilt_turns_the_pattern_and_nothing_else():
+    """Same seed, same object, other tilt: the stripes turn (a visible change), the object's
+    place and colours stay."""
+    scene = lambda tilt: SceneSpec((ObjectSpec("square", "blue", "stripes", "yellow", tilt),), "white")  # noqa: E731
+    (a, pa), (b, pb) = render_array(scene("straight"), 4), render_array(scene("diagonal"), 4)
+    assert pa == pb
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 3.0
+    assert _turn(a) > _turn(b) + 0.05
+    for img in (a, b):  # both colours present in similar amounts
+        yellow = (np.abs(img.astype(int) - np.array([250, 220, 20])).sum(-1) < 120).mean()
+        assert 0.08 < yellow < 0.3
 
 
 def test_render_is_deterministic_per_seed():
@@ -85,16 +124,19 @@ def test_invalid_specs_are_refused():
         SceneSpec((STAR,), "moon")
 
 
-PATTERN_WORDS = re.compile(r"\b(stripe[sd]?|striped|dots?|dotted|checks?|checked|checkered|solid|pattern)\b")
+PATTERN_WORDS = re.compile(r"\b(stripe[sd]?|striped|dots?|dotted|checks?|checked|checkered|solid|plain|pattern)\b")
+# Whatever a caption says, it never says how the pattern lies.
+TILT_WORDS = re.compile(r"\b(straight|diagonal\w*|tilt\w*|horizontal\w*|vertical\w*|slant\w*|"
+                        r"turned|rotated|angle\w*|diamond\w*|degrees?)\b")
 
 
-def test_captions_name_shape_colour_background_never_pattern():
+def test_plain_captions_name_shape_colour_background_never_the_look():
     rng = np.random.default_rng(0)
     for _ in range(300):
         scene = random_scene(rng, two_prob=0.3)
         for template in range(3):
             text = caption(scene, template=template)
-            assert not PATTERN_WORDS.search(text), text
+            assert not PATTERN_WORDS.search(text) and not TILT_WORDS.search(text), text
             words = set(text.split())
             for obj in scene.objects:
                 assert obj.shape in words and obj.color in words
@@ -105,22 +147,51 @@ def test_captions_name_shape_colour_background_never_pattern():
                 assert text.index(" on the left") < text.index(" on the right")
 
 
+def test_named_captions_say_pattern_and_second_colour_never_the_tilt():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        scene = random_scene(rng, two_prob=0.3)
+        for look in ("full", "pattern"):
+            text = caption(scene, template=int(rng.integers(3)), look=look)
+            assert not TILT_WORDS.search(text), text
+            for obj in scene.objects:
+                if obj.pattern == "solid":
+                    assert f"plain {obj.color} {obj.shape}" in text, text
+                elif look == "full":
+                    assert f"{obj.color} {obj.shape} with {obj.second_color} {obj.pattern}" in text, text
+                else:
+                    assert f"{obj.color} {obj.shape} with {obj.pattern}" in text, text
+    with pytest.raises(ValueError):
+        caption(SceneSpec((STAR,), "grass"), look="everything")
+    with pytest.raises(ValueError):
+        caption(SceneSpec((STAR,), "grass"), look=("full", "none"))
+
+
 def test_caption_examples():
     assert caption(SceneSpec((STAR,), "grass")) == "a photo of a red star on the grass"
-    two = SceneSpec((STAR, ObjectSpec("ring", "blue", "dots", "pink")), "sand")
+    assert caption(SceneSpec((STAR,), "grass"), look="full") == "a photo of a red star with yellow stripes on the grass"
+    two = SceneSpec((STAR, ObjectSpec("ring", "blue", "dots", "pink", "diagonal")), "sand")
     assert caption(two) == "a photo of a red star on the left and a blue ring on the right on the sand"
+    assert caption(two, look=("none", "full")) == ("a photo of a red star on the left and a blue ring "
+                                                   "with pink dots on the right on the sand")
+    assert caption(SceneSpec((ObjectSpec("cross", "black"),), "sky"), look="full") == \
+        "a photo of a plain black cross in the sky"
     assert caption(SceneSpec((STAR,), "snow"), with_color=False, with_background=False) == "a photo of a star"
+    assert caption(SceneSpec((STAR,), "snow"), look="pattern", with_background=False) == \
+        "a photo of a red star with stripes"
 
 
 def test_concept_photos_keep_identity_and_vary():
     photos = render_concept_photos(STAR, 5, seed=3)
     assert len(photos) == 5
-    assert all(text.startswith("a photo of a red star ") for _, text in photos)
+    # captions describe what is seen, as a captioning model would: never the tilt
+    assert all(text.startswith("a photo of a red star with yellow stripes ") for _, text in photos)
+    assert not any(TILT_WORDS.search(text) for _, text in photos)
     arrays = [np.asarray(im, dtype=np.int16) for im, _ in photos]
     assert all(np.abs(arrays[0] - a).mean() > 2.0 for a in arrays[1:])
     again = render_concept_photos(STAR, 5, seed=3)
     assert [im.tobytes() for im, _ in photos] == [im.tobytes() for im, _ in again]
-    fixed = render_concept_photos(STAR, 3, seed=3, background="sky")
+    fixed = render_concept_photos(STAR, 3, seed=3, background="sky", look="none")
     assert all(text == "a photo of a red star in the sky" for _, text in fixed)
 
 
@@ -129,21 +200,27 @@ def test_cli_render_writes_photos_and_captions(tmp_path):
 
     out = tmp_path / "photos"
     result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",
-                                      "--pattern", "stripes", "--second-color", "yellow",
+                                      "--pattern", "stripes", "--second-color", "yellow", "--tilt", "diagonal",
                                       "--background", "grass", "-n", "4", "--seed", "0", "-o", str(out)])
     assert result.exit_code == 0, result.output
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 4
-    expected = render_concept_photos(STAR, 4, seed=0, background="grass")
-    for png, (img, text) in zip(pngs, expected):
-        assert Image.open(png).convert("RGB").tobytes() == img.tobytes()
-        assert png.with_suffix(".txt").read_text().strip() == text == "a photo of a red star on the grass"
+    diagonal = ObjectSpec("star", "red", "stripes", "yellow", "diagonal")
+    expected = render_concept_photos(diagonal, 4, seed=0, background="grass")
+    straight = render_concept_photos(STAR, 4, seed=0, background="grass")
+    for png, (img, text), (other, _) in zip(pngs, expected, straight):
+        assert Image.open(png).convert("RGB").tobytes() == img.tobytes() != other.tobytes()
+        assert png.with_suffix(".txt").read_text().strip() == text == \
+            "a photo of a red star with yellow stripes on the grass"
 
 
 def test_cli_render_rejects_bad_attributes(tmp_path):
     from cli.main import app
 
-    result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",
-                                      "--pattern", "stripes", "-o", str(tmp_path / "x")])
-    assert result.exit_code == 2  # BadInput
-    assert not (tmp_path / "x").exists()
+    for bad in (["--pattern", "stripes"],                                  # no second colour
+                ["--pattern", "stripes", "--second-color", "blue", "--tilt", "up"],
+                ["--tilt", "diagonal"]):                                  # solid has no tilt
+        result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",
+                                          *bad, "-o", str(tmp_path / "x")])
+        assert result.exit_code == 2, (bad, result.output)  # BadInput
+        assert not (tmp_path / "x").exists()

@@ -7,6 +7,7 @@ needs; the service's single-prompt routine is cns_daemon.generate.generate.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -15,10 +16,12 @@ import numpy as np
 import torch
 
 from .probe import Attributes, Probe
-from .world import SceneSpec, caption, random_scene
+from .world import NAMED_LOOK, PATTERNS, SceneSpec, caption, random_object, random_scene
 
 DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 4.0
+# Classifier-free guidance scale the toy world is measured with: the papers' 7.5 (bench.toyworld
+# --guidance compares others; docs/tuning.md has the measurement).
+DEFAULT_GUIDANCE = 7.5
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,19 @@ def plain_prompt_cases(n: int, seed: int = 0, *, two_objects: bool = False) -> l
     for i in range(n):
         scene = random_scene(rng, two_prob=1.0 if two_objects else 0.0)
         cases.append(PromptCase(scene, caption(scene), seed * 100_000 + i))
+    return cases
+
+
+def named_look_cases(n: int, seed: int = 0) -> list[PromptCase]:
+    """`n` fixed prompts that name a patterned object's whole look ("a photo of a red star
+    with yellow stripes on the grass"), patterns cycling so each is asked for equally."""
+    rng = np.random.default_rng(seed)
+    patterned = [p for p in PATTERNS if p != "solid"]
+    cases = []
+    for i in range(n):
+        obj = random_object(rng, pattern=patterned[i % len(patterned)])
+        scene = SceneSpec((obj,), random_scene(rng).background)
+        cases.append(PromptCase(scene, caption(scene, look="full"), seed * 100_000 + i))
     return cases
 
 
@@ -84,8 +100,28 @@ def two_object_fidelity(probe: Probe, images: Sequence, scenes: Sequence[SceneSp
     return _score(pairs)
 
 
+def look_fidelity(probe: Probe, images: Sequence, scenes: Sequence[SceneSpec]) -> Fidelity:
+    """Single-object prompts that name the look: shape, colour, pattern and second colour all as
+    named (`all_match`), and each alone."""
+    reads = probe.read(images)
+    hits = {a: [getattr(r, a) == getattr(s.objects[0], a) for r, s in zip(reads, scenes)]
+            for a in NAMED_LOOK}
+    all_ok = [all(h[i] for h in hits.values()) for i in range(len(reads))]
+    return Fidelity(len(reads), float(np.mean(all_ok)) if reads else 0.0,
+                    {a: float(np.mean(v)) if v else 0.0 for a, v in hits.items()})
+
+
 def attribute_distribution(probe: Probe, images: Sequence, attribute: str = "pattern") -> dict[str, float]:
-    """How often each value of `attribute` is read over the images (fractions, sorted)."""
-    counts = Counter(getattr(a, attribute) for a in probe.read(images))
+    """How often each value of `attribute` is read over the images (fractions, sorted). For the
+    tilt, only images read as patterned count (a solid object has none)."""
+    reads = probe.read(images)
+    if attribute == "tilt":
+        reads = [a for a in reads if a.pattern != "solid"]
+    counts = Counter(str(getattr(a, attribute)) for a in reads)
     total = sum(counts.values())
     return {k: counts[k] / total for k in sorted(counts, key=lambda k: -counts[k])}
+
+
+def entropy_bits(distribution: dict[str, float]) -> float:
+    """Shannon entropy (bits) of a distribution given as fractions."""
+    return float(-sum(p * math.log2(p) for p in distribution.values() if p > 0))

@@ -1,5 +1,6 @@
-"""The attribute probe: a small CNN that reads shape, main colour, pattern, second colour and
-background from any 32x32 image of the toy world (a render or a generation).
+"""The attribute probe: a small CNN that reads shape, main colour, pattern, second colour, the
+pattern's tilt (the attribute no caption names) and background from any 32x32 image of the toy
+world (a render or a generation).
 
 It is fully convolutional with global pooling, so it reads a whole single-object photo (32x32)
 and either half of a two-object photo (32 high x 16 wide) with the same weights. Trained by
@@ -18,16 +19,16 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoad
-from .world import BACKGROUNDS, COLORS, PATTERNS, SHAPES, SIZE, ObjectSpec
+from .world import BACKGROUNDS, COLORS, NAMED_LOOK, PATTERNS, SHAPES, SIZE, TILTS, ObjectSpec
 
 PROBE_DIR = Path(__file__).parent / "probe"
 WEIGHTS = "probe.safetensors"
 LABELS = "labels.json"
-NO_SECOND = "none"  # the second-colour label of a solid object
+NO_SECOND = "none"  # the second-colour and tilt label of a solid object
 
 HEADS: dict[str, tuple[str, ...]] = {
     "shape": SHAPES, "color": COLORS, "pattern": PATTERNS,
-    "second_color": COLORS + (NO_SECOND,), "background": BACKGROUNDS,
+    "second_color": COLORS + (NO_SECOND,), "tilt": TILTS + (NO_SECOND,), "background": BACKGROUNDS,
 }
 
 ImageBatch = Union[Sequence["PIL.Image.Image"], np.ndarray]  # noqa: F821 (PIL only for typing)
@@ -36,16 +37,17 @@ ImageBatch = Union[Sequence["PIL.Image.Image"], np.ndarray]  # noqa: F821 (PIL o
 @dataclass(frozen=True)
 class Attributes:
     """What the probe read from one image (or one half). `confidence` is the probability of
-    the least certain of the five answers."""
+    the least certain of the answers."""
     shape: str
     color: str
     pattern: str
     second_color: str | None
+    tilt: str | None
     background: str
     confidence: float = 1.0
 
     def matches(self, obj: ObjectSpec, background: str | None = None, *,
-                attrs: Sequence[str] = ("shape", "color", "pattern", "second_color")) -> bool:
+                attrs: Sequence[str] = NAMED_LOOK) -> bool:
         """Whether the chosen attributes agree with `obj` (and `background` when given)."""
         ok = all(getattr(self, a) == getattr(obj, a) for a in attrs)
         return ok and (background is None or self.background == background)
@@ -136,9 +138,9 @@ class Probe:
         for n in range(len(x)):
             label = {k: HEADS[k][int(best[k].indices[n])] for k in HEADS}
             conf = min(float(best[k].values[n]) for k in HEADS)
-            second = None if label["second_color"] == NO_SECOND else label["second_color"]
-            out.append(Attributes(label["shape"], label["color"], label["pattern"], second,
-                                  label["background"], conf))
+            none = {k: None if label[k] == NO_SECOND else label[k] for k in ("second_color", "tilt")}
+            out.append(Attributes(label["shape"], label["color"], label["pattern"], none["second_color"],
+                                  none["tilt"], label["background"], conf))
         return out
 
     def read(self, images: ImageBatch) -> list[Attributes]:

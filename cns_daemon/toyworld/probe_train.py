@@ -42,7 +42,8 @@ class ProbeConfig:
 
 def _labels(obj: ObjectSpec, background: str) -> dict[str, int]:
     values = {"shape": obj.shape, "color": obj.color, "pattern": obj.pattern,
-              "second_color": obj.second_color or NO_SECOND, "background": background}
+              "second_color": obj.second_color or NO_SECOND, "tilt": obj.tilt or NO_SECOND,
+              "background": background}
     return {k: HEADS[k].index(v) for k, v in values.items()}
 
 

@@ -6,13 +6,19 @@ hour. Stages, all in one run:
   2. train the VAE (reconstruction + a tiny KL term), then encode the set to latents and set the
      VAE's scaling factor so latents have unit variance, as SD's pipeline expects;
   3. train the UNet and the text encoder jointly on (latent, caption) pairs with the standard
-     epsilon objective; the caption is dropped 10% of the time (classifier-free guidance) and
-     captions sometimes leave out the colour or the background, so "a photo of a star" means
-     "a star of some colour on some background" — the class prompt the methods rely on.
-An EMA of the UNet/text weights is what gets saved. Checkpoints are written periodically to
-`<out>.work/` so a cut-off run can `--resume`. The result is a diffusers folder (safetensors)
-plus `train_info.json` (seed, steps, wall time, git commit) and `SHA256SUMS`; the loader needs
-neither info file.
+     epsilon objective. The caption is dropped 10 % of the time (classifier-free guidance);
+     about half the captions name each object's pattern and second colour ("a red star with
+     yellow stripes"), the rest leave them out, and some leave out the colour or the
+     background, so "a photo of a star" means "a star of some colour, pattern and tilt on some
+     background" — the class prompt the methods rely on — while "with yellow stripes" has a
+     text pathway of its own, as it has in real Stable Diffusion. No caption names the tilt.
+     Only the ~50 token rows the captions use are trained (vocab.CompactEmbedding); the other
+     rows are then drawn from the trained rows' statistics, so a concept's rare token starts
+     where words live.
+An EMA of the UNet/text weights is what gets saved, in fp16 (the loader upcasts). Checkpoints
+are written periodically to `<out>.work/` so a cut-off run can `--resume`. The result is a
+diffusers folder (safetensors) plus `train_info.json` (seed, steps, wall time, git commit) and
+`SHA256SUMS`; the loader needs neither info file.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import TOYWORLD_MODEL, build_tiny_pipeline
+from .vocab import CompactEmbedding, caption_token_ids, init_untrained_rows
 from .world import caption, random_scene, render_array
 
 log = logging.getLogger("toyworld.train")
@@ -38,16 +45,13 @@ log = logging.getLogger("toyworld.train")
 @dataclass
 class TrainConfig:
     seed: int = 0
-    n_images: int = 12000
+    n_images: int = 16000
     two_object_share: float = 0.2
     vae_steps: int = 1600
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
-    decoder_steps: int = 0  # optional decoder-only refinement after the VAE stage
-    decoder_lr: float = 1e-3
-    decoder_minutes: float = 30.0
-    unet_steps: int = 8000
+    unet_steps: int = 6400
     unet_batch: int = 32
     unet_lr: float = 1.5e-3
     warmup: int = 200
@@ -55,11 +59,16 @@ class TrainConfig:
     cfg_drop: float = 0.1
     omit_color: float = 0.1
     omit_background: float = 0.15
+    name_look: float = 0.5       # share of objects whose caption names pattern + second colour
+    pattern_only: float = 0.25   # of those, the share named by the pattern alone ("with stripes")
     blocks: tuple[int, int] = (32, 64)
-    heads: int = 2
+    heads: tuple[int, int] = (2, 4)  # per UNet block; the mid block takes the last
+    text_width: int = 128
+    text_layers: int = 2
+    text_ffn: int = 512
     threads: int = 2
     checkpoint_every: int = 1000
-    max_minutes: float = 55.0  # whole-run wall-time budget: the denoiser stage anneals and stops by then
+    max_minutes: float = 58.0  # whole-run wall-time budget: the denoiser stage anneals and stops by then
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -94,9 +103,13 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def sample_caption(scene, rng: np.random.Generator, cfg: TrainConfig) -> str:
     if rng.random() < cfg.cfg_drop:
         return ""
+    looks = []
+    for _ in scene.objects:
+        named = rng.random() < cfg.name_look
+        looks.append("none" if not named else "pattern" if rng.random() < cfg.pattern_only else "full")
     return caption(scene, template=int(rng.integers(3)),
                    with_color=rng.random() >= cfg.omit_color,
-                   with_background=rng.random() >= cfg.omit_background)
+                   with_background=rng.random() >= cfg.omit_background, look=looks)
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -123,41 +136,6 @@ def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator)
         if step % 50 == 0 or step == cfg.vae_steps - 1:
             log.info("vae step %d/%d loss %.4f", step, cfg.vae_steps, loss_avg)
     vae.eval()
-    return loss_avg
-
-
-def refine_decoder(vae, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> float:
-    """Train the decoder alone, the encoder frozen: sharper reconstructions (patterns, exact
-    colours) while the latents, and so everything the UNet learns on them, stay the same. This is
-    why it can run after, or beside, the denoiser stage."""
-    vae.requires_grad_(False)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    for q in params:
-        q.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.decoder_lr, total_steps=cfg.decoder_steps,
-                                                pct_start=0.05)
-    vae.eval()  # no dropout/batch statistics in this VAE; eval keeps the encoder exactly fixed
-    loss_avg, t0 = 0.0, time.time()
-    for step in range(cfg.decoder_steps):
-        if time.time() - t0 > cfg.decoder_minutes * 60:
-            log.warning("decoder budget reached at step %d of %d", step, cfg.decoder_steps)
-            break
-        x = images[torch.randint(len(images), (cfg.vae_batch,), generator=gen)]
-        with torch.no_grad():
-            post = vae.encode(x).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
-        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_avg = 0.98 * loss_avg + 0.02 * loss.item() if step else loss.item()
-        if step % 50 == 0:
-            log.info("decoder step %d/%d loss %.4f", step, cfg.decoder_steps, loss_avg)
-    vae.requires_grad_(False)
     return loss_avg
 
 
@@ -293,13 +271,20 @@ def write_checksums(folder: Path) -> Path:
 
 
 def save_model(pipe, out: Path, info: dict) -> None:
+    """fp16 safetensors (the loader upcasts to the dtype it is asked for), info, checksums."""
     import shutil
 
     if out.exists():
         shutil.rmtree(out)
-    pipe.save_pretrained(out, safe_serialization=True)
+    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    pipe.to(torch.float32)
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     write_checksums(out)
+
+
+def build(cfg: TrainConfig):
+    return build_tiny_pipeline(seed=cfg.seed, blocks=cfg.blocks, heads=cfg.heads, width=cfg.text_width,
+                               text_layers=cfg.text_layers, text_ffn=cfg.text_ffn)
 
 
 def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
@@ -314,7 +299,7 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     images = to_tensor(images_np)
     log.info("rendered in %.0fs", time.time() - t_start)
 
-    pipe = build_tiny_pipeline(seed=cfg.seed, blocks=cfg.blocks, heads=cfg.heads)
+    pipe = build(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     vae_file = work / "vae.pt"
     if resume and vae_file.exists():
@@ -323,8 +308,6 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
         vae_loss = saved["loss"]
     else:
         vae_loss = train_vae(pipe.vae, images, cfg, gen)
-        if cfg.decoder_steps:
-            vae_loss = refine_decoder(pipe.vae, images, cfg, gen)
         torch.save({"vae": pipe.vae.state_dict(), "loss": vae_loss}, vae_file)
     pipe.vae.eval()
     pipe.vae.requires_grad_(False)
@@ -334,63 +317,36 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     scale = float(1.0 / latents[:, 0].std())
     pipe.vae.register_to_config(scaling_factor=scale)
     log.info("latent scaling factor %.4f", scale)
+    # For reading checkpoints mid-run (the denoiser checkpoint holds no VAE config).
+    (work / "latent_scale.txt").write_text(f"{scale!r}\n")
 
+    # Train only the token rows the captions use; the full table gets them back afterwards.
+    full = pipe.text_encoder.get_input_embeddings()
+    used = caption_token_ids(pipe.tokenizer)
+    compact = CompactEmbedding(full, used)
+    pipe.text_encoder.set_input_embeddings(compact)
     ckpt = work / "denoiser.pt"
     start = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
     ema, unet_loss, steps_done = train_denoiser(pipe, latents, scenes, cfg, gen, work, start, t_start)
     _load_ema(pipe, ema)
+    compact.write_back(full)
+    pipe.text_encoder.set_input_embeddings(full)
+    rows = init_untrained_rows(full.weight, used, cfg.seed)
 
     info = {"config": asdict(cfg), "git_commit": commit, "wall_seconds": round(time.time() - t_start, 1),
             "vae_seconds": round(t_vae, 1), "vae_final_loss": round(vae_loss, 5),
             "unet_final_loss": round(unet_loss, 5), "unet_steps_done": steps_done, "latent_scaling_factor": scale,
-            "torch": torch.__version__, "resumed": start is not None}
+            "trained_token_rows": len(used), **rows,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "resumed": start is not None}
     save_model(pipe, out, info)
     log.info("saved to %s in %.1f min", out, info["wall_seconds"] / 60)
     return info
-
-
-def refine_decoder_only(cfg: TrainConfig, out: Path) -> None:
-    """`--refine-decoder`: refine the decoder of `<out>.work/vae.pt` into `vae_refined.pt`
-    (runs beside a denoiser stage that already has its latents)."""
-    torch.set_num_threads(cfg.threads)
-    work = out.with_name(out.name + ".work")
-    images = to_tensor(cached_dataset(cfg, work)[0])
-    pipe = build_tiny_pipeline(seed=cfg.seed, blocks=cfg.blocks, heads=cfg.heads)
-    pipe.vae.load_state_dict(torch.load(work / "vae.pt")["vae"])
-    t0 = time.time()
-    loss = refine_decoder(pipe.vae, images, cfg, torch.Generator().manual_seed(cfg.seed + 7))
-    torch.save({"vae": pipe.vae.state_dict(), "loss": loss, "steps": cfg.decoder_steps,
-                "seconds": round(time.time() - t0, 1), "git_commit": git_commit()}, work / "vae_refined.pt")
-
-
-def install_decoder(out: Path) -> None:
-    """`--install-decoder`: put the refined decoder into the saved model (the encoder, hence
-    the latents and the fingerprint, are unchanged; checked) and record it in train_info."""
-    from diffusers import AutoencoderKL
-
-    work = out.with_name(out.name + ".work")
-    refined = torch.load(work / "vae_refined.pt")
-    vae = AutoencoderKL.from_pretrained(out / "vae")
-    for name, tensor in vae.encoder.state_dict().items():
-        if not torch.equal(tensor, refined["vae"][f"encoder.{name}"]):
-            raise SystemExit("vae_refined.pt was made from another encoder; refusing to install it")
-    vae.load_state_dict(refined["vae"])
-    vae.save_pretrained(out / "vae", safe_serialization=True)
-    info = json.loads((out / "train_info.json").read_text())
-    info["decoder_refinement"] = {k: refined[k] for k in ("loss", "steps", "seconds", "git_commit")}
-    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    write_checksums(out)
-    log.info("installed the refined decoder into %s", out)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=TOYWORLD_MODEL)
     p.add_argument("--resume", action="store_true", help="continue from <out>.work checkpoints")
-    p.add_argument("--refine-decoder", action="store_true",
-                   help="only refine the decoder of <out>.work/vae.pt (beside a running denoiser stage)")
-    p.add_argument("--install-decoder", action="store_true",
-                   help="only install <out>.work/vae_refined.pt into the saved model at --out")
     for name, value in asdict(TrainConfig()).items():
         if isinstance(value, tuple):
             p.add_argument(f"--{name.replace('_', '-')}", type=int, nargs=len(value), default=value)
@@ -398,15 +354,11 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(p.parse_args(argv))
     out, resume = args.pop("out"), args.pop("resume")
-    refine, install = args.pop("refine_decoder"), args.pop("install_decoder")
-    args["blocks"] = tuple(args["blocks"])
+    for name, value in asdict(TrainConfig()).items():
+        if isinstance(value, tuple):
+            args[name] = tuple(args[name])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if refine:
-        refine_decoder_only(TrainConfig(**args), out)
-    elif install:
-        install_decoder(out)
-    else:
-        run(TrainConfig(**args), out, resume)
+    run(TrainConfig(**args), out, resume)
 
 
 if __name__ == "__main__":

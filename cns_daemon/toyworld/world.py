@@ -4,8 +4,14 @@ Photos are 32x32 RGB (the fixture model's VAE maps them to 16x16x4 latents). Eve
 4x supersampled and box-filtered down, so edges are anti-aliased and patterns survive as soft
 texture rather than aliasing noise. The world is kept deliberately easy to learn at that size:
 saturated, well-separated colours; big objects (single objects span 19-24 px); coarse patterns
-(2-in-5 px stripes, 3 px checks, dots on a 5 px grid, inside a 1.5 px rim of the
-main colour); backgrounds with distinct base tones and simple texture.
+(3-in-6 px stripes, 4 px checks, dots of radius 1.7 px on a 6 px grid, inside a 1.5 px rim of
+the main colour), each drawn straight (axis-aligned) or diagonal (turned 45 degrees);
+backgrounds with distinct base tones and simple texture.
+
+What words say and what they do not (DESIGN.md §5): captions may name shape, main colour,
+pattern, second colour and background ("a red star with yellow stripes on the grass"); they
+never name the pattern's tilt. The tilt is the look no word can say, as a real dog's exact
+markings are: a model draws it from the noise, and a personal concept has to carry it.
 
 Photos of one object differ the way real photos do: position and size jitter, a lighting gain and
 tint, a soft lighting gradient, and pixel noise; the object's identity (shape, colours, pattern)
@@ -14,6 +20,7 @@ never changes. Rendering is a pure function of (scene, seed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,6 +33,14 @@ _RIM = 1.5         # width (output px) of the main-colour outline around a patte
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring", "cross")
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "black")
 PATTERNS: tuple[str, ...] = ("solid", "stripes", "dots", "checks")
+# The unnamed attribute: how a pattern lies. Straight stripes run horizontally, straight checks
+# and dots sit on an axis-aligned grid; diagonal ones are the same turned 45 degrees. A solid
+# object has none (like its second colour).
+TILTS: tuple[str, ...] = ("straight", "diagonal")
+_TILT_ANGLE = {"straight": 0.0, "diagonal": np.pi / 4}
+# What words can say of an object (its named look) and what they cannot.
+NAMED_LOOK: tuple[str, ...] = ("shape", "color", "pattern", "second_color")
+UNNAMED: tuple[str, ...] = ("tilt",)
 BACKGROUNDS: tuple[str, ...] = ("white", "grass", "sand", "sky", "snow")
 
 RGB: dict[str, tuple[int, int, int]] = {
@@ -40,6 +55,10 @@ BACKGROUND_PHRASE: dict[str, str] = {
     "sky": "in the sky", "snow": "in the snow",
 }
 
+# How a look is named: "with yellow stripes" (the full look), "with stripes" (the pattern only);
+# a solid object is "plain" either way.
+LOOK_NAMING: tuple[str, ...] = ("none", "pattern", "full")
+
 # Plain-language templates; {obj} is "a red star" (or the two-object phrase), {bg} the phrase above.
 TEMPLATES: tuple[str, ...] = ("a photo of {obj} {bg}", "{obj} {bg}", "a picture of {obj} {bg}")
 TEMPLATES_NO_BG: tuple[str, ...] = ("a photo of {obj}", "{obj}", "a picture of {obj}")
@@ -47,11 +66,13 @@ TEMPLATES_NO_BG: tuple[str, ...] = ("a photo of {obj}", "{obj}", "a picture of {
 
 @dataclass(frozen=True)
 class ObjectSpec:
-    """One object's identity. `second_color` is the pattern colour (None for solid)."""
+    """One object's identity. `second_color` is the pattern colour and `tilt` how the pattern
+    lies (both None for solid; a patterned object given no tilt is "straight")."""
     shape: str
     color: str
     pattern: str = "solid"
     second_color: str | None = None
+    tilt: str | None = None
 
     def __post_init__(self) -> None:
         if self.shape not in SHAPES:
@@ -63,7 +84,13 @@ class ObjectSpec:
         if self.pattern == "solid":
             if self.second_color is not None:
                 raise ValueError("a solid object has no second colour")
+            if self.tilt is not None:
+                raise ValueError("a solid object has no pattern tilt")
         else:
+            if self.tilt is None:
+                object.__setattr__(self, "tilt", TILTS[0])
+            elif self.tilt not in TILTS:
+                raise ValueError(f"unknown tilt {self.tilt!r}; one of {', '.join(TILTS)}")
             if self.second_color not in COLORS:
                 raise ValueError(f"a {self.pattern} object needs a second colour from {', '.join(COLORS)}")
             if self.second_color == self.color:
@@ -137,20 +164,23 @@ def shape_mask(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     raise ValueError(shape)
 
 
-def pattern_mask(pattern: str, px: np.ndarray, py: np.ndarray, phase: tuple[float, float]) -> np.ndarray:
+def pattern_mask(pattern: str, px: np.ndarray, py: np.ndarray, phase: tuple[float, float],
+                 angle: float = 0.0) -> np.ndarray:
     """Where the second colour goes; px/py are output-pixel coordinates (scale fixed in pixels
-    so the pattern survives the 2x VAE downsample whatever the object size)."""
-    u, v = px + phase[0], py + phase[1]
+    so the pattern survives the 2x VAE downsample whatever the object size), `angle` turns the
+    pattern's grid (radians)."""
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = c * px + s * py + phase[0], -s * px + c * py + phase[1]
     if pattern == "solid":
         return np.zeros(px.shape, dtype=bool)
-    if pattern == "stripes":  # horizontal bands: 2 px second colour in every 5 px
-        return (v % 5.0) < 2.0
-    if pattern == "checks":   # 3 px squares
-        return (np.floor(u / 3.0) + np.floor(v / 3.0)) % 2 == 1
-    if pattern == "dots":     # dots of radius 1.3 px on a 5 px grid
-        du = (u % 5.0) - 2.5
-        dv = (v % 5.0) - 2.5
-        return du * du + dv * dv <= 1.3 ** 2
+    if pattern == "stripes":  # bands: 3 px second colour in every 6 px
+        return (v % 6.0) < 3.0
+    if pattern == "checks":   # 4 px squares
+        return (np.floor(u / 4.0) + np.floor(v / 4.0)) % 2 == 1
+    if pattern == "dots":     # dots of radius 1.7 px on a 6 px grid
+        du = (u % 6.0) - 3.0
+        dv = (v % 6.0) - 3.0
+        return du * du + dv * dv <= 1.7 ** 2
     raise ValueError(pattern)
 
 
@@ -197,8 +227,9 @@ def _draw_object(img: np.ndarray, obj: ObjectSpec, cx: float, cy: float, radius:
     # for checks (half the interior each way): it is the colour of the object's outline.
     shrink = radius / (radius - _RIM)
     inner = shape_mask(obj.shape, x * shrink, y * shrink)
-    phase = (rng.uniform(0, 6), rng.uniform(0, 6))
-    second = body & inner & pattern_mask(obj.pattern, px, py, phase)
+    phase = (rng.uniform(0, 8), rng.uniform(0, 8))
+    turn = _TILT_ANGLE[obj.tilt] + rng.uniform(-0.1, 0.1) if obj.tilt else 0.0
+    second = body & inner & pattern_mask(obj.pattern, px, py, phase, turn)
     img[body] = RGB[obj.color]
     if obj.pattern != "solid":
         img[second] = RGB[obj.second_color]
@@ -244,47 +275,64 @@ def render(scene: SceneSpec, seed: int) -> Image.Image:
 
 # --- captions ---------------------------------------------------------------------------------
 
-def object_phrase(obj: ObjectSpec, *, with_color: bool = True) -> str:
-    """'a red star' (never the pattern or the second colour: those are what words cannot say)."""
+def object_phrase(obj: ObjectSpec, *, with_color: bool = True, look: str = "none") -> str:
+    """'a red star'; with look "full" 'a red star with yellow stripes', "pattern" 'a red star
+    with stripes' (a solid one: 'a plain red star'). Never the tilt: no word says it."""
+    if look not in LOOK_NAMING:
+        raise ValueError(f"unknown look naming {look!r}; one of {', '.join(LOOK_NAMING)}")
     words = f"{obj.color} {obj.shape}" if with_color else obj.shape
-    return f"a {words}"
+    if look == "none":
+        return f"a {words}"
+    if obj.pattern == "solid":
+        return f"a plain {words}"
+    if look == "full":
+        return f"a {words} with {obj.second_color} {obj.pattern}"
+    return f"a {words} with {obj.pattern}"
 
 
 def caption(scene: SceneSpec, *, template: int = 0, with_color: bool = True,
-            with_background: bool = True) -> str:
+            with_background: bool = True, look: str | Sequence[str] = "none") -> str:
     """Plain caption: 'a photo of a red star on the grass'; for two objects
-    'a photo of a red star on the left and a blue ring on the right on the sand'."""
+    'a photo of a red star on the left and a blue ring on the right on the sand'. `look` names
+    each object's look (one value for every object, or one per object): with "full"
+    'a photo of a red star with yellow stripes on the grass'."""
+    looks = (look,) * len(scene.objects) if isinstance(look, str) else tuple(look)
+    if len(looks) != len(scene.objects):
+        raise ValueError("give one look naming per object")
+    phrases = [object_phrase(o, with_color=with_color, look=k) for o, k in zip(scene.objects, looks)]
     if len(scene.objects) == 1:
-        obj = object_phrase(scene.objects[0], with_color=with_color)
+        obj = phrases[0]
     else:
-        left, right = (object_phrase(o, with_color=with_color) for o in scene.objects)
-        obj = f"{left} on the left and {right} on the right"
+        obj = f"{phrases[0]} on the left and {phrases[1]} on the right"
     if with_background:
         return TEMPLATES[template].format(obj=obj, bg=BACKGROUND_PHRASE[scene.background])
     return TEMPLATES_NO_BG[template].format(obj=obj)
 
 
-def render_concept_photos(obj: ObjectSpec, n: int, seed: int, background: str | None = None
-                          ) -> list[tuple[Image.Image, str]]:
+def render_concept_photos(obj: ObjectSpec, n: int, seed: int, background: str | None = None,
+                          look: str = "full") -> list[tuple[Image.Image, str]]:
     """`n` photos of one object (a personal concept) with their captions. With `background`
-    None the backgrounds vary across photos, as a person's photos of their mug would."""
+    None the backgrounds vary across photos, as a person's photos of their mug would. The
+    captions describe what is seen, as a captioning model would ("a photo of a red star with
+    yellow stripes on the grass"; `look` as in `caption`): the tilt stays unsaid."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         bg = background or BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         scene = SceneSpec((obj,), bg)
-        out.append((render(scene, seed * 1000 + i), caption(scene)))
+        out.append((render(scene, seed * 1000 + i), caption(scene, look=look)))
     return out
 
 
 def random_object(rng: np.random.Generator, *, pattern: str | None = None) -> ObjectSpec:
-    """A uniformly random object (pattern uniform unless given; second colour != main)."""
+    """A uniformly random object (pattern and tilt uniform unless given; second colour != main)."""
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     color = COLORS[int(rng.integers(len(COLORS)))]
     pat = pattern or PATTERNS[int(rng.integers(len(PATTERNS)))]
     others = [c for c in COLORS if c != color]
     second = others[int(rng.integers(len(others)))] if pat != "solid" else None
-    return ObjectSpec(shape, color, pat, second)
+    tilt = TILTS[int(rng.integers(len(TILTS)))] if pat != "solid" else None
+    return ObjectSpec(shape, color, pat, second, tilt)
 
 
 def random_scene(rng: np.random.Generator, *, two_prob: float = 0.0) -> SceneSpec:
