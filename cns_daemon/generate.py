@@ -26,7 +26,7 @@ import torch
 from cns_daemon.errors import BadInput
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
-from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, expand
+from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, expand, referenced_names
 from store.records import ConceptRecord
 
 METHOD_ORDER = ("cns", "cones", "cones2")
@@ -103,6 +103,11 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
         raise BadInput(f"n must be between 1 and {MAX_IMAGES}, not {n}.")
     if steps < 1:
         raise BadInput(f"steps must be at least 1, not {steps}.")
+    if negative_prompt and referenced_names(negative_prompt):
+        # A concept in the negative branch would need its weights, mask or residual applied to
+        # the unconditional pass alone; rather than pass "<rex>" through as text, say so.
+        raise BadInput("Concept names (<name>) cannot be used in the negative prompt.",
+                       "Describe what to avoid in plain words, or leave the concept out.")
     expanded = expand(prompt, {k: r.meta for k, r in records_by_name.items()}, pipe.tokenizer)
     layout = check_boxes(boxes, expanded)
     h, w = _size(pipe, height, width)

@@ -5,6 +5,12 @@ Each reference is expanded per method (CNS and Cones: "<token> <class>", Cones 2
 residual going to that class word), and we record which positions of the tokenized prompt belong
 to which concept: Cones 2 adds its residual there and layout guidance biases attention there.
 
+A reference reads as a noun phrase, as the concept's training captions put it ("a photo of a
+<token> <class>"): unless a determiner already stands before it ("the <rex>", "my <rex>",
+"two <rex>", "anna's <rex>") or it is glued to other text, it gets the article, so
+"a photo of <rex>" is "a photo of a sks dog" — exactly the caption the concept learned from,
+and the class prompt of its prior ("a photo of a dog") with the token added.
+
 Positions are computed by tokenizing the expanded prompt in segments. CLIP's tokenizer splits
 text into pre-tokens that never cross whitespace, and we put spaces around every expansion, so
 the segment-wise token ids equal the whole prompt's ids; `expand` checks that they do.
@@ -68,6 +74,28 @@ def expansion(meta: ConceptMeta) -> tuple[str, str]:
     return meta.token, meta.class_word
 
 
+# Words after which a reference needs no article of its own.
+DETERMINERS = frozenset(
+    "a an the my your our his her its their this that these those one two three four five some "
+    "any each every no another either neither both all several many few which whose".split())
+_LAST_WORD = re.compile(r"([A-Za-z']+)\s+$")
+
+
+def _needs_article(before: str) -> bool:
+    """Whether a reference after `before` (the prompt text up to it) gets "a"/"an"."""
+    if before and not before[-1].isspace():
+        return before[-1] in "([{,;:"      # glued to a word: leave it as written
+    last = _LAST_WORD.search(before)
+    if last is None:
+        return True
+    word = last.group(1).lower()
+    return word not in DETERMINERS and not word.endswith(("'s", "s'"))
+
+
+def _article(first_word: str) -> str:
+    return "an" if first_word[:1].lower() in "aeiou" else "a"
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     text = text.strip()
     return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
@@ -98,6 +126,10 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
         prefix_ids, word_ids = _ids(tokenizer, prefix), _ids(tokenizer, word)
         if not word_ids:
             raise Internal(f"Concept {meta.name!r} has an empty class word.")
+        if _needs_article(prompt[:match.start()]):
+            article = _article(prefix or word)
+            ids += _ids(tokenizer, article)
+            pieces.append(f" {article}")
         start = len(ids)
         ids += prefix_ids + word_ids
         pieces.append(f" {prefix} {word} " if prefix else f" {word} ")

@@ -144,6 +144,9 @@ def test_bad_requests_fail_before_anything_is_applied(tiny_pipe):
         generate(tiny_pipe, "a dog", {}, height=33)
     with pytest.raises(BadInput):
         generate(tiny_pipe, "a dog", {}, n=0)
+    # "<rex>" in the negative prompt is refused, not passed to the encoder as raw text
+    with pytest.raises(BadInput, match="negative prompt"):
+        generate(tiny_pipe, "<pot> alone", recs, negative_prompt="blurry, <rex>")
     _assert_same(tiny_pipe, snap)
 
 

@@ -171,7 +171,7 @@ def test_concept_loss_is_deterministic_per_step(tiny_pipe):
 def test_class_images_are_cached_per_class(tiny_pipe, tmp_path):
     events = []
     imgs = C.class_images(tiny_pipe, "star", 2, size=32, steps=2, cache_dir=tmp_path,
-                          progress=events.append)
+                          drawn_by="base-0123", progress=events.append)
     assert imgs.shape == (2, 3, 32, 32)
     assert events[-1].phase == "class-images" and events[-1].step == 2
     files = sorted((tmp_path / "class-images" / "star").rglob("*.png"))
@@ -184,8 +184,48 @@ def test_class_images_are_cached_per_class(tiny_pipe, tmp_path):
         def __call__(self, *a, **k):
             raise AssertionError("generated although cached")
 
-    again = C.class_images(Exploding(), "star", 2, size=32, steps=2, cache_dir=tmp_path)
+    again = C.class_images(Exploding(), "star", 2, size=32, steps=2, cache_dir=tmp_path,
+                           drawn_by="base-0123")
     assert torch.equal(imgs, again)
+    # Other weights (e.g. the live model with CNS concepts, which Cones draws with) never get
+    # the base model's cached pictures: they are drawn again, into a folder of their own.
+    with pytest.raises(AssertionError, match="generated although cached"):
+        C.class_images(Exploding(), "star", 2, size=32, steps=2, cache_dir=tmp_path, drawn_by="live-4567")
+    with pytest.raises(ValueError):
+        C.class_images(tiny_pipe, "star", 1, size=32, steps=2, cache_dir=tmp_path, drawn_by="")
+
+
+def test_cns_and_cones_key_their_class_images_by_the_weights_that_drew_them(tiny_pipe, tmp_path, monkeypatch):
+    """CNS draws class images with the base weights, Cones with the live ones: with a CNS
+    concept live the two get different cache folders; without one, the same."""
+    from cns_daemon.methods import cns, cones
+    from cns_daemon.methods.cns_layers import stack_for
+    from cns_daemon.model import fingerprint
+
+    seen = []
+    monkeypatch.setattr(C, "class_images", lambda *a, drawn_by, **k: seen.append(drawn_by) or
+                        torch.zeros(1, 3, 32, 32))
+    monkeypatch.setattr(C, "encode_pixels", lambda pipe, px: torch.zeros(len(px), 4, 16, 16))
+    stack = stack_for(tiny_pipe)
+    assert fingerprint(tiny_pipe) == stack.base_fingerprint   # nothing live yet
+    with torch.no_grad():
+        w = next(iter(stack.params.values()))
+        w.view(-1)[0] += 1.0                                    # as a live CNS concept would
+    try:
+        live = fingerprint(tiny_pipe)
+        from cns_daemon.methods.base import LearnSpec
+        photos = [tmp_path / f"{i}.png" for i in range(2)]
+        from PIL import Image
+        for p in photos:
+            Image.new("RGB", (32, 32), (200, 10, 10)).save(p)
+        spec = LearnSpec("x", "star", steps=1, cache_dir=tmp_path)
+        cns.prepare(tiny_pipe, photos, spec, cns.CNSParams(prior_images=1, variants=1), None, None)
+        cones.implanting_loss(tiny_pipe, photos, "tok", "star", cones.ConesParams(prior_images=1, variants=1),
+                              seed=0, captions=None, cache_dir=tmp_path, progress=None, cancel=None)
+    finally:
+        with torch.no_grad():
+            w.view(-1)[0] -= 1.0
+    assert seen == [stack.base_fingerprint, live] and live != stack.base_fingerprint
 
 
 def test_run_steps_reports_progress_and_cancels():

@@ -29,9 +29,30 @@ def _words(tok, ids):
 
 def test_expansion_per_method(tok, metas):
     e = expand("a photo of <rex>, <mug> and <pot> on the beach", metas, tok)
-    assert e.text == "a photo of sks dog , ohwx mug and teapot on the beach"
+    assert e.text == "a photo of a sks dog , an ohwx mug and a teapot on the beach"
     assert e.names == ["rex", "mug", "pot"]
     assert list(e.token_ids) == list(tok(e.text).input_ids)
+
+
+def test_a_reference_reads_as_its_training_caption(tok, metas):
+    """"a photo of <rex>" is exactly the template caption the concept learned from, and the
+    class prompt of its prior with the token added; a determiner already there is kept."""
+    from cns_daemon.methods.common.prior import prior_prompt
+    from cns_daemon.methods.data import template_caption
+
+    assert expand("a photo of <rex>", metas, tok).text == template_caption(0, "sks", "dog")
+    assert expand("a photo of <pot>", metas, tok).text == prior_prompt("teapot")
+    for prompt, text in (("the <rex> on the sofa", "the sks dog on the sofa"),
+                         ("my <rex> and two <mug>", "my sks dog and two ohwx mug"),
+                         ("anna's <rex>", "anna's sks dog"),
+                         ("<rex> running", "a sks dog running"),
+                         ("(<mug>)", "( an ohwx mug )")):
+        e = expand(prompt, metas, tok)
+        assert e.text == text, prompt
+        assert list(e.token_ids) == list(tok(e.text).input_ids)
+    # the article is not part of the concept's positions (guidance and residuals use those)
+    e = expand("a photo of <rex>", metas, tok)
+    assert [_words(tok, e.token_ids)[p] for p in e.positions("rex")] == ["sks", "dog"]
 
 
 def test_positions_point_at_the_expanded_tokens(tok, metas):

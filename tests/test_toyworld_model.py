@@ -1,5 +1,8 @@
-"""The shipped toy-world fixture model: loads offline, fingerprints stably, and draws what it is
-asked for (read by the probe) far more often than chance."""
+"""The shipped toy-world fixture model: loads offline, fingerprints stably, is shaped like SD where
+the methods care (a wide text encoder, several heads, cross-attention at every resolution, rare
+tokens at the scale of words), and draws what it is asked for (read by the probe) far more often
+than chance: shape, colour and background from plain prompts, pattern and second colour when
+the prompt names them, and a spread of patterns and tilts when it does not."""
 from __future__ import annotations
 
 import hashlib
@@ -12,9 +15,11 @@ import torch
 from cns_daemon.model import TOYWORLD_MODEL, fingerprint, kv_weights, load_pipeline
 from cns_daemon.toyworld.fidelity import generate_batch
 from cns_daemon.toyworld.probe import Probe
+from cns_daemon.toyworld.fidelity import attribute_distribution, look_fidelity, named_look_cases
+from cns_daemon.toyworld.vocab import caption_token_ids
 from cns_daemon.toyworld.world import COLORS, SHAPES, ObjectSpec, SceneSpec, caption
 
-MAX_BYTES = 25_000_000
+MAX_BYTES = 40_000_000
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +53,30 @@ def test_fixture_loads_offline_with_the_sd_architecture(toy_pipe, monkeypatch):
     assert isinstance(toy_pipe.scheduler, DDIMScheduler)
     assert len(toy_pipe.tokenizer) == 49408
     kv = kv_weights(toy_pipe.unet)
-    # cross-attention at two resolutions (down, mid, up), keys and values
     assert any(".to_k." in k for k in kv) and any(".to_v." in k for k in kv)
-    assert {k.split(".")[0] for k in kv} >= {"down_blocks", "up_blocks"}
+    # cross-attention at every resolution, as in SD: every down and up block, and the mid block
+    unet = toy_pipe.unet
+    for block in (*unet.down_blocks, *unet.up_blocks, unet.mid_block):
+        assert getattr(block, "attentions", None), type(block).__name__
+    assert len(unet.down_blocks) >= 2
+    # a text encoder wide enough for Eq. 3 to see prompt-specific columns, several heads
+    assert toy_pipe.text_encoder.config.hidden_size >= 128
+    assert unet.config.cross_attention_dim == toy_pipe.text_encoder.config.hidden_size
+    heads = [block.attentions[0].transformer_blocks[0].attn2.heads for block in unet.down_blocks]
+    assert max(heads) >= 4, heads
+
+
+def test_rare_tokens_start_where_words_live(toy_pipe):
+    """Rows the world's captions never used (every rare concept token) have the scale of the
+    trained word rows, not of a fresh initialisation."""
+    from cns_daemon.methods.common import rare_tokens, token_id
+
+    weight = toy_pipe.text_encoder.get_input_embeddings().weight.detach()
+    used = caption_token_ids(toy_pipe.tokenizer)
+    words = weight[used].norm(dim=1).mean()
+    rare = torch.stack([weight[token_id(toy_pipe.tokenizer, t)] for t in rare_tokens(toy_pipe.tokenizer)[:20]])
+    ratio = float(rare.norm(dim=1).mean() / words)
+    assert 0.7 < ratio < 1.4, ratio
 
 
 def test_fingerprint_is_stable_across_loads(toy_pipe):
@@ -86,3 +112,27 @@ def test_plain_prompts_get_colour_and_background_well_above_chance(reads):
 
 def test_plain_prompts_get_the_shape_right_far_above_chance(reads):
     assert _accuracy(reads, "shape") >= 0.6, _accuracy(reads, "shape")            # chance 1/6
+
+
+@pytest.fixture(scope="module")
+def named(toy_pipe):
+    cases = named_look_cases(18, seed=5)
+    images = generate_batch(toy_pipe, [c.prompt for c in cases], [c.seed for c in cases], steps=12)
+    return look_fidelity(Probe.load(), images, [c.scene for c in cases])
+
+
+def test_named_prompts_draw_pattern_and_second_colour_well_above_chance(named):
+    """"a photo of a red star with yellow stripes": the text pathway to the look exists."""
+    assert named.per_attribute["pattern"] >= 0.6, named.per_attribute            # chance 1/4
+    assert named.per_attribute["second_color"] >= 0.5, named.per_attribute       # chance 1/9
+
+
+def test_plain_prompts_leave_pattern_and_tilt_to_the_noise(toy_pipe):
+    """"a photo of a red star" names no look: several patterns and both tilts come out."""
+    images = generate_batch(toy_pipe, ["a photo of a red star"] * 24, list(range(24)), steps=12)
+    probe = Probe.load()
+    patterns = attribute_distribution(probe, images, "pattern")
+    assert sum(v >= 0.1 for v in patterns.values()) >= 2, patterns
+    assert max(patterns.values()) <= 0.75, patterns
+    tilts = attribute_distribution(probe, images, "tilt")
+    assert len(tilts) == 2 and min(tilts.values()) >= 0.1, tilts

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from cns_daemon.toyworld.probe import PROBE_DIR, Probe
 from cns_daemon.toyworld.probe_train import EVAL_SEED_BASE
-from cns_daemon.toyworld.world import ObjectSpec, SceneSpec, random_scene, render
+from cns_daemon.toyworld.world import (BACKGROUNDS, SHAPES, TILTS, ObjectSpec, SceneSpec, random_scene,
+                                       render)
 
 FLOOR = 0.9  # per attribute, on a small sample (the bench reports the full figure, goal >= 0.95)
 
@@ -29,7 +30,7 @@ def _fresh(n: int, two: bool, seed: int) -> list[SceneSpec]:
 def test_probe_reads_fresh_single_object_renders(probe):
     scenes = _fresh(160, False, seed=4242)
     reads = probe.read([render(s, EVAL_SEED_BASE + 77_000 + i) for i, s in enumerate(scenes)])
-    for attr in ("shape", "color", "pattern", "second_color", "background"):
+    for attr in ("shape", "color", "pattern", "second_color", "tilt", "background"):
         truth = [s.background if attr == "background" else getattr(s.objects[0], attr) for s in scenes]
         acc = np.mean([getattr(r, attr) == t for r, t in zip(reads, truth)])
         assert acc >= FLOOR, (attr, acc)
@@ -65,7 +66,23 @@ def test_probe_accepts_arrays_and_other_sizes(probe):
 def test_probe_ships_small_with_its_labels():
     assert (PROBE_DIR / "probe.safetensors").stat().st_size < 3_000_000
     meta = json.loads((PROBE_DIR / "labels.json").read_text())
-    assert set(meta["heads"]) == {"shape", "color", "pattern", "second_color", "background"}
+    assert set(meta["heads"]) == {"shape", "color", "pattern", "second_color", "tilt", "background"}
+
+
+def test_probe_tells_the_tilt_no_caption_names(probe):
+    """The same objects, straight and diagonal: the probe reads which (the unnamed attribute)."""
+    rng = np.random.default_rng(9)
+    hits = []
+    for i in range(40):
+        o = ObjectSpec(SHAPES[i % 6], "red", ("stripes", "dots", "checks")[i % 3], "yellow")
+        for tilt in TILTS:
+            obj = ObjectSpec(o.shape, o.color, o.pattern, o.second_color, tilt)
+            read = probe.read([render(SceneSpec((obj,), BACKGROUNDS[int(rng.integers(5))]),
+                                      EVAL_SEED_BASE + 79_000 + i)])[0]
+            hits.append(read.tilt == tilt)
+    assert np.mean(hits) >= FLOOR, np.mean(hits)
+    solid = probe.read([render(SceneSpec((ObjectSpec("star", "blue"),), "white"), 3)])[0]
+    assert (solid.pattern, solid.second_color, solid.tilt) == ("solid", None, None)
 
 
 def test_cli_probe_json(tmp_path):

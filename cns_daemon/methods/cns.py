@@ -190,7 +190,7 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
     if hp.lambda_prior > 0 and hp.prior_images > 0:
         with stack.base_weights():  # "made by the base model", not by earlier concepts
             pixels = C.class_images(pipe, spec.class_word, hp.prior_images, size=size,
-                                    steps=hp.prior_steps, seed=spec.seed,
+                                    drawn_by=stack.base_fingerprint, steps=hp.prior_steps, seed=spec.seed,
                                     cache_dir=spec.cache_dir, progress=progress, cancel=cancel)
         prior = C.encode_pixels(pipe, pixels)
     return Prepared(token, photo_set, latents, prior)

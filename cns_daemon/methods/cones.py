@@ -32,6 +32,7 @@ from cns_daemon.errors import BadInput
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
 from cns_daemon.methods.data import prepare_photos, resolution
+from cns_daemon.model import fingerprint
 from store.records import ConceptMeta, ConceptRecord, Overlap
 
 LossFn = Callable[[int], torch.Tensor]
@@ -179,8 +180,10 @@ def implanting_loss(pipe, photos: list[Path], token: str, class_word: str, hp: C
         0, photo_set.pixels.shape[:2])
     prior = None
     if hp.lambda_prior > 0 and hp.prior_images > 0:
+        # Drawn by the live weights (CNS concepts included): keyed by exactly those.
         pixels = C.class_images(pipe, class_word, hp.prior_images, size=size, steps=hp.prior_steps,
-                                seed=seed, cache_dir=cache_dir, progress=progress, cancel=cancel)
+                                drawn_by=fingerprint(pipe), seed=seed, cache_dir=cache_dir,
+                                progress=progress, cancel=cancel)
         prior = C.encode_pixels(pipe, pixels)
     loss = C.ConceptLoss(pipe, latents, photo_set.captions, prior_latents=prior,
                          prior_prompt=C.prior_prompt(class_word), lambda_prior=hp.lambda_prior,

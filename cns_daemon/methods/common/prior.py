@@ -1,9 +1,11 @@
 """Prior-preservation class images: what the base model draws for "a photo of a <class>".
 
 They are made once per class word and cached as PNGs under `cache_dir/class-images/<class>/`,
-in a sub-folder named by the settings that made them (count is not part of it: asking for more
-images later adds to the same folder). The cache folder must belong to one base model; the
-daemon keeps it beside that model's store.
+in a sub-folder named by the weights that drew them (`drawn_by`, a model fingerprint) and the
+settings that made them (count is not part of it: asking for more images later adds to the same
+folder). The weights matter: CNS draws its class images with the base weights, Cones with the
+live ones, which carry the CNS concepts learned so far; one folder for both would let a Cones
+learn fill the "base model" cache with a changed model's pictures.
 """
 from __future__ import annotations
 
@@ -28,19 +30,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "class"
 
 
-def _folder(cache_dir: Path, class_word: str, size: int, steps: int, guidance: float,
-            seed: int) -> Path:
+def _folder(cache_dir: Path, class_word: str, drawn_by: str, size: int, steps: int,
+            guidance: float, seed: int) -> Path:
     return (Path(cache_dir) / "class-images" / _slug(class_word)
-            / f"s{size}-n{steps}-g{guidance:g}-seed{seed}")
+            / f"w{_slug(drawn_by)[:16]}-s{size}-n{steps}-g{guidance:g}-seed{seed}")
 
 
-def class_images(pipe, class_word: str, n: int, *, size: int, steps: int = 20,
+def class_images(pipe, class_word: str, n: int, *, size: int, drawn_by: str, steps: int = 20,
                  guidance: float = 7.5, seed: int = 0, cache_dir: Path | None = None,
                  progress: ProgressFn | None = None, cancel: CancelToken | None = None,
                  batch: int = 4) -> torch.Tensor:
     """`n` class images as (n, 3, size, size) in [-1, 1]; image i is always made with seed+i,
-    so a cached set and a fresh one are the same pictures."""
-    folder = _folder(cache_dir, class_word, size, steps, guidance, seed) if cache_dir else None
+    so a cached set and a fresh one are the same pictures. `drawn_by` names the weights the
+    pipeline holds now (a fingerprint): the cache never hands out another model's images."""
+    if not drawn_by:
+        raise ValueError("class_images needs the fingerprint of the weights that draw them")
+    folder = (_folder(cache_dir, class_word, drawn_by, size, steps, guidance, seed)
+              if cache_dir else None)
     images: dict[int, Image.Image] = {}
     if folder is not None and folder.is_dir():
         for i in range(n):
