@@ -11,9 +11,12 @@ after another through its public interface (`learn`; CNS and the baselines keep 
 live, Cones and Cones 2 are applied per request by the generation routine). Figures, all in [0, 1]
 unless noted, each from fixed seeds:
 
-- fidelity: "a photo of <ci>" right after ci was learned: the probe reads ci's shape, pattern and
-  second colour (the look no word says). `fidelity_final`: the same after all six were learned.
-  `base_fidelity`: the base model's rate for "a photo of a <class>" (chance of that look).
+- fidelity: "a photo of <ci>" right after ci was learned: the probe reads ci's named look (shape,
+  colour, pattern and second colour: words could say them, but the concepts learn from
+  template captions that do not). `unnamed`: on the same images, ci's tilt (the look no word
+  says; chance 1/2 of the patterned images). `fidelity_final` / `unnamed_final`: the same after
+  all six were learned. `base_fidelity` / `base_unnamed`: the base model's rates for "a photo
+  of a <class>" (chance of that look).
 - forgetting: c1's fidelity right after it was learned minus after all six (a drop; > 0 = forgot).
 - prompt fidelity: "a photo of <ci> on the grass" (a background per concept) after all six: the
   background the prompt asks for is honoured.
@@ -77,6 +80,8 @@ class MethodResult:
     method: str
     fidelity: list[float] = field(default_factory=list)        # per concept, right after learning
     fidelity_final: list[float] = field(default_factory=list)  # per concept, after all
+    unnamed: list[float] = field(default_factory=list)         # the tilt, right after learning
+    unnamed_final: list[float] = field(default_factory=list)
     prompt_fidelity: list[float] = field(default_factory=list)
     prior_after: float = 0.0
     prior_two_after: float = 0.0
@@ -96,6 +101,7 @@ class MethodResult:
 @dataclass
 class BaseResult:
     fidelity: list[float]     # per concept: "a photo of a <class>" on the base model
+    unnamed: list[float]      # per concept: its tilt in those images
     prior: float              # plain-prompt fidelity on the base model
     prior_two: float          # the same for plain two-object prompts (per half)
 
@@ -196,9 +202,10 @@ def measure_prior(pipe, judge: Judge, cfg: QualityConfig) -> tuple[float, float]
 def measure_base(cfg: QualityConfig, concepts: list[Concept], judge: Judge) -> BaseResult:
     pipe = load_model(cfg)
     gen = Generator(pipe, cfg)
-    fid = [judge.concept_rate(gen(class_prompt(c), {}, cfg.generations, _cell_seed(2, i)), c.obj)
-           for i, c in enumerate(concepts)]
-    return BaseResult(fid, *measure_prior(pipe, judge, cfg))
+    images = [gen(class_prompt(c), {}, cfg.generations, _cell_seed(2, i)) for i, c in enumerate(concepts)]
+    return BaseResult([judge.concept_rate(im, c.obj) for im, c in zip(images, concepts)],
+                      [judge.unnamed_rate(im, c.obj) for im, c in zip(images, concepts)],
+                      *measure_prior(pipe, judge, cfg))
 
 
 def run_method(name: str, cfg: QualityConfig, concepts: list[Concept], judge: Judge,
@@ -230,11 +237,13 @@ def run_method(name: str, cfg: QualityConfig, concepts: list[Concept], judge: Ju
             records[c.name] = record
             store.put(record)
             result.stored_bytes.append(store.size_of(c.name))
-            result.fidelity.append(judge.concept_rate(
-                gen(concept_prompt(c), records, n, _cell_seed(3, i)), c.obj))
+            images = gen(concept_prompt(c), records, n, _cell_seed(3, i))
+            result.fidelity.append(judge.concept_rate(images, c.obj))
+            result.unnamed.append(judge.unnamed_rate(images, c.obj))
     for i, c in enumerate(concepts):
-        result.fidelity_final.append(judge.concept_rate(
-            gen(concept_prompt(c), records, n, _cell_seed(3, i)), c.obj))
+        images = gen(concept_prompt(c), records, n, _cell_seed(3, i))
+        result.fidelity_final.append(judge.concept_rate(images, c.obj))
+        result.unnamed_final.append(judge.unnamed_rate(images, c.obj))
         bg = prompt_background(i)
         result.prompt_fidelity.append(judge.background_rate(
             gen(concept_prompt(c, bg), records, n, _cell_seed(4, i)), bg))
@@ -287,7 +296,7 @@ def run(cfg: QualityConfig, judge: Judge | None = None, log=print) -> dict:
 
 def _describe(c: Concept) -> str:
     o = c.obj
-    return f"{c.name}: {o.pattern} {o.second_color}-on-{o.color} {o.shape}"
+    return f"{c.name}: {o.tilt} {o.pattern} {o.second_color}-on-{o.color} {o.shape}"
 
 
 def _forgetting(r: MethodResult) -> float | None:
@@ -301,12 +310,14 @@ def _mean(xs) -> float | None:
 
 def summary(result: dict) -> dict:
     base = result["base"]
-    out: dict = {"base_fidelity": _mean(base["fidelity"]), "prior_before": base["prior"],
-                 "prior_two_before": base["prior_two"]}
+    out: dict = {"base_fidelity": _mean(base["fidelity"]), "base_unnamed": _mean(base["unnamed"]),
+                 "prior_before": base["prior"], "prior_two_before": base["prior_two"]}
     for m, r in result["methods"].items():
         ok = r["error"] is None
         out[f"{m}_fidelity"] = _mean(r["fidelity"]) if ok else None
         out[f"{m}_fidelity_final"] = _mean(r["fidelity_final"]) if ok else None
+        out[f"{m}_unnamed"] = _mean(r["unnamed"]) if ok else None
+        out[f"{m}_unnamed_final"] = _mean(r["unnamed_final"]) if ok else None
         out[f"{m}_forgetting"] = r["forgetting"] if ok else None
         out[f"{m}_prior_drop"] = base["prior"] - r["prior_after"] if ok else None
         out[f"{m}_prior_drop_two"] = base["prior_two"] - r["prior_two_after"] if ok else None
@@ -334,9 +345,10 @@ def print_table(result: dict) -> None:
     print(f"Toy-world quality: {cfg['concepts']} concepts x {cfg['photos']} photos, "
           f"{cfg['generations']} generations per cell, {cfg['gen_steps']} DDIM steps, seed {cfg['seed']}")
     print("Concepts: " + "; ".join(result["concepts"]))
-    print(f"Base model: fidelity (class prompt) {s['base_fidelity']:.3f}, plain prompts "
+    print(f"Base model: fidelity (class prompt) {s['base_fidelity']:.3f}, tilt {s['base_unnamed']:.3f}, plain prompts "
           f"{s['prior_before']:.3f}, two-object plain prompts {s['prior_two_before']:.3f}")
     cols = [("fidelity", "fidelity"), ("final", "fidelity_final"), ("forget", "forgetting"),
+            ("tilt", "unnamed"), ("tilt_fin", "unnamed_final"),
             ("prompt", "prompt_fidelity"), ("prior_drop", "prior_drop"),
             ("prior2_drop", "prior_drop_two"),
             ("place_g", "placement_guided"), ("place_u", "placement_unguided"),

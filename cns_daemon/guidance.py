@@ -6,8 +6,11 @@ batch only, the attention logits S = QKᵀ·scale get a bias before the softmax:
     S' = S + η(t) · M,      η(t) = w · log(1 + σ_t²) · std(S),      σ_t² = (1 − ᾱ_t) / ᾱ_t
 
 M has one row per image position of the layer and one column per text token. For a concept with
-a box, its token columns hold γ⁺ (default 2.5) at positions inside its box and γ⁻ at positions
-inside other concepts' boxes (its own box wins where boxes overlap); everything else is 0.
+a box, its token columns hold γ⁺ (default 2.5) at positions inside its box and γ⁻ where it must
+not be: with `suppress = "others"` inside the other concepts' boxes only (its own box wins where
+boxes overlap; everything else is 0), with `suppress = "outside"` everywhere outside its own box,
+as the public Cones 2 code does (there with a weight of −1e8). Which is the default is measured
+on the toy world (docs/tuning.md, "Layout guidance").
 
 Choices the paper leaves open, fixed here:
 - γ⁻ = −1e4. With η(t) around 0.1–3 for SD-like logits, η·γ⁻ is −1e3…−3e4: the concept gets no
@@ -44,6 +47,7 @@ from cns_daemon.prompts import ExpandedPrompt, Layout
 
 GAMMA_POS = 2.5
 GAMMA_NEG = -1e4
+SUPPRESS = ("others", "outside")
 
 
 @dataclass
@@ -52,6 +56,7 @@ class GuidanceConfig:
     steps: int | None = None       # guide the first N steps; None = every step
     gamma_pos: float = GAMMA_POS
     gamma_neg: float = GAMMA_NEG
+    suppress: str = "others"       # where γ⁻ goes: other concepts' boxes | everywhere outside its own
     std_rows: int = 256            # image positions sampled for std(QKᵀ)
 
     def __post_init__(self):
@@ -61,6 +66,8 @@ class GuidanceConfig:
             raise BadInput(f"Guidance steps must be >= 0, not {self.steps}.")
         if self.std_rows < 1:
             raise BadInput(f"std_rows must be >= 1, not {self.std_rows}.")
+        if self.suppress not in SUPPRESS:
+            raise BadInput(f"Guidance suppress must be one of {', '.join(SUPPRESS)}, not {self.suppress!r}.")
 
 
 @dataclass
@@ -132,10 +139,13 @@ class LayoutBias:
         cells = {b.name: box_cells(b, h, w).flatten() for b in self.layout.boxes}
         m = torch.zeros(h * w, self.n_tokens)
         for name, inside in cells.items():
-            others = torch.zeros(h * w, dtype=torch.bool)
-            for other, o_inside in cells.items():
-                if other != name:
-                    others |= o_inside
+            if self.config.suppress == "outside":
+                others = ~inside
+            else:
+                others = torch.zeros(h * w, dtype=torch.bool)
+                for other, o_inside in cells.items():
+                    if other != name:
+                        others |= o_inside
             column = torch.zeros(h * w)
             column[others] = self.config.gamma_neg
             column[inside] = self.config.gamma_pos   # own box wins over others'

@@ -6,17 +6,11 @@ residual going to that class word), and we record which positions of the tokeniz
 to which concept: Cones 2 adds its residual there and layout guidance biases attention there.
 
 A reference reads as a noun phrase, as the concept's training captions put it ("a photo of a
-<token> <class>"): unless a determiner already stands before it ("the <rex>", "my <rex>",
-"two <rex>", "anna's <rex>") or it is glued to other text, it gets the article, so
-"a photo of <rex>" is "a photo of a sks dog" — exactly the caption the concept learned from,
-and the class prompt of its prior ("a photo of a dog") with the token added.
-
-Positions are computed by tokenizing the expanded prompt in segments. CLIP's tokenizer splits
-text into pre-tokens that never cross whitespace, and we put spaces around every expansion, so
-the segment-wise token ids equal the whole prompt's ids; `expand` checks that they do.
-
-Boxes are `name=x0,y0,x1,y1` in image fractions, x to the right and y downwards from the
-top-left corner, with 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1.
+<token> <class>"): where it stands alone — at the start, after punctuation, or after a
+preposition or conjunction ("a photo of <rex>", "<rex> and <mug>", "next to <rex>") — it gets the
+article, so "a photo of <rex>" is "a photo of a sks dog", exactly the caption the concept
+learned from and its prior's class prompt ("a photo of a dog") with the token added. Anywhere
+else it is left as written ("the <rex>", "my <rex>", "a red <rex>", "anna's <rex>").
 """
 from __future__ import annotations
 
@@ -74,22 +68,25 @@ def expansion(meta: ConceptMeta) -> tuple[str, str]:
     return meta.token, meta.class_word
 
 
-# Words after which a reference needs no article of its own.
-DETERMINERS = frozenset(
-    "a an the my your our his her its their this that these those one two three four five some "
-    "any each every no another either neither both all several many few which whose".split())
+# Words after which a reference stands alone and gets an article of its own.
+STANDALONE_AFTER = frozenset(
+    "of in on at with without and or but by for from to into onto near beside besides behind "
+    "under over above below beneath between among against around across through along like "
+    "as than via inside outside upon off".split())
 _LAST_WORD = re.compile(r"([A-Za-z']+)\s+$")
 
 
 def _needs_article(before: str) -> bool:
     """Whether a reference after `before` (the prompt text up to it) gets "a"/"an"."""
-    if before and not before[-1].isspace():
-        return before[-1] in "([{,;:"      # glued to a word: leave it as written
-    last = _LAST_WORD.search(before)
-    if last is None:
+    text = before.rstrip()
+    if not text:
         return True
-    word = last.group(1).lower()
-    return word not in DETERMINERS and not word.endswith(("'s", "s'"))
+    if text[-1] in ",;:([{":
+        return True
+    if text is before:                       # glued to a word ("x<rex>"): leave it as written
+        return False
+    last = _LAST_WORD.search(before)
+    return last is not None and last.group(1).lower() in STANDALONE_AFTER
 
 
 def _article(first_word: str) -> str:

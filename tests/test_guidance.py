@@ -109,6 +109,20 @@ def test_own_box_wins_where_boxes_overlap():
     assert m[:, [0, 3, 5, 6]].abs().sum() == 0            # BOS, plain words, unboxed "c"
 
 
+def test_outside_suppression_blocks_a_concept_everywhere_but_its_box():
+    """suppress="outside" (the public Cones 2 code's form): a concept's tokens get γ⁻ at every
+    position outside its own box, not only in the other concepts' boxes."""
+    layout = Layout((Box("a", 0, 0, 0.5, 1), Box("b", 0.75, 0, 1, 1)))
+    config = GuidanceConfig(suppress="outside")
+    m = LayoutBias(layout, _prompt(), N_TOKENS, config).matrix(1, 4)
+    assert m[:, 1].tolist() == [2.5, 2.5, -1e4, -1e4]    # col 2 is nobody's box: suppressed too
+    assert m[:, 4].tolist() == [-1e4, -1e4, -1e4, 2.5]
+    others = LayoutBias(layout, _prompt(), N_TOKENS, GuidanceConfig()).matrix(1, 4)
+    assert others[:, 1].tolist() == [2.5, 2.5, 0.0, -1e4]
+    with pytest.raises(Exception, match="suppress"):
+        GuidanceConfig(suppress="everywhere")
+
+
 def test_tiny_box_keeps_a_cell_and_grids_follow_the_aspect():
     layout = Layout((Box("a", 0.9, 0.9, 0.95, 0.95),))
     m = LayoutBias(layout, _prompt(), N_TOKENS, GuidanceConfig()).matrix(2, 2)

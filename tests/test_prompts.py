@@ -46,6 +46,7 @@ def test_a_reference_reads_as_its_training_caption(tok, metas):
                          ("my <rex> and two <mug>", "my sks dog and two ohwx mug"),
                          ("anna's <rex>", "anna's sks dog"),
                          ("<rex> running", "a sks dog running"),
+                         ("a red <rex> next to <mug>", "a red sks dog next to an ohwx mug"),
                          ("(<mug>)", "( an ohwx mug )")):
         e = expand(prompt, metas, tok)
         assert e.text == text, prompt
