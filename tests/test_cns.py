@@ -80,35 +80,45 @@ def test_select_and_or():
 
 
 def test_concept_neurons_are_base_and_not_general(tiny_pipe):
+    """Strictly: no general neuron is ever a concept neuron, however few remain."""
     stack = stack_for(tiny_pipe)
     caps = ["a photo of a sks star", "a picture of a sks star"]
     general = cns.general_neurons(tiny_pipe, stack, 20.0)
     counts = cns.general_counts(tiny_pipe, stack, 20.0)
     assert cns.general_counts(tiny_pipe, stack, 20.0) is counts       # cached per model
     base = cns.select(stack.params, cns.column_norms(tiny_pipe, caps), 20.0, "and")
-    plain = cns.concept_neurons(tiny_pipe, stack, caps, 20.0, min_percent=0.0)
-    assert plain.quorum == 1
+    plain = cns.concept_neurons(tiny_pipe, stack, caps, 20.0)
     for name in stack.params:
         want = C.mask_indices(base[name] & ~general[name])
         assert np.array_equal(plain.indices.get(name, np.empty(0, np.int64)), want)
-    # the floor: the random tiny model's OR leaves almost nothing, so the quorum rises until
-    # 2 % of the weights are kept -- base neurons the fewest calibration prompts select
-    floor = cns.concept_neurons(tiny_pipe, stack, caps, 20.0, min_percent=2.0)
-    total = C.kv_total(tiny_pipe.unet)
-    assert C.count(plain.indices) < 0.02 * total <= C.count(floor.indices)
-    assert floor.quorum > 1
-    for name in stack.params:
-        want = C.mask_indices(base[name] & (counts[name] < floor.quorum))
-        assert np.array_equal(floor.indices.get(name, np.empty(0, np.int64)), want)
-    fewer = cns.concept_neurons(tiny_pipe, stack, caps, 20.0, min_percent=1.0)
-    assert C.count(fewer.indices) < C.count(floor.indices)
+    assert plain.base == sum(int(b.sum()) for b in base.values())
+    assert plain.base_general == sum(int((base[n] & general[n]).sum()) for n in base)
+    assert cns.general_share(tiny_pipe, stack, plain.indices, 20.0) == 0.0
     # a wider base percentile than the general one: base at 60 %, general still at 20 %
-    wide = cns.concept_neurons(tiny_pipe, stack, caps, 20.0, min_percent=0.0, base_top_p=60.0)
+    wide = cns.concept_neurons(tiny_pipe, stack, caps, 20.0, base_top_p=60.0)
     base60 = cns.select(stack.params, cns.column_norms(tiny_pipe, caps), 60.0, "and")
-    assert wide.quorum == 1 and C.count(wide.indices) > C.count(plain.indices)
+    assert C.count(wide.indices) > C.count(plain.indices)
     for name in stack.params:
         want = C.mask_indices(base60[name] & ~general[name])
         assert np.array_equal(wide.indices.get(name, np.empty(0, np.int64)), want)
+        assert not general[name].reshape(-1)[torch.as_tensor(want)].any()
+    # the share of general neurons in a set that has some is what it says
+    every = {n: np.arange(w.numel()) for n, w in stack.params.items()}
+    assert cns.general_share(tiny_pipe, stack, every, 20.0) == pytest.approx(
+        sum(int(g.sum()) for g in general.values()) / C.kv_total(tiny_pipe.unet))
+
+
+def test_learn_reports_how_few_concept_neurons_remain(fresh_tiny_pipe, tmp_path):
+    """On the random tiny model the general neurons cover almost every base neuron: the
+    concept is learned with what remains (never a general neuron), and its metrics say so."""
+    spec = LearnSpec("few", "star", steps=2, options={**FAST, "top_p": 20.0}, cache_dir=tmp_path / "c")
+    rec = get_method("cns").learn(fresh_tiny_pipe, photos(tmp_path / "p"), spec, None, None)
+    m = rec.meta.metrics
+    assert m["general_share"] == 0.0
+    assert m["kv_share"] == pytest.approx(rec.meta.hparams["neurons"] / C.kv_total(fresh_tiny_pipe.unet))
+    assert m["kv_share"] * 100 < 0.1 and "concept neurons" in m["note"] and "base_top_p" in m["note"]
+    assert rec.meta.hparams["base_general_neurons"] > 0
+    get_method("cns").unlearn(fresh_tiny_pipe, "few")
 
 
 # -- learning ---------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """CNS — Concept Neuron Selection (paper 003), the default method.
 
-Selection (cns_select.py). Concept neurons = base AND NOT general. General neurons: per row the
-top `top_p` % of the Eq. 3 score |W[i, j]| · ||X[:, j]||₂ for any of the shipped calibration
-prompts (OR), scored on the pretrained weights. Base neurons, by default (`selection eq3`, the
-paper's): per row the top `base_top_p` % of the Eq. 3 score for each of the concept's captions,
-ANDed; where base AND NOT general is smaller than `min_percent` % of the K/V weights, the
-general set is narrowed to neurons at least `quorum` calibration prompts select (recorded in
-the concept's hparams; 1 = the paper's OR). With `selection movement`: the `movement_percent` %
-of all K/V weights that move most in a short probe fine-tune of every K/V weight and the
-token on the concept's photos (`probe_steps` at `probe_lr`, prior preservation on), undone
-before the real training starts. Which to use is a trade-off measured in CNSParams.
+Selection (cns_select.py). Concept neurons = base AND NOT general, strictly: no general neuron
+is ever trained. General neurons: per row the top `top_p` % of the Eq. 3 score
+|W[i, j]| · ||X[:, j]||₂ for any of the shipped calibration prompts (OR), scored on the
+pretrained weights. Base neurons, by default (`selection eq3`, the paper's): per row the top
+`base_top_p` % of the Eq. 3 score for each of the concept's captions, ANDed. With `selection
+movement`: the `movement_percent` % of all K/V weights that move most in a short probe
+fine-tune of every K/V weight and the token on the concept's photos (`probe_steps` at
+`probe_lr`, prior preservation on), undone before the real training starts. The concept's
+metrics record the share of K/V it trains and the share of those that are general (0), and a
+note when fewer than `few_percent` % of K/V remain (the concept then lives mostly in its
+token). Which settings are default is measured in docs/tuning.md.
 
 Training. Only the concept neurons and the concept's token-embedding row change, with
 loss = denoising on the photos + λ_prior · prior preservation on class images made by the base
@@ -43,8 +44,8 @@ from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
 from cns_daemon.methods.cns_layers import CNSStack, stack_for
 from cns_daemon.methods.cns_select import (  # noqa: F401  (re-exported: the selection API)
-    Selection, column_norms, concept_neurons, general_counts, general_neurons, movement_base,
-    row_top, select)
+    Selection, base_neurons, column_norms, concept_neurons, general_counts, general_neurons,
+    general_share, movement_base, row_top, select)
 from cns_daemon.methods.data import PhotoSet, prepare_photos, resolution
 from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 
@@ -95,7 +96,7 @@ class CNSParams:
     probe_lr: float = 3e-3        # movement: Adam lr of the probe, every K/V weight
     top_p: float = 5.0            # % of each row selected per calibration prompt (general)
     base_top_p: float = 5.0       # eq3: % of each row selected per caption (base neurons)
-    min_percent: float = 5.0      # eq3: floor on concept neurons, % of K/V (see concept_neurons)
+    few_percent: float = 0.1      # below this % of K/V as concept neurons, the learn result says so
     lr: float = 1e-2              # Adam, concept neurons
     lr_token: float = 5e-3        # Adam, the token-embedding row
     lambda_prior: float = 1.0     # prior-preservation weight
@@ -111,8 +112,8 @@ class CNSParams:
 
     def validate(self) -> None:
         if not (0 < self.top_p <= 100 and 0 < self.base_top_p <= 100
-                and 0 <= self.min_percent <= 100):
-            raise BadInput("top_p and base_top_p must be in (0, 100], min_percent in [0, 100].")
+                and 0 <= self.few_percent <= 100):
+            raise BadInput("top_p and base_top_p must be in (0, 100], few_percent in [0, 100].")
         if self.selection not in ("movement", "eq3"):
             raise BadInput("selection must be `movement` or `eq3`.")
         if not 0 < self.movement_percent <= 100 or self.probe_steps < 1:
@@ -278,14 +279,13 @@ def choose_neurons(pipe, stack: CNSStack, prep: Prepared, spec: LearnSpec, hp: C
     or by the probe fine-tune (`selection movement`, see cns_select)."""
     ProgressReporter(progress, "select", 1)(0)
     if hp.selection == "eq3":
-        return concept_neurons(pipe, stack, prep.photos.captions, hp.top_p, hp.min_percent,
-                               base_top_p=hp.base_top_p)
+        return concept_neurons(pipe, stack, prep.photos.captions, hp.top_p, base_top_p=hp.base_top_p)
     every = {n: np.arange(w.numel()) for n, w in stack.params.items()}
     run = _train(pipe, stack, prep, spec, hp, every, {}, hp.probe_lr, hp.probe_steps, progress,
                  cancel, phase="probe")
     before = {n: t.prev.view(stack.params[n].shape) for n, t in zip(every, run.trainees)}
     after = {n: t.values.detach().view(stack.params[n].shape) for n, t in zip(every, run.trainees)}
-    return concept_neurons(pipe, stack, prep.photos.captions, hp.top_p, 0.0,
+    return concept_neurons(pipe, stack, prep.photos.captions, hp.top_p,
                            base=movement_base(before, after, hp.movement_percent))
 
 
@@ -306,9 +306,6 @@ class CNSMethod:
             cancel.check()
         selection = choose_neurons(pipe, stack, prep, spec, hp, progress, cancel)
         indices = selection.indices
-        if not indices:
-            raise BadInput("No concept neurons were selected for these photos.",
-                           "Raise the `top_p` option (percent of each row scored per caption).")
         run = _train(pipe, stack, prep, spec, hp, indices, stack.tuned(earlier), hp.lr, hp.steps,
                      progress, cancel)
         dtype = np.float16 if hp.delta_dtype == "float16" else np.float32
@@ -317,15 +314,21 @@ class CNSMethod:
                   for (t_name, idx), t in zip(indices.items(), run.trainees)}
         n = C.count(indices)
         token = prep.token
+        share = n / C.kv_total(pipe.unet)
+        metrics = {"loss_first": run.losses[0] if run.losses else None,
+                   "loss_last": float(np.mean(run.losses[-10:])) if run.losses else None,
+                   "kv_share": share, "general_share": general_share(pipe, stack, indices, hp.top_p)}
+        if share * 100 < hp.few_percent:
+            metrics["note"] = (f"only {n:,} concept neurons ({share:.3%} of K/V) remain once the general "
+                               f"ones are left out, so the concept lives mostly in its token; "
+                               f"--option base_top_p=N (now {hp.base_top_p:g}) selects more")
         meta = ConceptMeta(
             spec.name, "cns", spec.class_word, token,
             photo_digests=[_digest(p) for p in prep.photos.paths],
             hparams={**C.as_dict(hp), "token": token, "seed": spec.seed, "neurons": n,
-                     "fraction_kv": n / C.kv_total(pipe.unet), "quorum": selection.quorum,
-                     "base_neurons": selection.base, "general_neurons": selection.general},
-            metrics={"loss_first": run.losses[0] if run.losses else None,
-                     "loss_last": float(np.mean(run.losses[-10:])) if run.losses else None},
-            fingerprint=stack.base_fingerprint)
+                     "fraction_kv": share, "base_neurons": selection.base,
+                     "general_neurons": selection.general, "base_general_neurons": selection.base_general},
+            metrics=metrics, fingerprint=stack.base_fingerprint)
         embedding = run.row.param.detach().cpu().numpy().astype(np.float32)
         record = ConceptRecord(meta, deltas=deltas, embeddings={token: embedding},
                                overlap=overlap_with(indices, earlier))

@@ -3,7 +3,9 @@
 Eq. 3 scores K/V weight W[i, j] for a text embedding X (encoder output, tokens × d) as
 |W[i, j]| · ||X[:, j]||₂. General neurons: per row the top `top_p` % for any of the shipped
 calibration prompts (OR; computed once per base model and cached in memory). Concept neurons =
-base AND NOT general.
+base AND NOT general, strictly: a general neuron is never trained, however few neurons remain
+(the paper keeps them fixed so the pretrained ability stays; a floor that refilled the set
+would train exactly those). How many remain is reported with the concept.
 
 Base neurons come one of two ways (CNSParams.selection):
 - "eq3", the paper's and the default: per row the top `base_top_p` % for each of the concept's
@@ -62,9 +64,9 @@ def select(weights: dict[str, torch.Tensor], norms: torch.Tensor, top_p: float,
 @dataclass
 class Selection:
     indices: dict[str, np.ndarray]   # concept neurons per tensor (sorted flat positions)
-    quorum: int                      # a neuron is general when ≥ this many prompts select it
     base: int                        # base-neuron count
-    general: int                     # general-neuron count at that quorum
+    general: int                     # general-neuron count (the paper's OR)
+    base_general: int                # base neurons that are general (left out)
 
 
 _GENERAL: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
@@ -93,39 +95,39 @@ def general_neurons(pipe, stack: CNSStack, top_p: float) -> dict[str, torch.Tens
     return {n: c > 0 for n, c in general_counts(pipe, stack, top_p).items()}
 
 
+def base_neurons(pipe, stack: CNSStack, captions: list[str], top_p: float) -> dict[str, torch.Tensor]:
+    """Eq. 3 on the pretrained weights: per row the top `top_p` % for every caption (AND)."""
+    with stack.base_weights():
+        return select(stack.params, column_norms(pipe, captions), top_p, "and")
+
+
 def concept_neurons(pipe, stack: CNSStack, captions: list[str], top_p: float,
-                    min_percent: float = 0.0, base_top_p: float | None = None,
+                    base_top_p: float | None = None,
                     base: dict[str, torch.Tensor] | None = None) -> Selection:
     """Base AND NOT general. Base neurons are the top `base_top_p` % per row (default `top_p`)
     for every caption, general ones the top `top_p` % for any calibration prompt: with a wider
     base percentile the concept keeps the neurons its captions rank high that no calibration
-    prompt ranks among its very top. General is the paper's OR (quorum 1) unless that leaves
-    fewer than `min_percent` % of all K/V weights: then the quorum is raised to the smallest
-    count that keeps that many base neurons (the base neurons the fewest calibration prompts
-    also select). On a model whose text encoder ranks neurons alike for every prompt (the
-    random tiny model) the OR removes almost every base neuron. `base` (boolean masks, e.g.
-    from `movement_base`) replaces the Eq. 3 base neurons."""
-    counts = general_counts(pipe, stack, top_p)
+    prompt ranks among its very top. `base` (boolean masks, e.g. from `movement_base`)
+    replaces the Eq. 3 base neurons."""
+    general = general_neurons(pipe, stack, top_p)
     if base is None:
-        with stack.base_weights():
-            base = select(stack.params, column_norms(pipe, captions),
-                          top_p if base_top_p is None else base_top_p, "and")
-    in_base = torch.cat([counts[n][base[n]].reshape(-1).long() for n in base])
-    total = sum(p.numel() for p in stack.params.values())
-    want = math.ceil(total * min_percent / 100)
-    quorum = 1
-    if int((in_base < 1).sum()) < want:
-        if len(in_base) <= want:
-            quorum = len(CALIBRATION_PROMPTS) + 1          # every base neuron
-        else:
-            quorum = int(in_base.sort().values[want - 1]) + 1
-    out = {}
+        base = base_neurons(pipe, stack, captions, top_p if base_top_p is None else base_top_p)
+    out, n_base, n_shared = {}, 0, 0
     for name in base:
-        idx = C.mask_indices(base[name] & (counts[name] < quorum))
+        n_base += int(base[name].sum())
+        n_shared += int((base[name] & general[name]).sum())
+        idx = C.mask_indices(base[name] & ~general[name])
         if len(idx):
             out[name] = idx
-    general = sum(int((c >= quorum).sum()) for c in counts.values())
-    return Selection(out, quorum, len(in_base), general)
+    return Selection(out, n_base, sum(int(g.sum()) for g in general.values()), n_shared)
+
+
+def general_share(pipe, stack: CNSStack, indices: dict[str, np.ndarray], top_p: float) -> float:
+    """Share of `indices` that are general neurons (0 for every concept CNS learns)."""
+    general = general_neurons(pipe, stack, top_p)
+    total = sum(len(i) for i in indices.values())
+    hit = sum(int(general[n].reshape(-1)[torch.as_tensor(i)].sum()) for n, i in indices.items())
+    return hit / total if total else 0.0
 
 
 def movement_base(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
