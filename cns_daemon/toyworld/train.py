@@ -12,6 +12,9 @@ hour. Stages, all in one run:
      background, so "a photo of a star" means "a star of some colour, pattern and tilt on some
      background" — the class prompt the methods rely on — while "with yellow stripes" has a
      text pathway of its own, as it has in real Stable Diffusion. No caption names the tilt.
+     Half the two-object captions say "on the left ... on the right", the other half only
+     "A and B" in either order, so a prompt without sides still draws both objects and where
+     they go is left to the noise (or to layout boxes).
      Only the ~50 token rows the captions use are trained (vocab.CompactEmbedding); the other
      rows are then drawn from the trained rows' statistics, so a concept's rare token starts
      where words live.
@@ -61,6 +64,7 @@ class TrainConfig:
     omit_background: float = 0.15
     name_look: float = 0.5       # share of objects whose caption names pattern + second colour
     pattern_only: float = 0.25   # of those, the share named by the pattern alone ("with stripes")
+    unplaced: float = 0.5        # two objects: share of captions with "A and B" (either order), no sides
     blocks: tuple[int, int] = (32, 64)
     heads: tuple[int, int] = (2, 4)  # per UNet block; the mid block takes the last
     text_width: int = 128
@@ -107,9 +111,12 @@ def sample_caption(scene, rng: np.random.Generator, cfg: TrainConfig) -> str:
     for _ in scene.objects:
         named = rng.random() < cfg.name_look
         looks.append("none" if not named else "pattern" if rng.random() < cfg.pattern_only else "full")
+    placing = "sides"
+    if len(scene.objects) == 2 and rng.random() < cfg.unplaced:
+        placing = "and" if rng.random() < 0.5 else "and-reversed"
     return caption(scene, template=int(rng.integers(3)),
                    with_color=rng.random() >= cfg.omit_color,
-                   with_background=rng.random() >= cfg.omit_background, look=looks)
+                   with_background=rng.random() >= cfg.omit_background, look=looks, placing=placing)
 
 
 # --- stages --------------------------------------------------------------------------------------

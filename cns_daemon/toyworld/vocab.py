@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .world import (BACKGROUNDS, COLORS, LOOK_NAMING, SHAPES, SceneSpec, caption, random_object)
+from .world import (BACKGROUNDS, COLORS, LOOK_NAMING, PLACING, SHAPES, SceneSpec, caption, random_object)
 
 
 def caption_token_ids(tokenizer, n_scenes: int = 400, seed: int = 0) -> list[int]:
@@ -30,7 +30,8 @@ def caption_token_ids(tokenizer, n_scenes: int = 400, seed: int = 0) -> list[int
                 for with_color in (True, False):
                     for with_background in (True, False):
                         texts.append(caption(scene, template=template, look=look, with_color=with_color,
-                                             with_background=with_background))
+                                             with_background=with_background,
+                                             placing=PLACING[i % len(PLACING)]))
     texts += list(SHAPES) + list(COLORS)
     ids: set[int] = set()
     for batch in range(0, len(texts), 512):

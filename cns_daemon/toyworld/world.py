@@ -290,20 +290,33 @@ def object_phrase(obj: ObjectSpec, *, with_color: bool = True, look: str = "none
     return f"a {words} with {obj.pattern}"
 
 
+# How a two-object caption says where things are: "on the left and ... on the right" (the left
+# object first), or only "... and ..." in either order (where they are is then left to the noise,
+# or to layout boxes: what layout guidance is for).
+PLACING: tuple[str, ...] = ("sides", "and", "and-reversed")
+
+
 def caption(scene: SceneSpec, *, template: int = 0, with_color: bool = True,
-            with_background: bool = True, look: str | Sequence[str] = "none") -> str:
+            with_background: bool = True, look: str | Sequence[str] = "none",
+            placing: str = "sides") -> str:
     """Plain caption: 'a photo of a red star on the grass'; for two objects
-    'a photo of a red star on the left and a blue ring on the right on the sand'. `look` names
-    each object's look (one value for every object, or one per object): with "full"
-    'a photo of a red star with yellow stripes on the grass'."""
+    'a photo of a red star on the left and a blue ring on the right on the sand' (`placing`
+    "and": 'a photo of a red star and a blue ring on the sand', "and-reversed": the right one
+    first). `look` names each object's look (one value for every object, or one per object):
+    with "full" 'a photo of a red star with yellow stripes on the grass'."""
     looks = (look,) * len(scene.objects) if isinstance(look, str) else tuple(look)
     if len(looks) != len(scene.objects):
         raise ValueError("give one look naming per object")
+    if placing not in PLACING:
+        raise ValueError(f"unknown placing {placing!r}; one of {', '.join(PLACING)}")
     phrases = [object_phrase(o, with_color=with_color, look=k) for o, k in zip(scene.objects, looks)]
     if len(scene.objects) == 1:
         obj = phrases[0]
-    else:
+    elif placing == "sides":
         obj = f"{phrases[0]} on the left and {phrases[1]} on the right"
+    else:
+        first, second = phrases if placing == "and" else phrases[::-1]
+        obj = f"{first} and {second}"
     if with_background:
         return TEMPLATES[template].format(obj=obj, bg=BACKGROUND_PHRASE[scene.background])
     return TEMPLATES_NO_BG[template].format(obj=obj)
