@@ -71,11 +71,11 @@ def prompt_background(index: int) -> str:
 
 
 def pairs(concepts: list[Concept]) -> list[tuple[Concept, Concept]]:
-    """Disjoint pairs (1, 2), (3, 4), ... for the two-concept placement prompts."""
-    return [(concepts[i], concepts[i + 1]) for i in range(0, len(concepts) - 1, 2)]
+    """Disjoint pairs (1, 2), (3, 4), ... for the two-concept prompts (at most three)."""
+    return [(concepts[i], concepts[i + 1]) for i in range(0, min(len(concepts), 6) - 1, 2)]
 
 
-PAIR_PROMPT = "a photo of <{a}> and <{b}>"
+PAIR_PROMPT = "a photo of <{a}> and <{b}> on the grass"
 LEFT_BOX, RIGHT_BOX = "0,0,0.5,1", "0.5,0,1,1"
 
 
@@ -100,6 +100,12 @@ class Judge:
 
     def background_rate(self, images, background: str) -> float:
         return _rate(a.background == background for a in self.probe.read(images))
+
+    def composition_rate(self, images, left: ObjectSpec, right: ObjectSpec) -> float:
+        """Both concepts right and in their halves: the left half reads as the left concept's
+        named look and the right half as the right one's."""
+        return _rate(la.matches(left, attrs=NAMED_LOOK) and ra.matches(right, attrs=NAMED_LOOK)
+                     for la, ra in self.probe.read_halves(images))
 
     def placement_rate(self, images, left: ObjectSpec, right: ObjectSpec) -> float:
         """Both objects in their halves: the left half reads as the left concept's shape and the

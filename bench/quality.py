@@ -15,22 +15,22 @@ unless noted, each from fixed seeds:
   colour, pattern and second colour: words could say them, but the concepts learn from
   template captions that do not). `unnamed`: on the same images, ci's tilt (the look no word
   says; chance 1/2 of the patterned images). `fidelity_final` / `unnamed_final`: the same after
-  all six were learned. `base_fidelity` / `base_unnamed`: the base model's rates for "a photo
-  of a <class>" (chance of that look).
-- forgetting: c1's fidelity right after it was learned minus after all six (a drop; > 0 = forgot).
-- prompt fidelity: "a photo of <ci> on the grass" (a background per concept) after all six: the
+  all concepts were learned (with `--concepts 20`, the CNS paper's protocol). `base_fidelity` /
+  `base_unnamed`: the base model's rates for "a photo of a <class>" (chance of that look).
+- forgetting: c1's fidelity right after it was learned minus after all (a drop; > 0 = forgot).
+- prompt fidelity: "a photo of <ci> on the grass" (a background per concept) after all: the
   background the prompt asks for is honoured.
 - prior drop: plain prompts ("a photo of a red circle on the sand": shape, colour, background
-  honoured) before any learning minus after all six. `prior_drop_two`: the same for plain
-  two-object prompts ("a photo of a red star on the left and a blue ring on the right on the
-  grass", per half): the class images guard single-object prompts only, so damage to colour
-  words in busier prompts shows here.
-- placement: "a photo of <a> and <b>" with boxes a = left half, b = right half, for the pairs
-  (c1, c2), (c3, c4), (c5, c6): both shapes come out in their halves, with and without layout
-  guidance; `*_against` the same with the boxes swapped (b left, a right), against the word
-  order the toy model learned from its captions, which only guidance can overcome. The
-  top-level `placement_*` keys are CNS's.
-- stored bytes per concept (through the store, `size_of`), learn seconds per concept.
+  honoured) before any learning minus after all. `prior_drop_two`: the same for plain
+  two-object prompts (per half).
+- composition: "a photo of <a> and <b> on the grass" for the pairs (c1, c2), (c3, c4), (c5, c6),
+  with boxes (a left and b right, and b left and a right; averaged): both named looks right,
+  each in its box (`composition_guided`); the same prompt without boxes judged against the
+  same arrangements (`composition_unguided`); `placement_*`: both shapes in their boxes (where,
+  not how well). Mixed pairs (`cns+cones2`, `cones+cones2`): a from the first method's
+  records, b from the second's, on a base model holding the first method's CNS concepts live.
+- stored bytes and learn seconds per concept; K/V share each concept trains, and for CNS the
+  share of those that are general neurons (0 by construction).
 """
 from __future__ import annotations
 
@@ -43,13 +43,13 @@ from pathlib import Path
 
 import torch
 
-from bench._world import (LEFT_BOX, PAIR_PROMPT, RIGHT_BOX, Concept, Judge, class_prompt,
-                          concept_prompt, make_concepts, pairs, prompt_background)
-from cns_daemon.toyworld.fidelity import (DEFAULT_GUIDANCE, generate_batch, plain_prompt_cases,
-                                          prompt_fidelity, two_object_fidelity)
+from bench._cells import (Generator, MethodResult, measure_base, mixed_composition, placement_sweep,
+                          run_method)
+from bench._world import Concept, Judge, make_concepts
+from cns_daemon.toyworld.fidelity import DEFAULT_GUIDANCE
 
 METHODS = ("cns", "cones", "cones2", "naive", "ti")
-MAX_BATCH = 16  # generate()'s per-request limit
+MIXED = ("cns+cones2", "cones+cones2")  # the issue's mixed-method compositions
 
 
 @dataclass
@@ -61,6 +61,7 @@ class QualityConfig:
     gen_steps: int = 20             # DDIM steps per generation
     cfg_scale: float = DEFAULT_GUIDANCE   # what the toy-world model is measured with
     guidance_weight: float | None = None  # layout guidance w; None: GuidanceConfig's default
+    guidance_suppress: str | None = None  # layout guidance suppress; None: GuidanceConfig's default
     seed: int = 0
     steps: dict[str, int] = field(default_factory=dict)          # per method; absent = default
     options: dict[str, dict] = field(default_factory=dict)       # per method LearnSpec.options
@@ -73,37 +74,6 @@ class QualityConfig:
         default 300 (its encoder-copy steps are the slowest of all methods' on the CPU)."""
         steps = {"cones2": 100, **kw.pop("steps", {})}
         return cls(**{"generations": 8, "gen_steps": 10, "steps": steps, **kw})
-
-
-@dataclass
-class MethodResult:
-    method: str
-    fidelity: list[float] = field(default_factory=list)        # per concept, right after learning
-    fidelity_final: list[float] = field(default_factory=list)  # per concept, after all
-    unnamed: list[float] = field(default_factory=list)         # the tilt, right after learning
-    unnamed_final: list[float] = field(default_factory=list)
-    prompt_fidelity: list[float] = field(default_factory=list)
-    prior_after: float = 0.0
-    prior_two_after: float = 0.0
-    placement_guided: float = 0.0
-    placement_unguided: float = 0.0
-    placement_guided_against: float = 0.0     # boxes against the word order (b left, a right)
-    placement_unguided_against: float = 0.0
-    stored_bytes: list[int] = field(default_factory=list)
-    learn_s: list[float] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def forgetting(self) -> float:
-        return self.fidelity[0] - self.fidelity_final[0]
-
-
-@dataclass
-class BaseResult:
-    fidelity: list[float]     # per concept: "a photo of a <class>" on the base model
-    unnamed: list[float]      # per concept: its tilt in those images
-    prior: float              # plain-prompt fidelity on the base model
-    prior_two: float          # the same for plain two-object prompts (per half)
 
 
 # --- models and methods --------------------------------------------------------------------------
@@ -128,144 +98,17 @@ def method_for(name: str):
     return get_method(name)
 
 
-# --- generation ----------------------------------------------------------------------------------
+# --- running --------------------------------------------------------------------------------------
 
-class Generator:
-    """Generates `n` images per request in chunks the routine accepts; image i of a cell always
-    uses seed cell_seed + i, so every method sees the same noise for the same cell."""
-
-    def __init__(self, pipe, cfg: QualityConfig):
-        self.pipe, self.cfg = pipe, cfg
-
-    def __call__(self, prompt: str, records: dict, n: int, seed: int, boxes=()) -> list:
-        from cns_daemon.generate import generate
-        from cns_daemon.guidance import GuidanceConfig
-
-        w = self.cfg.guidance_weight
-        layout = GuidanceConfig() if w is None else GuidanceConfig(weight=w)
-        images = []
-        for start in range(0, n, MAX_BATCH):
-            images += generate(self.pipe, prompt, records, boxes, n=min(MAX_BATCH, n - start),
-                               seed=seed + start, steps=self.cfg.gen_steps,
-                               guidance_scale=self.cfg.cfg_scale, guidance=layout)
-        return images
+def _generator(pipe, cfg: QualityConfig, weight: float | None = None) -> Generator:
+    return Generator(pipe, cfg.gen_steps, cfg.cfg_scale,
+                     cfg.guidance_weight if weight is None else weight, cfg.guidance_suppress)
 
 
-def placement_sweep(cfg: QualityConfig, weights: list[float], judge: Judge | None = None) -> dict:
-    """Layout guidance alone, on the base model: "a photo of <a> and <b>" where a and b are
-    zero-residual Cones 2 concepts (so the prompt is "a photo of star and ring"); per weight w
-    (0 = unguided), the share of images with both shapes in their boxes, for boxes in the word
-    order (a left, b right: what the toy model's captions always did, so it needs no guidance)
-    and against it (a right, b left: only guidance can get that right)."""
-    import numpy as np
-
-    from bench._world import ObjectSpec
-    from store.records import ConceptMeta, ConceptRecord
-
-    judge = judge or Judge()
+def run_one(name: str, cfg: QualityConfig, concepts: list[Concept], judge: Judge, work: Path):
     pipe = load_model(cfg)
-    width = pipe.text_encoder.config.hidden_size
-    objs = {"a": ObjectSpec("star", "red"), "b": ObjectSpec("ring", "blue")}
-    records = {n: ConceptRecord(ConceptMeta(n, "cones2", o.shape, ""),
-                                residual=np.zeros(width, np.float32)) for n, o in objs.items()}
-    out = {}
-    for w in weights:
-        gen = Generator(pipe, QualityConfig(**{**asdict(cfg), "guidance_weight": w or None}))
-        prompt = PAIR_PROMPT.format(a="a", b="b")
-        unguided = None if w else gen(prompt, records, cfg.generations, _cell_seed(6, 0))
-        rates = {}
-        for order, (left, right) in (("with_order", ("a", "b")), ("against_order", ("b", "a"))):
-            images = unguided if unguided is not None else gen(
-                prompt, records, cfg.generations, _cell_seed(6, 0),
-                [f"{left}={LEFT_BOX}", f"{right}={RIGHT_BOX}"])
-            rates[order] = judge.placement_rate(images, objs[left], objs[right])
-        out[w] = rates
-    return out
-
-
-def _cell_seed(kind: int, index: int) -> int:
-    return 1_000_000 * kind + 10_000 * index
-
-
-def measure_prior(pipe, judge: Judge, cfg: QualityConfig) -> tuple[float, float]:
-    """Plain prompts (no concept; one image each): shape, colour and background honoured, for
-    single-object prompts and (per half) for two-object ones."""
-    rates = []
-    for two, score in ((False, prompt_fidelity), (True, two_object_fidelity)):
-        cases = plain_prompt_cases(cfg.generations, cfg.seed, two_objects=two)
-        images = generate_batch(pipe, [c.prompt for c in cases], [c.seed for c in cases],
-                                steps=cfg.gen_steps, guidance_scale=cfg.cfg_scale)
-        rates.append(score(judge.probe, images, [c.scene for c in cases]).all_match)
-    return rates[0], rates[1]
-
-
-def measure_base(cfg: QualityConfig, concepts: list[Concept], judge: Judge) -> BaseResult:
-    pipe = load_model(cfg)
-    gen = Generator(pipe, cfg)
-    images = [gen(class_prompt(c), {}, cfg.generations, _cell_seed(2, i)) for i, c in enumerate(concepts)]
-    return BaseResult([judge.concept_rate(im, c.obj) for im, c in zip(images, concepts)],
-                      [judge.unnamed_rate(im, c.obj) for im, c in zip(images, concepts)],
-                      *measure_prior(pipe, judge, cfg))
-
-
-def run_method(name: str, cfg: QualityConfig, concepts: list[Concept], judge: Judge,
-               work: Path) -> MethodResult:
-    from cns_daemon.methods.base import LearnSpec
-    from cns_daemon.model import fingerprint
-    from store.store import ConceptStore
-
-    result = MethodResult(name)
-    method = method_for(name)
-    pipe = load_model(cfg)
-    gen = Generator(pipe, cfg)
-    records: dict = {}
-    learned: list = []
-    n = cfg.generations
-    with ConceptStore.open(work / f"store-{name}", fingerprint=fingerprint(pipe)) as store:
-        for i, c in enumerate(concepts):
-            # No captions: the methods' templates ("a photo of a <tok> star"), as for photos
-            # dropped in the inbox. With the world's captions ("a blue <tok> star") the token
-            # never takes the main colour, and "a photo of <c>" draws the stripes' colour as
-            # the main one (measured: fidelity 0.00 vs 0.62 for naive K/V at lr 1e-2).
-            spec = LearnSpec(c.name, c.class_word, steps=cfg.steps.get(name), seed=cfg.seed + i,
-                             captions=None, options=dict(cfg.options.get(name, {})),
-                             cache_dir=work / "cache")
-            t0 = time.perf_counter()
-            record = method.learn(pipe, list(c.photos), spec, None, None, previous=list(learned))
-            result.learn_s.append(time.perf_counter() - t0)
-            learned.append(record)
-            records[c.name] = record
-            store.put(record)
-            result.stored_bytes.append(store.size_of(c.name))
-            images = gen(concept_prompt(c), records, n, _cell_seed(3, i))
-            result.fidelity.append(judge.concept_rate(images, c.obj))
-            result.unnamed.append(judge.unnamed_rate(images, c.obj))
-    for i, c in enumerate(concepts):
-        images = gen(concept_prompt(c), records, n, _cell_seed(3, i))
-        result.fidelity_final.append(judge.concept_rate(images, c.obj))
-        result.unnamed_final.append(judge.unnamed_rate(images, c.obj))
-        bg = prompt_background(i)
-        result.prompt_fidelity.append(judge.background_rate(
-            gen(concept_prompt(c, bg), records, n, _cell_seed(4, i)), bg))
-    result.prior_after, result.prior_two_after = measure_prior(pipe, judge, cfg)
-    # Placement: boxes in the word order (a left, b right; the toy model's two-object captions
-    # always named the left object first, so that order alone often suffices) and against it.
-    rates: dict[tuple[bool, bool], list[float]] = {}
-    for i, (a, b) in enumerate(pairs(concepts)):
-        prompt = PAIR_PROMPT.format(a=a.name, b=b.name)
-        unguided = gen(prompt, records, n, _cell_seed(5, i))
-        for against, (left, right) in ((False, (a, b)), (True, (b, a))):
-            boxes = [f"{left.name}={LEFT_BOX}", f"{right.name}={RIGHT_BOX}"]
-            guided = gen(prompt, records, n, _cell_seed(5, i), boxes)
-            rates.setdefault((against, True), []).append(judge.placement_rate(guided, left.obj, right.obj))
-            rates.setdefault((against, False), []).append(
-                judge.placement_rate(unguided, left.obj, right.obj))
-    if rates:
-        result.placement_guided = _mean(rates[False, True])
-        result.placement_unguided = _mean(rates[False, False])
-        result.placement_guided_against = _mean(rates[True, True])
-        result.placement_unguided_against = _mean(rates[True, False])
-    return result
+    return run_method(method_for(name), name, pipe, _generator(pipe, cfg), judge, concepts,
+                      cfg.generations, cfg.seed, cfg.steps.get(name), cfg.options.get(name, {}), work)
 
 
 def run(cfg: QualityConfig, judge: Judge | None = None, log=print) -> dict:
@@ -275,23 +118,32 @@ def run(cfg: QualityConfig, judge: Judge | None = None, log=print) -> dict:
         work = Path(tmp)
         (work / "photos").mkdir()
         concepts = make_concepts(cfg.concepts, cfg.photos, cfg.seed, work / "photos")
-        base = measure_base(cfg, concepts, judge)
+        base_pipe = load_model(cfg)
+        base = measure_base(base_pipe, _generator(base_pipe, cfg), judge, concepts, cfg.generations,
+                            cfg.seed)
         log(f"base model: fidelity {_mean(base.fidelity):.3f}, plain prompts {base.prior:.3f} "
             f"(two objects {base.prior_two:.3f}) "
             f"({time.perf_counter() - started:.0f} s)")
-        results = {}
+        results, records = {}, {}
         for name in cfg.methods:
             t0 = time.perf_counter()
             try:
-                results[name] = run_method(name, cfg, concepts, judge, work)
+                results[name], records[name] = run_one(name, cfg, concepts, judge, work)
             except Exception as exc:  # one broken method must not hide the others' numbers
                 results[name] = MethodResult(name, error=f"{type(exc).__name__}: {exc}")
             log(f"{name}: done in {time.perf_counter() - t0:.0f} s"
                 + (f" ({results[name].error})" if results[name].error else ""))
+        mixed = {}
+        for combo in MIXED:
+            first, second = combo.split("+")
+            if first in records and second in records and len(concepts) >= 2:
+                pipe = load_model(cfg)
+                mixed[combo] = asdict(mixed_composition(pipe, _generator(pipe, cfg), judge, concepts,
+                                                        records[first], records[second], cfg.generations))
     return {"config": asdict(cfg), "concepts": [_describe(c) for c in concepts],
             "base": asdict(base), "methods": {k: asdict(v) | {"forgetting": _forgetting(v)}
                                               for k, v in results.items()},
-            "wall_s": time.perf_counter() - started}
+            "mixed": mixed, "wall_s": time.perf_counter() - started}
 
 
 def _describe(c: Concept) -> str:
@@ -314,27 +166,25 @@ def summary(result: dict) -> dict:
                  "prior_before": base["prior"], "prior_two_before": base["prior_two"]}
     for m, r in result["methods"].items():
         ok = r["error"] is None
-        out[f"{m}_fidelity"] = _mean(r["fidelity"]) if ok else None
-        out[f"{m}_fidelity_final"] = _mean(r["fidelity_final"]) if ok else None
-        out[f"{m}_unnamed"] = _mean(r["unnamed"]) if ok else None
-        out[f"{m}_unnamed_final"] = _mean(r["unnamed_final"]) if ok else None
-        out[f"{m}_forgetting"] = r["forgetting"] if ok else None
-        out[f"{m}_prior_drop"] = base["prior"] - r["prior_after"] if ok else None
-        out[f"{m}_prior_drop_two"] = base["prior_two"] - r["prior_two_after"] if ok else None
-        out[f"{m}_prompt_fidelity"] = _mean(r["prompt_fidelity"]) if ok else None
-        out[f"{m}_placement_guided"] = r["placement_guided"] if ok else None
-        out[f"{m}_placement_unguided"] = r["placement_unguided"] if ok else None
-        out[f"{m}_placement_guided_against"] = r["placement_guided_against"] if ok else None
-        out[f"{m}_placement_unguided_against"] = r["placement_unguided_against"] if ok else None
-        out[f"{m}_bytes_per_concept"] = _mean(r["stored_bytes"]) if ok else None
-        out[f"{m}_learn_s_per_concept"] = _mean(r["learn_s"]) if ok else None
+        comp = r["composition"]
+        values = {
+            "fidelity": _mean(r["fidelity"]), "fidelity_final": _mean(r["fidelity_final"]),
+            "unnamed": _mean(r["unnamed"]), "unnamed_final": _mean(r["unnamed_final"]),
+            "forgetting": r["forgetting"], "prior_drop": base["prior"] - r["prior_after"],
+            "prior_drop_two": base["prior_two"] - r["prior_two_after"],
+            "prompt_fidelity": _mean(r["prompt_fidelity"]),
+            "composition_guided": comp["guided"], "composition_unguided": comp["unguided"],
+            "placement_guided": comp["placement_guided"],
+            "placement_unguided": comp["placement_unguided"],
+            "bytes_per_concept": _mean(r["stored_bytes"]), "learn_s_per_concept": _mean(r["learn_s"]),
+            "kv_share": _mean(r["kv_share"]), "general_share": _mean(r["general_share"])}
+        for key, value in values.items():
+            out[f"{m}_{key}"] = value if ok else None
         if not ok:
             out[f"{m}_error"] = r["error"]
-    lead = "cns" if "cns" in result["methods"] else next(iter(result["methods"]), None)
-    out["placement_guided"] = out.get(f"{lead}_placement_guided")
-    out["placement_unguided"] = out.get(f"{lead}_placement_unguided")
-    out["placement_guided_against"] = out.get(f"{lead}_placement_guided_against")
-    out["placement_unguided_against"] = out.get(f"{lead}_placement_unguided_against")
+    for combo, comp in result.get("mixed", {}).items():
+        out[f"{combo}_composition_guided"] = comp["guided"]
+        out[f"{combo}_composition_unguided"] = comp["unguided"]
     out["wall_s"] = round(result["wall_s"], 1)
     return out
 
@@ -343,18 +193,18 @@ def print_table(result: dict) -> None:
     s = summary(result)
     cfg = result["config"]
     print(f"Toy-world quality: {cfg['concepts']} concepts x {cfg['photos']} photos, "
-          f"{cfg['generations']} generations per cell, {cfg['gen_steps']} DDIM steps, seed {cfg['seed']}")
+          f"{cfg['generations']} generations per cell, {cfg['gen_steps']} DDIM steps, CFG "
+          f"{cfg['cfg_scale']:g}, seed {cfg['seed']}")
     print("Concepts: " + "; ".join(result["concepts"]))
-    print(f"Base model: fidelity (class prompt) {s['base_fidelity']:.3f}, tilt {s['base_unnamed']:.3f}, plain prompts "
-          f"{s['prior_before']:.3f}, two-object plain prompts {s['prior_two_before']:.3f}")
-    cols = [("fidelity", "fidelity"), ("final", "fidelity_final"), ("forget", "forgetting"),
-            ("tilt", "unnamed"), ("tilt_fin", "unnamed_final"),
-            ("prompt", "prompt_fidelity"), ("prior_drop", "prior_drop"),
-            ("prior2_drop", "prior_drop_two"),
-            ("place_g", "placement_guided"), ("place_u", "placement_unguided"),
-            ("swap_g", "placement_guided_against"), ("swap_u", "placement_unguided_against"),
-            ("KB/concept", "bytes_per_concept"), ("learn s", "learn_s_per_concept")]
-    print(f"{'method':>8}" + "".join(f"{h:>11}" for h, _ in cols))
+    print(f"Base model: named look (class prompt) {s['base_fidelity']:.3f}, tilt {s['base_unnamed']:.3f}, "
+          f"plain prompts {s['prior_before']:.3f}, two-object plain prompts {s['prior_two_before']:.3f}")
+    cols = [("named", "fidelity"), ("final", "fidelity_final"), ("forget", "forgetting"),
+            ("tilt", "unnamed"), ("tilt_fin", "unnamed_final"), ("prompt", "prompt_fidelity"),
+            ("prior_drop", "prior_drop"), ("prior2_drop", "prior_drop_two"),
+            ("comp_box", "composition_guided"), ("comp_nobox", "composition_unguided"),
+            ("place_box", "placement_guided"), ("place_nobox", "placement_unguided"),
+            ("kv_share", "kv_share"), ("KB/concept", "bytes_per_concept"), ("learn s", "learn_s_per_concept")]
+    print(f"{'method':>8}" + "".join(f"{h:>12}" for h, _ in cols))
     for m in result["methods"]:
         if s.get(f"{m}_error"):
             print(f"{m:>8}  unavailable: {s[m + '_error']}")
@@ -362,11 +212,18 @@ def print_table(result: dict) -> None:
         cells = []
         for _, key in cols:
             v = s[f"{m}_{key}"]
-            cells.append(f"{v / 1e3:11.1f}" if key == "bytes_per_concept" else
-                         f"{v:11.1f}" if key == "learn_s_per_concept" else f"{v:11.3f}")
+            cells.append(f"{'-':>12}" if v is None else f"{v / 1e3:12.1f}" if key == "bytes_per_concept"
+                         else f"{v:12.1f}" if key == "learn_s_per_concept" else f"{v:12.3f}")
         print(f"{m:>8}" + "".join(cells))
-    print(f"Wall time {s['wall_s']:.0f} s. Goals for CNS: fidelity >= 0.8, forgetting <= 0.05, "
-          "prior drop <= 0.03, guided placement >= 0.7.")
+    for combo in result.get("mixed", {}):
+        print(f"{combo}: composition with boxes {s[combo + '_composition_guided']:.3f}, "
+              f"without {s[combo + '_composition_unguided']:.3f}")
+    for m, r in result["methods"].items():
+        for note in r.get("notes", [])[:3]:
+            print(f"note ({m}) {note}")
+    print(f"Wall time {s['wall_s']:.0f} s. Goals (CNS / Cones, Cones 2): named look >= 0.8 / 0.7, "
+          "tilt >= 0.6 (CNS), prompt fidelity >= 0.9, forgetting <= 0.05, prior drops <= 0.03, "
+          "composition with boxes >= 0.7 (CNS+CNS, CNS+Cones 2, Cones+Cones 2).")
 
 
 def _value(text: str):
@@ -415,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--guidance-weight", type=float, default=None, help="layout guidance w")
+    parser.add_argument("--guidance-suppress", default=None, choices=("others", "outside"),
+                        help="layout guidance: where a concept is held off (default: GuidanceConfig's)")
     parser.add_argument("--placement-sweep", default=None, metavar="W1,W2,...",
                         help="only measure guided placement on the base model for these w (0 = unguided)")
     args = parser.parse_args(argv)
@@ -422,16 +281,17 @@ def main(argv: list[str] | None = None) -> None:
     _quiet()
     steps, options = parse_sets(args.set)
     kw = dict(methods=tuple(m for m in args.methods.split(",") if m), concepts=args.concepts,
-              seed=args.seed, steps=steps, options=options, model=args.model, tiny=args.tiny)
+              seed=args.seed, steps=steps, options=options, model=args.model, tiny=args.tiny,
+              guidance_weight=args.guidance_weight, guidance_suppress=args.guidance_suppress)
     if args.generations is not None:
         kw["generations"] = args.generations
-    kw["guidance_weight"] = args.guidance_weight
     cfg = QualityConfig.quick(**kw) if args.quick else QualityConfig(**kw)
     if args.placement_sweep:
-        rates = placement_sweep(cfg, [float(w) for w in args.placement_sweep.split(",")])
+        pipe = load_model(cfg)
+        rates = placement_sweep(pipe, lambda w: _generator(pipe, cfg, w), Judge(),
+                                [float(w) for w in args.placement_sweep.split(",")], cfg.generations)
         for w, r in rates.items():
-            print(f"w = {w:g}: both shapes in their boxes: boxes in word order "
-                  f"{r['with_order']:.3f}, against it {r['against_order']:.3f}")
+            print(f"w = {w:g}: both shapes in their boxes: a left {r['a_left']:.3f}, b left {r['b_left']:.3f}")
         if args.json:
             print(json.dumps({f"placement_w{w:g}_{k}": v for w, r in rates.items() for k, v in r.items()}))
         return

@@ -49,17 +49,23 @@ def test_quality_bench_smoke(random_judge):
     s = quality.summary(result)
     for m in ("cns", "cones2", "naive", "ti"):
         assert s.get(f"{m}_error") is None, s[f"{m}_error"]
-        for key in ("fidelity", "fidelity_final", "prompt_fidelity", "placement_guided",
-                    "placement_unguided"):
-            assert 0.0 <= s[f"{m}_{key}"] <= 1.0
+        for key in ("fidelity", "fidelity_final", "unnamed", "unnamed_final", "prompt_fidelity",
+                    "composition_guided", "composition_unguided", "placement_guided",
+                    "placement_unguided", "kv_share"):
+            assert 0.0 <= s[f"{m}_{key}"] <= 1.0, key
         assert -1.0 <= s[f"{m}_forgetting"] <= 1.0
         assert -1.0 <= s[f"{m}_prior_drop"] <= 1.0 and -1.0 <= s[f"{m}_prior_drop_two"] <= 1.0
         assert s[f"{m}_bytes_per_concept"] > 0 and s[f"{m}_learn_s_per_concept"] > 0
         # fractions of 2 generations can only be 0, 0.5 or 1
         assert s[f"{m}_fidelity"] * 4 == round(s[f"{m}_fidelity"] * 4)
-    # a broken method is reported, not fatal; the top-level keys are CNS's
+    # a broken method is reported, not fatal
     assert "nosuch" in s["nosuch_error"] and s["nosuch_fidelity"] is None
-    assert s["placement_guided"] == s["cns_placement_guided"]
+    # CNS never trains a general neuron; naive trains every K/V value, ti none
+    assert s["cns_general_share"] == 0.0
+    assert s["naive_kv_share"] == 1.0 and s["ti_kv_share"] == 0.0
+    # the mixed-method composition ran (cones was not in this run: only cns+cones2)
+    assert set(result["mixed"]) == {"cns+cones2"}
+    assert 0.0 <= s["cns+cones2_composition_guided"] <= 1.0
     # Cones 2 and textual inversion never change the UNet: plain prompts come out identical
     for m in ("cones2", "ti"):
         assert s[f"{m}_prior_drop"] == 0.0 and s[f"{m}_prior_drop_two"] == 0.0
@@ -107,8 +113,10 @@ def test_baseline_touches_what_it_claims_and_comes_off(fresh_tiny_pipe, tmp_path
 
 def test_placement_sweep_smoke(random_judge):
     cfg = quality.QualityConfig(generations=2, gen_steps=2, tiny=True)
-    rates = quality.placement_sweep(cfg, [0.0, 1.0], random_judge)
+    pipe = quality.load_model(cfg)
+    rates = quality.placement_sweep(pipe, lambda w: quality._generator(pipe, cfg, w), random_judge,
+                                    [0.0, 1.0], cfg.generations)
     assert set(rates) == {0.0, 1.0}
     for r in rates.values():
-        assert set(r) == {"with_order", "against_order"}
+        assert set(r) == {"a_left", "b_left"}
         assert all(v in (0.0, 0.5, 1.0) for v in r.values())   # fractions of 2 images

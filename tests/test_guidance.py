@@ -164,9 +164,12 @@ def test_toyworld_guidance_puts_each_concept_in_its_box():
     the boxes follow the word order or go against it (bench.quality's placement sweep; measured
     at w = 0.075 over 16 images: 0.75 / 0.62 guided vs 0.00 / 0.19 unguided)."""
     from bench import quality
+    from bench._world import Judge
 
     cfg = quality.QualityConfig(generations=16, gen_steps=10)
-    rates = quality.placement_sweep(cfg, [0.0, GuidanceConfig().weight])
+    pipe = quality.load_model(cfg)
+    rates = quality.placement_sweep(pipe, lambda w: quality._generator(pipe, cfg, w), Judge(),
+                                    [0.0, GuidanceConfig().weight], cfg.generations)
     unguided, guided = rates[0.0], rates[GuidanceConfig().weight]
-    for order in ("with_order", "against_order"):
+    for order in ("a_left", "b_left"):
         assert guided[order] >= unguided[order] + 0.25, (order, rates)

@@ -179,6 +179,11 @@ def test_caption_examples():
     assert caption(SceneSpec((STAR,), "snow"), with_color=False, with_background=False) == "a photo of a star"
     assert caption(SceneSpec((STAR,), "snow"), look="pattern", with_background=False) == \
         "a photo of a red star with stripes"
+    # two objects without sides, in either order: where they go is not said
+    assert caption(two, placing="and") == "a photo of a red star and a blue ring on the sand"
+    assert caption(two, placing="and-reversed", template=1) == "a blue ring and a red star on the sand"
+    with pytest.raises(ValueError):
+        caption(two, placing="above")
 
 
 def test_concept_photos_keep_identity_and_vary():
