@@ -71,6 +71,9 @@ class TrainConfig:
     text_layers: int = 2
     text_ffn: int = 512
     threads: int = 2
+    t_power: float = 1.0         # timesteps drawn as T * u**t_power: > 1 weights the low-noise steps,
+                                 # where patterns are decided, over the coarse ones
+    init: str = ""               # warm start: a saved fixture folder (UNet, text encoder and VAE)
     checkpoint_every: int = 1000
     max_minutes: float = 58.0  # whole-run wall-time budget: the denoiser stage anneals and stops by then
 
@@ -206,7 +209,11 @@ def train_denoiser(pipe, latents: torch.Tensor, scenes: list, cfg: TrainConfig, 
         mean, std = latents[idx, 0], latents[idx, 1]
         z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * pipe.vae.config.scaling_factor
         ids = _tokenize(pipe.tokenizer, [sample_caption(scenes[i], rng, cfg) for i in idx.tolist()])
-        t = torch.randint(0, len(alphas), (cfg.unet_batch,), generator=gen)
+        if cfg.t_power == 1.0:
+            t = torch.randint(0, len(alphas), (cfg.unet_batch,), generator=gen)
+        else:
+            u = torch.rand(cfg.unet_batch, generator=gen)
+            t = (u ** cfg.t_power * len(alphas)).long().clamp_(max=len(alphas) - 1)
         noise = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -294,6 +301,16 @@ def build(cfg: TrainConfig):
                                text_layers=cfg.text_layers, text_ffn=cfg.text_ffn)
 
 
+def warm_start(pipe, folder: Path) -> None:
+    """Load a saved fixture's weights into the freshly built pipeline (same architecture)."""
+    from cns_daemon.model import load_pipeline
+
+    saved = load_pipeline(folder, device="cpu", dtype="float32")
+    for name in ("unet", "text_encoder", "vae"):
+        getattr(pipe, name).load_state_dict(getattr(saved, name).state_dict())
+    log.info("warm start from %s", folder)
+
+
 def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -307,9 +324,13 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     log.info("rendered in %.0fs", time.time() - t_start)
 
     pipe = build(cfg)
+    if cfg.init:
+        warm_start(pipe, Path(cfg.init))
     gen = torch.Generator().manual_seed(cfg.seed)
     vae_file = work / "vae.pt"
-    if resume and vae_file.exists():
+    if cfg.init and cfg.vae_steps == 0:
+        vae_loss = float("nan")   # the warm start's VAE, kept as it is (its latents stay valid)
+    elif resume and vae_file.exists():
         saved = torch.load(vae_file)
         pipe.vae.load_state_dict(saved["vae"])
         vae_loss = saved["loss"]
