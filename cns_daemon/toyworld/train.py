@@ -366,6 +366,8 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
             "unet_final_loss": round(unet_loss, 5), "unet_steps_done": steps_done, "latent_scaling_factor": scale,
             "trained_token_rows": len(used), **rows,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "resumed": start is not None}
+    if cfg.init:   # the run this one continued, as it recorded itself
+        info["warm_start"] = json.loads((Path(cfg.init) / "train_info.json").read_text())
     save_model(pipe, out, info)
     log.info("saved to %s in %.1f min", out, info["wall_seconds"] / 60)
     return info
