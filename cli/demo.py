@@ -1,7 +1,7 @@
 """`cones demo`: the whole product in one offline command.
 
 Starts a service in a temporary CONES_HOME (or uses the running one), renders toy-world photos of
-two personal concepts (objects whose pattern the words cannot say), drops the first in the inbox
+two personal concepts (patterned objects with a tilt no word says), drops the first in the inbox
 and adds the second with the CLI's own request, shows learning progress, then generates without
 the concept, with it, and with both in boxes, asks the toy world's attribute probe what it sees,
 and prints the contact sheets. Only the probe needs torch; it is imported inside `probe_verdicts`.
@@ -33,14 +33,20 @@ class DemoConcept:
     color: str
     pattern: str
     second_color: str
+    tilt: str
 
     @property
     def words(self) -> str:
-        return f"a {self.color} {self.shape} with {self.second_color} {self.pattern}"
+        return f"a {self.color} {self.shape} with {self.tilt} {self.second_color} {self.pattern}"
+
+    def spec(self):
+        from cns_daemon.toyworld.world import ObjectSpec
+
+        return ObjectSpec(self.shape, self.color, self.pattern, self.second_color, self.tilt)
 
 
-FIRST = DemoConcept("redstar", "star", "red", "stripes", "yellow")
-SECOND = DemoConcept("bluering", "ring", "blue", "dots", "orange")
+FIRST = DemoConcept("redstar", "star", "red", "stripes", "yellow", "diagonal")
+SECOND = DemoConcept("bluering", "ring", "blue", "dots", "orange", "straight")
 
 
 @dataclass
@@ -95,11 +101,10 @@ class TempService:
 
 
 def photos_of(concept: DemoConcept, n: int, seed: int) -> list[tuple[str, bytes]]:
-    from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
+    from cns_daemon.toyworld.world import render_concept_photos
 
-    obj = ObjectSpec(concept.shape, concept.color, concept.pattern, concept.second_color)
     out = []
-    for i, (image, _caption) in enumerate(render_concept_photos(obj, n, seed)):
+    for i, (image, _caption) in enumerate(render_concept_photos(concept.spec(), n, seed)):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         out.append((f"{concept.name}-{i}.png", buf.getvalue()))
@@ -156,27 +161,31 @@ def generate(c: Client, title: str, prompt: str, opts: Options, boxes: list[str]
 
 
 def probe_verdicts(runs: dict[str, JobInfo]) -> list[str]:
-    """What the attribute probe reads in each run's images, in one line per run."""
+    """What the attribute probe reads in each run's images, in one line per run: the named look
+    (shape, colour, pattern, second colour) and, for the concept, its tilt."""
     from PIL import Image
 
     from cns_daemon.toyworld.probe import Probe
-    from cns_daemon.toyworld.world import ObjectSpec
+    from cns_daemon.toyworld.world import UNNAMED
 
     probe = Probe.load()
-    objs = {c.name: ObjectSpec(c.shape, c.color, c.pattern, c.second_color) for c in (FIRST, SECOND)}
+    first, second = FIRST.spec(), SECOND.spec()
     lines = []
     for title, job in runs.items():
         images = [Image.open(p).convert("RGB") for p in job.result.images]
         if title == "both":
             pairs = probe.read_halves(images)
-            hits = sum(l.matches(objs[FIRST.name]) and r.matches(objs[SECOND.name]) for l, r in pairs)
+            hits = sum(lft.matches(first) and rgt.matches(second) for lft, rgt in pairs)
             lines.append(f"both in boxes: {hits}/{len(pairs)} images show <{FIRST.name}> on the left "
                          f"and <{SECOND.name}> on the right")
             continue
         reads = probe.read(images)
-        hits = sum(a.matches(objs[FIRST.name]) for a in reads)
+        hits = sum(a.matches(first) for a in reads)
+        tilt = sum(a.matches(first, attrs=UNNAMED) for a in reads)
         seen = ", ".join(sorted({f"{a.color} {a.shape} ({a.pattern})" for a in reads}))
-        lines.append(f"{title}: {hits}/{len(reads)} images show {FIRST.words}  [probe saw: {seen}]")
+        lines.append(f"{title}: {hits}/{len(reads)} images show {FIRST.color} {FIRST.shape} with "
+                     f"{FIRST.second_color} {FIRST.pattern}, {tilt}/{len(reads)} its {FIRST.tilt} tilt "
+                     f"[probe saw: {seen}]")
     return lines
 
 
@@ -209,7 +218,8 @@ def run(opts: Options) -> None:
             runs = {
                 "without the concept": generate(c, "without", f"a photo of a {FIRST.color} {FIRST.shape}", opts),
                 "with the concept": generate(c, "with", f"a photo of <{FIRST.name}>", opts),
-                "both": generate(c, "two concepts in boxes", f"a photo of <{FIRST.name}> and <{SECOND.name}>",
+                "both": generate(c, "two concepts in boxes",
+                                 f"a photo of <{FIRST.name}> and <{SECOND.name}> on the grass",
                                  opts, [f"{FIRST.name}=0,0,0.5,1", f"{SECOND.name}=0.5,0,1,1"]),
             }
         try:
