@@ -18,7 +18,8 @@ from cli.toyworld import toyworld_app
 from cli.views import (concept_table, concepts_table, console, err_console, eval_table, follow,
                        handled, jobs_table, print_json, status_table)
 from cns_daemon.errors import BadInput
-from cns_daemon.protocol import AddRequest, EvalRequest, GenerateRequest, JobInfo, Photo
+from cns_daemon.protocol import (MAX_JOBS_LISTED, MAX_SEED, AddRequest, EvalRequest, GenerateRequest,
+                                 JobInfo, Photo)
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
@@ -96,7 +97,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         class_word: str = typer.Option(..., "--class", help="What it is: dog, mug, star …"),
         method: Optional[str] = typer.Option(None, help="cns (default) | cones | cones2"),
         steps: Optional[int] = typer.Option(None, help="Training steps (default: the method's)."),
-        seed: int = typer.Option(0, help="Training seed."),
+        seed: int = typer.Option(0, help=f"Training seed (0 to {MAX_SEED})."),
         option: List[str] = typer.Option([], "--option", help="Method hyper-parameter KEY=VALUE (e.g. top_p=5); repeatable."),
         no_wait: bool = typer.Option(False, "--no-wait", help="Queue the job and return."),
         as_json: bool = JSON) -> None:
@@ -181,7 +182,7 @@ def import_(file: Path) -> None:
 @handled
 def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <name>."),
              n: int = typer.Option(1, "-n", help="Number of images."),
-             seed: Optional[int] = typer.Option(None, help="Seed (default: random)."),
+             seed: Optional[int] = typer.Option(None, help=f"Seed, 0 to {MAX_SEED} (default: random)."),
              steps: Optional[int] = typer.Option(None, help="Denoising steps."),
              box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
              out: Optional[Path] = typer.Option(None, "-o", "--out", help="Copy the PNGs into this folder."),
@@ -252,7 +253,8 @@ def _prompt_lines(path: Path) -> list[str]:
 
 @app.command()
 @handled
-def jobs(limit: int = typer.Option(20, help="How many (newest first)."), as_json: bool = JSON) -> None:
+def jobs(limit: int = typer.Option(20, min=1, max=MAX_JOBS_LISTED, help="How many (newest first)."),
+         as_json: bool = JSON) -> None:
     """Recent jobs and their state."""
     with client() as c:
         items = c.jobs(limit)

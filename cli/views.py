@@ -7,6 +7,7 @@ from typing import Iterable
 
 import typer
 from pydantic import BaseModel
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -102,14 +103,21 @@ def eval_table(names: list[str], metrics: dict) -> Table:
 
 
 def jobs_table(jobs: Iterable[JobInfo]) -> Table:
-    table = Table(title="Jobs (newest first)")
-    for col in ("id", "kind", "state", "what", "progress", "created", "note"):
-        table.add_column(col)
+    """At 80 columns the id (12 characters, what `cones cancel` takes) and the short columns stay
+    whole; `what` (which starts with the kind) and `note` wrap. `--json` has every field."""
+    table = Table(title="Jobs (newest first)", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+                  pad_edge=False, show_edge=False)
+    table.add_column("id", no_wrap=True, min_width=12)
+    table.add_column("state", no_wrap=True)
+    table.add_column("what", ratio=1, min_width=14, overflow="fold")
+    table.add_column("progress", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("note", ratio=1, min_width=14, overflow="fold")
     for j in jobs:
         p = j.progress
         prog = f"{p.phase} {p.step}/{p.total}" if p and p.total else (p.phase if p else "-")
         note = j.error.message if j.error else _result_note(j)
-        table.add_row(j.id, j.kind, _state(j.state), j.summary, prog, ago(j.created), note)
+        table.add_row(j.id, _state(j.state), j.summary, prog, ago(j.created), note)
     return table
 
 

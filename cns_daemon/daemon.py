@@ -85,11 +85,17 @@ def peer_uid(sock: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def _protocol_class():
-    """uvicorn's h11 protocol, refusing connections from any other user (SO_PEERCRED)."""
+def _protocol_class(header_timeout: float):
+    """uvicorn's h11 protocol, refusing connections from any other user (SO_PEERCRED) and
+    closing a connection whose request head does not complete within `header_timeout` seconds
+    (uvicorn's keep-alive timer stops at the first byte, so a head that never ends would hold
+    the connection for ever)."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class PeerCheckedH11(H11Protocol):
+        _head_timer = None
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             sock = transport.get_extra_info("socket")
@@ -98,6 +104,40 @@ def _protocol_class():
                 if uid != os.getuid():
                     log.warning("refused a connection from uid %d", uid)
                     transport.close()
+                    return
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:   # the head is complete (or refused)
+                self._disarm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_timer()   # the next request on this connection gets the same time
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            if not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            if self.conn.our_state is h11.IDLE:   # nothing of a response went out yet
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                                     b"connection: close\r\n\r\n")
+            self.transport.close()
 
     return PeerCheckedH11
 
@@ -160,7 +200,8 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
                 notifier.ready(_status_line(service))
                 log.info("cones is serving on %s", paths.socket)
 
-        config = uvicorn.Config(App(service, settings.max_request_bytes), http=_protocol_class(),
+        config = uvicorn.Config(App(service, settings.max_request_bytes),
+                                http=_protocol_class(settings.header_timeout_seconds),
                                 lifespan="on", log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=3)
         notifier.start_watchdog(alive=lambda: service.worker.alive)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cns_daemon.archive import CheckedPhoto, check_photos
 from cns_daemon.errors import BadInput, ConesError
-from cns_daemon.protocol import FINAL_STATES, SkippedFile
+from cns_daemon.protocol import FINAL_STATES, MAX_SEED, SkippedFile
 from store.records import METHODS, JobRecord, validate_name
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ def read_spec(folder: Path) -> FolderSpec:
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100_000):
         raise BadInput(f"steps in {CONFIG_FILE} must be a whole number from 1 to 100000, not {steps!r}.")
     seed = config.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise BadInput(f"seed in {CONFIG_FILE} must be a whole number, not {seed!r}.")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise BadInput(f"seed in {CONFIG_FILE} must be a whole number from 0 to {MAX_SEED}, not {seed!r}.")
     options = config.get("options", {})
     if not isinstance(options, dict) or not all(isinstance(v, (bool, int, float, str)) for v in options.values()):
         raise BadInput(f"[options] in {CONFIG_FILE} must be a table of plain values.",

@@ -77,8 +77,10 @@ def test_typed_errors_and_exit_codes(cones, tmp_path):
     photos = write_photos(tmp_path / "p", 1)
     code, out = cones("add", "../x", str(photos[0]), "--class", "dog")
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "name" in out
-    code, out = cones("cancel", "nosuchjob")
+    code, out = cones("cancel", "0123456789ab")
     assert code == EXIT_CODES[ErrorCode.NOT_FOUND]
+    code, out = cones("cancel", "nosuchjob")   # not a job id at all: refused before it is sent
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "Invalid job id" in out
 
 
 def test_cancel_running_learn_leaves_no_concept(cones, daemon, tmp_path):

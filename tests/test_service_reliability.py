@@ -122,13 +122,14 @@ def test_bad_requests(raw):
     _error(raw.post(f"{p}/generate", json={"prompt": "", "n": 1}), 400, "bad_input")
     _error(raw.post(f"{p}/generate", json={"prompt": "x", "n": 1000}), 400, "bad_input")
     _error(raw.get(f"{p}/nowhere"), 404, "not_found")
-    _error(raw.put(f"{p}/concepts"), 400, "bad_input")
+    put = _error(raw.put(f"{p}/concepts"), 405, "bad_input")
+    assert "PUT is not allowed" in put["message"]
     _error(raw.get(f"{p}/jobs/" + "x" * 300), 400, "bad_input")
 
 
 def test_oversized_request(raw):
     big = _add_body(files=[("big.png", b"\0" * (LIMIT * 2))])
-    body = _error(raw.post(f"{API_PREFIX}/concepts", json=big), 400, "bad_input")
+    body = _error(raw.post(f"{API_PREFIX}/concepts", json=big), 413, "bad_input")
     assert "too large" in body["message"] and str(LIMIT) in body["message"]
 
 
