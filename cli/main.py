@@ -15,9 +15,9 @@ import typer
 
 from cli.client import Client
 from cli.toyworld import toyworld_app
-from cli.views import (concept_table, concepts_table, console, err_console, eval_table, follow,
-                       handled, jobs_table, print_json, status_table)
-from cns_daemon.errors import BadInput
+from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
+                       eval_table, follow, handled, jobs_table, print_json, status_table)
+from cns_daemon.errors import EXIT_CODES, BadInput
 from cns_daemon.protocol import (MAX_JOBS_LISTED, MAX_SEED, AddRequest, EvalRequest, GenerateRequest,
                                  JobInfo, Photo)
 
@@ -25,6 +25,9 @@ app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concep
                   no_args_is_help=True, add_completion=False)
 service_app = typer.Typer(help="Install or remove the systemd user service.", no_args_is_help=True)
 app.add_typer(service_app, name="service")
+store_app = typer.Typer(help="Check or repair the concept store (on its files; no service needed).",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
 app.add_typer(toyworld_app, name="toyworld")
 
 JSON = typer.Option(False, "--json", help="Print one machine-readable JSON document.")
@@ -131,7 +134,12 @@ def list_(as_json: bool = JSON) -> None:
     """The stored concepts: method, class, size on disk, neurons, overlap."""
     with client() as c:
         concepts = c.concepts()
-    print_json(concepts) if as_json else console.print(concepts_table(concepts))
+    if as_json:
+        print_json(concepts)
+        return
+    console.print(concepts_table(concepts))
+    for line in concept_problems(concepts):
+        err_console.print(line, highlight=False)
 
 
 @app.command()
@@ -314,6 +322,69 @@ def service_uninstall(unit_dir: Optional[Path] = UNIT_DIR) -> None:
 
     service_unit.uninstall(unit_dir or service_unit.default_unit_dir(),
                            say=lambda line: console.print(line, highlight=False))
+
+
+# ---------------------------------------------------------------- the store's files
+
+
+@store_app.command("check")
+@handled
+def store_check(as_json: bool = JSON) -> None:
+    """Read every record of the concept store and list what is damaged (exit 7 if anything is)."""
+    from dataclasses import asdict
+
+    from cns_daemon.errors import Corrupt
+    from store.salvage import check
+
+    report = check(settings().paths.store)
+    if as_json:
+        print(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
+    else:
+        for line in _check_lines(report):
+            console.print(line, highlight=False)
+    if not report.ok:
+        raise typer.Exit(EXIT_CODES[Corrupt.code])
+
+
+@store_app.command("salvage")
+@handled
+def store_salvage() -> None:
+    """Copy every readable concept and job into a fresh store; the damaged one is kept aside.
+    The service must be stopped."""
+    from cns_daemon.daemon import InstanceLock
+    from store.salvage import salvage
+
+    paths = settings().paths
+    paths.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = InstanceLock(paths.runtime / "cones.lock")
+    lock.acquire(paths.socket)   # Conflict while a service runs: it has the store open
+    try:
+        done = salvage(paths.store)
+    finally:
+        lock.release()
+    lost = done.check.damaged
+    console.print(f"Copied {len(done.copied)} concepts and {done.jobs_copied} jobs into a fresh store "
+                  f"at {paths.store}.", highlight=False)
+    for name, why in lost.items():
+        console.print(f"[red]left behind[/] <{name}>: {why}", highlight=False)
+    if done.check.damaged_jobs:
+        console.print(f"{len(done.check.damaged_jobs)} damaged jobs were left behind.", highlight=False)
+    console.print(f"The damaged store is kept at {done.kept_at}; learn the lost concepts again "
+                  "from their photos.", highlight=False)
+
+
+def _check_lines(report) -> list[str]:
+    if report.error:
+        return [f"[red]cannot open[/] {report.path}: {report.error}"]
+    lines = [f"{report.path}: {len(report.concepts)} concepts and {report.jobs} jobs read whole."]
+    lines += [f"[red]damaged database[/] {db}: {why}" for db, why in report.databases.items()]
+    lines += [f"[red]damaged[/] <{name}>: {why}" for name, why in report.damaged.items()]
+    lines += [f"[red]damaged job[/] {job}: {why}" for job, why in report.damaged_jobs.items()]
+    if not report.ok:
+        lines.append("Stop the service and run `cones store salvage` to keep everything readable "
+                     "in a fresh store (a concept damaged only in its own bytes can also be removed "
+                     "with `cones rm NAME`).")
+    return lines
 
 
 # ---------------------------------------------------------------- misc

@@ -66,15 +66,27 @@ def ago(t: float | None) -> str:
     return f"{s:.0f} s ago"
 
 
+STATE_LABELS = {"ok": "[green]ok[/]", "damaged": "[red]damaged[/]",
+                "not_rebuilt": "[yellow]not rebuilt[/]"}
+
+
 def concepts_table(concepts: Iterable[ConceptInfo]) -> Table:
     table = Table(title="Concepts")
-    for col in ("name", "method", "class", "size", "neurons", "overlap", "created"):
+    for col in ("name", "state", "method", "class", "size", "neurons", "overlap", "created"):
         table.add_column(col, justify="right" if col in ("size", "neurons") else "left")
     for c in concepts:
         overlap = ", ".join(f"{k}:{v}" for k, v in sorted(c.overlap.items())) or "-"
-        table.add_row(c.name, c.method, c.class_word, human_size(c.size_bytes), f"{c.neurons:,}",
-                      overlap, ago(c.created))
+        table.add_row(c.name, STATE_LABELS.get(c.state, c.state), c.method or "?",
+                      c.class_word or "?", human_size(c.size_bytes), f"{c.neurons:,}", overlap,
+                      ago(c.created) if c.created else "-")
     return table
+
+
+def concept_problems(concepts: Iterable[ConceptInfo]) -> list[str]:
+    """One line per concept that is not ok, then each different hint once."""
+    bad = [c for c in concepts if c.state != "ok"]
+    lines = [f"<{c.name}> {c.state.replace('_', ' ')}: {c.problem}" for c in bad]
+    return lines + list(dict.fromkeys(c.hint for c in bad if c.hint))
 
 
 def concept_table(c: ConceptInfo) -> Table:
@@ -138,11 +150,16 @@ def status_table(s: StatusInfo) -> Table:
     for k, v in (("version", f"{s.version} (protocol {s.protocol})"), ("pid", str(s.pid)),
                  ("uptime", f"{s.uptime_s:.0f} s"), ("model", s.model),
                  ("device", f"{s.device} / {s.dtype}"), ("fingerprint", s.fingerprint),
-                 ("concepts", str(s.concepts)), ("running", running), ("queued", str(s.queue.queued)),
+                 ("concepts", _concept_count(s)), ("running", running), ("queued", str(s.queue.queued)),
                  ("socket", s.socket), ("data", s.data),
                  ("inbox", s.inbox + ("" if s.inbox_watched else " (not watched)"))):
         table.add_row(k, v)
     return table
+
+
+def _concept_count(s: StatusInfo) -> str:
+    bad = [f"{n} {what}" for n, what in ((s.damaged, "damaged"), (s.not_rebuilt, "not rebuilt")) if n]
+    return f"{s.concepts} ({', '.join(bad)}; see `cones list`)" if bad else str(s.concepts)
 
 
 def _state(state: str) -> str:

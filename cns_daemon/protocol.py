@@ -57,6 +57,10 @@ NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 CLASS_PATTERN = r"^[A-Za-z][A-Za-z -]{0,63}$"
 JOB_ID_PATTERN = r"^[0-9a-f]{12}$"   # what Worker.submit makes: 12 hex digits of a uuid4
 JobKind = Literal["learn", "generate", "remove", "import", "eval"]
+# ok; damaged: its bytes in the store cannot be read (remove it, or salvage the store);
+# not_rebuilt: readable, but it cannot be used on the loaded model (for CNS: it could not be
+# written back into the weights at start-up). Generating with either is refused.
+ConceptState = Literal["ok", "damaged", "not_rebuilt"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 FINAL_STATES = ("done", "failed", "cancelled")
 MethodName = Literal["cns", "cones", "cones2"]
@@ -216,6 +220,9 @@ class ConceptInfo(Model):
     overlap: dict[str, int] = Field(default_factory=dict)
     fingerprint: str = ""
     metrics: dict[str, float | int | str | None] = Field(default_factory=dict)
+    state: ConceptState = "ok"
+    problem: str = ""                 # why it is not ok
+    hint: str = ""                    # what to do about it
 
 
 class ConceptList(Model):
@@ -241,6 +248,8 @@ class StatusInfo(Model):
     dtype: str
     fingerprint: str
     concepts: int
+    damaged: int = 0                  # concepts whose bytes cannot be read
+    not_rebuilt: int = 0              # readable concepts that cannot be used on this model
     queue: QueueInfo
 
 

@@ -71,7 +71,10 @@ class Service:
         return self.worker.submit("eval", req)
 
     def remove(self, name: str) -> JobRecord:
-        self.engine.concept(name)   # NotFound now rather than from the queue
+        # NotFound now rather than from the queue; membership only, so a damaged concept (whose
+        # record cannot be decoded) can still be removed.
+        if name not in self.store:
+            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.")
         return self.worker.submit("remove", RemoveJob(name=name))
 
     def import_file(self, data: bytes) -> JobRecord:
@@ -121,13 +124,15 @@ class Service:
 
     def status(self) -> StatusInfo:
         info = self.engine.info
+        health = self.engine.health()
         running = self.worker.running()
         return StatusInfo(
             protocol=PROTOCOL_VERSION, version=_version(), pid=os.getpid(),
             uptime_s=round(time.time() - self.started, 3), socket=str(self.paths.socket),
             data=str(self.paths.data), inbox=str(self.paths.inbox), inbox_watched=self.inbox_watched,
             model=info.model, device=info.device, dtype=info.dtype, fingerprint=info.fingerprint,
-            concepts=len(self.store.list()),
+            concepts=len(self.store.names()), damaged=health["damaged"],
+            not_rebuilt=health["not_rebuilt"],
             queue=QueueInfo(queued=len(self.worker.queued()),
                             running=self.worker.info(running) if running else None))
 
