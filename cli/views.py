@@ -128,7 +128,7 @@ def jobs_table(jobs: Iterable[JobInfo]) -> Table:
     for j in jobs:
         p = j.progress
         prog = f"{p.phase} {p.step}/{p.total}" if p and p.total else (p.phase if p else "-")
-        note = j.error.message if j.error else _result_note(j)
+        note = "; ".join(n for n in (j.note, j.error.message if j.error else _result_note(j)) if n)
         table.add_row(j.id, _state(j.state), j.summary, prog, ago(j.created), note)
     return table
 

@@ -202,6 +202,7 @@ class JobInfo(Model):
     result: JobResult | None = None
     progress: ProgressInfo | None = None
     skipped: list[SkippedFile] = Field(default_factory=list)   # learn: photos not used, and why
+    note: str = ""   # e.g. that it was re-queued after the service stopped while it ran
 
 
 class JobList(Model):

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 PRIORITY = {"generate": 10, "eval": 8, "remove": 5, "import": 5, "learn": 0}
 MAX_ATTEMPTS = 2  # the first run plus one re-run after a crash
 CRASH_REASON = ("The service stopped while this job was running, twice; it was not tried again.")
+RESTARTED = "restarted after the service stopped"
 
 
 class JobStore(Protocol):
@@ -170,7 +171,8 @@ class Worker:
         return JobInfo(id=job.id, kind=job.kind, state=job.state, summary=self.summarize(job),
                        created=job.created, started=job.started, finished=job.finished,
                        attempts=job.attempts, error=job.error, result=job.result,
-                       progress=self.hub.latest(job.id), skipped=job.request.get("skipped", []))
+                       progress=self.hub.latest(job.id), skipped=job.request.get("skipped", []),
+                       note=restart_note(job))
 
     def running(self) -> JobRecord | None:
         with self._lock:
@@ -248,6 +250,17 @@ class Worker:
         self.jobs.put_job(job)
         self.hub.publish(ProgressInfo(job=job.id, state=state,
                                       error=ErrorBody(**error) if error else None))
+
+
+def restart_note(job: JobRecord) -> str:
+    """Says so when a job runs (or ran, or waits to run) again because the service stopped while
+    it was running. `attempts` counts starts; a clean shutdown gives its start back, so only a
+    crash leaves a count above the runs a job has had."""
+    if job.state == "queued" and job.attempts >= 1:
+        return f"{RESTARTED}; attempt {job.attempts + 1} of {MAX_ATTEMPTS} next"
+    if job.attempts >= 2 and not (job.error and job.error.get("message") == CRASH_REASON):
+        return f"{RESTARTED}, attempt {job.attempts} of {MAX_ATTEMPTS}"
+    return ""
 
 
 def get_job_or_404(jobs: JobStore, job_id: str) -> JobRecord:
