@@ -107,6 +107,8 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
     """Learn a concept from photos."""
     items = []
     for p in photos:
+        if p.is_dir():
+            raise BadInput(f"{p} is a directory, not a photo.", f"Give the photos in it, e.g. {p}/*.jpg.")
         if not p.is_file():
             raise BadInput(f"No such file: {p}.", "Give paths of photo files.")
         items.append(Photo(filename=p.name, data=p.read_bytes()))
@@ -164,12 +166,17 @@ def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait")) -> None:
 
 @app.command()
 @handled
-def export(name: str, output: Path = typer.Option(..., "-o", "--output", help="File to write (.safetensors).")) -> None:
+def export(name: str, output: Path = typer.Option(..., "-o", "--output",
+                                                 help="File to write (.safetensors), or a folder for NAME.safetensors.")) -> None:
     """Write a concept to one safetensors file (with its metadata)."""
+    target = output / f"{name}.safetensors" if output.is_dir() else output
+    if not target.parent.is_dir():
+        raise BadInput(f"The folder {target.parent} does not exist.",
+                       "Create it first, or give -o a file in an existing folder.")
     with client() as c:
         data = c.export(name)
-    output.write_bytes(data)
-    console.print(f"Wrote <{name}> to {output} ({len(data):,} bytes).")
+    _write(target, data)
+    console.print(f"Wrote <{name}> to {target} ({len(data):,} bytes).", highlight=False)
 
 
 @app.command("import")
@@ -197,13 +204,14 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
              as_json: bool = JSON) -> None:
     """Generate images; writes PNGs and a contact sheet and prints their paths."""
     req = _model(GenerateRequest, prompt=prompt, n=n, seed=seed, steps=steps, boxes=box)
+    if out is not None:
+        _folder(out)   # before the job: a bad -o must not cost a generation
     with client() as c:
         job = wait_for(c, c.generate(req), quiet=as_json)
     result = job.result
     if result is None:
         raise BadInput("The job finished without images.")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         copied = [str(shutil.copy2(p, out / Path(p).name)) for p in result.images]
         sheet = str(shutil.copy2(result.contact_sheet, out / Path(result.contact_sheet).name)) if result.contact_sheet else None
         job = job.model_copy(update={"result": result.model_copy(update={"images": copied, "contact_sheet": sheet})})
@@ -242,6 +250,24 @@ def eval_(names: List[str] = typer.Argument(..., help="Concepts to score (all of
         print(json.dumps({"names": names, **job.result.metrics}, indent=2))
         return
     console.print(eval_table(names, job.result.metrics))
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise BadInput(f"Cannot write {path}: {exc.strerror or exc}.", "Give -o a writable file path.") from None
+
+
+def _folder(path: Path) -> None:
+    """An output folder, made if missing; a file in the way is a typed error."""
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"{path} is a file, not a folder.", "Give -o a folder for the images.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"Cannot make the folder {path}: {exc.strerror or exc}.",
+                       "Give -o a folder you can write to.") from None
 
 
 def _prompt_lines(path: Path) -> list[str]:

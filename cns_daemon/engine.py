@@ -284,6 +284,14 @@ class Engine:
 
     # ------------------------------------------------------------ read-only (any thread)
 
+    def check_learn(self, method: str, steps: int | None, options: dict) -> None:
+        """Refuse unknown option keys, values of the wrong type or out of range, for this method,
+        before a learn job is queued (the method parses the same way when the job runs)."""
+        from cns_daemon.methods import get_method
+        from cns_daemon.methods.common import parse_options
+
+        parse_options(get_method(method).Params, options, steps)
+
     def check_generate(self, req: GenerateRequest) -> None:
         """Refuse a bad prompt or box before it is queued: unknown, damaged or not rebuilt
         concepts, boxes for names not in the prompt, malformed boxes."""

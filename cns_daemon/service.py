@@ -17,7 +17,7 @@ from typing import Callable
 from cns_daemon.archive import Archive, CheckedPhoto, check_photos
 from cns_daemon.errors import BadPhoto, Conflict, Internal, NotFound
 from cns_daemon.methods.base import CancelToken, ProgressEvent
-from cns_daemon.protocol import (PROTOCOL_VERSION, AddRequest, ConceptInfo, EvalRequest, GenerateRequest,
+from cns_daemon.protocol import (MIN_PHOTOS, PROTOCOL_VERSION, AddRequest, ConceptInfo, EvalRequest, GenerateRequest,
                                  ImportJob, JobInfo, JobResult, LearnJob, QueueInfo, RemoveJob,
                                  SkippedFile, StatusInfo)
 from cns_daemon.settings import Settings
@@ -50,12 +50,19 @@ class Service:
                      seed: int, photos: list[CheckedPhoto], skipped: list[SkippedFile], *,
                      source: str, inbox_folder: str | None = None,
                      options: dict | None = None) -> JobRecord:
-        if not photos:
-            why = "; ".join(f"{s.file}: {s.reason}" for s in skipped) or "no files"
-            raise BadPhoto(f"No usable photo for {name!r} ({why}).")
+        """Everything a learn job could refuse is refused here, before it is queued: the name,
+        too few distinct usable photos, the method's options and steps."""
+        method = method or self.settings.method
+        if len(photos) < MIN_PHOTOS:
+            why = "; ".join(f"{s.file}: {s.reason}" for s in skipped) or "no other files"
+            head = (f"No usable photo for {name!r}" if not photos else
+                    f"Only {len(photos)} usable photo for {name!r}")
+            raise BadPhoto(f"{head}; learning needs at least {MIN_PHOTOS} different photos ({why}).",
+                           "Give 3-5 different photos of it (PNG/JPEG/WebP, at least 32x32 pixels).")
         self._check_name_free(name)
+        self.engine.check_learn(method, steps, options or {})
         digests = [self.archive.put(p) for p in photos]
-        job = LearnJob(name=name, class_word=class_word, method=method or self.settings.method,
+        job = LearnJob(name=name, class_word=class_word, method=method,
                        steps=steps, seed=seed, options=options or {}, photo_digests=digests,
                        skipped=skipped,
                        source=source, inbox_folder=inbox_folder)

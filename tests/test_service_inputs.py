@@ -28,7 +28,13 @@ def daemon():
 
 @pytest.fixture
 def cones(daemon, monkeypatch):
-    return cli_in_process(daemon.home, monkeypatch, merged=True)
+    """The CLI in-process: (exit code, stdout + stderr with rich's line wrapping undone)."""
+    run = cli_in_process(daemon.home, monkeypatch, merged=True)
+
+    def flat(*args: str):
+        code, out = run(*args)
+        return code, " ".join(out.split())
+    return flat
 
 
 def raw_http(sock_path: Path, head: str, body: bytes = b"", *, timeout: float = 10.0) -> tuple[bytes, float]:
@@ -171,9 +177,10 @@ def test_jobs_limit_below_one_is_refused(cones, daemon):
     assert code == 0 and len(json.loads(out)) <= 1
 
 
-def test_jobs_table_shows_whole_ids_at_80_columns(cones, daemon, tmp_path, monkeypatch):
+def test_jobs_table_shows_whole_ids_at_80_columns(daemon, tmp_path, monkeypatch):
     from cli import views
 
+    cones = cli_in_process(daemon.home, monkeypatch, merged=True)
     learned(daemon, tmp_path, "wide")
     from cns_daemon.protocol import GenerateRequest
 
@@ -187,3 +194,107 @@ def test_jobs_table_shows_whole_ids_at_80_columns(cones, daemon, tmp_path, monke
     with Client(daemon.socket) as c:
         ids = [j.id for j in c.jobs(20)]
     assert ids and all(i in out for i in ids), out
+
+
+# -- item 7: photo dimensions ----------------------------------------------------------------------
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A valid all-black 1-bit PNG of any size, written row by row (a 13000 x 13000 one is about
+    20 KB, and 169 MB once a decoder holds it as 8-bit pixels)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row = b"\0" * (1 + (width + 7) // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_huge_photo_is_refused_before_it_is_decoded(daemon):
+    from cns_daemon.protocol import AddRequest, Photo
+    from test_service_harness import photo_bytes
+
+    huge = blank_png(13_000, 13_000)
+    assert len(huge) < 1_000_000
+    before = peak_rss_kb(daemon.proc.pid)
+    photos = [Photo(filename="huge.png", data=huge), Photo(filename="narrow.png", data=blank_png(9000, 40)),
+              Photo(filename="many.png", data=blank_png(8000, 7000)),
+              Photo(filename="ok.png", data=photo_bytes(1))]
+    with Client(daemon.socket) as c, pytest.raises(Exception) as err:
+        c.add(AddRequest(name="big", class_word="dog", photos=photos))
+    assert err.value.code == ErrorCode.BAD_PHOTO
+    for name, size in (("huge.png", "13000x13000"), ("narrow.png", "9000x40"), ("many.png", "8000x7000")):
+        assert f"{name}: too large ({size}" in err.value.message, err.value.message
+    assert "8192 pixels a side" in err.value.message
+    grown_mb = (peak_rss_kb(daemon.proc.pid) - before) / 1024
+    assert grown_mb < 60, f"the daemon's peak memory grew by {grown_mb:.0f} MB"
+
+
+# -- item 11: photos --------------------------------------------------------------------------------
+
+
+def test_same_photo_counts_once_and_too_few_is_an_error(cones, daemon, tmp_path):
+    a, b = write_photos(tmp_path / "dup", 2)
+    copy = tmp_path / "dup" / "copy-of-photo0.png"
+    copy.write_bytes(a.read_bytes())
+    code, out = cones("add", "twice", str(a), str(a), str(copy), "--class", "dog")
+    assert code == EXIT_CODES[ErrorCode.BAD_PHOTO], out
+    assert "Only 1 usable photo" in out and "at least 2" in out and "the same photo as photo0.png" in out
+    code, out = cones("add", "once", str(a), str(copy), str(b), "--class", "dog", "--steps", "2")
+    assert code == 0, out
+    assert "skipped copy-of-photo0.png: the same photo as photo0.png" in out
+    with Client(daemon.socket) as c:
+        assert c.concept("once").photos == 2
+    code, out = cones("add", "folder", str(tmp_path / "dup"), "--class", "dog")
+    assert code == BAD_INPUT and "is a directory" in out, out
+
+
+# -- item 10: method options --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--option", "top_p=abc"), "top_p"),
+    (("--option", "no_such_knob=1"), "Unknown option"),
+    (("--option", "top_p=500"), "top_p"),
+    (("--method", "cones", "--option", "sparsity=200"), "sparsity"),
+    (("--method", "cones2", "--option", "lr=-1"), "lr"),
+    (("--method", "cones2", "--option", "top_p=5"), "Unknown option"),
+])
+def test_method_options_are_checked_when_submitted(cones, daemon, tmp_path, args, needle):
+    photos = [str(p) for p in write_photos(tmp_path / "opt", 2)]
+    with Client(daemon.socket) as c:
+        before = len(c.jobs(1000))
+    code, out = cones("add", "opts", *photos, "--class", "dog", *args)
+    assert code == BAD_INPUT and needle in out, out
+    with Client(daemon.socket) as c:
+        assert len(c.jobs(1000)) == before
+
+
+# -- item 12: export targets ---------------------------------------------------------------------------
+
+
+def test_export_to_a_missing_folder_or_into_a_folder(cones, daemon, tmp_path):
+    learned(daemon, tmp_path, "exported")
+    code, out = cones("export", "exported", "-o", str(tmp_path / "missing" / "x.safetensors"))
+    assert code == BAD_INPUT and "does not exist" in out and "Traceback" not in out, out
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    code, out = cones("export", "exported", "-o", str(folder))
+    assert code == 0, out
+    written = folder / "exported.safetensors"
+    assert written.is_file() and written.stat().st_size > 0 and str(written) in out
+    (tmp_path / "afile").write_text("x")
+    code, out = cones("generate", "a plain photo", "-o", str(tmp_path / "afile"))
+    assert code == BAD_INPUT and "is a file" in out, out

@@ -105,8 +105,9 @@ def test_bad_photos(raw):
     for name, why in (("notes.txt", "not an image"), ("cut.jpg", "truncated"), ("empty.png", "0 bytes"),
                       ("tiny.png", "too small")):
         assert name in body["message"] and why in body["message"], body["message"]
-    # one good photo among bad ones: accepted, the bad ones listed as skipped
-    ok = raw.post(f"{API_PREFIX}/concepts", json=_add_body("mixed", bad + [("good.png", photo_bytes(5))]))
+    # two good photos among bad ones: accepted, the bad ones listed as skipped
+    ok = raw.post(f"{API_PREFIX}/concepts", json=_add_body("mixed", bad + [("good.png", photo_bytes(5)),
+                                                                          ("good2.png", photo_bytes(6))]))
     assert ok.status_code == 202, ok.text
     skipped = {s["file"] for s in ok.json()["skipped"]}
     assert skipped == {"notes.txt", "cut.jpg", "empty.png", "tiny.png"}

@@ -83,6 +83,7 @@ class ProgressReporter:
 
 class Method(Protocol):
     name: str
+    Params: type   # its hyper-parameters (a dataclass); LearnSpec.options override its fields
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None,
               cancel: CancelToken | None, previous: list | None = None):

@@ -146,6 +146,7 @@ def class_residual(tuned, frozen_out: torch.Tensor, sset: SentenceSet) -> torch.
 
 class Cones2:
     name = "cones2"
+    Params = Cones2Options
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None,
               cancel: CancelToken | None, previous: list | None = None) -> ConceptRecord:
