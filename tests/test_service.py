@@ -98,7 +98,7 @@ def test_cancel_running_learn_leaves_no_concept(cones, daemon, tmp_path):
         assert c.job(job_id).error.code == "cancelled"
 
 
-def test_generate_jumps_queued_learn_jobs(daemon, tmp_path):
+def test_generate_runs_inside_a_running_learn_and_before_queued_ones(daemon, tmp_path):
     with Client(daemon.socket) as c:
         from cns_daemon.protocol import AddRequest, GenerateRequest, Photo
 
@@ -107,11 +107,14 @@ def test_generate_jumps_queued_learn_jobs(daemon, tmp_path):
         wait_until(lambda: c.job(first.id).state == "running", what="first running")
         second = c.add(AddRequest(name="second", class_word="dog", steps=5, photos=photos))
         gen = c.generate(GenerateRequest(prompt="a plain photo", steps=2))
+        wait_until(lambda: c.job(gen.id).state == "done", timeout=60, what="generate done")
+        assert c.job(first.id).state == "running"   # it paused for the generate, and goes on
         wait_until(lambda: c.job(second.id).state == "done", timeout=60, what="second done")
         first_job, gen_job, second_job = c.job(first.id), c.job(gen.id), c.job(second.id)
-        # the running learn job was not interrupted; the generate job went before the queued learn
+        # the generate ran between two steps of the running learn; the queued learn waited
         assert first_job.state == "done" and first_job.attempts == 1
-        assert first_job.finished <= gen_job.started <= gen_job.finished <= second_job.started
+        assert first_job.started <= gen_job.started <= gen_job.finished <= first_job.finished
+        assert first_job.finished <= second_job.started
 
 
 def test_two_clients_follow_and_list_at_once(daemon, tmp_path):

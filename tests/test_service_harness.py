@@ -95,6 +95,7 @@ class FakeEngine(Engine):
         report = ProgressReporter(progress, "train", total)
         for step in range(1, total + 1):
             cancel.check()
+            cancel.pause_point(contextlib.nullcontext)   # a generate job may run here
             time.sleep(self.step_s)
             report(step, loss=1.0 / step)
         if job.class_word == self.FAILING_CLASS:
