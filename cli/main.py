@@ -202,7 +202,7 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
              box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
              out: Optional[Path] = typer.Option(None, "-o", "--out", help="Copy the PNGs into this folder."),
              as_json: bool = JSON) -> None:
-    """Generate images; writes PNGs and a contact sheet and prints their paths."""
+    """Generate images; writes PNGs and a contact sheet and prints their paths (the sheet last)."""
     req = _model(GenerateRequest, prompt=prompt, n=n, seed=seed, steps=steps, boxes=box)
     if out is not None:
         _folder(out)   # before the job: a bad -o must not cost a generation
@@ -219,10 +219,12 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
     if as_json:
         print_json(job)
         return
+    if result.seed is not None:
+        err_console.print(f"seed {result.seed}; the contact sheet is the last line", highlight=False)
     for p in result.images:
         console.print(p, highlight=False)
-    if result.contact_sheet:
-        console.print(f"contact sheet: {result.contact_sheet}", highlight=False)
+    if result.contact_sheet:   # last, alone on its line: `cones generate ... | tail -1` opens it
+        console.print(result.contact_sheet, highlight=False)
 
 
 @app.command("eval")

@@ -81,5 +81,6 @@ def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the t
 
 
 def _describe(a: dict) -> str:
-    pattern = a["pattern"] if a["pattern"] == "solid" else f"{a['pattern']} in {a['second_color']}"
-    return f"{a['color']} {a['shape']}, {pattern}, on {a['background']} (confidence {a['confidence']:.2f})"
+    from cns_daemon.sheet import describe_reading   # the contact sheets' words for a reading
+
+    return describe_reading(a)

@@ -207,11 +207,31 @@ class Engine:
         from cns_daemon.generate import generate
         from cns_daemon.prompts import parse_box, referenced_names
 
+        if req.seed is None:   # a job queued before the service chose seeds at the request
+            req = req.model_copy(update={"seed": 0})
         records = {n: self._get(n) for n in referenced_names(req.prompt)}
-        options = {k: v for k, v in (("seed", req.seed), ("steps", req.steps)) if v is not None}
+        options = {k: v for k, v in (("steps", req.steps),) if v is not None}
         images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
-                          n=req.n, progress=progress, cancel=cancel, **options)
-        return save_images(images, out_dir)
+                          n=req.n, seed=req.seed, progress=progress, cancel=cancel, **options)
+        return save_images(images, out_dir, generation_caption(req), self._readings(images), req.seed)
+
+    def _readings(self, images) -> list[str] | None:
+        """In toy-world runs (no model configured): the attribute probe's reading of each image,
+        for the contact sheet. None elsewhere (the probe only knows the toy world)."""
+        if self.settings.model is not None:
+            return None
+        from dataclasses import asdict
+
+        from cns_daemon.sheet import describe_reading
+        from cns_daemon.toyworld.probe import Probe
+
+        if getattr(self, "_probe", None) is None:
+            try:
+                self._probe = Probe.load()
+            except ConesError as exc:
+                log.warning("no probe readings on contact sheets: %s", exc.message)
+                return None
+        return [describe_reading(asdict(a)) for a in self._probe.read(images)]
 
     def evaluate(self, req: EvalRequest, progress: ProgressFn, cancel: CancelToken) -> JobResult:
         """CLIP-I / CLIP-T of the named concepts (evaluate.py), generated with the same routine
@@ -359,9 +379,19 @@ class Engine:
                                 f"{self.info.fingerprint[:12]}…).")
 
 
-def save_images(images, out_dir: Path) -> JobResult:
-    """PNG per image plus a contact sheet of all of them, side by side."""
-    from PIL import Image
+def generation_caption(req: GenerateRequest) -> str:
+    """The contact sheet's caption line: what was asked."""
+    from cns_daemon.prompts import referenced_names
+
+    names = ", ".join(f"<{n}>" for n in referenced_names(req.prompt)) or "none"
+    boxes = f" · boxes {'; '.join(req.boxes)}" if req.boxes else ""
+    return f"{req.prompt} · seed {req.seed} · concepts {names}{boxes}"
+
+
+def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | None = None,
+                seed: int | None = None) -> JobResult:
+    """PNG per image plus a contact sheet of all of them (cns_daemon.sheet)."""
+    from cns_daemon.sheet import contact_sheet
 
     if not images:
         raise Internal("The generation returned no images.")
@@ -371,22 +401,6 @@ def save_images(images, out_dir: Path) -> JobResult:
         path = out_dir / f"{i:02d}.png"
         img.save(path)
         paths.append(str(path))
-    sheet = contact_sheet(images)
     sheet_path = out_dir / "contact-sheet.png"
-    sheet.save(sheet_path)
-    return JobResult(images=paths, contact_sheet=str(sheet_path))
-
-
-def contact_sheet(images, columns: int = 4, pad: int = 2):
-    """Images on a white grid, up to `columns` a row."""
-    from PIL import Image
-
-    w = max(i.width for i in images)
-    h = max(i.height for i in images)
-    cols = min(columns, len(images))
-    rows = -(-len(images) // cols)
-    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
-    for k, img in enumerate(images):
-        r, c = divmod(k, cols)
-        sheet.paste(img.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
-    return sheet
+    contact_sheet(images, caption, labels).save(sheet_path)
+    return JobResult(images=paths, contact_sheet=str(sheet_path), seed=seed)

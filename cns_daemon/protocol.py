@@ -186,6 +186,7 @@ class JobResult(Model):
     concept: str | None = None
     images: list[str] = Field(default_factory=list)
     contact_sheet: str | None = None
+    seed: int | None = None           # generate: the seed used (the service picks one if none was given)
     metrics: dict[str, float | int | str] | None = None   # eval: clip_i, clip_t, n_images …
 
 

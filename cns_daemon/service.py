@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 import uuid
 from importlib.metadata import version as dist_version
@@ -17,7 +18,7 @@ from typing import Callable
 from cns_daemon.archive import Archive, CheckedPhoto, check_photos
 from cns_daemon.errors import BadPhoto, Conflict, Internal, NotFound
 from cns_daemon.methods.base import CancelToken, ProgressEvent
-from cns_daemon.protocol import (MIN_PHOTOS, PROTOCOL_VERSION, AddRequest, ConceptInfo, EvalRequest, GenerateRequest,
+from cns_daemon.protocol import (MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION, AddRequest, ConceptInfo, EvalRequest, GenerateRequest,
                                  ImportJob, JobInfo, JobResult, LearnJob, QueueInfo, RemoveJob,
                                  SkippedFile, StatusInfo)
 from cns_daemon.settings import Settings
@@ -70,6 +71,8 @@ class Service:
 
     def generate(self, req: GenerateRequest) -> JobRecord:
         self.engine.check_generate(req)
+        if req.seed is None:   # "random", chosen now so the job (and a re-run after a crash) keeps it
+            req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
         return self.worker.submit("generate", req)
 
     def evaluate(self, req: EvalRequest) -> JobRecord:

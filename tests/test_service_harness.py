@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from cns_daemon.engine import Engine, EngineInfo, save_images  # noqa: E402
+from cns_daemon.engine import Engine, EngineInfo, generation_caption, save_images  # noqa: E402
 from cns_daemon.errors import BadPhoto, Conflict  # noqa: E402
 from cns_daemon.methods.base import ProgressReporter  # noqa: E402
 from cns_daemon.protocol import JobResult  # noqa: E402
@@ -120,7 +120,7 @@ class FakeEngine(Engine):
             report(step)
         rng = np.random.default_rng(req.seed or 0)
         images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(req.n)]
-        return save_images(images, out_dir)
+        return save_images(images, out_dir, generation_caption(req), seed=req.seed)
 
 
 # ---------------------------------------------------------------- daemon processes
