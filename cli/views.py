@@ -167,25 +167,45 @@ def _state(state: str) -> str:
     return f"[{colour}]{state}[/]"
 
 
-def follow(events: Iterable[ProgressInfo], quiet: bool = False) -> ProgressInfo:
+def follow(events: Iterable[ProgressInfo], quiet: bool = False,
+           console: Console | None = None) -> ProgressInfo:
     """Show a job's progress as a bar per phase; returns the final event. A failed or cancelled
-    job raises its typed error (so the exit code says what happened)."""
+    job raises its typed error (so the exit code says what happened). A phase that is over
+    (another began, or the job finished) is shown full; one without a step count (a spinner)
+    disappears instead of spinning on."""
     last: ProgressInfo | None = None
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False, disable=quiet) as bar:
+    with Progress(*columns, console=console or err_console, transient=False, disable=quiet) as bar:
         tasks: dict[str, int] = {}
+
+        def finish_others(current: str | None) -> None:
+            for label, task in list(tasks.items()):
+                if label == current:
+                    continue
+                total = next(t.total for t in bar.tasks if t.id == task)
+                if total:
+                    bar.update(task, completed=total)
+                else:
+                    bar.remove_task(task)
+                del tasks[label]
+
         for info in events:
             last = info
             if info.state in FINAL_STATES:
+                if info.state == "done":
+                    finish_others(None)
                 break
-            label = info.phase or info.state
+            if info.state != "running" or info.phase in ("", "start"):
+                continue   # queued, or the job's first line: no phase to show yet
+            label = info.phase
+            finish_others(label)
+            loss = f"loss {info.loss:.4f}" if info.loss is not None else ""
             if info.total:
-                loss = f"loss {info.loss:.4f}" if info.loss is not None else ""
                 if label not in tasks:
                     tasks[label] = bar.add_task(label, total=info.total, loss=loss)
                 bar.update(tasks[label], completed=info.step, total=info.total, loss=loss)
-            elif label not in tasks and label not in ("start",):
+            elif label not in tasks:
                 tasks[label] = bar.add_task(label, total=None, loss="")
     if last is None or last.state not in FINAL_STATES:
         from cns_daemon.errors import Unavailable

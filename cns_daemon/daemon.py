@@ -1,7 +1,7 @@
 """`cones serve`: start-up, the socket, and the service's lifetime.
 
-Order matters: take the single-instance lock (a second `cones serve` refuses at once), open the
-store, settle jobs a dead process left running, load the model and rebuild the concepts, then
+Order matters: take the single-instance lock (a second `cones serve` refuses at once), make the
+data folder private (umask 077, 0700/0600), open the store, settle jobs a dead process left running, load the model and rebuild the concepts, then
 bind the socket (0600 in a 0700 folder; a stale one is replaced), start the worker and the inbox
 watcher, serve, and tell systemd READY=1. On SIGTERM/SIGINT the running job is put back in the
 queue, the socket removed and the lock released.
@@ -25,6 +25,24 @@ from cns_daemon.settings import Paths, Settings
 log = logging.getLogger("cones")
 
 SUN_PATH_MAX = 107   # sockaddr_un.sun_path is 108 bytes including the terminating NUL
+
+
+def prepare_data(paths: Paths) -> None:
+    """The data folder holds photos of people: everything the service writes is private to this
+    user (umask 077 for the process; the unit sets UMask=0077 too), and the data folder, store and
+    archive made by an older version with looser modes are tightened (folders 0700, files 0600)."""
+    os.umask(0o077)
+    paths.data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(paths.data, 0o700)
+    for root in (paths.store, paths.archive):
+        if not root.is_dir():
+            continue
+        os.chmod(root, 0o700)
+        for folder, dirs, files in os.walk(root):
+            for d in dirs:
+                os.chmod(os.path.join(folder, d), 0o700)
+            for f in files:
+                os.chmod(os.path.join(folder, f), 0o600)
 
 
 def prepare_runtime(paths: Paths) -> None:
@@ -169,7 +187,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
     service = None
     store = None
     try:
-        paths.data.mkdir(parents=True, exist_ok=True)
+        prepare_data(paths)
         store = open_store(paths)
         archive = Archive(paths.archive)
         engine = (engine_factory or Engine)(settings, store, archive)

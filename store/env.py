@@ -89,10 +89,10 @@ class Env:
             if not create or readonly:
                 raise NotFound(f"No concept store at {self.path}.",
                                "Check the data folder (CONES_HOME) or let the service create it.")
-            self.path.mkdir(parents=True, exist_ok=True)
-        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:   # the store is private to this user: 0700 folder, 0600 files
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DB_NAMES) + 2,
-                                 readonly=readonly, create=create, max_readers=126)
+                                 readonly=readonly, create=create, max_readers=126, mode=0o600)
         except lmdb.InvalidError:
             raise Corrupt(f"The concept store at {self.path} is not a readable LMDB store.",
                           "Restore it from a backup or move it aside to start a new store.") from None

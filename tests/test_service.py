@@ -218,3 +218,34 @@ def test_follower_that_disconnects_leaves_the_service_healthy(daemon, tmp_path):
         wait_until(lambda: c.job(job.id).state == "done", timeout=60, what="job done after hang-up")
         assert c.status().pid == daemon.proc.pid
     assert "RuntimeError" not in daemon.output() and "Traceback" not in daemon.output()
+
+
+def test_data_store_and_archive_are_private():
+    """Photos of people: the data folder, store, archive and outputs are 0700 folders with 0600
+    files, and looser ones left by an older version are tightened at start-up."""
+    from cns_daemon.protocol import AddRequest, GenerateRequest, Photo
+
+    home = short_home()
+    try:
+        (home / "data" / "archive" / "ab").mkdir(parents=True, mode=0o755)
+        os.chmod(home / "data", 0o755)
+        os.chmod(home / "data" / "archive", 0o755)
+        d = start_daemon(home)
+        try:
+            photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(home / "src", 2)]
+            with Client(d.socket) as c:
+                job = c.add(AddRequest(name="private", class_word="dog", steps=2, photos=photos))
+                wait_until(lambda: c.job(job.id).state == "done", what="learned")
+                gen = c.generate(GenerateRequest(prompt="a photo of <private>", steps=1))
+                wait_until(lambda: c.job(gen.id).state == "done", what="generated")
+        finally:
+            d.kill(15)
+        data = home / "data"
+        paths = [data] + [p for p in data.rglob("*")]
+        assert any(p.suffix == ".png" for p in (data / "archive").rglob("*"))
+        assert any(p.name == "data.mdb" for p in paths) and any(p.parent.name.endswith(gen.id) for p in paths)
+        loose = [(str(p), oct(stat.S_IMODE(p.stat().st_mode))) for p in paths
+                 if stat.S_IMODE(p.stat().st_mode) != (0o700 if p.is_dir() else 0o600)]
+        assert not loose, loose
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
