@@ -83,6 +83,7 @@ def test_generate_between_steps_sees_the_model_without_the_concept(fresh_tiny_pi
     assert same(snapshot(pipe), before)
 
 
+@pytest.mark.slow   # ~15 s: the same on the worker is in the default suite (test_service, FakeEngine)
 def test_generate_during_a_learn_on_the_daemon_waits_about_one_step(tmp_path, monkeypatch):
     from cli.client import Client
     from cns_daemon.protocol import AddRequest, GenerateRequest, Photo
