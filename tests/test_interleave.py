@@ -23,6 +23,16 @@ FAST = {"cns": {"prior_images": 2, "prior_steps": 2, "prior_batch": 1, "variants
 PROMPT = "a photo of a dog on the grass"
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Other modules leave torch at 2 threads; on a shared 2-core machine the tiny model's small
+    ops then spend most of their time waiting for each other (70 s instead of 2 s here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def snapshot(pipe) -> dict[str, torch.Tensor]:
     out = {n: p.detach().clone() for n, p in kv_weights(pipe.unet).items()}
     out["token_embedding"] = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
