@@ -63,7 +63,7 @@ class BaselineMethod:
         try:
             with C.only_trainable(C.pipeline_modules(pipe), list(weights.values())), row:
                 losses = C.run_steps(hp.steps, step, progress, cancel,
-                                     around=loop_context(pipe, spec.memory))
+                                     around=lambda: loop_context(pipe, spec.memory))
             trained = {n: w.detach().cpu().numpy().reshape(-1).astype(np.float32)
                        for n, w in weights.items()}
         finally:

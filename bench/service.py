@@ -16,7 +16,12 @@ socket, Inbox watcher, worker):
   concept written back into the weights) + job recovery: start-up beyond model load;
 - list / status round trips over the socket with the CLI's client (median and p99);
 - inbox_to_job_s: a complete folder appears in the inbox -> its learn job is running (includes
-  the configured settle time, reported beside it).
+  the configured settle time, reported beside it);
+- generate_during_learn_wait_s: on the shipped toy-world model (the default model; real weights
+  are not reachable here), a generate job submitted while a CNS learn job is training -> its
+  images are written. The goal is at most one training step plus the generation itself
+  (train_step_s + generate_alone_s, reported beside it as generate_during_learn_bound_s): the
+  learn pauses at its next step boundary for it (worker.py).
 """
 from __future__ import annotations
 
@@ -92,6 +97,66 @@ def timed(fn, n: int) -> list[float]:
 
 def p99(values: list[float]) -> float:
     return float(np.percentile(values, 99))
+
+
+def generate_during_learn(gen_steps: int = 20) -> dict:
+    """Submit -> done of a generate job while a learn job trains, beside the generate alone and
+    one training step, on the toy-world model through the shipped Service and worker."""
+    from cli.demo import FIRST, photos_of
+    from cns_daemon.archive import Archive, check_photos
+    from cns_daemon.engine import Engine
+    from cns_daemon.protocol import GenerateRequest
+    from cns_daemon.service import Service
+    from cns_daemon.settings import load_settings
+    from store import ConceptStore
+
+    home = Path(tempfile.mkdtemp(prefix="cones-bench-", dir="/tmp"))
+    try:
+        settings = load_settings(home=str(home), watch_inbox=False)
+        paths = settings.paths
+        store = ConceptStore.open(paths.store)
+        engine = Engine(settings, store, Archive(paths.archive))
+        engine.start()
+        service = Service(settings, store, engine)
+        service.worker.start()
+        request = GenerateRequest(prompt="a photo of a red star on the grass", steps=gen_steps, seed=1)
+
+        def timed_generate() -> float:
+            t0 = time.perf_counter()
+            job = service.generate(request)
+            while service.job(job.id).state not in ("done", "failed", "cancelled"):
+                time.sleep(0.005)
+            assert service.job(job.id).state == "done", service.job(job.id).error
+            return time.perf_counter() - t0
+
+        timed_generate()   # warm-up
+        alone = statistics.median(timed_generate() for _ in range(3))
+        photos, skipped = check_photos(photos_of(FIRST, 3, 0))
+        learn = service.submit_learn("benchstar", "star", "cns", 100_000, 0, photos, skipped,
+                                     source="cli", options={"prior_images": 0})
+
+        def train_step() -> int:
+            p = service.worker.hub.latest(learn.id)
+            return p.step if p is not None and p.phase == "train" else 0
+
+        while train_step() < 3:
+            time.sleep(0.005)
+        s0, t0 = train_step(), time.perf_counter()
+        while train_step() < s0 + 10:
+            time.sleep(0.005)
+        step_s = (time.perf_counter() - t0) / (train_step() - s0)
+        waits = [timed_generate() for _ in range(3)]
+        service.worker.cancel(learn.id)
+        service.worker.stop(timeout=60)
+        store.close()
+        wait = statistics.median(waits)
+        return {"generate_during_learn_wait_s": round(wait, 3),
+                "generate_during_learn_runs_s": [round(w, 3) for w in waits],
+                "generate_alone_s": round(alone, 3), "train_step_s": round(step_s, 3),
+                "generate_during_learn_bound_s": round(step_s + alone, 3),
+                "generate_steps": gen_steps, "learn_model": "toy-world (built in)"}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def run(concepts: int, fraction: float, settle: float, rounds: int, repeat: int = 3) -> dict:
@@ -207,8 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settle", type=float, default=0.5, help="inbox settle time (s)")
     parser.add_argument("--rounds", type=int, default=50, help="list requests (status: 4x)")
     parser.add_argument("--repeat", type=int, default=3, help="start-ups measured (median reported)")
+    parser.add_argument("--no-learn", action="store_true", help="skip generate_during_learn_wait_s")
     args = parser.parse_args(argv)
     result = run(args.concepts, args.fraction, args.settle, args.rounds, args.repeat)
+    if not args.no_learn:
+        result.update(generate_during_learn())
     if args.json:
         print(json.dumps(result, indent=2))
         return

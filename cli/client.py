@@ -1,7 +1,9 @@
 """The CLI's side of the socket API: httpx over the Unix socket, typed in and out.
 
-Every request carries the protocol header; error responses come back as the typed ConesError
-they were on the service side; a missing or dead socket becomes Unavailable with one line
+Every request carries the protocol header; names and job ids are checked and percent-encoded
+before they go into a URL (protocol.segment), so `cones show ../jobs` is refused here instead of
+reaching another route; error responses come back as the typed ConesError they were on the
+service side; a missing or dead socket becomes Unavailable with one line
 saying how to start the service.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from cns_daemon.errors import ConesError, Internal, ProtocolMismatch, Unavailable, from_code
 from cns_daemon.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest,
                                  ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest, JobInfo,
-                                 JobList, ProgressInfo, StatusInfo)
+                                 JobList, ProgressInfo, StatusInfo, segment)
 
 M = TypeVar("M", bound=BaseModel)
 START_HINT = "Start it with `cones serve` (foreground) or `cones service install` (systemd user service)."
@@ -64,13 +66,13 @@ class Client:
         return self._call("GET", "/concepts", ConceptList).concepts
 
     def concept(self, name: str) -> ConceptInfo:
-        return self._call("GET", f"/concepts/{name}", ConceptInfo)
+        return self._call("GET", f"/concepts/{segment('name', name)}", ConceptInfo)
 
     def add(self, req: AddRequest) -> JobInfo:
         return self._call("POST", "/concepts", JobInfo, body=req)
 
     def remove(self, name: str) -> JobInfo:
-        return self._call("DELETE", f"/concepts/{name}", JobInfo)
+        return self._call("DELETE", f"/concepts/{segment('name', name)}", JobInfo)
 
     def generate(self, req: GenerateRequest) -> JobInfo:
         return self._call("POST", "/generate", JobInfo, body=req)
@@ -82,13 +84,13 @@ class Client:
         return self._call("GET", f"/jobs?limit={limit}", JobList).jobs
 
     def job(self, job_id: str) -> JobInfo:
-        return self._call("GET", f"/jobs/{job_id}", JobInfo)
+        return self._call("GET", f"/jobs/{segment('id', job_id)}", JobInfo)
 
     def cancel(self, job_id: str) -> JobInfo:
-        return self._call("POST", f"/jobs/{job_id}/cancel", JobInfo)
+        return self._call("POST", f"/jobs/{segment('id', job_id)}/cancel", JobInfo)
 
     def export(self, name: str) -> bytes:
-        return self._send("GET", f"/concepts/{name}/export").content
+        return self._send("GET", f"/concepts/{segment('name', name)}/export").content
 
     def import_file(self, data: bytes) -> JobInfo:
         return self._parse(self._send("POST", "/concepts/import", content=data,
@@ -97,7 +99,7 @@ class Client:
     def follow(self, job_id: str) -> Iterator[ProgressInfo]:
         """Progress lines of a job until its final state (no read timeout: jobs take long)."""
         try:
-            with self.http.stream("GET", f"{API_PREFIX}/jobs/{job_id}/events",
+            with self.http.stream("GET", f"{API_PREFIX}/jobs/{segment('id', job_id)}/events",
                                   timeout=httpx.Timeout(None, connect=5.0)) as response:
                 if response.status_code >= 400:
                     response.read()

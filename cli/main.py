@@ -15,15 +15,19 @@ import typer
 
 from cli.client import Client
 from cli.toyworld import toyworld_app
-from cli.views import (concept_table, concepts_table, console, err_console, eval_table, follow,
-                       handled, jobs_table, print_json, status_table)
-from cns_daemon.errors import BadInput
-from cns_daemon.protocol import AddRequest, EvalRequest, GenerateRequest, JobInfo, Photo
+from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
+                       eval_table, follow, handled, jobs_table, print_json, status_table)
+from cns_daemon.errors import EXIT_CODES, BadInput
+from cns_daemon.protocol import (MAX_JOBS_LISTED, MAX_SEED, AddRequest, EvalRequest, GenerateRequest,
+                                 JobInfo, Photo)
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
 service_app = typer.Typer(help="Install or remove the systemd user service.", no_args_is_help=True)
 app.add_typer(service_app, name="service")
+store_app = typer.Typer(help="Check or repair the concept store (on its files; no service needed).",
+                        no_args_is_help=True)
+app.add_typer(store_app, name="store")
 app.add_typer(toyworld_app, name="toyworld")
 
 JSON = typer.Option(False, "--json", help="Print one machine-readable JSON document.")
@@ -96,13 +100,15 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         class_word: str = typer.Option(..., "--class", help="What it is: dog, mug, star …"),
         method: Optional[str] = typer.Option(None, help="cns (default) | cones | cones2"),
         steps: Optional[int] = typer.Option(None, help="Training steps (default: the method's)."),
-        seed: int = typer.Option(0, help="Training seed."),
+        seed: int = typer.Option(0, help=f"Training seed (0 to {MAX_SEED})."),
         option: List[str] = typer.Option([], "--option", help="Method hyper-parameter KEY=VALUE (e.g. top_p=5); repeatable."),
         no_wait: bool = typer.Option(False, "--no-wait", help="Queue the job and return."),
         as_json: bool = JSON) -> None:
     """Learn a concept from photos."""
     items = []
     for p in photos:
+        if p.is_dir():
+            raise BadInput(f"{p} is a directory, not a photo.", f"Give the photos in it, e.g. {p}/*.jpg.")
         if not p.is_file():
             raise BadInput(f"No such file: {p}.", "Give paths of photo files.")
         items.append(Photo(filename=p.name, data=p.read_bytes()))
@@ -130,7 +136,12 @@ def list_(as_json: bool = JSON) -> None:
     """The stored concepts: method, class, size on disk, neurons, overlap."""
     with client() as c:
         concepts = c.concepts()
-    print_json(concepts) if as_json else console.print(concepts_table(concepts))
+    if as_json:
+        print_json(concepts)
+        return
+    console.print(concepts_table(concepts))
+    for line in concept_problems(concepts):
+        err_console.print(line, highlight=False)
 
 
 @app.command()
@@ -155,12 +166,17 @@ def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait")) -> None:
 
 @app.command()
 @handled
-def export(name: str, output: Path = typer.Option(..., "-o", "--output", help="File to write (.safetensors).")) -> None:
+def export(name: str, output: Path = typer.Option(..., "-o", "--output",
+                                                 help="File to write (.safetensors), or a folder for NAME.safetensors.")) -> None:
     """Write a concept to one safetensors file (with its metadata)."""
+    target = output / f"{name}.safetensors" if output.is_dir() else output
+    if not target.parent.is_dir():
+        raise BadInput(f"The folder {target.parent} does not exist.",
+                       "Create it first, or give -o a file in an existing folder.")
     with client() as c:
         data = c.export(name)
-    output.write_bytes(data)
-    console.print(f"Wrote <{name}> to {output} ({len(data):,} bytes).")
+    _write(target, data)
+    console.print(f"Wrote <{name}> to {target} ({len(data):,} bytes).", highlight=False)
 
 
 @app.command("import")
@@ -181,20 +197,21 @@ def import_(file: Path) -> None:
 @handled
 def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <name>."),
              n: int = typer.Option(1, "-n", help="Number of images."),
-             seed: Optional[int] = typer.Option(None, help="Seed (default: random)."),
+             seed: Optional[int] = typer.Option(None, help=f"Seed, 0 to {MAX_SEED} (default: random)."),
              steps: Optional[int] = typer.Option(None, help="Denoising steps."),
              box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
              out: Optional[Path] = typer.Option(None, "-o", "--out", help="Copy the PNGs into this folder."),
              as_json: bool = JSON) -> None:
-    """Generate images; writes PNGs and a contact sheet and prints their paths."""
+    """Generate images; writes PNGs and a contact sheet and prints their paths (the sheet last)."""
     req = _model(GenerateRequest, prompt=prompt, n=n, seed=seed, steps=steps, boxes=box)
+    if out is not None:
+        _folder(out)   # before the job: a bad -o must not cost a generation
     with client() as c:
         job = wait_for(c, c.generate(req), quiet=as_json)
     result = job.result
     if result is None:
         raise BadInput("The job finished without images.")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         copied = [str(shutil.copy2(p, out / Path(p).name)) for p in result.images]
         sheet = str(shutil.copy2(result.contact_sheet, out / Path(result.contact_sheet).name)) if result.contact_sheet else None
         job = job.model_copy(update={"result": result.model_copy(update={"images": copied, "contact_sheet": sheet})})
@@ -202,10 +219,12 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
     if as_json:
         print_json(job)
         return
+    if result.seed is not None:
+        err_console.print(f"seed {result.seed}; the contact sheet is the last line", highlight=False)
     for p in result.images:
         console.print(p, highlight=False)
-    if result.contact_sheet:
-        console.print(f"contact sheet: {result.contact_sheet}", highlight=False)
+    if result.contact_sheet:   # last, alone on its line: `cones generate ... | tail -1` opens it
+        console.print(result.contact_sheet, highlight=False)
 
 
 @app.command("eval")
@@ -235,6 +254,24 @@ def eval_(names: List[str] = typer.Argument(..., help="Concepts to score (all of
     console.print(eval_table(names, job.result.metrics))
 
 
+def _write(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise BadInput(f"Cannot write {path}: {exc.strerror or exc}.", "Give -o a writable file path.") from None
+
+
+def _folder(path: Path) -> None:
+    """An output folder, made if missing; a file in the way is a typed error."""
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"{path} is a file, not a folder.", "Give -o a folder for the images.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"Cannot make the folder {path}: {exc.strerror or exc}.",
+                       "Give -o a folder you can write to.") from None
+
+
 def _prompt_lines(path: Path) -> list[str]:
     """One prompt a line; blank lines and # comments are skipped (as in the shipped list)."""
     if not path.is_file():
@@ -252,7 +289,8 @@ def _prompt_lines(path: Path) -> list[str]:
 
 @app.command()
 @handled
-def jobs(limit: int = typer.Option(20, help="How many (newest first)."), as_json: bool = JSON) -> None:
+def jobs(limit: int = typer.Option(20, min=1, max=MAX_JOBS_LISTED, help="How many (newest first)."),
+         as_json: bool = JSON) -> None:
     """Recent jobs and their state."""
     with client() as c:
         items = c.jobs(limit)
@@ -312,6 +350,69 @@ def service_uninstall(unit_dir: Optional[Path] = UNIT_DIR) -> None:
 
     service_unit.uninstall(unit_dir or service_unit.default_unit_dir(),
                            say=lambda line: console.print(line, highlight=False))
+
+
+# ---------------------------------------------------------------- the store's files
+
+
+@store_app.command("check")
+@handled
+def store_check(as_json: bool = JSON) -> None:
+    """Read every record of the concept store and list what is damaged (exit 7 if anything is)."""
+    from dataclasses import asdict
+
+    from cns_daemon.errors import Corrupt
+    from store.salvage import check
+
+    report = check(settings().paths.store)
+    if as_json:
+        print(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
+    else:
+        for line in _check_lines(report):
+            console.print(line, highlight=False)
+    if not report.ok:
+        raise typer.Exit(EXIT_CODES[Corrupt.code])
+
+
+@store_app.command("salvage")
+@handled
+def store_salvage() -> None:
+    """Copy every readable concept and job into a fresh store; the damaged one is kept aside.
+    The service must be stopped."""
+    from cns_daemon.daemon import InstanceLock
+    from store.salvage import salvage
+
+    paths = settings().paths
+    paths.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lock = InstanceLock(paths.runtime / "cones.lock")
+    lock.acquire(paths.socket)   # Conflict while a service runs: it has the store open
+    try:
+        done = salvage(paths.store)
+    finally:
+        lock.release()
+    lost = done.check.damaged
+    console.print(f"Copied {len(done.copied)} concepts and {done.jobs_copied} jobs into a fresh store "
+                  f"at {paths.store}.", highlight=False)
+    for name, why in lost.items():
+        console.print(f"[red]left behind[/] <{name}>: {why}", highlight=False)
+    if done.check.damaged_jobs:
+        console.print(f"{len(done.check.damaged_jobs)} damaged jobs were left behind.", highlight=False)
+    console.print(f"The damaged store is kept at {done.kept_at}; learn the lost concepts again "
+                  "from their photos.", highlight=False)
+
+
+def _check_lines(report) -> list[str]:
+    if report.error:
+        return [f"[red]cannot open[/] {report.path}: {report.error}"]
+    lines = [f"{report.path}: {len(report.concepts)} concepts and {report.jobs} jobs read whole."]
+    lines += [f"[red]damaged database[/] {db}: {why}" for db, why in report.databases.items()]
+    lines += [f"[red]damaged[/] <{name}>: {why}" for name, why in report.damaged.items()]
+    lines += [f"[red]damaged job[/] {job}: {why}" for job, why in report.damaged_jobs.items()]
+    if not report.ok:
+        lines.append("Stop the service and run `cones store salvage` to keep everything readable "
+                     "in a fresh store (a concept damaged only in its own bytes can also be removed "
+                     "with `cones rm NAME`).")
+    return lines
 
 
 # ---------------------------------------------------------------- misc

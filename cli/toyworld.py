@@ -85,12 +85,6 @@ def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the t
 
 
 def _describe(a: dict) -> str:
-    # The probe's heads are independent: a "solid" reading can still come with a second colour
-    # or tilt answer of "none"; say only what the pattern reading makes meaningful.
-    if a["pattern"] == "solid":
-        pattern = "solid"
-    else:
-        second = f" in {a['second_color']}" if a["second_color"] else ""
-        tilt = f", {a['tilt']}" if a["tilt"] else ""
-        pattern = f"{a['pattern']}{second}{tilt}"
-    return f"{a['color']} {a['shape']}, {pattern}, on {a['background']} (confidence {a['confidence']:.2f})"
+    from cns_daemon.sheet import describe_reading   # the contact sheets' words for a reading
+
+    return describe_reading(a)

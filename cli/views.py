@@ -7,6 +7,7 @@ from typing import Iterable
 
 import typer
 from pydantic import BaseModel
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -65,15 +66,27 @@ def ago(t: float | None) -> str:
     return f"{s:.0f} s ago"
 
 
+STATE_LABELS = {"ok": "[green]ok[/]", "damaged": "[red]damaged[/]",
+                "not_rebuilt": "[yellow]not rebuilt[/]"}
+
+
 def concepts_table(concepts: Iterable[ConceptInfo]) -> Table:
     table = Table(title="Concepts")
-    for col in ("name", "method", "class", "size", "neurons", "overlap", "created"):
+    for col in ("name", "state", "method", "class", "size", "neurons", "overlap", "created"):
         table.add_column(col, justify="right" if col in ("size", "neurons") else "left")
     for c in concepts:
         overlap = ", ".join(f"{k}:{v}" for k, v in sorted(c.overlap.items())) or "-"
-        table.add_row(c.name, c.method, c.class_word, human_size(c.size_bytes), f"{c.neurons:,}",
-                      overlap, ago(c.created))
+        table.add_row(c.name, STATE_LABELS.get(c.state, c.state), c.method or "?",
+                      c.class_word or "?", human_size(c.size_bytes), f"{c.neurons:,}", overlap,
+                      ago(c.created) if c.created else "-")
     return table
+
+
+def concept_problems(concepts: Iterable[ConceptInfo]) -> list[str]:
+    """One line per concept that is not ok, then each different hint once."""
+    bad = [c for c in concepts if c.state != "ok"]
+    lines = [f"<{c.name}> {c.state.replace('_', ' ')}: {c.problem}" for c in bad]
+    return lines + list(dict.fromkeys(c.hint for c in bad if c.hint))
 
 
 def concept_table(c: ConceptInfo) -> Table:
@@ -102,14 +115,21 @@ def eval_table(names: list[str], metrics: dict) -> Table:
 
 
 def jobs_table(jobs: Iterable[JobInfo]) -> Table:
-    table = Table(title="Jobs (newest first)")
-    for col in ("id", "kind", "state", "what", "progress", "created", "note"):
-        table.add_column(col)
+    """At 80 columns the id (12 characters, what `cones cancel` takes) and the short columns stay
+    whole; `what` (which starts with the kind) and `note` wrap. `--json` has every field."""
+    table = Table(title="Jobs (newest first)", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+                  pad_edge=False, show_edge=False)
+    table.add_column("id", no_wrap=True, min_width=12)
+    table.add_column("state", no_wrap=True)
+    table.add_column("what", ratio=1, min_width=14, overflow="fold")
+    table.add_column("progress", no_wrap=True)
+    table.add_column("created", no_wrap=True)
+    table.add_column("note", ratio=1, min_width=14, overflow="fold")
     for j in jobs:
         p = j.progress
         prog = f"{p.phase} {p.step}/{p.total}" if p and p.total else (p.phase if p else "-")
-        note = j.error.message if j.error else _result_note(j)
-        table.add_row(j.id, j.kind, _state(j.state), j.summary, prog, ago(j.created), note)
+        note = "; ".join(n for n in (j.note, j.error.message if j.error else _result_note(j)) if n)
+        table.add_row(j.id, _state(j.state), j.summary, prog, ago(j.created), note)
     return table
 
 
@@ -130,11 +150,16 @@ def status_table(s: StatusInfo) -> Table:
     for k, v in (("version", f"{s.version} (protocol {s.protocol})"), ("pid", str(s.pid)),
                  ("uptime", f"{s.uptime_s:.0f} s"), ("model", s.model),
                  ("device", f"{s.device} / {s.dtype}"), ("fingerprint", s.fingerprint),
-                 ("concepts", str(s.concepts)), ("running", running), ("queued", str(s.queue.queued)),
+                 ("concepts", _concept_count(s)), ("running", running), ("queued", str(s.queue.queued)),
                  ("socket", s.socket), ("data", s.data),
                  ("inbox", s.inbox + ("" if s.inbox_watched else " (not watched)"))):
         table.add_row(k, v)
     return table
+
+
+def _concept_count(s: StatusInfo) -> str:
+    bad = [f"{n} {what}" for n, what in ((s.damaged, "damaged"), (s.not_rebuilt, "not rebuilt")) if n]
+    return f"{s.concepts} ({', '.join(bad)}; see `cones list`)" if bad else str(s.concepts)
 
 
 def _state(state: str) -> str:
@@ -142,25 +167,45 @@ def _state(state: str) -> str:
     return f"[{colour}]{state}[/]"
 
 
-def follow(events: Iterable[ProgressInfo], quiet: bool = False) -> ProgressInfo:
+def follow(events: Iterable[ProgressInfo], quiet: bool = False,
+           console: Console | None = None) -> ProgressInfo:
     """Show a job's progress as a bar per phase; returns the final event. A failed or cancelled
-    job raises its typed error (so the exit code says what happened)."""
+    job raises its typed error (so the exit code says what happened). A phase that is over
+    (another began, or the job finished) is shown full; one without a step count (a spinner)
+    disappears instead of spinning on."""
     last: ProgressInfo | None = None
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=False, disable=quiet) as bar:
+    with Progress(*columns, console=console or err_console, transient=False, disable=quiet) as bar:
         tasks: dict[str, int] = {}
+
+        def finish_others(current: str | None) -> None:
+            for label, task in list(tasks.items()):
+                if label == current:
+                    continue
+                total = next(t.total for t in bar.tasks if t.id == task)
+                if total:
+                    bar.update(task, completed=total)
+                else:
+                    bar.remove_task(task)
+                del tasks[label]
+
         for info in events:
             last = info
             if info.state in FINAL_STATES:
+                if info.state == "done":
+                    finish_others(None)
                 break
-            label = info.phase or info.state
+            if info.state != "running" or info.phase in ("", "start"):
+                continue   # queued, or the job's first line: no phase to show yet
+            label = info.phase
+            finish_others(label)
+            loss = f"loss {info.loss:.4f}" if info.loss is not None else ""
             if info.total:
-                loss = f"loss {info.loss:.4f}" if info.loss is not None else ""
                 if label not in tasks:
                     tasks[label] = bar.add_task(label, total=info.total, loss=loss)
                 bar.update(tasks[label], completed=info.step, total=info.total, loss=loss)
-            elif label not in tasks and label not in ("start",):
+            elif label not in tasks:
                 tasks[label] = bar.add_task(label, total=None, loss="")
     if last is None or last.state not in FINAL_STATES:
         from cns_daemon.errors import Unavailable

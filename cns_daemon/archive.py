@@ -1,9 +1,13 @@
 """The photo archive: every photo a concept was learned from, stored by content (sha256).
 
 Photos arrive from `cones add` (bytes in the request) or the inbox (files). Each is checked
-(opens as an image, not truncated, at least MIN_SIDE pixels a side) before it is kept, so a job
-never starts on a file it cannot read. Writes go to a temporary name and are renamed into place,
-so the archive never holds half a file.
+(opens as an image, not truncated, at least MIN_SIDE and at most MAX_SIDE pixels a side, at most
+MAX_PIXELS pixels) before it is kept, so a job never starts on a file it cannot read. The size is
+read from the header and checked before anything is decoded (a 656 KB PNG can declare
+13,000 x 13,000 pixels: half a gigabyte once decoded), and JPEGs are decoded at a reduced scale
+(`Image.draft`), which still reads every byte of the file. The same photo given twice (same
+bytes, whatever the file name) counts once. Writes go to a temporary name and are renamed into
+place, so the archive never holds half a file.
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from cns_daemon.errors import NotFound
 from cns_daemon.protocol import SkippedFile
 
 MIN_SIDE = 32  # the smallest photo the methods train on (methods.data.MIN_SIDE; errors.BadPhoto says so)
+MAX_SIDE = 8192
+MAX_PIXELS = 50_000_000   # about 8192 x 6144; a 48 MP phone photo fits
+CHECK_DECODE_SIDE = 1024  # JPEGs are decoded at the smallest DCT scale at least this large
 ACCEPTED_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif",
                     "TIFF": ".tif"}
 
@@ -39,10 +46,15 @@ def check_photo(filename: str, data: bytes) -> CheckedPhoto | SkippedFile:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning etc.
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data)) as img:   # reads the header only
                 fmt = img.format or ""
-                img.load()  # forces a full decode: truncated files fail here
                 width, height = img.size
+                if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
+                    return SkippedFile(file=filename, reason=(
+                        f"too large ({width}x{height}; at most {MAX_SIDE} pixels a side and "
+                        f"{MAX_PIXELS // 1_000_000} megapixels)"))
+                img.draft(img.mode, (CHECK_DECODE_SIDE, CHECK_DECODE_SIDE))   # JPEG only
+                img.load()  # decodes every byte: truncated files fail here
     except UnidentifiedImageError:
         return SkippedFile(file=filename, reason="not an image")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -56,9 +68,16 @@ def check_photo(filename: str, data: bytes) -> CheckedPhoto | SkippedFile:
 
 
 def check_photos(items: list[tuple[str, bytes]]) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
+    """Each photo checked once: a repeat of one already given (same bytes) is skipped."""
     good: list[CheckedPhoto] = []
     skipped: list[SkippedFile] = []
+    seen: dict[str, str] = {}   # sha256 -> the file name it came with first
     for filename, data in items:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:
+            skipped.append(SkippedFile(file=filename, reason=f"the same photo as {seen[digest]}"))
+            continue
+        seen[digest] = filename
         result = check_photo(filename, data)
         (good if isinstance(result, CheckedPhoto) else skipped).append(result)
     return good, skipped
@@ -102,9 +121,10 @@ class Archive:
 
 
 def _atomic_write(target: Path, data: bytes) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Photos of people are private: folders 0700, files 0600, whatever the umask."""
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

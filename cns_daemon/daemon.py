@@ -1,7 +1,7 @@
 """`cones serve`: start-up, the socket, and the service's lifetime.
 
-Order matters: take the single-instance lock (a second `cones serve` refuses at once), open the
-store, settle jobs a dead process left running, load the model and rebuild the concepts, then
+Order matters: take the single-instance lock (a second `cones serve` refuses at once), make the
+data folder private (umask 077, 0700/0600), open the store, settle jobs a dead process left running, load the model and rebuild the concepts, then
 bind the socket (0600 in a 0700 folder; a stale one is replaced), start the worker and the inbox
 watcher, serve, and tell systemd READY=1. On SIGTERM/SIGINT the running job is put back in the
 queue, the socket removed and the lock released.
@@ -25,6 +25,24 @@ from cns_daemon.settings import Paths, Settings
 log = logging.getLogger("cones")
 
 SUN_PATH_MAX = 107   # sockaddr_un.sun_path is 108 bytes including the terminating NUL
+
+
+def prepare_data(paths: Paths) -> None:
+    """The data folder holds photos of people: everything the service writes is private to this
+    user (umask 077 for the process; the unit sets UMask=0077 too), and the data folder, store and
+    archive made by an older version with looser modes are tightened (folders 0700, files 0600)."""
+    os.umask(0o077)
+    paths.data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(paths.data, 0o700)
+    for root in (paths.store, paths.archive):
+        if not root.is_dir():
+            continue
+        os.chmod(root, 0o700)
+        for folder, dirs, files in os.walk(root):
+            for d in dirs:
+                os.chmod(os.path.join(folder, d), 0o700)
+            for f in files:
+                os.chmod(os.path.join(folder, f), 0o600)
 
 
 def prepare_runtime(paths: Paths) -> None:
@@ -85,11 +103,17 @@ def peer_uid(sock: socket.socket) -> int:
     return struct.unpack("3i", creds)[1]
 
 
-def _protocol_class():
-    """uvicorn's h11 protocol, refusing connections from any other user (SO_PEERCRED)."""
+def _protocol_class(header_timeout: float):
+    """uvicorn's h11 protocol, refusing connections from any other user (SO_PEERCRED) and
+    closing a connection whose request head does not complete within `header_timeout` seconds
+    (uvicorn's keep-alive timer stops at the first byte, so a head that never ends would hold
+    the connection for ever)."""
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class PeerCheckedH11(H11Protocol):
+        _head_timer = None
+
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             sock = transport.get_extra_info("socket")
@@ -98,6 +122,40 @@ def _protocol_class():
                 if uid != os.getuid():
                     log.warning("refused a connection from uid %d", uid)
                     transport.close()
+                    return
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:   # the head is complete (or refused)
+                self._disarm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_timer()   # the next request on this connection gets the same time
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            self._disarm_head_timer()
+            if not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(header_timeout, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            if self.conn.our_state is h11.IDLE:   # nothing of a response went out yet
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
+                                     b"connection: close\r\n\r\n")
+            self.transport.close()
 
     return PeerCheckedH11
 
@@ -129,7 +187,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
     service = None
     store = None
     try:
-        paths.data.mkdir(parents=True, exist_ok=True)
+        prepare_data(paths)
         store = open_store(paths)
         archive = Archive(paths.archive)
         engine = (engine_factory or Engine)(settings, store, archive)
@@ -160,7 +218,8 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
                 notifier.ready(_status_line(service))
                 log.info("cones is serving on %s", paths.socket)
 
-        config = uvicorn.Config(App(service, settings.max_request_bytes), http=_protocol_class(),
+        config = uvicorn.Config(App(service, settings.max_request_bytes),
+                                http=_protocol_class(settings.header_timeout_seconds),
                                 lifespan="on", log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=3)
         notifier.start_watchdog(alive=lambda: service.worker.alive)

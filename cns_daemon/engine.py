@@ -4,8 +4,11 @@ generate, remove, import); the read-only ones (concepts, check_generate, export)
 the server's threads because they only read the store.
 
 Start-up: load the model, fingerprint the base weights (before any concept is applied), bind the
-store to that fingerprint (a store made on another model is refused), then re-apply every stored
-CNS concept (CNS is fusion-free: the service keeps its concepts in the weights).
+store to that fingerprint (a store made on another model is refused), then read every stored
+concept once and re-apply the CNS ones (CNS is fusion-free: the service keeps its concepts in the
+weights). A concept that cannot be read is "damaged", a readable one that cannot be used on this
+model (a CNS one that could not be written back) is "not rebuilt"; both are kept in `problems`,
+shown by `concepts()` and refused by `check_generate`, and the service serves the rest.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cns_daemon.archive import Archive
-from cns_daemon.errors import Conflict, ConesError, Internal, ModelMismatch, NotFound
+from cns_daemon.errors import Conflict, ConesError, Corrupt, Internal, ModelMismatch, NotFound
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.protocol import ConceptInfo, EvalRequest, GenerateRequest, JobResult, LearnJob
 from cns_daemon.settings import Paths, Settings
@@ -34,14 +37,28 @@ class EngineInfo:
     fingerprint: str
 
 
-def concept_info(meta: ConceptMeta, overlap: Overlap, size_bytes: int) -> ConceptInfo:
+def concept_info(meta: ConceptMeta, overlap: Overlap, size_bytes: int,
+                 problem: ConesError | None = None) -> ConceptInfo:
     """`overlap.total` is the store's count of the concept's neurons (mask + delta indices)."""
     return ConceptInfo(name=meta.name, method=meta.method, class_word=meta.class_word,
                        token=meta.token, created=meta.created, photos=len(meta.photo_digests),
                        size_bytes=size_bytes, neurons=int(overlap.total),
                        overlap=dict(overlap.shared_with), fingerprint=meta.fingerprint,
                        metrics={k: v for k, v in meta.metrics.items()
-                                if isinstance(v, (int, float, str)) or v is None})
+                                if isinstance(v, (int, float, str)) or v is None},
+                       state=state_of(problem), problem=problem.message if problem else "",
+                       hint=problem.hint if problem else "")
+
+
+def state_of(problem: ConesError | None) -> str:
+    if problem is None:
+        return "ok"
+    return "damaged" if isinstance(problem, Corrupt) else "not_rebuilt"
+
+
+def _again(problem: ConesError) -> ConesError:
+    """A fresh error of the same type and words (one instance must not be raised twice)."""
+    return type(problem)(problem.message, problem.hint)
 
 
 class Engine:
@@ -53,6 +70,7 @@ class Engine:
         self.pipe = None
         self.info = EngineInfo(model=settings.model or "toy-world (built in)", device="-",
                                dtype="-", fingerprint="")
+        self.problems: dict[str, ConesError] = {}   # concept -> why it is damaged / not rebuilt
 
     # ------------------------------------------------------------ start-up
 
@@ -101,25 +119,59 @@ class Engine:
         return opts
 
     def rebuild(self) -> int:
-        """Re-apply every stored CNS concept, in learning order (each was trained on top of the
-        ones before it). A damaged record is skipped (and logged), so one bad concept never keeps
-        the service down. (Reading records ahead on a second thread was measured: no gain on
-        2 cores, so it stays sequential.)"""
-        from cns_daemon.methods import get_method
-
-        cns = get_method("cns")
+        """Read every stored concept (every checksum) and re-apply the CNS ones, in learning
+        order (each was trained on top of the ones before it). One that cannot be read or used is
+        recorded in `problems` (and logged), so one bad concept never keeps the service down.
+        (Reading records ahead on a second thread was measured: no gain on 2 cores, so it stays
+        sequential.) Returns how many CNS concepts were rebuilt."""
+        self.problems.clear()
+        metas = sorted(self.store.list(), key=lambda m: m.created)
+        for name in sorted(set(self.store.names()) - {m.name for m in metas}):
+            self._problem(name, self._read_error(name))   # its metadata is unreadable
         count = 0
-        for meta in sorted(self.store.list(), key=lambda m: m.created):
-            if meta.method != "cns":
-                continue
+        for meta in metas:
             try:
                 record = self.store.get(meta.name)
                 self._check_fingerprint(record)
-                cns.apply(self.pipe, [record])
-                count += 1
-            except ConesError as exc:
-                log.error("concept %s not rebuilt: %s", meta.name, exc)
+                if meta.method == "cns":
+                    self._apply_cns(record)
+                    count += 1
+            except Corrupt as exc:
+                self._problem(meta.name, exc)
+            except ConesError as exc:   # readable, but it does not fit this model
+                self._problem(meta.name, ModelMismatch(
+                    f"Concept {meta.name!r} cannot be used on this model: {exc.message.rstrip('.')}.",
+                    f"Load the base model it was learned on, or remove it with `cones rm {meta.name}`."))
         return count
+
+    def _read_error(self, name: str) -> ConesError:
+        try:
+            self.store.get(name)
+        except ConesError as exc:
+            return exc
+        return Internal(f"Concept {name!r} could not be listed.")
+
+    def _problem(self, name: str, exc: ConesError) -> None:
+        log.error("concept %s %s: %s", name, state_of(exc).replace("_", " "), exc.message)
+        self.problems[name] = exc
+
+    # The CNS concepts live in the weights; these three are all the engine does to them (the
+    # test double replaces them, having no weights).
+
+    def _apply_cns(self, record: ConceptRecord) -> None:
+        from cns_daemon.methods import get_method
+
+        get_method("cns").apply(self.pipe, [record])
+
+    def _unapply_cns(self, name: str) -> None:
+        from cns_daemon.methods import get_method
+
+        get_method("cns").unlearn(self.pipe, name)
+
+    def _live_cns(self) -> list[str]:
+        from cns_daemon.methods import get_method
+
+        return get_method("cns").applied(self.pipe)
 
     # ------------------------------------------------------------ jobs (worker thread)
 
@@ -155,11 +207,31 @@ class Engine:
         from cns_daemon.generate import generate
         from cns_daemon.prompts import parse_box, referenced_names
 
+        if req.seed is None:   # a job queued before the service chose seeds at the request
+            req = req.model_copy(update={"seed": 0})
         records = {n: self._get(n) for n in referenced_names(req.prompt)}
-        options = {k: v for k, v in (("seed", req.seed), ("steps", req.steps)) if v is not None}
+        options = {k: v for k, v in (("steps", req.steps),) if v is not None}
         images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
-                          n=req.n, progress=progress, cancel=cancel, **options)
-        return save_images(images, out_dir)
+                          n=req.n, seed=req.seed, progress=progress, cancel=cancel, **options)
+        return save_images(images, out_dir, generation_caption(req), self._readings(images), req.seed)
+
+    def _readings(self, images) -> list[str] | None:
+        """In toy-world runs (no model configured): the attribute probe's reading of each image,
+        for the contact sheet. None elsewhere (the probe only knows the toy world)."""
+        if self.settings.model is not None:
+            return None
+        from dataclasses import asdict
+
+        from cns_daemon.sheet import describe_reading
+        from cns_daemon.toyworld.probe import Probe
+
+        if getattr(self, "_probe", None) is None:
+            try:
+                self._probe = Probe.load()
+            except ConesError as exc:
+                log.warning("no probe readings on contact sheets: %s", exc.message)
+                return None
+        return [describe_reading(asdict(a)) for a in self._probe.read(images)]
 
     def evaluate(self, req: EvalRequest, progress: ProgressFn, cancel: CancelToken) -> JobResult:
         """CLIP-I / CLIP-T of the named concepts (evaluate.py), generated with the same routine
@@ -202,19 +274,19 @@ class Engine:
         return JobResult(metrics={**result.summary(), "clip": clip_id})
 
     def remove(self, name: str) -> JobResult:
-        from cns_daemon.methods import get_method
-
-        record = self._get(name)
+        """Remove a concept without decoding it (a damaged one can be removed too): the store
+        drops its keys, the weights drop it if it is live."""
+        if name not in self.store:
+            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.")
         # Store first: if the process dies between the two steps, the store (which start-up
         # rebuilds from) already says the concept is gone.
         self.store.delete(name)
-        if record.meta.method == "cns":
-            get_method("cns").unlearn(self.pipe, name)
+        self.problems.pop(name, None)
+        if name in self._live_cns():
+            self._unapply_cns(name)
         return JobResult(concept=name)
 
     def import_record(self, record: ConceptRecord) -> JobResult:
-        from cns_daemon.methods import get_method
-
         self._check_fingerprint(record)
         if record.name in self.store:
             raise Conflict(f"A concept named {record.name!r} already exists.",
@@ -227,29 +299,66 @@ class Engine:
                            f"Remove <{clash[0]}> first, or learn {record.name!r} again from its photos.")
         self.store.put(record)
         if record.meta.method == "cns":
-            get_method("cns").apply(self.pipe, [record])
+            self._apply_cns(record)
         return JobResult(concept=record.name)
 
     # ------------------------------------------------------------ read-only (any thread)
 
-    def check_generate(self, req: GenerateRequest) -> None:
-        """Refuse a bad prompt or box before it is queued: unknown concepts, boxes for names not
-        in the prompt, malformed boxes."""
-        from cns_daemon.prompts import check_boxes, expand
+    def check_learn(self, method: str, steps: int | None, options: dict) -> None:
+        """Refuse unknown option keys, values of the wrong type or out of range, for this method,
+        before a learn job is queued (the method parses the same way when the job runs)."""
+        from cns_daemon.methods import get_method
+        from cns_daemon.methods.common import parse_options
 
+        parse_options(get_method(method).Params, options, steps)
+
+    def check_generate(self, req: GenerateRequest) -> None:
+        """Refuse a bad prompt or box before it is queued: unknown, damaged or not rebuilt
+        concepts, boxes for names not in the prompt, malformed boxes."""
+        from cns_daemon.prompts import check_boxes, expand, referenced_names
+
+        for name in referenced_names(req.prompt):
+            if name in self.problems:
+                raise _again(self.problems[name])
         metas = {m.name: m for m in self.store.list()}
         expanded = expand(req.prompt, metas, self.pipe.tokenizer)
         check_boxes(req.boxes, expanded)
 
     def concepts(self) -> list[ConceptInfo]:
-        """Metadata, overlap and size only: listing never reads masks or deltas."""
-        return [self._info(m) for m in sorted(self.store.list(), key=lambda m: m.created)]
+        """Metadata, overlap, size and state only: listing never reads masks or deltas. Concepts
+        whose metadata is unreadable are listed last, as damaged."""
+        metas = sorted(self.store.list(), key=lambda m: m.created)
+        listed = {m.name for m in metas}
+        out = [self._info(m) for m in metas]
+        for name in sorted(set(self.store.names()) - listed):
+            problem = self.problems.get(name) or self._read_error(name)
+            out.append(ConceptInfo(name=name, method="", class_word="", token="", created=0.0,
+                                   photos=0, size_bytes=self.store.size_of(name), neurons=0,
+                                   state=state_of(problem), problem=problem.message if problem else "",
+                       hint=problem.hint if problem else ""))
+        return out
+
+    def health(self) -> dict[str, int]:
+        """How many concepts are damaged / not rebuilt (for `cones status`; from what start-up
+        and later reads found, without reading any concept again)."""
+        names = set(self.store.names())
+        states = {n: "damaged" for n in names - {m.name for m in self.store.list()}}
+        states.update({n: state_of(e) for n, e in self.problems.items() if n in names})
+        counts = {"damaged": 0, "not_rebuilt": 0}
+        for state in states.values():
+            counts[state] += 1
+        return counts
 
     def concept(self, name: str) -> ConceptInfo:
         return self._info(self._get(name).meta)
 
     def _info(self, meta: ConceptMeta) -> ConceptInfo:
-        return concept_info(meta, self.store.overlap(meta.name), self.store.size_of(meta.name))
+        try:
+            overlap, size = self.store.overlap(meta.name), self.store.size_of(meta.name)
+        except Corrupt as exc:   # damage found while listing: remembered like start-up's
+            self.problems.setdefault(meta.name, exc)
+            overlap, size = Overlap(), 0
+        return concept_info(meta, overlap, size, self.problems.get(meta.name))
 
     def record(self, name: str) -> ConceptRecord:
         return self._get(name)
@@ -259,6 +368,9 @@ class Engine:
             return self.store.get(name)
         except KeyError:
             raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.") from None
+        except Corrupt as exc:
+            self.problems.setdefault(name, exc)
+            raise
 
     def _check_fingerprint(self, record: ConceptRecord) -> None:
         if record.meta.fingerprint and record.meta.fingerprint != self.info.fingerprint:
@@ -267,9 +379,19 @@ class Engine:
                                 f"{self.info.fingerprint[:12]}…).")
 
 
-def save_images(images, out_dir: Path) -> JobResult:
-    """PNG per image plus a contact sheet of all of them, side by side."""
-    from PIL import Image
+def generation_caption(req: GenerateRequest) -> str:
+    """The contact sheet's caption line: what was asked."""
+    from cns_daemon.prompts import referenced_names
+
+    names = ", ".join(f"<{n}>" for n in referenced_names(req.prompt)) or "none"
+    boxes = f" · boxes {'; '.join(req.boxes)}" if req.boxes else ""
+    return f"{req.prompt} · seed {req.seed} · concepts {names}{boxes}"
+
+
+def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | None = None,
+                seed: int | None = None) -> JobResult:
+    """PNG per image plus a contact sheet of all of them (cns_daemon.sheet)."""
+    from cns_daemon.sheet import contact_sheet
 
     if not images:
         raise Internal("The generation returned no images.")
@@ -279,22 +401,6 @@ def save_images(images, out_dir: Path) -> JobResult:
         path = out_dir / f"{i:02d}.png"
         img.save(path)
         paths.append(str(path))
-    sheet = contact_sheet(images)
     sheet_path = out_dir / "contact-sheet.png"
-    sheet.save(sheet_path)
-    return JobResult(images=paths, contact_sheet=str(sheet_path))
-
-
-def contact_sheet(images, columns: int = 4, pad: int = 2):
-    """Images on a white grid, up to `columns` a row."""
-    from PIL import Image
-
-    w = max(i.width for i in images)
-    h = max(i.height for i in images)
-    cols = min(columns, len(images))
-    rows = -(-len(images) // cols)
-    sheet = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
-    for k, img in enumerate(images):
-        r, c = divmod(k, cols)
-        sheet.paste(img.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
-    return sheet
+    contact_sheet(images, caption, labels).save(sheet_path)
+    return JobResult(images=paths, contact_sheet=str(sheet_path), seed=seed)

@@ -7,16 +7,23 @@
 
 A folder is taken once nothing in it changed for `settle` seconds (watchdog events and file
 mtimes both count). Bad files are skipped and listed; a folder that cannot be learned from gets
-an ERROR.txt saying why and what to do, and is retried when its contents change. Taken photos
-are copied into the content-addressed archive before the job is queued; when the job succeeds
-the folder goes away (photos are in the archive, anything else is moved to
-archive/inbox-leftovers/), when it fails the folder stays, with an ERROR.txt. Nothing dropped in
-is ever deleted unread.
+an ERROR.txt saying why and what to do. Taken photos are copied into the content-addressed
+archive before the job is queued; when the job succeeds the folder goes away (photos are in the
+archive, anything else is moved to archive/inbox-leftovers/), when it fails the folder stays, with
+an ERROR.txt, and when the person cancels it, with a CANCELLED.txt. Nothing dropped in is ever
+deleted unread.
+
+A folder with a note (ERROR.txt or CANCELLED.txt) is not taken again until its inputs change:
+each note ends with a signature of the inputs it speaks of (name, size and mtime of every photo,
+caption and concept.toml), and the folder is taken again only when the inputs no longer match
+it. The service's own notes are no input: writing one never counts as a change, so a failed
+folder is not retried in a loop, and the rule holds across restarts.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shutil
 import threading
 import time
@@ -26,14 +33,17 @@ from pathlib import Path
 
 from cns_daemon.archive import CheckedPhoto, check_photos
 from cns_daemon.errors import BadInput, ConesError
-from cns_daemon.protocol import FINAL_STATES, SkippedFile
+from cns_daemon.protocol import FINAL_STATES, MAX_SEED, SkippedFile
 from store.records import METHODS, JobRecord, validate_name
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "concept.toml"
 ERROR_FILE = "ERROR.txt"
+CANCELLED_FILE = "CANCELLED.txt"
+NOTE_FILES = (ERROR_FILE, CANCELLED_FILE)   # written by the service, never read as input
 CONFIG_KEYS = {"class", "method", "steps", "seed", "options"}
+_SIGNATURE_RE = re.compile(r"\(cones: inputs ([0-9a-f]{16})\)")
 
 
 @dataclass
@@ -73,8 +83,8 @@ def read_spec(folder: Path) -> FolderSpec:
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100_000):
         raise BadInput(f"steps in {CONFIG_FILE} must be a whole number from 1 to 100000, not {steps!r}.")
     seed = config.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise BadInput(f"seed in {CONFIG_FILE} must be a whole number, not {seed!r}.")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise BadInput(f"seed in {CONFIG_FILE} must be a whole number from 0 to {MAX_SEED}, not {seed!r}.")
     options = config.get("options", {})
     if not isinstance(options, dict) or not all(isinstance(v, (bool, int, float, str)) for v in options.values()):
         raise BadInput(f"[options] in {CONFIG_FILE} must be a table of plain values.",
@@ -82,14 +92,44 @@ def read_spec(folder: Path) -> FolderSpec:
     return FolderSpec(name, class_word, method, steps, seed, options)
 
 
+def input_files(folder: Path) -> list[Path]:
+    """What the person put in the folder: every file but hidden ones and the service's notes."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.name not in NOTE_FILES)
+
+
+def inputs_signature(folder: Path) -> str:
+    """Name, size and mtime of every input file: changes whenever a photo, caption or
+    concept.toml is added, removed, replaced or touched."""
+    digest = hashlib.sha256()
+    for p in input_files(folder):
+        try:
+            st = p.stat()
+        except FileNotFoundError:   # removed while we looked: a change either way
+            continue
+        digest.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def noted_signature(folder: Path) -> str | None:
+    """The inputs signature the folder's note speaks of (None: no note, or a note without one)."""
+    for name in NOTE_FILES:
+        try:
+            m = _SIGNATURE_RE.search((folder / name).read_text(encoding="utf-8", errors="replace"))
+        except (FileNotFoundError, IsADirectoryError):
+            continue
+        if m:
+            return m.group(1)
+    return None
+
+
 def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
-    """Every file except the config, ERROR.txt, hidden files and caption sidecars is a candidate
-    photo; a `photo.txt` beside `photo.png` is that photo's caption."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """Every input file except the config and caption sidecars is a candidate photo; a
+    `photo.txt` beside `photo.png` is that photo's caption."""
+    files = input_files(folder)
     stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
     captions = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in stems}
-    candidates = [p for p in files if p.name not in (CONFIG_FILE, ERROR_FILE)
-                  and p not in captions.values()]
+    candidates = [p for p in files if p.name != CONFIG_FILE and p not in captions.values()]
     good, skipped = check_photos([(p.name, p.read_bytes()) for p in candidates])
     with_captions = []
     for photo in good:
@@ -99,21 +139,42 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     return with_captions, skipped
 
 
-def write_error(folder: Path, name: str, exc: ConesError, skipped: list[SkippedFile]) -> None:
+def write_note(folder: Path, note: str, lines: list[str], signature: str) -> None:
+    """Write one of the service's notes (and drop the other kind): what happened, what to do,
+    and the signature of the inputs it speaks of."""
+    lines = lines + ["Your files are untouched; this note is replaced on the next try.",
+                     f"(cones: inputs {signature})", ""]
+    for other in NOTE_FILES:
+        if other != note:
+            (folder / other).unlink(missing_ok=True)
+    (folder / note).write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_error(folder: Path, name: str, exc: ConesError, skipped: list[SkippedFile],
+                signature: str) -> None:
     lines = [f"cones could not learn a concept from this folder ({name}).", "",
              f"Why: {exc.message}", f"What to do: {exc.hint}", ""]
     if skipped:
         lines += ["Skipped files:"] + [f"  {s.file}: {s.reason}" for s in skipped] + [""]
-    lines += ["The service tries again as soon as anything in this folder changes.",
-              "Your files are untouched; this note is replaced on the next try.", ""]
-    (folder / ERROR_FILE).write_text("\n".join(lines), encoding="utf-8")
+    lines += ["The service tries again as soon as a photo, caption or concept.toml in this "
+              "folder changes."]
+    write_note(folder, ERROR_FILE, lines, signature)
+
+
+def write_cancelled(folder: Path, name: str, job_id: str, signature: str) -> None:
+    lines = [f"Learning <{name}> from this folder was cancelled (job {job_id}).", "",
+             "cones will not take this folder again until a photo, caption or concept.toml in it",
+             "changes. Delete the folder if you do not want the concept.", ""]
+    write_note(folder, CANCELLED_FILE, lines, signature)
 
 
 def latest_change(folder: Path) -> float:
-    """Newest mtime (wall clock) of the folder and everything in it, ERROR.txt excluded."""
-    newest = folder.stat().st_mtime
+    """Newest mtime (wall clock) of everything in the folder but the service's notes. The
+    folder's own mtime is left out: writing a note changes it (a photo removed shows up as a
+    watchdog event instead)."""
+    newest = 0.0
     for p in folder.rglob("*"):
-        if p.name != ERROR_FILE:
+        if p.name not in NOTE_FILES:
             try:
                 newest = max(newest, p.stat().st_mtime)
             except FileNotFoundError:  # removed while we looked: it changed, which is the point
@@ -129,6 +190,7 @@ class Inbox:
         self.poll = poll
         self._events: dict[str, float] = {}     # folder name -> wall time of its last event
         self._in_flight: dict[str, str] = {}    # folder name -> learn job id
+        self._taken: dict[str, str] = {}        # folder name -> inputs signature when taken
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -155,6 +217,8 @@ class Inbox:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event) -> None:
+                if event.is_directory and event.event_type == "modified":
+                    return   # a folder's listing changed: the file's own event says what
                 inbox._note(Path(str(event.src_path)))
                 if getattr(event, "dest_path", ""):
                     inbox._note(Path(str(event.dest_path)))
@@ -180,7 +244,7 @@ class Inbox:
             rel = path.relative_to(self.root)
         except ValueError:
             return
-        if rel.parts and rel.parts[-1] != ERROR_FILE:
+        if rel.parts and rel.parts[-1] not in NOTE_FILES:
             with self._lock:
                 self._events[rel.parts[0]] = time.time()
             self._wake.set()
@@ -206,14 +270,15 @@ class Inbox:
                 last = max(self._events.get(folder.name, 0.0), latest_change(folder))
             if now - last < self.settle:
                 continue
-            error = folder / ERROR_FILE
-            if error.exists() and error.stat().st_mtime >= last:
+            noted = noted_signature(folder)
+            if noted is not None and noted == inputs_signature(folder):
                 continue   # already told the person; wait for them to change something
             self.take(folder)
 
     def take(self, folder: Path) -> JobRecord | None:
         skipped: list[SkippedFile] = []
         name = folder.name
+        signature = inputs_signature(folder)   # before reading: a change meanwhile means a retry
         try:
             spec = read_spec(folder)
             name = spec.name
@@ -223,11 +288,13 @@ class Inbox:
                                             inbox_folder=folder.name, options=spec.options)
         except ConesError as exc:
             log.warning("inbox folder %s: %s", folder.name, exc.message)
-            write_error(folder, name, exc, skipped)
+            write_error(folder, name, exc, skipped, signature)
             return None
         with self._lock:
             self._in_flight[folder.name] = job.id
-        (folder / ERROR_FILE).unlink(missing_ok=True)
+            self._taken[folder.name] = signature
+        for note in NOTE_FILES:
+            (folder / note).unlink(missing_ok=True)
         log.info("inbox folder %s taken as job %s (%d photos, %d skipped)", folder.name, job.id,
                  len(photos), len(skipped))
         return job
@@ -237,13 +304,21 @@ class Inbox:
         if not folder_name or job.state not in FINAL_STATES:
             return
         folder = self.root / folder_name
+        with self._lock:
+            signature = self._taken.pop(folder_name, None)
         try:
             if job.state == "done":
                 self._clear(folder, job)
-            elif folder.is_dir() and job.error:
-                write_error(folder, job.request.get("name", folder_name),
-                            _as_error(job.error),
-                            [SkippedFile(**s) for s in job.request.get("skipped", [])])
+            elif folder.is_dir():
+                # the inputs as they were taken (after a restart: as they are now)
+                signature = signature or inputs_signature(folder)
+                name = job.request.get("name", folder_name)
+                if job.state == "cancelled":
+                    write_cancelled(folder, name, job.id, signature)
+                else:
+                    error = _as_error(job.error or {})
+                    write_error(folder, name, error,
+                                [SkippedFile(**s) for s in job.request.get("skipped", [])], signature)
         finally:
             with self._lock:
                 self._in_flight.pop(folder_name, None)
@@ -255,11 +330,11 @@ class Inbox:
         archive = self.service.archive
         digests = set(job.request.get("photo_digests", []))
         for p in folder.iterdir():
-            if p.is_file() and p.name not in (CONFIG_FILE, ERROR_FILE):
+            if p.is_file() and p.name != CONFIG_FILE and p.name not in NOTE_FILES:
                 digest = hashlib.sha256(p.read_bytes()).hexdigest()
                 if digest in digests and archive.has(digest):
                     p.unlink()
-        leftovers = [p for p in folder.iterdir() if p.name != ERROR_FILE]
+        leftovers = [p for p in folder.iterdir() if p.name not in NOTE_FILES]
         if leftovers:
             dest = archive.root / "inbox-leftovers" / f"{folder.name}-{job.id}"
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -14,20 +14,29 @@ Routes (all under API_PREFIX, every request carries PROTOCOL_HEADER = PROTOCOL_V
     POST   /concepts/import  (bytes)  -> JobInfo       (import job)
     POST   /generate  GenerateRequest -> JobInfo       (generate job)
     POST   /eval      EvalRequest     -> JobInfo       (eval job: CLIP-I / CLIP-T)
-    GET    /jobs                      -> JobList
+    GET    /jobs?limit=N  (1..1000)   -> JobList
     GET    /jobs/{id}                 -> JobInfo
     POST   /jobs/{id}/cancel          -> JobInfo
     GET    /jobs/{id}/events          -> NDJSON stream of ProgressInfo, last one has a final state
     GET    /openapi.json              -> the OpenAPI schema (no header needed)
+
+Path segments ({name}, {id}) are percent-encoded by the client and must match NAME_PATTERN /
+JOB_ID_PATTERN after decoding (`check_segment`): a name can never smuggle in a `/` or `..` and
+reach another route.
 """
 from __future__ import annotations
 
 import re
 from typing import Literal
 
+from urllib.parse import quote
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-PROTOCOL_VERSION = "1"
+from cns_daemon.errors import BadInput
+
+# 2: concept states, job notes, the seed range, strict path segments, 405/413 answers.
+PROTOCOL_VERSION = "2"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 API_PREFIX = "/v1"
 NDJSON = "application/x-ndjson"
@@ -37,10 +46,21 @@ MAX_PHOTOS = 64
 MAX_PROMPT_CHARS = 1000
 MAX_IMAGES = 16
 MAX_BOXES = 8
+MAX_JOBS_LISTED = 1000
+# Seeds are 32-bit, as in most Stable Diffusion tools: the methods derive per-step and per-image
+# generators from them (seed * 1_000_003 + step must stay inside torch's 64-bit seed range).
+MAX_SEED = 2**32 - 1
+# Every method needs at least this many distinct usable photos (3-5 are recommended).
+MIN_PHOTOS = 2
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 CLASS_PATTERN = r"^[A-Za-z][A-Za-z -]{0,63}$"
+JOB_ID_PATTERN = r"^[0-9a-f]{12}$"   # what Worker.submit makes: 12 hex digits of a uuid4
 JobKind = Literal["learn", "generate", "remove", "import", "eval"]
+# ok; damaged: its bytes in the store cannot be read (remove it, or salvage the store);
+# not_rebuilt: readable, but it cannot be used on the loaded model (for CNS: it could not be
+# written back into the weights at start-up). Generating with either is refused.
+ConceptState = Literal["ok", "damaged", "not_rebuilt"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 FINAL_STATES = ("done", "failed", "cancelled")
 MethodName = Literal["cns", "cones", "cones2"]
@@ -74,7 +94,7 @@ class AddRequest(Model):
     class_word: str = Field(pattern=CLASS_PATTERN, description="What it is: dog, mug, star …")
     method: MethodName | None = Field(None, description="None: the service's default method.")
     steps: int | None = Field(None, ge=1, le=100_000)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32,
                                             description="Method hyper-parameters (e.g. top_p, lr).")
     photos: list[Photo] = Field(min_length=1, max_length=MAX_PHOTOS)
@@ -91,7 +111,7 @@ class LearnJob(Model):
     class_word: str = Field(pattern=CLASS_PATTERN)
     method: MethodName
     steps: int | None = Field(None, ge=1, le=100_000)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32)
     photo_digests: list[str] = Field(min_length=1)
     skipped: list[SkippedFile] = Field(default_factory=list)
@@ -102,7 +122,7 @@ class LearnJob(Model):
 class GenerateRequest(Model):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     n: int = Field(1, ge=1, le=MAX_IMAGES)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: the service picks one.")
     steps: int | None = Field(None, ge=1, le=1000)
     # Boxes stay in their user-facing text form, NAME=x0,y0,x1,y1 in image fractions: the
     # service parses them with the same routine as every other prompt input (prompts.parse_box).
@@ -118,7 +138,7 @@ class EvalRequest(Model):
     clip: str = Field("ViT-L-14", min_length=1, max_length=100, description="open_clip model name.")
     clip_weights: str | None = Field(None, max_length=4096, description=(
         "Local weights file, a transformers CLIP folder, or an open_clip pretrained tag."))
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     steps: int | None = Field(None, ge=1, le=1000)
 
     @field_validator("names")
@@ -166,6 +186,7 @@ class JobResult(Model):
     concept: str | None = None
     images: list[str] = Field(default_factory=list)
     contact_sheet: str | None = None
+    seed: int | None = None           # generate: the seed used (the service picks one if none was given)
     metrics: dict[str, float | int | str] | None = None   # eval: clip_i, clip_t, n_images …
 
 
@@ -182,6 +203,7 @@ class JobInfo(Model):
     result: JobResult | None = None
     progress: ProgressInfo | None = None
     skipped: list[SkippedFile] = Field(default_factory=list)   # learn: photos not used, and why
+    note: str = ""   # e.g. that it was re-queued after the service stopped while it ran
 
 
 class JobList(Model):
@@ -200,6 +222,9 @@ class ConceptInfo(Model):
     overlap: dict[str, int] = Field(default_factory=dict)
     fingerprint: str = ""
     metrics: dict[str, float | int | str | None] = Field(default_factory=dict)
+    state: ConceptState = "ok"
+    problem: str = ""                 # why it is not ok
+    hint: str = ""                    # what to do about it
 
 
 class ConceptList(Model):
@@ -225,10 +250,31 @@ class StatusInfo(Model):
     dtype: str
     fingerprint: str
     concepts: int
+    damaged: int = 0                  # concepts whose bytes cannot be read
+    not_rebuilt: int = 0              # readable concepts that cannot be used on this model
     queue: QueueInfo
 
 
 # ---------------------------------------------------------------- helpers
+
+SEGMENTS = {"name": (NAME_PATTERN, "concept name",
+                     "Use 1-64 letters, digits, '-' or '_' (for example: rex, my_mug, red-star)."),
+            "id": (JOB_ID_PATTERN, "job id", "A job id is 12 hex digits; `cones jobs` lists them.")}
+
+
+def check_segment(kind: str, value: str) -> str:
+    """A path parameter (`name` or `id`) as it must be, or BadInput saying what it should be."""
+    pattern, what, hint = SEGMENTS[kind]
+    if not isinstance(value, str) or not re.fullmatch(pattern, value):
+        shown = value if len(str(value)) <= 80 else f"{str(value)[:77]}..."
+        raise BadInput(f"Invalid {what} {shown!r}.", hint)
+    return value
+
+
+def segment(kind: str, value: str) -> str:
+    """`value` checked and percent-encoded for a URL path (the client side of check_segment)."""
+    return quote(check_segment(kind, value), safe="")
+
 
 def describe_validation_error(exc: Exception) -> str:
     """One readable line out of a pydantic ValidationError (field path: message)."""

@@ -2,9 +2,13 @@
 
 Each route names its request and response models (cns_daemon.protocol), which gives the typed
 validation and the OpenAPI document from one table. Every request must carry the protocol
-header; bodies are size-limited before they are parsed; errors are ErrorBody JSON with an HTTP
-status per error code. Blocking work (store reads, photo checks) runs in threads so a long
-`cones add` upload never stalls a progress stream.
+header; bodies are size-limited before they are parsed (a declared Content-Length over the limit
+is refused with 413 before a byte of the body is read, and the connection is closed); routes are
+matched on the raw, still percent-encoded path, so an encoded `/` inside a name never reaches
+another route, and every path parameter is checked (protocol.check_segment); a known path with
+the wrong method answers 405 with an Allow header. Errors are ErrorBody JSON with an HTTP status
+per error code. Blocking work (store reads, photo checks) runs in threads so a long `cones add`
+upload never stalls a progress stream.
 """
 from __future__ import annotations
 
@@ -15,15 +19,16 @@ import logging
 import re
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
 from cns_daemon.errors import BadInput, ConesError, ErrorCode, Internal, NotFound, ProtocolMismatch
-from cns_daemon.protocol import (API_PREFIX, FINAL_STATES, NDJSON, PROTOCOL_HEADER, PROTOCOL_VERSION,
-                                 AddRequest, ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest,
-                                 JobInfo, JobList, ProgressInfo, StatusInfo,
-                                 describe_validation_error)
+from cns_daemon.protocol import (API_PREFIX, FINAL_STATES, MAX_JOBS_LISTED, NDJSON, PROTOCOL_HEADER,
+                                 PROTOCOL_VERSION, SEGMENTS, AddRequest, ConceptInfo, ConceptList,
+                                 ErrorBody, EvalRequest, GenerateRequest, JobInfo, JobList,
+                                 ProgressInfo, StatusInfo, check_segment, describe_validation_error)
 from cns_daemon.service import Service
 
 log = logging.getLogger(__name__)
@@ -34,7 +39,21 @@ HTTP_STATUS = {
     ErrorCode.MODEL_LOAD: 503, ErrorCode.PROTOCOL: 400, ErrorCode.CANCELLED: 409,
     ErrorCode.UNAVAILABLE: 503, ErrorCode.INTERNAL: 500,
 }
-DRAIN_FACTOR = 16   # read (and drop) up to this many times the limit so the client sees the error
+
+
+class TooLarge(BadInput):
+    """A request body over the limit: HTTP 413, and the connection is closed (its unread body
+    must not be parsed as the next request)."""
+    http_status = 413
+    headers = [(b"connection", b"close")]
+
+
+class MethodNotAllowed(BadInput):
+    http_status = 405
+
+    def __init__(self, message: str, hint: str, allowed: list[str]):
+        super().__init__(message, hint)
+        self.headers = [(b"allow", ", ".join(allowed).encode())]
 
 
 @dataclass
@@ -77,7 +96,9 @@ def json_response(model: BaseModel, status: int = 200) -> Response:
 
 def error_response(exc: ConesError) -> Response:
     body = ErrorBody(code=exc.code.value, message=exc.message, hint=exc.hint)
-    return json_response(body, HTTP_STATUS.get(exc.code, 500))
+    response = json_response(body, getattr(exc, "http_status", HTTP_STATUS.get(exc.code, 500)))
+    response.headers.extend(getattr(exc, "headers", []))
+    return response
 
 
 def parse_body(model: type[BaseModel], data: bytes) -> BaseModel:
@@ -167,11 +188,11 @@ class App:
         return json_response(self.service.job_info(job), 202)
 
     async def list_jobs(self, req: Request) -> Response:
-        try:
-            limit = int(req.query.get("limit", "50"))
-        except ValueError:
-            raise BadInput("limit must be a whole number.") from None
-        jobs = await asyncio.to_thread(self.service.jobs, max(1, min(limit, 1000)))
+        raw = req.query.get("limit", "50")
+        limit = int(raw) if raw.isdigit() else 0
+        if not 1 <= limit <= MAX_JOBS_LISTED:
+            raise BadInput(f"limit must be a whole number from 1 to {MAX_JOBS_LISTED}, not {raw!r}.")
+        jobs = await asyncio.to_thread(self.service.jobs, limit)
         return json_response(JobList(jobs=jobs))
 
     async def show_job(self, req: Request) -> Response:
@@ -258,7 +279,7 @@ class App:
         if scope["type"] != "http":
             return
         try:
-            route, params = self._match(scope["method"], scope["path"])
+            route, params = self._match(scope["method"], _raw_path(scope))
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             if route.versioned:
                 _check_protocol(headers.get(PROTOCOL_HEADER.lower()))
@@ -273,23 +294,33 @@ class App:
                                                f"{type(exc).__name__}: {exc}"))
         await _send(response, send, receive)
 
-    def _match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        allowed = False
+    def _match(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]]:
+        """The route for a raw (percent-encoded) path; its parameters decoded and checked."""
+        allowed: list[str] = []
         for route in self.routes:
-            m = route.regex.match(path)
-            if m:
-                if route.method == method:
-                    return route, m.groupdict()
-                allowed = True
+            m = route.regex.match(raw_path)
+            if not m:
+                continue
+            if route.method != method:
+                allowed.append(route.method)
+                continue
+            params = {k: unquote(v) for k, v in m.groupdict().items()}
+            for kind, value in params.items():
+                if kind in SEGMENTS:
+                    check_segment(kind, value)
+            return route, params
+        shown = unquote(raw_path)
         if allowed:
-            raise BadInput(f"{method} is not allowed on {path}.", "See GET /openapi.json.")
-        raise NotFound(f"No such endpoint: {path}.", "See GET /openapi.json for the API.")
+            raise MethodNotAllowed(f"{method} is not allowed on {shown}; use {' or '.join(allowed)}.",
+                                   "See GET /openapi.json.", allowed)
+        raise NotFound(f"No such endpoint: {shown}.", "See GET /openapi.json for the API.")
 
     async def _read_body(self, headers: dict[str, str], receive) -> bytes:
         limit = self.max_request_bytes
         raw_length = headers.get("content-length", "")
         declared = int(raw_length) if raw_length.isdigit() else 0
-        too_big = declared > limit
+        if declared > limit:   # refused before reading: nothing of it is ever buffered
+            raise _too_large(declared, limit)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -298,17 +329,25 @@ class App:
                 break
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limit:
-                too_big = True
-            if not too_big:
-                chunks.append(chunk)
-            if not message.get("more_body", False) or size > limit * DRAIN_FACTOR:
+            if size > limit:   # a body longer than declared (or chunked): stop reading here
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
                 break
-        if too_big:
-            raise BadInput(f"The request is too large ({max(size, declared)} bytes; the "
-                           f"limit is {limit}).",
-                           "Send fewer or smaller photos, or raise max_request_bytes in config.toml.")
         return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> TooLarge:
+    return TooLarge(f"The request is too large ({size} bytes; the limit is {limit}).",
+                    "Send fewer or smaller photos, or raise max_request_bytes in config.toml.")
+
+
+def _raw_path(scope) -> str:
+    """The request path as sent (percent-encoding kept), without the query."""
+    raw = scope.get("raw_path")
+    if raw is None:   # an ASGI server without raw_path: fall back to the decoded path
+        return scope["path"]
+    return raw.decode("latin-1").split("?", 1)[0]
 
 
 def _check_protocol(value: str | None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 import uuid
 from importlib.metadata import version as dist_version
@@ -17,7 +18,7 @@ from typing import Callable
 from cns_daemon.archive import Archive, CheckedPhoto, check_photos
 from cns_daemon.errors import BadPhoto, Conflict, Internal, NotFound
 from cns_daemon.methods.base import CancelToken, ProgressEvent
-from cns_daemon.protocol import (PROTOCOL_VERSION, AddRequest, ConceptInfo, EvalRequest, GenerateRequest,
+from cns_daemon.protocol import (MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION, AddRequest, ConceptInfo, EvalRequest, GenerateRequest,
                                  ImportJob, JobInfo, JobResult, LearnJob, QueueInfo, RemoveJob,
                                  SkippedFile, StatusInfo)
 from cns_daemon.settings import Settings
@@ -50,12 +51,19 @@ class Service:
                      seed: int, photos: list[CheckedPhoto], skipped: list[SkippedFile], *,
                      source: str, inbox_folder: str | None = None,
                      options: dict | None = None) -> JobRecord:
-        if not photos:
-            why = "; ".join(f"{s.file}: {s.reason}" for s in skipped) or "no files"
-            raise BadPhoto(f"No usable photo for {name!r} ({why}).")
+        """Everything a learn job could refuse is refused here, before it is queued: the name,
+        too few distinct usable photos, the method's options and steps."""
+        method = method or self.settings.method
+        if len(photos) < MIN_PHOTOS:
+            why = "; ".join(f"{s.file}: {s.reason}" for s in skipped) or "no other files"
+            head = (f"No usable photo for {name!r}" if not photos else
+                    f"Only {len(photos)} usable photo for {name!r}")
+            raise BadPhoto(f"{head}; learning needs at least {MIN_PHOTOS} different photos ({why}).",
+                           "Give 3-5 different photos of it (PNG/JPEG/WebP, at least 32x32 pixels).")
         self._check_name_free(name)
+        self.engine.check_learn(method, steps, options or {})
         digests = [self.archive.put(p) for p in photos]
-        job = LearnJob(name=name, class_word=class_word, method=method or self.settings.method,
+        job = LearnJob(name=name, class_word=class_word, method=method,
                        steps=steps, seed=seed, options=options or {}, photo_digests=digests,
                        skipped=skipped,
                        source=source, inbox_folder=inbox_folder)
@@ -63,6 +71,8 @@ class Service:
 
     def generate(self, req: GenerateRequest) -> JobRecord:
         self.engine.check_generate(req)
+        if req.seed is None:   # "random", chosen now so the job (and a re-run after a crash) keeps it
+            req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
         return self.worker.submit("generate", req)
 
     def evaluate(self, req: EvalRequest) -> JobRecord:
@@ -71,7 +81,10 @@ class Service:
         return self.worker.submit("eval", req)
 
     def remove(self, name: str) -> JobRecord:
-        self.engine.concept(name)   # NotFound now rather than from the queue
+        # NotFound now rather than from the queue; membership only, so a damaged concept (whose
+        # record cannot be decoded) can still be removed.
+        if name not in self.store:
+            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.")
         return self.worker.submit("remove", RemoveJob(name=name))
 
     def import_file(self, data: bytes) -> JobRecord:
@@ -121,13 +134,15 @@ class Service:
 
     def status(self) -> StatusInfo:
         info = self.engine.info
+        health = self.engine.health()
         running = self.worker.running()
         return StatusInfo(
             protocol=PROTOCOL_VERSION, version=_version(), pid=os.getpid(),
             uptime_s=round(time.time() - self.started, 3), socket=str(self.paths.socket),
             data=str(self.paths.data), inbox=str(self.paths.inbox), inbox_watched=self.inbox_watched,
             model=info.model, device=info.device, dtype=info.dtype, fingerprint=info.fingerprint,
-            concepts=len(self.store.list()),
+            concepts=len(self.store.names()), damaged=health["damaged"],
+            not_rebuilt=health["not_rebuilt"],
             queue=QueueInfo(queued=len(self.worker.queued()),
                             running=self.worker.info(running) if running else None))
 

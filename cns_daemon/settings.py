@@ -98,6 +98,8 @@ class Settings(BaseSettings):
     settle_seconds: float = Field(5.0, ge=0.0, le=3600.0)
     watch_inbox: bool = True
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # A request head (request line + headers) must arrive within this many seconds.
+    header_timeout_seconds: float = Field(10.0, gt=0.0, le=600.0)
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],

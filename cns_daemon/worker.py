@@ -1,10 +1,16 @@
 """The job queue and the one worker thread that owns the pipeline.
 
 Jobs live in the store's persistent `jobs` table (JobRecord); this module decides which runs
-next (higher priority first, then oldest: generate jobs go ahead of queued learn jobs but never
-interrupt a running one), runs it on the worker thread, streams its progress to any number of
-followers, cancels it cooperatively, and on start-up settles jobs a dead process left behind:
-a job that was running is re-queued once, then failed with the reason.
+next (higher priority first, then oldest: generate jobs go ahead of queued learn jobs), runs it
+on the worker thread, streams its progress to any number of followers, cancels it
+cooperatively, and on start-up settles jobs a dead process left behind: a job that was running
+is re-queued once, then failed with the reason.
+
+A learn job takes minutes to an hour, so a generate job submitted while one runs does not wait
+for it: the learn's token asks its training loop to pause at the next step boundary, and the
+generate runs there, on this same thread, against the model with the learn's in-progress
+changes set aside (CancelToken.pause_point); then the learn resumes. `_running` is therefore a
+stack: the learn below, the generate on top.
 """
 from __future__ import annotations
 
@@ -25,8 +31,10 @@ from store.records import JobRecord
 log = logging.getLogger(__name__)
 
 PRIORITY = {"generate": 10, "eval": 8, "remove": 5, "import": 5, "learn": 0}
+INTERLEAVED = ("generate",)   # run inside a paused learn job (short, and they change no state)
 MAX_ATTEMPTS = 2  # the first run plus one re-run after a crash
 CRASH_REASON = ("The service stopped while this job was running, twice; it was not tried again.")
+RESTARTED = "restarted after the service stopped"
 
 
 class JobStore(Protocol):
@@ -97,7 +105,7 @@ class Worker:
         self._wake = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._current: tuple[str, CancelToken] | None = None
+        self._running: list[tuple[JobRecord, CancelToken]] = []   # outermost first
 
     # ------------------------------------------------------------ start-up and shutdown
 
@@ -129,8 +137,8 @@ class Worker:
         queue without counting the attempt (it was not the job's fault)."""
         self._stop.set()
         with self._lock:
-            if self._current is not None:
-                self._current[1].cancel()
+            for _, token in self._running:
+                token.cancel()
         with self._wake:
             self._wake.notify_all()
         if self._thread is not None:
@@ -148,6 +156,10 @@ class Worker:
                         priority=PRIORITY[kind])
         with self._lock:
             self.jobs.put_job(job)
+            if kind in INTERLEAVED:   # a running learn pauses for it at its next step
+                for running, token in self._running:
+                    if running.kind == "learn":
+                        token.request_pause()
         self.on_change(job)
         with self._wake:
             self._wake.notify_all()
@@ -160,8 +172,10 @@ class Worker:
             was_queued = job.state == "queued"
             if was_queued:
                 self._finish(job, "cancelled", error=error_body(Cancelled("Cancelled before it started.")))
-            elif job.state == "running" and self._current and self._current[0] == job_id:
-                self._current[1].cancel()
+            elif job.state == "running":
+                for running, token in self._running:
+                    if running.id == job_id:
+                        token.cancel()
         if was_queued:
             self.on_change(job)
         return job
@@ -170,12 +184,14 @@ class Worker:
         return JobInfo(id=job.id, kind=job.kind, state=job.state, summary=self.summarize(job),
                        created=job.created, started=job.started, finished=job.finished,
                        attempts=job.attempts, error=job.error, result=job.result,
-                       progress=self.hub.latest(job.id), skipped=job.request.get("skipped", []))
+                       progress=self.hub.latest(job.id), skipped=job.request.get("skipped", []),
+                       note=restart_note(job))
 
     def running(self) -> JobRecord | None:
+        """The job computing now (a generate inside a paused learn is the generate)."""
         with self._lock:
-            current = self._current
-        return self.jobs.get_job(current[0]) if current else None
+            current = self._running[-1][0] if self._running else None
+        return self.jobs.get_job(current.id) if current else None
 
     def queued(self) -> list[JobRecord]:
         jobs = [j for j in self.jobs.jobs() if j.state == "queued"]
@@ -192,22 +208,33 @@ class Worker:
                 continue
             self._run_one(job)
 
-    def _take_next(self) -> JobRecord | None:
+    def _take_next(self, kinds: tuple[str, ...] | None = None) -> JobRecord | None:
         with self._lock:
             if self._stop.is_set():
                 return None
-            queue = self.queued()
+            queue = [j for j in self.queued() if kinds is None or j.kind in kinds]
             if not queue:
                 return None
             job = queue[0]
             job.state, job.started, job.attempts = "running", time.time(), job.attempts + 1
             self.jobs.put_job(job)
-            self._current = (job.id, CancelToken())
+            interleave = (lambda: self._interleave(job)) if job.kind == "learn" else None
+            self._running.append((job, CancelToken(interleave)))
         self.on_change(job)
         return job
 
+    def _interleave(self, learn: JobRecord) -> None:
+        """Inside a paused learn job (its changes set aside): run the waiting generate jobs."""
+        paused = self.hub.latest(learn.id)
+        while (job := self._take_next(INTERLEAVED)) is not None:
+            if paused is not None:
+                self.hub.publish(paused.model_copy(update={"message": f"paused for generate job {job.id}"}))
+            self._run_one(job)
+        if paused is not None:
+            self.hub.publish(paused)
+
     def _run_one(self, job: JobRecord) -> None:
-        token = self._current[1]
+        token = self._running[-1][1]
 
         def progress(ev: ProgressEvent) -> None:
             self.hub.publish(ProgressInfo(job=job.id, state="running", phase=ev.phase, step=ev.step,
@@ -237,7 +264,7 @@ class Worker:
                 self.jobs.put_job(job)
             else:
                 self._finish(job, state, error=error, result=result)
-            self._current = None
+            self._running.pop()
         self.on_change(job)
 
     def _finish(self, job: JobRecord, state: str, *, error: dict | None = None,
@@ -248,6 +275,17 @@ class Worker:
         self.jobs.put_job(job)
         self.hub.publish(ProgressInfo(job=job.id, state=state,
                                       error=ErrorBody(**error) if error else None))
+
+
+def restart_note(job: JobRecord) -> str:
+    """Says so when a job runs (or ran, or waits to run) again because the service stopped while
+    it was running. `attempts` counts starts; a clean shutdown gives its start back, so only a
+    crash leaves a count above the runs a job has had."""
+    if job.state == "queued" and job.attempts >= 1:
+        return f"{RESTARTED}; attempt {job.attempts + 1} of {MAX_ATTEMPTS} next"
+    if job.attempts >= 2 and not (job.error and job.error.get("message") == CRASH_REASON):
+        return f"{RESTARTED}, attempt {job.attempts} of {MAX_ATTEMPTS}"
+    return ""
 
 
 def get_job_or_404(jobs: JobStore, job_id: str) -> JobRecord:

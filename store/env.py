@@ -19,9 +19,28 @@ import lmdb
 from cns_daemon.errors import Corrupt, Internal, NotFound, Unavailable
 
 DB_NAMES = ("meta", "concepts", "masks", "residuals", "deltas", "embeddings", "overlap", "jobs")
+# LMDB's own errors for a damaged B-tree (a page number that points nowhere, a page of the wrong
+# kind): the checksums in envelope.py cover values, these cover the structure around them.
+PAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError)
+SALVAGE_HINT = ("Stop the service and run `cones store salvage`: it copies every readable concept "
+                "into a fresh store and keeps the damaged one aside (`cones store check` lists what "
+                "is damaged); or restore the store folder from a backup.")
 DEFAULT_MAP_SIZE = 64 << 20   # virtual reservation; the file only grows with the data
 MAX_MAP_SIZE = 1 << 40
 T = TypeVar("T")
+
+
+def lmdb_reason(exc: BaseException) -> str:
+    """LMDB's message without the call it came from: "MDB_PAGE_NOTFOUND: Requested page not found"."""
+    text = str(exc).rstrip(".")
+    head, sep, rest = text.partition(": ")
+    return rest if sep and head.startswith("mdb_") else text
+
+
+def damaged_store(path: Path, exc: BaseException, where: str | None = None) -> Corrupt:
+    """The one error for a store whose structure cannot be read."""
+    place = f" (in its '{where}' database)" if where else ""
+    return Corrupt(f"The concept store at {path} is damaged{place}: {lmdb_reason(exc)}.", SALVAGE_HINT)
 
 
 class _SharedLock:
@@ -70,10 +89,10 @@ class Env:
             if not create or readonly:
                 raise NotFound(f"No concept store at {self.path}.",
                                "Check the data folder (CONES_HOME) or let the service create it.")
-            self.path.mkdir(parents=True, exist_ok=True)
-        try:
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:   # the store is private to this user: 0700 folder, 0600 files
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DB_NAMES) + 2,
-                                 readonly=readonly, create=create, max_readers=126)
+                                 readonly=readonly, create=create, max_readers=126, mode=0o600)
         except lmdb.InvalidError:
             raise Corrupt(f"The concept store at {self.path} is not a readable LMDB store.",
                           "Restore it from a backup or move it aside to start a new store.") from None
@@ -92,9 +111,16 @@ class Env:
                 raise Unavailable(f"The concept store at {self.path} needs an upgrade before it "
                                   "can be read read-only.",
                                   "Open it once read-write (start the service).") from None
+            except PAGE_ERRORS as exc:
+                self.env.close()
+                raise damaged_store(self.path, exc) from None
         else:
-            with self.env.begin(write=True) as txn:  # creates the databases on first use
-                self.dbs = {n: self.env.open_db(n.encode(), txn=txn) for n in DB_NAMES}
+            try:
+                with self.env.begin(write=True) as txn:  # creates the databases on first use
+                    self.dbs = {n: self.env.open_db(n.encode(), txn=txn) for n in DB_NAMES}
+            except PAGE_ERRORS as exc:
+                self.env.close()
+                raise damaged_store(self.path, exc) from None
 
     @property
     def map_size(self) -> int:
@@ -129,8 +155,10 @@ class Env:
                 if attempt:
                     raise
                 self.env.set_mapsize(0)
-            except (lmdb.MapFullError, lmdb.CorruptedError, lmdb.PageNotFoundError):
+            except lmdb.MapFullError:
                 raise
+            except PAGE_ERRORS as exc:   # callers that can pin it on one record catch it inside fn
+                raise damaged_store(self.path, exc) from None
             except lmdb.Error as exc:
                 raise Unavailable(f"The concept store at {self.path} failed: {str(exc).rstrip('.')}.",
                                   "Check free disk space and the folder's permissions.") from None

@@ -15,6 +15,14 @@ Layout (named databases; every value framed by `envelope`: schema version + crc3
     overlap     name -> Overlap (JSON): earlier concepts sharing its neurons, and how many
     jobs        job id -> JobRecord (JSON)
 A concept's parts are keyed by its name, so a damaged value only ever affects that concept.
+
+Two kinds of damage. A value whose bytes changed fails its checksum: that concept is damaged and
+`delete` (which never decodes a value) removes it. A damaged B-tree page (LMDB's
+MDB_PAGE_NOTFOUND / MDB_CORRUPTED) makes every key behind it unreachable: a read that can pin it
+on one concept (`get`, `overlap`, `size_of`) reports that concept damaged, anything else reports
+the store damaged with one error saying to run `cones store salvage` (store/salvage.py), which
+copies every readable concept into a fresh store. LMDB poisons a transaction after such an
+error, so per-concept checks each use their own read transaction.
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ from cns_daemon.errors import (Conflict, Corrupt, Internal, ModelMismatch, NotFo
 
 from . import serialize as ser
 from .codec import CodecError, decode_tensor, encode_tensor
-from .env import DEFAULT_MAP_SIZE, Env
+from .env import DEFAULT_MAP_SIZE, PAGE_ERRORS, SALVAGE_HINT, Env, lmdb_reason
 from .jobs import JobQueue
 from .envelope import SCHEMA_VERSION, frame, unframe
 from .records import ConceptMeta, ConceptRecord, Overlap, validate_name
@@ -40,7 +48,6 @@ log = logging.getLogger("cones.store")
 SEP = b"\x00"
 _PART_DBS = ("masks", "deltas", "embeddings")   # name \0 part keys
 _WHOLE_DBS = ("residuals", "overlap")           # name keys
-_DAMAGE = (CodecError, lmdb.CorruptedError, lmdb.PageNotFoundError)
 Item = tuple[str, bytes, bytes]                 # (database, key, framed value)
 
 # Upgrades from schema version v to v + 1, run inside one write transaction on open.
@@ -302,16 +309,15 @@ class ConceptStore(JobQueue):
         return self._env.read(txn_fn)
 
     def damaged(self) -> dict[str, str]:
-        """Concepts with any damaged value -> what is damaged (checks every checksum)."""
-        def txn_fn(txn):
-            bad: dict[str, str] = {}
-            for name in [k.decode() for k, _ in txn.cursor(db=self._db["concepts"])]:
-                try:
-                    self._read_record(txn, name)
-                except Corrupt as exc:
-                    bad[name] = exc.message
-            return bad
-        return self._env.read(txn_fn)
+        """Concepts with any damaged value or page -> what is damaged (checks every checksum;
+        one read transaction per concept, since a page error ends the transaction it hit)."""
+        bad: dict[str, str] = {}
+        for name in self.names():
+            try:
+                self._env.read(lambda txn: self._read_record(txn, name))
+            except Corrupt as exc:
+                bad[name] = exc.message
+        return bad
 
     def overlap(self, name: str) -> Overlap:
         """This concept's overlap alone: no masks or deltas are read (`cones list` is cheap)."""
@@ -327,7 +333,7 @@ class ConceptStore(JobQueue):
                 return self._decode(key, raw, ser.decode_overlap)
             except _DamagedPart as exc:
                 raise _damaged(name, exc.where, exc.reason) from None
-        return self._env.read(txn_fn)
+        return self._env.read(_pinned(name, "overlap", txn_fn))
 
     def size_of(self, name: str) -> int:
         """Bytes this concept takes in the store (keys + values, all databases)."""
@@ -345,28 +351,42 @@ class ConceptStore(JobQueue):
                 value = txn.get(key, db=self._db[db])
                 total += len(key) + len(value) if value is not None else 0
             return total
-        return self._env.read(txn_fn)
+        return self._env.read(_pinned(name, "size", txn_fn))
 
     def _read_record(self, txn, name: str) -> ConceptRecord:
+        return self._read_parts(txn, name)[0]
+
+    def _read_parts(self, txn, name: str) -> tuple[ConceptRecord, list[Item]]:
+        """The record, every value checked, and the framed values it came from (salvage copies
+        those bytes as they are)."""
         key = name.encode()
         meta = self._read_concept_meta(txn, name)
         record = ConceptRecord(meta=meta)
+        items: list[Item] = [("concepts", key, bytes(txn.get(key, db=self._db["concepts"])))]
+        parts = (("masks", ser.decode_mask, record.masks), ("deltas", ser.decode_delta, record.deltas),
+                 ("embeddings", decode_tensor, record.embeddings))
+        where = "concept"
         try:
-            for part_key, raw in _scan(txn, self._db["masks"], key):
-                record.masks[_part(part_key)] = self._decode(part_key, raw, ser.decode_mask)
-            for part_key, raw in _scan(txn, self._db["deltas"], key):
-                record.deltas[_part(part_key)] = self._decode(part_key, raw, ser.decode_delta)
-            for part_key, raw in _scan(txn, self._db["embeddings"], key):
-                record.embeddings[_part(part_key)] = self._decode(part_key, raw, decode_tensor)
-            raw = txn.get(key, db=self._db["residuals"])
-            if raw is not None:
-                record.residual = self._decode(key, raw, decode_tensor)
-            raw = txn.get(key, db=self._db["overlap"])
-            if raw is not None:
-                record.overlap = self._decode(key, raw, ser.decode_overlap)
+            for db, decoder, into in parts:
+                where = db
+                for part_key, raw in _scan(txn, self._db[db], key):
+                    into[_part(part_key)] = self._decode(part_key, raw, decoder)
+                    items.append((db, bytes(part_key), bytes(raw)))
+            for db, decoder in (("residuals", decode_tensor), ("overlap", ser.decode_overlap)):
+                where = db
+                raw = txn.get(key, db=self._db[db])
+                if raw is not None:
+                    value = self._decode(key, raw, decoder)
+                    if db == "residuals":
+                        record.residual = value
+                    else:
+                        record.overlap = value
+                    items.append((db, key, bytes(raw)))
         except _DamagedPart as exc:
             raise _damaged(name, exc.where, exc.reason) from None
-        return record
+        except PAGE_ERRORS as exc:
+            raise _damaged(name, where, lmdb_reason(exc), page=True) from None
+        return record, items
 
     def _read_concept_meta(self, txn, name: str) -> ConceptMeta:
         key = name.encode()
@@ -375,15 +395,50 @@ class ConceptStore(JobQueue):
             raise NotFound(f"No concept named '{name}'.")
         try:
             return ser.decode_meta(unframe(key, raw)[1])
-        except _DAMAGE as exc:
+        except CodecError as exc:
             raise _damaged(name, "metadata", str(exc)) from None
 
     @staticmethod
     def _decode(key: bytes, raw: bytes, decoder):
         try:
             return decoder(unframe(key, raw)[1])
-        except _DAMAGE as exc:
+        except CodecError as exc:
             raise _DamagedPart(key.replace(SEP, b"/").decode(errors="replace"), str(exc)) from None
+
+    # -- salvage (store/salvage.py) ------------------------------------------------------------
+
+    def scan_keys(self, db: str) -> tuple[list[bytes], str | None]:
+        """Every key of one database, in order, as far as it can be walked, and why the walk
+        stopped early (None: it reached the end). Values are not read."""
+        keys: list[bytes] = []
+
+        def txn_fn(txn):
+            try:
+                for k in txn.cursor(db=self._db[db]).iternext(keys=True, values=False):
+                    keys.append(bytes(k))
+            except PAGE_ERRORS as exc:
+                return lmdb_reason(exc)
+            return None
+        return keys, self._env.read(txn_fn)
+
+    def raw_concept(self, name: str) -> list[Item]:
+        """Every framed value of one concept, each checked (Corrupt if any is damaged)."""
+        validate_name(name)
+        return self._env.read(lambda txn: self._read_parts(txn, name)[1])
+
+    def put_raw(self, items: list[Item]) -> None:
+        """Write framed values as they are, in one transaction (a concept `raw_concept` read from
+        another store: its bytes, checksums and creation time stay the same)."""
+        for _, key, value in items:
+            unframe(key, value)   # never copy damage into a fresh store
+        self._env.write(lambda txn: self._put_items(txn, items))
+
+    def forget(self, names: Iterable[str]) -> None:
+        """Drop every other concept's overlap entry for these (lost) concepts."""
+        def txn_fn(txn):
+            for name in names:
+                self._sync_others(txn, name, {})
+        self._env.write(txn_fn)
 
     # -- overlap queries -----------------------------------------------------------------------
 
@@ -428,7 +483,7 @@ class ConceptStore(JobQueue):
                     continue
                 try:
                     yield name, tensor, decoder(unframe(key, raw)[1])
-                except _DAMAGE:
+                except CodecError:
                     log.warning("skipping damaged %s value of concept %r", db, name)
 
     def _metas(self, txn) -> list[ConceptMeta]:
@@ -436,7 +491,7 @@ class ConceptStore(JobQueue):
         for key, raw in txn.cursor(db=self._db["concepts"]):
             try:
                 out.append(ser.decode_meta(unframe(key, raw)[1]))
-            except _DAMAGE:
+            except CodecError:
                 pass
         return out
 
@@ -450,10 +505,23 @@ class _DamagedPart(Exception):
         self.where, self.reason = where, reason
 
 
-def _damaged(name: str, where: str, reason: str) -> Corrupt:
+def _damaged(name: str, where: str, reason: str, page: bool = False) -> Corrupt:
+    if page:   # the B-tree around the value: removing the concept would need that page too
+        return Corrupt(f"Concept '{name}' is damaged ({where}: {reason}; the store's structure "
+                       "is damaged there).", SALVAGE_HINT)
     return Corrupt(f"Concept '{name}' is damaged ({where}: {reason}).",
                    f"Remove it with `cones rm {name}` and learn it again; other concepts are "
                    "unaffected.")
+
+
+def _pinned(name: str, where: str, fn):
+    """`fn` with a page error it hits reported as this concept's damage."""
+    def wrapped(txn):
+        try:
+            return fn(txn)
+        except PAGE_ERRORS as exc:
+            raise _damaged(name, where, lmdb_reason(exc), page=True) from None
+    return wrapped
 
 
 def _part(key: bytes) -> str:

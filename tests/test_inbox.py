@@ -137,3 +137,57 @@ def test_folders_present_at_startup_and_settle_time(daemon):
         assert time.monotonic() - t0 >= 2.0 + 1.5 - 0.6
         job = next(j for j in c.jobs() if j.summary.startswith("learn <late>"))
         assert "4 photos" in job.summary
+
+
+def _learn_jobs(c, name: str) -> list:
+    return [j for j in c.jobs(1000) if j.kind == "learn" and j.summary.startswith(f"learn <{name}>")]
+
+
+def test_failed_folder_is_retried_only_when_its_inputs_change(daemon):
+    """Writing ERROR.txt is no change: neither a folder refused when read nor one whose job failed
+    is taken again until a photo or concept.toml in it changes."""
+    home, start = daemon
+    d = start()
+    inbox = home / "inbox"
+    write_photos(inbox / "classless", 2)                 # refused when read: no class word
+    write_photos(inbox / "broken.unlearnable", 2)         # taken; its job fails when it runs
+    notes = {name: inbox / name / ERROR_FILE for name in ("classless", "broken.unlearnable")}
+    with Client(d.socket) as c:
+        for note in notes.values():
+            wait_until(note.exists, timeout=20, what=f"{note}")
+        wait_until(lambda: _learn_jobs(c, "broken") and _learn_jobs(c, "broken")[0].state == "failed",
+                   timeout=20, what="broken failed")
+        written = {name: (note.stat().st_mtime_ns, note.read_text()) for name, note in notes.items()}
+        time.sleep(10 * 0.3)   # ten settle periods
+        assert {name: (note.stat().st_mtime_ns, note.read_text()) for name, note in notes.items()} == written
+        assert len(_learn_jobs(c, "broken")) == 1
+        assert d.output().count("inbox folder classless:") == 1
+        assert "The fake engine cannot learn" in notes["broken.unlearnable"].read_text()
+
+        (inbox / "broken.unlearnable" / "photo0.png").write_bytes(photo_bytes(77))   # a new photo
+        wait_until(lambda: len(_learn_jobs(c, "broken")) == 2, timeout=20, what="retry after a change")
+        (inbox / "classless" / "concept.toml").write_text('class = "dog"\n')
+        wait_until(lambda: "classless" in {x.name for x in c.concepts()}, timeout=20, what="fixed")
+
+
+def test_cancelled_inbox_folder_is_not_taken_again(daemon):
+    home, start = daemon
+    d = start()
+    folder = home / "inbox" / "slow.dog"
+    write_photos(folder, 2)
+    (folder / "concept.toml").write_text("steps = 5000\n")
+    with Client(d.socket) as c:
+        job = wait_until(lambda: next(iter(_learn_jobs(c, "slow")), None), timeout=20, what="taken")
+        wait_until(lambda: c.job(job.id).state == "running", what="running")
+        c.cancel(job.id)
+        wait_until(lambda: (folder / "CANCELLED.txt").exists(), timeout=20, what="CANCELLED.txt")
+        assert c.job(job.id).state == "cancelled" and not (folder / ERROR_FILE).exists()
+        assert job.id in (folder / "CANCELLED.txt").read_text()
+        time.sleep(10 * 0.3)
+        assert [j.id for j in _learn_jobs(c, "slow")] == [job.id]   # not taken again
+        assert len(list(folder.glob("*.png"))) == 2                    # and nothing was removed
+        (folder / "photo1.png").write_bytes(photo_bytes(91))           # the person changes a photo
+        again = wait_until(lambda: next((j for j in _learn_jobs(c, "slow") if j.id != job.id), None),
+                           timeout=20, what="taken after a change")
+        assert not (folder / "CANCELLED.txt").exists()
+        c.cancel(again.id)

@@ -77,8 +77,10 @@ def test_typed_errors_and_exit_codes(cones, tmp_path):
     photos = write_photos(tmp_path / "p", 1)
     code, out = cones("add", "../x", str(photos[0]), "--class", "dog")
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "name" in out
-    code, out = cones("cancel", "nosuchjob")
+    code, out = cones("cancel", "0123456789ab")
     assert code == EXIT_CODES[ErrorCode.NOT_FOUND]
+    code, out = cones("cancel", "nosuchjob")   # not a job id at all: refused before it is sent
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "Invalid job id" in out
 
 
 def test_cancel_running_learn_leaves_no_concept(cones, daemon, tmp_path):
@@ -96,7 +98,7 @@ def test_cancel_running_learn_leaves_no_concept(cones, daemon, tmp_path):
         assert c.job(job_id).error.code == "cancelled"
 
 
-def test_generate_jumps_queued_learn_jobs(daemon, tmp_path):
+def test_generate_runs_inside_a_running_learn_and_before_queued_ones(daemon, tmp_path):
     with Client(daemon.socket) as c:
         from cns_daemon.protocol import AddRequest, GenerateRequest, Photo
 
@@ -105,11 +107,14 @@ def test_generate_jumps_queued_learn_jobs(daemon, tmp_path):
         wait_until(lambda: c.job(first.id).state == "running", what="first running")
         second = c.add(AddRequest(name="second", class_word="dog", steps=5, photos=photos))
         gen = c.generate(GenerateRequest(prompt="a plain photo", steps=2))
+        wait_until(lambda: c.job(gen.id).state == "done", timeout=60, what="generate done")
+        assert c.job(first.id).state == "running"   # it paused for the generate, and goes on
         wait_until(lambda: c.job(second.id).state == "done", timeout=60, what="second done")
         first_job, gen_job, second_job = c.job(first.id), c.job(gen.id), c.job(second.id)
-        # the running learn job was not interrupted; the generate job went before the queued learn
+        # the generate ran between two steps of the running learn; the queued learn waited
         assert first_job.state == "done" and first_job.attempts == 1
-        assert first_job.finished <= gen_job.started <= gen_job.finished <= second_job.started
+        assert first_job.started <= gen_job.started <= gen_job.finished <= first_job.finished
+        assert first_job.finished <= second_job.started
 
 
 def test_two_clients_follow_and_list_at_once(daemon, tmp_path):
@@ -213,3 +218,34 @@ def test_follower_that_disconnects_leaves_the_service_healthy(daemon, tmp_path):
         wait_until(lambda: c.job(job.id).state == "done", timeout=60, what="job done after hang-up")
         assert c.status().pid == daemon.proc.pid
     assert "RuntimeError" not in daemon.output() and "Traceback" not in daemon.output()
+
+
+def test_data_store_and_archive_are_private():
+    """Photos of people: the data folder, store, archive and outputs are 0700 folders with 0600
+    files, and looser ones left by an older version are tightened at start-up."""
+    from cns_daemon.protocol import AddRequest, GenerateRequest, Photo
+
+    home = short_home()
+    try:
+        (home / "data" / "archive" / "ab").mkdir(parents=True, mode=0o755)
+        os.chmod(home / "data", 0o755)
+        os.chmod(home / "data" / "archive", 0o755)
+        d = start_daemon(home)
+        try:
+            photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(home / "src", 2)]
+            with Client(d.socket) as c:
+                job = c.add(AddRequest(name="private", class_word="dog", steps=2, photos=photos))
+                wait_until(lambda: c.job(job.id).state == "done", what="learned")
+                gen = c.generate(GenerateRequest(prompt="a photo of <private>", steps=1))
+                wait_until(lambda: c.job(gen.id).state == "done", what="generated")
+        finally:
+            d.kill(15)
+        data = home / "data"
+        paths = [data] + [p for p in data.rglob("*")]
+        assert any(p.suffix == ".png" for p in (data / "archive").rglob("*"))
+        assert any(p.name == "data.mdb" for p in paths) and any(p.parent.name.endswith(gen.id) for p in paths)
+        loose = [(str(p), oct(stat.S_IMODE(p.stat().st_mode))) for p in paths
+                 if stat.S_IMODE(p.stat().st_mode) != (0o700 if p.is_dir() else 0o600)]
+        assert not loose, loose
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from cns_daemon.engine import Engine, EngineInfo, save_images  # noqa: E402
-from cns_daemon.errors import Conflict  # noqa: E402
+from cns_daemon.engine import Engine, EngineInfo, generation_caption, save_images  # noqa: E402
+from cns_daemon.errors import BadPhoto, Conflict  # noqa: E402
 from cns_daemon.methods.base import ProgressReporter  # noqa: E402
 from cns_daemon.protocol import JobResult  # noqa: E402
 from store.records import ConceptMeta, ConceptRecord  # noqa: E402
@@ -64,6 +64,7 @@ class FakeEngine(Engine):
     prompt checks with the real CLIP tokenizer) is the real thing."""
 
     step_s = float(os.environ.get("CONES_TEST_STEP_S", "0.02"))
+    FAILING_CLASS = "unlearnable"   # a learn job for this class word fails when it runs
 
     def start(self) -> None:
         from types import SimpleNamespace
@@ -71,8 +72,19 @@ class FakeEngine(Engine):
         from cns_daemon.tokenizer import clip_tokenizer
 
         self.pipe = SimpleNamespace(tokenizer=clip_tokenizer())
+        self.live: list[str] = []   # the CNS concepts "in the weights"
         self.info = EngineInfo(model="fake", device="cpu", dtype="float32", fingerprint="f" * 32)
         self.store.bind(self.info.fingerprint)
+        self.rebuild()
+
+    def _apply_cns(self, record) -> None:
+        self.live.append(record.name)
+
+    def _unapply_cns(self, name: str) -> None:
+        self.live.remove(name)
+
+    def _live_cns(self) -> list[str]:
+        return list(self.live)
 
     def learn(self, job, progress, cancel) -> JobResult:
         if job.name in self.store:
@@ -83,11 +95,16 @@ class FakeEngine(Engine):
         report = ProgressReporter(progress, "train", total)
         for step in range(1, total + 1):
             cancel.check()
+            cancel.pause_point(contextlib.nullcontext)   # a generate job may run here
             time.sleep(self.step_s)
             report(step, loss=1.0 / step)
+        if job.class_word == self.FAILING_CLASS:
+            raise BadPhoto(f"The fake engine cannot learn a {self.FAILING_CLASS} thing.")
         self.store.put(ConceptRecord(meta=ConceptMeta(
             name=job.name, method=job.method, class_word=job.class_word, token="sks",
             photo_digests=list(job.photo_digests), fingerprint=self.info.fingerprint)))
+        if job.method == "cns":
+            self.live.append(job.name)
         return JobResult(concept=job.name)
 
     def generate(self, req, out_dir, progress, cancel) -> JobResult:
@@ -103,7 +120,7 @@ class FakeEngine(Engine):
             report(step)
         rng = np.random.default_rng(req.seed or 0)
         images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(req.n)]
-        return save_images(images, out_dir)
+        return save_images(images, out_dir, generation_caption(req), seed=req.seed)
 
 
 # ---------------------------------------------------------------- daemon processes

@@ -11,7 +11,8 @@ import pytest
 from cli.client import Client
 from cns_daemon.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest, Photo
 from cns_daemon.worker import CRASH_REASON
-from test_service_harness import photo_bytes, short_home, start_daemon, wait_until, write_photos
+from test_service_harness import (cli_in_process, photo_bytes, short_home, start_daemon, wait_until,
+                                  write_photos)
 
 LIMIT = 300_000   # a small request limit for this daemon, so "oversized" is cheap to send
 
@@ -20,8 +21,12 @@ def photos_of(seed: int, n: int = 3) -> list[Photo]:
     return [Photo(filename=f"p{i}.png", data=photo_bytes(seed + i)) for i in range(n)]
 
 
-def test_kill9_during_learn_requeues_once_then_fails(tmp_path):
+def test_kill9_during_learn_requeues_once_then_fails(tmp_path, monkeypatch):
+    from cli import views
+
+    monkeypatch.setattr(views.console, "_width", 200)
     home = short_home()
+    cones = cli_in_process(home, monkeypatch)
     daemon = None
     try:
         daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
@@ -40,6 +45,10 @@ def test_kill9_during_learn_requeues_once_then_fails(tmp_path):
         with Client(daemon.socket) as c:
             job = c.job(victim.id)
             assert job.attempts == 2 and job.state == "running"   # re-queued once, running again
+            assert job.note == "restarted after the service stopped, attempt 2 of 2"
+            code, out, err = cones("jobs")
+            row = next(line for line in out.splitlines() if line.startswith(victim.id))
+            assert "restarted after the service stopped, attempt 2 of 2" in row, out
             assert c.job(queued.id).state == "queued"              # queued jobs survive
             assert {x.name for x in c.concepts()} == {"early"}     # no half concept
             assert c.concept("early").photos == 3
@@ -96,8 +105,9 @@ def test_bad_photos(raw):
     for name, why in (("notes.txt", "not an image"), ("cut.jpg", "truncated"), ("empty.png", "0 bytes"),
                       ("tiny.png", "too small")):
         assert name in body["message"] and why in body["message"], body["message"]
-    # one good photo among bad ones: accepted, the bad ones listed as skipped
-    ok = raw.post(f"{API_PREFIX}/concepts", json=_add_body("mixed", bad + [("good.png", photo_bytes(5))]))
+    # two good photos among bad ones: accepted, the bad ones listed as skipped
+    ok = raw.post(f"{API_PREFIX}/concepts", json=_add_body("mixed", bad + [("good.png", photo_bytes(5)),
+                                                                          ("good2.png", photo_bytes(6))]))
     assert ok.status_code == 202, ok.text
     skipped = {s["file"] for s in ok.json()["skipped"]}
     assert skipped == {"notes.txt", "cut.jpg", "empty.png", "tiny.png"}
@@ -122,13 +132,14 @@ def test_bad_requests(raw):
     _error(raw.post(f"{p}/generate", json={"prompt": "", "n": 1}), 400, "bad_input")
     _error(raw.post(f"{p}/generate", json={"prompt": "x", "n": 1000}), 400, "bad_input")
     _error(raw.get(f"{p}/nowhere"), 404, "not_found")
-    _error(raw.put(f"{p}/concepts"), 400, "bad_input")
+    put = _error(raw.put(f"{p}/concepts"), 405, "bad_input")
+    assert "PUT is not allowed" in put["message"]
     _error(raw.get(f"{p}/jobs/" + "x" * 300), 400, "bad_input")
 
 
 def test_oversized_request(raw):
     big = _add_body(files=[("big.png", b"\0" * (LIMIT * 2))])
-    body = _error(raw.post(f"{API_PREFIX}/concepts", json=big), 400, "bad_input")
+    body = _error(raw.post(f"{API_PREFIX}/concepts", json=big), 413, "bad_input")
     assert "too large" in body["message"] and str(LIMIT) in body["message"]
 
 

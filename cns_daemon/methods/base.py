@@ -10,6 +10,7 @@ one generation and removed right after.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,10 +50,22 @@ ProgressFn = Callable[[ProgressEvent], None]
 
 
 class CancelToken:
-    """Cooperative cancel: long loops call `check()` once per step."""
+    """Cooperative control of a running job.
 
-    def __init__(self):
+    Cancel: long loops call `check()` once per step.
+
+    Pause: a training loop that can set its in-progress changes aside also calls
+    `pause_point(aside)` between two steps (common.run_steps does). When the service has short
+    work waiting (a generate job) it has called `request_pause()`; the work then runs right
+    there, inside `aside()`: a context manager that takes the learn's in-progress changes off the
+    live model and puts them back, bit-exactly, on exit. So a generation waits at most one
+    training step, and sees the model as if the concept being learned were not there.
+    """
+
+    def __init__(self, interleave: Callable[[], None] | None = None):
         self._event = threading.Event()
+        self._pause = threading.Event()
+        self._interleave = interleave   # runs the waiting work (set by the service's worker)
 
     def cancel(self) -> None:
         self._event.set()
@@ -64,6 +77,23 @@ class CancelToken:
     def check(self) -> None:
         if self._event.is_set():
             raise Cancelled("The job was cancelled.")
+
+    def request_pause(self) -> None:
+        """Ask the loop to run the waiting work at its next step boundary (no-op without it)."""
+        if self._interleave is not None:
+            self._pause.set()
+
+    @property
+    def pause_wanted(self) -> bool:
+        return self._pause.is_set()
+
+    def pause_point(self, aside: Callable[[], contextlib.AbstractContextManager]) -> None:
+        """Between two steps: if a pause is wanted, run the waiting work with `aside()` entered."""
+        if not self._pause.is_set():
+            return
+        self._pause.clear()
+        with aside():
+            self._interleave()
 
 
 class ProgressReporter:
@@ -83,6 +113,7 @@ class ProgressReporter:
 
 class Method(Protocol):
     name: str
+    Params: type   # its hyper-parameters (a dataclass); LearnSpec.options override its fields
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None,
               cancel: CancelToken | None, previous: list | None = None):

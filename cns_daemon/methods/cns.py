@@ -31,6 +31,7 @@ later concept too then returns them to their values before the older one (see cn
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,10 +250,24 @@ def _train(pipe, stack: CNSStack, prep: Prepared, spec: LearnSpec, hp: CNSParams
             t.write()
         return float(parts.total.detach())
 
+    @contextlib.contextmanager
+    def aside():
+        """Between two steps (a generate job): the live model without this concept's values
+        and token row, then exactly as before."""
+        row.__exit__(None, None, None)
+        for t in trainees:
+            t.restore()
+        try:
+            yield
+        finally:
+            for t in trainees:
+                t.write()
+            row.__enter__()
+
     try:
         with C.only_trainable(C.pipeline_modules(pipe), weights), row:
             losses = C.run_steps(steps, step, progress, cancel, phase,
-                                 around=loop_context(pipe, spec.memory))
+                                 around=lambda: loop_context(pipe, spec.memory), aside=aside)
     finally:
         for t in trainees:  # the live model gets the *stored* values, or nothing
             t.restore()

@@ -19,6 +19,7 @@ The token is a rare existing token, never trained: Cones changes no embedding.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,12 +78,29 @@ def _walk(pipe, loss_fn: LossFn, steps: int, progress: ProgressFn | None,
           memory=None):
     params = C.kv_weights(pipe.unet)
     pristine = {n: p.detach().clone() for n, p in params.items()}
+
+    @contextlib.contextmanager
+    def aside():
+        """Between two steps (a generate job): the walk writes ξ ⊙ θ into the live weights, so
+        the pristine ones go back for the generation, and the walk's after it."""
+        with torch.no_grad():
+            walked = {n: p.detach().clone() for n, p in params.items()}
+            for n, p in params.items():
+                p.data.copy_(pristine[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.data.copy_(walked[n])
+
     try:
         with C.only_trainable(C.pipeline_modules(pipe), params.values()):
             # The loss encodes its captions up front, so the loop needs neither VAE nor text encoder.
             C.run_steps(steps, lambda k: step(k, lambda vals: _gradients(pipe, params, vals, loss_fn, k)),
                         progress, cancel, phase,
-                        around=loop_context(pipe, memory, text_encoder_needed=False))
+                        around=lambda: loop_context(pipe, memory, text_encoder_needed=False),
+                        aside=aside)
     finally:
         with torch.no_grad():  # the walk moved the live weights: put them back bit-exactly
             for n, p in params.items():

@@ -22,6 +22,7 @@ of them, and the output at the class word moves through the layers anyway.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -146,6 +147,7 @@ def class_residual(tuned, frozen_out: torch.Tensor, sset: SentenceSet) -> torch.
 
 class Cones2:
     name = "cones2"
+    Params = Cones2Options
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None,
               cancel: CancelToken | None, previous: list | None = None) -> ConceptRecord:
@@ -181,8 +183,11 @@ class Cones2:
             return float(loss.detach())
 
         with only_trainable(pipeline_modules(pipe) + [tuned], params):
+            # the live pipeline is never changed (a copy of the encoder trains): a generate job
+            # can run between two steps with nothing set aside
             losses = run_steps(hp.steps, step, progress, cancel,
-                               around=loop_context(pipe, spec.memory))
+                               around=lambda: loop_context(pipe, spec.memory),
+                               aside=contextlib.nullcontext)
         with torch.no_grad():
             residual = class_residual(tuned, frozen_out, sset)
         del tuned, opt

@@ -166,19 +166,30 @@ def pipeline_modules(pipe) -> list[torch.nn.Module]:
 
 def run_steps(steps: int, step_fn: Callable[[int], float], progress: ProgressFn | None,
               cancel: CancelToken | None, phase: str = "train", *,
-              around: contextlib.AbstractContextManager | None = None) -> list[float]:
+              around: Callable[[], contextlib.AbstractContextManager] | None = None,
+              aside: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[float]:
     """Call `step_fn(k)` for k < steps (it returns the step's loss), reporting step, loss and
     ETA after each and honouring cancel before each (Cancelled propagates to the caller, whose
-    `finally` blocks undo what the steps did). `around` wraps the loop alone: the memory
-    options of `cns_daemon.memory.loop_context` (offload, checkpointing, autocast)."""
+    `finally` blocks undo what the steps did). `around` makes the context that wraps the loop
+    alone: the memory options of `cns_daemon.memory.loop_context` (offload, checkpointing,
+    autocast). With `aside` (see CancelToken.pause_point) the service may run a short job between
+    two steps: the loop leaves `around` for it, so the job sees the pipeline as it serves
+    generations, and enters it again afterwards."""
     report = ProgressReporter(progress, phase, steps)
     report(0)
-    losses = []
-    with around if around is not None else contextlib.nullcontext():
-        for k in range(steps):
-            if cancel is not None:
-                cancel.check()
-            loss = float(step_fn(k))
-            losses.append(loss)
-            report(k + 1, loss)
-    return losses
+    losses: list[float] = []
+    k = 0
+    while True:
+        with around() if around is not None else contextlib.nullcontext():
+            while k < steps:
+                if cancel is not None:
+                    cancel.check()
+                    if aside is not None and cancel.pause_wanted:
+                        break
+                loss = float(step_fn(k))
+                losses.append(loss)
+                k += 1
+                report(k, loss)
+        if k >= steps:
+            return losses
+        cancel.pause_point(aside)

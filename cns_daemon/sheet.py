@@ -1,0 +1,75 @@
+"""Contact sheets: every image of a generation on one PNG a person can judge at a glance.
+
+Tiles are upscaled by a whole factor with nearest-neighbour (the toy world's 32 px images stay
+sharp pixels, never blurred) until they are at least MIN_TILE pixels; a caption line on top says
+what was asked (prompt, seed, concepts); under each tile, when there is one, a label: in
+toy-world runs the attribute probe's reading of that image. No torch here: the engine reads the
+probe and hands the text in.
+"""
+from __future__ import annotations
+
+import textwrap
+from typing import Mapping, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+MIN_TILE = 256
+PAD = 4
+FONT_SIZE = 13
+
+
+def _font() -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=FONT_SIZE)
+    except (TypeError, OSError):   # Pillow built without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _lines(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
+    """`text` wrapped to `width` pixels."""
+    per_char = max(1.0, draw.textlength("x" * 20, font=font) / 20)
+    return textwrap.wrap(text, max(8, int(width / per_char))) or [""]
+
+
+def describe_reading(a: Mapping) -> str:
+    """One probe reading (shape, color, pattern, second_color, tilt, background, confidence) in
+    words. A pattern read without a second colour (or tilt) says so instead of printing None."""
+    if a["pattern"] == "solid":
+        pattern = "solid"
+    else:
+        second = f" in {a['second_color']}" if a.get("second_color") else " (second colour unclear)"
+        tilt = f", {a['tilt']}" if a.get("tilt") else ""
+        pattern = f"{a['pattern']}{second}{tilt}"
+    return f"{a['color']} {a['shape']}, {pattern}, on {a['background']} (confidence {a['confidence']:.2f})"
+
+
+def contact_sheet(images: Sequence[Image.Image], caption: str = "",
+                  labels: Sequence[str] | None = None, columns: int = 4) -> Image.Image:
+    """Images on a white grid, up to `columns` a row, each at least MIN_TILE pixels, with the
+    caption above and each label under its tile."""
+    font = _font()
+    w = max(i.width for i in images)
+    h = max(i.height for i in images)
+    scale = max(1, -(-MIN_TILE // min(w, h)))   # a whole factor: nearest-neighbour stays exact
+    tw, th = w * scale, h * scale
+    cols = min(columns, len(images))
+    rows = -(-len(images) // cols)
+    width = cols * (tw + PAD) + PAD
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = FONT_SIZE + 4
+    head = _lines(probe, caption, font, width - 2 * PAD) if caption else []
+    tails = [_lines(probe, t, font, tw) for t in (labels or [])]
+    tail_h = max((len(t) for t in tails), default=0) * line_h
+    top = len(head) * line_h + (PAD if head else 0)
+    sheet = Image.new("RGB", (width, top + rows * (th + tail_h + PAD) + PAD), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(head):
+        draw.text((PAD, PAD + i * line_h), line, fill="black", font=font)
+    for k, img in enumerate(images):
+        r, c = divmod(k, cols)
+        x, y = PAD + c * (tw + PAD), top + PAD + r * (th + tail_h + PAD)
+        tile = img.convert("RGB").resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+        sheet.paste(tile, (x, y))
+        for i, line in enumerate(tails[k] if k < len(tails) else []):
+            draw.text((x, y + th + 2 + i * line_h), line, fill=(60, 60, 60), font=font)
+    return sheet

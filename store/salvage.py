@@ -1,0 +1,118 @@
+"""`cones store check` and `cones store salvage`: what is damaged in a store, and a fresh store
+with everything that is not.
+
+LMDB's own answer to a damaged file is a copy with compaction (`mdb_env_copy2`), but that walks
+every B-tree and stops at the first bad page. So salvage copies record by record instead: each
+concept's values are read and checked (checksums, page errors) in a read transaction of their
+own, and the ones that read whole are written, byte for byte, into a new environment; jobs the
+same way. The damaged store is kept aside, never deleted. Both work on the files directly,
+without the service (a store that stops the service from starting must still be repairable).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cns_daemon.errors import ConesError, Corrupt
+
+from .env import DB_NAMES
+from .store import SEP, ConceptStore
+
+
+@dataclass
+class CheckReport:
+    path: str
+    databases: dict[str, str] = field(default_factory=dict)   # database -> why its walk stopped
+    concepts: list[str] = field(default_factory=list)         # readable concepts
+    damaged: dict[str, str] = field(default_factory=dict)     # concept -> what is damaged
+    jobs: int = 0                                             # readable jobs
+    damaged_jobs: dict[str, str] = field(default_factory=dict)
+    error: str = ""   # the store could not be opened at all
+
+    @property
+    def ok(self) -> bool:
+        return not (self.databases or self.damaged or self.damaged_jobs or self.error)
+
+
+@dataclass
+class SalvageReport:
+    check: CheckReport
+    copied: list[str]
+    jobs_copied: int
+    kept_at: str      # where the damaged store now is
+
+
+def _names(store: ConceptStore, report: CheckReport) -> list[str]:
+    """Concept names from the concepts database and, where a walk stopped early, from the
+    key prefixes of every other database too (a name whose metadata is unreachable is still
+    reported, as damaged)."""
+    names: dict[str, None] = {}
+    for db in DB_NAMES:
+        if db in ("meta", "jobs"):
+            continue
+        keys, stopped = store.scan_keys(db)
+        if stopped:
+            report.databases[db] = stopped
+        for key in keys:
+            names.setdefault(key.split(SEP, 1)[0].decode(errors="replace"), None)
+    return list(names)
+
+
+def check(path: Path) -> CheckReport:
+    """Read every record of the store at `path` (read-only) and say what is damaged."""
+    report = CheckReport(path=str(path))
+    try:
+        store = ConceptStore.open(path, create=False, readonly=True)
+    except ConesError as exc:
+        report.error = exc.message
+        return report
+    with store:
+        for name in _names(store, report):
+            try:
+                store.raw_concept(name)
+                report.concepts.append(name)
+            except ConesError as exc:
+                report.damaged[name] = exc.message
+        keys, stopped = store.scan_keys("jobs")
+        if stopped:
+            report.databases["jobs"] = stopped
+        for key in keys:
+            try:
+                store.get_job(key.decode(errors="replace"))
+                report.jobs += 1
+            except ConesError as exc:
+                report.damaged_jobs[key.decode(errors="replace")] = exc.message
+    return report
+
+
+def salvage(path: Path) -> SalvageReport:
+    """Copy every readable concept and job of the store at `path` into a fresh store, move the
+    damaged one to `<path>.damaged-<time>` and put the fresh one in its place."""
+    path = Path(path)
+    report = check(path)
+    if report.error:
+        raise Corrupt(f"The concept store at {path} cannot be opened to salvage it: {report.error}",
+                      "Restore the store folder from a backup, or move it aside to start a new store.")
+    fresh = path.with_name(f"{path.name}.salvage-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.rmtree(fresh, ignore_errors=True)
+    copied: list[str] = []
+    jobs = 0
+    with ConceptStore.open(path, create=False, readonly=True) as old, ConceptStore.open(fresh) as new:
+        if old.fingerprint:
+            new.bind(old.fingerprint)
+        for name in report.concepts:
+            new.put_raw(old.raw_concept(name))
+            copied.append(name)
+        new.forget(report.damaged)
+        keys, _ = old.scan_keys("jobs")
+        for key in keys:
+            job_id = key.decode(errors="replace")
+            if job_id not in report.damaged_jobs:
+                new.put_job(old.get_job(job_id))
+                jobs += 1
+    kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.rename(kept)
+    fresh.rename(path)
+    return SalvageReport(report, copied, jobs, str(kept))

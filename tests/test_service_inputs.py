@@ -1,0 +1,300 @@
+"""Bad input is refused when it is sent, not when the job runs, on a real daemon process
+(FakeEngine): seeds, names and job ids in URLs, HTTP abuse (huge Content-Length, a request head
+that never ends, wrong methods), job listing limits, photos, method options, export targets."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from cli.client import Client
+from cns_daemon.errors import EXIT_CODES, ErrorCode
+from cns_daemon.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION
+from test_service_harness import cli_in_process, running_daemon, wait_until, write_photos
+
+BAD_INPUT = EXIT_CODES[ErrorCode.BAD_INPUT]
+HEAD_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    with running_daemon(CONES_HEADER_TIMEOUT_SECONDS=str(HEAD_TIMEOUT)) as d:
+        yield d
+
+
+@pytest.fixture
+def cones(daemon, monkeypatch):
+    """The CLI in-process: (exit code, stdout + stderr with rich's line wrapping undone)."""
+    run = cli_in_process(daemon.home, monkeypatch, merged=True)
+
+    def flat(*args: str):
+        code, out = run(*args)
+        return code, " ".join(out.split())
+    return flat
+
+
+def raw_http(sock_path: Path, head: str, body: bytes = b"", *, timeout: float = 10.0) -> tuple[bytes, float]:
+    """Send exactly these bytes over the socket and read until the service closes the
+    connection; returns (everything read, seconds it took)."""
+    t0 = time.monotonic()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(str(sock_path))
+        s.sendall(head.encode("latin-1") + body)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks), time.monotonic() - t0
+
+
+def request(method: str, path: str, body: bytes = b"", **headers: str) -> str:
+    lines = [f"{method} {path} HTTP/1.1", "Host: cones", f"{PROTOCOL_HEADER}: {PROTOCOL_VERSION}",
+             "Connection: close", f"Content-Length: {len(body)}"]
+    lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+def status_and_body(response: bytes) -> tuple[int, dict, bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    pairs = (line.split(": ", 1) for line in lines[1:] if ": " in line)
+    headers = {k.lower(): v for k, v in pairs}
+    return int(lines[0].split()[1]), headers, body
+
+
+def learned(daemon, tmp_path, name: str) -> None:
+    with Client(daemon.socket) as c:
+        if name in {x.name for x in c.concepts()}:
+            return
+    from cns_daemon.protocol import AddRequest, Photo
+
+    photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(tmp_path / name, 2)]
+    with Client(daemon.socket) as c:
+        job = c.add(AddRequest(name=name, class_word="dog", steps=2, photos=photos))
+        wait_until(lambda: c.job(job.id).state == "done", what=f"{name} learned")
+
+
+# -- item 8: seeds -------------------------------------------------------------------------------
+
+
+def test_seed_beyond_32_bits_is_refused_at_the_request(cones, daemon, tmp_path):
+    photos = write_photos(tmp_path / "p", 2)
+    with Client(daemon.socket) as c:
+        before = len(c.jobs(1000))
+    code, out = cones("add", "seedy", *map(str, photos), "--class", "dog", "--seed",
+                      "99999999999999999999999")
+    assert code == BAD_INPUT and "seed" in out and "4294967295" in out, out
+    code, out = cones("generate", "a plain photo", "--seed", str(2**64))
+    assert code == BAD_INPUT and "seed" in out, out
+    code, out = cones("generate", "a plain photo", "--seed", "-1")
+    assert code == BAD_INPUT and "seed" in out, out
+    body = json.dumps({"prompt": "a plain photo", "seed": 2**64}).encode()
+    status, _, answer = status_and_body(raw_http(daemon.socket, request("POST", f"{API_PREFIX}/generate", body,
+                                                                        content_type="application/json") , body)[0])
+    assert status == 400 and json.loads(answer)["code"] == "bad_input" and "seed" in json.loads(answer)["message"]
+    with Client(daemon.socket) as c:
+        assert len(c.jobs(1000)) == before   # nothing was queued
+
+
+# -- item 9: names and job ids in URLs ------------------------------------------------------------
+
+
+def test_names_and_job_ids_never_reach_another_route(cones, daemon, tmp_path):
+    learned(daemon, tmp_path, "rex")
+    for args, needle in ((("show", "../concepts/rex"), "Invalid concept name"),
+                         (("show", "../jobs"), "Invalid concept name"),
+                         (("rm", "../concepts/rex"), "Invalid concept name"),
+                         (("export", "../concepts/rex", "-o", str(tmp_path / "x.safetensors")),
+                          "Invalid concept name"),
+                         (("cancel", "../../x"), "Invalid job id")):
+        code, out = cones(*args)
+        assert code == BAD_INPUT and needle in out, (args, out)
+    # the server itself refuses a segment that is not a valid name or id, encoded or not
+    for method, path, what in (("GET", f"{API_PREFIX}/concepts/..%2Fjobs", "concept name"),
+                               ("DELETE", f"{API_PREFIX}/concepts/..%2Fconcepts%2Frex", "concept name"),
+                               ("GET", f"{API_PREFIX}/concepts/rex%20x", "concept name"),
+                               ("POST", f"{API_PREFIX}/jobs/..%2F..%2Fx/cancel", "job id"),
+                               ("GET", f"{API_PREFIX}/jobs/%2E%2E", "job id")):
+        status, _, body = status_and_body(raw_http(daemon.socket, request(method, path))[0])
+        err = json.loads(body)
+        assert status == 400 and err["code"] == "bad_input" and f"Invalid {what}" in err["message"], (path, err)
+    status, _, body = status_and_body(raw_http(daemon.socket, request("DELETE", f"{API_PREFIX}/concepts/../concepts/rex"))[0])
+    assert status == 404 and "No such endpoint" in json.loads(body)["message"]
+    with Client(daemon.socket) as c:
+        assert "rex" in {x.name for x in c.concepts()}   # nothing above removed it
+        assert c.concept("rex").name == "rex"
+
+
+# -- item 13: HTTP ---------------------------------------------------------------------------------
+
+
+def test_huge_declared_length_is_refused_at_once(daemon):
+    head = request("POST", f"{API_PREFIX}/concepts").replace("Content-Length: 0",
+                                                             f"Content-Length: {10**12}")
+    response, took = raw_http(daemon.socket, head, b'{"name": ')   # the rest never comes
+    status, headers, body = status_and_body(response)
+    assert status == 413 and json.loads(body)["code"] == "bad_input" and "too large" in json.loads(body)["message"]
+    assert headers.get("connection", "").lower() == "close" and took < HEAD_TIMEOUT   # answered, then closed
+
+
+def test_request_head_that_never_completes_times_out(daemon):
+    response, took = raw_http(daemon.socket, f"GET {API_PREFIX}/status HTTP/1.1\r\nHost: cones\r\nX-Slow: 1",
+                              timeout=HEAD_TIMEOUT * 8)
+    assert response.startswith(b"HTTP/1.1 408")
+    assert HEAD_TIMEOUT * 0.8 <= took < HEAD_TIMEOUT * 5
+    # and a connection that sent nothing at all is closed the same way
+    response, took = raw_http(daemon.socket, "", timeout=HEAD_TIMEOUT * 8)
+    assert response.startswith(b"HTTP/1.1 408") and took < HEAD_TIMEOUT * 5
+    with Client(daemon.socket) as c:   # ordinary requests are unaffected
+        assert c.status().pid == daemon.proc.pid
+
+
+def test_wrong_method_is_405_with_allow(daemon):
+    status, headers, body = status_and_body(raw_http(daemon.socket, request("PUT", f"{API_PREFIX}/concepts"))[0])
+    assert status == 405 and json.loads(body)["code"] == "bad_input"
+    assert set(headers["allow"].split(", ")) == {"GET", "POST"}
+    status, headers, _ = status_and_body(raw_http(daemon.socket, request("POST", f"{API_PREFIX}/status"))[0])
+    assert status == 405 and headers["allow"] == "GET"
+
+
+# -- item 16: job listing --------------------------------------------------------------------------
+
+
+def test_jobs_limit_below_one_is_refused(cones, daemon):
+    code, out = cones("jobs", "--limit", "0")
+    assert code == BAD_INPUT, out
+    for limit in ("0", "-3", "abc", "1001"):
+        status, _, body = status_and_body(raw_http(daemon.socket, request("GET", f"{API_PREFIX}/jobs?limit={limit}"))[0])
+        assert status == 400 and "limit" in json.loads(body)["message"], limit
+    code, out = cones("jobs", "--limit", "1", "--json")
+    assert code == 0 and len(json.loads(out)) <= 1
+
+
+def test_jobs_table_shows_whole_ids_at_80_columns(daemon, tmp_path, monkeypatch):
+    from cli import views
+
+    cones = cli_in_process(daemon.home, monkeypatch, merged=True)
+    learned(daemon, tmp_path, "wide")
+    from cns_daemon.protocol import GenerateRequest
+
+    with Client(daemon.socket) as c:   # a long prompt and a long note squeeze the other columns
+        job = c.generate(GenerateRequest(prompt="a photo of <wide> " + "on a very long beach " * 8, steps=1))
+        wait_until(lambda: c.job(job.id).state == "done", what="generate done")
+    monkeypatch.setattr(views.console, "_width", 80)
+    code, out = cones("jobs")
+    assert code == 0, out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    with Client(daemon.socket) as c:
+        ids = [j.id for j in c.jobs(20)]
+    assert ids and all(i in out for i in ids), out
+
+
+# -- item 7: photo dimensions ----------------------------------------------------------------------
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A valid all-black 1-bit PNG of any size, written row by row (a 13000 x 13000 one is about
+    20 KB, and 169 MB once a decoder holds it as 8-bit pixels)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row = b"\0" * (1 + (width + 7) // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_huge_photo_is_refused_before_it_is_decoded(daemon):
+    from cns_daemon.protocol import AddRequest, Photo
+    from test_service_harness import photo_bytes
+
+    huge = blank_png(13_000, 13_000)
+    assert len(huge) < 1_000_000
+    before = peak_rss_kb(daemon.proc.pid)
+    photos = [Photo(filename="huge.png", data=huge), Photo(filename="narrow.png", data=blank_png(9000, 40)),
+              Photo(filename="many.png", data=blank_png(8000, 7000)),
+              Photo(filename="ok.png", data=photo_bytes(1))]
+    with Client(daemon.socket) as c, pytest.raises(Exception) as err:
+        c.add(AddRequest(name="big", class_word="dog", photos=photos))
+    assert err.value.code == ErrorCode.BAD_PHOTO
+    for name, size in (("huge.png", "13000x13000"), ("narrow.png", "9000x40"), ("many.png", "8000x7000")):
+        assert f"{name}: too large ({size}" in err.value.message, err.value.message
+    assert "8192 pixels a side" in err.value.message
+    grown_mb = (peak_rss_kb(daemon.proc.pid) - before) / 1024
+    assert grown_mb < 60, f"the daemon's peak memory grew by {grown_mb:.0f} MB"
+
+
+# -- item 11: photos --------------------------------------------------------------------------------
+
+
+def test_same_photo_counts_once_and_too_few_is_an_error(cones, daemon, tmp_path):
+    a, b = write_photos(tmp_path / "dup", 2)
+    copy = tmp_path / "dup" / "copy-of-photo0.png"
+    copy.write_bytes(a.read_bytes())
+    code, out = cones("add", "twice", str(a), str(a), str(copy), "--class", "dog")
+    assert code == EXIT_CODES[ErrorCode.BAD_PHOTO], out
+    assert "Only 1 usable photo" in out and "at least 2" in out and "the same photo as photo0.png" in out
+    code, out = cones("add", "once", str(a), str(copy), str(b), "--class", "dog", "--steps", "2")
+    assert code == 0, out
+    assert "skipped copy-of-photo0.png: the same photo as photo0.png" in out
+    with Client(daemon.socket) as c:
+        assert c.concept("once").photos == 2
+    code, out = cones("add", "folder", str(tmp_path / "dup"), "--class", "dog")
+    assert code == BAD_INPUT and "is a directory" in out, out
+
+
+# -- item 10: method options --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--option", "top_p=abc"), "top_p"),
+    (("--option", "no_such_knob=1"), "Unknown option"),
+    (("--option", "top_p=500"), "top_p"),
+    (("--method", "cones", "--option", "sparsity=200"), "sparsity"),
+    (("--method", "cones2", "--option", "lr=-1"), "lr"),
+    (("--method", "cones2", "--option", "top_p=5"), "Unknown option"),
+])
+def test_method_options_are_checked_when_submitted(cones, daemon, tmp_path, args, needle):
+    photos = [str(p) for p in write_photos(tmp_path / "opt", 2)]
+    with Client(daemon.socket) as c:
+        before = len(c.jobs(1000))
+    code, out = cones("add", "opts", *photos, "--class", "dog", *args)
+    assert code == BAD_INPUT and needle in out, out
+    with Client(daemon.socket) as c:
+        assert len(c.jobs(1000)) == before
+
+
+# -- item 12: export targets ---------------------------------------------------------------------------
+
+
+def test_export_to_a_missing_folder_or_into_a_folder(cones, daemon, tmp_path):
+    learned(daemon, tmp_path, "exported")
+    code, out = cones("export", "exported", "-o", str(tmp_path / "missing" / "x.safetensors"))
+    assert code == BAD_INPUT and "does not exist" in out and "Traceback" not in out, out
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    code, out = cones("export", "exported", "-o", str(folder))
+    assert code == 0, out
+    written = folder / "exported.safetensors"
+    assert written.is_file() and written.stat().st_size > 0 and str(written) in out
+    (tmp_path / "afile").write_text("x")
+    code, out = cones("generate", "a plain photo", "-o", str(tmp_path / "afile"))
+    assert code == BAD_INPUT and "is a file" in out, out

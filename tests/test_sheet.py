@@ -1,0 +1,87 @@
+"""Contact sheets: tiles upscaled with nearest-neighbour to at least 256 px, a caption line, a
+label under each tile (the probe's reading in toy-world runs), and `cones generate` printing the
+sheet's path last; the probe's words never say "None"."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cns_daemon.sheet import MIN_TILE, PAD, contact_sheet, describe_reading
+from test_service_harness import cli_in_process, running_daemon, wait_until, write_photos
+
+
+def tiles(n: int, size: int = 32) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_tiles_are_upscaled_exactly_with_a_caption_and_labels():
+    images = tiles(3)
+    plain = np.asarray(contact_sheet(images))
+    sheet = np.asarray(contact_sheet(images, "a photo of <rex> · seed 7 · concepts <rex>",
+                                     ["red star, stripes in yellow, on grass", "blue ring, solid, on sky", "x"]))
+    scale = -(-MIN_TILE // 32)
+    top = sheet.shape[0] - plain.shape[0]   # caption and labels add height, nothing else changes
+    assert top > 0 and sheet.shape[1] == plain.shape[1] == 3 * (32 * scale + PAD) + PAD
+    caption_rows = sheet[:top // 2]
+    assert (caption_rows < 128).any()         # dark text in the caption strip
+    # the first tile: each source pixel became a scale x scale block, bit for bit
+    expected = np.asarray(images[0]).repeat(scale, 0).repeat(scale, 1)
+    th = expected.shape[0]
+    found = [y for y in range(sheet.shape[0] - th + 1)
+             if np.array_equal(sheet[y:y + th, PAD:PAD + th], expected)]
+    assert len(found) == 1 and th >= MIN_TILE
+    y0 = found[0]
+    assert y0 > PAD   # below the caption
+    under = sheet[y0 + 32 * scale + 1:y0 + 32 * scale + 18, PAD:PAD + 32 * scale]
+    assert (under < 200).any()                # the label under the tile
+
+
+def test_probe_words_never_say_none():
+    reading = {"shape": "star", "color": "red", "pattern": "dots", "second_color": None,
+               "background": "grass", "confidence": 0.4}
+    text = describe_reading(reading)
+    assert "None" not in text and "dots (second colour unclear)" in text
+    assert describe_reading({**reading, "second_color": "yellow"}).startswith("red star, dots in yellow")
+    assert "solid," in describe_reading({**reading, "pattern": "solid"})
+
+
+def test_toy_world_generations_get_the_probe_reading(tmp_path):
+    from cns_daemon.engine import Engine
+    from cns_daemon.settings import load_settings
+    from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
+
+    obj = ObjectSpec("star", "red", "stripes", "yellow")
+    images = [img for img, _ in render_concept_photos(obj, 2, 0)]
+    toy = Engine(load_settings(), store=None, archive=None)
+    labels = toy._readings(images)
+    assert len(labels) == 2 and all(label.startswith("red star, stripes in yellow") for label in labels)
+    assert Engine(load_settings(model="tiny"), store=None, archive=None)._readings(images) is None
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    with running_daemon() as d:
+        yield d
+
+
+def test_generate_prints_the_sheet_last_and_keeps_the_seed(daemon, tmp_path, monkeypatch):
+    cones = cli_in_process(daemon.home, monkeypatch)
+    photos = [str(p) for p in write_photos(tmp_path / "rex", 2)]
+    assert cones("add", "rex", *photos, "--class", "dog", "--steps", "2")[0] == 0
+    code, out, err = cones("generate", "a photo of <rex>", "-n", "2", "--seed", "7")
+    assert code == 0, out + err
+    lines = out.strip().splitlines()
+    assert lines[-1].endswith("contact-sheet.png") and len(lines) == 3 and "seed 7" in err
+    sheet = Image.open(lines[-1])
+    assert sheet.width >= 2 * MIN_TILE and sheet.height > MIN_TILE
+    code, out, err = cones("generate", "a photo of <rex>", "--json")   # no seed given
+    job = json.loads(out)
+    assert isinstance(job["result"]["seed"], int)
+    code, out, err = cones("generate", "a photo of <rex>", "--seed", str(job["result"]["seed"]), "--json")
+    again = json.loads(out)["result"]
+    first = np.asarray(Image.open(job["result"]["images"][0]))
+    assert np.array_equal(first, np.asarray(Image.open(again["images"][0])))   # the seed it printed

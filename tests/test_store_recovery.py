@@ -1,0 +1,278 @@
+"""Damage in the store, met by a real daemon process: a damaged concept can be removed and its
+name used again; a bad B-tree page marks the concepts behind it damaged while the service serves
+the rest; a store whose structure is unreadable is one clear error; `cones list` / `cones
+status` show what is damaged or not rebuilt; `cones store check` / `cones store salvage` find it
+and copy everything readable into a fresh store."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import struct
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from cns_daemon.errors import EXIT_CODES, ErrorCode
+from store import ConceptStore
+from store.records import ConceptMeta, ConceptRecord, JobRecord, SparseDelta
+from test_service_harness import cli_in_process, short_home, start_daemon, write_photos
+
+CORRUPT = EXIT_CODES[ErrorCode.CORRUPT]
+P_BRANCH, P_LEAF = 0x01, 0x02
+PAGE_HEADER = 16   # pgno (8), pad (2), flags (2), lower (2), upper (2)
+
+
+# -- reaching into LMDB's file ---------------------------------------------------------------------
+
+
+def db_root(store_dir: Path, db: str) -> tuple[int, int]:
+    """(root page number, page size) of a named database, from its record in the main DB
+    (LMDB's MDB_db: pad u32, flags u16, depth u16, four counters, root pgno)."""
+    env = lmdb.open(str(store_dir), max_dbs=16, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            raw = txn.get(db.encode())
+        psize = env.stat()["psize"]
+    finally:
+        env.close()
+    return struct.unpack("<IHHQQQQQ", raw)[-1], psize
+
+
+def xor_bytes(store_dir: Path, offset: int, mask: bytes) -> None:
+    data = bytearray((store_dir / "data.mdb").read_bytes())
+    for i, m in enumerate(mask):
+        data[offset + i] ^= m
+    (store_dir / "data.mdb").write_bytes(bytes(data))
+
+
+def damage_value(store_dir: Path, db: str, key: bytes) -> None:
+    """Flip two bytes in the middle of one stored value, wherever its bytes stand in the file
+    (copy-on-write leaves older copies in free pages too)."""
+    env = lmdb.open(str(store_dir), max_dbs=16, readonly=True, lock=False)
+    with env.begin() as txn:
+        value = bytes(txn.get(key, db=env.open_db(db.encode(), txn=txn, create=False)))
+    env.close()
+    data = (store_dir / "data.mdb").read_bytes()
+    offset, hits = data.find(value), 0
+    while offset >= 0:
+        xor_bytes(store_dir, offset + len(value) // 2, b"\x5a\xa5")
+        hits += 1
+        offset = data.find(value, offset + 1)
+    assert hits
+
+
+def break_branch_pointer(store_dir: Path, db: str, node: int = 1) -> None:
+    """XOR 2 bytes of one child pointer in a database's root branch page: the page number then
+    points past the end of the file (MDB_PAGE_NOTFOUND for every key under that child)."""
+    root, psize = db_root(store_dir, db)
+    page = (store_dir / "data.mdb").read_bytes()[root * psize:(root + 1) * psize]
+    flags, lower = struct.unpack_from("<HH", page, 10)
+    assert flags & P_BRANCH and (lower - PAGE_HEADER) // 2 > node, "not a branch page with children"
+    node_at = struct.unpack_from("<H", page, PAGE_HEADER + 2 * node)[0]
+    xor_bytes(store_dir, root * psize + node_at + 2, b"\x01\x01")   # mn_hi: pgno += 0x0101 << 16
+
+
+def break_leaf_root(store_dir: Path, db: str) -> None:
+    """Clear the leaf flag of a one-page database's root: LMDB then finds a page of the wrong
+    kind (MDB_CORRUPTED) whenever it walks that database."""
+    root, psize = db_root(store_dir, db)
+    page = (store_dir / "data.mdb").read_bytes()[root * psize:(root + 1) * psize]
+    assert struct.unpack_from("<H", page, 10)[0] == P_LEAF
+    xor_bytes(store_dir, root * psize + 10, bytes([P_LEAF]))
+
+
+# -- concepts that fit the tiny model ---------------------------------------------------------------
+
+
+def tiny_records(count: int, seed: int = 0) -> tuple[str, list[ConceptRecord]]:
+    """`count` CNS concepts with deltas of the tiny pipeline's K/V shapes (about 30 % of each
+    tensor), one CNS concept whose delta has a shape the model does not have (it cannot be
+    rebuilt), and one Cones 2 concept; with the tiny model's fingerprint."""
+    from cns_daemon.methods.common.tokens import rare_tokens
+    from cns_daemon.model import build_tiny_pipeline, fingerprint, kv_weights
+
+    pipe = build_tiny_pipeline(seed=0)
+    fp = fingerprint(pipe)
+    weights = kv_weights(pipe.unet)
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    tokens = rare_tokens(pipe.tokenizer)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(count + 1):
+        deltas = {}
+        for name, w in weights.items():
+            flat = w.detach().numpy().reshape(-1)
+            idx = np.flatnonzero(rng.random(flat.size) < 0.3).astype(np.int64)
+            values = (flat[idx] + rng.normal(0, 0.01, idx.size)).astype(np.float16)
+            deltas[name] = SparseDelta(idx, values, tuple(w.shape))
+        name = f"c{i:02d}" if i < count else "a-wrongshape"
+        if i == count:
+            first = next(iter(deltas))
+            deltas[first] = SparseDelta(np.arange(4, dtype=np.int64), np.zeros(4, np.float16), (2, 2))
+        meta = ConceptMeta(name, "cns", "dog", tokens[i], created=1000.0 + i, fingerprint=fp)
+        records.append(ConceptRecord(meta, deltas=deltas,
+                                     embeddings={tokens[i]: rng.normal(0, 0.02, width).astype(np.float32)}))
+    meta = ConceptMeta("a-flat", "cones2", "mug", "", created=2000.0, fingerprint=fp)
+    records.append(ConceptRecord(meta, residual=rng.normal(0, 0.1, width).astype(np.float32)))
+    return fp, records
+
+
+def write_store(home: Path, records: list[ConceptRecord], fp: str, jobs: int = 0) -> Path:
+    path = home / "data" / "store"
+    with ConceptStore.open(path, fingerprint=fp) as store:
+        for r in records:
+            store.put(r)
+        for i in range(jobs):
+            store.put_job(JobRecord(id=f"{i:012x}", kind="remove", request={"name": "x"},
+                                    state="done", finished=1.0))
+    return path
+
+
+def unreadable(path: Path) -> set[str]:
+    """Concepts a direct read of the store cannot return (whatever the error)."""
+    bad = set()
+    with ConceptStore.open(path, readonly=True) as store:
+        for name in store.names():
+            try:
+                store.get(name)
+            except Exception:
+                bad.add(name)
+    return bad
+
+
+@pytest.fixture
+def home():
+    h = short_home()
+    started = []
+    yield h, started
+    for d in started:
+        d.kill(signal.SIGTERM)
+    shutil.rmtree(h, ignore_errors=True)
+
+
+def _states(cones) -> dict[str, str]:
+    code, out, err = cones("list", "--json")
+    assert code == 0, out + err
+    return {c["name"]: c["state"] for c in json.loads(out)}
+
+
+# -- item 1: a damaged concept can be removed -------------------------------------------------------
+
+
+def test_damaged_concept_is_removed_and_its_name_is_free_again(home, tmp_path, monkeypatch):
+    h, started = home
+    cones = cli_in_process(h, monkeypatch)
+    started.append(start_daemon(h))
+    photos = [str(p) for p in write_photos(tmp_path / "rex", 2)]
+    assert cones("add", "rex", *photos, "--class", "dog", "--steps", "2")[0] == 0
+    assert cones("add", "mug", *photos, "--class", "mug", "--steps", "2")[0] == 0
+    started.pop().kill(signal.SIGTERM)
+
+    damage_value(h / "data" / "store", "concepts", b"rex")   # bytes inside rex's metadata
+
+    started.append(start_daemon(h))
+    assert _states(cones) == {"mug": "ok", "rex": "damaged"}
+    code, out, err = cones("status", "--json")
+    assert json.loads(out)["damaged"] == 1 and json.loads(out)["concepts"] == 2
+    code, out, err = cones("list")
+    assert "damaged" in out and "cones rm rex" in err
+    code, out, err = cones("generate", "a photo of <rex>")
+    assert code == CORRUPT and "cones rm rex" in err
+    code, out, err = cones("rm", "rex")
+    assert code == 0, out + err
+    assert _states(cones) == {"mug": "ok"}
+    code, out, err = cones("add", "rex", *photos, "--class", "dog", "--steps", "2")
+    assert code == 0, out + err
+    assert _states(cones) == {"mug": "ok", "rex": "ok"}
+
+
+# -- items 2 and 3: a bad page; check and salvage ------------------------------------------------------
+
+
+def test_bad_page_in_deltas_marks_concepts_damaged_and_salvage_keeps_the_rest(home, monkeypatch):
+    h, started = home
+    cones = cli_in_process(h, monkeypatch)
+    fp, records = tiny_records(12)
+    path = write_store(h, records, fp)
+    break_branch_pointer(path, "deltas")
+    lost = unreadable(path)
+    cns_ok = {r.name for r in records if r.meta.method == "cns"} - lost - {"a-wrongshape"}
+    assert lost and cns_ok and lost < {r.name for r in records}
+
+    started.append(start_daemon(h, fake=False, args=("--model", "tiny"), timeout=180))
+    states = _states(cones)
+    assert {n for n, s in states.items() if s == "damaged"} == lost
+    assert states["a-wrongshape"] == "not_rebuilt" and states["a-flat"] == "ok"
+    assert all(states[n] == "ok" for n in cns_ok)
+    code, out, err = cones("status", "--json")
+    status = json.loads(out)
+    assert (status["concepts"], status["damaged"], status["not_rebuilt"]) == (len(records), len(lost), 1)
+    ok_name, bad_name = sorted(cns_ok)[0], sorted(lost)[0]
+    code, out, err = cones("generate", f"a photo of <{ok_name}> and <a-flat>", "--steps", "2")
+    assert code == 0, out + err
+    code, out, err = cones("generate", f"a photo of <{bad_name}>", "--steps", "2")
+    assert code == CORRUPT and "cones store salvage" in err
+    code, out, err = cones("generate", "a photo of <a-wrongshape>", "--steps", "2")
+    assert code != 0 and "a-wrongshape" in err
+    code, out, err = cones("rm", bad_name)   # its keys sit behind the bad page: salvage is the way
+    assert code == CORRUPT and "cones store salvage" in err
+    started.pop().kill(signal.SIGTERM)
+
+    code, out, err = cones("store", "check")
+    assert code == CORRUPT and all(f"<{n}>" in out for n in lost), out
+    code, out, err = cones("store", "salvage")
+    assert code == 0 and f"Copied {len(records) - len(lost)} concepts" in out, out + err
+    assert len(list(path.parent.glob("store.damaged-*"))) == 1
+    code, out, err = cones("store", "check", "--json")
+    assert code == 0 and json.loads(out)["ok"] and not json.loads(out)["damaged"]
+
+    started.append(start_daemon(h, fake=False, args=("--model", "tiny"), timeout=180))
+    states = _states(cones)
+    assert set(states) == {r.name for r in records} - lost
+    assert states["a-wrongshape"] == "not_rebuilt"
+    assert all(s == "ok" for n, s in states.items() if n != "a-wrongshape")
+    code, out, err = cones("generate", f"a photo of <{ok_name}>", "--steps", "2")
+    assert code == 0, out + err
+
+
+def test_unreadable_structure_is_one_clear_error_and_salvage_restores_service(home, monkeypatch):
+    import subprocess
+    import sys
+
+    from test_service_harness import REPO, daemon_env
+
+    import dataclasses
+
+    h, started = home
+    cones = cli_in_process(h, monkeypatch)
+    fake_fp = "f" * 32   # the test double's base model: the store fails before any model loads
+    records = [dataclasses.replace(r, meta=dataclasses.replace(r.meta, fingerprint=fake_fp))
+               for r in tiny_records(2)[1]]
+    path = write_store(h, records, fake_fp, jobs=3)
+    break_leaf_root(path, "jobs")
+    proc = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--model", "tiny"],
+                          env=daemon_env(h), cwd=str(REPO), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == CORRUPT, proc.stdout + proc.stderr
+    assert "is damaged" in proc.stderr and "cones store salvage" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+    code, out, err = cones("store", "check")
+    assert code == CORRUPT and "damaged database" in out and "jobs" in out, out
+    code, out, err = cones("store", "salvage")
+    assert code == 0 and f"Copied {len(records)} concepts and 0 jobs" in out, out + err
+    started.append(start_daemon(h))
+    states = _states(cones)
+    assert set(states) == {r.name for r in records} and set(states.values()) == {"ok"}
+
+
+def test_salvage_refuses_while_the_service_runs(home, monkeypatch):
+    h, started = home
+    cones = cli_in_process(h, monkeypatch)
+    started.append(start_daemon(h))
+    code, out, err = cones("store", "salvage")
+    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already running" in err
+    code, out, err = cones("store", "check")   # reading is fine beside a running service
+    assert code == 0, out + err
