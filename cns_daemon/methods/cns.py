@@ -53,42 +53,9 @@ from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 
 @dataclass
 class CNSParams:
-    """Defaults and what chose them (the paper's thresholds are in a supplement we lack; tables and
-    commands in docs/tuning.md).
-
-    - Selection: eq3 by default, movement as an option. On the toy world Eq. 3's base neurons
-      leave a concept's look (shape + pattern + second colour) unlearned: a striped
-      yellow-on-blue star reads 0.06 (32 images; base model 0.03). Eq. 3's picks are no better
-      than random at finding the weights a K/V fine-tune moves most (precision 0.04 at 5 %,
-      chance 0.05): the score is dominated by input dimensions every prompt shares, so base
-      neurons fall inside the general ones (concept neurons 0.000-0.007 % of K/V before the
-      `min_percent` floor refills the set with the most general ones). `selection movement`
-      (5 %, probe 100 steps at lr 3e-3) learns the star: 0.44, "a photo of a red star" 14 of
-      16; two concepts in sequence 0.44 / 0.44, the first falling to 0.22 after the second.
-      But over six concepts (`python -m bench.quality --quick --methods cns --set
-      cns.selection=movement`) it breaks the model: fidelity 0.188 vs 0.021, plain-prompt drop
-      0.875 vs 0.000, backgrounds honoured 0.438 vs 1.000. Neither excluding more general
-      neurons (top_p 20: drop 0.875), a smaller share (2 %: 0.750), per-row instead of pooled
-      ranking (1.000), λ₂ (1e-4 to 1e-2: fidelity 0.000-0.021, drop 0.000) nor prior
-      preservation on every class learned so far (0.500) found a point in between, so the
-      default keeps the model intact and learns little, and `--option selection=movement`
-      learns one or two concepts' look at a cost that grows with each concept (removing the
-      concepts restores the model exactly). `base_top_p` widens Eq. 3's
-      base percentile (base 20 %: 0.31 / 0.44 on two concepts, over six 0.083 / drop 0.25).
-    - λ₂ = 0: the regulariser toward the pretrained weights, Eq. 7's squared norm summed over
-      the trained values, outweighs the denoising gradient for any λ₂ ≥ 1e-4 (every K/V value
-      trainable: λ₂ 0.01 → fidelity 0.00, λ₂ 0 → 0.62, the naive baseline's figure).
-      Prior preservation and the selection guard the prior.
-    - lr 1e-2, 300 steps, λ_prior 1, floor 5 %: with one percentile, floor 0.5 % learned
-      nothing at any lr; floor 5 %: lr 1e-2 0.12, lr 3e-2 0.19 on the star alone, but over six
-      concepts lr 3e-2 cost forgetting 0.25 and plain-prompt drop 0.375 where lr 1e-2 cost
-      none. With movement selection lr 2e-2 0.50, 500 steps 0.47, lr_token 2e-2 0.34 -- within
-      the noise of 32 images. About 30 s per concept on 2 cores (movement: 45 s, the probe
-      included).
-    - delta_dtype float16: writing fp16-rounded instead of fp32 values at 1 % of the K/V
-      weights changed 8 toy-world generations (20 DDIM steps) by at most 1 grey level of 255
-      (mean 0.0003), and the tiny model's by at most 1 (mean 0.00004); it halves the values.
-    """
+    """CNS's hyper-parameters. The paper's thresholds, λ, steps and learning rates are in a
+    supplement we lack; every default here was chosen by measurement on the toy world, and
+    docs/tuning.md has the tables and the commands that reproduce them."""
 
     steps: int = 300
     selection: str = "eq3"        # base neurons: eq3 (the paper's) | movement (probe fine-tune)
@@ -102,12 +69,12 @@ class CNSParams:
     lr_token: float = 5e-3        # Adam, the token-embedding row
     lambda_prior: float = 1.0     # prior-preservation weight
     lambda_prev: float = 1.0      # λ₁: shared neurons toward earlier concepts' values
-    lambda_base: float = 0.0      # λ₂: all concept neurons toward the pretrained values (see above)
+    lambda_base: float = 0.0      # λ₂: all concept neurons toward the pretrained values
     prior_images: int = 8         # class images made by the base model (cached per class)
     prior_batch: int = 2          # class images per step
     prior_steps: int = 20         # denoising steps used to make a class image
     variants: int = 4             # augmented variants per photo
-    delta_dtype: str = "float16"  # stored values: float16 | float32 (see above)
+    delta_dtype: str = "float16"  # stored values: float16 | float32 (fp16 rounding: docs/tuning.md)
     token: str = ""               # a specific rare token; "" picks one automatically
     token_init: str = "token"     # start the row from the rare token's own row | the "class" word's
 
