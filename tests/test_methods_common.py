@@ -210,6 +210,7 @@ def test_cns_and_cones_key_their_class_images_by_the_weights_that_drew_them(tiny
     assert fingerprint(tiny_pipe) == stack.base_fingerprint   # nothing live yet
     with torch.no_grad():
         w = next(iter(stack.params.values()))
+        original = w.view(-1)[0].clone()
         w.view(-1)[0] += 1.0                                    # as a live CNS concept would
     try:
         live = fingerprint(tiny_pipe)
@@ -223,8 +224,8 @@ def test_cns_and_cones_key_their_class_images_by_the_weights_that_drew_them(tiny
         cones.implanting_loss(tiny_pipe, photos, "tok", "star", cones.ConesParams(prior_images=1, variants=1),
                               seed=0, captions=None, cache_dir=tmp_path, progress=None, cancel=None)
     finally:
-        with torch.no_grad():
-            w.view(-1)[0] -= 1.0
+        with torch.no_grad():   # put the value back exactly (x + 1 - 1 need not be x)
+            w.view(-1)[0] = original
     assert seen == [stack.base_fingerprint, live] and live != stack.base_fingerprint
 
 
