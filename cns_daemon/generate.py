@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from cns_daemon.errors import BadInput
+from cns_daemon.model import recommended_guidance
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
 from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, expand, referenced_names
@@ -92,13 +93,14 @@ def _size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
 
 def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
              boxes: Iterable[Box | str] = (), n: int = 1, seed: int = 0, steps: int = 30,
-             guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+             guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
              progress: ProgressFn | None = None, cancel: CancelToken | None = None, *,
              apply_cns: bool = False, negative_prompt: str | None = None,
              guidance: GuidanceConfig | None = None, output_type: str = "pil") -> list:
     """Generate `n` images for `prompt`. `records_by_name` must hold every `<name>` the prompt
     uses (others are ignored). Raises NotFound / BadInput for bad prompts and boxes, Cancelled
-    when `cancel` fires (at the next step)."""
+    when `cancel` fires (at the next step). `guidance_scale` None: the model's recommended
+    CFG scale (`model.recommended_guidance`)."""
     if not 1 <= n <= MAX_IMAGES:
         raise BadInput(f"n must be between 1 and {MAX_IMAGES}, not {n}.")
     if steps < 1:
@@ -111,6 +113,8 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
     expanded = expand(prompt, {k: r.meta for k, r in records_by_name.items()}, pipe.tokenizer)
     layout = check_boxes(boxes, expanded)
     h, w = _size(pipe, height, width)
+    if guidance_scale is None:
+        guidance_scale = recommended_guidance(pipe)
     cfg = guidance_scale > 1.0
     records = [records_by_name[name] for name in expanded.names]
     report = ProgressReporter(progress, "generate", steps)

@@ -22,6 +22,31 @@ log = logging.getLogger(__name__)
 
 TOYWORLD_MODEL = Path(__file__).parent / "toyworld" / "model"
 
+# Classifier-free guidance scale when the model folder says nothing: the papers' (and SD's) 7.5.
+# A diffusers folder may carry `cones.json` with {"guidance_scale": x}: the shipped toy-world
+# fixture does, because its CFG sweet spot was measured lower (docs/tuning.md).
+DEFAULT_GUIDANCE_SCALE = 7.5
+MODEL_NOTES = "cones.json"
+
+
+def recommended_guidance(pipe) -> float:
+    """The CFG scale generation and class images use unless asked otherwise."""
+    return float(getattr(pipe, "cones_guidance_scale", DEFAULT_GUIDANCE_SCALE))
+
+
+def _model_notes(folder: Path) -> dict:
+    f = folder / MODEL_NOTES
+    if not f.is_file():
+        return {}
+    try:
+        notes = json.loads(f.read_text())
+        scale = float(notes.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ModelLoad(f"{f} is not valid: {exc}", 'It should hold {"guidance_scale": 7.5}.') from exc
+    if not 1.0 <= scale <= 30.0:
+        raise ModelLoad(f"{f}: guidance_scale {scale} is outside 1..30.")
+    return {"guidance_scale": scale}
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -75,6 +100,8 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if source.is_dir():
+        pipe.cones_guidance_scale = _model_notes(source).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
     return pipe.to(place.device)
 
 

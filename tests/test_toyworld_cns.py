@@ -10,10 +10,11 @@ import torch
 from bench._cells import Generator, composition
 from bench._world import Concept, Judge, class_prompt, concept_prompt
 from cns_daemon.methods import LearnSpec, get_method
+from cns_daemon.toyworld.fidelity import DEFAULT_GUIDANCE
 from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
 
 N = 32          # images per cell
-STEPS = 20      # DDIM steps, CFG 7.5 (the bench's full-run settings)
+STEPS = 20      # DDIM steps at the toy world's CFG (the bench's full-run settings)
 STAR = ObjectSpec("star", "blue", "stripes", "yellow", "diagonal")
 RING = ObjectSpec("ring", "red", "dots", "green", "straight")
 
@@ -37,7 +38,7 @@ def learned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("toy-cns")
     pipe = load_pipeline(None, "cpu", "float32")
     judge = Judge()
-    gen = Generator(pipe, STEPS, 7.5, None)
+    gen = Generator(pipe, STEPS, DEFAULT_GUIDANCE, None)
     star, ring = _concept("star1", STAR, tmp, 7), _concept("ring1", RING, tmp, 8)
     out = {"base_star": gen(class_prompt(star), {}, N, 100)}
     cns = get_method("cns")

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import TOYWORLD_MODEL, build_tiny_pipeline
+from ..model import MODEL_NOTES, TOYWORLD_MODEL, build_tiny_pipeline
 from .vocab import CompactEmbedding, caption_token_ids, init_untrained_rows
 from .world import caption, random_scene, render_array
 
@@ -75,6 +75,8 @@ class TrainConfig:
                                  # where patterns are decided, over the coarse ones
     init: str = ""               # warm start: a saved fixture folder (UNet, text encoder and VAE)
     checkpoint_every: int = 1000
+    guidance_scale: float = 3.0  # the CFG scale written to cones.json as the model's recommendation
+                                 # (measured on the result with bench.toyworld --guidance; tuning.md)
     max_minutes: float = 58.0  # whole-run wall-time budget: the denoiser stage anneals and stops by then
 
 
@@ -293,6 +295,7 @@ def save_model(pipe, out: Path, info: dict) -> None:
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     pipe.to(torch.float32)
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / MODEL_NOTES).write_text(json.dumps({"guidance_scale": info["config"]["guidance_scale"]}) + "\n")
     write_checksums(out)
 
 

@@ -37,12 +37,16 @@ def _folder(cache_dir: Path, class_word: str, drawn_by: str, size: int, steps: i
 
 
 def class_images(pipe, class_word: str, n: int, *, size: int, drawn_by: str, steps: int = 20,
-                 guidance: float = 7.5, seed: int = 0, cache_dir: Path | None = None,
+                 guidance: float | None = None, seed: int = 0, cache_dir: Path | None = None,
                  progress: ProgressFn | None = None, cancel: CancelToken | None = None,
                  batch: int = 4) -> torch.Tensor:
     """`n` class images as (n, 3, size, size) in [-1, 1]; image i is always made with seed+i,
     so a cached set and a fresh one are the same pictures. `drawn_by` names the weights the
     pipeline holds now (a fingerprint): the cache never hands out another model's images."""
+    if guidance is None:   # what the model generates with by default (model.recommended_guidance)
+        from cns_daemon.model import recommended_guidance
+
+        guidance = recommended_guidance(pipe)
     if not drawn_by:
         raise ValueError("class_images needs the fingerprint of the weights that draw them")
     folder = (_folder(cache_dir, class_word, drawn_by, size, steps, guidance, seed)
