@@ -63,7 +63,8 @@ class CNSParams:
     probe_steps: int = 100        # movement: steps of the probe fine-tune (undone afterwards)
     probe_lr: float = 3e-3        # movement: Adam lr of the probe, every K/V weight
     top_p: float = 5.0            # % of each row selected per calibration prompt (general)
-    base_top_p: float = 5.0       # eq3: % of each row selected per caption (base neurons)
+    base_top_p: float = 20.0      # eq3: % of each row selected per caption (base neurons); wider
+                                  # than top_p, or base ⊆ general leaves nothing (docs/tuning.md)
     few_percent: float = 0.1      # below this % of K/V as concept neurons, the learn result says so
     lr: float = 1e-2              # Adam, concept neurons
     lr_token: float = 5e-3        # Adam, the token-embedding row
