@@ -298,3 +298,30 @@ def test_export_to_a_missing_folder_or_into_a_folder(cones, daemon, tmp_path):
     (tmp_path / "afile").write_text("x")
     code, out = cones("generate", "a plain photo", "-o", str(tmp_path / "afile"))
     assert code == BAD_INPUT and "is a file" in out, out
+
+
+def test_large_jpeg_is_checked_at_reduced_scale(monkeypatch):
+    """The check decodes a big JPEG at a reduced DCT scale (every byte is still read, so a
+    truncated file still fails), and keeps the original bytes."""
+    import io
+
+    from PIL import Image, JpegImagePlugin
+
+    from cns_daemon.archive import CHECK_DECODE_SIDE, CheckedPhoto, check_photo
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4096, 3072), (200, 30, 30)).save(buf, "JPEG", quality=80)
+    data = buf.getvalue()
+    decoded = []
+    load = JpegImagePlugin.JpegImageFile.load
+
+    def recording_load(self):
+        decoded.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", recording_load)
+    checked = check_photo("big.jpg", data)
+    assert isinstance(checked, CheckedPhoto) and checked.data == data
+    assert decoded and max(decoded[0]) < 4096 and min(decoded[0]) >= CHECK_DECODE_SIDE * 3 // 4
+    truncated = check_photo("cut.jpg", data[: len(data) // 2])
+    assert not isinstance(truncated, CheckedPhoto) and "truncated" in truncated.reason

@@ -85,3 +85,16 @@ def test_generate_prints_the_sheet_last_and_keeps_the_seed(daemon, tmp_path, mon
     again = json.loads(out)["result"]
     first = np.asarray(Image.open(job["result"]["images"][0]))
     assert np.array_equal(first, np.asarray(Image.open(again["images"][0])))   # the seed it printed
+
+
+def test_caption_line_names_prompt_seed_concepts_and_boxes():
+    """What the contact sheet's caption says (the service builds it from the request)."""
+    from cns_daemon.engine import generation_caption
+    from cns_daemon.protocol import GenerateRequest
+
+    req = GenerateRequest(prompt="a photo of <rex> and <mug> on the beach", seed=7,
+                          boxes=["rex=0,0,0.5,1", "mug=0.5,0,1,1"])
+    assert generation_caption(req) == ("a photo of <rex> and <mug> on the beach · seed 7 · "
+                                       "concepts <rex>, <mug> · boxes rex=0,0,0.5,1; mug=0.5,0,1,1")
+    plain = GenerateRequest(prompt="a photo of a dog", seed=0)
+    assert generation_caption(plain) == "a photo of a dog · seed 0 · concepts none"

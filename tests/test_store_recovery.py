@@ -177,6 +177,8 @@ def test_damaged_concept_is_removed_and_its_name_is_free_again(home, tmp_path, m
     assert _states(cones) == {"mug": "ok", "rex": "damaged"}
     code, out, err = cones("status", "--json")
     assert json.loads(out)["damaged"] == 1 and json.loads(out)["concepts"] == 2
+    code, out, err = cones("status")
+    assert code == 0 and "2 (1 damaged; see `cones list`)" in " ".join(out.split()), out
     code, out, err = cones("list")
     assert "damaged" in out and "cones rm rex" in err
     code, out, err = cones("generate", "a photo of <rex>")
