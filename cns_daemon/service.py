@@ -52,8 +52,10 @@ class Service:
                      source: str, inbox_folder: str | None = None,
                      options: dict | None = None) -> JobRecord:
         """Everything a learn job could refuse is refused here, before it is queued: the name,
-        too few distinct usable photos, the method's options and steps."""
+        too few distinct usable photos, the method's options and steps. The request's method and
+        steps, where it leaves them out, are the settings' (config.toml, CONES_* environment)."""
         method = method or self.settings.method
+        steps = steps if steps is not None else self.settings.steps
         if len(photos) < MIN_PHOTOS:
             why = "; ".join(f"{s.file}: {s.reason}" for s in skipped) or "no other files"
             head = (f"No usable photo for {name!r}" if not photos else
@@ -185,7 +187,8 @@ def summarize(job: JobRecord) -> str:
     """One line saying what a job is, for `cones jobs`."""
     r = job.request
     if job.kind == "learn":
-        return f"learn <{r.get('name')}> ({r.get('class_word')}, {r.get('method')}, " \
+        steps = f"{r['steps']} steps, " if r.get("steps") else ""
+        return f"learn <{r.get('name')}> ({r.get('class_word')}, {r.get('method')}, {steps}" \
                f"{len(r.get('photo_digests', []))} photos{', inbox' if r.get('source') == 'inbox' else ''})"
     if job.kind == "generate":
         return f"generate {r.get('n', 1)}x {r.get('prompt', '')!r}"

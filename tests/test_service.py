@@ -249,3 +249,29 @@ def test_data_store_and_archive_are_private():
         assert not loose, loose
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_config_toml_method_and_steps_reach_the_learn_job():
+    """`method` and `steps` in config.toml are the defaults of a learn request that leaves them
+    out (the queued job says which it got); a request's own value still wins."""
+    from cns_daemon.protocol import AddRequest, Photo
+
+    home = short_home()
+    try:
+        (home / "config").mkdir(parents=True)
+        (home / "config" / "config.toml").write_text('method = "cones"\nsteps = 3\n')
+        d = start_daemon(home)
+        try:
+            photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(home / "src", 2)]
+            with Client(d.socket) as c:
+                plain = c.add(AddRequest(name="plain", class_word="dog", photos=photos))
+                own = c.add(AddRequest(name="own", class_word="dog", method="cns", steps=5, photos=photos))
+                assert "(dog, cones, 3 steps, 2 photos)" in plain.summary, plain.summary
+                assert "(dog, cns, 5 steps, 2 photos)" in own.summary, own.summary
+                for job in (plain, own):
+                    wait_until(lambda: c.job(job.id).state == "done", what="learned")
+                assert c.concept("plain").method == "cones"
+        finally:
+            d.kill(15)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
