@@ -24,7 +24,7 @@ from cns_daemon.memory import loop_context
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.methods.cns import CNSParams, prepare
-from cns_daemon.methods.cns_layers import stack_for
+from cns_daemon.methods.cns.layers import stack_for
 from store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 BASELINES = ("naive", "ti")

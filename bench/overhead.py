@@ -28,9 +28,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench._overhead_worker import Measurement, Task
+from cns_daemon.api.names import METHODS as PRODUCT
 
-METHODS = ("cns", "cones", "cones2", "naive", "ti")
-PRODUCT_METHODS = ("cns", "cones", "cones2")
+PRODUCT_METHODS = PRODUCT
+METHODS = (*PRODUCT_METHODS, "naive", "ti")   # with the two baselines
 PAPER_CONES_BYTES = 1.43e6  # Cones paper: 1.43 MB per subject as int indices
 ROOT = Path(__file__).resolve().parents[1]
 

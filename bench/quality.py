@@ -46,9 +46,10 @@ import torch
 from bench._cells import (Generator, MethodResult, measure_base, mixed_composition, placement_sweep,
                           run_method)
 from bench._world import Concept, Judge, make_concepts
+from cns_daemon.api.names import METHODS as PRODUCT
 from cns_daemon.toyworld.fidelity import DEFAULT_GUIDANCE
 
-METHODS = ("cns", "cones", "cones2", "naive", "ti")
+METHODS = (*PRODUCT, "naive", "ti")   # the product's methods and the two baselines
 MIXED = ("cns+cones2", "cones+cones2")  # the mixed-method compositions
 
 

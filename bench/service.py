@@ -105,9 +105,9 @@ def generate_during_learn(gen_steps: int = 20) -> dict:
     from cli.demo import FIRST, photos_of
     from cns_daemon.archive import Archive, check_photos
     from cns_daemon.engine import Engine
-    from cns_daemon.protocol import GenerateRequest
+    from cns_daemon.api.protocol import GenerateRequest
     from cns_daemon.service import Service
-    from cns_daemon.settings import load_settings
+    from cns_daemon.api.settings import load_settings
     from store import ConceptStore
 
     home = Path(tempfile.mkdtemp(prefix="cones-bench-", dir="/tmp"))
@@ -171,7 +171,7 @@ def run(concepts: int, fraction: float, settle: float, rounds: int, repeat: int 
     from cns_daemon.model import fingerprint, kv_weights
     from cns_daemon.server import App
     from cns_daemon.service import Service
-    from cns_daemon.settings import load_settings
+    from cns_daemon.api.settings import load_settings
     from store import ConceptStore
 
     torch.set_num_threads(2)

@@ -14,7 +14,7 @@ Rows (everything seeded: the same model gives the same numbers):
   entropy in bits: they should stay spread (pinning them down is a concept's job);
 - `eq3_base_general_overlap`: the share of a concept caption's Eq. 3 base neurons (top 5 % per
   row of |W| * ||X[:, j]||) that are also general (top 5 % for any calibration prompt), as
-  cns_select computes them;
+  cns/selection.py computes them;
 - textual inversion of one concept (4 photos, default steps): named-look and tilt fidelity of
   "a photo of <c>" beside the base model's rate for "a photo of a <class>" — evidence that the
   words' text pathway exists and a learned token can reach it;
@@ -58,8 +58,8 @@ def probe_floor(acc: dict[str, dict[str, float]]) -> float:
 def eq3_overlap(pipe, caption_text: str, top_p: float = TOP_P) -> float:
     """Share of `caption_text`'s Eq. 3 base neurons (one caption, top_p % per row) that are
     general (top_p % per row for any calibration prompt, the paper's OR)."""
-    from cns_daemon.methods.calibration_prompts import CALIBRATION_PROMPTS
-    from cns_daemon.methods.cns_select import column_norms, row_top
+    from cns_daemon.methods.cns.calibration_prompts import CALIBRATION_PROMPTS
+    from cns_daemon.methods.cns.selection import column_norms, row_top
     from cns_daemon.model import kv_weights
 
     calib = column_norms(pipe, list(CALIBRATION_PROMPTS))
@@ -82,7 +82,7 @@ def textual_inversion(pipe, probe: Probe, n: int, steps: int, guidance: float, s
     from bench.baselines import TEXTUAL_INVERSION
     from cns_daemon.generate import MAX_IMAGES, generate
     from cns_daemon.methods.base import LearnSpec
-    from cns_daemon.methods.cns_layers import stack_for
+    from cns_daemon.methods.cns.layers import stack_for
 
     judge = Judge(probe)
     with tempfile.TemporaryDirectory(prefix="cones-tw-") as tmp:

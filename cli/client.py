@@ -14,10 +14,10 @@ from typing import Iterator, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from cns_daemon.errors import ConesError, Internal, ProtocolMismatch, Unavailable, from_code
-from cns_daemon.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest,
-                                 ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest, JobInfo,
-                                 JobList, ProgressInfo, StatusInfo, segment)
+from cns_daemon.api.errors import ConesError, Internal, ProtocolMismatch, Unavailable, from_code
+from cns_daemon.api.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest,
+                                     ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest, JobInfo,
+                                     JobList, ProgressInfo, StatusInfo, segment)
 
 M = TypeVar("M", bound=BaseModel)
 START_HINT = "Start it with `cones serve` (foreground) or `cones service install` (systemd user service)."

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from cli.client import Client
 from cli.views import console, err_console, follow
-from cns_daemon.errors import ConesError, ModelLoad, Unavailable
-from cns_daemon.protocol import AddRequest, GenerateRequest, JobInfo, Photo
-from cns_daemon.settings import load_settings
+from cns_daemon.api.errors import ConesError, ModelLoad, Unavailable
+from cns_daemon.api.protocol import AddRequest, GenerateRequest, JobInfo, Photo
+from cns_daemon.api.settings import load_settings
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from cli.client import Client
 from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, print_json, status_table)
-from cns_daemon.errors import EXIT_CODES, BadInput
-from cns_daemon.protocol import (MAX_JOBS_LISTED, MAX_SEED, AddRequest, EvalRequest, GenerateRequest,
-                                 JobInfo, Photo)
+from cns_daemon.api.errors import EXIT_CODES, BadInput
+from cns_daemon.api.protocol import (MAX_JOBS_LISTED, MAX_SEED, AddRequest, EvalRequest, GenerateRequest,
+                                     JobInfo, Photo)
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
@@ -36,12 +36,12 @@ JSON = typer.Option(False, "--json", help="Print one machine-readable JSON docum
 def settings(**flags):
     from pydantic import ValidationError
 
-    from cns_daemon.settings import load_settings
+    from cns_daemon.api.settings import load_settings
 
     try:
         return load_settings(**flags)
     except ValidationError as exc:
-        from cns_daemon.protocol import describe_validation_error
+        from cns_daemon.api.protocol import describe_validation_error
 
         raise BadInput(f"Invalid configuration: {describe_validation_error(exc)}.",
                        "Fix config.toml or the CONES_* environment variables.") from None
@@ -361,7 +361,7 @@ def store_check(as_json: bool = JSON) -> None:
     """Read every record of the concept store and list what is damaged (exit 7 if anything is)."""
     from dataclasses import asdict
 
-    from cns_daemon.errors import Corrupt
+    from cns_daemon.api.errors import Corrupt
     from store.salvage import check
 
     report = check(settings().paths.store)
@@ -446,7 +446,7 @@ def _model(model, **fields):
     """Build a request model; a bad value becomes BadInput naming the field."""
     from pydantic import ValidationError
 
-    from cns_daemon.protocol import describe_validation_error
+    from cns_daemon.api.protocol import describe_validation_error
 
     try:
         return model(**{k: v for k, v in fields.items() if v is not None})

@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cns_daemon.errors import NotFound, Unavailable
-from cns_daemon.settings import Settings
+from cns_daemon.api.errors import NotFound, Unavailable
+from cns_daemon.api.settings import Settings
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "cones.service"
 UNIT_NAME = "cones.service"

@@ -12,7 +12,7 @@ from typing import List, Optional
 import typer
 
 from cli.views import handled
-from cns_daemon.errors import BadInput, NotFound
+from cns_daemon.api.errors import BadInput, NotFound
 
 toyworld_app = typer.Typer(help="The toy world: render synthetic photos, read them with the probe.",
                            no_args_is_help=True)

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cns_daemon.errors import ConesError, from_code
-from cns_daemon.protocol import FINAL_STATES, ConceptInfo, JobInfo, ProgressInfo, StatusInfo
+from cns_daemon.api.errors import ConesError, from_code
+from cns_daemon.api.protocol import FINAL_STATES, ConceptInfo, JobInfo, ProgressInfo, StatusInfo
 
 console = Console(soft_wrap=True)   # paths must stay whole for copy and paste
 err_console = Console(stderr=True)
@@ -208,7 +208,7 @@ def follow(events: Iterable[ProgressInfo], quiet: bool = False,
             elif label not in tasks:
                 tasks[label] = bar.add_task(label, total=None, loss="")
     if last is None or last.state not in FINAL_STATES:
-        from cns_daemon.errors import Unavailable
+        from cns_daemon.api.errors import Unavailable
 
         raise Unavailable("The service stopped reporting before the job finished.",
                           "Check `cones jobs` and the service log.")

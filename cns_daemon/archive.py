@@ -20,8 +20,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from cns_daemon.errors import NotFound
-from cns_daemon.protocol import SkippedFile
+from cns_daemon.api.errors import NotFound
+from cns_daemon.api.protocol import SkippedFile
 
 MIN_SIDE = 32  # the smallest photo the methods train on (methods.data.MIN_SIDE; errors.BadPhoto says so)
 MAX_SIDE = 8192

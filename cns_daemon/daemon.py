@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Callable
 
 from cns_daemon.archive import Archive
-from cns_daemon.errors import BadInput, Conflict, ConesError
+from cns_daemon.api.errors import BadInput, Conflict, ConesError
 from cns_daemon.notify import Notifier
-from cns_daemon.settings import Paths, Settings
+from cns_daemon.api.settings import Paths, Settings
 
 log = logging.getLogger("cones")
 

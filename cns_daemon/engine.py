@@ -5,9 +5,9 @@ the server's threads because they only read the store.
 
 Start-up: load the model, fingerprint the base weights (before any concept is applied), bind the
 store to that fingerprint (a store made on another model is refused), then read every stored
-concept once and re-apply the CNS ones (CNS is fusion-free: the service keeps its concepts in the
-weights). A concept that cannot be read is "damaged", a readable one that cannot be used on this
-model (a CNS one that could not be written back) is "not rebuilt"; both are kept in `problems`,
+concept once and re-apply the resident ones (CNS is fusion-free: the service keeps its concepts in
+the weights; base.Method.resident). A concept that cannot be read is "damaged", a readable one that cannot be used on this
+model (a resident one that could not be written back) is "not rebuilt"; both are kept in `problems`,
 shown by `concepts()` and refused by `check_generate`, and the service serves the rest.
 """
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cns_daemon.archive import Archive
-from cns_daemon.errors import Conflict, ConesError, Corrupt, Internal, ModelMismatch, NotFound
+from cns_daemon.api.errors import Conflict, ConesError, Corrupt, Internal, ModelMismatch, NotFound
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
-from cns_daemon.protocol import ConceptInfo, EvalRequest, GenerateRequest, JobResult, LearnJob
-from cns_daemon.settings import Paths, Settings
+from cns_daemon.api.protocol import ConceptInfo, EvalRequest, GenerateRequest, JobResult, LearnJob
+from cns_daemon.api.settings import Paths, Settings
 from store.records import ConceptMeta, ConceptRecord, Overlap
 
 log = logging.getLogger(__name__)
@@ -87,16 +87,15 @@ class Engine:
 
     def attach(self, pipe) -> None:
         """Everything start-up does beyond loading the model: fingerprint the base weights, bind
-        the store to them, rebuild the CNS concepts."""
+        the store to them, rebuild the resident concepts."""
         import torch
 
-        from cns_daemon.methods.cns_layers import stack_for
+        from cns_daemon.model import base_fingerprint
 
         t0 = time.monotonic()
         self.pipe = pipe
-        # The CNS stack fingerprints the base weights when it is created (before any concept is
-        # written); the engine uses that same digest instead of hashing the weights twice.
-        fp = stack_for(pipe).base_fingerprint
+        # Before any concept is written; resident methods key their bookkeeping by the same digest.
+        fp = base_fingerprint(pipe)
         self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
                                dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
         self.store.bind(fp)
@@ -106,7 +105,7 @@ class Engine:
         prepare_generation(pipe, self.memory)
         with torch.no_grad():
             count = self.rebuild()
-        log.info("on %s/%s, fingerprint %s, %d CNS concepts rebuilt in %.2fs", self.info.device,
+        log.info("on %s/%s, fingerprint %s, %d resident concepts rebuilt in %.2fs", self.info.device,
                  self.info.dtype, fp, count, time.monotonic() - t0)
 
     def _memory_options(self):
@@ -119,11 +118,11 @@ class Engine:
         return opts
 
     def rebuild(self) -> int:
-        """Read every stored concept (every checksum) and re-apply the CNS ones, in learning
+        """Read every stored concept (every checksum) and re-apply the resident ones, in learning
         order (each was trained on top of the ones before it). One that cannot be read or used is
         recorded in `problems` (and logged), so one bad concept never keeps the service down.
         (Reading records ahead on a second thread was measured: no gain on 2 cores, so it stays
-        sequential.) Returns how many CNS concepts were rebuilt."""
+        sequential.) Returns how many resident concepts were rebuilt."""
         self.problems.clear()
         metas = sorted(self.store.list(), key=lambda m: m.created)
         for name in sorted(set(self.store.names()) - {m.name for m in metas}):
@@ -133,9 +132,7 @@ class Engine:
             try:
                 record = self.store.get(meta.name)
                 self._check_fingerprint(record)
-                if meta.method == "cns":
-                    self._apply_cns(record)
-                    count += 1
+                count += self._apply_resident(record)
             except Corrupt as exc:
                 self._problem(meta.name, exc)
             except ConesError as exc:   # readable, but it does not fit this model
@@ -155,23 +152,30 @@ class Engine:
         log.error("concept %s %s: %s", name, state_of(exc).replace("_", " "), exc.message)
         self.problems[name] = exc
 
-    # The CNS concepts live in the weights; these three are all the engine does to them (the
+    # Resident concepts live in the weights; these three are all the engine does to them (the
     # test double replaces them, having no weights).
 
-    def _apply_cns(self, record: ConceptRecord) -> None:
+    def _apply_resident(self, record: ConceptRecord) -> bool:
+        """Write the concept into the live weights if its method is resident; says whether."""
         from cns_daemon.methods import get_method
 
-        get_method("cns").apply(self.pipe, [record])
+        method = get_method(record.meta.method)
+        if method.resident:
+            method.apply(self.pipe, [record])
+        return method.resident
 
-    def _unapply_cns(self, name: str) -> None:
-        from cns_daemon.methods import get_method
+    def _unapply_resident(self, name: str) -> None:
+        from cns_daemon.methods import resident_methods
 
-        get_method("cns").unlearn(self.pipe, name)
+        for method in resident_methods():
+            if name in method.applied(self.pipe):
+                method.unlearn(self.pipe, name)
 
-    def _live_cns(self) -> list[str]:
-        from cns_daemon.methods import get_method
+    def _live(self) -> list[str]:
+        """The concepts live in the weights now."""
+        from cns_daemon.methods import resident_methods
 
-        return get_method("cns").applied(self.pipe)
+        return [n for method in resident_methods() for n in method.applied(self.pipe)]
 
     # ------------------------------------------------------------ jobs (worker thread)
 
@@ -197,8 +201,7 @@ class Engine:
             cancel.check()   # a cancel that arrived during the last step still wins
             self.store.put(record)
         except BaseException:
-            if job.method == "cns":   # CNS leaves what it learned live; not kept, so take it off
-                method.unlearn(self.pipe, job.name)
+            method.unlearn(self.pipe, job.name)   # a resident method left it live; not kept
             raise
         return JobResult(concept=job.name)
 
@@ -282,8 +285,8 @@ class Engine:
         # rebuilds from) already says the concept is gone.
         self.store.delete(name)
         self.problems.pop(name, None)
-        if name in self._live_cns():
-            self._unapply_cns(name)
+        if name in self._live():
+            self._unapply_resident(name)
         return JobResult(concept=name)
 
     def import_record(self, record: ConceptRecord) -> JobResult:
@@ -298,8 +301,7 @@ class Engine:
                            f"<{clash[0]}> already uses here.",
                            f"Remove <{clash[0]}> first, or learn {record.name!r} again from its photos.")
         self.store.put(record)
-        if record.meta.method == "cns":
-            self._apply_cns(record)
+        self._apply_resident(record)
         return JobResult(concept=record.name)
 
     # ------------------------------------------------------------ read-only (any thread)

@@ -4,7 +4,7 @@
                       boxes=["rex=0,0,0.5,1", "pot=0.5,0,1,1"], n=2, seed=7)
 
 Order of work: expand the prompt (prompts.py), apply each method's records for this request
-(CNS token rows and deltas only when `apply_cns`; the service keeps CNS concepts live already),
+(a resident method's concepts, CNS's, only when `apply_resident`: the service keeps them live),
 encode the prompt ourselves so Cones 2 residuals land on the conditional embeddings at their
 class-word positions only, install layout guidance when boxes are given, run the pipeline with a
 step callback (progress, cooperative cancel, guidance step), and, whatever happens, take
@@ -23,14 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from cns_daemon.errors import BadInput
+from cns_daemon.api.errors import BadInput
 from cns_daemon.model import recommended_guidance
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
 from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, expand, referenced_names
 from store.records import ConceptRecord
 
-METHOD_ORDER = ("cns", "cones", "cones2")
 MAX_IMAGES = 16
 
 
@@ -55,19 +54,22 @@ def encode(pipe, expanded: ExpandedPrompt, n: int, cfg: bool, handles: Iterable 
 
 
 @contextlib.contextmanager
-def applied(pipe, records: list[ConceptRecord], apply_cns: bool):
-    """Apply each method's records for one request; remove them in reverse order on exit.
+def applied(pipe, records: list[ConceptRecord], apply_resident: bool):
+    """Apply each method's records for one request, in METHOD_MODULES order; remove them in
+    reverse order on exit. Resident methods' records are applied only when `apply_resident`.
     Yields the handles (Cones 2 handles carry the residuals for `encode`)."""
-    from cns_daemon.methods import get_method
+    from cns_daemon.methods import METHOD_MODULES, get_method
 
     by_method: dict[str, list[ConceptRecord]] = {}
     for r in records:
         by_method.setdefault(r.meta.method, []).append(r)
     done: list[tuple[object, object]] = []
     try:
-        for m in METHOD_ORDER:
-            if by_method.get(m) and (m != "cns" or apply_cns):
-                method = get_method(m)
+        for m in METHOD_MODULES:
+            if not by_method.get(m):
+                continue
+            method = get_method(m)
+            if apply_resident or not method.resident:
                 done.append((method, method.apply(pipe, by_method[m])))
         yield [h for _, h in done]
     finally:
@@ -95,7 +97,7 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
              boxes: Iterable[Box | str] = (), n: int = 1, seed: int = 0, steps: int = 30,
              guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
              progress: ProgressFn | None = None, cancel: CancelToken | None = None, *,
-             apply_cns: bool = False, negative_prompt: str | None = None,
+             apply_resident: bool = False, negative_prompt: str | None = None,
              guidance: GuidanceConfig | None = None, output_type: str = "pil") -> list:
     """Generate `n` images for `prompt`. `records_by_name` must hold every `<name>` the prompt
     uses (others are ignored). Raises NotFound / BadInput for bad prompts and boxes, Cancelled
@@ -121,7 +123,7 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
     if cancel is not None:
         cancel.check()
 
-    with torch.no_grad(), applied(pipe, records, apply_cns) as handles:
+    with torch.no_grad(), applied(pipe, records, apply_resident) as handles:
         emb = encode(pipe, expanded, n, cfg, handles, negative_prompt)
         latent_hw = (h // pipe.vae_scale_factor, w // pipe.vae_scale_factor)
         state = GuidanceState.for_scheduler(pipe.scheduler, steps, latent_hw, cfg)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from cns_daemon.errors import BadInput, Internal
+from cns_daemon.api.errors import BadInput, Internal
 from cns_daemon.prompts import ExpandedPrompt, Layout
 
 GAMMA_POS = 2.5

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cns_daemon.archive import CheckedPhoto, check_photos
-from cns_daemon.errors import BadInput, ConesError
-from cns_daemon.protocol import FINAL_STATES, MAX_SEED, SkippedFile
-from store.records import METHODS, JobRecord, validate_name
+from cns_daemon.api.errors import BadInput, ConesError
+from cns_daemon.api.protocol import FINAL_STATES, MAX_SEED, SkippedFile, learn_steps
+from cns_daemon.api.names import METHODS, validate_name
+from store.records import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,7 @@ def read_spec(folder: Path) -> FolderSpec:
     method = config.get("method")
     if method is not None and method not in METHODS:
         raise BadInput(f"Unknown method {method!r} in {CONFIG_FILE}.", f"Use one of: {', '.join(METHODS)}.")
-    steps = config.get("steps")
-    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100_000):
-        raise BadInput(f"steps in {CONFIG_FILE} must be a whole number from 1 to 100000, not {steps!r}.")
+    steps = learn_steps(config.get("steps"), f"steps in {CONFIG_FILE}")
     seed = config.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
         raise BadInput(f"seed in {CONFIG_FILE} must be a whole number from 0 to {MAX_SEED}, not {seed!r}.")
@@ -344,6 +343,6 @@ class Inbox:
 
 
 def _as_error(body: dict) -> ConesError:
-    from cns_daemon.errors import from_code
+    from cns_daemon.api.errors import from_code
 
     return from_code(body.get("code", "internal"), body.get("message", "The job failed."), body.get("hint"))

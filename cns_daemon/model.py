@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import ModelLoad
+from .api.errors import ModelLoad
 from .tokenizer import clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -178,3 +179,17 @@ def fingerprint(pipe) -> str:
         # hashlib reads the array's buffer directly: no copy of (for SD 1.5) ~230 MB.
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy())
     return h.hexdigest()[:32]
+
+
+_BASE_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def base_fingerprint(pipe) -> str:
+    """`fingerprint` of the base weights, taken on the first call for this pipeline and kept:
+    that call must come before any concept is written into the weights (the engine makes it at
+    start-up, a resident method's bookkeeping when it is created). Stores and class-image caches
+    are keyed by it."""
+    fp = _BASE_FINGERPRINTS.get(pipe.unet)
+    if fp is None:
+        fp = _BASE_FINGERPRINTS[pipe.unet] = fingerprint(pipe)
+    return fp

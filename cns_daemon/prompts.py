@@ -18,8 +18,9 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from cns_daemon.errors import BadInput, Internal, NotFound
-from store.records import ConceptMeta, validate_name
+from cns_daemon.api.errors import BadInput, Internal, NotFound
+from cns_daemon.api.names import validate_name
+from store.records import ConceptMeta
 
 # Anything in angle brackets without spaces is meant as a reference; the name check then says
 # precisely what is wrong with a malformed one instead of silently passing "<my dog>" through.

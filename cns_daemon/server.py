@@ -1,6 +1,6 @@
 """The socket API: a small ASGI app (no framework) over the Service.
 
-Each route names its request and response models (cns_daemon.protocol), which gives the typed
+Each route names its request and response models (cns_daemon.api.protocol), which gives the typed
 validation and the OpenAPI document from one table. Every request must carry the protocol
 header; bodies are size-limited before they are parsed (a declared Content-Length over the limit
 is refused with 413 before a byte of the body is read, and the connection is closed); routes are
@@ -24,11 +24,11 @@ from urllib.parse import unquote
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 
-from cns_daemon.errors import BadInput, ConesError, ErrorCode, Internal, NotFound, ProtocolMismatch
-from cns_daemon.protocol import (API_PREFIX, FINAL_STATES, MAX_JOBS_LISTED, NDJSON, PROTOCOL_HEADER,
-                                 PROTOCOL_VERSION, SEGMENTS, AddRequest, ConceptInfo, ConceptList,
-                                 ErrorBody, EvalRequest, GenerateRequest, JobInfo, JobList,
-                                 ProgressInfo, StatusInfo, check_segment, describe_validation_error)
+from cns_daemon.api.errors import BadInput, ConesError, ErrorCode, Internal, NotFound, ProtocolMismatch
+from cns_daemon.api.protocol import (API_PREFIX, FINAL_STATES, MAX_JOBS_LISTED, NDJSON, PROTOCOL_HEADER,
+                                     PROTOCOL_VERSION, SEGMENTS, AddRequest, ConceptInfo, ConceptList,
+                                     ErrorBody, EvalRequest, GenerateRequest, JobInfo, JobList,
+                                     ProgressInfo, StatusInfo, check_segment, describe_validation_error)
 from cns_daemon.service import Service
 
 log = logging.getLogger(__name__)

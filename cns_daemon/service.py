@@ -12,16 +12,17 @@ import secrets
 import time
 import uuid
 from importlib.metadata import version as dist_version
-from pathlib import Path
 from typing import Callable
 
+from cns_daemon import jobkinds
 from cns_daemon.archive import Archive, CheckedPhoto, check_photos
-from cns_daemon.errors import BadPhoto, Conflict, Internal, NotFound
+from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, NotFound
 from cns_daemon.methods.base import CancelToken, ProgressEvent
-from cns_daemon.protocol import (MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION, AddRequest, ConceptInfo, EvalRequest, GenerateRequest,
-                                 ImportJob, JobInfo, JobResult, LearnJob, QueueInfo, RemoveJob,
-                                 SkippedFile, StatusInfo)
-from cns_daemon.settings import Settings
+from cns_daemon.api.protocol import (MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION, AddRequest, ConceptInfo,
+                                     EvalRequest, GenerateRequest, ImportJob, JobInfo, JobResult,
+                                     LearnJob, QueueInfo, RemoveJob, SkippedFile, StatusInfo,
+                                     learn_steps)
+from cns_daemon.api.settings import Settings
 from cns_daemon.worker import Worker, get_job_or_404
 from store.records import JobRecord
 
@@ -38,7 +39,7 @@ class Service:
         self.started = time.time()
         self.inbox_watched = False
         self.job_listeners: list[Callable[[JobRecord], None]] = []
-        self.worker = Worker(store, self._run, summarize, on_change=self._job_changed)
+        self.worker = Worker(store, self._run, jobkinds.summarize, on_change=self._job_changed)
 
     # ------------------------------------------------------------ submissions
 
@@ -55,7 +56,10 @@ class Service:
         too few distinct usable photos, the method's options and steps. The request's method and
         steps, where it leaves them out, are the settings' (config.toml, CONES_* environment)."""
         method = method or self.settings.method
-        steps = steps if steps is not None else self.settings.steps
+        if "steps" in (options or {}):   # one way to set it, checked in one place
+            raise BadInput("`steps` is not a method option.",
+                           "Give it with --steps N (in an inbox folder: steps = N in concept.toml).")
+        steps = learn_steps(steps if steps is not None else self.settings.steps)
         if len(photos) < MIN_PHOTOS:
             why = "; ".join(f"{s.file}: {s.reason}" for s in skipped) or "no other files"
             head = (f"No usable photo for {name!r}" if not photos else
@@ -152,28 +156,7 @@ class Service:
 
     def _run(self, job: JobRecord, progress: Callable[[ProgressEvent], None],
              cancel: CancelToken) -> JobResult:
-        if job.kind == "learn":
-            return self.engine.learn(LearnJob(**job.request), progress, cancel)
-        if job.kind == "generate":
-            out = self.paths.outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{job.id}"
-            return self.engine.generate(GenerateRequest(**job.request), out, progress, cancel)
-        if job.kind == "eval":
-            return self.engine.evaluate(EvalRequest(**job.request), progress, cancel)
-        if job.kind == "remove":
-            return self.engine.remove(RemoveJob(**job.request).name)
-        if job.kind == "import":
-            return self._run_import(Path(ImportJob(**job.request).staged))
-        raise Internal(f"Unknown job kind {job.kind!r}.")
-
-    def _run_import(self, staged: Path) -> JobResult:
-        from cns_daemon.transfer import decode
-
-        if not staged.is_file():
-            raise NotFound(f"The uploaded file {staged} is gone.", "Run `cones import` again.")
-        try:
-            return self.engine.import_record(decode(staged.read_bytes()))
-        finally:
-            staged.unlink(missing_ok=True)   # imported or refused: the upload is not kept
+        return jobkinds.run(self, job, progress, cancel)
 
     def _job_changed(self, job: JobRecord) -> None:
         for listener in list(self.job_listeners):
@@ -181,26 +164,6 @@ class Service:
                 listener(job)
             except Exception:  # a listener (status line, inbox) must never stop the worker
                 log.exception("job listener failed")
-
-
-def summarize(job: JobRecord) -> str:
-    """One line saying what a job is, for `cones jobs`."""
-    r = job.request
-    if job.kind == "learn":
-        steps = f"{r['steps']} steps, " if r.get("steps") else ""
-        return f"learn <{r.get('name')}> ({r.get('class_word')}, {r.get('method')}, {steps}" \
-               f"{len(r.get('photo_digests', []))} photos{', inbox' if r.get('source') == 'inbox' else ''})"
-    if job.kind == "generate":
-        return f"generate {r.get('n', 1)}x {r.get('prompt', '')!r}"
-    if job.kind == "eval":
-        names = " ".join(f"<{n}>" for n in r.get("names", []))
-        prompts = len(r["prompts"]) if r.get("prompts") else "default"
-        return f"eval {names} ({r.get('n', 1)}x, {prompts} prompts)"
-    if job.kind == "remove":
-        return f"remove <{r.get('name')}>"
-    if job.kind == "import":
-        return "import concept"
-    return job.kind
 
 
 def _version() -> str:

@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from cns_daemon.errors import Corrupt
+from cns_daemon.api.errors import Corrupt
 from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 
 FORMAT = "cones-concept/1"

@@ -23,15 +23,14 @@ from typing import Callable, Protocol
 
 from pydantic import BaseModel
 
-from cns_daemon.errors import Cancelled, ConesError, Internal, NotFound
+from cns_daemon.api.errors import Cancelled, ConesError, Internal, NotFound
+from cns_daemon.jobkinds import INTERLEAVED, KINDS, pausable
 from cns_daemon.methods.base import CancelToken, ProgressEvent
-from cns_daemon.protocol import FINAL_STATES, ErrorBody, JobInfo, JobResult, ProgressInfo
+from cns_daemon.api.protocol import FINAL_STATES, ErrorBody, JobInfo, JobResult, ProgressInfo
 from store.records import JobRecord
 
 log = logging.getLogger(__name__)
 
-PRIORITY = {"generate": 10, "eval": 8, "remove": 5, "import": 5, "learn": 0}
-INTERLEAVED = ("generate",)   # run inside a paused learn job (short, and they change no state)
 MAX_ATTEMPTS = 2  # the first run plus one re-run after a crash
 CRASH_REASON = ("The service stopped while this job was running, twice; it was not tried again.")
 RESTARTED = "restarted after the service stopped"
@@ -153,12 +152,12 @@ class Worker:
 
     def submit(self, kind: str, request: BaseModel) -> JobRecord:
         job = JobRecord(id=uuid.uuid4().hex[:12], kind=kind, request=request.model_dump(mode="json"),
-                        priority=PRIORITY[kind])
+                        priority=KINDS[kind].priority)
         with self._lock:
             self.jobs.put_job(job)
-            if kind in INTERLEAVED:   # a running learn pauses for it at its next step
+            if KINDS[kind].interleaved:   # a running learn pauses for it at its next step
                 for running, token in self._running:
-                    if running.kind == "learn":
+                    if pausable(running.kind):
                         token.request_pause()
         self.on_change(job)
         with self._wake:
@@ -218,7 +217,7 @@ class Worker:
             job = queue[0]
             job.state, job.started, job.attempts = "running", time.time(), job.attempts + 1
             self.jobs.put_job(job)
-            interleave = (lambda: self._interleave(job)) if job.kind == "learn" else None
+            interleave = (lambda: self._interleave(job)) if pausable(job.kind) else None
             self._running.append((job, CancelToken(interleave)))
         self.on_change(job)
         return job

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, TypeVar
 
 import lmdb
 
-from cns_daemon.errors import Corrupt, Internal, NotFound, Unavailable
+from cns_daemon.api.errors import Corrupt, Internal, NotFound, Unavailable
 
 DB_NAMES = ("meta", "concepts", "masks", "residuals", "deltas", "embeddings", "overlap", "jobs")
 # LMDB's own errors for a damaged B-tree (a page number that points nowhere, a page of the wrong

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from typing import Iterable
 
-from cns_daemon.errors import BadInput, Conflict, Corrupt, Internal, NotFound
+from cns_daemon.api.errors import BadInput, Conflict, Corrupt, Internal, NotFound
 
 from . import serialize as ser
 from .codec import CodecError

@@ -7,27 +7,14 @@ Index sets are flat positions into a tensor's row-major storage (int64, sorted, 
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cns_daemon.errors import BadInput
-
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-METHODS = ("cns", "cones", "cones2")
-
-
-def validate_name(name: str) -> str:
-    """Concept names: letters, digits, `-`, `_`; 1–64 characters."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        shown = name if isinstance(name, str) and len(name) <= 80 else f"{str(name)[:77]}..."
-        raise BadInput(f"Invalid concept name {shown!r}.",
-                       "Use 1-64 letters, digits, '-' or '_' (for example: rex, my_mug, red-star).")
-    return name
-
+from cns_daemon.api.errors import BadInput
+from cns_daemon.api.names import METHODS, validate_name  # noqa: F401  (re-exported)
 
 @dataclass
 class SparseDelta:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cns_daemon.errors import ConesError, Corrupt
+from cns_daemon.api.errors import ConesError, Corrupt
 
 from .env import DB_NAMES
 from .store import SEP, ConceptStore

@@ -53,7 +53,7 @@ def encode_meta(meta: ConceptMeta) -> bytes:
 
 
 def decode_meta(payload: bytes) -> ConceptMeta:
-    from cns_daemon.errors import ConesError
+    from cns_daemon.api.errors import ConesError
 
     try:
         return _from_fields(ConceptMeta, load_json(payload))

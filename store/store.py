@@ -34,8 +34,8 @@ from typing import Callable, Iterable, Iterator
 import lmdb
 import numpy as np
 
-from cns_daemon.errors import (Conflict, Corrupt, Internal, ModelMismatch, NotFound,
-                               ProtocolMismatch, Unavailable)
+from cns_daemon.api.errors import (Conflict, Corrupt, Internal, ModelMismatch, NotFound,
+                                   ProtocolMismatch, Unavailable)
 
 from . import serialize as ser
 from .codec import CodecError, decode_tensor, encode_tensor

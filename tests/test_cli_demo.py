@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from test_service_harness import REPO, daemon_env, short_home
+from helpers.service import REPO, daemon_env, short_home
 
 
 @pytest.mark.slow

@@ -3,57 +3,17 @@ token row, regularisation, cancel, exact apply/remove (including the older-conce
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from cns_daemon.errors import Cancelled
+from cns_daemon.api.errors import Cancelled
 from cns_daemon.methods import CancelToken, LearnSpec, cns, get_method
 from cns_daemon.methods import common as C
-from cns_daemon.methods.cns_layers import stack_for
-from store.records import ConceptMeta, ConceptRecord, SparseDelta
-
-FAST = {"prior_images": 2, "prior_steps": 2, "prior_batch": 1, "variants": 2}
-MOVEMENT = {**FAST, "selection": "movement", "probe_steps": 3}   # CNS only (Cones shares FAST)
-
-
-def photos(folder: Path, color=(200, 30, 30), n=3) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(n):
-        a = np.full((40, 40, 3), 235, np.uint8)
-        a[6 + 2 * i:30, 8:32 - i] = color
-        a[12:16, 8:32 - i] = (20, 20, 20)  # a stripe: the look a caption cannot say
-        Image.fromarray(a).save(folder / f"{i}.png")
-        out.append(folder / f"{i}.png")
-    return out
-
-
-def fixed_selection(fraction: float, seed: int):
-    """A stand-in for `cns.choose_neurons` (the random tiny model's text encoder makes every
-    prompt rank neurons alike, so Eq. 3 selects almost nothing there): a seeded random subset."""
-    def select(pipe, stack, *args, **kwargs):
-        rng = np.random.default_rng(seed)
-        return cns.Selection({n: np.sort(rng.choice(p.numel(), max(1, int(p.numel() * fraction)),
-                                                    replace=False))
-                              for n, p in stack.params.items()}, 1, 0, 0)
-    return select
-
-
-def snapshot(pipe) -> dict[str, torch.Tensor]:
-    out = {f"unet.{k}": v.detach().clone() for k, v in pipe.unet.state_dict().items()}
-    out.update({f"text.{k}": v.detach().clone() for k, v in pipe.text_encoder.state_dict().items()})
-    out.update({f"vae.{k}": v.detach().clone() for k, v in pipe.vae.state_dict().items()})
-    return out
-
-
-def changed(pipe, before) -> list[str]:
-    now = snapshot(pipe)
-    return [k for k in before if not torch.equal(before[k], now[k])]
-
+from cns_daemon.methods.cns.layers import stack_for
+from store import ConceptStore
+from helpers.methods import FAST, MOVEMENT, changed, fixed_selection, photos, snapshot, synthetic
 
 EMB = "text.embeddings.token_embedding.weight"
 
@@ -227,7 +187,10 @@ def test_regularisation_reduces_drift_on_shared_neurons(fresh_tiny_pipe, tmp_pat
                                                  return_indices=True)
                 total += float(((torch.as_tensor(d.values[mine]) - a_values[n][theirs]) ** 2).sum())
                 shared += len(mine)
-        assert rec.overlap.shared_with == {"a": shared}
+        with ConceptStore.open(tmp_path / "store") as store:   # the store owns the overlap count
+            if "a" not in store:
+                store.put(first)
+            assert store.intersect({n: d.indices for n, d in rec.deltas.items()}) == {"a": shared}
         method.unlearn(pipe, "b")
         return total, shared
 
@@ -238,17 +201,6 @@ def test_regularisation_reduces_drift_on_shared_neurons(fresh_tiny_pipe, tmp_pat
 
 
 # -- apply / remove -------------------------------------------------------------------------
-
-def synthetic(pipe, name: str, token: str, seed: int, fraction=0.1) -> ConceptRecord:
-    rng = np.random.default_rng(seed)
-    deltas = {}
-    for n, p in list(C.kv_weights(pipe.unet).items())[:4]:
-        idx = np.sort(rng.choice(p.numel(), int(p.numel() * fraction), replace=False))
-        deltas[n] = SparseDelta(idx, rng.normal(size=len(idx)).astype(np.float32), tuple(p.shape))
-    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    return ConceptRecord(ConceptMeta(name, "cns", "star", token), deltas=deltas,
-                         embeddings={token: rng.normal(size=width).astype(np.float32)})
-
 
 def test_apply_remove_bit_identical(fresh_tiny_pipe):
     pipe, method = fresh_tiny_pipe, get_method("cns")

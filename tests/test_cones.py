@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from cns_daemon.errors import BadInput
+from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import LearnSpec, cones, get_method
 from cns_daemon.methods import common as C
-from test_cns import FAST, changed, photos, snapshot
+from store import ConceptStore
+from helpers.methods import FAST, changed, photos, snapshot
 
 
 def synthetic_loss(pipe, seed=0):
@@ -73,7 +74,9 @@ def test_learn_apply_remove(fresh_tiny_pipe, tmp_path):
         None, None, previous=[a])
     assert b.meta.token != a.meta.token
     union = C.union_indices([a.masks, b.masks])
-    assert b.overlap.shared_with.get("a", 0) == C.count(a.masks) + C.count(b.masks) - C.count(union)
+    with ConceptStore.open(tmp_path / "store") as store:   # the store owns the overlap count
+        store.put(a)
+        assert store.put(b).shared_with.get("a", 0) == C.count(a.masks) + C.count(b.masks) - C.count(union)
 
     kv = C.kv_weights(pipe.unet)
     handle = method.apply(pipe, [a, b])
@@ -94,7 +97,7 @@ def test_learn_apply_remove(fresh_tiny_pipe, tmp_path):
 
 
 def test_cones_on_top_of_cns_restores_cns_values(fresh_tiny_pipe):
-    from test_cns import synthetic
+    from helpers.methods import synthetic
 
     pipe = fresh_tiny_pipe
     cns_rec = synthetic(pipe, "c", "sks", 3)

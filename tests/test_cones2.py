@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cns_daemon.errors import BadInput, ModelMismatch
+from cns_daemon.api.errors import BadInput, ModelMismatch
 from cns_daemon.generate import encode
 from cns_daemon.methods.base import LearnSpec
 from cns_daemon.methods.cones2 import (METHOD, Cones2Handle, imported_record, import_residual,

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from cns_daemon.errors import EXIT_CODES, ErrorCode
-from test_evaluate import tiny_clip_model
-from test_service_harness import cli_in_process, running_daemon, write_photos
+from cns_daemon.api.errors import EXIT_CODES, ErrorCode
+from helpers.clip import tiny_clip_model
+from helpers.service import cli_in_process, running_daemon, write_photos
 
 
 @pytest.fixture(scope="module")

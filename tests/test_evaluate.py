@@ -4,24 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cns_daemon.errors import BadInput, ModelLoad, Unavailable
+from cns_daemon.api.errors import BadInput, ModelLoad, Unavailable
 from cns_daemon.evaluate import (HFClipScorer, OpenClipScorer, default_prompts, evaluate, fill,
                                  load_prompts, load_scorer, preprocess, strip_concepts)
 from cns_daemon.tokenizer import clip_tokenizer
-
-
-def tiny_clip_model():
-    """A tiny randomly initialised transformers CLIP (seeded), built from a config: no download."""
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=16)
-    return CLIPModel(cfg)
+from helpers.clip import tiny_clip_model
 
 
 @pytest.fixture(scope="module")

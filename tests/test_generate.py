@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cns_daemon.errors import BadInput, Cancelled, Internal, NotFound
+from cns_daemon.api.errors import BadInput, Cancelled, Internal, NotFound
 from cns_daemon.generate import generate
 from cns_daemon.guidance import GuidanceConfig, LayoutAttnProcessor
 from cns_daemon.methods import get_method
@@ -98,7 +98,7 @@ def test_everything_applied_is_taken_off_again(tiny_pipe):
                                        for k, v in tiny_pipe.text_encoder.state_dict().items())
 
     images = generate(tiny_pipe, prompt, recs, boxes, n=2, seed=1, steps=2, progress=spy,
-                      apply_cns=True)
+                      apply_resident=True)
     assert len(images) == 2
     _assert_same(tiny_pipe, snap)
     assert seen["procs"] and all(t is LayoutAttnProcessor for t in seen["procs"])
@@ -124,7 +124,7 @@ def test_cancel_stops_at_the_next_step_and_restores(tiny_pipe):
 
     with pytest.raises(Cancelled):
         generate(tiny_pipe, "<pot> on the grass", recs, ["pot=0,0,0.5,0.5"], steps=10,
-                 progress=progress, cancel=token, apply_cns=True)
+                 progress=progress, cancel=token, apply_resident=True)
     assert max(steps_seen) == 2
     _assert_same(tiny_pipe, snap)
     with pytest.raises(Cancelled):   # already cancelled: nothing runs

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from cli.client import Client
-from cns_daemon.errors import BadInput
+from cns_daemon.api.errors import BadInput
 from cns_daemon.inbox import ERROR_FILE, read_photos, read_spec
-from test_service_harness import photo_bytes, short_home, start_daemon, wait_until, write_photos
+from helpers.service import photo_bytes, short_home, start_daemon, wait_until, write_photos
 
 
 def test_read_spec_forms(tmp_path):

@@ -15,7 +15,7 @@ from cns_daemon.generate import generate
 from cns_daemon.methods import get_method
 from cns_daemon.methods.base import CancelToken, LearnSpec
 from cns_daemon.model import kv_weights
-from test_service_harness import cli_in_process, running_daemon, wait_until, write_photos
+from helpers.service import cli_in_process, running_daemon, wait_until, write_photos
 
 FAST = {"cns": {"prior_images": 2, "prior_steps": 2, "prior_batch": 1, "variants": 2},
         "cones": {"prior_images": 2, "prior_steps": 2, "prior_batch": 1, "variants": 2},
@@ -96,7 +96,7 @@ def test_generate_between_steps_sees_the_model_without_the_concept(fresh_tiny_pi
 @pytest.mark.slow   # ~15 s: the same on the worker is in the default suite (test_service, FakeEngine)
 def test_generate_during_a_learn_on_the_daemon_waits_about_one_step(tmp_path, monkeypatch):
     from cli.client import Client
-    from cns_daemon.protocol import AddRequest, GenerateRequest, Photo
+    from cns_daemon.api.protocol import AddRequest, GenerateRequest, Photo
 
     with running_daemon(fake=False, args=("--model", "tiny"), timeout=180) as d:
         cones = cli_in_process(d.home, monkeypatch)

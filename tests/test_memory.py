@@ -4,7 +4,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from cns_daemon.memory import MemoryOptions, prepare_generation, training
 from cns_daemon.model import Placement
-from cns_daemon.settings import load_settings
+from cns_daemon.api.settings import load_settings
 
 CPU = Placement(torch.device("cpu"), torch.float32)
 CUDA = Placement(torch.device("cuda"), torch.float16)
@@ -95,7 +95,7 @@ def _parking_spy(monkeypatch):
 def test_methods_loops_run_with_vae_and_unneeded_encoder_offloaded(method, expected, fresh_tiny_pipe,
                                                                    tmp_path, monkeypatch):
     from cns_daemon.methods import LearnSpec, cns, get_method
-    from test_cns import FAST, fixed_selection, photos
+    from helpers.methods import FAST, fixed_selection, photos
 
     monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.02, 0))
     parked = _parking_spy(monkeypatch)
@@ -112,7 +112,7 @@ def test_methods_loops_run_with_vae_and_unneeded_encoder_offloaded(method, expec
 
 def test_no_memory_options_leave_the_loop_alone(fresh_tiny_pipe, tmp_path, monkeypatch):
     from cns_daemon.methods import LearnSpec, get_method
-    from test_cns import FAST, photos
+    from helpers.methods import FAST, photos
 
     parked = _parking_spy(monkeypatch)
     get_method("cones").learn(fresh_tiny_pipe, photos(tmp_path / "p"),

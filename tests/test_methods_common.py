@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cns_daemon.errors import BadInput, BadPhoto, Cancelled, Conflict
+from cns_daemon.api.errors import BadInput, BadPhoto, Cancelled, Conflict
 from cns_daemon.methods import CancelToken, get_method
 from cns_daemon.methods import common as C
 from cns_daemon.methods.data import (augment_pool, load_photo, photo_captions, prepare_photos,
@@ -199,13 +199,15 @@ def test_cns_and_cones_key_their_class_images_by_the_weights_that_drew_them(tiny
     """CNS draws class images with the base weights, Cones with the live ones: with a CNS
     concept live the two get different cache folders; without one, the same."""
     from cns_daemon.methods import cns, cones
-    from cns_daemon.methods.cns_layers import stack_for
+    from cns_daemon.methods.cns.layers import stack_for
     from cns_daemon.model import fingerprint
 
+    from cns_daemon.methods.common import inputs as shared   # where both methods prepare
+
     seen = []
-    monkeypatch.setattr(C, "class_images", lambda *a, drawn_by, **k: seen.append(drawn_by) or
+    monkeypatch.setattr(shared, "class_images", lambda *a, drawn_by, **k: seen.append(drawn_by) or
                         torch.zeros(1, 3, 32, 32))
-    monkeypatch.setattr(C, "encode_pixels", lambda pipe, px: torch.zeros(len(px), 4, 16, 16))
+    monkeypatch.setattr(shared, "encode_pixels", lambda pipe, px: torch.zeros(len(px), 4, 16, 16))
     stack = stack_for(tiny_pipe)
     assert fingerprint(tiny_pipe) == stack.base_fingerprint   # nothing live yet
     with torch.no_grad():
@@ -221,8 +223,8 @@ def test_cns_and_cones_key_their_class_images_by_the_weights_that_drew_them(tiny
             Image.new("RGB", (32, 32), (200, 10, 10)).save(p)
         spec = LearnSpec("x", "star", steps=1, cache_dir=tmp_path)
         cns.prepare(tiny_pipe, photos, spec, cns.CNSParams(prior_images=1, variants=1), None, None)
-        cones.implanting_loss(tiny_pipe, photos, "tok", "star", cones.ConesParams(prior_images=1, variants=1),
-                              seed=0, captions=None, cache_dir=tmp_path, progress=None, cancel=None)
+        cones.implanting_loss(tiny_pipe, photos, "tok", spec, cones.ConesParams(prior_images=1, variants=1),
+                              progress=None, cancel=None)
     finally:
         with torch.no_grad():   # put the value back exactly (x + 1 - 1 need not be x)
             w.view(-1)[0] = original

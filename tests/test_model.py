@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cns_daemon.errors import ModelLoad
+from cns_daemon.api.errors import ModelLoad
 from cns_daemon.model import build_tiny_pipeline, fingerprint, kv_weights, load_pipeline
 from cns_daemon.tokenizer import clip_tokenizer
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cns_daemon.errors import BadInput, NotFound
+from cns_daemon.api.errors import BadInput, NotFound
 from cns_daemon.prompts import Box, check_boxes, expand, parse_box, referenced_names
 from cns_daemon.tokenizer import clip_tokenizer
 from store.records import ConceptMeta

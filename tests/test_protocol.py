@@ -8,9 +8,9 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from cns_daemon.errors import ERROR_TYPES
-from cns_daemon.protocol import (AddRequest, GenerateRequest, JobInfo, Photo, ProgressInfo,
-                                 describe_validation_error)
+from cns_daemon.api.errors import ERROR_TYPES
+from cns_daemon.api.protocol import (AddRequest, GenerateRequest, JobInfo, Photo, ProgressInfo,
+                                     describe_validation_error)
 from cns_daemon.server import HTTP_STATUS, App
 
 

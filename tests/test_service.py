@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from cli.client import Client
 from cli.main import app
-from cns_daemon.errors import EXIT_CODES, ErrorCode
-from test_service_harness import (REPO, cli_in_process, daemon_env, running_daemon, short_home,
+from cns_daemon.api.errors import EXIT_CODES, ErrorCode
+from helpers.service import (REPO, cli_in_process, daemon_env, running_daemon, short_home,
                                   start_daemon, wait_until, write_photos)
 
 runner = CliRunner()
@@ -100,7 +100,7 @@ def test_cancel_running_learn_leaves_no_concept(cones, daemon, tmp_path):
 
 def test_generate_runs_inside_a_running_learn_and_before_queued_ones(daemon, tmp_path):
     with Client(daemon.socket) as c:
-        from cns_daemon.protocol import AddRequest, GenerateRequest, Photo
+        from cns_daemon.api.protocol import AddRequest, GenerateRequest, Photo
 
         photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(tmp_path / "q", 2)]
         first = c.add(AddRequest(name="first", class_word="dog", steps=150, photos=photos))
@@ -118,7 +118,7 @@ def test_generate_runs_inside_a_running_learn_and_before_queued_ones(daemon, tmp
 
 
 def test_two_clients_follow_and_list_at_once(daemon, tmp_path):
-    from cns_daemon.protocol import AddRequest, Photo
+    from cns_daemon.api.protocol import AddRequest, Photo
 
     photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(tmp_path / "two", 2)]
     with Client(daemon.socket) as c1, Client(daemon.socket) as c2:
@@ -206,7 +206,7 @@ def test_stale_socket_is_replaced():
 
 
 def test_follower_that_disconnects_leaves_the_service_healthy(daemon, tmp_path):
-    from cns_daemon.protocol import AddRequest, Photo
+    from cns_daemon.api.protocol import AddRequest, Photo
 
     photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(tmp_path / "gone", 2)]
     with Client(daemon.socket) as c:
@@ -223,7 +223,7 @@ def test_follower_that_disconnects_leaves_the_service_healthy(daemon, tmp_path):
 def test_data_store_and_archive_are_private():
     """Photos of people: the data folder, store, archive and outputs are 0700 folders with 0600
     files, and looser ones left by an older version are tightened at start-up."""
-    from cns_daemon.protocol import AddRequest, GenerateRequest, Photo
+    from cns_daemon.api.protocol import AddRequest, GenerateRequest, Photo
 
     home = short_home()
     try:
@@ -254,7 +254,7 @@ def test_data_store_and_archive_are_private():
 def test_config_toml_method_and_steps_reach_the_learn_job():
     """`method` and `steps` in config.toml are the defaults of a learn request that leaves them
     out (the queued job says which it got); a request's own value still wins."""
-    from cns_daemon.protocol import AddRequest, Photo
+    from cns_daemon.api.protocol import AddRequest, Photo
 
     home = short_home()
     try:

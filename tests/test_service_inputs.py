@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from cli.client import Client
-from cns_daemon.errors import EXIT_CODES, ErrorCode
-from cns_daemon.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION
-from test_service_harness import cli_in_process, running_daemon, wait_until, write_photos
+from cns_daemon.api.errors import EXIT_CODES, ErrorCode
+from cns_daemon.api.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION
+from helpers.service import cli_in_process, running_daemon, wait_until, write_photos
 
 BAD_INPUT = EXIT_CODES[ErrorCode.BAD_INPUT]
 HEAD_TIMEOUT = 1.0
@@ -73,7 +73,7 @@ def learned(daemon, tmp_path, name: str) -> None:
     with Client(daemon.socket) as c:
         if name in {x.name for x in c.concepts()}:
             return
-    from cns_daemon.protocol import AddRequest, Photo
+    from cns_daemon.api.protocol import AddRequest, Photo
 
     photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(tmp_path / name, 2)]
     with Client(daemon.socket) as c:
@@ -182,7 +182,7 @@ def test_jobs_table_shows_whole_ids_at_80_columns(daemon, tmp_path, monkeypatch)
 
     cones = cli_in_process(daemon.home, monkeypatch, merged=True)
     learned(daemon, tmp_path, "wide")
-    from cns_daemon.protocol import GenerateRequest
+    from cns_daemon.api.protocol import GenerateRequest
 
     with Client(daemon.socket) as c:   # a long prompt and a long note squeeze the other columns
         job = c.generate(GenerateRequest(prompt="a photo of <wide> " + "on a very long beach " * 8, steps=1))
@@ -223,8 +223,8 @@ def peak_rss_kb(pid: int) -> int:
 
 
 def test_huge_photo_is_refused_before_it_is_decoded(daemon):
-    from cns_daemon.protocol import AddRequest, Photo
-    from test_service_harness import photo_bytes
+    from cns_daemon.api.protocol import AddRequest, Photo
+    from helpers.service import photo_bytes
 
     huge = blank_png(13_000, 13_000)
     assert len(huge) < 1_000_000
@@ -271,6 +271,7 @@ def test_same_photo_counts_once_and_too_few_is_an_error(cones, daemon, tmp_path)
     (("--method", "cones", "--option", "sparsity=200"), "sparsity"),
     (("--method", "cones2", "--option", "lr=-1"), "lr"),
     (("--method", "cones2", "--option", "top_p=5"), "Unknown option"),
+    (("--option", "steps=5"), "--steps N"),   # one way to set the steps
 ])
 def test_method_options_are_checked_when_submitted(cones, daemon, tmp_path, args, needle):
     photos = [str(p) for p in write_photos(tmp_path / "opt", 2)]

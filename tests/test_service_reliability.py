@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from cli.client import Client
-from cns_daemon.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest, Photo
+from cns_daemon.api.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest, Photo
 from cns_daemon.worker import CRASH_REASON
-from test_service_harness import (cli_in_process, photo_bytes, short_home, start_daemon, wait_until,
+from helpers.service import (cli_in_process, photo_bytes, short_home, start_daemon, wait_until,
                                   write_photos)
 
 LIMIT = 300_000   # a small request limit for this daemon, so "oversized" is cheap to send

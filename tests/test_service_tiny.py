@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from cli.client import Client
 from cli.main import app
-from cns_daemon.errors import EXIT_CODES, ErrorCode
+from cns_daemon.api.errors import EXIT_CODES, ErrorCode
 from cns_daemon.transfer import decode, encode
-from test_service_harness import (cli_in_process, running_daemon, short_home, start_daemon,
+from helpers.service import (cli_in_process, running_daemon, short_home, start_daemon,
                                   wait_until, write_photos)
 
 runner = CliRunner()

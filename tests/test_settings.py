@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cns_daemon.settings import default_paths, load_settings
+from cns_daemon.api.settings import default_paths, load_settings
 
 
 def test_cones_home_puts_every_path_under_it(cones_home):

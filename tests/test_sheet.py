@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cns_daemon.sheet import MIN_TILE, PAD, contact_sheet, describe_reading
-from test_service_harness import cli_in_process, running_daemon, wait_until, write_photos
+from helpers.service import cli_in_process, running_daemon, wait_until, write_photos
 
 
 def tiles(n: int, size: int = 32) -> list[Image.Image]:
@@ -51,7 +51,7 @@ def test_probe_words_never_say_none():
 
 def test_toy_world_generations_get_the_probe_reading(tmp_path):
     from cns_daemon.engine import Engine
-    from cns_daemon.settings import load_settings
+    from cns_daemon.api.settings import load_settings
     from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
 
     obj = ObjectSpec("star", "red", "stripes", "yellow")
@@ -90,7 +90,7 @@ def test_generate_prints_the_sheet_last_and_keeps_the_seed(daemon, tmp_path, mon
 def test_caption_line_names_prompt_seed_concepts_and_boxes():
     """What the contact sheet's caption says (the service builds it from the request)."""
     from cns_daemon.engine import generation_caption
-    from cns_daemon.protocol import GenerateRequest
+    from cns_daemon.api.protocol import GenerateRequest
 
     req = GenerateRequest(prompt="a photo of <rex> and <mug> on the beach", seed=7,
                           boxes=["rex=0,0,0.5,1", "mug=0.5,0,1,1"])

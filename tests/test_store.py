@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cns_daemon.errors import BadInput, Conflict, Internal, ModelMismatch, NotFound
+from cns_daemon.api.errors import BadInput, Conflict, Internal, ModelMismatch, NotFound
 from store import ConceptMeta, ConceptRecord, ConceptStore, JobRecord
 from store.fixtures.samples import assert_same_record, sample_record
 

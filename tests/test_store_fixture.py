@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from cns_daemon.errors import Internal, ModelMismatch
+from cns_daemon.api.errors import Internal, ModelMismatch
 from store import ConceptStore
 from store.envelope import SCHEMA_VERSION
 from store.fixtures.make import FINGERPRINT, expected_records, fixture_dir

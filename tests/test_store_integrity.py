@@ -15,7 +15,7 @@ import lmdb
 import numpy as np
 import pytest
 
-from cns_daemon.errors import Corrupt, NotFound, ProtocolMismatch
+from cns_daemon.api.errors import Corrupt, NotFound, ProtocolMismatch
 from store import ConceptStore
 from store.envelope import frame
 from store.fixtures.samples import sample_record

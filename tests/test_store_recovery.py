@@ -15,10 +15,10 @@ import lmdb
 import numpy as np
 import pytest
 
-from cns_daemon.errors import EXIT_CODES, ErrorCode
+from cns_daemon.api.errors import EXIT_CODES, ErrorCode
 from store import ConceptStore
 from store.records import ConceptMeta, ConceptRecord, JobRecord, SparseDelta
-from test_service_harness import cli_in_process, short_home, start_daemon, write_photos
+from helpers.service import cli_in_process, short_home, start_daemon, write_photos
 
 CORRUPT = EXIT_CODES[ErrorCode.CORRUPT]
 P_BRANCH, P_LEAF = 0x01, 0x02
@@ -244,7 +244,7 @@ def test_unreadable_structure_is_one_clear_error_and_salvage_restores_service(ho
     import subprocess
     import sys
 
-    from test_service_harness import REPO, daemon_env
+    from helpers.service import REPO, daemon_env
 
     import dataclasses
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from cns_daemon.notify import Notifier
-from cns_daemon.settings import load_settings
+from cns_daemon.api.settings import load_settings
 
 
 def _install(tmp_path, cones_home):

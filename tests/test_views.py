@@ -7,7 +7,7 @@ import io
 from rich.console import Console
 
 from cli.views import follow
-from cns_daemon.protocol import ProgressInfo
+from cns_daemon.api.protocol import ProgressInfo
 
 
 def events(job="0123456789ab"):

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import importlib
 
-from cns_daemon.errors import BadInput, Internal
+from cns_daemon.api.errors import BadInput, Internal
+from cns_daemon.api.names import METHODS
 from cns_daemon.methods.base import (CancelToken, LearnSpec, Method, ProgressEvent, ProgressFn,
                                      ProgressReporter)
 
-METHOD_MODULES = {"cns": "cns_daemon.methods.cns", "cones": "cns_daemon.methods.cones",
-                  "cones2": "cns_daemon.methods.cones2"}
+# One module per method name, in the order a request applies them (generate.applied): CNS
+# writes weights, Cones zeroes some of them, Cones 2 only adds to the text embeddings.
+METHOD_MODULES = {name: f"cns_daemon.methods.{name}" for name in METHODS}
 
-__all__ = ["get_method", "METHOD_MODULES", "CancelToken", "LearnSpec", "Method", "ProgressEvent",
+__all__ = ["get_method", "resident_methods", "METHOD_MODULES", "CancelToken", "LearnSpec", "Method", "ProgressEvent",
            "ProgressFn", "ProgressReporter"]
 
 
@@ -33,3 +35,8 @@ def get_method(name: str) -> Method:
     if method is None:
         raise Internal(f"{module_name} defines no METHOD.")
     return method
+
+
+def resident_methods() -> list[Method]:
+    """The methods whose concepts live in the weights between requests (base.Method.resident)."""
+    return [m for m in map(get_method, METHOD_MODULES) if m.resident]

@@ -4,9 +4,11 @@
     handle = method.apply(pipe, [records...])   # for one request; also rewrites prompts
     method.remove(handle)                        # weights + tokenizer bit-identical to before
 
-CNS is "fusion-free": after learning, the service keeps it applied (`apply` at start-up for every
-stored CNS record, `remove` only when the concept is removed). Cones and Cones 2 are applied for
-one generation and removed right after.
+A method is either resident or per-request (`Method.resident`). CNS is resident, "fusion-free":
+after learning, the service keeps its concepts applied (`apply` at start-up for every stored
+record, `unlearn` only when the concept is removed). Cones and Cones 2 are per-request: applied
+for one generation and removed right after. The engine and the generation routine ask
+`resident`, never a method's name.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
-from cns_daemon.errors import Cancelled
+from cns_daemon.api.errors import Cancelled
 
 
 @dataclass
@@ -114,6 +116,10 @@ class ProgressReporter:
 class Method(Protocol):
     name: str
     Params: type   # its hyper-parameters (a dataclass); LearnSpec.options override its fields
+    # True: a learned concept lives in the live weights from `learn` until `unlearn` (CNS, the
+    # fusion-free one; the service re-applies them at start-up). False: applied for one
+    # generation and removed right after (Cones, Cones 2).
+    resident: bool
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None,
               cancel: CancelToken | None, previous: list | None = None):
@@ -125,3 +131,21 @@ class Method(Protocol):
 
     def remove(self, handle) -> None:
         """Undo `apply` exactly."""
+
+    def unlearn(self, pipe, name: str) -> None:
+        """Take a resident concept off the live weights (one `learn` left applied, or one the
+        service re-applied at start-up); nothing for a per-request method."""
+
+    def applied(self, pipe) -> list[str]:
+        """The names of this method's concepts live in `pipe` (always [] for per-request ones)."""
+
+
+class PerRequest:
+    """What a per-request method (not resident) answers for the resident-only part of Method."""
+    resident = False
+
+    def unlearn(self, pipe, name: str) -> None:
+        return None
+
+    def applied(self, pipe) -> list[str]:
+        return []

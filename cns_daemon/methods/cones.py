@@ -20,7 +20,6 @@ The token is a rare existing token, never trained: Cones changes no embedding.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,12 +28,11 @@ import numpy as np
 import torch
 
 from cns_daemon.memory import loop_context
-from cns_daemon.errors import BadInput
+from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import common as C
-from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
-from cns_daemon.methods.data import prepare_photos, resolution
+from cns_daemon.methods.base import CancelToken, LearnSpec, PerRequest, ProgressFn, ProgressReporter
 from cns_daemon.model import fingerprint
-from store.records import ConceptMeta, ConceptRecord, Overlap
+from store.records import ConceptMeta, ConceptRecord
 
 LossFn = Callable[[int], torch.Tensor]
 
@@ -183,60 +181,32 @@ def select_neurons(scores: dict[str, torch.Tensor], *, sparsity: float = 0.0,
 
 # -- the method -----------------------------------------------------------------------------------
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def implanting_loss(pipe, photos: list[Path], token: str, class_word: str, hp: ConesParams, *,
-                    seed: int, captions: list[str] | None, cache_dir: Path | None,
+def implanting_loss(pipe, photos: list[Path], token: str, spec: LearnSpec, hp: ConesParams, *,
                     progress: ProgressFn | None, cancel: CancelToken | None):
-    """The concept-implanting loss (photos + λ · prior) as a per-step closure, and the photos."""
-    size = resolution(pipe)
-    photo_set = prepare_photos(photos, size, token, class_word, captions=captions,
-                               variants=hp.variants, seed=seed)
-    latents = C.encode_pixels(pipe, photo_set.pixels.flatten(0, 1)).unflatten(
-        0, photo_set.pixels.shape[:2])
-    prior = None
-    if hp.lambda_prior > 0 and hp.prior_images > 0:
-        # Drawn by the live weights (CNS concepts included): keyed by exactly those.
-        pixels = C.class_images(pipe, class_word, hp.prior_images, size=size, steps=hp.prior_steps,
-                                drawn_by=fingerprint(pipe), seed=seed, cache_dir=cache_dir,
-                                progress=progress, cancel=cancel)
-        prior = C.encode_pixels(pipe, pixels)
-    loss = C.ConceptLoss(pipe, latents, photo_set.captions, prior_latents=prior,
-                         prior_prompt=C.prior_prompt(class_word), lambda_prior=hp.lambda_prior,
-                         prior_batch=hp.prior_batch, seed=seed)
-    return loss, photo_set
+    """The concept-implanting loss (photos + λ · prior) as a per-step closure.
+    The class images are drawn by the live weights (CNS concepts included), keyed by exactly those."""
+    prior = C.Prior(hp.prior_images if hp.lambda_prior > 0 else 0, hp.prior_steps, drawn_by=fingerprint(pipe))
+    prep = C.prepare(pipe, photos, spec, token, variants=hp.variants, prior=prior,
+                     progress=progress, cancel=cancel)
+    loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
+                         prior_prompt=C.prior_prompt(spec.class_word), lambda_prior=hp.lambda_prior,
+                         prior_batch=hp.prior_batch, seed=spec.seed)
+    return loss
 
 
-def overlap_with(masks: dict[str, np.ndarray], earlier: list[ConceptRecord]) -> Overlap:
-    shared = {}
-    for rec in earlier:
-        n = sum(len(np.intersect1d(idx, rec.masks[t])) for t, idx in masks.items() if t in rec.masks)
-        if n:
-            shared[rec.name] = int(n)
-    return Overlap(shared, C.count(masks))
-
-
-class ConesMethod:
+class ConesMethod(PerRequest):
     name = "cones"
     Params = ConesParams
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None = None,
               cancel: CancelToken | None = None, previous: list[ConceptRecord] | None = None
               ) -> ConceptRecord:
-        from cns_daemon.methods.cns_layers import stack_for
-
         hp = C.parse_options(ConesParams, spec.options, spec.steps)
         ConceptMeta(spec.name, "cones", spec.class_word, "")  # validates the name early
-        previous = previous or []
-        stack = stack_for(pipe)
-        taken = {r.meta.token for r in previous} | {r.meta.token for r in stack.records()}
-        token = C.allocate_token(pipe.tokenizer, taken - {""}, hp.token or None)
+        # `previous` is every concept in use (the engine passes every stored one): its tokens are taken.
+        token = C.concept_token(pipe.tokenizer, previous or [], hp.token)
         ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
-        loss, photo_set = implanting_loss(pipe, photos, token, spec.class_word, hp, seed=spec.seed,
-                                          captions=spec.captions, cache_dir=spec.cache_dir,
-                                          progress=progress, cancel=cancel)
+        loss = implanting_loss(pipe, photos, token, spec, hp, progress=progress, cancel=cancel)
         scores = a2_scores(pipe, loss, hp.steps, hp.rho, progress=progress, cancel=cancel,
                            memory=spec.memory)
         masks, tau = select_neurons(scores, sparsity=hp.sparsity, tau=hp.tau)
@@ -246,12 +216,11 @@ class ConesMethod:
         n = C.count(masks)
         meta = ConceptMeta(
             spec.name, "cones", spec.class_word, token,
-            photo_digests=[_digest(p) for p in photo_set.paths],
             hparams={**C.as_dict(hp), "token": token, "seed": spec.seed, "tau_used": tau,
-                     "neurons": n, "fraction_kv": n / C.kv_total(pipe.unet)},
-            fingerprint=stack.base_fingerprint)
-        earlier = [r for r in previous if r.meta.method == "cones"]
-        return ConceptRecord(meta, masks=masks, overlap=overlap_with(masks, earlier))
+                     "neurons": n, "fraction_kv": n / C.kv_total(pipe.unet)})
+        # The store computes the overlap with earlier concepts when it keeps the record, and
+        # the engine sets which archived photos it came from.
+        return ConceptRecord(meta, masks=masks)
 
     def apply(self, pipe, records: list[ConceptRecord]) -> C.SavedValues:
         for rec in records:
@@ -283,9 +252,8 @@ def joint_finetune(pipe, items: list[tuple[ConceptRecord, list[Path]]], *, steps
     for rec, photos in items:
         hp = C.parse_options(ConesParams, {k: v for k, v in rec.meta.hparams.items()
                                            if k in ConesParams.__dataclass_fields__})
-        loss, _ = implanting_loss(pipe, photos, rec.meta.token, rec.meta.class_word, hp,
-                                  seed=seed, captions=None, cache_dir=cache_dir,
-                                  progress=progress, cancel=cancel)
+        spec = LearnSpec(rec.name, rec.meta.class_word, seed=seed, cache_dir=cache_dir)
+        loss = implanting_loss(pipe, photos, rec.meta.token, spec, hp, progress=progress, cancel=cancel)
         losses.append(loss)
     union = C.union_indices([rec.masks for rec, _ in items])
     scores = a2_scores(pipe, lambda k: sum(l(k) for l in losses), steps,

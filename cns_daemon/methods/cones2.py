@@ -33,12 +33,10 @@ import numpy as np
 import torch
 
 from cns_daemon.memory import loop_context
-from cns_daemon.errors import BadInput, ModelMismatch
-from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
-from cns_daemon.methods.common import (ConceptLoss, as_dict, encode_pixels, only_trainable,
-                                       parse_options, pipeline_modules, run_steps, step_generator,
-                                       tokenize)
-from cns_daemon.methods.data import prepare_photos, resolution
+from cns_daemon.api.errors import BadInput, ModelMismatch
+from cns_daemon.methods.base import CancelToken, LearnSpec, PerRequest, ProgressFn
+from cns_daemon.methods.common import (ConceptLoss, as_dict, only_trainable, parse_options,
+                                       pipeline_modules, prepare, run_steps, step_generator, tokenize)
 from cns_daemon.prompts import expand
 from store.records import ConceptMeta, ConceptRecord
 
@@ -46,7 +44,7 @@ SENTENCES_FILE = Path(__file__).with_name("cones2_sentences.txt")
 
 
 @dataclass
-class Cones2Options:
+class Cones2Params:
     steps: int = 300
     lr: float = 1e-4            # AdamW on the encoder copy (no weight decay)
     lambda_reg: float = 1.0     # weight of the text-embedding-preservation loss
@@ -145,26 +143,22 @@ def class_residual(tuned, frozen_out: torch.Tensor, sset: SentenceSet) -> torch.
     return (tuned_out[rows, sset.anchors] - frozen_out[rows, sset.anchors]).mean(0)
 
 
-class Cones2:
+class Cones2Method(PerRequest):
     name = "cones2"
-    Params = Cones2Options
+    Params = Cones2Params
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None,
               cancel: CancelToken | None, previous: list | None = None) -> ConceptRecord:
-        hp = parse_options(Cones2Options, spec.options, spec.steps)
-        size = resolution(pipe)
-        photoset = prepare_photos(photos, size, "", spec.class_word, captions=spec.captions,
-                                  variants=hp.variants, seed=spec.seed)
-        n, v = photoset.pixels.shape[:2]
-        latents = encode_pixels(pipe, photoset.pixels.flatten(0, 1))
-        latents = latents.view(n, v, *latents.shape[1:])
+        hp = parse_options(Cones2Params, spec.options, spec.steps)
+        # No token (the class word's own embedding carries the concept) and no class images.
+        prep = prepare(pipe, photos, spec, "", variants=hp.variants)
 
         frozen = pipe.text_encoder
         tuned = copy.deepcopy(frozen).to(torch.float32).train(False)
         sset = sentence_set(pipe, spec.class_word)
         frozen_out = _encode(frozen, sset.ids)
         view = _EncoderView(pipe.unet, pipe.vae, pipe.scheduler, pipe.tokenizer, tuned)
-        concept_loss = ConceptLoss(view, latents, photoset.captions, lambda_prior=0.0,
+        concept_loss = ConceptLoss(view, prep.latents, prep.photos.captions, lambda_prior=0.0,
                                    seed=spec.seed, text_grad=True)
         params = _trainable(tuned)
         opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.0)
@@ -266,4 +260,4 @@ def imported_record(name: str, class_word: str, path: Path, pipe) -> ConceptReco
     return ConceptRecord(meta, residual=import_residual(path, pipe))
 
 
-METHOD = Cones2()
+METHOD = Cones2Method()

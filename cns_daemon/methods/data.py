@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from cns_daemon.errors import BadInput, BadPhoto
+from cns_daemon.api.errors import BadInput, BadPhoto
 
 MIN_SIDE = 32
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ModelLoad
+from ..api.errors import ModelLoad
 from .world import BACKGROUNDS, COLORS, NAMED_LOOK, PATTERNS, SHAPES, SIZE, TILTS, ObjectSpec
 
 PROBE_DIR = Path(__file__).parent / "probe"

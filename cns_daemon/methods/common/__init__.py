@@ -5,11 +5,13 @@
 - kv:       sparse reads and writes of the K/V "neurons" with exact undo
 - training: text/photo encoding, denoising + prior-preservation loss, freezing, step loop
 - prior:    class images made by the base model, cached per class word
+- inputs:   photos -> latents + class-image latents, what every method's training starts from
 Photo loading, validation, augmentation and captions live in methods/data.py.
 """
 from .kv import (SavedValues, count, kv_total, kv_weights, mask_indices, read_values,
                  restore_values, union_indices, write_values)
 from .options import as_dict, parse_options
+from .inputs import Prepared, Prior, concept_token, prepare
 from .prior import class_images, prior_prompt
 from .tokens import (SavedRows, TrainableRow, allocate_token, embedding_rows, rare_tokens,
                      restore_rows, token_id, token_ids, write_rows)
@@ -20,6 +22,7 @@ from .training import (ConceptLoss, LossParts, denoising_losses, encode_pixels, 
 __all__ = [
     "SavedValues", "count", "kv_total", "kv_weights", "mask_indices", "read_values",
     "restore_values", "union_indices", "write_values", "as_dict", "parse_options",
+    "Prepared", "Prior", "concept_token", "prepare",
     "class_images", "prior_prompt", "SavedRows", "TrainableRow", "allocate_token",
     "embedding_rows", "rare_tokens", "restore_rows", "token_id", "token_ids", "write_rows",
     "ConceptLoss", "LossParts", "denoising_losses", "encode_pixels", "encode_text",

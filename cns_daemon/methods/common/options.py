@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, TypeVar
 
-from cns_daemon.errors import BadInput
+from cns_daemon.api.errors import BadInput
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cns_daemon.errors import BadInput, Conflict
+from cns_daemon.api.errors import BadInput, Conflict
 
 _RARE_RE = re.compile(r"[b-df-hj-np-tv-xz]{3,4}")  # consonants only: not an ordinary word
 _BLOCKED = frozenset({"fck", "fkn", "fml", "wtf", "stfu", "nsfw", "kkk", "pnp", "bdsm"})

@@ -6,7 +6,7 @@ The FakeEngine is a test double, run only by this file's `serve` entry point; th
 always uses cns_daemon.engine.Engine. It stores real (empty) concept records in the real store,
 takes a configurable time per step and honours cancel like a method does.
 
-Run as a script: `python tests/test_service_harness.py serve` starts a daemon with the FakeEngine.
+Run as a script: `python tests/helpers/service.py serve` starts a daemon with the FakeEngine.
 """
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from cns_daemon.engine import Engine, EngineInfo, generation_caption, save_images  # noqa: E402
-from cns_daemon.errors import BadPhoto, Conflict  # noqa: E402
+from cns_daemon.api.errors import BadPhoto, Conflict  # noqa: E402
 from cns_daemon.methods.base import ProgressReporter  # noqa: E402
-from cns_daemon.protocol import JobResult  # noqa: E402
+from cns_daemon.api.protocol import JobResult  # noqa: E402
 from store.records import ConceptMeta, ConceptRecord  # noqa: E402
 
 
@@ -77,13 +77,15 @@ class FakeEngine(Engine):
         self.store.bind(self.info.fingerprint)
         self.rebuild()
 
-    def _apply_cns(self, record) -> None:
-        self.live.append(record.name)
+    def _apply_resident(self, record) -> bool:
+        if record.meta.method == "cns":   # the one resident method (base.Method.resident)
+            self.live.append(record.name)
+        return record.meta.method == "cns"
 
-    def _unapply_cns(self, name: str) -> None:
+    def _unapply_resident(self, name: str) -> None:
         self.live.remove(name)
 
-    def _live_cns(self) -> list[str]:
+    def _live(self) -> list[str]:
         return list(self.live)
 
     def learn(self, job, progress, cancel) -> JobResult:
@@ -216,7 +218,7 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1, what: st
 
 def _serve_fake() -> None:
     from cns_daemon.daemon import configure_logging, serve
-    from cns_daemon.settings import load_settings
+    from cns_daemon.api.settings import load_settings
 
     configure_logging("INFO")
     serve(load_settings(), engine_factory=FakeEngine)

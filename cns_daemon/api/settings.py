@@ -17,8 +17,10 @@ from pydantic import Field
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
+from cns_daemon.api.names import DEFAULT_METHOD, MethodName
+from cns_daemon.api.protocol import MAX_LEARN_STEPS
+
 APP = "cones"
-Method = Literal["cns", "cones", "cones2"]
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
     # Learning defaults.
-    method: Method = "cns"
-    steps: int | None = Field(None, ge=1, le=100_000, description="Training steps; None = method default.")
+    method: MethodName = DEFAULT_METHOD
+    steps: int | None = Field(None, ge=1, le=MAX_LEARN_STEPS, description="Training steps; None = method default.")
 
     # Memory options for full-size models (cns_daemon/memory.py); None = per-device default.
     gradient_checkpointing: bool | None = None

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from cns_daemon.methods import common as C
-from cns_daemon.methods.calibration_prompts import CALIBRATION_PROMPTS
-from cns_daemon.methods.cns_layers import CNSStack
+from cns_daemon.methods.cns.calibration_prompts import CALIBRATION_PROMPTS
+from cns_daemon.methods.cns.layers import CNSStack
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 Both sides import this module and nothing heavier (no torch): the CLI builds requests from these
 models and parses responses with them; the service validates every request body against them.
-Errors travel as `ErrorBody` with the codes of cns_daemon.errors.
+Errors travel as `ErrorBody` with the codes of cns_daemon.api.errors.
 
 Routes (all under API_PREFIX, every request carries PROTOCOL_HEADER = PROTOCOL_VERSION):
     GET    /status                    -> StatusInfo
@@ -33,7 +33,8 @@ from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cns_daemon.errors import BadInput
+from cns_daemon.api.errors import BadInput
+from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part of the protocol)
 
 # 2: concept states, job notes, the seed range, strict path segments, 405/413 answers.
 PROTOCOL_VERSION = "2"
@@ -52,8 +53,17 @@ MAX_JOBS_LISTED = 1000
 MAX_SEED = 2**32 - 1
 # Every method needs at least this many distinct usable photos (3-5 are recommended).
 MIN_PHOTOS = 2
+MAX_LEARN_STEPS = 100_000
 
-NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+def learn_steps(value, where: str = "steps") -> int | None:
+    """The one check of a learn job's step count, wherever it comes from (a request,
+    concept.toml): None (the method's default) or a whole number 1..MAX_LEARN_STEPS."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or not 1 <= value <= MAX_LEARN_STEPS):
+        raise BadInput(f"{where} must be a whole number from 1 to {MAX_LEARN_STEPS}, not {value!r}.")
+    return value
+
+
 CLASS_PATTERN = r"^[A-Za-z][A-Za-z -]{0,63}$"
 JOB_ID_PATTERN = r"^[0-9a-f]{12}$"   # what Worker.submit makes: 12 hex digits of a uuid4
 JobKind = Literal["learn", "generate", "remove", "import", "eval"]
@@ -63,7 +73,6 @@ JobKind = Literal["learn", "generate", "remove", "import", "eval"]
 ConceptState = Literal["ok", "damaged", "not_rebuilt"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 FINAL_STATES = ("done", "failed", "cancelled")
-MethodName = Literal["cns", "cones", "cones2"]
 OptionValue = bool | int | float | str
 
 
@@ -93,7 +102,7 @@ class AddRequest(Model):
     name: str = Field(pattern=NAME_PATTERN, description="Concept name used as <name> in prompts.")
     class_word: str = Field(pattern=CLASS_PATTERN, description="What it is: dog, mug, star …")
     method: MethodName | None = Field(None, description="None: the service's default method.")
-    steps: int | None = Field(None, ge=1, le=100_000)
+    steps: int | None = Field(None, ge=1, le=MAX_LEARN_STEPS)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32,
                                             description="Method hyper-parameters (e.g. top_p, lr).")
@@ -110,7 +119,7 @@ class LearnJob(Model):
     name: str = Field(pattern=NAME_PATTERN)
     class_word: str = Field(pattern=CLASS_PATTERN)
     method: MethodName
-    steps: int | None = Field(None, ge=1, le=100_000)
+    steps: int | None = Field(None, ge=1, le=MAX_LEARN_STEPS)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32)
     photo_digests: list[str] = Field(min_length=1)

@@ -1,6 +1,6 @@
 """CNS — Concept Neuron Selection (paper 003), the default method.
 
-Selection (cns_select.py). Concept neurons = base AND NOT general, strictly: no general neuron
+Selection (selection.py). Concept neurons = base AND NOT general, strictly: no general neuron
 is ever trained. General neurons: per row the top `top_p` % of the Eq. 3 score
 |W[i, j]| · ||X[:, j]||₂ for any of the shipped calibration prompts (OR), scored on the
 pretrained weights. Base neurons, by default (`selection eq3`, the paper's): per row the top
@@ -27,12 +27,11 @@ rebuilds). `apply(records)` rebuilds at start-up (already-applied names are skip
 concept restores every weight and token row bit-exactly. Removing an older one restores its
 non-shared neurons bit-exactly; on neurons it shares with a later concept that later concept's
 values stay (they were trained on top of it, pulled toward its values by λ₁), and removing the
-later concept too then returns them to their values before the older one (see cns_layers.py).
+later concept too then returns them to their values before the older one (see layers.py).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,15 +39,14 @@ import numpy as np
 import torch
 
 from cns_daemon.memory import loop_context
-from cns_daemon.errors import BadInput
+from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
-from cns_daemon.methods.cns_layers import CNSStack, stack_for
-from cns_daemon.methods.cns_select import (  # noqa: F401  (re-exported: the selection API)
+from cns_daemon.methods.cns.layers import CNSStack, stack_for
+from cns_daemon.methods.cns.selection import (  # noqa: F401  (re-exported: the selection API)
     Selection, base_neurons, column_norms, concept_neurons, general_counts, general_neurons,
     general_share, movement_base, row_top, select)
-from cns_daemon.methods.data import PhotoSet, prepare_photos, resolution
-from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
+from store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 
 @dataclass
@@ -117,53 +115,19 @@ class _Trainee:
             self.weight.data.view(-1)[self.idx] = self.prev.to(self.weight.dtype)
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def overlap_with(indices: dict[str, np.ndarray], earlier: list[ConceptRecord]) -> Overlap:
-    total = C.count(indices)
-    shared = {}
-    for rec in earlier:
-        n = sum(len(np.intersect1d(idx, rec.deltas[t].indices)) for t, idx in indices.items()
-                if t in rec.deltas)
-        if n:
-            shared[rec.name] = int(n)
-    return Overlap(shared, total)
-
-
-@dataclass
-class Prepared:
-    """What learning starts from: the concept's token, its photos (captions include the token),
-    their latents and the prior-preservation latents."""
-    token: str
-    photos: PhotoSet
-    latents: torch.Tensor          # (n_photos, n_variants, 4, h, w)
-    prior: torch.Tensor | None     # class-image latents made by the base model
-
-
 def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
             progress: ProgressFn | None, cancel: CancelToken | None,
-            previous: list[ConceptRecord] | None = None) -> Prepared:
+            previous: list[ConceptRecord] | None = None) -> C.Prepared:
     """Token, photos and class images with CNS's settings (also used by the bench baselines).
-    The token avoids every token in use: live CNS concepts and `previous` records."""
+    The token avoids every token in use: live CNS concepts and `previous` records. The class
+    images are drawn by the base model, not by the earlier concepts."""
     stack = stack_for(pipe)
-    taken = {r.meta.token for r in (previous or [])} | {r.meta.token for r in stack.records()}
-    token = C.allocate_token(pipe.tokenizer, taken - {""}, hp.token or None)
-    size = resolution(pipe)
+    token = C.concept_token(pipe.tokenizer, list(previous or []) + stack.records(), hp.token)
     ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
-    photo_set = prepare_photos(photos, size, token, spec.class_word, captions=spec.captions,
-                               variants=hp.variants, seed=spec.seed)
-    latents = C.encode_pixels(pipe, photo_set.pixels.flatten(0, 1)).unflatten(
-        0, photo_set.pixels.shape[:2])
-    prior = None
-    if hp.lambda_prior > 0 and hp.prior_images > 0:
-        with stack.base_weights():  # "made by the base model", not by earlier concepts
-            pixels = C.class_images(pipe, spec.class_word, hp.prior_images, size=size,
-                                    drawn_by=stack.base_fingerprint, steps=hp.prior_steps, seed=spec.seed,
-                                    cache_dir=spec.cache_dir, progress=progress, cancel=cancel)
-        prior = C.encode_pixels(pipe, pixels)
-    return Prepared(token, photo_set, latents, prior)
+    prior = C.Prior(hp.prior_images if hp.lambda_prior > 0 else 0, hp.prior_steps,
+                    drawn_by=stack.base_fingerprint, drawing=stack.base_weights)
+    return C.prepare(pipe, photos, spec, token, variants=hp.variants, prior=prior,
+                     progress=progress, cancel=cancel)
 
 
 @dataclass
@@ -173,7 +137,7 @@ class _Run:
     losses: list[float]
 
 
-def _train(pipe, stack: CNSStack, prep: Prepared, spec: LearnSpec, hp: CNSParams,
+def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSParams,
            indices: dict[str, np.ndarray], tuned: dict[str, np.ndarray], lr: float, steps: int,
            progress: ProgressFn | None, cancel: CancelToken | None, phase: str = "train") -> _Run:
     """Train the `indices` values of the K/V tensors and the token's embedding row with the CNS
@@ -256,10 +220,10 @@ def _trainees(stack: CNSStack, indices: dict[str, np.ndarray],
     return out
 
 
-def choose_neurons(pipe, stack: CNSStack, prep: Prepared, spec: LearnSpec, hp: CNSParams,
+def choose_neurons(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSParams,
                    progress: ProgressFn | None, cancel: CancelToken | None) -> Selection:
     """The concept neurons: base AND NOT general, with base neurons by Eq. 3 (`selection eq3`)
-    or by the probe fine-tune (`selection movement`, see cns_select)."""
+    or by the probe fine-tune (`selection movement`, see selection.py)."""
     ProgressReporter(progress, "select", 1)(0)
     if hp.selection == "eq3":
         return concept_neurons(pipe, stack, prep.photos.captions, hp.top_p, base_top_p=hp.base_top_p)
@@ -275,6 +239,7 @@ def choose_neurons(pipe, stack: CNSStack, prep: Prepared, spec: LearnSpec, hp: C
 class CNSMethod:
     name = "cns"
     Params = CNSParams
+    resident = True
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None = None,
               cancel: CancelToken | None = None, previous: list[ConceptRecord] | None = None
@@ -307,14 +272,14 @@ class CNSMethod:
                                f"--option base_top_p=N (now {hp.base_top_p:g}) selects more")
         meta = ConceptMeta(
             spec.name, "cns", spec.class_word, token,
-            photo_digests=[_digest(p) for p in prep.photos.paths],
             hparams={**C.as_dict(hp), "token": token, "seed": spec.seed, "neurons": n,
                      "fraction_kv": share, "base_neurons": selection.base,
                      "general_neurons": selection.general, "base_general_neurons": selection.base_general},
             metrics=metrics, fingerprint=stack.base_fingerprint)
         embedding = run.row.param.detach().cpu().numpy().astype(np.float32)
-        record = ConceptRecord(meta, deltas=deltas, embeddings={token: embedding},
-                               overlap=overlap_with(indices, earlier))
+        # The store computes the overlap with earlier concepts when it keeps the record, and
+        # the engine sets which archived photos it came from.
+        record = ConceptRecord(meta, deltas=deltas, embeddings={token: embedding})
         stack.push(record)
         return record
 

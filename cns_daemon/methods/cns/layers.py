@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cns_daemon.errors import Conflict, NotFound
+from cns_daemon.api.errors import Conflict, NotFound
 from cns_daemon.methods.common import (SavedRows, embedding_rows, kv_weights, restore_rows,
                                        write_rows)
 from store.records import ConceptRecord
@@ -47,10 +47,9 @@ class CNSStack:
         self.tokenizer = pipe.tokenizer
         self.params = kv_weights(pipe.unet)
         self.layers: list[Layer] = []
-        self._base_fingerprint: str | None = None
-        from cns_daemon.model import fingerprint
-        # Taken now, while no CNS concept is written: the base model's identity.
-        self._base_fingerprint = fingerprint(pipe)
+        from cns_daemon.model import base_fingerprint
+        # Taken now at the latest, while no CNS concept is written: the base model's identity.
+        self._base_fingerprint = base_fingerprint(pipe)
 
     @property
     def base_fingerprint(self) -> str:

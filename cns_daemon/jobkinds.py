@@ -1,0 +1,118 @@
+"""Every kind of job in one table: the request its record holds, how urgent it is, whether it
+pauses for or runs inside another job, how it runs and how `cones jobs` names it. The worker
+reads the scheduling columns, the service runs and names jobs through it; a new kind is one row.
+
+A handler gets the service (its engine and paths), the parsed request, the job record (its id),
+the progress callback and the cancel token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, get_args
+
+from pydantic import BaseModel, ValidationError
+
+from cns_daemon.api.errors import Internal, NotFound
+from cns_daemon.api.protocol import (EvalRequest, GenerateRequest, ImportJob, JobKind, JobResult,
+                                     LearnJob, RemoveJob)
+from cns_daemon.methods.base import CancelToken, ProgressFn
+from store.records import JobRecord
+
+Handler = Callable[[Any, Any, JobRecord, ProgressFn, CancelToken], JobResult]
+
+
+@dataclass(frozen=True)
+class Kind:
+    request: type[BaseModel]
+    priority: int                 # higher runs first; then the oldest
+    run: Handler
+    summary: Callable[[Any], str]
+    pausable: bool = False        # its training loop pauses between steps for interleaved jobs
+    interleaved: bool = False     # runs inside a paused job (short, and it changes no state)
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+def _learn(service, req: LearnJob, job, progress, cancel) -> JobResult:
+    return service.engine.learn(req, progress, cancel)
+
+
+def _generate(service, req: GenerateRequest, job, progress, cancel) -> JobResult:
+    out = service.paths.outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{job.id}"
+    return service.engine.generate(req, out, progress, cancel)
+
+
+def _eval(service, req: EvalRequest, job, progress, cancel) -> JobResult:
+    return service.engine.evaluate(req, progress, cancel)
+
+
+def _remove(service, req: RemoveJob, job, progress, cancel) -> JobResult:
+    return service.engine.remove(req.name)
+
+
+def _import(service, req: ImportJob, job, progress, cancel) -> JobResult:
+    from cns_daemon.transfer import decode
+
+    staged = Path(req.staged)
+    if not staged.is_file():
+        raise NotFound(f"The uploaded file {staged} is gone.", "Run `cones import` again.")
+    try:
+        return service.engine.import_record(decode(staged.read_bytes()))
+    finally:
+        staged.unlink(missing_ok=True)   # imported or refused: the upload is not kept
+
+
+# -- summaries --------------------------------------------------------------------------------
+
+def _learn_summary(r: LearnJob) -> str:
+    steps = f"{r.steps} steps, " if r.steps else ""
+    inbox = ", inbox" if r.source == "inbox" else ""
+    return f"learn <{r.name}> ({r.class_word}, {r.method}, {steps}{len(r.photo_digests)} photos{inbox})"
+
+
+def _eval_summary(r: EvalRequest) -> str:
+    names = " ".join(f"<{n}>" for n in r.names)
+    return f"eval {names} ({r.n}x, {len(r.prompts) if r.prompts else 'default'} prompts)"
+
+
+KINDS: dict[str, Kind] = {
+    "learn": Kind(LearnJob, 0, _learn, _learn_summary, pausable=True),
+    "generate": Kind(GenerateRequest, 10, _generate, lambda r: f"generate {r.n}x {r.prompt!r}",
+                     interleaved=True),
+    "eval": Kind(EvalRequest, 8, _eval, _eval_summary),
+    "remove": Kind(RemoveJob, 5, _remove, lambda r: f"remove <{r.name}>"),
+    "import": Kind(ImportJob, 5, _import, lambda r: "import concept"),
+}
+assert set(KINDS) == set(get_args(JobKind)), "every protocol JobKind has one row"
+INTERLEAVED = tuple(k for k, v in KINDS.items() if v.interleaved)
+
+
+def pausable(kind: str) -> bool:
+    row = KINDS.get(kind)   # a record of a kind this version does not know never pauses
+    return row is not None and row.pausable
+
+
+def kind_of(job: JobRecord) -> Kind:
+    kind = KINDS.get(job.kind)
+    if kind is None:
+        raise Internal(f"Unknown job kind {job.kind!r}.")
+    return kind
+
+
+def run(service, job: JobRecord, progress: ProgressFn, cancel: CancelToken) -> JobResult:
+    kind = kind_of(job)
+    return kind.run(service, kind.request(**job.request), job, progress, cancel)
+
+
+def summarize(job: JobRecord) -> str:
+    """One line saying what a job is, for `cones jobs` (the kind alone for a record this
+    version cannot read)."""
+    kind = KINDS.get(job.kind)
+    if kind is None:
+        return job.kind
+    try:
+        return kind.summary(kind.request.model_validate(job.request))
+    except ValidationError:
+        return job.kind
