@@ -1,28 +1,37 @@
-"""The socket API: a small ASGI app (no framework) over the Service.
+"""The socket API: a Starlette app over the Service.
 
-Each route names its request and response models (cns_daemon.api.protocol), which gives the typed
-validation and the OpenAPI document from one table. Every request must carry the protocol
-header; bodies are size-limited before they are parsed (a declared Content-Length over the limit
-is refused with 413 before a byte of the body is read, and the connection is closed); routes are
-matched on the raw, still percent-encoded path, so an encoded `/` inside a name never reaches
-another route, and every path parameter is checked (protocol.check_segment); a known path with
-the wrong method answers 405 with an Allow header. Errors are ErrorBody JSON with an HTTP status
-per error code. Blocking work (store reads, photo checks) runs in threads so a long `cones add`
-upload never stalls a progress stream.
+Starlette does the HTTP: routing, 404/405 (with Allow), streaming the job events (it stops the
+stream when the follower hangs up) and the lifespan. What stays here is what is ours:
+
+- the route table: each route names its request and response models (cns_daemon.api.protocol),
+  which gives the typed validation and the OpenAPI document from one place;
+- every versioned route needs the protocol header;
+- bodies are size-limited before they are parsed: a declared Content-Length over the limit is
+  refused with 413 before a byte of the body is read (and the connection is closed), and a body
+  that turns out longer than declared is cut off the same way;
+- routes are matched on the raw, still percent-encoded path, so an encoded `/` inside a name
+  never reaches another route, and every path parameter is checked (protocol.check_segment);
+- errors are ErrorBody JSON with an HTTP status per error code; a bug is logged and answered
+  as an Internal error, and the service keeps serving;
+- blocking work (store reads, photo checks, parsing a big upload) runs in threads, so a long
+  `cones add` upload never stalls a progress stream.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import unquote
 
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route as StarletteRoute
 
 from cns_daemon.api.errors import BadInput, ConesError, ErrorCode, Internal, NotFound, ProtocolMismatch
 from cns_daemon.api.protocol import (API_PREFIX, FINAL_STATES, MAX_JOBS_LISTED, NDJSON, PROTOCOL_HEADER,
@@ -45,59 +54,36 @@ class TooLarge(BadInput):
     """A request body over the limit: HTTP 413, and the connection is closed (its unread body
     must not be parsed as the next request)."""
     http_status = 413
-    headers = [(b"connection", b"close")]
+    headers = {"connection": "close"}
 
 
 class MethodNotAllowed(BadInput):
     http_status = 405
 
-    def __init__(self, message: str, hint: str, allowed: list[str]):
-        super().__init__(message, hint)
-        self.headers = [(b"allow", ", ".join(allowed).encode())]
 
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    params: dict[str, str]
-    query: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class Response:
-    body: bytes = b""
-    status: int = 200
-    content_type: str = "application/json"
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    stream: AsyncIterator[bytes] | None = None
+Handler = Callable[[Request, dict], Awaitable[Response]]
 
 
 @dataclass
 class Route:
     method: str
     path: str
-    handler: Callable[[Request], Awaitable[Response]]
+    handler: Handler
     summary: str
     request: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
     content_type: str = "application/json"   # of the response; the schema says what it carries
     versioned: bool = True                    # needs the protocol header
-    regex: re.Pattern = field(init=False)
-
-    def __post_init__(self):
-        self.regex = re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path) + "$")
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:
-    return Response(model.model_dump_json().encode(), status)
+    return Response(model.model_dump_json(), status, media_type="application/json")
 
 
-def error_response(exc: ConesError) -> Response:
+def error_response(exc: ConesError, headers: dict[str, str] | None = None) -> Response:
     body = ErrorBody(code=exc.code.value, message=exc.message, hint=exc.hint)
     response = json_response(body, getattr(exc, "http_status", HTTP_STATUS.get(exc.code, 500)))
-    response.headers.extend(getattr(exc, "headers", []))
+    response.headers.update({**getattr(exc, "headers", {}), **(headers or {})})
     return response
 
 
@@ -110,12 +96,28 @@ def parse_body(model: type[BaseModel], data: bytes) -> BaseModel:
 
 
 class App:
-    """The ASGI callable. `service` does the work; this class only speaks HTTP."""
+    """The ASGI callable. `service` does the work; this class only says what each route does."""
 
     def __init__(self, service: Service, max_request_bytes: int):
         self.service = service
         self.max_request_bytes = max_request_bytes
         self.routes = self._routes()
+        by_path: dict[str, dict[str, Route]] = {}
+        for r in self.routes:
+            by_path.setdefault(r.path, {})[r.method] = r
+        self.app = Starlette(
+            routes=[_OnlyTheseMethods(path, self._endpoint(methods), methods=list(methods))
+                    for path, methods in by_path.items()],
+            exception_handlers={HTTPException: _http_error})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            # Route on the path as sent: a percent-encoded `/` stays inside its segment.
+            raw = scope.get("raw_path")
+            if raw is not None:
+                scope = {**scope, "path": raw.decode("latin-1").split("?", 1)[0]}
+            receive = _limited(receive, self.max_request_bytes)
+        await self.app(scope, receive, send)
 
     # ------------------------------------------------------------ routing table
 
@@ -148,65 +150,86 @@ class App:
             Route("GET", "/openapi.json", self.openapi, "This schema", versioned=False),
         ]
 
+    def _endpoint(self, methods: dict[str, Route]):
+        """One Starlette endpoint per path: the checks every route shares, then its handler."""
+        async def endpoint(request: Request) -> Response:
+            try:
+                route = methods[request.method]
+                params = {k: unquote(v) for k, v in request.path_params.items()}
+                for kind, value in params.items():
+                    if kind in SEGMENTS:
+                        check_segment(kind, value)
+                if route.versioned:
+                    _check_protocol(request.headers.get(PROTOCOL_HEADER))
+                _check_declared_length(request, self.max_request_bytes)
+                return await route.handler(request, params)
+            except ConesError as exc:
+                return error_response(exc)
+            except Exception as exc:  # a bug: log it, answer in typed form, keep serving
+                log.exception("request %s %s failed", request.method, request.url.path)
+                return error_response(Internal(f"The service failed on this request: "
+                                               f"{type(exc).__name__}: {exc}"))
+        return endpoint
+
     # ------------------------------------------------------------ handlers
 
-    async def status(self, req: Request) -> Response:
+    async def status(self, req: Request, params: dict) -> Response:
         return json_response(await asyncio.to_thread(self.service.status))
 
-    async def list_concepts(self, req: Request) -> Response:
+    async def list_concepts(self, req: Request, params: dict) -> Response:
         concepts = await asyncio.to_thread(self.service.concepts)
         return json_response(ConceptList(concepts=concepts))
 
-    async def show_concept(self, req: Request) -> Response:
-        return json_response(await asyncio.to_thread(self.service.concept, req.params["name"]))
+    async def show_concept(self, req: Request, params: dict) -> Response:
+        return json_response(await asyncio.to_thread(self.service.concept, params["name"]))
 
-    async def add(self, req: Request) -> Response:
-        body = await asyncio.to_thread(parse_body, AddRequest, req.body)
+    async def add(self, req: Request, params: dict) -> Response:
+        body = await asyncio.to_thread(parse_body, AddRequest, await req.body())
         job = await asyncio.to_thread(self.service.add, body)
         return json_response(self.service.job_info(job), 202)
 
-    async def remove(self, req: Request) -> Response:
-        job = await asyncio.to_thread(self.service.remove, req.params["name"])
+    async def remove(self, req: Request, params: dict) -> Response:
+        job = await asyncio.to_thread(self.service.remove, params["name"])
         return json_response(self.service.job_info(job), 202)
 
-    async def export(self, req: Request) -> Response:
-        data = await asyncio.to_thread(self.service.export, req.params["name"])
-        return Response(data, content_type="application/octet-stream")
+    async def export(self, req: Request, params: dict) -> Response:
+        data = await asyncio.to_thread(self.service.export, params["name"])
+        return Response(data, media_type="application/octet-stream")
 
-    async def import_concept(self, req: Request) -> Response:
-        job = await asyncio.to_thread(self.service.import_file, req.body)
+    async def import_concept(self, req: Request, params: dict) -> Response:
+        job = await asyncio.to_thread(self.service.import_file, await req.body())
         return json_response(self.service.job_info(job), 202)
 
-    async def generate(self, req: Request) -> Response:
-        body = parse_body(GenerateRequest, req.body)
+    async def generate(self, req: Request, params: dict) -> Response:
+        body = parse_body(GenerateRequest, await req.body())
         job = await asyncio.to_thread(self.service.generate, body)
         return json_response(self.service.job_info(job), 202)
 
-    async def evaluate(self, req: Request) -> Response:
-        body = parse_body(EvalRequest, req.body)
+    async def evaluate(self, req: Request, params: dict) -> Response:
+        body = parse_body(EvalRequest, await req.body())
         job = await asyncio.to_thread(self.service.evaluate, body)
         return json_response(self.service.job_info(job), 202)
 
-    async def list_jobs(self, req: Request) -> Response:
-        raw = req.query.get("limit", "50")
+    async def list_jobs(self, req: Request, params: dict) -> Response:
+        raw = req.query_params.get("limit", "50")
         limit = int(raw) if raw.isdigit() else 0
         if not 1 <= limit <= MAX_JOBS_LISTED:
             raise BadInput(f"limit must be a whole number from 1 to {MAX_JOBS_LISTED}, not {raw!r}.")
         jobs = await asyncio.to_thread(self.service.jobs, limit)
         return json_response(JobList(jobs=jobs))
 
-    async def show_job(self, req: Request) -> Response:
-        job = await asyncio.to_thread(self.service.job, req.params["id"])
+    async def show_job(self, req: Request, params: dict) -> Response:
+        job = await asyncio.to_thread(self.service.job, params["id"])
         return json_response(self.service.job_info(job))
 
-    async def cancel(self, req: Request) -> Response:
-        job = await asyncio.to_thread(self.service.cancel, req.params["id"])
+    async def cancel(self, req: Request, params: dict) -> Response:
+        job = await asyncio.to_thread(self.service.cancel, params["id"])
         return json_response(self.service.job_info(job))
 
-    async def events(self, req: Request) -> Response:
-        job_id = req.params["id"]
+    async def events(self, req: Request, params: dict) -> Response:
+        job_id = params["id"]
         await asyncio.to_thread(self.service.job, job_id)   # NotFound before the stream starts
-        return Response(status=200, content_type=NDJSON, stream=self._follow(job_id))
+        return StreamingResponse(self._follow(job_id), media_type=NDJSON)
 
     async def _follow(self, job_id: str) -> AsyncIterator[bytes]:
         hub = self.service.worker.hub
@@ -221,9 +244,9 @@ class App:
                 try:
                     info = await asyncio.wait_for(queue.get(), timeout=10.0)
                 except asyncio.TimeoutError:
-                    # Heartbeat: the same state again, so a dead client is noticed and a
-                    # follower sees the job is alive; also catches a final state missed by
-                    # a job that finished through a path that published nothing.
+                    # Heartbeat: the same state again, so a follower sees the job is alive;
+                    # also catches a final state missed by a job that finished through a path
+                    # that published nothing.
                     job = await asyncio.to_thread(self.service.job, job_id)
                     info = (ProgressInfo(job=job_id, state=job.state, error=job.error)
                             if job.state in FINAL_STATES else
@@ -231,11 +254,11 @@ class App:
                 yield _line(info)
                 if info.state in FINAL_STATES:
                     return
-        finally:
+        finally:   # also when the follower hung up and Starlette stopped the stream
             hub.unsubscribe(job_id, queue)
 
-    async def openapi(self, req: Request) -> Response:
-        return Response(json.dumps(self.openapi_schema()).encode())
+    async def openapi(self, req: Request, params: dict) -> Response:
+        return JSONResponse(self.openapi_schema())
 
     def openapi_schema(self) -> dict:
         models = {ErrorBody}
@@ -270,71 +293,27 @@ class App:
                 "info": {"title": "cones service", "version": PROTOCOL_VERSION},
                 "paths": paths, "components": {"schemas": defs.get("$defs", {})}}
 
-    # ------------------------------------------------------------ ASGI plumbing
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-            return
-        if scope["type"] != "http":
-            return
-        try:
-            route, params = self._match(scope["method"], _raw_path(scope))
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            if route.versioned:
-                _check_protocol(headers.get(PROTOCOL_HEADER.lower()))
-            body = await self._read_body(headers, receive)
-            query = dict(_query_pairs(scope.get("query_string", b"")))
-            response = await route.handler(Request(scope["method"], scope["path"], params, query, body))
-        except ConesError as exc:
-            response = error_response(exc)
-        except Exception as exc:  # a bug: log it, answer in typed form, keep serving
-            log.exception("request %s %s failed", scope.get("method"), scope.get("path"))
-            response = error_response(Internal(f"The service failed on this request: "
-                                               f"{type(exc).__name__}: {exc}"))
-        await _send(response, send, receive)
+class _OnlyTheseMethods(StarletteRoute):
+    """A route that answers only the methods it names (Starlette adds HEAD to every GET route;
+    this API serves no HEAD, so its Allow header would say something untrue)."""
 
-    def _match(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]]:
-        """The route for a raw (percent-encoded) path; its parameters decoded and checked."""
-        allowed: list[str] = []
-        for route in self.routes:
-            m = route.regex.match(raw_path)
-            if not m:
-                continue
-            if route.method != method:
-                allowed.append(route.method)
-                continue
-            params = {k: unquote(v) for k, v in m.groupdict().items()}
-            for kind, value in params.items():
-                if kind in SEGMENTS:
-                    check_segment(kind, value)
-            return route, params
-        shown = unquote(raw_path)
-        if allowed:
-            raise MethodNotAllowed(f"{method} is not allowed on {shown}; use {' or '.join(allowed)}.",
-                                   "See GET /openapi.json.", allowed)
-        raise NotFound(f"No such endpoint: {shown}.", "See GET /openapi.json for the API.")
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.methods.discard("HEAD")
 
-    async def _read_body(self, headers: dict[str, str], receive) -> bytes:
-        limit = self.max_request_bytes
-        raw_length = headers.get("content-length", "")
-        declared = int(raw_length) if raw_length.isdigit() else 0
-        if declared > limit:   # refused before reading: nothing of it is ever buffered
-            raise _too_large(declared, limit)
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:   # a body longer than declared (or chunked): stop reading here
-                raise _too_large(size, limit)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own refusals (no route, wrong method) in the API's typed form."""
+    shown = unquote(request.url.path)
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return error_response(MethodNotAllowed(
+            f"{request.method} is not allowed on {shown}; use {allowed.replace(', ', ' or ')}.",
+            "See GET /openapi.json."), {"allow": allowed})
+    if exc.status_code == 404:
+        return error_response(NotFound(f"No such endpoint: {shown}.", "See GET /openapi.json for the API."))
+    return error_response(BadInput(f"The request was refused: {exc.detail}."))
 
 
 def _too_large(size: int, limit: int) -> TooLarge:
@@ -342,12 +321,26 @@ def _too_large(size: int, limit: int) -> TooLarge:
                     "Send fewer or smaller photos, or raise max_request_bytes in config.toml.")
 
 
-def _raw_path(scope) -> str:
-    """The request path as sent (percent-encoding kept), without the query."""
-    raw = scope.get("raw_path")
-    if raw is None:   # an ASGI server without raw_path: fall back to the decoded path
-        return scope["path"]
-    return raw.decode("latin-1").split("?", 1)[0]
+def _check_declared_length(request: Request, limit: int) -> None:
+    """Refused before reading: nothing of an over-long body is ever buffered."""
+    raw = request.headers.get("content-length", "")
+    if raw.isdigit() and int(raw) > limit:
+        raise _too_large(int(raw), limit)
+
+
+def _limited(receive, limit: int):
+    """`receive` that stops a body longer than `limit` (longer than declared, or chunked)."""
+    size = 0
+
+    async def limited_receive():
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise _too_large(size, limit)
+        return message
+    return limited_receive
 
 
 def _check_protocol(value: str | None) -> None:
@@ -356,60 +349,5 @@ def _check_protocol(value: str | None) -> None:
             f"The client speaks protocol {value or '(none)'}, this service speaks {PROTOCOL_VERSION}.")
 
 
-def _query_pairs(raw: bytes):
-    from urllib.parse import parse_qsl
-
-    return parse_qsl(raw.decode("latin-1"))
-
-
 def _line(info: BaseModel) -> bytes:
     return info.model_dump_json().encode() + b"\n"
-
-
-async def _send(response: Response, send, receive) -> None:
-    headers = [(b"content-type", response.content_type.encode())] + response.headers
-    if response.stream is None:
-        headers.append((b"content-length", str(len(response.body)).encode()))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await send({"type": "http.response.body", "body": response.body})
-        return
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    disconnected = asyncio.Event()
-
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        disconnected.set()
-
-    watcher = asyncio.create_task(watch())
-    stream = response.stream
-    try:
-        while not disconnected.is_set():
-            nxt = asyncio.ensure_future(stream.__anext__())
-            gone = asyncio.ensure_future(disconnected.wait())
-            done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if nxt not in done:   # the client went away: stop the generator, then close it
-                nxt.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await nxt
-                break
-            gone.cancel()
-            try:
-                chunk = nxt.result()
-            except StopAsyncIteration:
-                break
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-    finally:
-        watcher.cancel()
-        await stream.aclose()
-
-
-async def _lifespan(receive, send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
