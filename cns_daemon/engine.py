@@ -5,10 +5,11 @@ the server's threads because they only read the store.
 
 Start-up: load the model, fingerprint the base weights (before any concept is applied), bind the
 store to that fingerprint (a store made on another model is refused), then read every stored
-concept once and re-apply the resident ones (CNS is fusion-free: the service keeps its concepts in
-the weights; base.Method.resident). A concept that cannot be read is "damaged", a readable one that cannot be used on this
-model (a resident one that could not be written back) is "not rebuilt"; both are kept in `problems`,
-shown by `concepts()` and refused by `check_generate`, and the service serves the rest.
+concept once and re-apply the resident ones (base.Method.resident; CNS is fusion-free: the
+service keeps its concepts in the weights). A concept that cannot be read is "damaged", a
+readable one that cannot be used on this model (a resident one that could not be written back)
+is "not rebuilt"; both are kept in `problems`, shown by `concepts()` and refused by
+`check_generate`, and the service serves the rest.
 """
 from __future__ import annotations
 

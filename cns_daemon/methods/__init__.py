@@ -19,8 +19,8 @@ from cns_daemon.methods.base import (CancelToken, LearnSpec, Method, ProgressEve
 # writes weights, Cones zeroes some of them, Cones 2 only adds to the text embeddings.
 METHOD_MODULES = {name: f"cns_daemon.methods.{name}" for name in METHODS}
 
-__all__ = ["get_method", "resident_methods", "METHOD_MODULES", "CancelToken", "LearnSpec", "Method", "ProgressEvent",
-           "ProgressFn", "ProgressReporter"]
+__all__ = ["get_method", "resident_methods", "METHOD_MODULES", "CancelToken", "LearnSpec", "Method",
+           "ProgressEvent", "ProgressFn", "ProgressReporter"]
 
 
 def get_method(name: str) -> Method:
