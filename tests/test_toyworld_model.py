@@ -124,9 +124,9 @@ def named(toy_pipe):
 def test_named_prompts_draw_pattern_and_second_colour_well_above_chance(named):
     """"a photo of a red star with yellow stripes": the text pathway to the look exists. The
     second colour is drawn as named nearly always; which pattern is the fixture's weak point
-    (0.37 here, 0.45-0.59 over bench.toyworld's 120 prompts; the bench's goal for the whole
-    named look is 0.8, docs/tuning.md), so this asserts only a clear margin over chance."""
-    assert named.per_attribute["pattern"] >= 0.33, named.per_attribute           # chance 1/4
+    (0.65 here, 0.69 over bench.toyworld's 120 prompts; the bench's goal for the whole named
+    look is 0.8, docs/tuning.md), so this asserts a clear margin over chance, not the goal."""
+    assert named.per_attribute["pattern"] >= 0.55, named.per_attribute           # chance 1/4
     assert named.per_attribute["second_color"] >= 0.7, named.per_attribute       # chance 1/7
 
 
