@@ -240,9 +240,11 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
 
 
 def _status_line(service) -> str:
+    from cns_daemon.jobkinds import summarize
+
     running = service.worker.running()
     queued = len(service.worker.queued())
-    head = f"running {service.worker.summarize(running)}" if running else "idle"
+    head = f"running {summarize(running)}" if running else "idle"
     return f"{head}; {queued} queued"
 
 

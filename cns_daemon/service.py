@@ -39,7 +39,7 @@ class Service:
         self.started = time.time()
         self.inbox_watched = False
         self.job_listeners: list[Callable[[JobRecord], None]] = []
-        self.worker = Worker(store, self._run, jobkinds.summarize, on_change=self._job_changed)
+        self.worker = Worker(store, self._run, on_change=self._job_changed)
 
     # ------------------------------------------------------------ submissions
 

@@ -24,7 +24,7 @@ from typing import Callable, Protocol
 from pydantic import BaseModel
 
 from cns_daemon.api.errors import Cancelled, ConesError, Internal, NotFound
-from cns_daemon.jobkinds import INTERLEAVED, KINDS, pausable
+from cns_daemon.jobkinds import INTERLEAVED, KINDS, pausable, summarize
 from cns_daemon.methods.base import CancelToken, ProgressEvent
 from cns_daemon.api.protocol import FINAL_STATES, ErrorBody, JobInfo, JobResult, ProgressInfo
 from store.records import JobRecord
@@ -93,11 +93,10 @@ class ProgressHub:
 
 
 class Worker:
-    def __init__(self, jobs: JobStore, run: JobRunner, summarize: Callable[[JobRecord], str],
+    def __init__(self, jobs: JobStore, run: JobRunner,
                  on_change: Callable[[JobRecord], None] | None = None):
         self.jobs = jobs
         self.run = run
-        self.summarize = summarize
         self.on_change = on_change or (lambda job: None)
         self.hub = ProgressHub()
         self._lock = threading.Lock()          # job state transitions (submit/cancel vs start)
@@ -180,7 +179,7 @@ class Worker:
         return job
 
     def info(self, job: JobRecord) -> JobInfo:
-        return JobInfo(id=job.id, kind=job.kind, state=job.state, summary=self.summarize(job),
+        return JobInfo(id=job.id, kind=job.kind, state=job.state, summary=summarize(job),
                        created=job.created, started=job.started, finished=job.finished,
                        attempts=job.attempts, error=job.error, result=job.result,
                        progress=self.hub.latest(job.id), skipped=job.request.get("skipped", []),

@@ -55,15 +55,6 @@ MAX_SEED = 2**32 - 1
 MIN_PHOTOS = 2
 MAX_LEARN_STEPS = 100_000
 
-def learn_steps(value, where: str = "steps") -> int | None:
-    """The one check of a learn job's step count, wherever it comes from (a request,
-    concept.toml): None (the method's default) or a whole number 1..MAX_LEARN_STEPS."""
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                              or not 1 <= value <= MAX_LEARN_STEPS):
-        raise BadInput(f"{where} must be a whole number from 1 to {MAX_LEARN_STEPS}, not {value!r}.")
-    return value
-
-
 CLASS_PATTERN = r"^[A-Za-z][A-Za-z -]{0,63}$"
 JOB_ID_PATTERN = r"^[0-9a-f]{12}$"   # what Worker.submit makes: 12 hex digits of a uuid4
 JobKind = Literal["learn", "generate", "remove", "import", "eval"]
@@ -74,6 +65,15 @@ ConceptState = Literal["ok", "damaged", "not_rebuilt"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 FINAL_STATES = ("done", "failed", "cancelled")
 OptionValue = bool | int | float | str
+
+
+def learn_steps(value, where: str = "steps") -> int | None:
+    """The one check of a learn job's step count, wherever it comes from (a request,
+    concept.toml): None (the method's default) or a whole number 1..MAX_LEARN_STEPS."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or not 1 <= value <= MAX_LEARN_STEPS):
+        raise BadInput(f"{where} must be a whole number from 1 to {MAX_LEARN_STEPS}, not {value!r}.")
+    return value
 
 
 class Model(BaseModel):

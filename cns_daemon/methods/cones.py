@@ -185,7 +185,8 @@ def implanting_loss(pipe, photos: list[Path], token: str, spec: LearnSpec, hp: C
                     progress: ProgressFn | None, cancel: CancelToken | None):
     """The concept-implanting loss (photos + λ · prior) as a per-step closure.
     The class images are drawn by the live weights (CNS concepts included), keyed by exactly those."""
-    prior = C.Prior(hp.prior_images if hp.lambda_prior > 0 else 0, hp.prior_steps, drawn_by=fingerprint(pipe))
+    wanted = hp.lambda_prior > 0 and hp.prior_images > 0   # only then hash the live weights
+    prior = C.Prior(hp.prior_images, hp.prior_steps, drawn_by=fingerprint(pipe)) if wanted else None
     prep = C.prepare(pipe, photos, spec, token, variants=hp.variants, prior=prior,
                      progress=progress, cancel=cancel)
     loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,

@@ -124,8 +124,8 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
     stack = stack_for(pipe)
     token = C.concept_token(pipe.tokenizer, list(previous or []) + stack.records(), hp.token)
     ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
-    prior = C.Prior(hp.prior_images if hp.lambda_prior > 0 else 0, hp.prior_steps,
-                    drawn_by=stack.base_fingerprint, drawing=stack.base_weights)
+    prior = (C.Prior(hp.prior_images, hp.prior_steps, drawn_by=stack.base_fingerprint,
+                     drawing=stack.base_weights) if hp.lambda_prior > 0 else None)
     return C.prepare(pipe, photos, spec, token, variants=hp.variants, prior=prior,
                      progress=progress, cancel=cancel)
 
