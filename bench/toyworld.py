@@ -43,9 +43,9 @@ UNNAMED_PROMPT = "a photo of a red star"
 TOP_P = 5.0
 
 
-def model_bytes() -> int:
-    """Bytes of the shipped model's weights and configs (what a user downloads)."""
-    return sum(f.stat().st_size for f in TOYWORLD_MODEL.rglob("*") if f.is_file())
+def model_bytes(folder: Path = TOYWORLD_MODEL) -> int:
+    """Bytes of the model's weights and configs (for the shipped one, what a user downloads)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def probe_floor(acc: dict[str, dict[str, float]]) -> float:
@@ -109,10 +109,10 @@ def textual_inversion(pipe, probe: Probe, n: int, steps: int, guidance: float, s
 
 
 def run(n_prompts: int, n_pairs: int, n_pattern: int, steps: int, guidance: float,
-        ti: bool = True) -> dict:
+        ti: bool = True, model: Path = TOYWORLD_MODEL) -> dict:
     probe = Probe.load()
     acc = accuracy(probe)
-    pipe = load_pipeline(None, device="cpu")
+    pipe = load_pipeline(model, device="cpu")
 
     def batch(cases):
         return generate_batch(pipe, [c.prompt for c in cases], [c.seed for c in cases],
@@ -162,7 +162,7 @@ def run(n_prompts: int, n_pairs: int, n_pattern: int, steps: int, guidance: floa
         "unnamed_prompt_tilt_entropy": entropy_bits(tilts),
         "eq3_base_general_overlap": next(iter(overlaps.values())),
         "eq3_base_general_overlap_per_caption": overlaps,
-        "model_bytes": model_bytes(),
+        "model_bytes": model_bytes(model),
         "gen_seconds_per_image": per_image,
         "gen_seconds_single_image": alone,
         "n_generations": single.n, "n_named": named.n, "n_two_object_halves": two.n,
@@ -233,9 +233,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--no-ti", action="store_true", help="leave out the textual-inversion row")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", type=Path, default=TOYWORLD_MODEL,
+                   help="a toy-world fixture folder to measure (default: the shipped one)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    r = run(a.prompts, a.pairs, a.pattern_samples, a.steps, a.guidance, ti=not a.no_ti)
+    r = run(a.prompts, a.pairs, a.pattern_samples, a.steps, a.guidance, ti=not a.no_ti, model=a.model)
     print_tables(r)
     if a.json:
         print(json.dumps(r))

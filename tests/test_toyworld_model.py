@@ -122,11 +122,12 @@ def named(toy_pipe):
 
 
 def test_named_prompts_draw_pattern_and_second_colour_well_above_chance(named):
-    """"a photo of a red star with yellow stripes": the text pathway to the look exists. The
-    second colour is drawn as named nearly always; which pattern is the fixture's weak point
-    (0.65 here, 0.69 over bench.toyworld's 120 prompts; the bench's goal for the whole named
-    look is 0.8, docs/tuning.md), so this asserts a clear margin over chance, not the goal."""
-    assert named.per_attribute["pattern"] >= 0.55, named.per_attribute           # chance 1/4
+    """"a photo of a red star with yellow stripes": the text pathway to the look exists. On
+    these 60 prompts the shipped fixture (run 6) draws the whole named look 0.80, pattern 0.83,
+    second colour 0.95 (bench.toyworld's 120 prompts: 0.89 / 0.97 / 0.93, docs/tuning.md); the
+    floors leave room for seeds, far above chance."""
+    assert named.all_match >= 0.65, named                                         # chance ~1/28
+    assert named.per_attribute["pattern"] >= 0.7, named.per_attribute            # chance 1/4
     assert named.per_attribute["second_color"] >= 0.7, named.per_attribute       # chance 1/7
 
 

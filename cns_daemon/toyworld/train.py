@@ -18,6 +18,8 @@ hour. Stages, all in one run:
      Only the ~50 token rows the captions use are trained (vocab.CompactEmbedding); the other
      rows are then drawn from the trained rows' statistics, so a concept's rare token starts
      where words live.
+`--device cuda` runs the denoiser stage on a GPU (rendering, captions and every random draw stay
+on the CPU, so the data are the same; the step is then bound by the CPU-side tokenising).
 An EMA of the UNet/text weights is what gets saved, in fp16 (the loader upcasts). Checkpoints
 are written periodically to `<out>.work/` so a cut-off run can `--resume`. The result is a
 diffusers folder (safetensors) plus `train_info.json` (seed, steps, wall time, git commit) and
@@ -78,6 +80,8 @@ class TrainConfig:
     guidance_scale: float = 3.0  # the CFG scale written to cones.json as the model's recommendation
                                  # (measured on the result with bench.toyworld --guidance; tuning.md)
     max_minutes: float = 58.0  # whole-run wall-time budget: the denoiser stage anneals and stops by then
+    device: str = "cpu"          # where the denoiser stage runs ("cuda" on a lent GPU); every random
+                                 # draw stays on the CPU generator, so the data order is the same
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -181,6 +185,7 @@ def train_denoiser(pipe, latents: torch.Tensor, scenes: list, cfg: TrainConfig, 
     """Joint UNet + text-encoder training; returns the EMA state, the final loss and the number
     of steps done (fewer than asked when the wall-time budget ran out)."""
     unet, text, sched = pipe.unet, pipe.text_encoder, pipe.scheduler
+    dev = torch.device(cfg.device)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in _trainable_state(pipe).items()}
@@ -210,7 +215,7 @@ def train_denoiser(pipe, latents: torch.Tensor, scenes: list, cfg: TrainConfig, 
         idx = torch.randint(len(latents), (cfg.unet_batch,), generator=gen)
         mean, std = latents[idx, 0], latents[idx, 1]
         z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * pipe.vae.config.scaling_factor
-        ids = _tokenize(pipe.tokenizer, [sample_caption(scenes[i], rng, cfg) for i in idx.tolist()])
+        ids = _tokenize(pipe.tokenizer, [sample_caption(scenes[i], rng, cfg) for i in idx.tolist()]).to(dev)
         if cfg.t_power == 1.0:
             t = torch.randint(0, len(alphas), (cfg.unet_batch,), generator=gen)
         else:
@@ -218,10 +223,10 @@ def train_denoiser(pipe, latents: torch.Tensor, scenes: list, cfg: TrainConfig, 
             t = (u ** cfg.t_power * len(alphas)).long().clamp_(max=len(alphas) - 1)
         noise = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        zt = (a.sqrt() * z0 + (1 - a).sqrt() * noise).to(dev)
         enc = text(ids)[0]
-        pred = unet(zt, t, enc).sample
-        loss = F.mse_loss(pred, noise)
+        pred = unet(zt, t.to(dev), enc).sample
+        loss = F.mse_loss(pred, noise.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -252,11 +257,17 @@ def _trainable_state(pipe) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def _ema_update(ema: dict[str, torch.Tensor], pipe, decay: float) -> None:
+    # One fused update over all float tensors (hundreds of tiny tensors: per-tensor ops would
+    # dominate a step on a GPU).
+    floats, live = [], []
     for k, v in _trainable_state(pipe).items():
         if v.dtype.is_floating_point:
-            ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+            floats.append(ema[k])
+            live.append(v.detach())
         else:
             ema[k].copy_(v)
+    torch._foreach_mul_(floats, decay)
+    torch._foreach_add_(floats, live, alpha=1 - decay)
 
 
 def _load_ema(pipe, ema: dict[str, torch.Tensor]) -> None:
@@ -356,10 +367,12 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     used = caption_token_ids(pipe.tokenizer)
     compact = CompactEmbedding(full, used)
     pipe.text_encoder.set_input_embeddings(compact)
+    pipe.to(cfg.device)   # the VAE's work is done; its latents stay on the CPU with the generator
     ckpt = work / "denoiser.pt"
-    start = torch.load(ckpt, weights_only=False) if resume and ckpt.exists() else None
+    start = torch.load(ckpt, weights_only=False, map_location=cfg.device) if resume and ckpt.exists() else None
     ema, unet_loss, steps_done = train_denoiser(pipe, latents, scenes, cfg, gen, work, start, t_start)
     _load_ema(pipe, ema)
+    pipe.to("cpu")
     compact.write_back(full)
     pipe.text_encoder.set_input_embeddings(full)
     rows = init_untrained_rows(full.weight, used, cfg.seed)

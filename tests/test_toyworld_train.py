@@ -1,0 +1,46 @@
+"""The fixture's training script end to end at a toy size: a warm-started run on the CPU writes a
+folder that loads, whose checksums hold and whose train_info records the run and the one it
+continued; a run stopped by its wall-time budget says how many steps it did."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from cns_daemon.model import TOYWORLD_MODEL, load_pipeline
+from cns_daemon.toyworld.train import TrainConfig, lr_at, run
+
+
+def test_a_short_warm_started_run_writes_a_loadable_recorded_fixture(tmp_path):
+    threads = torch.get_num_threads()
+    cfg = TrainConfig(seed=11, n_images=64, vae_steps=0, unet_steps=6, unet_batch=4, warmup=2,
+                      checkpoint_every=3, init=str(TOYWORLD_MODEL), device="cpu", max_minutes=5.0)
+    try:
+        info = run(cfg, tmp_path / "fx")
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "fx"
+    assert info["unet_steps_done"] == 6
+    saved = json.loads((out / "train_info.json").read_text())
+    assert saved["config"]["device"] == "cpu" and saved["config"]["seed"] == 11
+    shipped = json.loads((TOYWORLD_MODEL / "train_info.json").read_text())
+    assert saved["warm_start"] == shipped          # the run it continued, as that run recorded itself
+    for line in filter(None, (out / "SHA256SUMS").read_text().split("\n")):
+        digest, name = line.split("  ", 1)
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest, name
+    pipe = load_pipeline(out, device="cpu", dtype="float32")
+    base = load_pipeline(None, device="cpu", dtype="float32")
+    # six steps moved the UNet
+    moved = [n for n, p in pipe.unet.named_parameters()
+             if not torch.allclose(p, dict(base.unet.named_parameters())[n], atol=1e-3)]
+    assert moved
+
+
+def test_the_learning_rate_anneals_by_steps_or_by_the_wall_time_budget():
+    cfg = TrainConfig(unet_steps=1000, warmup=100, unet_lr=1e-3)
+    assert lr_at(0, cfg) < lr_at(99, cfg) <= 1e-3
+    assert abs(lr_at(100, cfg) - 1e-3) < 1e-9
+    assert abs(lr_at(999, cfg) - 0.05e-3) < 2e-6
+    # half the steps but the whole budget spent: already at the floor
+    assert abs(lr_at(500, cfg, time_frac=1.0) - 0.05e-3) < 1e-9
