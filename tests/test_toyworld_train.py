@@ -1,6 +1,6 @@
 """The fixture's training script end to end at a toy size: a warm-started run on the CPU writes a
 folder that loads, whose checksums hold and whose train_info records the run and the one it
-continued; a run stopped by its wall-time budget says how many steps it did."""
+continued; the learning rate anneals by the steps or by the wall-time budget, whichever ends first."""
 from __future__ import annotations
 
 import hashlib
