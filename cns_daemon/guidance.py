@@ -10,7 +10,7 @@ a box, its token columns hold γ⁺ (default 2.5) at positions inside its box an
 not be: with `suppress = "others"` inside the other concepts' boxes only (its own box wins where
 boxes overlap; everything else is 0), with `suppress = "outside"` everywhere outside its own box,
 as the public Cones 2 code does (there with a weight of −1e8). Which is the default is measured
-on the toy world (docs/tuning.md, "Layout guidance").
+on the toy world (docs/tuning.md, "Composition on fixture run 6").
 
 Choices the paper leaves open, fixed here:
 - γ⁻ = −1e4. With η(t) around 0.1–3 for SD-like logits, η·γ⁻ is −1e3…−3e4: the concept gets no
