@@ -38,7 +38,8 @@ class BaselineMethod:
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None = None,
               cancel: CancelToken | None = None, previous: list | None = None) -> ConceptRecord:
-        hp = C.parse_options(CNSParams, spec.options, spec.steps)
+        # The baselines write their values into the weights (scope `all`), as they are published.
+        hp = C.parse_options(CNSParams, {**spec.options, "scope": "all"}, spec.steps)
         prep = prepare(pipe, photos, spec, hp, progress, cancel)
         stack = stack_for(pipe)
         weights = stack.params if self.kv else {}

@@ -6,7 +6,8 @@
 Order of work: expand the prompt (prompts.py), apply each method's records for this request
 (a resident method's concepts, CNS's, only when `apply_resident`: the service keeps them live),
 encode the prompt ourselves so Cones 2 residuals land on the conditional embeddings at their
-class-word positions only, install layout guidance when boxes are given, run the pipeline with a
+class-word positions only, tell the token scope which rows hold which tokens (scoped CNS
+concepts act only there: methods/common/scope.py), install layout guidance when boxes are given, run the pipeline with a
 step callback (progress, cooperative cancel, guidance step), and, whatever happens, take
 everything off again in reverse order: weights, token rows and attention processors are
 bit-identical afterwards.
@@ -27,6 +28,7 @@ from cns_daemon.api.errors import BadInput
 from cns_daemon.model import recommended_guidance
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
+from cns_daemon.methods.common.scope import prompt_scope
 from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, expand, referenced_names
 from store.records import ConceptRecord
 
@@ -81,6 +83,16 @@ def applied(pipe, records: list[ConceptRecord], apply_resident: bool):
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def batch_ids(expanded: ExpandedPrompt, n: int, cfg: bool, tokens: int) -> torch.Tensor:
+    """The token ids of the UNet's text batch, row for row: diffusers puts the unconditional
+    half first under CFG; those rows hold no concept (concepts are refused in negative prompts)."""
+    from cns_daemon.methods.common.scope import NO_TOKEN
+
+    ids = list(expanded.token_ids[:tokens]) + [NO_TOKEN] * max(0, tokens - len(expanded.token_ids))
+    cond = torch.tensor([ids] * n)
+    return torch.cat([torch.full_like(cond, NO_TOKEN), cond]) if cfg else cond
 
 
 def _size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
@@ -140,7 +152,8 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
                                   state, config) if layout else contextlib.nullcontext())
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         report(0)
-        with guided:
+        scoped = prompt_scope(pipe.unet, batch_ids(expanded, n, cfg, emb.cond.shape[1]))
+        with guided, scoped:
             out = pipe(prompt_embeds=emb.cond, negative_prompt_embeds=emb.uncond,
                        num_inference_steps=steps, guidance_scale=guidance_scale, height=h,
                        width=w, generator=gens, output_type=output_type,

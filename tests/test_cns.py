@@ -84,11 +84,13 @@ def test_learn_reports_how_few_concept_neurons_remain(fresh_tiny_pipe, tmp_path)
 # -- learning ---------------------------------------------------------------------------------
 
 def test_learn_changes_only_selected_neurons_and_token_row(fresh_tiny_pipe, tmp_path, monkeypatch):
+    """Scope `all` (the paper's CNS): the trained values are written into the weights."""
     pipe = fresh_tiny_pipe
     monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.03, seed=1))
     before = snapshot(pipe)
     events = []
-    spec = LearnSpec("rex", "star", steps=4, options={**FAST, "lr": 1e-2, "delta_dtype": "float16"},
+    spec = LearnSpec("rex", "star", steps=4, options={**FAST, "lr": 1e-2, "delta_dtype": "float16",
+                                                      "scope": "all"},
                      cache_dir=tmp_path / "cache")
     rec = get_method("cns").learn(pipe, photos(tmp_path / "p"), spec, events.append, None)
 
@@ -171,7 +173,8 @@ def test_regularisation_reduces_drift_on_shared_neurons(fresh_tiny_pipe, tmp_pat
     method = get_method("cns")
     pics = photos(tmp_path / "p")
     monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.05, seed=1))
-    first = method.learn(pipe, pics, LearnSpec("a", "star", steps=3, options={**FAST, "lr": 1e-2},
+    first = method.learn(pipe, pics, LearnSpec("a", "star", steps=3,
+                                              options={**FAST, "lr": 1e-2, "scope": "all"},
                                               cache_dir=tmp_path), None, None)
     a_values = {n: C.read_values(C.kv_weights(pipe.unet)[n], d.indices) for n, d in first.deltas.items()}
     monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.05, seed=2))
@@ -179,7 +182,8 @@ def test_regularisation_reduces_drift_on_shared_neurons(fresh_tiny_pipe, tmp_pat
     def drift(lambda_prev: float) -> tuple[float, int]:
         rec = method.learn(pipe, photos(tmp_path / "q", (30, 30, 200)), LearnSpec(
             "b", "star", steps=6, options={**FAST, "lr": 1e-2, "lambda_prev": lambda_prev,
-                                           "lambda_base": 0.0}, cache_dir=tmp_path), None, None)
+                                           "lambda_base": 0.0, "scope": "all"},
+            cache_dir=tmp_path), None, None)
         total, shared = 0.0, 0
         for n, d in rec.deltas.items():
             if n in first.deltas:
@@ -244,7 +248,8 @@ def test_half_precision_weights_train_through_fp32_master_copies(tmp_path, monke
 
     pipe = build_tiny_pipeline(seed=0).to(torch.bfloat16)
     monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.03, seed=1))
-    spec = LearnSpec("rex", "star", steps=3, options={**FAST, "lr": 1e-4, "delta_dtype": "float32"},
+    spec = LearnSpec("rex", "star", steps=3, options={**FAST, "lr": 1e-4, "delta_dtype": "float32",
+                                                      "scope": "all"},
                      cache_dir=tmp_path / "cache")
     rec = get_method("cns").learn(pipe, photos(tmp_path / "p"), spec, None, None)
     kv = C.kv_weights(pipe.unet)

@@ -222,7 +222,8 @@ def test_cns_and_cones_key_their_class_images_by_the_weights_that_drew_them(tiny
         for p in photos:
             Image.new("RGB", (32, 32), (200, 10, 10)).save(p)
         spec = LearnSpec("x", "star", steps=1, cache_dir=tmp_path)
-        cns.prepare(tiny_pipe, photos, spec, cns.CNSParams(prior_images=1, variants=1), None, None)
+        cns.prepare(tiny_pipe, photos, spec, cns.CNSParams(prior_images=1, variants=1, scope="all"),
+                    None, None)
         cones.implanting_loss(tiny_pipe, photos, "tok", spec, cones.ConesParams(prior_images=1, variants=1),
                               progress=None, cancel=None)
     finally:

@@ -51,12 +51,15 @@ def changed(pipe, before) -> list[str]:
     return [k for k in before if not torch.equal(before[k], now[k])]
 
 
-def synthetic(pipe, name: str, token: str, seed: int, fraction=0.1) -> ConceptRecord:
+def synthetic(pipe, name: str, token: str, seed: int, fraction=0.1, scope: str | None = None
+              ) -> ConceptRecord:
+    """A CNS record with random values; `scope` None: a record from before scopes (written)."""
     rng = np.random.default_rng(seed)
     deltas = {}
     for n, p in list(C.kv_weights(pipe.unet).items())[:4]:
         idx = np.sort(rng.choice(p.numel(), int(p.numel() * fraction), replace=False))
         deltas[n] = SparseDelta(idx, rng.normal(size=len(idx)).astype(np.float32), tuple(p.shape))
     width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-    return ConceptRecord(ConceptMeta(name, "cns", "star", token), deltas=deltas,
+    hparams = {} if scope is None else {"scope": scope}
+    return ConceptRecord(ConceptMeta(name, "cns", "star", token, hparams=hparams), deltas=deltas,
                          embeddings={token: rng.normal(size=width).astype(np.float32)})

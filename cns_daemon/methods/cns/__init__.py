@@ -42,7 +42,7 @@ from cns_daemon.memory import loop_context
 from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
-from cns_daemon.methods.cns.layers import CNSStack, stack_for
+from cns_daemon.methods.cns.layers import CNSStack, scope_of, stack_for
 from cns_daemon.methods.cns.selection import (  # noqa: F401  (re-exported: the selection API)
     Selection, base_neurons, column_norms, concept_neurons, general_counts, general_neurons,
     general_share, movement_base, row_top, select)
@@ -55,6 +55,9 @@ class CNSParams:
     supplement we lack; every default here was chosen by measurement on the toy world, and
     docs/tuning.md has the tables and the commands that reproduce them."""
 
+    scope: str = "concept"        # concept: the values act only from the concept's token on
+                                  # (common/scope.py) | all: written into the weights, as the
+                                  # paper does (docs/tuning.md "CNS scope")
     steps: int = 900              # chosen with lr 3e-3 on fixture run 3 (300 at 1e-2: half as much)
     selection: str = "eq3"        # base neurons: eq3 (the paper's) | movement (probe fine-tune)
     movement_percent: float = 5.0  # movement: % of all K/V weights taken as base neurons
@@ -88,6 +91,8 @@ class CNSParams:
             raise BadInput("movement_percent must be in (0, 100] and probe_steps ≥ 1.")
         if self.steps < 0 or self.prior_images < 0 or self.variants < 1:
             raise BadInput("steps and prior_images must be ≥ 0, variants ≥ 1.")
+        if self.scope not in ("concept", "all"):
+            raise BadInput("scope must be `concept` or `all`.")
         if self.token_init not in ("token", "class"):
             raise BadInput("token_init must be `token` or `class`.")
         if self.delta_dtype not in ("float32", "float16"):
@@ -125,8 +130,11 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
     stack = stack_for(pipe)
     token = C.concept_token(pipe.tokenizer, list(previous or []) + stack.records(), hp.token)
     ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
+    # Scoped values and the token row act only on prompts with the token, so the class prompt's
+    # loss has no gradient for them: with scope `concept` no class images are drawn.
     prior = (C.Prior(hp.prior_images, hp.prior_steps, drawn_by=stack.base_fingerprint,
-                     drawing=stack.base_weights) if hp.lambda_prior > 0 else None)
+                     drawing=stack.base_weights)
+             if hp.lambda_prior > 0 and hp.scope == "all" else None)
     return C.prepare(pipe, photos, spec, token, variants=hp.variants, prior=prior,
                      progress=progress, cancel=cancel)
 
@@ -148,12 +156,20 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
     if hp.token_init == "class":
         class_ids = C.token_ids(pipe.tokenizer, spec.class_word)
         init = pipe.text_encoder.get_input_embeddings().weight[class_ids].mean(0)
-    row = C.TrainableRow(pipe.text_encoder, C.token_id(pipe.tokenizer, prep.token), init=init)
+    token_id = C.token_id(pipe.tokenizer, prep.token)
+    row = C.TrainableRow(pipe.text_encoder, token_id, init=init)
     trainees = _trainees(stack, indices, tuned)
+    scoped = contextlib.nullcontext()
+    around = None
+    if hp.scope == "concept":  # the written values reach only the rows that hold the token
+        scope = C.token_scope(pipe.unet)
+        scoped = scope.training(token_id, {t_name: t.weight.detach().clone()
+                                           for t_name, t in zip(indices, trainees)})
+        around = lambda prompts: scope.prompt(C.tokenize(pipe, prompts))  # noqa: E731
     loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
                          prior_prompt=C.prior_prompt(spec.class_word),
                          lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,
-                         seed=spec.seed, text_grad=True)
+                         seed=spec.seed, text_grad=True, unet_context=around)
     opt = torch.optim.Adam([{"params": [t.values for t in trainees], "lr": lr},
                             {"params": [row.param], "lr": hp.lr_token}])
     weights = [t.weight for t in trainees]
@@ -198,7 +214,7 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
             row.__enter__()
 
     try:
-        with C.only_trainable(C.pipeline_modules(pipe), weights), row:
+        with C.only_trainable(C.pipeline_modules(pipe), weights), row, scoped:
             losses = C.run_steps(steps, step, progress, cancel, phase,
                                  around=lambda: loop_context(pipe, spec.memory), aside=aside)
     finally:
@@ -248,8 +264,11 @@ class CNSMethod:
         hp = C.parse_options(CNSParams, spec.options, spec.steps)
         ConceptMeta(spec.name, "cns", spec.class_word, "")  # validates the name early
         stack = stack_for(pipe)
-        earlier = [r for r in (stack.records() if previous is None else previous)
-                   if r.meta.method == "cns"]
+        # λ₁ pulls shared neurons toward the values earlier concepts wrote into the weights;
+        # scoped concepts write nothing and never meet, so a scoped learn has nothing to keep.
+        earlier = ([r for r in (stack.records() if previous is None else previous)
+                    if r.meta.method == "cns" and scope_of(r) == "all"]
+                   if hp.scope == "all" else [])
         prep = prepare(pipe, photos, spec, hp, progress, cancel, previous)
         if cancel is not None:
             cancel.check()

@@ -12,6 +12,11 @@ Removing the top layer writes its `below` values back: bit-exact. Removing an ol
   L present, regularised toward L's values by λ₁), and removing M afterwards too brings those
   positions back to what they were before L: removing every concept, in any order, restores the
   base weights bit-exactly.
+
+A scoped concept (hparams scope `concept`, the default since 2026-12-04) is not written into the
+weights: its layer covers no positions, and its values, as differences to the weights below it,
+go to the UNet's token scope (common/scope.py), which applies them only to prompts with its
+token. Records without a scope are from before and are written, as the paper's CNS is.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import torch
 
 from cns_daemon.api.errors import Conflict, NotFound
 from cns_daemon.methods.common import (SavedRows, embedding_rows, kv_weights, restore_rows,
-                                       write_rows)
+                                       token_id, token_scope, write_rows)
 from store.records import ConceptRecord
 
 
@@ -38,6 +43,11 @@ class Layer:
     @property
     def name(self) -> str:
         return self.record.name
+
+
+def scope_of(record: ConceptRecord) -> str:
+    """`concept` (token-scoped values) or `all` (written into the weights; older records)."""
+    return str(record.meta.hparams.get("scope", "all"))
 
 
 class CNSStack:
@@ -64,7 +74,7 @@ class CNSStack:
     def push(self, record: ConceptRecord) -> Layer:
         if record.name in self.names():
             raise Conflict(f"Concept {record.name!r} is already applied.")
-        indices, below = {}, {}
+        indices, below, scoped = {}, {}, {}
         with torch.no_grad():
             for name, delta in record.deltas.items():
                 p = self.params.get(name)
@@ -73,14 +83,23 @@ class CNSStack:
                 if tuple(p.shape) != tuple(delta.shape):
                     raise Conflict(f"{record.name}: tensor {name} has shape {tuple(p.shape)}, "
                                    f"the record {tuple(delta.shape)}.")
+            for name, delta in record.deltas.items():
+                p = self.params[name]
                 idx = torch.as_tensor(np.asarray(delta.indices, np.int64)).to(p.device)
                 flat = p.data.view(-1)
+                values = torch.as_tensor(np.asarray(delta.values)).to(p.device, p.dtype)
+                if scope_of(record) == "concept":   # differences to what lies below, not written
+                    scoped[name] = (idx, values - flat.index_select(0, idx))
+                    continue
                 # index_select/index_copy_ rather than flat[idx]: same result for unique
                 # indices, and they stay fast when the CPU is contended (advanced indexing
                 # took ~40 ms per tensor on a loaded 2-core machine; start-up does 32 per concept).
                 below[name] = flat.index_select(0, idx)
                 indices[name] = idx
-                flat.index_copy_(0, idx, torch.as_tensor(np.asarray(delta.values)).to(p.device, p.dtype))
+                flat.index_copy_(0, idx, values)
+        if scope_of(record) == "concept":
+            token_scope(self.unet).add(record.name, token_id(self.tokenizer, record.meta.token),
+                                       scoped)
         rows = write_rows(self.text_encoder,
                           embedding_rows(self.text_encoder, self.tokenizer, record.embeddings))
         layer = Layer(record, indices, below, rows)
@@ -117,6 +136,8 @@ class CNSStack:
                 else:
                     flat.index_copy_(0, idx, below)
         restore_rows(layer.rows)
+        if scope_of(layer.record) == "concept":
+            token_scope(self.unet).remove(name)
 
     def base_values(self, tname: str, indices: torch.Tensor) -> torch.Tensor:
         """The pretrained values at `indices`: the bottom-most layer's `below` where a layer

@@ -5,12 +5,14 @@
 - kv:       sparse reads and writes of the K/V "neurons" with exact undo
 - training: text/photo encoding, denoising + prior-preservation loss, freezing, step loop
 - prior:    class images made by the base model, cached per class word
+- scope:    token-scoped K/V values (a concept acts only where its token is)
 - inputs:   photos -> latents + class-image latents, what every method's training starts from
 Photo loading, validation, augmentation and captions live in methods/data.py.
 """
 from .kv import (SavedValues, count, kv_total, kv_weights, mask_indices, read_values,
                  restore_values, union_indices, write_values)
 from .options import as_dict, parse_options
+from .scope import prompt_scope, token_scope
 from .inputs import Prepared, Prior, concept_token, prepare
 from .prior import class_images, prior_prompt
 from .tokens import (SavedRows, TrainableRow, allocate_token, embedding_rows, rare_tokens,
@@ -27,5 +29,5 @@ __all__ = [
     "embedding_rows", "rare_tokens", "restore_rows", "token_id", "token_ids", "write_rows",
     "ConceptLoss", "LossParts", "denoising_losses", "encode_pixels", "encode_text",
     "noise_schedule", "only_trainable", "pipeline_modules", "run_steps", "step_generator",
-    "tokenize",
+    "tokenize", "prompt_scope", "token_scope",
 ]

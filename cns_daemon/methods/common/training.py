@@ -87,7 +87,8 @@ class ConceptLoss:
     def __init__(self, pipe, photo_latents: torch.Tensor, captions: list[str], *,
                  prior_latents: torch.Tensor | None = None, prior_prompt: str = "",
                  lambda_prior: float = 1.0, prior_batch: int = 2, seed: int = 0,
-                 text_grad: bool = False):
+                 text_grad: bool = False,
+                 unet_context: Callable[[list[str]], contextlib.AbstractContextManager] | None = None):
         self.pipe = pipe
         self.photos = photo_latents           # (n_photos, n_variants, 4, h, w)
         self.captions = list(captions)
@@ -97,6 +98,9 @@ class ConceptLoss:
         self.prior_batch = prior_batch
         self.seed = seed
         self.text_grad = text_grad
+        # Entered around each step's UNet call with that batch's prompts (token-scoped K/V
+        # values need to know which rows hold which tokens: common/scope.py).
+        self.unet_context = unet_context
         self.schedule = noise_schedule(pipe)
         self._cache: dict[str, torch.Tensor] = {}
         if not text_grad:  # frozen captions: encode them now, so the loop never runs the encoder
@@ -125,8 +129,11 @@ class ConceptLoss:
             m = len(pick)
             prompts += [self.prior_prompt] * m
         device = self.pipe.unet.device
-        losses = denoising_losses(self.pipe.unet, self.schedule, torch.cat(latents).to(device),
-                                  self._encode(prompts), gen)
+        cond = self._encode(prompts)
+        around = self.unet_context(prompts) if self.unet_context else contextlib.nullcontext()
+        with around:
+            losses = denoising_losses(self.pipe.unet, self.schedule, torch.cat(latents).to(device),
+                                      cond, gen)
         photo = losses[:n].mean()
         total = photo
         prior = 0.0

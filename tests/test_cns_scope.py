@@ -1,0 +1,142 @@
+"""Token-scoped CNS values (scope `concept`, the default): nothing is written into the K/V
+weights, a prompt without the concept's token sees the base model exactly, and inside a prompt the
+values act from the token's position on."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cns_daemon.api.errors import Internal
+from cns_daemon.generate import batch_ids, generate
+from cns_daemon.methods import LearnSpec, cns, get_method
+from cns_daemon.methods import common as C
+from cns_daemon.methods.common.scope import NO_TOKEN, positions, token_scope
+from cns_daemon.prompts import expand
+from helpers.methods import FAST, changed, fixed_selection, photos, snapshot, synthetic
+
+EMB = "text.embeddings.token_embedding.weight"
+
+
+def _kv_module(pipe):
+    name = next(n for n, _ in pipe.unet.named_modules() if n.endswith(".attn2.to_k"))
+    return f"{name}.weight", pipe.unet.get_submodule(name)
+
+
+def test_positions_run_from_the_token_to_the_end():
+    ids = torch.tensor([[1, 5, 9, 7, 2], [1, 5, 6, 7, 2], [NO_TOKEN] * 5])
+    assert positions(ids, 9).tolist() == [[False, False, True, True, True], [False] * 5, [False] * 5]
+
+
+def test_scoped_values_act_only_from_the_token_on(fresh_tiny_pipe):
+    pipe = fresh_tiny_pipe
+    tname, to_k = _kv_module(pipe)
+    scope = token_scope(pipe.unet)
+    w = to_k.weight
+    idx = torch.arange(0, w.numel(), 7)
+    scope.add("rex", 9, {tname: (idx, torch.ones(len(idx)))})
+    x = torch.randn(2, 5, w.shape[1])
+    plain = to_k(x)
+    with scope.prompt(torch.tensor([[1, 5, 9, 7, 2], [1, 5, 6, 7, 2]])):
+        got = to_k(x)
+    assert torch.equal(got[1], plain[1])                  # no token in the row: base exactly
+    assert torch.equal(got[0, :2], plain[0, :2])          # before the token: base exactly
+    dense = torch.zeros(w.numel()).index_copy_(0, idx, torch.ones(len(idx))).view_as(w)
+    assert torch.allclose(got[0, 2:], plain[0, 2:] + x[0, 2:] @ dense.T, atol=1e-6)
+    assert torch.equal(to_k(x), plain)                    # outside a prompt: nothing
+    with pytest.raises(Internal, match="text batch"):     # ids that do not match the batch
+        with scope.prompt(torch.tensor([[1, 9, 2]])):
+            to_k(x)
+    scope.remove("rex")
+    with scope.prompt(torch.tensor([[1, 5, 9, 7, 2], [1, 5, 6, 7, 2]])):
+        assert torch.equal(to_k(x), plain)
+
+
+def test_training_values_reach_only_the_token_rows(fresh_tiny_pipe):
+    """While a scoped concept trains, its values sit in the weight, yet rows without the token
+    (the class prompt, outside a prompt context) see the weight as it was, and the gradient comes
+    from the token's rows alone."""
+    pipe = fresh_tiny_pipe
+    tname, to_k = _kv_module(pipe)
+    scope = token_scope(pipe.unet)
+    live = to_k.weight.detach().clone()
+    x = torch.randn(2, 5, live.shape[1])
+    plain = to_k(x).detach()
+    with torch.no_grad():
+        to_k.weight.add_(0.5)
+    to_k.weight.requires_grad_(True)
+    try:
+        with scope.training(9, {tname: live}):
+            assert torch.allclose(to_k(x), plain, atol=1e-4)     # no prompt context: as before
+            with scope.prompt(torch.tensor([[1, 5, 9, 7, 2], [1, 5, 6, 7, 2]])):
+                out = to_k(x)
+            assert torch.allclose(out[1], plain[1], atol=1e-4)
+            assert torch.allclose(out[0, :2], plain[0, :2], atol=1e-4)
+            assert not torch.allclose(out[0, 2:], plain[0, 2:], atol=1e-3)
+            to_k.weight.grad = None
+            out[1].sum().backward()
+            assert float(to_k.weight.grad.abs().max()) < 1e-6   # the plain row: no gradient
+    finally:
+        with torch.no_grad():
+            to_k.weight.copy_(live)
+        to_k.weight.requires_grad_(False)
+
+
+def test_scoped_learn_writes_no_kv_and_keeps_plain_prompts_exact(fresh_tiny_pipe, tmp_path, monkeypatch):
+    pipe, method = fresh_tiny_pipe, get_method("cns")
+    monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.03, seed=1))
+    before = snapshot(pipe)
+    plain = generate(pipe, "a photo of a star on the grass", {}, n=1, steps=3, output_type="np")[0]
+    events = []
+    rec = method.learn(pipe, photos(tmp_path / "p"), LearnSpec(
+        "rex", "star", steps=4, options={**FAST, "lr": 5e-2}, cache_dir=tmp_path / "cache"),
+        events.append, None)
+    assert rec.meta.hparams["scope"] == "concept"
+    assert changed(pipe, before) == [EMB]                  # the token row only; K/V untouched
+    assert token_scope(pipe.unet).names() == ["rex"]
+    assert not any(e.phase == "class-images" for e in events)   # no prior to draw: no gradient
+    assert sum(len(d.indices) for d in rec.deltas.values()) > 0
+    again = generate(pipe, "a photo of a star on the grass", {}, n=1, steps=3, output_type="np")[0]
+    assert np.array_equal(again, plain)
+    with_rex = generate(pipe, "a photo of <rex> on the grass", {"rex": rec}, n=1, steps=3,
+                        output_type="np")[0]
+    token_scope(pipe.unet).remove("rex")                   # the token row alone
+    row_only = generate(pipe, "a photo of <rex> on the grass", {"rex": rec}, n=1, steps=3,
+                        output_type="np")[0]
+    token_scope(pipe.unet).add("rex", C.token_id(pipe.tokenizer, rec.meta.token),
+                               stack_deltas(pipe, rec))
+    assert not np.array_equal(with_rex, row_only)
+    method.unlearn(pipe, "rex")
+    assert changed(pipe, before) == [] and token_scope(pipe.unet).names() == []
+
+
+def stack_deltas(pipe, rec):
+    kv = C.kv_weights(pipe.unet)
+    out = {}
+    for n, d in rec.deltas.items():
+        idx = torch.as_tensor(d.indices)
+        out[n] = (idx, torch.as_tensor(d.values).float() - kv[n].detach().reshape(-1)[idx])
+    return out
+
+
+def test_scoped_and_written_records_apply_and_remove_exactly(fresh_tiny_pipe):
+    pipe, method = fresh_tiny_pipe, get_method("cns")
+    before = snapshot(pipe)
+    old = synthetic(pipe, "a", "sks", 1)                       # a record from before scopes
+    new = synthetic(pipe, "b", "pbc", 2, scope="concept")
+    handle = method.apply(pipe, [old, new])
+    assert method.applied(pipe) == ["a", "b"] and token_scope(pipe.unet).names() == ["b"]
+    assert {k for k in changed(pipe, before) if k.startswith("unet.")} == \
+        {f"unet.{n}" for n in old.deltas}                       # only the old one is written
+    method.remove(handle)
+    assert changed(pipe, before) == [] and token_scope(pipe.unet).names() == []
+
+
+def test_batch_ids_follow_the_cfg_layout(tiny_pipe):
+    meta = synthetic(tiny_pipe, "rex", "sks", 1).meta
+    expanded = expand("a photo of <rex>", {"rex": meta}, tiny_pipe.tokenizer)
+    ids = batch_ids(expanded, 2, True, 77)
+    tid = C.token_id(tiny_pipe.tokenizer, "sks")
+    assert ids.shape == (4, 77)
+    assert not (ids[:2] == tid).any() and (ids[2:] == tid).sum(1).tolist() == [1, 1]
+    assert batch_ids(expanded, 3, False, 77).shape == (3, 77)
