@@ -3,14 +3,14 @@
     images = generate(pipe, "a photo of <rex> and <pot> on the beach", records,
                       boxes=["rex=0,0,0.5,1", "pot=0.5,0,1,1"], n=2, seed=7)
 
-Order of work: expand the prompt (prompts.py), apply each method's records for this request
-(a resident method's concepts, CNS's, only when `apply_resident`: the service keeps them live),
+Order of work: expand the prompt (prompts.py), apply each method's records for this request (a
+resident method's concepts, CNS's, only when `apply_resident`: the service keeps them live),
 encode the prompt ourselves so Cones 2 residuals land on the conditional embeddings at their
 class-word positions only, tell the token scope which rows hold which tokens (scoped CNS
-concepts act only there: methods/common/scope.py), install layout guidance when boxes are given, run the pipeline with a
-step callback (progress, cooperative cancel, guidance step), and, whatever happens, take
-everything off again in reverse order: weights, token rows and attention processors are
-bit-identical afterwards.
+concepts act only there: methods/common/scope.py), install layout guidance when boxes are given,
+run the pipeline with a step callback (progress, cooperative cancel, guidance step), and,
+whatever happens, take everything off again in reverse order: weights, token rows and attention
+processors are bit-identical afterwards.
 
 Determinism: image i of a request starts from noise drawn by a CPU generator seeded with
 seed + i, so an image does not depend on `n` or on the device.

@@ -20,14 +20,24 @@ included) and W₀ the pretrained ones. The weights are full tensors during the 
 selected values are a separate flat parameter scattered into them after every step, so no other
 element can change.
 
-Fusion-free. `learn` leaves the concept written into the live pipeline, with exactly the values
-the record stores (the stored dtype is applied, so the live model equals what the store
-rebuilds). `apply(records)` rebuilds at start-up (already-applied names are skipped);
-`remove(handle)` or `unlearn(pipe, name)` takes concepts off again. Removing the most recent
-concept restores every weight and token row bit-exactly. Removing an older one restores its
-non-shared neurons bit-exactly; on neurons it shares with a later concept that later concept's
-values stay (they were trained on top of it, pulled toward its values by λ₁), and removing the
-later concept too then returns them to their values before the older one (see layers.py).
+Scope (`scope`, docs/tuning.md "CNS scope"). `concept`, the default: the trained values act
+only on prompts that hold the concept's token, from the token's position on (common/scope.py);
+while training they sit in the weights and the scope takes them back out on every other row. A
+prompt without the token then sees the base model exactly, so the class-image prior has nothing
+to preserve (no class images are drawn) and λ₁ has no earlier values to keep (concepts never
+meet). `all`, the paper's: the values are written into the weights for every prompt, with the
+prior and λ₁ as above. This deviates from the paper on purpose: on the toy world, written values
+moved the plain prompts and the earlier concepts (prior drop 0.219, forgetting 0.594 after six).
+
+Fusion-free. `learn` leaves the concept applied to the live pipeline (written, or in the scope),
+with exactly the values the record stores (the stored dtype is applied, so the live model equals
+what the store rebuilds). `apply(records)` rebuilds at start-up (already-applied names are
+skipped); `remove(handle)` or `unlearn(pipe, name)` takes concepts off again. Removing the most
+recent concept restores every weight and token row bit-exactly. Removing an older one restores
+its non-shared neurons bit-exactly; on neurons it shares with a later concept that later
+concept's values stay (they were trained on top of it, pulled toward its values by λ₁), and
+removing the later concept too then returns them to their values before the older one (see
+layers.py).
 """
 from __future__ import annotations
 
@@ -126,7 +136,7 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
             previous: list[ConceptRecord] | None = None) -> C.Prepared:
     """Token, photos and class images with CNS's settings (also used by the bench baselines).
     The token avoids every token in use: live CNS concepts and `previous` records. The class
-    images are drawn by the base model, not by the earlier concepts."""
+    images (scope `all` only) are drawn by the base model, not by the earlier concepts."""
     stack = stack_for(pipe)
     token = C.concept_token(pipe.tokenizer, list(previous or []) + stack.records(), hp.token)
     ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")

@@ -1,19 +1,20 @@
 """Token-scoped K/V values: a concept's trained K/V values act only on the prompts that name it,
 and there only from its token's position on.
 
-    scope = token_scope(pipe.unet)                  # one per UNet, made on first use
+    scope = token_scope(pipe.unet)  # one per UNet, made on first use
     scope.add("rex", token_id, {tensor: (flat indices, value differences)})
-    with scope.prompt(ids):                         # ids: (batch, tokens), laid out as the UNet's batch
-        pipe.unet(...)                              # K and V += m ⊙ (X ΔWᵀ) for every concept in ids
+    with scope.prompt(ids):         # ids: (batch, tokens), laid out as the UNet's batch is
+        pipe.unet(...)              # K and V += m ⊙ (X ΔWᵀ) for each concept whose token is in ids
     scope.remove("rex")
 
-Why. Written into the weights (the CNS paper's way), a concept's values change the keys and values
-of every prompt: on the toy world every text channel is read by every prompt (Eq. 3 base/general
-overlap 0.98), so each concept moved the plain prompts (prior drop 0.219 after six) and the
-concepts before it (forgetting 0.594). Scoped, a prompt without the concept's token sees the base
-model exactly, and one concept's values never reach another's prompts. The positions are those
-a causal text encoder lets the token influence: the token itself, the words after it, EOS and the
-padding (docs/tuning.md "CNS scope": the token alone learned less, 0.469 vs 0.656 on c1).
+Why. Written into the weights (the CNS paper's way), a concept's values change the keys and
+values of every prompt: on the toy world every text channel is read by every prompt (Eq. 3
+base/general overlap 0.98), so each concept moved the plain prompts (prior drop 0.219 after six)
+and the concepts before it (forgetting 0.594). Scoped, a prompt without the concept's token sees
+the base model exactly, and a concept's values never reach a prompt that does not name it. The
+positions are those a causal text encoder lets the token influence: the token itself, the words
+after it, EOS and the padding (docs/tuning.md "CNS scope": the token alone learned less, 0.469
+vs 0.656 on c1).
 
 How. Forward hooks on every cross-attention to_k / to_v (attn2): they compose with any attention
 processor, layout guidance's included. Outside a `prompt` context, and for batch rows that hold
