@@ -1,6 +1,6 @@
 """Token-scoped CNS values (scope `concept`, the default): nothing is written into the K/V
 weights, a prompt without the concept's token sees the base model exactly, and inside a prompt the
-values act from the token's position on."""
+values act on the concept's words (token + class word) and from EOS on."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +11,7 @@ from cns_daemon.api.errors import Internal
 from cns_daemon.generate import batch_ids, generate
 from cns_daemon.methods import LearnSpec, cns, get_method
 from cns_daemon.methods import common as C
-from cns_daemon.methods.common.scope import NO_TOKEN, positions, token_scope
+from cns_daemon.methods.common.scope import NO_TOKEN, Anchor, anchor, token_scope
 from cns_daemon.prompts import expand
 from helpers.methods import FAST, changed, fixed_selection, photos, snapshot, synthetic
 
@@ -23,9 +23,20 @@ def _kv_module(pipe):
     return f"{name}.weight", pipe.unet.get_submodule(name)
 
 
-def test_positions_run_from_the_token_to_the_end():
-    ids = torch.tensor([[1, 5, 9, 7, 2], [1, 5, 6, 7, 2], [NO_TOKEN] * 5])
-    assert positions(ids, 9).tolist() == [[False, False, True, True, True], [False] * 5, [False] * 5]
+AT = Anchor(token_id=9, span=2, eos_id=2)     # token 9, a one-token class word, EOS 2
+
+
+def test_anchor_rows_are_the_concepts_words_and_the_end():
+    ids = torch.tensor([[1, 5, 9, 7, 4, 4, 2, 2], [1, 9, 7, 3, 9, 7, 2, NO_TOKEN],
+                        [1, 5, 6, 7, 2, 2, 2, 2], [NO_TOKEN] * 8])
+    assert AT.rows(ids).int().tolist() == [[0, 0, 1, 1, 0, 0, 1, 1], [0, 1, 1, 0, 1, 1, 1, 1],
+                                           [0] * 8, [0] * 8]
+
+
+def test_anchor_spans_the_class_words_tokens(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    a = anchor(tok, "sks", "star")
+    assert a.span == 1 + len(C.token_ids(tok, "star")) and a.eos_id == tok.eos_token_id
 
 
 def test_scoped_values_act_only_from_the_token_on(fresh_tiny_pipe):
@@ -34,21 +45,23 @@ def test_scoped_values_act_only_from_the_token_on(fresh_tiny_pipe):
     scope = token_scope(pipe.unet)
     w = to_k.weight
     idx = torch.arange(0, w.numel(), 7)
-    scope.add("rex", 9, {tname: (idx, torch.ones(len(idx)))})
-    x = torch.randn(2, 5, w.shape[1])
+    scope.add("rex", AT, {tname: (idx, torch.ones(len(idx)))})
+    x = torch.randn(2, 6, w.shape[1])
     plain = to_k(x)
-    with scope.prompt(torch.tensor([[1, 5, 9, 7, 2], [1, 5, 6, 7, 2]])):
+    with scope.prompt(torch.tensor([[1, 5, 9, 7, 4, 2], [1, 5, 6, 7, 4, 2]])):
         got = to_k(x)
     assert torch.equal(got[1], plain[1])                  # no token in the row: base exactly
-    assert torch.equal(got[0, :2], plain[0, :2])          # before the token: base exactly
+    for p in (0, 1, 4):                                   # not its words, not the end: base
+        assert torch.equal(got[0, p], plain[0, p])
     dense = torch.zeros(w.numel()).index_copy_(0, idx, torch.ones(len(idx))).view_as(w)
-    assert torch.allclose(got[0, 2:], plain[0, 2:] + x[0, 2:] @ dense.T, atol=1e-6)
+    for p in (2, 3, 5):
+        assert torch.allclose(got[0, p], plain[0, p] + x[0, p] @ dense.T, atol=1e-6)
     assert torch.equal(to_k(x), plain)                    # outside a prompt: nothing
     with pytest.raises(Internal, match="text batch"):     # ids that do not match the batch
         with scope.prompt(torch.tensor([[1, 9, 2]])):
             to_k(x)
     scope.remove("rex")
-    with scope.prompt(torch.tensor([[1, 5, 9, 7, 2], [1, 5, 6, 7, 2]])):
+    with scope.prompt(torch.tensor([[1, 5, 9, 7, 4, 2], [1, 5, 6, 7, 4, 2]])):
         assert torch.equal(to_k(x), plain)
 
 
@@ -66,7 +79,7 @@ def test_training_values_reach_only_the_token_rows(fresh_tiny_pipe):
         to_k.weight.add_(0.5)
     to_k.weight.requires_grad_(True)
     try:
-        with scope.training(9, {tname: live}):
+        with scope.training(AT, {tname: live}):
             assert torch.allclose(to_k(x), plain, atol=1e-4)     # no prompt context: as before
             with scope.prompt(torch.tensor([[1, 5, 9, 7, 2], [1, 5, 6, 7, 2]])):
                 out = to_k(x)
@@ -103,7 +116,7 @@ def test_scoped_learn_writes_no_kv_and_keeps_plain_prompts_exact(fresh_tiny_pipe
     token_scope(pipe.unet).remove("rex")                   # the token row alone
     row_only = generate(pipe, "a photo of <rex> on the grass", {"rex": rec}, n=1, steps=3,
                         output_type="np")[0]
-    token_scope(pipe.unet).add("rex", C.token_id(pipe.tokenizer, rec.meta.token),
+    token_scope(pipe.unet).add("rex", anchor(pipe.tokenizer, rec.meta.token, "star"),
                                stack_deltas(pipe, rec))
     assert not np.array_equal(with_rex, row_only)
     method.unlearn(pipe, "rex")

@@ -20,8 +20,8 @@ included) and W₀ the pretrained ones. The weights are full tensors during the 
 selected values are a separate flat parameter scattered into them after every step, so no other
 element can change.
 
-Scope (`scope`, docs/tuning.md "CNS scope"). `concept`, the default: the trained values act
-only on prompts that hold the concept's token, from the token's position on (common/scope.py);
+Scope (`scope`, docs/tuning.md "CNS scope"). `concept`, the default: the trained values act only
+on prompts that hold the concept's token, on its words and the sequence's end (common/scope.py);
 while training they sit in the weights and the scope takes them back out on every other row. A
 prompt without the token then sees the base model exactly, so the class-image prior has nothing
 to preserve (no class images are drawn) and λ₁ has no earlier values to keep (concepts never
@@ -65,7 +65,7 @@ class CNSParams:
     supplement we lack; every default here was chosen by measurement on the toy world, and
     docs/tuning.md has the tables and the commands that reproduce them."""
 
-    scope: str = "concept"        # concept: the values act only from the concept's token on
+    scope: str = "concept"        # concept: the values act only where the concept is named
                                   # (common/scope.py) | all: written into the weights, as the
                                   # paper does (docs/tuning.md "CNS scope")
     steps: int = 900              # chosen with lr 3e-3 on fixture run 3 (300 at 1e-2: half as much)
@@ -166,15 +166,15 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
     if hp.token_init == "class":
         class_ids = C.token_ids(pipe.tokenizer, spec.class_word)
         init = pipe.text_encoder.get_input_embeddings().weight[class_ids].mean(0)
-    token_id = C.token_id(pipe.tokenizer, prep.token)
-    row = C.TrainableRow(pipe.text_encoder, token_id, init=init)
+    row = C.TrainableRow(pipe.text_encoder, C.token_id(pipe.tokenizer, prep.token), init=init)
     trainees = _trainees(stack, indices, tuned)
     scoped = contextlib.nullcontext()
     around = None
     if hp.scope == "concept":  # the written values reach only the rows that hold the token
         scope = C.token_scope(pipe.unet)
-        scoped = scope.training(token_id, {t_name: t.weight.detach().clone()
-                                           for t_name, t in zip(indices, trainees)})
+        scoped = scope.training(C.anchor(pipe.tokenizer, prep.token, spec.class_word),
+                                {t_name: t.weight.detach().clone()
+                                 for t_name, t in zip(indices, trainees)})
         around = lambda prompts: scope.prompt(C.tokenize(pipe, prompts))  # noqa: E731
     loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
                          prior_prompt=C.prior_prompt(spec.class_word),

@@ -29,7 +29,7 @@ import torch
 
 from cns_daemon.api.errors import Conflict, NotFound
 from cns_daemon.methods.common import (SavedRows, embedding_rows, kv_weights, restore_rows,
-                                       token_id, token_scope, write_rows)
+                                       anchor, token_scope, write_rows)
 from store.records import ConceptRecord
 
 
@@ -98,8 +98,8 @@ class CNSStack:
                 indices[name] = idx
                 flat.index_copy_(0, idx, values)
         if scope_of(record) == "concept":
-            token_scope(self.unet).add(record.name, token_id(self.tokenizer, record.meta.token),
-                                       scoped)
+            token_scope(self.unet).add(record.name, anchor(self.tokenizer, record.meta.token,
+                                                           record.meta.class_word), scoped)
         rows = write_rows(self.text_encoder,
                           embedding_rows(self.text_encoder, self.tokenizer, record.embeddings))
         layer = Layer(record, indices, below, rows)

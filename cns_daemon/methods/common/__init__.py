@@ -12,7 +12,7 @@ Photo loading, validation, augmentation and captions live in methods/data.py.
 from .kv import (SavedValues, count, kv_total, kv_weights, mask_indices, read_values,
                  restore_values, union_indices, write_values)
 from .options import as_dict, parse_options
-from .scope import prompt_scope, token_scope
+from .scope import Anchor, anchor, prompt_scope, token_scope
 from .inputs import Prepared, Prior, concept_token, prepare
 from .prior import class_images, prior_prompt
 from .tokens import (SavedRows, TrainableRow, allocate_token, embedding_rows, rare_tokens,
@@ -29,5 +29,5 @@ __all__ = [
     "embedding_rows", "rare_tokens", "restore_rows", "token_id", "token_ids", "write_rows",
     "ConceptLoss", "LossParts", "denoising_losses", "encode_pixels", "encode_text",
     "noise_schedule", "only_trainable", "pipeline_modules", "run_steps", "step_generator",
-    "tokenize", "prompt_scope", "token_scope",
+    "tokenize", "Anchor", "anchor", "prompt_scope", "token_scope",
 ]

@@ -1,8 +1,8 @@
 """Token-scoped K/V values: a concept's trained K/V values act only on the prompts that name it,
-and there only from its token's position on.
+and there only on its own words and the end of the sequence.
 
     scope = token_scope(pipe.unet)  # one per UNet, made on first use
-    scope.add("rex", token_id, {tensor: (flat indices, value differences)})
+    scope.add("rex", anchor(tokenizer, "sks", "dog"), {tensor: (flat indices, value differences)})
     with scope.prompt(ids):         # ids: (batch, tokens), laid out as the UNet's batch is
         pipe.unet(...)              # K and V += m ⊙ (X ΔWᵀ) for each concept whose token is in ids
     scope.remove("rex")
@@ -10,11 +10,13 @@ and there only from its token's position on.
 Why. Written into the weights (the CNS paper's way), a concept's values change the keys and
 values of every prompt: on the toy world every text channel is read by every prompt (Eq. 3
 base/general overlap 0.98), so each concept moved the plain prompts (prior drop 0.219 after six)
-and the concepts before it (forgetting 0.594). Scoped, a prompt without the concept's token sees
-the base model exactly, and a concept's values never reach a prompt that does not name it. The
-positions are those a causal text encoder lets the token influence: the token itself, the words
-after it, EOS and the padding (docs/tuning.md "CNS scope": the token alone learned less, 0.469
-vs 0.656 on c1).
+and the concepts before it (forgetting 0.594). Scoped, a prompt without the concept's token sees the base model exactly, and a concept's values
+never reach a prompt that does not name it. Where they act (docs/tuning.md "CNS scope"): the
+concept's words (its token and the class word after it) and the end of the sequence (EOS and the
+padding), which on the toy world carries the look (without it the look read 0.09 instead of
+0.68). Not the other words of the prompt: there the values cost two concepts in one prompt their
+boxes (composition 0.010 vs 0.073, placement 0.31 vs 0.38) and helped nothing. Training captions
+end with the class word, so this is every position from the token on while learning.
 
 How. Forward hooks on every cross-attention to_k / to_v (attn2): they compose with any attention
 processor, layout guidance's included. Outside a `prompt` context, and for batch rows that hold
@@ -30,18 +32,38 @@ import torch
 import torch.nn.functional as F
 
 from cns_daemon.api.errors import Conflict, Internal
+from cns_daemon.methods.common.tokens import token_id, token_ids
 
 NO_TOKEN = -1   # pad value for ids rows that hold no token (the unconditional half of CFG)
 
 
-def positions(ids: torch.Tensor, token_id: int) -> torch.Tensor:
-    """(batch, tokens) bool: True from the first occurrence of `token_id` in a row to its end."""
-    return (ids == token_id).cumsum(1) > 0
+@dataclass(frozen=True)
+class Anchor:
+    """Where a concept's values act in a row of token ids."""
+    token_id: int
+    span: int      # the token and the class word's tokens after it
+    eos_id: int
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(batch, tokens) bool: the `span` positions from each occurrence of the token, and, in
+        rows that hold it, every position from the first EOS on."""
+        hit = ids == self.token_id
+        out = hit.clone()
+        for k in range(1, self.span):
+            out[:, k:] |= hit[:, :-k]
+        tail = (ids == self.eos_id).cumsum(1) > 0
+        return out | (tail & hit.any(1, keepdim=True))
+
+
+def anchor(tokenizer, token: str, class_word: str) -> Anchor:
+    """The anchor of a concept whose prompts read "<token> <class word>"."""
+    return Anchor(token_id(tokenizer, token), 1 + len(token_ids(tokenizer, class_word)),
+                  int(tokenizer.eos_token_id))
 
 
 @dataclass
 class _Concept:
-    token_id: int
+    anchor: Anchor
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]  # tensor → (flat indices, differences)
 
 
@@ -51,7 +73,7 @@ class TokenScope:
             f"{name}.weight": module for name, module in unet.named_modules()
             if name.endswith((".attn2.to_k", ".attn2.to_v"))}
         self.concepts: dict[str, _Concept] = {}
-        self._training: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._training: tuple[Anchor, dict[str, torch.Tensor]] | None = None
         # Per tensor: (row mask (batch, tokens, 1), the weight difference to apply there).
         self._active: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._training_rows: torch.Tensor | None = None   # the trained token's rows, this batch
@@ -60,14 +82,14 @@ class TokenScope:
 
     # -- registry ---------------------------------------------------------------------------
 
-    def add(self, name: str, token_id: int,
+    def add(self, name: str, where: Anchor,
             deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         if name in self.concepts:
             raise Conflict(f"Concept {name!r} is already applied.")
         unknown = set(deltas) - set(self.modules)
         if unknown:
             raise Internal(f"{name}: no cross-attention K/V tensor {sorted(unknown)[0]!r}.")
-        self.concepts[name] = _Concept(token_id, dict(deltas))
+        self.concepts[name] = _Concept(where, dict(deltas))
 
     def remove(self, name: str) -> None:
         self.concepts.pop(name, None)
@@ -76,14 +98,14 @@ class TokenScope:
         return list(self.concepts)
 
     @contextlib.contextmanager
-    def training(self, token_id: int, live: dict[str, torch.Tensor]):
+    def training(self, where: Anchor, live: dict[str, torch.Tensor]):
         """Inside: the weights of the tensors in `live` hold values being trained (written in,
         as CNS trains), and `live` copies of what they held before. Every UNet call then sees
-        those values only on the token's rows: elsewhere the hook takes (weight − live) back out,
+        those values only where the anchor says: elsewhere the hook takes (weight − live) back out,
         so the gradient reaches the weight from those rows alone."""
         if self._training is not None:
             raise Internal("A scoped concept is already being trained on this model.")
-        self._training = (token_id, live)
+        self._training = (where, live)
         try:
             yield
         finally:
@@ -98,7 +120,7 @@ class TokenScope:
         active: dict[str, list] = {}
         device = next(iter(self.modules.values())).weight.device
         for concept in self.concepts.values():
-            rows = positions(ids, concept.token_id)
+            rows = concept.anchor.rows(ids)
             if not bool(rows.any()):
                 continue
             for tname, (idx, diff) in concept.deltas.items():
@@ -110,7 +132,7 @@ class TokenScope:
         outer = self._active, self._training_rows
         self._active = active
         if self._training is not None:
-            self._training_rows = positions(ids, self._training[0]).to(device)[..., None]
+            self._training_rows = self._training[0].rows(ids).to(device)[..., None]
         try:
             yield
         finally:
