@@ -74,14 +74,16 @@ class CNSParams:
     probe_steps: int = 100        # movement: steps of the probe fine-tune (undone afterwards)
     probe_lr: float = 3e-3        # movement: Adam lr of the probe, every K/V weight
     top_p: float = 5.0            # % of each row selected per calibration prompt (general)
-    base_top_p: float = 20.0      # eq3: % of each row selected per caption (base neurons); wider
-                                  # than top_p, or base ⊆ general leaves nothing (docs/tuning.md)
+    base_top_p: float = 40.0      # eq3: % of each row selected per caption (base neurons); wider
+                                  # than top_p, or base ⊆ general leaves nothing; 40 with scope
+                                  # concept (20: named 0.76 vs 0.88, docs/tuning.md "CNS scope")
     few_percent: float = 0.1      # below this % of K/V as concept neurons, the learn result says so
-    lr: float = 6e-3              # Adam, concept neurons (docs/tuning.md "CNS on fixture run 6")
+    lr: float = 1.2e-2            # Adam, concept neurons (docs/tuning.md "CNS scope")
     lr_token: float = 5e-3        # Adam, the token-embedding row
-    lambda_prior: float = 0.6     # prior-preservation weight (1.0 held the look back; 0.3 let
-                                  # plain prompts drift: docs/tuning.md "CNS on fixture run 6")
-    lambda_prev: float = 1.0      # λ₁: shared neurons toward earlier concepts' values
+    lambda_prior: float = 0.6     # prior-preservation weight, scope all only (1.0 held the look
+                                  # back; 0.3 let plain prompts drift; measured at lr 6e-3 and
+                                  # base_top_p 20: docs/tuning.md "CNS on fixture run 6")
+    lambda_prev: float = 1.0      # λ₁: shared neurons toward earlier concepts' values (scope all)
     lambda_base: float = 0.0      # λ₂: all concept neurons toward the pretrained values
     prior_images: int = 8         # class images made by the base model (cached per class)
     prior_batch: int = 2          # class images per step
