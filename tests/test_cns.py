@@ -71,7 +71,8 @@ def test_concept_neurons_are_base_and_not_general(tiny_pipe):
 def test_learn_reports_how_few_concept_neurons_remain(fresh_tiny_pipe, tmp_path):
     """On the random tiny model the general neurons cover almost every base neuron: the
     concept is learned with what remains (never a general neuron), and its metrics say so."""
-    spec = LearnSpec("few", "star", steps=2, options={**FAST, "top_p": 20.0}, cache_dir=tmp_path / "c")
+    spec = LearnSpec("few", "star", steps=2, options={**FAST, "top_p": 20.0, "base_top_p": 20.0},
+                     cache_dir=tmp_path / "c")
     rec = get_method("cns").learn(fresh_tiny_pipe, photos(tmp_path / "p"), spec, None, None)
     m = rec.meta.metrics
     assert m["general_share"] == 0.0
