@@ -10,13 +10,14 @@ and there only on its own words and the end of the sequence.
 Why. Written into the weights (the CNS paper's way), a concept's values change the keys and
 values of every prompt: on the toy world every text channel is read by every prompt (Eq. 3
 base/general overlap 0.98), so each concept moved the plain prompts (prior drop 0.219 after six)
-and the concepts before it (forgetting 0.594). Scoped, a prompt without the concept's token sees the base model exactly, and a concept's values
-never reach a prompt that does not name it. Where they act (docs/tuning.md "CNS scope"): the
-concept's words (its token and the class word after it) and the end of the sequence (EOS and the
-padding), which on the toy world carries the look (without it the look read 0.09 instead of
-0.68). Not the other words of the prompt: there the values cost two concepts in one prompt their
-boxes (composition 0.010 vs 0.073, placement 0.31 vs 0.38) and helped nothing. Training captions
-end with the class word, so this is every position from the token on while learning.
+and the concepts before it (forgetting 0.594). Scoped, a prompt without the concept's token sees
+the base model exactly, and a concept's values never reach a prompt that does not name it. Where
+they act (docs/tuning.md "CNS scope"): the concept's words (its token and the class word after
+it) and the end of the sequence (EOS and the padding), which on the toy world carries the look
+(without it the look read 0.09 instead of 0.68). Not the other words of the prompt: there the
+values cost two concepts in one prompt their boxes (composition 0.010 vs 0.073, placement 0.31
+vs 0.38) and helped nothing. Training captions end with the class word, so this is every
+position from the token on while learning.
 
 How. Forward hooks on every cross-attention to_k / to_v (attn2): they compose with any attention
 processor, layout guidance's included. Outside a `prompt` context, and for batch rows that hold
