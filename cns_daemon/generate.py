@@ -28,7 +28,7 @@ from cns_daemon.api.errors import BadInput
 from cns_daemon.model import recommended_guidance
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
-from cns_daemon.methods.common.scope import prompt_scope
+from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope
 from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, expand, referenced_names
 from store.records import ConceptRecord
 
@@ -88,8 +88,6 @@ def applied(pipe, records: list[ConceptRecord], apply_resident: bool):
 def batch_ids(expanded: ExpandedPrompt, n: int, cfg: bool, tokens: int) -> torch.Tensor:
     """The token ids of the UNet's text batch, row for row: diffusers puts the unconditional
     half first under CFG; those rows hold no concept (concepts are refused in negative prompts)."""
-    from cns_daemon.methods.common.scope import NO_TOKEN
-
     ids = list(expanded.token_ids[:tokens]) + [NO_TOKEN] * max(0, tokens - len(expanded.token_ids))
     cond = torch.tensor([ids] * n)
     return torch.cat([torch.full_like(cond, NO_TOKEN), cond]) if cfg else cond

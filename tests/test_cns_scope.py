@@ -113,23 +113,13 @@ def test_scoped_learn_writes_no_kv_and_keeps_plain_prompts_exact(fresh_tiny_pipe
     assert np.array_equal(again, plain)
     with_rex = generate(pipe, "a photo of <rex> on the grass", {"rex": rec}, n=1, steps=3,
                         output_type="np")[0]
-    token_scope(pipe.unet).remove("rex")                   # the token row alone
+    scoped = token_scope(pipe.unet).concepts.pop("rex")    # the token row alone
     row_only = generate(pipe, "a photo of <rex> on the grass", {"rex": rec}, n=1, steps=3,
                         output_type="np")[0]
-    token_scope(pipe.unet).add("rex", anchor(pipe.tokenizer, rec.meta.token, "star"),
-                               stack_deltas(pipe, rec))
+    token_scope(pipe.unet).concepts["rex"] = scoped
     assert not np.array_equal(with_rex, row_only)
     method.unlearn(pipe, "rex")
     assert changed(pipe, before) == [] and token_scope(pipe.unet).names() == []
-
-
-def stack_deltas(pipe, rec):
-    kv = C.kv_weights(pipe.unet)
-    out = {}
-    for n, d in rec.deltas.items():
-        idx = torch.as_tensor(d.indices)
-        out[n] = (idx, torch.as_tensor(d.values).float() - kv[n].detach().reshape(-1)[idx])
-    return out
 
 
 def test_scoped_and_written_records_apply_and_remove_exactly(fresh_tiny_pipe):

@@ -75,6 +75,7 @@ class CNSStack:
         if record.name in self.names():
             raise Conflict(f"Concept {record.name!r} is already applied.")
         indices, below, scoped = {}, {}, {}
+        in_scope = scope_of(record) == "concept"
         with torch.no_grad():
             for name, delta in record.deltas.items():
                 p = self.params.get(name)
@@ -88,7 +89,7 @@ class CNSStack:
                 idx = torch.as_tensor(np.asarray(delta.indices, np.int64)).to(p.device)
                 flat = p.data.view(-1)
                 values = torch.as_tensor(np.asarray(delta.values)).to(p.device, p.dtype)
-                if scope_of(record) == "concept":   # differences to what lies below, not written
+                if in_scope:   # differences to what lies below, not written
                     scoped[name] = (idx, values - flat.index_select(0, idx))
                     continue
                 # index_select/index_copy_ rather than flat[idx]: same result for unique
@@ -97,7 +98,7 @@ class CNSStack:
                 below[name] = flat.index_select(0, idx)
                 indices[name] = idx
                 flat.index_copy_(0, idx, values)
-        if scope_of(record) == "concept":
+        if in_scope:
             token_scope(self.unet).add(record.name, anchor(self.tokenizer, record.meta.token,
                                                            record.meta.class_word), scoped)
         rows = write_rows(self.text_encoder,
