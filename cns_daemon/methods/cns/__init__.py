@@ -89,6 +89,10 @@ class CNSParams:
     prior_batch: int = 2          # class images per step
     prior_steps: int = 20         # denoising steps used to make a class image
     variants: int = 4             # augmented variants per photo
+    mask: str = "border"          # border: weigh the object above its background, estimated from
+                                  # the photo's border (common/masks.py) | none: the whole photo
+    mask_background: float = 0.1  # the background's loss weight, relative to the object's (prompt
+                                  # fidelity 0.823 -> 0.938: docs/tuning.md "Object-weighted loss")
     delta_dtype: str = "float16"  # stored values: float16 | float32 (fp16 rounding: docs/tuning.md)
     token: str = ""               # a specific rare token; "" picks one automatically
     token_init: str = "token"     # start the row from the rare token's own row | the "class" word's
@@ -105,6 +109,8 @@ class CNSParams:
             raise BadInput("steps and prior_images must be ≥ 0, variants ≥ 1.")
         if self.scope not in ("concept", "all"):
             raise BadInput("scope must be `concept` or `all`.")
+        if self.mask not in ("border", "none") or not 0 <= self.mask_background <= 1:
+            raise BadInput("mask must be `border` or `none`, mask_background in [0, 1].")
         if self.token_init not in ("token", "class"):
             raise BadInput("token_init must be `token` or `class`.")
         if self.delta_dtype not in ("float32", "float16"):
@@ -151,6 +157,22 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
                      progress=progress, cancel=cancel)
 
 
+def photo_weights(prep: C.Prepared, hp: CNSParams) -> torch.Tensor | None:
+    if hp.mask == "none":
+        return None
+    return C.loss_weights(prep.masks, prep.latents.shape[-1], hp.mask_background)
+
+
+def mask_note(prep: C.Prepared, hp: CNSParams) -> str | None:
+    """What the learn result says when some photos were trained whole."""
+    missed = [p.name for p, ok in zip(prep.photos.paths, prep.found.tolist()) if not ok]
+    if hp.mask == "none" or not missed:
+        return None
+    return (f"the object could not be told from the background in {', '.join(missed)} (a busy "
+            f"border, or the object fills the frame), so those were trained whole and their "
+            f"backgrounds may show up in generations; photos on a plain background avoid this")
+
+
 @dataclass
 class _Run:
     trainees: list[_Trainee]
@@ -181,7 +203,8 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
     loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
                          prior_prompt=C.prior_prompt(spec.class_word),
                          lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,
-                         seed=spec.seed, text_grad=True, unet_context=around)
+                         seed=spec.seed, text_grad=True, unet_context=around,
+                         photo_weights=photo_weights(prep, hp))
     opt = torch.optim.Adam([{"params": [t.values for t in trainees], "lr": lr},
                             {"params": [row.param], "lr": hp.lr_token}])
     weights = [t.weight for t in trainees]
@@ -298,10 +321,15 @@ class CNSMethod:
         metrics = {"loss_first": run.losses[0] if run.losses else None,
                    "loss_last": float(np.mean(run.losses[-10:])) if run.losses else None,
                    "kv_share": share, "general_share": general_share(pipe, stack, indices, hp.top_p)}
+        notes = [mask_note(prep, hp)]
         if share * 100 < hp.few_percent:
-            metrics["note"] = (f"only {n:,} concept neurons ({share:.3%} of K/V) remain once the general "
-                               f"ones are left out, so the concept lives mostly in its token; "
-                               f"--option base_top_p=N (now {hp.base_top_p:g}) selects more")
+            notes.insert(0, f"only {n:,} concept neurons ({share:.3%} of K/V) remain once the general "
+                            f"ones are left out, so the concept lives mostly in its token; "
+                            f"--option base_top_p=N (now {hp.base_top_p:g}) selects more")
+        if any(notes):
+            metrics["note"] = "; ".join(x for x in notes if x)
+        if hp.mask != "none":
+            metrics["mask_found"] = float(prep.found.float().mean())
         meta = ConceptMeta(
             spec.name, "cns", spec.class_word, token,
             hparams={**C.as_dict(hp), "token": token, "seed": spec.seed, "neurons": n,

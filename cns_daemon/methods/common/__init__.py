@@ -6,6 +6,7 @@
 - training: text/photo encoding, denoising + prior-preservation loss, freezing, step loop
 - prior:    class images made by the base model, cached per class word
 - scope:    token-scoped K/V values (a concept acts only where its token is)
+- masks:    where the object is in each photo (the loss weighs it above the background)
 - inputs:   photos -> latents + class-image latents, what every method's training starts from
 Photo loading, validation, augmentation and captions live in methods/data.py.
 """
@@ -13,6 +14,7 @@ from .kv import (SavedValues, count, kv_total, kv_weights, mask_indices, read_va
                  restore_values, union_indices, write_values)
 from .options import as_dict, parse_options
 from .scope import Anchor, anchor, prompt_scope, token_scope
+from .masks import loss_weights, object_masks
 from .inputs import Prepared, Prior, concept_token, prepare
 from .prior import class_images, prior_prompt
 from .tokens import (SavedRows, TrainableRow, allocate_token, embedding_rows, rare_tokens,
@@ -29,5 +31,5 @@ __all__ = [
     "embedding_rows", "rare_tokens", "restore_rows", "token_id", "token_ids", "write_rows",
     "ConceptLoss", "LossParts", "denoising_losses", "encode_pixels", "encode_text",
     "noise_schedule", "only_trainable", "pipeline_modules", "run_steps", "step_generator",
-    "tokenize", "Anchor", "anchor", "prompt_scope", "token_scope",
+    "tokenize", "loss_weights", "object_masks", "Anchor", "anchor", "prompt_scope", "token_scope",
 ]

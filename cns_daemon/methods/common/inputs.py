@@ -14,6 +14,7 @@ import torch
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.methods.data import PhotoSet, prepare_photos, resolution
 
+from .masks import object_masks
 from .prior import class_images
 from .tokens import allocate_token
 from .training import encode_pixels
@@ -25,6 +26,8 @@ class Prepared:
     photos: PhotoSet
     latents: torch.Tensor          # (n_photos, n_variants, 4, h, w)
     prior: torch.Tensor | None     # class-image latents; None without prior preservation
+    masks: torch.Tensor            # (n_photos, n_variants, 1, size, size) object masks (masks.py)
+    found: torch.Tensor            # (n_photos,) bool: the object was told from its background
 
 
 @dataclass(frozen=True)
@@ -56,4 +59,5 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, token: str, *, variants: 
                                   steps=prior.steps, seed=spec.seed, cache_dir=spec.cache_dir,
                                   progress=progress, cancel=cancel)
         prior_latents = encode_pixels(pipe, pixels)
-    return Prepared(token, photo_set, latents, prior_latents)
+    masks, found = object_masks(photo_set.pixels)
+    return Prepared(token, photo_set, latents, prior_latents, masks, found)

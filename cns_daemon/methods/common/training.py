@@ -53,9 +53,10 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def denoising_losses(unet, schedule, latents: torch.Tensor, cond: torch.Tensor,
-                     gen: torch.Generator) -> torch.Tensor:
+                     gen: torch.Generator, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample noise-prediction MSE at uniformly random timesteps (v-prediction targets for
-    v-models such as SD 2.x 768)."""
+    v-models such as SD 2.x 768). `weights` (n, 1, h, w), if given, weigh the latent pixels
+    (common/masks.py)."""
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen).to(latents.device)
     t = torch.randint(0, schedule.config.num_train_timesteps, (n,), generator=gen).to(latents.device)
@@ -65,7 +66,10 @@ def denoising_losses(unet, schedule, latents: torch.Tensor, cond: torch.Tensor,
     else:
         target = noise
     pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
-    return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if weights is not None:
+        err = err * weights.to(err.device)
+    return err.mean(dim=(1, 2, 3))
 
 
 @dataclass
@@ -82,12 +86,14 @@ class ConceptLoss:
 
     With `text_grad=False` the captions are encoded once; with True (a trained token row) they
     are re-encoded each step so gradients reach the text encoder's input embedding.
+    `photo_weights` (n_photos, n_variants, 1, h, w) weigh each photo's latent pixels (the object
+    above its background: common/masks.py); class images are weighed evenly.
     """
 
     def __init__(self, pipe, photo_latents: torch.Tensor, captions: list[str], *,
                  prior_latents: torch.Tensor | None = None, prior_prompt: str = "",
                  lambda_prior: float = 1.0, prior_batch: int = 2, seed: int = 0,
-                 text_grad: bool = False,
+                 text_grad: bool = False, photo_weights: torch.Tensor | None = None,
                  unet_context: Callable[[list[str]], contextlib.AbstractContextManager] | None = None):
         self.pipe = pipe
         self.photos = photo_latents           # (n_photos, n_variants, 4, h, w)
@@ -98,6 +104,7 @@ class ConceptLoss:
         self.prior_batch = prior_batch
         self.seed = seed
         self.text_grad = text_grad
+        self.photo_weights = photo_weights
         # Entered around each step's UNet call with that batch's prompts (token-scoped K/V
         # values need to know which rows hold which tokens: common/scope.py).
         self.unet_context = unet_context
@@ -121,6 +128,9 @@ class ConceptLoss:
         n, n_var = self.photos.shape[:2]
         variant = torch.randint(0, n_var, (n,), generator=gen)
         latents = [self.photos[torch.arange(n), variant]]
+        weights = None
+        if self.photo_weights is not None:
+            weights = [self.photo_weights[torch.arange(n), variant]]
         prompts = list(self.captions)
         m = 0
         if self.prior is not None:
@@ -128,12 +138,14 @@ class ConceptLoss:
             latents.append(self.prior[pick])
             m = len(pick)
             prompts += [self.prior_prompt] * m
+            if weights is not None:
+                weights.append(torch.ones(m, *weights[0].shape[1:]))
         device = self.pipe.unet.device
         cond = self._encode(prompts)
         around = self.unet_context(prompts) if self.unet_context else contextlib.nullcontext()
         with around:
             losses = denoising_losses(self.pipe.unet, self.schedule, torch.cat(latents).to(device),
-                                      cond, gen)
+                                      cond, gen, None if weights is None else torch.cat(weights))
         photo = losses[:n].mean()
         total = photo
         prior = 0.0

@@ -1,0 +1,91 @@
+"""The object-weighted loss: masks from the photo's border, loss weights, the weighted denoising
+loss, and what a CNS learn reports about them."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cns_daemon.api.errors import BadInput
+from cns_daemon.methods import LearnSpec, cns, get_method
+from cns_daemon.methods import common as C
+from cns_daemon.toyworld.world import ObjectSpec, SceneSpec, render
+from helpers.methods import FAST, photos
+
+
+def _pixels(arrays: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 images → (n, 1 variant, 3, H, W) in [-1, 1], as PhotoSet holds them."""
+    x = torch.stack([torch.from_numpy(np.array(a)).permute(2, 0, 1).float() / 127.5 - 1 for a in arrays])
+    return x[:, None]
+
+
+def test_the_mask_is_the_object_grown_by_one_pixel():
+    a = np.full((32, 32, 3), 200, np.uint8)
+    a[10:20, 12:22] = (220, 30, 30)
+    masks, found = C.object_masks(_pixels([a]))
+    want = np.zeros((32, 32), bool)
+    want[9:21, 11:23] = True
+    assert found.tolist() == [True]
+    assert np.array_equal(masks[0, 0, 0].numpy().astype(bool), want)
+
+
+def test_a_toy_world_photo_on_textured_grass_is_found():
+    obj = ObjectSpec("star", "red", "dots", "orange", "diagonal")
+    img = np.asarray(render(SceneSpec((obj,), "grass"), 3))
+    masks, found = C.object_masks(_pixels([img]))
+    m = masks[0, 0, 0]
+    assert bool(found[0]) and 0.1 < float(m.mean()) < 0.6
+    assert float(m[14:18, 14:18].mean()) == 1.0          # the middle of the star
+    assert float(m[:3, :3].mean()) == 0.0                 # a corner of the lawn
+
+
+def test_a_busy_or_filled_photo_is_trained_whole():
+    busy = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    filled = np.full((32, 32, 3), 90, np.uint8)           # no object told from the border
+    ok = np.full((32, 32, 3), 200, np.uint8)
+    ok[8:24, 8:24] = 0
+    masks, found = C.object_masks(_pixels([busy, filled, ok]))
+    assert found.tolist() == [False, False, True]
+    assert float(masks[0].min()) == 1.0 and float(masks[1].min()) == 1.0
+
+
+def test_loss_weights_put_the_background_at_its_share_with_mean_one():
+    masks = torch.zeros(2, 3, 1, 32, 32)
+    masks[..., 8:24, 8:24] = 1
+    w = C.loss_weights(masks, 16, 0.1)
+    assert w.shape == (2, 3, 1, 16, 16)
+    assert torch.allclose(w.mean(dim=(2, 3, 4)), torch.ones(2, 3))
+    assert float(w[0, 0, 0, 8, 8] / w[0, 0, 0, 0, 0]) == pytest.approx(10.0)
+
+
+def test_weighted_denoising_loss(tiny_pipe):
+    """Even weights give the unweighted loss; weights of zero on one half leave only the other."""
+    schedule = C.noise_schedule(tiny_pipe)
+    size = tiny_pipe.unet.config.sample_size
+    lat = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(0))
+    cond = C.encode_text(tiny_pipe, ["a photo of a star"] * 2).detach()
+    run = lambda w: C.denoising_losses(tiny_pipe.unet, schedule, lat, cond,  # noqa: E731
+                                       torch.Generator().manual_seed(1), w).detach()
+    plain = run(None)
+    assert torch.allclose(run(torch.ones(2, 1, size, size)), plain)
+    left = torch.zeros(2, 1, size, size)
+    left[..., : size // 2] = 2.0
+    right = 2.0 - left
+    assert torch.allclose((run(left) + run(right)) / 2, plain, atol=1e-6)
+    assert not torch.allclose(run(left), plain)
+
+
+def test_cns_learn_reports_masks_and_rejects_bad_options(fresh_tiny_pipe, tmp_path):
+    pics = photos(tmp_path / "p")                         # a red block on light grey: found
+    busy = tmp_path / "p" / "busy.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(busy)
+    spec = LearnSpec("m", "star", steps=1, options={**FAST}, cache_dir=tmp_path / "c")
+    rec = get_method("cns").learn(fresh_tiny_pipe, pics + [busy], spec, None, None)
+    assert rec.meta.metrics["mask_found"] == pytest.approx(3 / 4)
+    assert "busy.png" in rec.meta.metrics["note"] and "0.png" not in rec.meta.metrics["note"]
+    assert rec.meta.hparams["mask"] == "border" and rec.meta.hparams["mask_background"] == 0.1
+    get_method("cns").unlearn(fresh_tiny_pipe, "m")
+    for bad in ({"mask": "alpha"}, {"mask_background": 2.0}):
+        with pytest.raises(BadInput):
+            cns.CNSParams(**bad).validate()
