@@ -128,6 +128,8 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         info = c.concept(name)
         console.print(f"Learned <{info.name}> ({info.method}, {info.class_word}): "
                       f"{info.neurons:,} neurons, {info.size_bytes:,} bytes.")
+        if info.metrics.get("note"):   # what the method wants the person to know (masks.py, ...)
+            console.print(f"[yellow]Note:[/] {info.metrics['note']}")
 
 
 @app.command("list")

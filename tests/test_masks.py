@@ -83,7 +83,7 @@ def test_cns_learn_reports_masks_and_rejects_bad_options(fresh_tiny_pipe, tmp_pa
     spec = LearnSpec("m", "star", steps=1, options={**FAST}, cache_dir=tmp_path / "c")
     rec = get_method("cns").learn(fresh_tiny_pipe, pics + [busy], spec, None, None)
     assert rec.meta.metrics["mask_found"] == pytest.approx(3 / 4)
-    assert "busy.png" in rec.meta.metrics["note"] and "0.png" not in rec.meta.metrics["note"]
+    assert "in photo 4 of 4" in rec.meta.metrics["note"]
     assert rec.meta.hparams["mask"] == "border" and rec.meta.hparams["mask_background"] == 0.1
     get_method("cns").unlearn(fresh_tiny_pipe, "m")
     for bad in ({"mask": "alpha"}, {"mask_background": 2.0}):

@@ -59,6 +59,13 @@ def test_add_list_show_generate(cones, daemon, tmp_path):
     assert len(archived) >= 3
 
 
+def test_add_prints_the_learn_results_note(cones, tmp_path):
+    photos = write_photos(tmp_path / "n", 3)
+    code, out = cones("add", "noted1", *map(str, photos), "--class", "noted", "--steps", "2")
+    assert code == 0, out
+    assert "Learned <noted1>" in out and "Note: photo 2 of 3 was trained whole" in out
+
+
 def test_status_json_has_paths_model_and_queue(cones, daemon):
     code, out = cones("status", "--json")
     assert code == 0, out

@@ -65,6 +65,7 @@ class FakeEngine(Engine):
 
     step_s = float(os.environ.get("CONES_TEST_STEP_S", "0.02"))
     FAILING_CLASS = "unlearnable"   # a learn job for this class word fails when it runs
+    NOTED_CLASS = "noted"           # ... and for this one its record carries a note
 
     def start(self) -> None:
         from types import SimpleNamespace
@@ -104,7 +105,8 @@ class FakeEngine(Engine):
             raise BadPhoto(f"The fake engine cannot learn a {self.FAILING_CLASS} thing.")
         self.store.put(ConceptRecord(meta=ConceptMeta(
             name=job.name, method=job.method, class_word=job.class_word, token="sks",
-            photo_digests=list(job.photo_digests), fingerprint=self.info.fingerprint)))
+            photo_digests=list(job.photo_digests), fingerprint=self.info.fingerprint,
+            metrics={"note": "photo 2 of 3 was trained whole"} if job.class_word == self.NOTED_CLASS else {})))
         if job.method == "cns":
             self.live.append(job.name)
         return JobResult(concept=job.name)

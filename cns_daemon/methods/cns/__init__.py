@@ -164,13 +164,16 @@ def photo_weights(prep: C.Prepared, hp: CNSParams) -> torch.Tensor | None:
 
 
 def mask_note(prep: C.Prepared, hp: CNSParams) -> str | None:
-    """What the learn result says when some photos were trained whole."""
-    missed = [p.name for p, ok in zip(prep.photos.paths, prep.found.tolist()) if not ok]
+    """What the learn result says when some photos were trained whole. Photos are numbered in
+    the order given (the service passes archived copies, whose file names mean nothing to the
+    person)."""
+    missed = [str(i + 1) for i, ok in enumerate(prep.found.tolist()) if not ok]
     if hp.mask == "none" or not missed:
         return None
-    return (f"the object could not be told from the background in {', '.join(missed)} (a busy "
-            f"border, or the object fills the frame), so those were trained whole and their "
-            f"backgrounds may show up in generations; photos on a plain background avoid this")
+    return (f"the object could not be told from the background in photo {', '.join(missed)} of "
+            f"{len(prep.found)} (a busy border, or the object fills the frame), so it was trained "
+            f"whole and its background may show up in generations; photos on a plain "
+            f"background avoid this")
 
 
 @dataclass
