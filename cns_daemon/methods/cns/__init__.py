@@ -19,6 +19,8 @@ earlier concepts already tuned, W_prev are the live values before this concept (
 included) and W₀ the pretrained ones. The weights are full tensors during the forward pass; the
 selected values are a separate flat parameter scattered into them after every step, so no other
 element can change.
+The photos' loss weighs the object above its background (`mask`, common/masks.py): a deviation
+from the paper's plain loss, so that a concept does not learn its photos' backgrounds.
 
 Scope (`scope`, docs/tuning.md "CNS scope"). `concept`, the default: the trained values act only
 on prompts that hold the concept's token, on its words and the sequence's end (common/scope.py);

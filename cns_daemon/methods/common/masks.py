@@ -2,8 +2,8 @@
 
 Why. A person's 3–5 photos show their object on a few backgrounds. Trained on the whole photo,
 a concept learns those backgrounds too: on the toy world a scoped CNS concept photographed on
-snow, grass and white drew "<c3> in the sky" on snow in 32 of 32 images (prompt fidelity 0.823
-over six concepts, goal 0.9). Weighing the background at `background` (0.1) of the object keeps
+snow, grass and white drew no sky for "<c3> in the sky" in 32 of 32 images (prompt fidelity
+0.823 over six concepts, goal 0.9). Weighing the background at `background` (0.1) of the object keeps
 the loss on what the concept is: six concepts then read prompt fidelity 0.938, named look 0.906
 (docs/tuning.md "Object-weighted loss").
 
