@@ -89,3 +89,39 @@ def test_cns_learn_reports_masks_and_rejects_bad_options(fresh_tiny_pipe, tmp_pa
     for bad in ({"mask": "alpha"}, {"mask_background": 2.0}):
         with pytest.raises(BadInput):
             cns.CNSParams(**bad).validate()
+
+
+def test_background_teacher_replaces_the_target_only_off_the_object(tiny_pipe):
+    """Masks of ones: the plain loss. Masks of zeros with the teacher reading the same captions
+    through the same (unchanged) model: every target is the model's own prediction, loss 0."""
+    size = tiny_pipe.unet.config.sample_size
+    lat = torch.randn(2, 3, 4, size, size, generator=torch.Generator().manual_seed(0))
+    caps = ["a photo of a star", "a photo of a red star"]
+    plain = C.ConceptLoss(tiny_pipe, lat, caps, seed=3).parts(0).photos
+    ones = torch.ones(2, 3, 1, size, size)
+    kept = C.ConceptLoss(tiny_pipe, lat, caps, seed=3, background_teacher=(ones, caps)).parts(0)
+    assert kept.photos == pytest.approx(plain, rel=1e-6)
+    zero = C.ConceptLoss(tiny_pipe, lat, caps, seed=3, background_teacher=(0 * ones, caps)).parts(0)
+    assert zero.photos == pytest.approx(0.0, abs=1e-10) and plain > 0.01
+
+
+def test_the_teacher_reads_the_caption_without_the_token():
+    from cns_daemon.methods.data import without_token
+
+    assert without_token("a photo of a sks star on the grass", "sks") == "a photo of a star on the grass"
+    assert without_token("sks star, a photo", "sks") == "star, a photo"
+
+
+def test_cns_holds_the_background_to_the_base_model_only_when_asked_and_scoped(fresh_tiny_pipe, tmp_path):
+    base = cns.CNSParams(background="base")
+    prep = cns.prepare(fresh_tiny_pipe, photos(tmp_path / "p"),
+                       LearnSpec("b", "star", cache_dir=tmp_path / "c"), base, None, None)
+    masks, captions = cns.background_teacher(prep, base)
+    assert masks.shape[-1] == prep.latents.shape[-1] and prep.token not in " ".join(captions)
+    assert cns.photo_weights(prep, base) is None
+    for hp in (cns.CNSParams(), cns.CNSParams(background="base", scope="all"),
+               cns.CNSParams(background="base", mask="none")):
+        assert cns.background_teacher(prep, hp) is None
+    assert cns.photo_weights(prep, cns.CNSParams()) is not None
+    with pytest.raises(BadInput):
+        cns.CNSParams(background="sky").validate()

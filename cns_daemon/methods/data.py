@@ -117,6 +117,11 @@ def with_token(caption: str, token: str, class_word: str) -> str:
     return f"{token} {class_word}, {caption}"
 
 
+def without_token(caption: str, token: str) -> str:
+    """The caption as the base model would read it: the concept's token taken out."""
+    return " ".join(w for w in caption.split(" ") if w != token)
+
+
 def template_caption(index: int, token: str, class_word: str) -> str:
     return TEMPLATES[index % len(TEMPLATES)].format(token=token, cls=class_word).replace("  ", " ")
 

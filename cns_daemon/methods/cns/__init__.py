@@ -19,8 +19,10 @@ earlier concepts already tuned, W_prev are the live values before this concept (
 included) and W₀ the pretrained ones. The weights are full tensors during the forward pass; the
 selected values are a separate flat parameter scattered into them after every step, so no other
 element can change.
-The photos' loss weighs the object above its background (`mask`, common/masks.py): a deviation
-from the paper's plain loss, so that a concept does not learn its photos' backgrounds.
+The photos' loss weighs the object above its background (`mask`, common/masks.py; with
+`background base` the background aims at what the base model predicts for the caption without the
+token instead): a deviation from the paper's plain loss, so that a concept learns its object and
+not its photos' backgrounds.
 
 Scope (`scope`, docs/tuning.md "CNS scope"). `concept`, the default: the trained values act only
 on prompts that hold the concept's token, on its words and the sequence's end (common/scope.py);
@@ -55,6 +57,7 @@ from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
 from cns_daemon.methods.cns.layers import CNSStack, scope_of, stack_for
+from cns_daemon.methods.data import without_token
 from cns_daemon.methods.cns.selection import (  # noqa: F401  (re-exported: the selection API)
     Selection, base_neurons, column_norms, concept_neurons, general_counts, general_neurons,
     general_share, movement_base, row_top, select)
@@ -93,8 +96,12 @@ class CNSParams:
     variants: int = 4             # augmented variants per photo
     mask: str = "border"          # border: weigh the object above its background, estimated from
                                   # the photo's border (common/masks.py) | none: the whole photo
-    mask_background: float = 0.1  # the background's loss weight, relative to the object's (prompt
-                                  # fidelity 0.823 -> 0.938: docs/tuning.md "Object-weighted loss")
+    background: str = "photo"     # what a photo's background is held to: photo (the photo, at
+                                  # mask_background) | base (what the base model predicts for the
+                                  # caption without the token; scope concept only: backgrounds
+                                  # kept better, the look weaker, docs/tuning.md "Object-weighted loss")
+    mask_background: float = 0.1  # background: photo: the background's loss weight, relative to
+                                  # the object's (docs/tuning.md "Object-weighted loss")
     delta_dtype: str = "float16"  # stored values: float16 | float32 (fp16 rounding: docs/tuning.md)
     token: str = ""               # a specific rare token; "" picks one automatically
     token_init: str = "token"     # start the row from the rare token's own row | the "class" word's
@@ -113,6 +120,8 @@ class CNSParams:
             raise BadInput("scope must be `concept` or `all`.")
         if self.mask not in ("border", "none") or not 0 <= self.mask_background <= 1:
             raise BadInput("mask must be `border` or `none`, mask_background in [0, 1].")
+        if self.background not in ("base", "photo"):
+            raise BadInput("background must be `base` or `photo`.")
         if self.token_init not in ("token", "class"):
             raise BadInput("token_init must be `token` or `class`.")
         if self.delta_dtype not in ("float32", "float16"):
@@ -159,10 +168,23 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
                      progress=progress, cancel=cancel)
 
 
+def _distils(hp: CNSParams) -> bool:
+    """The background is held to the base model's prediction: with scoped values a caption
+    without the token reaches the base model exactly; written values leave no such model."""
+    return hp.mask != "none" and hp.background == "base" and hp.scope == "concept"
+
+
 def photo_weights(prep: C.Prepared, hp: CNSParams) -> torch.Tensor | None:
-    if hp.mask == "none":
+    if hp.mask == "none" or _distils(hp):
         return None
     return C.loss_weights(prep.masks, prep.latents.shape[-1], hp.mask_background)
+
+
+def background_teacher(prep: C.Prepared, hp: CNSParams) -> tuple[torch.Tensor, list[str]] | None:
+    if not _distils(hp):
+        return None
+    return (C.latent_masks(prep.masks, prep.latents.shape[-1]),
+            [without_token(c, prep.token) for c in prep.photos.captions])
 
 
 def mask_note(prep: C.Prepared, hp: CNSParams) -> str | None:
@@ -209,7 +231,8 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
                          prior_prompt=C.prior_prompt(spec.class_word),
                          lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,
                          seed=spec.seed, text_grad=True, unet_context=around,
-                         photo_weights=photo_weights(prep, hp))
+                         photo_weights=photo_weights(prep, hp),
+                         background_teacher=background_teacher(prep, hp))
     opt = torch.optim.Adam([{"params": [t.values for t in trainees], "lr": lr},
                             {"params": [row.param], "lr": hp.lr_token}])
     weights = [t.weight for t in trainees]

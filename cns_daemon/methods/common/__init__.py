@@ -14,7 +14,7 @@ from .kv import (SavedValues, count, kv_total, kv_weights, mask_indices, read_va
                  restore_values, union_indices, write_values)
 from .options import as_dict, parse_options
 from .scope import Anchor, anchor, prompt_scope, token_scope
-from .masks import loss_weights, object_masks
+from .masks import latent_masks, loss_weights, object_masks
 from .inputs import Prepared, Prior, concept_token, prepare
 from .prior import class_images, prior_prompt
 from .tokens import (SavedRows, TrainableRow, allocate_token, embedding_rows, rare_tokens,
@@ -31,5 +31,5 @@ __all__ = [
     "embedding_rows", "rare_tokens", "restore_rows", "token_id", "token_ids", "write_rows",
     "ConceptLoss", "LossParts", "denoising_losses", "encode_pixels", "encode_text",
     "noise_schedule", "only_trainable", "pipeline_modules", "run_steps", "step_generator",
-    "tokenize", "loss_weights", "object_masks", "Anchor", "anchor", "prompt_scope", "token_scope",
+    "tokenize", "latent_masks", "loss_weights", "object_masks", "Anchor", "anchor", "prompt_scope", "token_scope",
 ]

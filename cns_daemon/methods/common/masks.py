@@ -37,11 +37,17 @@ def object_masks(pixels: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Te
     return mask.unflatten(0, pixels.shape[:2]), ok.view(pixels.shape[:2]).all(dim=1)
 
 
+def latent_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Object masks (n, variants, 1, S, S) → the latent grid (n, variants, 1, size, size): a
+    latent pixel is object when any pixel it covers is."""
+    return F.adaptive_max_pool2d(masks.flatten(0, 1), size).unflatten(0, masks.shape[:2])
+
+
 def loss_weights(masks: torch.Tensor, size: int, background: float) -> torch.Tensor:
     """Object masks (n, variants, 1, S, S) → per-latent-pixel loss weights (n, variants, 1,
     size, size): 1 on the object, `background` elsewhere, scaled to mean 1 per image (so the
     learning rate means what it meant for the unweighted loss)."""
-    m = F.adaptive_max_pool2d(masks.flatten(0, 1), size)
+    m = latent_masks(masks, size).flatten(0, 1)
     w = m + background * (1 - m)
     w = w / w.mean(dim=(1, 2, 3), keepdim=True)
     return w.unflatten(0, masks.shape[:2])

@@ -53,10 +53,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def denoising_losses(unet, schedule, latents: torch.Tensor, cond: torch.Tensor,
-                     gen: torch.Generator, weights: torch.Tensor | None = None) -> torch.Tensor:
+                     gen: torch.Generator, weights: torch.Tensor | None = None,
+                     teacher: Callable | None = None) -> torch.Tensor:
     """Per-sample noise-prediction MSE at uniformly random timesteps (v-prediction targets for
     v-models such as SD 2.x 768). `weights` (n, 1, h, w), if given, weigh the latent pixels
-    (common/masks.py)."""
+    (common/masks.py); `teacher(noisy, t, target)`, if given, returns the targets to use."""
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen).to(latents.device)
     t = torch.randint(0, schedule.config.num_train_timesteps, (n,), generator=gen).to(latents.device)
@@ -65,6 +66,8 @@ def denoising_losses(unet, schedule, latents: torch.Tensor, cond: torch.Tensor,
         target = schedule.get_velocity(latents, noise, t)
     else:
         target = noise
+    if teacher is not None:
+        target = teacher(noisy, t, target)
     pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
     err = F.mse_loss(pred.float(), target.float(), reduction="none")
     if weights is not None:
@@ -87,13 +90,17 @@ class ConceptLoss:
     With `text_grad=False` the captions are encoded once; with True (a trained token row) they
     are re-encoded each step so gradients reach the text encoder's input embedding.
     `photo_weights` (n_photos, n_variants, 1, h, w) weigh each photo's latent pixels (the object
-    above its background: common/masks.py); class images are weighed evenly.
+    above its background: common/masks.py); class images are weighed evenly. With
+    `background_teacher` = (masks (n_photos, n_variants, 1, h, w), captions without the concept's
+    token) a photo's background is held to what the model predicts for those captions (the base
+    model, where the concept's values are token-scoped) instead of to the photo's own noise.
     """
 
     def __init__(self, pipe, photo_latents: torch.Tensor, captions: list[str], *,
                  prior_latents: torch.Tensor | None = None, prior_prompt: str = "",
                  lambda_prior: float = 1.0, prior_batch: int = 2, seed: int = 0,
                  text_grad: bool = False, photo_weights: torch.Tensor | None = None,
+                 background_teacher: tuple[torch.Tensor, list[str]] | None = None,
                  unet_context: Callable[[list[str]], contextlib.AbstractContextManager] | None = None):
         self.pipe = pipe
         self.photos = photo_latents           # (n_photos, n_variants, 4, h, w)
@@ -105,6 +112,7 @@ class ConceptLoss:
         self.seed = seed
         self.text_grad = text_grad
         self.photo_weights = photo_weights
+        self.background_teacher = background_teacher
         # Entered around each step's UNet call with that batch's prompts (token-scoped K/V
         # values need to know which rows hold which tokens: common/scope.py).
         self.unet_context = unet_context
@@ -112,6 +120,26 @@ class ConceptLoss:
         self._cache: dict[str, torch.Tensor] = {}
         if not text_grad:  # frozen captions: encode them now, so the loop never runs the encoder
             self._encode(self.captions + ([prior_prompt] if self.prior is not None else []))
+        self._teacher_cond = None
+        if background_teacher is not None:   # captions without the token: encoded once
+            with torch.no_grad():
+                self._teacher_cond = encode_text(pipe, background_teacher[1])
+
+    def _teacher(self, variant: torch.Tensor):
+        """The targets with each photo's background (the first n rows) replaced by the teacher's
+        prediction for the photo's caption without the token."""
+        masks, captions = self.background_teacher
+        n = len(captions)
+        mask = masks[torch.arange(n), variant]
+
+        def targets(noisy, t, target):
+            around = self.unet_context(captions) if self.unet_context else contextlib.nullcontext()
+            with torch.no_grad(), around:
+                unet = self.pipe.unet
+                pred0 = unet(noisy[:n], t[:n], encoder_hidden_states=self._teacher_cond.to(unet.dtype)).sample
+            m = mask.to(target.device, target.dtype)
+            return torch.cat([m * target[:n] + (1 - m) * pred0.to(target.dtype), target[n:]])
+        return targets
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         if self.text_grad:
@@ -145,7 +173,8 @@ class ConceptLoss:
         around = self.unet_context(prompts) if self.unet_context else contextlib.nullcontext()
         with around:
             losses = denoising_losses(self.pipe.unet, self.schedule, torch.cat(latents).to(device),
-                                      cond, gen, None if weights is None else torch.cat(weights))
+                                      cond, gen, None if weights is None else torch.cat(weights),
+                                      None if self.background_teacher is None else self._teacher(variant))
         photo = losses[:n].mean()
         total = photo
         prior = 0.0
