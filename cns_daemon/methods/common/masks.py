@@ -3,9 +3,10 @@
 Why. A person's 3–5 photos show their object on a few backgrounds. Trained on the whole photo,
 a concept learns those backgrounds too: on the toy world a scoped CNS concept photographed on
 snow, grass and white drew no sky for "<c3> in the sky" in 32 of 32 images (prompt fidelity
-0.823 over six concepts, goal 0.9). Weighing the background at `background` (0.1) of the object keeps
-the loss on what the concept is: six concepts then read prompt fidelity 0.938, named look 0.906
-(docs/tuning.md "Object-weighted loss").
+0.823 over six concepts, goal 0.9). Weighing the background at 0.1 of the object (CNS's
+`mask_background`) keeps the loss on what the concept is: six concepts then read prompt fidelity
+0.938, named look 0.906. CNS's `background=base` uses the same masks to aim the background at the
+base model's prediction instead (training.ConceptLoss; docs/tuning.md "Object-weighted loss").
 
 How. The background is estimated from the photo's border: its per-channel median colour; a pixel
 belongs to the object when some channel differs from it by more than `threshold` (in [-1, 1]
