@@ -45,7 +45,7 @@ import torch
 
 from bench._cells import (Generator, MethodResult, measure_base, mixed_composition, placement_sweep,
                           run_method)
-from bench._world import Concept, Judge, make_concepts
+from bench._world import Concept, Judge, make_concepts, prompt_background
 from cns_daemon.api.names import METHODS as PRODUCT
 from cns_daemon.toyworld.fidelity import DEFAULT_GUIDANCE
 
@@ -219,12 +219,28 @@ def print_table(result: dict) -> None:
     for combo in result.get("mixed", {}):
         print(f"{combo}: composition with boxes {s[combo + '_composition_guided']:.3f}, "
               f"without {s[combo + '_composition_unguided']:.3f}")
+    print_per_concept(result)
     for m, r in result["methods"].items():
         for note in r.get("notes", [])[:3]:
             print(f"note ({m}) {note}")
     print(f"Wall time {s['wall_s']:.0f} s. Goals (CNS / Cones, Cones 2): named look >= 0.8 / 0.7, "
           "tilt >= 0.6 (CNS), prompt fidelity >= 0.9, forgetting <= 0.05, prior drops <= 0.03, "
           "composition with boxes >= 0.7 (CNS+CNS, CNS+Cones 2, Cones+Cones 2).")
+
+
+def print_per_concept(result: dict) -> None:
+    """One line per concept and method: which concepts pull a mean down (the photos' backgrounds,
+    a colour the prompt's background shares, ...)."""
+    keys = [("named", "fidelity"), ("final", "fidelity_final"), ("tilt", "unnamed"),
+            ("prompt", "prompt_fidelity")]
+    for m, r in result["methods"].items():
+        if r["error"] is not None:
+            continue
+        print(f"  {'per concept (' + m + ')':<56}" + "".join(f"{h:>7}" for h, _ in keys))
+        for i, label in enumerate(result["concepts"]):
+            cells = [r[key][i] if i < len(r[key]) else None for _, key in keys]
+            label = f"{label} ({prompt_background(i)} asked)"
+            print(f"  {label:<56}" + "".join("      -" if v is None else f"{v:7.3f}" for v in cells))
 
 
 def _value(text: str):

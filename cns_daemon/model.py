@@ -29,24 +29,40 @@ TOYWORLD_MODEL = Path(__file__).parent / "toyworld" / "model"
 DEFAULT_GUIDANCE_SCALE = 7.5
 MODEL_NOTES = "cones.json"
 
+# Scene phrases CNS's `background scenes` adds to the photos' captions, so a concept learns to
+# leave the rest of the picture to the prompt's words. Generic places for real models; a model
+# with a small vocabulary (the toy-world fixture) names its own in cones.json {"scenes": [...]}.
+DEFAULT_SCENES: tuple[str, ...] = (
+    "on the beach", "in the snow", "on the grass", "in a forest", "in a city street",
+    "on a wooden table", "in a kitchen", "at night", "in the rain", "on a white background")
+
 
 def recommended_guidance(pipe) -> float:
     """The CFG scale generation and class images use unless asked otherwise."""
     return float(getattr(pipe, "cones_guidance_scale", DEFAULT_GUIDANCE_SCALE))
 
 
+def scene_phrases(pipe) -> tuple[str, ...]:
+    """The scene phrases this model's concepts are trained with (see DEFAULT_SCENES)."""
+    return tuple(getattr(pipe, "cones_scenes", DEFAULT_SCENES))
+
+
 def _model_notes(folder: Path) -> dict:
     f = folder / MODEL_NOTES
     if not f.is_file():
         return {}
+    hint = 'It should hold {"guidance_scale": 7.5} and may name {"scenes": ["on the beach", ...]}.'
     try:
         notes = json.loads(f.read_text())
         scale = float(notes.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+        scenes = notes.get("scenes", list(DEFAULT_SCENES))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise ModelLoad(f"{f} is not valid: {exc}", 'It should hold {"guidance_scale": 7.5}.') from exc
+        raise ModelLoad(f"{f} is not valid: {exc}", hint) from exc
     if not 1.0 <= scale <= 30.0:
         raise ModelLoad(f"{f}: guidance_scale {scale} is outside 1..30.")
-    return {"guidance_scale": scale}
+    if not (isinstance(scenes, list) and scenes and all(isinstance(x, str) and x.strip() for x in scenes)):
+        raise ModelLoad(f"{f}: scenes must be a non-empty list of phrases.", hint)
+    return {"guidance_scale": scale, "scenes": tuple(scenes)}
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,9 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if source.is_dir():
-        pipe.cones_guidance_scale = _model_notes(source).get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        notes = _model_notes(source)
+        pipe.cones_guidance_scale = notes.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        pipe.cones_scenes = notes.get("scenes", DEFAULT_SCENES)
     return pipe.to(place.device)
 
 

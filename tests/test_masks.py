@@ -118,10 +118,81 @@ def test_cns_holds_the_background_to_the_base_model_only_when_asked_and_scoped(f
                        LearnSpec("b", "star", cache_dir=tmp_path / "c"), base, None, None)
     masks, captions = cns.background_teacher(prep, base)
     assert masks.shape[-1] == prep.latents.shape[-1] and prep.token not in " ".join(captions)
-    assert cns.photo_weights(prep, base) is None
+    assert cns.background_teacher(prep, cns.CNSParams(background="scenes")) is not None
     for hp in (cns.CNSParams(), cns.CNSParams(background="base", scope="all"),
+               cns.CNSParams(background="scenes", scope="all"),
                cns.CNSParams(background="base", mask="none")):
         assert cns.background_teacher(prep, hp) is None
-    assert cns.photo_weights(prep, cns.CNSParams()) is not None
+    # the background's weight applies to whichever target it has
+    w = cns.photo_weights(prep, base)
+    assert w is not None and torch.equal(w, cns.photo_weights(prep, cns.CNSParams()))
     with pytest.raises(BadInput):
         cns.CNSParams(background="sky").validate()
+
+
+class _Recorder:
+    """unet_context that records the prompts of every UNet call (the step's batch first, then
+    the teacher's, if it runs, inside it)."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, prompts):
+        import contextlib
+
+        self.calls.append(list(prompts))
+        return contextlib.nullcontext()
+
+
+def test_scene_steps_add_a_phrase_and_teach_only_those_rows(tiny_pipe):
+    """With scenes, about half of a photo's steps append a scene phrase to its caption; the
+    teacher then runs on exactly those rows, with the phrase and without the token; the other
+    rows keep the photo's own target (a step without scenes is the plain loss)."""
+    size = tiny_pipe.unet.config.sample_size
+    lat = torch.randn(4, 2, 4, size, size, generator=torch.Generator().manual_seed(1))
+    caps = [f"a photo of a sks star {i}" for i in range(4)]
+    plain_caps = [c.replace("sks ", "") for c in caps]
+    masks = torch.zeros(4, 2, 1, size, size)
+    scenes = ("in the snow", "on the sand")
+    rec = _Recorder()
+    loss = C.ConceptLoss(tiny_pipe, lat, caps, seed=5, background_teacher=(masks, plain_caps),
+                         scenes=scenes, unet_context=rec)
+    plain = C.ConceptLoss(tiny_pipe, lat, caps, seed=5)
+    with_scene, without = 0, 0
+    for step in range(12):
+        rec.calls.clear()
+        got = loss.parts(step).photos
+        batch = rec.calls[0]
+        scened = [i for i, p in enumerate(batch) if p != caps[i]]
+        for i in scened:
+            assert any(batch[i] == f"{caps[i]} {s}" for s in scenes)
+        with_scene += len(scened)
+        without += 4 - len(scened)
+        if scened:   # the teacher ran first, on the scene rows only, without the token
+            assert rec.calls[1] == [plain_caps[i] + batch[i][len(caps[i]):] for i in scened]
+        else:        # no teacher call, the photo's target everywhere: the plain loss
+            assert len(rec.calls) == 1 and got == pytest.approx(plain.parts(step).photos, rel=1e-6)
+    assert with_scene >= 12 and without >= 12   # about half each of 48 photo-steps
+    # without a teacher, scenes are ignored (a background the photo does not show cannot be
+    # taught from the photo)
+    assert C.ConceptLoss(tiny_pipe, lat, caps, seed=5, scenes=scenes).scenes == ()
+
+
+def test_model_notes_name_the_scenes(tmp_path):
+    import json
+
+    from cns_daemon.api.errors import ModelLoad
+    from cns_daemon.model import DEFAULT_SCENES, MODEL_NOTES, _model_notes, load_pipeline, scene_phrases
+
+    (tmp_path / MODEL_NOTES).write_text(json.dumps({"guidance_scale": 5, "scenes": ["on the moon"]}))
+    assert _model_notes(tmp_path)["scenes"] == ("on the moon",)
+    (tmp_path / MODEL_NOTES).write_text(json.dumps({"guidance_scale": 5}))
+    assert _model_notes(tmp_path)["scenes"] == DEFAULT_SCENES
+    for bad in ([], [""], "on the moon", [3]):
+        (tmp_path / MODEL_NOTES).write_text(json.dumps({"scenes": bad}))
+        with pytest.raises(ModelLoad):
+            _model_notes(tmp_path)
+    from cns_daemon.toyworld.world import BACKGROUND_PHRASE
+
+    # the toy-world fixture names the world's own background phrases
+    assert set(scene_phrases(load_pipeline(None, device="cpu", dtype="float32"))) == set(BACKGROUND_PHRASE.values())

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from ..model import MODEL_NOTES, TOYWORLD_MODEL, build_tiny_pipeline
 from .vocab import CompactEmbedding, caption_token_ids, init_untrained_rows
-from .world import caption, random_scene, render_array
+from .world import BACKGROUND_PHRASE, caption, random_scene, render_array
 
 log = logging.getLogger("toyworld.train")
 
@@ -306,7 +306,10 @@ def save_model(pipe, out: Path, info: dict) -> None:
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
     pipe.to(torch.float32)
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / MODEL_NOTES).write_text(json.dumps({"guidance_scale": info["config"]["guidance_scale"]}) + "\n")
+    # The world's background phrases are the only places this model knows: they are the scene
+    # phrases CNS trains concepts with (model.DEFAULT_SCENES is for real models).
+    notes = {"guidance_scale": info["config"]["guidance_scale"], "scenes": list(BACKGROUND_PHRASE.values())}
+    (out / MODEL_NOTES).write_text(json.dumps(notes) + "\n")
     write_checksums(out)
 
 

@@ -21,7 +21,8 @@ selected values are a separate flat parameter scattered into them after every st
 element can change.
 The photos' loss weighs the object above its background (`mask`, common/masks.py; with
 `background base` the background aims at what the base model predicts for the caption without the
-token instead): a deviation from the paper's plain loss, so that a concept learns its object and
+token instead; with `background scenes` only on steps whose caption got a scene phrase the photo
+does not show): a deviation from the paper's plain loss, so that a concept learns its object and
 not its photos' backgrounds.
 
 Scope (`scope`, docs/tuning.md "CNS scope"). `concept`, the default: the trained values act only
@@ -53,6 +54,7 @@ import numpy as np
 import torch
 
 from cns_daemon.memory import loop_context
+from cns_daemon.model import scene_phrases
 from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
@@ -96,12 +98,14 @@ class CNSParams:
     variants: int = 4             # augmented variants per photo
     mask: str = "border"          # border: weigh the object above its background, estimated from
                                   # the photo's border (common/masks.py) | none: the whole photo
-    background: str = "photo"     # what a photo's background is held to: photo (the photo, at
-                                  # mask_background) | base (what the base model predicts for the
-                                  # caption without the token; scope concept only: backgrounds
-                                  # kept better, the look weaker, docs/tuning.md "Object-weighted loss")
-    mask_background: float = 0.1  # background: photo: the background's loss weight, relative to
-                                  # the object's (docs/tuning.md "Object-weighted loss")
+    background: str = "photo"     # what a photo's background is held to: photo (the photo) |
+                                  # base (what the base model predicts for the caption without the
+                                  # token) | scenes (photo, and on half the steps a scene phrase
+                                  # joins the caption and the background follows base); base and
+                                  # scenes: scope concept only (docs/tuning.md "Object-weighted
+                                  # loss", "Prompt fidelity over 20 concepts")
+    mask_background: float = 0.1  # the background's loss weight, relative to the object's, for
+                                  # either target (docs/tuning.md "Object-weighted loss")
     delta_dtype: str = "float16"  # stored values: float16 | float32 (fp16 rounding: docs/tuning.md)
     token: str = ""               # a specific rare token; "" picks one automatically
     token_init: str = "token"     # start the row from the rare token's own row | the "class" word's
@@ -120,8 +124,8 @@ class CNSParams:
             raise BadInput("scope must be `concept` or `all`.")
         if self.mask not in ("border", "none") or not 0 <= self.mask_background <= 1:
             raise BadInput("mask must be `border` or `none`, mask_background in [0, 1].")
-        if self.background not in ("base", "photo"):
-            raise BadInput("background must be `base` or `photo`.")
+        if self.background not in ("photo", "scenes", "base"):
+            raise BadInput("background must be `photo`, `scenes` or `base`.")
         if self.token_init not in ("token", "class"):
             raise BadInput("token_init must be `token` or `class`.")
         if self.delta_dtype not in ("float32", "float16"):
@@ -171,11 +175,11 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
 def _distils(hp: CNSParams) -> bool:
     """The background is held to the base model's prediction: with scoped values a caption
     without the token reaches the base model exactly; written values leave no such model."""
-    return hp.mask != "none" and hp.background == "base" and hp.scope == "concept"
+    return hp.mask != "none" and hp.background in ("scenes", "base") and hp.scope == "concept"
 
 
 def photo_weights(prep: C.Prepared, hp: CNSParams) -> torch.Tensor | None:
-    if hp.mask == "none" or _distils(hp):
+    if hp.mask == "none":
         return None
     return C.loss_weights(prep.masks, prep.latents.shape[-1], hp.mask_background)
 
@@ -232,7 +236,8 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
                          lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,
                          seed=spec.seed, text_grad=True, unet_context=around,
                          photo_weights=photo_weights(prep, hp),
-                         background_teacher=background_teacher(prep, hp))
+                         background_teacher=background_teacher(prep, hp),
+                         scenes=scene_phrases(pipe) if hp.background == "scenes" else ())
     opt = torch.optim.Adam([{"params": [t.values for t in trainees], "lr": lr},
                             {"params": [row.param], "lr": hp.lr_token}])
     weights = [t.weight for t in trainees]

@@ -101,6 +101,7 @@ class ConceptLoss:
                  lambda_prior: float = 1.0, prior_batch: int = 2, seed: int = 0,
                  text_grad: bool = False, photo_weights: torch.Tensor | None = None,
                  background_teacher: tuple[torch.Tensor, list[str]] | None = None,
+                 scenes: tuple[str, ...] = (),
                  unet_context: Callable[[list[str]], contextlib.AbstractContextManager] | None = None):
         self.pipe = pipe
         self.photos = photo_latents           # (n_photos, n_variants, 4, h, w)
@@ -113,6 +114,10 @@ class ConceptLoss:
         self.text_grad = text_grad
         self.photo_weights = photo_weights
         self.background_teacher = background_teacher
+        # Scene phrases ("in the snow") appended to a photo's caption on a random half of its
+        # steps; only with the background teacher, which then tells the background what the
+        # base model makes of the same words.
+        self.scenes = tuple(scenes) if background_teacher is not None else ()
         # Entered around each step's UNet call with that batch's prompts (token-scoped K/V
         # values need to know which rows hold which tokens: common/scope.py).
         self.unet_context = unet_context
@@ -120,30 +125,37 @@ class ConceptLoss:
         self._cache: dict[str, torch.Tensor] = {}
         if not text_grad:  # frozen captions: encode them now, so the loop never runs the encoder
             self._encode(self.captions + ([prior_prompt] if self.prior is not None else []))
-        self._teacher_cond = None
-        if background_teacher is not None:   # captions without the token: encoded once
-            with torch.no_grad():
-                self._teacher_cond = encode_text(pipe, background_teacher[1])
 
-    def _teacher(self, variant: torch.Tensor):
-        """The targets with each photo's background (the first n rows) replaced by the teacher's
-        prediction for the photo's caption without the token."""
+    def _teacher(self, variant: torch.Tensor, scenes: list[str]):
+        """The targets with the photos' backgrounds (of the first n rows) replaced by the
+        teacher's prediction for the photo's caption without the token. With scenes, only the
+        rows whose caption got a scene phrase this step are taught (with that phrase)."""
         masks, captions = self.background_teacher
         n = len(captions)
-        mask = masks[torch.arange(n), variant]
+        rows = [i for i in range(n) if scenes[i] or not self.scenes]
+        if not rows:
+            return None
+        mask = masks[torch.arange(n), variant][rows]
+        captions = [captions[i] + scenes[i] for i in rows]
 
         def targets(noisy, t, target):
+            cond = self._encode_frozen(captions)
             around = self.unet_context(captions) if self.unet_context else contextlib.nullcontext()
             with torch.no_grad(), around:
                 unet = self.pipe.unet
-                pred0 = unet(noisy[:n], t[:n], encoder_hidden_states=self._teacher_cond.to(unet.dtype)).sample
+                pred0 = unet(noisy[rows], t[rows], encoder_hidden_states=cond.to(unet.dtype)).sample
             m = mask.to(target.device, target.dtype)
-            return torch.cat([m * target[:n] + (1 - m) * pred0.to(target.dtype), target[n:]])
+            out = target.clone()
+            out[rows] = m * target[rows] + (1 - m) * pred0.to(target.dtype)
+            return out
         return targets
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         if self.text_grad:
             return encode_text(self.pipe, prompts)
+        return self._encode_frozen(prompts)
+
+    def _encode_frozen(self, prompts: list[str]) -> torch.Tensor:
         missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
         if missing:
             with torch.no_grad():
@@ -151,15 +163,28 @@ class ConceptLoss:
                     self._cache[p] = e
         return torch.stack([self._cache[p] for p in prompts])
 
+    def _scenes(self, step: int, n: int) -> list[str]:
+        """This step's scene phrase per photo ("" on about half the steps). Drawn from a
+        generator of its own, so the noise and timesteps are those of a run without scenes."""
+        if not self.scenes:
+            return [""] * n
+        gen = step_generator(self.seed + 7919, step)
+        pick = torch.randint(0, 2 * len(self.scenes), (n,), generator=gen).tolist()
+        return [" " + self.scenes[j] if j < len(self.scenes) else "" for j in pick]
+
     def parts(self, step: int) -> LossParts:
         gen = step_generator(self.seed, step)
         n, n_var = self.photos.shape[:2]
         variant = torch.randint(0, n_var, (n,), generator=gen)
         latents = [self.photos[torch.arange(n), variant]]
         weights = None
+        scenes = self._scenes(step, n)
         if self.photo_weights is not None:
             weights = [self.photo_weights[torch.arange(n), variant]]
-        prompts = list(self.captions)
+            for i, scene in enumerate(scenes):
+                if scene:   # a taught background counts as much as the object
+                    weights[0][i] = 1.0
+        prompts = [c + s for c, s in zip(self.captions, scenes)]
         m = 0
         if self.prior is not None:
             pick = torch.randperm(self.prior.shape[0], generator=gen)[:self.prior_batch]
@@ -174,7 +199,7 @@ class ConceptLoss:
         with around:
             losses = denoising_losses(self.pipe.unet, self.schedule, torch.cat(latents).to(device),
                                       cond, gen, None if weights is None else torch.cat(weights),
-                                      None if self.background_teacher is None else self._teacher(variant))
+                                      None if self.background_teacher is None else self._teacher(variant, scenes))
         photo = losses[:n].mean()
         total = photo
         prior = 0.0
