@@ -146,8 +146,8 @@ class _Recorder:
 
 def test_scene_steps_add_a_phrase_and_teach_only_those_rows(tiny_pipe):
     """With scenes, about half of a photo's steps append a scene phrase to its caption; the
-    teacher then runs on exactly those rows, with the phrase and without the token; the other
-    rows keep the photo's own target (a step without scenes is the plain loss)."""
+    teacher then runs on exactly those rows, with the phrase and without the token; a step
+    without scenes runs no teacher and is the plain loss."""
     size = tiny_pipe.unet.config.sample_size
     lat = torch.randn(4, 2, 4, size, size, generator=torch.Generator().manual_seed(1))
     caps = [f"a photo of a sks star {i}" for i in range(4)]
@@ -168,7 +168,7 @@ def test_scene_steps_add_a_phrase_and_teach_only_those_rows(tiny_pipe):
             assert any(batch[i] == f"{caps[i]} {s}" for s in scenes)
         with_scene += len(scened)
         without += 4 - len(scened)
-        if scened:   # the teacher ran first, on the scene rows only, without the token
+        if scened:   # the teacher ran too, on the scene rows only, without the token
             assert rec.calls[1] == [plain_caps[i] + batch[i][len(caps[i]):] for i in scened]
         else:        # no teacher call, the photo's target everywhere: the plain loss
             assert len(rec.calls) == 1 and got == pytest.approx(plain.parts(step).photos, rel=1e-6)
