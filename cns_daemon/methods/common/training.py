@@ -126,16 +126,18 @@ class ConceptLoss:
         if not text_grad:  # frozen captions: encode them now, so the loop never runs the encoder
             self._encode(self.captions + ([prior_prompt] if self.prior is not None else []))
 
-    def _teacher(self, variant: torch.Tensor, scenes: list[str]):
-        """The targets with the photos' backgrounds (of the first n rows) replaced by the
-        teacher's prediction for the photo's caption without the token. With scenes, only the
-        rows whose caption got a scene phrase this step are taught (with that phrase)."""
+    def _taught(self, scenes: list[str]) -> list[int]:
+        """The photo rows whose background the teacher sets this step: every row, or with
+        scenes only the rows whose caption got a scene phrase."""
+        if self.background_teacher is None:
+            return []
+        return [i for i, scene in enumerate(scenes) if scene or not self.scenes]
+
+    def _teacher(self, variant: torch.Tensor, scenes: list[str], rows: list[int]):
+        """The targets with the backgrounds of photo `rows` replaced by the teacher's prediction
+        for the photo's caption without the token (with this step's scene phrase)."""
         masks, captions = self.background_teacher
-        n = len(captions)
-        rows = [i for i in range(n) if scenes[i] or not self.scenes]
-        if not rows:
-            return None
-        mask = masks[torch.arange(n), variant][rows]
+        mask = masks[torch.arange(len(captions)), variant][rows]
         captions = [captions[i] + scenes[i] for i in rows]
 
         def targets(noisy, t, target):
@@ -179,11 +181,11 @@ class ConceptLoss:
         latents = [self.photos[torch.arange(n), variant]]
         weights = None
         scenes = self._scenes(step, n)
+        taught = self._taught(scenes)
         if self.photo_weights is not None:
             weights = [self.photo_weights[torch.arange(n), variant]]
-            for i, scene in enumerate(scenes):
-                if scene:   # a taught background counts as much as the object
-                    weights[0][i] = 1.0
+            if self.scenes and taught:   # a scene's taught background counts as much as the object
+                weights[0][taught] = 1.0
         prompts = [c + s for c, s in zip(self.captions, scenes)]
         m = 0
         if self.prior is not None:
@@ -199,7 +201,7 @@ class ConceptLoss:
         with around:
             losses = denoising_losses(self.pipe.unet, self.schedule, torch.cat(latents).to(device),
                                       cond, gen, None if weights is None else torch.cat(weights),
-                                      None if self.background_teacher is None else self._teacher(variant, scenes))
+                                      self._teacher(variant, scenes, taught) if taught else None)
         photo = losses[:n].mean()
         total = photo
         prior = 0.0
