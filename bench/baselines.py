@@ -44,7 +44,7 @@ class BaselineMethod:
         stack = stack_for(pipe)
         weights = stack.params if self.kv else {}
         before = {n: w.detach().clone() for n, w in weights.items()}
-        row = C.TrainableRow(pipe.text_encoder, C.token_id(pipe.tokenizer, prep.token))
+        row = C.TrainableRows(pipe.text_encoder, pipe.tokenizer, prep.token)
         loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
                              prior_prompt=C.prior_prompt(spec.class_word),
                              lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,
@@ -81,8 +81,7 @@ class BaselineMethod:
                            metrics={"loss_first": losses[0] if losses else None,
                                     "loss_last": float(np.mean(losses[-10:])) if losses else None},
                            fingerprint=stack.base_fingerprint)
-        record = ConceptRecord(meta, deltas=deltas, embeddings={
-            prep.token: row.param.detach().cpu().numpy().astype(np.float32)})
+        record = ConceptRecord(meta, deltas=deltas, embeddings=row.embeddings())
         stack.push(record)
         return record
 

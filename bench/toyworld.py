@@ -17,7 +17,9 @@ Rows (everything seeded: the same model gives the same numbers):
   cns/selection.py computes them;
 - textual inversion of one concept (4 photos, default steps): named-look and tilt fidelity of
   "a photo of <c>" beside the base model's rate for "a photo of a <class>" — evidence that the
-  words' text pathway exists and a learned token can reach it;
+  words' text pathway exists and a learned token can reach it; with one token vector (as
+  published; keys `textual_inversion_*`) and with several (`--ti-vectors`, keys
+  `textual_inversion_<k>v_*`);
 - model size on disk; generation time per image (in a batch, and alone).
 """
 from __future__ import annotations
@@ -75,9 +77,10 @@ def eq3_overlap(pipe, caption_text: str, top_p: float = TOP_P) -> float:
     return shared / base
 
 
-def textual_inversion(pipe, probe: Probe, n: int, steps: int, guidance: float, seed: int = 0) -> dict:
-    """Learn one concept by textual inversion (the bench baseline, default settings) on a copy of
-    the model; generate "a photo of <c>" n times and read it."""
+def textual_inversion(pipe, probe: Probe, n: int, steps: int, guidance: float, seed: int = 0,
+                      vectors: int = 1) -> dict:
+    """Learn one concept by textual inversion (the bench baseline, default settings, `vectors`
+    token vectors) on a copy of the model; generate "a photo of <c>" n times and read it."""
     from bench._world import Judge, class_prompt, concept_prompt, make_concepts
     from bench.baselines import TEXTUAL_INVERSION
     from cns_daemon.generate import MAX_IMAGES, generate
@@ -87,7 +90,8 @@ def textual_inversion(pipe, probe: Probe, n: int, steps: int, guidance: float, s
     judge = Judge(probe)
     with tempfile.TemporaryDirectory(prefix="cones-tw-") as tmp:
         (concept,) = make_concepts(1, 4, seed, Path(tmp))
-        spec = LearnSpec(concept.name, concept.class_word, seed=seed, cache_dir=Path(tmp) / "cache")
+        spec = LearnSpec(concept.name, concept.class_word, seed=seed, cache_dir=Path(tmp) / "cache",
+                         options={"vectors": vectors})
         t0 = time.perf_counter()
         record = TEXTUAL_INVERSION.learn(pipe, list(concept.photos), spec)
         learn_s = time.perf_counter() - t0
@@ -109,7 +113,7 @@ def textual_inversion(pipe, probe: Probe, n: int, steps: int, guidance: float, s
 
 
 def run(n_prompts: int, n_pairs: int, n_pattern: int, steps: int, guidance: float,
-        ti: bool = True, model: Path = TOYWORLD_MODEL) -> dict:
+        ti: bool = True, model: Path = TOYWORLD_MODEL, ti_vectors: tuple[int, ...] = (1, 3)) -> dict:
     probe = Probe.load()
     acc = accuracy(probe)
     pipe = load_pipeline(model, device="cpu")
@@ -169,15 +173,18 @@ def run(n_prompts: int, n_pairs: int, n_pattern: int, steps: int, guidance: floa
         "n_unnamed": n_pattern, "steps": steps, "guidance_scale": guidance,
         "torch_threads": torch.get_num_threads(),
     }
-    if ti:
-        r = textual_inversion(pipe, probe, n_pattern, steps, guidance)
-        out.update({"textual_inversion_named_fidelity": r["named"],
-                    "textual_inversion_unnamed_fidelity": r["unnamed"],
-                    "textual_inversion_base_named": r["base_named"],
-                    "textual_inversion_base_unnamed": r["base_unnamed"],
-                    "textual_inversion_concept": r["concept"],
-                    "textual_inversion_learn_s": r["learn_s"]})
+    for k in ti_vectors if ti else ():
+        r = textual_inversion(pipe, probe, n_pattern, steps, guidance, vectors=k)
+        key = ti_key(k)
+        out.update({f"{key}_named_fidelity": r["named"], f"{key}_unnamed_fidelity": r["unnamed"],
+                    f"{key}_base_named": r["base_named"], f"{key}_base_unnamed": r["base_unnamed"],
+                    f"{key}_concept": r["concept"], f"{key}_learn_s": r["learn_s"]})
     return out
+
+
+def ti_key(vectors: int) -> str:
+    """JSON key prefix of the textual-inversion figures with `vectors` token vectors."""
+    return "textual_inversion" if vectors == 1 else f"textual_inversion_{vectors}v"
 
 
 def print_tables(r: dict) -> None:
@@ -212,12 +219,13 @@ def print_tables(r: dict) -> None:
                   + f"; entropy {r[f'unnamed_prompt_{attr}_entropy']:.2f} bits")
     for text, v in r["eq3_base_general_overlap_per_caption"].items():
         con.print(f"Eq. 3 base neurons that are general, '{text}': {v:.3f}")
-    if "textual_inversion_named_fidelity" in r:
-        con.print(f"Textual inversion ({r['textual_inversion_concept']}): named look "
-                  f"{r['textual_inversion_named_fidelity']:.3f} (base model "
-                  f"{r['textual_inversion_base_named']:.3f}), tilt {r['textual_inversion_unnamed_fidelity']:.3f} "
-                  f"(base {r['textual_inversion_base_unnamed']:.3f}); learned in "
-                  f"{r['textual_inversion_learn_s']:.0f} s")
+    for k in range(1, 9):
+        key = ti_key(k)
+        if f"{key}_named_fidelity" in r:
+            con.print(f"Textual inversion, {k} token vector{'s' if k > 1 else ''} ({r[f'{key}_concept']}): "
+                      f"named look {r[f'{key}_named_fidelity']:.3f} (base model "
+                      f"{r[f'{key}_base_named']:.3f}), tilt {r[f'{key}_unnamed_fidelity']:.3f} "
+                      f"(base {r[f'{key}_base_unnamed']:.3f}); learned in {r[f'{key}_learn_s']:.0f} s")
     con.print(f"model size {r['model_bytes'] / 1e6:.1f} MB; generation {r['gen_seconds_per_image']:.3f} s/image "
               f"in batches, {r['gen_seconds_single_image']:.3f} s alone ({r['torch_threads']} threads)")
 
@@ -231,13 +239,22 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"images of '{UNNAMED_PROMPT}' (and of the textual-inversion concept)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
-    p.add_argument("--no-ti", action="store_true", help="leave out the textual-inversion row")
+    p.add_argument("--no-ti", action="store_true", help="leave out the textual-inversion rows")
+    p.add_argument("--ti-vectors", default="1,3",
+                   help="token vectors of the textual-inversion rows, comma-separated (1: as published)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", type=Path, default=TOYWORLD_MODEL,
                    help="a toy-world fixture folder to measure (default: the shipped one)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    r = run(a.prompts, a.pairs, a.pattern_samples, a.steps, a.guidance, ti=not a.no_ti, model=a.model)
+    try:
+        vectors = tuple(int(v) for v in a.ti_vectors.split(","))
+    except ValueError:
+        p.error(f"--ti-vectors {a.ti_vectors!r}: give numbers such as 1,3")
+    if not vectors or not all(1 <= v <= 8 for v in vectors):
+        p.error("--ti-vectors: each between 1 and 8")
+    r = run(a.prompts, a.pairs, a.pattern_samples, a.steps, a.guidance, ti=not a.no_ti,
+            model=a.model, ti_vectors=vectors)
     print_tables(r)
     if a.json:
         print(json.dumps(r))

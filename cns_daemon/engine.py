@@ -295,7 +295,8 @@ class Engine:
         if record.name in self.store:
             raise Conflict(f"A concept named {record.name!r} already exists.",
                            f"Remove it first with `cones rm {record.name}`, then import again.")
-        clash = [m.name for m in self.store.list() if record.meta.token and m.token == record.meta.token]
+        words = set(record.meta.token.split())
+        clash = [m.name for m in self.store.list() if words & set(m.token.split())]
         if clash:
             # two concepts on one token would overwrite each other's embedding row
             raise Conflict(f"Concept {record.name!r} uses the token {record.meta.token!r}, which "

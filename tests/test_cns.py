@@ -118,6 +118,36 @@ def test_learn_changes_only_selected_neurons_and_token_row(fresh_tiny_pipe, tmp_
     assert changed(pipe, before) == []
 
 
+def test_a_concept_of_several_token_vectors_trains_a_row_each(fresh_tiny_pipe, tmp_path, monkeypatch):
+    """`vectors=2`: two rare words name the concept; learning trains both rows (and nothing
+    else of the encoder), the record stores both, and prompts expand to both words."""
+    from cns_daemon.generate import generate
+    from cns_daemon.prompts import expand
+
+    pipe = fresh_tiny_pipe
+    monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.03, seed=1))
+    before = snapshot(pipe)
+    spec = LearnSpec("rex", "star", steps=3, options={**FAST, "vectors": 2},
+                     cache_dir=tmp_path / "cache")
+    rec = get_method("cns").learn(pipe, photos(tmp_path / "p"), spec, None, None)
+    words = rec.meta.token.split()
+    assert len(words) == 2 and sorted(rec.embeddings) == sorted(words)
+    ids = C.concept_ids(pipe.tokenizer, rec.meta.token)
+    emb = pipe.text_encoder.get_input_embeddings().weight.detach()
+    assert sorted((emb != before[EMB]).any(dim=1).nonzero().reshape(-1).tolist()) == sorted(ids)
+    for w, i in zip(words, ids):
+        assert torch.equal(emb[i], torch.as_tensor(rec.embeddings[w]))
+    assert expand("a photo of <rex>", {"rex": rec.meta}, pipe.tokenizer).text == \
+        f"a photo of a {rec.meta.token} star"
+    assert len(generate(pipe, "a photo of <rex>", {"rex": rec}, n=1, seed=0, steps=2)) == 1
+    # the next concept gets words of its own
+    nxt = cns.prepare(pipe, photos(tmp_path / "q"), LearnSpec("max", "star"),
+                      cns.CNSParams(vectors=2), None, None, previous=[rec])
+    assert not set(nxt.token.split()) & set(words)
+    get_method("cns").unlearn(pipe, "rex")
+    assert changed(pipe, before) == []
+
+
 @pytest.mark.parametrize("selection, phase", [("eq3", "train"), ("movement", "probe"),
                                               ("movement", "train")])
 def test_cancel_leaves_pipeline_bit_identical(fresh_tiny_pipe, tmp_path, selection, phase):

@@ -37,6 +37,9 @@ def test_anchor_spans_the_class_words_tokens(tiny_pipe):
     tok = tiny_pipe.tokenizer
     a = anchor(tok, "sks", "star")
     assert a.span == 1 + len(C.token_ids(tok, "star")) and a.eos_id == tok.eos_token_id
+    two = " ".join(C.rare_tokens(tok)[:2])
+    b = anchor(tok, two, "star")   # several token vectors: marked by the first, spanning all
+    assert b.token_id == C.concept_ids(tok, two)[0] and b.span == 2 + len(C.token_ids(tok, "star"))
 
 
 def test_scoped_values_act_only_from_the_token_on(fresh_tiny_pipe):

@@ -110,6 +110,7 @@ def test_the_teacher_reads_the_caption_without_the_token():
 
     assert without_token("a photo of a sks star on the grass", "sks") == "a photo of a star on the grass"
     assert without_token("sks star, a photo", "sks") == "star, a photo"
+    assert without_token("a photo of a sks rcn star", "sks rcn") == "a photo of a star"
 
 
 def test_cns_holds_the_background_to_the_base_model_only_when_asked_and_scoped(fresh_tiny_pipe, tmp_path):

@@ -105,7 +105,7 @@ def test_trainable_row_changes_only_its_token(tiny_pipe):
     emb = enc.get_input_embeddings()
     with torch.no_grad():
         plain = emb(ids)
-    row = C.TrainableRow(enc, tid, init=torch.zeros(plain.shape[-1]))
+    row = C.TrainableRows(enc, tiny_pipe.tokenizer, "sks", init=torch.zeros(plain.shape[-1]))
     with C.only_trainable([enc], [row.param]), row:
         swapped = emb(ids)
         swapped.sum().backward()
@@ -117,6 +117,48 @@ def test_trainable_row_changes_only_its_token(tiny_pipe):
     assert torch.equal(swapped[~hit], plain[~hit])
     with torch.no_grad():
         assert torch.equal(emb(ids), plain)                             # hook removed on exit
+
+
+def test_trainable_rows_of_a_multi_word_token(tiny_pipe):
+    """A token of several rare words trains one row per word; the record form names each."""
+    enc, tok = tiny_pipe.text_encoder, tiny_pipe.tokenizer
+    words = C.rare_tokens(tok)[:3]
+    token = " ".join(words)
+    ids = C.tokenize(tiny_pipe, [f"a {token} star", "a red star"])
+    emb = enc.get_input_embeddings()
+    with torch.no_grad():
+        plain = emb(ids)
+    row = C.TrainableRows(enc, tok, token)
+    assert row.param.shape == (3, plain.shape[-1])
+    with torch.no_grad():
+        row.param.copy_(torch.arange(3.0)[:, None].expand(3, plain.shape[-1]))
+    with row, torch.no_grad():
+        swapped = emb(ids)
+    for j, tid in enumerate(C.concept_ids(tok, token)):
+        hit = ids == tid
+        assert hit.sum() == 1 and torch.all(swapped[hit] == j)
+    other = ~sum((ids == t) for t in C.concept_ids(tok, token)).bool()
+    assert torch.equal(swapped[other], plain[other])
+    rec = row.embeddings()
+    assert list(rec) == list(words) and all(rec[w][0] == j for j, w in enumerate(words))
+    rows = C.embedding_rows(enc, tok, rec)
+    assert sorted(rows) == sorted(C.concept_ids(tok, token))
+
+
+def test_allocate_token_with_several_vectors(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    rare = C.rare_tokens(tok)
+    first = C.allocate_token(tok, set(), vectors=3)
+    assert first.split() == list(rare[:3])
+    # a word of a taken multi-word token is not handed out again
+    second = C.allocate_token(tok, {first}, vectors=2)
+    assert not set(second.split()) & set(first.split())
+    assert C.allocate_token(tok, {first}) == rare[3]
+    with pytest.raises(Conflict):
+        C.allocate_token(tok, {first}, requested=f"{rare[1]} {rare[5]}", vectors=2)
+    with pytest.raises(BadInput):
+        C.allocate_token(tok, set(), requested=rare[5], vectors=2)     # one word for two vectors
+    assert C.allocate_token(tok, {first}, requested=f"{rare[5]} {rare[6]}", vectors=2) == f"{rare[5]} {rare[6]}"
 
 
 # -- sparse K/V writes ----------------------------------------------------------------------

@@ -91,6 +91,13 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     twin.write_bytes(encode(dataclasses.replace(record, meta=dataclasses.replace(record.meta, name="twin"))))
     code, out = cones("import", str(twin))
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "token" in out, out
+    # a token of several words clashes when any one of them is taken
+    partial = tmp_path / "partial.safetensors"
+    words = f"qqzx {record.meta.token}"
+    partial.write_bytes(encode(dataclasses.replace(record, meta=dataclasses.replace(
+        record.meta, name="partial", token=words))))
+    code, out = cones("import", str(partial))
+    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "token" in out, out
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a concept file at all")
     code, out = cones("import", str(junk))

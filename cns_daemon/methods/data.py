@@ -118,8 +118,10 @@ def with_token(caption: str, token: str, class_word: str) -> str:
 
 
 def without_token(caption: str, token: str) -> str:
-    """The caption as the base model would read it: the concept's token taken out."""
-    return " ".join(w for w in caption.split(" ") if w != token)
+    """The caption as the base model would read it: the concept's token (each of its words)
+    taken out."""
+    words = set(token.split())
+    return " ".join(w for w in caption.split(" ") if w not in words)
 
 
 def template_caption(index: int, token: str, class_word: str) -> str:

@@ -107,7 +107,9 @@ class CNSParams:
     mask_background: float = 0.1  # the background's loss weight, relative to the object's, for
                                   # either target (docs/tuning.md "Object-weighted loss")
     delta_dtype: str = "float16"  # stored values: float16 | float32 (fp16 rounding: docs/tuning.md)
-    token: str = ""               # a specific rare token; "" picks one automatically
+    token: str = ""               # specific rare tokens (`vectors` words); "" picks them
+    vectors: int = 1              # token vectors per concept: rare words in a row, each a
+                                  # trained embedding row (docs/tuning.md "Token vectors")
     token_init: str = "token"     # start the row from the rare token's own row | the "class" word's
 
     def validate(self) -> None:
@@ -126,6 +128,8 @@ class CNSParams:
             raise BadInput("mask must be `border` or `none`, mask_background in [0, 1].")
         if self.background not in ("photo", "scenes", "base"):
             raise BadInput("background must be `photo`, `scenes` or `base`.")
+        if not 1 <= self.vectors <= 8:
+            raise BadInput("vectors must be between 1 and 8.")
         if self.token_init not in ("token", "class"):
             raise BadInput("token_init must be `token` or `class`.")
         if self.delta_dtype not in ("float32", "float16"):
@@ -161,7 +165,8 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
     The token avoids every token in use: live CNS concepts and `previous` records. The class
     images (scope `all` only) are drawn by the base model, not by the earlier concepts."""
     stack = stack_for(pipe)
-    token = C.concept_token(pipe.tokenizer, list(previous or []) + stack.records(), hp.token)
+    token = C.concept_token(pipe.tokenizer, list(previous or []) + stack.records(), hp.token,
+                            hp.vectors)
     ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
     # Scoped values and the token row act only on prompts with the token, so the class prompt's
     # loss has no gradient for them: with scope `concept` no class images are drawn.
@@ -207,7 +212,7 @@ def mask_note(prep: C.Prepared, hp: CNSParams) -> str | None:
 @dataclass
 class _Run:
     trainees: list[_Trainee]
-    row: C.TrainableRow
+    row: C.TrainableRows
     losses: list[float]
 
 
@@ -221,7 +226,7 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
     if hp.token_init == "class":
         class_ids = C.token_ids(pipe.tokenizer, spec.class_word)
         init = pipe.text_encoder.get_input_embeddings().weight[class_ids].mean(0)
-    row = C.TrainableRow(pipe.text_encoder, C.token_id(pipe.tokenizer, prep.token), init=init)
+    row = C.TrainableRows(pipe.text_encoder, pipe.tokenizer, prep.token, init=init)
     trainees = _trainees(stack, indices, tuned)
     scoped = contextlib.nullcontext()
     around = None
@@ -369,10 +374,9 @@ class CNSMethod:
                      "fraction_kv": share, "base_neurons": selection.base,
                      "general_neurons": selection.general, "base_general_neurons": selection.base_general},
             metrics=metrics, fingerprint=stack.base_fingerprint)
-        embedding = run.row.param.detach().cpu().numpy().astype(np.float32)
         # The store computes the overlap with earlier concepts when it keeps the record, and
         # the engine sets which archived photos it came from.
-        record = ConceptRecord(meta, deltas=deltas, embeddings={token: embedding})
+        record = ConceptRecord(meta, deltas=deltas, embeddings=run.row.embeddings())
         stack.push(record)
         return record
 

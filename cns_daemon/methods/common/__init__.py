@@ -1,7 +1,7 @@
 """Machinery the methods share (one implementation each):
 
 - options:  typed hyper-parameter dataclasses overridden by LearnSpec.options
-- tokens:   rare-token allocation, token-embedding rows (write / exact restore / train one row)
+- tokens:   rare-token allocation, token-embedding rows (write / exact restore / train)
 - kv:       sparse reads and writes of the K/V "neurons" with exact undo
 - training: text/photo encoding, denoising + prior-preservation loss, freezing, step loop
 - prior:    class images made by the base model, cached per class word
@@ -17,8 +17,8 @@ from .scope import Anchor, anchor, prompt_scope, token_scope
 from .masks import latent_masks, loss_weights, object_masks
 from .inputs import Prepared, Prior, concept_token, prepare
 from .prior import class_images, prior_prompt
-from .tokens import (SavedRows, TrainableRow, allocate_token, embedding_rows, rare_tokens,
-                     restore_rows, token_id, token_ids, write_rows)
+from .tokens import (SavedRows, TrainableRows, allocate_token, concept_ids, embedding_rows,
+                     rare_tokens, restore_rows, token_id, token_ids, token_words, write_rows)
 from .training import (ConceptLoss, LossParts, denoising_losses, encode_pixels, encode_text,
                        noise_schedule, only_trainable, pipeline_modules, run_steps, step_generator,
                        tokenize)
@@ -27,8 +27,8 @@ __all__ = [
     "SavedValues", "count", "kv_total", "kv_weights", "mask_indices", "read_values",
     "restore_values", "union_indices", "write_values", "as_dict", "parse_options",
     "Prepared", "Prior", "concept_token", "prepare",
-    "class_images", "prior_prompt", "SavedRows", "TrainableRow", "allocate_token",
-    "embedding_rows", "rare_tokens", "restore_rows", "token_id", "token_ids", "write_rows",
+    "class_images", "prior_prompt", "SavedRows", "TrainableRows", "allocate_token",
+    "concept_ids", "token_words", "embedding_rows", "rare_tokens", "restore_rows", "token_id", "token_ids", "write_rows",
     "ConceptLoss", "LossParts", "denoising_losses", "encode_pixels", "encode_text",
     "noise_schedule", "only_trainable", "pipeline_modules", "run_steps", "step_generator",
     "tokenize", "latent_masks", "loss_weights", "object_masks", "Anchor", "anchor", "prompt_scope", "token_scope",

@@ -40,9 +40,11 @@ class Prior:
     drawing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def concept_token(tokenizer, in_use: list, requested: str | None = None) -> str:
-    """A rare token none of the records `in_use` has (or `requested`, if free)."""
-    return allocate_token(tokenizer, {r.meta.token for r in in_use} - {""}, requested or None)
+def concept_token(tokenizer, in_use: list, requested: str | None = None, vectors: int = 1) -> str:
+    """`vectors` rare tokens (space-joined) none of the records `in_use` has (or `requested`,
+    if free)."""
+    return allocate_token(tokenizer, {r.meta.token for r in in_use} - {""}, requested or None,
+                          vectors)
 
 
 def prepare(pipe, photos: list[Path], spec: LearnSpec, token: str, *, variants: int,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from cns_daemon.api.errors import Conflict, Internal
-from cns_daemon.methods.common.tokens import token_id, token_ids
+from cns_daemon.methods.common.tokens import concept_ids, token_ids
 
 NO_TOKEN = -1   # pad value for ids rows that hold no token (the unconditional half of CFG)
 
@@ -57,8 +57,10 @@ class Anchor:
 
 
 def anchor(tokenizer, token: str, class_word: str) -> Anchor:
-    """The anchor of a concept whose prompts read "<token> <class word>"."""
-    return Anchor(token_id(tokenizer, token), 1 + len(token_ids(tokenizer, class_word)),
+    """The anchor of a concept whose prompts read "<token> <class word>" (the token one rare
+    word or several: the first one marks the concept, rare words being the concept's own)."""
+    ids = concept_ids(tokenizer, token)
+    return Anchor(ids[0], len(ids) + len(token_ids(tokenizer, class_word)),
                   int(tokenizer.eos_token_id))
 
 

@@ -1,6 +1,11 @@
-"""Concept tokens: the tokenizer is never modified. Each concept borrows one rare token that
-already exists in the CLIP vocabulary (a single BPE id, "sks"-like) and, for methods that learn
-one, replaces that token's row of the text encoder's input embedding while it is applied.
+"""Concept tokens: the tokenizer is never modified. Each concept borrows rare tokens that
+already exist in the CLIP vocabulary (single BPE ids, "sks"-like) and, for methods that learn
+them, replaces those tokens' rows of the text encoder's input embedding while it is applied.
+
+A concept's token is one rare word ("httr") or, with several token vectors, that many rare words
+in a row ("httr rcn shld"): textual inversion's multi-vector form. One row has to carry colour,
+pattern and second colour at once through the encoder; on the toy-world fixture's 2-layer
+encoder it cannot (docs/tuning.md "Token vectors per concept").
 """
 from __future__ import annotations
 
@@ -33,20 +38,32 @@ def rare_tokens(tokenizer) -> tuple[str, ...]:
     return tuple(out)
 
 
-def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None = None) -> str:
-    """The first rare token no other concept uses, or `requested` if it is a valid free one."""
-    taken = set(taken)
+def token_words(token: str) -> list[str]:
+    """A concept token's words: one per token vector."""
+    return token.split()
+
+
+def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None = None,
+                   vectors: int = 1) -> str:
+    """`vectors` rare words no other concept uses, space-joined, or `requested` (that many
+    words, each a single free token of the vocabulary). `taken` holds concept tokens, each of
+    one or more words."""
+    used = {w for t in taken for w in token_words(t)}
     if requested:
-        if len(token_ids(tokenizer, requested)) != 1:
-            raise BadInput(f"Token {requested!r} is not a single token of the vocabulary.",
-                           "Leave the token unset to pick a rare one automatically.")
-        if requested in taken:
+        words = token_words(requested)
+        if len(words) != vectors or any(len(token_ids(tokenizer, w)) != 1 for w in words):
+            raise BadInput(f"Token {requested!r} is not {vectors} single token"
+                           f"{'s' if vectors > 1 else ''} of the vocabulary.",
+                           "Leave the token unset to pick rare ones automatically.")
+        if used & set(words):
             raise Conflict(f"Token {requested!r} is already used by another concept.")
+        if len(set(words)) != len(words):
+            raise BadInput(f"Token {requested!r} repeats a word.")
         return requested
-    for word in rare_tokens(tokenizer):
-        if word not in taken:
-            return word
-    raise Conflict("Every rare token is taken.", "Remove concepts you no longer need.")
+    free = [w for w in rare_tokens(tokenizer) if w not in used][:vectors]
+    if len(free) < vectors:
+        raise Conflict("Every rare token is taken.", "Remove concepts you no longer need.")
+    return " ".join(free)
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
@@ -58,6 +75,11 @@ def token_id(tokenizer, token: str) -> int:
     if len(ids) != 1:
         raise BadInput(f"{token!r} is not a single token of the vocabulary.")
     return ids[0]
+
+
+def concept_ids(tokenizer, token: str) -> list[int]:
+    """The ids of a concept token's words, one each."""
+    return [token_id(tokenizer, w) for w in token_words(token)]
 
 
 @dataclass
@@ -96,24 +118,34 @@ def embedding_rows(text_encoder, tokenizer, embeddings: dict[str, np.ndarray]) -
     return out
 
 
-class TrainableRow:
-    """Makes one token's input-embedding row a separate trainable parameter while active: a
-    forward hook on the embedding swaps it in wherever that id occurs, so no gradient is ever
-    computed for the other 49k rows and the embedding table itself is not touched."""
+class TrainableRows:
+    """Makes a concept token's input-embedding rows (one per word) a separate trainable
+    parameter (words, d) while active: a forward hook on the embedding swaps them in wherever
+    their ids occur, so no gradient is ever computed for the other 49k rows and the embedding
+    table itself is not touched. `init` (d,), if given, starts every row."""
 
-    def __init__(self, text_encoder, tid: int, init: torch.Tensor | None = None):
+    def __init__(self, text_encoder, tokenizer, token: str, init: torch.Tensor | None = None):
         self.embedding = text_encoder.get_input_embeddings()
-        self.tid = tid
-        start = self.embedding.weight[tid] if init is None else init
+        self.words = token_words(token)
+        self.tids = concept_ids(tokenizer, token)
+        start = (self.embedding.weight[self.tids] if init is None
+                 else init.reshape(1, -1).expand(len(self.tids), -1))
         self.param = torch.nn.Parameter(start.detach().to(torch.float32).clone())
         self._handle = None
 
+    def embeddings(self) -> dict[str, np.ndarray]:
+        """Record form: word → trained row."""
+        rows = self.param.detach().cpu().numpy().astype(np.float32)
+        return {w: rows[j] for j, w in enumerate(self.words)}
+
     def _hook(self, module, inputs, output):
         ids = inputs[0]
-        hit = (ids == self.tid).unsqueeze(-1)
-        return torch.where(hit, self.param.to(output.dtype), output)
+        for j, tid in enumerate(self.tids):
+            hit = (ids == tid).unsqueeze(-1)
+            output = torch.where(hit, self.param[j].to(output.dtype), output)
+        return output
 
-    def __enter__(self) -> "TrainableRow":
+    def __enter__(self) -> "TrainableRows":
         self._handle = self.embedding.register_forward_hook(self._hook)
         return self
 
