@@ -56,7 +56,7 @@ class ConceptRecord:
     masks: dict[str, np.ndarray] = field(default_factory=dict)         # cones: tensor -> indices
     deltas: dict[str, SparseDelta] = field(default_factory=dict)       # cns: tensor -> delta
     residual: np.ndarray | None = None                                  # cones2: (d,) float32
-    embeddings: dict[str, np.ndarray] = field(default_factory=dict)    # token -> (d,) vector
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)    # token word -> (d,) vector
     overlap: Overlap = field(default_factory=Overlap)
 
     @property
