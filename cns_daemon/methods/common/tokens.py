@@ -59,7 +59,7 @@ def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None
             raise Conflict(f"Token {requested!r} is already used by another concept.")
         if len(set(words)) != len(words):
             raise BadInput(f"Token {requested!r} repeats a word.")
-        return requested
+        return " ".join(words)
     free = [w for w in rare_tokens(tokenizer) if w not in used][:vectors]
     if len(free) < vectors:
         raise Conflict("Every rare token is taken.", "Remove concepts you no longer need.")
