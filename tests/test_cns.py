@@ -118,20 +118,22 @@ def test_learn_changes_only_selected_neurons_and_token_row(fresh_tiny_pipe, tmp_
     assert changed(pipe, before) == []
 
 
-def test_a_concept_of_several_token_vectors_trains_a_row_each(fresh_tiny_pipe, tmp_path, monkeypatch):
-    """`vectors=2`: two rare words name the concept; learning trains both rows (and nothing
-    else of the encoder), the record stores both, and prompts expand to both words."""
+@pytest.mark.parametrize("vectors", [1, 2])
+def test_a_concept_of_several_token_vectors_trains_a_row_each(fresh_tiny_pipe, tmp_path, monkeypatch, vectors):
+    """`vectors=N`: N rare words name the concept; learning trains those N rows (and nothing
+    else of the encoder), the record stores each, prompts expand to all the words, and the
+    record read back from the store draws the same picture as the live concept."""
     from cns_daemon.generate import generate
     from cns_daemon.prompts import expand
 
     pipe = fresh_tiny_pipe
     monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.03, seed=1))
     before = snapshot(pipe)
-    spec = LearnSpec("rex", "star", steps=3, options={**FAST, "vectors": 2},
+    spec = LearnSpec("rex", "star", steps=3, options={**FAST, "vectors": vectors},
                      cache_dir=tmp_path / "cache")
     rec = get_method("cns").learn(pipe, photos(tmp_path / "p"), spec, None, None)
     words = rec.meta.token.split()
-    assert len(words) == 2 and sorted(rec.embeddings) == sorted(words)
+    assert len(words) == vectors and sorted(rec.embeddings) == sorted(words)
     ids = C.concept_ids(pipe.tokenizer, rec.meta.token)
     emb = pipe.text_encoder.get_input_embeddings().weight.detach()
     assert sorted((emb != before[EMB]).any(dim=1).nonzero().reshape(-1).tolist()) == sorted(ids)
@@ -139,13 +141,22 @@ def test_a_concept_of_several_token_vectors_trains_a_row_each(fresh_tiny_pipe, t
         assert torch.equal(emb[i], torch.as_tensor(rec.embeddings[w]))
     assert expand("a photo of <rex>", {"rex": rec.meta}, pipe.tokenizer).text == \
         f"a photo of a {rec.meta.token} star"
-    assert len(generate(pipe, "a photo of <rex>", {"rex": rec}, n=1, seed=0, steps=2)) == 1
+    live = generate(pipe, "a photo of <rex>", {"rex": rec}, n=1, seed=0, steps=2, output_type="np")[0]
+    # kept and read back by the store, taken off and applied again: the same picture
+    with ConceptStore.open(tmp_path / "store") as store:
+        store.put(rec)
+        back = store.get("rex")
+    assert sorted(back.embeddings) == sorted(words)
+    get_method("cns").unlearn(pipe, "rex")
+    assert changed(pipe, before) == []
+    again = generate(pipe, "a photo of <rex>", {"rex": back}, n=1, seed=0, steps=2, output_type="np",
+                     apply_resident=True)[0]
+    assert np.array_equal(live, again)
+    assert changed(pipe, before) == []      # applied for that request only
     # the next concept gets words of its own
     nxt = cns.prepare(pipe, photos(tmp_path / "q"), LearnSpec("max", "star"),
                       cns.CNSParams(vectors=2), None, None, previous=[rec])
     assert not set(nxt.token.split()) & set(words)
-    get_method("cns").unlearn(pipe, "rex")
-    assert changed(pipe, before) == []
 
 
 @pytest.mark.parametrize("selection, phase", [("eq3", "train"), ("movement", "probe"),
