@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from cns_daemon.methods.common.tokens import MAX_VECTORS
 from cns_daemon.model import TOYWORLD_MODEL, load_pipeline
 from cns_daemon.toyworld.fidelity import (DEFAULT_GUIDANCE, DEFAULT_STEPS, attribute_distribution,
                                           entropy_bits, generate_batch, look_fidelity,
@@ -219,7 +220,7 @@ def print_tables(r: dict) -> None:
                   + f"; entropy {r[f'unnamed_prompt_{attr}_entropy']:.2f} bits")
     for text, v in r["eq3_base_general_overlap_per_caption"].items():
         con.print(f"Eq. 3 base neurons that are general, '{text}': {v:.3f}")
-    for k in range(1, 9):
+    for k in range(1, MAX_VECTORS + 1):
         key = ti_key(k)
         if f"{key}_named_fidelity" in r:
             con.print(f"Textual inversion, {k} token vector{'s' if k > 1 else ''} ({r[f'{key}_concept']}): "
@@ -251,8 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         vectors = tuple(int(v) for v in a.ti_vectors.split(","))
     except ValueError:
         p.error(f"--ti-vectors {a.ti_vectors!r}: give numbers such as 1,3")
-    if not vectors or not all(1 <= v <= 8 for v in vectors):
-        p.error("--ti-vectors: each between 1 and 8")
+    if not vectors or not all(1 <= v <= MAX_VECTORS for v in vectors):
+        p.error(f"--ti-vectors: each between 1 and {MAX_VECTORS}")
     r = run(a.prompts, a.pairs, a.pattern_samples, a.steps, a.guidance, ti=not a.no_ti,
             model=a.model, ti_vectors=vectors)
     print_tables(r)

@@ -295,8 +295,10 @@ class Engine:
         if record.name in self.store:
             raise Conflict(f"A concept named {record.name!r} already exists.",
                            f"Remove it first with `cones rm {record.name}`, then import again.")
-        words = set(record.meta.token.split())
-        clash = [m.name for m in self.store.list() if words & set(m.token.split())]
+        from cns_daemon.methods.common.tokens import token_words
+
+        words = set(token_words(record.meta.token))
+        clash = [m.name for m in self.store.list() if words & set(token_words(m.token))]
         if clash:
             # two concepts on one token would overwrite each other's embedding row
             raise Conflict(f"Concept {record.name!r} uses the token {record.meta.token!r}, which "

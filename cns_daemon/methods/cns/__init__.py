@@ -128,8 +128,8 @@ class CNSParams:
             raise BadInput("mask must be `border` or `none`, mask_background in [0, 1].")
         if self.background not in ("photo", "scenes", "base"):
             raise BadInput("background must be `photo`, `scenes` or `base`.")
-        if not 1 <= self.vectors <= 8:
-            raise BadInput("vectors must be between 1 and 8.")
+        if not 1 <= self.vectors <= C.MAX_VECTORS:
+            raise BadInput(f"vectors must be between 1 and {C.MAX_VECTORS}.")
         if self.token_init not in ("token", "class"):
             raise BadInput("token_init must be `token` or `class`.")
         if self.delta_dtype not in ("float32", "float16"):

@@ -17,7 +17,7 @@ from .scope import Anchor, anchor, prompt_scope, token_scope
 from .masks import latent_masks, loss_weights, object_masks
 from .inputs import Prepared, Prior, concept_token, prepare
 from .prior import class_images, prior_prompt
-from .tokens import (SavedRows, TrainableRows, allocate_token, concept_ids, embedding_rows,
+from .tokens import (MAX_VECTORS, SavedRows, TrainableRows, allocate_token, concept_ids, embedding_rows,
                      rare_tokens, restore_rows, token_id, token_ids, token_words, write_rows)
 from .training import (ConceptLoss, LossParts, denoising_losses, encode_pixels, encode_text,
                        noise_schedule, only_trainable, pipeline_modules, run_steps, step_generator,
@@ -27,7 +27,7 @@ __all__ = [
     "SavedValues", "count", "kv_total", "kv_weights", "mask_indices", "read_values",
     "restore_values", "union_indices", "write_values", "as_dict", "parse_options",
     "Prepared", "Prior", "concept_token", "prepare",
-    "class_images", "prior_prompt", "SavedRows", "TrainableRows", "allocate_token",
+    "class_images", "prior_prompt", "MAX_VECTORS", "SavedRows", "TrainableRows", "allocate_token",
     "concept_ids", "token_words", "embedding_rows", "rare_tokens", "restore_rows", "token_id",
     "token_ids", "write_rows",
     "ConceptLoss", "LossParts", "denoising_losses", "encode_pixels", "encode_text",

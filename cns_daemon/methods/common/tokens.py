@@ -38,6 +38,9 @@ def rare_tokens(tokenizer) -> tuple[str, ...]:
     return tuple(out)
 
 
+MAX_VECTORS = 8   # token vectors (rare words) one concept may have
+
+
 def token_words(token: str) -> list[str]:
     """A concept token's words: one per token vector."""
     return token.split()
