@@ -35,6 +35,7 @@ class MethodResult:
     unnamed: list[float] = field(default_factory=list)         # the tilt, right after learning
     unnamed_final: list[float] = field(default_factory=list)
     prompt_fidelity: list[float] = field(default_factory=list)
+    prompt_look: list[float] = field(default_factory=list)     # the named look in those images
     prior_after: float = 0.0
     prior_two_after: float = 0.0
     composition: Composition = field(default_factory=Composition)
@@ -165,8 +166,9 @@ def run_method(method, name: str, pipe, gen: Generator, judge: Judge, concepts: 
         result.fidelity_final.append(judge.concept_rate(images, c.obj))
         result.unnamed_final.append(judge.unnamed_rate(images, c.obj))
         bg = prompt_background(i)
-        result.prompt_fidelity.append(judge.background_rate(
-            gen(concept_prompt(c, bg), records, n, cell_seed(4, i)), bg))
+        images = gen(concept_prompt(c, bg), records, n, cell_seed(4, i))
+        result.prompt_fidelity.append(judge.background_rate(images, bg))
+        result.prompt_look.append(judge.concept_rate(images, c.obj))
     result.prior_after, result.prior_two_after = measure_prior(pipe, judge, n, seed, gen.gen_steps,
                                                                gen.cfg_scale)
     result.composition = composition(gen, judge, pairs(concepts), records, n)

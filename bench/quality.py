@@ -19,7 +19,9 @@ unless noted, each from fixed seeds:
   `base_unnamed`: the base model's rates for "a photo of a <class>" (chance of that look).
 - forgetting: c1's fidelity right after it was learned minus after all (a drop; > 0 = forgot).
 - prompt fidelity: "a photo of <ci> on the grass" (a background per concept) after all: the
-  background the prompt asks for is honoured.
+  background the prompt asks for is honoured. `prompt_look`: ci's named look in those same
+  images (a concept that gives way to the scene by losing its look scores high on the first
+  and low on this one).
 - prior drop: plain prompts ("a photo of a red circle on the sand": shape, colour, background
   honoured) before any learning minus after all. `prior_drop_two`: the same for plain
   two-object prompts (per half).
@@ -173,7 +175,7 @@ def summary(result: dict) -> dict:
             "unnamed": _mean(r["unnamed"]), "unnamed_final": _mean(r["unnamed_final"]),
             "forgetting": r["forgetting"], "prior_drop": base["prior"] - r["prior_after"],
             "prior_drop_two": base["prior_two"] - r["prior_two_after"],
-            "prompt_fidelity": _mean(r["prompt_fidelity"]),
+            "prompt_fidelity": _mean(r["prompt_fidelity"]), "prompt_look": _mean(r["prompt_look"]),
             "composition_guided": comp["guided"], "composition_unguided": comp["unguided"],
             "placement_guided": comp["placement_guided"],
             "placement_unguided": comp["placement_unguided"],
@@ -201,7 +203,7 @@ def print_table(result: dict) -> None:
           f"plain prompts {s['prior_before']:.3f}, two-object plain prompts {s['prior_two_before']:.3f}")
     cols = [("named", "fidelity"), ("final", "fidelity_final"), ("forget", "forgetting"),
             ("tilt", "unnamed"), ("tilt_fin", "unnamed_final"), ("prompt", "prompt_fidelity"),
-            ("prior_drop", "prior_drop"), ("prior2_drop", "prior_drop_two"),
+            ("in_scene", "prompt_look"), ("prior_drop", "prior_drop"), ("prior2_drop", "prior_drop_two"),
             ("comp_box", "composition_guided"), ("comp_nobox", "composition_unguided"),
             ("place_box", "placement_guided"), ("place_nobox", "placement_unguided"),
             ("kv_share", "kv_share"), ("KB/concept", "bytes_per_concept"), ("learn s", "learn_s_per_concept")]
@@ -232,7 +234,7 @@ def print_per_concept(result: dict) -> None:
     """One line per concept and method: which concepts pull a mean down (the photos' backgrounds,
     a colour the prompt's background shares, ...)."""
     keys = [("named", "fidelity"), ("final", "fidelity_final"), ("tilt", "unnamed"),
-            ("prompt", "prompt_fidelity")]
+            ("prompt", "prompt_fidelity"), ("scene", "prompt_look")]
     for m, r in result["methods"].items():
         if r["error"] is not None:
             continue

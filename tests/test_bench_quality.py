@@ -50,6 +50,7 @@ def test_quality_bench_smoke(random_judge):
     for m in ("cns", "cones2", "naive", "ti"):
         assert s.get(f"{m}_error") is None, s[f"{m}_error"]
         for key in ("fidelity", "fidelity_final", "unnamed", "unnamed_final", "prompt_fidelity",
+                    "prompt_look",
                     "composition_guided", "composition_unguided", "placement_guided",
                     "placement_unguided", "kv_share"):
             assert 0.0 <= s[f"{m}_{key}"] <= 1.0, key
@@ -58,6 +59,9 @@ def test_quality_bench_smoke(random_judge):
         assert s[f"{m}_bytes_per_concept"] > 0 and s[f"{m}_learn_s_per_concept"] > 0
         # fractions of 2 generations can only be 0, 0.5 or 1
         assert s[f"{m}_fidelity"] * 4 == round(s[f"{m}_fidelity"] * 4)
+    # the look in the scene prompts is read on the same images, one figure per concept
+    cns = result["methods"]["cns"]
+    assert len(cns["prompt_look"]) == len(cns["prompt_fidelity"]) == 2
     # a broken method is reported, not fatal
     assert "nosuch" in s["nosuch_error"] and s["nosuch_fidelity"] is None
     # CNS never trains a general neuron; naive trains every K/V value, ti none
