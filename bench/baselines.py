@@ -23,7 +23,7 @@ import torch
 from cns_daemon.memory import loop_context
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
-from cns_daemon.methods.cns import CNSParams, prepare
+from cns_daemon.methods.cns import CNSParams, prepare, token_rows
 from cns_daemon.methods.cns.layers import stack_for
 from store.records import ConceptMeta, ConceptRecord, SparseDelta
 
@@ -44,7 +44,7 @@ class BaselineMethod:
         stack = stack_for(pipe)
         weights = stack.params if self.kv else {}
         before = {n: w.detach().clone() for n, w in weights.items()}
-        row = C.TrainableRows(pipe.text_encoder, pipe.tokenizer, prep.token)
+        row = token_rows(pipe, prep, spec, hp)
         loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
                              prior_prompt=C.prior_prompt(spec.class_word),
                              lambda_prior=hp.lambda_prior, prior_batch=hp.prior_batch,

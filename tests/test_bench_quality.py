@@ -115,6 +115,27 @@ def test_baseline_touches_what_it_claims_and_comes_off(fresh_tiny_pipe, tmp_path
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, emb0)
 
 
+def test_textual_inversion_starts_where_its_token_init_says(fresh_tiny_pipe, tmp_path):
+    """token_init=class starts every token row from the class word's row, as textual inversion
+    starts from a coarse descriptor; the default starts from the rare words' own rows."""
+    from cns_daemon.methods import common as C
+    from cns_daemon.methods.cns import METHOD as CNS
+
+    pipe = fresh_tiny_pipe
+    concept = make_concepts(1, 2, seed=3, folder=tmp_path)[0]
+    table = pipe.text_encoder.get_input_embeddings().weight
+    class_row = table[C.token_ids(pipe.tokenizer, concept.class_word)].mean(0).detach().numpy()
+    for init in ("class", "token"):
+        spec = LearnSpec("x", concept.class_word, captions=list(concept.captions),
+                         options={**FAST, "steps": 0, "vectors": 2, "token_init": init})
+        record = TEXTUAL_INVERSION.learn(pipe, list(concept.photos), spec)
+        rows = list(record.embeddings.values())
+        assert len(rows) == 2
+        starts_at_class = [np.allclose(r, class_row) for r in rows]
+        assert starts_at_class == ([True, True] if init == "class" else [False, False]), init
+        CNS.unlearn(pipe, "x")
+
+
 def test_placement_sweep_smoke(random_judge):
     cfg = quality.QualityConfig(generations=2, gen_steps=2, tiny=True)
     pipe = quality.load_model(cfg)

@@ -209,6 +209,16 @@ def mask_note(prep: C.Prepared, hp: CNSParams) -> str | None:
             f"background avoid this")
 
 
+def token_rows(pipe, prep: C.Prepared, spec: LearnSpec, hp: CNSParams) -> C.TrainableRows:
+    """The concept's trainable token rows, started from the rare words' own rows or (token_init
+    `class`) every row from the class word's, as textual inversion starts from a coarse word."""
+    init = None
+    if hp.token_init == "class":
+        class_ids = C.token_ids(pipe.tokenizer, spec.class_word)
+        init = pipe.text_encoder.get_input_embeddings().weight[class_ids].mean(0)
+    return C.TrainableRows(pipe.text_encoder, pipe.tokenizer, prep.token, init=init)
+
+
 @dataclass
 class _Run:
     trainees: list[_Trainee]
@@ -222,11 +232,7 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
     """Train the `indices` values of the K/V tensors and the token's embedding row with the CNS
     loss. On return (or on any exception) the weights hold their values from before; the
     trained values are in the returned trainees, the trained row in the returned row."""
-    init = None
-    if hp.token_init == "class":
-        class_ids = C.token_ids(pipe.tokenizer, spec.class_word)
-        init = pipe.text_encoder.get_input_embeddings().weight[class_ids].mean(0)
-    row = C.TrainableRows(pipe.text_encoder, pipe.tokenizer, prep.token, init=init)
+    row = token_rows(pipe, prep, spec, hp)
     trainees = _trainees(stack, indices, tuned)
     scoped = contextlib.nullcontext()
     around = None
