@@ -28,7 +28,7 @@ from cns_daemon.api.errors import BadInput
 from cns_daemon.model import recommended_guidance
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
-from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope
+from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope, shared_tails
 from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, expand, referenced_names
 from store.records import ConceptRecord
 
@@ -146,11 +146,13 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
             return kwargs
 
         config = guidance or GuidanceConfig()
-        guided = (layout_guidance(pipe.unet, LayoutBias(layout, expanded, emb.cond.shape[1], config),
-                                  state, config) if layout else contextlib.nullcontext())
+        ids = batch_ids(expanded, n, cfg, emb.cond.shape[1])
+        bias = LayoutBias(layout, expanded, emb.cond.shape[1], config,
+                          tails=shared_tails(pipe.unet, ids[-1]))   # the conditional row
+        guided = layout_guidance(pipe.unet, bias, state, config) if layout else contextlib.nullcontext()
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         report(0)
-        scoped = prompt_scope(pipe.unet, batch_ids(expanded, n, cfg, emb.cond.shape[1]))
+        scoped = prompt_scope(pipe.unet, ids)
         with guided, scoped:
             out = pipe(prompt_embeds=emb.cond, negative_prompt_embeds=emb.uncond,
                        num_inference_steps=steps, guidance_scale=guidance_scale, height=h,

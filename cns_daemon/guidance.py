@@ -26,6 +26,10 @@ Choices the paper leaves open, fixed here:
   always keep at least one cell; a layer's grid (h, w) is the latent grid downsampled by the
   power of two whose ceil-rounded size has h·w equal to the layer's query length (SD's stride-2
   convolutions round up), which also covers non-square images.
+- A token-scoped CNS concept carries its look at the end of the sequence too (EOS on; see
+  methods/common/scope.py). When two such concepts share a prompt each owns a share of those
+  positions (`tails`), and its column holds those positions as well as its words, so each
+  share is steered into its own box.
 - Guidance runs for the first `steps` denoising steps (None: all of them, as the paper does);
   later steps, and layers/calls without text (self-attention), use the layer's previous
   processor unchanged.
@@ -123,6 +127,7 @@ class LayoutBias:
     expanded: ExpandedPrompt
     n_tokens: int
     config: GuidanceConfig
+    tails: dict[str, list[int]] = field(default_factory=dict)   # concept → its end-of-sequence share
     _cache: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def matrix(self, h: int, w: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -149,7 +154,8 @@ class LayoutBias:
             column = torch.zeros(h * w)
             column[others] = self.config.gamma_neg
             column[inside] = self.config.gamma_pos   # own box wins over others'
-            cols = [p for p in self.expanded.positions(name) if p < self.n_tokens]
+            own = set(self.expanded.positions(name)) | set(self.tails.get(name, ()))
+            cols = sorted(p for p in own if p < self.n_tokens)
             m[:, cols] = column[:, None]
         return m
 

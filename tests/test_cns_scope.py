@@ -68,6 +68,33 @@ def test_scoped_values_act_only_from_the_token_on(fresh_tiny_pipe):
         assert torch.equal(to_k(x), plain)
 
 
+def test_two_concepts_in_a_row_deal_out_the_end(fresh_tiny_pipe):
+    """A row naming two scoped concepts: each keeps its own words, and the positions from EOS on
+    are dealt out in turn, first-named first; a row with one of them keeps the whole end, and
+    what a concept adds at its positions is what it adds alone."""
+    pipe = fresh_tiny_pipe
+    tname, to_k = _kv_module(pipe)
+    scope = token_scope(pipe.unet)
+    other = Anchor(token_id=8, span=2, eos_id=2)
+    ones = lambda: (torch.arange(to_k.weight.numel()), torch.ones(to_k.weight.numel()))  # noqa: E731
+    scope.add("rex", AT, {tname: ones()})
+    scope.add("pot", other, {tname: (ones()[0], 2 * ones()[1])})
+    ids = torch.tensor([[1, 8, 7, 5, 9, 7, 2, NO_TOKEN, NO_TOKEN],    # pot first, then rex
+                        [1, 9, 7, 2, NO_TOKEN, NO_TOKEN, NO_TOKEN, NO_TOKEN, NO_TOKEN]])
+    assert scope.shared_tails(ids[0]) == {"pot": [6, 8], "rex": [7]}
+    assert scope.shared_tails(ids[1]) == {}                       # one concept: not shared
+    x = torch.randn(2, 9, to_k.weight.shape[1])
+    plain = to_k(x)
+    with scope.prompt(ids):
+        got = to_k(x)
+    step = x.sum(-1, keepdim=True)                                 # x @ onesᵀ, per position
+    added = ((got - plain) / step)[..., 0].round()                 # 1: rex's, 2: pot's, 0: none
+    assert added[0].tolist() == [0, 2, 2, 0, 1, 1, 2, 1, 2]
+    assert added[1].tolist() == [0, 1, 1, 1, 1, 1, 1, 1, 1]
+    scope.remove("rex")
+    scope.remove("pot")
+
+
 def test_training_values_reach_only_the_token_rows(fresh_tiny_pipe):
     """While a scoped concept trains, its values sit in the weight, yet rows without the token
     (the class prompt, outside a prompt context) see the weight as it was, and the gradient comes
@@ -136,6 +163,30 @@ def test_scoped_and_written_records_apply_and_remove_exactly(fresh_tiny_pipe):
         {f"unet.{n}" for n in old.deltas}                       # only the old one is written
     method.remove(handle)
     assert changed(pipe, before) == [] and token_scope(pipe.unet).names() == []
+
+
+def test_generation_steers_each_concepts_share_of_the_end_into_its_box(fresh_tiny_pipe, monkeypatch):
+    """Two scoped concepts with boxes: the layout bias gets each one's share of the end of the
+    sequence, the shares the scope deals out on the conditional row; one concept gets none."""
+    import cns_daemon.generate as G
+
+    pipe, method = fresh_tiny_pipe, get_method("cns")
+    a = synthetic(pipe, "a", "sks", 1, scope="concept")
+    b = synthetic(pipe, "b", "pbc", 2, scope="concept")
+    handle = method.apply(pipe, [a, b])
+    seen = []
+    real = G.LayoutBias
+    monkeypatch.setattr(G, "LayoutBias", lambda *args, **kw: seen.append(kw["tails"]) or real(*args, **kw))
+    records = {"a": a, "b": b}
+    generate(pipe, "a photo of <a> and <b>", records, ["a=0,0,0.5,1", "b=0.5,0,1,1"], n=1, steps=2,
+             output_type="np")
+    generate(pipe, "a photo of <b>", records, ["b=0.5,0,1,1"], n=1, steps=2, output_type="np")
+    method.remove(handle)
+    shares, alone = seen
+    expanded = expand("a photo of <a> and <b>", {"a": a.meta, "b": b.meta}, pipe.tokenizer)
+    eos = len(expanded.token_ids) - 1
+    assert shares == {"a": list(range(eos, 77, 2)), "b": list(range(eos + 1, 77, 2))}
+    assert alone == {}
 
 
 def test_batch_ids_follow_the_cfg_layout(tiny_pipe):

@@ -109,6 +109,19 @@ def test_own_box_wins_where_boxes_overlap():
     assert m[:, [0, 3, 5, 6]].abs().sum() == 0            # BOS, plain words, unboxed "c"
 
 
+def test_a_concepts_share_of_the_end_goes_to_its_box():
+    """`tails` (two scoped CNS concepts in one prompt) add each concept's end-of-sequence share
+    to its column; positions past the text length are ignored."""
+    layout = Layout((Box("a", 0, 0, 0.5, 1), Box("b", 0.5, 0, 1, 1)))
+    m = LayoutBias(layout, _prompt(), N_TOKENS, GuidanceConfig(),
+                   tails={"a": [3, 6], "b": [5, 9]}).matrix(1, 2)
+    for col in (1, 2, 3, 6):
+        assert m[:, col].tolist() == [2.5, -1e4], col    # a's words and its share
+    for col in (4, 5):
+        assert m[:, col].tolist() == [-1e4, 2.5], col
+    assert m[:, 0].abs().sum() == 0
+
+
 def test_outside_suppression_blocks_a_concept_everywhere_but_its_box():
     """suppress="outside" (the public Cones 2 code's form): a concept's tokens get γ⁻ at every
     position outside its own box, not only in the other concepts' boxes."""
