@@ -176,8 +176,10 @@ def probe_verdicts(runs: dict[str, JobInfo]) -> list[str]:
         if title == "both":
             pairs = probe.read_halves(images)
             hits = sum(lft.matches(first) and rgt.matches(second) for lft, rgt in pairs)
+            placed = sum(lft.shape == first.shape and rgt.shape == second.shape for lft, rgt in pairs)
             lines.append(f"both in boxes: {hits}/{len(pairs)} images show <{FIRST.name}> on the left "
-                         f"and <{SECOND.name}> on the right")
+                         f"and <{SECOND.name}> on the right; {placed}/{len(pairs)} show their shapes "
+                         f"there (a {FIRST.shape} left, a {SECOND.shape} right), whatever their looks")
             continue
         reads = probe.read(images)
         hits = sum(a.matches(first) for a in reads)
