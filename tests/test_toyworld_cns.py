@@ -81,4 +81,3 @@ def test_two_concepts_land_in_their_boxes_more_often_with_guidance(learned):
     comp = learned[4]["composition"]
     print(f"both named looks in their boxes: guided {comp.guided:.2f}, unguided {comp.unguided:.2f}")
     assert comp.guided > comp.unguided + 0.1, comp
-
