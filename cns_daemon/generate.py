@@ -147,9 +147,11 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
 
         config = guidance or GuidanceConfig()
         ids = batch_ids(expanded, n, cfg, emb.cond.shape[1])
-        bias = LayoutBias(layout, expanded, emb.cond.shape[1], config,
-                          tails=shared_tails(pipe.unet, ids[-1]))   # the conditional row
-        guided = layout_guidance(pipe.unet, bias, state, config) if layout else contextlib.nullcontext()
+        guided = contextlib.nullcontext()
+        if layout:
+            bias = LayoutBias(layout, expanded, emb.cond.shape[1], config,
+                              tails=shared_tails(pipe.unet, ids[-1]))   # the conditional row
+            guided = layout_guidance(pipe.unet, bias, state, config)
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         report(0)
         scoped = prompt_scope(pipe.unet, ids)
