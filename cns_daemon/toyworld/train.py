@@ -18,6 +18,9 @@ hour. Stages, all in one run:
      Only the ~50 token rows the captions use are trained (vocab.CompactEmbedding); the other
      rows are then drawn from the trained rows' statistics, so a concept's rare token starts
      where words live.
+     `--merge-look P` (off by default; the shipped fixture was trained without it) gives a share
+     of the looks named in full as one summed token (vocab.LookMerger; measured in
+     docs/tuning.md, "One-token looks in the fixture's training").
 `--device cuda` runs the denoiser stage on a GPU (rendering, captions and every random draw stay
 on the CPU, so the data are the same; on an H200 a step took 0.08 s against 0.27 s on 2 cores).
 An EMA of the UNet/text weights is what gets saved, in fp16 (the loader upcasts). Checkpoints
@@ -41,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import MODEL_NOTES, TOYWORLD_MODEL, build_tiny_pipeline
-from .vocab import CompactEmbedding, caption_token_ids, init_untrained_rows
+from .vocab import CompactEmbedding, LookMerger, caption_token_ids, init_untrained_rows
 from .world import BACKGROUND_PHRASE, caption, random_scene, render_array
 
 log = logging.getLogger("toyworld.train")
@@ -67,6 +70,8 @@ class TrainConfig:
     name_look: float = 0.5       # share of objects whose caption names pattern + second colour
     pattern_only: float = 0.25   # of those, the share named by the pattern alone ("with stripes")
     unplaced: float = 0.5        # two objects: share of captions with "A and B" (either order), no sides
+    merge_look: float = 0.0      # single patterned objects named in full with their colour: share whose
+                                 # look is one summed token, "a <red+yellow+stripes> star" (vocab.LookMerger)
     blocks: tuple[int, int] = (32, 64)
     heads: tuple[int, int] = (2, 4)  # per UNet block; the mid block takes the last
     text_width: int = 128
@@ -113,9 +118,11 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def sample_caption(scene, rng: np.random.Generator, cfg: TrainConfig) -> str:
+def sample_caption(scene, rng: np.random.Generator, cfg: TrainConfig):
+    """A training caption for `scene`, and the object whose look is to be merged into one token
+    (None for none)."""
     if rng.random() < cfg.cfg_drop:
-        return ""
+        return "", None
     looks = []
     for _ in scene.objects:
         named = rng.random() < cfg.name_look
@@ -123,9 +130,15 @@ def sample_caption(scene, rng: np.random.Generator, cfg: TrainConfig) -> str:
     placing = "sides"
     if len(scene.objects) == 2 and rng.random() < cfg.unplaced:
         placing = "and" if rng.random() < 0.5 else "and-reversed"
-    return caption(scene, template=int(rng.integers(3)),
-                   with_color=rng.random() >= cfg.omit_color,
+    with_color = rng.random() >= cfg.omit_color
+    text = caption(scene, template=int(rng.integers(3)), with_color=with_color,
                    with_background=rng.random() >= cfg.omit_background, look=looks, placing=placing)
+    obj = scene.objects[0]
+    # Drawn only when merging is on, so runs without it keep their random sequence.
+    if (cfg.merge_look > 0 and len(scene.objects) == 1 and looks[0] == "full" and with_color
+            and obj.pattern != "solid" and rng.random() < cfg.merge_look):
+        return text, obj
+    return text, None
 
 
 # --- stages --------------------------------------------------------------------------------------
@@ -180,8 +193,18 @@ def _tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
+def caption_ids(tokenizer, drawn: list, merger: LookMerger | None) -> torch.Tensor:
+    """Token ids of sampled (caption, merged object) pairs, looks merged where drawn."""
+    ids = _tokenize(tokenizer, [text for text, _ in drawn])
+    for row, (_, obj) in enumerate(drawn):
+        if obj is not None:
+            ids[row] = merger.apply(ids[row], obj)
+    return ids
+
+
 def train_denoiser(pipe, latents: torch.Tensor, scenes: list, cfg: TrainConfig, gen: torch.Generator,
-                   work: Path, start: dict | None, t_begin: float) -> tuple[dict, float, int]:
+                   work: Path, start: dict | None, t_begin: float,
+                   merger: LookMerger | None = None) -> tuple[dict, float, int]:
     """Joint UNet + text-encoder training; returns the EMA state, the final loss and the number
     of steps done (fewer than asked when the wall-time budget ran out)."""
     unet, text, sched = pipe.unet, pipe.text_encoder, pipe.scheduler
@@ -215,7 +238,8 @@ def train_denoiser(pipe, latents: torch.Tensor, scenes: list, cfg: TrainConfig, 
         idx = torch.randint(len(latents), (cfg.unet_batch,), generator=gen)
         mean, std = latents[idx, 0], latents[idx, 1]
         z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * pipe.vae.config.scaling_factor
-        ids = _tokenize(pipe.tokenizer, [sample_caption(scenes[i], rng, cfg) for i in idx.tolist()]).to(dev)
+        drawn = [sample_caption(scenes[i], rng, cfg) for i in idx.tolist()]
+        ids = caption_ids(pipe.tokenizer, drawn, merger).to(dev)
         if cfg.t_power == 1.0:
             t = torch.randint(0, len(alphas), (cfg.unet_batch,), generator=gen)
         else:
@@ -368,12 +392,13 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
     # Train only the token rows the captions use; the full table gets them back afterwards.
     full = pipe.text_encoder.get_input_embeddings()
     used = caption_token_ids(pipe.tokenizer)
-    compact = CompactEmbedding(full, used)
+    merger = LookMerger(pipe.tokenizer, full.num_embeddings) if cfg.merge_look > 0 else None
+    compact = CompactEmbedding(full, used, merger.merged_words() if merger else ())
     pipe.text_encoder.set_input_embeddings(compact)
     pipe.to(cfg.device)   # the VAE's work is done; its latents stay on the CPU with the generator
     ckpt = work / "denoiser.pt"
     start = torch.load(ckpt, weights_only=False, map_location=cfg.device) if resume and ckpt.exists() else None
-    ema, unet_loss, steps_done = train_denoiser(pipe, latents, scenes, cfg, gen, work, start, t_start)
+    ema, unet_loss, steps_done = train_denoiser(pipe, latents, scenes, cfg, gen, work, start, t_start, merger)
     _load_ema(pipe, ema)
     pipe.to("cpu")
     compact.write_back(full)

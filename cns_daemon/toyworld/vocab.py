@@ -10,11 +10,15 @@ and spread), and a new rare token starts where words live (`init_untrained_rows`
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import numpy as np
 import torch
 from torch import nn
 
-from .world import (BACKGROUNDS, COLORS, LOOK_NAMING, PLACING, SHAPES, SceneSpec, caption, random_object)
+from .world import (BACKGROUNDS, COLORS, LOOK_NAMING, PATTERNS, PLACING, SHAPES, ObjectSpec, SceneSpec, caption,
+                    random_object)
 
 
 def caption_token_ids(tokenizer, n_scenes: int = 400, seed: int = 0) -> list[int]:
@@ -42,22 +46,40 @@ def caption_token_ids(tokenizer, n_scenes: int = 400, seed: int = 0) -> list[int
 
 class CompactEmbedding(nn.Module):
     """Stands in for the text encoder's token embedding while training: looks full-vocabulary
-    ids up in a small trainable table of the used rows. An unused id is an error, not a zero."""
+    ids up in a small trainable table of the used rows. An unused id is an error, not a zero.
 
-    def __init__(self, full: nn.Embedding, used: list[int]):
+    `merged` adds virtual ids past the vocabulary (vocabulary size + i for the i-th tuple): each
+    is one input position whose vector is the sum of its words' rows over √k (so its scale is a
+    word's). Only training captions hold them (see `LookMerger`)."""
+
+    def __init__(self, full: nn.Embedding, used: list[int], merged: Sequence[tuple[int, ...]] = ()):
         super().__init__()
         self.rows = nn.Parameter(full.weight.detach()[used].clone())
-        lookup = torch.full((full.num_embeddings,), -1, dtype=torch.long)
+        self.vocab = full.num_embeddings
+        lookup = torch.full((self.vocab,), -1, dtype=torch.long)
         lookup[torch.tensor(used)] = torch.arange(len(used))
         self.register_buffer("lookup", lookup, persistent=False)
+        mix = torch.zeros(len(merged), len(used))
+        for i, words in enumerate(merged):
+            for w in words:
+                if int(lookup[w]) < 0:
+                    raise ValueError(f"merged token id {w} is outside the world's caption vocabulary")
+                mix[i, lookup[w]] += 1.0 / math.sqrt(len(words))
+        self.register_buffer("mix", mix, persistent=False)
         self.used = list(used)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        idx = self.lookup[input_ids]
-        if bool((idx < 0).any()):
-            bad = sorted(set(input_ids[idx < 0].tolist()))[:5]
-            raise ValueError(f"token ids {bad} are outside the world's caption vocabulary")
-        return self.rows[idx]
+        virtual = input_ids >= self.vocab
+        idx = self.lookup[input_ids.clamp(max=self.vocab - 1)]
+        bad = (idx < 0) & ~virtual
+        if bool(bad.any()) or bool((input_ids[virtual] >= self.vocab + len(self.mix)).any()):
+            ids = sorted(set(input_ids[bad | (virtual & (input_ids >= self.vocab + len(self.mix)))].tolist()))[:5]
+            raise ValueError(f"token ids {ids} are outside the world's caption vocabulary")
+        out = self.rows[idx.clamp(min=0)]
+        if bool(virtual.any()):
+            out = out.clone()
+            out[virtual] = (self.mix @ self.rows)[input_ids[virtual] - self.vocab]
+        return out
 
     @torch.no_grad()
     def write_back(self, full: nn.Embedding) -> None:
@@ -77,3 +99,45 @@ def init_untrained_rows(weight: torch.Tensor, used: list[int], seed: int) -> dic
     weight[~keep] = fresh.to(weight.dtype)
     return {"trained_row_norm": float(trained.norm(dim=1).mean()),
             "untrained_row_norm": float(fresh.norm(dim=1).mean())}
+
+
+class LookMerger:
+    """One-token looks for training captions. A single patterned object named in full, "a red
+    star with yellow stripes", becomes "a ⟨red+yellow+stripes⟩ star": its main colour, second
+    colour and pattern words leave the caption and one virtual position holding the sum of
+    their rows stands before the shape word.
+
+    Why: a personal concept is one learned vector in the prompt (textual inversion, Cones 2's
+    residual). In real Stable Diffusion that works because CLIP has met single words that carry
+    a whole look (a "zebra" is its colours and its stripes) and decodes points between them. The
+    toy world's words each name one attribute, so its encoder never had to read a whole look
+    from one position, and one learned row could not hold one (docs/tuning.md, "Token vectors
+    per concept"). Summed words are a word for every look without 168 new vocabulary entries,
+    and they keep the space compositional: a point between them is a look too."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        def one(word: str) -> int:
+            ids = tokenizer(word, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise ValueError(f"{word!r} is not one token")
+            return ids[0]
+
+        self.word = {w: one(w) for w in (*COLORS, *PATTERNS, *SHAPES, "with")}
+        self.pad = tokenizer.pad_token_id
+        self.combos = [(c, s, p) for c in COLORS for s in COLORS if s != c for p in PATTERNS if p != "solid"]
+        self.index = {combo: vocab_size + i for i, combo in enumerate(self.combos)}
+
+    def merged_words(self) -> list[tuple[int, ...]]:
+        """The word ids each virtual id sums, in virtual-id order (for CompactEmbedding)."""
+        return [tuple(self.word[w] for w in combo) for combo in self.combos]
+
+    def apply(self, ids: torch.Tensor, obj: ObjectSpec) -> torch.Tensor:
+        """`ids` (one padded caption naming `obj` in full, with its colour) with the look merged."""
+        w = self.word
+        run = [w[obj.color], w[obj.shape], w["with"], w[obj.second_color], w[obj.pattern]]
+        seq = ids.tolist()
+        for i in range(len(seq) - len(run) + 1):
+            if seq[i:i + len(run)] == run:
+                new = seq[:i] + [self.index[(obj.color, obj.second_color, obj.pattern)], w[obj.shape]] + seq[i + 5:]
+                return torch.tensor(new + [self.pad] * (len(seq) - len(new)), dtype=ids.dtype)
+        raise ValueError(f"caption does not name {obj} in full")
