@@ -71,9 +71,9 @@ class CompactEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         virtual = input_ids >= self.vocab
         idx = self.lookup[input_ids.clamp(max=self.vocab - 1)]
-        bad = (idx < 0) & ~virtual
-        if bool(bad.any()) or bool((input_ids[virtual] >= self.vocab + len(self.mix)).any()):
-            ids = sorted(set(input_ids[bad | (virtual & (input_ids >= self.vocab + len(self.mix)))].tolist()))[:5]
+        bad = torch.where(virtual, input_ids >= self.vocab + len(self.mix), idx < 0)
+        if bool(bad.any()):
+            ids = sorted(set(input_ids[bad].tolist()))[:5]
             raise ValueError(f"token ids {ids} are outside the world's caption vocabulary")
         out = self.rows[idx.clamp(min=0)]
         if bool(virtual.any()):
