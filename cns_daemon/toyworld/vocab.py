@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..methods.common.tokens import token_id
+
 from .world import (BACKGROUNDS, COLORS, LOOK_NAMING, PATTERNS, PLACING, SHAPES, ObjectSpec, SceneSpec, caption,
                     random_object)
 
@@ -78,7 +80,7 @@ class CompactEmbedding(nn.Module):
         out = self.rows[idx.clamp(min=0)]
         if bool(virtual.any()):
             out = out.clone()
-            out[virtual] = (self.mix @ self.rows)[input_ids[virtual] - self.vocab]
+            out[virtual] = self.mix[input_ids[virtual] - self.vocab] @ self.rows
         return out
 
     @torch.no_grad()
@@ -116,13 +118,7 @@ class LookMerger:
     and they keep the space compositional: a point between them is a look too."""
 
     def __init__(self, tokenizer, vocab_size: int):
-        def one(word: str) -> int:
-            ids = tokenizer(word, add_special_tokens=False).input_ids
-            if len(ids) != 1:
-                raise ValueError(f"{word!r} is not one token")
-            return ids[0]
-
-        self.word = {w: one(w) for w in (*COLORS, *PATTERNS, *SHAPES, "with")}
+        self.word = {w: token_id(tokenizer, w) for w in (*COLORS, *PATTERNS, *SHAPES, "with")}
         self.pad = tokenizer.pad_token_id
         self.combos = [(c, s, p) for c in COLORS for s in COLORS if s != c for p in PATTERNS if p != "solid"]
         self.index = {combo: vocab_size + i for i, combo in enumerate(self.combos)}
@@ -138,6 +134,6 @@ class LookMerger:
         seq = ids.tolist()
         for i in range(len(seq) - len(run) + 1):
             if seq[i:i + len(run)] == run:
-                new = seq[:i] + [self.index[(obj.color, obj.second_color, obj.pattern)], w[obj.shape]] + seq[i + 5:]
+                new = seq[:i] + [self.index[(obj.color, obj.second_color, obj.pattern)], w[obj.shape]] + seq[i + len(run):]
                 return torch.tensor(new + [self.pad] * (len(seq) - len(new)), dtype=ids.dtype)
         raise ValueError(f"caption does not name {obj} in full")
