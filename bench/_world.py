@@ -32,8 +32,15 @@ class Concept:
         return self.obj.shape
 
 
-def make_concepts(n: int, photos: int, seed: int, folder: Path) -> list[Concept]:
-    """`n` patterned objects with `photos` rendered photos each, written as PNGs to `folder`."""
+CAPTIONS = ("none", "background")   # what the photos' sidecar captions say (bench --captions)
+
+
+def make_concepts(n: int, photos: int, seed: int, folder: Path, captions: str = "none") -> list[Concept]:
+    """`n` patterned objects with `photos` rendered photos each, written as PNGs to `folder`.
+    With `captions` "background" each photo gets a sidecar caption that says its scene and
+    nothing of the look ("a photo of a star in the snow"), as a person might write."""
+    if captions not in CAPTIONS:
+        raise ValueError(f"captions must be one of {', '.join(CAPTIONS)}")
     rng = np.random.default_rng(seed)
     shapes = [SHAPES[i % len(SHAPES)] for i in rng.permutation(max(n, len(SHAPES)))][:n]
     patterns = [p for p in PATTERNS if p != "solid"]
@@ -47,6 +54,9 @@ def make_concepts(n: int, photos: int, seed: int, folder: Path) -> list[Concept]
         for k, (img, cap) in enumerate(render_concept_photos(obj, photos, seed * 100 + i)):
             path = folder / f"{name}-{k}.png"
             img.save(path)
+            if captions == "background":
+                phrase = next(v for v in BACKGROUND_PHRASE.values() if cap.endswith(v))
+                path.with_suffix(".txt").write_text(f"a photo of a {shape} {phrase}\n")
             paths.append(path)
             caps.append(cap)
         out.append(Concept(name, obj, tuple(paths), tuple(caps)))

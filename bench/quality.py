@@ -47,7 +47,7 @@ import torch
 
 from bench._cells import (Generator, MethodResult, measure_base, mixed_composition, placement_sweep,
                           run_method)
-from bench._world import Concept, Judge, make_concepts, prompt_background
+from bench._world import CAPTIONS, Concept, Judge, make_concepts, prompt_background
 from cns_daemon.api.names import METHODS as PRODUCT
 from cns_daemon.toyworld.fidelity import DEFAULT_GUIDANCE
 
@@ -70,6 +70,7 @@ class QualityConfig:
     options: dict[str, dict] = field(default_factory=dict)       # per method LearnSpec.options
     model: str | None = None        # None: the toy-world fixture
     tiny: bool = False              # the tiny random test model instead (smoke tests)
+    captions: str = "none"          # photos' sidecar captions: none (templates) | background
 
     @classmethod
     def quick(cls, **kw) -> "QualityConfig":
@@ -120,7 +121,7 @@ def run(cfg: QualityConfig, judge: Judge | None = None, log=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="cones-bench-") as tmp:
         work = Path(tmp)
         (work / "photos").mkdir()
-        concepts = make_concepts(cfg.concepts, cfg.photos, cfg.seed, work / "photos")
+        concepts = make_concepts(cfg.concepts, cfg.photos, cfg.seed, work / "photos", cfg.captions)
         base_pipe = load_model(cfg)
         base = measure_base(base_pipe, _generator(base_pipe, cfg), judge, concepts, cfg.generations,
                             cfg.seed)
@@ -197,7 +198,8 @@ def print_table(result: dict) -> None:
     cfg = result["config"]
     print(f"Toy-world quality: {cfg['concepts']} concepts x {cfg['photos']} photos, "
           f"{cfg['generations']} generations per cell, {cfg['gen_steps']} DDIM steps, CFG "
-          f"{cfg['cfg_scale']:g}, seed {cfg['seed']}")
+          f"{cfg['cfg_scale']:g}, seed {cfg['seed']}"
+          + (f", photos captioned ({cfg['captions']})" if cfg.get("captions", "none") != "none" else ""))
     print("Concepts: " + "; ".join(result["concepts"]))
     print(f"Base model: named look (class prompt) {s['base_fidelity']:.3f}, tilt {s['base_unnamed']:.3f}, "
           f"plain prompts {s['prior_before']:.3f}, two-object plain prompts {s['prior_two_before']:.3f}")
@@ -288,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=None, help="a diffusers folder (default: toy world)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random model (smoke test)")
+    parser.add_argument("--captions", default="none", choices=CAPTIONS,
+                        help="photos' sidecar captions: none (the methods' templates, the default) "
+                             "or background (each says its photo's scene, not the look)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--guidance-weight", type=float, default=None, help="layout guidance w")
@@ -301,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     steps, options = parse_sets(args.set)
     kw = dict(methods=tuple(m for m in args.methods.split(",") if m), concepts=args.concepts,
               seed=args.seed, steps=steps, options=options, model=args.model, tiny=args.tiny,
-              guidance_weight=args.guidance_weight, guidance_suppress=args.guidance_suppress)
+              guidance_weight=args.guidance_weight, guidance_suppress=args.guidance_suppress,
+              captions=args.captions)
     if args.generations is not None:
         kw["generations"] = args.generations
     cfg = QualityConfig.quick(**kw) if args.quick else QualityConfig(**kw)

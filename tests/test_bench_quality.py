@@ -77,6 +77,21 @@ def test_quality_bench_smoke(random_judge):
     assert s["naive_bytes_per_concept"] > s["cns_bytes_per_concept"] > s["ti_bytes_per_concept"]
 
 
+def test_background_captions_say_the_scene_and_not_the_look(tmp_path):
+    for sub in "abc":
+        (tmp_path / sub).mkdir()
+    (concept,) = make_concepts(1, 4, seed=3, folder=tmp_path / "a", captions="background")
+    for photo, world_caption in zip(concept.photos, concept.captions):
+        text = photo.with_suffix(".txt").read_text().strip()
+        scene = world_caption.split(f"{concept.obj.pattern} ", 1)[1]   # "... stripes in the snow"
+        assert text == f"a photo of a {concept.class_word} {scene}"
+        assert concept.obj.color not in text.split() and concept.obj.pattern not in text
+    (plain,) = make_concepts(1, 4, seed=3, folder=tmp_path / "b")
+    assert not any(p.with_suffix(".txt").exists() for p in plain.photos)
+    with pytest.raises(ValueError):
+        make_concepts(1, 1, seed=3, folder=tmp_path / "c", captions="look")
+
+
 def test_parse_sets():
     steps, options = quality.parse_sets(["cns.steps=50", "cns.top_p=2.5", "cones2.lr=1e-4"])
     assert steps == {"cns": 50}

@@ -304,3 +304,23 @@ def test_half_precision_weights_train_through_fp32_master_copies(tmp_path, monke
                            master.to(torch.bfloat16))
     assert unrepresentable > 0.5 * C.count({n: d.indices for n, d in rec.deltas.items()})
     assert rec.embeddings[rec.meta.token].dtype == np.float32
+
+
+def test_captioned_photos_mix_in_their_templates_only_where_it_applies():
+    """CNS trains captioned photos under their templates too (`caption_mix`), with the photo
+    target only: the base-model teacher's captions follow the photos' own."""
+    from types import SimpleNamespace
+
+    from cns_daemon.api.errors import BadInput
+    from cns_daemon.methods.data import PhotoSet
+
+    templates = ["a photo of a sks star"]
+    own = SimpleNamespace(photos=PhotoSet([], ["a photo of a sks star in the snow"],
+                                          torch.zeros(1, 1, 3, 8, 8), templates))
+    bare = SimpleNamespace(photos=PhotoSet([], templates, torch.zeros(1, 1, 3, 8, 8), templates))
+    assert cns.plain_captions(own, cns.CNSParams()) == templates
+    assert cns.plain_captions(bare, cns.CNSParams()) is None
+    assert cns.plain_captions(own, cns.CNSParams(background="base")) is None
+    assert cns.plain_captions(own, cns.CNSParams(caption_mix=0)) is None
+    with pytest.raises(BadInput, match="caption_mix"):
+        cns.CNSParams(caption_mix=1.5).validate()

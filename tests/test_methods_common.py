@@ -68,6 +68,9 @@ def test_captions_sidecar_template_and_given(tmp_path):
         photo_captions([a, b], "sks", "star", ["one"])
     ps = prepare_photos([a, b], 32, "sks", "star", variants=3)
     assert ps.pixels.shape == (2, 3, 3, 32, 32) and ps.captions == caps
+    # every photo keeps its template too; a set is "captioned" when some photo has its own
+    assert ps.templates[1] == caps[1] and ps.templates[0] != caps[0] and ps.captioned
+    assert not prepare_photos([b], 32, "sks", "star", variants=1).captioned
 
 
 # -- tokens ---------------------------------------------------------------------------------
@@ -208,6 +211,52 @@ def test_concept_loss_is_deterministic_per_step(tiny_pipe):
     assert a.total.item() == b.total.item()
     assert a.total.item() != c.total.item()
     assert a.total.item() == pytest.approx(a.photos + 0.5 * a.prior, rel=1e-5)
+
+
+class _Prompts:
+    """unet_context that records each step's prompts."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts):
+        import contextlib
+
+        self.calls.append(list(prompts))
+        return contextlib.nullcontext()
+
+
+def test_captioned_photos_also_train_under_their_template(tiny_pipe):
+    """With plain captions, each photo's step uses its own caption or its template, about
+    `caption_mix` of the steps the template; the noise and timesteps are those of the loss
+    without them, so a step that drew every photo's own caption is that loss exactly."""
+    lat = torch.randn(4, 2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    own = [f"a photo of a sks star {bg}" for bg in ("in the snow", "on the sand", "in the sky", "on the grass")]
+    plain = ["a photo of a sks star"] * 4
+    rec = _Prompts()
+    mixed = C.ConceptLoss(tiny_pipe, lat, own, seed=3, plain_captions=plain, unet_context=rec)
+    alone = C.ConceptLoss(tiny_pipe, lat, own, seed=3)
+    used_plain = 0
+    with torch.no_grad():
+        for step in range(12):
+            rec.calls.clear()
+            got = mixed.parts(step).photos
+            batch = rec.calls[0]
+            assert all(p in (o, "a photo of a sks star") for p, o in zip(batch, own))
+            used_plain += sum(p != o for p, o in zip(batch, own))
+            if batch == own:
+                assert got == pytest.approx(alone.parts(step).photos, rel=1e-6)
+    assert 12 <= used_plain <= 36   # about half of 48 photo-steps
+    for mix, want in ((0.0, own), (1.0, plain)):
+        rec.calls.clear()
+        C.ConceptLoss(tiny_pipe, lat, own, seed=3, plain_captions=plain, caption_mix=mix,
+                      unet_context=rec).parts(0)
+        assert rec.calls[0] == want
+    with pytest.raises(ValueError, match="do not combine"):
+        C.ConceptLoss(tiny_pipe, lat, own, plain_captions=plain,
+                      background_teacher=(torch.ones(4, 2, 1, 16, 16), plain))
+    with pytest.raises(ValueError, match="one plain caption per photo"):
+        C.ConceptLoss(tiny_pipe, lat, own, plain_captions=plain[:2])
 
 
 def test_class_images_are_cached_per_class(tiny_pipe, tmp_path):

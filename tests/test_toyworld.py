@@ -184,6 +184,17 @@ def test_caption_examples():
     assert caption(two, placing="and-reversed", template=1) == "a blue ring and a red star on the sand"
     with pytest.raises(ValueError):
         caption(two, placing="above")
+    # the look said before the noun, as an adjective; a solid object stays "plain"
+    assert caption(SceneSpec((STAR,), "grass"), look="full", before=True) == \
+        "a photo of a yellow striped red star on the grass"
+    assert caption(SceneSpec((STAR,), "grass"), look="pattern", before=True, with_background=False) == \
+        "a photo of a striped red star"
+    assert caption(two, look="full", before=(False, True), placing="and") == \
+        "a photo of a red star with yellow stripes and a pink dotted blue ring on the sand"
+    assert caption(SceneSpec((ObjectSpec("cross", "black"),), "sky"), look="full", before=True) == \
+        "a photo of a plain black cross in the sky"
+    with pytest.raises(ValueError):
+        caption(two, before=(True,))
 
 
 def test_concept_photos_keep_identity_and_vary():

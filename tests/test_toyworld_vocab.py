@@ -70,3 +70,18 @@ def test_merging_is_drawn_only_for_single_objects_named_in_full(tokenizer):
     off = [sample_caption(s, rng_a, TrainConfig()) for s in scenes]
     assert all(obj is None for _, obj in off)
     assert [t for t, _ in off] == [t for t, _ in (sample_caption(s, rng_b, TrainConfig()) for s in scenes)]
+
+
+def test_looks_said_before_the_noun_are_drawn_only_when_asked(tokenizer):
+    rng = np.random.default_rng(0)
+    scenes = [random_scene(rng, two_prob=0.3) for _ in range(400)]
+    on = [sample_caption(s, np.random.default_rng(i), TrainConfig(look_before=0.5))[0]
+          for i, s in enumerate(scenes)]
+    adjectives = [t for t in on if any(w in t.split() for w in ("striped", "dotted", "checked"))]
+    after = [t for t in on if " with " in t]
+    assert len(adjectives) > 40 and len(after) > 40   # both forms, about half each
+    off = [sample_caption(s, np.random.default_rng(i), TrainConfig())[0] for i, s in enumerate(scenes)]
+    assert not any(w in t.split() for t in off for w in ("striped", "dotted", "checked"))
+    # every word of either form is in the trained vocabulary
+    used = set(caption_token_ids(tokenizer))
+    assert all(set(tokenizer(t).input_ids) <= used for t in on)

@@ -7,7 +7,7 @@ front, so training is deterministic per seed and the VAE encodes each variant on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +149,12 @@ class PhotoSet:
     paths: list[Path]
     captions: list[str]
     pixels: torch.Tensor   # (n_photos, n_variants, 3, size, size) in [-1, 1]
+    templates: list[str] = field(default_factory=list)   # photo i's template caption, given or not
+
+    @property
+    def captioned(self) -> bool:
+        """Some photo has a caption of its own (the request's or a sidecar), not its template."""
+        return self.captions != self.templates
 
     @property
     def n(self) -> int:
@@ -161,4 +167,5 @@ def prepare_photos(paths: list[Path], size: int, token: str, class_word: str, *,
     paths = [Path(p) for p in paths]
     images = load_photos(paths)
     pools = [augment_pool(img, size, variants, seed * 1000 + i) for i, img in enumerate(images)]
-    return PhotoSet(paths, photo_captions(paths, token, class_word, captions), torch.stack(pools))
+    return PhotoSet(paths, photo_captions(paths, token, class_word, captions), torch.stack(pools),
+                    [template_caption(i, token, class_word) for i in range(len(paths))])

@@ -72,6 +72,7 @@ class TrainConfig:
     unplaced: float = 0.5        # two objects: share of captions with "A and B" (either order), no sides
     merge_look: float = 0.0      # single patterned objects named in full with their colour: share whose
                                  # look is one summed token, "a <red+yellow+stripes> star" (vocab.LookMerger)
+    look_before: float = 0.0     # named looks: share said before the noun, "a yellow striped red star"
     blocks: tuple[int, int] = (32, 64)
     heads: tuple[int, int] = (2, 4)  # per UNet block; the mid block takes the last
     text_width: int = 128
@@ -131,11 +132,15 @@ def sample_caption(scene, rng: np.random.Generator, cfg: TrainConfig):
     if len(scene.objects) == 2 and rng.random() < cfg.unplaced:
         placing = "and" if rng.random() < 0.5 else "and-reversed"
     with_color = rng.random() >= cfg.omit_color
+    # Drawn only when the option is on, so runs without it keep their random sequence.
+    before = [cfg.look_before > 0 and rng.random() < cfg.look_before for _ in scene.objects]
     text = caption(scene, template=int(rng.integers(3)), with_color=with_color,
-                   with_background=rng.random() >= cfg.omit_background, look=looks, placing=placing)
+                   with_background=rng.random() >= cfg.omit_background, look=looks, placing=placing,
+                   before=before)
     obj = scene.objects[0]
-    # Drawn only when merging is on, so runs without it keep their random sequence.
+    # Drawn only when merging is on, as above.
     if (cfg.merge_look > 0 and len(scene.objects) == 1 and looks[0] == "full" and with_color
+            and not before[0]
             and obj.pattern != "solid" and rng.random() < cfg.merge_look):
         return text, obj
     return text, None

@@ -35,9 +35,10 @@ def caption_token_ids(tokenizer, n_scenes: int = 400, seed: int = 0) -> list[int
             for look in LOOK_NAMING:
                 for with_color in (True, False):
                     for with_background in (True, False):
-                        texts.append(caption(scene, template=template, look=look, with_color=with_color,
-                                             with_background=with_background,
-                                             placing=PLACING[i % len(PLACING)]))
+                        for before in (False, True):
+                            texts.append(caption(scene, template=template, look=look, with_color=with_color,
+                                                 with_background=with_background, before=before,
+                                                 placing=PLACING[i % len(PLACING)]))
     texts += list(SHAPES) + list(COLORS)
     ids: set[int] = set()
     for batch in range(0, len(texts), 512):

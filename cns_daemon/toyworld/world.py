@@ -59,6 +59,12 @@ BACKGROUND_PHRASE: dict[str, str] = {
 # a solid object is "plain" either way.
 LOOK_NAMING: tuple[str, ...] = ("none", "pattern", "full")
 
+# The same look said before the noun, as English adjectives are ("a yellow striped red star",
+# "a striped red star"). A causal encoder (CLIP's) then shows the noun's position the whole look,
+# so the UNet can read it there: where Cones 2 puts a concept's residual and where layout
+# guidance steers. Each adjective is one token of CLIP's vocabulary ("checkered" is two).
+ADJECTIVE: dict[str, str] = {"stripes": "striped", "dots": "dotted", "checks": "checked"}
+
 # Plain-language templates; {obj} is "a red star" (or the two-object phrase), {bg} the phrase above.
 TEMPLATES: tuple[str, ...] = ("a photo of {obj} {bg}", "{obj} {bg}", "a picture of {obj} {bg}")
 TEMPLATES_NO_BG: tuple[str, ...] = ("a photo of {obj}", "{obj}", "a picture of {obj}")
@@ -275,9 +281,11 @@ def render(scene: SceneSpec, seed: int) -> Image.Image:
 
 # --- captions ---------------------------------------------------------------------------------
 
-def object_phrase(obj: ObjectSpec, *, with_color: bool = True, look: str = "none") -> str:
+def object_phrase(obj: ObjectSpec, *, with_color: bool = True, look: str = "none",
+                  before: bool = False) -> str:
     """'a red star'; with look "full" 'a red star with yellow stripes', "pattern" 'a red star
-    with stripes' (a solid one: 'a plain red star'). Never the tilt: no word says it."""
+    with stripes' (a solid one: 'a plain red star'); `before` says the pattern as an adjective
+    ('a yellow striped red star', 'a striped red star'). Never the tilt: no word says it."""
     if look not in LOOK_NAMING:
         raise ValueError(f"unknown look naming {look!r}; one of {', '.join(LOOK_NAMING)}")
     words = f"{obj.color} {obj.shape}" if with_color else obj.shape
@@ -285,6 +293,9 @@ def object_phrase(obj: ObjectSpec, *, with_color: bool = True, look: str = "none
         return f"a {words}"
     if obj.pattern == "solid":
         return f"a plain {words}"
+    if before:
+        second = f"{obj.second_color} " if look == "full" else ""
+        return f"a {second}{ADJECTIVE[obj.pattern]} {words}"
     if look == "full":
         return f"a {words} with {obj.second_color} {obj.pattern}"
     return f"a {words} with {obj.pattern}"
@@ -298,18 +309,21 @@ PLACING: tuple[str, ...] = ("sides", "and", "and-reversed")
 
 def caption(scene: SceneSpec, *, template: int = 0, with_color: bool = True,
             with_background: bool = True, look: str | Sequence[str] = "none",
-            placing: str = "sides") -> str:
+            placing: str = "sides", before: bool | Sequence[bool] = False) -> str:
     """Plain caption: 'a photo of a red star on the grass'; for two objects
     'a photo of a red star on the left and a blue ring on the right on the sand' (`placing`
     "and": 'a photo of a red star and a blue ring on the sand', "and-reversed": the right one
     first). `look` names each object's look (one value for every object, or one per object):
-    with "full" 'a photo of a red star with yellow stripes on the grass'."""
+    with "full" 'a photo of a red star with yellow stripes on the grass'; `before` (one value
+    or one per object) says it before the noun instead (`object_phrase`)."""
     looks = (look,) * len(scene.objects) if isinstance(look, str) else tuple(look)
-    if len(looks) != len(scene.objects):
+    befores = (before,) * len(scene.objects) if isinstance(before, bool) else tuple(before)
+    if len(looks) != len(scene.objects) or len(befores) != len(scene.objects):
         raise ValueError("give one look naming per object")
     if placing not in PLACING:
         raise ValueError(f"unknown placing {placing!r}; one of {', '.join(PLACING)}")
-    phrases = [object_phrase(o, with_color=with_color, look=k) for o, k in zip(scene.objects, looks)]
+    phrases = [object_phrase(o, with_color=with_color, look=k, before=b)
+               for o, k, b in zip(scene.objects, looks, befores)]
     if len(scene.objects) == 1:
         obj = phrases[0]
     elif placing == "sides":

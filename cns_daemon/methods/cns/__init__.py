@@ -104,6 +104,10 @@ class CNSParams:
                                   # joins the caption and the background follows base); base and
                                   # scenes: scope concept only (docs/tuning.md "Object-weighted
                                   # loss", "Prompt fidelity over 20 concepts")
+    caption_mix: float = 0.5      # photos with captions of their own (sidecar .txt or the request's)
+                                  # train under their template caption on this share of steps, so
+                                  # the concept holds with and without the caption's words
+                                  # (docs/tuning.md "Photos with captions"); background photo only
     mask_background: float = 0.1  # the background's loss weight, relative to the object's, for
                                   # either target (docs/tuning.md "Object-weighted loss")
     delta_dtype: str = "float16"  # stored values: float16 | float32 (fp16 rounding: docs/tuning.md)
@@ -126,6 +130,8 @@ class CNSParams:
             raise BadInput("scope must be `concept` or `all`.")
         if self.mask not in ("border", "none") or not 0 <= self.mask_background <= 1:
             raise BadInput("mask must be `border` or `none`, mask_background in [0, 1].")
+        if not 0 <= self.caption_mix <= 1:
+            raise BadInput("caption_mix must be in [0, 1].")
         if self.background not in ("photo", "scenes", "base"):
             raise BadInput("background must be `photo`, `scenes` or `base`.")
         if not 1 <= self.vectors <= C.MAX_VECTORS:
@@ -181,6 +187,14 @@ def _distils(hp: CNSParams) -> bool:
     """The background is held to the base model's prediction: with scoped values a caption
     without the token reaches the base model exactly; written values leave no such model."""
     return hp.mask != "none" and hp.background in ("scenes", "base") and hp.scope == "concept"
+
+
+def plain_captions(prep: C.Prepared, hp: CNSParams) -> list[str] | None:
+    """The photos' template captions, to mix with captions of their own; None when no photo
+    has one (nothing to mix) or the background follows a teacher (its captions are the photos')."""
+    if not prep.photos.captioned or _distils(hp) or hp.caption_mix == 0:
+        return None
+    return prep.photos.templates
 
 
 def photo_weights(prep: C.Prepared, hp: CNSParams) -> torch.Tensor | None:
@@ -248,7 +262,8 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
                          seed=spec.seed, text_grad=True, unet_context=around,
                          photo_weights=photo_weights(prep, hp),
                          background_teacher=background_teacher(prep, hp),
-                         scenes=scene_phrases(pipe) if hp.background == "scenes" else ())
+                         scenes=scene_phrases(pipe) if hp.background == "scenes" else (),
+                         plain_captions=plain_captions(prep, hp), caption_mix=hp.caption_mix)
     opt = torch.optim.Adam([{"params": [t.values for t in trainees], "lr": lr},
                             {"params": [row.param], "lr": hp.lr_token}])
     weights = [t.weight for t in trainees]

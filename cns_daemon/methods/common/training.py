@@ -94,6 +94,10 @@ class ConceptLoss:
     `background_teacher` = (masks (n_photos, n_variants, 1, h, w), captions without the concept's
     token) a photo's background is held to what the model predicts for those captions (the base
     model, where the concept's values are token-scoped) instead of to the photo's own noise.
+    With `plain_captions` (one per photo: its template caption) each photo trains under its own
+    caption or the plain one, `caption_mix` of the steps the plain one: photos captioned with
+    their scene ("a photo of a sks star in the snow") then teach the concept both with the scene
+    said and without it (docs/tuning.md "Photos with captions").
     """
 
     def __init__(self, pipe, photo_latents: torch.Tensor, captions: list[str], *,
@@ -102,6 +106,7 @@ class ConceptLoss:
                  text_grad: bool = False, photo_weights: torch.Tensor | None = None,
                  background_teacher: tuple[torch.Tensor, list[str]] | None = None,
                  scenes: tuple[str, ...] = (),
+                 plain_captions: list[str] | None = None, caption_mix: float = 0.5,
                  unet_context: Callable[[list[str]], contextlib.AbstractContextManager] | None = None):
         self.pipe = pipe
         self.photos = photo_latents           # (n_photos, n_variants, 4, h, w)
@@ -118,13 +123,21 @@ class ConceptLoss:
         # steps; only with the background teacher, which then tells the background what the
         # base model makes of the same words.
         self.scenes = tuple(scenes) if background_teacher is not None else ()
+        if plain_captions is not None and background_teacher is not None:
+            raise ValueError("plain_captions and background_teacher do not combine (the teacher's "
+                             "captions follow the photos' own)")
+        if plain_captions is not None and len(plain_captions) != len(self.captions):
+            raise ValueError("give one plain caption per photo")
+        self.plain_captions = list(plain_captions) if plain_captions is not None else None
+        self.caption_mix = caption_mix
         # Entered around each step's UNet call with that batch's prompts (token-scoped K/V
         # values need to know which rows hold which tokens: common/scope.py).
         self.unet_context = unet_context
         self.schedule = noise_schedule(pipe)
         self._cache: dict[str, torch.Tensor] = {}
         if not text_grad:  # frozen captions: encode them now, so the loop never runs the encoder
-            self._encode(self.captions + ([prior_prompt] if self.prior is not None else []))
+            self._encode(self.captions + (self.plain_captions or [])
+                         + ([prior_prompt] if self.prior is not None else []))
 
     def _taught(self, scenes: list[str]) -> list[int]:
         """The photo rows whose background the teacher sets this step: every row, or with
@@ -174,6 +187,15 @@ class ConceptLoss:
         pick = torch.randint(0, 2 * len(self.scenes), (n,), generator=gen).tolist()
         return [" " + self.scenes[j] if j < len(self.scenes) else "" for j in pick]
 
+    def _captions(self, step: int) -> list[str]:
+        """This step's caption per photo: its own, or (with plain captions) on a random
+        `caption_mix` share of steps its plain one. A generator of its own, as for scenes."""
+        if self.plain_captions is None:
+            return self.captions
+        gen = step_generator(self.seed + 104729, step)
+        plain = (torch.rand(len(self.captions), generator=gen) < self.caption_mix).tolist()
+        return [p if use else c for c, p, use in zip(self.captions, self.plain_captions, plain)]
+
     def parts(self, step: int) -> LossParts:
         gen = step_generator(self.seed, step)
         n, n_var = self.photos.shape[:2]
@@ -186,7 +208,7 @@ class ConceptLoss:
             weights = [self.photo_weights[torch.arange(n), variant]]
             if self.scenes and taught:   # a scene's taught background counts as much as the object
                 weights[0][taught] = 1.0
-        prompts = [c + s for c, s in zip(self.captions, scenes)]
+        prompts = [c + s for c, s in zip(self._captions(step), scenes)]
         m = 0
         if self.prior is not None:
             pick = torch.randperm(self.prior.shape[0], generator=gen)[:self.prior_batch]
