@@ -100,14 +100,19 @@ class TempService:
             shutil.rmtree(self.home, ignore_errors=True)
 
 
-def photos_of(concept: DemoConcept, n: int, seed: int) -> list[tuple[str, bytes]]:
-    from cns_daemon.toyworld.world import render_concept_photos
+def photos_of(concept: DemoConcept, n: int, seed: int) -> list[tuple[str, bytes, str]]:
+    """(file name, PNG bytes, caption) per photo. The caption says where the photo was taken and
+    nothing of the look, as a person would write it ("a photo of a star in the snow"): a concept
+    learned from such captions keeps its photos' grounds out of its pictures (docs/tuning.md
+    "Photos with captions")."""
+    from cns_daemon.toyworld.world import BACKGROUND_PHRASE, render_concept_photos
 
     out = []
-    for i, (image, _caption) in enumerate(render_concept_photos(concept.spec(), n, seed)):
+    for i, (image, caption) in enumerate(render_concept_photos(concept.spec(), n, seed)):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        out.append((f"{concept.name}-{i}.png", buf.getvalue()))
+        where = next(v for v in BACKGROUND_PHRASE.values() if caption.endswith(v))
+        out.append((f"{concept.name}-{i}.png", buf.getvalue(), f"a photo of a {concept.shape} {where}"))
     return out
 
 
@@ -115,14 +120,16 @@ def learn_from_inbox(c: Client, inbox: Path, concept: DemoConcept, opts: Options
     folder = inbox / f"{concept.name}.{concept.shape}"
     staging = inbox / f".{concept.name}.staging"   # hidden: the watcher ignores it until renamed
     staging.mkdir(parents=True, exist_ok=True)
-    for filename, data in photos_of(concept, 4, opts.seed):
+    for filename, data, caption in photos_of(concept, 4, opts.seed):
         (staging / filename).write_bytes(data)
+        (staging / filename).with_suffix(".txt").write_text(caption + "\n")
     extra = [f'method = "{opts.method}"'] if opts.method else []
     extra += [f"steps = {opts.steps}"] if opts.steps else []
     if extra:
         (staging / "concept.toml").write_text("\n".join(extra) + "\n")
     staging.rename(folder)   # appears at once, complete
-    console.print(f"dropped 4 photos of {concept.words} into [bold]{folder}[/]")
+    console.print(f"dropped 4 photos of {concept.words}, each with a caption that says where it "
+                  f"was taken, into [bold]{folder}[/]")
     with console.status("waiting for the inbox to take the folder…"):
         job = _wait_for_job(c, f"learn <{concept.name}>", folder)
     console.print(f"learning <{concept.name}> (job {job.id}): {job.summary}")
@@ -145,7 +152,7 @@ def _wait_for_job(c: Client, prefix: str, folder: Path, timeout: float = 120.0) 
 
 
 def learn_with_add(c: Client, concept: DemoConcept, opts: Options) -> None:
-    photos = [Photo(filename=f, data=d) for f, d in photos_of(concept, 4, opts.seed + 100)]
+    photos = [Photo(filename=f, data=d, caption=t) for f, d, t in photos_of(concept, 4, opts.seed + 100)]
     job = c.add(AddRequest(name=concept.name, class_word=concept.shape, method=opts.method,
                            steps=opts.steps, seed=opts.seed, photos=photos))
     console.print(f"learning <{concept.name}> from 4 photos of {concept.words} (job {job.id})")

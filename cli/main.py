@@ -18,6 +18,7 @@ from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, print_json, status_table)
 from cns_daemon.api.errors import EXIT_CODES, BadInput
+from cns_daemon.archive import sidecar_caption
 from cns_daemon.api.protocol import (MAX_JOBS_LISTED, MAX_SEED, AddRequest, EvalRequest, GenerateRequest,
                                      JobInfo, Photo)
 
@@ -104,14 +105,14 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         option: List[str] = typer.Option([], "--option", help="Method hyper-parameter KEY=VALUE (e.g. top_p=5); repeatable."),
         no_wait: bool = typer.Option(False, "--no-wait", help="Queue the job and return."),
         as_json: bool = JSON) -> None:
-    """Learn a concept from photos."""
+    """Learn a concept from photos (a photo.txt beside photo.jpg is its caption, as in the inbox)."""
     items = []
     for p in photos:
         if p.is_dir():
             raise BadInput(f"{p} is a directory, not a photo.", f"Give the photos in it, e.g. {p}/*.jpg.")
         if not p.is_file():
             raise BadInput(f"No such file: {p}.", "Give paths of photo files.")
-        items.append(Photo(filename=p.name, data=p.read_bytes()))
+        items.append(Photo(filename=p.name, data=p.read_bytes(), caption=sidecar_caption(p)))
     req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
                  seed=seed, photos=items, options=dict(_option(o) for o in option))
     with client() as c:

@@ -39,6 +39,16 @@ class CheckedPhoto:
     caption: str | None = None  # sidecar photo.txt, when the inbox had one
 
 
+def sidecar_caption(path: Path) -> str | None:
+    """The text of `photo.txt` beside `photo.png`, if present and not empty, its whitespace
+    collapsed (the inbox, `cones add` and the methods read captions the same way)."""
+    txt = Path(path).with_suffix(".txt")
+    if txt.is_file():
+        text = txt.read_text(encoding="utf-8", errors="replace").strip()
+        return " ".join(text.split()) or None
+    return None
+
+
 def check_photo(filename: str, data: bytes) -> CheckedPhoto | SkippedFile:
     """Decode the whole image once; return it checked, or why it is skipped."""
     if not data:

@@ -31,7 +31,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cns_daemon.archive import CheckedPhoto, check_photos
+from cns_daemon.archive import CheckedPhoto, check_photos, sidecar_caption
 from cns_daemon.api.errors import BadInput, ConesError
 from cns_daemon.api.protocol import FINAL_STATES, MAX_SEED, SkippedFile, learn_steps
 from cns_daemon.api.names import METHODS, validate_name
@@ -133,7 +133,7 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     with_captions = []
     for photo in good:
         stem = Path(photo.filename).stem
-        caption = captions[stem].read_text(encoding="utf-8", errors="replace").strip() if stem in captions else None
+        caption = sidecar_caption(captions[stem]) if stem in captions else None
         with_captions.append(CheckedPhoto(photo.filename, photo.data, photo.suffix, caption))
     return with_captions, skipped
 

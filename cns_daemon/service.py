@@ -11,6 +11,7 @@ import os
 import secrets
 import time
 import uuid
+from dataclasses import replace
 from importlib.metadata import version as dist_version
 from typing import Callable
 
@@ -45,6 +46,10 @@ class Service:
 
     def add(self, req: AddRequest) -> JobRecord:
         photos, skipped = check_photos([(p.filename, p.data) for p in req.photos])
+        captions: dict[bytes, str | None] = {}
+        for p in req.photos:   # a repeated photo is skipped above; its first caption counts
+            captions.setdefault(p.data, p.caption)
+        photos = [replace(p, caption=captions[p.data]) for p in photos]
         return self.submit_learn(req.name, req.class_word, req.method, req.steps, req.seed,
                                  photos, skipped, source="cli", options=req.options)
 

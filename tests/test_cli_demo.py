@@ -24,3 +24,14 @@ def test_demo_runs_offline_and_prints_contact_sheets():
     for s in sheets:
         assert Image.open(s).size[0] > 32
     assert "probe" in out.stdout and "learning <redstar>" in out.stdout and "learning <bluering>" in out.stdout
+    # both concepts' photos came with captions that say where each was taken (inbox sidecars for
+    # the first, `Photo.caption` for the second), and the archive keeps them for the learn jobs
+    from pathlib import Path
+
+    kept = re.search(r"its files stay in (\S+)", " ".join((out.stdout + out.stderr).split()))
+    assert kept, out.stderr
+    archive = Path(kept.group(1)) / "data" / "archive"
+    captions = sorted(p.read_text() for p in archive.glob("??/*.txt"))   # content-addressed
+    assert len(captions) == 8, captions
+    assert sum(c.startswith("a photo of a star ") for c in captions) == 4
+    assert sum(c.startswith("a photo of a ring ") for c in captions) == 4

@@ -261,6 +261,19 @@ def test_same_photo_counts_once_and_too_few_is_an_error(cones, daemon, tmp_path)
     assert code == BAD_INPUT and "is a directory" in out, out
 
 
+def test_add_sends_each_photos_sidecar_caption(cones, daemon, tmp_path):
+    """`cones add` reads photo.txt beside photo.png as the inbox does; the archive keeps it
+    beside the photo, where the learn job reads it."""
+    a, b, c = write_photos(tmp_path / "cap", 3, seed=40)
+    a.with_suffix(".txt").write_text("a photo of  a dog\n  in the snow\n")
+    b.with_suffix(".txt").write_text("   \n")   # empty: no caption
+    code, out = cones("add", "captioned", str(a), str(b), str(c), "--class", "dog", "--steps", "2")
+    assert code == 0, out
+    kept = sorted(p.read_text() for p in (daemon.home / "data" / "archive").rglob("*.txt"))
+    assert "a photo of a dog in the snow" in kept
+    assert all(t.strip() for t in kept)   # no empty caption file
+
+
 # -- item 10: method options --------------------------------------------------------------------------
 
 

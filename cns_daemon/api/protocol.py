@@ -37,7 +37,8 @@ from cns_daemon.api.errors import BadInput
 from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part of the protocol)
 
 # 2: concept states, job notes, the seed range, strict path segments, 405/413 answers.
-PROTOCOL_VERSION = "2"
+# 3: a photo may carry its caption (`Photo.caption`), as an inbox sidecar does.
+PROTOCOL_VERSION = "3"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 API_PREFIX = "/v1"
 NDJSON = "application/x-ndjson"
@@ -96,6 +97,9 @@ class Photo(Model):
 
     filename: str = Field(min_length=1, max_length=255)
     data: bytes
+    caption: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS,
+                                description="What the photo shows (its sidecar photo.txt); "
+                                            "None: the method's template caption.")
 
 
 class AddRequest(Model):

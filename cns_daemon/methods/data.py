@@ -15,6 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cns_daemon.api.errors import BadInput, BadPhoto
+from cns_daemon.archive import sidecar_caption
 
 MIN_SIDE = 32
 
@@ -94,15 +95,6 @@ def augment_pool(img: Image.Image, size: int, n: int, seed: int,
             t = t.flip(-1)
         out.append(t.contiguous())
     return torch.stack(out)
-
-
-def sidecar_caption(path: Path) -> str | None:
-    """The text of `photo.txt` beside `photo.png`, if present and not empty."""
-    txt = Path(path).with_suffix(".txt")
-    if txt.is_file():
-        text = txt.read_text(encoding="utf-8", errors="replace").strip()
-        return " ".join(text.split()) or None
-    return None
 
 
 def with_token(caption: str, token: str, class_word: str) -> str:
