@@ -19,8 +19,8 @@ from cli.views import (concept_problems, concept_table, concepts_table, console,
                        eval_table, follow, handled, jobs_table, print_json, status_table)
 from cns_daemon.api.errors import EXIT_CODES, BadInput
 from cns_daemon.archive import sidecar_caption
-from cns_daemon.api.protocol import (MAX_JOBS_LISTED, MAX_SEED, AddRequest, EvalRequest, GenerateRequest,
-                                     JobInfo, Photo)
+from cns_daemon.api.protocol import (MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED, AddRequest,
+                                     EvalRequest, GenerateRequest, JobInfo, Photo)
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
@@ -112,7 +112,11 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
             raise BadInput(f"{p} is a directory, not a photo.", f"Give the photos in it, e.g. {p}/*.jpg.")
         if not p.is_file():
             raise BadInput(f"No such file: {p}.", "Give paths of photo files.")
-        items.append(Photo(filename=p.name, data=p.read_bytes(), caption=sidecar_caption(p)))
+        caption = sidecar_caption(p)
+        if caption is not None and len(caption) > MAX_PROMPT_CHARS:
+            raise BadInput(f"The caption {p.with_suffix('.txt')} has {len(caption)} characters, over "
+                           f"{MAX_PROMPT_CHARS}.", "Shorten it: a sentence saying what the photo shows.")
+        items.append(_model(Photo, filename=p.name, data=p.read_bytes(), caption=caption))
     req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
                  seed=seed, photos=items, options=dict(_option(o) for o in option))
     with client() as c:

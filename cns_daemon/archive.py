@@ -36,7 +36,7 @@ class CheckedPhoto:
     filename: str
     data: bytes
     suffix: str
-    caption: str | None = None  # sidecar photo.txt, when the inbox had one
+    caption: str | None = None  # its caption: the inbox sidecar photo.txt, or `Photo.caption`
 
 
 def sidecar_caption(path: Path) -> str | None:

@@ -272,6 +272,9 @@ def test_add_sends_each_photos_sidecar_caption(cones, daemon, tmp_path):
     kept = sorted(p.read_text() for p in (daemon.home / "data" / "archive").rglob("*.txt"))
     assert "a photo of a dog in the snow" in kept
     assert all(t.strip() for t in kept)   # no empty caption file
+    a.with_suffix(".txt").write_text("a dog " * 300)
+    code, out = cones("add", "wordy", str(a), str(b), str(c), "--class", "dog")
+    assert code == BAD_INPUT and "has 1799 characters" in out, out
 
 
 # -- item 10: method options --------------------------------------------------------------------------

@@ -108,6 +108,7 @@ class CNSParams:
                                   # train under their template caption on this share of steps, so
                                   # the concept holds with and without the caption's words
                                   # (docs/tuning.md "Photos with captions"); background photo only
+                                  # (CNS; the baselines, Cones and Cones 2 train under captions alone)
     mask_background: float = 0.1  # the background's loss weight, relative to the object's, for
                                   # either target (docs/tuning.md "Object-weighted loss")
     delta_dtype: str = "float16"  # stored values: float16 | float32 (fp16 rounding: docs/tuning.md)
