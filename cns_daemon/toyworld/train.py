@@ -20,7 +20,9 @@ hour. Stages, all in one run:
      where words live.
      `--merge-look P` (off by default; the shipped fixture was trained without it) gives a share
      of the looks named in full as one summed token (vocab.LookMerger; measured in
-     docs/tuning.md, "One-token looks in the fixture's training").
+     docs/tuning.md, "One-token looks in the fixture's training"). `--look-before P` (off by
+     default) says a share of the named looks before the noun, "a yellow striped red star"
+     (measured in docs/tuning.md, "Looks said before the noun").
 `--device cuda` runs the denoiser stage on a GPU (rendering, captions and every random draw stay
 on the CPU, so the data are the same; on an H200 a step took 0.08 s against 0.27 s on 2 cores).
 An EMA of the UNet/text weights is what gets saved, in fp16 (the loader upcasts). Checkpoints
