@@ -131,7 +131,8 @@ def generate_during_learn(gen_steps: int = 20) -> dict:
 
         timed_generate()   # warm-up
         alone = statistics.median(timed_generate() for _ in range(3))
-        photos, skipped = check_photos(photos_of(FIRST, 3, 0))
+        uncaptioned = [(f, d, None) for f, d, _ in photos_of(FIRST, 3, 0)]   # as before captions
+        photos, skipped = check_photos(uncaptioned)
         learn = service.submit_learn("benchstar", "star", "cns", 100_000, 0, photos, skipped,
                                      source="cli", options={"prior_images": 0})
 
@@ -229,7 +230,7 @@ def run(concepts: int, fraction: float, settle: float, rounds: int, repeat: int 
 
         staging = paths.inbox / ".staging"
         staging.mkdir(parents=True)
-        for name, data in photos_of(FIRST, 3, 0):
+        for name, data, _caption in photos_of(FIRST, 3, 0):   # photos only, as before
             (staging / name).write_bytes(data)
         (staging / "concept.toml").write_text('class = "star"\nsteps = 1\n[options]\nprior_images = 0\n')
         t0 = time.perf_counter()

@@ -49,8 +49,8 @@ def sidecar_caption(path: Path) -> str | None:
     return None
 
 
-def check_photo(filename: str, data: bytes) -> CheckedPhoto | SkippedFile:
-    """Decode the whole image once; return it checked, or why it is skipped."""
+def check_photo(filename: str, data: bytes, caption: str | None = None) -> CheckedPhoto | SkippedFile:
+    """Decode the whole image once; return it checked (with its caption), or why it is skipped."""
     if not data:
         return SkippedFile(file=filename, reason="empty file (0 bytes)")
     try:
@@ -74,21 +74,22 @@ def check_photo(filename: str, data: bytes) -> CheckedPhoto | SkippedFile:
     if min(width, height) < MIN_SIDE:
         return SkippedFile(file=filename,
                            reason=f"too small ({width}x{height}; at least {MIN_SIDE}x{MIN_SIDE})")
-    return CheckedPhoto(filename, data, ACCEPTED_FORMATS[fmt])
+    return CheckedPhoto(filename, data, ACCEPTED_FORMATS[fmt], caption)
 
 
-def check_photos(items: list[tuple[str, bytes]]) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
-    """Each photo checked once: a repeat of one already given (same bytes) is skipped."""
+def check_photos(items: list[tuple[str, bytes, str | None]]) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
+    """Each (file name, bytes, caption) checked once: a repeat of one already given (same bytes)
+    is skipped, so the first one's caption counts."""
     good: list[CheckedPhoto] = []
     skipped: list[SkippedFile] = []
     seen: dict[str, str] = {}   # sha256 -> the file name it came with first
-    for filename, data in items:
+    for filename, data, caption in items:
         digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             skipped.append(SkippedFile(file=filename, reason=f"the same photo as {seen[digest]}"))
             continue
         seen[digest] = filename
-        result = check_photo(filename, data)
+        result = check_photo(filename, data, caption)
         (good if isinstance(result, CheckedPhoto) else skipped).append(result)
     return good, skipped
 

@@ -129,13 +129,9 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
     captions = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in stems}
     candidates = [p for p in files if p.name != CONFIG_FILE and p not in captions.values()]
-    good, skipped = check_photos([(p.name, p.read_bytes()) for p in candidates])
-    with_captions = []
-    for photo in good:
-        stem = Path(photo.filename).stem
-        caption = sidecar_caption(captions[stem]) if stem in captions else None
-        with_captions.append(CheckedPhoto(photo.filename, photo.data, photo.suffix, caption))
-    return with_captions, skipped
+    return check_photos([(p.name, p.read_bytes(),
+                          sidecar_caption(captions[p.stem]) if p.stem in captions else None)
+                         for p in candidates])
 
 
 def write_note(folder: Path, note: str, lines: list[str], signature: str) -> None:

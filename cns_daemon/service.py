@@ -11,7 +11,6 @@ import os
 import secrets
 import time
 import uuid
-from dataclasses import replace
 from importlib.metadata import version as dist_version
 from typing import Callable
 
@@ -45,11 +44,7 @@ class Service:
     # ------------------------------------------------------------ submissions
 
     def add(self, req: AddRequest) -> JobRecord:
-        photos, skipped = check_photos([(p.filename, p.data) for p in req.photos])
-        captions: dict[bytes, str | None] = {}
-        for p in req.photos:   # a repeated photo is skipped above; its first caption counts
-            captions.setdefault(p.data, p.caption)
-        photos = [replace(p, caption=captions[p.data]) for p in photos]
+        photos, skipped = check_photos([(p.filename, p.data, p.caption) for p in req.photos])
         return self.submit_learn(req.name, req.class_word, req.method, req.steps, req.seed,
                                  photos, skipped, source="cli", options=req.options)
 
