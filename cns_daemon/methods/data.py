@@ -7,7 +7,7 @@ front, so training is deterministic per seed and the VAE encodes each variant on
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +141,7 @@ class PhotoSet:
     paths: list[Path]
     captions: list[str]
     pixels: torch.Tensor   # (n_photos, n_variants, 3, size, size) in [-1, 1]
-    templates: list[str] = field(default_factory=list)   # photo i's template caption, given or not
+    templates: list[str]   # photo i's template caption, whether or not it has its own
 
     @property
     def captioned(self) -> bool:
