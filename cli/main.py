@@ -19,8 +19,8 @@ from cli.views import (concept_problems, concept_table, concepts_table, console,
                        eval_table, follow, handled, jobs_table, print_json, status_table)
 from cns_daemon.api.errors import EXIT_CODES, BadInput
 from cns_daemon.archive import sidecar_caption
-from cns_daemon.api.protocol import (MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED, AddRequest,
-                                     EvalRequest, GenerateRequest, JobInfo, Photo)
+from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
+                                     AddRequest, EvalRequest, GenerateRequest, JobInfo, Photo)
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
@@ -207,10 +207,17 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
              seed: Optional[int] = typer.Option(None, help=f"Seed, 0 to {MAX_SEED} (default: random)."),
              steps: Optional[int] = typer.Option(None, help="Denoising steps."),
              box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
+             negative: Optional[str] = typer.Option(None, "--negative", help="What to steer away from, in plain words."),
+             guidance_scale: Optional[float] = typer.Option(
+                 None, "--guidance-scale", "--cfg",
+                 help=f"Classifier-free guidance, 1 to {MAX_GUIDANCE_SCALE:g} (default: the model's; 1 turns it off)."),
+             width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's)."),
+             height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's)."),
              out: Optional[Path] = typer.Option(None, "-o", "--out", help="Copy the PNGs into this folder."),
              as_json: bool = JSON) -> None:
     """Generate images; writes PNGs and a contact sheet and prints their paths (the sheet last)."""
-    req = _model(GenerateRequest, prompt=prompt, n=n, seed=seed, steps=steps, boxes=box)
+    req = _model(GenerateRequest, prompt=prompt, n=n, seed=seed, steps=steps, boxes=box,
+                 negative_prompt=negative, guidance_scale=guidance_scale, width=width, height=height)
     if out is not None:
         _folder(out)   # before the job: a bad -o must not cost a generation
     with client() as c:

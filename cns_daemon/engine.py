@@ -216,7 +216,9 @@ class Engine:
         records = {n: self._get(n) for n in referenced_names(req.prompt)}
         options = {k: v for k, v in (("steps", req.steps),) if v is not None}
         images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
-                          n=req.n, seed=req.seed, progress=progress, cancel=cancel, **options)
+                          n=req.n, seed=req.seed, progress=progress, cancel=cancel,
+                          negative_prompt=req.negative_prompt, guidance_scale=req.guidance_scale,
+                          height=req.height, width=req.width, **options)
         return save_images(images, out_dir, generation_caption(req), self._readings(images), req.seed)
 
     def _readings(self, images) -> list[str] | None:
@@ -320,7 +322,9 @@ class Engine:
 
     def check_generate(self, req: GenerateRequest) -> None:
         """Refuse a bad prompt or box before it is queued: unknown, damaged or not rebuilt
-        concepts, boxes for names not in the prompt, malformed boxes."""
+        concepts, boxes for names not in the prompt, malformed boxes, a concept in the negative
+        prompt, an image size the model cannot make."""
+        from cns_daemon.generate import check_negative_prompt, image_size
         from cns_daemon.prompts import check_boxes, expand, referenced_names
 
         for name in referenced_names(req.prompt):
@@ -329,6 +333,8 @@ class Engine:
         metas = {m.name: m for m in self.store.list()}
         expanded = expand(req.prompt, metas, self.pipe.tokenizer)
         check_boxes(req.boxes, expanded)
+        check_negative_prompt(req.negative_prompt)
+        image_size(self.pipe, req.height, req.width)
 
     def concepts(self) -> list[ConceptInfo]:
         """Metadata, overlap, size and state only: listing never reads masks or deltas. Concepts
@@ -390,8 +396,16 @@ def generation_caption(req: GenerateRequest) -> str:
     from cns_daemon.prompts import referenced_names
 
     names = ", ".join(f"<{n}>" for n in referenced_names(req.prompt)) or "none"
-    boxes = f" · boxes {'; '.join(req.boxes)}" if req.boxes else ""
-    return f"{req.prompt} · seed {req.seed} · concepts {names}{boxes}"
+    parts = [req.prompt, f"seed {req.seed}", f"concepts {names}"]
+    if req.boxes:
+        parts.append(f"boxes {'; '.join(req.boxes)}")
+    if req.negative_prompt:
+        parts.append(f"not {req.negative_prompt}")
+    if req.guidance_scale is not None:
+        parts.append(f"CFG {req.guidance_scale:g}")
+    if req.width or req.height:
+        parts.append(f"size {req.width or 'native'}x{req.height or 'native'}")
+    return " · ".join(parts)
 
 
 def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | None = None,

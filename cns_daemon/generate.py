@@ -93,7 +93,17 @@ def batch_ids(expanded: ExpandedPrompt, n: int, cfg: bool, tokens: int) -> torch
     return torch.cat([torch.full_like(cond, NO_TOKEN), cond]) if cfg else cond
 
 
-def _size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+def check_negative_prompt(negative_prompt: str | None) -> None:
+    """A concept in the negative branch would need its weights, mask or residual applied to the
+    unconditional pass alone; rather than pass "<rex>" through as text, say so."""
+    if negative_prompt and referenced_names(negative_prompt):
+        raise BadInput("Concept names (<name>) cannot be used in the negative prompt.",
+                       "Describe what to avoid in plain words, or leave the concept out.")
+
+
+def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) in pixels: the model's native size where not given; BadInput for a size
+    its VAE cannot divide."""
     default = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     h, w = height or default, width or default
     step = int(pipe.vae_scale_factor)   # the UNet pads odd latent sizes itself
@@ -117,14 +127,10 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
         raise BadInput(f"n must be between 1 and {MAX_IMAGES}, not {n}.")
     if steps < 1:
         raise BadInput(f"steps must be at least 1, not {steps}.")
-    if negative_prompt and referenced_names(negative_prompt):
-        # A concept in the negative branch would need its weights, mask or residual applied to
-        # the unconditional pass alone; rather than pass "<rex>" through as text, say so.
-        raise BadInput("Concept names (<name>) cannot be used in the negative prompt.",
-                       "Describe what to avoid in plain words, or leave the concept out.")
+    check_negative_prompt(negative_prompt)
     expanded = expand(prompt, {k: r.meta for k, r in records_by_name.items()}, pipe.tokenizer)
     layout = check_boxes(boxes, expanded)
-    h, w = _size(pipe, height, width)
+    h, w = image_size(pipe, height, width)
     if guidance_scale is None:
         guidance_scale = recommended_guidance(pipe)
     cfg = guidance_scale > 1.0

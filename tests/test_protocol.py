@@ -41,9 +41,15 @@ def test_add_request_refusals_name_the_field(fields, where):
 def test_generate_request_limits():
     GenerateRequest(prompt="a photo of <rex>", n=16, boxes=["rex=0,0,1,1"] * 8)
     for bad in ({"prompt": ""}, {"prompt": "x" * 1001}, {"prompt": "x", "n": 0}, {"prompt": "x", "n": 17},
-                {"prompt": "x", "boxes": ["a=0,0,1,1"] * 9}, {"prompt": "x", "steps": 0}):
+                {"prompt": "x", "boxes": ["a=0,0,1,1"] * 9}, {"prompt": "x", "steps": 0},
+                {"prompt": "x", "negative_prompt": ""}, {"prompt": "x", "negative_prompt": "x" * 1001},
+                {"prompt": "x", "guidance_scale": 0.5}, {"prompt": "x", "guidance_scale": 31},
+                {"prompt": "x", "guidance_scale": float("nan")}, {"prompt": "x", "width": 0},
+                {"prompt": "x", "height": 4096}):
         with pytest.raises(ValidationError):
             GenerateRequest(**bad)
+    ok = GenerateRequest(prompt="x", negative_prompt="blurry", guidance_scale=1, width=64, height=2048)
+    assert (ok.negative_prompt, ok.guidance_scale, ok.width, ok.height) == ("blurry", 1.0, 64, 2048)
 
 
 def test_openapi_describes_every_route_and_model():

@@ -139,3 +139,37 @@ def test_cns_concept_survives_restart_and_removal_restores_base(tmp_path, monkey
     finally:
         d.kill(15)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_generate_takes_negative_prompt_guidance_and_size(cones, daemon, tmp_path):
+    """--negative, --guidance-scale and --width/--height reach the images (a different negative
+    prompt or scale draws different pixels at the same seed); bad values are refused before a
+    job is queued, with exit code 2."""
+    import numpy as np
+    from PIL import Image
+
+    photos = [str(p) for p in write_photos(tmp_path / "neg", 2)]
+    assert cones("add", "neg", *photos, "--class", "dog", "--method", "cones2", "--steps", "2")[0] == 0
+
+    def first_image(*extra):
+        code, out = cones("generate", "a photo of <neg>", "--seed", "3", "--steps", "2",
+                          "--json", *extra)
+        assert code == 0, out
+        return np.asarray(Image.open(json.loads(out)["result"]["images"][0]))
+
+    plain = first_image()
+    assert not np.array_equal(plain, first_image("--negative", "a blurry photo"))
+    assert not np.array_equal(plain, first_image("--cfg", "9"))
+    assert np.array_equal(plain, first_image())
+    assert first_image("--width", "48", "--height", "32", "--box", "neg=0,0,0.5,1").shape == (32, 48, 3)
+
+    with Client(daemon.socket) as c:
+        before = len(c.jobs(limit=1000))
+    for args, said in ((("--negative", "no <neg>"), "negative prompt"),
+                       (("--width", "33"), "multiple of 2"),
+                       (("--guidance-scale", "0.5"), "guidance_scale"),
+                       (("--height", "5000"), "height")):
+        code, out = cones("generate", "a photo of <neg>", *args)
+        assert code == 2 and said in out, (args, out)
+    with Client(daemon.socket) as c:
+        assert len(c.jobs(limit=1000)) == before   # nothing was queued

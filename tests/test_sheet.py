@@ -98,3 +98,7 @@ def test_caption_line_names_prompt_seed_concepts_and_boxes():
                                        "concepts <rex>, <mug> · boxes rex=0,0,0.5,1; mug=0.5,0,1,1")
     plain = GenerateRequest(prompt="a photo of a dog", seed=0)
     assert generation_caption(plain) == "a photo of a dog · seed 0 · concepts none"
+    tuned = GenerateRequest(prompt="a photo of a dog", seed=0, negative_prompt="blurry",
+                            guidance_scale=5, width=48)
+    assert generation_caption(tuned) == ("a photo of a dog · seed 0 · concepts none · not blurry · "
+                                         "CFG 5 · size 48xnative")

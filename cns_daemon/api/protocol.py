@@ -38,7 +38,8 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 
 # 2: concept states, job notes, the seed range, strict path segments, 405/413 answers.
 # 3: a photo may carry its caption (`Photo.caption`), as an inbox sidecar does.
-PROTOCOL_VERSION = "3"
+# 4: a generate request may carry a negative prompt, a CFG scale and an image size.
+PROTOCOL_VERSION = "4"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 API_PREFIX = "/v1"
 NDJSON = "application/x-ndjson"
@@ -48,6 +49,8 @@ MAX_PHOTOS = 64
 MAX_PROMPT_CHARS = 1000
 MAX_IMAGES = 16
 MAX_BOXES = 8
+MAX_SIDE = 2048          # pixels, either side of a generated image
+MAX_GUIDANCE_SCALE = 30.0
 MAX_JOBS_LISTED = 1000
 # Seeds are 32-bit, as in most Stable Diffusion tools: the methods derive per-step and per-image
 # generators from them (seed * 1_000_003 + step must stay inside torch's 64-bit seed range).
@@ -140,6 +143,13 @@ class GenerateRequest(Model):
     # Boxes stay in their user-facing text form, NAME=x0,y0,x1,y1 in image fractions: the
     # service parses them with the same routine as every other prompt input (prompts.parse_box).
     boxes: list[str] = Field(default_factory=list, max_length=MAX_BOXES)
+    negative_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS,
+                                        description="What to steer away from, in plain words (no <name>).")
+    guidance_scale: float | None = Field(None, ge=1.0, le=MAX_GUIDANCE_SCALE, description=(
+        "Classifier-free guidance scale; 1 turns it off. None: the model's own (its cones.json)."))
+    # None: the model's native size. The service refuses sizes its VAE cannot divide.
+    width: int | None = Field(None, ge=1, le=MAX_SIDE)
+    height: int | None = Field(None, ge=1, le=MAX_SIDE)
 
 
 class EvalRequest(Model):
