@@ -7,6 +7,7 @@ not): it imports only the protocol, settings and errors from cns_daemon, plus ht
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +18,7 @@ from cli.client import Client
 from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, print_json, status_table)
-from cns_daemon.api.errors import EXIT_CODES, BadInput
+from cns_daemon.api.errors import EXIT_CODES, BadInput, Conflict
 from cns_daemon.archive import sidecar_caption
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
                                      AddRequest, EvalRequest, GenerateRequest, JobInfo, Photo)
@@ -173,13 +174,15 @@ def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait")) -> None:
 
 @app.command()
 @handled
-def export(name: str, output: Path = typer.Option(..., "-o", "--output",
-                                                 help="File to write (.safetensors), or a folder for NAME.safetensors.")) -> None:
+def export(name: str,
+           output: str = typer.Option(..., "-o", "--output", help=(
+               "File to write (.safetensors), or a folder for NAME.safetensors: one that exists, "
+               "or a path ending in / (made if missing).")),
+           force: bool = typer.Option(False, "--force", help="Overwrite a file that exists.")) -> None:
     """Write a concept to one safetensors file (with its metadata)."""
-    target = output / f"{name}.safetensors" if output.is_dir() else output
-    if not target.parent.is_dir():
-        raise BadInput(f"The folder {target.parent} does not exist.",
-                       "Create it first, or give -o a file in an existing folder.")
+    target = _export_target(name, output)
+    if target.exists() and not force:
+        raise Conflict(f"{target} already exists.", "Give -o another path, or add --force to overwrite it.")
     with client() as c:
         data = c.export(name)
     _write(target, data)
@@ -226,8 +229,13 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
     if result is None:
         raise BadInput("The job finished without images.")
     if out is not None:
-        copied = [str(shutil.copy2(p, out / Path(p).name)) for p in result.images]
-        sheet = str(shutil.copy2(result.contact_sheet, out / Path(result.contact_sheet).name)) if result.contact_sheet else None
+        # Named after the job, so a second run into the same folder adds its images beside the
+        # first's instead of replacing some of them under a contact sheet that no longer fits.
+        def keep(p: str) -> str:
+            return str(shutil.copy2(p, out / f"{job.id}-{Path(p).name}"))
+
+        copied = [keep(p) for p in result.images]
+        sheet = keep(result.contact_sheet) if result.contact_sheet else None
         job = job.model_copy(update={"result": result.model_copy(update={"images": copied, "contact_sheet": sheet})})
         result = job.result
     if as_json:
@@ -266,6 +274,19 @@ def eval_(names: List[str] = typer.Argument(..., help="Concepts to score (all of
         print(json.dumps({"names": names, **job.result.metrics}, indent=2))
         return
     console.print(eval_table(names, job.result.metrics))
+
+
+def _export_target(name: str, output: str) -> Path:
+    """Where `cones export -o OUTPUT` writes: OUTPUT itself, or OUTPUT/NAME.safetensors when it
+    is a folder or says it is one (a trailing slash, which pathlib would drop)."""
+    path = Path(output)
+    if output.endswith(("/", os.sep)) or path.is_dir():
+        _folder(path)
+        return path / f"{name}.safetensors"
+    if not path.parent.is_dir():
+        raise BadInput(f"The folder {path.parent} does not exist.",
+                       "Create it first, give -o a file in an existing folder, or end -o with / for a new folder.")
+    return path
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -316,8 +337,17 @@ def jobs(limit: int = typer.Option(20, min=1, max=MAX_JOBS_LISTED, help="How man
 def cancel(job_id: str) -> None:
     """Cancel a job (a running one stops at its next step; nothing partial is kept)."""
     with client() as c:
+        before = c.job(job_id)
+        if before.state not in ("queued", "running"):
+            raise Conflict(f"Job {before.id} ({before.summary}) has already finished: {before.state}.",
+                           "Nothing to cancel; `cones jobs` lists the jobs still queued or running.")
         job = c.cancel(job_id)
-    console.print(f"Cancelling job {job.id} ({job.summary}); it was {job.state}.")
+    if job.state == "cancelled":
+        console.print(f"Cancelled job {job.id} ({job.summary}) before it started.")
+    elif job.state == "running":
+        console.print(f"Cancelling job {job.id} ({job.summary}): it stops at its next step.")
+    else:   # it finished between the two calls
+        console.print(f"Job {job.id} ({job.summary}) finished before the cancel reached it: {job.state}.")
 
 
 # ---------------------------------------------------------------- demo

@@ -323,8 +323,8 @@ class Engine:
     def check_generate(self, req: GenerateRequest) -> None:
         """Refuse a bad prompt or box before it is queued: unknown, damaged or not rebuilt
         concepts, boxes for names not in the prompt, malformed boxes, a concept in the negative
-        prompt, an image size the model cannot make."""
-        from cns_daemon.generate import check_negative_prompt, image_size
+        prompt, an image size or a number of steps the model cannot make."""
+        from cns_daemon.generate import check_negative_prompt, check_steps, image_size
         from cns_daemon.prompts import check_boxes, expand, referenced_names
 
         for name in referenced_names(req.prompt):
@@ -335,6 +335,8 @@ class Engine:
         check_boxes(req.boxes, expanded)
         check_negative_prompt(req.negative_prompt)
         image_size(self.pipe, req.height, req.width)
+        if req.steps is not None:
+            check_steps(self.pipe, req.steps)
 
     def concepts(self) -> list[ConceptInfo]:
         """Metadata, overlap, size and state only: listing never reads masks or deltas. Concepts

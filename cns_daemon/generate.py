@@ -18,6 +18,7 @@ seed + i, so an image does not depend on `n` or on the device.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -103,14 +104,25 @@ def check_negative_prompt(negative_prompt: str | None) -> None:
 
 def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     """(height, width) in pixels: the model's native size where not given; BadInput for a size
-    its VAE cannot divide."""
+    the pipeline refuses (diffusers' Stable Diffusion pipeline takes multiples of 8 only) or its
+    VAE cannot divide."""
     default = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     h, w = height or default, width or default
-    step = int(pipe.vae_scale_factor)   # the UNet pads odd latent sizes itself
+    step = math.lcm(8, int(pipe.vae_scale_factor))   # the UNet pads odd latent sizes itself
     if h % step or w % step or h < step or w < step:
         raise BadInput(f"Image size {w}x{h} is not a positive multiple of {step} pixels.",
                        f"Use width and height divisible by {step}.")
     return h, w
+
+
+def check_steps(pipe, steps: int) -> None:
+    """Denoising steps the scheduler can space: with an offset (SD's DDIM adds 1 to every
+    timestep) as many steps as training timesteps would index past the last one."""
+    config = pipe.scheduler.config
+    most = int(config.num_train_timesteps) - int(getattr(config, "steps_offset", 0) or 0)
+    if not 1 <= steps <= most:
+        raise BadInput(f"steps must be between 1 and {most} for this model's scheduler, not {steps}.",
+                       "Stable Diffusion looks its best at 20-50 steps.")
 
 
 def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
@@ -125,8 +137,7 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
     CFG scale (`model.recommended_guidance`)."""
     if not 1 <= n <= MAX_IMAGES:
         raise BadInput(f"n must be between 1 and {MAX_IMAGES}, not {n}.")
-    if steps < 1:
-        raise BadInput(f"steps must be at least 1, not {steps}.")
+    check_steps(pipe, steps)
     check_negative_prompt(negative_prompt)
     expanded = expand(prompt, {k: r.meta for k, r in records_by_name.items()}, pipe.tokenizer)
     layout = check_boxes(boxes, expanded)

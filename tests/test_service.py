@@ -99,10 +99,13 @@ def test_cancel_running_learn_leaves_no_concept(cones, daemon, tmp_path):
     with Client(daemon.socket) as c:
         wait_until(lambda: c.job(job_id).state == "running", what="job running")
         code, out = cones("cancel", job_id)
-        assert code == 0, out
+        assert code == 0 and "stops at its next step" in out, out
         wait_until(lambda: c.job(job_id).state == "cancelled", what="job cancelled")
         assert "slowpoke" not in {x.name for x in c.concepts()}
         assert c.job(job_id).error.code == "cancelled"
+    # a job that has finished is not cancelled again, and the CLI says so with exit code 4
+    code, out = cones("cancel", job_id)
+    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already finished: cancelled" in out, out
 
 
 def test_generate_runs_inside_a_running_learn_and_before_queued_ones(daemon, tmp_path):

@@ -57,6 +57,13 @@ def test_cli_and_inbox_then_generate_with_boxes(cones, daemon, tmp_path):
     images = [Image.open(p) for p in result["images"]]
     assert len(images) == 2 and images[0].size == (32, 32)
     assert Image.open(result["contact_sheet"]).width > 2 * 32
+    # a second run into the same folder keeps the first run's images and sheet beside its own
+    first = {p: open(p, "rb").read() for p in [*result["images"], result["contact_sheet"]]}
+    code, out = cones("generate", "a photo of <rex>", "--steps", "2", "--seed", "4", "-o", str(out_dir), "--json")
+    assert code == 0, out
+    second = json.loads(out)["result"]
+    assert all(open(p, "rb").read() == data for p, data in first.items())
+    assert len(list(out_dir.iterdir())) == 3 + 2 and not set(second["images"]) & set(first)
     code, out = cones("generate", "a photo of <rex>", "--box", "mug=0,0,1,1")
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "not in the prompt" in out
 
@@ -70,6 +77,12 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     exported = tmp_path / "star.safetensors"
     code, out = cones("export", "star", "-o", str(exported))
     assert code == 0 and exported.stat().st_size > 0, out
+    # an existing file is not overwritten without --force; a path ending in / is a folder
+    code, out = cones("export", "star", "-o", str(exported))
+    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "--force" in out, out
+    assert cones("export", "star", "-o", str(exported), "--force")[0] == 0
+    code, out = cones("export", "star", "-o", str(tmp_path / "new") + "/")
+    assert code == 0 and decode((tmp_path / "new" / "star.safetensors").read_bytes()).meta.name == "star", out
     code, out = cones("import", str(exported))
     assert code == EXIT_CODES[ErrorCode.CONFLICT], out          # the name is taken
     assert cones("rm", "star")[0] == 0
@@ -166,7 +179,8 @@ def test_generate_takes_negative_prompt_guidance_and_size(cones, daemon, tmp_pat
     with Client(daemon.socket) as c:
         before = len(c.jobs(limit=1000))
     for args, said in ((("--negative", "no <neg>"), "negative prompt"),
-                       (("--width", "33"), "multiple of 2"),
+                       (("--width", "34"), "multiple of 8"),
+                       (("--steps", "1000"), "between 1 and 999"),
                        (("--guidance-scale", "0.5"), "guidance_scale"),
                        (("--height", "5000"), "height")):
         code, out = cones("generate", "a photo of <neg>", *args)

@@ -72,9 +72,12 @@ class FakeEngine(Engine):
 
         from cns_daemon.tokenizer import clip_tokenizer
 
-        # The tokenizer and the native image size (32 px) are what the prompt checks read.
-        self.pipe = SimpleNamespace(tokenizer=clip_tokenizer(), vae_scale_factor=2,
-                                    unet=SimpleNamespace(config=SimpleNamespace(sample_size=16)))
+        # The tokenizer, the native image size (32 px) and the scheduler's timesteps are what
+        # the request checks read.
+        self.pipe = SimpleNamespace(
+            tokenizer=clip_tokenizer(), vae_scale_factor=2,
+            unet=SimpleNamespace(config=SimpleNamespace(sample_size=16)),
+            scheduler=SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000, steps_offset=1)))
         self.live: list[str] = []   # the CNS concepts "in the weights"
         self.info = EngineInfo(model="fake", device="cpu", dtype="float32", fingerprint="f" * 32)
         self.store.bind(self.info.fingerprint)
