@@ -14,8 +14,8 @@ an ERROR.txt, and when the person cancels it, with a CANCELLED.txt. Nothing drop
 deleted unread.
 
 A folder with a note (ERROR.txt or CANCELLED.txt) is not taken again until its inputs change:
-each note ends with a signature of the inputs it speaks of (name, size and mtime of every photo,
-caption and concept.toml), and the folder is taken again only when the inputs no longer match
+each note ends with a signature of the inputs it speaks of (the folder's name; name, size and
+mtime of every photo, caption and concept.toml), and the folder is taken again only when the inputs no longer match
 it. The service's own notes are no input: writing one never counts as a change, so a failed
 folder is not retried in a loop, and the rule holds across restarts.
 """
@@ -98,9 +98,10 @@ def input_files(folder: Path) -> list[Path]:
 
 
 def inputs_signature(folder: Path) -> str:
-    """Name, size and mtime of every input file: changes whenever a photo, caption or
-    concept.toml is added, removed, replaced or touched."""
-    digest = hashlib.sha256()
+    """The folder's name (it can say the concept's name and class, and ERROR.txt may say to
+    rename it), then name, size and mtime of every input file: changes whenever the folder is
+    renamed or a photo, caption or concept.toml is added, removed, replaced or touched."""
+    digest = hashlib.sha256(f"{folder.name}\0\0\n".encode())
     for p in input_files(folder):
         try:
             st = p.stat()

@@ -168,6 +168,12 @@ def test_failed_folder_is_retried_only_when_its_inputs_change(daemon):
         wait_until(lambda: len(_learn_jobs(c, "broken")) == 2, timeout=20, what="retry after a change")
         (inbox / "classless" / "concept.toml").write_text('class = "dog"\n')
         wait_until(lambda: "classless" in {x.name for x in c.concepts()}, timeout=20, what="fixed")
+        # renaming the folder as its ERROR.txt says ("rename the folder to NAME.dog") is a change
+        write_photos(inbox / "unnamed", 2, seed=60)
+        wait_until((inbox / "unnamed" / ERROR_FILE).exists, timeout=20, what="ERROR.txt in unnamed")
+        assert "rename the folder to unnamed.dog" in (inbox / "unnamed" / ERROR_FILE).read_text()
+        (inbox / "unnamed").rename(inbox / "renamed.dog")
+        wait_until(lambda: "renamed" in {x.name for x in c.concepts()}, timeout=20, what="renamed taken")
 
 
 def test_cancelled_inbox_folder_is_not_taken_again(daemon):
