@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,6 +23,8 @@ from cns_daemon.api.errors import EXIT_CODES, BadInput, Conflict
 from cns_daemon.archive import sidecar_caption
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
                                      AddRequest, EvalRequest, GenerateRequest, JobInfo, Photo)
+
+QUEUED_GRACE_S = 1.0   # how long a job may sit queued before the CLI says what it waits for
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
@@ -53,9 +56,17 @@ def client() -> Client:
     return Client(settings().paths.socket)
 
 
-def wait_for(c: Client, job: JobInfo, quiet: bool = False) -> JobInfo:
-    """Follow a job to its end; Ctrl-C stops following, not the job."""
+def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = True) -> JobInfo:
+    """Follow a job to its end; Ctrl-C stops following, not the job. A job still queued after a
+    moment waits for another: say which (on stderr; `tell_wait` False for --json output)."""
     try:
+        if tell_wait and job.state == "queued":
+            time.sleep(QUEUED_GRACE_S)   # a generate starts at the running learn's next step
+            running = c.status().queue.running
+            if c.job(job.id).state == "queued" and running is not None and running.id != job.id:
+                err_console.print(f"Job {job.id} is queued behind job {running.id} ({running.summary}); "
+                                  "`cones jobs` shows the queue. Ctrl-C stops waiting, not the job.",
+                                  highlight=False)
         follow(c.follow(job.id), quiet=quiet)
     except KeyboardInterrupt:
         err_console.print(f"Stopped following; job {job.id} goes on in the service "
@@ -127,7 +138,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         if no_wait:
             print_json(job) if as_json else console.print(f"Queued job {job.id}: {job.summary}")
             return
-        job = wait_for(c, job, quiet=as_json)
+        job = wait_for(c, job, quiet=as_json, tell_wait=not as_json)
         if as_json:
             print_json(job)
             return
@@ -224,7 +235,7 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
     if out is not None:
         _folder(out)   # before the job: a bad -o must not cost a generation
     with client() as c:
-        job = wait_for(c, c.generate(req), quiet=as_json)
+        job = wait_for(c, c.generate(req), quiet=as_json, tell_wait=not as_json)
     result = job.result
     if result is None:
         raise BadInput("The job finished without images.")
@@ -267,7 +278,7 @@ def eval_(names: List[str] = typer.Argument(..., help="Concepts to score (all of
     req = _model(EvalRequest, names=names, prompts=lines, n=n, clip=clip, clip_weights=clip_weights,
                  seed=seed, steps=steps)
     with client() as c:
-        job = wait_for(c, c.evaluate(req), quiet=as_json)
+        job = wait_for(c, c.evaluate(req), quiet=as_json, tell_wait=not as_json)
     if job.result is None or job.result.metrics is None:
         raise BadInput("The job finished without scores.")
     if as_json:

@@ -139,7 +139,7 @@ def _result_note(j: JobInfo) -> str:
         return ""
     if r.metrics:
         return f"CLIP-I {r.metrics.get('clip_i', '-')}, CLIP-T {r.metrics.get('clip_t', '-')}"
-    return f"{len(r.images)} images" if r.images else ""
+    return f"{len(r.images)} image{'s' if len(r.images) != 1 else ''}" if r.images else ""
 
 
 def status_table(s: StatusInfo) -> Table:

@@ -97,7 +97,7 @@ class Service:
         from cns_daemon.transfer import decode
 
         record = decode(data)           # refuses a damaged file now
-        self._check_name_free(record.name)
+        self._check_name_free(record.name, imported=True)
         staged = self.paths.data / "imports" / f"{uuid.uuid4().hex}.safetensors"
         staged.parent.mkdir(parents=True, exist_ok=True)
         staged.write_bytes(data)
@@ -111,9 +111,11 @@ class Service:
     def cancel(self, job_id: str) -> JobRecord:
         return self.worker.cancel(job_id)
 
-    def _check_name_free(self, name: str) -> None:
+    def _check_name_free(self, name: str, imported: bool = False) -> None:
         if name in self.store:
+            # An imported concept keeps the name it was exported under.
             raise Conflict(f"A concept named {name!r} already exists.",
+                           f"Remove it first with `cones rm {name}`, then import again." if imported else
                            f"Pick another name, or remove it first with `cones rm {name}`.")
         for job in self.worker.jobs.jobs():
             if job.kind == "learn" and job.state in ("queued", "running") and job.request.get("name") == name:

@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from cns_daemon.api.errors import Corrupt
+from cns_daemon.api.errors import BadInput
 from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 
 FORMAT = "cones-concept/1"
@@ -41,7 +41,8 @@ def encode(record: ConceptRecord) -> bytes:
 
 
 def decode(data: bytes) -> ConceptRecord:
-    """Bytes -> ConceptRecord, or Corrupt saying the file is not a usable concept file."""
+    """Bytes -> ConceptRecord, or BadInput saying the file is not a usable concept file (a bad
+    file given to `cones import` is the person's input, not damage to the store)."""
     from safetensors.numpy import load
 
     try:
@@ -68,7 +69,7 @@ def decode(data: bytes) -> ConceptRecord:
             elif kind != "delta":
                 raise ValueError(f"unexpected tensor {key!r}")
     except Exception as exc:  # safetensors, json, dataclass and name errors all mean "not ours"
-        raise Corrupt(f"This is not a cones concept file ({type(exc).__name__}: {exc}).",
+        raise BadInput(f"This is not a cones concept file ({type(exc).__name__}: {exc}).",
                       "Export it again with `cones export NAME -o FILE`.") from None
     return record
 

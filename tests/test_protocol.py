@@ -48,6 +48,8 @@ def test_generate_request_limits():
                 {"prompt": "x", "height": 4096}):
         with pytest.raises(ValidationError):
             GenerateRequest(**bad)
+    with pytest.raises(ValidationError, match="a number from 1 to 30"):
+        GenerateRequest(prompt="x", guidance_scale=float("nan"))
     ok = GenerateRequest(prompt="x", negative_prompt="blurry", guidance_scale=1, width=64, height=2048)
     assert (ok.negative_prompt, ok.guidance_scale, ok.width, ok.height) == ("blurry", 1.0, 64, 2048)
 

@@ -108,6 +108,25 @@ def test_cancel_running_learn_leaves_no_concept(cones, daemon, tmp_path):
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already finished: cancelled" in out, out
 
 
+def test_a_queued_job_says_what_it_waits_for(cones, daemon, tmp_path):
+    photos = [str(p) for p in write_photos(tmp_path / "w", 2)]
+
+    def start_long(name: str) -> str:
+        code, out = cones("add", name, *photos, "--class", "dog", "--steps", "150", "--no-wait", "--json")
+        assert code == 0, out
+        with Client(daemon.socket) as c:
+            wait_until(lambda: c.job(json.loads(out)["id"]).state == "running", what=f"{name} running")
+        return json.loads(out)["id"]
+
+    start_long("ahead")
+    # with --json nothing but the document is printed, queued or not
+    code, out = cones("add", "later", *photos, "--class", "dog", "--steps", "2", "--json")
+    assert code == 0 and json.loads(out)["state"] == "done", out
+    ahead = start_long("ahead2")
+    code, out = cones("add", "behind", *photos, "--class", "dog", "--steps", "2")
+    assert code == 0 and f"queued behind job {ahead} (learn <ahead2>" in out, out
+
+
 def test_generate_runs_inside_a_running_learn_and_before_queued_ones(daemon, tmp_path):
     with Client(daemon.socket) as c:
         from cns_daemon.api.protocol import AddRequest, GenerateRequest, Photo

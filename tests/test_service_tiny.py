@@ -84,7 +84,7 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     code, out = cones("export", "star", "-o", str(tmp_path / "new") + "/")
     assert code == 0 and decode((tmp_path / "new" / "star.safetensors").read_bytes()).meta.name == "star", out
     code, out = cones("import", str(exported))
-    assert code == EXIT_CODES[ErrorCode.CONFLICT], out          # the name is taken
+    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "cones rm star" in out, out   # the name is taken
     assert cones("rm", "star")[0] == 0
     assert cones("show", "star")[0] == EXIT_CODES[ErrorCode.NOT_FOUND]
     code, out = cones("import", str(exported))
@@ -113,8 +113,8 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "token" in out, out
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a concept file at all")
-    code, out = cones("import", str(junk))
-    assert code == EXIT_CODES[ErrorCode.CORRUPT], out
+    code, out = cones("import", str(junk))   # a bad file is the person's input, not store damage
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "not a cones concept file" in out, out
 
 
 def test_cns_concept_survives_restart_and_removal_restores_base(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ reach another route.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -150,6 +151,14 @@ class GenerateRequest(Model):
     # None: the model's native size. The service refuses sizes its VAE cannot divide.
     width: int | None = Field(None, ge=1, le=MAX_SIDE)
     height: int | None = Field(None, ge=1, le=MAX_SIDE)
+
+
+    @field_validator("guidance_scale", mode="before")   # before: NaN would fail the bounds' words
+    @classmethod
+    def _finite_scale(cls, v):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"must be a number from 1 to {MAX_GUIDANCE_SCALE:g}")
+        return v
 
 
 class EvalRequest(Model):
