@@ -41,6 +41,13 @@ def service_starting(lock: Path) -> bool:
         os.close(fd)
 
 
+def _idle_close(response: httpx.Response) -> bool:
+    """The service's bare 408: it closes a kept-alive connection that stayed idle past its
+    header timeout, before reading anything more from it (daemon.py), so a request that met it
+    was never read and is sent again, on a fresh connection."""
+    return response.status_code == 408 and not response.content
+
+
 class Client:
     def __init__(self, socket_path: Path, timeout: float = 60.0):
         self.socket_path = Path(socket_path)
@@ -96,11 +103,17 @@ class Client:
         return self._parse(self._send("POST", "/concepts/import", content=data,
                                       headers={"content-type": "application/octet-stream"}), JobInfo)
 
-    def follow(self, job_id: str) -> Iterator[ProgressInfo]:
+    def follow(self, job_id: str, _again: bool = True) -> Iterator[ProgressInfo]:
         """Progress lines of a job until its final state (no read timeout: jobs take long)."""
+        url = f"{API_PREFIX}/jobs/{segment('id', job_id)}/events"
+        timeout = httpx.Timeout(None, connect=5.0)
         try:
-            with self.http.stream("GET", f"{API_PREFIX}/jobs/{segment('id', job_id)}/events",
-                                  timeout=httpx.Timeout(None, connect=5.0)) as response:
+            with self.http.stream("GET", url, timeout=timeout) as response:
+                if response.status_code == 408:
+                    response.read()
+                    if _again and _idle_close(response):   # nothing yielded yet: a fresh connection
+                        yield from self.follow(job_id, _again=False)
+                        return
                 if response.status_code >= 400:
                     response.read()
                     raise self._error(response)
@@ -120,6 +133,8 @@ class Client:
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
             response = self.http.request(method, f"{API_PREFIX}{path}", **kwargs)
+            if _idle_close(response):
+                response = self.http.request(method, f"{API_PREFIX}{path}", **kwargs)
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from None
         if response.status_code >= 400:

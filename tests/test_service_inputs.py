@@ -13,7 +13,7 @@ import pytest
 
 from cli.client import Client
 from cns_daemon.api.errors import EXIT_CODES, ErrorCode
-from cns_daemon.api.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION
+from cns_daemon.api.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, GenerateRequest
 from helpers.service import cli_in_process, running_daemon, wait_until, write_photos
 
 BAD_INPUT = EXIT_CODES[ErrorCode.BAD_INPUT]
@@ -155,6 +155,39 @@ def test_request_head_that_never_completes_times_out(daemon):
     with Client(daemon.socket) as c:   # ordinary requests are unaffected
         assert c.status().pid == daemon.proc.pid
 
+
+
+def test_client_resends_a_request_met_by_the_idle_close(tmp_path):
+    """The service closes a kept-alive connection idle past its head timeout with a bare 408,
+    before reading the next request; a request sent just as that happens meets the 408 and is
+    sent again (once), streams included. A 408 with a body is an answer and stays one."""
+    import httpx
+
+    from cns_daemon.api.protocol import JobInfo, ProgressInfo
+    from cns_daemon.api.errors import Internal
+
+    job = JobInfo(id="0123456789ab", kind="generate", state="done", summary="s", created=0.0)
+    done = ProgressInfo(job=job.id, state="done").model_dump_json() + "\n"
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        if len(seen) % 2 == 1:   # every first try meets the idle close
+            return httpx.Response(408, headers={"connection": "close"})
+        if request.url.path.endswith("/events"):
+            return httpx.Response(200, content=done.encode())
+        return httpx.Response(200, content=job.model_dump_json().encode())
+
+    c = Client(tmp_path / "unused.sock")
+    c.http = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://cones")
+    assert c.job(job.id).state == "done"
+    assert c.generate(GenerateRequest(prompt="a dog")).id == job.id
+    assert [p.state for p in c.follow(job.id)] == ["done"]
+    assert seen == ["GET /v1/jobs/0123456789ab"] * 2 + ["POST /v1/generate"] * 2 + \
+        ["GET /v1/jobs/0123456789ab/events"] * 2
+    c.http = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(408)), base_url="http://cones")
+    with pytest.raises(Internal, match="408"):   # twice in a row: not the idle close, reported
+        c.status()
 
 def test_wrong_method_is_405_with_allow(daemon):
     status, headers, body = status_and_body(raw_http(daemon.socket, request("PUT", f"{API_PREFIX}/concepts"))[0])
