@@ -259,6 +259,7 @@ class Worker:
             job = self.jobs.get_job(job.id)
             if state == "queued":
                 job.state, job.started, job.attempts = "queued", None, max(0, job.attempts - 1)
+                job.interrupted += 1
                 self.jobs.put_job(job)
             else:
                 self._finish(job, state, error=error, result=result)
@@ -283,6 +284,10 @@ def restart_note(job: JobRecord) -> str:
         return f"{RESTARTED}; attempt {job.attempts + 1} of {MAX_ATTEMPTS} next"
     if job.attempts >= 2 and not (job.error and job.error.get("message") == CRASH_REASON):
         return f"{RESTARTED}, attempt {job.attempts} of {MAX_ATTEMPTS}"
+    if job.interrupted:   # a clean shutdown gave its start back: it starts over, uncounted
+        times = "" if job.interrupted == 1 else f" ({job.interrupted} times)"
+        when = "; it starts over when it runs" if job.state == "queued" else "; it started over"
+        return f"{RESTARTED} while it ran{times}{when}"
     return ""
 
 

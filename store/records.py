@@ -76,6 +76,7 @@ class JobRecord:
     started: float | None = None
     finished: float | None = None
     attempts: int = 0         # times it was started; a crash re-queues it once
+    interrupted: int = 0      # times a clean shutdown stopped it while it ran (it starts over)
     error: dict[str, Any] | None = None   # {"code", "message", "hint"}
     result: dict[str, Any] | None = None
     priority: int = 0         # higher runs first (generate ahead of learn)

@@ -66,6 +66,31 @@ def test_kill9_during_learn_requeues_once_then_fails(tmp_path, monkeypatch):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_clean_stop_during_learn_says_it_started_over(tmp_path):
+    """SIGTERM gives the running job's start back (it is not counted against its attempts), and
+    after the restart its note says that it ran when the service stopped and started over."""
+    home = short_home()
+    daemon = None
+    try:
+        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
+        with Client(daemon.socket) as c:
+            job = c.add(AddRequest(name="stopped", class_word="cat", steps=5000, photos=photos_of(30)))
+            wait_until(lambda: c.job(job.id).state == "running", what="learn running")
+        daemon.kill(15)
+        assert daemon.proc.returncode == 0
+        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
+        with Client(daemon.socket) as c:
+            wait_until(lambda: c.job(job.id).state == "running", what="learn running again")
+            again = c.job(job.id)
+            assert again.attempts == 1
+            assert again.note == "restarted after the service stopped while it ran; it started over"
+            c.cancel(job.id)
+    finally:
+        if daemon is not None:
+            daemon.kill(15)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def daemon():
     home = short_home()
