@@ -210,6 +210,8 @@ def follow(events: Iterable[ProgressInfo], quiet: bool = False,
     if last is None or last.state not in FINAL_STATES:
         from cns_daemon.api.errors import Unavailable
 
+        if last is not None and last.message:   # e.g. the service is stopping
+            raise Unavailable(last.message, "`cones jobs` shows the job once the service is back.")
         raise Unavailable("The service stopped reporting before the job finished.",
                           "Check `cones jobs` and the service log.")
     if last.state != "done":

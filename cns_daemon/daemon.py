@@ -218,7 +218,12 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
                 notifier.ready(_status_line(service))
                 log.info("cones is serving on %s", paths.socket)
 
-        config = uvicorn.Config(App(service, settings.max_request_bytes),
+            async def shutdown(self, sockets=None) -> None:
+                app.stopping.set()   # followers' streams end now, not at the graceful timeout
+                await super().shutdown(sockets=sockets)
+
+        app = App(service, settings.max_request_bytes)
+        config = uvicorn.Config(app,
                                 http=_protocol_class(settings.header_timeout_seconds),
                                 lifespan="on", log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=3)

@@ -95,12 +95,20 @@ def parse_body(model: type[BaseModel], data: bytes) -> BaseModel:
                        "See `cones --help`, or the schema at GET /openapi.json.") from None
 
 
+# The last line a job's event stream sends when the service stops while the job is unfinished.
+STOPPING = ("The service is stopping; the job stays in its queue and runs (again) when the "
+            "service is back.")
+
+
 class App:
     """The ASGI callable. `service` does the work; this class only says what each route does."""
 
     def __init__(self, service: Service, max_request_bytes: int):
         self.service = service
         self.max_request_bytes = max_request_bytes
+        # Set when the server begins to shut down: job event streams end by themselves then,
+        # instead of being cancelled mid-await at the graceful timeout (a traceback in the log).
+        self.stopping = asyncio.Event()
         self.routes = self._routes()
         by_path: dict[str, dict[str, Route]] = {}
         for r in self.routes:
@@ -242,7 +250,10 @@ class App:
             yield _line(hub.latest(job_id) or ProgressInfo(job=job_id, state=job.state))
             while True:
                 try:
-                    info = await asyncio.wait_for(queue.get(), timeout=10.0)
+                    info = await self._next_event(queue, timeout=10.0)
+                    if info is None:   # the service is stopping: say so and end the stream
+                        yield _line(ProgressInfo(job=job_id, state="running", message=STOPPING))
+                        return
                 except asyncio.TimeoutError:
                     # Heartbeat: the same state again, so a follower sees the job is alive;
                     # also catches a final state missed by a job that finished through a path
@@ -256,6 +267,23 @@ class App:
                     return
         finally:   # also when the follower hung up and Starlette stopped the stream
             hub.unsubscribe(job_id, queue)
+
+    async def _next_event(self, queue: asyncio.Queue, timeout: float) -> ProgressInfo | None:
+        """The next event of a followed job; None once the service is stopping."""
+        if self.stopping.is_set():
+            return None
+        got = asyncio.ensure_future(queue.get())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            done, _ = await asyncio.wait({got, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (got, stop):
+                task.cancel()
+        if got in done:
+            return got.result()
+        if stop in done:
+            return None
+        raise asyncio.TimeoutError
 
     async def openapi(self, req: Request, params: dict) -> Response:
         return JSONResponse(self.openapi_schema())

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 
 import httpx
 import pytest
 
 from cli.client import Client
+from cli.views import follow
+from cns_daemon.api.errors import Unavailable
 from cns_daemon.api.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest, Photo
 from cns_daemon.worker import CRASH_REASON
 from helpers.service import (cli_in_process, photo_bytes, short_home, start_daemon, wait_until,
@@ -76,8 +80,24 @@ def test_clean_stop_during_learn_says_it_started_over(tmp_path):
         with Client(daemon.socket) as c:
             job = c.add(AddRequest(name="stopped", class_word="cat", steps=5000, photos=photos_of(30)))
             wait_until(lambda: c.job(job.id).state == "running", what="learn running")
+        told: list = []
+
+        def follower() -> None:   # a `cones add` waiting on the job when the service stops
+            with Client(daemon.socket) as f:
+                try:
+                    follow(f.follow(job.id), quiet=True)
+                except Unavailable as exc:
+                    told.append(exc.message)
+
+        watching = threading.Thread(target=follower)
+        watching.start()
+        time.sleep(0.5)
         daemon.kill(15)
+        watching.join(10)
         assert daemon.proc.returncode == 0
+        # the stream ended with a word on what happens to the job, not cut by the graceful timeout
+        assert told and "service is stopping" in told[0], told
+        assert "Traceback" not in daemon.output(), daemon.output()
         daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
         with Client(daemon.socket) as c:
             wait_until(lambda: c.job(job.id).state == "running", what="learn running again")
