@@ -196,6 +196,7 @@ def export(name: str,
         raise Conflict(f"{target} already exists.", "Give -o another path, or add --force to overwrite it.")
     with client() as c:
         data = c.export(name)
+    _folder(target.parent)   # a new folder only once there is something to put in it
     _write(target, data)
     console.print(f"Wrote <{name}> to {target} ({len(data):,} bytes).", highlight=False)
 
@@ -292,7 +293,8 @@ def _export_target(name: str, output: str) -> Path:
     is a folder or says it is one (a trailing slash, which pathlib would drop)."""
     path = Path(output)
     if output.endswith(("/", os.sep)) or path.is_dir():
-        _folder(path)
+        if path.exists() and not path.is_dir():
+            raise BadInput(f"{path} is a file, not a folder.", "Give -o a file path, or a folder.")
         return path / f"{name}.safetensors"
     if not path.parent.is_dir():
         raise BadInput(f"The folder {path.parent} does not exist.",

@@ -81,6 +81,8 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     code, out = cones("export", "star", "-o", str(exported))
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "--force" in out, out
     assert cones("export", "star", "-o", str(exported), "--force")[0] == 0
+    code, out = cones("export", "nosuch", "-o", str(tmp_path / "none") + "/")
+    assert code == EXIT_CODES[ErrorCode.NOT_FOUND] and not (tmp_path / "none").exists(), out
     code, out = cones("export", "star", "-o", str(tmp_path / "new") + "/")
     assert code == 0 and decode((tmp_path / "new" / "star.safetensors").read_bytes()).meta.name == "star", out
     code, out = cones("import", str(exported))

@@ -152,7 +152,6 @@ class GenerateRequest(Model):
     width: int | None = Field(None, ge=1, le=MAX_SIDE)
     height: int | None = Field(None, ge=1, le=MAX_SIDE)
 
-
     @field_validator("guidance_scale", mode="before")   # before: NaN would fail the bounds' words
     @classmethod
     def _finite_scale(cls, v):
