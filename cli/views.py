@@ -13,7 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cns_daemon.api.errors import ConesError, from_code
-from cns_daemon.api.protocol import FINAL_STATES, ConceptInfo, JobInfo, ProgressInfo, StatusInfo
+from cns_daemon.api.protocol import (FINAL_STATES, STREAM_STOPPING, ConceptInfo, JobInfo, ProgressInfo,
+                                     StatusInfo)
 
 console = Console(soft_wrap=True)   # paths must stay whole for copy and paste
 err_console = Console(stderr=True)
@@ -210,7 +211,7 @@ def follow(events: Iterable[ProgressInfo], quiet: bool = False,
     if last is None or last.state not in FINAL_STATES:
         from cns_daemon.api.errors import Unavailable
 
-        if last is not None and last.message:   # e.g. the service is stopping
+        if last is not None and last.message == STREAM_STOPPING:
             raise Unavailable(last.message, "`cones jobs` shows the job once the service is back.")
         raise Unavailable("The service stopped reporting before the job finished.",
                           "Check `cones jobs` and the service log.")

@@ -15,8 +15,8 @@ deleted unread.
 
 A folder with a note (ERROR.txt or CANCELLED.txt) is not taken again until its inputs change:
 each note ends with a signature of the inputs it speaks of (the folder's name; name, size and
-mtime of every photo, caption and concept.toml), and the folder is taken again only when the inputs no longer match
-it. The service's own notes are no input: writing one never counts as a change, so a failed
+mtime of every photo, caption and concept.toml), and the folder is taken again only when the
+inputs no longer match it. The service's own notes are no input: writing one never counts as a change, so a failed
 folder is not retried in a loop, and the rule holds across restarts.
 """
 from __future__ import annotations

@@ -35,7 +35,7 @@ from starlette.routing import Route as StarletteRoute
 
 from cns_daemon.api.errors import BadInput, ConesError, ErrorCode, Internal, NotFound, ProtocolMismatch
 from cns_daemon.api.protocol import (API_PREFIX, FINAL_STATES, MAX_JOBS_LISTED, NDJSON, PROTOCOL_HEADER,
-                                     PROTOCOL_VERSION, SEGMENTS, AddRequest, ConceptInfo, ConceptList,
+                                     PROTOCOL_VERSION, SEGMENTS, STREAM_STOPPING, AddRequest, ConceptInfo, ConceptList,
                                      ErrorBody, EvalRequest, GenerateRequest, JobInfo, JobList,
                                      ProgressInfo, StatusInfo, check_segment, describe_validation_error)
 from cns_daemon.service import Service
@@ -93,11 +93,6 @@ def parse_body(model: type[BaseModel], data: bytes) -> BaseModel:
     except ValidationError as exc:
         raise BadInput(f"Invalid request: {describe_validation_error(exc)}.",
                        "See `cones --help`, or the schema at GET /openapi.json.") from None
-
-
-# The last line a job's event stream sends when the service stops while the job is unfinished.
-STOPPING = ("The service is stopping; the job stays in its queue and runs (again) when the "
-            "service is back.")
 
 
 class App:
@@ -252,7 +247,7 @@ class App:
                 try:
                     info = await self._next_event(queue, timeout=10.0)
                     if info is None:   # the service is stopping: say so and end the stream
-                        yield _line(ProgressInfo(job=job_id, state="running", message=STOPPING))
+                        yield _line(ProgressInfo(job=job_id, state="running", message=STREAM_STOPPING))
                         return
                 except asyncio.TimeoutError:
                     # Heartbeat: the same state again, so a follower sees the job is alive;

@@ -42,6 +42,9 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 # 4: a generate request may carry a negative prompt, a CFG scale and an image size.
 PROTOCOL_VERSION = "4"
 PROTOCOL_HEADER = "X-Cones-Protocol"
+# The message of the last line of a job's event stream when the service stops before the job ends.
+STREAM_STOPPING = ("The service is stopping; the job stays in its queue and runs (again) when the "
+                   "service is back.")
 API_PREFIX = "/v1"
 NDJSON = "application/x-ndjson"
 
