@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import time
 from typing import Iterable
 
@@ -13,8 +14,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cns_daemon.api.errors import ConesError, from_code
-from cns_daemon.api.protocol import (FINAL_STATES, STREAM_STOPPING, ConceptInfo, JobInfo, ProgressInfo,
-                                     StatusInfo)
+from cns_daemon.api.protocol import (FINAL_STATES, STREAM_STOPPING, ConceptInfo, ErrorBody, JobInfo,
+                                     ProgressInfo, StatusInfo)
 
 console = Console(soft_wrap=True)   # paths must stay whole for copy and paste
 err_console = Console(stderr=True)
@@ -22,8 +23,6 @@ err_console = Console(stderr=True)
 
 def print_json(doc: BaseModel | list[BaseModel]) -> None:
     """One JSON document on stdout (no rich markup, no wrapping)."""
-    import json
-
     if isinstance(doc, list):
         text = json.dumps([d.model_dump(mode="json") for d in doc], indent=2)
     else:
@@ -38,13 +37,18 @@ def print_error(exc: ConesError) -> None:
 
 
 def handled(fn):
-    """Typed errors become one red line + hint on stderr and their exit code."""
+    """Typed errors become one red line + hint on stderr and their exit code; a command run with
+    --json also prints the error as its one document on stdout ({"error": ErrorBody}), so a
+    script reading stdout gets JSON either way."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except ConesError as exc:
             print_error(exc)
+            if kwargs.get("as_json"):
+                body = ErrorBody(code=exc.code.value, message=exc.message, hint=exc.hint or "")
+                print(json.dumps({"error": body.model_dump()}, indent=2))
             raise typer.Exit(exc.exit_code) from None
     return wrapper
 

@@ -90,6 +90,19 @@ def test_typed_errors_and_exit_codes(cones, tmp_path):
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "Invalid job id" in out
 
 
+def test_json_commands_print_their_error_as_json(daemon, monkeypatch):
+    """With --json, stdout holds one JSON document even when the command fails: {"error": ...}
+    with the error's code, message and hint; the exit code is the error's."""
+    cones = cli_in_process(daemon.home, monkeypatch)   # stdout and stderr apart
+    for args, code_word in ((("show", "nobody", "--json"), "not_found"),
+                            (("generate", "a photo of <nobody>", "--json"), "not_found"),
+                            (("generate", "a dog", "--cfg", "99", "--json"), "bad_input")):
+        code, out, err = cones(*args)
+        error = json.loads(out)["error"]
+        assert error["code"] == code_word and code == EXIT_CODES[ErrorCode(code_word)], (args, out)
+        assert error["message"][:20] in err   # the words on stderr as without --json
+
+
 def test_cancel_running_learn_leaves_no_concept(cones, daemon, tmp_path):
     photos = write_photos(tmp_path / "slow", 3)
     code, out = cones("add", "slowpoke", *map(str, photos), "--class", "cat", "--steps", "400",
