@@ -433,17 +433,25 @@ def store_check(as_json: bool = JSON) -> None:
 
 @store_app.command("salvage")
 @handled
-def store_salvage() -> None:
+def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a fresh store even when nothing is damaged.")) -> None:
     """Copy every readable concept and job into a fresh store; the damaged one is kept aside.
     The service must be stopped."""
-    from cns_daemon.daemon import InstanceLock
-    from store.salvage import salvage
+    from cns_daemon.api.errors import NotFound
+    from cns_daemon.daemon import DATA_LOCK, InstanceLock
+    from store.salvage import check, salvage
 
     paths = settings().paths
-    paths.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
-    lock = InstanceLock(paths.runtime / "cones.lock")
-    lock.acquire(paths.socket)   # Conflict while a service runs: it has the store open
+    if not paths.store.is_dir():
+        raise NotFound(f"No concept store at {paths.store}.", "Nothing to salvage.")
+    # Conflict while a service has the store open: it holds the lock in the data folder, whatever
+    # runtime folder this shell sees.
+    lock = InstanceLock(paths.data / DATA_LOCK)
+    lock.acquire(None)
     try:
+        if check(paths.store).ok and not force:
+            console.print(f"Nothing is damaged in {paths.store}; nothing was moved (--force "
+                          "copies it into a fresh store anyway).", highlight=False)
+            return
         done = salvage(paths.store)
     finally:
         lock.release()
@@ -454,8 +462,11 @@ def store_salvage() -> None:
         console.print(f"[red]left behind[/] <{name}>: {why}", highlight=False)
     if done.check.damaged_jobs:
         console.print(f"{len(done.check.damaged_jobs)} damaged jobs were left behind.", highlight=False)
-    console.print(f"The damaged store is kept at {done.kept_at}; learn the lost concepts again "
-                  "from their photos.", highlight=False)
+    if done.check.ok:
+        console.print(f"The old store is kept at {done.kept_at}.", highlight=False)
+    else:
+        console.print(f"The damaged store is kept at {done.kept_at}; learn the lost concepts again "
+                      "from their photos.", highlight=False)
 
 
 def _check_lines(report) -> list[str]:

@@ -10,6 +10,7 @@ import typer
 from pydantic import BaseModel
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -31,9 +32,11 @@ def print_json(doc: BaseModel | list[BaseModel]) -> None:
 
 
 def print_error(exc: ConesError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+    # Escaped: messages quote user input and commands such as pip install 'cones[eval]', whose
+    # brackets rich would otherwise take for markup and drop.
+    err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
     if exc.hint:
-        err_console.print(f"[dim]{exc.hint}[/]", highlight=False)
+        err_console.print(f"[dim]{escape(exc.hint)}[/]", highlight=False)
 
 
 def handled(fn):

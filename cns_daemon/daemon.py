@@ -54,6 +54,9 @@ def prepare_runtime(paths: Paths) -> None:
                        f"(over {SUN_PATH_MAX} bytes).", "Use a shorter CONES_HOME or runtime_dir.")
 
 
+DATA_LOCK = "cones.lock"   # in the data folder, beside the store: held while the store is open
+
+
 class InstanceLock:
     """flock on a file beside the socket: held for the service's lifetime, released by the
     kernel when the process dies (so kill -9 never leaves a stale lock)."""
@@ -62,14 +65,17 @@ class InstanceLock:
         self.path = path
         self.fd: int | None = None
 
-    def acquire(self, socket_path: Path) -> None:
+    def acquire(self, socket_path: Path | None) -> None:
+        """`socket_path` None: the lock guards the data folder, whatever socket its holder
+        serves on (another runtime folder, e.g. a shell without the service's XDG_RUNTIME_DIR)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             owner = self.path.read_text().strip() or "?"
-            raise Conflict(f"A cones service is already running on {socket_path} (pid {owner}).",
+            where = f"on {socket_path}" if socket_path else f"on the data folder {self.path.parent}"
+            raise Conflict(f"A cones service is already running {where} (pid {owner}).",
                            "Use it (`cones status`), stop it first (`systemctl --user stop cones` "
                            "or end its `cones serve`), or give this one another CONES_HOME.") from None
         os.ftruncate(fd, 0)
@@ -186,8 +192,10 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
     inbox = None
     service = None
     store = None
+    data_lock = InstanceLock(paths.data / DATA_LOCK)
     try:
         prepare_data(paths)
+        data_lock.acquire(None)   # one service per data folder, whatever its runtime folder
         store = open_store(paths)
         archive = Archive(paths.archive)
         engine = (engine_factory or Engine)(settings, store, archive)
@@ -241,6 +249,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
             paths.socket.unlink(missing_ok=True)
         if store is not None and hasattr(store, "close"):
             store.close()
+        data_lock.release()
         lock.release()
 
 

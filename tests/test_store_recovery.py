@@ -276,5 +276,24 @@ def test_salvage_refuses_while_the_service_runs(home, monkeypatch):
     started.append(start_daemon(h))
     code, out, err = cones("store", "salvage")
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already running" in err
+    # a shell that sees another runtime folder (no XDG_RUNTIME_DIR after su) is refused as well:
+    # the service holds a lock in the data folder too
+    monkeypatch.setenv("CONES_RUNTIME_DIR", str(h / "elsewhere"))
+    code, out, err = cones("store", "salvage")
+    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already running on the data folder" in err, err
+    monkeypatch.delenv("CONES_RUNTIME_DIR")
     code, out, err = cones("store", "check")   # reading is fine beside a running service
     assert code == 0, out + err
+
+
+def test_salvage_of_a_healthy_store_moves_nothing(home, monkeypatch):
+    h, started = home
+    cones = cli_in_process(h, monkeypatch)
+    fp, records = tiny_records(2)
+    path = write_store(h, records, fp, jobs=1)
+    code, out, err = cones("store", "salvage")
+    assert code == 0 and "Nothing is damaged" in out, out + err
+    assert not list(path.parent.glob("store.damaged-*"))
+    code, out, err = cones("store", "salvage", "--force")
+    assert code == 0 and f"Copied {len(records)} concepts and 1 jobs" in out and "old store" in out, out + err
+    assert len(list(path.parent.glob("store.damaged-*"))) == 1
