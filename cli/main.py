@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+import tomllib
 from pathlib import Path
 from typing import List, Optional
 
@@ -49,7 +50,17 @@ def settings(**flags):
         from cns_daemon.api.protocol import describe_validation_error
 
         raise BadInput(f"Invalid configuration: {describe_validation_error(exc)}.",
-                       "Fix config.toml or the CONES_* environment variables.") from None
+                       f"Fix it where it is set: the command's flags, the CONES_* environment "
+                       f"variables or {_config_file()}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{_config_file()} is not valid TOML: {exc}.",
+                       "Fix the file (README, 'Where data lives'), or move it aside.") from None
+
+
+def _config_file() -> Path:
+    from cns_daemon.api.settings import default_paths
+
+    return default_paths(os.environ.get("CONES_HOME")).config_file
 
 
 def client() -> Client:

@@ -27,12 +27,25 @@ log = logging.getLogger("cones")
 SUN_PATH_MAX = 107   # sockaddr_un.sun_path is 108 bytes including the terminating NUL
 
 
+def make_folder(path: Path, what: str, setting: str) -> None:
+    """A folder the service needs (made 0700 if missing), or BadInput saying which setting
+    points where it cannot be: a file in the way, no permission, a read-only place."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise BadInput(f"Cannot use {path} as the {what}: {exc.strerror or exc}.",
+                       f"Point {setting} (config.toml, CONES_{setting.upper()} or CONES_HOME) at a "
+                       "folder you can write to.") from None
+
+
 def prepare_data(paths: Paths) -> None:
     """The data folder holds photos of people: everything the service writes is private to this
     user (umask 077 for the process; the unit sets UMask=0077 too), and the data folder, store and
     archive made by an older version with looser modes are tightened (folders 0700, files 0600)."""
     os.umask(0o077)
-    paths.data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_folder(paths.data, "data folder", "data_dir")
     os.chmod(paths.data, 0o700)
     for root in (paths.store, paths.archive):
         if not root.is_dir():
@@ -47,7 +60,7 @@ def prepare_data(paths: Paths) -> None:
 
 def prepare_runtime(paths: Paths) -> None:
     """The socket's folder: created 0700, tightened to 0700 if it already exists."""
-    paths.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_folder(paths.runtime, "runtime folder", "runtime_dir")
     os.chmod(paths.runtime, 0o700)
     if len(os.fsencode(paths.socket)) > SUN_PATH_MAX:
         raise BadInput(f"The socket path {paths.socket} is too long for a Unix socket "
@@ -195,6 +208,8 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
     data_lock = InstanceLock(paths.data / DATA_LOCK)
     try:
         prepare_data(paths)
+        if settings.watch_inbox:   # before the model loads: a bad inbox path fails at once
+            make_folder(paths.inbox, "inbox folder", "inbox_dir")
         data_lock.acquire(None)   # one service per data folder, whatever its runtime folder
         store = open_store(paths)
         archive = Archive(paths.archive)

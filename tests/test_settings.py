@@ -43,3 +43,36 @@ def test_bad_values_are_rejected(cones_home):
     cfg.write_text('no_such_key = 1\n')
     with pytest.raises(ValidationError, match="no_such_key"):
         load_settings()
+
+
+def test_path_settings_expand_the_home_folder_and_become_absolute(cones_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    cfg = cones_home / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text('data_dir = "~/conesdata"\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONES_INBOX_DIR", "drop")
+    paths = load_settings().paths
+    assert paths.data == tmp_path / "me" / "conesdata"
+    assert paths.inbox == tmp_path / "drop"
+
+
+def test_cli_names_a_broken_config_file_and_a_folder_it_cannot_use(cones_home, monkeypatch, tmp_path):
+    """A TOML syntax error and a data folder where a file stands are one clear line each with
+    exit code 2, not a traceback."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    cfg = cones_home / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text("model = \n")
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2 and "config.toml is not valid TOML" in result.stderr, result.output
+    assert str(cfg) in result.stderr.replace("\n", "")
+    cfg.unlink()
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("CONES_DATA_DIR", str(tmp_path / "afile" / "data"))
+    result = CliRunner().invoke(app, ["serve", "--no-inbox"])
+    assert result.exit_code == 2 and "Cannot use" in result.stderr and "data_dir" in result.stderr, \
+        result.output

@@ -122,11 +122,16 @@ class Settings(BaseSettings):
     @property
     def paths(self) -> Paths:
         base = default_paths(self.home)
+        def given(p: Path | None, default: Path) -> Path:
+            # "~/cones" in config.toml or an env var means the home folder, as in a shell; a
+            # relative path is made absolute once, here, so every part sees the same folder.
+            return Path(p).expanduser().absolute() if p else default
+
         return Paths(
-            data=Path(self.data_dir) if self.data_dir else base.data,
+            data=given(self.data_dir, base.data),
             config=base.config,
-            runtime=Path(self.runtime_dir) if self.runtime_dir else base.runtime,
-            inbox=Path(self.inbox_dir) if self.inbox_dir else base.inbox,
+            runtime=given(self.runtime_dir, base.runtime),
+            inbox=given(self.inbox_dir, base.inbox),
         )
 
 
