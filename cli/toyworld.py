@@ -31,7 +31,8 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
                None, help="white | grass | sand | sky | snow (default: varies per photo)"),
            n: int = typer.Option(4, "-n", min=1, max=10_000, help="How many photos."),
            seed: int = typer.Option(0, help="Same seed, same photos."),
-           out: Path = typer.Option(..., "-o", "--out", help="Folder for NNN.png + NNN.txt (caption).")) -> None:
+           out: Path = typer.Option(..., "-o", "--out", help="Folder for NNN.png + NNN.txt (caption)."),
+           force: bool = typer.Option(False, "--force", help="Write into a folder that already holds photos.")) -> None:
     """Write photos of one object (a 'personal concept') with sidecar captions that describe it
     as a captioning model would (shape, colours, pattern, background; never the tilt)."""
     from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
@@ -41,7 +42,17 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
         photos = render_concept_photos(obj, n, seed, background=background)
     except ValueError as exc:
         raise BadInput(f"{exc}.", "See `cones toyworld render --help` for the choices.") from None
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out} is a file, not a folder.", "Give -o a folder for the photos.")
+    if out.is_dir() and any(out.glob("*.png")) and not force:
+        # The folder is what `cones add` or the inbox learns from: photos of another object (or
+        # of the same one, partly replaced) would make one mixed training set.
+        raise BadInput(f"{out} already holds photos.", "Give -o a new folder, or add --force to write into it.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"Cannot make the folder {out}: {exc.strerror or exc}.",
+                       "Give -o a folder you can write to.") from None
     for i, (image, text) in enumerate(photos):
         image.save(out / f"{i:03d}.png")
         (out / f"{i:03d}.txt").write_text(text + "\n")

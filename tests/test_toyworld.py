@@ -228,6 +228,14 @@ def test_cli_render_writes_photos_and_captions(tmp_path):
         assert Image.open(png).convert("RGB").tobytes() == img.tobytes() != other.tobytes()
         assert png.with_suffix(".txt").read_text().strip() == text == \
             "a photo of a red star with yellow stripes on the grass"
+    # a folder that holds photos is not mixed into without --force; a file is no folder
+    more = ["toyworld", "render", "--shape", "square", "--color", "pink", "-n", "2", "-o", str(out)]
+    result = CliRunner().invoke(app, more)
+    assert result.exit_code == 2 and "already holds photos" in result.stderr.replace("\n", ""), result.output
+    assert Image.open(pngs[0]).convert("RGB").tobytes() == expected[0][0].tobytes()   # untouched
+    assert CliRunner().invoke(app, [*more, "--force"]).exit_code == 0
+    result = CliRunner().invoke(app, [*more[:-1], str(pngs[0])])
+    assert result.exit_code == 2 and "is a file" in result.stderr.replace("\n", ""), result.output
 
 
 def test_cli_render_rejects_bad_attributes(tmp_path):
