@@ -333,7 +333,7 @@ class Engine:
         metas = {m.name: m for m in self.store.list()}
         expanded = expand(req.prompt, metas, self.pipe.tokenizer)
         check_boxes(req.boxes, expanded)
-        check_negative_prompt(req.negative_prompt)
+        check_negative_prompt(req.negative_prompt, self.pipe.tokenizer)
         image_size(self.pipe, req.height, req.width)
         if req.steps is not None:
             check_steps(self.pipe, req.steps)

@@ -30,7 +30,7 @@ from cns_daemon.model import recommended_guidance
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
 from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope, shared_tails
-from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, expand, referenced_names
+from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, check_length, expand, referenced_names
 from store.records import ConceptRecord
 
 MAX_IMAGES = 16
@@ -94,12 +94,15 @@ def batch_ids(expanded: ExpandedPrompt, n: int, cfg: bool, tokens: int) -> torch
     return torch.cat([torch.full_like(cond, NO_TOKEN), cond]) if cfg else cond
 
 
-def check_negative_prompt(negative_prompt: str | None) -> None:
+def check_negative_prompt(negative_prompt: str | None, tokenizer) -> None:
     """A concept in the negative branch would need its weights, mask or residual applied to the
-    unconditional pass alone; rather than pass "<rex>" through as text, say so."""
+    unconditional pass alone; rather than pass "<rex>" through as text, say so. Nor is a
+    negative prompt cut short without a word."""
     if negative_prompt and referenced_names(negative_prompt):
         raise BadInput("Concept names (<name>) cannot be used in the negative prompt.",
                        "Describe what to avoid in plain words, or leave the concept out.")
+    if negative_prompt:
+        check_length(tokenizer, negative_prompt, "negative prompt")
 
 
 def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
@@ -138,7 +141,7 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
     if not 1 <= n <= MAX_IMAGES:
         raise BadInput(f"n must be between 1 and {MAX_IMAGES}, not {n}.")
     check_steps(pipe, steps)
-    check_negative_prompt(negative_prompt)
+    check_negative_prompt(negative_prompt, pipe.tokenizer)
     expanded = expand(prompt, {k: r.meta for k, r in records_by_name.items()}, pipe.tokenizer)
     layout = check_boxes(boxes, expanded)
     h, w = image_size(pipe, height, width)

@@ -25,6 +25,9 @@ from store.records import ConceptMeta
 # Anything in angle brackets without spaces is meant as a reference; the name check then says
 # precisely what is wrong with a malformed one instead of silently passing "<my dog>" through.
 REFERENCE_RE = re.compile(r"<([^<>\s]+)>")
+# Angle brackets around words with spaces ("<my dog>", "< rex >") read as a reference too: a
+# concept's name has no spaces, so they are refused rather than drawn as plain words.
+SPACED_REFERENCE_RE = re.compile(r"<([^<>]*\s[^<>]*)>")
 BOX_FORM = "NAME=x0,y0,x1,y1 with numbers in [0,1], x0 < x1 and y0 < y1 (for example rex=0,0.2,0.5,1)"
 
 
@@ -57,7 +60,24 @@ class ExpandedPrompt:
 
 def referenced_names(prompt: str) -> list[str]:
     """The validated `<name>` references of a prompt, first occurrence order, no repeats."""
+    spaced = SPACED_REFERENCE_RE.search(prompt)
+    if spaced:
+        raise BadInput(f"{spaced.group(0)!r} in the prompt looks like a concept, but a concept's "
+                       "name has no spaces.", "Write it as <name>, e.g. <rex> or <my_mug>; "
+                       "`cones list` shows the names.")
     return list(dict.fromkeys(validate_name(m.group(1)) for m in REFERENCE_RE.finditer(prompt)))
+
+
+def check_length(tokenizer, text: str, what: str = "prompt") -> None:
+    """BadInput when `text` is longer than the text encoder reads: the encoder would drop the
+    rest without a word (diffusers only logs it)."""
+    ids = tokenizer(text).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) > limit:
+        dropped = tokenizer.decode(ids[limit - 1:-1]).strip()
+        shown = dropped if len(dropped) <= 60 else f"{dropped[:57]}..."
+        raise BadInput(f"The {what} is {len(ids) - 2} tokens long, over the {limit - 2} the text "
+                       f"encoder reads: {shown!r} would be left out.", f"Shorten the {what}.")
 
 
 def expansion(meta: ConceptMeta) -> tuple[str, str]:
@@ -146,6 +166,7 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
     if late:
         raise BadInput(f"The prompt is too long: <{late[0]}> falls past the {limit}-token limit of "
                        "the text encoder.", "Shorten the prompt or name the concepts earlier in it.")
+    check_length(tokenizer, text)
     return ExpandedPrompt(text, tuple(ids), tuple(spans))
 
 

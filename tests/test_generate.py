@@ -149,6 +149,8 @@ def test_bad_requests_fail_before_anything_is_applied(tiny_pipe):
     # "<rex>" in the negative prompt is refused, not passed to the encoder as raw text
     with pytest.raises(BadInput, match="negative prompt"):
         generate(tiny_pipe, "<pot> alone", recs, negative_prompt="blurry, <rex>")
+    with pytest.raises(BadInput, match="The negative prompt is .* tokens long"):
+        generate(tiny_pipe, "<pot> alone", recs, negative_prompt="blurry " * 80)
     _assert_same(tiny_pipe, snap)
 
 

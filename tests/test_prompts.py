@@ -101,9 +101,24 @@ def test_invalid_name_is_bad_input(tok, metas):
     assert referenced_names("<a> <b> <a>") == ["a", "b"]
 
 
+def test_angle_brackets_around_spaced_words_are_refused(tok, metas):
+    for prompt in ("a photo of <my dog>", "a photo of < rex >", "<rex> and <a big mug>"):
+        with pytest.raises(BadInput, match="name has no spaces"):
+            expand(prompt, metas, tok)
+    assert referenced_names("a heart <3 and <rex>, bigger > smaller") == ["rex"]   # no spaced pair
+
+
 def test_concept_past_the_token_limit(tok, metas):
     with pytest.raises(BadInput, match="too long"):
         expand("word " * 80 + "<rex>", metas, tok)
+
+
+def test_words_past_the_token_limit_are_refused_not_dropped(tok, metas):
+    """The encoder reads 77 tokens (75 words' worth); diffusers would drop the rest silently."""
+    expand("<rex> " + "big " * 60, metas, tok)
+    with pytest.raises(BadInput, match=r"over the 75 the text encoder reads: 'snow snow") as info:
+        expand("<rex> on a " + "big " * 68 + "snow " * 6, metas, tok)
+    assert "Shorten the prompt" in info.value.hint
 
 
 def test_parse_box_forms():
