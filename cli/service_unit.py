@@ -42,11 +42,20 @@ def render(settings: Settings) -> str:
                        "Install cones from its source folder (`pip install -e .`).")
     paths = settings.paths
     env = {"PYTHONUNBUFFERED": "1"}
+    # What this shell's environment sets goes into the unit, resolved as this shell resolves it:
+    # the service starts elsewhere (another working folder, no shell). Settings from config.toml
+    # stay there (the unit's service reads the same file), so editing it later still counts.
     if settings.home:
         env["CONES_HOME"] = str(Path(settings.home).expanduser().absolute())
-    for key in ("CONES_HOME", "CONES_MODEL", "CONES_DEVICE", "CONES_DTYPE"):
+    for key, path in (("CONES_DATA_DIR", paths.data), ("CONES_RUNTIME_DIR", paths.runtime),
+                      ("CONES_INBOX_DIR", paths.inbox)):
         if os.environ.get(key):
-            env[key] = os.environ[key]
+            env[key] = str(path)
+    for key in ("CONES_MODEL", "CONES_DEVICE", "CONES_DTYPE"):
+        if os.environ.get(key):
+            value = os.environ[key]
+            local = Path(value).expanduser()
+            env[key] = str(local.absolute()) if key == "CONES_MODEL" and local.exists() else value
     hf_cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     text = TEMPLATE.read_text()
     fields = {

@@ -38,6 +38,21 @@ def test_install_writes_unit_with_paths_and_hardening(tmp_path, cones_home):
     assert "wrote" in output and "--no-start" in output
 
 
+def test_unit_carries_the_environment_resolved(tmp_path, cones_home, monkeypatch):
+    """A relative CONES_HOME and a CONES_DATA_DIR set in this shell reach the unit as the absolute
+    paths this shell means (the service starts in another folder); config.toml values are left to
+    the file."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONES_HOME", "relhome")
+    monkeypatch.setenv("CONES_DATA_DIR", "~/otherdata")
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    unit, _ = _install(tmp_path, cones_home)
+    lines = unit.splitlines()
+    assert f"Environment=CONES_HOME={tmp_path / 'relhome'}" in lines
+    assert f"Environment=CONES_DATA_DIR={tmp_path / 'me' / 'otherdata'}" in lines
+    assert not any(l.startswith("Environment=CONES_INBOX_DIR") for l in lines)
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_unit_passes_systemd_analyze_verify(tmp_path, cones_home):
     _install(tmp_path, cones_home)
