@@ -21,10 +21,12 @@ from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, print_json, status_table)
 from cns_daemon.api.errors import EXIT_CODES, BadInput, Conflict
+from cns_daemon.api.names import validate_name
 from cns_daemon.archive import sidecar_caption
-from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
+from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
                                      AddRequest, EvalRequest, GenerateRequest, JobInfo, Photo)
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 QUEUED_GRACE_S = 1.0   # how long a job may sit queued before the CLI says what it waits for
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
@@ -96,10 +98,12 @@ def serve(model: Optional[str] = typer.Option(None, help="Diffusers folder, .saf
           dtype: Optional[str] = typer.Option(None, help="auto | float32 | float16 | bfloat16"),
           settle: Optional[float] = typer.Option(None, help="Seconds an inbox folder must be quiet before it is taken."),
           no_inbox: bool = typer.Option(False, "--no-inbox", help="Do not watch the inbox folder."),
-          log_level: str = typer.Option("INFO", help="DEBUG | INFO | WARNING")) -> None:
+          log_level: str = typer.Option("INFO", help=" | ".join(LOG_LEVELS))) -> None:
     """Run the service in the foreground (what the systemd unit starts)."""
     from cns_daemon.daemon import configure_logging, serve as run
 
+    if log_level.upper() not in LOG_LEVELS:
+        raise BadInput(f"Unknown log level {log_level!r}.", f"Use one of {' | '.join(LOG_LEVELS)}.")
     configure_logging(log_level)
     run(settings(model=model, device=device, dtype=dtype, settle_seconds=settle,
                  watch_inbox=False if no_inbox else None))
@@ -129,6 +133,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         no_wait: bool = typer.Option(False, "--no-wait", help="Queue the job and return."),
         as_json: bool = JSON) -> None:
     """Learn a concept from photos (a photo.txt beside photo.jpg is its caption, as in the inbox)."""
+    validate_name(name)   # the friendly words, before the photos are read
     items = []
     for p in photos:
         if p.is_dir():
@@ -185,7 +190,7 @@ def show(name: str, as_json: bool = JSON) -> None:
 
 @app.command()
 @handled
-def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait")) -> None:
+def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait", help="Queue the removal and return at once.")) -> None:
     """Remove a concept (its weights come off the model, its record out of the store)."""
     with client() as c:
         job = c.remove(name)
@@ -229,7 +234,7 @@ def import_(file: Path) -> None:
 @app.command()
 @handled
 def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <name>."),
-             n: int = typer.Option(1, "-n", help="Number of images."),
+             n: int = typer.Option(1, "-n", help=f"Number of images (1-{MAX_IMAGES})."),
              seed: Optional[int] = typer.Option(None, help=f"Seed, 0 to {MAX_SEED} (default: random)."),
              steps: Optional[int] = typer.Option(None, help="Denoising steps."),
              box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
@@ -429,10 +434,14 @@ def store_check(as_json: bool = JSON) -> None:
     """Read every record of the concept store and list what is damaged (exit 7 if anything is)."""
     from dataclasses import asdict
 
-    from cns_daemon.api.errors import Corrupt
+    from cns_daemon.api.errors import Corrupt, NotFound
     from store.salvage import check
 
-    report = check(settings().paths.store)
+    paths = settings().paths
+    if not paths.store.is_dir():
+        raise NotFound(f"No concept store at {paths.store}.",
+                       "Check the data folder (CONES_HOME, data_dir); the service makes the store when it first starts.")
+    report = check(paths.store)
     if as_json:
         print(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
     else:

@@ -76,3 +76,20 @@ def test_cli_names_a_broken_config_file_and_a_folder_it_cannot_use(cones_home, m
     result = CliRunner().invoke(app, ["serve", "--no-inbox"])
     assert result.exit_code == 2 and "Cannot use" in result.stderr and "data_dir" in result.stderr, \
         result.output
+
+
+def test_cli_refusals_that_need_no_service(cones_home, tmp_path):
+    """A bad concept name in the friendly words, a missing store as not found, an unknown log
+    level: each a clear line and its exit code."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    photo = tmp_path / "p.png"
+    photo.write_bytes(b"x")
+    result = CliRunner().invoke(app, ["add", "ring☃", str(photo), "--class", "ring"])
+    assert result.exit_code == 2 and "Use 1-64 letters" in result.stderr, result.output
+    result = CliRunner().invoke(app, ["store", "check"])
+    assert result.exit_code == 3 and "No concept store" in result.stderr, result.output
+    result = CliRunner().invoke(app, ["serve", "--log-level", "bogus"])
+    assert result.exit_code == 2 and "Unknown log level" in result.stderr, result.output
