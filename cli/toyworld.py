@@ -59,9 +59,12 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
     typer.echo(f"wrote {len(photos)} photos to {out}")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
 @toyworld_app.command()
 @handled
-def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the toy world."),
+def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the toy world, or folders of them."),
           halves: bool = typer.Option(False, "--halves", help="Two-object images: read left and right halves."),
           as_json: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
     """Read shape, colour, pattern, second colour, tilt and background from images."""
@@ -71,6 +74,12 @@ def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the t
 
     from cns_daemon.toyworld.probe import Probe
 
+    # A folder stands for its images (what `toyworld render -o` and `generate -o` write).
+    images = [p for path in images
+              for p in (sorted(q for q in path.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+                        if path.is_dir() else [path])]
+    if not images:
+        raise NotFound("No images in the folders given.", "Pass PNG or JPEG files, or folders that hold them.")
     loaded = []
     for path in images:
         if not path.is_file():

@@ -128,8 +128,12 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
         raise BadInput("The prompt is empty.", "Give a prompt such as 'a photo of <rex> on the beach'.")
     missing = [n for n in referenced_names(prompt) if n not in metas]
     if missing:
+        # Names are case-sensitive (<Star> and <star> may both exist); a near miss is said.
+        near = {n: [m for m in metas if m.lower() == n.lower()] for n in missing}
+        hint = "; ".join(f"did you mean <{near[n][0]}>?" for n in missing if near[n])
         raise NotFound(f"Unknown concept{'s' if len(missing) > 1 else ''} in the prompt: "
-                       + ", ".join(f"<{n}>" for n in missing) + ".")
+                       + ", ".join(f"<{n}>" for n in missing) + ".",
+                       (hint[0].upper() + hint[1:] + " Names are case-sensitive.") if hint else None)
 
     pieces: list[str] = []
     ids: list[int] = [tokenizer.bos_token_id]

@@ -93,6 +93,9 @@ def test_plain_prompt_has_no_spans(tok, metas):
 def test_unknown_name_is_not_found(tok, metas):
     with pytest.raises(NotFound, match="<nobody>"):
         expand("a photo of <nobody> and <rex>", metas, tok)
+    with pytest.raises(NotFound) as info:
+        expand("a photo of <Rex>", metas, tok)
+    assert info.value.hint == "Did you mean <rex>? Names are case-sensitive."
 
 
 def test_invalid_name_is_bad_input(tok, metas):
