@@ -26,7 +26,7 @@ from cns_daemon.archive import sidecar_caption
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
                                      AddRequest, EvalRequest, GenerateRequest, JobInfo, Photo)
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 QUEUED_GRACE_S = 1.0   # how long a job may sit queued before the CLI says what it waits for
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
@@ -73,10 +73,12 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
     """Follow a job to its end; Ctrl-C stops following, not the job. A job still queued after a
     moment waits for another: say which (on stderr; `tell_wait` False for --json output)."""
     try:
-        if tell_wait and job.state == "queued":
-            time.sleep(QUEUED_GRACE_S)   # a generate starts at the running learn's next step
-            running = c.status().queue.running
-            if c.job(job.id).state == "queued" and running is not None and running.id != job.id:
+        running = c.status().queue.running if tell_wait and job.state == "queued" else None
+        # A generate runs inside a running learn at its next step: that is no wait to tell.
+        if running is not None and running.id != job.id and not (
+                job.kind == "generate" and running.kind == "learn"):
+            time.sleep(QUEUED_GRACE_S)
+            if c.job(job.id).state == "queued" and c.job(running.id).state == "running":
                 err_console.print(f"Job {job.id} is queued behind job {running.id} ({running.summary}); "
                                   "`cones jobs` shows the queue. Ctrl-C stops waiting, not the job.",
                                   highlight=False)
@@ -464,17 +466,20 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
     if not paths.store.is_dir():
         raise NotFound(f"No concept store at {paths.store}.", "Nothing to salvage.")
     # Conflict while a service has the store open: it holds the lock in the data folder, whatever
-    # runtime folder this shell sees.
-    lock = InstanceLock(paths.data / DATA_LOCK)
-    lock.acquire(None)
+    # runtime folder this shell sees (and the runtime folder's, which an older service held alone).
+    paths.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+    locks = [InstanceLock(paths.runtime / "cones.lock"), InstanceLock(paths.data / DATA_LOCK)]
     try:
+        locks[0].acquire(paths.socket)
+        locks[1].acquire(None)
         if check(paths.store).ok and not force:
             console.print(f"Nothing is damaged in {paths.store}; nothing was moved (--force "
                           "copies it into a fresh store anyway).", highlight=False)
             return
         done = salvage(paths.store)
     finally:
-        lock.release()
+        for lock in locks:
+            lock.release()
     lost = done.check.damaged
     console.print(f"Copied {len(done.copied)} concepts and {done.jobs_copied} jobs into a fresh store "
                   f"at {paths.store}.", highlight=False)

@@ -32,7 +32,7 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
            n: int = typer.Option(4, "-n", min=1, max=10_000, help="How many photos."),
            seed: int = typer.Option(0, help="Same seed, same photos."),
            out: Path = typer.Option(..., "-o", "--out", help="Folder for NNN.png + NNN.txt (caption)."),
-           force: bool = typer.Option(False, "--force", help="Write into a folder that already holds photos.")) -> None:
+           force: bool = typer.Option(False, "--force", help="Replace the photos a folder already holds.")) -> None:
     """Write photos of one object (a 'personal concept') with sidecar captions that describe it
     as a captioning model would (shape, colours, pattern, background; never the tilt)."""
     from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
@@ -53,6 +53,9 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
     except OSError as exc:
         raise BadInput(f"Cannot make the folder {out}: {exc.strerror or exc}.",
                        "Give -o a folder you can write to.") from None
+    for old in out.glob("*.png"):   # --force: this run's photos replace the folder's, all of them
+        old.unlink()
+        old.with_suffix(".txt").unlink(missing_ok=True)
     for i, (image, text) in enumerate(photos):
         image.save(out / f"{i:03d}.png")
         (out / f"{i:03d}.txt").write_text(text + "\n")
@@ -76,7 +79,8 @@ def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the t
 
     # A folder stands for its images (what `toyworld render -o` and `generate -o` write).
     images = [p for path in images
-              for p in (sorted(q for q in path.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+              for p in (sorted(q for q in path.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES
+                               and not q.stem.endswith("contact-sheet"))   # generate -o's sheets
                         if path.is_dir() else [path])]
     if not images:
         raise NotFound("No images in the folders given.", "Pass PNG or JPEG files, or folders that hold them.")

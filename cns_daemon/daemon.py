@@ -67,7 +67,9 @@ def prepare_runtime(paths: Paths) -> None:
                        f"(over {SUN_PATH_MAX} bytes).", "Use a shorter CONES_HOME or runtime_dir.")
 
 
-DATA_LOCK = "cones.lock"   # in the data folder, beside the store: held while the store is open
+# In the data folder, beside the store: held while the store is open. Its own name, so a
+# runtime folder that is the data folder does not make the service lock itself out.
+DATA_LOCK = "store.lock"
 
 
 class InstanceLock:

@@ -98,7 +98,7 @@ def check_negative_prompt(negative_prompt: str | None, tokenizer) -> None:
     """A concept in the negative branch would need its weights, mask or residual applied to the
     unconditional pass alone; rather than pass "<rex>" through as text, say so. Nor is a
     negative prompt cut short without a word."""
-    if negative_prompt and referenced_names(negative_prompt):
+    if negative_prompt and referenced_names(negative_prompt, "negative prompt"):
         raise BadInput("Concept names (<name>) cannot be used in the negative prompt.",
                        "Describe what to avoid in plain words, or leave the concept out.")
     if negative_prompt:

@@ -97,11 +97,12 @@ def input_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.name not in NOTE_FILES)
 
 
-def inputs_signature(folder: Path) -> str:
+def inputs_signature(folder: Path, *, named: bool = True) -> str:
     """The folder's name (it can say the concept's name and class, and ERROR.txt may say to
     rename it), then name, size and mtime of every input file: changes whenever the folder is
-    renamed or a photo, caption or concept.toml is added, removed, replaced or touched."""
-    digest = hashlib.sha256(f"{folder.name}\0\0\n".encode())
+    renamed or a photo, caption or concept.toml is added, removed, replaced or touched.
+    `named` False: the form notes written before the name counted (read, never written)."""
+    digest = hashlib.sha256(f"{folder.name}\0\0\n".encode() if named else b"")
     for p in input_files(folder):
         try:
             st = p.stat()
@@ -267,7 +268,8 @@ class Inbox:
             if now - last < self.settle:
                 continue
             noted = noted_signature(folder)
-            if noted is not None and noted == inputs_signature(folder):
+            if noted is not None and noted in (inputs_signature(folder),
+                                               inputs_signature(folder, named=False)):
                 continue   # already told the person; wait for them to change something
             self.take(folder)
 

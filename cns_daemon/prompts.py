@@ -25,9 +25,10 @@ from store.records import ConceptMeta
 # Anything in angle brackets without spaces is meant as a reference; the name check then says
 # precisely what is wrong with a malformed one instead of silently passing "<my dog>" through.
 REFERENCE_RE = re.compile(r"<([^<>\s]+)>")
-# Angle brackets around words with spaces ("<my dog>", "< rex >") read as a reference too: a
-# concept's name has no spaces, so they are refused rather than drawn as plain words.
-SPACED_REFERENCE_RE = re.compile(r"<([^<>]*\s[^<>]*)>")
+# One or two name-like words in angle brackets with spaces ("<my dog>", "< rex >") read as a
+# reference too: a concept's name has no spaces, so they are refused rather than drawn as plain
+# words. Other uses of < and > (a heart <3, an emoticon >_<, "x < y and y > z") pass.
+SPACED_REFERENCE_RE = re.compile(r"<(\s*[A-Za-z_][\w-]*(?:\s+[A-Za-z_][\w-]*)?\s*)>")
 BOX_FORM = "NAME=x0,y0,x1,y1 with numbers in [0,1], x0 < x1 and y0 < y1 (for example rex=0,0.2,0.5,1)"
 
 
@@ -58,11 +59,11 @@ class ExpandedPrompt:
         return sorted({s.anchor for s in self.spans if s.name == name})
 
 
-def referenced_names(prompt: str) -> list[str]:
+def referenced_names(prompt: str, what: str = "prompt") -> list[str]:
     """The validated `<name>` references of a prompt, first occurrence order, no repeats."""
-    spaced = SPACED_REFERENCE_RE.search(prompt)
+    spaced = next((m for m in SPACED_REFERENCE_RE.finditer(prompt) if re.search(r"\s", m.group(1))), None)
     if spaced:
-        raise BadInput(f"{spaced.group(0)!r} in the prompt looks like a concept, but a concept's "
+        raise BadInput(f"{spaced.group(0)!r} in the {what} looks like a concept, but a concept's "
                        "name has no spaces.", "Write it as <name>, e.g. <rex> or <my_mug>; "
                        "`cones list` shows the names.")
     return list(dict.fromkeys(validate_name(m.group(1)) for m in REFERENCE_RE.finditer(prompt)))

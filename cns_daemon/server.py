@@ -246,8 +246,12 @@ class App:
             while True:
                 try:
                     info = await self._next_event(queue, timeout=10.0)
-                    if info is None:   # the service is stopping: say so and end the stream
-                        yield _line(ProgressInfo(job=job_id, state="running", message=STREAM_STOPPING))
+                    if info is None:   # the service is stopping: the job's state, then the end
+                        job = await asyncio.to_thread(self.service.job, job_id)
+                        if job.state in FINAL_STATES:
+                            yield _line(ProgressInfo(job=job_id, state=job.state, error=job.error))
+                        else:
+                            yield _line(ProgressInfo(job=job_id, state=job.state, message=STREAM_STOPPING))
                         return
                 except asyncio.TimeoutError:
                     # Heartbeat: the same state again, so a follower sees the job is alive;
@@ -264,9 +268,13 @@ class App:
             hub.unsubscribe(job_id, queue)
 
     async def _next_event(self, queue: asyncio.Queue, timeout: float) -> ProgressInfo | None:
-        """The next event of a followed job; None once the service is stopping."""
+        """The next event of a followed job; None once the service is stopping and no event is
+        waiting (one already queued, e.g. the job's final state, is still told)."""
         if self.stopping.is_set():
-            return None
+            try:
+                return queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return None
         got = asyncio.ensure_future(queue.get())
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
@@ -277,7 +285,7 @@ class App:
         if got in done:
             return got.result()
         if stop in done:
-            return None
+            return await self._next_event(queue, timeout)   # drains what came meanwhile
         raise asyncio.TimeoutError
 
     async def openapi(self, req: Request, params: dict) -> Response:

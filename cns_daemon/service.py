@@ -82,8 +82,12 @@ class Service:
         return self.worker.submit("generate", req)
 
     def evaluate(self, req: EvalRequest) -> JobRecord:
+        from cns_daemon.evaluate import default_prompts, fill
+
         for name in req.names:
             self.engine.concept(name)   # NotFound now rather than from the queue
+        for template in req.prompts or default_prompts():   # a bad prompt now, not mid-run
+            self.engine.check_generate(GenerateRequest(prompt=fill(template, req.names)))
         return self.worker.submit("eval", req)
 
     def remove(self, name: str) -> JobRecord:

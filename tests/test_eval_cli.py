@@ -66,3 +66,7 @@ def test_eval_errors_are_typed(cones, tmp_path):
     assert code == EXIT_CODES[ErrorCode.NOT_FOUND], out + err
     code, out, err = cones("eval", "rex", "--prompts", str(tmp_path / "none.txt"))
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "none.txt" in err
+    wordy = tmp_path / "wordy.txt"   # refused when sent, before CLIP loads or any image is made
+    wordy.write_text("a photo of {} " + "on a very long sunny beach " * 16 + "\n")
+    code, out, err = cones("eval", "rex", "--prompts", str(wordy), "--clip-weights", str(missing))
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "tokens long" in err, out + err

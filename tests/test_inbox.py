@@ -176,6 +176,21 @@ def test_failed_folder_is_retried_only_when_its_inputs_change(daemon):
         wait_until(lambda: "renamed" in {x.name for x in c.concepts()}, timeout=20, what="renamed taken")
 
 
+def test_a_note_from_before_the_name_counted_still_holds(daemon):
+    """Notes written before the folder's name was part of the inputs signature still keep their
+    folder waiting: a folder its owner cancelled is not learned after an upgrade."""
+    from cns_daemon.inbox import CANCELLED_FILE, inputs_signature, write_note
+
+    home, start = daemon
+    folder = home / "inbox" / "kept.dog"
+    write_photos(folder, 2)
+    write_note(folder, CANCELLED_FILE, ["You cancelled it."], inputs_signature(folder, named=False))
+    d = start()
+    with Client(d.socket) as c:
+        time.sleep(10 * 0.3)   # ten settle periods
+        assert not _learn_jobs(c, "kept") and (folder / CANCELLED_FILE).exists()
+
+
 def test_cancelled_inbox_folder_is_not_taken_again(daemon):
     home, start = daemon
     d = start()

@@ -286,6 +286,19 @@ def test_salvage_refuses_while_the_service_runs(home, monkeypatch):
     assert code == 0, out + err
 
 
+def test_the_data_lock_and_the_runtime_lock_can_share_a_folder(tmp_path):
+    """runtime_dir may be the data folder: the service's two locks are two files there."""
+    from cns_daemon.daemon import DATA_LOCK, InstanceLock
+
+    runtime, data = InstanceLock(tmp_path / "cones.lock"), InstanceLock(tmp_path / DATA_LOCK)
+    runtime.acquire(tmp_path / "cones.sock")
+    try:
+        data.acquire(None)
+        data.release()
+    finally:
+        runtime.release()
+
+
 def test_salvage_of_a_healthy_store_moves_nothing(home, monkeypatch):
     h, started = home
     cones = cli_in_process(h, monkeypatch)

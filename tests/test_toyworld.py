@@ -231,11 +231,12 @@ def test_cli_render_writes_photos_and_captions(tmp_path):
     # a folder that holds photos is not mixed into without --force; a file is no folder
     more = ["toyworld", "render", "--shape", "square", "--color", "pink", "-n", "2", "-o", str(out)]
     result = CliRunner().invoke(app, more)
-    assert result.exit_code == 2 and "already holds photos" in result.stderr.replace("\n", ""), result.output
+    assert result.exit_code == 2 and "already holds photos" in " ".join(result.stderr.split()), result.output
     assert Image.open(pngs[0]).convert("RGB").tobytes() == expected[0][0].tobytes()   # untouched
     assert CliRunner().invoke(app, [*more, "--force"]).exit_code == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["000.png", "001.png"]   # one set, not two
     result = CliRunner().invoke(app, [*more[:-1], str(pngs[0])])
-    assert result.exit_code == 2 and "is a file" in result.stderr.replace("\n", ""), result.output
+    assert result.exit_code == 2 and "is a file" in " ".join(result.stderr.split()), result.output
 
 
 def test_cli_render_rejects_bad_attributes(tmp_path):

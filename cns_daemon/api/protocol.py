@@ -43,8 +43,8 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 PROTOCOL_VERSION = "4"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 # The message of the last line of a job's event stream when the service stops before the job ends.
-STREAM_STOPPING = ("The service is stopping; the job stays in its queue and runs (again) when the "
-                   "service is back.")
+STREAM_STOPPING = ("The service is stopping before the job finished; the job stays in its queue "
+                   "and runs when the service is back.")
 API_PREFIX = "/v1"
 NDJSON = "application/x-ndjson"
 
