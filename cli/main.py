@@ -24,7 +24,8 @@ from cns_daemon.api.errors import EXIT_CODES, BadInput, Conflict
 from cns_daemon.api.names import validate_name
 from cns_daemon.archive import sidecar_caption
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
-                                     AddRequest, EvalRequest, GenerateRequest, JobInfo, Photo)
+                                     MAX_PHOTOS, TOO_MANY_HINT, AddRequest, EvalRequest,
+                                     GenerateRequest, JobInfo, Photo, too_many_photos)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 QUEUED_GRACE_S = 1.0   # how long a job may sit queued before the CLI says what it waits for
@@ -136,6 +137,8 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         as_json: bool = JSON) -> None:
     """Learn a concept from photos (a photo.txt beside photo.jpg is its caption, as in the inbox)."""
     validate_name(name)   # the friendly words, before the photos are read
+    if len(photos) > MAX_PHOTOS:
+        raise BadInput(too_many_photos(name, len(photos)), TOO_MANY_HINT)
     items = []
     for p in photos:
         if p.is_dir():

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from cns_daemon.api.errors import NotFound
+from cns_daemon.api.errors import BadInput, NotFound
 from cns_daemon.api.protocol import SkippedFile
 
 MIN_SIDE = 32  # the smallest photo the methods train on (methods.data.MIN_SIDE; errors.BadPhoto says so)
@@ -43,10 +43,18 @@ def sidecar_caption(path: Path) -> str | None:
     """The text of `photo.txt` beside `photo.png`, if present and not empty, its whitespace
     collapsed (the inbox, `cones add` and the methods read captions the same way)."""
     txt = Path(path).with_suffix(".txt")
-    if txt.is_file():
-        text = txt.read_text(encoding="utf-8", errors="replace").strip()
-        return " ".join(text.split()) or None
-    return None
+    if not txt.is_file():
+        return None
+    raw = txt.read_bytes()
+    # UTF-16 with its byte-order mark is what Windows Notepad saves as "Unicode"; UTF-8 (with or
+    # without a mark) is everyone else's. Anything else is refused rather than garbled.
+    encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        text = raw.decode(encoding).strip()
+    except UnicodeDecodeError:
+        raise BadInput(f"The caption {txt.name} is not UTF-8 text.",
+                       "Save it as UTF-8 (or UTF-16 with a byte-order mark), or remove it.") from None
+    return " ".join(text.split()) or None
 
 
 def check_photo(filename: str, data: bytes, caption: str | None = None) -> CheckedPhoto | SkippedFile:

@@ -18,10 +18,11 @@ from cns_daemon import jobkinds
 from cns_daemon.archive import Archive, CheckedPhoto, check_photos
 from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, NotFound
 from cns_daemon.methods.base import CancelToken, ProgressEvent
-from cns_daemon.api.protocol import (MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION, AddRequest, ConceptInfo,
-                                     EvalRequest, GenerateRequest, ImportJob, JobInfo, JobResult,
-                                     LearnJob, QueueInfo, RemoveJob, SkippedFile, StatusInfo,
-                                     learn_steps)
+from cns_daemon.api.protocol import (MAX_PHOTOS, MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION,
+                                     TOO_MANY_HINT, AddRequest, ConceptInfo, EvalRequest,
+                                     GenerateRequest, ImportJob, JobInfo, JobResult, LearnJob,
+                                     QueueInfo, RemoveJob, SkippedFile, StatusInfo, learn_steps,
+                                     too_many_photos)
 from cns_daemon.api.settings import Settings
 from cns_daemon.worker import Worker, get_job_or_404
 from store.records import JobRecord
@@ -56,6 +57,8 @@ class Service:
         too few distinct usable photos, the method's options and steps. The request's method and
         steps, where it leaves them out, are the settings' (config.toml, CONES_* environment)."""
         method = method or self.settings.method
+        if len(photos) > MAX_PHOTOS:   # what `cones add` is held to, the inbox too
+            raise BadInput(too_many_photos(name, len(photos)), TOO_MANY_HINT)
         if "steps" in (options or {}):   # one way to set it, checked in one place
             raise BadInput("`steps` is not a method option.",
                            "Give it with --steps N (in an inbox folder: steps = N in concept.toml).")
@@ -65,7 +68,8 @@ class Service:
             head = (f"No usable photo for {name!r}" if not photos else
                     f"Only {len(photos)} usable photo for {name!r}")
             raise BadPhoto(f"{head}; learning needs at least {MIN_PHOTOS} different photos ({why}).",
-                           "Give 3-5 different photos of it (PNG/JPEG/WebP, at least 32x32 pixels).")
+                           "Give 3-5 different photos of it (PNG, JPEG, WebP, BMP, GIF or TIFF, "
+                           "at least 32x32 pixels).")
         self._check_name_free(name)
         self.engine.check_learn(method, steps, options or {})
         digests = [self.archive.put(p) for p in photos]

@@ -98,8 +98,10 @@ def test_inbox_errors_then_retry_after_fix(daemon):
     junk = inbox / "junk.cat"
     junk.mkdir()
     (junk / "a.png").write_bytes(b"")            # only a 0-byte file
+    write_photos(inbox / "crowd.dog", 65)        # over the 64 that `cones add` is held to
     for name, needle in (("nameless", "No class word"), ("empty.dog", "No usable photo"),
-                         ("bad name.dog", "Invalid concept name"), ("junk.cat", "0 bytes")):
+                         ("bad name.dog", "Invalid concept name"), ("junk.cat", "0 bytes"),
+                         ("crowd.dog", "at most 64 are taken")):
         error = inbox / name / ERROR_FILE
         wait_until(error.exists, timeout=20, what=f"ERROR.txt in {name}")
         text = error.read_text()

@@ -75,7 +75,8 @@ class Conflict(ConesError):
 
 class BadPhoto(ConesError):
     code = ErrorCode.BAD_PHOTO
-    default_hint = "Use PNG/JPEG/WebP photos of at least 32x32 pixels that open in an image viewer."
+    default_hint = ("Use PNG, JPEG, WebP, BMP, GIF or TIFF photos of at least 32x32 pixels that open in "
+                    "an image viewer.")
 
 
 class ModelMismatch(ConesError):

@@ -61,6 +61,13 @@ MAX_JOBS_LISTED = 1000
 MAX_SEED = 2**32 - 1
 # Every method needs at least this many distinct usable photos (3-5 are recommended).
 MIN_PHOTOS = 2
+TOO_MANY_HINT = ("Keep the 3-5 best (different angles and light); more photos do not make a "
+                 "better concept.")
+
+
+def too_many_photos(name: str, n: int) -> str:
+    """The words for a concept given more than MAX_PHOTOS photos (cones add and the inbox)."""
+    return f"{n} photos for {name!r}; at most {MAX_PHOTOS} are taken."
 MAX_LEARN_STEPS = 100_000
 
 CLASS_PATTERN = r"^[A-Za-z][A-Za-z -]{0,63}$"
