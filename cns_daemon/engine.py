@@ -242,18 +242,16 @@ class Engine:
     def evaluate(self, req: EvalRequest, progress: ProgressFn, cancel: CancelToken) -> JobResult:
         """CLIP-I / CLIP-T of the named concepts (evaluate.py), generated with the same routine
         as a generate job; each concept's scores are stored in its metadata under `eval_*`."""
-        from PIL import Image
-
         from cns_daemon.evaluate import default_prompts, evaluate, load_scorer
         from cns_daemon.generate import generate
         from cns_daemon.methods.base import ProgressReporter
+        from cns_daemon.methods.data import load_photo   # upright, 8-bit: as the methods saw them
 
         records = {n: self._get(n) for n in req.names}
         scorer = load_scorer(req.clip, req.clip_weights)   # ModelLoad / Unavailable, typed
         photos = {}
         for name, record in records.items():
-            photos[name] = [Image.open(self.archive.path(d)).convert("RGB")
-                            for d in record.meta.photo_digests]
+            photos[name] = [load_photo(self.archive.path(d)) for d in record.meta.photo_digests]
             if not photos[name]:
                 raise NotFound(f"Concept {name!r} has no archived photos to compare with.",
                                "Learn it again from its photos (imported concepts carry none).")

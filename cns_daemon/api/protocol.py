@@ -63,11 +63,6 @@ MAX_SEED = 2**32 - 1
 MIN_PHOTOS = 2
 TOO_MANY_HINT = ("Keep the 3-5 best (different angles and light); more photos do not make a "
                  "better concept.")
-
-
-def too_many_photos(name: str, n: int) -> str:
-    """The words for a concept given more than MAX_PHOTOS photos (cones add and the inbox)."""
-    return f"{n} photos for {name!r}; at most {MAX_PHOTOS} are taken."
 MAX_LEARN_STEPS = 100_000
 
 CLASS_PATTERN = r"^[A-Za-z][A-Za-z -]{0,63}$"
@@ -89,6 +84,11 @@ def learn_steps(value, where: str = "steps") -> int | None:
                               or not 1 <= value <= MAX_LEARN_STEPS):
         raise BadInput(f"{where} must be a whole number from 1 to {MAX_LEARN_STEPS}, not {value!r}.")
     return value
+
+
+def too_many_photos(name: str, n: int) -> str:
+    """The words for a concept given more than MAX_PHOTOS photos (cones add and the inbox)."""
+    return f"{n} photos for {name!r}; at most {MAX_PHOTOS} are taken."
 
 
 class Model(BaseModel):
