@@ -19,7 +19,8 @@ import typer
 from cli.client import Client
 from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
-                       eval_table, follow, handled, jobs_table, print_json, status_table)
+                       eval_table, follow, handled, jobs_table, output_folder, print_json,
+                       status_table)
 from cns_daemon.api.errors import EXIT_CODES, BadInput, Conflict
 from cns_daemon.api.names import validate_name
 from cns_daemon.archive import sidecar_caption
@@ -217,7 +218,7 @@ def export(name: str,
         raise Conflict(f"{target} already exists.", "Give -o another path, or add --force to overwrite it.")
     with client() as c:
         data = c.export(name)
-    _folder(target.parent)   # a new folder only once there is something to put in it
+    output_folder(target.parent)   # a new folder only once there is something to put in it
     _write(target, data)
     console.print(f"Wrote <{name}> to {target} ({len(data):,} bytes).", highlight=False)
 
@@ -255,7 +256,7 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
     req = _model(GenerateRequest, prompt=prompt, n=n, seed=seed, steps=steps, boxes=box,
                  negative_prompt=negative, guidance_scale=guidance_scale, width=width, height=height)
     if out is not None:
-        _folder(out)   # before the job: a bad -o must not cost a generation
+        output_folder(out, "images")   # before the job: a bad -o must not cost a generation
     with client() as c:
         job = wait_for(c, c.generate(req), quiet=as_json, tell_wait=not as_json)
     result = job.result
@@ -328,17 +329,6 @@ def _write(path: Path, data: bytes) -> None:
         path.write_bytes(data)
     except OSError as exc:
         raise BadInput(f"Cannot write {path}: {exc.strerror or exc}.", "Give -o a writable file path.") from None
-
-
-def _folder(path: Path) -> None:
-    """An output folder, made if missing; a file in the way is a typed error."""
-    if path.exists() and not path.is_dir():
-        raise BadInput(f"{path} is a file, not a folder.", "Give -o a folder for the images.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"Cannot make the folder {path}: {exc.strerror or exc}.",
-                       "Give -o a folder you can write to.") from None
 
 
 def _prompt_lines(path: Path) -> list[str]:

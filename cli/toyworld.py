@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.views import handled
+from cli.views import handled, output_folder
 from cns_daemon.api.errors import BadInput, NotFound
 
 toyworld_app = typer.Typer(help="The toy world: render synthetic photos, read them with the probe.",
@@ -42,17 +42,11 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
         photos = render_concept_photos(obj, n, seed, background=background)
     except ValueError as exc:
         raise BadInput(f"{exc}.", "See `cones toyworld render --help` for the choices.") from None
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"{out} is a file, not a folder.", "Give -o a folder for the photos.")
     if out.is_dir() and any(out.glob("*.png")) and not force:
         # The folder is what `cones add` or the inbox learns from: photos of another object (or
         # of the same one, partly replaced) would make one mixed training set.
         raise BadInput(f"{out} already holds photos.", "Give -o a new folder, or add --force to write into it.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInput(f"Cannot make the folder {out}: {exc.strerror or exc}.",
-                       "Give -o a folder you can write to.") from None
+    output_folder(out, "photos")
     for old in out.glob("*.png"):   # --force: this run's photos replace the folder's, all of them
         old.unlink()
         old.with_suffix(".txt").unlink(missing_ok=True)

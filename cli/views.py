@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from pathlib import Path
 from typing import Iterable
 
 import typer
@@ -14,7 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cns_daemon.api.errors import ConesError, from_code
+from cns_daemon.api.errors import BadInput, ConesError, from_code
 from cns_daemon.api.protocol import (FINAL_STATES, STREAM_STOPPING, ConceptInfo, ErrorBody, JobInfo,
                                      ProgressInfo, StatusInfo)
 
@@ -37,6 +38,18 @@ def print_error(exc: ConesError) -> None:
     err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
     if exc.hint:
         err_console.print(f"[dim]{escape(exc.hint)}[/]", highlight=False)
+
+
+def output_folder(path: Path, what: str = "files") -> None:
+    """A folder for -o, made if missing; a file in the way or a place it cannot be made is a
+    typed error (one line and exit 2, not a traceback)."""
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"{path} is a file, not a folder.", f"Give -o a folder for the {what}.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"Cannot make the folder {path}: {exc.strerror or exc}.",
+                       "Give -o a folder you can write to.") from None
 
 
 def handled(fn):
