@@ -51,12 +51,14 @@ def make_concepts(n: int, photos: int, seed: int, folder: Path, captions: str = 
                          TILTS[int(rng.integers(len(TILTS)))])
         name = f"c{i + 1}"
         paths, caps = [], []
-        for k, (img, cap) in enumerate(render_concept_photos(obj, photos, seed * 100 + i)):
+        rendered = render_concept_photos(obj, photos, seed * 100 + i)
+        # the same photos, captioned by where they were taken only ("a photo of a star in the snow")
+        wheres = render_concept_photos(obj, photos, seed * 100 + i, look="none", with_color=False)
+        for k, ((img, cap), (_, where)) in enumerate(zip(rendered, wheres)):
             path = folder / f"{name}-{k}.png"
             img.save(path)
             if captions == "background":
-                phrase = next(v for v in BACKGROUND_PHRASE.values() if cap.endswith(v))
-                path.with_suffix(".txt").write_text(f"a photo of a {shape} {phrase}\n")
+                path.with_suffix(".txt").write_text(where + "\n")
             paths.append(path)
             caps.append(cap)
         out.append(Concept(name, obj, tuple(paths), tuple(caps)))

@@ -105,14 +105,14 @@ def photos_of(concept: DemoConcept, n: int, seed: int) -> list[tuple[str, bytes,
     nothing of the look, as a person would write it ("a photo of a star in the snow"): a concept
     learned from such captions keeps its photos' grounds out of its pictures (docs/tuning.md
     "Photos with captions")."""
-    from cns_daemon.toyworld.world import BACKGROUND_PHRASE, render_concept_photos
+    from cns_daemon.toyworld.world import render_concept_photos
 
     out = []
-    for i, (image, caption) in enumerate(render_concept_photos(concept.spec(), n, seed)):
+    photos = render_concept_photos(concept.spec(), n, seed, look="none", with_color=False)
+    for i, (image, caption) in enumerate(photos):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        where = next(v for v in BACKGROUND_PHRASE.values() if caption.endswith(v))
-        out.append((f"{concept.name}-{i}.png", buf.getvalue(), f"a photo of a {concept.shape} {where}"))
+        out.append((f"{concept.name}-{i}.png", buf.getvalue(), caption))
     return out
 
 

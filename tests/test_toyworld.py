@@ -209,6 +209,10 @@ def test_concept_photos_keep_identity_and_vary():
     assert [im.tobytes() for im, _ in photos] == [im.tobytes() for im, _ in again]
     fixed = render_concept_photos(STAR, 3, seed=3, background="sky", look="none")
     assert all(text == "a photo of a red star in the sky" for _, text in fixed)
+    # where each was taken and nothing of the look, as a person captions; the same pictures
+    wheres = render_concept_photos(STAR, 5, seed=3, look="none", with_color=False)
+    assert [im.tobytes() for im, _ in wheres] == [im.tobytes() for im, _ in photos]
+    assert [w for _, w in wheres] == [t.replace("red star with yellow stripes", "star") for _, t in photos]
 
 
 def test_cli_render_writes_photos_and_captions(tmp_path):

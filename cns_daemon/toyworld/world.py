@@ -337,17 +337,19 @@ def caption(scene: SceneSpec, *, template: int = 0, with_color: bool = True,
 
 
 def render_concept_photos(obj: ObjectSpec, n: int, seed: int, background: str | None = None,
-                          look: str = "full") -> list[tuple[Image.Image, str]]:
+                          look: str = "full", with_color: bool = True) -> list[tuple[Image.Image, str]]:
     """`n` photos of one object (a personal concept) with their captions. With `background`
     None the backgrounds vary across photos, as a person's photos of their mug would. The
     captions describe what is seen, as a captioning model would ("a photo of a red star with
-    yellow stripes on the grass"; `look` as in `caption`): the tilt stays unsaid."""
+    yellow stripes on the grass"; `look` and `with_color` as in `caption`: with "none" and False
+    only where it was taken, "a photo of a star on the grass", as a person would write it): the
+    tilt stays unsaid. The images do not depend on the caption's arguments."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         bg = background or BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         scene = SceneSpec((obj,), bg)
-        out.append((render(scene, seed * 1000 + i), caption(scene, look=look)))
+        out.append((render(scene, seed * 1000 + i), caption(scene, look=look, with_color=with_color)))
     return out
 
 
