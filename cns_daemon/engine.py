@@ -191,8 +191,9 @@ class Engine:
         # Every stored concept, whatever its method: the methods pick a token no concept uses
         # and filter by method themselves for overlap / regularisation.
         previous = [self.store.get(m.name) for m in self.store.list()]
+        names = job.photo_names if len(job.photo_names) == len(photos) else None
         spec = LearnSpec(name=job.name, class_word=job.class_word, steps=job.steps, seed=job.seed,
-                         options=dict(job.options),
+                         options=dict(job.options), photo_names=names,
                          cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16],
                          memory=self.memory)   # the methods apply it around their loops only
         record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)

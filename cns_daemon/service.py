@@ -75,6 +75,7 @@ class Service:
         digests = [self.archive.put(p) for p in photos]
         job = LearnJob(name=name, class_word=class_word, method=method,
                        steps=steps, seed=seed, options=options or {}, photo_digests=digests,
+                       photo_names=[p.filename for p in photos],
                        skipped=skipped,
                        source=source, inbox_folder=inbox_folder)
         return self.worker.submit("learn", job)

@@ -82,6 +82,21 @@ def test_learn_reports_how_few_concept_neurons_remain(fresh_tiny_pipe, tmp_path)
     get_method("cns").unlearn(fresh_tiny_pipe, "few")
 
 
+def test_the_note_names_a_photo_trained_whole(fresh_tiny_pipe, tmp_path):
+    """The service trains on archived copies: the note names the photo as the person gave it."""
+    from PIL import Image
+
+    paths = photos(tmp_path / "p", n=2)
+    busy = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(busy).save(tmp_path / "p" / "busy.png")   # no object told from its border
+    paths.insert(1, tmp_path / "p" / "busy.png")
+    spec = LearnSpec("named", "star", steps=1, options=FAST, cache_dir=tmp_path / "c",
+                     photo_names=["IMG_1.jpg", "IMG_2.jpg", "IMG_3.jpg"])
+    rec = get_method("cns").learn(fresh_tiny_pipe, paths, spec, None, None)
+    assert "in photo 2 (IMG_2.jpg) of 3" in rec.meta.metrics["note"]
+    get_method("cns").unlearn(fresh_tiny_pipe, "named")
+
+
 # -- learning ---------------------------------------------------------------------------------
 
 def test_learn_changes_only_selected_neurons_and_token_row(fresh_tiny_pipe, tmp_path, monkeypatch):

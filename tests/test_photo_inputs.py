@@ -1,6 +1,9 @@
 """Photos as phones and editors write them: 16-bit greyscale PNGs and EXIF-rotated JPEGs load as
-they look, and caption sidecars in UTF-16 are read while other non-UTF-8 text is refused."""
+they look, caption sidecars in UTF-16 are read while other non-UTF-8 text is refused, and a
+picture given twice (a phone's original and a resized or re-saved copy) counts once."""
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
@@ -9,6 +12,9 @@ from PIL import Image
 from cns_daemon.api.errors import BadInput
 from cns_daemon.archive import sidecar_caption
 from cns_daemon.methods.data import load_photo
+from cns_daemon.toyworld.world import ObjectSpec
+
+STAR = ObjectSpec("star", "red", "stripes", "yellow", "diagonal")
 
 
 def test_a_16_bit_greyscale_png_keeps_its_tones(tmp_path):
@@ -45,3 +51,44 @@ def test_caption_encodings(tmp_path):
     (tmp_path / "a.txt").write_bytes("a dog at the café".encode("latin-1"))
     with pytest.raises(BadInput, match="a.txt is not UTF-8"):
         sidecar_caption(photo)
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_the_same_picture_saved_again_or_resized_counts_once():
+    from cns_daemon.archive import check_photos
+    from cns_daemon.toyworld.world import render_concept_photos
+
+    a, b = (im.resize((384, 384), Image.Resampling.BICUBIC)
+            for im, _ in render_concept_photos(STAR, 2, seed=1, background="grass"))
+    phone = _encoded(a, "PNG")
+    sent = _encoded(a.resize((200, 200), Image.Resampling.BICUBIC), "JPEG", quality=70)
+    turned = a.rotate(90, expand=True)        # stored on its side, with the tag that turns it back
+    exif = turned.getexif()
+    exif[0x0112] = 6
+    good, skipped = check_photos([("IMG_1.png", phone, None), ("chat.jpg", sent, "a caption"),
+                                  ("IMG_1-side.jpg", _encoded(turned, "JPEG", exif=exif), None),
+                                  ("IMG_2.png", _encoded(b, "PNG"), None)])
+    assert [p.filename for p in good] == ["IMG_1.png", "IMG_2.png"]
+    assert [(s.file, s.reason) for s in skipped] == [
+        ("chat.jpg", "the same picture as IMG_1.png (saved again or resized)"),
+        ("IMG_1-side.jpg", "the same picture as IMG_1.png (saved again or resized)")]
+
+
+def test_different_pictures_are_kept_even_when_alike():
+    from cns_daemon.archive import check_photos
+    from cns_daemon.toyworld.world import render_concept_photos
+
+    # one object's photos on one ground: as alike as a concept's photos come
+    photos = [_encoded(im, "PNG") for im, _ in render_concept_photos(STAR, 5, seed=2, background="sky")]
+    grey = []
+    for level in (30000, 33000):   # 16-bit greyscale, which PIL would clip to white
+        values = np.full((64, 64), level, dtype=np.uint16)
+        values[:, 32:] = 60000
+        grey.append(_encoded(Image.fromarray(values), "PNG"))
+    good, skipped = check_photos([(f"{i}.png", d, None) for i, d in enumerate(photos + grey)])
+    assert len(good) == 7 and skipped == []

@@ -63,7 +63,7 @@ def test_add_prints_the_learn_results_note(cones, tmp_path):
     photos = write_photos(tmp_path / "n", 3)
     code, out = cones("add", "noted1", *map(str, photos), "--class", "noted", "--steps", "2")
     assert code == 0, out
-    assert "Learned <noted1>" in out and "Note: photo 2 of 3 was trained whole" in out
+    assert "Learned <noted1>" in out and f"Note: photo 2 of 3 ({photos[1].name}) was trained whole" in out
 
 
 def test_status_json_has_paths_model_and_queue(cones, daemon):

@@ -141,6 +141,9 @@ class LearnJob(Model):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32)
     photo_digests: list[str] = Field(min_length=1)
+    # The file names the photos came with, one per digest, for notes that point at a photo (a
+    # job written by an older version has none).
+    photo_names: list[str] = Field(default_factory=list)
     skipped: list[SkippedFile] = Field(default_factory=list)
     source: Literal["cli", "inbox"] = "cli"
     inbox_folder: str | None = None   # the inbox folder to remove on success

@@ -29,6 +29,9 @@ class LearnSpec:
     steps: int | None = None          # None: the method's default
     seed: int = 0
     captions: list[str] | None = None  # one per photo; None: sidecar .txt or templates
+    # The names the person gave the photos, one per photo, for notes that point at one (the
+    # service trains on archived copies, whose names mean nothing to them). None: numbered.
+    photo_names: list[str] | None = None
     options: dict = field(default_factory=dict)  # method-specific hyper-parameters
     # Where prior-preservation class images are cached (one sub-folder per class word). It must
     # belong to one base model (the daemon keeps it beside the store). None: no cache.

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cns_daemon.api.errors import BadInput, BadPhoto
-from cns_daemon.archive import sidecar_caption
+from cns_daemon.archive import sidecar_caption, to_rgb
 
 MIN_SIDE = 32
 
@@ -31,17 +31,6 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, 8 bits a channel. 16-bit greyscale (PNG, TIFF) opens as an integer mode whose
-    values PIL's convert() clips at 255 (a white photo): scaled down instead."""
-    if img.mode.startswith("I"):
-        values = np.asarray(img).astype(np.float64)
-        if values.max() > 255:
-            values = values / 257.0
-        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-    return img.convert("RGB")
-
-
 def load_photo(path: Path) -> Image.Image:
     """Open one photo fully (so truncation is caught now, not mid-training) as RGB."""
     path = Path(path)
@@ -52,7 +41,7 @@ def load_photo(path: Path) -> Image.Image:
             probe.verify()  # structural check; the image must be reopened afterwards
         with Image.open(path) as img:
             img.load()      # decodes every byte: a truncated file fails here
-            rgb = _to_rgb(ImageOps.exif_transpose(img))   # a phone's "rotate" tag, honoured
+            rgb = to_rgb(ImageOps.exif_transpose(img))   # a phone's "rotate" tag, honoured
     except UnidentifiedImageError:
         raise BadPhoto(f"{path.name} is not an image.") from None
     except (OSError, SyntaxError, ValueError) as exc:

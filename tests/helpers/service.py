@@ -111,7 +111,8 @@ class FakeEngine(Engine):
         self.store.put(ConceptRecord(meta=ConceptMeta(
             name=job.name, method=job.method, class_word=job.class_word, token="sks",
             photo_digests=list(job.photo_digests), fingerprint=self.info.fingerprint,
-            metrics={"note": "photo 2 of 3 was trained whole"} if job.class_word == self.NOTED_CLASS else {})))
+            metrics={"note": f"photo 2 of 3 ({job.photo_names[1]}) was trained whole"}
+            if job.class_word == self.NOTED_CLASS else {})))
         if job.method == "cns":
             self.live.append(job.name)
         return JobResult(concept=job.name)

@@ -211,11 +211,11 @@ def background_teacher(prep: C.Prepared, hp: CNSParams) -> tuple[torch.Tensor, l
             [without_token(c, prep.token) for c in prep.photos.captions])
 
 
-def mask_note(prep: C.Prepared, hp: CNSParams) -> str | None:
-    """What the learn result says when some photos were trained whole. Photos are numbered in
-    the order given (the service passes archived copies, whose file names mean nothing to the
-    person)."""
-    missed = [str(i + 1) for i, ok in enumerate(prep.found.tolist()) if not ok]
+def mask_note(prep: C.Prepared, hp: CNSParams, names: list[str] | None = None) -> str | None:
+    """What the learn result says when some photos were trained whole: each by its number in
+    the order given and, where known, the name it was given with (`LearnSpec.photo_names`)."""
+    missed = [f"{i + 1} ({names[i]})" if names else str(i + 1)
+              for i, ok in enumerate(prep.found.tolist()) if not ok]
     if hp.mask == "none" or not missed:
         return None
     return (f"the object could not be told from the background in photo {', '.join(missed)} of "
@@ -381,7 +381,7 @@ class CNSMethod:
         metrics = {"loss_first": run.losses[0] if run.losses else None,
                    "loss_last": float(np.mean(run.losses[-10:])) if run.losses else None,
                    "kv_share": share, "general_share": general_share(pipe, stack, indices, hp.top_p)}
-        notes = [mask_note(prep, hp)]
+        notes = [mask_note(prep, hp, spec.photo_names)]
         if share * 100 < hp.few_percent:
             notes.insert(0, f"only {n:,} concept neurons ({share:.3%} of K/V) remain once the general "
                             f"ones are left out, so the concept lives mostly in its token; "
