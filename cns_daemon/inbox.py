@@ -18,6 +18,10 @@ each note ends with a signature of the inputs it speaks of (the folder's name; n
 mtime of every photo, caption and concept.toml), and the folder is taken again only when the
 inputs no longer match it. The service's own notes are no input: writing one never counts as a change, so a failed
 folder is not retried in a loop, and the rule holds across restarts.
+
+A folder renamed while its job is queued or running is the same folder under a new name (the
+same directory on disk, still holding the job's photos): it is not taken a second time, and the
+job's clean-up or note goes to it under its new name.
 """
 from __future__ import annotations
 
@@ -188,6 +192,8 @@ class Inbox:
         self._events: dict[str, float] = {}     # folder name -> wall time of its last event
         self._in_flight: dict[str, str] = {}    # folder name -> learn job id
         self._taken: dict[str, str] = {}        # folder name -> inputs signature when taken
+        self._idents: dict[str, tuple[int, int]] = {}   # in-flight folder name -> (st_dev, st_ino)
+        self._moved: dict[str, str] = {}        # in-flight folder name -> the name it has now
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -208,6 +214,7 @@ class Inbox:
                     self._clear(self.root / folder, job)
             else:
                 self._in_flight[folder] = job.id
+                self._remember(self.root / folder)
         self.service.job_listeners.append(self._job_changed)
 
         inbox = self
@@ -262,7 +269,7 @@ class Inbox:
         now = time.time()
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             with self._lock:
-                if folder.name in self._in_flight:
+                if folder.name in self._in_flight or self._follows_a_job(folder):
                     continue
                 last = max(self._events.get(folder.name, 0.0), latest_change(folder))
             if now - last < self.settle:
@@ -291,6 +298,7 @@ class Inbox:
         with self._lock:
             self._in_flight[folder.name] = job.id
             self._taken[folder.name] = signature
+            self._remember(folder)
         for note in NOTE_FILES:
             (folder / note).unlink(missing_ok=True)
         log.info("inbox folder %s taken as job %s (%d photos, %d skipped)", folder.name, job.id,
@@ -301,9 +309,13 @@ class Inbox:
         folder_name = job.request.get("inbox_folder") if job.kind == "learn" else None
         if not folder_name or job.state not in FINAL_STATES:
             return
-        folder = self.root / folder_name
         with self._lock:
             signature = self._taken.pop(folder_name, None)
+            moved = self._moved.pop(folder_name, None)
+            self._idents.pop(folder_name, None)
+        folder = self.root / (moved or folder_name)
+        if moved:
+            signature = None   # taken under another name: its inputs as they are now
         try:
             if job.state == "done":
                 self._clear(folder, job)
@@ -320,6 +332,39 @@ class Inbox:
         finally:
             with self._lock:
                 self._in_flight.pop(folder_name, None)
+
+    def _remember(self, folder: Path) -> None:
+        """Note which directory an in-flight folder is, to know it again if it is renamed."""
+        try:
+            st = folder.stat()
+        except OSError:
+            return
+        self._idents[folder.name] = (st.st_dev, st.st_ino)
+
+    def _follows_a_job(self, folder: Path) -> bool:
+        """Whether `folder` is an in-flight folder renamed (the same directory, still holding
+        one of its job's photos); if so the job's clean-up is sent to it. Called with the lock."""
+        try:
+            st = folder.stat()
+        except OSError:
+            return False
+        for name, ident in self._idents.items():
+            if ident != (st.st_dev, st.st_ino) or name == folder.name:
+                continue
+            if self._moved.get(name) != folder.name:
+                try:
+                    job = self.service.worker.jobs.get_job(self._in_flight[name])
+                    digests = set(job.request.get("photo_digests", []))
+                except ConesError:
+                    digests = set()
+                if not any(hashlib.sha256(p.read_bytes()).hexdigest() in digests
+                           for p in folder.iterdir() if p.is_file()):
+                    return False   # a new folder on a freed inode number, not the renamed one
+                log.info("inbox folder %s was renamed to %s while its job ran; its clean-up "
+                         "follows it", name, folder.name)
+                self._moved[name] = folder.name
+            return True
+        return False
 
     def _clear(self, folder: Path, job: JobRecord) -> None:
         """Learned: photos are in the archive, so they go; anything else is moved aside."""

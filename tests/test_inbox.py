@@ -214,3 +214,32 @@ def test_cancelled_inbox_folder_is_not_taken_again(daemon):
                            timeout=20, what="taken after a change")
         assert not (folder / "CANCELLED.txt").exists()
         c.cancel(again.id)
+
+
+def test_a_folder_renamed_while_its_job_runs_is_followed_not_taken_again(daemon):
+    home, start = daemon
+    d = start()
+    inbox = home / "inbox"
+    write_photos(inbox / "slow.dog", 2)
+    (inbox / "slow.dog" / "concept.toml").write_text("steps = 5000\n")
+    write_photos(inbox / "quick.dog", 3)
+    (inbox / "quick.dog" / "concept.toml").write_text("steps = 150\n")   # 3 s at the fake's pace
+    with Client(d.socket) as c:
+        slow = wait_until(lambda: next(iter(_learn_jobs(c, "slow")), None), timeout=20, what="slow taken")
+        quick = wait_until(lambda: next(iter(_learn_jobs(c, "quick")), None), timeout=20, what="quick taken")
+        (inbox / "slow.dog").rename(inbox / "slower.dog")
+        (inbox / "quick.dog").rename(inbox / "fast.dog")
+        time.sleep(10 * 0.3)   # many settle times: neither is taken again under its new name
+        assert {j.id for j in c.jobs() if j.kind == "learn"} == {slow.id, quick.id}
+        assert not (inbox / "fast.dog" / ERROR_FILE).exists()
+        # learned: the renamed folder is cleared as the original would have been
+        wait_until(lambda: c.job(quick.id).state == "done", timeout=30, what="quick learned")
+        wait_until(lambda: not (inbox / "fast.dog").exists(), what="renamed folder cleared")
+        # cancelled: the note goes to the folder under its new name
+        c.cancel(slow.id)
+        wait_until(lambda: (inbox / "slower.dog" / "CANCELLED.txt").exists(), timeout=20,
+                   what="CANCELLED.txt in the renamed folder")
+        assert slow.id in (inbox / "slower.dog" / "CANCELLED.txt").read_text()
+        time.sleep(10 * 0.3)
+        assert {j.id for j in c.jobs() if j.kind == "learn"} == {slow.id, quick.id}
+        assert {x.name for x in c.concepts()} == {"quick"}
