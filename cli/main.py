@@ -10,18 +10,19 @@ import json
 import os
 import shutil
 import time
-import tomllib
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from cli.admin import service_app, store_app
 from cli.client import Client
+from cli.config import JSON, settings
 from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
                        status_table)
-from cns_daemon.api.errors import EXIT_CODES, BadInput, Conflict
+from cns_daemon.api.errors import BadInput, Conflict
 from cns_daemon.api.names import validate_name
 from cns_daemon.archive import sidecar_caption
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
@@ -33,38 +34,9 @@ QUEUED_GRACE_S = 1.0   # how long a job may sit queued before the CLI says what 
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
-service_app = typer.Typer(help="Install or remove the systemd user service.", no_args_is_help=True)
 app.add_typer(service_app, name="service")
-store_app = typer.Typer(help="Check or repair the concept store (on its files; no service needed).",
-                        no_args_is_help=True)
 app.add_typer(store_app, name="store")
 app.add_typer(toyworld_app, name="toyworld")
-
-JSON = typer.Option(False, "--json", help="Print one machine-readable JSON document.")
-
-
-def settings(**flags):
-    from pydantic import ValidationError
-
-    from cns_daemon.api.settings import load_settings
-
-    try:
-        return load_settings(**flags)
-    except ValidationError as exc:
-        from cns_daemon.api.protocol import describe_validation_error
-
-        raise BadInput(f"Invalid configuration: {describe_validation_error(exc)}.",
-                       f"Fix it where it is set: the command's flags, the CONES_* environment "
-                       f"variables or {_config_file()}.") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"{_config_file()} is not valid TOML: {exc}.",
-                       "Fix the file (README, 'Where data lives'), or move it aside.") from None
-
-
-def _config_file() -> Path:
-    from cns_daemon.api.settings import default_paths
-
-    return default_paths(os.environ.get("CONES_HOME")).config_file
 
 
 def client() -> Client:
@@ -391,114 +363,6 @@ def demo(model: Optional[str] = typer.Option(None, help="Model for a temporary s
 
     tour.run(tour.Options(model=model, method=method, steps=steps, images=images, seed=seed,
                           sample_steps=sample_steps))
-
-
-# ---------------------------------------------------------------- systemd
-
-
-UNIT_DIR = typer.Option(None, "--unit-dir", help="Where the unit goes (default ~/.config/systemd/user).")
-
-
-@service_app.command("install")
-@handled
-def service_install(unit_dir: Optional[Path] = UNIT_DIR,
-                    no_start: bool = typer.Option(False, "--no-start", help="Write the unit only.")) -> None:
-    """Write the user unit with this machine's paths; enable and start it when systemd runs."""
-    from cli import service_unit
-
-    service_unit.install(settings(), unit_dir or service_unit.default_unit_dir(), not no_start,
-                         say=lambda line: console.print(line, highlight=False))
-
-
-@service_app.command("uninstall")
-@handled
-def service_uninstall(unit_dir: Optional[Path] = UNIT_DIR) -> None:
-    """Stop, disable and remove the user unit (data and inbox are kept)."""
-    from cli import service_unit
-
-    service_unit.uninstall(unit_dir or service_unit.default_unit_dir(),
-                           say=lambda line: console.print(line, highlight=False))
-
-
-# ---------------------------------------------------------------- the store's files
-
-
-@store_app.command("check")
-@handled
-def store_check(as_json: bool = JSON) -> None:
-    """Read every record of the concept store and list what is damaged (exit 7 if anything is)."""
-    from dataclasses import asdict
-
-    from cns_daemon.api.errors import Corrupt, NotFound
-    from store.salvage import check
-
-    paths = settings().paths
-    if not paths.store.is_dir():
-        raise NotFound(f"No concept store at {paths.store}.",
-                       "Check the data folder (CONES_HOME, data_dir); the service makes the store when it first starts.")
-    report = check(paths.store)
-    if as_json:
-        print(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
-    else:
-        for line in _check_lines(report):
-            console.print(line, highlight=False)
-    if not report.ok:
-        raise typer.Exit(EXIT_CODES[Corrupt.code])
-
-
-@store_app.command("salvage")
-@handled
-def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a fresh store even when nothing is damaged.")) -> None:
-    """Copy every readable concept and job into a fresh store; the damaged one is kept aside.
-    The service must be stopped."""
-    from cns_daemon.api.errors import NotFound
-    from cns_daemon.daemon import DATA_LOCK, InstanceLock
-    from store.salvage import check, salvage
-
-    paths = settings().paths
-    if not paths.store.is_dir():
-        raise NotFound(f"No concept store at {paths.store}.", "Nothing to salvage.")
-    # Conflict while a service has the store open: it holds the lock in the data folder, whatever
-    # runtime folder this shell sees (and the runtime folder's, which an older service held alone).
-    paths.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
-    locks = [InstanceLock(paths.runtime / "cones.lock"), InstanceLock(paths.data / DATA_LOCK)]
-    try:
-        locks[0].acquire(paths.socket)
-        locks[1].acquire(None)
-        if check(paths.store).ok and not force:
-            console.print(f"Nothing is damaged in {paths.store}; nothing was moved (--force "
-                          "copies it into a fresh store anyway).", highlight=False)
-            return
-        done = salvage(paths.store)
-    finally:
-        for lock in locks:
-            lock.release()
-    lost = done.check.damaged
-    console.print(f"Copied {len(done.copied)} concepts and {done.jobs_copied} jobs into a fresh store "
-                  f"at {paths.store}.", highlight=False)
-    for name, why in lost.items():
-        console.print(f"[red]left behind[/] <{name}>: {why}", highlight=False)
-    if done.check.damaged_jobs:
-        console.print(f"{len(done.check.damaged_jobs)} damaged jobs were left behind.", highlight=False)
-    if done.check.ok:
-        console.print(f"The old store is kept at {done.kept_at}.", highlight=False)
-    else:
-        console.print(f"The damaged store is kept at {done.kept_at}; learn the lost concepts again "
-                      "from their photos.", highlight=False)
-
-
-def _check_lines(report) -> list[str]:
-    if report.error:
-        return [f"[red]cannot open[/] {report.path}: {report.error}"]
-    lines = [f"{report.path}: {len(report.concepts)} concepts and {report.jobs} jobs read whole."]
-    lines += [f"[red]damaged database[/] {db}: {why}" for db, why in report.databases.items()]
-    lines += [f"[red]damaged[/] <{name}>: {why}" for name, why in report.damaged.items()]
-    lines += [f"[red]damaged job[/] {job}: {why}" for job, why in report.damaged_jobs.items()]
-    if not report.ok:
-        lines.append("Stop the service and run `cones store salvage` to keep everything readable "
-                     "in a fresh store (a concept damaged only in its own bytes can also be removed "
-                     "with `cones rm NAME`).")
-    return lines
 
 
 # ---------------------------------------------------------------- misc

@@ -1,0 +1,125 @@
+"""`cones service ...` and `cones store ...`: the systemd unit and the concept store's files,
+handled without the service (the store's commands need it stopped)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cli.config import JSON, settings
+from cli.views import console, handled
+from cns_daemon.api.errors import EXIT_CODES
+
+service_app = typer.Typer(help="Install or remove the systemd user service.", no_args_is_help=True)
+store_app = typer.Typer(help="Check or repair the concept store (on its files; no service needed).",
+                        no_args_is_help=True)
+
+
+# ---------------------------------------------------------------- systemd
+
+
+UNIT_DIR = typer.Option(None, "--unit-dir", help="Where the unit goes (default ~/.config/systemd/user).")
+
+
+@service_app.command("install")
+@handled
+def service_install(unit_dir: Optional[Path] = UNIT_DIR,
+                    no_start: bool = typer.Option(False, "--no-start", help="Write the unit only.")) -> None:
+    """Write the user unit with this machine's paths; enable and start it when systemd runs."""
+    from cli import service_unit
+
+    service_unit.install(settings(), unit_dir or service_unit.default_unit_dir(), not no_start,
+                         say=lambda line: console.print(line, highlight=False))
+
+
+@service_app.command("uninstall")
+@handled
+def service_uninstall(unit_dir: Optional[Path] = UNIT_DIR) -> None:
+    """Stop, disable and remove the user unit (data and inbox are kept)."""
+    from cli import service_unit
+
+    service_unit.uninstall(unit_dir or service_unit.default_unit_dir(),
+                           say=lambda line: console.print(line, highlight=False))
+
+
+# ---------------------------------------------------------------- the store's files
+
+
+@store_app.command("check")
+@handled
+def store_check(as_json: bool = JSON) -> None:
+    """Read every record of the concept store and list what is damaged (exit 7 if anything is)."""
+    from dataclasses import asdict
+
+    from cns_daemon.api.errors import Corrupt, NotFound
+    from store.salvage import check
+
+    paths = settings().paths
+    if not paths.store.is_dir():
+        raise NotFound(f"No concept store at {paths.store}.",
+                       "Check the data folder (CONES_HOME, data_dir); the service makes the store when it first starts.")
+    report = check(paths.store)
+    if as_json:
+        print(json.dumps({**asdict(report), "ok": report.ok}, indent=2))
+    else:
+        for line in _check_lines(report):
+            console.print(line, highlight=False)
+    if not report.ok:
+        raise typer.Exit(EXIT_CODES[Corrupt.code])
+
+
+@store_app.command("salvage")
+@handled
+def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a fresh store even when nothing is damaged.")) -> None:
+    """Copy every readable concept and job into a fresh store; the damaged one is kept aside.
+    The service must be stopped."""
+    from cns_daemon.api.errors import NotFound
+    from cns_daemon.daemon import DATA_LOCK, InstanceLock
+    from store.salvage import check, salvage
+
+    paths = settings().paths
+    if not paths.store.is_dir():
+        raise NotFound(f"No concept store at {paths.store}.", "Nothing to salvage.")
+    # Conflict while a service has the store open: it holds the lock in the data folder, whatever
+    # runtime folder this shell sees (and the runtime folder's, which an older service held alone).
+    paths.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+    locks = [InstanceLock(paths.runtime / "cones.lock"), InstanceLock(paths.data / DATA_LOCK)]
+    try:
+        locks[0].acquire(paths.socket)
+        locks[1].acquire(None)
+        if check(paths.store).ok and not force:
+            console.print(f"Nothing is damaged in {paths.store}; nothing was moved (--force "
+                          "copies it into a fresh store anyway).", highlight=False)
+            return
+        done = salvage(paths.store)
+    finally:
+        for lock in locks:
+            lock.release()
+    lost = done.check.damaged
+    console.print(f"Copied {len(done.copied)} concepts and {done.jobs_copied} jobs into a fresh store "
+                  f"at {paths.store}.", highlight=False)
+    for name, why in lost.items():
+        console.print(f"[red]left behind[/] <{name}>: {why}", highlight=False)
+    if done.check.damaged_jobs:
+        console.print(f"{len(done.check.damaged_jobs)} damaged jobs were left behind.", highlight=False)
+    if done.check.ok:
+        console.print(f"The old store is kept at {done.kept_at}.", highlight=False)
+    else:
+        console.print(f"The damaged store is kept at {done.kept_at}; learn the lost concepts again "
+                      "from their photos.", highlight=False)
+
+
+def _check_lines(report) -> list[str]:
+    if report.error:
+        return [f"[red]cannot open[/] {report.path}: {report.error}"]
+    lines = [f"{report.path}: {len(report.concepts)} concepts and {report.jobs} jobs read whole."]
+    lines += [f"[red]damaged database[/] {db}: {why}" for db, why in report.databases.items()]
+    lines += [f"[red]damaged[/] <{name}>: {why}" for name, why in report.damaged.items()]
+    lines += [f"[red]damaged job[/] {job}: {why}" for job, why in report.damaged_jobs.items()]
+    if not report.ok:
+        lines.append("Stop the service and run `cones store salvage` to keep everything readable "
+                     "in a fresh store (a concept damaged only in its own bytes can also be removed "
+                     "with `cones rm NAME`).")
+    return lines

@@ -1,0 +1,38 @@
+"""The settings as the CLI reads them (defaults → config.toml → CONES_* → flags), with a bad
+value or a config.toml that is not TOML reported as bad input naming where it is set, and the
+`--json` option every reporting verb shares."""
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import typer
+
+from cns_daemon.api.errors import BadInput
+
+JSON = typer.Option(False, "--json", help="Print one machine-readable JSON document.")
+
+
+def settings(**flags):
+    from pydantic import ValidationError
+
+    from cns_daemon.api.settings import load_settings
+
+    try:
+        return load_settings(**flags)
+    except ValidationError as exc:
+        from cns_daemon.api.protocol import describe_validation_error
+
+        raise BadInput(f"Invalid configuration: {describe_validation_error(exc)}.",
+                       f"Fix it where it is set: the command's flags, the CONES_* environment "
+                       f"variables or {_config_file()}.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"{_config_file()} is not valid TOML: {exc}.",
+                       "Fix the file (README, 'Where data lives'), or move it aside.") from None
+
+
+def _config_file() -> Path:
+    from cns_daemon.api.settings import default_paths
+
+    return default_paths(os.environ.get("CONES_HOME")).config_file
