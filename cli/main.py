@@ -386,9 +386,12 @@ def _option(text: str) -> tuple[str, bool | int | float | str]:
         return key.strip(), raw.lower() == "true"
     for kind in (int, float):
         try:
-            return key.strip(), kind(raw)
+            value = kind(raw)
         except ValueError:
-            pass
+            continue
+        if value != value or value in (float("inf"), float("-inf")):
+            raise BadInput(f"Option {key.strip()!r} must be a finite number, not {raw!r}.")
+        return key.strip(), value
     return key.strip(), raw
 
 

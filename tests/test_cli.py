@@ -8,6 +8,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers.service import REPO, daemon_env, running_daemon, write_photos
 
 HEAVY = ("torch", "diffusers", "transformers")
@@ -54,3 +56,14 @@ def test_cli_verbs_never_import_torch(tmp_path):
     assert all(codes[v] == 0 for v in ok), codes
     assert codes["show nobody"] != 0 and codes["cancel 0123456789ab"] != 0, codes
     assert result["heavy"] == [], result
+
+
+def test_option_values_are_read_as_their_type_and_nan_is_refused():
+    from cli.main import _option
+    from cns_daemon.api.errors import BadInput
+
+    assert _option("top_p=5") == ("top_p", 5) and _option(" lr = 1e-3") == ("lr", 1e-3)
+    assert _option("scope=all") == ("scope", "all") and _option("x=True") == ("x", True)
+    for raw in ("nan", "inf", "-Infinity"):
+        with pytest.raises(BadInput, match="finite number"):
+            _option(f"lr={raw}")

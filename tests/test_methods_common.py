@@ -199,6 +199,26 @@ def test_options_typed_and_unknown_keys_rejected():
         C.parse_options(HP, {"steps": "many"})
 
 
+@pytest.mark.parametrize("method,options,needle", [
+    ("cns", {"lr": -1}, "'lr' must be > 0"),
+    ("cns", {"lr_token": 0}, "'lr_token' must be > 0"),
+    ("cns", {"prior_batch": 0}, "'prior_batch' must be ≥ 1"),
+    ("cns", {"prior_steps": 0}, "'prior_steps' must be ≥ 1"),
+    ("cns", {"lambda_prior": -0.5}, "'lambda_prior' must be ≥ 0"),
+    ("cns", {"mask_background": float("nan")}, "finite"),
+    ("cones", {"variants": 0}, "'variants' must be ≥ 1"),
+    ("cones", {"tau": -1}, "'tau' must be ≥ 0"),
+    ("cones", {"prior_images": -2}, "'prior_images' must be ≥ 0"),
+    ("cones2", {"lr": float("inf")}, "finite"),
+])
+def test_out_of_range_options_are_refused_for_every_method(method, options, needle):
+    from cns_daemon.methods import get_method
+
+    with pytest.raises(BadInput, match=needle):
+        C.parse_options(get_method(method).Params, options)
+    C.parse_options(get_method(method).Params, {"prior_images": 0} if method != "cones2" else {})
+
+
 # -- loss, prior images, loop ---------------------------------------------------------------
 
 def test_concept_loss_is_deterministic_per_step(tiny_pipe):

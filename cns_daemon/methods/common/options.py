@@ -1,16 +1,29 @@
 """Hyper-parameters: a typed dataclass per method; LearnSpec.options overrides fields by name.
 
-Unknown keys and values of the wrong type are BadInput errors (a typo in `concept.toml` must
-not silently fall back to a default).
+Unknown keys, values of the wrong type and values out of range are BadInput errors (a typo in
+`concept.toml` must not silently fall back to a default, and a negative learning rate must not
+train backwards).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, TypeVar
 
 from cns_daemon.api.errors import BadInput
 
 T = TypeVar("T")
+
+# The least sensible value of options the methods share by name: (bound, whether the bound
+# itself is allowed). Each method's `validate` checks what is its own (percentages, choices).
+LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "lr": (0, False), "lr_token": (0, False), "probe_lr": (0, False), "rho": (0, False),
+    "grad_clip": (0, False),
+    "lambda_prior": (0, True), "lambda_prev": (0, True), "lambda_base": (0, True),
+    "lambda_reg": (0, True), "tau": (0, True),
+    "prior_images": (0, True), "prior_batch": (1, True), "prior_steps": (1, True),
+    "variants": (1, True), "probe_steps": (1, True), "reg_batch": (1, True), "vectors": (1, True),
+}
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -43,11 +56,23 @@ def parse_options(cls: type[T], options: dict | None, steps: int | None = None) 
         if "steps" not in fields:
             raise BadInput("This method has no `steps` setting.")
         values["steps"] = _coerce("steps", steps, 0)
+    for key, value in values.items():
+        _check_range(key, value)
     hp = dataclasses.replace(defaults, **values)
     check = getattr(hp, "validate", None)
     if check is not None:
         check()
     return hp
+
+
+def _check_range(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise BadInput(f"Option {name!r} must be a finite number, not {value!r}.")
+    bound, inclusive = LOWER_BOUNDS.get(name, (-math.inf, True))
+    if value < bound or (value == bound and not inclusive):
+        raise BadInput(f"Option {name!r} must be {'≥' if inclusive else '>'} {bound:g}, not {value!r}.")
 
 
 def as_dict(hp: Any) -> dict[str, Any]:
