@@ -313,11 +313,15 @@ class Engine:
 
     def check_learn(self, method: str, steps: int | None, options: dict) -> None:
         """Refuse unknown option keys, values of the wrong type or out of range, for this method,
-        before a learn job is queued (the method parses the same way when the job runs)."""
+        and a token asked for that is not a free rare word, before a learn job is queued (the
+        method parses and allocates the same way when the job runs)."""
         from cns_daemon.methods import get_method
-        from cns_daemon.methods.common import parse_options
+        from cns_daemon.methods.common import allocate_token, parse_options
 
-        parse_options(get_method(method).Params, options, steps)
+        hp = parse_options(get_method(method).Params, options, steps)
+        if getattr(hp, "token", ""):
+            allocate_token(self.pipe.tokenizer, [m.token for m in self.store.list()], hp.token,
+                           getattr(hp, "vectors", 1))
 
     def check_generate(self, req: GenerateRequest) -> None:
         """Refuse a bad prompt or box before it is queued: unknown, damaged or not rebuilt

@@ -321,6 +321,12 @@ def test_add_sends_each_photos_sidecar_caption(cones, daemon, tmp_path):
     (("--method", "cones2", "--option", "lr=-1"), "lr"),
     (("--method", "cones2", "--option", "top_p=5"), "Unknown option"),
     (("--option", "steps=5"), "--steps N"),   # one way to set the steps
+    (("--option", "lr=-1"), "'lr' must be > 0"),
+    (("--method", "cones", "--option", "prior_batch=0"), "'prior_batch' must be"),
+    (("--option", "lr=nan"), "finite number"),
+    (("--option", "token=star"), "everyday word"),        # would change every "a star" prompt
+    (("--option", "token=zqxj"), "not 1 single token"),   # caught now, not by the job
+    (("--method", "cones", "--option", "token=dog"), "everyday word"),
 ])
 def test_method_options_are_checked_when_submitted(cones, daemon, tmp_path, args, needle):
     photos = [str(p) for p in write_photos(tmp_path / "opt", 2)]
@@ -330,6 +336,14 @@ def test_method_options_are_checked_when_submitted(cones, daemon, tmp_path, args
     assert code == BAD_INPUT and needle in out, out
     with Client(daemon.socket) as c:
         assert len(c.jobs(1000)) == before
+
+
+def test_a_token_another_concept_uses_is_refused_when_submitted(cones, daemon, tmp_path):
+    learned(daemon, tmp_path, "holder")   # the fake engine gives every concept the token "sks"
+    photos = [str(p) for p in write_photos(tmp_path / "tok", 2)]
+    code, out = cones("add", "second", *photos, "--class", "dog", "--option", "token=sks")
+    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already used" in out, out
+    assert "Give another token" in out and "Pick another name" not in out, out
 
 
 # -- item 12: export targets ---------------------------------------------------------------------------
