@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from cli.admin import service_app, store_app
 from cli.client import Client
@@ -140,7 +141,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         console.print(f"Learned <{info.name}> ({info.method}, {info.class_word}): "
                       f"{info.neurons:,} neurons, {info.size_bytes:,} bytes.")
         if info.metrics.get("note"):   # what the method wants the person to know (masks.py, ...)
-            console.print(f"[yellow]Note:[/] {info.metrics['note']}")
+            console.print(f"[yellow]Note:[/] {escape(str(info.metrics['note']))}", highlight=False)
 
 
 @app.command("list")
@@ -199,11 +200,15 @@ def export(name: str,
 @handled
 def import_(file: Path) -> None:
     """Add a concept from an exported file (refused if made on another base model)."""
+    if file.is_dir():
+        raise BadInput(f"{file} is a folder.", "Give the exported .safetensors file itself.")
     if not file.is_file():
         raise BadInput(f"No such file: {file}.")
     with client() as c:
         job = wait_for(c, c.import_file(file.read_bytes()), quiet=True)
-    console.print(f"Imported <{job.result.concept if job.result else '?'}>.")
+    console.print(f"Imported <{job.result.concept if job.result else '?'}>.", highlight=False)
+    if job.result and job.result.metrics and job.result.metrics.get("note"):
+        console.print(f"[yellow]Note:[/] {escape(str(job.result.metrics['note']))}", highlight=False)
 
 
 # ---------------------------------------------------------------- generation

@@ -300,14 +300,41 @@ class Engine:
 
         words = set(token_words(record.meta.token))
         clash = [m.name for m in self.store.list() if words & set(token_words(m.token))]
+        note = None
         if clash:
-            # two concepts on one token would overwrite each other's embedding row
-            raise Conflict(f"Concept {record.name!r} uses the token {record.meta.token!r}, which "
-                           f"<{clash[0]}> already uses here.",
-                           f"Remove <{clash[0]}> first, or learn {record.name!r} again from its photos.")
+            # Every store picks rare words in the same order, so two stores' first concepts
+            # share one. Two concepts on one word would overwrite each other's row: this one
+            # moves to free words, with the rows it drew under the old ones (same pictures).
+            old = record.meta.token
+            record = self._retoken(record)
+            note = (f"its token {old!r} is used by <{clash[0]}> here, so it was given "
+                    f"{record.meta.token!r}; its pictures are the same")
         self.store.put(record)
         self._apply_resident(record)
-        return JobResult(concept=record.name)
+        return JobResult(concept=record.name, metrics={"note": note} if note else None)
+
+    def _retoken(self, record: ConceptRecord) -> ConceptRecord:
+        """The record on free rare words, each carrying the row its old word had: the trained
+        row where the method trained one, else the old word's row in this (same) base model."""
+        import dataclasses
+
+        from cns_daemon.methods.cns.layers import stack_for
+        from cns_daemon.methods.common.tokens import allocate_token, token_id, token_words
+
+        old = token_words(record.meta.token)
+        taken = [m.token for m in self.store.list()] + [record.meta.token]
+        new = token_words(allocate_token(self.pipe.tokenizer, taken, vectors=len(old)))
+        embeddings = {}
+        for o, n in zip(old, new):
+            vec = record.embeddings.get(o)
+            if vec is None:   # a live CNS concept on this word has its own row written there
+                row = stack_for(self.pipe).base_row(token_id(self.pipe.tokenizer, o))
+                vec = row.float().cpu().numpy()
+            embeddings[n] = vec
+        token = " ".join(new)
+        meta = dataclasses.replace(record.meta, token=token,
+                                   hparams={**record.meta.hparams, "token": token})
+        return dataclasses.replace(record, meta=meta, embeddings=embeddings)
 
     # ------------------------------------------------------------ read-only (any thread)
 

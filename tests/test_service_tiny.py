@@ -102,21 +102,46 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     alien.write_bytes(encode(other))
     code, out = cones("import", str(alien))
     assert code == EXIT_CODES[ErrorCode.MODEL_MISMATCH], out
-    twin = tmp_path / "twin.safetensors"   # another name, the same token: refused
+    # another name, the same token (every store picks rare words in the same order, so two
+    # stores' first concepts share one): imported on a free word, drawing the same pictures
+    twin = tmp_path / "twin.safetensors"
     twin.write_bytes(encode(dataclasses.replace(record, meta=dataclasses.replace(record.meta, name="twin"))))
     code, out = cones("import", str(twin))
-    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "token" in out, out
-    # a token of several words clashes when any one of them is taken
-    partial = tmp_path / "partial.safetensors"
-    words = f"qqzx {record.meta.token}"
-    partial.write_bytes(encode(dataclasses.replace(record, meta=dataclasses.replace(
-        record.meta, name="partial", token=words))))
-    code, out = cones("import", str(partial))
-    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "token" in out, out
+    assert code == 0 and f"its token {record.meta.token!r} is used by <star> here" in out, out
+    code, shown = cones("show", "twin", "--json")
+    assert json.loads(shown)["token"] not in ("", record.meta.token)
+    assert _pixels(cones, tmp_path, "a photo of <twin>") == _pixels(cones, tmp_path, "a photo of <star>")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a concept file at all")
     code, out = cones("import", str(junk))   # a bad file is the person's input, not store damage
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "not a cones concept file" in out, out
+
+
+def _pixels(cones, tmp_path, prompt: str) -> bytes:
+    from PIL import Image
+
+    code, out = cones("generate", prompt, "--steps", "3", "--seed", "11", "-o", str(tmp_path / "px"), "--json")
+    assert code == 0, out
+    return Image.open(json.loads(out)["result"]["images"][0]).tobytes()
+
+
+def test_a_cones_concept_imported_where_its_word_is_taken_draws_the_same(cones, daemon, tmp_path):
+    photos = write_photos(tmp_path / "ring", 3, seed=81)
+    code, out = cones("add", "cring", *map(str, photos), "--class", "ring", "--method", "cones",
+                      "--steps", "2", "--option", "prior_images=0")
+    assert code == 0, out
+    before = _pixels(cones, tmp_path, "a photo of <cring>")
+    exported = tmp_path / "cring.safetensors"
+    assert cones("export", "cring", "-o", str(exported))[0] == 0
+    assert cones("rm", "cring")[0] == 0
+    # a CNS concept takes the freed word and writes its own trained row there
+    code, out = cones("add", "taker", *map(str, photos), "--class", "ring", "--steps", "2",
+                      "--option", "prior_images=0")
+    assert code == 0, out
+    assert json.loads(cones("show", "taker", "--json")[1])["token"] == decode(exported.read_bytes()).meta.token
+    code, out = cones("import", str(exported))
+    assert code == 0 and "was given" in out, out
+    assert _pixels(cones, tmp_path, "a photo of <cring>") == before
 
 
 def test_cns_concept_survives_restart_and_removal_restores_base(tmp_path, monkeypatch):

@@ -223,15 +223,23 @@ class ConesMethod(PerRequest):
         # the engine sets which archived photos it came from.
         return ConceptRecord(meta, masks=masks)
 
-    def apply(self, pipe, records: list[ConceptRecord]) -> C.SavedValues:
+    def apply(self, pipe, records: list[ConceptRecord]) -> tuple[C.SavedValues, C.SavedRows]:
+        """Shut the concepts' neurons. A concept imported where its rare word was taken carries
+        its old word's row under its new word (`Engine.import_record`): written too."""
         for rec in records:
             if rec.meta.method != "cones":
                 raise BadInput(f"{rec.name} is a {rec.meta.method} concept, not a Cones one.")
-        return apply_masks(pipe, C.union_indices([r.masks for r in records]))
+        rows = {}
+        for rec in records:
+            rows.update(C.embedding_rows(pipe.text_encoder, pipe.tokenizer, rec.embeddings))
+        return (apply_masks(pipe, C.union_indices([r.masks for r in records])),
+                C.write_rows(pipe.text_encoder, rows))
 
-    def remove(self, handle: C.SavedValues) -> None:
-        C.restore_values(handle)
-        handle.old.clear()
+    def remove(self, handle: tuple[C.SavedValues, C.SavedRows]) -> None:
+        values, rows = handle
+        C.restore_values(values)
+        values.old.clear()
+        C.restore_rows(rows)
 
 
 def apply_masks(pipe, masks: dict[str, np.ndarray]) -> C.SavedValues:

@@ -71,6 +71,14 @@ class CNSStack:
     def records(self) -> list[ConceptRecord]:
         return [layer.record for layer in self.layers]
 
+    def base_row(self, token_id: int) -> torch.Tensor:
+        """Row `token_id` of the input embedding as the base model has it, also while a live
+        concept has written its trained row there."""
+        for layer in self.layers:
+            if token_id in layer.rows.rows:
+                return layer.rows.rows[token_id]
+        return self.text_encoder.get_input_embeddings().weight[token_id].detach()
+
     def push(self, record: ConceptRecord) -> Layer:
         if record.name in self.names():
             raise Conflict(f"Concept {record.name!r} is already applied.")
