@@ -90,6 +90,7 @@ class Service:
         from cns_daemon.evaluate import default_prompts, fill
 
         for name in req.names:
+            self._stored(name)
             self.engine.concept(name)   # NotFound now rather than from the queue
         for template in req.prompts or default_prompts():   # a bad prompt now, not mid-run
             self.engine.check_generate(GenerateRequest(prompt=fill(template, req.names)))
@@ -98,8 +99,7 @@ class Service:
     def remove(self, name: str) -> JobRecord:
         # NotFound now rather than from the queue; membership only, so a damaged concept (whose
         # record cannot be decoded) can still be removed.
-        if name not in self.store:
-            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.")
+        self._stored(name)
         return self.worker.submit("remove", RemoveJob(name=name))
 
     def import_file(self, data: bytes) -> JobRecord:
@@ -115,6 +115,7 @@ class Service:
     def export(self, name: str) -> bytes:
         from cns_daemon.transfer import encode
 
+        self._stored(name)
         return encode(self.engine.record(name))
 
     def cancel(self, job_id: str) -> JobRecord:
@@ -126,10 +127,27 @@ class Service:
             raise Conflict(f"A concept named {name!r} already exists.",
                            f"Remove it first with `cones rm {name}`, then import again." if imported else
                            f"Pick another name, or remove it first with `cones rm {name}`.")
-        for job in self.worker.jobs.jobs():
-            if job.kind == "learn" and job.state in ("queued", "running") and job.request.get("name") == name:
-                raise Conflict(f"A concept named {name!r} is already being learned (job {job.id}).",
-                               f"Wait for it (`cones jobs`) or cancel it with `cones cancel {job.id}`.")
+        job = self._learning(name)
+        if job is not None:
+            raise Conflict(f"A concept named {name!r} is already being learned (job {job.id}).",
+                           f"Wait for it (`cones jobs`) or cancel it with `cones cancel {job.id}`.")
+
+    def _learning(self, name: str) -> JobRecord | None:
+        """The queued or running learn of `name`, if any."""
+        for job in self.worker.jobs.jobs(("queued", "running")):
+            if job.kind == "learn" and job.request.get("name") == name:
+                return job
+        return None
+
+    def _stored(self, name: str) -> None:
+        """NotFound for a concept not in the store, saying so when it is still being learned."""
+        if name in self.store:
+            return
+        job = self._learning(name)
+        if job is None:
+            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.")
+        raise NotFound(f"{name!r} is not learned yet: job {job.id} is learning it ({job.state}).",
+                       f"Wait for it (`cones jobs`), or cancel it with `cones cancel {job.id}`.")
 
     # ------------------------------------------------------------ reads
 
@@ -147,6 +165,7 @@ class Service:
         return self.engine.concepts()
 
     def concept(self, name: str) -> ConceptInfo:
+        self._stored(name)
         return self.engine.concept(name)
 
     def status(self) -> StatusInfo:

@@ -66,6 +66,22 @@ def test_add_prints_the_learn_results_note(cones, tmp_path):
     assert "Learned <noted1>" in out and f"Note: photo 2 of 3 ({photos[1].name}) was trained whole" in out
 
 
+def test_a_concept_still_being_learned_is_said_to_be(cones, tmp_path):
+    photos = write_photos(tmp_path / "pending", 2)
+    code, out = cones("add", "pending", *map(str, photos), "--class", "dog", "--steps", "5000",
+                      "--no-wait", "--json")
+    assert code == 0, out
+    job = json.loads(out)["id"]
+    try:
+        for verb in (("rm", "pending"), ("show", "pending"), ("export", "pending", "-o", str(tmp_path / "x"))):
+            code, out = cones(*verb)
+            assert code == 3 and "not learned yet" in out and f"cones cancel {job}" in out, (verb, out)
+        code, out = cones("show", "nosuch")
+        assert code == 3 and "No concept named 'nosuch'" in out, out
+    finally:
+        cones("cancel", job)
+
+
 def test_status_json_has_paths_model_and_queue(cones, daemon):
     code, out = cones("status", "--json")
     assert code == 0, out
