@@ -124,6 +124,11 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
             raise BadInput(f"The caption {p.with_suffix('.txt')} has {len(caption)} characters, over "
                            f"{MAX_PROMPT_CHARS}.", "Shorten it: a sentence saying what the photo shows.")
         items.append(_model(Photo, filename=p.name, data=p.read_bytes(), caption=caption))
+    # Left out, the method and steps are the service's settings, unless this command's own
+    # config.toml or CONES_METHOD / CONES_STEPS set them (the layering the README promises).
+    mine = settings()
+    method = method or (mine.method if "method" in mine.model_fields_set else None)
+    steps = steps or (mine.steps if "steps" in mine.model_fields_set else None)
     req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
                  seed=seed, photos=items, options=dict(_option(o) for o in option))
     with client() as c:

@@ -82,6 +82,19 @@ def test_a_concept_still_being_learned_is_said_to_be(cones, tmp_path):
         cones("cancel", job)
 
 
+def test_the_commands_own_method_and_steps_settings_apply(cones, tmp_path, monkeypatch):
+    """CONES_METHOD / CONES_STEPS (or config.toml) where `cones add` runs are what it sends when
+    its flags leave them out; flags still win."""
+    photos = [str(p) for p in write_photos(tmp_path / "envd", 2)]
+    monkeypatch.setenv("CONES_METHOD", "cones2")
+    monkeypatch.setenv("CONES_STEPS", "3")
+    code, out = cones("add", "envd", *photos, "--class", "dog", "--json")
+    assert code == 0, out
+    assert "(dog, cones2, 3 steps" in json.loads(out)["summary"], out
+    code, out = cones("add", "flagd", *photos, "--class", "dog", "--method", "cns", "--steps", "4", "--json")
+    assert code == 0 and "(dog, cns, 4 steps" in json.loads(out)["summary"], out
+
+
 def test_status_json_has_paths_model_and_queue(cones, daemon):
     code, out = cones("status", "--json")
     assert code == 0, out
