@@ -70,11 +70,20 @@ def handled(fn):
 
 
 def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    """Decimal units, as `cones add` and `export` print bytes (50,002 bytes is 50.0 kB)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
+        n /= 1000
     return f"{n} B"
+
+
+def overlap_text(overlap: dict[str, int]) -> str:
+    return ", ".join(f"{k}:{v:,}" for k, v in sorted(overlap.items())) or "-"
+
+
+def metric_text(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def ago(t: float | None) -> str:
@@ -94,12 +103,13 @@ STATE_LABELS = {"ok": "[green]ok[/]", "damaged": "[red]damaged[/]",
 def concepts_table(concepts: Iterable[ConceptInfo]) -> Table:
     table = Table(title="Concepts")
     for col in ("name", "state", "method", "class", "size", "neurons", "overlap", "created"):
-        table.add_column(col, justify="right" if col in ("size", "neurons") else "left")
+        # fold, never cut: a name must stay whole to be copied into a prompt (80 columns, pipes)
+        table.add_column(col, justify="right" if col in ("size", "neurons") else "left",
+                         overflow="fold")
     for c in concepts:
-        overlap = ", ".join(f"{k}:{v}" for k, v in sorted(c.overlap.items())) or "-"
         table.add_row(c.name, STATE_LABELS.get(c.state, c.state), c.method or "?",
-                      c.class_word or "?", human_size(c.size_bytes), f"{c.neurons:,}", overlap,
-                      ago(c.created) if c.created else "-")
+                      c.class_word or "?", human_size(c.size_bytes), f"{c.neurons:,}",
+                      overlap_text(c.overlap), ago(c.created) if c.created else "-")
     return table
 
 
@@ -113,14 +123,13 @@ def concept_problems(concepts: Iterable[ConceptInfo]) -> list[str]:
 def concept_table(c: ConceptInfo) -> Table:
     table = Table(title=f"<{c.name}>", show_header=False)
     table.add_column("field", style="bold")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")
     rows = [("method", c.method), ("class", c.class_word), ("token", c.token or "-"),
             ("photos", str(c.photos)), ("size", human_size(c.size_bytes)),
-            ("neurons", f"{c.neurons:,}"),
-            ("overlap", ", ".join(f"{k}:{v}" for k, v in sorted(c.overlap.items())) or "-"),
+            ("neurons", f"{c.neurons:,}"), ("overlap", overlap_text(c.overlap)),
             ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created))),
             ("fingerprint", c.fingerprint or "-")]
-    rows += [(f"metric {k}", str(v)) for k, v in sorted(c.metrics.items())]
+    rows += [(f"metric {k}", metric_text(v)) for k, v in sorted(c.metrics.items())]
     for k, v in rows:
         table.add_row(k, v)
     return table

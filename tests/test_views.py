@@ -29,3 +29,28 @@ def test_finished_phases_are_full_or_gone():
     for phase, count in (("prepare", "1/1"), ("class-images", "4/4"), ("select", "1/1"), ("train", "3/3")):
         assert count in rows[phase], out.getvalue()
     assert "waiting" not in rows and "queued" not in rows and "start" not in rows, out.getvalue()
+
+
+def test_concept_list_keeps_names_and_figures_whole_at_80_columns():
+    import time
+
+    from cli.views import concept_table, concepts_table
+    from cns_daemon.api.protocol import ConceptInfo
+
+    long = "a_very_long_concept_name_someone_typed"
+    concepts = [ConceptInfo(name=f"{long}_{i}", method="cns", class_word="triangle", token="httr",
+                            created=time.time(), photos=4, size_bytes=50_002, neurons=16_238,
+                            overlap={"SLOW": 9962, "star2": 15230}, metrics={"kv_share": 0.21230246803977273})
+                for i in range(3)]
+    out = io.StringIO()
+    Console(file=out, width=80, force_terminal=False).print(concepts_table(concepts))
+    text = out.getvalue()
+    assert "…" not in text, text
+    cells = [line.split("│")[1:-1] for line in text.splitlines() if line.startswith("│")]
+    column = ["".join(row[i].strip() for row in cells) for i in range(8)]   # folded cells joined
+    assert column[0] == "".join(c.name for c in concepts), text
+    assert column[4] == "50.0 kB" * 3 or column[4].replace(" ", "") == "50.0kB" * 3, text
+    assert "SLOW:9,962" in column[6].replace(" ", ""), text
+    out = io.StringIO()
+    Console(file=out, width=80, force_terminal=False).print(concept_table(concepts[0]))
+    assert "0.2123" in out.getvalue() and "0.21230246" not in out.getvalue()
