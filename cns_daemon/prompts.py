@@ -169,8 +169,8 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
     limit = tokenizer.model_max_length - 1  # the last slot keeps EOS after truncation
     late = [s.name for s in spans if s.positions[-1] >= limit]
     if late:
-        raise BadInput(f"The prompt is too long: <{late[0]}> falls past the {limit}-token limit of "
-                       "the text encoder.", "Shorten the prompt or name the concepts earlier in it.")
+        raise BadInput(f"The prompt is too long: <{late[0]}> falls past the {limit - 1} tokens the "
+                       "text encoder reads.", "Shorten the prompt or name the concepts earlier in it.")
     check_length(tokenizer, text)
     return ExpandedPrompt(text, tuple(ids), tuple(spans))
 

@@ -78,3 +78,19 @@ def test_job_and_progress_models_round_trip():
                    progress=ProgressInfo(job="abc", state="running", phase="train", step=3, total=10,
                                          loss=0.5, eta_s=2.0))
     assert JobInfo.model_validate_json(info.model_dump_json()) == info
+
+
+def test_validation_errors_a_person_meets_read_as_words():
+    from pydantic import ValidationError
+
+    from cns_daemon.api.protocol import AddRequest, GenerateRequest, Photo, describe_validation_error
+
+    with pytest.raises(ValidationError) as exc:
+        AddRequest(name="rex", class_word="", photos=[Photo(filename="a.png", data=b"x")])
+    assert describe_validation_error(exc.value).startswith("the class word is what the concept is")
+    with pytest.raises(ValidationError) as exc:
+        GenerateRequest(prompt="")
+    assert describe_validation_error(exc.value) == "the prompt is empty"
+    with pytest.raises(ValidationError) as exc:
+        GenerateRequest(prompt="a dog", n=0)
+    assert describe_validation_error(exc.value).startswith("n: ")   # the rest keep pydantic's words

@@ -320,6 +320,17 @@ def segment(kind: str, value: str) -> str:
     return quote(check_segment(kind, value), safe="")
 
 
+# Plain words for the validation failures a person meets (field, pydantic error type); the
+# rest keep pydantic's own message.
+FRIENDLY_ERRORS = {
+    ("class_word", "string_pattern_mismatch"):
+        "the class word is what the concept is, in letters, spaces or hyphens (up to 64), such as "
+        "dog or coffee mug",
+    ("prompt", "string_too_short"): "the prompt is empty",
+    ("negative_prompt", "string_too_short"): "the negative prompt is empty",
+}
+
+
 def describe_validation_error(exc: Exception) -> str:
     """One readable line out of a pydantic ValidationError (field path: message)."""
     errors = getattr(exc, "errors", None)
@@ -327,6 +338,7 @@ def describe_validation_error(exc: Exception) -> str:
         return str(exc)
     parts = []
     for err in errors()[:3]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "request"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        friendly = FRIENDLY_ERRORS.get((loc[-1] if loc else "", err.get("type", "")))
+        parts.append(friendly or f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}")
     return "; ".join(parts)
