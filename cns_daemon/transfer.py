@@ -68,10 +68,27 @@ def decode(data: bytes) -> ConceptRecord:
                                                   tuple(shapes[name]))
             elif kind != "delta":
                 raise ValueError(f"unexpected tensor {key!r}")
+        _check_parts(record)
     except Exception as exc:  # safetensors, json, dataclass and name errors all mean "not ours"
         raise BadInput(f"This is not a cones concept file ({type(exc).__name__}: {exc}).",
                       "Export it again with `cones export NAME -o FILE`.") from None
     return record
+
+
+# What each method's concept holds (and must): a file whose parts are another method's was
+# edited or damaged, and would draw something else than it says.
+PARTS = {"cns": ({"deltas", "embeddings"}, set()), "cones": ({"masks", "embeddings"}, {"masks"}),
+         "cones2": ({"residual"}, {"residual"})}
+
+
+def _check_parts(record: ConceptRecord) -> None:
+    held = {part for part, present in (("masks", record.masks), ("deltas", record.deltas),
+                                       ("embeddings", record.embeddings),
+                                       ("residual", record.residual is not None)) if present}
+    allowed, needed = PARTS[record.meta.method]
+    if held - allowed or needed - held:
+        raise ValueError(f"it holds {', '.join(sorted(held)) or 'nothing'}, not what a "
+                         f"{record.meta.method} concept holds")
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:

@@ -111,6 +111,12 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     code, shown = cones("show", "twin", "--json")
     assert json.loads(shown)["token"] not in ("", record.meta.token)
     assert _pixels(cones, tmp_path, "a photo of <twin>") == _pixels(cones, tmp_path, "a photo of <star>")
+    # a file whose method says other than its parts (edited): it would draw something else
+    relabelled = tmp_path / "relabelled.safetensors"
+    relabelled.write_bytes(encode(dataclasses.replace(record, meta=dataclasses.replace(
+        record.meta, name="relabelled", method="cones"))))
+    code, out = cones("import", str(relabelled))
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "not what a cones concept" in " ".join(out.split()), out
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a concept file at all")
     code, out = cones("import", str(junk))   # a bad file is the person's input, not store damage
