@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,8 +159,9 @@ class Archive:
         target = self._dir(digest) / f"{digest}{photo.suffix}"
         if not target.exists():
             _atomic_write(target, photo.data)
-        if photo.caption is not None:
-            _atomic_write(target.with_suffix(".txt"), photo.caption.encode())
+        caption = target.with_suffix(".txt")
+        if photo.caption is not None and not (caption.is_file() and caption.read_bytes() == photo.caption.encode()):
+            _atomic_write(caption, photo.caption.encode())
         return digest
 
     def path(self, digest: str) -> Path:
@@ -187,9 +189,15 @@ class Archive:
 def _atomic_write(target: Path, data: bytes) -> None:
     """Photos of people are private: folders 0700, files 0600, whatever the umask."""
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    # One temporary name per write: requests archiving the same photo run in threads of one
+    # process, and a name per process let one rename the other's file away.
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # a full disk leaves no half file behind
+        raise

@@ -92,3 +92,18 @@ def test_different_pictures_are_kept_even_when_alike():
         grey.append(_encoded(Image.fromarray(values), "PNG"))
     good, skipped = check_photos([(f"{i}.png", d, None) for i, d in enumerate(photos + grey)])
     assert len(good) == 7 and skipped == []
+
+
+def test_one_photo_archived_by_many_requests_at_once(tmp_path):
+    """Requests run in threads of one process: each write has its own temporary file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cns_daemon.archive import Archive, check_photo
+
+    archive = Archive(tmp_path / "archive")
+    photos = [check_photo("a.png", _encoded(Image.new("RGB", (40, 40), (9, 9, 9)), "PNG"), f"caption {i % 2}")
+              for i in range(64)]
+    with ThreadPoolExecutor(8) as pool:
+        digests = set(pool.map(archive.put, photos))
+    assert len(digests) == 1
+    assert not [p for p in (tmp_path / "archive").rglob("*") if p.name.endswith(".tmp")]
