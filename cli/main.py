@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -22,7 +21,7 @@ from cli.config import JSON, settings
 from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
-                       status_table)
+                       status_table, write_file)
 from cns_daemon.api.errors import BadInput, Conflict
 from cns_daemon.api.names import validate_name
 from cns_daemon.archive import sidecar_caption
@@ -197,7 +196,7 @@ def export(name: str,
     with client() as c:
         data = c.export(name)
     output_folder(target.parent)   # a new folder only once there is something to put in it
-    _write(target, data)
+    write_file(target, data, "Give -o a writable file path; an earlier file there is kept as it was.")
     console.print(f"Wrote <{name}> to {target} ({len(data):,} bytes).", highlight=False)
 
 
@@ -248,7 +247,10 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
         # Named after the job, so a second run into the same folder adds its images beside the
         # first's instead of replacing some of them under a contact sheet that no longer fits.
         def keep(p: str) -> str:
-            return str(shutil.copy2(p, out / f"{job.id}-{Path(p).name}"))
+            target = out / f"{job.id}-{Path(p).name}"
+            write_file(target, Path(p).read_bytes(),
+                       f"The images are in {Path(p).parent}; free space or give -o a writable folder.")
+            return str(target)
 
         copied = [keep(p) for p in result.images]
         sheet = keep(result.contact_sheet) if result.contact_sheet else None
@@ -304,13 +306,6 @@ def _export_target(name: str, output: str) -> Path:
         raise BadInput(f"The folder {path.parent} does not exist.",
                        "Create it first, give -o a file in an existing folder, or end -o with / for a new folder.")
     return path
-
-
-def _write(path: Path, data: bytes) -> None:
-    try:
-        path.write_bytes(data)
-    except OSError as exc:
-        raise BadInput(f"Cannot write {path}: {exc.strerror or exc}.", "Give -o a writable file path.") from None
 
 
 def _prompt_lines(path: Path) -> list[str]:

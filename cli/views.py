@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Iterable
 
@@ -15,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cns_daemon.api.errors import BadInput, ConesError, from_code
+from cns_daemon.api.errors import BadInput, ConesError, Storage, from_code, storage_error
 from cns_daemon.api.protocol import (FINAL_STATES, STREAM_STOPPING, ConceptInfo, ErrorBody, JobInfo,
                                      ProgressInfo, StatusInfo)
 
@@ -47,9 +49,26 @@ def output_folder(path: Path, what: str = "files") -> None:
         raise BadInput(f"{path} is a file, not a folder.", f"Give -o a folder for the {what}.")
     try:
         path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".cones-write-test-{uuid.uuid4().hex}"   # read-only or full: said now
+        probe.write_bytes(b"x")
+        probe.unlink()
     except OSError as exc:
-        raise BadInput(f"Cannot make the folder {path}: {exc.strerror or exc}.",
+        raise BadInput(f"Cannot write into the folder {path}: {exc.strerror or exc}.",
                        "Give -o a folder you can write to.") from None
+
+
+def write_file(path: Path, data: bytes, hint: str = "Give -o a writable place.") -> None:
+    """All of `data` at `path`, or nothing there: written beside it and renamed into place, so a
+    full disk leaves neither a cut file nor a lost earlier one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        known = storage_error(exc)
+        raise (Storage(f"Cannot write {path}: {exc.strerror}.", hint) if known else
+               BadInput(f"Cannot write {path}: {exc.strerror or exc}.", hint)) from None
 
 
 def handled(fn):

@@ -105,16 +105,25 @@ def check_negative_prompt(negative_prompt: str | None, tokenizer) -> None:
         check_length(tokenizer, negative_prompt, "negative prompt")
 
 
+NATIVE_TIMES = 4   # the largest side generated, in multiples of the model's own
+
+
 def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     """(height, width) in pixels: the model's native size where not given; BadInput for a size
     the pipeline refuses (diffusers' Stable Diffusion pipeline takes multiples of 8 only) or its
-    VAE cannot divide."""
+    VAE cannot divide, and for a side over NATIVE_TIMES the native one (SD 1.5: 2,048 px): the
+    model draws nothing good there, and a step's attention cost grows with the square of the
+    pixels (on the 32 px toy world 512 px took a minute a step, and a cancel waits for a step)."""
     default = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     h, w = height or default, width or default
     step = math.lcm(8, int(pipe.vae_scale_factor))   # the UNet pads odd latent sizes itself
     if h % step or w % step or h < step or w < step:
         raise BadInput(f"Image size {w}x{h} is not a positive multiple of {step} pixels.",
                        f"Use width and height divisible by {step}.")
+    most = NATIVE_TIMES * default
+    if max(h, w) > most:
+        raise BadInput(f"Image size {w}x{h} is over {most} px a side, {NATIVE_TIMES} times what this "
+                       f"model draws ({default} px).", f"Use sides up to {most} px.")
     return h, w
 
 

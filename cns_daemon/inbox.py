@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cns_daemon.archive import CheckedPhoto, check_photos, sidecar_caption
-from cns_daemon.api.errors import BadInput, ConesError
+from cns_daemon.api.errors import BadInput, ConesError, storage_error
 from cns_daemon.api.protocol import FINAL_STATES, MAX_SEED, SkippedFile, learn_steps
 from cns_daemon.api.names import METHODS, validate_name
 from store.records import JobRecord
@@ -135,9 +135,12 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
     captions = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in stems}
     candidates = [p for p in files if p.name != CONFIG_FILE and p not in captions.values()]
-    return check_photos([(p.name, p.read_bytes(),
-                          sidecar_caption(captions[p.stem]) if p.stem in captions else None)
-                         for p in candidates])
+    good, skipped = check_photos([(p.name, p.read_bytes(),
+                                   sidecar_caption(captions[p.stem]) if p.stem in captions else None)
+                                  for p in candidates])
+    broken = sorted(p.name for p in folder.iterdir() if p.is_symlink() and not p.exists())
+    return good, skipped + [SkippedFile(file=n, reason="a link to a file that is not there")
+                            for n in broken]
 
 
 def write_note(folder: Path, note: str, lines: list[str], signature: str) -> None:
@@ -178,8 +181,11 @@ def latest_change(folder: Path) -> float:
         if p.name not in NOTE_FILES:
             try:
                 newest = max(newest, p.stat().st_mtime)
-            except FileNotFoundError:  # removed while we looked: it changed, which is the point
-                newest = time.time()
+            except FileNotFoundError:
+                try:   # a link to a file that is not there: the link's own time
+                    newest = max(newest, p.lstat().st_mtime)
+                except FileNotFoundError:   # removed while we looked: it changed, which is the point
+                    newest = time.time()
     return newest
 
 
@@ -194,6 +200,8 @@ class Inbox:
         self._taken: dict[str, str] = {}        # folder name -> inputs signature when taken
         self._idents: dict[str, tuple[int, int]] = {}   # in-flight folder name -> (st_dev, st_ino)
         self._moved: dict[str, str] = {}        # in-flight folder name -> the name it has now
+        self._unwritable: dict[str, str] = {}   # folder name -> inputs signature of a failure
+                                                # whose ERROR.txt could not be written
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -215,6 +223,7 @@ class Inbox:
             else:
                 self._in_flight[folder] = job.id
                 self._remember(self.root / folder)
+        self._note_ended_at_start()
         self.service.job_listeners.append(self._job_changed)
 
         inbox = self
@@ -233,6 +242,20 @@ class Inbox:
         self._thread = threading.Thread(target=self._loop, name="cones-inbox", daemon=True)
         self._thread.start()
         log.info("watching the inbox %s (settle %.1fs)", self.root, self.settle)
+
+    def _note_ended_at_start(self) -> None:
+        """A folder whose newest job ended while no inbox listened (failed at start-up after
+        the service stopped under it twice) gets its note now, so it is not taken again as if
+        new: a learn that brings the service down must not loop through restarts."""
+        newest: dict[str, JobRecord] = {}
+        for job in self.service.worker.jobs.jobs():
+            folder = job.request.get("inbox_folder") if job.kind == "learn" else None
+            if folder and (folder not in newest or job.created > newest[folder].created):
+                newest[folder] = job
+        for folder_name, job in newest.items():
+            folder = self.root / folder_name
+            if job.state in ("failed", "cancelled") and folder.is_dir() and noted_signature(folder) is None:
+                self._job_changed(job)
 
     def stop(self) -> None:
         self._stop.set()
@@ -274,7 +297,7 @@ class Inbox:
                 last = max(self._events.get(folder.name, 0.0), latest_change(folder))
             if now - last < self.settle:
                 continue
-            noted = noted_signature(folder)
+            noted = noted_signature(folder) or self._unwritable.get(folder.name)
             if noted is not None and noted in (inputs_signature(folder),
                                                inputs_signature(folder, named=False)):
                 continue   # already told the person; wait for them to change something
@@ -291,9 +314,17 @@ class Inbox:
             job = self.service.submit_learn(spec.name, spec.class_word, spec.method, spec.steps,
                                             spec.seed, photos, skipped, source="inbox",
                                             inbox_folder=folder.name, options=spec.options)
-        except ConesError as exc:
-            log.warning("inbox folder %s: %s", folder.name, exc.message)
-            write_error(folder, name, exc, skipped, signature)
+        except (ConesError, OSError) as exc:
+            error = exc if isinstance(exc, ConesError) else storage_error(exc)
+            if error is None:   # a file vanished or could not be read: the next scan looks again
+                log.warning("inbox folder %s: %s", folder.name, exc)
+                return None
+            log.warning("inbox folder %s: %s", folder.name, error.message)
+            try:
+                write_error(folder, name, error, skipped, signature)
+            except OSError as note_exc:   # the inbox's disk is full too: do not retry in a loop
+                log.warning("inbox folder %s: cannot write its %s: %s", folder.name, ERROR_FILE, note_exc)
+                self._unwritable[folder.name] = signature
             return None
         with self._lock:
             self._in_flight[folder.name] = job.id

@@ -33,7 +33,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as StarletteRoute
 
-from cns_daemon.api.errors import BadInput, ConesError, ErrorCode, Internal, NotFound, ProtocolMismatch
+from cns_daemon.api.errors import (BadInput, ConesError, ErrorCode, Internal, NotFound, ProtocolMismatch,
+                                   storage_error)
 from cns_daemon.api.protocol import (API_PREFIX, FINAL_STATES, MAX_JOBS_LISTED, NDJSON, PROTOCOL_HEADER,
                                      PROTOCOL_VERSION, SEGMENTS, STREAM_STOPPING, AddRequest, ConceptInfo, ConceptList,
                                      ErrorBody, EvalRequest, GenerateRequest, JobInfo, JobList,
@@ -168,7 +169,11 @@ class App:
                 return await route.handler(request, params)
             except ConesError as exc:
                 return error_response(exc)
-            except Exception as exc:  # a bug: log it, answer in typed form, keep serving
+            except Exception as exc:  # a full disk, or a bug: answer in typed form, keep serving
+                known = storage_error(exc)
+                if known is not None:
+                    log.warning("request %s %s: %s", request.method, request.url.path, known.message)
+                    return error_response(known)
                 log.exception("request %s %s failed", request.method, request.url.path)
                 return error_response(Internal(f"The service failed on this request: "
                                                f"{type(exc).__name__}: {exc}"))

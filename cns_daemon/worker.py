@@ -23,7 +23,7 @@ from typing import Callable, Protocol
 
 from pydantic import BaseModel
 
-from cns_daemon.api.errors import Cancelled, ConesError, Internal, NotFound
+from cns_daemon.api.errors import Cancelled, ConesError, Internal, NotFound, storage_error
 from cns_daemon.jobkinds import INTERLEAVED, KINDS, pausable, summarize
 from cns_daemon.methods.base import CancelToken, ProgressEvent
 from cns_daemon.api.protocol import FINAL_STATES, ErrorBody, JobInfo, JobResult, ProgressInfo
@@ -104,6 +104,7 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._running: list[tuple[JobRecord, CancelToken]] = []   # outermost first
+        self._cancelled_by_user: set[str] = set()   # running jobs a person cancelled
 
     # ------------------------------------------------------------ start-up and shutdown
 
@@ -173,6 +174,7 @@ class Worker:
             elif job.state == "running":
                 for running, token in self._running:
                     if running.id == job_id:
+                        self._cancelled_by_user.add(job_id)   # a stop meanwhile must not requeue it
                         token.cancel()
         if was_queued:
             self.on_change(job)
@@ -245,17 +247,22 @@ class Worker:
             state, error = "done", None
         except Cancelled as exc:
             result = None
-            if self._stop.is_set():  # shutdown, not the user: back in the queue for next start
-                state, error = "queued", None
+            if self._stop.is_set() and job.id not in self._cancelled_by_user:
+                state, error = "queued", None   # shutdown, not the user: back in the queue
             else:
                 state, error = "cancelled", error_body(exc)
         except ConesError as exc:
             result, state, error = None, "failed", error_body(exc)
-        except Exception as exc:  # a bug: keep serving, tell the user in typed form
-            log.exception("job %s failed", job.id)
+        except Exception as exc:  # a full disk, or a bug: keep serving, tell the user in typed form
             result, state = None, "failed"
-            error = error_body(Internal(f"The job failed unexpectedly: {type(exc).__name__}: {exc}"))
+            known = storage_error(exc)
+            if known is not None:
+                log.warning("job %s failed: %s", job.id, known.message)
+            else:
+                log.exception("job %s failed", job.id)
+            error = error_body(known or Internal(f"The job failed unexpectedly: {type(exc).__name__}: {exc}"))
         with self._lock:
+            self._cancelled_by_user.discard(job.id)
             job = self.jobs.get_job(job.id)
             if state == "queued":
                 job.state, job.started, job.attempts = "queued", None, max(0, job.attempts - 1)

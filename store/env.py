@@ -16,7 +16,7 @@ from typing import Callable, Iterator, TypeVar
 
 import lmdb
 
-from cns_daemon.api.errors import Corrupt, Internal, NotFound, Unavailable
+from cns_daemon.api.errors import Corrupt, Internal, NotFound, Storage, Unavailable
 
 DB_NAMES = ("meta", "concepts", "masks", "residuals", "deltas", "embeddings", "overlap", "jobs")
 # LMDB's own errors for a damaged B-tree (a page number that points nowhere, a page of the wrong
@@ -159,7 +159,11 @@ class Env:
                 raise
             except PAGE_ERRORS as exc:   # callers that can pin it on one record catch it inside fn
                 raise damaged_store(self.path, exc) from None
-            except lmdb.Error as exc:
+            except lmdb.Error as exc:   # nothing was committed; the store is as it was
+                if write:   # a full disk shows as an I/O error of the commit
+                    raise Storage(f"The concept store at {self.path} could not be written: "
+                                  f"{str(exc).rstrip('.')}.",
+                                  "Check free disk space and the folder's permissions.") from None
                 raise Unavailable(f"The concept store at {self.path} failed: {str(exc).rstrip('.')}.",
                                   "Check free disk space and the folder's permissions.") from None
         raise AssertionError("unreachable")

@@ -243,3 +243,38 @@ def test_a_folder_renamed_while_its_job_runs_is_followed_not_taken_again(daemon)
         time.sleep(10 * 0.3)
         assert {j.id for j in c.jobs() if j.kind == "learn"} == {slow.id, quick.id}
         assert {x.name for x in c.concepts()} == {"quick"}
+
+
+def test_a_folder_whose_learn_the_service_died_under_twice_is_not_taken_again(daemon):
+    home, start = daemon
+    folder = home / "inbox" / "crash.dog"
+    write_photos(folder, 2)
+    (folder / "concept.toml").write_text("steps = 50000\n")
+    first = None
+    for attempt in (1, 2):
+        d = start()
+        with Client(d.socket) as c:
+            job = wait_until(lambda: next(iter(_learn_jobs(c, "crash")), None), timeout=20, what="taken")
+            first = first or job.id
+            assert job.id == first   # the same job, run once more after the first crash
+            wait_until(lambda: c.job(job.id).state == "running", timeout=20, what=f"attempt {attempt}")
+        d.kill(9)
+    d = start()
+    with Client(d.socket) as c:
+        wait_until(lambda: c.job(first).state == "failed", timeout=20, what="failed after two crashes")
+        wait_until(lambda: (folder / ERROR_FILE).exists(), timeout=20, what="ERROR.txt")
+        assert "twice" in (folder / ERROR_FILE).read_text()
+        time.sleep(10 * 0.3)
+        assert [j.id for j in _learn_jobs(c, "crash")] == [first]   # not taken again
+
+
+def test_a_link_to_a_missing_photo_does_not_hold_the_folder_back(daemon):
+    home, start = daemon
+    d = start()
+    folder = home / "inbox" / "linked.dog"
+    write_photos(folder, 2)
+    (folder / "photo9.png").symlink_to(home / "nowhere.png")
+    with Client(d.socket) as c:
+        job = wait_until(lambda: next((j for j in _learn_jobs(c, "linked") if j.state == "done"), None),
+                         timeout=20, what="learned despite the broken link")
+        assert [(s.file, s.reason) for s in job.skipped] == [("photo9.png", "a link to a file that is not there")]

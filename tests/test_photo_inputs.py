@@ -107,3 +107,27 @@ def test_one_photo_archived_by_many_requests_at_once(tmp_path):
         digests = set(pool.map(archive.put, photos))
     assert len(digests) == 1
     assert not [p for p in (tmp_path / "archive").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_is_a_storage_error_and_leaves_the_earlier_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from cli.views import write_file
+    from cns_daemon.api.errors import EXIT_CODES, ErrorCode, Storage, storage_error
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+    assert isinstance(storage_error(full), Storage) and EXIT_CODES[ErrorCode.STORAGE] == 12
+    assert "No space left" in storage_error(full).message
+    assert storage_error(FileNotFoundError(errno.ENOENT, "gone")) is None
+    target = tmp_path / "rex.safetensors"
+    target.write_bytes(b"the earlier export")
+
+    def no_room(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "replace", no_room)
+    with pytest.raises(Storage, match="Cannot write"):
+        write_file(target, b"a new export")
+    assert target.read_bytes() == b"the earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == ["rex.safetensors"]   # no temporary file left

@@ -213,6 +213,7 @@ def test_generate_takes_negative_prompt_guidance_and_size(cones, daemon, tmp_pat
         before = len(c.jobs(limit=1000))
     for args, said in ((("--negative", "no <neg>"), "negative prompt"),
                        (("--width", "34"), "multiple of 8"),
+                       (("--width", "136"), "over 128 px a side"),   # 4 times the tiny model's 32
                        (("--steps", "1000"), "between 1 and 999"),
                        (("--guidance-scale", "0.5"), "guidance_scale"),
                        (("--height", "5000"), "height")):

@@ -6,6 +6,7 @@ problem raises one of these; nothing else should reach a user.
 """
 from __future__ import annotations
 
+import errno
 from enum import Enum
 
 
@@ -20,6 +21,7 @@ class ErrorCode(str, Enum):
     PROTOCOL = "protocol"              # client and service speak different versions
     CANCELLED = "cancelled"            # a job was cancelled
     UNAVAILABLE = "unavailable"        # service not running, optional extra missing
+    STORAGE = "storage"                # a folder cannot be written: disk full, read-only, no permission
     INTERNAL = "internal"              # a bug: report it
 
 
@@ -35,6 +37,7 @@ EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.PROTOCOL: 9,
     ErrorCode.CANCELLED: 10,
     ErrorCode.UNAVAILABLE: 11,
+    ErrorCode.STORAGE: 12,
     ErrorCode.INTERNAL: 70,
 }
 
@@ -111,13 +114,32 @@ class Unavailable(ConesError):
     default_hint = "Start the service with `cones serve` (or `cones service install`)."
 
 
+class Storage(ConesError):
+    code = ErrorCode.STORAGE
+    default_hint = "Free space on that disk or make the folder writable, then try again."
+
+
+# What the operating system says when a folder cannot take a write: the person's disk, not a bug.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.EFBIG})
+
+
+def storage_error(exc: BaseException) -> Storage | None:
+    """A Storage error for an OSError that says a folder cannot be written, else None."""
+    if not isinstance(exc, OSError) or exc.errno not in STORAGE_ERRNOS:
+        return None
+    where = exc.filename2 or exc.filename
+    return Storage(f"Cannot write {where}: {exc.strerror}." if where else f"A write failed: {exc.strerror}.")
+
+
 class Internal(ConesError):
     code = ErrorCode.INTERNAL
 
 
 ERROR_TYPES: dict[ErrorCode, type[ConesError]] = {
     cls.code: cls for cls in (BadInput, NotFound, Conflict, BadPhoto, ModelMismatch, Corrupt,
-                              ModelLoad, ProtocolMismatch, Cancelled, Unavailable, Internal)
+                              ModelLoad, ProtocolMismatch, Cancelled, Unavailable, Storage,
+                              Internal)
 }
 
 

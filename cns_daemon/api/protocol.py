@@ -40,7 +40,8 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 # 2: concept states, job notes, the seed range, strict path segments, 405/413 answers.
 # 3: a photo may carry its caption (`Photo.caption`), as an inbox sidecar does.
 # 4: a generate request may carry a negative prompt, a CFG scale and an image size.
-PROTOCOL_VERSION = "4"
+# 5: the `storage` error (a folder cannot be written); a learn job keeps its photos' names.
+PROTOCOL_VERSION = "5"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 # The message of the last line of a job's event stream when the service stops before the job ends.
 STREAM_STOPPING = ("The service is stopping before the job finished; the job stays in its queue "
