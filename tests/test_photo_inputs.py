@@ -131,3 +131,25 @@ def test_a_full_disk_is_a_storage_error_and_leaves_the_earlier_file(tmp_path, mo
         write_file(target, b"a new export")
     assert target.read_bytes() == b"the earlier export"
     assert [p.name for p in tmp_path.iterdir()] == ["rex.safetensors"]   # no temporary file left
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("JPEG", "RGB"), ("PNG", "I;16")])
+def test_a_large_photo_is_kept_at_a_trainable_size(tmp_path, fmt, mode):
+    """A learn holds every photo for its whole run: a 50-megapixel photo must not stay at
+    150 MB when training crops 512 px at most."""
+    from cns_daemon.methods.data import KEEP_SHORT_SIDE
+
+    if mode == "I;16":
+        values = np.full((2048, 3072), 30000, dtype=np.uint16)
+        img = Image.fromarray(values)
+    else:
+        img = Image.new(mode, (3072, 2048), (200, 30, 30))
+    path = tmp_path / f"big.{fmt.lower()}"
+    img.save(path, format=fmt)
+    shown = load_photo(path)
+    assert shown.size == (KEEP_SHORT_SIDE * 3 // 2, KEEP_SHORT_SIDE)
+    if mode == "I;16":
+        assert abs(np.asarray(shown).mean() - 30000 / 257) < 1
+    small = tmp_path / "small.png"
+    Image.new("RGB", (640, 480), (1, 2, 3)).save(small)
+    assert load_photo(small).size == (640, 480)   # smaller ones are left as they are
