@@ -73,8 +73,9 @@ def store_check(as_json: bool = JSON) -> None:
 @store_app.command("salvage")
 @handled
 def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a fresh store even when nothing is damaged.")) -> None:
-    """Copy every readable concept and job into a fresh store; the damaged one is kept aside.
-    The service must be stopped."""
+    """Copy every readable concept and job into a fresh store (the service must be stopped).
+
+    The damaged store is kept aside as store.damaged-DATE."""
     from cns_daemon.api.errors import NotFound
     from cns_daemon.daemon import DATA_LOCK, InstanceLock
     from store.salvage import check, salvage
@@ -87,8 +88,10 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
     paths.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
     locks = [InstanceLock(paths.runtime / "cones.lock"), InstanceLock(paths.data / DATA_LOCK)]
     try:
-        locks[0].acquire(paths.socket)
-        locks[1].acquire(None)
+        stop_first = ("Stop it first (`systemctl --user stop cones`, or end its `cones serve`), "
+                      "then salvage.")
+        locks[0].acquire(paths.socket, stop_first)
+        locks[1].acquire(None, stop_first)
         if check(paths.store).ok and not force:
             console.print(f"Nothing is damaged in {paths.store}; nothing was moved (--force "
                           "copies it into a fresh store anyway).", highlight=False)

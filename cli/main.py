@@ -69,7 +69,7 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
 
 @app.command()
 @handled
-def serve(model: Optional[str] = typer.Option(None, help="Diffusers folder, .safetensors/.ckpt file, hub id, or 'tiny'."),
+def serve(model: Optional[str] = typer.Option(None, help="Diffusers folder or .safetensors/.ckpt file (default: the shipped toy-world model; 'tiny': a seeded test model)."),
           device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
           dtype: Optional[str] = typer.Option(None, help="auto | float32 | float16 | bfloat16"),
           settle: Optional[float] = typer.Option(None, help="Seconds an inbox folder must be quiet before it is taken."),
@@ -100,7 +100,7 @@ def status(as_json: bool = JSON) -> None:
 @app.command()
 @handled
 def add(name: str = typer.Argument(..., help="Concept name, used as <name> in prompts."),
-        photos: List[Path] = typer.Argument(..., help="3-5 photos of it."),
+        photos: List[Path] = typer.Argument(..., help="Photos of it: at least 2 different, 3-5 work best, at most 64."),
         class_word: str = typer.Option(..., "--class", help="What it is: dog, mug, star …"),
         method: Optional[str] = typer.Option(None, help="cns (default) | cones | cones2"),
         steps: Optional[int] = typer.Option(None, help="Training steps (default: the method's)."),
@@ -207,7 +207,7 @@ def import_(file: Path) -> None:
     if file.is_dir():
         raise BadInput(f"{file} is a folder.", "Give the exported .safetensors file itself.")
     if not file.is_file():
-        raise BadInput(f"No such file: {file}.")
+        raise BadInput(f"No such file: {file}.", "Check the path of the exported .safetensors file.")
     with client() as c:
         job = wait_for(c, c.import_file(file.read_bytes()), quiet=True)
     console.print(f"Imported <{job.result.concept if job.result else '?'}>.", highlight=False)
@@ -362,8 +362,10 @@ def demo(model: Optional[str] = typer.Option(None, help="Model for a temporary s
          images: int = typer.Option(4, help="Images per generation."),
          seed: int = typer.Option(0, help="Seed for photos and generations."),
          sample_steps: Optional[int] = typer.Option(None, help="Denoising steps per generation.")) -> None:
-    """Offline tour: learn two toy-world concepts (inbox + add), generate with and without them
-    and with both in boxes, print the probe's verdict and the contact sheets."""
+    """Offline tour: learn two toy-world concepts, generate with them, in boxes, and without.
+
+    One concept comes through the inbox, one through `cones add`; the probe's verdict and the
+    contact sheets' paths are printed."""
     from cli import demo as tour
 
     tour.run(tour.Options(model=model, method=method, steps=steps, images=images, seed=seed,

@@ -33,8 +33,10 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
            seed: int = typer.Option(0, help="Same seed, same photos."),
            out: Path = typer.Option(..., "-o", "--out", help="Folder for NNN.png + NNN.txt (caption)."),
            force: bool = typer.Option(False, "--force", help="Replace the photos a folder already holds.")) -> None:
-    """Write photos of one object (a 'personal concept') with sidecar captions that describe it
-    as a captioning model would (shape, colours, pattern, background; never the tilt)."""
+    """Write photos of one object (a 'personal concept') with sidecar captions.
+
+    The captions describe it as a captioning model would (shape, colours, pattern, background;
+    never the tilt)."""
     from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
 
     try:
@@ -81,7 +83,7 @@ def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the t
     loaded = []
     for path in images:
         if not path.is_file():
-            raise NotFound(f"No image at {path}.", "Check the path.")
+            raise BadInput(f"No image at {path}.", "Check the path.")   # a missing input, as in add
         try:
             with Image.open(path) as im:
                 loaded.append(im.convert("RGB"))

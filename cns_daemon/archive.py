@@ -148,6 +148,16 @@ def check_photos(items: list[tuple[str, bytes, str | None]]) -> tuple[list[Check
     return good, skipped
 
 
+def make_private(root: Path) -> None:
+    """Folders 0700 and files 0600 from `root` down: the data folder holds photos of people."""
+    os.chmod(root, 0o700)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(folder, d), 0o700)
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o600)
+
+
 class Archive:
     """Content-addressed files under `root`: <root>/<aa>/<sha256><suffix> (+ .txt caption)."""
 

@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 from typing import Callable
 
-from cns_daemon.archive import Archive
+from cns_daemon.archive import Archive, make_private
 from cns_daemon.api.errors import BadInput, Conflict, ConesError
 from cns_daemon.notify import Notifier
 from cns_daemon.api.settings import Paths, Settings
@@ -48,14 +48,8 @@ def prepare_data(paths: Paths) -> None:
     make_folder(paths.data, "data folder", "data_dir")
     os.chmod(paths.data, 0o700)
     for root in (paths.store, paths.archive):
-        if not root.is_dir():
-            continue
-        os.chmod(root, 0o700)
-        for folder, dirs, files in os.walk(root):
-            for d in dirs:
-                os.chmod(os.path.join(folder, d), 0o700)
-            for f in files:
-                os.chmod(os.path.join(folder, f), 0o600)
+        if root.is_dir():
+            make_private(root)
 
 
 def prepare_runtime(paths: Paths) -> None:
@@ -80,9 +74,10 @@ class InstanceLock:
         self.path = path
         self.fd: int | None = None
 
-    def acquire(self, socket_path: Path | None) -> None:
+    def acquire(self, socket_path: Path | None, hint: str | None = None) -> None:
         """`socket_path` None: the lock guards the data folder, whatever socket its holder
-        serves on (another runtime folder, e.g. a shell without the service's XDG_RUNTIME_DIR)."""
+        serves on (another runtime folder, e.g. a shell without the service's XDG_RUNTIME_DIR).
+        `hint`: what to do when it is held (default: what a second `cones serve` should do)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -91,8 +86,8 @@ class InstanceLock:
             owner = self.path.read_text().strip() or "?"
             where = f"on {socket_path}" if socket_path else f"on the data folder {self.path.parent}"
             raise Conflict(f"A cones service is already running {where} (pid {owner}).",
-                           "Use it (`cones status`), stop it first (`systemctl --user stop cones` "
-                           "or end its `cones serve`), or give this one another CONES_HOME.") from None
+                           hint or "Use it (`cones status`), stop it first (`systemctl --user stop "
+                           "cones` or end its `cones serve`), or give this one another CONES_HOME.") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -203,6 +198,10 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
     prepare_runtime(paths)
     lock = InstanceLock(paths.runtime / "cones.lock")
     lock.acquire(paths.socket)
+    if paths.socket.is_dir() and not paths.socket.is_symlink():   # said now, not after the model loads
+        lock.release()
+        raise BadInput(f"A folder stands where the service's socket goes: {paths.socket}.",
+                       "Move it away, or point runtime_dir (config.toml or CONES_RUNTIME_DIR) elsewhere.")
     sock = None
     inbox = None
     service = None

@@ -35,7 +35,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cns_daemon.archive import CheckedPhoto, check_photos, sidecar_caption
+from cns_daemon.archive import CheckedPhoto, check_photos, make_private, sidecar_caption
 from cns_daemon.api.errors import BadInput, ConesError, storage_error
 from cns_daemon.api.protocol import FINAL_STATES, MAX_SEED, SkippedFile, learn_steps
 from cns_daemon.api.names import METHODS, validate_name
@@ -160,15 +160,15 @@ def write_error(folder: Path, name: str, exc: ConesError, skipped: list[SkippedF
              f"Why: {exc.message}", f"What to do: {exc.hint}", ""]
     if skipped:
         lines += ["Skipped files:"] + [f"  {s.file}: {s.reason}" for s in skipped] + [""]
-    lines += ["The service tries again as soon as a photo, caption or concept.toml in this "
-              "folder changes."]
+    lines += ["The service tries again as soon as you rename this folder or a photo, caption or "
+              "concept.toml in it changes."]
     write_note(folder, ERROR_FILE, lines, signature)
 
 
 def write_cancelled(folder: Path, name: str, job_id: str, signature: str) -> None:
     lines = [f"Learning <{name}> from this folder was cancelled (job {job_id}).", "",
-             "cones will not take this folder again until a photo, caption or concept.toml in it",
-             "changes. Delete the folder if you do not want the concept.", ""]
+             "cones will not take this folder again until you rename it or a photo, caption or",
+             "concept.toml in it changes. Delete the folder if you do not want the concept.", ""]
     write_note(folder, CANCELLED_FILE, lines, signature)
 
 
@@ -413,6 +413,7 @@ class Inbox:
             dest = archive.root / "inbox-leftovers" / f"{folder.name}-{job.id}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(folder), str(dest))
+            make_private(dest)   # in the data folder now: as private as the rest of it
         else:
             shutil.rmtree(folder)
 

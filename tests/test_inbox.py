@@ -86,6 +86,8 @@ def test_inbox_drop_learns_and_cleans_up(daemon):
     wait_until(lambda: not folder.exists(), what="inbox folder removed")
     leftovers = list((home / "data" / "archive" / "inbox-leftovers").rglob("readme.txt"))
     assert len(leftovers) == 1 and leftovers[0].read_text() == "my dog"   # nothing deleted unread
+    assert leftovers[0].stat().st_mode & 0o777 == 0o600                       # private, as the data is
+    assert leftovers[0].parent.stat().st_mode & 0o777 == 0o700
 
 
 def test_inbox_errors_then_retry_after_fix(daemon):

@@ -76,6 +76,11 @@ def test_cli_names_a_broken_config_file_and_a_folder_it_cannot_use(cones_home, m
     result = CliRunner().invoke(app, ["serve", "--no-inbox"])
     assert result.exit_code == 2 and "Cannot use" in result.stderr and "data_dir" in result.stderr, \
         result.output
+    monkeypatch.delenv("CONES_DATA_DIR")
+    (cones_home / "run" / "cones.sock").mkdir(parents=True)   # a folder where the socket goes
+    result = CliRunner().invoke(app, ["serve", "--no-inbox"])
+    assert result.exit_code == 2 and "A folder stands where the service's socket goes" in \
+        " ".join(result.stderr.split()), result.output
 
 
 def test_cli_refusals_that_need_no_service(cones_home, tmp_path):

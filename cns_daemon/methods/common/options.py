@@ -39,7 +39,8 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             return float(value)
     elif default is None or isinstance(value, kind):
         return value
-    raise BadInput(f"Option {name!r} must be a {kind.__name__}, not {value!r}.")
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise BadInput(f"Option {name!r} must be {article} {kind.__name__}, not {value!r}.")
 
 
 def parse_options(cls: type[T], options: dict | None, steps: int | None = None) -> T:
