@@ -22,7 +22,7 @@ from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
                        status_table, write_file)
-from cns_daemon.api.errors import BadInput, Conflict
+from cns_daemon.api.errors import BadInput, Conflict, Unavailable
 from cns_daemon.api.names import validate_name
 from cns_daemon.archive import sidecar_caption
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
@@ -43,9 +43,11 @@ def client() -> Client:
     return Client(settings().paths.socket)
 
 
-def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = True) -> JobInfo:
-    """Follow a job to its end; Ctrl-C stops following, not the job. A job still queued after a
-    moment waits for another: say which (on stderr; `tell_wait` False for --json output)."""
+def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = True,
+             left_behind: str = "") -> JobInfo:
+    """Follow a job to its end; Ctrl-C stops following, not the job (`left_behind`: what the
+    command will then not do, said with it). A job still queued after a moment waits for
+    another: say which (on stderr; `tell_wait` False for --json output)."""
     try:
         running = c.status().queue.running if tell_wait and job.state == "queued" else None
         # A generate runs inside a running learn at its next step: that is no wait to tell.
@@ -59,8 +61,10 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
         follow(c.follow(job.id), quiet=quiet)
     except KeyboardInterrupt:
         err_console.print(f"Stopped following; job {job.id} goes on in the service "
-                          f"(`cones jobs`, `cones cancel {job.id}`).")
+                          f"(`cones jobs`, `cones cancel {job.id}`){left_behind}.", highlight=False)
         raise typer.Exit(130) from None
+    except Unavailable as exc:   # the service went away under us: which job to look for later
+        raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}).", exc.hint) from None
     return c.job(job.id)
 
 
@@ -239,7 +243,8 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
     if out is not None:
         output_folder(out, "images")   # before the job: a bad -o must not cost a generation
     with client() as c:
-        job = wait_for(c, c.generate(req), quiet=as_json, tell_wait=not as_json)
+        left = f"; its images stay in the service's outputs, not copied to {out}" if out else ""
+        job = wait_for(c, c.generate(req), quiet=as_json, tell_wait=not as_json, left_behind=left)
     result = job.result
     if result is None:
         raise BadInput("The job finished without images.")
