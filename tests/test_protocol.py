@@ -87,10 +87,10 @@ def test_validation_errors_a_person_meets_read_as_words():
 
     with pytest.raises(ValidationError) as exc:
         AddRequest(name="rex", class_word="", photos=[Photo(filename="a.png", data=b"x")])
-    assert describe_validation_error(exc.value).startswith("the class word is what the concept is")
+    assert describe_validation_error(exc.value).startswith("class_word: what the concept is, in letters")
     with pytest.raises(ValidationError) as exc:
         GenerateRequest(prompt="")
-    assert describe_validation_error(exc.value) == "the prompt is empty"
+    assert describe_validation_error(exc.value) == "prompt: empty"
     with pytest.raises(ValidationError) as exc:
         GenerateRequest(prompt="a dog", n=0)
     assert describe_validation_error(exc.value).startswith("n: ")   # the rest keep pydantic's words

@@ -325,10 +325,9 @@ def segment(kind: str, value: str) -> str:
 # rest keep pydantic's own message.
 FRIENDLY_ERRORS = {
     ("class_word", "string_pattern_mismatch"):
-        "the class word is what the concept is, in letters, spaces or hyphens (up to 64), such as "
-        "dog or coffee mug",
-    ("prompt", "string_too_short"): "the prompt is empty",
-    ("negative_prompt", "string_too_short"): "the negative prompt is empty",
+        "what the concept is, in letters, spaces or hyphens (up to 64), such as dog or coffee mug",
+    ("prompt", "string_too_short"): "empty",
+    ("negative_prompt", "string_too_short"): "empty",
 }
 
 
@@ -341,5 +340,5 @@ def describe_validation_error(exc: Exception) -> str:
     for err in errors()[:3]:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         friendly = FRIENDLY_ERRORS.get((loc[-1] if loc else "", err.get("type", "")))
-        parts.append(friendly or f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}")
+        parts.append(f"{'.'.join(loc) or 'request'}: {friendly or err.get('msg', 'invalid')}")
     return "; ".join(parts)
