@@ -99,7 +99,7 @@ def test_cli_probe_json(tmp_path):
     assert [r["image"] for r in rows] == [str(p) for p in paths]
     assert all((r["shape"], r["color"], r["background"]) == ("triangle", "orange", "snow") for r in rows)
     missing = CliRunner().invoke(app, ["toyworld", "probe", str(tmp_path / "nope.png")])
-    assert missing.exit_code == 3  # NotFound
+    assert missing.exit_code == 2 and "No image at" in missing.output   # a missing input, as in add
     folder = CliRunner().invoke(app, ["toyworld", "probe", str(tmp_path), "--json"])   # its images
     assert folder.exit_code == 0 and json.loads(folder.output.strip().splitlines()[-1]) == rows
     (tmp_path / "empty").mkdir()
