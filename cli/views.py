@@ -18,7 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cns_daemon.api.errors import BadInput, ConesError, Storage, from_code, storage_error
-from cns_daemon.api.protocol import (FINAL_STATES, STREAM_STOPPING, ConceptInfo, ErrorBody, JobInfo,
+from cns_daemon.api.protocol import (FINAL_STATES, PAUSED_FOR, STREAM_STOPPING, ConceptInfo, ErrorBody, JobInfo,
                                      ProgressInfo, StatusInfo)
 
 console = Console(soft_wrap=True)   # paths must stay whole for copy and paste
@@ -177,7 +177,8 @@ def jobs_table(jobs: Iterable[JobInfo]) -> Table:
     for j in jobs:
         p = j.progress
         prog = f"{p.phase} {p.step}/{p.total}" if p and p.total else (p.phase if p else "-")
-        note = "; ".join(n for n in (j.note, j.error.message if j.error else _result_note(j)) if n)
+        paused = p.message if p and p.message.startswith(PAUSED_FOR) else ""
+        note = "; ".join(n for n in (paused, j.note, j.error.message if j.error else _result_note(j)) if n)
         table.add_row(j.id, _state(j.state), j.summary, prog, ago(j.created), note)
     return table
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from cns_daemon.api.errors import Cancelled, ConesError, Internal, NotFound, storage_error
 from cns_daemon.jobkinds import INTERLEAVED, KINDS, pausable, summarize
 from cns_daemon.methods.base import CancelToken, ProgressEvent
-from cns_daemon.api.protocol import FINAL_STATES, ErrorBody, JobInfo, JobResult, ProgressInfo
+from cns_daemon.api.protocol import FINAL_STATES, PAUSED_FOR, ErrorBody, JobInfo, JobResult, ProgressInfo
 from store.records import JobRecord
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class Worker:
         paused = self.hub.latest(learn.id)
         while (job := self._take_next(INTERLEAVED)) is not None:
             if paused is not None:
-                self.hub.publish(paused.model_copy(update={"message": f"paused for generate job {job.id}"}))
+                self.hub.publish(paused.model_copy(update={"message": PAUSED_FOR + job.id}))
             self._run_one(job)
         if paused is not None:
             self.hub.publish(paused)

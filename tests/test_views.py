@@ -54,3 +54,17 @@ def test_concept_list_keeps_names_and_figures_whole_at_80_columns():
     out = io.StringIO()
     Console(file=out, width=80, force_terminal=False).print(concept_table(concepts[0]))
     assert "0.2123" in out.getvalue() and "0.21230246" not in out.getvalue()
+
+
+def test_a_learn_paused_for_a_generate_says_so_in_the_jobs_table():
+    import time
+
+    from cli.views import jobs_table
+    from cns_daemon.api.protocol import PAUSED_FOR, JobInfo
+
+    learn = JobInfo(id="aaaaaaaaaaaa", kind="learn", state="running", summary="learn <rex>",
+                    created=time.time(), progress=ProgressInfo(job="aaaaaaaaaaaa", state="running",
+                    phase="train", step=40, total=900, message=PAUSED_FOR + "bbbbbbbbbbbb"))
+    out = io.StringIO()
+    Console(file=out, width=160, force_terminal=False).print(jobs_table([learn]))
+    assert "paused for generate job bbbbbbbbbbbb" in out.getvalue(), out.getvalue()

@@ -43,6 +43,8 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 # 5: the `storage` error (a folder cannot be written); a learn job keeps its photos' names.
 PROTOCOL_VERSION = "5"
 PROTOCOL_HEADER = "X-Cones-Protocol"
+# The progress message of a learn while a generate runs inside it (`cones jobs` shows it).
+PAUSED_FOR = "paused for generate job "
 # The message of the last line of a job's event stream when the service stops before the job ends.
 STREAM_STOPPING = ("The service is stopping before the job finished; the job stays in its queue "
                    "and runs when the service is back.")
