@@ -146,6 +146,7 @@ def concept_table(c: ConceptInfo) -> Table:
     rows = [("method", c.method), ("class", c.class_word), ("token", c.token or "-"),
             ("photos", str(c.photos)), ("size", human_size(c.size_bytes)),
             ("neurons", f"{c.neurons:,}"), ("overlap", overlap_text(c.overlap)),
+            ("learned with", ", ".join(f"{k} {v}" for k, v in c.learned_with.items()) or "-"),
             ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created))),
             ("fingerprint", c.fingerprint or "-")]
     rows += [(f"metric {k}", metric_text(v)) for k, v in sorted(c.metrics.items())]

@@ -47,6 +47,8 @@ def concept_info(meta: ConceptMeta, overlap: Overlap, size_bytes: int,
                        overlap=dict(overlap.shared_with), fingerprint=meta.fingerprint,
                        metrics={k: v for k, v in meta.metrics.items()
                                 if isinstance(v, (int, float, str)) or v is None},
+                       learned_with={**{k: meta.hparams[k] for k in ("steps", "seed") if k in meta.hparams},
+                                     **meta.hparams.get("options_given", {})},
                        state=state_of(problem), problem=problem.message if problem else "",
                        hint=problem.hint if problem else "")
 
@@ -198,6 +200,7 @@ class Engine:
                          memory=self.memory)   # the methods apply it around their loops only
         record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
         record.meta.photo_digests = list(job.photo_digests)
+        record.meta.hparams["options_given"] = dict(job.options)   # `cones show`: what was asked
         record.meta.fingerprint = self.info.fingerprint
         try:
             cancel.check()   # a cancel that arrived during the last step still wins

@@ -74,6 +74,9 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
                       "--option", "prior_images=0")
     assert code == 0, out
     code, before = cones("show", "star", "--json")
+    assert json.loads(before)["learned_with"] == {"steps": 2, "seed": 0, "prior_images": 0}
+    code, shown = cones("show", "star")
+    assert "steps 2, seed 0, prior_images 0" in shown, shown
     exported = tmp_path / "star.safetensors"
     code, out = cones("export", "star", "-o", str(exported))
     assert code == 0 and exported.stat().st_size > 0, out
@@ -93,8 +96,8 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     assert code == 0, out
     code, after = cones("show", "star", "--json")
     a, b = json.loads(after), json.loads(before)
-    assert {k: a[k] for k in ("method", "class_word", "token", "photos", "fingerprint")} == \
-           {k: b[k] for k in ("method", "class_word", "token", "photos", "fingerprint")}
+    assert {k: a[k] for k in ("method", "class_word", "token", "photos", "fingerprint", "learned_with")} == \
+           {k: b[k] for k in ("method", "class_word", "token", "photos", "fingerprint", "learned_with")}
     # the same concept claimed for another base model is refused
     record = decode(exported.read_bytes())
     other = dataclasses.replace(record, meta=dataclasses.replace(record.meta, name="alien", fingerprint="0" * 32))

@@ -269,6 +269,8 @@ class ConceptInfo(Model):
     overlap: dict[str, int] = Field(default_factory=dict)
     fingerprint: str = ""
     metrics: dict[str, float | int | str | None] = Field(default_factory=dict)
+    # What it was learned with: steps, seed and the options given (not the defaults they left)
+    learned_with: dict[str, OptionValue | None] = Field(default_factory=dict)
     state: ConceptState = "ok"
     problem: str = ""                 # why it is not ok
     hint: str = ""                    # what to do about it
