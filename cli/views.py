@@ -143,11 +143,13 @@ def concept_table(c: ConceptInfo) -> Table:
     table = Table(title=f"<{c.name}>", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
-    rows = [("method", c.method), ("class", c.class_word), ("token", c.token or "-"),
+    rows = ([("state", f"{STATE_LABELS.get(c.state, c.state)}: {escape(c.problem)} {escape(c.hint)}")]
+            if c.state != "ok" else [])
+    rows += [("method", c.method or "?"), ("class", c.class_word), ("token", c.token or "-"),
             ("photos", str(c.photos)), ("size", human_size(c.size_bytes)),
             ("neurons", f"{c.neurons:,}"), ("overlap", overlap_text(c.overlap)),
             ("learned with", ", ".join(f"{k} {v}" for k, v in c.learned_with.items()) or "-"),
-            ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created))),
+            ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created)) if c.created else "-"),
             ("fingerprint", c.fingerprint or "-")]
     rows += [(f"metric {k}", metric_text(v)) for k, v in sorted(c.metrics.items())]
     for k, v in rows:

@@ -377,13 +377,16 @@ class Engine:
         metas = sorted(self.store.list(), key=lambda m: m.created)
         listed = {m.name for m in metas}
         out = [self._info(m) for m in metas]
-        for name in sorted(set(self.store.names()) - listed):
-            problem = self.problems.get(name) or self._read_error(name)
-            out.append(ConceptInfo(name=name, method="", class_word="", token="", created=0.0,
-                                   photos=0, size_bytes=self.store.size_of(name), neurons=0,
-                                   state=state_of(problem), problem=problem.message if problem else "",
-                       hint=problem.hint if problem else ""))
+        out += [self._unreadable_info(name) for name in sorted(set(self.store.names()) - listed)]
         return out
+
+    def _unreadable_info(self, name: str) -> ConceptInfo:
+        """A concept whose metadata cannot be read: its name, size and what is wrong."""
+        problem = self.problems.get(name) or self._read_error(name)
+        return ConceptInfo(name=name, method="", class_word="", token="", created=0.0, photos=0,
+                           size_bytes=self.store.size_of(name), neurons=0, state=state_of(problem),
+                           problem=problem.message if problem else "",
+                           hint=problem.hint if problem else "")
 
     def health(self) -> dict[str, int]:
         """How many concepts are damaged / not rebuilt (for `cones status`; from what start-up
@@ -397,7 +400,11 @@ class Engine:
         return counts
 
     def concept(self, name: str) -> ConceptInfo:
-        return self._info(self._get(name).meta)
+        """As `cones list` has it (metadata only): a damaged concept is shown, not refused."""
+        if name not in self.store:
+            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.")
+        meta = next((m for m in self.store.list() if m.name == name), None)
+        return self._unreadable_info(name) if meta is None else self._info(meta)
 
     def _info(self, meta: ConceptMeta) -> ConceptInfo:
         try:

@@ -183,6 +183,10 @@ def test_damaged_concept_is_removed_and_its_name_is_free_again(home, tmp_path, m
     assert "damaged" in out and "cones rm rex" in err
     code, out, err = cones("generate", "a photo of <rex>")
     assert code == CORRUPT and "cones rm rex" in err
+    code, out, err = cones("show", "rex", "--json")   # shown as list shows it, not refused
+    assert code == 0 and json.loads(out)["state"] == "damaged" and "cones rm rex" in json.loads(out)["hint"]
+    code, out, err = cones("show", "rex")
+    assert code == 0 and "damaged" in out and "cones rm rex" in " ".join(out.split()), out + err
     code, out, err = cones("rm", "rex")
     assert code == 0, out + err
     assert _states(cones) == {"mug": "ok"}
