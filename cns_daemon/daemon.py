@@ -64,6 +64,7 @@ def prepare_runtime(paths: Paths) -> None:
 # In the data folder, beside the store: held while the store is open. Its own name, so a
 # runtime folder that is the data folder does not make the service lock itself out.
 DATA_LOCK = "store.lock"
+INBOX_LOCK = ".cones-inbox.lock"   # hidden: the inbox lists folders, and this is not one
 
 
 class InstanceLock:
@@ -207,6 +208,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
     service = None
     store = None
     data_lock = InstanceLock(paths.data / DATA_LOCK)
+    inbox_lock = InstanceLock(paths.inbox / INBOX_LOCK)
     try:
         prepare_data(paths)
         if settings.watch_inbox:   # before the model loads: a bad inbox path fails at once
@@ -222,7 +224,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
         engine.start()
         service.job_listeners.append(lambda job: notifier.status(_status_line(service)))
         sock = bind_socket(paths.socket)
-        if settings.watch_inbox:
+        if settings.watch_inbox and _own_inbox(inbox_lock, paths.inbox):
             inbox = Inbox(service, paths.inbox, settings.settle_seconds)
             inbox.start()
             service.inbox_watched = True
@@ -265,8 +267,21 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
             paths.socket.unlink(missing_ok=True)
         if store is not None and hasattr(store, "close"):
             store.close()
+        inbox_lock.release()
         data_lock.release()
         lock.release()
+
+
+def _own_inbox(lock: InstanceLock, inbox: Path) -> bool:
+    """One service watches an inbox folder: two (another CONES_HOME, the same inbox_dir) would
+    each learn every folder dropped in. The second serves without it and says why."""
+    try:
+        lock.acquire(None)
+    except Conflict:
+        owner = lock.path.read_text().strip() or "?"
+        log.warning("not watching the inbox %s: another cones service (pid %s) watches it", inbox, owner)
+        return False
+    return True
 
 
 def _status_line(service) -> str:

@@ -280,3 +280,26 @@ def test_a_link_to_a_missing_photo_does_not_hold_the_folder_back(daemon):
         job = wait_until(lambda: next((j for j in _learn_jobs(c, "linked") if j.state == "done"), None),
                          timeout=20, what="learned despite the broken link")
         assert [(s.file, s.reason) for s in job.skipped] == [("photo9.png", "a link to a file that is not there")]
+
+
+def test_one_service_watches_an_inbox_folder(daemon):
+    """Two services (two CONES_HOMEs) pointed at one inbox: only the first learns what is dropped."""
+    home, start = daemon
+    shared = home / "shared-inbox"
+    first = start(CONES_INBOX_DIR=str(shared))
+    other_home = short_home()
+    try:
+        second = start_daemon(other_home, CONES_INBOX_DIR=str(shared))
+        try:
+            with Client(second.socket) as c:
+                assert not c.status().inbox_watched
+            assert "another cones service" in second.output() and "watches it" in second.output()
+            write_photos(shared / "once.dog", 2)
+            with Client(first.socket) as c:
+                wait_until(lambda: "once" in {x.name for x in c.concepts()}, timeout=20, what="learned")
+            with Client(second.socket) as c:
+                assert not _learn_jobs(c, "once")
+        finally:
+            second.kill(15)
+    finally:
+        shutil.rmtree(other_home, ignore_errors=True)
