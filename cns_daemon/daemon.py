@@ -64,7 +64,10 @@ def prepare_runtime(paths: Paths) -> None:
 # In the data folder, beside the store: held while the store is open. Its own name, so a
 # runtime folder that is the data folder does not make the service lock itself out.
 DATA_LOCK = "store.lock"
-INBOX_LOCK = ".cones-inbox.lock"   # hidden: the inbox lists folders, and this is not one
+INBOX_LOCK = ".cones-inbox.lock"
+# A request body (at most max_request_bytes, over a local socket) that has not arrived this many
+# head timeouts after its head (60 s by default) never will: the connection is closed, not held.
+BODY_TIMEOUT_HEADS = 6   # hidden: the inbox lists folders, and this is not one
 
 
 class InstanceLock:
@@ -124,7 +127,7 @@ def _protocol_class(header_timeout: float):
     """uvicorn's h11 protocol, refusing connections from any other user (SO_PEERCRED) and
     closing a connection whose request head does not complete within `header_timeout` seconds
     (uvicorn's keep-alive timer stops at the first byte, so a head that never ends would hold
-    the connection for ever)."""
+    the connection for ever), or whose body does not within BODY_TIMEOUT_HEADS times that."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -142,10 +145,26 @@ def _protocol_class(header_timeout: float):
                     return
             self._arm_head_timer()
 
+        _body_timer = None
+
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:   # the head is complete (or refused)
                 self._disarm_head_timer()
+            if self.conn.their_state is h11.SEND_BODY:
+                if self._body_timer is None:
+                    self._body_timer = self.loop.call_later(BODY_TIMEOUT_HEADS * header_timeout,
+                                                            self._body_timed_out)
+            elif self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+        def _body_timed_out(self) -> None:
+            self._body_timer = None
+            if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+                log.warning("closed a connection whose request body did not arrive in %g s",
+                            BODY_TIMEOUT_HEADS * header_timeout)
+                self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -153,6 +172,9 @@ def _protocol_class(header_timeout: float):
 
         def connection_lost(self, exc) -> None:
             self._disarm_head_timer()
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
             super().connection_lost(exc)
 
         def _arm_head_timer(self) -> None:

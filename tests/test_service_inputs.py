@@ -4,7 +4,6 @@ that never ends, wrong methods), job listing limits, photos, method options, exp
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from pathlib import Path
@@ -155,6 +154,15 @@ def test_request_head_that_never_completes_times_out(daemon):
     with Client(daemon.socket) as c:   # ordinary requests are unaffected
         assert c.status().pid == daemon.proc.pid
 
+
+def test_request_body_that_never_completes_is_closed(daemon):
+    from cns_daemon.daemon import BODY_TIMEOUT_HEADS
+
+    head = request("POST", f"{API_PREFIX}/concepts").replace("Content-Length: 0", "Content-Length: 100")
+    response, took = raw_http(daemon.socket, head, b'{"name": ', timeout=HEAD_TIMEOUT * BODY_TIMEOUT_HEADS * 4)
+    assert response == b"" and HEAD_TIMEOUT * BODY_TIMEOUT_HEADS * 0.8 <= took < HEAD_TIMEOUT * BODY_TIMEOUT_HEADS * 3
+    with Client(daemon.socket) as c:
+        assert c.status().pid == daemon.proc.pid
 
 
 def test_client_resends_a_request_met_by_the_idle_close(tmp_path):
