@@ -77,7 +77,7 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
 
     The damaged store is kept aside as store.damaged-DATE."""
     from cns_daemon.api.errors import NotFound
-    from cns_daemon.daemon import DATA_LOCK, InstanceLock
+    from cns_daemon.daemon import InstanceLock
     from store.salvage import check, salvage
 
     paths = settings().paths
@@ -86,7 +86,7 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
     # Conflict while a service has the store open: it holds the lock in the data folder, whatever
     # runtime folder this shell sees (and the runtime folder's, which an older service held alone).
     paths.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
-    locks = [InstanceLock(paths.runtime / "cones.lock"), InstanceLock(paths.data / DATA_LOCK)]
+    locks = [InstanceLock(paths.runtime_lock), InstanceLock(paths.data_lock)]
     try:
         stop_first = ("Stop it first (`systemctl --user stop cones`, or end its `cones serve`), "
                       "then salvage.")

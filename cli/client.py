@@ -24,7 +24,8 @@ START_HINT = "Start it with `cones serve` (foreground) or `cones service install
 
 
 def service_starting(lock: Path) -> bool:
-    """A `cones serve` holds this lock from before the model loads until it exits."""
+    """Whether a `cones serve` holds `lock` (its runtime lock: from before the model loads until
+    it exits; or its data folder's)."""
     import fcntl
     import os
 
@@ -41,6 +42,13 @@ def service_starting(lock: Path) -> bool:
         os.close(fd)
 
 
+def _lock_owner(lock: Path) -> str:
+    try:
+        return lock.read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
 def _idle_close(response: httpx.Response) -> bool:
     """The service's bare 408: it closes a kept-alive connection that stayed idle past its
     header timeout, before reading anything more from it (daemon.py), so a request that met it
@@ -49,8 +57,11 @@ def _idle_close(response: httpx.Response) -> bool:
 
 
 class Client:
-    def __init__(self, socket_path: Path, timeout: float = 60.0):
+    def __init__(self, socket_path: Path, timeout: float = 60.0, data_lock: Path | None = None):
+        """`data_lock`: the data folder's lock, to tell "not running" from "running, but its
+        socket is gone" (its runtime folder removed under it)."""
         self.socket_path = Path(socket_path)
+        self.data_lock = data_lock
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket_path)),
                                  base_url="http://cones", timeout=timeout,
                                  headers={PROTOCOL_HEADER: PROTOCOL_VERSION})
@@ -159,6 +170,12 @@ class Client:
             if service_starting(self.socket_path.parent / "cones.lock"):
                 return Unavailable("The cones service is starting (loading the model); it will answer "
                                    f"on {self.socket_path} when ready.", "Try again in a moment.")
+            if self.data_lock is not None and service_starting(self.data_lock):
+                pid = _lock_owner(self.data_lock)
+                return Unavailable(f"A cones service (pid {pid}) runs on this data folder, but its socket "
+                                   f"{self.socket_path} is gone (its folder was removed?).",
+                                   f"Stop it (`systemctl --user restart cones`, or `kill {pid}` and "
+                                   "start `cones serve` again).")
             return Unavailable(f"The cones service is not running (no live socket at {self.socket_path}).",
                                START_HINT)
         if isinstance(exc, httpx.TimeoutException):

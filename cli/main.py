@@ -40,7 +40,8 @@ app.add_typer(toyworld_app, name="toyworld")
 
 
 def client() -> Client:
-    return Client(settings().paths.socket)
+    paths = settings().paths
+    return Client(paths.socket, data_lock=paths.data_lock)
 
 
 def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = True,

@@ -63,7 +63,6 @@ def prepare_runtime(paths: Paths) -> None:
 
 # In the data folder, beside the store: held while the store is open. Its own name, so a
 # runtime folder that is the data folder does not make the service lock itself out.
-DATA_LOCK = "store.lock"
 INBOX_LOCK = ".cones-inbox.lock"
 # A request body (at most max_request_bytes, over a local socket) that has not arrived this many
 # head timeouts after its head (60 s by default) never will: the connection is closed, not held.
@@ -219,7 +218,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
     paths = settings.paths
     notifier = notifier or Notifier()
     prepare_runtime(paths)
-    lock = InstanceLock(paths.runtime / "cones.lock")
+    lock = InstanceLock(paths.runtime_lock)
     lock.acquire(paths.socket)
     if paths.socket.is_dir() and not paths.socket.is_symlink():   # said now, not after the model loads
         lock.release()
@@ -229,7 +228,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
     inbox = None
     service = None
     store = None
-    data_lock = InstanceLock(paths.data / DATA_LOCK)
+    data_lock = InstanceLock(paths.data_lock)
     inbox_lock = InstanceLock(paths.inbox / INBOX_LOCK)
     try:
         prepare_data(paths)

@@ -134,6 +134,23 @@ def test_a_job_cancelled_just_before_a_stop_stays_cancelled(tmp_path):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_a_service_whose_socket_folder_was_removed_is_told_apart_from_none(monkeypatch):
+    home = short_home()
+    daemon = start_daemon(home)
+    try:
+        cones = cli_in_process(home, monkeypatch)
+        shutil.rmtree(home / "run")   # the socket and its lock go; the service runs on
+        code, out, err = cones("status")
+        text = " ".join(err.split())
+        assert code == 11 and f"pid {daemon.proc.pid}" in text and "socket" in text and "is gone" in text, err
+        daemon.kill(15)
+        code, out, err = cones("status")
+        assert code == 11 and "not running" in " ".join(err.split()), err
+    finally:
+        daemon.kill(15)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def daemon():
     home = short_home()

@@ -292,9 +292,11 @@ def test_salvage_refuses_while_the_service_runs(home, monkeypatch):
 
 def test_the_data_lock_and_the_runtime_lock_can_share_a_folder(tmp_path):
     """runtime_dir may be the data folder: the service's two locks are two files there."""
-    from cns_daemon.daemon import DATA_LOCK, InstanceLock
+    from cns_daemon.api.settings import Paths
+    from cns_daemon.daemon import InstanceLock
 
-    runtime, data = InstanceLock(tmp_path / "cones.lock"), InstanceLock(tmp_path / DATA_LOCK)
+    paths = Paths(data=tmp_path, config=tmp_path, runtime=tmp_path, inbox=tmp_path)
+    runtime, data = InstanceLock(paths.runtime_lock), InstanceLock(paths.data_lock)
     runtime.acquire(tmp_path / "cones.sock")
     try:
         data.acquire(None)

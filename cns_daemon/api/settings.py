@@ -43,6 +43,17 @@ class Paths:
         return self.data / "store"
 
     @property
+    def data_lock(self) -> Path:
+        """Held by the service that has the store open, whatever runtime folder it serves in
+        (its own name: runtime_dir may be the data folder)."""
+        return self.data / "store.lock"
+
+    @property
+    def runtime_lock(self) -> Path:
+        """Held by a `cones serve` from before its model loads until it exits."""
+        return self.runtime / "cones.lock"
+
+    @property
     def archive(self) -> Path:
         return self.data / "archive"
 
