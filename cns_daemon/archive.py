@@ -29,12 +29,14 @@ MIN_SIDE = 32  # the smallest photo the methods train on (methods.data.MIN_SIDE;
 MAX_SIDE = 8192
 MAX_PIXELS = 50_000_000   # about 8192 x 6144; a 48 MP phone photo fits
 CHECK_DECODE_SIDE = 1024  # JPEGs are decoded at the smallest DCT scale at least this large
-# Two photos whose 16x16 RGB thumbnails differ by less than this (mean absolute difference, 0-255)
-# are one picture. Measured on toy-world concept photos (200 concepts, 2,000 pairs): distinct
-# photos of one object differ by 6.9 at least, a copy resized to 256 px and saved as JPEG by 2.3
-# at most; photos of real size average far more pixels per thumbnail cell, so a re-saved copy
-# comes closer still.
+# Two photos are one picture when their 16x16 RGB thumbnails differ by less than SAME_PICTURE on
+# average and by less than SAME_PICTURE_MAX in every cell (0-255). Measured: distinct toy-world
+# photos of one object differ by 6.9 on average at least (2,000 pairs) and 54 in some cell; a
+# copy resized to 256 px and saved as JPEG by 2.3 and 29 at most; a 1200x900 photo saved again
+# at half size as JPEG by 2.0 and 3. The cell bound keeps a small object moved or recoloured on a
+# plain table (1.3 on average, 130 in its cells) a photo of its own.
 SAME_PICTURE = 3.0
+SAME_PICTURE_MAX = 40
 THUMB_SIDE = 16
 ACCEPTED_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif",
                     "TIFF": ".tif"}
@@ -73,8 +75,8 @@ def thumbnail(img: Image.Image) -> bytes:
 def same_picture(a: bytes, b: bytes) -> bool:
     import numpy as np
 
-    diff = np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8)
-    return bool(np.abs(diff).mean() < SAME_PICTURE)
+    diff = np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8))
+    return bool(diff.mean() < SAME_PICTURE and diff.max() < SAME_PICTURE_MAX)
 
 
 def sidecar_caption(path: Path) -> str | None:
@@ -149,13 +151,18 @@ def check_photos(items: list[tuple[str, bytes, str | None]]) -> tuple[list[Check
 
 
 def make_private(root: Path) -> None:
-    """Folders 0700 and files 0600 from `root` down: the data folder holds photos of people."""
-    os.chmod(root, 0o700)
-    for folder, dirs, files in os.walk(root):
-        for d in dirs:
-            os.chmod(os.path.join(folder, d), 0o700)
-        for f in files:
-            os.chmod(os.path.join(folder, f), 0o600)
+    """Folders 0700 and files 0600 from `root` down: the data folder holds photos of people.
+    Links are left alone (chmod would follow them out of the data folder, or fail on a dangling
+    one), as is whatever vanishes meanwhile."""
+    for path, mode in [(root, 0o700)] + [
+            (os.path.join(folder, n), 0o700 if n in dirs else 0o600)
+            for folder, dirs, files in os.walk(root) for n in dirs + files]:
+        if os.path.islink(path):
+            continue
+        try:
+            os.chmod(path, mode)
+        except FileNotFoundError:
+            pass
 
 
 class Archive:

@@ -39,6 +39,7 @@ from cns_daemon.archive import CheckedPhoto, check_photos, make_private, sidecar
 from cns_daemon.api.errors import BadInput, ConesError, storage_error
 from cns_daemon.api.protocol import FINAL_STATES, MAX_SEED, SkippedFile, learn_steps
 from cns_daemon.api.names import METHODS, validate_name
+from cns_daemon.worker import CRASH_REASON
 from store.records import JobRecord
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,8 @@ class Inbox:
             if not folder:
                 continue
             if job.state == "done":   # learned, but the process died before the clean-up
-                if (self.root / folder).is_dir() and job.request.get("name") in self.service.store:
+                if ((self.root / folder).is_dir() and job.request.get("name") in self.service.store
+                        and holds_photos_of(self.root / folder, job)):   # not a new folder so named
                     self._clear(self.root / folder, job)
             else:
                 self._in_flight[folder] = job.id
@@ -244,9 +246,10 @@ class Inbox:
         log.info("watching the inbox %s (settle %.1fs)", self.root, self.settle)
 
     def _note_ended_at_start(self) -> None:
-        """A folder whose newest job ended while no inbox listened (failed at start-up after
-        the service stopped under it twice) gets its note now, so it is not taken again as if
-        new: a learn that brings the service down must not loop through restarts."""
+        """A folder whose learn failed at start-up, because the service stopped under it twice,
+        gets its note now (no inbox listened then), so it is not taken again as if new: a learn
+        that brings the service down must not loop through restarts. Only where the folder
+        still holds that job's photos: a new folder of the same name is new."""
         newest: dict[str, JobRecord] = {}
         for job in self.service.worker.jobs.jobs():
             folder = job.request.get("inbox_folder") if job.kind == "learn" else None
@@ -254,7 +257,9 @@ class Inbox:
                 newest[folder] = job
         for folder_name, job in newest.items():
             folder = self.root / folder_name
-            if job.state in ("failed", "cancelled") and folder.is_dir() and noted_signature(folder) is None:
+            if (job.state == "failed" and (job.error or {}).get("message") == CRASH_REASON
+                    and folder.is_dir() and noted_signature(folder) is None
+                    and holds_photos_of(folder, job)):
                 self._job_changed(job)
 
     def stop(self) -> None:
@@ -292,8 +297,14 @@ class Inbox:
         now = time.time()
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             with self._lock:
-                if folder.name in self._in_flight or self._follows_a_job(folder):
+                if folder.name in self._in_flight:
+                    if self._idents.get(folder.name) == _ident(folder):
+                        self._moved.pop(folder.name, None)   # renamed back: it is here again
                     continue
+                candidate = self._renamed_from(folder)
+            if candidate is not None and self._follows(folder, *candidate):
+                continue
+            with self._lock:
                 last = max(self._events.get(folder.name, 0.0), latest_change(folder))
             if now - last < self.settle:
                 continue
@@ -354,48 +365,55 @@ class Inbox:
                 # the inputs as they were taken (after a restart: as they are now)
                 signature = signature or inputs_signature(folder)
                 name = job.request.get("name", folder_name)
-                if job.state == "cancelled":
-                    write_cancelled(folder, name, job.id, signature)
-                else:
-                    error = _as_error(job.error or {})
-                    write_error(folder, name, error,
-                                [SkippedFile(**s) for s in job.request.get("skipped", [])], signature)
+                try:
+                    if job.state == "cancelled":
+                        write_cancelled(folder, name, job.id, signature)
+                    else:
+                        error = _as_error(job.error or {})
+                        write_error(folder, name, error,
+                                    [SkippedFile(**s) for s in job.request.get("skipped", [])], signature)
+                except OSError as exc:   # a full or read-only inbox: remembered instead, no loop
+                    log.warning("inbox folder %s: cannot write its note: %s", folder.name, exc)
+                    with self._lock:
+                        self._unwritable[folder.name] = signature
         finally:
             with self._lock:
                 self._in_flight.pop(folder_name, None)
 
     def _remember(self, folder: Path) -> None:
         """Note which directory an in-flight folder is, to know it again if it is renamed."""
-        try:
-            st = folder.stat()
-        except OSError:
-            return
-        self._idents[folder.name] = (st.st_dev, st.st_ino)
+        ident = _ident(folder)
+        if ident is not None:
+            self._idents[folder.name] = ident
 
-    def _follows_a_job(self, folder: Path) -> bool:
-        """Whether `folder` is an in-flight folder renamed (the same directory, still holding
-        one of its job's photos); if so the job's clean-up is sent to it. Called with the lock."""
+    def _renamed_from(self, folder: Path) -> tuple[str, str] | None:
+        """(in-flight folder name, its job id) when `folder` is the same directory under another
+        name. Called with the lock."""
+        ident = _ident(folder)
+        for name, known in self._idents.items():
+            if ident is not None and known == ident and name != folder.name:
+                return name, self._in_flight[name]
+        return None
+
+    def _follows(self, folder: Path, name: str, job_id: str) -> bool:
+        """Whether `folder`, the directory in-flight folder `name` was, is that folder renamed
+        (it still holds one of the job's photos, not a new folder on a freed inode number); if
+        so the job's clean-up is sent to it. Reads the photos without the lock held."""
+        with self._lock:
+            if self._moved.get(name) == folder.name:
+                return True
         try:
-            st = folder.stat()
-        except OSError:
+            job = self.service.worker.jobs.get_job(job_id)
+        except ConesError:
             return False
-        for name, ident in self._idents.items():
-            if ident != (st.st_dev, st.st_ino) or name == folder.name:
-                continue
-            if self._moved.get(name) != folder.name:
-                try:
-                    job = self.service.worker.jobs.get_job(self._in_flight[name])
-                    digests = set(job.request.get("photo_digests", []))
-                except ConesError:
-                    digests = set()
-                if not any(hashlib.sha256(p.read_bytes()).hexdigest() in digests
-                           for p in folder.iterdir() if p.is_file()):
-                    return False   # a new folder on a freed inode number, not the renamed one
-                log.info("inbox folder %s was renamed to %s while its job ran; its clean-up "
-                         "follows it", name, folder.name)
+        if not holds_photos_of(folder, job):
+            return False
+        log.info("inbox folder %s was renamed to %s while its job ran; its clean-up follows it",
+                 name, folder.name)
+        with self._lock:
+            if name in self._in_flight:
                 self._moved[name] = folder.name
-            return True
-        return False
+        return True
 
     def _clear(self, folder: Path, job: JobRecord) -> None:
         """Learned: photos are in the archive, so they go; anything else is moved aside."""
@@ -416,6 +434,26 @@ class Inbox:
             make_private(dest)   # in the data folder now: as private as the rest of it
         else:
             shutil.rmtree(folder)
+
+
+def _ident(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def holds_photos_of(folder: Path, job: JobRecord) -> bool:
+    """Whether `folder` still holds a photo that `job` took (by content)."""
+    digests = set(job.request.get("photo_digests", []))
+    for p in folder.iterdir():
+        try:
+            if p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() in digests:
+                return True
+        except OSError:   # gone or unreadable meanwhile: not evidence either way
+            continue
+    return False
 
 
 def _as_error(body: dict) -> ConesError:

@@ -280,6 +280,39 @@ def test_a_link_to_a_missing_photo_does_not_hold_the_folder_back(daemon):
         job = wait_until(lambda: next((j for j in _learn_jobs(c, "linked") if j.state == "done"), None),
                          timeout=20, what="learned despite the broken link")
         assert [(s.file, s.reason) for s in job.skipped] == [("photo9.png", "a link to a file that is not there")]
+    wait_until(lambda: not folder.exists(), what="cleared: the link went to the leftovers")
+    d.kill(15)
+    d = start()   # making the leftovers private must neither follow nor trip over the link
+    with Client(d.socket) as c:
+        assert c.status().inbox_watched
+
+
+def test_a_folder_renamed_and_back_is_cleared_where_it_is(daemon):
+    home, start = daemon
+    d = start()
+    inbox = home / "inbox"
+    write_photos(inbox / "back.dog", 2)
+    (inbox / "back.dog" / "concept.toml").write_text("steps = 150\n")
+    with Client(d.socket) as c:
+        job = wait_until(lambda: next(iter(_learn_jobs(c, "back")), None), timeout=20, what="taken")
+        (inbox / "back.dog").rename(inbox / "away.dog")
+        time.sleep(4 * 0.3)
+        (inbox / "away.dog").rename(inbox / "back.dog")
+        wait_until(lambda: c.job(job.id).state == "done", timeout=30, what="learned")
+        wait_until(lambda: not (inbox / "back.dog").exists(), what="cleared under its own name")
+        time.sleep(6 * 0.3)
+        assert [j.id for j in _learn_jobs(c, "back")] == [job.id]
+
+
+def test_a_folder_whose_note_cannot_be_written_is_not_retried_in_a_loop(daemon):
+    home, start = daemon
+    d = start()
+    folder = home / "inbox" / "mute.dog"
+    write_photos(folder, 1)                # one photo: refused
+    (folder / ERROR_FILE).mkdir()          # and its ERROR.txt cannot be written
+    wait_until(lambda: "cannot write its" in d.output(), timeout=20, what="the note failed")
+    time.sleep(10 * 0.3)
+    assert d.output().count("inbox folder mute.dog: Only 1 usable photo") == 1, d.output()
 
 
 def test_one_service_watches_an_inbox_folder(daemon):

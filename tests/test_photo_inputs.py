@@ -90,8 +90,13 @@ def test_different_pictures_are_kept_even_when_alike():
         values = np.full((64, 64), level, dtype=np.uint16)
         values[:, 32:] = 60000
         grey.append(_encoded(Image.fromarray(values), "PNG"))
-    good, skipped = check_photos([(f"{i}.png", d, None) for i, d in enumerate(photos + grey)])
-    assert len(good) == 7 and skipped == []
+    table = []   # a small object on a plain table, moved or recoloured between photos
+    for (x, y), colour in (((100, 100), (200, 30, 30)), ((600, 500), (200, 30, 30)), ((100, 100), (30, 30, 200))):
+        pixels = np.full((900, 1200, 3), (180, 160, 140), np.uint8)
+        pixels[y:y + 90, x:x + 90] = colour
+        table.append(_encoded(Image.fromarray(pixels), "JPEG", quality=90))
+    good, skipped = check_photos([(f"{i}.png", d, None) for i, d in enumerate(photos + grey + table)])
+    assert len(good) == 10 and skipped == []
 
 
 def test_one_photo_archived_by_many_requests_at_once(tmp_path):
