@@ -255,7 +255,8 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
         def keep(p: str) -> str:
             target = out / f"{job.id}-{Path(p).name}"
             write_file(target, Path(p).read_bytes(),
-                       f"The images are in {Path(p).parent}; free space or give -o a writable folder.")
+                       f"The images are in {Path(p).parent}; free space or give -o a writable folder.",
+                       mode=Path(p).stat().st_mode & 0o777)   # as private as the service keeps them
             return str(target)
 
         copied = [keep(p) for p in result.images]

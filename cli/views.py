@@ -53,16 +53,22 @@ def output_folder(path: Path, what: str = "files") -> None:
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as exc:
-        raise BadInput(f"Cannot write into the folder {path}: {exc.strerror or exc}.",
-                       "Give -o a folder you can write to.") from None
+        known = storage_error(exc)
+        raise (Storage(f"Cannot write into the folder {path}: {exc.strerror}.", "Give -o a folder "
+                       "you can write to, on a disk with room.") if known else
+               BadInput(f"Cannot write into the folder {path}: {exc.strerror or exc}.",
+                        "Give -o a folder you can write to.")) from None
 
 
-def write_file(path: Path, data: bytes, hint: str = "Give -o a writable place.") -> None:
+def write_file(path: Path, data: bytes, hint: str = "Give -o a writable place.",
+               mode: int = 0o666) -> None:
     """All of `data` at `path`, or nothing there: written beside it and renamed into place, so a
-    full disk leaves neither a cut file nor a lost earlier one."""
+    full disk leaves neither a cut file nor a lost earlier one. `mode` as open(2) takes it (the
+    umask applies)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_bytes(data)
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

@@ -175,10 +175,10 @@ class Archive:
         digest = hashlib.sha256(photo.data).hexdigest()
         target = self._dir(digest) / f"{digest}{photo.suffix}"
         if not target.exists():
-            _atomic_write(target, photo.data)
+            atomic_write(target, photo.data)
         caption = target.with_suffix(".txt")
         if photo.caption is not None and not (caption.is_file() and caption.read_bytes() == photo.caption.encode()):
-            _atomic_write(caption, photo.caption.encode())
+            atomic_write(caption, photo.caption.encode())
         return digest
 
     def path(self, digest: str) -> Path:
@@ -203,7 +203,7 @@ class Archive:
         return self.root / digest[:2]
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
+def atomic_write(target: Path, data: bytes) -> None:
     """Photos of people are private: folders 0700, files 0600, whatever the umask."""
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # One temporary name per write: requests archiving the same photo run in threads of one

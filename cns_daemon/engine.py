@@ -14,6 +14,7 @@ is "not rebuilt"; both are kept in `problems`, shown by `concepts()` and refused
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,8 +336,11 @@ class Engine:
                 vec = row.float().cpu().numpy()
             embeddings[n] = vec
         token = " ".join(new)
-        meta = dataclasses.replace(record.meta, token=token,
-                                   hparams={**record.meta.hparams, "token": token})
+        given = record.meta.hparams.get("options_given", {})
+        hparams = {**record.meta.hparams, "token": token}
+        if "token" in given:   # what `cones show` says it was learned with names the word it has
+            hparams["options_given"] = {**given, "token": token}
+        meta = dataclasses.replace(record.meta, token=token, hparams=hparams)
         return dataclasses.replace(record, meta=meta, embeddings=embeddings)
 
     # ------------------------------------------------------------ read-only (any thread)
@@ -459,10 +463,14 @@ def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | No
         raise Internal("The generation returned no images.")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, img in enumerate(images):
-        path = out_dir / f"{i:02d}.png"
-        img.save(path)
-        paths.append(str(path))
-    sheet_path = out_dir / "contact-sheet.png"
-    contact_sheet(images, caption, labels).save(sheet_path)
+    try:
+        for i, img in enumerate(images):
+            path = out_dir / f"{i:02d}.png"
+            img.save(path)
+            paths.append(str(path))
+        sheet_path = out_dir / "contact-sheet.png"
+        contact_sheet(images, caption, labels).save(sheet_path)
+    except OSError:   # a full disk: no cut images left behind (the folder is this job's own)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return JobResult(images=paths, contact_sheet=str(sheet_path), seed=seed)

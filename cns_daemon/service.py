@@ -15,7 +15,7 @@ from importlib.metadata import version as dist_version
 from typing import Callable
 
 from cns_daemon import jobkinds
-from cns_daemon.archive import Archive, CheckedPhoto, check_photos
+from cns_daemon.archive import Archive, CheckedPhoto, atomic_write, check_photos
 from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, NotFound
 from cns_daemon.methods.base import CancelToken, ProgressEvent
 from cns_daemon.api.protocol import (MAX_PHOTOS, MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION,
@@ -90,8 +90,7 @@ class Service:
         from cns_daemon.evaluate import default_prompts, fill
 
         for name in req.names:
-            self._stored(name)
-            self.engine.concept(name)   # NotFound now rather than from the queue
+            self._stored(name)   # NotFound now rather than from the queue
         for template in req.prompts or default_prompts():   # a bad prompt now, not mid-run
             self.engine.check_generate(GenerateRequest(prompt=fill(template, req.names)))
         return self.worker.submit("eval", req)
@@ -108,8 +107,7 @@ class Service:
         record = decode(data)           # refuses a damaged file now
         self._check_name_free(record.name, imported=True)
         staged = self.paths.data / "imports" / f"{uuid.uuid4().hex}.safetensors"
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        staged.write_bytes(data)
+        atomic_write(staged, data)   # a full disk leaves no cut file behind
         return self.worker.submit("import", ImportJob(staged=str(staged)))
 
     def export(self, name: str) -> bytes:

@@ -116,7 +116,8 @@ class Unavailable(ConesError):
 
 class Storage(ConesError):
     code = ErrorCode.STORAGE
-    default_hint = "Free space on that disk or make the folder writable, then try again."
+    default_hint = ("Free space on that disk, or check that the folder and its files are yours to "
+                    "read and write, then try again.")
 
 
 # What the operating system says when a folder cannot take a write: the person's disk, not a bug.
@@ -129,7 +130,8 @@ def storage_error(exc: BaseException) -> Storage | None:
     if not isinstance(exc, OSError) or exc.errno not in STORAGE_ERRNOS:
         return None
     where = exc.filename2 or exc.filename
-    return Storage(f"Cannot write {where}: {exc.strerror}." if where else f"A write failed: {exc.strerror}.")
+    return Storage(f"Cannot use {where}: {exc.strerror}." if where else f"A file operation failed: "
+                   f"{exc.strerror}.")
 
 
 class Internal(ConesError):

@@ -40,7 +40,8 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 # 2: concept states, job notes, the seed range, strict path segments, 405/413 answers.
 # 3: a photo may carry its caption (`Photo.caption`), as an inbox sidecar does.
 # 4: a generate request may carry a negative prompt, a CFG scale and an image size.
-# 5: the `storage` error (a folder cannot be written); a learn job keeps its photos' names.
+# 5: the `storage` error (a folder cannot be written); a learn job keeps its photos' names;
+#    ConceptInfo.learned_with.
 PROTOCOL_VERSION = "5"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 # The progress message of a learn while a generate runs inside it (`cones jobs` shows it).

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     inbox_dir: Path | None = None
 
     # What model: empty means the shipped toy-world fixture (offline).
-    model: str | None = Field(None, description="Diffusers folder, .safetensors/.ckpt file, or hub id.")
+    model: str | None = Field(None, description="Diffusers folder or .safetensors/.ckpt file; None: the shipped toy-world model.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 

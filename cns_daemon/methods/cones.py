@@ -50,9 +50,9 @@ class ConesParams:
     variants: int = 4
     token: str = ""
 
-    def validate(self) -> None:
-        if self.steps < 1 or self.rho <= 0:
-            raise BadInput("steps must be ≥ 1 and rho > 0.")
+    def validate(self) -> None:   # shared bounds (rho, counts): common.options.LOWER_BOUNDS
+        if self.steps < 1:
+            raise BadInput("steps must be ≥ 1.")
         if not 0 <= self.sparsity <= 100:
             raise BadInput("sparsity is a percentage in [0, 100].")
 

@@ -52,11 +52,9 @@ class Cones2Params:
     variants: int = 4           # augmented variants per photo
     grad_clip: float = 1.0
 
-    def validate(self) -> None:
-        if self.steps < 1 or self.lr <= 0 or self.lambda_reg < 0 or self.reg_batch < 1 \
-                or self.variants < 1 or self.grad_clip <= 0:
-            raise BadInput(f"Invalid Cones 2 options: {self}.",
-                           "steps, reg_batch, variants >= 1; lr, grad_clip > 0; lambda_reg >= 0.")
+    def validate(self) -> None:   # the shared bounds (lr, counts): common.options.LOWER_BOUNDS
+        if self.steps < 1:
+            raise BadInput("steps must be ≥ 1.")
 
 
 # --- the shipped sentences ------------------------------------------------------------------

@@ -123,10 +123,10 @@ class CNSParams:
             raise BadInput("top_p and base_top_p must be in (0, 100], few_percent in [0, 100].")
         if self.selection not in ("movement", "eq3"):
             raise BadInput("selection must be `movement` or `eq3`.")
-        if not 0 < self.movement_percent <= 100 or self.probe_steps < 1:
-            raise BadInput("movement_percent must be in (0, 100] and probe_steps ≥ 1.")
-        if self.steps < 0 or self.prior_images < 0 or self.variants < 1:
-            raise BadInput("steps and prior_images must be ≥ 0, variants ≥ 1.")
+        if not 0 < self.movement_percent <= 100:   # lr, counts: common.options.LOWER_BOUNDS
+            raise BadInput("movement_percent must be in (0, 100].")
+        if self.steps < 0:
+            raise BadInput("steps must be ≥ 0.")
         if self.scope not in ("concept", "all"):
             raise BadInput("scope must be `concept` or `all`.")
         if self.mask not in ("border", "none") or not 0 <= self.mask_background <= 1:

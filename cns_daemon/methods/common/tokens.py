@@ -39,9 +39,9 @@ def rare_tokens(tokenizer) -> tuple[str, ...]:
 
 
 MAX_VECTORS = 8   # token vectors (rare words) one concept may have
-# A token a person asks for must be one of the vocabulary's last merges (its ids from this share
-# of the vocabulary on: "sks", "ohwx"), never an everyday word: a concept's trained row would
-# change every prompt that says the word ("a photo of a star"), named or not.
+# A token a person asks for must be rare: one the service would pick itself (`rare_tokens`), or
+# one of the vocabulary's last merges (ids from this share of it on: "sks", "ohwx"); never an
+# everyday word, since a concept acts wherever its word is said ("a photo of a star"), named or not.
 RARE_FROM = 0.8
 
 
@@ -62,12 +62,14 @@ def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None
             raise BadInput(f"Token {requested!r} is not {vectors} single token"
                            f"{'s' if vectors > 1 else ''} of the vocabulary.",
                            "Leave the token unset to pick rare ones automatically.")
-        common = [w for w in words if token_id(tokenizer, w) < RARE_FROM * len(tokenizer)]
+        rare = rare_tokens(tokenizer)
+        common = [w for w in words if w not in rare and token_id(tokenizer, w) < RARE_FROM * len(tokenizer)]
         if common:
+            free = [w for w in rare if w not in used][:1]
             raise BadInput(f"{common[0]!r} is an everyday word of the vocabulary: a concept on it "
-                           "would change every prompt that says it.",
-                           "Leave the token unset to pick a rare one automatically, or give a "
-                           f"rare one such as {rare_tokens(tokenizer)[0]!r}.")
+                           "would act on every prompt that says it.",
+                           "Leave the token unset to pick a rare one automatically"
+                           + (f", or give a free rare one such as {free[0]!r}." if free else "."))
         if used & set(words):
             raise Conflict(f"Token {requested!r} is already used by another concept.",
                            "Give another token, or leave it unset to pick a free one.")
