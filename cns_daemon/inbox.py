@@ -39,7 +39,7 @@ from cns_daemon.archive import CheckedPhoto, check_photos, make_private, sidecar
 from cns_daemon.api.errors import BadInput, ConesError, storage_error
 from cns_daemon.api.protocol import FINAL_STATES, MAX_SEED, SkippedFile, learn_steps
 from cns_daemon.api.names import METHODS, validate_name
-from cns_daemon.worker import CRASH_REASON
+from cns_daemon.worker import CANCELLED_AT_STOP, CRASH_REASON
 from store.records import JobRecord
 
 log = logging.getLogger(__name__)
@@ -246,10 +246,11 @@ class Inbox:
         log.info("watching the inbox %s (settle %.1fs)", self.root, self.settle)
 
     def _note_ended_at_start(self) -> None:
-        """A folder whose learn failed at start-up, because the service stopped under it twice,
-        gets its note now (no inbox listened then), so it is not taken again as if new: a learn
-        that brings the service down must not loop through restarts. Only where the folder
-        still holds that job's photos: a new folder of the same name is new."""
+        """A folder whose learn ended at start-up (no inbox listened then) gets its note now, so
+        it is not taken again as if new: failed because the service stopped under it twice (a
+        learn that brings the service down must not loop through restarts), or cancelled just
+        before the service stopped. Only where the folder still holds that job's photos: a new
+        folder of the same name is new."""
         newest: dict[str, JobRecord] = {}
         for job in self.service.worker.jobs.jobs():
             folder = job.request.get("inbox_folder") if job.kind == "learn" else None
@@ -257,7 +258,7 @@ class Inbox:
                 newest[folder] = job
         for folder_name, job in newest.items():
             folder = self.root / folder_name
-            if (job.state == "failed" and (job.error or {}).get("message") == CRASH_REASON
+            if ((job.error or {}).get("message") in (CRASH_REASON, CANCELLED_AT_STOP)
                     and folder.is_dir() and noted_signature(folder) is None
                     and holds_photos_of(folder, job)):
                 self._job_changed(job)

@@ -32,6 +32,7 @@ from store.records import JobRecord
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first run plus one re-run after a crash
+CANCELLED_AT_STOP = "Cancelled; the service stopped before the job ended."
 CRASH_REASON = ("The service stopped while this job was running, twice; it was not tried again.")
 RESTARTED = "restarted after the service stopped"
 
@@ -104,7 +105,6 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._running: list[tuple[JobRecord, CancelToken]] = []   # outermost first
-        self._cancelled_by_user: set[str] = set()   # running jobs a person cancelled
 
     # ------------------------------------------------------------ start-up and shutdown
 
@@ -115,7 +115,10 @@ class Worker:
         for job in self.jobs.jobs():
             if job.state != "running":
                 continue
-            if job.attempts >= MAX_ATTEMPTS:
+            if job.cancel_requested:   # cancelled, and the service stopped before it ended
+                job.state, job.finished = "cancelled", time.time()
+                job.error = error_body(Cancelled(CANCELLED_AT_STOP))
+            elif job.attempts >= MAX_ATTEMPTS:
                 job.state, job.finished = "failed", time.time()
                 job.error = error_body(Internal(
                     CRASH_REASON, "Look at the service log (`journalctl --user -u cones`) for why it "
@@ -172,9 +175,12 @@ class Worker:
             if was_queued:
                 self._finish(job, "cancelled", error=error_body(Cancelled("Cancelled before it started.")))
             elif job.state == "running":
+                # Kept in the record: neither a stop nor a crash before the job's next step
+                # may bring it back.
+                job.cancel_requested = True
+                self.jobs.put_job(job)
                 for running, token in self._running:
                     if running.id == job_id:
-                        self._cancelled_by_user.add(job_id)   # a stop meanwhile must not requeue it
                         token.cancel()
         if was_queued:
             self.on_change(job)
@@ -247,7 +253,7 @@ class Worker:
             state, error = "done", None
         except Cancelled as exc:
             result = None
-            if self._stop.is_set() and job.id not in self._cancelled_by_user:
+            if self._stop.is_set() and not self.jobs.get_job(job.id).cancel_requested:
                 state, error = "queued", None   # shutdown, not the user: back in the queue
             else:
                 state, error = "cancelled", error_body(exc)
@@ -262,7 +268,6 @@ class Worker:
                 log.exception("job %s failed", job.id)
             error = error_body(known or Internal(f"The job failed unexpectedly: {type(exc).__name__}: {exc}"))
         with self._lock:
-            self._cancelled_by_user.discard(job.id)
             job = self.jobs.get_job(job.id)
             if state == "queued":
                 job.state, job.started, job.attempts = "queued", None, max(0, job.attempts - 1)

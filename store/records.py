@@ -80,3 +80,4 @@ class JobRecord:
     error: dict[str, Any] | None = None   # {"code", "message", "hint"}
     result: dict[str, Any] | None = None
     priority: int = 0         # higher runs first (generate ahead of learn)
+    cancel_requested: bool = False   # a person cancelled it while it ran: no stop brings it back

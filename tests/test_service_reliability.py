@@ -111,9 +111,10 @@ def test_clean_stop_during_learn_says_it_started_over(tmp_path):
         shutil.rmtree(home, ignore_errors=True)
 
 
-def test_a_job_cancelled_just_before_a_stop_stays_cancelled(tmp_path):
-    """A cancel waits for the job's next step; a stop meanwhile must not put the job back in
-    the queue to run again after the restart."""
+@pytest.mark.parametrize("sig", [15, 9])
+def test_a_job_cancelled_just_before_a_stop_stays_cancelled(tmp_path, sig):
+    """A cancel waits for the job's next step; a stop (or a crash) meanwhile must not put the
+    job back in the queue to run again after the restart."""
     home = short_home()
     daemon = None
     try:
@@ -122,7 +123,7 @@ def test_a_job_cancelled_just_before_a_stop_stays_cancelled(tmp_path):
             job = c.add(AddRequest(name="unwanted", class_word="cat", steps=50, photos=photos_of(31)))
             wait_until(lambda: c.job(job.id).state == "running", what="learn running")
             c.cancel(job.id)   # takes effect at the end of the current 2 s step
-        daemon.kill(15)
+        daemon.kill(sig)
         daemon = start_daemon(home, CONES_TEST_STEP_S="2")
         with Client(daemon.socket) as c:
             assert c.job(job.id).state == "cancelled"
