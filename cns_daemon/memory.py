@@ -86,7 +86,7 @@ def training(pipe, opts: MemoryOptions, *, text_encoder_needed: bool = True):
     was_ckpt = bool(getattr(unet, "is_gradient_checkpointing", False))
     try:
         if opts.gradient_checkpointing and not was_ckpt:
-            unet.enable_gradient_checkpointing()
+            unet.enable_gradient_checkpointing(_checkpointed(unet))
         if opts.offload and _can_offload(device):
             for module in (pipe.vae, None if text_encoder_needed else pipe.text_encoder):
                 if module is not None:
@@ -104,6 +104,22 @@ def training(pipe, opts: MemoryOptions, *, text_encoder_needed: bool = True):
             unet.disable_gradient_checkpointing()
         for restore in restores:
             restore()
+
+
+def _checkpointed(unet):
+    """diffusers' checkpointing function, with the recomputation run in the context the forward
+    had: scoped CNS values are added by hooks that read per-batch state (common/scope.py), which
+    has moved on by the time backward recomputes the block."""
+    from torch.utils.checkpoint import checkpoint
+
+    from cns_daemon.methods.common.scope import recompute_context
+
+    def run(module, *args):
+        again = recompute_context(unet)
+        return checkpoint(module.__call__, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), again()))
+
+    return run
 
 
 def loop_context(pipe, opts: "MemoryOptions | None", *, text_encoder_needed: bool = True):

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -119,3 +120,24 @@ def test_no_memory_options_leave_the_loop_alone(fresh_tiny_pipe, tmp_path, monke
                               LearnSpec("x", "star", steps=1, options={**FAST, "sparsity": 2.0},
                                         cache_dir=tmp_path), None, None)
     assert parked == []
+
+
+@pytest.mark.parametrize("scope", ["concept", "all"])
+def test_cns_learns_the_same_with_gradient_checkpointing(fresh_tiny_pipe, tmp_path, monkeypatch, scope):
+    """Checkpointing recomputes the UNet's blocks in backward, after the step's forward has
+    left its prompt scope: the scope's hooks must see the same rows then (CUDA's default)."""
+    from cns_daemon.methods import LearnSpec, cns, get_method
+    from helpers.methods import FAST, fixed_selection, photos
+
+    monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.02, 0))
+    pics = photos(tmp_path / "p")
+    values = []
+    for ckpt in (False, True):
+        spec = LearnSpec(f"x{int(ckpt)}", "star", steps=3, options={**FAST, "scope": scope},
+                         cache_dir=tmp_path, memory=MemoryOptions(gradient_checkpointing=ckpt))
+        record = get_method("cns").learn(fresh_tiny_pipe, pics, spec, None, None)
+        values.append({n: np.asarray(d.values, np.float32) for n, d in record.deltas.items()})
+        get_method("cns").unlearn(fresh_tiny_pipe, record.name)
+    assert values[0].keys() == values[1].keys()
+    for name in values[0]:
+        assert np.allclose(values[0][name], values[1][name], atol=1e-3), name

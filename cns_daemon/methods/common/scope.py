@@ -173,6 +173,24 @@ class TokenScope:
         finally:
             self._active, self._training_rows = outer
 
+    def as_now(self):
+        """A context factory that puts the per-batch state (the active rows and values, the
+        trained ones) back as it is now: gradient checkpointing recomputes a block's forward
+        in backward, after this batch's `prompt` context has closed, and the hooks must act
+        the same there (`recompute_context`)."""
+        state = (self._active, self._training_rows, self._training)
+
+        @contextlib.contextmanager
+        def restored():
+            outer = (self._active, self._training_rows, self._training)
+            self._active, self._training_rows, self._training = state
+            try:
+                yield
+            finally:
+                self._active, self._training_rows, self._training = outer
+
+        return restored
+
     def _hook(self, tname: str):
         def hook(module, args, out):
             entries = self._active.get(tname, ())
@@ -231,6 +249,13 @@ def token_scope(unet) -> TokenScope:
     if scope is None:
         scope = _SCOPES[unet] = TokenScope(unet)
     return scope
+
+
+def recompute_context(unet):
+    """For a checkpointed block run now: a factory of the context its recomputation runs in
+    (the scope's state at this forward), or of an empty one when the UNet has no scope."""
+    scope = _SCOPES.get(unet)
+    return scope.as_now() if scope is not None else contextlib.nullcontext
 
 
 def prompt_scope(unet, ids: torch.Tensor):
