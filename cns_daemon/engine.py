@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cns_daemon.archive import Archive
-from cns_daemon.api.errors import Conflict, ConesError, Corrupt, Internal, ModelMismatch, NotFound
+from cns_daemon.api.errors import (Conflict, ConesError, Corrupt, Internal, ModelLoad, ModelMismatch,
+                                   NotFound)
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.api.protocol import ConceptInfo, EvalRequest, GenerateRequest, JobResult, LearnJob
 from cns_daemon.api.settings import Paths, Settings
@@ -83,6 +84,10 @@ class Engine:
 
         t0 = time.monotonic()
         if self.settings.model == TINY_MODEL:
+            if Path(TINY_MODEL).exists():   # the keyword, or the folder of that name here?
+                raise ModelLoad(f"'{TINY_MODEL}' names the built-in test model, and there is also a "
+                                f"'{TINY_MODEL}' here ({Path(TINY_MODEL).absolute()}).",
+                                f"For the folder, give ./{TINY_MODEL} or its absolute path.")
             pipe = build_tiny_pipeline(seed=0)
         else:
             pipe = load_pipeline(self.settings.model, self.settings.device, self.settings.dtype)

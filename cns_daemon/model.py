@@ -99,21 +99,25 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
 
     place = choose_placement(device, dtype)
     source = Path(model).expanduser() if model is not None else TOYWORLD_MODEL
+    hub = False
     try:
         if source.is_file() and source.suffix in (".safetensors", ".ckpt"):
             pipe = StableDiffusionPipeline.from_single_file(str(source), **_common_kwargs(place.dtype))
         elif source.is_dir():
+            check_model_folder(source)
             pipe = StableDiffusionPipeline.from_pretrained(str(source), local_files_only=True,
                                                            **_common_kwargs(place.dtype))
         elif model is not None and not source.exists() and "/" in str(model) and not str(model).startswith(("/", ".", "~")):
             # A hub id ("org/name"): allowed for real users, never used by tests.
+            hub = True
             pipe = StableDiffusionPipeline.from_pretrained(str(model), **_common_kwargs(place.dtype))
         else:
-            raise ModelLoad(f"No model at {source}.")
+            raise ModelLoad(f"No model at {source.absolute()}.")
     except ModelLoad:
         raise
     except Exception as exc:  # diffusers raises many kinds; the user needs one sentence
-        raise ModelLoad(f"Could not load the model from {source}: {exc}") from exc
+        raise _load_error(model, source, exc, hub) from exc
+    check_tokenizer(pipe, source)
     if not isinstance(pipe.scheduler, DDIMScheduler):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -122,6 +126,48 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
         pipe.cones_guidance_scale = notes.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
         pipe.cones_scenes = notes.get("scenes", DEFAULT_SCENES)
     return pipe.to(place.device)
+
+
+MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+FOLDER_HINT = ("Point `model` at a diffusers folder (model_index.json with unet/, vae/, text_encoder/, "
+               "tokenizer/ and scheduler/ beside it) or at a .safetensors/.ckpt checkpoint.")
+
+
+def check_model_folder(folder: Path) -> None:
+    """A diffusers Stable Diffusion folder, whole: said before diffusers reports the first file
+    it misses without naming the part it belongs to."""
+    if not (folder / "model_index.json").is_file():
+        raise ModelLoad(f"{folder} is not a diffusers model folder (it has no model_index.json).", FOLDER_HINT)
+    missing = [p for p in MODEL_PARTS if not (folder / p).is_dir()]
+    if missing:
+        raise ModelLoad(f"The model folder {folder} has no {', '.join(p + '/' for p in missing)}.", FOLDER_HINT)
+
+
+def check_tokenizer(pipe, source: Path) -> None:
+    """A CLIP tokenizer (tens of thousands of words, 77 positions): diffusers builds a stand-in
+    of two words when the folder's is broken, and every prompt then fails deep in a job."""
+    tok = pipe.tokenizer
+    if len(tok) < 1000 or not 8 <= int(tok.model_max_length) <= 4096:
+        raise ModelLoad(f"The model at {source} has no usable CLIP tokenizer ({len(tok)} words, "
+                        f"{tok.model_max_length} positions).", FOLDER_HINT)
+
+
+def _load_error(model, source: Path, exc: Exception, hub: bool) -> ModelLoad:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    offline = any(w in str(exc) for w in ("internet connection", "ConnectError", "Name or service",
+                                          "local_files_only", "offline"))
+    if hub:
+        return ModelLoad(f"There is no folder {source.absolute()}, and {model!r} could not be loaded "
+                         f"as a Hugging Face hub id: {text}",
+                         "Check the path: a relative one is read from the folder the service starts "
+                         "in; give an absolute path.")
+    if source.is_file() and offline:
+        return ModelLoad(f"Could not load the checkpoint {source}: diffusers reads a single-file "
+                         "checkpoint's configuration from the Hugging Face hub, which could not be "
+                         "reached (or the file is not a Stable Diffusion checkpoint).",
+                         "Use a diffusers folder of the model, or load the checkpoint once where "
+                         "the hub is reachable (its configuration is cached then).")
+    return ModelLoad(f"Could not load the model from {source}: {text}")
 
 
 def build_tiny_pipeline(seed: int = 0, sample_size: int = 16, *, width: int = 64,

@@ -64,3 +64,40 @@ def test_single_file_checkpoint_is_routed_to_from_single_file(tmp_path, monkeypa
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoad, match="No model at"):
         load_pipeline(tmp_path / "nope", device="cpu")
+
+
+def test_a_model_folder_missing_a_part_or_its_tokenizer_is_named(tmp_path, tiny_pipe):
+    import shutil
+
+    folder = tmp_path / "sd"
+    tiny_pipe.save_pretrained(folder)
+    shutil.rmtree(folder / "unet")
+    with pytest.raises(ModelLoad, match="has no unet/"):
+        load_pipeline(folder, device="cpu")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoad, match="no model_index.json"):
+        load_pipeline(tmp_path / "empty", device="cpu")
+    whole = tmp_path / "sd2"
+    tiny_pipe.save_pretrained(whole)
+    for f in (whole / "tokenizer").iterdir():   # a tokenizer folder with nothing usable in it
+        f.unlink()
+    with pytest.raises(ModelLoad, match="tokenizer"):
+        load_pipeline(whole, device="cpu")
+
+
+def test_offline_single_file_and_a_mistyped_path_say_what_happened(tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    def offline(cls, path, **kw):
+        raise OSError("We couldn't connect to 'https://huggingface.co'... check your internet connection")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(offline))
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(offline))
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"\0" * 16)
+    with pytest.raises(ModelLoad, match="configuration from the Hugging Face hub"):
+        load_pipeline(ckpt, device="cpu")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoad, match="There is no folder") as info:
+        load_pipeline("models/mysd", device="cpu")
+    assert str(tmp_path / "models" / "mysd") in info.value.message and "absolute path" in info.value.hint
