@@ -79,12 +79,21 @@ class HFClipScorer:
         from transformers import CLIPModel, CLIPTokenizer
 
         folder = Path(folder).expanduser()
+        hint = ("Give a folder saved with transformers' CLIPModel.save_pretrained, or a "
+                ".pt/.bin/.safetensors file of open_clip weights with --clip.")
         if not (folder / "config.json").exists():
-            raise ModelLoad(f"No CLIP model at {folder}.",
-                            "Give a folder saved with transformers' CLIPModel.save_pretrained, "
-                            "or a .pt/.bin/.safetensors file of open_clip weights with --clip.")
-        return cls(CLIPModel.from_pretrained(str(folder), local_files_only=True),
-                   CLIPTokenizer.from_pretrained(str(folder), local_files_only=True))
+            raise ModelLoad(f"No CLIP model at {folder}.", hint)
+        try:
+            model, info = CLIPModel.from_pretrained(str(folder), local_files_only=True,
+                                                    output_loading_info=True)
+            tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as exc:   # no weights file, a config of another model, ...
+            raise ModelLoad(f"{folder} is not a CLIP model folder: {str(exc).splitlines()[0]}", hint) from None
+        # Scores from weights made up on loading would be stored as if they meant something.
+        if info.get("missing_keys") or len(tokenizer) < 1000:
+            raise ModelLoad(f"{folder} is not a whole CLIP model ({len(info.get('missing_keys', []))} "
+                            f"weights missing, a tokenizer of {len(tokenizer)} words).", hint)
+        return cls(model, tokenizer)
 
     @torch.no_grad()
     def embed_images(self, images):

@@ -108,3 +108,15 @@ def test_missing_clip_is_a_clear_error_not_a_download(tmp_path, scorer):
     loaded = load_scorer(weights=str(tmp_path / "clip"))
     ims = [_img(3)]
     assert torch.allclose(loaded.embed_images(ims), scorer.embed_images(ims), atol=1e-6)
+    # a folder of another model (here: only CLIP's text half), or with no weights, is refused
+    # rather than scored with weights made up on loading
+    from transformers import CLIPTextModel
+
+    CLIPTextModel(scorer.model.config.text_config).save_pretrained(tmp_path / "text")
+    scorer.tokenizer.save_pretrained(tmp_path / "text")
+    with pytest.raises(ModelLoad, match="not a whole CLIP model"):
+        HFClipScorer.from_folder(tmp_path / "text")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text("{}")
+    with pytest.raises(ModelLoad, match="is not a CLIP model folder"):
+        HFClipScorer.from_folder(tmp_path / "noweights")
