@@ -55,6 +55,14 @@ def concept_info(meta: ConceptMeta, overlap: Overlap, size_bytes: int,
                        hint=problem.hint if problem else "")
 
 
+def _model_name(model: str | None) -> str:
+    """How a store names the model it was made on: a path made absolute, else as given."""
+    if model is None:
+        return "the shipped toy-world model"
+    path = Path(model).expanduser()
+    return str(path.absolute()) if path.exists() else model
+
+
 def state_of(problem: ConesError | None) -> str:
     if problem is None:
         return "ok"
@@ -107,7 +115,7 @@ class Engine:
         fp = base_fingerprint(pipe)
         self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
                                dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
-        self.store.bind(fp)
+        self.store.bind(fp, {"model": _model_name(self.settings.model), "dtype": self.info.dtype})
         from cns_daemon.memory import prepare_generation
 
         self.memory = self._memory_options()
@@ -301,7 +309,8 @@ class Engine:
         return JobResult(concept=name)
 
     def import_record(self, record: ConceptRecord) -> JobResult:
-        self._check_fingerprint(record)
+        self._check_fingerprint(record, "Import it into a service on the model it was learned on "
+                                        "(another CONES_HOME), or learn it again here from its photos.")
         if record.name in self.store:
             raise Conflict(f"A concept named {record.name!r} already exists.",
                            f"Remove it first with `cones rm {record.name}`, then import again.")
@@ -435,11 +444,11 @@ class Engine:
             self.problems.setdefault(name, exc)
             raise
 
-    def _check_fingerprint(self, record: ConceptRecord) -> None:
+    def _check_fingerprint(self, record: ConceptRecord, hint: str | None = None) -> None:
         if record.meta.fingerprint and record.meta.fingerprint != self.info.fingerprint:
             raise ModelMismatch(f"Concept {record.name!r} was learned on another base model "
                                 f"({record.meta.fingerprint[:12]}…, this one is "
-                                f"{self.info.fingerprint[:12]}…).")
+                                f"{self.info.fingerprint[:12]}…).", hint)
 
 
 def generation_caption(req: GenerateRequest) -> str:

@@ -132,28 +132,46 @@ class ConceptStore(JobQueue, OverlapIndex):
         value = self._meta_value(b"fingerprint")
         return value if isinstance(value, str) else None
 
-    def bind(self, fingerprint: str) -> None:
-        """Serve records for this base model only: the first binding records it; a store made on
-        another model raises ModelMismatch naming both."""
+    def bind(self, fingerprint: str, about: dict[str, str] | None = None) -> None:
+        """Serve records for this base model only: the first binding records it (and `about`
+        it: which model file or folder, in which dtype, for the words of a later refusal); a
+        store made on another model raises ModelMismatch naming both."""
         def txn_fn(txn):
             stored = self._read_meta(txn, b"fingerprint")
             if stored is None:
                 self._put_meta(txn, b"fingerprint", fingerprint)
             elif stored != fingerprint:
-                raise self._mismatch(stored, fingerprint)
+                raise self._mismatch(stored, fingerprint, made=self._read_meta(txn, b"base_model"),
+                                     loaded=about)
+            if about and self._read_meta(txn, b"base_model") is None:
+                self._put_meta(txn, b"base_model", about)
 
         if self._env.readonly:
             stored = self.fingerprint
             if stored is not None and stored != fingerprint:
-                raise self._mismatch(stored, fingerprint)
+                raise self._mismatch(stored, fingerprint, made=self._meta_value(b"base_model"),
+                                     loaded=about)
         else:
             self._env.write(txn_fn)
         self._bound = fingerprint
 
-    def _mismatch(self, stored: str, current: str, what: str | None = None) -> ModelMismatch:
+    def _mismatch(self, stored: str, current: str, what: str | None = None,
+                  made: dict | None = None, loaded: dict | None = None) -> ModelMismatch:
         what = what or f"The concept store at {self.path}"
-        return ModelMismatch(f"{what} was made with base model {stored}, but the loaded base "
-                             f"model is {current}.")
+
+        def described(fp: str, about) -> str:
+            if not isinstance(about, dict) or not about.get("model"):
+                return fp
+            return f"{fp} ({about['model']}, {about.get('dtype', '?')})"
+
+        hint = None
+        if (isinstance(made, dict) and loaded and made.get("model") == loaded.get("model")
+                and made.get("dtype") != loaded.get("dtype")):
+            hint = (f"The same model in another precision gives other weights: set dtype = "
+                    f"{made.get('dtype')} (config.toml, CONES_DTYPE or --dtype), as when the store "
+                    "was made, or give this dtype another CONES_HOME.")
+        return ModelMismatch(f"{what} was made with base model {described(stored, made)}, but the "
+                             f"loaded base model is {described(current, loaded)}.", hint)
 
     def _meta_value(self, key: bytes):
         return self._env.read(lambda txn: self._read_meta(txn, key))

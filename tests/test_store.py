@@ -91,6 +91,27 @@ def test_fingerprint_binding_refuses_another_base_model(tmp_path):
         assert s.names() == ["rex"]
 
 
+def test_a_refused_model_is_named_and_another_dtype_is_told(tmp_path):
+    path = tmp_path / "store"
+    with ConceptStore.open(path) as s:
+        s.bind("base-A", {"model": "/models/sd15.safetensors", "dtype": "float32"})
+    with ConceptStore.open(path) as s:
+        with pytest.raises(ModelMismatch) as err:
+            s.bind("base-B", {"model": "/models/other", "dtype": "float32"})
+        assert "base-A (/models/sd15.safetensors, float32)" in err.value.message
+        assert "base-B (/models/other, float32)" in err.value.message
+        with pytest.raises(ModelMismatch) as err:   # the same file, loaded in bfloat16
+            s.bind("base-C", {"model": "/models/sd15.safetensors", "dtype": "bfloat16"})
+        assert "set dtype = float32" in err.value.hint
+    old = tmp_path / "old"   # a store from before models were named: named at its next binding
+    with ConceptStore.open(old) as s:
+        s.bind("base-A")
+    with ConceptStore.open(old) as s:
+        s.bind("base-A", {"model": "/models/sd15.safetensors", "dtype": "float32"})
+        with pytest.raises(ModelMismatch, match=r"base-A \(/models/sd15.safetensors"):
+            s.bind("base-B", {"model": "/models/x", "dtype": "float32"})
+
+
 def test_unbound_store_takes_fingerprint_from_first_record(tmp_path):
     with ConceptStore.open(tmp_path / "s") as s:
         first = sample_record("rex", "cns")
