@@ -84,6 +84,7 @@ class Engine:
         self.info = EngineInfo(model=settings.model or "toy-world (built in)", device="-",
                                dtype="-", fingerprint="")
         self.problems: dict[str, ConesError] = {}   # concept -> why it is damaged / not rebuilt
+        self.memory_in_effect: list[str] = []      # `cones status`: set at start-up
 
     # ------------------------------------------------------------ start-up
 
@@ -116,9 +117,10 @@ class Engine:
         self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
                                dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
         self.store.bind(fp, {"model": _model_name(self.settings.model), "dtype": self.info.dtype})
-        from cns_daemon.memory import prepare_generation
+        from cns_daemon.memory import in_effect, prepare_generation
 
         self.memory = self._memory_options()
+        self.memory_in_effect = in_effect(self.memory, pipe.device)
         prepare_generation(pipe, self.memory)
         with torch.no_grad():
             count = self.rebuild()

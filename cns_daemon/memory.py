@@ -62,6 +62,14 @@ def set_attention(unet, sdpa: bool) -> None:
     unet.set_attn_processor(AttnProcessor2_0() if sdpa else AttnProcessor())
 
 
+def in_effect(opts: MemoryOptions, device) -> list[str]:
+    """The options that act on this device (autocast is CUDA's; offloading needs somewhere to
+    offload to), for `cones status`: set but idle ones are not claimed."""
+    device = torch.device(device)
+    idle = {"autocast": device.type != "cuda", "offload": not _can_offload(device)}
+    return [f.name for f in fields(opts) if getattr(opts, f.name) and not idle.get(f.name)]
+
+
 def _can_offload(device: torch.device) -> bool:
     """Offloading moves modules to the CPU; a model already there has nowhere further to go."""
     return device.type != "cpu"

@@ -237,8 +237,8 @@ def fingerprint(pipe) -> str:
     tensors = dict(sorted(kv_weights(pipe.unet).items()))
     tensors["text.token_embedding"] = pipe.text_encoder.get_input_embeddings().weight
     for name, t in tensors.items():
-        # fp32 bytes so a model loaded in another dtype on another device still compares
-        # by value; concepts learned on fp16 weights remain valid on the same fp16 file.
+        # fp32 bytes, so the same weights compare equal on any device, and an fp16 file loaded
+        # in fp32 matches it loaded in fp16; a load that rounds (fp32 file as bf16) does not.
         h.update(name.encode())
         # hashlib reads the array's buffer directly: no copy of (for SD 1.5) ~230 MB.
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy())

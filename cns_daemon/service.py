@@ -176,7 +176,7 @@ class Service:
             data=str(self.paths.data), inbox=str(self.paths.inbox), inbox_watched=self.inbox_watched,
             model=info.model, device=info.device, dtype=info.dtype, fingerprint=info.fingerprint,
             concepts=len(self.store.names()), damaged=health["damaged"],
-            not_rebuilt=health["not_rebuilt"],
+            not_rebuilt=health["not_rebuilt"], memory=getattr(self.engine, "memory_in_effect", []),
             queue=QueueInfo(queued=len(self.worker.queued()),
                             running=self.worker.info(running) if running else None))
 

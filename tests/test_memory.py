@@ -60,11 +60,15 @@ def test_engine_applies_configured_memory_options(tmp_path, fresh_tiny_pipe):
     from cns_daemon.engine import Engine
     from store.store import ConceptStore
 
-    settings = load_settings(model="tiny", vae_tiling=True, sdpa=False, gradient_checkpointing=True)
+    settings = load_settings(model="tiny", vae_tiling=True, sdpa=False, gradient_checkpointing=True,
+                             autocast=True, offload=True)
     store = ConceptStore.open(tmp_path / "store")
     engine = Engine(settings, store, Archive(tmp_path / "archive"))
     engine.attach(fresh_tiny_pipe)
-    assert engine.memory == MemoryOptions(gradient_checkpointing=True, sdpa=False, vae_tiling=True)
+    assert engine.memory == MemoryOptions(gradient_checkpointing=True, sdpa=False, vae_tiling=True,
+                                          offload=True)   # autocast: fp32 weights have no half
+    # what `cones status` says acts: autocast and offloading do nothing on the CPU
+    assert engine.memory_in_effect == ["gradient_checkpointing", "vae_tiling"]
     assert fresh_tiny_pipe.vae.use_tiling
     assert all(isinstance(p, AttnProcessor) for p in fresh_tiny_pipe.unet.attn_processors.values())
     store.close()

@@ -41,7 +41,7 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 # 3: a photo may carry its caption (`Photo.caption`), as an inbox sidecar does.
 # 4: a generate request may carry a negative prompt, a CFG scale and an image size.
 # 5: the `storage` error (a folder cannot be written); a learn job keeps its photos' names;
-#    ConceptInfo.learned_with.
+#    ConceptInfo.learned_with, StatusInfo.memory.
 PROTOCOL_VERSION = "5"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 # The progress message of a learn while a generate runs inside it (`cones jobs` shows it).
@@ -302,6 +302,7 @@ class StatusInfo(Model):
     concepts: int
     damaged: int = 0                  # concepts whose bytes cannot be read
     not_rebuilt: int = 0              # readable concepts that cannot be used on this model
+    memory: list[str] = Field(default_factory=list)   # memory options acting on this device
     queue: QueueInfo
 
 
