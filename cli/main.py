@@ -201,7 +201,8 @@ def export(name: str,
     with client() as c:
         data = c.export(name)
     output_folder(target.parent)   # a new folder only once there is something to put in it
-    write_file(target, data, "Give -o a writable file path; an earlier file there is kept as it was.")
+    write_file(target, data, "Give -o a writable file path; an earlier file there is kept as it was.",
+               mode=0o600)   # a concept can draw a person: private as the data folder is
     console.print(f"Wrote <{name}> to {target} ({len(data):,} bytes).", highlight=False)
 
 

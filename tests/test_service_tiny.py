@@ -80,6 +80,7 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     exported = tmp_path / "star.safetensors"
     code, out = cones("export", "star", "-o", str(exported))
     assert code == 0 and exported.stat().st_size > 0, out
+    assert exported.stat().st_mode & 0o777 == 0o600   # as private as the data folder
     # an existing file is not overwritten without --force; a path ending in / is a folder
     code, out = cones("export", "star", "-o", str(exported))
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "--force" in out, out
