@@ -100,7 +100,8 @@ def test_inbox_errors_then_retry_after_fix(daemon):
     junk = inbox / "junk.cat"
     junk.mkdir()
     (junk / "a.png").write_bytes(b"")            # only a 0-byte file
-    write_photos(inbox / "crowd.dog", 65)        # over the 64 that `cones add` is held to
+    write_photos(inbox / ".crowd", 65)           # over the 64 that `cones add` is held to,
+    (inbox / ".crowd").rename(inbox / "crowd.dog")   # appearing whole (a slow write could settle early)
     for name, needle in (("nameless", "No class word"), ("empty.dog", "No usable photo"),
                          ("bad name.dog", "Invalid concept name"), ("junk.cat", "0 bytes"),
                          ("crowd.dog", "at most 64 are taken")):
