@@ -392,8 +392,9 @@ class Inbox:
         name. Called with the lock."""
         ident = _ident(folder)
         for name, known in self._idents.items():
-            if ident is not None and known == ident and name != folder.name:
-                return name, self._in_flight[name]
+            job_id = self._in_flight.get(name)
+            if ident is not None and known == ident and name != folder.name and job_id:
+                return name, job_id
         return None
 
     def _follows(self, folder: Path, name: str, job_id: str) -> bool:
