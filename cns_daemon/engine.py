@@ -210,8 +210,10 @@ class Engine:
         # and filter by method themselves for overlap / regularisation.
         previous = [self.store.get(m.name) for m in self.store.list()]
         names = job.photo_names if len(job.photo_names) == len(photos) else None
+        # The captions this request gave (a job written by an older version reads the archive's)
+        captions = list(job.photo_captions) if len(job.photo_captions) == len(photos) else None
         spec = LearnSpec(name=job.name, class_word=job.class_word, steps=job.steps, seed=job.seed,
-                         options=dict(job.options), photo_names=names,
+                         options=dict(job.options), photo_names=names, captions=captions,
                          cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16],
                          memory=self.memory)   # the methods apply it around their loops only
         record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)

@@ -76,6 +76,7 @@ class Service:
         job = LearnJob(name=name, class_word=class_word, method=method,
                        steps=steps, seed=seed, options=options or {}, photo_digests=digests,
                        photo_names=[p.filename for p in photos],
+                       photo_captions=[p.caption for p in photos],
                        skipped=skipped,
                        source=source, inbox_folder=inbox_folder)
         return self.worker.submit("learn", job)

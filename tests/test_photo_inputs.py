@@ -158,3 +158,38 @@ def test_a_large_photo_is_kept_at_a_trainable_size(tmp_path, fmt, mode):
     small = tmp_path / "small.png"
     Image.new("RGB", (640, 480), (1, 2, 3)).save(small)
     assert load_photo(small).size == (640, 480)   # smaller ones are left as they are
+
+
+def test_a_learn_trains_on_the_captions_its_own_request_gave(tmp_path, monkeypatch, fresh_tiny_pipe):
+    """The archive keeps one caption per picture: a later request with the same photo and
+    another caption must not change what an earlier, still queued learn trains on."""
+    from cns_daemon.api.errors import Cancelled
+    from cns_daemon.api.protocol import LearnJob
+    from cns_daemon.api.settings import load_settings
+    from cns_daemon.archive import Archive, check_photo
+    from cns_daemon.engine import Engine
+    from cns_daemon.methods import CancelToken
+    from store.store import ConceptStore
+
+    archive = Archive(tmp_path / "archive")
+    store = ConceptStore.open(tmp_path / "store")
+    engine = Engine(load_settings(model="tiny"), store, archive)
+    engine.attach(fresh_tiny_pipe)
+    data = [_encoded(Image.new("RGB", (40, 40), (i * 90, 20, 20)), "PNG") for i in range(2)]
+    digests = [archive.put(check_photo("a.png", data[0], "a dog on the beach")),
+               archive.put(check_photo("b.png", data[1]))]
+    archive.put(check_photo("c.png", data[0], "a dog in the snow"))   # a later request's caption
+    seen = {}
+
+    class Capture:
+        def learn(self, pipe, photos, spec, progress, cancel, previous=None):
+            seen["captions"] = spec.captions
+            raise Cancelled("seen")
+
+    monkeypatch.setattr("cns_daemon.methods.get_method", lambda name: Capture())
+    job = LearnJob(name="rex", class_word="dog", method="cns", photo_digests=digests,
+                   photo_names=["a.png", "b.png"], photo_captions=["a dog on the beach", None])
+    with pytest.raises(Cancelled):
+        engine.learn(job, None, CancelToken())
+    assert seen["captions"] == ["a dog on the beach", None]
+    store.close()

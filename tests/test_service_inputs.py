@@ -304,7 +304,7 @@ def test_same_photo_counts_once_and_too_few_is_an_error(cones, daemon, tmp_path)
 
 def test_add_sends_each_photos_sidecar_caption(cones, daemon, tmp_path):
     """`cones add` reads photo.txt beside photo.png as the inbox does; the archive keeps it
-    beside the photo, where the learn job reads it."""
+    beside the photo (and the learn job carries its own copy)."""
     a, b, c = write_photos(tmp_path / "cap", 3, seed=40)
     a.with_suffix(".txt").write_text("a photo of  a dog\n  in the snow\n")
     b.with_suffix(".txt").write_text("   \n")   # empty: no caption

@@ -148,6 +148,9 @@ class LearnJob(Model):
     # The file names the photos came with, one per digest, for notes that point at a photo (a
     # job written by an older version has none).
     photo_names: list[str] = Field(default_factory=list)
+    # Each photo's caption as this request gave it (None: none): the archive keeps one caption
+    # per picture, which a later request with the same photo may replace before this job runs.
+    photo_captions: list[str | None] = Field(default_factory=list)
     skipped: list[SkippedFile] = Field(default_factory=list)
     source: Literal["cli", "inbox"] = "cli"
     inbox_folder: str | None = None   # the inbox folder to remove on success

@@ -28,7 +28,7 @@ class LearnSpec:
     class_word: str
     steps: int | None = None          # None: the method's default
     seed: int = 0
-    captions: list[str] | None = None  # one per photo; None: sidecar .txt or templates
+    captions: list[str | None] | None = None  # one per photo (None: its template); None: sidecars
     # The names the person gave the photos, one per photo, for notes that point at one (the
     # service trains on archived copies, whose names mean nothing to them). None: numbered.
     photo_names: list[str] | None = None

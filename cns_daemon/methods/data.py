@@ -136,7 +136,7 @@ def template_caption(index: int, token: str, class_word: str) -> str:
 
 
 def photo_captions(paths: list[Path], token: str, class_word: str,
-                   given: list[str] | None = None) -> list[str]:
+                   given: list[str | None] | None = None) -> list[str]:
     """One caption per photo: the request's, else the sidecar's, else a template (photo i gets
     template i, so captions differ across photos). Every caption contains `<token> <class>`."""
     if given is not None and len(given) != len(paths):
