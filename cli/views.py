@@ -108,7 +108,8 @@ def overlap_text(overlap: dict[str, int]) -> str:
 
 
 def metric_text(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """A metric for a rich table: floats to 4 digits, text (a note may name a file) escaped."""
+    return f"{value:.4g}" if isinstance(value, float) else escape(str(value))
 
 
 def ago(t: float | None) -> str:

@@ -15,8 +15,7 @@ from cli.views import follow
 from cns_daemon.api.errors import Unavailable
 from cns_daemon.api.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest, Photo
 from cns_daemon.worker import CRASH_REASON
-from helpers.service import (cli_in_process, photo_bytes, short_home, start_daemon, wait_until,
-                                  write_photos)
+from helpers.service import cli_in_process, photo_bytes, short_home, start_daemon, wait_until
 
 LIMIT = 300_000   # a small request limit for this daemon, so "oversized" is cheap to send
 
