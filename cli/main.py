@@ -245,7 +245,7 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
     if out is not None:
         output_folder(out, "images")   # before the job: a bad -o must not cost a generation
     with client() as c:
-        left = f"; its images stay in the service's outputs, not copied to {out}" if out else ""
+        left = f"; its images stay in the service's outputs, not copied to {escape(str(out))}" if out else ""
         job = wait_for(c, c.generate(req), quiet=as_json, tell_wait=not as_json, left_behind=left)
     result = job.result
     if result is None:
