@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from cns_daemon.api.errors import BadInput, ConesError, Storage, from_code, storage_error
+from cns_daemon.archive import atomic_write
 from cns_daemon.api.protocol import (FINAL_STATES, PAUSED_FOR, STREAM_STOPPING, ConceptInfo, ErrorBody, JobInfo,
                                      ProgressInfo, StatusInfo)
 
@@ -62,19 +62,13 @@ def output_folder(path: Path, what: str = "files") -> None:
 
 def write_file(path: Path, data: bytes, hint: str = "Give -o a writable place.",
                mode: int = 0o666) -> None:
-    """All of `data` at `path`, or nothing there: written beside it and renamed into place, so a
-    full disk leaves neither a cut file nor a lost earlier one. `mode` as open(2) takes it (the
-    umask applies)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    """`archive.atomic_write` for the person's own paths (a full disk leaves neither a cut file
+    nor a lost earlier one), its failures typed: `mode` as open(2) takes it (the umask applies)."""
     try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
+        atomic_write(path, data, mode)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        known = storage_error(exc)
-        raise (Storage(f"Cannot write {path}: {exc.strerror}.", hint) if known else
-               BadInput(f"Cannot write {path}: {exc.strerror or exc}.", hint)) from None
+        kind = Storage if storage_error(exc) else BadInput
+        raise kind(f"Cannot write {path}: {exc.strerror or exc}.", hint) from None
 
 
 def handled(fn):

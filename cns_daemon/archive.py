@@ -203,14 +203,16 @@ class Archive:
         return self.root / digest[:2]
 
 
-def atomic_write(target: Path, data: bytes) -> None:
-    """Photos of people are private: folders 0700, files 0600, whatever the umask."""
+def atomic_write(target: Path, data: bytes, mode: int = 0o600) -> None:
+    """All of `data` at `target` or nothing there (written beside it, renamed into place; a
+    failed write leaves no temporary file). Photos of people are private: folders 0700, files
+    `mode` 0600, whatever the umask."""
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # One temporary name per write: requests archiving the same photo run in threads of one
     # process, and a name per process let one rename the other's file away.
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

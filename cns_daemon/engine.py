@@ -423,10 +423,13 @@ class Engine:
 
     def concept(self, name: str) -> ConceptInfo:
         """As `cones list` has it (metadata only): a damaged concept is shown, not refused."""
-        if name not in self.store:
-            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.")
-        meta = next((m for m in self.store.list() if m.name == name), None)
-        return self._unreadable_info(name) if meta is None else self._info(meta)
+        try:
+            meta = self.store.meta(name)
+        except NotFound:
+            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.") from None
+        except Corrupt:
+            return self._unreadable_info(name)
+        return self._info(meta)
 
     def _info(self, meta: ConceptMeta) -> ConceptInfo:
         try:

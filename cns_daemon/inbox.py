@@ -214,9 +214,10 @@ class Inbox:
         from watchdog.observers import Observer
 
         self.root.mkdir(parents=True, exist_ok=True)
-        for job in self.service.worker.jobs.jobs(("queued", "running", "done")):
+        jobs = self.service.worker.jobs.jobs()   # read once: the job list only grows
+        for job in jobs:
             folder = job.request.get("inbox_folder") if job.kind == "learn" else None
-            if not folder:
+            if not folder or job.state not in ("queued", "running", "done"):
                 continue
             if job.state == "done":   # learned, but the process died before the clean-up
                 if ((self.root / folder).is_dir() and job.request.get("name") in self.service.store
@@ -225,7 +226,7 @@ class Inbox:
             else:
                 self._in_flight[folder] = job.id
                 self._remember(self.root / folder)
-        self._note_ended_at_start()
+        self._note_ended_at_start(jobs)
         self.service.job_listeners.append(self._job_changed)
 
         inbox = self
@@ -245,14 +246,14 @@ class Inbox:
         self._thread.start()
         log.info("watching the inbox %s (settle %.1fs)", self.root, self.settle)
 
-    def _note_ended_at_start(self) -> None:
+    def _note_ended_at_start(self, jobs: list[JobRecord]) -> None:
         """A folder whose learn ended at start-up (no inbox listened then) gets its note now, so
         it is not taken again as if new: failed because the service stopped under it twice (a
         learn that brings the service down must not loop through restarts), or cancelled just
         before the service stopped. Only where the folder still holds that job's photos: a new
         folder of the same name is new."""
         newest: dict[str, JobRecord] = {}
-        for job in self.service.worker.jobs.jobs():
+        for job in jobs:
             folder = job.request.get("inbox_folder") if job.kind == "learn" else None
             if folder and (folder not in newest or job.created > newest[folder].created):
                 newest[folder] = job

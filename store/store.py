@@ -278,6 +278,12 @@ class ConceptStore(JobQueue, OverlapIndex):
             raise self._mismatch(record.meta.fingerprint, self._bound, f"Concept '{name}'")
         return record
 
+    def meta(self, name: str) -> ConceptMeta:
+        """One concept's metadata, without its masks or values: NotFound, or Corrupt when it
+        cannot be read."""
+        validate_name(name)
+        return self._env.read(lambda txn: self._read_concept_meta(txn, name))
+
     def __contains__(self, name: str) -> bool:
         validate_name(name)
         return self._env.read(

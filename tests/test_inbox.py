@@ -144,6 +144,13 @@ def test_folders_present_at_startup_and_settle_time(daemon):
         assert "4 photos" in job.summary
 
 
+def drop(folder, photos: int, *, steps: int) -> None:
+    """An inbox folder of `photos` photos whose concept.toml asks for `steps` (the fake engine
+    takes 0.02 s a step: the steps set how long its job runs)."""
+    write_photos(folder, photos)
+    (folder / "concept.toml").write_text(f"steps = {steps}\n")
+
+
 def _learn_jobs(c, name: str) -> list:
     return [j for j in c.jobs(1000) if j.kind == "learn" and j.summary.startswith(f"learn <{name}>")]
 
@@ -200,8 +207,7 @@ def test_cancelled_inbox_folder_is_not_taken_again(daemon):
     home, start = daemon
     d = start()
     folder = home / "inbox" / "slow.dog"
-    write_photos(folder, 2)
-    (folder / "concept.toml").write_text("steps = 5000\n")
+    drop(folder, 2, steps=5000)
     with Client(d.socket) as c:
         job = wait_until(lambda: next(iter(_learn_jobs(c, "slow")), None), timeout=20, what="taken")
         wait_until(lambda: c.job(job.id).state == "running", what="running")
@@ -223,10 +229,8 @@ def test_a_folder_renamed_while_its_job_runs_is_followed_not_taken_again(daemon)
     home, start = daemon
     d = start()
     inbox = home / "inbox"
-    write_photos(inbox / "slow.dog", 2)
-    (inbox / "slow.dog" / "concept.toml").write_text("steps = 5000\n")
-    write_photos(inbox / "quick.dog", 3)
-    (inbox / "quick.dog" / "concept.toml").write_text("steps = 150\n")   # 3 s at the fake's pace
+    drop(inbox / "slow.dog", 2, steps=5000)
+    drop(inbox / "quick.dog", 3, steps=150)   # 3 s at the fake's pace
     with Client(d.socket) as c:
         slow = wait_until(lambda: next(iter(_learn_jobs(c, "slow")), None), timeout=20, what="slow taken")
         quick = wait_until(lambda: next(iter(_learn_jobs(c, "quick")), None), timeout=20, what="quick taken")
@@ -251,8 +255,7 @@ def test_a_folder_renamed_while_its_job_runs_is_followed_not_taken_again(daemon)
 def test_a_folder_whose_learn_the_service_died_under_twice_is_not_taken_again(daemon):
     home, start = daemon
     folder = home / "inbox" / "crash.dog"
-    write_photos(folder, 2)
-    (folder / "concept.toml").write_text("steps = 50000\n")
+    drop(folder, 2, steps=50000)
     first = None
     for attempt in (1, 2):
         d = start()
@@ -292,8 +295,7 @@ def test_a_folder_renamed_and_back_is_cleared_where_it_is(daemon):
     home, start = daemon
     d = start()
     inbox = home / "inbox"
-    write_photos(inbox / "back.dog", 2)
-    (inbox / "back.dog" / "concept.toml").write_text("steps = 150\n")
+    drop(inbox / "back.dog", 2, steps=150)
     with Client(d.socket) as c:
         job = wait_until(lambda: next(iter(_learn_jobs(c, "back")), None), timeout=20, what="taken")
         (inbox / "back.dog").rename(inbox / "away.dog")
