@@ -1,7 +1,8 @@
 """Loading the base model, building the tiny test model, and fingerprinting either.
 
 The service owns one diffusers StableDiffusionPipeline. It comes from a diffusers folder, a
-single-file checkpoint (.safetensors/.ckpt, through diffusers' own `from_single_file`), or, when
+single-file checkpoint (.safetensors/.ckpt, through diffusers' own `from_single_file`, offline:
+see checkpoint.py), or, when
 nothing is configured, the toy-world fixture shipped in the package. Tests build a tiny pipeline
 of the same architecture from configs with seeded random weights.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
 from .api.errors import ModelLoad
 from .tokenizer import clip_tokenizer
 
@@ -102,7 +104,7 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
     hub = False
     try:
         if source.is_file() and source.suffix in (".safetensors", ".ckpt"):
-            pipe = StableDiffusionPipeline.from_single_file(str(source), **_common_kwargs(place.dtype))
+            pipe = checkpoint.load(source, **_common_kwargs(place.dtype))
         elif source.is_dir():
             check_model_folder(source)
             pipe = StableDiffusionPipeline.from_pretrained(str(source), local_files_only=True,
@@ -154,19 +156,16 @@ def check_tokenizer(pipe, source: Path) -> None:
 
 def _load_error(model, source: Path, exc: Exception, hub: bool) -> ModelLoad:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    offline = any(w in str(exc) for w in ("internet connection", "ConnectError", "Name or service",
-                                          "local_files_only", "offline"))
     if hub:
         return ModelLoad(f"There is no folder {source.absolute()}, and {model!r} could not be loaded "
                          f"as a Hugging Face hub id: {text}",
                          "Check the path: a relative one is read from the folder the service starts "
                          "in; give an absolute path.")
-    if source.is_file() and offline:
-        return ModelLoad(f"Could not load the checkpoint {source}: diffusers reads a single-file "
-                         "checkpoint's configuration from the Hugging Face hub, which could not be "
-                         "reached (or the file is not a Stable Diffusion checkpoint).",
-                         "Use a diffusers folder of the model, or load the checkpoint once where "
-                         "the hub is reachable (its configuration is cached then).")
+    if source.is_file():
+        return ModelLoad(f"Could not load the checkpoint {source}: {text}",
+                         "cones reads single files of Stable Diffusion 1.x and 2.x as published "
+                         "(the configurations ship with it); a model of another shape needs its "
+                         "diffusers folder.")
     return ModelLoad(f"Could not load the model from {source}: {text}")
 
 

@@ -44,21 +44,93 @@ def test_fingerprint_survives_save_and_load_and_sees_weight_changes(tmp_path, fr
     assert fingerprint(loaded) != fingerprint(pipe)
 
 
-def test_single_file_checkpoint_is_routed_to_from_single_file(tmp_path, monkeypatch):
-    from diffusers import StableDiffusionPipeline
+def _tiny_sd_configs(tmp_path, pipe):
+    """A configuration root holding the tiny pipeline's configs as family "v1" (no weights)."""
+    import shutil
 
-    seen = {}
+    folder = tmp_path / "configs" / "v1"
+    pipe.save_pretrained(folder)
+    for f in folder.rglob("*.safetensors"):
+        f.unlink()
+    shutil.rmtree(folder / "tokenizer")
+    return tmp_path / "configs"
 
-    def fake(cls, path, **kw):
-        seen["path"] = path
-        raise RuntimeError("not a real checkpoint")
 
-    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(fake))
-    ckpt = tmp_path / "model.safetensors"
-    ckpt.write_bytes(b"\0" * 16)
-    with pytest.raises(ModelLoad, match="Could not load the model"):
-        load_pipeline(ckpt, device="cpu")
-    assert seen["path"] == str(ckpt)
+def test_single_file_checkpoints_load_offline_from_the_shipped_configs(tmp_path, monkeypatch, tiny_pipe):
+    """A checkpoint in the original layout (.safetensors, and a Lightning .ckpt) loads with the
+    configuration from the package, never asking the hub, to the same weights."""
+    from diffusers.loaders import single_file
+    from safetensors.torch import save_file
+
+    from cns_daemon import checkpoint
+    from helpers.ldm import ldm_state_dict
+
+    def no_hub(*a, **kw):
+        raise AssertionError("the hub was asked for a configuration")
+
+    monkeypatch.setattr(single_file, "_download_diffusers_model_config_from_hub", no_hub)
+    monkeypatch.setattr(checkpoint, "SD_CONFIGS", _tiny_sd_configs(tmp_path, tiny_pipe))
+    state = ldm_state_dict(tiny_pipe)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    torch.save({"state_dict": state, "global_step": 1}, tmp_path / "model.ckpt")
+    for name in ("model.safetensors", "model.ckpt"):
+        assert checkpoint.family(tmp_path / name) == "v1"
+        loaded = load_pipeline(tmp_path / name, device="cpu")
+        assert fingerprint(loaded) == fingerprint(tiny_pipe)
+        for part in ("unet", "vae", "text_encoder"):
+            want, got = getattr(tiny_pipe, part).state_dict(), getattr(loaded, part).state_dict()
+            assert all(torch.equal(want[k], got[k]) for k in want), part
+        assert type(loaded.scheduler).__name__ == "DDIMScheduler" and len(loaded.tokenizer) == 49408
+
+
+def test_shipped_sd_configs_have_the_published_sizes():
+    """SD 1.5 and 2.1 as published: parameter counts of UNet, VAE and text encoder (built on the
+    meta device: no memory), and the settings a count cannot see."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cns_daemon.checkpoint import config_folder, tokenizer
+
+    sizes = {"v1": (859_520_964, 83_653_863, 123_060_480), "v2": (865_910_724, 83_653_863, 340_387_840)}
+    for kind, want in sizes.items():
+        folder = config_folder(kind)
+        with torch.device("meta"):
+            parts = (UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+                     AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+                     CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")))
+        assert tuple(sum(p.numel() for p in m.parameters()) for m in parts) == want, kind
+        unet, text = parts[0].config, parts[2].config
+        assert unet.use_linear_projection == (kind == "v2") and text.hidden_act == (
+            "gelu" if kind == "v2" else "quick_gelu")
+    assert tokenizer("v2")("a dog", padding="max_length").input_ids[-1] == 0     # "!" pads SD 2.x
+    assert tokenizer("v1")("a dog", padding="max_length").input_ids[-1] == 49407
+
+
+def test_checkpoints_of_other_families_or_none_are_refused_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from cns_daemon.checkpoint import family
+
+    unet = "model.diffusion_model."
+    cases = {
+        "v2": {unet + "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": (8, 1024)},
+        "inpainting": {unet + "input_blocks.0.0.weight": (8, 9, 3, 3)},
+        "xl_base": {unet + "x": (1,), "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias": (4,)},
+        "lora": {"lora_unet_down_blocks_0.lora_down.weight": (4, 4)},
+    }
+    for name, shapes in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: torch.zeros(s, dtype=torch.float16) for k, s in shapes.items()}, str(path))
+        if name == "v2":
+            assert family(path) == "v2"
+            continue
+        with pytest.raises(ModelLoad, match="no Stable Diffusion UNet" if name == "lora" else f"'{name}'") as info:
+            family(path)
+        assert "1.x and 2.x" in info.value.hint
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(b"\0" * 16)
+    with pytest.raises(ModelLoad, match="cannot be read as a checkpoint"):
+        load_pipeline(cut, device="cpu")
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
@@ -85,18 +157,13 @@ def test_a_model_folder_missing_a_part_or_its_tokenizer_is_named(tmp_path, tiny_
         load_pipeline(whole, device="cpu")
 
 
-def test_offline_single_file_and_a_mistyped_path_say_what_happened(tmp_path, monkeypatch):
+def test_a_mistyped_path_says_what_happened(tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
     def offline(cls, path, **kw):
         raise OSError("We couldn't connect to 'https://huggingface.co'... check your internet connection")
 
-    monkeypatch.setattr(StableDiffusionPipeline, "from_single_file", classmethod(offline))
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", classmethod(offline))
-    ckpt = tmp_path / "model.safetensors"
-    ckpt.write_bytes(b"\0" * 16)
-    with pytest.raises(ModelLoad, match="configuration from the Hugging Face hub"):
-        load_pipeline(ckpt, device="cpu")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelLoad, match="There is no folder") as info:
         load_pipeline("models/mysd", device="cpu")
