@@ -108,7 +108,7 @@ class Engine:
         the store to them, rebuild the resident concepts."""
         import torch
 
-        from cns_daemon.model import base_fingerprint
+        from cns_daemon.model import base_fingerprint, fingerprint
 
         t0 = time.monotonic()
         self.pipe = pipe
@@ -116,7 +116,9 @@ class Engine:
         fp = base_fingerprint(pipe)
         self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
                                dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
-        self.store.bind(fp, {"model": _model_name(self.settings.model), "dtype": self.info.dtype})
+        # Stores and exports made before the digest read bf16 carry the fp32-bytes one.
+        self.store.bind(fp, {"model": _model_name(self.settings.model), "dtype": self.info.dtype},
+                        aliases=[fingerprint(pipe, exact=True)])
         from cns_daemon.memory import in_effect, prepare_generation
 
         self.memory = self._memory_options()
@@ -452,7 +454,7 @@ class Engine:
             raise
 
     def _check_fingerprint(self, record: ConceptRecord, hint: str | None = None) -> None:
-        if record.meta.fingerprint and record.meta.fingerprint != self.info.fingerprint:
+        if record.meta.fingerprint and not self.store.accepts(record.meta.fingerprint):
             raise ModelMismatch(f"Concept {record.name!r} was learned on another base model "
                                 f"({record.meta.fingerprint[:12]}…, this one is "
                                 f"{self.info.fingerprint[:12]}…).", hint)

@@ -226,21 +226,27 @@ def _architecture(config) -> dict:
             if not k.startswith("_") and k not in _VOLATILE_KEYS}
 
 
-def fingerprint(pipe) -> str:
+def fingerprint(pipe, exact: bool = False) -> str:
     """A stable digest of what the concept records depend on: the model configs, the
     cross-attention K/V weights and the token embeddings. Identical for two loads of the same
-    model; any change to those weights changes it. Excluded: weights concepts never touch."""
+    model; any change to those weights changes it. Excluded: weights concepts never touch.
+
+    The weights are read at bf16 precision, so one model file loaded in fp32 (the CPU) and in
+    bf16 (a GPU, `device = "auto"`) gives one digest and one store serves both: rounding fp32 to
+    bf16 is what the bf16 load itself does. (An fp32 file loaded in fp16 still differs: fp16
+    rounds first, and its range is smaller.) `exact` reads fp32 bytes instead: the digest stores
+    and exports made before carry, accepted as the same model's (`ConceptStore.bind` aliases)."""
     h = hashlib.sha256()
     for part in (pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config):
         h.update(json.dumps(_architecture(part), sort_keys=True, default=str).encode())
     tensors = dict(sorted(kv_weights(pipe.unet).items()))
     tensors["text.token_embedding"] = pipe.text_encoder.get_input_embeddings().weight
     for name, t in tensors.items():
-        # fp32 bytes, so the same weights compare equal on any device, and an fp16 file loaded
-        # in fp32 matches it loaded in fp16; a load that rounds (fp32 file as bf16) does not.
         h.update(name.encode())
-        # hashlib reads the array's buffer directly: no copy of (for SD 1.5) ~230 MB.
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy())
+        t = t.detach().to("cpu")
+        # hashlib reads the array's buffer directly: no copy of (for SD 1.5) ~230 MB in fp32.
+        t = t.to(torch.float32) if exact else t.to(torch.bfloat16).view(torch.int16)
+        h.update(t.contiguous().numpy())
     return h.hexdigest()[:32]
 
 

@@ -101,7 +101,7 @@ def salvage(path: Path) -> SalvageReport:
     jobs = 0
     with ConceptStore.open(path, create=False, readonly=True) as old, ConceptStore.open(fresh) as new:
         if old.fingerprint:
-            new.bind(old.fingerprint)
+            new.bind(old.fingerprint, aliases=old.aliases)
         for name in report.concepts:
             new.put_raw(old.raw_concept(name))
             copied.append(name)

@@ -6,7 +6,8 @@
     store.tuned_union("cns")     # every tuned neuron, per tensor (for M_reg)
 
 Layout (named databases; every value framed by `envelope`: schema version + crc32):
-    meta        b"schema" -> {"version"}, b"fingerprint" -> base model fingerprint
+    meta        b"schema" -> {"version"}, b"fingerprint" -> base model fingerprint,
+                b"aliases" -> [earlier digests of the same model], b"base_model" -> {model, dtype}
     concepts    name -> ConceptMeta (JSON)
     masks       name \\0 tensor -> index set          (Cones)
     deltas      name \\0 tensor -> shape, indices, values (CNS)
@@ -60,6 +61,7 @@ class ConceptStore(JobQueue, OverlapIndex):
         self._env = env
         self._db = env.dbs
         self._bound: str | None = None
+        self._accepted: frozenset[str] = frozenset()   # the bound digest and its aliases
         try:
             self._check_schema()
             if fingerprint:
@@ -132,28 +134,48 @@ class ConceptStore(JobQueue, OverlapIndex):
         value = self._meta_value(b"fingerprint")
         return value if isinstance(value, str) else None
 
-    def bind(self, fingerprint: str, about: dict[str, str] | None = None) -> None:
+    @property
+    def aliases(self) -> list[str]:
+        """Earlier digests of the bound model (an older fingerprint scheme): records carrying
+        one are this model's."""
+        value = self._meta_value(b"aliases")
+        return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
+
+    def accepts(self, fingerprint: str) -> bool:
+        """Whether a record made on `fingerprint` belongs to the bound model."""
+        return fingerprint in self._accepted
+
+    def bind(self, fingerprint: str, about: dict[str, str] | None = None,
+             aliases: Iterable[str] = ()) -> None:
         """Serve records for this base model only: the first binding records it (and `about`
         it: which model file or folder, in which dtype, for the words of a later refusal); a
-        store made on another model raises ModelMismatch naming both."""
+        store made on another model raises ModelMismatch naming both. `aliases` are other
+        digests of the same loaded model (the older scheme's): a store bound to one is moved to
+        `fingerprint`, and records stamped with any of them stay readable."""
+        aliases = [a for a in aliases if a and a != fingerprint]
+
+        def check(stored, known: list[str], made) -> list[str]:
+            if stored is not None and stored != fingerprint and stored not in aliases:
+                raise self._mismatch(stored, fingerprint, made=made, loaded=about)
+            return sorted(set(known) | set(aliases) | ({stored} - {None, fingerprint}))
+
         def txn_fn(txn):
-            stored = self._read_meta(txn, b"fingerprint")
-            if stored is None:
+            stored, known = self._read_meta(txn, b"fingerprint"), self._read_meta(txn, b"aliases") or []
+            merged = check(stored, known, self._read_meta(txn, b"base_model"))
+            if stored != fingerprint:
                 self._put_meta(txn, b"fingerprint", fingerprint)
-            elif stored != fingerprint:
-                raise self._mismatch(stored, fingerprint, made=self._read_meta(txn, b"base_model"),
-                                     loaded=about)
+            if merged != known:
+                self._put_meta(txn, b"aliases", merged)
             if about and self._read_meta(txn, b"base_model") is None:
                 self._put_meta(txn, b"base_model", about)
+            return merged
 
         if self._env.readonly:
-            stored = self.fingerprint
-            if stored is not None and stored != fingerprint:
-                raise self._mismatch(stored, fingerprint, made=self._meta_value(b"base_model"),
-                                     loaded=about)
+            merged = check(self.fingerprint, self.aliases, self._meta_value(b"base_model"))
         else:
-            self._env.write(txn_fn)
+            merged = self._env.write(txn_fn)
         self._bound = fingerprint
+        self._accepted = frozenset([fingerprint, *merged])
 
     def _mismatch(self, stored: str, current: str, what: str | None = None,
                   made: dict | None = None, loaded: dict | None = None) -> ModelMismatch:
@@ -229,7 +251,7 @@ class ConceptStore(JobQueue, OverlapIndex):
         """The meta to store: carries the bound base model; refuses another one."""
         if not self._bound:
             return meta
-        if meta.fingerprint and meta.fingerprint != self._bound:
+        if meta.fingerprint and not self.accepts(meta.fingerprint):
             raise self._mismatch(meta.fingerprint, self._bound, f"Concept '{meta.name}'")
         return dataclasses.replace(meta, fingerprint=self._bound)
 
@@ -274,15 +296,22 @@ class ConceptStore(JobQueue, OverlapIndex):
     def get(self, name: str) -> ConceptRecord:
         validate_name(name)
         record = self._env.read(lambda txn: self._read_record(txn, name))
-        if self._bound and record.meta.fingerprint and record.meta.fingerprint != self._bound:
-            raise self._mismatch(record.meta.fingerprint, self._bound, f"Concept '{name}'")
-        return record
+        meta = self._current(record.meta)
+        if self._bound and meta.fingerprint and meta.fingerprint != self._bound:
+            raise self._mismatch(meta.fingerprint, self._bound, f"Concept '{name}'")
+        return record if meta is record.meta else dataclasses.replace(record, meta=meta)
+
+    def _current(self, meta: ConceptMeta) -> ConceptMeta:
+        """A meta stamped with an alias of the bound model, read as the model's current digest."""
+        if self._bound and meta.fingerprint != self._bound and self.accepts(meta.fingerprint):
+            return dataclasses.replace(meta, fingerprint=self._bound)
+        return meta
 
     def meta(self, name: str) -> ConceptMeta:
         """One concept's metadata, without its masks or values: NotFound, or Corrupt when it
         cannot be read."""
         validate_name(name)
-        return self._env.read(lambda txn: self._read_concept_meta(txn, name))
+        return self._current(self._env.read(lambda txn: self._read_concept_meta(txn, name)))
 
     def __contains__(self, name: str) -> bool:
         validate_name(name)
@@ -300,7 +329,7 @@ class ConceptStore(JobQueue, OverlapIndex):
             out = []
             for key, raw in txn.cursor(db=self._db["concepts"]):
                 try:
-                    out.append(ser.decode_meta(unframe(key, raw)[1]))
+                    out.append(self._current(ser.decode_meta(unframe(key, raw)[1])))
                 except CodecError:
                     log.warning("concept %r has damaged metadata", key.decode(errors="replace"))
             return out

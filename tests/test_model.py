@@ -44,6 +44,19 @@ def test_fingerprint_survives_save_and_load_and_sees_weight_changes(tmp_path, fr
     assert fingerprint(loaded) != fingerprint(pipe)
 
 
+def test_fingerprint_is_one_for_a_model_loaded_in_fp32_or_bf16(fresh_tiny_pipe, tiny_pipe):
+    """One model file on the CPU (fp32) and on a GPU (bf16): one store serves both. The exact
+    digest (what stores made before carry) tells them apart."""
+    bf16 = fresh_tiny_pipe
+    bf16.unet.to(torch.bfloat16)
+    bf16.text_encoder.to(torch.bfloat16)
+    assert fingerprint(bf16) == fingerprint(tiny_pipe)
+    assert fingerprint(bf16, exact=True) != fingerprint(tiny_pipe, exact=True)
+    with torch.no_grad():   # a change bf16 can see is still seen
+        next(iter(kv_weights(bf16.unet).values())).view(-1)[0] += 0.05
+    assert fingerprint(bf16) != fingerprint(tiny_pipe)
+
+
 def _tiny_sd_configs(tmp_path, pipe):
     """A configuration root holding the tiny pipeline's configs as family "v1" (no weights)."""
     import shutil

@@ -106,6 +106,14 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     alien.write_bytes(encode(other))
     code, out = cones("import", str(alien))
     assert code == EXIT_CODES[ErrorCode.MODEL_MISMATCH], out
+    # exported by an earlier cones, whose digest read the weights' fp32 bytes: this model's
+    from cns_daemon.model import build_tiny_pipeline, fingerprint
+    older = tmp_path / "older.safetensors"
+    older.write_bytes(encode(dataclasses.replace(record, meta=dataclasses.replace(
+        record.meta, name="older", fingerprint=fingerprint(build_tiny_pipeline(seed=0), exact=True)))))
+    code, out = cones("import", str(older))
+    assert code == 0, out
+    assert json.loads(cones("show", "older", "--json")[1])["fingerprint"] == b["fingerprint"]
     # another name, the same token (every store picks rare words in the same order, so two
     # stores' first concepts share one): imported on a free word, drawing the same pictures
     twin = tmp_path / "twin.safetensors"

@@ -112,6 +112,41 @@ def test_a_refused_model_is_named_and_another_dtype_is_told(tmp_path):
             s.bind("base-B", {"model": "/models/x", "dtype": "float32"})
 
 
+def test_a_store_bound_to_an_older_digest_of_the_model_moves_to_the_new_one(tmp_path):
+    """A store (and its records, and exports) made when the digest read fp32 bytes: the engine
+    binds the new digest with the old one as an alias; the store moves over, keeps the alias,
+    and every record made before reads as the current model's. Another model is still refused."""
+    from store.salvage import salvage
+
+    path = tmp_path / "store"
+    with ConceptStore.open(path) as s:
+        s.bind("old-A")
+        s.put(sample_record("rex", "cns"))
+    with ConceptStore.open(path) as s:
+        with pytest.raises(ModelMismatch, match="old-A"):
+            s.bind("new-A")                       # without the alias: another model
+        s.bind("new-A", aliases=["old-A"])
+        assert s.fingerprint == "new-A" and s.aliases == ["old-A"]
+        assert s.get("rex").meta.fingerprint == "new-A" and s.meta("rex").fingerprint == "new-A"
+        assert [m.fingerprint for m in s.list()] == ["new-A"]
+        exported = sample_record("mug", "cones")
+        exported.meta.fingerprint = "old-A"       # a file exported before
+        s.put(exported)
+        assert s.get("mug").meta.fingerprint == "new-A"
+        foreign = sample_record("cup", "cones")
+        foreign.meta.fingerprint = "old-B"
+        with pytest.raises(ModelMismatch, match="old-B"):
+            s.put(foreign)
+    with ConceptStore.open(path) as s:            # the next start binds the new digest alone
+        s.bind("new-A", aliases=["old-A-in-bf16"])
+        assert s.aliases == ["old-A", "old-A-in-bf16"] and s.get("rex").meta.fingerprint == "new-A"
+        with pytest.raises(ModelMismatch, match="new-A.*new-B"):
+            s.bind("new-B", aliases=["old-B"])
+    salvage(path)                                 # a salvaged copy keeps the aliases
+    with ConceptStore.open(path, fingerprint="new-A") as s:
+        assert s.aliases == ["old-A", "old-A-in-bf16"] and s.get("rex").meta.fingerprint == "new-A"
+
+
 def test_unbound_store_takes_fingerprint_from_first_record(tmp_path):
     with ConceptStore.open(tmp_path / "s") as s:
         first = sample_record("rex", "cns")
