@@ -34,6 +34,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from cns_daemon.archive import CheckedPhoto, check_photos, make_private, sidecar_caption
 from cns_daemon.api.errors import BadInput, ConesError, storage_error
@@ -423,12 +424,9 @@ class Inbox:
         if not folder.is_dir():
             return
         archive = self.service.archive
-        digests = set(job.request.get("photo_digests", []))
-        for p in folder.iterdir():
-            if p.is_file() and p.name != CONFIG_FILE and p.name not in NOTE_FILES:
-                digest = hashlib.sha256(p.read_bytes()).hexdigest()
-                if digest in digests and archive.has(digest):
-                    p.unlink()
+        for p, digest in taken_photos(folder, job):
+            if p.name != CONFIG_FILE and p.name not in NOTE_FILES and archive.has(digest):
+                p.unlink()
         leftovers = [p for p in folder.iterdir() if p.name not in NOTE_FILES]
         if leftovers:
             dest = archive.root / "inbox-leftovers" / f"{folder.name}-{job.id}"
@@ -447,16 +445,20 @@ def _ident(folder: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def holds_photos_of(folder: Path, job: JobRecord) -> bool:
-    """Whether `folder` still holds a photo that `job` took (by content)."""
+def taken_photos(folder: Path, job: JobRecord) -> Iterator[tuple[Path, str]]:
+    """The files in `folder` whose content is a photo `job` took, with their digests."""
     digests = set(job.request.get("photo_digests", []))
     for p in folder.iterdir():
         try:
-            if p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest() in digests:
-                return True
+            if p.is_file() and (digest := hashlib.sha256(p.read_bytes()).hexdigest()) in digests:
+                yield p, digest
         except OSError:   # gone or unreadable meanwhile: not evidence either way
             continue
-    return False
+
+
+def holds_photos_of(folder: Path, job: JobRecord) -> bool:
+    """Whether `folder` still holds a photo that `job` took (by content)."""
+    return next(taken_photos(folder, job), None) is not None
 
 
 def _as_error(body: dict) -> ConesError:
