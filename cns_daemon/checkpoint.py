@@ -46,7 +46,12 @@ def family(path: Path) -> str:
     try:
         shapes = _tensor_shapes(path)
     except Exception as exc:  # a cut or foreign file: safetensors and torch raise many kinds
-        raise ModelLoad(f"{path} cannot be read as a checkpoint: {str(exc).strip() or type(exc).__name__}",
+        text = str(exc).strip()
+        if "Weights only load failed" in text:   # a pickle holding objects besides tensors
+            raise ModelLoad(f"{path} holds Python objects besides its weights, and cones does not run "
+                            "the code a .ckpt may carry.", "Use the model's .safetensors release, or "
+                            "its diffusers folder.") from exc
+        raise ModelLoad(f"{path} cannot be read as a checkpoint: {text.splitlines()[0] if text else type(exc).__name__}",
                         "Check that the file is whole (its size against the download's) and is a "
                         "Stable Diffusion checkpoint.") from exc
     if not any(k.startswith("model.diffusion_model.") for k in shapes):

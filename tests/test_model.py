@@ -140,6 +140,13 @@ def test_checkpoints_of_other_families_or_none_are_refused_by_name(tmp_path):
         with pytest.raises(ModelLoad, match="no Stable Diffusion UNet" if name == "lora" else f"'{name}'") as info:
             family(path)
         assert "1.x and 2.x" in info.value.hint
+    import argparse   # Lightning left objects beside the weights in early .ckpt files
+
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "hparams": argparse.Namespace(lr=1e-4)},
+               tmp_path / "old.ckpt")
+    with pytest.raises(ModelLoad, match="Python objects besides its weights") as info:
+        family(tmp_path / "old.ckpt")
+    assert ".safetensors" in info.value.hint
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(b"\0" * 16)
     with pytest.raises(ModelLoad, match="cannot be read as a checkpoint"):
