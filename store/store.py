@@ -16,7 +16,8 @@ Layout (named databases; every value framed by `envelope`: schema version + crc3
     overlap     name -> Overlap (JSON): earlier concepts sharing its neurons, and how many
     jobs        job id -> JobRecord (JSON)
 A concept's parts are keyed by its name, so a damaged value only ever affects that concept.
-The overlap bookkeeping (who shares which neurons) is the `OverlapIndex` mixin, store/overlap.py.
+The overlap bookkeeping (who shares which neurons) is the `OverlapIndex` mixin, store/overlap.py;
+which base model the store serves is the `BaseModelBinding` mixin, store/binding.py.
 
 Two kinds of damage. A value whose bytes changed fails its checksum: that concept is damaged and
 `delete` (which never decodes a value) removes it. A damaged B-tree page (LMDB's
@@ -35,12 +36,13 @@ from typing import Callable, Iterable, Iterator
 
 import lmdb
 
-from cns_daemon.api.errors import (Conflict, Corrupt, Internal, ModelMismatch, NotFound,
+from cns_daemon.api.errors import (Conflict, Corrupt, Internal, NotFound,
                                    ProtocolMismatch, Unavailable)
 
 from . import serialize as ser
 from .codec import CodecError, decode_tensor, encode_tensor
 from .env import DEFAULT_MAP_SIZE, PAGE_ERRORS, SALVAGE_HINT, Env, lmdb_reason
+from .binding import BaseModelBinding
 from .jobs import JobQueue
 from .overlap import SEP, OverlapIndex, record_indices
 from .envelope import SCHEMA_VERSION, frame, unframe
@@ -56,12 +58,12 @@ Item = tuple[str, bytes, bytes]                 # (database, key, framed value)
 MIGRATIONS: dict[int, Callable[["lmdb.Transaction", dict], None]] = {}
 
 
-class ConceptStore(JobQueue, OverlapIndex):
+class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
     def __init__(self, env: Env, fingerprint: str | None = None):
         self._env = env
         self._db = env.dbs
         self._bound: str | None = None
-        self._accepted: frozenset[str] = frozenset()   # the bound digest and its aliases
+        self._accepted: frozenset[str] = frozenset()   # the bound digest and its aliases (binding.py)
         try:
             self._check_schema()
             if fingerprint:
@@ -97,7 +99,7 @@ class ConceptStore(JobQueue, OverlapIndex):
         """A compacted copy of the whole store (fixtures, backups)."""
         self._env.copy(Path(dest))
 
-    # -- schema and base model ---------------------------------------------------------------
+    # -- schema --------------------------------------------------------------------------------
 
     def _check_schema(self) -> None:
         stored = self._meta_value(b"schema")
@@ -127,73 +129,6 @@ class ConceptStore(JobQueue, OverlapIndex):
                 raise Internal(f"No upgrade from store schema {v} to {v + 1}.")
             MIGRATIONS[v](txn, self._db)
         self._put_meta(txn, b"schema", {"version": SCHEMA_VERSION})
-
-    @property
-    def fingerprint(self) -> str | None:
-        """The base model this store serves (recorded by the first `bind` or `put`)."""
-        value = self._meta_value(b"fingerprint")
-        return value if isinstance(value, str) else None
-
-    @property
-    def aliases(self) -> list[str]:
-        """Earlier digests of the bound model (an older fingerprint scheme): records carrying
-        one are this model's."""
-        value = self._meta_value(b"aliases")
-        return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
-
-    def accepts(self, fingerprint: str) -> bool:
-        """Whether a record made on `fingerprint` belongs to the bound model."""
-        return fingerprint in self._accepted
-
-    def bind(self, fingerprint: str, about: dict[str, str] | None = None,
-             aliases: Iterable[str] = ()) -> None:
-        """Serve records for this base model only: the first binding records it (and `about`
-        it: which model file or folder, in which dtype, for the words of a later refusal); a
-        store made on another model raises ModelMismatch naming both. `aliases` are other
-        digests of the same loaded model (the older scheme's): a store bound to one is moved to
-        `fingerprint`, and records stamped with any of them stay readable."""
-        aliases = [a for a in aliases if a and a != fingerprint]
-
-        def check(stored, known: list[str], made) -> list[str]:
-            if stored is not None and stored != fingerprint and stored not in aliases:
-                raise self._mismatch(stored, fingerprint, made=made, loaded=about)
-            return sorted(set(known) | set(aliases) | ({stored} - {None, fingerprint}))
-
-        def txn_fn(txn):
-            stored, known = self._read_meta(txn, b"fingerprint"), self._read_meta(txn, b"aliases") or []
-            merged = check(stored, known, self._read_meta(txn, b"base_model"))
-            if stored != fingerprint:
-                self._put_meta(txn, b"fingerprint", fingerprint)
-            if merged != known:
-                self._put_meta(txn, b"aliases", merged)
-            if about and self._read_meta(txn, b"base_model") is None:
-                self._put_meta(txn, b"base_model", about)
-            return merged
-
-        if self._env.readonly:
-            merged = check(self.fingerprint, self.aliases, self._meta_value(b"base_model"))
-        else:
-            merged = self._env.write(txn_fn)
-        self._bound = fingerprint
-        self._accepted = frozenset([fingerprint, *merged])
-
-    def _mismatch(self, stored: str, current: str, what: str | None = None,
-                  made: dict | None = None, loaded: dict | None = None) -> ModelMismatch:
-        what = what or f"The concept store at {self.path}"
-
-        def described(fp: str, about) -> str:
-            if not isinstance(about, dict) or not about.get("model"):
-                return fp
-            return f"{fp} ({about['model']}, {about.get('dtype', '?')})"
-
-        hint = None
-        if (isinstance(made, dict) and loaded and made.get("model") == loaded.get("model")
-                and made.get("dtype") != loaded.get("dtype")):
-            hint = (f"The same model in another precision gives other weights: set dtype = "
-                    f"{made.get('dtype')} (config.toml, CONES_DTYPE or --dtype), as when the store "
-                    "was made, or give this dtype another CONES_HOME.")
-        return ModelMismatch(f"{what} was made with base model {described(stored, made)}, but the "
-                             f"loaded base model is {described(current, loaded)}.", hint)
 
     def _meta_value(self, key: bytes):
         return self._env.read(lambda txn: self._read_meta(txn, key))
@@ -247,14 +182,6 @@ class ConceptStore(JobQueue, OverlapIndex):
 
         return self._env.write(txn_fn)
 
-    def _stamped_meta(self, meta: ConceptMeta) -> ConceptMeta:
-        """The meta to store: carries the bound base model; refuses another one."""
-        if not self._bound:
-            return meta
-        if meta.fingerprint and not self.accepts(meta.fingerprint):
-            raise self._mismatch(meta.fingerprint, self._bound, f"Concept '{meta.name}'")
-        return dataclasses.replace(meta, fingerprint=self._bound)
-
     def _put_items(self, txn, items: Iterable[Item]) -> None:
         for db, key, value in items:
             txn.put(key, value, db=self._db[db])
@@ -300,12 +227,6 @@ class ConceptStore(JobQueue, OverlapIndex):
         if self._bound and meta.fingerprint and meta.fingerprint != self._bound:
             raise self._mismatch(meta.fingerprint, self._bound, f"Concept '{name}'")
         return record if meta is record.meta else dataclasses.replace(record, meta=meta)
-
-    def _current(self, meta: ConceptMeta) -> ConceptMeta:
-        """A meta stamped with an alias of the bound model, read as the model's current digest."""
-        if self._bound and meta.fingerprint != self._bound and self.accepts(meta.fingerprint):
-            return dataclasses.replace(meta, fingerprint=self._bound)
-        return meta
 
     def meta(self, name: str) -> ConceptMeta:
         """One concept's metadata, without its masks or values: NotFound, or Corrupt when it
