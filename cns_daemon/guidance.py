@@ -7,10 +7,11 @@ batch only, the attention logits S = QKᵀ·scale get a bias before the softmax:
 
 M has one row per image position of the layer and one column per text token. For a concept with
 a box, its token columns hold γ⁺ (default 2.5) at positions inside its box and γ⁻ where it must
-not be: with `suppress = "others"` inside the other concepts' boxes only (its own box wins where
-boxes overlap; everything else is 0), with `suppress = "outside"` everywhere outside its own box,
-as the public Cones 2 code does (there with a weight of −1e8). Which is the default is measured
-on the toy world (docs/tuning.md, "Composition on fixture run 6").
+not be: with `suppress = "outside"` (the default) everywhere outside its own box, as the public
+Cones 2 code does (there with a weight of −1e8), with `suppress = "others"` inside the other
+concepts' boxes only (its own box wins where boxes overlap; everything else is 0). For two boxes
+that tile the image they are one bias, and with margins they measured alike; a box alone moves
+its concept only with "outside" (docs/tuning.md, "One box").
 
 Choices the paper leaves open, fixed here:
 - γ⁻ = −1e4. With η(t) around 0.1–3 for SD-like logits, η·γ⁻ is −1e3…−3e4: the concept gets no
@@ -27,9 +28,9 @@ Choices the paper leaves open, fixed here:
   power of two whose ceil-rounded size has h·w equal to the layer's query length (SD's stride-2
   convolutions round up), which also covers non-square images.
 - A token-scoped CNS concept carries its look at the end of the sequence too (EOS on; see
-  methods/common/scope.py). When two such concepts share a prompt each owns a share of those
-  positions (`tails`), and its column holds those positions as well as its words, so each
-  share is steered into its own box.
+  methods/common/scope.py), so its column holds those positions as well as its words (`tails`):
+  all of them for the one such concept of a prompt, a share each when several share it. Without
+  them one CNS concept's box moved nothing (docs/tuning.md, "One box").
 - Guidance runs for the first `steps` denoising steps (None: all of them, as the paper does);
   later steps, and layers/calls without text (self-attention), use the layer's previous
   processor unchanged.
@@ -60,7 +61,7 @@ class GuidanceConfig:
     steps: int | None = None       # guide the first N steps; None = every step
     gamma_pos: float = GAMMA_POS
     gamma_neg: float = GAMMA_NEG
-    suppress: str = "others"       # where γ⁻ goes: other concepts' boxes | everywhere outside its own
+    suppress: str = "outside"      # where γ⁻ goes: everywhere outside its own box | other concepts' boxes
     std_rows: int = 256            # image positions sampled for std(QKᵀ)
 
     def __post_init__(self):

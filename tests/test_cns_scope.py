@@ -82,7 +82,8 @@ def test_two_concepts_in_a_row_deal_out_the_end(fresh_tiny_pipe):
     ids = torch.tensor([[1, 8, 7, 5, 9, 7, 2, NO_TOKEN, NO_TOKEN],    # pot first, then rex
                         [1, 9, 7, 2, NO_TOKEN, NO_TOKEN, NO_TOKEN, NO_TOKEN, NO_TOKEN]])
     assert scope.shared_tails(ids[0]) == {"pot": [6, 8], "rex": [7]}
-    assert scope.shared_tails(ids[1]) == {}                       # one concept: not shared
+    assert scope.shared_tails(ids[1]) == {"rex": [3, 4, 5, 6, 7, 8]}   # one concept: the whole end
+    assert scope.shared_tails(torch.tensor([1, 5, 2, NO_TOKEN])) == {}   # none
     x = torch.randn(2, 9, to_k.weight.shape[1])
     plain = to_k(x)
     with scope.prompt(ids):
@@ -167,7 +168,7 @@ def test_scoped_and_written_records_apply_and_remove_exactly(fresh_tiny_pipe):
 
 def test_generation_steers_each_concepts_share_of_the_end_into_its_box(fresh_tiny_pipe, monkeypatch):
     """Two scoped concepts with boxes: the layout bias gets each one's share of the end of the
-    sequence, the shares the scope deals out on the conditional row; one concept gets none."""
+    sequence, the shares the scope deals out on the conditional row; one alone gets all of it."""
     import cns_daemon.generate as G
 
     pipe, method = fresh_tiny_pipe, get_method("cns")
@@ -186,7 +187,8 @@ def test_generation_steers_each_concepts_share_of_the_end_into_its_box(fresh_tin
     expanded = expand("a photo of <a> and <b>", {"a": a.meta, "b": b.meta}, pipe.tokenizer)
     eos = len(expanded.token_ids) - 1
     assert shares == {"a": list(range(eos, 77, 2)), "b": list(range(eos + 1, 77, 2))}
-    assert alone == {}
+    eos = len(expand("a photo of <b>", {"b": b.meta}, pipe.tokenizer).token_ids) - 1
+    assert alone == {"b": list(range(eos, 77))}
 
 
 def test_batch_ids_follow_the_cfg_layout(tiny_pipe):

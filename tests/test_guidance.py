@@ -28,14 +28,15 @@ def _attn(seed=0) -> Attention:
 
 def _hand_m(neg: float, pos: float) -> torch.Tensor:
     """M on a 4x6 grid, written out cell by cell: box a = left half (cols 0-2, all rows),
-    box b = bottom-right quarter (rows 2-3, cols 3-5)."""
+    box b = bottom-right quarter (rows 2-3, cols 3-5); each concept's tokens are suppressed
+    everywhere outside its box (the default, suppress="outside")."""
     m = torch.zeros(4, 6, N_TOKENS)
     for r in range(4):
         for c in range(6):
             in_a, in_b = c < 3, r >= 2 and c >= 3
             for tok in (1, 2):
-                m[r, c, tok] = pos if in_a else (neg if in_b else 0.0)
-            m[r, c, 4] = pos if in_b else (neg if in_a else 0.0)
+                m[r, c, tok] = pos if in_a else neg
+            m[r, c, 4] = pos if in_b else neg
     return m.reshape(24, N_TOKENS)
 
 
@@ -130,16 +131,29 @@ def test_outside_suppression_blocks_a_concept_everywhere_but_its_box():
     m = LayoutBias(layout, _prompt(), N_TOKENS, config).matrix(1, 4)
     assert m[:, 1].tolist() == [2.5, 2.5, -1e4, -1e4]    # col 2 is nobody's box: suppressed too
     assert m[:, 4].tolist() == [-1e4, -1e4, -1e4, 2.5]
-    others = LayoutBias(layout, _prompt(), N_TOKENS, GuidanceConfig()).matrix(1, 4)
+    others = LayoutBias(layout, _prompt(), N_TOKENS, GuidanceConfig(suppress="others")).matrix(1, 4)
     assert others[:, 1].tolist() == [2.5, 2.5, 0.0, -1e4]
     with pytest.raises(Exception, match="suppress"):
         GuidanceConfig(suppress="everywhere")
 
 
+def test_a_box_alone_steers_its_concept_and_its_end_of_sequence():
+    """One boxed concept (the default suppression): its words and its end of the sequence are
+    drawn to its box and kept out of the rest. With "others" nothing would be kept out: that
+    moved nothing on the toy world (docs/tuning.md, "One box")."""
+    layout = Layout((Box("a", 0, 0, 0.5, 1),))
+    m = LayoutBias(layout, _prompt(), N_TOKENS, GuidanceConfig(), tails={"a": [6]}).matrix(1, 2)
+    for col in (1, 2, 6):
+        assert m[:, col].tolist() == [2.5, -1e4], col
+    assert m[:, [0, 3, 4, 5]].abs().sum() == 0
+    others = LayoutBias(layout, _prompt(), N_TOKENS, GuidanceConfig(suppress="others")).matrix(1, 2)
+    assert others[:, 1].tolist() == [2.5, 0.0]
+
+
 def test_tiny_box_keeps_a_cell_and_grids_follow_the_aspect():
     layout = Layout((Box("a", 0.9, 0.9, 0.95, 0.95),))
     m = LayoutBias(layout, _prompt(), N_TOKENS, GuidanceConfig()).matrix(2, 2)
-    assert m[:, 1].tolist() == [0, 0, 0, 2.5]
+    assert m[:, 1].tolist() == [-1e4, -1e4, -1e4, 2.5]
     assert layer_grid(12 * 20, (12, 20)) == (12, 20)
     assert layer_grid(6 * 10, (12, 20)) == (6, 10)
     assert layer_grid(3 * 5, (12, 20)) == (3, 5)

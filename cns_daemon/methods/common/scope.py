@@ -114,9 +114,9 @@ class TokenScope:
         return list(self.concepts)
 
     def shared_tails(self, ids_row: torch.Tensor) -> dict[str, list[int]]:
-        """For one row of token ids naming two or more applied concepts: the positions from EOS
-        on where each one's values act (`tail_shares`, in the order the concepts first occur).
-        Empty for a row with fewer: its one concept keeps the whole end."""
+        """For one row of token ids: the positions from EOS on where each applied concept it
+        names acts (`tail_shares`, in the order the concepts first occur; one concept keeps
+        the whole end). Empty for a row naming none."""
         first: dict[str, int] = {}
         eos_id = None
         for name, concept in self.concepts.items():
@@ -124,7 +124,7 @@ class TokenScope:
             if len(hit):
                 first[name], eos_id = int(hit[0]), concept.anchor.eos_id
         eos = (ids_row == eos_id).nonzero() if eos_id is not None else []
-        if len(first) < 2 or not len(eos):
+        if not first or not len(eos):
             return {}
         order = sorted(first, key=first.get)
         shares = tail_shares(int(eos[0]), int(ids_row.shape[0]), len(order))
@@ -218,7 +218,7 @@ def _deal_tails(scope: TokenScope, ids: torch.Tensor, rows_of: dict[str, torch.T
     to its own share (in place)."""
     for b in range(ids.shape[0]):
         shares = scope.shared_tails(ids[b])
-        if not shares:
+        if len(shares) < 2:
             continue
         eos = min(share[0] for share in shares.values())
         for name, share in shares.items():
