@@ -29,6 +29,10 @@ REFERENCE_RE = re.compile(r"<([^<>\s]+)>")
 # reference too: a concept's name has no spaces, so they are refused rather than drawn as plain
 # words. Other uses of < and > (a heart <3, an emoticon >_<, "x < y and y > z") pass.
 SPACED_REFERENCE_RE = re.compile(r"<(\s*[A-Za-z_][\w-]*(?:\s+[A-Za-z_][\w-]*)?\s*)>")
+# A name-like word after "<" and no ">" before the next "<" or the end ("a photo of <rex on the
+# grass", "<rex and <mug>"): a reference with a typo, refused rather than drawn as plain words.
+# "<3", "< y", "<div class=x>" pass.
+UNCLOSED_REFERENCE_RE = re.compile(r"<([A-Za-z_][\w-]*)(?![\w>-])[^<>]*(?=<|$)")
 BOX_FORM = "NAME=x0,y0,x1,y1 with numbers in [0,1], x0 < x1 and y0 < y1 (for example rex=0,0.2,0.5,1)"
 
 
@@ -65,6 +69,13 @@ def referenced_names(prompt: str, what: str = "prompt") -> list[str]:
     if spaced:
         raise BadInput(f"{spaced.group(0)!r} in the {what} looks like a concept, but a concept's "
                        "name has no spaces.", "Write it as <name>, e.g. <rex> or <my_mug>; "
+                       "`cones list` shows the names.")
+    unclosed = UNCLOSED_REFERENCE_RE.search(prompt)
+    if unclosed:
+        raise BadInput(f"'<{unclosed.group(1)}' in the {what} looks like a concept with no closing '>'.",
+                       f"Write it as <{unclosed.group(1)}>; `cones list` shows the names.")
+    if "<>" in prompt:
+        raise BadInput(f"The {what} holds an empty '<>'.", "Put a concept's name inside it, e.g. <rex>; "
                        "`cones list` shows the names.")
     return list(dict.fromkeys(validate_name(m.group(1)) for m in REFERENCE_RE.finditer(prompt)))
 

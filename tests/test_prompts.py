@@ -113,6 +113,16 @@ def test_angle_brackets_around_spaced_words_are_refused(tok, metas):
         assert referenced_names(fine) == ["rex"], fine   # other uses of < and > pass
 
 
+def test_an_unclosed_or_empty_reference_is_refused(tok, metas):
+    """A typo must not turn a concept into plain words without a word said."""
+    for prompt in ("a photo of <rex", "a photo of <rex on the grass", "<rex and <mug>"):
+        with pytest.raises(BadInput, match="'<rex' in the prompt looks like a concept with no closing") as info:
+            expand(prompt, metas, tok)
+        assert "<rex>" in info.value.hint
+    with pytest.raises(BadInput, match="empty '<>'"):
+        expand("a photo of <> on the grass", metas, tok)
+
+
 def test_concept_past_the_token_limit(tok, metas):
     with pytest.raises(BadInput, match="too long"):
         expand("word " * 80 + "<rex>", metas, tok)
