@@ -82,6 +82,11 @@ class Service:
         return self.worker.submit("learn", job)
 
     def generate(self, req: GenerateRequest) -> JobRecord:
+        from cns_daemon.prompts import referenced_names
+
+        for name in referenced_names(req.prompt):
+            if name not in self.store and self._learning(name) is not None:
+                self._stored(name)   # "not learned yet: job ... is learning it"
         self.engine.check_generate(req)
         if req.seed is None:   # "random", chosen now so the job (and a re-run after a crash) keeps it
             req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})

@@ -73,7 +73,8 @@ def test_a_concept_still_being_learned_is_said_to_be(cones, tmp_path):
     assert code == 0, out
     job = json.loads(out)["id"]
     try:
-        for verb in (("rm", "pending"), ("show", "pending"), ("export", "pending", "-o", str(tmp_path / "x"))):
+        for verb in (("rm", "pending"), ("show", "pending"), ("export", "pending", "-o", str(tmp_path / "x")),
+                     ("generate", "a photo of <pending> on the grass")):
             code, out = cones(*verb)
             assert code == 3 and "not learned yet" in out and f"cones cancel {job}" in out, (verb, out)
         code, out = cones("show", "nosuch")
