@@ -22,7 +22,7 @@ from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
                        status_table, write_file)
-from cns_daemon.api.errors import BadInput, Conflict, Unavailable
+from cns_daemon.api.errors import BadInput, ConesError, Conflict, Unavailable
 from cns_daemon.api.names import validate_name
 from cns_daemon.archive import sidecar_caption
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
@@ -243,6 +243,10 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
     req = _model(GenerateRequest, prompt=prompt, n=n, seed=seed, steps=steps, boxes=box,
                  negative_prompt=negative, guidance_scale=guidance_scale, width=width, height=height)
     if out is not None:
+        out = out.expanduser().absolute()   # the paths printed (and in --json) work from anywhere
+        if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and not out.exists():
+            raise BadInput(f"-o {out} names a file, but generate writes its images and a contact "
+                           "sheet into a folder.", f"Give -o a folder, e.g. -o {out.with_suffix('')}/")
         output_folder(out, "images")   # before the job: a bad -o must not cost a generation
     with client() as c:
         left = f"; its images stay in the service's outputs, not copied to {escape(str(out))}" if out else ""
@@ -260,8 +264,15 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
                        mode=Path(p).stat().st_mode & 0o777)   # as private as the service keeps them
             return str(target)
 
-        copied = [keep(p) for p in result.images]
-        sheet = keep(result.contact_sheet) if result.contact_sheet else None
+        copied: list[str] = []
+        try:
+            for p in result.images + ([result.contact_sheet] if result.contact_sheet else []):
+                copied.append(keep(p))
+        except ConesError:   # all or nothing: a full disk must not leave half the images
+            for done in copied:
+                Path(done).unlink(missing_ok=True)
+            raise
+        sheet = copied.pop() if result.contact_sheet else None
         job = job.model_copy(update={"result": result.model_copy(update={"images": copied, "contact_sheet": sheet})})
         result = job.result
     if as_json:

@@ -372,6 +372,34 @@ def test_export_to_a_missing_folder_or_into_a_folder(cones, daemon, tmp_path):
     assert code == BAD_INPUT and "is a file" in out, out
 
 
+def test_generate_o_takes_a_folder_copies_all_or_nothing_and_prints_absolute_paths(
+        cones, daemon, tmp_path, monkeypatch):
+    code, out = cones("generate", "a plain photo", "-o", str(tmp_path / "picture.png"))
+    assert code == BAD_INPUT and "names a file" in out and f"{tmp_path / 'picture'}/" in out, out
+    assert not (tmp_path / "picture.png").exists()
+    monkeypatch.chdir(tmp_path)
+    code, out = cones("generate", "a plain photo", "-n", "2", "-o", "rel", "--json")
+    assert code == 0, out
+    result = json.loads(out)["result"]
+    assert all(Path(p).is_absolute() and Path(p).parent == tmp_path / "rel" and Path(p).is_file()
+               for p in result["images"] + [result["contact_sheet"]]), result
+    import cli.main
+    from cns_daemon.api.errors import Storage
+
+    real, calls = cli.main.write_file, []
+
+    def full_at_the_second(path, *args, **kw):   # the disk fills up after the first image
+        calls.append(path)
+        if len(calls) == 2:
+            raise Storage(f"Cannot write {path}: No space left on device.")
+        return real(path, *args, **kw)
+
+    monkeypatch.setattr(cli.main, "write_file", full_at_the_second)
+    code, out = cones("generate", "a plain photo", "-n", "2", "-o", str(tmp_path / "full"))
+    assert code == EXIT_CODES[ErrorCode.STORAGE] and len(calls) == 2, out
+    assert list((tmp_path / "full").iterdir()) == []     # the first copy is taken back
+
+
 def test_large_jpeg_is_checked_at_reduced_scale(monkeypatch):
     """The check decodes a big JPEG at a reduced DCT scale (every byte is still read, so a
     truncated file still fails), and keeps the original bytes."""
