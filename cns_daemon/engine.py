@@ -382,6 +382,7 @@ class Engine:
         concepts, boxes for names not in the prompt, malformed boxes, a concept in the negative
         prompt, an image size or a number of steps the model cannot make."""
         from cns_daemon.generate import check_negative_prompt, check_steps, image_size
+        from cns_daemon.model import recommended_guidance
         from cns_daemon.prompts import check_boxes, expand, referenced_names
 
         for name in referenced_names(req.prompt):
@@ -390,7 +391,8 @@ class Engine:
         metas = {m.name: m for m in self.store.list()}
         expanded = expand(req.prompt, metas, self.pipe.tokenizer)
         check_boxes(req.boxes, expanded)
-        check_negative_prompt(req.negative_prompt, self.pipe.tokenizer)
+        scale = req.guidance_scale if req.guidance_scale is not None else recommended_guidance(self.pipe)
+        check_negative_prompt(req.negative_prompt, self.pipe.tokenizer, scale)
         image_size(self.pipe, req.height, req.width)
         if req.steps is not None:
             check_steps(self.pipe, req.steps)

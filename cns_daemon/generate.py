@@ -94,10 +94,17 @@ def batch_ids(expanded: ExpandedPrompt, n: int, cfg: bool, tokens: int) -> torch
     return torch.cat([torch.full_like(cond, NO_TOKEN), cond]) if cfg else cond
 
 
-def check_negative_prompt(negative_prompt: str | None, tokenizer) -> None:
+def check_negative_prompt(negative_prompt: str | None, tokenizer, guidance_scale: float) -> None:
     """A concept in the negative branch would need its weights, mask or residual applied to the
     unconditional pass alone; rather than pass "<rex>" through as text, say so. Nor is a
-    negative prompt cut short without a word."""
+    negative prompt cut short, blank, or given where guidance is off (it acts through the
+    guidance's unconditional branch, which a scale of 1 skips) without a word."""
+    if negative_prompt is not None and not negative_prompt.strip():
+        raise BadInput("The negative prompt is blank.", "Leave --negative out, or say what to avoid.")
+    if negative_prompt and guidance_scale <= 1.0:
+        raise BadInput(f"A negative prompt acts through classifier-free guidance, which is off at "
+                       f"a guidance scale of {guidance_scale:g}: it would change nothing.",
+                       "Raise --guidance-scale above 1, or leave --negative out.")
     if negative_prompt and referenced_names(negative_prompt, "negative prompt"):
         raise BadInput("Concept names (<name>) cannot be used in the negative prompt.",
                        "Describe what to avoid in plain words, or leave the concept out.")
@@ -150,12 +157,12 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
     if not 1 <= n <= MAX_IMAGES:
         raise BadInput(f"n must be between 1 and {MAX_IMAGES}, not {n}.")
     check_steps(pipe, steps)
-    check_negative_prompt(negative_prompt, pipe.tokenizer)
+    if guidance_scale is None:
+        guidance_scale = recommended_guidance(pipe)
+    check_negative_prompt(negative_prompt, pipe.tokenizer, guidance_scale)
     expanded = expand(prompt, {k: r.meta for k, r in records_by_name.items()}, pipe.tokenizer)
     layout = check_boxes(boxes, expanded)
     h, w = image_size(pipe, height, width)
-    if guidance_scale is None:
-        guidance_scale = recommended_guidance(pipe)
     cfg = guidance_scale > 1.0
     records = [records_by_name[name] for name in expanded.names]
     report = ProgressReporter(progress, "generate", steps)

@@ -151,6 +151,11 @@ def test_bad_requests_fail_before_anything_is_applied(tiny_pipe):
         generate(tiny_pipe, "<pot> alone", recs, negative_prompt="blurry, <rex>")
     with pytest.raises(BadInput, match="The negative prompt is .* tokens long"):
         generate(tiny_pipe, "<pot> alone", recs, negative_prompt="blurry " * 80)
+    with pytest.raises(BadInput, match="blank"):
+        generate(tiny_pipe, "<pot> alone", recs, negative_prompt="   ")
+    with pytest.raises(BadInput, match="guidance scale of 1: it would change nothing") as info:
+        generate(tiny_pipe, "<pot> alone", recs, negative_prompt="blurry", guidance_scale=1.0)
+    assert "above 1" in info.value.hint
     _assert_same(tiny_pipe, snap)
 
 
