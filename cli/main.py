@@ -228,7 +228,9 @@ def import_(file: Path) -> None:
 @handled
 def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <name>."),
              n: int = typer.Option(1, "-n", help=f"Number of images (1-{MAX_IMAGES})."),
-             seed: Optional[int] = typer.Option(None, help=f"Seed, 0 to {MAX_SEED} (default: random)."),
+             seed: Optional[int] = typer.Option(
+                 None, help=f"Seed of the first image, 0 to {MAX_SEED}; image k is drawn from seed + k "
+                 "(default: random)."),
              steps: Optional[int] = typer.Option(None, help="Denoising steps."),
              box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
              negative: Optional[str] = typer.Option(None, "--negative", help="What to steer away from, in plain words."),
@@ -279,7 +281,9 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
         print_json(job)
         return
     if result.seed is not None:
-        err_console.print(f"seed {result.seed}; the contact sheet is the last line", highlight=False)
+        seeds = f"seed {result.seed}" if len(result.images) == 1 else (
+            f"seeds {result.seed}-{result.seed + len(result.images) - 1}, one per image in order")
+        err_console.print(f"{seeds}; the contact sheet is the last line", highlight=False)
     for p in result.images:
         console.print(p, highlight=False)
     if result.contact_sheet:   # last, alone on its line: `cones generate ... | tail -1` opens it

@@ -462,12 +462,17 @@ class Engine:
                                 f"{self.info.fingerprint[:12]}…).", hint)
 
 
+def seeds_text(seed: int | None, n: int) -> str:
+    """Image k of a request is drawn from seed + k: "seed 7", or "seeds 7-10" for four."""
+    return f"seed {seed}" if n == 1 or seed is None else f"seeds {seed}-{seed + n - 1}"
+
+
 def generation_caption(req: GenerateRequest) -> str:
     """The contact sheet's caption line: what was asked."""
     from cns_daemon.prompts import referenced_names
 
     names = ", ".join(f"<{n}>" for n in referenced_names(req.prompt)) or "none"
-    parts = [req.prompt, f"seed {req.seed}", f"concepts {names}"]
+    parts = [req.prompt, seeds_text(req.seed, req.n), f"concepts {names}"]
     if req.boxes:
         parts.append(f"boxes {'; '.join(req.boxes)}")
     if req.negative_prompt:

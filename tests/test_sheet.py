@@ -75,7 +75,7 @@ def test_generate_prints_the_sheet_last_and_keeps_the_seed(daemon, tmp_path, mon
     code, out, err = cones("generate", "a photo of <rex>", "-n", "2", "--seed", "7")
     assert code == 0, out + err
     lines = out.strip().splitlines()
-    assert lines[-1].endswith("contact-sheet.png") and len(lines) == 3 and "seed 7" in err
+    assert lines[-1].endswith("contact-sheet.png") and len(lines) == 3 and "seeds 7-8, one per image" in err
     sheet = Image.open(lines[-1])
     assert sheet.width >= 2 * MIN_TILE and sheet.height > MIN_TILE
     code, out, err = cones("generate", "a photo of <rex>", "--json")   # no seed given
@@ -98,6 +98,8 @@ def test_caption_line_names_prompt_seed_concepts_and_boxes():
                                        "concepts <rex>, <mug> · boxes rex=0,0,0.5,1; mug=0.5,0,1,1")
     plain = GenerateRequest(prompt="a photo of a dog", seed=0)
     assert generation_caption(plain) == "a photo of a dog · seed 0 · concepts none"
+    four = GenerateRequest(prompt="a photo of a dog", seed=7, n=4)   # image k is drawn from seed + k
+    assert generation_caption(four) == "a photo of a dog · seeds 7-10 · concepts none"
     tuned = GenerateRequest(prompt="a photo of a dog", seed=0, negative_prompt="blurry",
                             guidance_scale=5, width=48)
     assert generation_caption(tuned) == ("a photo of a dog · seed 0 · concepts none · not blurry · "
