@@ -9,6 +9,7 @@ probe and hands the text in.
 from __future__ import annotations
 
 import textwrap
+import unicodedata
 from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
@@ -18,11 +19,46 @@ PAD = 4
 FONT_SIZE = 13
 
 
+# Fonts with the world's letters, where the system has one (Pillow finds a bare file name in
+# the system's font folders); Pillow's own font draws basic Latin only.
+SYSTEM_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial.ttf")
+
+
 def _font() -> ImageFont.ImageFont:
+    for name in SYSTEM_FONTS:
+        try:
+            return ImageFont.truetype(name, FONT_SIZE)
+        except OSError:
+            continue
     try:
         return ImageFont.load_default(size=FONT_SIZE)
     except (TypeError, OSError):   # Pillow built without FreeType: the fixed bitmap font
         return ImageFont.load_default()
+
+
+def printable(text: str, font) -> str:
+    """`text` as `font` can draw it: a letter it lacks loses its accent ("café" → "cafe") or
+    becomes "?", instead of the empty box the font would draw."""
+    def glyph(ch: str):
+        mask = font.getmask(ch)
+        return mask.size, bytes(mask)
+
+    missing = glyph("\uffff")   # a code point no font maps: the font's "no glyph" box
+    drawn = {}
+
+    def can(ch: str) -> bool:
+        if ch not in drawn:
+            drawn[ch] = ch.isspace() or glyph(ch) != missing
+        return drawn[ch]
+
+    out = []
+    for ch in text:
+        if can(ch):
+            out.append(ch)
+            continue
+        base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+        out.append(base if base and all(map(can, base)) else "?")
+    return "".join(out)
 
 
 def _lines(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> list[str]:
@@ -48,6 +84,7 @@ def contact_sheet(images: Sequence[Image.Image], caption: str = "",
     """Images on a white grid, up to `columns` a row, each at least MIN_TILE pixels, with the
     caption above and each label under its tile."""
     font = _font()
+    caption, labels = printable(caption, font), [printable(t, font) for t in labels or []]
     w = max(i.width for i in images)
     h = max(i.height for i in images)
     scale = max(1, -(-MIN_TILE // min(w, h)))   # a whole factor: nearest-neighbour stays exact

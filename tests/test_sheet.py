@@ -104,3 +104,24 @@ def test_caption_line_names_prompt_seed_concepts_and_boxes():
                             guidance_scale=5, width=48)
     assert generation_caption(tuned) == ("a photo of a dog · seed 0 · concepts none · not blurry · "
                                          "CFG 5 · size 48xnative")
+
+
+def test_captions_keep_their_letters_or_fold_to_what_the_font_draws(monkeypatch):
+    """A system font with the world's letters draws the caption as written; a letter the font
+    lacks (Pillow's own font has basic Latin and a few signs) loses its accent or becomes "?",
+    not an empty box."""
+    from cns_daemon import sheet
+
+    text = "café Müller · señor 🐶"
+    drawn = []
+    monkeypatch.setattr(sheet.ImageDraw.ImageDraw, "text",
+                        lambda self, xy, text, *a, **kw: drawn.append(text))
+    tile = [Image.new("RGB", (32, 32), "red")]
+    font = sheet._font()
+    if getattr(font, "getname", lambda: ("",))()[0].startswith("DejaVu"):   # where the system has it
+        sheet.contact_sheet(tile, text, [text])
+        assert drawn == ["café Müller · señor ?"] * 2
+        drawn.clear()
+    monkeypatch.setattr(sheet, "SYSTEM_FONTS", ())
+    sheet.contact_sheet(tile, text, [text])
+    assert drawn == ["cafe Muller · senor ?"] * 2
