@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from cns_daemon.sheet import MIN_TILE, PAD, contact_sheet, describe_reading
-from helpers.service import cli_in_process, running_daemon, wait_until, write_photos
+from helpers.service import cli_in_process, running_daemon, write_photos
 
 
 def tiles(n: int, size: int = 32) -> list[Image.Image]:
