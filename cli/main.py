@@ -26,7 +26,7 @@ from cns_daemon.api.errors import BadInput, ConesError, Conflict, Unavailable
 from cns_daemon.api.names import validate_name
 from cns_daemon.archive import sidecar_caption
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
-                                     MAX_PHOTOS, TOO_MANY_HINT, AddRequest, EvalRequest,
+                                     MAX_PHOTOS, ErrorBody, TOO_MANY_HINT, AddRequest, EvalRequest,
                                      GenerateRequest, JobInfo, Photo, too_many_photos)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -61,8 +61,12 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
                                   highlight=False)
         follow(c.follow(job.id), quiet=quiet)
     except KeyboardInterrupt:
-        err_console.print(f"Stopped following; job {job.id} goes on in the service "
-                          f"(`cones jobs`, `cones cancel {job.id}`){left_behind}.", highlight=False)
+        said = (f"Stopped following; job {job.id} goes on in the service{left_behind}.",
+                f"`cones jobs` shows it; `cones cancel {job.id}` stops it.")
+        err_console.print(f"{said[0][:-1]} (`cones jobs`, `cones cancel {job.id}`).", highlight=False)
+        if quiet:   # --json: the one document on stdout says it too
+            print(json.dumps({"error": ErrorBody(code="interrupted", message=said[0], hint=said[1]).model_dump()},
+                             indent=2))
         raise typer.Exit(130) from None
     except Unavailable as exc:   # the service went away under us: which job to look for later
         raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}).", exc.hint) from None

@@ -66,6 +66,23 @@ def test_add_prints_the_learn_results_note(cones, tmp_path):
     assert "Learned <noted1>" in out and f"Note: photo 2 of 3 ({photos[1].name}) was trained whole" in out
 
 
+def test_ctrl_c_while_following_says_the_job_goes_on_and_json_gets_its_document(daemon, tmp_path, monkeypatch):
+    import cli.main
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.main, "follow", interrupted)
+    cones = cli_in_process(daemon.home, monkeypatch)
+    code, out, err = cones("generate", "a plain photo", "--json")
+    assert code == 130 and "goes on in the service" in err, err
+    body = json.loads(out)["error"]
+    assert body["code"] == "interrupted" and "goes on in the service" in body["message"]
+    assert "cones cancel" in body["hint"]
+    code, out, err = cones("generate", "a plain photo")
+    assert code == 130 and out == "" and "cancel" in err and "goes on in the service" in err
+
+
 def test_a_concept_still_being_learned_is_said_to_be(cones, tmp_path):
     photos = write_photos(tmp_path / "pending", 2)
     code, out = cones("add", "pending", *map(str, photos), "--class", "dog", "--steps", "5000",
