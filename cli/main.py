@@ -7,6 +7,7 @@ not): it imports only the protocol, settings and errors from cns_daemon, plus ht
 from __future__ import annotations
 
 import json
+import sys
 import os
 import time
 from pathlib import Path
@@ -441,5 +442,31 @@ def _model(model, **fields):
         raise BadInput(f"Invalid value: {describe_validation_error(exc)}.") from None
 
 
+def main() -> None:
+    """The `cones` command: the typer app, except that a command line it cannot parse, given
+    with --json, also prints the error document on stdout (as every other failure does)."""
+    try:   # typer 0.2x carries its own click; older ones use click itself
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.ClickException as exc:
+        try:
+            from typer import rich_utils
+            rich_utils.rich_format_error(exc)   # the usage box typer prints by itself
+        except (ImportError, AttributeError):
+            exc.show()
+        if "--json" in sys.argv[1:]:
+            body = ErrorBody(code="bad_input", message=exc.format_message(),
+                             hint="`cones COMMAND --help` shows what it takes.")
+            print(json.dumps({"error": body.model_dump()}, indent=2))
+        sys.exit(exc.exit_code)
+    except click_errors.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -5,6 +5,7 @@ own process, and the README says so: `cones serve`, `cones demo` (its probe verd
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -67,3 +68,18 @@ def test_option_values_are_read_as_their_type_and_nan_is_refused():
     for raw in ("nan", "inf", "-Infinity"):
         with pytest.raises(BadInput, match="finite number"):
             _option(f"lr={raw}")
+
+
+def test_a_command_line_that_does_not_parse_gives_json_with_json(tmp_path):
+    """The `cones` entry point: typer's usage box either way, and with --json the error document
+    on stdout as every other failure gives it; exit 2."""
+    env = {**os.environ, "CONES_HOME": str(tmp_path)}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=str(REPO),  # noqa: E731
+                                       env=env, capture_output=True, text=True, timeout=60)
+    out = run("generate", "a photo", "-n", "abc", "--json")
+    assert out.returncode == 2 and "Invalid value for '-n'" in out.stderr, out.stderr
+    body = json.loads(out.stdout)["error"]
+    assert body["code"] == "bad_input" and "'-n'" in body["message"] and "--help" in body["hint"]
+    out = run("list", "--bogus")
+    assert out.returncode == 2 and out.stdout == "" and "No such option: --bogus" in out.stderr
+    assert run("--help").returncode == 0
