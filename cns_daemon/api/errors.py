@@ -106,7 +106,7 @@ class ProtocolMismatch(ConesError):
 
 class Cancelled(ConesError):
     code = ErrorCode.CANCELLED
-    default_hint = "The job was cancelled; nothing was kept."
+    default_hint = "Nothing of it was kept; run the command again to start it over."
 
 
 class Unavailable(ConesError):
