@@ -36,9 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from pydantic import ValidationError
+
 from cns_daemon.archive import CheckedPhoto, check_photos, make_private, sidecar_caption
 from cns_daemon.api.errors import BadInput, ConesError, storage_error
-from cns_daemon.api.protocol import FINAL_STATES, MAX_SEED, SkippedFile, learn_steps
+from cns_daemon.api.protocol import (CLASS_PATTERN, FINAL_STATES, MAX_SEED, SkippedFile,
+                                     describe_validation_error, learn_steps)
 from cns_daemon.api.names import METHODS, validate_name
 from cns_daemon.worker import CANCELLED_AT_STOP, CRASH_REASON
 from store.records import JobRecord
@@ -79,10 +82,20 @@ def read_spec(folder: Path) -> FolderSpec:
             raise BadInput(f"{CONFIG_FILE} has unknown keys: {', '.join(sorted(unknown))}.",
                            f"Allowed keys: {', '.join(sorted(CONFIG_KEYS))}.")
     validate_name(name)
-    class_word = str(config.get("class") or dotted_class or "").strip()
+    given = config.get("class")
+    if given is not None and not isinstance(given, str):
+        raise BadInput(f"class in {CONFIG_FILE} must be a word in quotes, not {given!r}.",
+                       'For example:  class = "dog"')
+    class_word = (given or dotted_class or "").strip()
     if not class_word:
         raise BadInput(f"No class word for {name!r}: what is it (dog, mug, star …)?",
                        f'Add a {CONFIG_FILE} with  class = "dog"  or rename the folder to {name}.dog')
+    if not re.fullmatch(CLASS_PATTERN, class_word):
+        where = f"class in {CONFIG_FILE}" if given else f"the folder name's class ({name}.{dotted_class})"
+        raise BadInput(f"{where} is {class_word!r}: a class word is what the concept is, in letters, "
+                       "spaces or hyphens (up to 64), such as dog or coffee mug.",
+                       f'Rename the folder (e.g. {name}.dog) or write  class = "golden retriever"  in '
+                       f"{CONFIG_FILE}.")
     method = config.get("method")
     if method is not None and method not in METHODS:
         raise BadInput(f"Unknown method {method!r} in {CONFIG_FILE}.", f"Use one of: {', '.join(METHODS)}.")
@@ -328,8 +341,11 @@ class Inbox:
             job = self.service.submit_learn(spec.name, spec.class_word, spec.method, spec.steps,
                                             spec.seed, photos, skipped, source="inbox",
                                             inbox_folder=folder.name, options=spec.options)
-        except (ConesError, OSError) as exc:
-            error = exc if isinstance(exc, ConesError) else storage_error(exc)
+        except (ConesError, OSError, ValidationError) as exc:
+            # A request the protocol refuses is a bad folder too (read_spec checks what it
+            # knows): its ERROR.txt, never a traceback on every scan.
+            error = (exc if isinstance(exc, ConesError) else storage_error(exc) if isinstance(exc, OSError)
+                     else BadInput(f"Invalid value: {describe_validation_error(exc)}."))
             if error is None:   # a file vanished or could not be read: the next scan looks again
                 log.warning("inbox folder %s: %s", folder.name, exc)
                 return None

@@ -32,6 +32,9 @@ def test_read_spec_forms(tmp_path):
     ("m", 'class = "dog"\nsteps = -3\n', "steps"),
     ("m", 'class = "dog"\ncolour = "red"\n', "unknown keys"),
     ("m", 'class = "dog\n', "not valid TOML"),
+    ("rex.my_dog", None, r"the folder name's class \(rex.my_dog\) is 'my_dog'"),   # a traceback loop once
+    ("m", 'class = "dog2"\n', "class in concept.toml is 'dog2'"),
+    ("m", 'class = 5\n', "must be a word in quotes"),
 ])
 def test_read_spec_errors(tmp_path, folder, toml, needle):
     (tmp_path / folder).mkdir()
