@@ -28,8 +28,17 @@ def settings(**flags):
                        f"Fix it where it is set: the command's flags, the CONES_* environment "
                        f"variables or {_config_file()}.") from None
     except tomllib.TOMLDecodeError as exc:
-        raise BadInput(f"{_config_file()} is not valid TOML: {exc}.",
+        try:
+            bom = _config_file().read_bytes().startswith(b"\xef\xbb\xbf")
+        except OSError:
+            bom = False
+        raise BadInput(f"{_config_file()} is not valid TOML: {exc}"
+                       + (" (it starts with a byte-order mark)." if bom else "."),
+                       "Save it as UTF-8 without a byte-order mark." if bom else
                        "Fix the file (README, 'Where data lives'), or move it aside.") from None
+    except UnicodeDecodeError:   # saved as UTF-16 ("Unicode" in Notepad) or Latin-1
+        raise BadInput(f"{_config_file()} is not UTF-8 text.",
+                       "Save it as UTF-8 (the encoding TOML files use), or move it aside.") from None
 
 
 def _config_file() -> Path:

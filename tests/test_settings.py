@@ -57,6 +57,14 @@ def test_path_settings_expand_the_home_folder_and_become_absolute(cones_home, mo
     assert paths.inbox == tmp_path / "drop"
 
 
+def test_a_blank_setting_means_its_default(cones_home, monkeypatch):
+    """CONES_MODEL= (a variable blanked to reset it) is the toy world, not the current folder."""
+    monkeypatch.setenv("CONES_MODEL", "")
+    monkeypatch.setenv("CONES_INBOX_DIR", "  ")
+    s = load_settings()
+    assert s.model is None and s.paths.inbox == cones_home / "inbox"
+
+
 def test_cli_names_a_broken_config_file_and_a_folder_it_cannot_use(cones_home, monkeypatch, tmp_path):
     """A TOML syntax error and a data folder where a file stands are one clear line each with
     exit code 2, not a traceback."""
@@ -70,6 +78,12 @@ def test_cli_names_a_broken_config_file_and_a_folder_it_cannot_use(cones_home, m
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 2 and "config.toml is not valid TOML" in result.stderr, result.output
     assert str(cfg) in result.stderr.replace("\n", "")
+    cfg.write_bytes("steps = 5\n".encode("utf-16"))   # Notepad's "Unicode"
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2 and "is not UTF-8 text" in result.stderr, result.output
+    cfg.write_bytes(b"\xef\xbb\xbfsteps = 5\n")   # UTF-8 with a byte-order mark
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2 and "byte-order mark" in result.stderr, result.output
     cfg.unlink()
     (tmp_path / "afile").write_text("x")
     monkeypatch.setenv("CONES_DATA_DIR", str(tmp_path / "afile" / "data"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # A request head (request line + headers) must arrive within this many seconds.
     header_timeout_seconds: float = Field(10.0, gt=0.0, le=600.0)
+
+    @field_validator("home", "data_dir", "runtime_dir", "inbox_dir", "model", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value):
+        """`CONES_MODEL=` (or model = "") means the default, as a blanked variable does in a
+        shell, not the folder one happens to be in."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
