@@ -136,8 +136,10 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
     # Left out, the method and steps are the service's settings, unless this command's own
     # config.toml or CONES_METHOD / CONES_STEPS set them (the layering the README promises).
     mine = settings()
-    method = method or (mine.method if "method" in mine.model_fields_set else None)
-    steps = steps or (mine.steps if "steps" in mine.model_fields_set else None)
+    if method is None and "method" in mine.model_fields_set:
+        method = mine.method
+    if steps is None and "steps" in mine.model_fields_set:   # --steps 0 is refused, not "default"
+        steps = mine.steps
     req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
                  seed=seed, photos=items, options=dict(_option(o) for o in option))
     with client() as c:

@@ -353,8 +353,11 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def _too_large(size: int, limit: int) -> TooLarge:
-    return TooLarge(f"The request is too large ({size} bytes; the limit is {limit}).",
-                    "Send fewer or smaller photos, or raise max_request_bytes in config.toml.")
+    return TooLarge(f"The request is too large ({size / 2**20:,.1f} MiB; the service takes up to "
+                    f"{limit / 2**20:,.1f} MiB, max_request_bytes = {limit}; photos count a third "
+                    "more than their files).",
+                    "Send fewer or smaller photos, or raise the service's max_request_bytes (its "
+                    "config.toml or CONES_MAX_REQUEST_BYTES where the service runs) and restart it.")
 
 
 def _check_declared_length(request: Request, limit: int) -> None:

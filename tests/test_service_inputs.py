@@ -335,6 +335,7 @@ def test_add_sends_each_photos_sidecar_caption(cones, daemon, tmp_path):
     (("--option", "token=star"), "everyday word"),        # would change every "a star" prompt
     (("--option", "token=zqxj"), "not 1 single token"),   # caught now, not by the job
     (("--method", "cones", "--option", "token=dog"), "everyday word"),
+    (("--steps", "0"), "steps"),             # was taken as "the method's default"
 ])
 def test_method_options_are_checked_when_submitted(cones, daemon, tmp_path, args, needle):
     photos = [str(p) for p in write_photos(tmp_path / "opt", 2)]

@@ -110,7 +110,9 @@ class Settings(BaseSettings):
     # Service.
     settle_seconds: float = Field(5.0, ge=0.0, le=3600.0)
     watch_inbox: bool = True
-    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Photos travel base64-encoded (a third more than their files): 512 MiB holds 64 phone
+    # photos of about 6 MB, the most a concept takes.
+    max_request_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     # A request head (request line + headers) must arrive within this many seconds.
     header_timeout_seconds: float = Field(10.0, gt=0.0, le=600.0)
 
