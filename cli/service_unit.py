@@ -45,17 +45,20 @@ def render(settings: Settings) -> str:
     # What this shell's environment sets goes into the unit, resolved as this shell resolves it:
     # the service starts elsewhere (another working folder, no shell). Settings from config.toml
     # stay there (the unit's service reads the same file), so editing it later still counts.
+    # Every CONES_* setting this shell sets goes along (steps, method, memory options ...), not
+    # only the folders: a service that silently ignored them would surprise.
+    for field in Settings.model_fields:
+        key = f"CONES_{field.upper()}"
+        if os.environ.get(key, "").strip():
+            env[key] = os.environ[key]
     if settings.home:
         env["CONES_HOME"] = str(Path(settings.home).expanduser().absolute())
     for key, path in (("CONES_DATA_DIR", paths.data), ("CONES_RUNTIME_DIR", paths.runtime),
                       ("CONES_INBOX_DIR", paths.inbox)):
-        if os.environ.get(key):
+        if key in env:
             env[key] = str(path)
-    for key in ("CONES_MODEL", "CONES_DEVICE", "CONES_DTYPE"):
-        if os.environ.get(key):
-            value = os.environ[key]
-            local = Path(value).expanduser()
-            env[key] = str(local.absolute()) if key == "CONES_MODEL" and local.exists() else value
+    if "CONES_MODEL" in env and Path(env["CONES_MODEL"]).expanduser().exists():
+        env["CONES_MODEL"] = str(Path(env["CONES_MODEL"]).expanduser().absolute())
     hf_cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     text = TEMPLATE.read_text()
     fields = {
@@ -68,7 +71,8 @@ def render(settings: Settings) -> str:
     }
     for key, value in fields.items():
         text = text.replace(key, value)
-    if any(_under_tmp(p) for p in (paths.data, paths.inbox, paths.runtime)):
+    model = Path(env["CONES_MODEL"]) if "CONES_MODEL" in env else None
+    if any(_under_tmp(p) for p in (paths.data, paths.inbox, paths.runtime, model) if p is not None):
         # a private /tmp would hide folders that live in the real one
         text = text.replace("PrivateTmp=yes\n", "")
     # the template's header comment describes the template, not this file

@@ -61,8 +61,9 @@ def test_a_blank_setting_means_its_default(cones_home, monkeypatch):
     """CONES_MODEL= (a variable blanked to reset it) is the toy world, not the current folder."""
     monkeypatch.setenv("CONES_MODEL", "")
     monkeypatch.setenv("CONES_INBOX_DIR", "  ")
+    monkeypatch.setenv("CONES_STEPS", "")
     s = load_settings()
-    assert s.model is None and s.paths.inbox == cones_home / "inbox"
+    assert s.model is None and s.paths.inbox == cones_home / "inbox" and s.steps is None
 
 
 def test_cli_names_a_broken_config_file_and_a_folder_it_cannot_use(cones_home, monkeypatch, tmp_path):

@@ -29,8 +29,11 @@ def test_install_writes_unit_with_paths_and_hardening(tmp_path, cones_home):
     assert any(l.startswith("WatchdogSec=") for l in lines)
     assert "NoNewPrivileges=yes" in lines and "ProtectSystem=strict" in lines
     rw = next(l for l in lines if l.startswith("ReadWritePaths="))
+    made = next(l for l in lines if l.startswith("ExecStartPre=+mkdir -p "))
     for p in (paths.data, paths.inbox, paths.runtime):
-        assert str(p) in rw and p.is_dir()
+        # "-": a folder missing at start (the runtime one after a reboot) does not stop it;
+        # ExecStartPre makes them first, outside the sandbox
+        assert f"-{p}" in rw.split("=", 1)[1].split() and str(p) in made and p.is_dir()
     exec_start = next(l for l in lines if l.startswith("ExecStart="))
     assert exec_start.endswith(" serve") and os.access(exec_start.split("=", 1)[1].split()[0], os.X_OK)
     assert f"Environment=CONES_HOME={cones_home}" in lines
@@ -51,6 +54,22 @@ def test_unit_carries_the_environment_resolved(tmp_path, cones_home, monkeypatch
     assert f"Environment=CONES_HOME={tmp_path / 'relhome'}" in lines
     assert f"Environment=CONES_DATA_DIR={tmp_path / 'me' / 'otherdata'}" in lines
     assert not any(l.startswith("Environment=CONES_INBOX_DIR") for l in lines)
+
+
+def test_unit_carries_every_cones_setting_of_this_shell(tmp_path, cones_home, monkeypatch):
+    """Steps, method and memory options set in this shell reach the service too (they were
+    dropped without a word); a model under /tmp keeps /tmp shared with the service."""
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x")
+    for key, value in (("CONES_STEPS", "300"), ("CONES_METHOD", "cones"), ("CONES_SDPA", "false"),
+                       ("CONES_MODEL", str(model)), ("CONES_SETTLE_SECONDS", "")):
+        monkeypatch.setenv(key, value)
+    unit, _ = _install(tmp_path, cones_home)
+    lines = unit.splitlines()
+    for want in ("CONES_STEPS=300", "CONES_METHOD=cones", "CONES_SDPA=false", f"CONES_MODEL={model}"):
+        assert f"Environment={want}" in lines, want
+    assert not any("CONES_SETTLE_SECONDS" in l for l in lines)   # blank: not set
+    assert ("PrivateTmp=yes" in lines) == (not str(model).startswith(("/tmp/", "/var/tmp/")))
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")

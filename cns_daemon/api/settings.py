@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     """Everything a user can configure. Field names double as config.toml keys and, upper-cased
     with a CONES_ prefix, as environment variables (CONES_MODEL, CONES_DEVICE, …)."""
 
-    model_config = SettingsConfigDict(env_prefix="CONES_", extra="forbid", validate_default=True)
+    # A blanked variable (CONES_STEPS=) means "not set", as one unsets it in a shell.
+    model_config = SettingsConfigDict(env_prefix="CONES_", extra="forbid", validate_default=True,
+                                      env_ignore_empty=True)
 
     # Where: empty means "the platformdirs default" (or under CONES_HOME).
     home: str | None = Field(None, description="Put every path under this folder.")
