@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cns_daemon.api.errors import NotFound, Unavailable
+from cns_daemon.api.errors import BadInput, NotFound, Storage, Unavailable, storage_error
 from cns_daemon.api.settings import Settings
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "cones.service"
@@ -103,13 +103,20 @@ def _systemctl(*args: str, say) -> None:
 
 def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
     paths = settings.paths
-    for folder in (paths.data, paths.inbox, paths.runtime):
-        folder.mkdir(parents=True, exist_ok=True)
-        say(f"folder {folder}")
-    os.chmod(paths.runtime, 0o700)
-    unit_dir.mkdir(parents=True, exist_ok=True)
     unit = unit_dir / UNIT_NAME
-    unit.write_text(render(settings))
+    text = render(settings)
+    try:
+        for folder in (paths.data, paths.inbox, paths.runtime):
+            folder.mkdir(parents=True, exist_ok=True)
+            say(f"folder {folder}")
+        os.chmod(paths.runtime, 0o700)
+        unit_dir.mkdir(parents=True, exist_ok=True)
+        unit.write_text(text)
+    except OSError as exc:   # a folder it may not make or write: said, not a traceback
+        where = exc.filename or unit
+        raise (Storage if storage_error(exc) else BadInput)(
+            f"Cannot write {where}: {exc.strerror or exc}.",
+            "Give folders you can write to (CONES_HOME, the *_dir settings, --unit-dir).") from None
     say(f"wrote {unit}")
     if not start:
         say("not starting it (--no-start)")

@@ -56,6 +56,18 @@ def test_unit_carries_the_environment_resolved(tmp_path, cones_home, monkeypatch
     assert not any(l.startswith("Environment=CONES_INBOX_DIR") for l in lines)
 
 
+def test_install_where_it_cannot_write_is_one_error(tmp_path, cones_home):
+    (tmp_path / "afile").write_text("x")
+    result = CliRunner().invoke(app, ["service", "install", "--unit-dir", str(tmp_path / "afile" / "u"),
+                                      "--no-start"])
+    assert result.exit_code == 2 and "Cannot write" in result.stderr and "Traceback" not in result.output
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    result = CliRunner().invoke(app, ["service", "install", "--unit-dir", str(locked / "u"), "--no-start"])
+    if os.geteuid() != 0:   # root writes anywhere
+        assert result.exit_code == 12 and "Cannot write" in result.stderr, result.output
+
+
 def test_unit_carries_every_cones_setting_of_this_shell(tmp_path, cones_home, monkeypatch):
     """Steps, method and memory options set in this shell reach the service too (they were
     dropped without a word); a model under /tmp keeps /tmp shared with the service."""
