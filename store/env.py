@@ -159,6 +159,10 @@ class Env:
                 raise
             except PAGE_ERRORS as exc:   # callers that can pin it on one record catch it inside fn
                 raise damaged_store(self.path, exc) from None
+            except lmdb.BadTxnError as exc:
+                # LMDB ends a transaction this way when a page it reads fails its checks (a
+                # database's root page overwritten, say): damage, not a disk or permission matter
+                raise damaged_store(self.path, exc) from None
             except lmdb.Error as exc:   # nothing was committed; the store is as it was
                 if write:   # a full disk shows as an I/O error of the commit
                     raise Storage(f"The concept store at {self.path} could not be written: "

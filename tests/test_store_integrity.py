@@ -338,3 +338,24 @@ def test_readers_do_not_wait_for_a_slow_write(tmp_path, monkeypatch):
         writer.join(30)
     assert store.names() == ["mug", "rex"]
     store.close()
+
+
+def test_a_database_root_page_overwritten_is_damage_with_the_salvage_hint(tmp_path):
+    """Bytes over the root page of the store's own `meta` database: LMDB ends the transaction
+    (MDB_BAD_TXN); that is a damaged store (exit 7, salvage), not a disk or permission matter."""
+    import struct
+
+    path = tmp_path / "store"
+    with ConceptStore.open(path, fingerprint="base-A") as s:
+        s.put(sample_record("rex", "cns"))
+    env = lmdb.open(str(path), max_dbs=16, readonly=True, lock=False)
+    with env.begin() as txn:   # the main database maps each name to its MDB_db; md_root ends it
+        root = struct.unpack("<Q", dict(txn.cursor())[b"meta"][-8:])[0]
+    env.close()
+    data = bytearray((path / "data.mdb").read_bytes())
+    page = 4096
+    data[root * page:root * page + 64] = b"\xff" * 64
+    (path / "data.mdb").write_bytes(bytes(data))
+    with pytest.raises(Corrupt) as info:
+        ConceptStore.open(path, fingerprint="base-A")
+    assert "damaged" in info.value.message and "cones store salvage" in info.value.hint
