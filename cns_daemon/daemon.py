@@ -9,6 +9,7 @@ queue, the socket removed and the lock released.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from cns_daemon.archive import Archive, make_private
-from cns_daemon.api.errors import BadInput, Conflict, ConesError
+from cns_daemon.api.errors import BadInput, Conflict, ConesError, Storage, storage_error
 from cns_daemon.notify import Notifier
 from cns_daemon.api.settings import Paths, Settings
 
@@ -28,16 +29,18 @@ SUN_PATH_MAX = 107   # sockaddr_un.sun_path is 108 bytes including the terminati
 
 
 def make_folder(path: Path, what: str, setting: str) -> None:
-    """A folder the service needs (made 0700 if missing), or BadInput saying which setting
-    points where it cannot be: a file in the way, no permission, a read-only place."""
+    """A folder the service needs (made 0700 if missing), or an error saying which setting
+    points where it cannot be: Storage (exit 12) for no permission, a read-only place or a full
+    disk, BadInput (exit 2) for a file in the way."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
+            raise PermissionError(errno.EACCES, "Permission denied")
     except OSError as exc:
-        raise BadInput(f"Cannot use {path} as the {what}: {exc.strerror or exc}.",
-                       f"Point {setting} (config.toml, CONES_{setting.upper()} or CONES_HOME) at a "
-                       "folder you can write to.") from None
+        kind = Storage if storage_error(exc) else BadInput
+        raise kind(f"Cannot use {path} as the {what}: {exc.strerror or exc}.",
+                   f"Point {setting} (config.toml, CONES_{setting.upper()} or CONES_HOME) at a "
+                   "folder you can write to.") from None
 
 
 def prepare_data(paths: Paths) -> None:

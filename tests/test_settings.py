@@ -113,3 +113,24 @@ def test_cli_refusals_that_need_no_service(cones_home, tmp_path):
     assert result.exit_code == 3 and "No concept store" in result.stderr, result.output
     result = CliRunner().invoke(app, ["serve", "--log-level", "bogus"])
     assert result.exit_code == 2 and "Unknown log level" in result.stderr, result.output
+
+
+def test_a_folder_the_service_may_not_write_is_a_storage_error(tmp_path, monkeypatch):
+    """Exit 12 (README: a folder cannot be written) for a read-only place or no permission;
+    a file in the way stays bad input (exit 2)."""
+    import errno
+
+    from cns_daemon.api.errors import BadInput, Storage
+    from cns_daemon.daemon import make_folder
+
+    def read_only(self, *a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "mkdir", read_only)
+        with pytest.raises(Storage, match="Cannot use .* as the data folder: Read-only") as info:
+            make_folder(tmp_path / "data", "data folder", "data_dir")
+        assert "data_dir" in info.value.hint
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BadInput):
+        make_folder(tmp_path / "afile" / "data", "data folder", "data_dir")
