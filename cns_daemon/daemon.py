@@ -269,6 +269,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
                 log.info("cones is serving on %s", paths.socket)
 
             async def shutdown(self, sockets=None) -> None:
+                log.info("cones is stopping (a job running now starts over at the next start)")
                 app.stopping.set()   # followers' streams end now, not at the graceful timeout
                 await super().shutdown(sockets=sockets)
 
@@ -294,6 +295,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
         inbox_lock.release()
         data_lock.release()
         lock.release()
+        log.info("cones stopped")
 
 
 def _own_inbox(lock: InstanceLock, inbox: Path) -> bool:
