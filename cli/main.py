@@ -35,6 +35,26 @@ QUEUED_GRACE_S = 1.0   # how long a job may sit queued before the CLI says what 
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
+
+
+def _installed_version() -> str:
+    from importlib.metadata import version as v
+
+    return v("cones")
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(_installed_version())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version_flag: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                            help="Print the installed version and exit.")) -> None:
+    """Personalize Stable Diffusion: learn concepts, generate them."""
+
+
 app.add_typer(service_app, name="service")
 app.add_typer(store_app, name="store")
 app.add_typer(toyworld_app, name="toyworld")
@@ -367,6 +387,7 @@ def jobs(limit: int = typer.Option(20, min=1, max=MAX_JOBS_LISTED, help="How man
 @handled
 def cancel(job_id: str) -> None:
     """Cancel a job (a running one stops at its next step; nothing partial is kept)."""
+    job_id = job_id.strip().lower()   # ids are hex: 142AADC707EA is the same job
     with client() as c:
         before = c.job(job_id)
         if before.state not in ("queued", "running"):
@@ -407,10 +428,8 @@ def demo(model: Optional[str] = typer.Option(None, help="Model for a temporary s
 
 @app.command()
 def version() -> None:
-    """Print the installed version."""
-    from importlib.metadata import version as v
-
-    typer.echo(v("cones"))
+    """Print the installed version (also: cones --version)."""
+    typer.echo(_installed_version())
 
 
 def _option(text: str) -> tuple[str, bool | int | float | str]:
@@ -465,7 +484,7 @@ def main() -> None:
                              hint="`cones COMMAND --help` shows what it takes.")
             print(json.dumps({"error": body.model_dump()}, indent=2))
         sys.exit(exc.exit_code)
-    except click_errors.Abort:
+    except typer.Abort:   # Ctrl-C at a prompt
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -83,3 +83,7 @@ def test_a_command_line_that_does_not_parse_gives_json_with_json(tmp_path):
     out = run("list", "--bogus")
     assert out.returncode == 2 and out.stdout == "" and "No such option: --bogus" in out.stderr
     assert run("--help").returncode == 0
+    from importlib.metadata import version
+
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == version("cones")

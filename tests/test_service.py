@@ -133,6 +133,8 @@ def test_typed_errors_and_exit_codes(cones, tmp_path):
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "name" in out
     code, out = cones("cancel", "0123456789ab")
     assert code == EXIT_CODES[ErrorCode.NOT_FOUND]
+    code, out = cones("cancel", "0123456789AB")   # hex in capitals: the same id, not a bad one
+    assert code == EXIT_CODES[ErrorCode.NOT_FOUND], out
     code, out = cones("cancel", "nosuchjob")   # not a job id at all: refused before it is sent
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "Invalid job id" in out
 
