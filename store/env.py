@@ -79,6 +79,14 @@ class _SharedLock:
                 self._cond.notify_all()
 
 
+def _identity(file: Path) -> tuple[int, int] | None:
+    try:
+        st = file.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Env:
     """One LMDB environment (a directory) with the store's named databases."""
 
@@ -100,6 +108,7 @@ class Env:
             raise Unavailable(f"Cannot open the concept store at {self.path}: {str(exc).rstrip('.')}.",
                               "Check the folder's permissions and free disk space.") from None
         self.readonly = readonly
+        self._file = _identity(self.path / "data.mdb")   # to notice the folder removed under us
         self._lock = _SharedLock()
         self._writer = threading.Lock()
         self.dbs: dict[str, lmdb._Database] = {}
@@ -136,6 +145,13 @@ class Env:
         full, the transaction is aborted, the map doubled and `fn` run again from scratch."""
         if self.readonly:
             raise Internal("Write to a store opened read-only.")
+        if _identity(self.path / "data.mdb") != self._file:
+            # The store's folder was removed (or replaced) while it was open: LMDB would go on
+            # writing into the unlinked file, and everything learned would vanish at the restart.
+            raise Storage(f"The concept store at {self.path} was removed or replaced while the "
+                          "service ran; what it writes now would be lost.",
+                          "Restart the service (it makes a new store there), or put the folder "
+                          "back first.")
         with self._writer:
             while True:
                 try:

@@ -359,3 +359,23 @@ def test_a_database_root_page_overwritten_is_damage_with_the_salvage_hint(tmp_pa
     with pytest.raises(Corrupt) as info:
         ConceptStore.open(path, fingerprint="base-A")
     assert "damaged" in info.value.message and "cones store salvage" in info.value.hint
+
+
+def test_a_store_folder_removed_while_open_refuses_writes(tmp_path):
+    """Removing the data folder under a running service: writes used to go into the unlinked
+    file and vanish at the restart; they are refused with what to do."""
+    import shutil
+
+    from cns_daemon.api.errors import Storage
+
+    path = tmp_path / "store"
+    with ConceptStore.open(path, fingerprint="base-A") as s:
+        s.put(sample_record("rex", "cns"))
+        shutil.rmtree(path)
+        with pytest.raises(Storage, match="removed or replaced while the service ran") as info:
+            s.put(sample_record("mug", "cns"))
+        assert "Restart the service" in info.value.hint
+        with ConceptStore.open(path, fingerprint="base-A") as fresh:   # a new store there
+            fresh.put(sample_record("cup", "cns"))
+        with pytest.raises(Storage):   # the old handle does not write into the new store's place
+            s.put(sample_record("pot", "cns"))
