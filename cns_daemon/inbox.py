@@ -86,6 +86,11 @@ def read_spec(folder: Path) -> FolderSpec:
     if given is not None and not isinstance(given, str):
         raise BadInput(f"class in {CONFIG_FILE} must be a word in quotes, not {given!r}.",
                        'For example:  class = "dog"')
+    if given and dotted_class and given.strip() != dotted_class.strip():
+        raise BadInput(f"The folder name says {name!r} is a {dotted_class!r}, its {CONFIG_FILE} says "
+                       f"class = {given!r}: which is it?",
+                       f"Rename the folder to {name} (and keep the class in {CONFIG_FILE}), or remove "
+                       f"the class line.")
     class_word = (given or dotted_class or "").strip()
     if not class_word:
         raise BadInput(f"No class word for {name!r}: what is it (dog, mug, star …)?",
@@ -217,6 +222,7 @@ class Inbox:
         self._moved: dict[str, str] = {}        # in-flight folder name -> the name it has now
         self._unwritable: dict[str, str] = {}   # folder name -> inputs signature of a failure
                                                 # whose ERROR.txt could not be written
+        self._loose: set[str] = set()           # files put in the inbox itself, said once
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -311,6 +317,7 @@ class Inbox:
         if not self.root.is_dir():
             return
         now = time.time()
+        self._tell_loose_files()
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             with self._lock:
                 if folder.name in self._in_flight:
@@ -329,6 +336,18 @@ class Inbox:
                                                inputs_signature(folder, named=False)):
                 continue   # already told the person; wait for them to change something
             self.take(folder)
+
+    def _tell_loose_files(self) -> None:
+        """Photos dropped in the inbox itself, not in a folder of their own: the log says once
+        what to do with them (a folder per concept, named after it)."""
+        loose = {p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith(".")}
+        new = sorted(loose - self._loose)
+        if new:
+            shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+            log.warning("inbox: %s lie in the inbox itself and are not learned: put a concept's "
+                        "photos in a folder of their own named after it, e.g. %s/rex.dog/",
+                        shown, self.root)
+        self._loose = loose
 
     def take(self, folder: Path) -> JobRecord | None:
         skipped: list[SkippedFile] = []

@@ -35,6 +35,7 @@ def test_read_spec_forms(tmp_path):
     ("rex.my_dog", None, r"the folder name's class \(rex.my_dog\) is 'my_dog'"),   # a traceback loop once
     ("m", 'class = "dog2"\n', "class in concept.toml is 'dog2'"),
     ("m", 'class = 5\n', "must be a word in quotes"),
+    ("c6.star", 'class = "dog"\n', "which is it"),
 ])
 def test_read_spec_errors(tmp_path, folder, toml, needle):
     (tmp_path / folder).mkdir()
@@ -91,6 +92,15 @@ def test_inbox_drop_learns_and_cleans_up(daemon):
     assert len(leftovers) == 1 and leftovers[0].read_text() == "my dog"   # nothing deleted unread
     assert leftovers[0].stat().st_mode & 0o777 == 0o600                       # private, as the data is
     assert leftovers[0].parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_photos_dropped_in_the_inbox_itself_are_said_once(daemon):
+    home, start = daemon
+    d = start()
+    write_photos(home / "inbox", 2)   # loose, not in a concept's folder
+    wait_until(lambda: "lie in the inbox itself and are not learned" in d.output(), what="log line")
+    time.sleep(1.0)                   # several scans later: said once
+    assert d.output().count("lie in the inbox itself") == 1 and "rex.dog/" in d.output()
 
 
 def test_inbox_errors_then_retry_after_fix(daemon):
