@@ -122,7 +122,7 @@ class Worker:
                 job.state, job.finished = "failed", time.time()
                 job.error = error_body(Internal(
                     CRASH_REASON, "Look at the service log (`journalctl --user -u cones`) for why it "
-                    "stopped, then submit the job again."))
+                    "stopped, then submit it again (an inbox folder: rename it or change a file in it)."))
             else:
                 job.state, job.started = "queued", None
             self.jobs.put_job(job)

@@ -63,7 +63,7 @@ class ConesError(Exception):
 
 class BadInput(ConesError):
     code = ErrorCode.BAD_INPUT
-    default_hint = "Check the value and try again; `cones --help` shows the expected forms."
+    default_hint = "Check the value and try again (`cones COMMAND --help` shows what a command takes)."
 
 
 class NotFound(ConesError):

@@ -51,7 +51,7 @@ def parse_options(cls: type[T], options: dict | None, steps: int | None = None) 
     unknown = sorted(set(options) - fields)
     if unknown:
         raise BadInput(f"Unknown option(s) {', '.join(map(repr, unknown))}.",
-                       f"Valid options: {', '.join(sorted(fields - {'steps'}))} (steps: --steps N).")
+                       f"Valid options: {', '.join(sorted(fields - {'steps'}))} (steps: --steps N, or steps = N in an inbox folder's concept.toml).")
     values = {k: _coerce(k, v, getattr(defaults, k)) for k, v in options.items()}
     if steps is not None:
         if "steps" not in fields:
