@@ -19,6 +19,7 @@ def settings(**flags):
 
     from cns_daemon.api.settings import load_settings
 
+    _tell_unknown_variables()
     try:
         return load_settings(**flags)
     except ValidationError as exc:
@@ -39,6 +40,29 @@ def settings(**flags):
     except UnicodeDecodeError:   # saved as UTF-16 ("Unicode" in Notepad) or Latin-1
         raise BadInput(f"{_config_file()} is not UTF-8 text.",
                        "Save it as UTF-8 (the encoding TOML files use), or move it aside.") from None
+
+
+def _tell_unknown_variables() -> None:
+    """A CONES_* variable that is no setting (CONES_STEP for CONES_STEPS) would be ignored
+    without a word: said on stderr, with the setting it is closest to. Once per process."""
+    import difflib
+
+    from cns_daemon.api.settings import Settings
+    from cli.views import err_console
+
+    global _told
+    if _told:
+        return
+    _told = True
+    known = {f"CONES_{name.upper()}" for name in Settings.model_fields}
+    for key in sorted(k for k in os.environ if k.startswith("CONES_") and k not in known
+                      and not k.startswith("CONES_TEST_")):
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        err_console.print(f"warning: {key} is not a cones setting and is ignored"
+                          + (f" (did you mean {near[0]}?)" if near else "") + ".", highlight=False)
+
+
+_told = False
 
 
 def _config_file() -> Path:

@@ -134,3 +134,17 @@ def test_a_folder_the_service_may_not_write_is_a_storage_error(tmp_path, monkeyp
     (tmp_path / "afile").write_text("x")
     with pytest.raises(BadInput):
         make_folder(tmp_path / "afile" / "data", "data folder", "data_dir")
+
+
+def test_a_cones_variable_that_is_no_setting_is_said(cones_home, monkeypatch):
+    """CONES_STEP=5 (for CONES_STEPS) was ignored without a word."""
+    import cli.config
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setattr(cli.config, "_told", False)
+    monkeypatch.setenv("CONES_STEP", "5")
+    result = CliRunner().invoke(app, ["status"])
+    said = " ".join(result.stderr.split())
+    assert "CONES_STEP is not a cones setting and is ignored (did you mean CONES_STEPS?)" in said, said
