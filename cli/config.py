@@ -26,8 +26,7 @@ def settings(**flags):
         from cns_daemon.api.protocol import describe_validation_error
 
         raise BadInput(f"Invalid configuration: {describe_validation_error(exc)}.",
-                       f"Fix it where it is set: the command's flags, the CONES_* environment "
-                       f"variables or {_config_file()}.") from None
+                       f"Fix it where it is set: {_where_set(exc, flags)}.") from None
     except tomllib.TOMLDecodeError as exc:
         try:
             bom = _config_file().read_bytes().startswith(b"\xef\xbb\xbf")
@@ -40,6 +39,23 @@ def settings(**flags):
     except UnicodeDecodeError:   # saved as UTF-16 ("Unicode" in Notepad) or Latin-1
         raise BadInput(f"{_config_file()} is not UTF-8 text.",
                        "Save it as UTF-8 (the encoding TOML files use), or move it aside.") from None
+
+
+def _where_set(exc, flags: dict) -> str:
+    """Where the first refused setting came from: a flag, a CONES_* variable or config.toml."""
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    field = str(errors[0]["loc"][0]) if errors and errors[0].get("loc") else ""
+    if flags.get(field) is not None:
+        return f"the command's --{field.replace('_', '-')} flag"
+    if os.environ.get(f"CONES_{field.upper()}", "").strip():
+        return f"the environment variable CONES_{field.upper()}"
+    cfg = _config_file()
+    try:
+        if field in {k.lower() for k in tomllib.loads(cfg.read_text(encoding="utf-8"))}:
+            return f"{cfg}"
+    except (OSError, ValueError):
+        pass
+    return f"the command's flags, the CONES_* environment variables or {cfg}"
 
 
 def _tell_unknown_variables() -> None:

@@ -148,3 +148,19 @@ def test_a_cones_variable_that_is_no_setting_is_said(cones_home, monkeypatch):
     result = CliRunner().invoke(app, ["status"])
     said = " ".join(result.stderr.split())
     assert "CONES_STEP is not a cones setting and is ignored (did you mean CONES_STEPS?)" in said, said
+
+
+def test_a_refused_setting_says_where_it_was_set(cones_home, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.setenv("CONES_STEPS", "abc")
+    said = " ".join(CliRunner().invoke(app, ["status"]).stderr.split())
+    assert "Fix it where it is set: the environment variable CONES_STEPS." in said, said
+    monkeypatch.delenv("CONES_STEPS")
+    cfg = cones_home / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text('steps = "x"\n')
+    said = "".join(CliRunner().invoke(app, ["status"]).stderr.split())
+    assert f"Fixitwhereitisset:{cfg}.".replace(" ", "") in said, said
