@@ -200,7 +200,7 @@ def status_table(s: StatusInfo) -> Table:
     table = Table(title="cones service", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
-    running = s.queue.running.summary if s.queue.running else "-"
+    running = _running_line(s.queue.running) if s.queue.running else "-"
     for k, v in (("version", f"{s.version} (protocol {s.protocol})"), ("pid", str(s.pid)),
                  ("uptime", f"{s.uptime_s:.0f} s"), ("model", s.model),
                  ("device", f"{s.device} / {s.dtype}"), ("memory", ", ".join(s.memory) or "-"),
@@ -210,6 +210,16 @@ def status_table(s: StatusInfo) -> Table:
                  ("inbox", s.inbox + ("" if s.inbox_watched else " (not watched)"))):
         table.add_row(k, v)
     return table
+
+
+def _running_line(job) -> str:
+    """The running job as `cones cancel` needs it, and how far it is."""
+    line = f"{job.id}: {job.summary}"
+    p = job.progress
+    if p is not None and p.total:
+        line += f" ({p.phase + ' ' if p.phase else ''}{p.step}/{p.total}"
+        line += f", about {p.eta_s:.0f} s left)" if p.eta_s is not None else ")"
+    return line
 
 
 def _concept_count(s: StatusInfo) -> str:

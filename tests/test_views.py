@@ -68,3 +68,20 @@ def test_a_learn_paused_for_a_generate_says_so_in_the_jobs_table():
     out = io.StringIO()
     Console(file=out, width=160, force_terminal=False).print(jobs_table([learn]))
     assert "paused for generate job bbbbbbbbbbbb" in out.getvalue(), out.getvalue()
+
+
+def test_status_names_the_running_job_and_how_far_it_is():
+    import time
+
+    from cli.views import status_table
+    from cns_daemon.api.protocol import JobInfo, QueueInfo, StatusInfo
+
+    learn = JobInfo(id="aaaaaaaaaaaa", kind="learn", state="running", summary="learn <rex>",
+                    created=time.time(), progress=ProgressInfo(job="aaaaaaaaaaaa", state="running",
+                    phase="train", step=40, total=900, eta_s=120.4))
+    s = StatusInfo(protocol="5", version="0", pid=1, uptime_s=1, socket="s", data="d", inbox="i",
+                   inbox_watched=True, model="m", device="cpu", dtype="float32", fingerprint="f",
+                   concepts=0, queue=QueueInfo(queued=0, running=learn))
+    out = io.StringIO()
+    Console(file=out, width=160, force_terminal=False).print(status_table(s))
+    assert "aaaaaaaaaaaa: learn <rex> (train 40/900, about 120 s left)" in out.getvalue(), out.getvalue()
