@@ -45,12 +45,13 @@ def make_folder(path: Path, what: str, setting: str) -> None:
 
 def prepare_data(paths: Paths) -> None:
     """The data folder holds photos of people: everything the service writes is private to this
-    user (umask 077 for the process; the unit sets UMask=0077 too), and the data folder, store and
-    archive made by an older version with looser modes are tightened (folders 0700, files 0600)."""
+    user (umask 077 for the process; the unit sets UMask=0077 too), and the data folder, store,
+    archive and generated images made by an older version (or loosened since) are tightened
+    (folders 0700, files 0600)."""
     os.umask(0o077)
     make_folder(paths.data, "data folder", "data_dir")
     os.chmod(paths.data, 0o700)
-    for root in (paths.store, paths.archive):
+    for root in (paths.store, paths.archive, paths.outputs):
         if root.is_dir():
             make_private(root)
 

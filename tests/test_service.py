@@ -321,6 +321,12 @@ def test_data_store_and_archive_are_private():
         (home / "data" / "archive" / "ab").mkdir(parents=True, mode=0o755)
         os.chmod(home / "data", 0o755)
         os.chmod(home / "data" / "archive", 0o755)
+        old_output = home / "data" / "outputs" / "0123456789ab" / "old.png"   # loosened since
+        old_output.parent.mkdir(parents=True)
+        old_output.write_bytes(b"png")
+        os.chmod(old_output.parent, 0o755)
+        os.chmod(old_output.parent.parent, 0o755)
+        os.chmod(old_output, 0o644)
         d = start_daemon(home)
         try:
             photos = [Photo(filename=p.name, data=p.read_bytes()) for p in write_photos(home / "src", 2)]
