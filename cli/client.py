@@ -42,11 +42,13 @@ def service_starting(lock: Path) -> bool:
         os.close(fd)
 
 
-def _lock_owner(lock: Path) -> str:
+def _lock_owner(lock: Path) -> tuple[str, str]:
+    """(pid, socket path or "") a service wrote in its lock file."""
     try:
-        return lock.read_text().strip() or "?"
+        lines = lock.read_text().strip().splitlines()
     except OSError:
-        return "?"
+        lines = []
+    return (lines[0] if lines else "?"), (lines[1] if len(lines) > 1 else "")
 
 
 def _idle_close(response: httpx.Response) -> bool:
@@ -171,7 +173,13 @@ class Client:
                 return Unavailable("The cones service is starting (loading the model); it will answer "
                                    f"on {self.socket_path} when ready.", "Try again in a moment.")
             if self.data_lock is not None and service_starting(self.data_lock):
-                pid = _lock_owner(self.data_lock)
+                pid, serves = _lock_owner(self.data_lock)
+                if serves and Path(serves) != self.socket_path and Path(serves).exists():
+                    return Unavailable(
+                        f"A cones service (pid {pid}) runs on this data folder with its socket at "
+                        f"{serves}, but this command looks for it at {self.socket_path}.",
+                        "Give this command the service's runtime folder: CONES_RUNTIME_DIR="
+                        f"{Path(serves).parent} (or the same CONES_HOME / XDG_RUNTIME_DIR as the service).")
                 return Unavailable(f"A cones service (pid {pid}) runs on this data folder, but its socket "
                                    f"{self.socket_path} is gone (its folder was removed?).",
                                    f"Stop it (`systemctl --user restart cones`, or `kill {pid}` and "

@@ -81,22 +81,24 @@ class InstanceLock:
         self.path = path
         self.fd: int | None = None
 
-    def acquire(self, socket_path: Path | None, hint: str | None = None) -> None:
+    def acquire(self, socket_path: Path | None, hint: str | None = None, serves: Path | None = None) -> None:
         """`socket_path` None: the lock guards the data folder, whatever socket its holder
         serves on (another runtime folder, e.g. a shell without the service's XDG_RUNTIME_DIR).
-        `hint`: what to do when it is held (default: what a second `cones serve` should do)."""
+        `hint`: what to do when it is held (default: what a second `cones serve` should do).
+        The file holds the pid, and `serves` (the socket) on a second line, for a client that
+        finds the service by its data folder but looks for the socket elsewhere."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            owner = self.path.read_text().strip() or "?"
+            owner = (self.path.read_text().strip().splitlines() or ["?"])[0]
             where = f"on {socket_path}" if socket_path else f"on the data folder {self.path.parent}"
             raise Conflict(f"A cones service is already running {where} (pid {owner}).",
                            hint or "Use it (`cones status`), stop it first (`systemctl --user stop "
                            "cones` or end its `cones serve`), or give this one another CONES_HOME.") from None
         os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        os.write(fd, (f"{os.getpid()}\n{serves}" if serves else str(os.getpid())).encode())
         self.fd = fd
 
     def release(self) -> None:
@@ -238,7 +240,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
         prepare_data(paths)
         if settings.watch_inbox:   # before the model loads: a bad inbox path fails at once
             make_folder(paths.inbox, "inbox folder", "inbox_dir")
-        data_lock.acquire(None)   # one service per data folder, whatever its runtime folder
+        data_lock.acquire(None, serves=paths.socket)   # one service per data folder, whatever its runtime folder
         store = open_store(paths)
         archive = Archive(paths.archive)
         engine = (engine_factory or Engine)(settings, store, archive)

@@ -152,6 +152,25 @@ def test_a_service_whose_socket_folder_was_removed_is_told_apart_from_none(monke
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_a_client_looking_in_another_runtime_folder_is_told_where_the_socket_is(monkeypatch):
+    """A service started with its own CONES_RUNTIME_DIR: a shell without it finds the service by
+    its data folder and is told the socket's folder, not to kill a healthy service."""
+    home = short_home()
+    elsewhere = short_home()
+    daemon = start_daemon(home, wait=False, CONES_RUNTIME_DIR=str(elsewhere))
+    try:
+        wait_until(lambda: (elsewhere / "cones.sock").exists(), timeout=90, what="service up")
+        cones = cli_in_process(home, monkeypatch)
+        code, out, err = cones("status")
+        text = " ".join(err.split())
+        assert code == 11 and f"with its socket at {elsewhere / 'cones.sock'}" in text, err
+        assert f"CONES_RUNTIME_DIR={elsewhere}" in text and "kill" not in text, err
+    finally:
+        daemon.kill(15)
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def daemon():
     home = short_home()
