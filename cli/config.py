@@ -20,6 +20,9 @@ def settings(**flags):
     from cns_daemon.api.settings import load_settings
 
     _tell_unknown_variables()
+    cfg = _config_file()
+    if cfg.exists() and not cfg.is_file():   # it would be skipped without a word
+        raise BadInput(f"{cfg} is not a file.", "config.toml is a TOML file; move the folder aside.")
     try:
         return load_settings(**flags)
     except ValidationError as exc:

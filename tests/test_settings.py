@@ -164,3 +164,13 @@ def test_a_refused_setting_says_where_it_was_set(cones_home, monkeypatch):
     cfg.write_text('steps = "x"\n')
     said = "".join(CliRunner().invoke(app, ["status"]).stderr.split())
     assert f"Fixitwhereitisset:{cfg}.".replace(" ", "") in said, said
+
+
+def test_a_config_toml_that_is_a_folder_is_said(cones_home):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    (cones_home / "config" / "config.toml").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2 and "is not a file" in result.stderr, result.output
