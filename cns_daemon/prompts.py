@@ -235,7 +235,9 @@ def check_boxes(boxes: Iterable[Box | str], expanded: ExpandedPrompt) -> Layout:
     seen: set[str] = set()
     for box in parsed:
         if box.name not in expanded.names:
+            near = [n for n in expanded.names if n.lower() == box.name.lower()]
             raise BadInput(f"There is a box for <{box.name}>, which is not in the prompt.",
+                           f"Did you mean --box {near[0]}=...? Names are case-sensitive." if near else
                            "Name the concept in the prompt as <" + box.name + ">, or drop its box.")
         if box.name in seen:
             raise BadInput(f"Two boxes for <{box.name}>.", "Give one box per concept.")

@@ -154,5 +154,8 @@ def test_box_for_a_name_not_in_the_prompt(tok, metas):
     assert [b.name for b in layout.boxes] == ["rex", "mug"]
     with pytest.raises(BadInput, match="not in the prompt"):
         check_boxes(["pot=0,0,0.5,1"], e)
+    with pytest.raises(BadInput, match="not in the prompt") as info:   # a near miss is said
+        check_boxes(["REX=0,0,0.5,1"], e)
+    assert "Did you mean --box rex=" in info.value.hint
     with pytest.raises(BadInput, match="Two boxes"):
         check_boxes(["rex=0,0,0.5,1", "rex=0.5,0,1,1"], e)
