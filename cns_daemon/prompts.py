@@ -145,7 +145,8 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
         hint = "; ".join(f"did you mean <{near[n][0]}>?" for n in missing if near[n])
         raise NotFound(f"Unknown concept{'s' if len(missing) > 1 else ''} in the prompt: "
                        + ", ".join(f"<{n}>" for n in missing) + ".",
-                       (hint[0].upper() + hint[1:] + " Names are case-sensitive.") if hint else None)
+                       (hint[0].upper() + hint[1:] + " Names are case-sensitive.") if hint else
+                       "`cones list` shows the stored concepts; learn a new one with `cones add`.")
 
     pieces: list[str] = []
     ids: list[int] = [tokenizer.bos_token_id]
