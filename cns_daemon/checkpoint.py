@@ -19,7 +19,7 @@ from .api.errors import ModelLoad
 from .tokenizer import clip_tokenizer
 
 SD_CONFIGS = Path(__file__).parent / "assets" / "sd"
-FAMILIES = {"v1": "Stable Diffusion 1.x", "v2": "Stable Diffusion 2.x"}
+FAMILIES = ("v1", "v2")   # diffusers' names for Stable Diffusion 1.x and 2.x
 UNSUPPORTED_HINT = ("cones draws with Stable Diffusion 1.x and 2.x (512 and 768 px) models; "
                     "point `model` at one of those.")
 
@@ -51,7 +51,8 @@ def family(path: Path) -> str:
             raise ModelLoad(f"{path} holds Python objects besides its weights, and cones does not run "
                             "the code a .ckpt may carry.", "Use the model's .safetensors release, or "
                             "its diffusers folder.") from exc
-        raise ModelLoad(f"{path} cannot be read as a checkpoint: {text.splitlines()[0] if text else type(exc).__name__}",
+        reason = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+        raise ModelLoad(f"{path} cannot be read as a checkpoint: {reason}.",
                         "Check that the file is whole (its size against the download's) and is a "
                         "Stable Diffusion checkpoint.") from exc
     if not any(k.startswith("model.diffusion_model.") for k in shapes):
