@@ -207,7 +207,13 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            job = self._take_next()
+            try:
+                job = self._take_next()
+            except ConesError as exc:   # the store cannot take the job's start: say, wait, retry
+                log.error("the next job cannot start: %s", exc.message)
+                with self._wake:
+                    self._wake.wait(timeout=30.0)
+                continue
             if job is None:
                 with self._wake:
                     self._wake.wait(timeout=1.0)
@@ -268,14 +274,22 @@ class Worker:
                 log.exception("job %s failed", job.id)
             error = error_body(known or Internal(f"The job failed unexpectedly: {type(exc).__name__}: {exc}"))
         with self._lock:
-            job = self.jobs.get_job(job.id)
-            if state == "queued":
-                job.state, job.started, job.attempts = "queued", None, max(0, job.attempts - 1)
-                job.interrupted += 1
-                self.jobs.put_job(job)
-            else:
-                self._finish(job, state, error=error, result=result)
-            self._running.pop()
+            try:
+                job = self.jobs.get_job(job.id)
+                if state == "queued":
+                    job.state, job.started, job.attempts = "queued", None, max(0, job.attempts - 1)
+                    job.interrupted += 1
+                    self.jobs.put_job(job)
+                else:
+                    self._finish(job, state, error=error, result=result)
+            except ConesError as exc:
+                # The store cannot record the end (its folder removed, its disk full): the job's
+                # followers still hear of it, and the worker lives on to say so to the next.
+                log.error("job %s: its end could not be recorded: %s", job.id, exc.message)
+                self.hub.publish(ProgressInfo(job=job.id, state="failed", error=ErrorBody(**error_body(exc))))
+                return
+            finally:
+                self._running.pop()
         self.on_change(job)
 
     def _finish(self, job: JobRecord, state: str, *, error: dict | None = None,

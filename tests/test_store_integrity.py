@@ -379,3 +379,39 @@ def test_a_store_folder_removed_while_open_refuses_writes(tmp_path):
             fresh.put(sample_record("cup", "cns"))
         with pytest.raises(Storage):   # the old handle does not write into the new store's place
             s.put(sample_record("pot", "cns"))
+
+
+def test_the_worker_outlives_a_store_removed_under_a_job(tmp_path):
+    """The store's folder removed while a job runs: the job's end cannot be recorded, but its
+    followers hear that it failed and why, and the worker thread lives on."""
+    import shutil
+
+    from cns_daemon.api.errors import Storage
+    from cns_daemon.api.protocol import GenerateRequest, JobResult
+    from cns_daemon.worker import Worker
+
+    path = tmp_path / "store"
+    store = ConceptStore.open(path, fingerprint="base-A")
+    heard = []
+
+    def runner(job, progress, token):
+        shutil.rmtree(path)
+        return JobResult(images=[])
+
+    worker = Worker(store, runner)
+    worker.hub.publish = heard.append
+    worker.start()
+    try:
+        worker.submit("generate", GenerateRequest(prompt="a plain photo"))
+        deadline = time.monotonic() + 10
+        while not any(h.state == "failed" for h in heard) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        final = [h for h in heard if h.state == "failed"]
+        assert final and final[0].error.code == "storage" and "removed" in final[0].error.message
+        time.sleep(0.2)
+        assert worker.alive
+        with pytest.raises(Storage):   # the next request is refused at once, with the reason
+            worker.submit("generate", GenerateRequest(prompt="a plain photo"))
+    finally:
+        worker.stop()
+        store.close()
