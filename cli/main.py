@@ -23,7 +23,7 @@ from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
                        status_table, write_file)
-from cns_daemon.api.errors import BadInput, ConesError, Conflict, Unavailable
+from cns_daemon.api.errors import BadInput, ConesError, Conflict, Interrupted, Unavailable
 from cns_daemon.api.names import validate_name
 from cns_daemon.archive import sidecar_caption
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
@@ -81,14 +81,9 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
                                   "`cones jobs` shows the queue. Ctrl-C stops waiting, not the job.",
                                   highlight=False)
         follow(c.follow(job.id), quiet=quiet)
-    except KeyboardInterrupt:
-        said = (f"Stopped following; job {job.id} goes on in the service{left_behind}.",
-                f"`cones jobs` shows it; `cones cancel {job.id}` stops it.")
-        err_console.print(f"{said[0][:-1]} (`cones jobs`, `cones cancel {job.id}`).", highlight=False)
-        if quiet:   # --json: the one document on stdout says it too
-            print(json.dumps({"error": ErrorBody(code="interrupted", message=said[0], hint=said[1]).model_dump()},
-                             indent=2))
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt:   # exit 130; with --json the error document says it too
+        raise Interrupted(f"Stopped following; job {job.id} goes on in the service{left_behind}.",
+                          f"`cones jobs` shows it; `cones cancel {job.id}` stops it.") from None
     except Unavailable as exc:   # the service went away under us: which job to look for later
         raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}).", exc.hint) from None
     return c.job(job.id)
@@ -278,7 +273,7 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
                            "sheet into a folder.", f"Give -o a folder, e.g. -o {out.with_suffix('')}/")
         output_folder(out, "images")   # before the job: a bad -o must not cost a generation
     with client() as c:
-        left = f"; its images stay in the service's outputs, not copied to {escape(str(out))}" if out else ""
+        left = f"; its images stay in the service's outputs, not copied to {out}" if out else ""
         job = wait_for(c, c.generate(req), quiet=as_json, tell_wait=not as_json, left_behind=left)
     result = job.result
     if result is None:

@@ -22,6 +22,7 @@ class ErrorCode(str, Enum):
     CANCELLED = "cancelled"            # a job was cancelled
     UNAVAILABLE = "unavailable"        # service not running, optional extra missing
     STORAGE = "storage"                # a folder cannot be written: disk full, read-only, no permission
+    INTERRUPTED = "interrupted"        # Ctrl-C in the CLI: it stopped following a job
     INTERNAL = "internal"              # a bug: report it
 
 
@@ -38,6 +39,7 @@ EXIT_CODES: dict[ErrorCode, int] = {
     ErrorCode.CANCELLED: 10,
     ErrorCode.UNAVAILABLE: 11,
     ErrorCode.STORAGE: 12,
+    ErrorCode.INTERRUPTED: 130,
     ErrorCode.INTERNAL: 70,
 }
 
@@ -114,6 +116,12 @@ class Unavailable(ConesError):
     default_hint = "Start the service with `cones serve` (or `cones service install`)."
 
 
+class Interrupted(ConesError):
+    """The CLI only: Ctrl-C while it followed a job, which goes on in the service."""
+    code = ErrorCode.INTERRUPTED
+    default_hint = "`cones jobs` shows the job; `cones cancel JOB` stops it."
+
+
 class Storage(ConesError):
     code = ErrorCode.STORAGE
     default_hint = ("Free space on that disk, or check that the folder and its files are yours to "
@@ -141,7 +149,7 @@ class Internal(ConesError):
 ERROR_TYPES: dict[ErrorCode, type[ConesError]] = {
     cls.code: cls for cls in (BadInput, NotFound, Conflict, BadPhoto, ModelMismatch, Corrupt,
                               ModelLoad, ProtocolMismatch, Cancelled, Unavailable, Storage,
-                              Internal)
+                              Interrupted, Internal)
 }
 
 
