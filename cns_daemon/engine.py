@@ -116,9 +116,10 @@ class Engine:
         fp = base_fingerprint(pipe)
         self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
                                dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
-        # Stores and exports made before the digest read bf16 carry the fp32-bytes one.
+        # Stores and exports made before the digest read bf16 carry the fp32-bytes one: of this
+        # load, and (what a bf16 load of the model gave) of its weights rounded to bf16.
         self.store.bind(fp, {"model": _model_name(self.settings.model), "dtype": self.info.dtype},
-                        aliases=[fingerprint(pipe, exact=True)])
+                        aliases=[fingerprint(pipe, exact=True), fingerprint(pipe, exact=True, as_bf16=True)])
         from cns_daemon.memory import in_effect, prepare_generation
 
         self.memory = self._memory_options()

@@ -226,16 +226,20 @@ def _architecture(config) -> dict:
             if not k.startswith("_") and k not in _VOLATILE_KEYS}
 
 
-def fingerprint(pipe, exact: bool = False) -> str:
+def fingerprint(pipe, exact: bool = False, as_bf16: bool = False) -> str:
     """A stable digest of what the concept records depend on: the model configs, the
     cross-attention K/V weights and the token embeddings. Identical for two loads of the same
-    model; any change to those weights changes it. Excluded: weights concepts never touch.
+    model; a change to those weights that bf16 can represent changes it. Excluded: weights
+    concepts never touch.
 
     The weights are read at bf16 precision, so one model file loaded in fp32 (the CPU) and in
     bf16 (a GPU, `device = "auto"`) gives one digest and one store serves both: rounding fp32 to
     bf16 is what the bf16 load itself does. (An fp32 file loaded in fp16 still differs: fp16
-    rounds first, and its range is smaller.) `exact` reads fp32 bytes instead: the digest stores
-    and exports made before carry, accepted as the same model's (`ConceptStore.bind` aliases)."""
+    rounds first, and its range is smaller.)
+
+    `exact` is the digest stores and exports made before carry (fp32 bytes of the weights as
+    loaded), accepted as the same model's (`ConceptStore.bind` aliases); with `as_bf16` too, of
+    the weights rounded to bf16 first: what that digest was for a bf16 load of this model."""
     h = hashlib.sha256()
     for part in (pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config):
         h.update(json.dumps(_architecture(part), sort_keys=True, default=str).encode())
@@ -245,7 +249,10 @@ def fingerprint(pipe, exact: bool = False) -> str:
         h.update(name.encode())
         t = t.detach().to("cpu")
         # hashlib reads the array's buffer directly: no copy of (for SD 1.5) ~230 MB in fp32.
-        t = t.to(torch.float32) if exact else t.to(torch.bfloat16).view(torch.int16)
+        if exact:
+            t = (t.to(torch.bfloat16) if as_bf16 else t).to(torch.float32)
+        else:
+            t = t.to(torch.bfloat16).view(torch.int16)
         h.update(t.contiguous().numpy())
     return h.hexdigest()[:32]
 

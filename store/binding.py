@@ -82,7 +82,11 @@ class BaseModelBinding:
         hint = None
         if (isinstance(made, dict) and loaded and made.get("model") == loaded.get("model")
                 and made.get("dtype") != loaded.get("dtype")):
-            hint = (f"The same model in another precision gives other weights: set dtype = "
+            dtypes = {made.get("dtype"), loaded.get("dtype")}
+            hint = (f"Start the service once with dtype = {made.get('dtype')} (config.toml, "
+                    "CONES_DTYPE or --dtype): a store from an earlier cones is then carried over "
+                    "and serves float32 and bfloat16 alike." if dtypes == {"float32", "bfloat16"} else
+                    f"The same model in another precision gives other weights: set dtype = "
                     f"{made.get('dtype')} (config.toml, CONES_DTYPE or --dtype), as when the store "
                     "was made, or give this dtype another CONES_HOME.")
         return ModelMismatch(f"{what} was made with base model {described(stored, made)}, but the "

@@ -52,6 +52,8 @@ def test_fingerprint_is_one_for_a_model_loaded_in_fp32_or_bf16(fresh_tiny_pipe, 
     bf16.text_encoder.to(torch.bfloat16)
     assert fingerprint(bf16) == fingerprint(tiny_pipe)
     assert fingerprint(bf16, exact=True) != fingerprint(tiny_pipe, exact=True)
+    # what an earlier cones stamped on a bf16 load, computed from the fp32 load (an alias)
+    assert fingerprint(tiny_pipe, exact=True, as_bf16=True) == fingerprint(bf16, exact=True)
     with torch.no_grad():   # a change bf16 can see is still seen
         next(iter(kv_weights(bf16.unet).values())).view(-1)[0] += 0.05
     assert fingerprint(bf16) != fingerprint(tiny_pipe)
