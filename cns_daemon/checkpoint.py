@@ -10,6 +10,7 @@ SD 3, ...) are refused by name: this pipeline cannot draw them.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,10 +19,11 @@ import torch
 from .api.errors import ModelLoad
 from .tokenizer import clip_tokenizer
 
+log = logging.getLogger(__name__)
 SD_CONFIGS = Path(__file__).parent / "assets" / "sd"
 FAMILIES = ("v1", "v2")   # diffusers' names for Stable Diffusion 1.x and 2.x
-UNSUPPORTED_HINT = ("cones draws with Stable Diffusion 1.x and 2.x (512 and 768 px) models; "
-                    "point `model` at one of those.")
+UNSUPPORTED_HINT = ("cones draws with Stable Diffusion 1.x and 2.x models (a 2.x-base one from its "
+                    "diffusers folder); point `model` at one of those.")
 
 
 def _tensor_shapes(path: Path) -> dict[str, SimpleNamespace]:
@@ -83,6 +85,9 @@ def load(path: Path, **kwargs):
     from diffusers import StableDiffusionPipeline
 
     kind = family(path)
+    if kind == "v2":   # the file does not say which; diffusers online reads it the same way
+        log.warning("%s is read as Stable Diffusion 2.1 (768 px, v-prediction); a 2.x-base model "
+                    "(512 px, epsilon) draws noise so: give its diffusers folder instead", path)
     return StableDiffusionPipeline.from_single_file(
         str(path), config=str(config_folder(kind)), local_files_only=True,
         tokenizer=tokenizer(kind), **kwargs)

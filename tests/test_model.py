@@ -71,9 +71,10 @@ def _tiny_sd_configs(tmp_path, pipe):
     return tmp_path / "configs"
 
 
-def test_single_file_checkpoints_load_offline_from_the_shipped_configs(tmp_path, monkeypatch, tiny_pipe):
+def test_single_file_checkpoints_load_offline_through_a_local_config_folder(tmp_path, monkeypatch, tiny_pipe):
     """A checkpoint in the original layout (.safetensors, and a Lightning .ckpt) loads with the
-    configuration from the package, never asking the hub, to the same weights."""
+    configuration folder the package names for its family (here the tiny pipeline's, standing in
+    for assets/sd: an SD-sized file is gigabytes), never asking the hub, to the same weights."""
     from diffusers.loaders import single_file
     from safetensors.torch import save_file
 
@@ -101,7 +102,7 @@ def test_single_file_checkpoints_load_offline_from_the_shipped_configs(tmp_path,
 def test_shipped_sd_configs_have_the_published_sizes():
     """SD 1.5 and 2.1 as published: parameter counts of UNet, VAE and text encoder (built on the
     meta device: no memory), and the settings a count cannot see."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from cns_daemon.checkpoint import config_folder, tokenizer
@@ -117,6 +118,11 @@ def test_shipped_sd_configs_have_the_published_sizes():
         unet, text = parts[0].config, parts[2].config
         assert unet.use_linear_projection == (kind == "v2") and text.hidden_act == (
             "gelu" if kind == "v2" else "quick_gelu")
+        assert unet.upcast_attention == (kind == "v2") and unet.sample_size == (96 if kind == "v2" else 64)
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler").config
+        assert scheduler.prediction_type == ("v_prediction" if kind == "v2" else "epsilon")
+        assert (scheduler.beta_start, scheduler.beta_end, scheduler.beta_schedule) == (0.00085, 0.012, "scaled_linear")
+        assert StableDiffusionPipeline.load_config(folder)["_class_name"] == "StableDiffusionPipeline"
     assert tokenizer("v2")("a dog", padding="max_length").input_ids[-1] == 0     # "!" pads SD 2.x
     assert tokenizer("v1")("a dog", padding="max_length").input_ids[-1] == 49407
 
