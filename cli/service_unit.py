@@ -71,10 +71,13 @@ def render(settings: Settings) -> str:
     }
     for key, value in fields.items():
         text = text.replace(key, value)
-    model = Path(env["CONES_MODEL"]) if "CONES_MODEL" in env else None
+    model = Path(settings.model).expanduser().absolute() if settings.model else None
     if any(_under_tmp(p) for p in (paths.data, paths.inbox, paths.runtime, model) if p is not None):
-        # a private /tmp would hide folders that live in the real one
+        # A private /tmp would hide folders (or the model) that live in the real one; without it
+        # ProtectSystem=strict leaves /tmp read-only, and the tokenizer cache is made there.
         text = text.replace("PrivateTmp=yes\n", "")
+        text = "\n".join(line + " -/tmp -/var/tmp" if line.startswith("ReadWritePaths=") else line
+                         for line in text.split("\n"))
     # the template's header comment describes the template, not this file
     body = text.split("\n[Unit]", 1)[1]
     return ("# Written by `cones service install`; edit the template systemd/cones.service or the\n"
@@ -118,6 +121,10 @@ def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
             f"Cannot write {where}: {exc.strerror or exc}.",
             "Give folders you can write to (CONES_HOME, the *_dir settings, --unit-dir).") from None
     say(f"wrote {unit}")
+    carried = sorted(k for k in os.environ if k.startswith("CONES_") and f"Environment={k}=" in text.replace('"', ""))
+    if carried:   # they win over config.toml: said, so a later edit there is not a surprise
+        say(f"carried from this shell (they override config.toml; unset them and install again to "
+            f"let config.toml decide): {', '.join(carried)}")
     if not start:
         say("not starting it (--no-start)")
     elif systemd_user_available():

@@ -76,12 +76,16 @@ def test_unit_carries_every_cones_setting_of_this_shell(tmp_path, cones_home, mo
     for key, value in (("CONES_STEPS", "300"), ("CONES_METHOD", "cones"), ("CONES_SDPA", "false"),
                        ("CONES_MODEL", str(model)), ("CONES_SETTLE_SECONDS", "")):
         monkeypatch.setenv(key, value)
-    unit, _ = _install(tmp_path, cones_home)
+    unit, output = _install(tmp_path, cones_home)
     lines = unit.splitlines()
     for want in ("CONES_STEPS=300", "CONES_METHOD=cones", "CONES_SDPA=false", f"CONES_MODEL={model}"):
         assert f"Environment={want}" in lines, want
     assert not any("CONES_SETTLE_SECONDS" in l for l in lines)   # blank: not set
-    assert ("PrivateTmp=yes" in lines) == (not str(model).startswith(("/tmp/", "/var/tmp/")))
+    under_tmp = str(model).startswith(("/tmp/", "/var/tmp/"))
+    assert ("PrivateTmp=yes" in lines) == (not under_tmp)
+    rw = next(l for l in lines if l.startswith("ReadWritePaths="))
+    assert rw.endswith(" -/tmp -/var/tmp") == under_tmp   # the shared /tmp stays writable then
+    assert "carried from this shell" in output and "CONES_STEPS" in output
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
