@@ -479,8 +479,9 @@ def main() -> None:
                              hint="`cones COMMAND --help` shows what it takes.")
             print(json.dumps({"error": body.model_dump()}, indent=2))
         sys.exit(exc.exit_code)
-    except typer.Abort:   # Ctrl-C at a prompt
-        sys.exit(130)
+    except typer.Abort:   # input ended (EOF) where a command read it; Ctrl-C is Exit(130) already
+        print("Aborted.", file=sys.stderr)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

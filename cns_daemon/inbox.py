@@ -86,7 +86,8 @@ def read_spec(folder: Path) -> FolderSpec:
     if given is not None and not isinstance(given, str):
         raise BadInput(f"class in {CONFIG_FILE} must be a word in quotes, not {given!r}.",
                        'For example:  class = "dog"')
-    if given and dotted_class and given.strip() != dotted_class.strip():
+    if given and given.strip() and dotted_class and " ".join(given.split()).casefold() != " ".join(
+            dotted_class.split()).casefold():
         raise BadInput(f"The folder name says {name!r} is a {dotted_class!r}, its {CONFIG_FILE} says "
                        f"class = {given!r}: which is it?",
                        f"Rename the folder to {name} (and keep the class in {CONFIG_FILE}), or remove "

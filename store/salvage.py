@@ -101,7 +101,9 @@ def salvage(path: Path) -> SalvageReport:
     jobs = 0
     with ConceptStore.open(path, create=False, readonly=True) as old, ConceptStore.open(fresh) as new:
         if old.fingerprint:
-            new.bind(old.fingerprint, aliases=old.aliases)
+            base_model = old._meta_value(b"base_model")   # for the words of a later refusal
+            new.bind(old.fingerprint, base_model if isinstance(base_model, dict) else None,
+                     aliases=old.aliases)
         for name in report.concepts:
             new.put_raw(old.raw_concept(name))
             copied.append(name)

@@ -22,6 +22,10 @@ def test_read_spec_forms(tmp_path):
     (folder / "concept.toml").write_text('class = "mug"\nmethod = "cones2"\nsteps = 7\n')
     spec = read_spec(folder)
     assert (spec.name, spec.class_word, spec.method, spec.steps) == ("mug", "mug", "cones2", 7)
+    agree = tmp_path / "rex.Golden retriever"   # the folder and the toml agree up to case and spaces
+    agree.mkdir()
+    (agree / "concept.toml").write_text('class = "golden  retriever"\n')
+    assert read_spec(agree).class_word == "golden  retriever"
 
 
 @pytest.mark.parametrize("folder,toml,needle", [

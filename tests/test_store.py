@@ -138,13 +138,15 @@ def test_a_store_bound_to_an_older_digest_of_the_model_moves_to_the_new_one(tmp_
         with pytest.raises(ModelMismatch, match="old-B"):
             s.put(foreign)
     with ConceptStore.open(path) as s:            # the next start binds the new digest alone
-        s.bind("new-A", aliases=["old-A-in-bf16"])
+        s.bind("new-A", {"model": "/models/a", "dtype": "float32"}, aliases=["old-A-in-bf16"])
         assert s.aliases == ["old-A", "old-A-in-bf16"] and s.get("rex").meta.fingerprint == "new-A"
         with pytest.raises(ModelMismatch, match="new-A.*new-B"):
             s.bind("new-B", aliases=["old-B"])
-    salvage(path)                                 # a salvaged copy keeps the aliases
+    salvage(path)                                 # a salvaged copy keeps the aliases and the model's name
     with ConceptStore.open(path, fingerprint="new-A") as s:
         assert s.aliases == ["old-A", "old-A-in-bf16"] and s.get("rex").meta.fingerprint == "new-A"
+        with pytest.raises(ModelMismatch, match=r"new-A \(/models/a, float32\)"):
+            s.bind("new-B")
 
 
 def test_unbound_store_takes_fingerprint_from_first_record(tmp_path):

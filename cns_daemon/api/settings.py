@@ -112,9 +112,10 @@ class Settings(BaseSettings):
     # Service.
     settle_seconds: float = Field(5.0, ge=0.0, le=3600.0)
     watch_inbox: bool = True
-    # Photos travel base64-encoded (a third more than their files): 512 MiB holds 64 phone
-    # photos of about 6 MB, the most a concept takes.
-    max_request_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    # Photos travel base64-encoded (a third more than their files) and the whole request is held
+    # while it is checked: 256 MiB holds some 45 phone photos of 4-5 MB, and the 64 a concept
+    # may have where they are smaller.
+    max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     # A request head (request line + headers) must arrive within this many seconds.
     header_timeout_seconds: float = Field(10.0, gt=0.0, le=600.0)
 
