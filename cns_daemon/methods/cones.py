@@ -184,7 +184,8 @@ def select_neurons(scores: dict[str, torch.Tensor], *, sparsity: float = 0.0,
 def implanting_loss(pipe, photos: list[Path], token: str, spec: LearnSpec, hp: ConesParams, *,
                     progress: ProgressFn | None, cancel: CancelToken | None):
     """The concept-implanting loss (photos + λ · prior) as a per-step closure.
-    The class images are drawn by the live weights (CNS concepts included), keyed by exactly those."""
+    The class images are drawn by the live weights (CNS concepts included), keyed by their
+    digest (at bf16 precision: an fp32 and a bf16 load share them, near enough for a prior)."""
     wanted = hp.lambda_prior > 0 and hp.prior_images > 0   # only then hash the live weights
     prior = C.Prior(hp.prior_images, hp.prior_steps, drawn_by=fingerprint(pipe)) if wanted else None
     prep = C.prepare(pipe, photos, spec, token, variants=hp.variants, prior=prior,

@@ -69,14 +69,17 @@ class Selection:
     base_general: int                # base neurons that are general (left out)
 
 
-_GENERAL: dict[tuple[str, float], dict[str, torch.Tensor]] = {}
+_GENERAL: dict[tuple[str, str, float], dict[str, torch.Tensor]] = {}
 _CALIBRATION_KEY = hashlib.sha256("\n".join(CALIBRATION_PROMPTS).encode()).hexdigest()[:12]
 
 
 def general_counts(pipe, stack: CNSStack, top_p: float) -> dict[str, torch.Tensor]:
     """Per K/V weight, how many calibration prompts select it (≥ 1: a general neuron under the
     paper's OR). Computed on the pretrained weights once per base model and top_p."""
-    key = (f"{stack.base_fingerprint}:{_CALIBRATION_KEY}", float(top_p))
+    # The digest is one for an fp32 and a bf16 load of a model: the place and dtype of the
+    # weights tell the two pipelines' counts (tensors on their devices) apart.
+    w = next(iter(stack.params.values()))
+    key = (f"{stack.base_fingerprint}:{_CALIBRATION_KEY}", f"{w.device}:{w.dtype}", float(top_p))
     if key not in _GENERAL:
         norms = column_norms(pipe, list(CALIBRATION_PROMPTS))
         counts = {}
