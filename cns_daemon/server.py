@@ -48,6 +48,7 @@ HTTP_STATUS = {
     ErrorCode.BAD_PHOTO: 422, ErrorCode.MODEL_MISMATCH: 409, ErrorCode.CORRUPT: 500,
     ErrorCode.MODEL_LOAD: 503, ErrorCode.PROTOCOL: 400, ErrorCode.CANCELLED: 409,
     ErrorCode.UNAVAILABLE: 503, ErrorCode.STORAGE: 507, ErrorCode.INTERNAL: 500,
+    ErrorCode.INTERRUPTED: 499,   # the CLI's own (Ctrl-C); the service never answers it
 }
 
 
