@@ -7,8 +7,8 @@ not): it imports only the protocol, settings and errors from cns_daemon, plus ht
 from __future__ import annotations
 
 import json
-import sys
 import os
+import sys
 import time
 from pathlib import Path
 from typing import List, Optional
