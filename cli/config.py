@@ -32,9 +32,13 @@ def settings(**flags):
                        f"Fix it where it is set: {_where_set(exc, flags)}.") from None
     except tomllib.TOMLDecodeError as exc:
         try:
-            bom = _config_file().read_bytes().startswith(b"\xef\xbb\xbf")
+            raw = _config_file().read_bytes()
         except OSError:
-            bom = False
+            raw = b""
+        if b"\x00" in raw:   # UTF-16 without a byte-order mark decodes as UTF-8 with NULs
+            raise BadInput(f"{_config_file()} is not UTF-8 text.",
+                           "Save it as UTF-8 (the encoding TOML files use), or move it aside.") from None
+        bom = raw.startswith(b"\xef\xbb\xbf")
         raise BadInput(f"{_config_file()} is not valid TOML: {exc}"
                        + (" (it starts with a byte-order mark)." if bom else "."),
                        "Save it as UTF-8 without a byte-order mark." if bom else

@@ -25,14 +25,18 @@ def default_unit_dir() -> Path:
     return Path(base) / "systemd" / "user"
 
 
-def exec_command() -> str:
-    """The installed `cones` script beside this Python, else `python -m cli.main`."""
+def exec_command() -> list[str]:
+    """The installed `cones` script beside this Python, else `python -m cli.main` (as words)."""
     script = Path(sys.executable).parent / "cones"
-    return str(script) if script.is_file() else f"{sys.executable} -m cli.main"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "cli.main"]
 
 
-def _quote(value: str) -> str:
-    """A systemd-quoted word (paths may contain spaces)."""
+def _quote(value: str, command: bool = False) -> str:
+    """A systemd word: quoted when it holds spaces, "%" doubled (systemd reads %i and the like as
+    specifiers everywhere), and in a command line "$" doubled too (systemd expands $HOME there)."""
+    value = value.replace("%", "%%")
+    if command:
+        value = value.replace("$", "$$")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' if any(c in value for c in ' "\\') else value
 
 
@@ -62,12 +66,13 @@ def render(settings: Settings) -> str:
     hf_cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     text = TEMPLATE.read_text()
     fields = {
-        "@EXEC@": exec_command(),
+        "@EXEC@": " ".join(_quote(w, command=True) for w in exec_command()),
+        "@MKDIR@": " ".join(_quote(str(p), command=True) for p in (paths.data, paths.inbox, paths.runtime)),
         "@ENVIRONMENT@": "\n".join(f"Environment={_quote(f'{k}={v}')}" for k, v in sorted(env.items())),
         "@DATA@": _quote(str(paths.data)),
         "@INBOX@": _quote(str(paths.inbox)),
         "@RUNTIME@": _quote(str(paths.runtime)),
-        "@HF_CACHE@": str(hf_cache) if " " not in str(hf_cache) else _quote(str(hf_cache)),
+        "@HF_CACHE@": _quote(str(hf_cache)),
     }
     for key, value in fields.items():
         text = text.replace(key, value)

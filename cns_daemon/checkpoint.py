@@ -49,11 +49,12 @@ def family(path: Path) -> str:
         shapes = _tensor_shapes(path)
     except Exception as exc:  # a cut or foreign file: safetensors and torch raise many kinds
         text = str(exc).strip()
-        if "Weights only load failed" in text:   # a pickle holding objects besides tensors
+        if "Unsupported global" in text:   # a pickle holding objects besides tensors
             raise ModelLoad(f"{path} holds Python objects besides its weights, and cones does not run "
                             "the code a .ckpt may carry.", "Use the model's .safetensors release, or "
                             "its diffusers folder.") from exc
-        reason = text.splitlines()[0].rstrip(".") if text else type(exc).__name__
+        reason = (type(exc).__name__ if not text or "Weights only load failed" in text
+                  else text.splitlines()[0].rstrip("."))   # torch's advice to unpickle is not ours
         raise ModelLoad(f"{path} cannot be read as a checkpoint: {reason}.",
                         "Check that the file is whole (its size against the download's) and is a "
                         "Stable Diffusion checkpoint.") from exc

@@ -100,8 +100,8 @@ def read_spec(folder: Path) -> FolderSpec:
         where = f"class in {CONFIG_FILE}" if given else f"the folder name's class ({name}.{dotted_class})"
         raise BadInput(f"{where} is {class_word!r}: a class word is what the concept is, in letters, "
                        "spaces or hyphens (up to 64), such as dog or coffee mug.",
-                       f'Rename the folder (e.g. {name}.dog) or write  class = "golden retriever"  in '
-                       f"{CONFIG_FILE}.")
+                       f'Write it as  class = "dog"  (or "golden retriever") in {CONFIG_FILE}.' if given
+                       else f"Rename the folder, e.g. to {name}.dog.")
     method = config.get("method")
     if method is not None and method not in METHODS:
         raise BadInput(f"Unknown method {method!r} in {CONFIG_FILE}.", f"Use one of: {', '.join(METHODS)}.")
@@ -175,9 +175,9 @@ def write_note(folder: Path, note: str, lines: list[str], signature: str) -> Non
     (folder / note).write_text("\n".join(lines), encoding="utf-8")
 
 
-def write_error(folder: Path, name: str, exc: ConesError, skipped: list[SkippedFile],
+def write_error(folder: Path, exc: ConesError, skipped: list[SkippedFile],
                 signature: str) -> None:
-    lines = [f"cones could not learn a concept from this folder ({name}).", "",
+    lines = [f"cones could not learn a concept from this folder ({folder.name}).", "",
              f"Why: {exc.message}", f"What to do: {exc.hint}", ""]
     if skipped:
         lines += ["Skipped files:"] + [f"  {s.file}: {s.reason}" for s in skipped] + [""]
@@ -345,18 +345,16 @@ class Inbox:
         new = sorted(loose - self._loose)
         if new:
             shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
-            log.warning("inbox: %s lie in the inbox itself and are not learned: put a concept's "
+            log.warning("inbox: %s %s in the inbox itself and %s not learned: put a concept's "
                         "photos in a folder of their own named after it, e.g. %s/rex.dog/",
-                        shown, self.root)
+                        shown, *(("lies", "is") if len(new) == 1 else ("lie", "are")), self.root)
         self._loose = loose
 
     def take(self, folder: Path) -> JobRecord | None:
         skipped: list[SkippedFile] = []
-        name = folder.name
         signature = inputs_signature(folder)   # before reading: a change meanwhile means a retry
         try:
             spec = read_spec(folder)
-            name = spec.name
             photos, skipped = read_photos(folder)
             job = self.service.submit_learn(spec.name, spec.class_word, spec.method, spec.steps,
                                             spec.seed, photos, skipped, source="inbox",
@@ -371,7 +369,7 @@ class Inbox:
                 return None
             log.warning("inbox folder %s: %s", folder.name, error.message)
             try:
-                write_error(folder, name, error, skipped, signature)
+                write_error(folder, error, skipped, signature)
             except OSError as note_exc:   # the inbox's disk is full too: do not retry in a loop
                 log.warning("inbox folder %s: cannot write its %s: %s", folder.name, ERROR_FILE, note_exc)
                 self._unwritable[folder.name] = signature
@@ -409,7 +407,7 @@ class Inbox:
                         write_cancelled(folder, name, job.id, signature)
                     else:
                         error = _as_error(job.error or {})
-                        write_error(folder, name, error,
+                        write_error(folder, error,
                                     [SkippedFile(**s) for s in job.request.get("skipped", [])], signature)
                 except OSError as exc:   # a full or read-only inbox: remembered instead, no loop
                     log.warning("inbox folder %s: cannot write its note: %s", folder.name, exc)

@@ -113,6 +113,8 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
             # A hub id ("org/name"): allowed for real users, never used by tests.
             hub = True
             pipe = StableDiffusionPipeline.from_pretrained(str(model), **_common_kwargs(place.dtype))
+        elif source.is_file():
+            raise ModelLoad(f"{source.absolute()} is not a .safetensors or .ckpt checkpoint.", FOLDER_HINT)
         else:
             raise ModelLoad(f"No model at {source.absolute()}.")
     except ModelLoad:

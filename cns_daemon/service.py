@@ -89,7 +89,7 @@ class Service:
                 self._stored(name)   # "not learned yet: job ... is learning it"
         self.engine.check_generate(req)
         if req.seed is None:   # "random", chosen now so the job (and a re-run after a crash) keeps it
-            req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
+            req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 2 - req.n)})   # seed + n - 1 fits
         return self.worker.submit("generate", req)
 
     def evaluate(self, req: EvalRequest) -> JobRecord:

@@ -102,7 +102,7 @@ def test_photos_dropped_in_the_inbox_itself_are_said_once(daemon):
     home, start = daemon
     d = start()
     loose = write_photos(home / "inbox", 2)   # loose, not in a concept's folder
-    said = lambda: [l for l in d.output().splitlines() if "lie in the inbox itself" in l]  # noqa: E731
+    said = lambda: [l for l in d.output().splitlines() if "in the inbox itself" in l]  # noqa: E731
     wait_until(lambda: all(p.name in " ".join(said()) for p in loose), what="log line")
     time.sleep(1.0)                   # several scans later: each file said once
     assert all(" ".join(said()).count(p.name) == 1 for p in loose) and "rex.dog/" in said()[0]

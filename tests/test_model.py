@@ -155,6 +155,13 @@ def test_checkpoints_of_other_families_or_none_are_refused_by_name(tmp_path):
     with pytest.raises(ModelLoad, match="Python objects besides its weights") as info:
         family(tmp_path / "old.ckpt")
     assert ".safetensors" in info.value.hint
+    (tmp_path / "noise.ckpt").write_bytes(bytes(range(256)) * 64)   # not a pickle at all
+    with pytest.raises(ModelLoad, match="cannot be read as a checkpoint") as info:
+        family(tmp_path / "noise.ckpt")
+    assert "whole" in info.value.hint and "Python objects" not in info.value.message
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ModelLoad, match="is not a .safetensors or .ckpt checkpoint"):
+        load_pipeline(tmp_path / "notes.txt", device="cpu")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(b"\0" * 16)
     with pytest.raises(ModelLoad, match="cannot be read as a checkpoint"):

@@ -94,3 +94,14 @@ def test_validation_errors_a_person_meets_read_as_words():
     with pytest.raises(ValidationError) as exc:
         GenerateRequest(prompt="a dog", n=0)
     assert describe_validation_error(exc.value).startswith("n: ")   # the rest keep pydantic's words
+
+
+def test_the_last_image_of_a_batch_has_a_seed_one_can_ask_for():
+    """Image k is drawn from seed + k: a batch whose last seed is past MAX_SEED is refused."""
+    from cns_daemon.api.protocol import MAX_SEED, describe_validation_error
+
+    GenerateRequest(prompt="x", seed=MAX_SEED - 2, n=3)
+    with pytest.raises(ValidationError) as info:
+        GenerateRequest(prompt="x", seed=MAX_SEED - 1, n=3)
+    said = describe_validation_error(info.value)
+    assert said.startswith("request: seed") and "image k is drawn from seed + k" in said, said

@@ -82,6 +82,9 @@ def test_cli_names_a_broken_config_file_and_a_folder_it_cannot_use(cones_home, m
     cfg.write_bytes("steps = 5\n".encode("utf-16"))   # Notepad's "Unicode"
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 2 and "is not UTF-8 text" in result.stderr, result.output
+    cfg.write_bytes("steps = 5\n".encode("utf-16-le"))   # no byte-order mark: NULs in "UTF-8"
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 2 and "is not UTF-8 text" in result.stderr, result.output
     cfg.write_bytes(b"\xef\xbb\xbfsteps = 5\n")   # UTF-8 with a byte-order mark
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 2 and "byte-order mark" in result.stderr, result.output

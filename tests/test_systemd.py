@@ -119,3 +119,17 @@ def test_sd_notify_messages(tmp_path):
     assert not quiet.enabled and not quiet.send("READY=1") and quiet.watchdog_interval is None
     other = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
     assert other.watchdog_interval is None   # the watchdog is for another process
+
+
+def test_percent_and_dollar_in_paths_reach_systemd_as_written(tmp_path, cones_home, monkeypatch):
+    """systemd reads %i as a specifier in every setting and expands $HOME in command lines: a
+    folder named with them must be written %% and $$ there (and %% alone elsewhere)."""
+    inbox = tmp_path / "100%in$HOME"
+    monkeypatch.setenv("CONES_INBOX_DIR", str(inbox))
+    unit, _ = _install(tmp_path, cones_home)
+    lines = unit.splitlines()
+    made = next(l for l in lines if l.startswith("ExecStartPre="))
+    assert str(inbox).replace("%", "%%").replace("$", "$$") in made
+    rw = next(l for l in lines if l.startswith("ReadWritePaths="))
+    assert "-" + str(inbox).replace("%", "%%") in rw.split("=", 1)[1].split()
+    assert f"Environment=CONES_INBOX_DIR={str(inbox).replace('%', '%%')}" in lines

@@ -32,7 +32,7 @@ from typing import Literal
 
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cns_daemon.api.errors import BadInput
 from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part of the protocol)
@@ -178,6 +178,14 @@ class GenerateRequest(Model):
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError(f"must be a number from 1 to {MAX_GUIDANCE_SCALE:g}")
         return v
+
+    @model_validator(mode="after")
+    def _seeds_in_range(self):
+        """Image k is drawn from seed + k: the last one must be a seed one can ask for too."""
+        if self.seed is not None and self.seed + self.n - 1 > MAX_SEED:
+            raise ValueError(f"seed {self.seed} with n {self.n} reaches seed {self.seed + self.n - 1}, "
+                             f"over {MAX_SEED} (image k is drawn from seed + k)")
+        return self
 
 
 class EvalRequest(Model):
@@ -349,5 +357,6 @@ def describe_validation_error(exc: Exception) -> str:
     for err in errors()[:3]:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
         friendly = FRIENDLY_ERRORS.get((loc[-1] if loc else "", err.get("type", "")))
-        parts.append(f"{'.'.join(loc) or 'request'}: {friendly or err.get('msg', 'invalid')}")
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")   # our own validators' words
+        parts.append(f"{'.'.join(loc) or 'request'}: {friendly or msg}")
     return "; ".join(parts)
