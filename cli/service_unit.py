@@ -40,10 +40,8 @@ def _quote(value: str, command: bool = False) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' if any(c in value for c in ' "\\') else value
 
 
-def render(settings: Settings) -> str:
-    if not TEMPLATE.is_file():
-        raise NotFound(f"The unit template {TEMPLATE} is missing.",
-                       "Install cones from its source folder (`pip install -e .`).")
+def unit_environment(settings: Settings) -> dict[str, str]:
+    """The unit's Environment= lines."""
     paths = settings.paths
     env = {"PYTHONUNBUFFERED": "1"}
     # What this shell's environment sets goes into the unit, resolved as this shell resolves it:
@@ -63,6 +61,15 @@ def render(settings: Settings) -> str:
             env[key] = str(path)
     if "CONES_MODEL" in env and Path(env["CONES_MODEL"]).expanduser().exists():
         env["CONES_MODEL"] = str(Path(env["CONES_MODEL"]).expanduser().absolute())
+    return env
+
+
+def render(settings: Settings) -> str:
+    if not TEMPLATE.is_file():
+        raise NotFound(f"The unit template {TEMPLATE} is missing.",
+                       "Install cones from its source folder (`pip install -e .`).")
+    paths = settings.paths
+    env = unit_environment(settings)
     hf_cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
     text = TEMPLATE.read_text()
     fields = {
@@ -126,7 +133,7 @@ def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
             f"Cannot write {where}: {exc.strerror or exc}.",
             "Give folders you can write to (CONES_HOME, the *_dir settings, --unit-dir).") from None
     say(f"wrote {unit}")
-    carried = sorted(k for k in os.environ if k.startswith("CONES_") and f"Environment={k}=" in text.replace('"', ""))
+    carried = sorted(k for k in unit_environment(settings) if k.startswith("CONES_") and k in os.environ)
     if carried:   # they win over config.toml: said, so a later edit there is not a surprise
         say(f"carried from this shell (they override config.toml; unset them and install again to "
             f"let config.toml decide): {', '.join(carried)}")
