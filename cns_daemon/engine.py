@@ -108,18 +108,17 @@ class Engine:
         the store to them, rebuild the resident concepts."""
         import torch
 
-        from cns_daemon.model import base_fingerprint, fingerprint
+        from cns_daemon.model import base_fingerprints
 
         t0 = time.monotonic()
         self.pipe = pipe
         # Before any concept is written; resident methods key their bookkeeping by the same digest.
-        fp = base_fingerprint(pipe)
+        fp, *older = base_fingerprints(pipe)
         self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
                                dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
-        # Stores and exports made before the digest read bf16 carry the fp32-bytes one: of this
-        # load, and (what a bf16 load of the model gave) of its weights rounded to bf16.
+        # Stores and exports made before the digest read bf16 carry one of its older forms.
         self.store.bind(fp, {"model": _model_name(self.settings.model), "dtype": self.info.dtype},
-                        aliases=[fingerprint(pipe, exact=True), fingerprint(pipe, exact=True, as_bf16=True)])
+                        aliases=older)
         from cns_daemon.memory import in_effect, prepare_generation
 
         self.memory = self._memory_options()

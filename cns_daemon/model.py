@@ -228,46 +228,65 @@ def _architecture(config) -> dict:
             if not k.startswith("_") and k not in _VOLATILE_KEYS}
 
 
-def fingerprint(pipe, exact: bool = False, as_bf16: bool = False) -> str:
-    """A stable digest of what the concept records depend on: the model configs, the
-    cross-attention K/V weights and the token embeddings. Identical for two loads of the same
-    model; a change to those weights that bf16 can represent changes it. Excluded: weights
-    concepts never touch.
+# The digest's forms: the current one reads the weights at bf16 precision ("bf16"); stores and
+# exports made before carry the fp32 bytes of the weights as loaded ("fp32"), and a bf16 load of
+# the model gave the fp32 bytes of its weights rounded to bf16 ("fp32-of-bf16").
+DIGEST_FORMS = ("bf16", "fp32", "fp32-of-bf16")
 
-    The weights are read at bf16 precision, so one model file loaded in fp32 (the CPU) and in
-    bf16 (a GPU, `device = "auto"`) gives one digest and one store serves both: rounding fp32 to
-    bf16 is what the bf16 load itself does. (An fp32 file loaded in fp16 still differs: fp16
-    rounds first, and its range is smaller.)
 
-    `exact` is the digest stores and exports made before carry (fp32 bytes of the weights as
-    loaded), accepted as the same model's (`ConceptStore.bind` aliases); with `as_bf16` too, of
-    the weights rounded to bf16 first: what that digest was for a bf16 load of this model."""
-    h = hashlib.sha256()
-    for part in (pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config):
-        h.update(json.dumps(_architecture(part), sort_keys=True, default=str).encode())
+def fingerprints(pipe, forms: tuple[str, ...] = DIGEST_FORMS) -> tuple[str, ...]:
+    """A stable digest of what the concept records depend on, in each of `forms`, read in one pass
+    over the weights: the model configs, the cross-attention K/V weights and the token
+    embeddings. Identical for two loads of the same model; a change to those weights that bf16
+    can represent changes it. Excluded: weights concepts never touch.
+
+    The current form reads the weights at bf16 precision, so one model file loaded in fp32 (the
+    CPU) and in bf16 (a GPU, `device = "auto"`) gives one digest and one store serves both:
+    rounding fp32 to bf16 is what the bf16 load itself does. (An fp32 file loaded in fp16 still
+    differs: fp16 rounds first, and its range is smaller.) The two older forms are accepted as
+    the same model's (`ConceptStore.bind` aliases)."""
+    unknown = set(forms) - set(DIGEST_FORMS)
+    if unknown:
+        raise ValueError(f"unknown digest forms {sorted(unknown)}")
+    hashers = {form: hashlib.sha256() for form in forms}
+    head = b"".join(json.dumps(_architecture(part), sort_keys=True, default=str).encode()
+                    for part in (pipe.unet.config, pipe.text_encoder.config.to_dict(), pipe.vae.config))
     tensors = dict(sorted(kv_weights(pipe.unet).items()))
     tensors["text.token_embedding"] = pipe.text_encoder.get_input_embeddings().weight
+    for h in hashers.values():
+        h.update(head)
     for name, t in tensors.items():
-        h.update(name.encode())
         t = t.detach().to("cpu")
+        rounded = t.to(torch.bfloat16) if {"bf16", "fp32-of-bf16"} & hashers.keys() else None
         # hashlib reads the array's buffer directly: no copy of (for SD 1.5) ~230 MB in fp32.
-        if exact:
-            t = (t.to(torch.bfloat16) if as_bf16 else t).to(torch.float32)
-        else:
-            t = t.to(torch.bfloat16).view(torch.int16)
-        h.update(t.contiguous().numpy())
-    return h.hexdigest()[:32]
+        views = {"bf16": lambda: rounded.view(torch.int16),
+                 "fp32": lambda: t.to(torch.float32),
+                 "fp32-of-bf16": lambda: rounded.to(torch.float32)}
+        for form, h in hashers.items():
+            h.update(name.encode())
+            h.update(views[form]().contiguous().numpy())
+    return tuple(hashers[form].hexdigest()[:32] for form in forms)
+
+
+def fingerprint(pipe) -> str:
+    """The current digest of the weights as they are now (`fingerprints`)."""
+    return fingerprints(pipe, ("bf16",))[0]
 
 
 _BASE_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def base_fingerprints(pipe) -> tuple[str, ...]:
+    """`fingerprints` of the base weights in every form, taken on the first call for this
+    pipeline and kept: that call must come before any concept is written into the weights (the
+    engine makes it at start-up, a resident method's bookkeeping when it is created). Stores and
+    class-image caches are keyed by the first (current) form."""
+    fps = _BASE_FINGERPRINTS.get(pipe.unet)
+    if fps is None:
+        fps = _BASE_FINGERPRINTS[pipe.unet] = fingerprints(pipe)
+    return fps
+
+
 def base_fingerprint(pipe) -> str:
-    """`fingerprint` of the base weights, taken on the first call for this pipeline and kept:
-    that call must come before any concept is written into the weights (the engine makes it at
-    start-up, a resident method's bookkeeping when it is created). Stores and class-image caches
-    are keyed by it."""
-    fp = _BASE_FINGERPRINTS.get(pipe.unet)
-    if fp is None:
-        fp = _BASE_FINGERPRINTS[pipe.unet] = fingerprint(pipe)
-    return fp
+    """The current form of `base_fingerprints`."""
+    return base_fingerprints(pipe)[0]

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from cns_daemon.api.errors import ModelLoad
-from cns_daemon.model import build_tiny_pipeline, fingerprint, kv_weights, load_pipeline
+from cns_daemon.model import build_tiny_pipeline, fingerprint, fingerprints, kv_weights, load_pipeline
 from cns_daemon.tokenizer import clip_tokenizer
 
 
@@ -45,18 +45,24 @@ def test_fingerprint_survives_save_and_load_and_sees_weight_changes(tmp_path, fr
 
 
 def test_fingerprint_is_one_for_a_model_loaded_in_fp32_or_bf16(fresh_tiny_pipe, tiny_pipe):
-    """One model file on the CPU (fp32) and on a GPU (bf16): one store serves both. The exact
+    """One model file on the CPU (fp32) and on a GPU (bf16): one store serves both. The fp32
     digest (what stores made before carry) tells them apart."""
     bf16 = fresh_tiny_pipe
     bf16.unet.to(torch.bfloat16)
     bf16.text_encoder.to(torch.bfloat16)
     assert fingerprint(bf16) == fingerprint(tiny_pipe)
-    assert fingerprint(bf16, exact=True) != fingerprint(tiny_pipe, exact=True)
+    current, fp32, fp32_of_bf16 = fingerprints(tiny_pipe)
+    assert current == fingerprint(tiny_pipe)
+    assert fingerprints(bf16, ("fp32",))[0] != fp32
     # what an earlier cones stamped on a bf16 load, computed from the fp32 load (an alias)
-    assert fingerprint(tiny_pipe, exact=True, as_bf16=True) == fingerprint(bf16, exact=True)
+    assert fingerprints(bf16, ("fp32",))[0] == fp32_of_bf16
+    # each form read alone is the one read beside the others
+    assert fingerprints(tiny_pipe, ("fp32-of-bf16", "fp32")) == (fp32_of_bf16, fp32)
     with torch.no_grad():   # a change bf16 can see is still seen
         next(iter(kv_weights(bf16.unet).values())).view(-1)[0] += 0.05
     assert fingerprint(bf16) != fingerprint(tiny_pipe)
+    with pytest.raises(ValueError, match="unknown digest forms"):
+        fingerprints(tiny_pipe, ("fp16",))
 
 
 def _tiny_sd_configs(tmp_path, pipe):

@@ -107,10 +107,10 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     code, out = cones("import", str(alien))
     assert code == EXIT_CODES[ErrorCode.MODEL_MISMATCH], out
     # exported by an earlier cones, whose digest read the weights' fp32 bytes: this model's
-    from cns_daemon.model import build_tiny_pipeline, fingerprint
+    from cns_daemon.model import build_tiny_pipeline, fingerprints
     older = tmp_path / "older.safetensors"
     older.write_bytes(encode(dataclasses.replace(record, meta=dataclasses.replace(
-        record.meta, name="older", fingerprint=fingerprint(build_tiny_pipeline(seed=0), exact=True)))))
+        record.meta, name="older", fingerprint=fingerprints(build_tiny_pipeline(seed=0), ("fp32",))[0]))))
     code, out = cones("import", str(older))
     assert code == 0, out
     assert json.loads(cones("show", "older", "--json")[1])["fingerprint"] == b["fingerprint"]
