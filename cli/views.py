@@ -140,6 +140,15 @@ def concept_problems(concepts: Iterable[ConceptInfo]) -> list[str]:
     return lines + list(dict.fromkeys(c.hint for c in bad if c.hint))
 
 
+def photos_text(c: ConceptInfo) -> str:
+    """How many photos it was learned from, and where some are not in this store's archive
+    (an imported concept's stayed in the store it came from): `cones eval` needs them."""
+    if c.photos_archived is None or c.photos_archived >= c.photos:
+        return str(c.photos)
+    held = "none" if c.photos_archived == 0 else f"{c.photos_archived}"
+    return f"{c.photos} ({held} in this store's photo archive)"
+
+
 def concept_table(c: ConceptInfo) -> Table:
     table = Table(title=f"<{c.name}>", show_header=False)
     table.add_column("field", style="bold")
@@ -147,7 +156,7 @@ def concept_table(c: ConceptInfo) -> Table:
     rows = ([("state", f"{STATE_LABELS.get(c.state, c.state)}: {escape(c.problem)} {escape(c.hint)}")]
             if c.state != "ok" else [])
     rows += [("method", c.method or "?"), ("class", c.class_word), ("token", c.token or "-"),
-            ("photos", str(c.photos)), ("size", human_size(c.size_bytes)),
+            ("photos", photos_text(c)), ("size", human_size(c.size_bytes)),
             ("neurons", f"{c.neurons:,}"), ("overlap", overlap_text(c.overlap)),
             ("learned with", ", ".join(f"{k} {v}" for k, v in c.learned_with.items()) or "-"),
             ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created)) if c.created else "-"),

@@ -41,10 +41,12 @@ class EngineInfo:
 
 
 def concept_info(meta: ConceptMeta, overlap: Overlap, size_bytes: int,
-                 problem: ConesError | None = None) -> ConceptInfo:
-    """`overlap.total` is the store's count of the concept's neurons (mask + delta indices)."""
+                 problem: ConesError | None = None, archived: int | None = None) -> ConceptInfo:
+    """`overlap.total` is the store's count of the concept's neurons (mask + delta indices);
+    `archived` how many of its photos the archive holds."""
     return ConceptInfo(name=meta.name, method=meta.method, class_word=meta.class_word,
                        token=meta.token, created=meta.created, photos=len(meta.photo_digests),
+                       photos_archived=archived,
                        size_bytes=size_bytes, neurons=int(overlap.total),
                        overlap=dict(overlap.shared_with), fingerprint=meta.fingerprint,
                        metrics={k: v for k, v in meta.metrics.items()
@@ -272,13 +274,16 @@ class Engine:
         from cns_daemon.methods.data import load_photo   # upright, 8-bit: as the methods saw them
 
         records = {n: self._get(n) for n in req.names}
+        # An imported concept's photos stayed in the store it was learned in (`cones show` says
+        # how many are here): it is compared with those this archive holds, and needs one.
+        held = {n: [d for d in r.meta.photo_digests if self.archive.has(d)] for n, r in records.items()}
+        for name, digests in held.items():
+            if not digests:
+                raise NotFound(f"Concept {name!r} has no photos in this store's archive to compare with.",
+                               "Evaluate it in the store it was learned in, or learn it again here from "
+                               "its photos (an exported concept carries no photos).")
         scorer = load_scorer(req.clip, req.clip_weights)   # ModelLoad / Unavailable, typed
-        photos = {}
-        for name, record in records.items():
-            photos[name] = [load_photo(self.archive.path(d)) for d in record.meta.photo_digests]
-            if not photos[name]:
-                raise NotFound(f"Concept {name!r} has no archived photos to compare with.",
-                               "Learn it again from its photos (imported concepts carry none).")
+        photos = {n: [load_photo(self.archive.path(d)) for d in digests] for n, digests in held.items()}
         prompts = list(req.prompts) if req.prompts else default_prompts()
         options = {k: v for k, v in (("steps", req.steps),) if v is not None}
         report = ProgressReporter(progress, "eval", len(prompts))
@@ -441,7 +446,8 @@ class Engine:
         except Corrupt as exc:   # damage found while listing: remembered like start-up's
             self.problems.setdefault(meta.name, exc)
             overlap, size = Overlap(), 0
-        return concept_info(meta, overlap, size, self.problems.get(meta.name))
+        archived = sum(self.archive.has(d) for d in meta.photo_digests)
+        return concept_info(meta, overlap, size, self.problems.get(meta.name), archived)
 
     def record(self, name: str) -> ConceptRecord:
         return self._get(name)

@@ -70,3 +70,32 @@ def test_eval_errors_are_typed(cones, tmp_path):
     wordy.write_text("a photo of {} " + "on a very long sunny beach " * 16 + "\n")
     code, out, err = cones("eval", "rex", "--prompts", str(wordy), "--clip-weights", str(missing))
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "tokens long" in err, out + err
+
+
+def test_a_concept_whose_photos_are_elsewhere_says_so(cones, tmp_path):
+    """An imported concept's photos stay in the store it was learned in: `cones show` says how
+    many this store holds, and `cones eval` refuses it by name before CLIP is loaded."""
+    import dataclasses
+
+    from cns_daemon.transfer import decode, encode
+
+    exported = tmp_path / "rex.safetensors"
+    assert cones("export", "rex", "-o", str(exported))[0] == 0
+    record = decode(exported.read_bytes())
+    elsewhere = tmp_path / "far.safetensors"
+    elsewhere.write_bytes(encode(dataclasses.replace(record, meta=dataclasses.replace(
+        record.meta, name="far", photo_digests=["ab" * 32, "cd" * 32, record.meta.photo_digests[0]]))))
+    code, out, err = cones("import", str(elsewhere))
+    assert code == 0, out + err
+    doc = json.loads(cones("show", "far", "--json")[1])
+    assert (doc["photos"], doc["photos_archived"]) == (3, 1)
+    assert json.loads(cones("show", "rex", "--json")[1])["photos_archived"] == 3
+    assert "3 (1 in this store's photo archive)" in cones("show", "far")[1]
+    none_here = tmp_path / "none.safetensors"
+    none_here.write_bytes(encode(dataclasses.replace(record, meta=dataclasses.replace(
+        record.meta, name="none", photo_digests=["ef" * 32]))))
+    assert cones("import", str(none_here))[0] == 0
+    assert "1 (none in this store's photo archive)" in cones("show", "none")[1]
+    code, out, err = cones("eval", "none", "--clip-weights", str(tmp_path / "no-clip"))
+    assert code == EXIT_CODES[ErrorCode.NOT_FOUND], out + err
+    assert "no photos in this store's archive" in " ".join(err.split())

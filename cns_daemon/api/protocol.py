@@ -275,7 +275,10 @@ class ConceptInfo(Model):
     class_word: str
     token: str
     created: float
-    photos: int
+    photos: int                       # what it was learned from
+    # of those, how many this store's archive holds (an imported concept's are in the store it
+    # came from); None from a service that does not say
+    photos_archived: int | None = None
     size_bytes: int
     neurons: int                      # weight elements this concept touches (0 for cones2)
     overlap: dict[str, int] = Field(default_factory=dict)
