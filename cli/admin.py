@@ -105,6 +105,8 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
                   f"at {paths.store}.", highlight=False)
     for name, why in lost.items():
         console.print(f"[red]left behind[/] <{name}>: {why}", highlight=False)
+        console.print(_relearn_text(name, done.lost.get(name), paths.archive), highlight=False,
+                      markup=False, soft_wrap=True)
     if done.check.damaged_jobs:
         console.print(f"{len(done.check.damaged_jobs)} damaged jobs were left behind.", highlight=False)
     if done.check.ok:
@@ -112,6 +114,25 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
     else:
         console.print(f"The damaged store is kept at {done.kept_at}; learn the lost concepts again "
                       "from their photos.", highlight=False)
+
+
+def _relearn_text(name: str, known, archive_root) -> str:
+    """How to learn a concept salvage left behind again: the command with its archived photos,
+    where its metadata or its learn job still says which they were."""
+    import shlex
+
+    from cns_daemon.archive import Archive
+
+    archive = Archive(archive_root)
+    held = [archive.path(d) for d in (known.photo_digests if known else []) if archive.has(d)]
+    if not held:
+        return (f"  Which photos <{name}> was learned from is not known here (or they are not in "
+                f"{archive_root}): learn it again from your photos of it.")
+    missing = len(known.photo_digests) - len(held)
+    class_word = known.class_word or "CLASS"
+    words = ["cones", "add", name, *map(str, held), "--class", class_word]
+    note = f" ({missing} of its photos are not in the archive)" if missing else ""
+    return f"  Its photos are in the archive{note}; to learn it again:\n    {shlex.join(words)}"
 
 
 def _check_lines(report) -> list[str]:

@@ -37,11 +37,21 @@ class CheckReport:
 
 
 @dataclass
+class LostConcept:
+    """What is known of a concept salvage could not copy, to learn it again: its class and the
+    digests of the photos it was learned from (from its metadata when that still reads, else
+    from the latest learn job that made it; empty when neither does)."""
+    class_word: str = ""
+    photo_digests: list[str] = field(default_factory=list)
+
+
+@dataclass
 class SalvageReport:
     check: CheckReport
     copied: list[str]
     jobs_copied: int
     kept_at: str      # where the damaged store now is
+    lost: dict[str, LostConcept] = field(default_factory=dict)
 
 
 def _names(store: ConceptStore, report: CheckReport) -> list[str]:
@@ -109,12 +119,32 @@ def salvage(path: Path) -> SalvageReport:
             copied.append(name)
         new.forget(report.damaged)
         keys, _ = old.scan_keys("jobs")
+        learns = []
         for key in keys:
             job_id = key.decode(errors="replace")
             if job_id not in report.damaged_jobs:
-                new.put_job(old.get_job(job_id))
+                job = old.get_job(job_id)
+                new.put_job(job)
                 jobs += 1
+                learns += [job] if job.kind == "learn" and job.state == "done" else []
+        lost = {name: _what_is_known(old, name, learns) for name in report.damaged}
     kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
     path.rename(kept)
     fresh.rename(path)
-    return SalvageReport(report, copied, jobs, str(kept))
+    return SalvageReport(report, copied, jobs, str(kept), lost)
+
+
+def _what_is_known(old: ConceptStore, name: str, learns: list) -> LostConcept:
+    """A damaged concept's class and photos: its metadata is a record of its own, often whole
+    when its values are not; otherwise the newest finished learn of that name says them."""
+    try:
+        meta = old.meta(name)
+        if meta.photo_digests:
+            return LostConcept(meta.class_word, list(meta.photo_digests))
+    except ConesError:
+        pass
+    for job in sorted(learns, key=lambda j: j.created, reverse=True):
+        req = job.request
+        if req.get("name") == name and req.get("photo_digests"):
+            return LostConcept(str(req.get("class_word", "")), [str(d) for d in req["photo_digests"]])
+    return LostConcept()

@@ -195,6 +195,65 @@ def test_damaged_concept_is_removed_and_its_name_is_free_again(home, tmp_path, m
     assert _states(cones) == {"mug": "ok", "rex": "ok"}
 
 
+def test_salvage_says_how_to_learn_a_lost_concept_again_from_its_archived_photos(home, tmp_path, monkeypatch):
+    """A concept salvage cannot copy is named with the command that learns it again from its
+    archived photos: from its metadata when that reads, else from the learn job that made it."""
+    import shlex
+
+    h, started = home
+    cones = cli_in_process(h, monkeypatch)
+    started.append(start_daemon(h))
+    photos = [str(p) for p in write_photos(tmp_path / "rex", 3)]
+    assert cones("add", "rex", *photos, "--class", "dog", "--steps", "2")[0] == 0
+    assert cones("add", "mug", *photos[:2], "--class", "mug", "--steps", "2")[0] == 0
+    started.pop().kill(signal.SIGTERM)
+    store_dir = h / "data" / "store"
+    damage_value(store_dir, "concepts", b"rex")   # its metadata: the learn job says its photos
+    with ConceptStore.open(store_dir) as store:   # the test double stores no values: give mug one
+        meta = store.meta("mug")
+        store.put(ConceptRecord(meta, deltas={"k": SparseDelta(np.arange(64, dtype=np.int64),
+                                                               np.ones(64, np.float16), (8, 8))}),
+                  replace=True)
+    damage_value(store_dir, "deltas", _a_value_of(store_dir, b"mug"))   # its metadata still reads
+    with ConceptStore.open(store_dir, create=False, readonly=True) as store:   # both routes are taken
+        assert store.meta("mug").photo_digests
+        with pytest.raises(Exception, match="damaged"):
+            store.meta("rex")
+
+    code, out, err = cones("store", "salvage")
+    assert code == 0, out + err
+    text = " ".join(out.split())
+    assert "left behind <rex>" in text and "left behind <mug>" in text, out
+    commands = [line.strip() for line in out.splitlines() if line.strip().startswith("cones add ")]
+    by_name = {shlex.split(c)[2]: shlex.split(c) for c in commands}
+    assert set(by_name) == {"rex", "mug"}, out
+    for name, n, class_word in (("rex", 3, "dog"), ("mug", 2, "mug")):
+        words = by_name[name]
+        assert words[-2:] == ["--class", class_word]
+        archived = words[3:-2]
+        assert len(archived) == n and all(Path(p).is_file() for p in archived)
+        assert all(str(h / "data") in p for p in archived)
+    # the command it printed works: the concept is back
+    started.append(start_daemon(h))
+    assert cones(*by_name["rex"][1:], "--steps", "2")[0] == 0
+    assert _states(cones) == {"rex": "ok"}
+
+
+def _a_value_of(store_dir: Path, name: bytes) -> bytes:
+    """The key of one of a concept's deltas."""
+    from store.overlap import SEP
+
+    env = lmdb.open(str(store_dir), readonly=True, lock=False, max_dbs=16)
+    try:
+        with env.begin() as txn:
+            with txn.cursor(env.open_db(b"deltas", txn=txn, create=False)) as cur:
+                if cur.set_range(name + SEP) and bytes(cur.key()).startswith(name + SEP):
+                    return bytes(cur.key())
+    finally:
+        env.close()
+    raise AssertionError(f"no values stored for {name!r}")
+
+
 # -- items 2 and 3: a bad page; check and salvage ------------------------------------------------------
 
 
