@@ -112,7 +112,7 @@ def check_negative_prompt(negative_prompt: str | None, tokenizer, guidance_scale
         check_length(tokenizer, negative_prompt, "negative prompt")
 
 
-NATIVE_TIMES = 4   # the largest side generated, in multiples of the model's own
+NATIVE_TIMES = 4   # sides generated: from the model's own over this to the model's own times this
 
 
 def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
@@ -127,10 +127,13 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     if h % step or w % step or h < step or w < step:
         raise BadInput(f"Image size {w}x{h} is not a positive multiple of {step} pixels.",
                        f"Use width and height divisible by {step}.")
-    most = NATIVE_TIMES * default
+    most, least = NATIVE_TIMES * default, max(step, default // NATIVE_TIMES)
     if max(h, w) > most:
         raise BadInput(f"Image size {w}x{h} is over {most} px a side, {NATIVE_TIMES} times what this "
-                       f"model draws ({default} px).", f"Use sides up to {most} px.")
+                       f"model draws ({default} px).", f"Use sides from {least} to {most} px.")
+    if min(h, w) < least:   # a few latent cells: noise, not a small picture
+        raise BadInput(f"Image size {w}x{h} is under {least} px a side, a {NATIVE_TIMES}th of what "
+                       f"this model draws ({default} px).", f"Use sides from {least} to {most} px.")
     return h, w
 
 

@@ -176,3 +176,19 @@ def test_non_square_guided_generation(tiny_pipe):
     images = generate(tiny_pipe, "<pot> on the sand", recs, ["pot=0.5,0,1,0.5"], steps=2,
                       height=32, width=48, guidance=GuidanceConfig(weight=0.5))
     assert images[0].size == (48, 32)
+
+
+def test_image_sides_are_bounded_both_ways_around_the_models_own():
+    """SD 1.5's shape (64 latent cells × 8): sides from 128 to 2,048 px, multiples of 8."""
+    from types import SimpleNamespace
+
+    from cns_daemon.generate import image_size
+
+    sd15 = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(sample_size=64)), vae_scale_factor=8)
+    assert image_size(sd15, None, None) == (512, 512)
+    assert image_size(sd15, 128, 2048) == (128, 2048)
+    for h, w, words in ((120, 512, "under 128 px a side"), (512, 64, "under 128 px a side"),
+                        (2056, 512, "over 2048 px a side"), (500, 512, "multiple of 8")):
+        with pytest.raises(BadInput, match=words) as info:
+            image_size(sd15, h, w)
+        assert "8" in info.value.hint
