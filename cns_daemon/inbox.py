@@ -44,6 +44,7 @@ from cns_daemon.api.protocol import (CLASS_PATTERN, FINAL_STATES, MAX_SEED, Skip
                                      describe_validation_error, learn_steps)
 from cns_daemon.api.names import METHODS, validate_name
 from cns_daemon.worker import CANCELLED_AT_STOP, CRASH_REASON
+from store.env import file_identity
 from store.records import JobRecord
 
 log = logging.getLogger(__name__)
@@ -322,7 +323,7 @@ class Inbox:
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             with self._lock:
                 if folder.name in self._in_flight:
-                    if self._idents.get(folder.name) == _ident(folder):
+                    if self._idents.get(folder.name) == file_identity(folder):
                         self._moved.pop(folder.name, None)   # renamed back: it is here again
                     continue
                 candidate = self._renamed_from(folder)
@@ -419,14 +420,14 @@ class Inbox:
 
     def _remember(self, folder: Path) -> None:
         """Note which directory an in-flight folder is, to know it again if it is renamed."""
-        ident = _ident(folder)
+        ident = file_identity(folder)
         if ident is not None:
             self._idents[folder.name] = ident
 
     def _renamed_from(self, folder: Path) -> tuple[str, str] | None:
         """(in-flight folder name, its job id) when `folder` is the same directory under another
         name. Called with the lock."""
-        ident = _ident(folder)
+        ident = file_identity(folder)
         for name, known in self._idents.items():
             job_id = self._in_flight.get(name)
             if ident is not None and known == ident and name != folder.name and job_id:
@@ -469,14 +470,6 @@ class Inbox:
             make_private(dest)   # in the data folder now: as private as the rest of it
         else:
             shutil.rmtree(folder)
-
-
-def _ident(folder: Path) -> tuple[int, int] | None:
-    try:
-        st = folder.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def taken_photos(folder: Path, job: JobRecord) -> Iterator[tuple[Path, str]]:

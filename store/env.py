@@ -79,7 +79,9 @@ class _SharedLock:
                 self._cond.notify_all()
 
 
-def _identity(file: Path) -> tuple[int, int] | None:
+def file_identity(file: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file or folder, None when it is gone: a path removed or replaced
+    since is told apart from the one seen (the store's data file, an inbox folder)."""
     try:
         st = file.stat()
     except OSError:
@@ -108,7 +110,7 @@ class Env:
             raise Unavailable(f"Cannot open the concept store at {self.path}: {str(exc).rstrip('.')}.",
                               "Check the folder's permissions and free disk space.") from None
         self.readonly = readonly
-        self._file = _identity(self.path / "data.mdb")   # to notice the folder removed under us
+        self._file = file_identity(self.path / "data.mdb")   # to notice the folder removed under us
         self._lock = _SharedLock()
         self._writer = threading.Lock()
         self.dbs: dict[str, lmdb._Database] = {}
@@ -145,7 +147,7 @@ class Env:
         full, the transaction is aborted, the map doubled and `fn` run again from scratch."""
         if self.readonly:
             raise Internal("Write to a store opened read-only.")
-        if _identity(self.path / "data.mdb") != self._file:
+        if file_identity(self.path / "data.mdb") != self._file:
             # The store's folder was removed (or replaced) while it was open: LMDB would go on
             # writing into the unlinked file, and everything learned would vanish at the restart.
             raise Storage(f"The concept store at {self.path} was removed or replaced while the "
