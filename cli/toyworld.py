@@ -13,6 +13,7 @@ import typer
 
 from cli.views import handled, output_folder
 from cns_daemon.api.errors import BadInput, NotFound
+from cns_daemon.api.protocol import MAX_SEED
 
 toyworld_app = typer.Typer(help="The toy world: render synthetic photos, read them with the probe.",
                            no_args_is_help=True)
@@ -29,8 +30,9 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
                           "No caption ever names it."),
            background: Optional[str] = typer.Option(
                None, help="white | grass | sand | sky | snow (default: varies per photo)"),
-           n: int = typer.Option(4, "-n", min=1, max=10_000, help="How many photos."),
-           seed: int = typer.Option(0, help="Same seed, same photos."),
+           # photo i of seed s is drawn with s*1000+i: more than 1,000 would repeat seed s+1's
+           n: int = typer.Option(4, "-n", min=1, max=1000, help="How many photos (1-1000)."),
+           seed: int = typer.Option(0, min=0, max=MAX_SEED, help=f"Same seed, same photos (0 to {MAX_SEED})."),
            out: Path = typer.Option(..., "-o", "--out", help="Folder for NNN.png + NNN.txt (caption)."),
            force: bool = typer.Option(False, "--force", help="Replace the photos a folder already holds.")) -> None:
     """Write photos of one object (a 'personal concept') with sidecar captions.
@@ -39,6 +41,9 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
     never the tilt)."""
     from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
 
+    if background is not None and not background.strip():
+        raise BadInput("--background is blank.", "Name one (white, grass, sand, sky, snow), or leave it "
+                       "out for backgrounds that vary per photo.")
     try:
         obj = ObjectSpec(shape, color, pattern, second_color, tilt)
         photos = render_concept_photos(obj, n, seed, background=background)

@@ -248,7 +248,10 @@ def test_cli_render_rejects_bad_attributes(tmp_path):
 
     for bad in (["--pattern", "stripes"],                                  # no second colour
                 ["--pattern", "stripes", "--second-color", "blue", "--tilt", "up"],
-                ["--tilt", "diagonal"]):                                  # solid has no tilt
+                ["--tilt", "diagonal"],                                   # solid has no tilt
+                ["--background", " "],                                    # blank is not "varies"
+                ["--seed", "-1"],
+                ["-n", "1001"]):                 # photo 1000 of seed 0 would be photo 0 of seed 1
         result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",
                                           *bad, "-o", str(tmp_path / "x")])
         assert result.exit_code == 2, (bad, result.output)  # BadInput

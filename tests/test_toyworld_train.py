@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
 import torch
 
 from cns_daemon.model import TOYWORLD_MODEL, load_pipeline
@@ -44,3 +45,17 @@ def test_the_learning_rate_anneals_by_steps_or_by_the_wall_time_budget():
     assert abs(lr_at(999, cfg) - 0.05e-3) < 2e-6
     # half the steps but the whole budget spent: already at the floor
     assert abs(lr_at(500, cfg, time_frac=1.0) - 0.05e-3) < 1e-9
+
+
+def test_the_training_command_names_its_folder_and_replaces_none_unasked(tmp_path, capsys):
+    """Run bare, it once overwrote the shipped fixture; now --out is required and a folder that
+    exists is refused at once, before any training, unless --force."""
+    from cns_daemon.toyworld.train import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2 and "--out" in capsys.readouterr().err
+    (tmp_path / "m").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "m"), "--unet-steps", "1"])
+    assert exit_.value.code == 2 and "--force" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Train the toy-world fixture model: `python -m cns_daemon.toyworld.train [--out DIR]`.
+"""Train the toy-world fixture model: `python -m cns_daemon.toyworld.train --out DIR`.
 
 Reproducible (fixed seed; data rendered from that seed) and sized for a 2-core CPU in under an
 hour. Stages, all in one run:
@@ -15,7 +15,7 @@ hour. Stages, all in one run:
      Half the two-object captions say "on the left ... on the right", the other half only
      "A and B" in either order, so a prompt without sides still draws both objects and where
      they go is left to the noise (or to layout boxes).
-     Only the ~50 token rows the captions use are trained (vocab.CompactEmbedding); the other
+     Only the token rows the captions use (37) are trained (vocab.CompactEmbedding); the other
      rows are then drawn from the trained rows' statistics, so a concept's rare token starts
      where words live.
      `--merge-look P` (off by default; the shipped fixture was trained without it) gives a share
@@ -426,7 +426,11 @@ def run(cfg: TrainConfig, out: Path, resume: bool = False) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=TOYWORLD_MODEL)
+    p.add_argument("--out", type=Path, required=True, help=(
+        "the folder to write the model to (the shipped fixture is "
+        f"{TOYWORLD_MODEL.relative_to(Path(__file__).parents[2])}: replacing it changes every "
+        "figure in docs/tuning.md)"))
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--resume", action="store_true", help="continue from <out>.work checkpoints")
     for name, value in asdict(TrainConfig()).items():
         if isinstance(value, tuple):
@@ -434,7 +438,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(p.parse_args(argv))
-    out, resume = args.pop("out"), args.pop("resume")
+    out, resume, force = args.pop("out"), args.pop("resume"), args.pop("force")
+    if out.exists() and not force:   # said now, not after an hour of training
+        p.error(f"{out} exists; give --force to replace it, or another --out")
     for name, value in asdict(TrainConfig()).items():
         if isinstance(value, tuple):
             args[name] = tuple(args[name])
