@@ -6,8 +6,8 @@
 - ti: textual inversion, only the concept's token embedding, same loss and budget.
 
 Both take their hyper-parameters from CNS's dataclass (`CNSParams`: steps, lr, lr_token,
-lambda_prior, prior_images, prior_batch, prior_steps, variants), so "same budget" holds by
-construction; CNS-only fields (top_p, λ₁, λ₂) are ignored. Their records are CNS-shaped
+lambda_prior, prior_images, prior_batch, prior_steps, variants, and the token's), so "same
+budget" holds by construction; CNS-only fields (top_p, λ₁, λ₂, scope, masks) are refused. Their records are CNS-shaped
 (`deltas` + `embeddings`; naive's delta covers every K/V position, ti's none), tagged with
 `hparams["baseline"]`, and live on the pipeline through the CNS layer stack exactly like CNS
 concepts: learn leaves the concept applied (sequential fine-tuning keeps what it did),
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cns_daemon.api.errors import BadInput
 from cns_daemon.memory import loop_context
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
@@ -28,6 +29,21 @@ from cns_daemon.methods.cns.layers import stack_for
 from store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 BASELINES = ("naive", "ti")
+# The CNSParams fields a baseline reads. The others (selection, scope, masks, the background's
+# handling) are CNS's own: given to a baseline they are refused, not accepted and ignored.
+READS = frozenset({"steps", "lr", "lr_token", "lambda_prior", "prior_images", "prior_batch",
+                   "prior_steps", "variants", "token", "vectors", "token_init"})
+
+
+def parse_options(name: str, options: dict, steps: int | None = None) -> CNSParams:
+    """A baseline's hyper-parameters: CNS's defaults, `options` over them (only fields it reads);
+    BadInput for any other."""
+    unread = sorted(set(options) - READS)
+    if unread:
+        raise BadInput(f"The {name} baseline does not read {', '.join(map(repr, unread))}.",
+                       f"It reads: {', '.join(sorted(READS - {'steps'}))} (and the steps).")
+    # The baselines write their values into the weights (scope `all`), as they are published.
+    return C.parse_options(CNSParams, {**options, "scope": "all"}, steps)
 
 
 class BaselineMethod:
@@ -38,8 +54,7 @@ class BaselineMethod:
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None = None,
               cancel: CancelToken | None = None, previous: list | None = None) -> ConceptRecord:
-        # The baselines write their values into the weights (scope `all`), as they are published.
-        hp = C.parse_options(CNSParams, {**spec.options, "scope": "all"}, spec.steps)
+        hp = parse_options(self.name, spec.options, spec.steps)
         prep = prepare(pipe, photos, spec, hp, progress, cancel)
         stack = stack_for(pipe)
         weights = stack.params if self.kv else {}

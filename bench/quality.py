@@ -40,7 +40,7 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,8 +48,8 @@ import torch
 from bench._cells import (Generator, MethodResult, measure_base, mixed_composition, placement_sweep,
                           run_method)
 from bench._world import CAPTIONS, Concept, Judge, make_concepts, prompt_background
+from cns_daemon.api.errors import BadInput
 from cns_daemon.api.names import METHODS as PRODUCT
-from cns_daemon.toyworld.fidelity import DEFAULT_GUIDANCE
 
 METHODS = (*PRODUCT, "naive", "ti")   # the product's methods and the two baselines
 MIXED = ("cns+cones2", "cones+cones2")  # the issue's mixed-method compositions
@@ -62,7 +62,7 @@ class QualityConfig:
     photos: int = 4
     generations: int = 32           # images per cell (per concept, per plain-prompt set, per pair)
     gen_steps: int = 20             # DDIM steps per generation
-    cfg_scale: float = DEFAULT_GUIDANCE   # what the toy-world model is measured with
+    cfg_scale: float | None = None  # CFG; None: the model's own (its cones.json), as generation uses
     guidance_weight: float | None = None  # layout guidance w; None: GuidanceConfig's default
     guidance_suppress: str | None = None  # layout guidance suppress; None: GuidanceConfig's default
     seed: int = 0
@@ -102,10 +102,36 @@ def method_for(name: str):
     return get_method(name)
 
 
+def check_methods(cfg: QualityConfig, set_for: set[str] = frozenset()) -> None:
+    """Method names and their options, refused (BadInput) before the base model's measurement
+    takes its minutes, not found one method at a time after it. `set_for`: the methods --set
+    names, each of which must be run."""
+    from cns_daemon.methods import common as C
+
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown or not cfg.methods:
+        raise BadInput(f"Unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}.",
+                       f"Use some of: {', '.join(METHODS)}.")
+    unused = sorted(set(set_for) - set(cfg.methods))
+    if unused:
+        raise BadInput(f"--set for {', '.join(unused)}, not in --methods.", "Add it to --methods, or drop the --set.")
+    for name in cfg.methods:
+        options, steps = cfg.options.get(name, {}), cfg.steps.get(name)
+        if name in ("naive", "ti"):
+            from bench.baselines import parse_options
+
+            parse_options(name, options, steps)
+        else:
+            C.parse_options(method_for(name).Params, options, steps)
+
+
 # --- running --------------------------------------------------------------------------------------
 
 def _generator(pipe, cfg: QualityConfig, weight: float | None = None) -> Generator:
-    return Generator(pipe, cfg.gen_steps, cfg.cfg_scale,
+    from cns_daemon.model import recommended_guidance
+
+    scale = recommended_guidance(pipe) if cfg.cfg_scale is None else cfg.cfg_scale
+    return Generator(pipe, cfg.gen_steps, scale,
                      cfg.guidance_weight if weight is None else weight, cfg.guidance_suppress)
 
 
@@ -123,6 +149,10 @@ def run(cfg: QualityConfig, judge: Judge | None = None, log=print) -> dict:
         (work / "photos").mkdir()
         concepts = make_concepts(cfg.concepts, cfg.photos, cfg.seed, work / "photos", cfg.captions)
         base_pipe = load_model(cfg)
+        if cfg.cfg_scale is None:   # the model's own, recorded with the figures it gave
+            from cns_daemon.model import recommended_guidance
+
+            cfg = replace(cfg, cfg_scale=recommended_guidance(base_pipe))
         base = measure_base(base_pipe, _generator(base_pipe, cfg), judge, concepts, cfg.generations,
                             cfg.seed)
         log(f"base model: fidelity {_mean(base.fidelity):.3f}, plain prompts {base.prior:.3f} "
@@ -295,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
                              "or background (each says its photo's scene, not the look)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=VALUE")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="CFG scale (default: the model's own, from its cones.json)")
     parser.add_argument("--guidance-weight", type=float, default=None, help="layout guidance w")
     parser.add_argument("--guidance-suppress", default=None, choices=("others", "outside"),
                         help="layout guidance: where a concept is held off (default: GuidanceConfig's)")
@@ -306,11 +338,16 @@ def main(argv: list[str] | None = None) -> None:
     steps, options = parse_sets(args.set)
     kw = dict(methods=tuple(m for m in args.methods.split(",") if m), concepts=args.concepts,
               seed=args.seed, steps=steps, options=options, model=args.model, tiny=args.tiny,
+              cfg_scale=args.guidance_scale,
               guidance_weight=args.guidance_weight, guidance_suppress=args.guidance_suppress,
               captions=args.captions)
     if args.generations is not None:
         kw["generations"] = args.generations
     cfg = QualityConfig.quick(**kw) if args.quick else QualityConfig(**kw)
+    try:
+        check_methods(cfg, set(steps) | set(options))
+    except BadInput as exc:
+        parser.error(f"{exc.message} {exc.hint or ''}".strip())
     if args.placement_sweep:
         pipe = load_model(cfg)
         rates = placement_sweep(pipe, lambda w: _generator(pipe, cfg, w), Judge(),

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from cns_daemon.methods.common.tokens import MAX_VECTORS
-from cns_daemon.model import TOYWORLD_MODEL, load_pipeline
+from cns_daemon.model import TOYWORLD_MODEL, load_pipeline, recommended_guidance
 from cns_daemon.toyworld.fidelity import (DEFAULT_GUIDANCE, DEFAULT_STEPS, attribute_distribution,
                                           entropy_bits, generate_batch, look_fidelity,
                                           named_look_cases, plain_prompt_cases, prompt_fidelity,
@@ -113,11 +113,13 @@ def textual_inversion(pipe, probe: Probe, n: int, steps: int, guidance: float, s
             "learn_s": learn_s}
 
 
-def run(n_prompts: int, n_pairs: int, n_pattern: int, steps: int, guidance: float,
+def run(n_prompts: int, n_pairs: int, n_pattern: int, steps: int, guidance: float | None,
         ti: bool = True, model: Path = TOYWORLD_MODEL, ti_vectors: tuple[int, ...] = (1, 3)) -> dict:
+    """`guidance` None: the scale the model's cones.json recommends, as generation uses."""
     probe = Probe.load()
     acc = accuracy(probe)
     pipe = load_pipeline(model, device="cpu")
+    guidance = recommended_guidance(pipe) if guidance is None else guidance
 
     def batch(cases):
         return generate_batch(pipe, [c.prompt for c in cases], [c.seed for c in cases],
@@ -239,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pattern-samples", type=int, default=64,
                    help=f"images of '{UNNAMED_PROMPT}' (and of the textual-inversion concept)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"CFG scale (default: the model's own, from its cones.json; {DEFAULT_GUIDANCE:g} "
+                        "for the shipped fixture)")
     p.add_argument("--no-ti", action="store_true", help="leave out the textual-inversion rows")
     p.add_argument("--ti-vectors", default="1,3",
                    help="token vectors of the textual-inversion rows, comma-separated (1: as published)")

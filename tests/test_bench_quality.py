@@ -100,6 +100,23 @@ def test_parse_sets():
         quality.parse_sets(["bogus.steps=3"])
 
 
+def test_methods_and_options_are_checked_before_anything_runs(capsys, monkeypatch):
+    """A mistyped method or option ends the bench at once with its usage error (exit 2), before
+    the base model's measurement: it was found after it, one method at a time, and exited 0."""
+    monkeypatch.setattr(quality, "run", lambda *a, **k: pytest.fail("the bench ran"))
+    for argv, words in ((["--methods", "cnss,cns"], "Unknown method(s) 'cnss'"),
+                        (["--methods", "cns", "--set", "cns.bogus=1"], "Unknown option(s) 'bogus'"),
+                        (["--methods", "cns", "--set", "cns.lr=-1"], "'lr' must be > 0"),
+                        (["--methods", "ti", "--set", "ti.scope=concept"], "ti baseline does not read 'scope'"),
+                        (["--methods", "naive", "--set", "naive.top_p=2"], "does not read 'top_p'"),
+                        (["--methods", "cns", "--set", "ti.vectors=3"], "--set for ti, not in --methods")):
+        with pytest.raises(SystemExit) as exit_:
+            quality.main(["--tiny", "--quick", *argv])
+        assert exit_.value.code == 2 and words in capsys.readouterr().err, argv
+    cfg = quality.QualityConfig.quick(methods=("ti",), options={"ti": {"vectors": 3, "token_init": "class"}})
+    quality.check_methods(cfg, {"ti"})   # what a baseline reads passes (and quick's cones2 steps are no --set)
+
+
 @pytest.mark.parametrize("baseline", [NAIVE, TEXTUAL_INVERSION], ids=lambda b: b.name)
 def test_baseline_touches_what_it_claims_and_comes_off(fresh_tiny_pipe, tmp_path, baseline):
     pipe = fresh_tiny_pipe
