@@ -213,7 +213,7 @@ def status_table(s: StatusInfo) -> Table:
     for k, v in (("version", f"{s.version} (protocol {s.protocol})"), ("pid", str(s.pid)),
                  ("uptime", f"{s.uptime_s:.0f} s"), ("model", s.model),
                  ("device", f"{s.device} / {s.dtype}"), ("memory", ", ".join(s.memory) or "-"),
-                 ("fingerprint", s.fingerprint),
+                 ("fingerprint", s.fingerprint), ("default method", s.method or "-"),
                  ("concepts", _concept_count(s)), ("running", running), ("queued", str(s.queue.queued)),
                  ("socket", s.socket), ("data", s.data),
                  ("inbox", s.inbox + ("" if s.inbox_watched else " (not watched)"))):

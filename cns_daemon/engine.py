@@ -223,6 +223,7 @@ class Engine:
         record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
         record.meta.photo_digests = list(job.photo_digests)
         record.meta.hparams["options_given"] = dict(job.options)   # `cones show`: what was asked
+        record.meta.hparams.setdefault("seed", job.seed)   # every method's concept says its seed
         record.meta.fingerprint = self.info.fingerprint
         try:
             cancel.check()   # a cancel that arrived during the last step still wins
@@ -230,7 +231,10 @@ class Engine:
         except BaseException:
             method.unlearn(self.pipe, job.name)   # a resident method left it live; not kept
             raise
-        return JobResult(concept=job.name)
+        note = record.meta.metrics.get("note")
+        return JobResult(concept=job.name, seed=job.seed, metrics={
+            "neurons": int(self.store.overlap(job.name).total), "size_bytes": self.store.size_of(job.name),
+            **({"note": str(note)} if note else {})})
 
     def generate(self, req: GenerateRequest, out_dir: Path, progress: ProgressFn,
                  cancel: CancelToken) -> JobResult:

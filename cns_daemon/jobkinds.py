@@ -83,7 +83,7 @@ KINDS: dict[str, Kind] = {
                      interleaved=True),
     "eval": Kind(EvalRequest, 8, _eval, _eval_summary),
     "remove": Kind(RemoveJob, 5, _remove, lambda r: f"remove <{r.name}>"),
-    "import": Kind(ImportJob, 5, _import, lambda r: "import concept"),
+    "import": Kind(ImportJob, 5, _import, lambda r: f"import <{r.name}>" if r.name else "import concept"),
 }
 assert set(KINDS) == set(get_args(JobKind)), "every protocol JobKind has one row"
 INTERLEAVED = tuple(k for k, v in KINDS.items() if v.interleaved)

@@ -114,7 +114,7 @@ class Service:
         self._check_name_free(record.name, imported=True)
         staged = self.paths.data / "imports" / f"{uuid.uuid4().hex}.safetensors"
         atomic_write(staged, data)   # a full disk leaves no cut file behind
-        return self.worker.submit("import", ImportJob(staged=str(staged)))
+        return self.worker.submit("import", ImportJob(staged=str(staged), name=record.name))
 
     def export(self, name: str) -> bytes:
         from cns_daemon.transfer import encode
@@ -183,6 +183,7 @@ class Service:
             model=info.model, device=info.device, dtype=info.dtype, fingerprint=info.fingerprint,
             concepts=len(self.store.names()), damaged=health["damaged"],
             not_rebuilt=health["not_rebuilt"], memory=getattr(self.engine, "memory_in_effect", []),
+            method=self.settings.method,
             queue=QueueInfo(queued=len(self.worker.queued()),
                             running=self.worker.info(running) if running else None))
 

@@ -37,6 +37,8 @@ def test_eval_scores_are_reported_and_stored(cones, clip_folder, tmp_path):
     code, out, err = cones("add", "rex", *map(str, photos), "--class", "dog", "--method", "cones2",
                            "--steps", "2")
     assert code == 0, out + err
+    # Cones 2 records its training seed as the other methods do (`show`'s "learned with")
+    assert json.loads(cones("show", "rex", "--json")[1])["learned_with"] == {"steps": 2, "seed": 0}
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\na photo of {}\n{} on the beach\n")
     code, out, err = cones("eval", "rex", "-n", "2", "--steps", "2", "--prompts", str(prompts),

@@ -121,6 +121,7 @@ def test_status_json_has_paths_model_and_queue(cones, daemon):
     assert s["data"] == str(daemon.home / "data") and s["inbox"] == str(daemon.home / "inbox")
     assert (s["model"], s["device"], s["dtype"]) == ("fake", "cpu", "float32")
     assert s["fingerprint"] == "f" * 32 and s["queue"]["queued"] >= 0 and s["pid"] == daemon.proc.pid
+    assert s["method"] == "cns"   # what `cones add` without --method learns with
 
 
 def test_typed_errors_and_exit_codes(cones, tmp_path):

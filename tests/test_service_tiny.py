@@ -71,12 +71,16 @@ def test_cli_and_inbox_then_generate_with_boxes(cones, daemon, tmp_path):
 def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     photos = write_photos(tmp_path / "star", 3, seed=80)
     code, out = cones("add", "star", *map(str, photos), "--class", "star", "--method", "cns", "--steps", "2",
-                      "--option", "prior_images=0")
+                      "--option", "prior_images=0", "--seed", "3", "--json")
     assert code == 0, out
+    result = json.loads(out)["result"]   # what the human line says, in the document too
+    assert result["concept"] == "star" and result["seed"] == 3
+    assert result["metrics"]["neurons"] > 0 and result["metrics"]["size_bytes"] > 0
     code, before = cones("show", "star", "--json")
-    assert json.loads(before)["learned_with"] == {"steps": 2, "seed": 0, "prior_images": 0}
+    assert json.loads(before)["learned_with"] == {"steps": 2, "seed": 3, "prior_images": 0}
+    assert json.loads(before)["neurons"] == result["metrics"]["neurons"]
     code, shown = cones("show", "star")
-    assert "steps 2, seed 0, prior_images 0" in shown, shown
+    assert "steps 2, seed 3, prior_images 0" in shown, shown
     exported = tmp_path / "star.safetensors"
     code, out = cones("export", "star", "-o", str(exported))
     assert code == 0 and exported.stat().st_size > 0, out
@@ -95,6 +99,7 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     assert cones("show", "star")[0] == EXIT_CODES[ErrorCode.NOT_FOUND]
     code, out = cones("import", str(exported))
     assert code == 0, out
+    assert "import <star>" in [j["summary"] for j in json.loads(cones("jobs", "--json")[1])]
     code, after = cones("show", "star", "--json")
     a, b = json.loads(after), json.loads(before)
     assert {k: a[k] for k in ("method", "class_word", "token", "photos", "fingerprint", "learned_with")} == \

@@ -224,6 +224,7 @@ class RemoveJob(Model):
 
 class ImportJob(Model):
     staged: str   # path of the uploaded file inside the data folder
+    name: str = ""   # the concept it holds, for `cones jobs` (a job of an older version: none)
 
 
 # ---------------------------------------------------------------- responses
@@ -245,8 +246,9 @@ class JobResult(Model):
     concept: str | None = None
     images: list[str] = Field(default_factory=list)
     contact_sheet: str | None = None
-    seed: int | None = None           # generate: the seed used (the service picks one if none was given)
-    metrics: dict[str, float | int | str] | None = None   # eval: clip_i, clip_t, n_images …
+    seed: int | None = None           # generate: the seed used (the service picks one if none was given); learn: its seed
+    # eval: clip_i, clip_t, n_images …; learn: neurons, size_bytes (and a note, if any)
+    metrics: dict[str, float | int | str] | None = None
 
 
 class JobInfo(Model):
@@ -317,6 +319,7 @@ class StatusInfo(Model):
     damaged: int = 0                  # concepts whose bytes cannot be read
     not_rebuilt: int = 0              # readable concepts that cannot be used on this model
     memory: list[str] = Field(default_factory=list)   # memory options acting on this device
+    method: str = ""                  # what a learn uses when it names none (the `method` setting)
     queue: QueueInfo
 
 
