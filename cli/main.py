@@ -23,9 +23,9 @@ from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
                        status_table, write_file)
-from cns_daemon.api.errors import BadInput, ConesError, Conflict, Interrupted, Unavailable
+from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, Interrupted, Unavailable
 from cns_daemon.api.names import validate_name
-from cns_daemon.archive import sidecar_caption
+from cns_daemon.archive import sidecar_caption, sniff
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
                                      MAX_PHOTOS, ErrorBody, TOO_MANY_HINT, AddRequest, EvalRequest,
                                      GenerateRequest, JobInfo, Photo, too_many_photos)
@@ -138,12 +138,15 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
     validate_name(name)   # the friendly words, before the photos are read
     if len(photos) > MAX_PHOTOS:
         raise BadInput(too_many_photos(name, len(photos)), TOO_MANY_HINT)
-    items = []
+    items, not_photos = [], []
     for p in photos:
         if p.is_dir():
             raise BadInput(f"{p} is a directory, not a photo.", f"Give the photos in it, e.g. {p}/*.jpg.")
         if not p.is_file():
             raise BadInput(f"No such file: {p}.", "Give paths of photo files.")
+        if (why := sniff(p)) is not None:   # not sent (a video can be gigabytes): said here
+            not_photos.append(why)
+            continue
         caption = sidecar_caption(p)
         if caption is not None and len(caption) > MAX_PROMPT_CHARS:
             raise BadInput(f"The caption {p.with_suffix('.txt')} has {len(caption)} characters, over "
@@ -156,12 +159,14 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         method = mine.method
     if steps is None and "steps" in mine.model_fields_set:   # --steps 0 is refused, not "default"
         steps = mine.steps
+    if not items:
+        raise BadPhoto(f"No usable photo for {name!r}: " + "; ".join(f"{s.file}: {s.reason}" for s in not_photos) + ".")
     req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
                  seed=seed, photos=items, options=dict(_option(o) for o in option))
     with client() as c:
         job = c.add(req)
-        for s in job.skipped:
-            err_console.print(f"[yellow]skipped[/] {s.file}: {s.reason}")
+        for s in not_photos + job.skipped:
+            err_console.print(f"[yellow]skipped[/] {escape(s.file)}: {escape(s.reason)}", highlight=False)
         if no_wait:
             print_json(job) if as_json else console.print(f"Queued job {job.id}: {job.summary}")
             return

@@ -38,8 +38,17 @@ CHECK_DECODE_SIDE = 1024  # JPEGs are decoded at the smallest DCT scale at least
 SAME_PICTURE = 3.0
 SAME_PICTURE_MAX = 40
 THUMB_SIDE = 16
-ACCEPTED_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif",
-                    "TIFF": ".tif"}
+# MPO is a JPEG with extra pictures after the first (a phone's preview or depth map): PIL names
+# it apart, and its first picture is the photo.
+ACCEPTED_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", "BMP": ".bmp",
+                    "GIF": ".gif", "TIFF": ".tif"}
+# A photo wider than this many times its height (or taller) is refused: the methods train on a
+# centre square, which of a 4000 x 50 strip is 1 % of it.
+MAX_ASPECT = 3.0
+# Containers PIL cannot open, told by their header (ISO base media `ftyp` brands), so the reason
+# says what the file is and what to do instead of "not an image".
+HEIF_BRANDS = {b"heic": "HEIC", b"heix": "HEIC", b"hevc": "HEIC", b"heim": "HEIC", b"heis": "HEIC",
+               b"mif1": "HEIF", b"msf1": "HEIF", b"avif": "AVIF", b"avis": "AVIF"}
 
 
 @dataclass(frozen=True)
@@ -52,24 +61,49 @@ class CheckedPhoto:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, 8 bits a channel. 16-bit greyscale (PNG, TIFF) opens as an integer mode whose
-    values PIL's convert() clips at 255 (a white photo): scaled down instead."""
+    """RGB, 8 bits a channel, as an image viewer shows it. 16-bit greyscale (PNG, TIFF) opens as
+    an integer mode whose values PIL's convert() clips at 255 (a white photo): scaled down
+    instead. Transparent pixels are laid on white (convert() keeps whatever colour they hide:
+    a cut-out's removed background, or black)."""
     if img.mode.startswith("I"):
         import numpy as np   # here: the CLI imports this module and starts without numpy
 
         values = np.asarray(img).astype(np.float64)
-        if values.max() > 255:
+        if img.mode.startswith("I;16") or values.max() > 255:
             values = values / 257.0
         img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("RGB")
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The photo turned as its EXIF orientation tag says (a phone's "rotate"). A tag PIL cannot
+    parse (malformed maker data, as some cameras write) leaves the photo as stored."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:   # noqa: BLE001 - struct.error, KeyError, TypeError ... from EXIF parsing
+        return img
+
+
+def not_an_image(head: bytes) -> str:
+    """Why a file PIL cannot open is skipped, from its first bytes."""
+    brand = HEIF_BRANDS.get(head[8:12]) if head[4:8] == b"ftyp" else None
+    if brand in ("HEIC", "HEIF"):
+        return (f"a {brand} photo, which cones cannot read; export it as JPEG (on an iPhone: "
+                "Settings > Camera > Formats > Most Compatible)")
+    if brand:
+        return f"unsupported image format {brand}; export it as JPEG or PNG"
+    return "not an image"
 
 
 def thumbnail(img: Image.Image) -> bytes:
     """The picture as the methods see it (upright, 8-bit RGB), shrunk to THUMB_SIDE² pixels."""
-    upright = ImageOps.exif_transpose(img)
-    if upright.mode in ("1", "P"):   # PIL shrinks these by picking pixels, not averaging them
-        upright = upright.convert("RGB")
-    return to_rgb(upright.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)).tobytes()
+    upright_ = upright(img)
+    if upright_.mode in ("1", "P"):   # PIL shrinks these by picking pixels, not averaging them
+        upright_ = to_rgb(upright_)
+    return to_rgb(upright_.resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)).tobytes()
 
 
 def same_picture(a: bytes, b: bytes) -> bool:
@@ -104,6 +138,8 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning etc.
+            with Image.open(io.BytesIO(data)) as img:   # checksums (a PNG's), as the learn will
+                img.verify()
             with Image.open(io.BytesIO(data)) as img:   # reads the header only
                 fmt = img.format or ""
                 width, height = img.size
@@ -115,7 +151,7 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
                 img.load()  # decodes every byte: truncated files fail here
                 thumb = thumbnail(img)
     except UnidentifiedImageError:
-        return SkippedFile(file=filename, reason="not an image")
+        return SkippedFile(file=filename, reason=not_an_image(data[:16]))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return SkippedFile(file=filename, reason=f"damaged or truncated image ({exc})")
     if fmt not in ACCEPTED_FORMATS:
@@ -123,7 +159,29 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
     if min(width, height) < MIN_SIDE:
         return SkippedFile(file=filename,
                            reason=f"too small ({width}x{height}; at least {MIN_SIDE}x{MIN_SIDE})")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return SkippedFile(file=filename, reason=(
+            f"too {'wide' if width > height else 'tall'} ({width}x{height}; the methods learn a "
+            f"centre square, so crop it around the object, at most {MAX_ASPECT:g} times as long as wide)"))
     return CheckedPhoto(filename, data, ACCEPTED_FORMATS[fmt], caption, thumb)
+
+
+def sniff(path: Path) -> SkippedFile | None:
+    """Why a file is not read at all: its header is no image PIL opens (a phone's video, a
+    document). Read before the whole file is: a 3 GB video in an inbox folder cost the service
+    3 GB of memory to be told it is not a photo."""
+    try:
+        if Path(path).stat().st_size == 0:
+            return None   # check_photo says "empty file"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path):   # the header only
+                return None
+    except UnidentifiedImageError:
+        with open(path, "rb") as f:
+            return SkippedFile(file=Path(path).name, reason=not_an_image(f.read(16)))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None   # an image with a problem: check_photo reads it and says which
 
 
 def check_photos(items: list[tuple[str, bytes, str | None]]) -> tuple[list[CheckedPhoto], list[SkippedFile]]:

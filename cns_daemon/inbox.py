@@ -38,7 +38,7 @@ from typing import Iterator
 
 from pydantic import ValidationError
 
-from cns_daemon.archive import CheckedPhoto, check_photos, make_private, sidecar_caption
+from cns_daemon.archive import CheckedPhoto, check_photos, make_private, sidecar_caption, sniff
 from cns_daemon.api.errors import BadInput, ConesError, storage_error
 from cns_daemon.api.protocol import (CLASS_PATTERN, FINAL_STATES, MAX_SEED, SkippedFile,
                                      describe_validation_error, learn_steps)
@@ -157,12 +157,13 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
     captions = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in stems}
     candidates = [p for p in files if p.name != CONFIG_FILE and p not in captions.values()]
+    not_images = {p: why for p in candidates if (why := sniff(p)) is not None}
     good, skipped = check_photos([(p.name, p.read_bytes(),
                                    sidecar_caption(captions[p.stem]) if p.stem in captions else None)
-                                  for p in candidates])
+                                  for p in candidates if p not in not_images])
     broken = sorted(p.name for p in folder.iterdir() if p.is_symlink() and not p.exists())
-    return good, skipped + [SkippedFile(file=n, reason="a link to a file that is not there")
-                            for n in broken]
+    return good, skipped + list(not_images.values()) + [
+        SkippedFile(file=n, reason="a link to a file that is not there") for n in broken]
 
 
 def write_note(folder: Path, note: str, lines: list[str], signature: str) -> None:
@@ -455,7 +456,11 @@ class Inbox:
         return True
 
     def _clear(self, folder: Path, job: JobRecord) -> None:
-        """Learned: photos are in the archive, so they go; anything else is moved aside."""
+        """Learned: photos are in the archive, so they go; anything else is moved aside. A
+        folder that is a link to one elsewhere is the person's own: only the link goes."""
+        if folder.is_symlink():
+            folder.unlink()
+            return
         if not folder.is_dir():
             return
         archive = self.service.archive

@@ -357,3 +357,23 @@ def test_one_service_watches_an_inbox_folder(daemon):
             second.kill(15)
     finally:
         shutil.rmtree(other_home, ignore_errors=True)
+
+
+def test_a_linked_folder_is_learned_and_only_the_link_goes(daemon, tmp_path):
+    """An inbox folder that is a link to the person's own photo folder: learned, then the link
+    is removed; the photos it points to stay where they are, as they were (they were deleted,
+    chmodded and their folder moved before)."""
+    home, start = daemon
+    own = tmp_path / "my photos"
+    write_photos(own, 3)
+    (own / "notes.md").write_text("mine")
+    before = {p.name: (p.read_bytes(), p.stat().st_mode) for p in own.iterdir()}
+    d = start()
+    link = home / "inbox" / "rex.dog"
+    link.symlink_to(own, target_is_directory=True)
+    with Client(d.socket) as c:
+        wait_until(lambda: next((j for j in _learn_jobs(c, "rex") if j.state == "done"), None),
+                   timeout=30, what="rex learned from the linked folder")
+        assert c.concept("rex").photos == 3
+    wait_until(lambda: not link.is_symlink(), what="the link removed")
+    assert {p.name: (p.read_bytes(), p.stat().st_mode) for p in own.iterdir()} == before

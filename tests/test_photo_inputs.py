@@ -193,3 +193,88 @@ def test_a_learn_trains_on_the_captions_its_own_request_gave(tmp_path, monkeypat
         engine.learn(job, None, CancelToken())
     assert seen["captions"] == ["a dog on the beach", None]
     store.close()
+
+
+def _checked(data: bytes, name: str = "p.png"):
+    from cns_daemon.archive import check_photo
+
+    return check_photo(name, data)
+
+
+def test_photos_as_phones_and_editors_write_them(tmp_path):
+    """MPO (a JPEG with a preview after it) is a JPEG; a nearly black 16-bit image stays dark;
+    transparent parts come out white, not the colour they hide; an EXIF block PIL cannot parse
+    leaves the photo as stored instead of failing the request."""
+    from cns_daemon.archive import CheckedPhoto
+
+    base = Image.new("RGB", (64, 64), (40, 160, 40))
+    mpo = _encoded(base, "MPO", save_all=True, append_images=[base.resize((32, 32))])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    checked = _checked(mpo, "phone.jpg")
+    assert isinstance(checked, CheckedPhoto) and checked.suffix == ".jpg"
+    (tmp_path / "phone.jpg").write_bytes(mpo)
+    assert load_photo(tmp_path / "phone.jpg").size == (64, 64)
+
+    dark = np.full((64, 64), 195, dtype=np.uint16)   # of 65535: all but black
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    assert np.asarray(load_photo(tmp_path / "dark.png")).max() <= 1
+
+    cut = np.zeros((64, 64, 4), dtype=np.uint8)
+    cut[..., :3] = (40, 160, 40)                      # grass under the cut-away part
+    cut[16:48, 16:48] = (200, 20, 20, 255)            # the object, opaque
+    Image.fromarray(cut, "RGBA").save(tmp_path / "cut.png")
+    rgb = np.asarray(load_photo(tmp_path / "cut.png"))
+    assert (rgb[0, 0] == 255).all() and tuple(rgb[32, 32]) == (200, 20, 20)
+    palette = Image.fromarray(cut, "RGBA").convert("P")   # a transparent palette index
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    palette.save(tmp_path / "cut_p.png", transparency=palette.getpixel((0, 0)))
+    assert (np.asarray(load_photo(tmp_path / "cut_p.png"))[0, 0] == 255).all()
+
+    import struct
+
+    from PIL import ImageOps
+
+    def unparsable(img, *a, **k):   # what PIL does with some cameras' maker data (struct.error)
+        raise struct.error("required argument is not an integer")
+
+    exif = base.getexif()
+    exif[0x0112] = 6
+    (tmp_path / "odd.jpg").write_bytes(_encoded(base, "JPEG", exif=exif))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ImageOps, "exif_transpose", unparsable)
+        assert isinstance(_checked((tmp_path / "odd.jpg").read_bytes(), "odd.jpg"), CheckedPhoto)
+        assert load_photo(tmp_path / "odd.jpg").size == (64, 64)   # as stored
+
+
+def test_files_that_are_no_usable_photo_say_why(tmp_path):
+    """A PNG whose checksum is wrong is refused when it is given (it failed the learn later,
+    named by its archive hash); a HEIC photo is named as one; a strip is refused; a video is
+    skipped without being read whole."""
+    import struct
+    import zlib
+
+    from cns_daemon.archive import SkippedFile, sniff
+
+    png = bytearray(_encoded(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG"))
+    idat = png.find(b"IDAT")
+    length = struct.unpack(">I", png[idat - 4:idat])[0]
+    crc_at = idat + 4 + length
+    assert struct.unpack(">I", png[crc_at:crc_at + 4])[0] == zlib.crc32(png[idat:crc_at])
+    png[crc_at] ^= 0xFF
+    skipped = _checked(bytes(png), "crc.png")
+    assert isinstance(skipped, SkippedFile) and "damaged" in skipped.reason and skipped.file == "crc.png"
+
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+    reason = _checked(heic, "IMG_0001.HEIC").reason
+    assert "HEIC" in reason and "JPEG" in reason
+    assert "AVIF" in _checked(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 64, "a.avif").reason
+
+    strip = _checked(_encoded(Image.new("RGB", (400, 40)), "PNG"), "strip.png")
+    assert isinstance(strip, SkippedFile) and "too wide (400x40" in strip.reason
+    assert not isinstance(_checked(_encoded(Image.new("RGB", (96, 32)), "PNG")), SkippedFile)
+
+    video = tmp_path / "IMG_0002.MOV"
+    video.write_bytes(b"\x00\x00\x00\x14ftypqt  " + b"\x00" * 4096)
+    assert sniff(video).reason == "not an image"
+    (tmp_path / "photo.png").write_bytes(_encoded(Image.new("RGB", (64, 64)), "PNG"))
+    assert sniff(tmp_path / "photo.png") is None

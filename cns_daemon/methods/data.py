@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from cns_daemon.api.errors import BadInput, BadPhoto
-from cns_daemon.archive import sidecar_caption, to_rgb
+from cns_daemon.archive import sidecar_caption, to_rgb, upright as turned
 
 MIN_SIDE = 32
 
@@ -52,7 +52,7 @@ def load_photo(path: Path) -> Image.Image:
             if k < 1:   # JPEG decodes at a reduced scale right away (never below the target)
                 img.draft(img.mode, (math.ceil(w * k), math.ceil(h * k)))
             img.load()      # decodes every byte: a truncated file fails here
-            upright = ImageOps.exif_transpose(img)   # a phone's "rotate" tag, honoured
+            upright = turned(img)   # a phone's "rotate" tag, honoured
             if min(upright.size) > KEEP_SHORT_SIDE:
                 upright.thumbnail((KEEP_SHORT_SIDE * max(upright.size) // min(upright.size),) * 2,
                                   Image.Resampling.LANCZOS)
