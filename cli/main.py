@@ -24,8 +24,8 @@ from cli.views import (concept_problems, concept_table, concepts_table, console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
                        status_table, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, Interrupted, Unavailable
-from cns_daemon.api.names import validate_name
-from cns_daemon.archive import sidecar_caption, sniff
+from cns_daemon.api.names import validate_new_name
+from cns_daemon.archive import caption_file, sidecar_caption, sniff
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
                                      MAX_PHOTOS, ErrorBody, TOO_MANY_HINT, AddRequest, EvalRequest,
                                      GenerateRequest, JobInfo, Photo, too_many_photos)
@@ -135,7 +135,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         no_wait: bool = typer.Option(False, "--no-wait", help="Queue the job and return."),
         as_json: bool = JSON) -> None:
     """Learn a concept from photos (a photo.txt beside photo.jpg is its caption, as in the inbox)."""
-    validate_name(name)   # the friendly words, before the photos are read
+    validate_new_name(name)   # the friendly words, before the photos are read
     if len(photos) > MAX_PHOTOS:
         raise BadInput(too_many_photos(name, len(photos)), TOO_MANY_HINT)
     items, not_photos = [], []
@@ -149,7 +149,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
             continue
         caption = sidecar_caption(p)
         if caption is not None and len(caption) > MAX_PROMPT_CHARS:
-            raise BadInput(f"The caption {p.with_suffix('.txt')} has {len(caption)} characters, over "
+            raise BadInput(f"The caption {caption_file(p)} has {len(caption)} characters, over "
                            f"{MAX_PROMPT_CHARS}.", "Shorten it: a sentence saying what the photo shows.")
         items.append(_model(Photo, filename=p.name, data=p.read_bytes(), caption=caption))
     # Left out, the method and steps are the service's settings, unless this command's own

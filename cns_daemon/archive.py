@@ -113,11 +113,21 @@ def same_picture(a: bytes, b: bytes) -> bool:
     return bool(diff.mean() < SAME_PICTURE and diff.max() < SAME_PICTURE_MAX)
 
 
+def caption_file(photo: Path) -> Path | None:
+    """The caption beside a photo: `IMG_1.txt` (or `.TXT`, as some cameras and Windows tools
+    write) or `IMG_1.jpg.txt`; None when there is none."""
+    photo = Path(photo)
+    for txt in (photo.with_suffix(".txt"), photo.with_suffix(".TXT"), photo.with_name(photo.name + ".txt")):
+        if txt != photo and txt.is_file():
+            return txt
+    return None
+
+
 def sidecar_caption(path: Path) -> str | None:
-    """The text of `photo.txt` beside `photo.png`, if present and not empty, its whitespace
-    collapsed (the inbox, `cones add` and the methods read captions the same way)."""
-    txt = Path(path).with_suffix(".txt")
-    if not txt.is_file():
+    """The text of the caption beside `path` (`caption_file`), if present and not empty, its
+    whitespace collapsed (the inbox, `cones add` and the methods read captions the same way)."""
+    txt = caption_file(path)
+    if txt is None:
         return None
     raw = txt.read_bytes()
     # UTF-16 with its byte-order mark is what Windows Notepad saves as "Unicode"; UTF-8 (with or

@@ -38,7 +38,8 @@ from typing import Iterator
 
 from pydantic import ValidationError
 
-from cns_daemon.archive import CheckedPhoto, check_photos, make_private, sidecar_caption, sniff
+from cns_daemon.archive import (CheckedPhoto, caption_file, check_photos, make_private, sidecar_caption,
+                                 sniff)
 from cns_daemon.api.errors import BadInput, ConesError, storage_error
 from cns_daemon.api.protocol import (CLASS_PATTERN, FINAL_STATES, MAX_SEED, SkippedFile,
                                      describe_validation_error, learn_steps)
@@ -154,12 +155,10 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     """Every input file except the config and caption sidecars is a candidate photo; a
     `photo.txt` beside `photo.png` is that photo's caption."""
     files = input_files(folder)
-    stems = {p.stem for p in files if p.suffix.lower() != ".txt"}
-    captions = {p.stem: p for p in files if p.suffix.lower() == ".txt" and p.stem in stems}
-    candidates = [p for p in files if p.name != CONFIG_FILE and p not in captions.values()]
+    captions = {c for p in files if p.suffix.lower() != ".txt" and (c := caption_file(p)) is not None}
+    candidates = [p for p in files if p.name != CONFIG_FILE and p not in captions]
     not_images = {p: why for p in candidates if (why := sniff(p)) is not None}
-    good, skipped = check_photos([(p.name, p.read_bytes(),
-                                   sidecar_caption(captions[p.stem]) if p.stem in captions else None)
+    good, skipped = check_photos([(p.name, p.read_bytes(), sidecar_caption(p))
                                   for p in candidates if p not in not_images])
     broken = sorted(p.name for p in folder.iterdir() if p.is_symlink() and not p.exists())
     return good, skipped + list(not_images.values()) + [

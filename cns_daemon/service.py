@@ -17,6 +17,7 @@ from typing import Callable
 from cns_daemon import jobkinds
 from cns_daemon.archive import Archive, CheckedPhoto, atomic_write, check_photos
 from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, NotFound
+from cns_daemon.api.names import validate_new_name
 from cns_daemon.methods.base import CancelToken, ProgressEvent
 from cns_daemon.api.protocol import (MAX_PHOTOS, MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION,
                                      TOO_MANY_HINT, AddRequest, ConceptInfo, EvalRequest,
@@ -56,6 +57,7 @@ class Service:
         """Everything a learn job could refuse is refused here, before it is queued: the name,
         too few distinct usable photos, the method's options and steps. The request's method and
         steps, where it leaves them out, are the settings' (config.toml, CONES_* environment)."""
+        validate_new_name(name)
         method = method or self.settings.method
         if len(photos) > MAX_PHOTOS:   # what `cones add` is held to, the inbox too
             raise BadInput(too_many_photos(name, len(photos)), TOO_MANY_HINT)

@@ -50,15 +50,18 @@ def test_read_spec_errors(tmp_path, folder, toml, needle):
 
 
 def test_read_photos_skips_bad_files_and_reads_captions(tmp_path):
-    write_photos(tmp_path, 2)
+    write_photos(tmp_path, 4)
     (tmp_path / "photo0.txt").write_text("a photo of a dog on grass")
+    (tmp_path / "photo1.TXT").write_text("a dog in the snow")          # as some tools name it
+    (tmp_path / "photo2.png.txt").write_text("a dog on the sand")      # the photo's whole name
     (tmp_path / "notes.md").write_text("not a photo")
     (tmp_path / "cut.jpg").write_bytes(photo_bytes(9, fmt="JPEG")[:200])
     (tmp_path / "concept.toml").write_text('class = "dog"\n')
     (tmp_path / ".DS_Store").write_bytes(b"\0\0")
     good, skipped = read_photos(tmp_path)
-    assert [p.filename for p in good] == ["photo0.png", "photo1.png"]
-    assert good[0].caption == "a photo of a dog on grass" and good[1].caption is None
+    assert [p.filename for p in good] == ["photo0.png", "photo1.png", "photo2.png", "photo3.png"]
+    assert [p.caption for p in good] == ["a photo of a dog on grass", "a dog in the snow",
+                                         "a dog on the sand", None]
     assert {s.file for s in skipped} == {"notes.md", "cut.jpg"}
 
 
@@ -115,6 +118,7 @@ def test_inbox_errors_then_retry_after_fix(daemon):
     write_photos(inbox / "nameless", 2)          # no class anywhere
     (inbox / "empty.dog").mkdir(parents=True)    # no photos
     write_photos(inbox / "bad name.dog", 1)      # invalid name
+    write_photos(inbox / "-rex.dog", 2)          # a name the command line would read as an option
     junk = inbox / "junk.cat"
     junk.mkdir()
     (junk / "a.png").write_bytes(b"")            # only a 0-byte file
@@ -122,6 +126,7 @@ def test_inbox_errors_then_retry_after_fix(daemon):
     (inbox / ".crowd").rename(inbox / "crowd.dog")   # appearing whole (a slow write could settle early)
     for name, needle in (("nameless", "No class word"), ("empty.dog", "No usable photo"),
                          ("bad name.dog", "Invalid concept name"), ("junk.cat", "0 bytes"),
+                         ("-rex.dog", "cannot start with '-'"),
                          ("crowd.dog", "at most 64 are taken")):
         error = inbox / name / ERROR_FILE
         wait_until(error.exists, timeout=20, what=f"ERROR.txt in {name}")

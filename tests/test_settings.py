@@ -111,7 +111,9 @@ def test_cli_refusals_that_need_no_service(cones_home, tmp_path):
     photo = tmp_path / "p.png"
     photo.write_bytes(b"x")
     result = CliRunner().invoke(app, ["add", "ring☃", str(photo), "--class", "ring"])
-    assert result.exit_code == 2 and "Use 1-64 letters" in result.stderr, result.output
+    assert result.exit_code == 2 and "Use 1-64 ASCII letters" in result.stderr, result.output
+    result = CliRunner().invoke(app, ["add", "--class", "dog", "--", "-rex", str(photo)])
+    assert result.exit_code == 2 and "cannot start with '-'" in " ".join(result.stderr.split()), result.output
     result = CliRunner().invoke(app, ["store", "check"])
     assert result.exit_code == 3 and "No concept store" in result.stderr, result.output
     result = CliRunner().invoke(app, ["serve", "--log-level", "bogus"])

@@ -20,5 +20,16 @@ def validate_name(name: str) -> str:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         shown = name if isinstance(name, str) and len(name) <= 80 else f"{str(name)[:77]}..."
         raise BadInput(f"Invalid concept name {shown!r}.",
-                       "Use 1-64 letters, digits, '-' or '_' (for example: rex, my_mug, red-star).")
+                       "Use 1-64 ASCII letters (a-z, A-Z), digits, '-' or '_' (for example: rex, my_mug, red-star).")
+    return name
+
+
+def validate_new_name(name: str) -> str:
+    """A name for a concept about to be learned: `validate_name`, and no leading `-`, which a
+    command line reads as an option (`cones show -rex` fails; `cones show -- -rex` is needed).
+    Names stored already keep working."""
+    validate_name(name)
+    if name.startswith("-"):
+        raise BadInput(f"A concept name cannot start with '-' ({name!r}): commands would read it as an option.",
+                       f"Use {name.lstrip('-') or 'another name'!r} or '_{name.lstrip('-')}' instead.")
     return name

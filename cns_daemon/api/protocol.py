@@ -326,7 +326,7 @@ class StatusInfo(Model):
 # ---------------------------------------------------------------- helpers
 
 SEGMENTS = {"name": (NAME_PATTERN, "concept name",
-                     "Use 1-64 letters, digits, '-' or '_' (for example: rex, my_mug, red-star)."),
+                     "Use 1-64 ASCII letters (a-z, A-Z), digits, '-' or '_' (for example: rex, my_mug, red-star)."),
             "id": (JOB_ID_PATTERN, "job id", "A job id is 12 hex digits; `cones jobs` lists them.")}
 
 
