@@ -166,8 +166,8 @@ def load_scorer(clip: str = "ViT-L-14", weights: str | None = None) -> ClipScore
     if weights and _looks_like_path(weights) and not Path(weights).expanduser().exists():
         # said before importing open_clip: a wrong path is the user's first problem to fix
         raise ModelLoad(f"No CLIP weights at {weights}.",
-                        f"Put the {clip} weights file there (or a transformers CLIP folder), "
-                        "or pass its path with --clip-weights.")
+                        f"Check the --clip-weights path, or put the {clip} weights file (or a "
+                        "transformers CLIP folder) there.")
     return OpenClipScorer(clip, weights)
 
 

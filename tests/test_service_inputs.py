@@ -330,6 +330,7 @@ def test_add_sends_each_photos_sidecar_caption(cones, daemon, tmp_path):
     (("--method", "cones2", "--option", "top_p=5"), "Unknown option"),
     (("--option", "steps=5"), "--steps N"),   # one way to set the steps
     (("--option", "lr=-1"), "'lr' must be > 0"),
+    (("--option", "vectors=9"), "default is vectors=1"),   # what the value should look like
     (("--method", "cones", "--option", "prior_batch=0"), "'prior_batch' must be"),
     (("--option", "lr=nan"), "finite number"),
     (("--option", "token=star"), "everyday word"),        # would change every "a star" prompt

@@ -52,17 +52,26 @@ def parse_options(cls: type[T], options: dict | None, steps: int | None = None) 
     if unknown:
         raise BadInput(f"Unknown option(s) {', '.join(map(repr, unknown))}.",
                        f"Valid options: {', '.join(sorted(fields - {'steps'}))} (steps: --steps N, or steps = N in an inbox folder's concept.toml).")
-    values = {k: _coerce(k, v, getattr(defaults, k)) for k, v in options.items()}
-    if steps is not None:
-        if "steps" not in fields:
-            raise BadInput("This method has no `steps` setting.")
-        values["steps"] = _coerce("steps", steps, 0)
-    for key, value in values.items():
-        _check_range(key, value)
-    hp = dataclasses.replace(defaults, **values)
-    check = getattr(hp, "validate", None)
-    if check is not None:
-        check()
+    try:
+        values = {k: _coerce(k, v, getattr(defaults, k)) for k, v in options.items()}
+        if steps is not None:
+            if "steps" not in fields:
+                raise BadInput("This method has no `steps` setting.")
+            values["steps"] = _coerce("steps", steps, 0)
+        for key, value in values.items():
+            _check_range(key, value)
+        hp = dataclasses.replace(defaults, **values)
+        check = getattr(hp, "validate", None)
+        if check is not None:
+            check()
+    except BadInput as exc:
+        if exc.hint != BadInput.default_hint:   # a hint of its own says more
+            raise
+        # The generic hint points at `--help`, which does not list method options: the defaults
+        # of the ones given do.
+        given = [f"{k}={getattr(defaults, k)!r}" for k in sorted(options) if k in fields]
+        raise BadInput(exc.message, f"Change the value; this method's default{'s are' if len(given) > 1 else ' is'} "
+                       f"{', '.join(given)}." if given else None) from None
     return hp
 
 
