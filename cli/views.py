@@ -197,12 +197,19 @@ def jobs_table(jobs: Iterable[JobInfo]) -> Table:
 
 
 def _result_note(j: JobInfo) -> str:
+    """What a finished job made, and the files a learn left out (an inbox learn's folder is gone
+    by then: this is where the person sees them)."""
+    skipped = (f"{len(j.skipped)} skipped: " + ", ".join(f"{s.file} ({s.reason})" for s in j.skipped)
+               if j.skipped else "")
     r = j.result
     if r is None:
-        return ""
-    if r.metrics:
+        return skipped
+    if j.kind == "eval" and r.metrics:
         return f"CLIP-I {r.metrics.get('clip_i', '-')}, CLIP-T {r.metrics.get('clip_t', '-')}"
-    return f"{len(r.images)} image{'s' if len(r.images) != 1 else ''}" if r.images else ""
+    if j.kind == "learn" and r.metrics and "neurons" in r.metrics:
+        made = f"{r.metrics['neurons']:,} neurons, {human_size(int(r.metrics.get('size_bytes', 0)))}"
+        return "; ".join(x for x in (made, skipped) if x)
+    return f"{len(r.images)} image{'s' if len(r.images) != 1 else ''}" if r.images else skipped
 
 
 def status_table(s: StatusInfo) -> Table:

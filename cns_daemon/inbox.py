@@ -381,8 +381,8 @@ class Inbox:
             self._remember(folder)
         for note in NOTE_FILES:
             (folder / note).unlink(missing_ok=True)
-        log.info("inbox folder %s taken as job %s (%d photos, %d skipped)", folder.name, job.id,
-                 len(photos), len(skipped))
+        log.info("inbox folder %s taken as job %s (%d photos, %d skipped%s)", folder.name, job.id,
+                 len(photos), len(skipped), "".join(f"; {s.file}: {s.reason}" for s in skipped))
         return job
 
     def _job_changed(self, job: JobRecord) -> None:

@@ -70,6 +70,30 @@ def test_a_learn_paused_for_a_generate_says_so_in_the_jobs_table():
     assert "paused for generate job bbbbbbbbbbbb" in out.getvalue(), out.getvalue()
 
 
+def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
+    """A finished learn: its neurons and size, and the files it skipped (an inbox learn's folder
+    is gone by then); an eval its scores; a generate its images."""
+    import time
+
+    from cli.views import jobs_table
+    from cns_daemon.api.protocol import JobInfo, JobResult, SkippedFile
+
+    now = time.time()
+    jobs = [JobInfo(id="a" * 12, kind="learn", state="done", summary="learn <rex>", created=now,
+                    skipped=[SkippedFile(file="IMG_1.HEIC", reason="a HEIC photo")],
+                    result=JobResult(concept="rex", seed=0, metrics={"neurons": 12345, "size_bytes": 48000})),
+            JobInfo(id="b" * 12, kind="eval", state="done", summary="eval <rex>", created=now,
+                    result=JobResult(metrics={"clip_i": 0.8, "clip_t": 0.3})),
+            JobInfo(id="c" * 12, kind="generate", state="done", summary="generate 2x", created=now,
+                    result=JobResult(images=["a.png", "b.png"], seed=1))]
+    out = io.StringIO()
+    Console(file=out, width=200, force_terminal=False).print(jobs_table(jobs))
+    text = " ".join(out.getvalue().split())
+    assert "12,345 neurons, 48.0 kB; 1 skipped: IMG_1.HEIC (a HEIC photo)" in text, text
+    assert "CLIP-I 0.8, CLIP-T 0.3" in text and "2 images" in text
+    assert text.count("CLIP-I") == 1
+
+
 def test_status_names_the_running_job_and_how_far_it_is():
     import time
 
