@@ -70,6 +70,12 @@ class FolderSpec:
 
 def read_spec(folder: Path) -> FolderSpec:
     """Name, class and options of one inbox folder, or BadInput saying what to fix."""
+    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if subfolders and not input_files(folder):   # a folder of concept folders, one level too deep
+        raise BadInput(f"{folder.name} holds folders ({', '.join(subfolders[:3])}"
+                       f"{', ...' if len(subfolders) > 3 else ''}), not photos; sub-folders are not read.",
+                       f"Give each concept a folder of its own directly in the inbox: move "
+                       f"{folder.name}/{subfolders[0]} up one level, named NAME.CLASS (e.g. rex.dog).")
     name, _, dotted_class = folder.name.partition(".")
     config: dict = {}
     cfg = folder / CONFIG_FILE
@@ -161,6 +167,9 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     good, skipped = check_photos([(p.name, p.read_bytes(), sidecar_caption(p))
                                   for p in candidates if p not in not_images])
     broken = sorted(p.name for p in folder.iterdir() if p.is_symlink() and not p.exists())
+    nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    skipped += [SkippedFile(file=f"{n}/", reason="a folder: photos in sub-folders are not read; move them up "
+                            f"into {folder.name}") for n in nested]
     return good, skipped + list(not_images.values()) + [
         SkippedFile(file=n, reason="a link to a file that is not there") for n in broken]
 

@@ -382,3 +382,20 @@ def test_a_linked_folder_is_learned_and_only_the_link_goes(daemon, tmp_path):
         assert c.concept("rex").photos == 3
     wait_until(lambda: not link.is_symlink(), what="the link removed")
     assert {p.name: (p.read_bytes(), p.stat().st_mode) for p in own.iterdir()} == before
+
+
+def test_photos_one_folder_too_deep_are_named(tmp_path):
+    """A folder of concept folders says to move them up; photos in a concept's sub-folder are
+    listed as skipped with what to do (both said "no usable photo" or "no class word")."""
+    pets = tmp_path / "pets"
+    write_photos(pets / "rex.dog", 2)
+    with pytest.raises(BadInput, match=r"pets holds folders \(rex.dog\)") as info:
+        read_spec(pets)
+    assert "move pets/rex.dog up one level" in info.value.hint
+    sub = tmp_path / "sub.star"
+    write_photos(sub / "iphone", 2)
+    write_photos(sub, 1)
+    good, skipped = read_photos(sub)
+    assert len(good) == 1
+    assert [(s.file, s.reason) for s in skipped] == [
+        ("iphone/", "a folder: photos in sub-folders are not read; move them up into sub.star")]
