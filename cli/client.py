@@ -112,8 +112,9 @@ class Client:
     def export(self, name: str) -> bytes:
         return self._send("GET", f"/concepts/{segment('name', name)}/export").content
 
-    def import_file(self, data: bytes) -> JobInfo:
-        return self._parse(self._send("POST", "/concepts/import", content=data,
+    def import_file(self, data: bytes, name: str | None = None) -> JobInfo:
+        params = {"name": name} if name is not None else None   # the service checks it
+        return self._parse(self._send("POST", "/concepts/import", content=data, params=params,
                                       headers={"content-type": "application/octet-stream"}), JobInfo)
 
     def follow(self, job_id: str, _again: bool = True) -> Iterator[ProgressInfo]:

@@ -236,14 +236,17 @@ def export(name: str,
 
 @app.command("import")
 @handled
-def import_(file: Path) -> None:
+def import_(file: Path,
+            name: Optional[str] = typer.Option(None, "--name", help="Store it under this name instead of its own.")) -> None:
     """Add a concept from an exported file (refused if made on another base model)."""
+    if name is not None:
+        validate_new_name(name)
     if file.is_dir():
         raise BadInput(f"{file} is a folder.", "Give the exported .safetensors file itself.")
     if not file.is_file():
         raise BadInput(f"No such file: {file}.", "Check the path of the exported .safetensors file.")
     with client() as c:
-        job = wait_for(c, c.import_file(file.read_bytes()), quiet=True)
+        job = wait_for(c, c.import_file(file.read_bytes(), name), quiet=True)
     console.print(f"Imported <{job.result.concept if job.result else '?'}>.", highlight=False)
     if job.result and job.result.metrics and job.result.metrics.get("note"):
         console.print(f"[yellow]Note:[/] {escape(str(job.result.metrics['note']))}", highlight=False)

@@ -7,6 +7,7 @@ the progress callback and the cancel token.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,10 @@ def _import(service, req: ImportJob, job, progress, cancel) -> JobResult:
     if not staged.is_file():
         raise NotFound(f"The uploaded file {staged} is gone.", "Run `cones import` again.")
     try:
-        return service.engine.import_record(decode(staged.read_bytes()))
+        record = decode(staged.read_bytes())
+        if req.name and req.name != record.name:   # `cones import --name`
+            record = dataclasses.replace(record, meta=dataclasses.replace(record.meta, name=req.name))
+        return service.engine.import_record(record)
     finally:
         staged.unlink(missing_ok=True)   # imported or refused: the upload is not kept
 

@@ -206,7 +206,8 @@ class App:
         return Response(data, media_type="application/octet-stream")
 
     async def import_concept(self, req: Request, params: dict) -> Response:
-        job = await asyncio.to_thread(self.service.import_file, await req.body())
+        job = await asyncio.to_thread(self.service.import_file, await req.body(),
+                                      req.query_params.get("name"))
         return json_response(self.service.job_info(job), 202)
 
     async def generate(self, req: Request, params: dict) -> Response:

@@ -109,14 +109,18 @@ class Service:
         self._stored(name)
         return self.worker.submit("remove", RemoveJob(name=name))
 
-    def import_file(self, data: bytes) -> JobRecord:
+    def import_file(self, data: bytes, name: str | None = None) -> JobRecord:
+        """`name`: store it under this name instead of the one it was exported with."""
         from cns_daemon.transfer import decode
 
         record = decode(data)           # refuses a damaged file now
-        self._check_name_free(record.name, imported=True)
+        if name is not None:
+            validate_new_name(name)
+        name = name or record.name
+        self._check_name_free(name, imported=True)
         staged = self.paths.data / "imports" / f"{uuid.uuid4().hex}.safetensors"
         atomic_write(staged, data)   # a full disk leaves no cut file behind
-        return self.worker.submit("import", ImportJob(staged=str(staged), name=record.name))
+        return self.worker.submit("import", ImportJob(staged=str(staged), name=name))
 
     def export(self, name: str) -> bytes:
         from cns_daemon.transfer import encode
@@ -131,7 +135,8 @@ class Service:
         if name in self.store:
             # An imported concept keeps the name it was exported under.
             raise Conflict(f"A concept named {name!r} already exists.",
-                           f"Remove it first with `cones rm {name}`, then import again." if imported else
+                           f"Import it under another name (`cones import FILE --name NEW`), or remove "
+                           f"this one first with `cones rm {name}`." if imported else
                            f"Pick another name, or remove it first with `cones rm {name}`.")
         job = self._learning(name)
         if job is not None:

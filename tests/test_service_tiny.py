@@ -95,6 +95,17 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     assert code == 0 and decode((tmp_path / "new" / "star.safetensors").read_bytes()).meta.name == "star", out
     code, out = cones("import", str(exported))
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "cones rm star" in out, out   # the name is taken
+    assert "--name NEW" in out
+    # ... or it is kept under another name, beside the first
+    code, out = cones("import", str(exported), "--name", "star-copy")
+    assert code == 0 and "Imported <star-copy>" in out, out
+    copy = json.loads(cones("show", "star-copy", "--json")[1])
+    assert (copy["method"], copy["class_word"]) == ("cns", "star")
+    assert "import <star-copy>" in [j["summary"] for j in json.loads(cones("jobs", "--json")[1])]
+    assert cones("generate", "a photo of <star-copy>", "--steps", "2")[0] == 0
+    assert cones("import", str(exported), "--name", "star copy")[0] == EXIT_CODES[ErrorCode.BAD_INPUT]
+    assert cones("import", str(exported), "--name", "star-copy")[0] == EXIT_CODES[ErrorCode.CONFLICT]
+    assert cones("rm", "star-copy")[0] == 0
     assert cones("rm", "star")[0] == 0
     assert cones("show", "star")[0] == EXIT_CODES[ErrorCode.NOT_FOUND]
     code, out = cones("import", str(exported))

@@ -42,7 +42,9 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 # 4: a generate request may carry a negative prompt, a CFG scale and an image size.
 # 5: the `storage` error (a folder cannot be written); a learn job keeps its photos' names;
 #    ConceptInfo.learned_with, StatusInfo.memory.
-PROTOCOL_VERSION = "5"
+# 6: an import may name the concept anew (`?name=`); ConceptInfo.photos_archived,
+#    StatusInfo.method, a learn's result says its seed, neurons and bytes.
+PROTOCOL_VERSION = "6"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 # The progress message of a learn while a generate runs inside it (`cones jobs` shows it).
 PAUSED_FOR = "paused for generate job "
@@ -224,7 +226,9 @@ class RemoveJob(Model):
 
 class ImportJob(Model):
     staged: str   # path of the uploaded file inside the data folder
-    name: str = ""   # the concept it holds, for `cones jobs` (a job of an older version: none)
+    # The name it is stored under: the file's, or the one the import gave (a job of an older
+    # version: none, the file's)
+    name: str = ""
 
 
 # ---------------------------------------------------------------- responses
