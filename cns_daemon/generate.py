@@ -29,7 +29,7 @@ from cns_daemon.api.errors import BadInput
 from cns_daemon.model import recommended_guidance
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
-from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope, shared_tails
+from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope, tail_shares
 from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, check_length, expand, referenced_names
 from store.records import ConceptRecord
 
@@ -92,6 +92,21 @@ def batch_ids(expanded: ExpandedPrompt, n: int, cfg: bool, tokens: int) -> torch
     ids = list(expanded.token_ids[:tokens]) + [NO_TOKEN] * max(0, tokens - len(expanded.token_ids))
     cond = torch.tensor([ids] * n)
     return torch.cat([torch.full_like(cond, NO_TOKEN), cond]) if cfg else cond
+
+
+def prompt_tails(expanded: ExpandedPrompt, n_tokens: int) -> dict[str, list[int]]:
+    """The end of the sequence (EOS and the padding after it) dealt out among the prompt's
+    concepts, of every method, in the order they are first named (`tail_shares`): a CNS
+    concept's values act on its share alone (scope.py), and layout guidance steers each share
+    into its concept's box. One concept keeps the whole end. Dealt among the CNS concepts only,
+    a CNS concept beside a Cones 2 one kept the whole end, whose last position sums up the whole
+    prompt, the other concept's words included, and steered it into its own box: the other's
+    shape came out there (docs/tuning.md, "Mixed methods share the end of the sequence")."""
+    eos = len(expanded.token_ids) - 1
+    if not expanded.names or eos >= n_tokens:
+        return {}
+    shares = tail_shares(eos, n_tokens, len(expanded.names))
+    return {name: list(share) for name, share in zip(expanded.names, shares)}
 
 
 def check_negative_prompt(negative_prompt: str | None, tokenizer, guidance_scale: float) -> None:
@@ -187,13 +202,13 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
         config = guidance or GuidanceConfig()
         ids = batch_ids(expanded, n, cfg, emb.cond.shape[1])
         guided = contextlib.nullcontext()
+        tails = prompt_tails(expanded, emb.cond.shape[1])
         if layout:
-            bias = LayoutBias(layout, expanded, emb.cond.shape[1], config,
-                              tails=shared_tails(pipe.unet, ids[-1]))   # the conditional row
+            bias = LayoutBias(layout, expanded, emb.cond.shape[1], config, tails=tails)
             guided = layout_guidance(pipe.unet, bias, state, config)
         gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
         report(0)
-        scoped = prompt_scope(pipe.unet, ids)
+        scoped = prompt_scope(pipe.unet, ids, tails)
         with guided, scoped:
             out = pipe(prompt_embeds=emb.cond, negative_prompt_embeds=emb.uncond,
                        num_inference_steps=steps, guidance_scale=guidance_scale, height=h,

@@ -96,6 +96,27 @@ def test_two_concepts_in_a_row_deal_out_the_end(fresh_tiny_pipe):
     scope.remove("pot")
 
 
+def test_tails_dealt_by_the_caller_hold_a_concept_to_its_share(fresh_tiny_pipe):
+    """Generation deals the end of the sequence among every concept of the prompt, of any
+    method: a scoped concept beside another method's concept acts on its own share only; with
+    the whole end its own (one concept) nothing is held back."""
+    pipe = fresh_tiny_pipe
+    tname, to_k = _kv_module(pipe)
+    scope = token_scope(pipe.unet)
+    n = to_k.weight.numel()
+    scope.add("rex", AT, {tname: (torch.arange(n), torch.ones(n))})
+    ids = torch.tensor([[1, 8, 7, 5, 9, 7, 2, NO_TOKEN, NO_TOKEN]])   # another concept, then rex
+    x = torch.randn(1, 9, to_k.weight.shape[1])
+    plain = to_k(x)
+    step = x.sum(-1, keepdim=True)
+    for tails, expected in (({"mug": [6, 8], "rex": [7]}, [0, 0, 0, 0, 1, 1, 0, 1, 0]),
+                            ({"rex": [6, 7, 8]}, [0, 0, 0, 0, 1, 1, 1, 1, 1])):
+        with scope.prompt(ids, tails):
+            added = ((to_k(x) - plain) / step)[..., 0].round()
+        assert added[0].tolist() == expected, tails
+    scope.remove("rex")
+
+
 def test_training_values_reach_only_the_token_rows(fresh_tiny_pipe):
     """While a scoped concept trains, its values sit in the weight, yet rows without the token
     (the class prompt, outside a prompt context) see the weight as it was, and the gradient comes
@@ -189,6 +210,35 @@ def test_generation_steers_each_concepts_share_of_the_end_into_its_box(fresh_tin
     assert shares == {"a": list(range(eos, 77, 2)), "b": list(range(eos + 1, 77, 2))}
     eos = len(expand("a photo of <b>", {"b": b.meta}, pipe.tokenizer).token_ids) - 1
     assert alone == {"b": list(range(eos, 77))}
+
+
+def test_a_concept_of_another_method_gets_its_share_of_the_end_too(fresh_tiny_pipe, monkeypatch):
+    """A CNS concept beside a Cones 2 one: the end is dealt between both in the order they are
+    named, so guidance steers each share into its own box (with the whole end the CNS concept's,
+    the other's shape went into the CNS concept's box); a Cones 2 concept alone keeps it all."""
+    import cns_daemon.generate as G
+    import numpy as np
+
+    from store.records import ConceptMeta, ConceptRecord
+
+    pipe, method = fresh_tiny_pipe, get_method("cns")
+    a = synthetic(pipe, "a", "sks", 1, scope="concept")
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    c = ConceptRecord(ConceptMeta("c", "cones2", "mug", ""), residual=np.zeros(width, np.float32))
+    handle = method.apply(pipe, [a])
+    seen = []
+    real = G.LayoutBias
+    monkeypatch.setattr(G, "LayoutBias", lambda *args, **kw: seen.append(kw["tails"]) or real(*args, **kw))
+    records = {"a": a, "c": c}
+    prompts = ("a photo of <a> and <c>", "a photo of <c> and <a>", "a photo of <c>")
+    for prompt in prompts:
+        boxes = [f"{name}=0,0,0.5,1" for name in ("a", "c") if f"<{name}>" in prompt]
+        generate(pipe, prompt, records, boxes, n=1, steps=2, output_type="np")
+    method.remove(handle)
+    eos = [len(expand(p, {"a": a.meta, "c": c.meta}, pipe.tokenizer).token_ids) - 1 for p in prompts]
+    assert seen[0] == {"a": list(range(eos[0], 77, 2)), "c": list(range(eos[0] + 1, 77, 2))}
+    assert seen[1] == {"c": list(range(eos[1], 77, 2)), "a": list(range(eos[1] + 1, 77, 2))}
+    assert seen[2] == {"c": list(range(eos[2], 77))}
 
 
 def test_batch_ids_follow_the_cfg_layout(tiny_pipe):

@@ -25,7 +25,9 @@ concept's values act on its own share and layout guidance can steer each share i
 concept's box (`shared_tails`; guidance.py). Added up on every position, two concepts' values
 drew one object mixing both looks; dealt out and guided, both shapes landed in their boxes
 0.396 of the time instead of 0.062 in the six-concept bench (docs/tuning.md, "Two concepts
-share the end of the sequence"). A prompt with one concept keeps the whole end.
+share the end of the sequence"). A prompt with one concept keeps the whole end. In generation the end is dealt among every
+concept the prompt names, of any method (`generate.prompt_tails`, passed in as `tails`): a CNS
+concept beside a Cones 2 one kept all of it before, and guidance put the other's shape in its box.
 
 How. Forward hooks on every cross-attention to_k / to_v (attn2): they compose with any attention
 processor, layout guidance's included. Outside a `prompt` context, and for batch rows that hold
@@ -147,14 +149,20 @@ class TokenScope:
     # -- per batch --------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def prompt(self, ids: torch.Tensor):
+    def prompt(self, ids: torch.Tensor, tails: dict[str, list[int]] | None = None):
         """Inside: every UNet call sees the concepts whose tokens occur in `ids` (one row per
-        batch sample, as the UNet's batch is laid out)."""
+        batch sample, as the UNet's batch is laid out). `tails`: the end of the sequence as the
+        caller dealt it among every concept of the prompt, of any method (generation); without
+        it, several of this scope's concepts in a row share it among themselves."""
         active: dict[str, list] = {}
         device = next(iter(self.modules.values())).weight.device
         rows_of = {name: concept.anchor.rows(ids) for name, concept in self.concepts.items()}
         rows_of = {name: rows for name, rows in rows_of.items() if bool(rows.any())}
-        if len(rows_of) > 1:
+        if tails is not None:
+            for name, rows in rows_of.items():
+                if len(tails) > 1 and name in tails:
+                    rows &= _share_mask(tails, name, ids.shape[1]).to(rows.device)
+        elif len(rows_of) > 1:
             _deal_tails(self, ids, rows_of)
         for name, rows in rows_of.items():
             concept = self.concepts[name]
@@ -220,18 +228,16 @@ def _deal_tails(scope: TokenScope, ids: torch.Tensor, rows_of: dict[str, torch.T
         shares = scope.shared_tails(ids[b])
         if len(shares) < 2:
             continue
-        eos = min(share[0] for share in shares.values())
-        for name, share in shares.items():
-            keep = torch.zeros(ids.shape[1], dtype=torch.bool)
-            keep[:eos] = True
-            keep[share] = True
-            rows_of[name][b] &= keep.to(rows_of[name].device)
+        for name in shares:
+            rows_of[name][b] &= _share_mask(shares, name, ids.shape[1]).to(rows_of[name].device)
 
 
-def shared_tails(unet, ids_row: torch.Tensor) -> dict[str, list[int]]:
-    """`TokenScope.shared_tails` of the UNet's scope; empty when it has none."""
-    scope = _SCOPES.get(unet)
-    return scope.shared_tails(ids_row) if scope is not None else {}
+def _share_mask(shares: dict[str, list[int]], name: str, n_tokens: int) -> torch.Tensor:
+    """(n_tokens,) bool: every position before the end of the sequence, and `name`'s share of it."""
+    keep = torch.zeros(n_tokens, dtype=torch.bool)
+    keep[:min(share[0] for share in shares.values())] = True
+    keep[shares[name]] = True
+    return keep
 
 
 def _check(rows: torch.Tensor, x: torch.Tensor) -> None:
@@ -258,9 +264,10 @@ def recompute_context(unet):
     return scope.as_now() if scope is not None else contextlib.nullcontext
 
 
-def prompt_scope(unet, ids: torch.Tensor):
-    """`scope.prompt(ids)` when the UNet has scoped concepts, else a context that does nothing."""
+def prompt_scope(unet, ids: torch.Tensor, tails: dict[str, list[int]] | None = None):
+    """`scope.prompt(ids, tails)` when the UNet has scoped concepts, else a context that does
+    nothing."""
     scope = _SCOPES.get(unet)
     if scope is None or not (scope.concepts or scope._training):
         return contextlib.nullcontext()
-    return scope.prompt(ids)
+    return scope.prompt(ids, tails)
