@@ -91,8 +91,9 @@ class Client:
     def add(self, req: AddRequest) -> JobInfo:
         return self._call("POST", "/concepts", JobInfo, body=req)
 
-    def remove(self, name: str) -> JobInfo:
-        return self._call("DELETE", f"/concepts/{segment('name', name)}", JobInfo)
+    def remove(self, name: str, photos: bool = False) -> JobInfo:
+        path = f"/concepts/{segment('name', name)}" + ("?photos=1" if photos else "")
+        return self._call("DELETE", path, JobInfo)
 
     def generate(self, req: GenerateRequest) -> JobInfo:
         return self._call("POST", "/generate", JobInfo, body=req)

@@ -206,13 +206,22 @@ def show(name: str, as_json: bool = JSON) -> None:
 
 @app.command()
 @handled
-def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait", help="Queue the removal and return at once.")) -> None:
+def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait", help="Queue the removal and return at once."),
+       photos: bool = typer.Option(False, "--photos", help=(
+           "Also delete its photos from the archive (those no other concept uses); without "
+           "them it cannot be learned again from the archive."))) -> None:
     """Remove a concept (its weights come off the model, its record out of the store)."""
     with client() as c:
-        job = c.remove(name)
-        if not no_wait:
-            wait_for(c, job, quiet=True)
-    console.print(f"Removed <{name}>." if not no_wait else f"Queued job {job.id}: {job.summary}")
+        job = c.remove(name, photos)
+        if no_wait:
+            console.print(f"Queued job {job.id}: {job.summary}")
+            return
+        job = wait_for(c, job, quiet=True)
+    m = job.result.metrics if job.result and job.result.metrics else {}
+    deleted, kept = m.get("photos_deleted"), m.get("photos_kept")
+    said = "" if deleted is None else f" and {deleted} archived photo{'s' if deleted != 1 else ''}" + (
+        f" ({kept} kept: another concept or a queued learn uses {'them' if kept != 1 else 'it'})" if kept else "")
+    console.print(f"Removed <{name}>{said}.")
 
 
 @app.command()

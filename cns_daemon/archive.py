@@ -12,6 +12,7 @@ place, so the archive never holds half a file.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -257,6 +258,18 @@ class Archive:
                     return p
         raise NotFound(f"Photo {digest[:12]}… is missing from the archive ({self.root}).",
                        "Add the concept again with its photos.")
+
+    def delete(self, digest: str) -> bool:
+        """Remove a photo and its caption; True if a photo was there."""
+        folder = self._dir(digest)
+        found = False
+        for p in list(folder.iterdir()) if folder.is_dir() else []:
+            if p.stem == digest:
+                found |= p.suffix != ".txt"
+                p.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):   # the last photo of its folder: the folder goes too
+            folder.rmdir()
+        return found
 
     def has(self, digest: str) -> bool:
         try:

@@ -310,6 +310,14 @@ class Engine:
                 "eval_clip": clip_id})
         return JobResult(metrics={**result.summary(), "clip": clip_id})
 
+    def photo_digests(self, name: str) -> list[str]:
+        """The photos a concept was learned from, as its metadata says (none when it cannot be
+        read: a damaged concept's photos stay in the archive)."""
+        try:
+            return list(self.store.meta(name).photo_digests)
+        except (NotFound, Corrupt):
+            return []
+
     def remove(self, name: str) -> JobResult:
         """Remove a concept without decoding it (a damaged one can be removed too): the store
         drops its keys, the weights drop it if it is live."""

@@ -50,7 +50,12 @@ def _eval(service, req: EvalRequest, job, progress, cancel) -> JobResult:
 
 
 def _remove(service, req: RemoveJob, job, progress, cancel) -> JobResult:
-    return service.engine.remove(req.name)
+    digests = service.engine.photo_digests(req.name) if req.photos else []
+    result = service.engine.remove(req.name)
+    if req.photos:
+        deleted, kept = service.forget_photos(digests)
+        result.metrics = {"photos_deleted": deleted, "photos_kept": kept}
+    return result
 
 
 def _import(service, req: ImportJob, job, progress, cancel) -> JobResult:
@@ -86,7 +91,7 @@ KINDS: dict[str, Kind] = {
     "generate": Kind(GenerateRequest, 10, _generate, lambda r: f"generate {r.n}x {r.prompt!r}",
                      interleaved=True),
     "eval": Kind(EvalRequest, 8, _eval, _eval_summary),
-    "remove": Kind(RemoveJob, 5, _remove, lambda r: f"remove <{r.name}>"),
+    "remove": Kind(RemoveJob, 5, _remove, lambda r: f"remove <{r.name}>{' and its photos' if r.photos else ''}"),
     "import": Kind(ImportJob, 5, _import, lambda r: f"import <{r.name}>" if r.name else "import concept"),
 }
 assert set(KINDS) == set(get_args(JobKind)), "every protocol JobKind has one row"

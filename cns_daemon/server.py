@@ -198,7 +198,10 @@ class App:
         return json_response(self.service.job_info(job), 202)
 
     async def remove(self, req: Request, params: dict) -> Response:
-        job = await asyncio.to_thread(self.service.remove, params["name"])
+        photos = req.query_params.get("photos", "0")
+        if photos not in ("0", "1"):
+            raise BadInput(f"photos must be 0 or 1, not {photos!r}.")
+        job = await asyncio.to_thread(self.service.remove, params["name"], photos == "1")
         return json_response(self.service.job_info(job), 202)
 
     async def export(self, req: Request, params: dict) -> Response:

@@ -103,11 +103,21 @@ class Service:
             self.engine.check_generate(GenerateRequest(prompt=fill(template, req.names)))
         return self.worker.submit("eval", req)
 
-    def remove(self, name: str) -> JobRecord:
+    def remove(self, name: str, photos: bool = False) -> JobRecord:
         # NotFound now rather than from the queue; membership only, so a damaged concept (whose
         # record cannot be decoded) can still be removed.
         self._stored(name)
-        return self.worker.submit("remove", RemoveJob(name=name))
+        return self.worker.submit("remove", RemoveJob(name=name, photos=photos))
+
+    def forget_photos(self, digests: list[str]) -> tuple[int, int]:
+        """Delete these photos from the archive, but those a stored concept or a queued or
+        running learn still names (its photos may be needed to learn it again, or to run).
+        Returns (deleted, kept)."""
+        used = {d for meta in self.store.list() for d in meta.photo_digests}
+        used |= {d for job in self.worker.jobs.jobs(("queued", "running")) if job.kind == "learn"
+                 for d in job.request.get("photo_digests", [])}
+        deleted = sum(self.archive.delete(d) for d in dict.fromkeys(digests) if d not in used)
+        return deleted, len(set(digests)) - deleted
 
     def import_file(self, data: bytes, name: str | None = None) -> JobRecord:
         """`name`: store it under this name instead of the one it was exported with."""

@@ -373,3 +373,27 @@ def test_config_toml_method_and_steps_reach_the_learn_job():
             d.kill(15)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_rm_with_photos_deletes_the_photos_no_other_concept_uses(cones, daemon, tmp_path):
+    """`cones rm NAME --photos`: the concept's archived photos go too (photos of people), but
+    a photo another concept was learned from stays; plain `cones rm` keeps them all."""
+    import hashlib
+
+    from cns_daemon.archive import Archive
+
+    photos = write_photos(tmp_path / "p", 4, seed=300)
+    archive = Archive(daemon.home / "data" / "archive")
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in photos}
+    assert cones("add", "pa", *map(str, photos[:3]), "--class", "dog", "--steps", "2")[0] == 0
+    assert cones("add", "pb", *map(str, photos[2:]), "--class", "dog", "--steps", "2")[0] == 0
+    assert all(archive.has(d) for d in digest.values())
+    code, out = cones("rm", "pa", "--photos")
+    assert code == 0 and "Removed <pa> and 2 archived photos (1 kept: another concept or a queued " \
+        "learn uses it)." in " ".join(out.split()), out
+    assert [archive.has(digest[p.name]) for p in photos] == [False, False, True, True]
+    assert json.loads(cones("show", "pb", "--json")[1])["photos_archived"] == 2
+    assert "remove <pa> and its photos" in [j["summary"] for j in json.loads(cones("jobs", "--json")[1])]
+    code, out = cones("rm", "pb")
+    assert code == 0 and out.strip() == "Removed <pb>."
+    assert archive.has(digest["photo2.png"]) and archive.has(digest["photo3.png"])

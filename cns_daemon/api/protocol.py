@@ -43,7 +43,8 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 # 5: the `storage` error (a folder cannot be written); a learn job keeps its photos' names;
 #    ConceptInfo.learned_with, StatusInfo.memory.
 # 6: an import may name the concept anew (`?name=`); ConceptInfo.photos_archived,
-#    StatusInfo.method, a learn's result says its seed, neurons and bytes.
+#    StatusInfo.method, a learn's result says its seed, neurons and bytes; a removal may take
+#    the concept's archived photos with it (`?photos=1`).
 PROTOCOL_VERSION = "6"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 # The progress message of a learn while a generate runs inside it (`cones jobs` shows it).
@@ -222,6 +223,8 @@ class EvalRequest(Model):
 
 class RemoveJob(Model):
     name: str = Field(pattern=NAME_PATTERN)
+    # Also delete its photos from the archive (those no other concept or queued learn uses)
+    photos: bool = False
 
 
 class ImportJob(Model):
