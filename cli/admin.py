@@ -129,10 +129,16 @@ def _relearn_text(name: str, known, archive_root) -> str:
         return (f"  Which photos <{name}> was learned from is not known here (or they are not in "
                 f"{archive_root}): learn it again from your photos of it.")
     missing = len(known.photo_digests) - len(held)
-    class_word = known.class_word or "CLASS"
-    words = ["cones", "add", name, *map(str, held), "--class", class_word]
+    renamed = name.lstrip("-") or "NEW_NAME"   # a name a command line would read as an option
+    words = ["cones", "add", renamed, *map(str, held), "--class", known.class_word or "CLASS"]
+    for flag, value in (("--method", known.method), ("--steps", known.steps), ("--seed", known.seed)):
+        words += [flag, str(value)] if value not in (None, "") else []
+    for key, value in known.options.items():
+        words += ["--option", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     note = f" ({missing} of its photos are not in the archive)" if missing else ""
-    return f"  Its photos are in the archive{note}; to learn it again:\n    {shlex.join(words)}"
+    new_name = f" (under a new name: '{name}' starts with '-')" if renamed != name else ""
+    return (f"  Its photos are in the archive{note}; to learn it again as it was{new_name}:\n"
+            f"    {shlex.join(words)}")
 
 
 def _check_lines(report) -> list[str]:

@@ -159,13 +159,15 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         method = mine.method
     if steps is None and "steps" in mine.model_fields_set:   # --steps 0 is refused, not "default"
         steps = mine.steps
+    for s in not_photos:   # said first: the service's refusal, if any, cannot name them
+        err_console.print(f"[yellow]skipped[/] {escape(s.file)}: {escape(s.reason)}", highlight=False)
     if not items:
         raise BadPhoto(f"No usable photo for {name!r}: " + "; ".join(f"{s.file}: {s.reason}" for s in not_photos) + ".")
     req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
                  seed=seed, photos=items, options=dict(_option(o) for o in option))
     with client() as c:
         job = c.add(req)
-        for s in not_photos + job.skipped:
+        for s in job.skipped:
             err_console.print(f"[yellow]skipped[/] {escape(s.file)}: {escape(s.reason)}", highlight=False)
         if no_wait:
             print_json(job) if as_json else console.print(f"Queued job {job.id}: {job.summary}")

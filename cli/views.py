@@ -199,8 +199,8 @@ def jobs_table(jobs: Iterable[JobInfo]) -> Table:
 def _result_note(j: JobInfo) -> str:
     """What a finished job made, and the files a learn left out (an inbox learn's folder is gone
     by then: this is where the person sees them)."""
-    skipped = (f"{len(j.skipped)} skipped: " + ", ".join(f"{s.file} ({s.reason})" for s in j.skipped)
-               if j.skipped else "")
+    skipped = (f"{len(j.skipped)} skipped: " + ", ".join(f"{escape(s.file)} ({escape(s.reason)})"
+                                                         for s in j.skipped) if j.skipped else "")
     r = j.result
     if r is None:
         return skipped

@@ -20,6 +20,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -114,20 +115,21 @@ def same_picture(a: bytes, b: bytes) -> bool:
     return bool(diff.mean() < SAME_PICTURE and diff.max() < SAME_PICTURE_MAX)
 
 
-def caption_file(photo: Path) -> Path | None:
-    """The caption beside a photo: `IMG_1.txt` (or `.TXT`, as some cameras and Windows tools
-    write) or `IMG_1.jpg.txt`; None when there is none."""
+def caption_file(photo: Path, exclude: Iterable[str] = ()) -> Path | None:
+    """The caption beside a photo: `IMG_1.jpg.txt`, else `IMG_1.txt` (or `.TXT`, as some cameras
+    and Windows tools write); None when there is none. `exclude`: file names that are never a
+    caption (the inbox's own notes: ERROR.png is not captioned by ERROR.txt)."""
     photo = Path(photo)
-    for txt in (photo.with_suffix(".txt"), photo.with_suffix(".TXT"), photo.with_name(photo.name + ".txt")):
-        if txt != photo and txt.is_file():
+    for txt in (photo.with_name(photo.name + ".txt"), photo.with_suffix(".txt"), photo.with_suffix(".TXT")):
+        if txt != photo and txt.name not in exclude and txt.is_file():
             return txt
     return None
 
 
-def sidecar_caption(path: Path) -> str | None:
+def sidecar_caption(path: Path, exclude: Iterable[str] = ()) -> str | None:
     """The text of the caption beside `path` (`caption_file`), if present and not empty, its
     whitespace collapsed (the inbox, `cones add` and the methods read captions the same way)."""
-    txt = caption_file(path)
+    txt = caption_file(path, exclude)
     if txt is None:
         return None
     raw = txt.read_bytes()

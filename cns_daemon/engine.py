@@ -232,9 +232,13 @@ class Engine:
             method.unlearn(self.pipe, job.name)   # a resident method left it live; not kept
             raise
         note = record.meta.metrics.get("note")
-        return JobResult(concept=job.name, seed=job.seed, metrics={
-            "neurons": int(self.store.overlap(job.name).total), "size_bytes": self.store.size_of(job.name),
-            **({"note": str(note)} if note else {})})
+        metrics = {"note": str(note)} if note else {}
+        try:   # what it came to in the store; the concept is learned whatever these reads do
+            metrics |= {"neurons": int(self.store.overlap(job.name).total),
+                        "size_bytes": self.store.size_of(job.name)}
+        except ConesError as exc:
+            log.warning("learned %s, but its size could not be read: %s", job.name, exc)
+        return JobResult(concept=job.name, seed=job.seed, metrics=metrics or None)
 
     def generate(self, req: GenerateRequest, out_dir: Path, progress: ProgressFn,
                  cancel: CancelToken) -> JobResult:
@@ -310,14 +314,6 @@ class Engine:
                 "eval_clip": clip_id})
         return JobResult(metrics={**result.summary(), "clip": clip_id})
 
-    def photo_digests(self, name: str) -> list[str]:
-        """The photos a concept was learned from, as its metadata says (none when it cannot be
-        read: a damaged concept's photos stay in the archive)."""
-        try:
-            return list(self.store.meta(name).photo_digests)
-        except (NotFound, Corrupt):
-            return []
-
     def remove(self, name: str) -> JobResult:
         """Remove a concept without decoding it (a damaged one can be removed too): the store
         drops its keys, the weights drop it if it is live."""
@@ -336,7 +332,8 @@ class Engine:
                                         "(another CONES_HOME), or learn it again here from its photos.")
         if record.name in self.store:
             raise Conflict(f"A concept named {record.name!r} already exists.",
-                           f"Remove it first with `cones rm {record.name}`, then import again.")
+                           f"Import it under another name (`cones import FILE --name NEW`), or remove "
+                           f"this one first with `cones rm {record.name}`.")
         from cns_daemon.methods.common.tokens import token_words
 
         words = set(token_words(record.meta.token))

@@ -161,10 +161,12 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     """Every input file except the config and caption sidecars is a candidate photo; a
     `photo.txt` beside `photo.png` is that photo's caption."""
     files = input_files(folder)
-    captions = {c for p in files if p.suffix.lower() != ".txt" and (c := caption_file(p)) is not None}
-    candidates = [p for p in files if p.name != CONFIG_FILE and p not in captions]
+    # (names compared in lower case: on a case-insensitive disk IMG.TXT is found as IMG.txt)
+    captions = {c.name.lower() for p in files if p.suffix.lower() != ".txt"
+                and (c := caption_file(p, NOTE_FILES)) is not None}
+    candidates = [p for p in files if p.name != CONFIG_FILE and p.name.lower() not in captions]
     not_images = {p: why for p in candidates if (why := sniff(p)) is not None}
-    good, skipped = check_photos([(p.name, p.read_bytes(), sidecar_caption(p))
+    good, skipped = check_photos([(p.name, p.read_bytes(), sidecar_caption(p, NOTE_FILES))
                                   for p in candidates if p not in not_images])
     broken = sorted(p.name for p in folder.iterdir() if p.is_symlink() and not p.exists())
     nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -174,14 +176,32 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
         SkippedFile(file=n, reason="a link to a file that is not there") for n in broken]
 
 
+def ours(path: Path) -> bool:
+    """Whether a note file is one the service wrote (it carries the inputs signature): a file of
+    the person's that happens to be called ERROR.txt is never removed or written over (a folder
+    may be a link to their own)."""
+    try:
+        return bool(_SIGNATURE_RE.search(path.read_text(encoding="utf-8", errors="replace")))
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+
+
+def drop_notes(folder: Path, keep: str | None = None) -> None:
+    """Remove the service's own notes from a folder (but `keep`)."""
+    for name in NOTE_FILES:
+        if name != keep and ours(folder / name):
+            (folder / name).unlink(missing_ok=True)
+
+
 def write_note(folder: Path, note: str, lines: list[str], signature: str) -> None:
     """Write one of the service's notes (and drop the other kind): what happened, what to do,
-    and the signature of the inputs it speaks of."""
+    and the signature of the inputs it speaks of. OSError where a file of the person's holds
+    its name."""
     lines = lines + ["Your files are untouched; this note is replaced on the next try.",
                      f"(cones: inputs {signature})", ""]
-    for other in NOTE_FILES:
-        if other != note:
-            (folder / other).unlink(missing_ok=True)
+    drop_notes(folder, keep=note)
+    if (folder / note).exists() and not ours(folder / note):
+        raise FileExistsError(f"{folder / note} is not a note of cones's; it is left as it is")
     (folder / note).write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -388,8 +408,7 @@ class Inbox:
             self._in_flight[folder.name] = job.id
             self._taken[folder.name] = signature
             self._remember(folder)
-        for note in NOTE_FILES:
-            (folder / note).unlink(missing_ok=True)
+        drop_notes(folder)
         log.info("inbox folder %s taken as job %s (%d photos, %d skipped%s)", folder.name, job.id,
                  len(photos), len(skipped), "".join(f"; {s.file}: {s.reason}" for s in skipped))
         return job

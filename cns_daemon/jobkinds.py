@@ -50,10 +50,12 @@ def _eval(service, req: EvalRequest, job, progress, cancel) -> JobResult:
 
 
 def _remove(service, req: RemoveJob, job, progress, cancel) -> JobResult:
-    digests = service.engine.photo_digests(req.name) if req.photos else []
-    result = service.engine.remove(req.name)
+    if job.attempts > 1 and req.name not in service.store:
+        result = JobResult(concept=req.name)   # a retry after a crash: the first run removed it
+    else:
+        result = service.engine.remove(req.name)
     if req.photos:
-        deleted, kept = service.forget_photos(digests)
+        deleted, kept = service.forget_photos(req.photo_digests)
         result.metrics = {"photos_deleted": deleted, "photos_kept": kept}
     return result
 

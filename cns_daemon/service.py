@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 import time
 import uuid
 from importlib.metadata import version as dist_version
@@ -16,7 +17,7 @@ from typing import Callable
 
 from cns_daemon import jobkinds
 from cns_daemon.archive import Archive, CheckedPhoto, atomic_write, check_photos
-from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, NotFound
+from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, NotFound
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.methods.base import CancelToken, ProgressEvent
 from cns_daemon.api.protocol import (MAX_PHOTOS, MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION,
@@ -42,6 +43,10 @@ class Service:
         self.inbox_watched = False
         self.job_listeners: list[Callable[[JobRecord], None]] = []
         self.worker = Worker(store, self._run, on_change=self._job_changed)
+        # Held while photos go into the archive until their learn is queued, and while a removal
+        # decides which photos nothing uses any more and deletes them: neither sees the other
+        # half done (a shared photo deleted between a new learn's archiving and its queueing).
+        self._archive_lock = threading.Lock()
 
     # ------------------------------------------------------------ submissions
 
@@ -74,14 +79,15 @@ class Service:
                            "at least 32x32 pixels).")
         self._check_name_free(name)
         self.engine.check_learn(method, steps, options or {})
-        digests = [self.archive.put(p) for p in photos]
-        job = LearnJob(name=name, class_word=class_word, method=method,
-                       steps=steps, seed=seed, options=options or {}, photo_digests=digests,
-                       photo_names=[p.filename for p in photos],
-                       photo_captions=[p.caption for p in photos],
-                       skipped=skipped,
-                       source=source, inbox_folder=inbox_folder)
-        return self.worker.submit("learn", job)
+        with self._archive_lock:
+            digests = [self.archive.put(p) for p in photos]
+            job = LearnJob(name=name, class_word=class_word, method=method,
+                           steps=steps, seed=seed, options=options or {}, photo_digests=digests,
+                           photo_names=[p.filename for p in photos],
+                           photo_captions=[p.caption for p in photos],
+                           skipped=skipped,
+                           source=source, inbox_folder=inbox_folder)
+            return self.worker.submit("learn", job)
 
     def generate(self, req: GenerateRequest) -> JobRecord:
         from cns_daemon.prompts import referenced_names
@@ -107,17 +113,38 @@ class Service:
         # NotFound now rather than from the queue; membership only, so a damaged concept (whose
         # record cannot be decoded) can still be removed.
         self._stored(name)
-        return self.worker.submit("remove", RemoveJob(name=name, photos=photos))
+        # Which photos go is decided now and kept in the job: a removal retried after a crash
+        # finds the concept gone and still knows them.
+        digests = self.concept_photos(name) if photos else []
+        return self.worker.submit("remove", RemoveJob(name=name, photos=photos, photo_digests=digests))
+
+    def concept_photos(self, name: str) -> list[str]:
+        """The photos a concept was learned from: its metadata's, or, where that cannot be read
+        (a damaged concept), those of the newest finished learn of that name."""
+        try:
+            return list(self.store.meta(name).photo_digests)
+        except ConesError:
+            pass
+        learns = [j for j in self.worker.jobs.jobs(("done",))
+                  if j.kind == "learn" and j.request.get("name") == name]
+        newest = max(learns, key=lambda j: j.created, default=None)
+        return list(newest.request.get("photo_digests", [])) if newest else []
 
     def forget_photos(self, digests: list[str]) -> tuple[int, int]:
-        """Delete these photos from the archive, but those a stored concept or a queued or
-        running learn still names (its photos may be needed to learn it again, or to run).
-        Returns (deleted, kept)."""
-        used = {d for meta in self.store.list() for d in meta.photo_digests}
-        used |= {d for job in self.worker.jobs.jobs(("queued", "running")) if job.kind == "learn"
-                 for d in job.request.get("photo_digests", [])}
-        deleted = sum(self.archive.delete(d) for d in dict.fromkeys(digests) if d not in used)
-        return deleted, len(set(digests)) - deleted
+        """Delete these photos from the archive, but those a stored concept (damaged ones too)
+        or a queued or running learn still names: they may be needed to learn it again, or to
+        run. Returns (deleted, kept); photos not in the archive count in neither."""
+        with self._archive_lock:
+            readable = self.store.list()
+            used = {d for meta in readable for d in meta.photo_digests}
+            for name in set(self.store.names()) - {m.name for m in readable}:
+                used |= set(self.concept_photos(name))
+            used |= {d for job in self.worker.jobs.jobs(("queued", "running")) if job.kind == "learn"
+                     for d in job.request.get("photo_digests", [])}
+            wanted = list(dict.fromkeys(digests))
+            kept = sum(1 for d in wanted if d in used and self.archive.has(d))
+            deleted = sum(self.archive.delete(d) for d in wanted if d not in used)
+        return deleted, kept
 
     def import_file(self, data: bytes, name: str | None = None) -> JobRecord:
         """`name`: store it under this name instead of the one it was exported with."""

@@ -38,11 +38,15 @@ class CheckReport:
 
 @dataclass
 class LostConcept:
-    """What is known of a concept salvage could not copy, to learn it again: its class and the
-    digests of the photos it was learned from (from its metadata when that still reads, else
-    from the latest learn job that made it; empty when neither does)."""
+    """What is known of a concept salvage could not copy, to learn it again as it was: its
+    class, the photos it was learned from and what it was learned with (from its metadata when
+    that still reads, else from the newest learn job that made it; empty when neither does)."""
     class_word: str = ""
     photo_digests: list[str] = field(default_factory=list)
+    method: str = ""
+    steps: int | None = None
+    seed: int | None = None
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -140,11 +144,15 @@ def _what_is_known(old: ConceptStore, name: str, learns: list) -> LostConcept:
     try:
         meta = old.meta(name)
         if meta.photo_digests:
-            return LostConcept(meta.class_word, list(meta.photo_digests))
+            hp = meta.hparams
+            return LostConcept(meta.class_word, list(meta.photo_digests), meta.method,
+                               hp.get("steps"), hp.get("seed"), dict(hp.get("options_given", {})))
     except ConesError:
         pass
     for job in sorted(learns, key=lambda j: j.created, reverse=True):
         req = job.request
         if req.get("name") == name and req.get("photo_digests"):
-            return LostConcept(str(req.get("class_word", "")), [str(d) for d in req["photo_digests"]])
+            return LostConcept(str(req.get("class_word", "")), [str(d) for d in req["photo_digests"]],
+                               str(req.get("method", "")), req.get("steps"), req.get("seed"),
+                               dict(req.get("options", {})))
     return LostConcept()

@@ -399,3 +399,22 @@ def test_photos_one_folder_too_deep_are_named(tmp_path):
     assert len(good) == 1
     assert [(s.file, s.reason) for s in skipped] == [
         ("iphone/", "a folder: photos in sub-folders are not read; move them up into sub.star")]
+
+
+def test_the_services_notes_are_no_captions_and_a_persons_file_of_that_name_is_left_alone(tmp_path):
+    """ERROR.png is not captioned by the service's ERROR.txt; an ERROR.txt the service did not
+    write (a linked folder is the person's own) is neither removed nor written over."""
+    from cns_daemon.inbox import drop_notes, write_note
+
+    write_photos(tmp_path, 2)
+    (tmp_path / "photo1.png").rename(tmp_path / "ERROR.png")
+    write_note(tmp_path, ERROR_FILE, ["why"], "0123456789abcdef")
+    good, _ = read_photos(tmp_path)
+    assert {p.filename: p.caption for p in good} == {"photo0.png": None, "ERROR.png": None}
+    drop_notes(tmp_path)
+    assert not (tmp_path / ERROR_FILE).exists()
+    (tmp_path / ERROR_FILE).write_text("my own list of errors")
+    drop_notes(tmp_path)
+    with pytest.raises(FileExistsError):
+        write_note(tmp_path, ERROR_FILE, ["why"], "0123456789abcdef")
+    assert (tmp_path / ERROR_FILE).read_text() == "my own list of errors"

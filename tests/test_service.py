@@ -397,3 +397,43 @@ def test_rm_with_photos_deletes_the_photos_no_other_concept_uses(cones, daemon, 
     code, out = cones("rm", "pb")
     assert code == 0 and out.strip() == "Removed <pb>."
     assert archive.has(digest["photo2.png"]) and archive.has(digest["photo3.png"])
+
+
+def test_rm_with_photos_keeps_a_photo_a_queued_learn_needs(cones, daemon, tmp_path):
+    """A learn queued behind the running one names a photo of the concept being removed: the
+    removal (which runs first: it outranks learns) keeps it, and the learn then has it."""
+    import hashlib
+
+    from cns_daemon.archive import Archive
+
+    photos = write_photos(tmp_path / "q", 3, seed=400)
+    others = write_photos(tmp_path / "o", 2, seed=450)
+    archive = Archive(daemon.home / "data" / "archive")
+    shared = hashlib.sha256(photos[0].read_bytes()).hexdigest()
+    assert cones("add", "qa", *map(str, photos[:2]), "--class", "dog", "--steps", "2")[0] == 0
+    with Client(daemon.socket) as c:
+        busy = json.loads(cones("add", "qbusy", *map(str, others), "--class", "dog", "--steps", "150",
+                                "--no-wait", "--json")[1])["id"]
+        wait_until(lambda: c.job(busy).state == "running", what="a learn running")
+        queued = json.loads(cones("add", "qnext", str(photos[0]), str(photos[2]), "--class", "dog",
+                                  "--steps", "2", "--no-wait", "--json")[1])["id"]
+        code, out = cones("rm", "qa", "--photos")
+        assert code == 0 and "Removed <qa> and 1 archived photo (1 kept" in " ".join(out.split()), out
+        assert archive.has(shared)
+        wait_until(lambda: c.job(queued).state == "done", timeout=30, what="the queued learn done")
+
+
+def test_a_removal_retried_after_a_crash_still_deletes_its_photos():
+    """The first run removed the concept and died before the photos: the retry finds the
+    concept gone, does not fail on it, and deletes the photos the job recorded."""
+    from types import SimpleNamespace
+
+    from cns_daemon.api.protocol import RemoveJob
+    from cns_daemon.jobkinds import _remove
+
+    forgotten = []
+    service = SimpleNamespace(store=set(), forget_photos=lambda d: forgotten.append(d) or (len(d), 0))
+    req = RemoveJob(name="gone", photos=True, photo_digests=["ab" * 32])
+    result = _remove(service, req, SimpleNamespace(attempts=2), None, None)
+    assert result.concept == "gone" and result.metrics == {"photos_deleted": 1, "photos_kept": 0}
+    assert forgotten == [["ab" * 32]]

@@ -227,10 +227,14 @@ def test_salvage_says_how_to_learn_a_lost_concept_again_from_its_archived_photos
     commands = [line.strip() for line in out.splitlines() if line.strip().startswith("cones add ")]
     by_name = {shlex.split(c)[2]: shlex.split(c) for c in commands}
     assert set(by_name) == {"rex", "mug"}, out
-    for name, n, class_word in (("rex", 3, "dog"), ("mug", 2, "mug")):
+    # what it was learned with: from rex's learn job (all of it), from mug's metadata (what the
+    # test double records: the method)
+    for name, n, rest in (("rex", 3, ["--class", "dog", "--method", "cns", "--steps", "2", "--seed", "0"]),
+                          ("mug", 2, ["--class", "mug", "--method", "cns"])):
         words = by_name[name]
-        assert words[-2:] == ["--class", class_word]
-        archived = words[3:-2]
+        at = words.index("--class")
+        assert words[at:] == rest, words
+        archived = words[3:at]
         assert len(archived) == n and all(Path(p).is_file() for p in archived)
         assert all(str(h / "data") in p for p in archived)
     # the command it printed works: the concept is back

@@ -223,8 +223,10 @@ class EvalRequest(Model):
 
 class RemoveJob(Model):
     name: str = Field(pattern=NAME_PATTERN)
-    # Also delete its photos from the archive (those no other concept or queued learn uses)
+    # Also delete its photos from the archive (those no other concept or queued learn uses):
+    # which ones, as the service found them when the removal was asked for
     photos: bool = False
+    photo_digests: list[str] = Field(default_factory=list)
 
 
 class ImportJob(Model):
