@@ -247,6 +247,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
         service = Service(settings, store, engine, archive)
         for job in service.worker.recover():
             log.warning("job %s (%s) left running by the previous process: %s", job.id, job.kind, job.state)
+        service.prune_jobs()
         notifier.status("loading the model")
         engine.start()
         service.job_listeners.append(lambda job: notifier.status(_status_line(service)))

@@ -20,7 +20,7 @@ from cns_daemon.archive import Archive, CheckedPhoto, atomic_write, check_photos
 from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, NotFound
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.methods.base import CancelToken, ProgressEvent
-from cns_daemon.api.protocol import (MAX_PHOTOS, MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION,
+from cns_daemon.api.protocol import (FINAL_STATES, MAX_PHOTOS, MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION,
                                      TOO_MANY_HINT, AddRequest, ConceptInfo, EvalRequest,
                                      GenerateRequest, ImportJob, JobInfo, JobResult, LearnJob,
                                      QueueInfo, RemoveJob, SkippedFile, StatusInfo, learn_steps,
@@ -30,6 +30,8 @@ from cns_daemon.worker import Worker, get_job_or_404
 from store.records import JobRecord
 
 log = logging.getLogger(__name__)
+
+PRUNE_EVERY = 50   # finished jobs between two prunings (Service.prune_jobs)
 
 
 class Service:
@@ -47,6 +49,7 @@ class Service:
         # decides which photos nothing uses any more and deletes them: neither sees the other
         # half done (a shared photo deleted between a new learn's archiving and its queueing).
         self._archive_lock = threading.Lock()
+        self._finished = 0   # jobs finished since start-up (pruning runs every PRUNE_EVERY)
 
     # ------------------------------------------------------------ submissions
 
@@ -237,7 +240,34 @@ class Service:
              cancel: CancelToken) -> JobResult:
         return jobkinds.run(self, job, progress, cancel)
 
+    def prune_jobs(self) -> int:
+        """Delete the finished jobs beyond the newest `keep_jobs`, but the newest finished learn
+        of each stored concept (salvage and `rm --photos` read its photos there). Returns how
+        many went. Their images in outputs/ are the person's and stay."""
+        finished = sorted((j for j in self.worker.jobs.jobs() if j.state in FINAL_STATES),
+                          key=lambda j: j.created, reverse=True)
+        if len(finished) <= self.settings.keep_jobs:
+            return 0
+        stored, kept_learns = set(self.store.names()), {}
+        for job in finished:
+            name = job.request.get("name")
+            if job.kind == "learn" and job.state == "done" and name in stored:
+                kept_learns.setdefault(name, job.id)
+        doomed = [j.id for j in finished[self.settings.keep_jobs:] if j.id not in kept_learns.values()]
+        for job_id in doomed:
+            self.store.delete_job(job_id)
+        if doomed:
+            log.info("pruned %d finished jobs (keeping the newest %d)", len(doomed), self.settings.keep_jobs)
+        return len(doomed)
+
     def _job_changed(self, job: JobRecord) -> None:
+        if job.state in FINAL_STATES:   # now and then, not after every job: pruning reads them all
+            self._finished += 1
+            if self._finished % PRUNE_EVERY == 0:
+                try:
+                    self.prune_jobs()
+                except ConesError as exc:
+                    log.warning("finished jobs could not be pruned: %s", exc.message)
         for listener in list(self.job_listeners):
             try:
                 listener(job)

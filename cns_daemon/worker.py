@@ -32,6 +32,7 @@ from store.records import JobRecord
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2  # the first run plus one re-run after a crash
+IDLE_POLL_SECONDS = 10.0
 CANCELLED_AT_STOP = "Cancelled; the service stopped before the job ended."
 CRASH_REASON = ("The service stopped while this job was running, twice; it was not tried again.")
 RESTARTED = "restarted after the service stopped"
@@ -102,6 +103,7 @@ class Worker:
         self.hub = ProgressHub()
         self._lock = threading.Lock()          # job state transitions (submit/cancel vs start)
         self._wake = threading.Condition()
+        self._kicked = False   # a job was submitted (or a stop asked) since the queue was last read
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._running: list[tuple[JobRecord, CancelToken]] = []   # outermost first
@@ -141,8 +143,7 @@ class Worker:
         with self._lock:
             for _, token in self._running:
                 token.cancel()
-        with self._wake:
-            self._wake.notify_all()
+        self._kick()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -163,9 +164,13 @@ class Worker:
                     if pausable(running.kind):
                         token.request_pause()
         self.on_change(job)
-        with self._wake:
-            self._wake.notify_all()
+        self._kick()
         return job
+
+    def _kick(self) -> None:
+        with self._wake:
+            self._kicked = True
+            self._wake.notify_all()
 
     def cancel(self, job_id: str) -> JobRecord:
         """A queued job is cancelled at once; a running one at its next step."""
@@ -215,8 +220,12 @@ class Worker:
                     self._wake.wait(timeout=30.0)
                 continue
             if job is None:
+                # Woken by a submit (or a stop); the timeout only re-reads the queue now and then,
+                # since reading it decodes every job record.
                 with self._wake:
-                    self._wake.wait(timeout=1.0)
+                    if not self._kicked:
+                        self._wake.wait(timeout=IDLE_POLL_SECONDS)
+                    self._kicked = False
                 continue
             self._run_one(job)
 

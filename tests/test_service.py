@@ -437,3 +437,25 @@ def test_a_removal_retried_after_a_crash_still_deletes_its_photos():
     result = _remove(service, req, SimpleNamespace(attempts=2), None, None)
     assert result.concept == "gone" and result.metrics == {"photos_deleted": 1, "photos_kept": 0}
     assert forgotten == [["ab" * 32]]
+
+
+def test_finished_jobs_beyond_the_kept_number_are_pruned_at_start(tmp_path, monkeypatch):
+    """keep_jobs: the newest finished jobs stay, older ones go at start-up (and every 50
+    finished jobs); the newest learn of a stored concept stays however old (salvage reads it)."""
+    home = short_home()
+    try:
+        d = start_daemon(home, CONES_KEEP_JOBS="10")
+        cones = cli_in_process(home, monkeypatch)
+        photos = write_photos(tmp_path / "k", 2)
+        assert cones("add", "keepme", *map(str, photos), "--class", "dog", "--steps", "2")[0] == 0
+        for i in range(14):
+            assert cones("generate", "a photo of <keepme>", "--steps", "1", "--seed", str(i))[0] == 0
+        assert len(json.loads(cones("jobs", "--json", "--limit", "100")[1])) == 15
+        d.kill(15)
+        d = start_daemon(home, CONES_KEEP_JOBS="10")
+        jobs = json.loads(cones("jobs", "--json", "--limit", "100")[1])
+        assert len(jobs) == 11 and sum(j["kind"] == "learn" for j in jobs) == 1, jobs
+        assert sorted(j["result"]["seed"] for j in jobs if j["kind"] == "generate") == list(range(4, 14))
+        d.kill(15)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

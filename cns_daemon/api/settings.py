@@ -118,6 +118,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     # A request head (request line + headers) must arrive within this many seconds.
     header_timeout_seconds: float = Field(10.0, gt=0.0, le=600.0)
+    # Finished jobs kept (newest first; `cones jobs` lists them): the queue reads every record
+    # it holds, so 20,000 of them made an idle service use a third of a core (a walkthrough).
+    # The newest finished learn of each stored concept is always kept (salvage reads it).
+    keep_jobs: int = Field(1000, ge=10)
 
     @field_validator("home", "data_dir", "runtime_dir", "inbox_dir", "model", mode="before")
     @classmethod
