@@ -98,7 +98,22 @@ def human_size(n: int) -> str:
 
 
 def overlap_text(overlap: dict[str, int]) -> str:
-    return ", ".join(f"{k}:{v:,}" for k, v in sorted(overlap.items())) or "-"
+    """Every concept it shares neurons with, most shared first (`cones show`)."""
+    return ", ".join(f"{k}: {v:,}" for k, v in _by_share(overlap)) or "-"
+
+
+def overlap_summary(overlap: dict[str, int]) -> str:
+    """The one it shares most with, and how many more (`cones list`: a column listing every
+    earlier concept grew with the square of their number, and 80 columns split its numbers)."""
+    ranked = _by_share(overlap)
+    if not ranked:
+        return "-"
+    (name, count), more = ranked[0], len(ranked) - 1
+    return f"{name}: {count:,}" + (f" (+{more})" if more else "")
+
+
+def _by_share(overlap: dict[str, int]) -> list[tuple[str, int]]:
+    return sorted(overlap.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def metric_text(value) -> str:
@@ -129,7 +144,7 @@ def concepts_table(concepts: Iterable[ConceptInfo]) -> Table:
     for c in concepts:
         table.add_row(c.name, STATE_LABELS.get(c.state, c.state), c.method or "?",
                       c.class_word or "?", human_size(c.size_bytes), f"{c.neurons:,}",
-                      overlap_text(c.overlap), ago(c.created) if c.created else "-")
+                      overlap_summary(c.overlap), ago(c.created) if c.created else "-")
     return table
 
 

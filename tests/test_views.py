@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 from rich.console import Console
 
@@ -50,10 +51,32 @@ def test_concept_list_keeps_names_and_figures_whole_at_80_columns():
     column = ["".join(row[i].strip() for row in cells) for i in range(8)]   # folded cells joined
     assert column[0] == "".join(c.name for c in concepts), text
     assert column[4] == "50.0 kB" * 3 or column[4].replace(" ", "") == "50.0kB" * 3, text
-    assert "SLOW:9,962" in column[6].replace(" ", ""), text
+    # the list names the concept shared with most and counts the rest; `show` lists them all
+    assert column[6].replace(" ", "") == "star2:15,230(+1)" * 3, text
     out = io.StringIO()
     Console(file=out, width=80, force_terminal=False).print(concept_table(concepts[0]))
     assert "0.2123" in out.getvalue() and "0.21230246" not in out.getvalue()
+    assert "star2: 15,230, SLOW: 9,962" in out.getvalue()
+
+
+def test_the_concept_list_stays_one_line_a_concept_as_concepts_add_up():
+    """28 concepts each sharing neurons with every earlier one: at 80 columns the list stays
+    at most two lines a concept, no number split (the overlap column listed them all: 328
+    lines, numbers broken across them)."""
+    import time
+
+    from cli.views import concepts_table
+    from cns_daemon.api.protocol import ConceptInfo
+
+    concepts = [ConceptInfo(name=f"k{i}", method="cns", class_word="star", token="t", created=time.time(),
+                            photos=3, size_bytes=40_000, neurons=20_000,
+                            overlap={f"k{j}": 10_000 + 13 * j for j in range(i)}) for i in range(28)]
+    out = io.StringIO()
+    Console(file=out, width=80, force_terminal=False).print(concepts_table(concepts))
+    rows = [line for line in out.getvalue().splitlines() if line.startswith("│")]
+    assert len(rows) <= 2 * 28, out.getvalue()
+    cells = [row.split("│")[7].strip() for row in rows]
+    assert all(re.fullmatch(r"-|k\d+: 10,\d{3}|\(\+\d+\)|k\d+: 10,\d{3} \(\+\d+\)|", c) for c in cells), cells
 
 
 def test_a_learn_paused_for_a_generate_says_so_in_the_jobs_table():
