@@ -248,6 +248,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
         for job in service.worker.recover():
             log.warning("job %s (%s) left running by the previous process: %s", job.id, job.kind, job.state)
         service.prune_jobs()
+        service.sweep()
         notifier.status("loading the model")
         engine.start()
         service.job_listeners.append(lambda job: notifier.status(_status_line(service)))

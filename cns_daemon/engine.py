@@ -29,6 +29,8 @@ from store.records import ConceptMeta, ConceptRecord, Overlap
 
 log = logging.getLogger(__name__)
 
+PARTIAL_PREFIX = ".partial-"   # an output folder being written (save_images)
+
 TINY_MODEL = "tiny"   # settings.model value: the seeded tiny test pipeline (tests, benches)
 
 
@@ -501,21 +503,24 @@ def generation_caption(req: GenerateRequest) -> str:
 
 def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | None = None,
                 seed: int | None = None) -> JobResult:
-    """PNG per image plus a contact sheet of all of them (cns_daemon.sheet)."""
+    """PNG per image plus a contact sheet of all of them (cns_daemon.sheet), written into a
+    hidden folder beside `out_dir` and renamed to it when whole: a full disk or a process
+    killed half-way leaves no folder of half the images (Service.sweep removes what a killed
+    one left)."""
     from cns_daemon.sheet import contact_sheet
 
     if not images:
         raise Internal("The generation returned no images.")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    partial = out_dir.with_name(PARTIAL_PREFIX + out_dir.name)
+    partial.mkdir(parents=True, exist_ok=True)
+    names = [f"{i:02d}.png" for i in range(len(images))]
     try:
-        for i, img in enumerate(images):
-            path = out_dir / f"{i:02d}.png"
-            img.save(path)
-            paths.append(str(path))
-        sheet_path = out_dir / "contact-sheet.png"
-        contact_sheet(images, caption, labels).save(sheet_path)
+        for name, img in zip(names, images):
+            img.save(partial / name)
+        contact_sheet(images, caption, labels).save(partial / "contact-sheet.png")
+        partial.rename(out_dir)
     except OSError:   # a full disk: no cut images left behind (the folder is this job's own)
-        shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
         raise
-    return JobResult(images=paths, contact_sheet=str(sheet_path), seed=seed)
+    return JobResult(images=[str(out_dir / n) for n in names],
+                     contact_sheet=str(out_dir / "contact-sheet.png"), seed=seed)

@@ -277,6 +277,8 @@ class Inbox:
             else:
                 self._in_flight[folder] = job.id
                 self._remember(self.root / folder)
+                if not (self.root / folder).exists():   # renamed while the service was down or
+                    self._follow_at_start(folder, job)  # before it stopped: the rename is not kept
         self._note_ended_at_start(jobs)
         self.service.job_listeners.append(self._job_changed)
 
@@ -297,6 +299,25 @@ class Inbox:
         self._thread.start()
         log.info("watching the inbox %s (settle %.1fs)", self.root, self.settle)
 
+    def _renamed_folder(self, job: JobRecord) -> Path | None:
+        """The inbox folder, under another name than the job's, that holds this job's photos."""
+        taken = job.request.get("inbox_folder")
+        return next((p for p in sorted(self.root.iterdir()) if p.is_dir() and p.name != taken
+                     and not p.name.startswith(".") and holds_photos_of(p, job)), None)
+
+    def _follow_at_start(self, folder_name: str, job: JobRecord) -> None:
+        """An in-flight folder not under its name at start-up: the one holding its photos is it,
+        renamed (the previous process followed the rename in memory only); its clean-up goes
+        there and it is not taken again as a new folder."""
+        renamed = self._renamed_folder(job)
+        if renamed is not None:
+            log.info("inbox folder %s is %s now; job %s's clean-up follows it", folder_name,
+                     renamed.name, job.id)
+            self._moved[folder_name] = renamed.name
+            ident = file_identity(renamed)
+            if ident is not None:
+                self._idents[folder_name] = ident
+
     def _note_ended_at_start(self, jobs: list[JobRecord]) -> None:
         """A folder whose learn ended at start-up (no inbox listened then) gets its note now, so
         it is not taken again as if new: failed because the service stopped under it twice (a
@@ -309,10 +330,15 @@ class Inbox:
             if folder and (folder not in newest or job.created > newest[folder].created):
                 newest[folder] = job
         for folder_name, job in newest.items():
+            if (job.error or {}).get("message") not in (CRASH_REASON, CANCELLED_AT_STOP):
+                continue
             folder = self.root / folder_name
-            if ((job.error or {}).get("message") in (CRASH_REASON, CANCELLED_AT_STOP)
-                    and folder.is_dir() and noted_signature(folder) is None
-                    and holds_photos_of(folder, job)):
+            if not folder.is_dir():   # renamed before the service came back: the note goes there
+                folder = self._renamed_folder(job)
+                if folder is None:
+                    continue
+                self._moved[folder_name] = folder.name
+            if noted_signature(folder) is None and holds_photos_of(folder, job):
                 self._job_changed(job)
 
     def stop(self) -> None:
@@ -420,11 +446,18 @@ class Inbox:
         with self._lock:
             signature = self._taken.pop(folder_name, None)
             moved = self._moved.pop(folder_name, None)
-            self._idents.pop(folder_name, None)
+            ident = self._idents.pop(folder_name, None)
         folder = self.root / (moved or folder_name)
         if moved:
             signature = None   # taken under another name: its inputs as they are now
         try:
+            if ident is not None and folder.is_dir() and (
+                    file_identity(folder) != ident or not holds_photos_of(folder, job)):
+                # The folder this job took was removed and another dropped under its name (on a
+                # new inode, or the freed one): that one is new, and the next scan takes it (it
+                # was swallowed into the leftovers).
+                log.info("inbox folder %s is a new folder of that name: left to be taken", folder.name)
+                return
             if job.state == "done":
                 self._clear(folder, job)
             elif folder.is_dir():

@@ -9,14 +9,17 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import threading
 import time
 import uuid
 from importlib.metadata import version as dist_version
+from pathlib import Path
 from typing import Callable
 
 from cns_daemon import jobkinds
 from cns_daemon.archive import Archive, CheckedPhoto, atomic_write, check_photos
+from cns_daemon.engine import PARTIAL_PREFIX
 from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, NotFound
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.methods.base import CancelToken, ProgressEvent
@@ -45,10 +48,11 @@ class Service:
         self.inbox_watched = False
         self.job_listeners: list[Callable[[JobRecord], None]] = []
         self.worker = Worker(store, self._run, on_change=self._job_changed)
-        # Held while photos go into the archive until their learn is queued, and while a removal
-        # decides which photos nothing uses any more and deletes them: neither sees the other
-        # half done (a shared photo deleted between a new learn's archiving and its queueing).
-        self._archive_lock = threading.Lock()
+        # Held from a request's checks of names and photos to its job being queued, and while a
+        # removal decides which photos nothing uses any more and deletes them: none sees another
+        # half done (two adds of one name both passed the check; a shared photo was deleted
+        # between a new learn's archiving and its queueing).
+        self._queue_lock = threading.Lock()
         self._finished = 0   # jobs finished since start-up (pruning runs every PRUNE_EVERY)
 
     # ------------------------------------------------------------ submissions
@@ -80,9 +84,9 @@ class Service:
             raise BadPhoto(f"{head}; learning needs at least {MIN_PHOTOS} different photos ({why}).",
                            "Give 3-5 different photos of it (PNG, JPEG, WebP, BMP, GIF or TIFF, "
                            "at least 32x32 pixels).")
-        self._check_name_free(name)
         self.engine.check_learn(method, steps, options or {})
-        with self._archive_lock:
+        with self._queue_lock:
+            self._check_name_free(name)
             digests = [self.archive.put(p) for p in photos]
             job = LearnJob(name=name, class_word=class_word, method=method,
                            steps=steps, seed=seed, options=options or {}, photo_digests=digests,
@@ -115,11 +119,16 @@ class Service:
     def remove(self, name: str, photos: bool = False) -> JobRecord:
         # NotFound now rather than from the queue; membership only, so a damaged concept (whose
         # record cannot be decoded) can still be removed.
-        self._stored(name)
-        # Which photos go is decided now and kept in the job: a removal retried after a crash
-        # finds the concept gone and still knows them.
-        digests = self.concept_photos(name) if photos else []
-        return self.worker.submit("remove", RemoveJob(name=name, photos=photos, photo_digests=digests))
+        with self._queue_lock:
+            self._stored(name)
+            pending = self._pending(name, ("remove",))
+            if pending is not None:
+                raise Conflict(f"{name!r} is already being removed (job {pending.id}).",
+                               "Wait for it: `cones jobs` shows it.")
+            # Which photos go is decided now and kept in the job: a removal retried after a crash
+            # finds the concept gone and still knows them.
+            digests = self.concept_photos(name) if photos else []
+            return self.worker.submit("remove", RemoveJob(name=name, photos=photos, photo_digests=digests))
 
     def concept_photos(self, name: str) -> list[str]:
         """The photos a concept was learned from: its metadata's, or, where that cannot be read
@@ -137,7 +146,7 @@ class Service:
         """Delete these photos from the archive, but those a stored concept (damaged ones too)
         or a queued or running learn still names: they may be needed to learn it again, or to
         run. Returns (deleted, kept); photos not in the archive count in neither."""
-        with self._archive_lock:
+        with self._queue_lock:
             readable = self.store.list()
             used = {d for meta in readable for d in meta.photo_digests}
             for name in set(self.store.names()) - {m.name for m in readable}:
@@ -157,10 +166,27 @@ class Service:
         if name is not None:
             validate_new_name(name)
         name = name or record.name
-        self._check_name_free(name, imported=True)
         staged = self.paths.data / "imports" / f"{uuid.uuid4().hex}.safetensors"
         atomic_write(staged, data)   # a full disk leaves no cut file behind
-        return self.worker.submit("import", ImportJob(staged=str(staged), name=name))
+        try:
+            with self._queue_lock:
+                self._check_name_free(name, imported=True)
+                return self.worker.submit("import", ImportJob(staged=str(staged), name=name))
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+
+    def sweep(self) -> None:
+        """Start-up: what a process that died left half made. Output folders a generate was
+        still writing (the job runs again into a new one) and uploads of imports no queued
+        job will run (cancelled before they started, or refused)."""
+        for partial in self.paths.outputs.glob(f"{PARTIAL_PREFIX}*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        wanted = {job.request.get("staged") for job in self.worker.jobs.jobs(("queued", "running"))
+                  if job.kind == "import"}
+        for upload in (self.paths.data / "imports").glob("*.safetensors"):
+            if str(upload) not in wanted:
+                upload.unlink(missing_ok=True)
 
     def export(self, name: str) -> bytes:
         from cns_daemon.transfer import encode
@@ -178,15 +204,21 @@ class Service:
                            f"Import it under another name (`cones import FILE --name NEW`), or remove "
                            f"this one first with `cones rm {name}`." if imported else
                            f"Pick another name, or remove it first with `cones rm {name}`.")
-        job = self._learning(name)
+        job = self._pending(name, ("learn", "import"))
         if job is not None:
-            raise Conflict(f"A concept named {name!r} is already being learned (job {job.id}).",
+            doing = "learned" if job.kind == "learn" else "imported"
+            raise Conflict(f"A concept named {name!r} is already being {doing} (job {job.id}).",
                            f"Wait for it (`cones jobs`) or cancel it with `cones cancel {job.id}`.")
 
     def _learning(self, name: str) -> JobRecord | None:
         """The queued or running learn of `name`, if any."""
+        return self._pending(name, ("learn",))
+
+    def _pending(self, name: str, kinds: tuple[str, ...]) -> JobRecord | None:
+        """The queued or running job of one of `kinds` for the concept `name`, if any (an import
+        job names its concept since protocol 6)."""
         for job in self.worker.jobs.jobs(("queued", "running")):
-            if job.kind == "learn" and job.request.get("name") == name:
+            if job.kind in kinds and job.request.get("name") == name:
                 return job
         return None
 
@@ -261,6 +293,8 @@ class Service:
         return len(doomed)
 
     def _job_changed(self, job: JobRecord) -> None:
+        if job.kind == "import" and job.state in FINAL_STATES:   # cancelled before it ran, too
+            Path(job.request.get("staged", "")).unlink(missing_ok=True)
         if job.state in FINAL_STATES:   # now and then, not after every job: pruning reads them all
             self._finished += 1
             if self._finished % PRUNE_EVERY == 0:

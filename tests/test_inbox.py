@@ -418,3 +418,47 @@ def test_the_services_notes_are_no_captions_and_a_persons_file_of_that_name_is_l
     with pytest.raises(FileExistsError):
         write_note(tmp_path, ERROR_FILE, ["why"], "0123456789abcdef")
     assert (tmp_path / ERROR_FILE).read_text() == "my own list of errors"
+
+
+def test_a_folder_renamed_while_its_job_runs_is_not_taken_again_after_a_restart(daemon):
+    """The rename was followed in memory only: after a restart the folder under its new name
+    was learned a second time. Now start-up finds it by its photos."""
+    home, start = daemon
+    d = start()
+    inbox = home / "inbox"
+    drop(inbox / "roam.dog", 2, steps=250)   # 5 s at the fake's pace
+    with Client(d.socket) as c:
+        job = wait_until(lambda: next(iter(_learn_jobs(c, "roam")), None), timeout=20, what="taken")
+        wait_until(lambda: c.job(job.id).state == "running", what="running")
+        (inbox / "roam.dog").rename(inbox / "roamed.dog")
+        time.sleep(3 * 0.3)
+    d.kill(15)
+    d = start()
+    with Client(d.socket) as c:
+        wait_until(lambda: c.job(job.id).state == "done", timeout=30, what="learned after the restart")
+        wait_until(lambda: not (inbox / "roamed.dog").exists(), what="the renamed folder cleared")
+        time.sleep(3 * 0.3)
+        assert [j.id for j in c.jobs() if j.kind == "learn"] == [job.id]
+        assert {x.name for x in c.concepts()} == {"roam"}
+
+
+def test_a_new_folder_dropped_under_the_name_of_one_being_learned_is_its_own(daemon):
+    """The folder a job took was deleted and another dropped under its name while the job
+    ran: when the job ends the new one is not cleared into the leftovers (it was, unlearned and
+    unsaid); it is taken on its own, here told that the name is taken."""
+    home, start = daemon
+    d = start()
+    inbox = home / "inbox"
+    drop(inbox / "omega.dog", 2, steps=250)
+    with Client(d.socket) as c:
+        job = wait_until(lambda: next(iter(_learn_jobs(c, "omega")), None), timeout=20, what="taken")
+        wait_until(lambda: c.job(job.id).state == "running", what="running")
+        shutil.rmtree(inbox / "omega.dog")
+        staging = home / "other"
+        write_photos(staging, 2, seed=77)
+        staging.rename(inbox / "omega.dog")
+        wait_until(lambda: c.job(job.id).state == "done", timeout=30, what="the first learned")
+        error = inbox / "omega.dog" / ERROR_FILE
+        wait_until(error.exists, timeout=20, what="the new folder's ERROR.txt")
+        assert "already exists" in error.read_text()
+        assert len(list((inbox / "omega.dog").glob("*.png"))) == 2

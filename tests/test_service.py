@@ -459,3 +459,80 @@ def test_finished_jobs_beyond_the_kept_number_are_pruned_at_start(tmp_path, monk
         d.kill(15)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_requests_for_one_name_at_once_are_one_job(cones, daemon, tmp_path):
+    """Adds of one name sent at the same moment: one is queued, the others refused at once
+    (all were accepted, and all but one failed later); the same for removals of one concept,
+    and for an add of a name an import queued before it is bringing in."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cns_daemon.api.protocol import AddRequest, Photo
+
+    photos = write_photos(tmp_path / "race", 2, seed=500)
+    req = AddRequest(name="racer", class_word="dog", steps=2,
+                     photos=[Photo(filename=p.name, data=p.read_bytes()) for p in photos])
+
+    def add(_):
+        with Client(daemon.socket) as c:
+            try:
+                return c.add(req).id
+            except Exception as exc:   # noqa: BLE001 - the refusal is the result
+                return type(exc).__name__
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(add, range(6)))
+    assert sum(r == "Conflict" for r in results) == 5, results
+    with Client(daemon.socket) as c:
+        wait_until(lambda: "racer" in {x.name for x in c.concepts()}, what="racer learned")
+
+        def rm(_):
+            with Client(daemon.socket) as c2:
+                try:
+                    return c2.remove("racer").id
+                except Exception as exc:   # noqa: BLE001
+                    return type(exc).__name__
+
+        with ThreadPoolExecutor(4) as pool:
+            removals = list(pool.map(rm, range(4)))
+        assert sum(r in ("Conflict", "NotFound") for r in removals) == 3, removals
+
+
+def test_an_import_queued_holds_its_name_and_its_upload_goes_with_a_cancel(cones, daemon, tmp_path):
+    """An add of a name a queued import brings in is refused; cancelling the import before it
+    runs removes its upload from the data folder (it stayed there for good)."""
+    photos = write_photos(tmp_path / "imp", 2, seed=600)
+    assert cones("add", "src", *map(str, photos), "--class", "dog", "--steps", "2")[0] == 0
+    exported = tmp_path / "src.safetensors"
+    assert cones("export", "src", "-o", str(exported))[0] == 0
+    uploads = daemon.home / "data" / "imports"
+    with Client(daemon.socket) as c:
+        busy = json.loads(cones("add", "blocker", *map(str, photos), "--class", "dog", "--steps", "400",
+                                "--no-wait", "--json")[1])["id"]
+        wait_until(lambda: c.job(busy).state == "running", what="a learn running")
+        imp = c.import_file(exported.read_bytes(), "incoming")
+        assert len(list(uploads.glob("*.safetensors"))) == 1
+        code, out = cones("add", "incoming", *map(str, photos), "--class", "dog", "--steps", "2")
+        assert code == EXIT_CODES[ErrorCode.CONFLICT] and "being imported" in out, out
+        c.cancel(imp.id)
+        wait_until(lambda: not list(uploads.glob("*.safetensors")), what="the upload removed")
+        c.cancel(busy)
+
+
+def test_start_up_sweeps_what_a_killed_process_left_half_made(tmp_path):
+    """An output folder a killed generate was writing (hidden until whole) and an upload no
+    queued import will read are removed at start-up; finished output folders stay."""
+    home = short_home()
+    try:
+        outputs, uploads = home / "data" / "outputs", home / "data" / "imports"
+        (outputs / ".partial-20261206-000000-aaaaaaaaaaaa").mkdir(parents=True)
+        (outputs / ".partial-20261206-000000-aaaaaaaaaaaa" / "00.png").write_bytes(b"cut")
+        (outputs / "20261205-000000-bbbbbbbbbbbb").mkdir()
+        uploads.mkdir(parents=True)
+        (uploads / "0123.safetensors").write_bytes(b"orphan")
+        d = start_daemon(home)
+        assert [p.name for p in outputs.iterdir()] == ["20261205-000000-bbbbbbbbbbbb"]
+        assert not list(uploads.iterdir())
+        d.kill(15)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
