@@ -300,6 +300,8 @@ def atomic_write(target: Path, data: bytes, mode: int = 0o600) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)   # a full disk leaves no half file behind
+        if isinstance(exc, OSError) and not exc.filename:   # "no space left" names no file
+            exc.filename = str(target.parent)
         raise

@@ -519,8 +519,10 @@ def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | No
             img.save(partial / name)
         contact_sheet(images, caption, labels).save(partial / "contact-sheet.png")
         partial.rename(out_dir)
-    except OSError:   # a full disk: no cut images left behind (the folder is this job's own)
+    except OSError as exc:   # a full disk: no cut images left behind (the folder is this job's own)
         shutil.rmtree(partial, ignore_errors=True)
+        if not exc.filename:   # "no space left" names no file: the folder it was for
+            exc.filename = str(out_dir.parent)
         raise
     return JobResult(images=[str(out_dir / n) for n in names],
                      contact_sheet=str(out_dir / "contact-sheet.png"), seed=seed)

@@ -278,3 +278,39 @@ def test_files_that_are_no_usable_photo_say_why(tmp_path):
     assert sniff(video).reason == "not an image"
     (tmp_path / "photo.png").write_bytes(_encoded(Image.new("RGB", (64, 64)), "PNG"))
     assert sniff(tmp_path / "photo.png") is None
+
+
+def test_a_full_disk_names_the_folder_it_could_not_write(tmp_path, monkeypatch):
+    """ENOSPC from a write carries no file name: the archive's writes and the output folder's
+    say which folder it was ("A file operation failed" said nothing of where)."""
+    import builtins
+    import errno
+
+    from cns_daemon.api.errors import storage_error
+    from cns_daemon.archive import atomic_write
+    from cns_daemon.engine import save_images
+
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *a, **k):
+        fh = real_open(file, mode, *a, **k)
+        if "w" in str(mode):
+            def no_room(*_a, **_k):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            fh.write = no_room
+        return fh
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(OSError) as info:
+        atomic_write(tmp_path / "archive" / "ab" / "photo.png", b"x")
+    assert storage_error(info.value).message == f"Cannot use {tmp_path / 'archive' / 'ab'}: No space left on device."
+    monkeypatch.undo()
+
+    def no_room_png(self, fp, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", no_room_png)
+    with pytest.raises(OSError) as info:
+        save_images([Image.new("RGB", (8, 8))], tmp_path / "outputs" / "job")
+    assert str(tmp_path / "outputs") in storage_error(info.value).message
+    assert not list((tmp_path / "outputs").iterdir())   # nothing half-written left
