@@ -71,7 +71,9 @@ class FolderSpec:
 def read_spec(folder: Path) -> FolderSpec:
     """Name, class and options of one inbox folder, or BadInput saying what to fix."""
     subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if subfolders and not input_files(folder):   # a folder of concept folders, one level too deep
+    # A folder of concept folders, one level too deep (one named NAME.CLASS is a concept's own,
+    # its photos in a sub-folder: read_photos says to move them up)
+    if subfolders and not input_files(folder) and "." not in folder.name:
         raise BadInput(f"{folder.name} holds folders ({', '.join(subfolders[:3])}"
                        f"{', ...' if len(subfolders) > 3 else ''}), not photos; sub-folders are not read.",
                        f"Give each concept a folder of its own directly in the inbox: move "

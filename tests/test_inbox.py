@@ -394,6 +394,7 @@ def test_photos_one_folder_too_deep_are_named(tmp_path):
     assert "move pets/rex.dog up one level" in info.value.hint
     sub = tmp_path / "sub.star"
     write_photos(sub / "iphone", 2)
+    read_spec(sub)   # a concept's own folder: not "a folder of folders"
     write_photos(sub, 1)
     good, skipped = read_photos(sub)
     assert len(good) == 1
