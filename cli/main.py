@@ -127,8 +127,9 @@ def status(as_json: bool = JSON) -> None:
 def add(name: str = typer.Argument(..., help="Concept name, used as <name> in prompts."),
         photos: List[Path] = typer.Argument(..., help="Photos of it: at least 2 different, 3-5 work best, at most 64."),
         class_word: str = typer.Option(..., "--class", help="What it is: dog, mug, star …"),
-        method: Optional[str] = typer.Option(None, help="cns | cones | cones2 (default: the `method` "
-                                             "setting, cns unless set; `cones status` shows it)."),
+        method: Optional[str] = typer.Option(None, help="cns | cones | cones2 (default: CONES_METHOD or "
+                                             "config.toml's `method` where this command runs, else the "
+                                             "service's, which `cones status` shows; cns unless set)."),
         steps: Optional[int] = typer.Option(None, help="Training steps (default: the method's)."),
         seed: int = typer.Option(0, help=f"Training seed (0 to {MAX_SEED})."),
         option: List[str] = typer.Option([], "--option", help="Method hyper-parameter KEY=VALUE (e.g. top_p=5); repeatable."),

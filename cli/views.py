@@ -221,6 +221,8 @@ def _result_note(j: JobInfo) -> str:
         return skipped
     if j.kind == "eval" and r.metrics:
         return f"CLIP-I {r.metrics.get('clip_i', '-')}, CLIP-T {r.metrics.get('clip_t', '-')}"
+    if j.kind == "remove" and r.metrics and "photos_deleted" in r.metrics:
+        return f"{r.metrics['photos_deleted']} photos deleted, {r.metrics.get('photos_kept', 0)} kept"
     if j.kind == "learn" and r.metrics and "neurons" in r.metrics:
         made = f"{r.metrics['neurons']:,} neurons, {human_size(int(r.metrics.get('size_bytes', 0)))}"
         return "; ".join(x for x in (made, skipped) if x)

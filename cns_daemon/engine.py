@@ -348,7 +348,7 @@ class Engine:
             old = record.meta.token
             record = self._retoken(record)
             note = (f"its token {old!r} is used by <{clash[0]}> here, so it was given "
-                    f"{record.meta.token!r}; its pictures are the same")
+                    f"{record.meta.token!r}; its pictures are the same.")
         self.store.put(record)
         self._apply_resident(record)
         return JobResult(concept=record.name, metrics={"note": note} if note else None)

@@ -213,15 +213,22 @@ def write_error(folder: Path, exc: ConesError, skipped: list[SkippedFile],
              f"Why: {exc.message}", f"What to do: {exc.hint}", ""]
     if skipped:
         lines += ["Skipped files:"] + [f"  {s.file}: {s.reason}" for s in skipped] + [""]
-    lines += ["The service tries again as soon as you rename this folder or a photo, caption or "
-              "concept.toml in it changes."]
+    lines += ["The service tries again as soon as you rename " + _this(folder) + " or a photo, "
+              "caption or concept.toml in it changes."]
     write_note(folder, ERROR_FILE, lines, signature)
+
+
+def _this(folder: Path) -> str:
+    """How a note names the folder it is in: an inbox folder may be a link to the person's own
+    folder, whose name is not the one to change (and which must not be deleted)."""
+    return f"the link {folder.name} in the inbox" if folder.is_symlink() else "this folder"
 
 
 def write_cancelled(folder: Path, name: str, job_id: str, signature: str) -> None:
     lines = [f"Learning <{name}> from this folder was cancelled (job {job_id}).", "",
-             "cones will not take this folder again until you rename it or a photo, caption or",
-             "concept.toml in it changes. Delete the folder if you do not want the concept.", ""]
+             f"cones will not take it again until you rename {_this(folder)} or a photo, caption or",
+             "concept.toml in it changes. " + ("Remove the link from the inbox" if folder.is_symlink()
+                                               else "Delete the folder") + " if you do not want the concept.", ""]
     write_note(folder, CANCELLED_FILE, lines, signature)
 
 
@@ -399,12 +406,14 @@ class Inbox:
     def _tell_loose_files(self) -> None:
         """Photos dropped in the inbox itself, not in a folder of their own: the log says once
         what to do with them (a folder per concept, named after it)."""
-        loose = {p.name for p in self.root.iterdir() if p.is_file() and not p.name.startswith(".")}
+        loose = {p.name for p in self.root.iterdir() if not p.name.startswith(".")
+                 and (p.is_file() or (p.is_symlink() and not p.exists()))}
         new = sorted(loose - self._loose)
         if new:
             shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
             log.warning("inbox: %s %s in the inbox itself and %s not learned: put a concept's "
-                        "photos in a folder of their own named after it, e.g. %s/rex.dog/",
+                        "photos in a folder of their own named after it, e.g. %s/rex.dog/ (a link "
+                        "to a folder that is not there counts here too)",
                         shown, *(("lies", "is") if len(new) == 1 else ("lie", "are")), self.root)
         self._loose = loose
 

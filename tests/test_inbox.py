@@ -463,3 +463,21 @@ def test_a_new_folder_dropped_under_the_name_of_one_being_learned_is_its_own(dae
         wait_until(error.exists, timeout=20, what="the new folder's ERROR.txt")
         assert "already exists" in error.read_text()
         assert len(list((inbox / "omega.dog").glob("*.png"))) == 2
+
+
+def test_notes_in_a_linked_folder_speak_of_the_link(tmp_path):
+    """A note in a linked folder (the person's own) says to rename or remove the link in the
+    inbox, never to delete the folder."""
+    from cns_daemon.inbox import write_cancelled, write_error
+
+    own = tmp_path / "mine"
+    write_photos(own, 2)
+    (tmp_path / "inbox").mkdir()
+    link = tmp_path / "inbox" / "rex.dog"
+    link.symlink_to(own, target_is_directory=True)
+    write_cancelled(link, "rex", "a" * 12, "0123456789abcdef")
+    text = (own / "CANCELLED.txt").read_text()
+    assert "Remove the link from the inbox" in text and "Delete the folder" not in text
+    assert "rename the link rex.dog in the inbox" in " ".join(text.split())
+    write_error(link, BadInput("bad", "fix it"), [], "0123456789abcdef")
+    assert "rename the link rex.dog in the inbox" in " ".join((own / ERROR_FILE).read_text().split())

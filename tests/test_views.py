@@ -108,13 +108,15 @@ def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
             JobInfo(id="b" * 12, kind="eval", state="done", summary="eval <rex>", created=now,
                     result=JobResult(metrics={"clip_i": 0.8, "clip_t": 0.3})),
             JobInfo(id="c" * 12, kind="generate", state="done", summary="generate 2x", created=now,
-                    result=JobResult(images=["a.png", "b.png"], seed=1))]
+                    result=JobResult(images=["a.png", "b.png"], seed=1)),
+            JobInfo(id="d" * 12, kind="remove", state="done", summary="remove <rex> and its photos",
+                    created=now, result=JobResult(concept="rex", metrics={"photos_deleted": 3, "photos_kept": 1}))]
     out = io.StringIO()
     Console(file=out, width=200, force_terminal=False).print(jobs_table(jobs))
     text = " ".join(out.getvalue().split())
     assert "12,345 neurons, 48.0 kB; 1 skipped: IMG_1.HEIC (a HEIC photo)" in text, text
     assert "CLIP-I 0.8, CLIP-T 0.3" in text and "2 images" in text
-    assert text.count("CLIP-I") == 1
+    assert text.count("CLIP-I") == 1 and "3 photos deleted, 1 kept" in text
 
 
 def test_status_names_the_running_job_and_how_far_it_is():
