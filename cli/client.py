@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from cns_daemon.api.errors import ConesError, Internal, ProtocolMismatch, Unavailable, from_code
 from cns_daemon.api.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest,
                                      ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest, JobInfo,
-                                     JobList, ProgressInfo, StatusInfo, segment)
+                                     JobList, PhotosPruned, ProgressInfo, StatusInfo, segment)
 
 M = TypeVar("M", bound=BaseModel)
 START_HINT = "Start it with `cones serve` (foreground) or `cones service install` (systemd user service)."
@@ -90,6 +90,9 @@ class Client:
 
     def add(self, req: AddRequest) -> JobInfo:
         return self._call("POST", "/concepts", JobInfo, body=req)
+
+    def prune_photos(self) -> PhotosPruned:
+        return self._call("POST", "/photos/prune", PhotosPruned)
 
     def remove(self, name: str, photos: bool = False) -> JobInfo:
         path = f"/concepts/{segment('name', name)}" + ("?photos=1" if photos else "")

@@ -227,6 +227,17 @@ def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait", help="Queue t
     console.print(f"Removed <{name}>{said}.")
 
 
+@app.command("prune-photos")
+@handled
+def prune_photos() -> None:
+    """Delete the archived photos no concept or queued learn uses (those a plain `cones rm`
+    kept, to learn it again from them)."""
+    with client() as c:
+        done = c.prune_photos()
+    console.print(f"Deleted {done.deleted} archived photo{'s' if done.deleted != 1 else ''}; "
+                  f"{done.kept} in use kept.")
+
+
 @app.command()
 @handled
 def export(name: str,

@@ -261,6 +261,15 @@ class Archive:
         raise NotFound(f"Photo {digest[:12]}… is missing from the archive ({self.root}).",
                        "Add the concept again with its photos.")
 
+    def digests(self) -> list[str]:
+        """Every photo in the archive (its folders are the digests' first two hex digits; the
+        inbox's leftovers live beside them and are not photos of it)."""
+        hexdigits = set("0123456789abcdef")
+        return sorted(p.stem for d in (self.root.iterdir() if self.root.is_dir() else [])
+                      if d.is_dir() and len(d.name) == 2 and set(d.name) <= hexdigits
+                      for p in d.iterdir()
+                      if p.suffix != ".txt" and not p.name.startswith(".") and len(p.stem) == 64)
+
     def delete(self, digest: str) -> bool:
         """Remove a photo and its caption; True if a photo was there."""
         folder = self._dir(digest)

@@ -38,7 +38,8 @@ from cns_daemon.api.errors import (BadInput, ConesError, ErrorCode, Internal, No
 from cns_daemon.api.protocol import (API_PREFIX, FINAL_STATES, MAX_JOBS_LISTED, NDJSON, PROTOCOL_HEADER,
                                      PROTOCOL_VERSION, SEGMENTS, STREAM_STOPPING, AddRequest, ConceptInfo, ConceptList,
                                      ErrorBody, EvalRequest, GenerateRequest, JobInfo, JobList,
-                                     ProgressInfo, StatusInfo, check_segment, describe_validation_error)
+                                     PhotosPruned, ProgressInfo, StatusInfo, check_segment,
+                                     describe_validation_error)
 from cns_daemon.service import Service
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class App:
                   request=GenerateRequest, response=JobInfo),
             Route("POST", f"{p}/eval", self.evaluate, "Score concepts with CLIP-I / CLIP-T (queues a job)",
                   request=EvalRequest, response=JobInfo),
+            Route("POST", f"{p}/photos/prune", self.prune_photos,
+                  "Delete the archived photos no concept or queued learn uses", response=PhotosPruned),
             Route("GET", f"{p}/jobs", self.list_jobs, "Recent jobs, newest first", response=JobList),
             Route("GET", f"{p}/jobs/{{id}}", self.show_job, "One job", response=JobInfo),
             Route("POST", f"{p}/jobs/{{id}}/cancel", self.cancel, "Cancel a job", response=JobInfo),
@@ -222,6 +225,10 @@ class App:
         body = parse_body(EvalRequest, await req.body())
         job = await asyncio.to_thread(self.service.evaluate, body)
         return json_response(self.service.job_info(job), 202)
+
+    async def prune_photos(self, req: Request, params: dict) -> Response:
+        deleted, kept = await asyncio.to_thread(self.service.prune_photos)
+        return json_response(PhotosPruned(deleted=deleted, kept=kept))
 
     async def list_jobs(self, req: Request, params: dict) -> Response:
         raw = req.query_params.get("limit", "50")

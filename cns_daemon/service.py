@@ -158,6 +158,11 @@ class Service:
             deleted = sum(self.archive.delete(d) for d in wanted if d not in used)
         return deleted, kept
 
+    def prune_photos(self) -> tuple[int, int]:
+        """Every archived photo no concept or queued learn names, deleted (those a plain `rm`
+        kept): (deleted, kept)."""
+        return self.forget_photos(self.archive.digests())
+
     def import_file(self, data: bytes, name: str | None = None) -> JobRecord:
         """`name`: store it under this name instead of the one it was exported with."""
         from cns_daemon.transfer import decode

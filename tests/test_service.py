@@ -397,6 +397,15 @@ def test_rm_with_photos_deletes_the_photos_no_other_concept_uses(cones, daemon, 
     code, out = cones("rm", "pb")
     assert code == 0 and out.strip() == "Removed <pb>."
     assert archive.has(digest["photo2.png"]) and archive.has(digest["photo3.png"])
+    # ... until `cones prune-photos`, which deletes what no concept uses, and nothing else
+    def held() -> dict:
+        return {c["name"]: c["photos_archived"] for c in json.loads(cones("list", "--json")[1])}
+
+    before = held()
+    code, out = cones("prune-photos")
+    assert code == 0 and out.startswith("Deleted "), out
+    assert not archive.has(digest["photo2.png"]) and not archive.has(digest["photo3.png"])
+    assert held() == before   # every stored concept keeps the photos it had here
 
 
 def test_rm_with_photos_keeps_a_photo_a_queued_learn_needs(cones, daemon, tmp_path):

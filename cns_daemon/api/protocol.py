@@ -44,7 +44,7 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 #    ConceptInfo.learned_with, StatusInfo.memory.
 # 6: an import may name the concept anew (`?name=`); ConceptInfo.photos_archived,
 #    StatusInfo.method, a learn's result says its seed, neurons and bytes; a removal may take
-#    the concept's archived photos with it (`?photos=1`).
+#    the concept's archived photos with it (`?photos=1`); POST /photos/prune.
 PROTOCOL_VERSION = "6"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 # The progress message of a learn while a generate runs inside it (`cones jobs` shows it).
@@ -304,6 +304,12 @@ class ConceptInfo(Model):
 
 class ConceptList(Model):
     concepts: list[ConceptInfo]
+
+
+class PhotosPruned(Model):
+    """`POST /photos/prune`: archived photos no concept or queued learn names, deleted."""
+    deleted: int
+    kept: int                         # photos still in use
 
 
 class QueueInfo(Model):
