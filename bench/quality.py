@@ -219,6 +219,8 @@ def summary(result: dict) -> dict:
     for combo, comp in result.get("mixed", {}).items():
         out[f"{combo}_composition_guided"] = comp["guided"]
         out[f"{combo}_composition_unguided"] = comp["unguided"]
+        out[f"{combo}_placement_guided"] = comp["placement_guided"]
+        out[f"{combo}_placement_unguided"] = comp["placement_unguided"]
     out["wall_s"] = round(result["wall_s"], 1)
     return out
 
@@ -252,7 +254,8 @@ def print_table(result: dict) -> None:
         print(f"{m:>8}" + "".join(cells))
     for combo in result.get("mixed", {}):
         print(f"{combo}: composition with boxes {s[combo + '_composition_guided']:.3f}, "
-              f"without {s[combo + '_composition_unguided']:.3f}")
+              f"without {s[combo + '_composition_unguided']:.3f}; placement with boxes "
+              f"{s[combo + '_placement_guided']:.3f}, without {s[combo + '_placement_unguided']:.3f}")
     print_per_concept(result)
     for m, r in result["methods"].items():
         for note in r.get("notes", [])[:3]:

@@ -70,6 +70,7 @@ def test_quality_bench_smoke(random_judge):
     # the mixed-method composition ran (cones was not in this run: only cns+cones2)
     assert set(result["mixed"]) == {"cns+cones2"}
     assert 0.0 <= s["cns+cones2_composition_guided"] <= 1.0
+    assert 0.0 <= s["cns+cones2_placement_guided"] <= 1.0 and 0.0 <= s["cns+cones2_placement_unguided"] <= 1.0
     # Cones 2 and textual inversion never change the UNet: plain prompts come out identical
     for m in ("cones2", "ti"):
         assert s[f"{m}_prior_drop"] == 0.0 and s[f"{m}_prior_drop_two"] == 0.0
