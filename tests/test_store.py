@@ -59,7 +59,7 @@ def test_invalid_names_are_clear_errors_everywhere(store, name):
                  lambda n: store.update_metrics(n, {})):
         with pytest.raises(BadInput) as err:
             call(name)
-        assert "letters, digits" in err.value.hint
+        assert "letters (a-z, A-Z), digits" in err.value.hint
 
 
 @pytest.mark.parametrize("name", ["a", "A" * 64, "my_mug", "red-star", "0-9_x"])
