@@ -9,7 +9,7 @@ import pytest
 
 from cli.client import Client
 from cns_daemon.api.errors import BadInput
-from cns_daemon.inbox import ERROR_FILE, read_photos, read_spec
+from cns_daemon.inbox_folder import ERROR_FILE, read_photos, read_spec
 from helpers.service import photo_bytes, short_home, start_daemon, wait_until, write_photos
 
 
@@ -214,7 +214,7 @@ def test_failed_folder_is_retried_only_when_its_inputs_change(daemon):
 def test_a_note_from_before_the_name_counted_still_holds(daemon):
     """Notes written before the folder's name was part of the inputs signature still keep their
     folder waiting: a folder its owner cancelled is not learned after an upgrade."""
-    from cns_daemon.inbox import CANCELLED_FILE, inputs_signature, write_note
+    from cns_daemon.inbox_folder import CANCELLED_FILE, inputs_signature, write_note
 
     home, start = daemon
     folder = home / "inbox" / "kept.dog"
@@ -405,7 +405,7 @@ def test_photos_one_folder_too_deep_are_named(tmp_path):
 def test_the_services_notes_are_no_captions_and_a_persons_file_of_that_name_is_left_alone(tmp_path):
     """ERROR.png is not captioned by the service's ERROR.txt; an ERROR.txt the service did not
     write (a linked folder is the person's own) is neither removed nor written over."""
-    from cns_daemon.inbox import drop_notes, write_note
+    from cns_daemon.inbox_folder import drop_notes, write_note
 
     write_photos(tmp_path, 2)
     (tmp_path / "photo1.png").rename(tmp_path / "ERROR.png")
@@ -468,7 +468,7 @@ def test_a_new_folder_dropped_under_the_name_of_one_being_learned_is_its_own(dae
 def test_notes_in_a_linked_folder_speak_of_the_link(tmp_path):
     """A note in a linked folder (the person's own) says to rename or remove the link in the
     inbox, never to delete the folder."""
-    from cns_daemon.inbox import write_cancelled, write_error
+    from cns_daemon.inbox_folder import write_cancelled, write_error
 
     own = tmp_path / "mine"
     write_photos(own, 2)
