@@ -25,9 +25,10 @@ concept's values act on its own share and layout guidance can steer each share i
 concept's box (`shared_tails`; guidance.py). Added up on every position, two concepts' values
 drew one object mixing both looks; dealt out and guided, both shapes landed in their boxes
 0.396 of the time instead of 0.062 in the six-concept bench (docs/tuning.md, "Two concepts
-share the end of the sequence"). A prompt with one concept keeps the whole end. In generation the end is dealt among every
-concept the prompt names, of any method (`generate.prompt_tails`, passed in as `tails`): a CNS
-concept beside a Cones 2 one kept all of it before, and guidance put the other's shape in its box.
+share the end of the sequence"). A prompt with one concept keeps the whole end. In generation
+the end is dealt among every concept the prompt names, of any method (`generate.prompt_tails`,
+passed in as `tails`): a CNS concept beside a Cones 2 one kept all of it before, and guidance put
+the other's shape in its box.
 
 How. Forward hooks on every cross-attention to_k / to_v (attn2): they compose with any attention
 processor, layout guidance's included. Outside a `prompt` context, and for batch rows that hold
