@@ -165,10 +165,10 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
     if not items:
         raise BadPhoto(f"No usable photo for {name!r}: " + "; ".join(f"{s.file}: {s.reason}" for s in not_photos) + ".")
     req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
-                 seed=seed, photos=items, options=dict(_option(o) for o in option))
+                 seed=seed, photos=items, options=dict(_option(o) for o in option), skipped=not_photos)
     with client() as c:
         job = c.add(req)
-        for s in job.skipped:
+        for s in job.skipped[len(not_photos):]:   # the service's own (ours were said above)
             err_console.print(f"[yellow]skipped[/] {escape(s.file)}: {escape(s.reason)}", highlight=False)
         if no_wait:
             print_json(job) if as_json else console.print(f"Queued job {job.id}: {job.summary}")

@@ -59,6 +59,7 @@ class Service:
 
     def add(self, req: AddRequest) -> JobRecord:
         photos, skipped = check_photos([(p.filename, p.data, p.caption) for p in req.photos])
+        skipped = list(req.skipped) + skipped
         return self.submit_learn(req.name, req.class_word, req.method, req.steps, req.seed,
                                  photos, skipped, source="cli", options=req.options)
 

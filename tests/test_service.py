@@ -545,3 +545,17 @@ def test_start_up_sweeps_what_a_killed_process_left_half_made(tmp_path):
         d.kill(15)
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_files_the_cli_leaves_out_are_kept_with_the_job_and_named_in_a_refusal(cones, daemon, tmp_path):
+    """A HEIC or video `cones add` does not send is in the job's skipped list (`cones jobs`
+    shows it) and in the service's refusal when too few photos remain."""
+    photos = write_photos(tmp_path / "cli", 2, seed=700)
+    heic = tmp_path / "cli" / "IMG_0001.HEIC"
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64)
+    code, out = cones("add", "clikept", *map(str, photos), str(heic), "--class", "dog", "--steps", "2", "--json")
+    assert code == 0, out
+    job, _ = json.JSONDecoder().raw_decode(out[out.index("{"):])   # after the "skipped" line
+    assert [s["file"] for s in job["skipped"]] == ["IMG_0001.HEIC"]
+    code, out = cones("add", "clione", str(photos[0]), str(heic), "--class", "dog", "--steps", "2")
+    assert code == EXIT_CODES[ErrorCode.BAD_PHOTO] and "IMG_0001.HEIC: a HEIC photo" in " ".join(out.split()), out

@@ -44,7 +44,7 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 #    ConceptInfo.learned_with, StatusInfo.memory.
 # 6: an import may name the concept anew (`?name=`); ConceptInfo.photos_archived,
 #    StatusInfo.method, a learn's result says its seed, neurons and bytes; a removal may take
-#    the concept's archived photos with it (`?photos=1`); POST /photos/prune.
+#    the concept's archived photos with it (`?photos=1`); POST /photos/prune; AddRequest.skipped.
 PROTOCOL_VERSION = "6"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 # The progress message of a learn while a generate runs inside it (`cones jobs` shows it).
@@ -123,6 +123,11 @@ class Photo(Model):
                                             "None: the method's template caption.")
 
 
+class SkippedFile(Model):
+    file: str
+    reason: str
+
+
 class AddRequest(Model):
     name: str = Field(pattern=NAME_PATTERN, description="Concept name used as <name> in prompts.")
     class_word: str = Field(pattern=CLASS_PATTERN, description="What it is: dog, mug, star …")
@@ -132,11 +137,9 @@ class AddRequest(Model):
     options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32,
                                             description="Method hyper-parameters (e.g. top_p, lr).")
     photos: list[Photo] = Field(min_length=1, max_length=MAX_PHOTOS)
-
-
-class SkippedFile(Model):
-    file: str
-    reason: str
+    # Files the client left out itself (not images: a video is not sent whole), kept with the
+    # job's own skipped files so `cones jobs` and a refusal name them too
+    skipped: list[SkippedFile] = Field(default_factory=list, max_length=MAX_PHOTOS)
 
 
 class LearnJob(Model):
