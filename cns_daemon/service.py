@@ -30,6 +30,7 @@ from cns_daemon.api.protocol import (FINAL_STATES, MAX_PHOTOS, MAX_SEED, MIN_PHO
                                      too_many_photos)
 from cns_daemon.api.settings import Settings
 from cns_daemon.worker import Worker, get_job_or_404
+from store.jobs import newest_learns
 from store.records import JobRecord
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,7 @@ class Service:
             return list(self.store.meta(name).photo_digests)
         except ConesError:
             pass
-        learns = [j for j in self.worker.jobs.jobs(("done",))
-                  if j.kind == "learn" and j.request.get("name") == name]
-        newest = max(learns, key=lambda j: j.created, default=None)
+        newest = newest_learns(self.worker.jobs.jobs(("done",))).get(name)
         return list(newest.request.get("photo_digests", [])) if newest else []
 
     def forget_photos(self, digests: list[str]) -> tuple[int, int]:
@@ -286,12 +285,9 @@ class Service:
                           key=lambda j: j.created, reverse=True)
         if len(finished) <= self.settings.keep_jobs:
             return 0
-        stored, kept_learns = set(self.store.names()), {}
-        for job in finished:
-            name = job.request.get("name")
-            if job.kind == "learn" and job.state == "done" and name in stored:
-                kept_learns.setdefault(name, job.id)
-        doomed = [j.id for j in finished[self.settings.keep_jobs:] if j.id not in kept_learns.values()]
+        stored = set(self.store.names())
+        kept = {job.id for name, job in newest_learns(finished).items() if name in stored}
+        doomed = [j.id for j in finished[self.settings.keep_jobs:] if j.id not in kept]
         for job_id in doomed:
             self.store.delete_job(job_id)
         if doomed:

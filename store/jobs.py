@@ -16,6 +16,18 @@ from .records import JobRecord
 log = logging.getLogger("cones.store")
 
 
+def newest_learns(jobs: Iterable[JobRecord]) -> dict[str, JobRecord]:
+    """The newest finished learn of each concept name among `jobs`: what a concept whose own
+    record cannot be read was learned from (salvage, `rm --photos`), and what pruning keeps."""
+    newest: dict[str, JobRecord] = {}
+    for job in jobs:
+        name = job.request.get("name")
+        if job.kind == "learn" and job.state == "done" and name and (
+                name not in newest or job.created > newest[name].created):
+            newest[name] = job
+    return newest
+
+
 class JobQueue:
     """Needs `self._env` (store.env.Env) and `self._db` (its databases)."""
 

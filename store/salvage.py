@@ -18,6 +18,8 @@ from pathlib import Path
 from cns_daemon.api.errors import ConesError, Corrupt
 
 from .env import DB_NAMES
+from .jobs import newest_learns
+from .records import JobRecord
 from .store import SEP, ConceptStore
 
 
@@ -123,22 +125,23 @@ def salvage(path: Path) -> SalvageReport:
             copied.append(name)
         new.forget(report.damaged)
         keys, _ = old.scan_keys("jobs")
-        learns = []
+        finished = []
         for key in keys:
             job_id = key.decode(errors="replace")
             if job_id not in report.damaged_jobs:
                 job = old.get_job(job_id)
                 new.put_job(job)
                 jobs += 1
-                learns += [job] if job.kind == "learn" and job.state == "done" else []
-        lost = {name: _what_is_known(old, name, learns) for name in report.damaged}
+                finished.append(job)
+        learns = newest_learns(finished)
+        lost = {name: _what_is_known(old, name, learns.get(name)) for name in report.damaged}
     kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
     path.rename(kept)
     fresh.rename(path)
     return SalvageReport(report, copied, jobs, str(kept), lost)
 
 
-def _what_is_known(old: ConceptStore, name: str, learns: list) -> LostConcept:
+def _what_is_known(old: ConceptStore, name: str, learn: JobRecord | None) -> LostConcept:
     """A damaged concept's class and photos: its metadata is a record of its own, often whole
     when its values are not; otherwise the newest finished learn of that name says them."""
     try:
@@ -149,10 +152,9 @@ def _what_is_known(old: ConceptStore, name: str, learns: list) -> LostConcept:
                                hp.get("steps"), hp.get("seed"), dict(hp.get("options_given", {})))
     except ConesError:
         pass
-    for job in sorted(learns, key=lambda j: j.created, reverse=True):
-        req = job.request
-        if req.get("name") == name and req.get("photo_digests"):
-            return LostConcept(str(req.get("class_word", "")), [str(d) for d in req["photo_digests"]],
-                               str(req.get("method", "")), req.get("steps"), req.get("seed"),
-                               dict(req.get("options", {})))
+    req = learn.request if learn is not None else {}
+    if req.get("photo_digests"):
+        return LostConcept(str(req.get("class_word", "")), [str(d) for d in req["photo_digests"]],
+                           str(req.get("method", "")), req.get("steps"), req.get("seed"),
+                           dict(req.get("options", {})))
     return LostConcept()

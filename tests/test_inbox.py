@@ -178,6 +178,11 @@ def _learn_jobs(c, name: str) -> list:
     return [j for j in c.jobs(1000) if j.kind == "learn" and j.summary.startswith(f"learn <{name}>")]
 
 
+def _taken(c, name: str):
+    """The learn job of `name`, once the inbox has taken its folder."""
+    return wait_until(lambda: next(iter(_learn_jobs(c, name)), None), timeout=20, what=f"{name} taken")
+
+
 def test_failed_folder_is_retried_only_when_its_inputs_change(daemon):
     """Writing ERROR.txt is no change: neither a folder refused when read nor one whose job failed
     is taken again until a photo or concept.toml in it changes."""
@@ -232,7 +237,7 @@ def test_cancelled_inbox_folder_is_not_taken_again(daemon):
     folder = home / "inbox" / "slow.dog"
     drop(folder, 2, steps=5000)
     with Client(d.socket) as c:
-        job = wait_until(lambda: next(iter(_learn_jobs(c, "slow")), None), timeout=20, what="taken")
+        job = _taken(c, "slow")
         wait_until(lambda: c.job(job.id).state == "running", what="running")
         c.cancel(job.id)
         wait_until(lambda: (folder / "CANCELLED.txt").exists(), timeout=20, what="CANCELLED.txt")
@@ -255,8 +260,8 @@ def test_a_folder_renamed_while_its_job_runs_is_followed_not_taken_again(daemon)
     drop(inbox / "slow.dog", 2, steps=5000)
     drop(inbox / "quick.dog", 3, steps=150)   # 3 s at the fake's pace
     with Client(d.socket) as c:
-        slow = wait_until(lambda: next(iter(_learn_jobs(c, "slow")), None), timeout=20, what="slow taken")
-        quick = wait_until(lambda: next(iter(_learn_jobs(c, "quick")), None), timeout=20, what="quick taken")
+        slow = _taken(c, "slow")
+        quick = _taken(c, "quick")
         (inbox / "slow.dog").rename(inbox / "slower.dog")
         (inbox / "quick.dog").rename(inbox / "fast.dog")
         time.sleep(10 * 0.3)   # many settle times: neither is taken again under its new name
@@ -283,7 +288,7 @@ def test_a_folder_whose_learn_the_service_died_under_twice_is_not_taken_again(da
     for attempt in (1, 2):
         d = start()
         with Client(d.socket) as c:
-            job = wait_until(lambda: next(iter(_learn_jobs(c, "crash")), None), timeout=20, what="taken")
+            job = _taken(c, "crash")
             first = first or job.id
             assert job.id == first   # the same job, run once more after the first crash
             wait_until(lambda: c.job(job.id).state == "running", timeout=20, what=f"attempt {attempt}")
@@ -320,7 +325,7 @@ def test_a_folder_renamed_and_back_is_cleared_where_it_is(daemon):
     inbox = home / "inbox"
     drop(inbox / "back.dog", 2, steps=150)
     with Client(d.socket) as c:
-        job = wait_until(lambda: next(iter(_learn_jobs(c, "back")), None), timeout=20, what="taken")
+        job = _taken(c, "back")
         (inbox / "back.dog").rename(inbox / "away.dog")
         time.sleep(4 * 0.3)
         (inbox / "away.dog").rename(inbox / "back.dog")
@@ -429,7 +434,7 @@ def test_a_folder_renamed_while_its_job_runs_is_not_taken_again_after_a_restart(
     inbox = home / "inbox"
     drop(inbox / "roam.dog", 2, steps=250)   # 5 s at the fake's pace
     with Client(d.socket) as c:
-        job = wait_until(lambda: next(iter(_learn_jobs(c, "roam")), None), timeout=20, what="taken")
+        job = _taken(c, "roam")
         wait_until(lambda: c.job(job.id).state == "running", what="running")
         (inbox / "roam.dog").rename(inbox / "roamed.dog")
         time.sleep(3 * 0.3)
@@ -452,7 +457,7 @@ def test_a_new_folder_dropped_under_the_name_of_one_being_learned_is_its_own(dae
     inbox = home / "inbox"
     drop(inbox / "omega.dog", 2, steps=250)
     with Client(d.socket) as c:
-        job = wait_until(lambda: next(iter(_learn_jobs(c, "omega")), None), timeout=20, what="taken")
+        job = _taken(c, "omega")
         wait_until(lambda: c.job(job.id).state == "running", what="running")
         shutil.rmtree(inbox / "omega.dog")
         staging = home / "other"
