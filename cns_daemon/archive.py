@@ -62,6 +62,14 @@ class CheckedPhoto:
     thumb: bytes = field(default=b"", repr=False, compare=False)   # THUMB_SIDE² RGB, upright
 
 
+# A photo whose every pixel is at most this opaque (0-255) shows nothing once laid on white.
+INVISIBLE_ALPHA = 8
+
+
+def has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB, 8 bits a channel, as an image viewer shows it. 16-bit greyscale (PNG, TIFF) opens as
     an integer mode whose values PIL's convert() clips at 255 (a white photo): scaled down
@@ -74,7 +82,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if img.mode.startswith("I;16") or values.max() > 255:
             values = values / 257.0
         img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+    if has_alpha(img):
         rgba = img.convert("RGBA")
         img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("RGB")
@@ -163,12 +171,17 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
                 img.draft(img.mode, (CHECK_DECODE_SIDE, CHECK_DECODE_SIDE))   # JPEG only
                 img.load()  # decodes every byte: truncated files fail here
                 thumb = thumbnail(img)
+                invisible = has_alpha(img) and img.convert("RGBA").getchannel("A").getextrema()[1] <= INVISIBLE_ALPHA
     except UnidentifiedImageError:
         return SkippedFile(file=filename, reason=not_an_image(data[:16]))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return SkippedFile(file=filename, reason=f"damaged or truncated image ({exc})")
     if fmt not in ACCEPTED_FORMATS:
         return SkippedFile(file=filename, reason=f"unsupported image format {fmt or 'unknown'}")
+    if invisible:
+        return SkippedFile(file=filename, reason=(
+            "fully transparent (nothing shows once laid on white; export the layer with the object "
+            "in it, or flatten the image)"))
     if min(width, height) < MIN_SIDE:
         return SkippedFile(file=filename,
                            reason=f"too small ({width}x{height}; at least {MIN_SIDE}x{MIN_SIDE})")

@@ -203,7 +203,8 @@ def _checked(data: bytes, name: str = "p.png"):
 
 def test_photos_as_phones_and_editors_write_them(tmp_path):
     """MPO (a JPEG with a preview after it) is a JPEG; a nearly black 16-bit image stays dark;
-    transparent parts come out white, not the colour they hide; an EXIF block PIL cannot parse
+    transparent parts come out white, not the colour they hide, and a photo with nothing opaque
+    is refused; an EXIF block PIL cannot parse
     leaves the photo as stored instead of failing the request."""
     from cns_daemon.archive import CheckedPhoto
 
@@ -229,6 +230,10 @@ def test_photos_as_phones_and_editors_write_them(tmp_path):
     palette.info["transparency"] = palette.getpixel((0, 0))
     palette.save(tmp_path / "cut_p.png", transparency=palette.getpixel((0, 0)))
     assert (np.asarray(load_photo(tmp_path / "cut_p.png"))[0, 0] == 255).all()
+    assert isinstance(_checked((tmp_path / "cut.png").read_bytes(), "cut.png"), CheckedPhoto)
+    cut[..., 3] = 0                                   # the layer exported without its object
+    gone = _checked(_encoded(Image.fromarray(cut, "RGBA"), "PNG"), "layer.png")
+    assert not isinstance(gone, CheckedPhoto) and "fully transparent" in gone.reason
 
     import struct
 
