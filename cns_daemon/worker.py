@@ -120,6 +120,9 @@ class Worker:
             if job.cancel_requested:   # cancelled, and the service stopped before it ended
                 job.state, job.finished = "cancelled", time.time()
                 job.error = error_body(Cancelled(CANCELLED_AT_STOP))
+            elif job.paused:   # a generate it paused for was running: that one takes the count
+                job.state, job.started, job.paused = "queued", None, False
+                job.attempts, job.interrupted = max(0, job.attempts - 1), job.interrupted + 1
             elif job.attempts >= MAX_ATTEMPTS:
                 job.state, job.finished = "failed", time.time()
                 job.error = error_body(Internal(
@@ -247,12 +250,30 @@ class Worker:
     def _interleave(self, learn: JobRecord) -> None:
         """Inside a paused learn job (its changes set aside): run the waiting generate jobs."""
         paused = self.hub.latest(learn.id)
+        marked = False
         while (job := self._take_next(INTERLEAVED)) is not None:
+            if not marked:
+                marked = self._mark_paused(learn.id, True)
             if paused is not None:
                 self.hub.publish(paused.model_copy(update={"message": PAUSED_FOR + job.id}))
             self._run_one(job)
+        if marked:
+            self._mark_paused(learn.id, False)
         if paused is not None:
             self.hub.publish(paused)
+
+    def _mark_paused(self, job_id: str, paused: bool) -> bool:
+        """Record that a learn is paused (or no longer): a crash while it is paused is the
+        generate's, so start-up re-queues the learn without counting it a failed run."""
+        with self._lock:
+            try:
+                job = self.jobs.get_job(job_id)
+                job.paused = paused
+                self.jobs.put_job(job)
+                return True
+            except ConesError as exc:   # not recorded: a crash now counts against the learn
+                log.warning("job %s: its pause could not be recorded: %s", job_id, exc.message)
+                return False
 
     def _run_one(self, job: JobRecord) -> None:
         token = self._running[-1][1]

@@ -81,3 +81,4 @@ class JobRecord:
     result: dict[str, Any] | None = None
     priority: int = 0         # higher runs first (generate ahead of learn)
     cancel_requested: bool = False   # a person cancelled it while it ran: no stop brings it back
+    paused: bool = False      # a learn paused for generate jobs: a crash then was not its run's

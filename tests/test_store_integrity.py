@@ -415,3 +415,90 @@ def test_the_worker_outlives_a_store_removed_under_a_job(tmp_path):
     finally:
         worker.stop()
         store.close()
+
+
+def test_a_crash_in_a_generate_is_not_counted_against_the_learn_it_paused(tmp_path):
+    """A learn pauses for a generate; the service dies in the generate (an out-of-memory kill, say).
+    At start-up the generate takes the crash (attempt 2 of 2 next) and the learn starts over
+    uncounted, as after a clean stop: it was not running its own work."""
+    import contextlib
+    import threading
+
+    from cns_daemon.api.protocol import AddRequest, GenerateRequest, JobResult, Photo
+    from cns_daemon.worker import Worker, restart_note
+
+    store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
+    in_generate, release = threading.Event(), threading.Event()
+
+    def runner(job, progress, token):
+        if job.kind == "generate":
+            in_generate.set()
+            release.wait(10)
+            return JobResult(images=[])
+        while not token.cancelled:   # a learn: steps, with a pause point between them
+            token.pause_point(contextlib.nullcontext)
+            time.sleep(0.01)
+        token.check()
+
+    worker = Worker(store, runner)
+    worker.start()
+    try:
+        learn = worker.submit("learn", AddRequest(name="rex", class_word="dog", steps=10, photos=[
+            Photo(filename="a.png", data=b"x"), Photo(filename="b.png", data=b"y")]))
+        deadline = time.monotonic() + 10
+        while store.get_job(learn.id).state != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gen = worker.submit("generate", GenerateRequest(prompt="a plain photo"))
+        assert in_generate.wait(10)
+        assert store.get_job(learn.id).paused and store.get_job(learn.id).state == "running"
+
+        # What start-up finds if the process died now: both records say "running".
+        settled = {j.id: j for j in Worker(store, runner).recover()}
+        assert settled[learn.id].state == "queued" and settled[learn.id].attempts == 0
+        assert not settled[learn.id].paused
+        assert restart_note(settled[learn.id]) == (
+            "restarted after the service stopped while it ran; it starts over when it runs")
+        assert settled[gen.id].state == "queued" and settled[gen.id].attempts == 1
+    finally:
+        release.set()
+        worker.stop()
+        store.close()
+
+
+def test_a_learn_is_no_longer_marked_paused_once_it_resumes(tmp_path):
+    """The mark is taken off when the learn goes on, so a crash in its own steps counts."""
+    import contextlib
+
+    from cns_daemon.api.protocol import AddRequest, GenerateRequest, JobResult, Photo
+    from cns_daemon.worker import Worker
+
+    store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
+    steps_after: list[bool] = []
+
+    def runner(job, progress, token):
+        if job.kind == "generate":
+            return JobResult(images=[])
+        while not token.cancelled:
+            paused_before = token.pause_wanted
+            token.pause_point(contextlib.nullcontext)
+            if paused_before:
+                steps_after.append(store.get_job(job.id).paused)
+            time.sleep(0.01)
+        token.check()
+
+    worker = Worker(store, runner)
+    worker.start()
+    try:
+        learn = worker.submit("learn", AddRequest(name="rex", class_word="dog", steps=10, photos=[
+            Photo(filename="a.png", data=b"x"), Photo(filename="b.png", data=b"y")]))
+        deadline = time.monotonic() + 10
+        while store.get_job(learn.id).state != "running" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gen = worker.submit("generate", GenerateRequest(prompt="a plain photo"))
+        while not steps_after and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.get_job(gen.id).state == "done"
+        assert steps_after == [False] and not store.get_job(learn.id).paused
+    finally:
+        worker.stop()
+        store.close()
