@@ -15,6 +15,8 @@ stack: the learn below, the generate on top.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -231,6 +233,7 @@ class Worker:
                     self._kicked = False
                 continue
             self._run_one(job)
+            release_freed()   # between jobs: a service idles for days after its largest job
 
     def _take_next(self, kinds: tuple[str, ...] | None = None) -> JobRecord | None:
         with self._lock:
@@ -352,3 +355,16 @@ def get_job_or_404(jobs: JobStore, job_id: str) -> JobRecord:
         return jobs.get_job(job_id)
     except (KeyError, NotFound):
         raise NotFound(f"No job {job_id!r}.", "`cones jobs` lists the jobs.") from None
+
+
+def release_freed() -> None:
+    """Give the memory a finished job freed back to the system. glibc keeps freed heap pages for
+    reuse, so a service that generated at several sizes kept the largest size's peak for good
+    (measured on the toy world, 8 images at 32, 64, 96 and 128 px: 463 MB loaded, 666 MB after,
+    483 MB after a trim). A no-op where there is no glibc; CUDA's cache is left to PyTorch."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to ask
+        return
+    trim(0)

@@ -502,3 +502,28 @@ def test_a_learn_is_no_longer_marked_paused_once_it_resumes(tmp_path):
     finally:
         worker.stop()
         store.close()
+
+
+def test_the_worker_gives_freed_memory_back_after_each_job(tmp_path, monkeypatch):
+    """glibc keeps a job's freed heap for reuse; the worker asks it back after every job, so an
+    idle service does not hold its largest job's peak."""
+    from cns_daemon import worker as worker_module
+    from cns_daemon.api.protocol import GenerateRequest, JobResult
+    from cns_daemon.worker import Worker
+
+    worker_module.release_freed()   # the real call: found on this system, or a no-op
+    trims: list[str] = []
+    store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
+    monkeypatch.setattr(worker_module, "release_freed",
+                        lambda: trims.append(store.jobs()[0].state))
+    worker = Worker(store, lambda job, progress, token: JobResult(images=[]))
+    worker.start()
+    try:
+        worker.submit("generate", GenerateRequest(prompt="a plain photo"))
+        deadline = time.monotonic() + 10
+        while not trims and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert trims == ["done"]   # once, after the job's end was recorded
+    finally:
+        worker.stop()
+        store.close()
