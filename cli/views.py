@@ -136,15 +136,23 @@ STATE_LABELS = {"ok": "[green]ok[/]", "damaged": "[red]damaged[/]",
 
 
 def concepts_table(concepts: Iterable[ConceptInfo]) -> Table:
+    concepts = list(concepts)
     table = Table(title="Concepts")
-    for col in ("name", "state", "method", "class", "size", "neurons", "overlap", "created"):
+    # At 80 columns eight columns squeezed alike broke names every 8 letters: the state column
+    # shows only when a concept is not ok (`concept_problems` says why under the table), and
+    # the short values keep their line, so the width left goes to names and overlaps.
+    columns = ["name", "state", "method", "class", "size", "neurons", "overlap", "created"]
+    if all(c.state == "ok" for c in concepts):
+        columns.remove("state")
+    for col in columns:
         # fold, never cut: a name must stay whole to be copied into a prompt (80 columns, pipes)
         table.add_column(col, justify="right" if col in ("size", "neurons") else "left",
-                         overflow="fold")
+                         overflow="fold", no_wrap=col in ("method", "size", "neurons"))
     for c in concepts:
-        table.add_row(c.name, STATE_LABELS.get(c.state, c.state), c.method or "?",
-                      c.class_word or "?", human_size(c.size_bytes), f"{c.neurons:,}",
-                      overlap_summary(c.overlap), ago(c.created) if c.created else "-")
+        cells = {"name": c.name, "state": STATE_LABELS.get(c.state, c.state), "method": c.method or "?",
+                 "class": c.class_word or "?", "size": human_size(c.size_bytes), "neurons": f"{c.neurons:,}",
+                 "overlap": overlap_summary(c.overlap), "created": ago(c.created) if c.created else "-"}
+        table.add_row(*(cells[col] for col in columns))
     return table
 
 

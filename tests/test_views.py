@@ -48,11 +48,16 @@ def test_concept_list_keeps_names_and_figures_whole_at_80_columns():
     text = out.getvalue()
     assert "…" not in text, text
     cells = [line.split("│")[1:-1] for line in text.splitlines() if line.startswith("│")]
-    column = ["".join(row[i].strip() for row in cells) for i in range(8)]   # folded cells joined
+    column = ["".join(row[i].strip() for row in cells) for i in range(7)]   # folded cells joined
     assert column[0] == "".join(c.name for c in concepts), text
-    assert column[4] == "50.0 kB" * 3 or column[4].replace(" ", "") == "50.0kB" * 3, text
+    assert column[3] == "50.0 kB" * 3 and column[4] == "16,238" * 3, text   # on one line each
     # the list names the concept shared with most and counts the rest; `show` lists them all
-    assert column[6].replace(" ", "") == "star2:15,230(+1)" * 3, text
+    assert column[5].replace(" ", "") == "star2:15,230(+1)" * 3, text
+    assert "state" not in text.splitlines()[2]   # all ok: no column saying so, more room for names
+    concepts[1] = concepts[1].model_copy(update={"state": "damaged", "problem": "x"})
+    out = io.StringIO()
+    Console(file=out, width=80, force_terminal=False).print(concepts_table(concepts))
+    assert "state" in out.getvalue().splitlines()[2] and "damaged" in out.getvalue()
     out = io.StringIO()
     Console(file=out, width=80, force_terminal=False).print(concept_table(concepts[0]))
     assert "0.2123" in out.getvalue() and "0.21230246" not in out.getvalue()
@@ -75,7 +80,7 @@ def test_the_concept_list_stays_one_line_a_concept_as_concepts_add_up():
     Console(file=out, width=80, force_terminal=False).print(concepts_table(concepts))
     rows = [line for line in out.getvalue().splitlines() if line.startswith("│")]
     assert len(rows) <= 2 * 28, out.getvalue()
-    cells = [row.split("│")[7].strip() for row in rows]
+    cells = [row.split("│")[6].strip() for row in rows]
     assert all(re.fullmatch(r"-|k\d+: 10,\d{3}|\(\+\d+\)|k\d+: 10,\d{3} \(\+\d+\)|", c) for c in cells), cells
 
 
