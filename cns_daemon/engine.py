@@ -13,6 +13,7 @@ is "not rebuilt"; both are kept in `problems`, shown by `concepts()` and refused
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -32,6 +33,16 @@ log = logging.getLogger(__name__)
 PARTIAL_PREFIX = ".partial-"   # an output folder being written (save_images)
 
 TINY_MODEL = "tiny"   # settings.model value: the seeded tiny test pipeline (tests, benches)
+# An imported concept's hparams say when it came into this store: its `created` is when it was
+# learned, elsewhere, but it was applied on top of the concepts here, and start-up must rebuild
+# the weights in the order they were had (and `cones list` lists it where its overlap says).
+IMPORTED = "imported"
+SAVED_BEFORE_STOP = "stored by its first run, before the service stopped"
+
+
+def store_order(meta: ConceptMeta) -> float:
+    """When a concept came into this store: learned here, or imported."""
+    return float(meta.hparams.get(IMPORTED, meta.created))
 
 
 @dataclass(frozen=True)
@@ -143,13 +154,13 @@ class Engine:
         return opts
 
     def rebuild(self) -> int:
-        """Read every stored concept (every checksum) and re-apply the resident ones, in learning
-        order (each was trained on top of the ones before it). One that cannot be read or used is
+        """Read every stored concept (every checksum) and re-apply the resident ones in the order
+        they came into this store (each was trained, or imported, on top of the ones before it). One that cannot be read or used is
         recorded in `problems` (and logged), so one bad concept never keeps the service down.
         (Reading records ahead on a second thread was measured: no gain on 2 cores, so it stays
         sequential.) Returns how many resident concepts were rebuilt."""
         self.problems.clear()
-        metas = sorted(self.store.list(), key=lambda m: m.created)
+        metas = sorted(self.store.list(), key=store_order)
         for name in sorted(set(self.store.names()) - {m.name for m in metas}):
             self._problem(name, self._read_error(name))   # its metadata is unreadable
         count = 0
@@ -165,6 +176,22 @@ class Engine:
                     f"Concept {meta.name!r} cannot be used on this model: {exc.message.rstrip('.')}.",
                     f"Load the base model it was learned on, or remove it with `cones rm {meta.name}`."))
         return count
+
+    def _previous(self) -> list[ConceptRecord]:
+        """Every stored concept, whatever its method, for a learn: the methods pick a token no
+        concept uses and filter by method themselves for overlap / regularisation. One that is
+        damaged or does not fit the model counts by its metadata alone (its token stays taken;
+        its neurons cannot be read): one bad concept failed every learn."""
+        out = []
+        for meta in sorted(self.store.list(), key=store_order):
+            if meta.name not in self.problems:
+                try:
+                    out.append(self.store.get(meta.name))
+                    continue
+                except Corrupt as exc:
+                    self._problem(meta.name, exc)
+            out.append(ConceptRecord(meta=meta))
+        return out
 
     def _read_error(self, name: str) -> ConesError:
         try:
@@ -212,9 +239,7 @@ class Engine:
                            f"Pick another name, or remove it first with `cones rm {job.name}`.")
         photos = [self.archive.path(d) for d in job.photo_digests]
         method = get_method(job.method)
-        # Every stored concept, whatever its method: the methods pick a token no concept uses
-        # and filter by method themselves for overlap / regularisation.
-        previous = [self.store.get(m.name) for m in self.store.list()]
+        previous = self._previous()
         names = job.photo_names if len(job.photo_names) == len(photos) else None
         # The captions this request gave (a job written by an older version reads the archive's)
         captions = list(job.photo_captions) if len(job.photo_captions) == len(photos) else None
@@ -233,14 +258,32 @@ class Engine:
         except BaseException:
             method.unlearn(self.pipe, job.name)   # a resident method left it live; not kept
             raise
-        note = record.meta.metrics.get("note")
+        return self._learned(job.name, job.seed, record.meta.metrics.get("note"))
+
+    def _learned(self, name: str, seed: int, note) -> JobResult:
+        """A learn's result: its note, and what it came to in the store."""
         metrics = {"note": str(note)} if note else {}
-        try:   # what it came to in the store; the concept is learned whatever these reads do
-            metrics |= {"neurons": int(self.store.overlap(job.name).total),
-                        "size_bytes": self.store.size_of(job.name)}
+        try:   # the concept is learned whatever these reads do
+            metrics |= {"neurons": int(self.store.overlap(name).total),
+                        "size_bytes": self.store.size_of(name)}
         except ConesError as exc:
-            log.warning("learned %s, but its size could not be read: %s", job.name, exc)
-        return JobResult(concept=job.name, seed=job.seed, metrics=metrics or None)
+            log.warning("learned %s, but its size could not be read: %s", name, exc)
+        return JobResult(concept=name, seed=seed, metrics=metrics or None)
+
+    def saved_by_first_run(self, job: LearnJob | ConceptMeta) -> JobResult | None:
+        """A learn or import run again after a crash whose first run had stored the concept (the
+        service died before the job was marked done): its result, instead of "already exists".
+        `job`: the learn, or the imported concept's metadata."""
+        try:
+            meta = self.store.meta(job.name)
+        except ConesError:
+            return None
+        if meta.method != job.method or list(meta.photo_digests) != list(job.photo_digests) or (
+                isinstance(job, ConceptMeta) and meta.created != job.created):
+            return None   # another concept of that name: the conflict stands
+        if isinstance(job, ConceptMeta):
+            return JobResult(concept=job.name, metrics={"note": SAVED_BEFORE_STOP})
+        return self._learned(job.name, job.seed, SAVED_BEFORE_STOP)
 
     def generate(self, req: GenerateRequest, out_dir: Path, progress: ProgressFn,
                  cancel: CancelToken) -> JobResult:
@@ -349,15 +392,19 @@ class Engine:
             record = self._retoken(record)
             note = (f"its token {old!r} is used by <{clash[0]}> here, so it was given "
                     f"{record.meta.token!r}; its pictures are the same.")
+        record = dataclasses.replace(record, meta=dataclasses.replace(
+            record.meta, hparams={**record.meta.hparams, IMPORTED: time.time()}))
         self.store.put(record)
-        self._apply_resident(record)
+        try:
+            self._apply_resident(record)
+        except BaseException:   # it does not fit the live model: not kept (a learn is not either)
+            self.store.delete(record.name)
+            raise
         return JobResult(concept=record.name, metrics={"note": note} if note else None)
 
     def _retoken(self, record: ConceptRecord) -> ConceptRecord:
         """The record on free rare words, each carrying the row its old word had: the trained
         row where the method trained one, else the old word's row in this (same) base model."""
-        import dataclasses
-
         from cns_daemon.methods.cns.layers import stack_for
         from cns_daemon.methods.common.tokens import allocate_token, token_id, token_words
 
@@ -416,7 +463,7 @@ class Engine:
     def concepts(self) -> list[ConceptInfo]:
         """Metadata, overlap, size and state only: listing never reads masks or deltas. Concepts
         whose metadata is unreadable are listed last, as damaged."""
-        metas = sorted(self.store.list(), key=lambda m: m.created)
+        metas = sorted(self.store.list(), key=store_order)
         listed = {m.name for m in metas}
         out = [self._info(m) for m in metas]
         out += [self._unreadable_info(name) for name in sorted(set(self.store.names()) - listed)]

@@ -16,6 +16,7 @@ from typing import Any, Callable, get_args
 from pydantic import BaseModel, ValidationError
 
 from cns_daemon.api.errors import Internal, NotFound
+from cns_daemon.engine import SAVED_BEFORE_STOP
 from cns_daemon.api.protocol import (EvalRequest, GenerateRequest, ImportJob, JobKind, JobResult,
                                      LearnJob, RemoveJob)
 from cns_daemon.methods.base import CancelToken, ProgressFn
@@ -37,7 +38,9 @@ class Kind:
 # -- handlers ---------------------------------------------------------------------------------
 
 def _learn(service, req: LearnJob, job, progress, cancel) -> JobResult:
-    return service.engine.learn(req, progress, cancel)
+    # A retry after a crash whose first run had stored the concept: done, not "already exists"
+    saved = service.engine.saved_by_first_run(req) if job.attempts > 1 else None
+    return saved or service.engine.learn(req, progress, cancel)
 
 
 def _generate(service, req: GenerateRequest, job, progress, cancel) -> JobResult:
@@ -65,12 +68,16 @@ def _import(service, req: ImportJob, job, progress, cancel) -> JobResult:
 
     staged = Path(req.staged)
     if not staged.is_file():
+        if job.attempts > 1 and req.name and req.name in service.store:
+            # A retry after a crash: the first run stored it, then removed the upload.
+            return JobResult(concept=req.name, metrics={"note": SAVED_BEFORE_STOP})
         raise NotFound(f"The uploaded file {staged} is gone.", "Run `cones import` again.")
     try:
         record = decode(staged.read_bytes())
         if req.name and req.name != record.name:   # `cones import --name`
             record = dataclasses.replace(record, meta=dataclasses.replace(record.meta, name=req.name))
-        return service.engine.import_record(record)
+        saved = service.engine.saved_by_first_run(record.meta) if job.attempts > 1 else None
+        return saved or service.engine.import_record(record)
     finally:
         staged.unlink(missing_ok=True)   # imported or refused: the upload is not kept
 

@@ -147,12 +147,15 @@ class Service:
         or a queued or running learn still names: they may be needed to learn it again, or to
         run. Returns (deleted, kept); photos not in the archive count in neither."""
         with self._queue_lock:
+            # The learns first: one finishing meanwhile stores its concept before it is marked
+            # done, so its photos are in one of the two reads. (Concepts first, the other way
+            # round, could miss them in both.)
+            used = {d for job in self.worker.jobs.jobs(("queued", "running")) if job.kind == "learn"
+                    for d in job.request.get("photo_digests", [])}
             readable = self.store.list()
-            used = {d for meta in readable for d in meta.photo_digests}
+            used |= {d for meta in readable for d in meta.photo_digests}
             for name in set(self.store.names()) - {m.name for m in readable}:
                 used |= set(self.concept_photos(name))
-            used |= {d for job in self.worker.jobs.jobs(("queued", "running")) if job.kind == "learn"
-                     for d in job.request.get("photo_digests", [])}
             wanted = list(dict.fromkeys(digests))
             kept = sum(1 for d in wanted if d in used and self.archive.has(d))
             deleted = sum(self.archive.delete(d) for d in wanted if d not in used)

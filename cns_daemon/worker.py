@@ -25,7 +25,7 @@ from typing import Callable, Protocol
 
 from pydantic import BaseModel
 
-from cns_daemon.api.errors import Cancelled, ConesError, Internal, NotFound, storage_error
+from cns_daemon.api.errors import Cancelled, ConesError, Corrupt, Internal, NotFound, storage_error
 from cns_daemon.jobkinds import INTERLEAVED, KINDS, pausable, summarize
 from cns_daemon.methods.base import CancelToken, ProgressEvent
 from cns_daemon.api.protocol import FINAL_STATES, PAUSED_FOR, ErrorBody, JobInfo, JobResult, ProgressInfo
@@ -46,6 +46,7 @@ class JobStore(Protocol):
     def put_job(self, job: JobRecord) -> None: ...
     def get_job(self, job_id: str) -> JobRecord: ...
     def jobs(self) -> list[JobRecord]: ...
+    def delete_job(self, job_id: str) -> None: ...
 
 
 JobRunner = Callable[[JobRecord, Callable[[ProgressEvent], None], CancelToken], JobResult]
@@ -180,7 +181,13 @@ class Worker:
     def cancel(self, job_id: str) -> JobRecord:
         """A queued job is cancelled at once; a running one at its next step."""
         with self._lock:
-            job = get_job_or_404(self.jobs, job_id)
+            try:
+                job = get_job_or_404(self.jobs, job_id)
+            except Corrupt as exc:   # it can never run; `cones jobs` does not list it
+                self.jobs.delete_job(job_id)
+                log.warning("job %s was damaged and is removed: %s", job_id, exc.message)
+                raise Corrupt(f"{exc.message.rstrip('.')}; it could not run, and it is removed now.",
+                              "Submit it again.") from None
             was_queued = job.state == "queued"
             if was_queued:
                 self._finish(job, "cancelled", error=error_body(Cancelled("Cancelled before it started.")))

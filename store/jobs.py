@@ -93,7 +93,7 @@ class JobQueue:
             return ser.decode_job(unframe(key, raw)[1])
         except CodecError as exc:
             raise Corrupt(f"Job '{key.decode()}' is damaged ({exc}).",
-                          "Cancel it with `cones cancel` and submit it again.") from None
+                          f"`cones cancel {key.decode()}` removes it; then submit it again.") from None
 
 
 def _job_key(job_id: str) -> bytes:

@@ -69,6 +69,36 @@ def test_kill9_during_learn_requeues_once_then_fails(tmp_path, monkeypatch):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_a_learn_stored_just_before_a_crash_is_done_after_the_restart(tmp_path):
+    """kill -9 after the learn stored its concept but before its job was marked done: the re-run
+    finds its own concept and ends done, saying so (it failed with "already exists")."""
+    from store import ConceptMeta, ConceptRecord, ConceptStore
+
+    home = short_home()
+    daemon = None
+    try:
+        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
+        with Client(daemon.socket) as c:
+            job = c.add(AddRequest(name="saved", class_word="cat", steps=5000, photos=photos_of(40)))
+            wait_until(lambda: c.job(job.id).state == "running", what="learn running")
+        daemon.kill()
+        with ConceptStore.open(home / "data" / "store") as store:   # what its store.put left
+            digests = store.get_job(job.id).request["photo_digests"]
+            store.put(ConceptRecord(meta=ConceptMeta(name="saved", method="cns", class_word="cat",
+                                                     token="sks", photo_digests=digests)))
+        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
+        with Client(daemon.socket) as c:
+            wait_until(lambda: c.job(job.id).state in ("done", "failed"), what="the re-run ends")
+            again = c.job(job.id)
+            assert again.state == "done" and again.attempts == 2, again
+            assert "stored by its first run" in again.result.metrics["note"]
+            assert [x.name for x in c.concepts()] == ["saved"]
+    finally:
+        if daemon is not None:
+            daemon.kill(15)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_clean_stop_during_learn_says_it_started_over(tmp_path):
     """SIGTERM gives the running job's start back (it is not counted against its attempts), and
     after the restart its note says that it ran when the service stopped and started over."""

@@ -218,6 +218,16 @@ def test_damaged_metadata_and_jobs(tmp_path):
             s.get_job("job-1")
         assert s.jobs() == []
         assert s.get("mug").masks.keys() == records["mug"].masks.keys()
+        # It can never run and `cones jobs` does not list it: the hint's `cones cancel` removes it
+        from cns_daemon.worker import Worker
+
+        with pytest.raises(Corrupt, match="job-1") as err:
+            s.get_job("job-1")
+        assert "`cones cancel job-1` removes it" in err.value.hint
+        with pytest.raises(Corrupt, match="it is removed now"):
+            Worker(s, lambda *a: None).cancel("job-1")
+        with pytest.raises(NotFound):
+            s.get_job("job-1")
 
 
 def test_not_an_lmdb_file_is_a_clear_error(tmp_path):

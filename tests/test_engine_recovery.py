@@ -1,0 +1,120 @@
+"""The engine after crashes and with damaged or misfit concepts, on the tiny pipeline: the weights
+rebuilt at start-up are the weights it had, a damaged concept does not block learns, a learn or
+import whose first run stored the concept before a crash is done when run again, and an import
+that does not fit the model is not kept."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cns_daemon.api.errors import ConesError
+from cns_daemon.api.protocol import LearnJob
+from cns_daemon.api.settings import Settings
+from cns_daemon.archive import Archive
+from cns_daemon.engine import IMPORTED, SAVED_BEFORE_STOP, Engine
+from cns_daemon.methods.cns.layers import kv_weights
+from cns_daemon.model import build_tiny_pipeline
+from store import ConceptMeta, ConceptRecord, ConceptStore, SparseDelta
+
+
+@pytest.fixture
+def engine(tmp_path):
+    store = ConceptStore.open(tmp_path / "store")
+    eng = Engine(Settings(model="tiny", home=str(tmp_path)), store, Archive(tmp_path / "archive"))
+    eng.attach(build_tiny_pipeline(seed=0))
+    yield eng
+    store.close()
+
+
+def restarted(eng: Engine) -> Engine:
+    again = Engine(eng.settings, eng.store, eng.archive)
+    again.attach(build_tiny_pipeline(seed=0))
+    return again
+
+
+def cns_record(eng: Engine, name: str, token: str, value: float, created: float, **meta) -> ConceptRecord:
+    """A CNS concept written into the weights (scope all) at the first 40 positions of one K/V."""
+    tensor, weight = next(iter(kv_weights(eng.pipe.unet).items()))
+    idx = np.arange(40, dtype=np.int64)
+    return ConceptRecord(
+        meta=ConceptMeta(name=name, method="cns", class_word="dog", token=token, created=created,
+                         hparams={"scope": "all"}, fingerprint=eng.info.fingerprint, **meta),
+        deltas={tensor: SparseDelta(idx, np.full(40, value, np.float32), tuple(weight.shape))})
+
+
+def first_values(eng: Engine) -> torch.Tensor:
+    return next(iter(kv_weights(eng.pipe.unet).values())).detach().reshape(-1)[:40].clone()
+
+
+def test_start_up_rebuilds_the_weights_in_the_order_concepts_came_into_the_store(engine):
+    """A concept learned yesterday elsewhere and imported now lies on top of the ones here;
+    rebuilt by learning time, the local one won the shared positions after a restart."""
+    local = cns_record(engine, "local", "sks", 1.0, time.time())
+    engine.store.put(local)
+    engine._apply_resident(local)
+    engine.import_record(cns_record(engine, "imported", "xqz", 2.0, time.time() - 86400))
+    live = first_values(engine)
+    assert torch.all(live == 2.0)
+    again = restarted(engine)
+    assert torch.equal(first_values(again), live)
+    # `cones list` lists it where its overlap says it came: after the local one
+    assert [c.name for c in again.concepts()] == ["local", "imported"]
+    assert again.store.meta("imported").hparams[IMPORTED] > again.store.meta("local").created
+
+
+def test_an_import_that_does_not_fit_the_model_is_not_kept(engine):
+    alien = ConceptRecord(meta=ConceptMeta(name="alien", method="cns", class_word="dog", token="sks"),
+                          deltas={"up_blocks.9.attn2.to_k.weight": SparseDelta(
+                              np.arange(3), np.ones(3, np.float32), (8, 8))})
+    with pytest.raises(ConesError):
+        engine.import_record(alien)
+    assert "alien" not in engine.store and "alien" not in engine._live()
+
+
+def test_a_damaged_concept_does_not_block_learning_others(engine, tmp_path, monkeypatch):
+    """Its token stays taken (metadata alone); its neurons cannot be read, so they are not."""
+    from cns_daemon.methods import CancelToken
+    from test_store_recovery import damage_value
+
+    engine.store.put(cns_record(engine, "old", "sks", 1.0, time.time()))
+    engine.store.close()
+    damage_value(tmp_path / "store", "deltas", b"old\0" + next(iter(kv_weights(engine.pipe.unet))).encode())
+    engine.store = ConceptStore.open(tmp_path / "store")
+    again = restarted(engine)
+    assert again.problems["old"].code.value == "corrupt"
+    seen = {}
+
+    class Capture:
+        def learn(self, pipe, photos, spec, progress, cancel, previous=None):
+            seen["previous"] = previous
+            raise RuntimeError("seen")
+
+    monkeypatch.setattr("cns_daemon.methods.get_method", lambda name: Capture())
+    job = LearnJob(name="new", class_word="dog", method="cns", photo_digests=["0" * 64])
+    monkeypatch.setattr(again.archive, "path", lambda digest: tmp_path / "p.png")
+    for problems in (again.problems, {}):   # known at start-up, or found by the learn itself
+        again.problems = dict(problems)
+        with pytest.raises(RuntimeError, match="seen"):
+            again.learn(job, None, CancelToken())
+        (old,) = seen["previous"]
+        assert old.meta.token == "sks" and not old.deltas
+        assert "old" in again.problems
+
+
+def test_a_learn_or_import_whose_first_run_stored_it_is_done_when_run_again(engine):
+    record = cns_record(engine, "rex", "sks", 1.0, 1_700_000_000.0, photo_digests=["a" * 64, "b" * 64])
+    engine.store.put(record)
+    job = LearnJob(name="rex", class_word="dog", method="cns", photo_digests=["a" * 64, "b" * 64], seed=3)
+    result = engine.saved_by_first_run(job)
+    assert result.concept == "rex" and result.seed == 3 and result.metrics["note"] == SAVED_BEFORE_STOP
+    assert result.metrics["neurons"] == 40
+    other = job.model_copy(update={"photo_digests": ["c" * 64, "b" * 64]})
+    assert engine.saved_by_first_run(other) is None   # another concept of that name
+    assert engine.saved_by_first_run(job.model_copy(update={"name": "nobody"})) is None
+    assert engine.saved_by_first_run(record.meta).metrics["note"] == SAVED_BEFORE_STOP
+    import dataclasses
+
+    assert engine.saved_by_first_run(dataclasses.replace(record.meta, created=1.0)) is None
