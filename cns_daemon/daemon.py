@@ -206,7 +206,11 @@ def _protocol_class(header_timeout: float):
 
 def open_store(paths: Paths):
     from store import ConceptStore
+    from store.salvage import finish_interrupted
 
+    moved = finish_interrupted(paths.store)
+    if moved is not None:
+        log.warning("a salvage of the concept store was interrupted; its copy %s is the store now", moved)
     return ConceptStore.open(paths.store)
 
 

@@ -22,6 +22,8 @@ from .jobs import newest_learns
 from .records import JobRecord
 from .store import SEP, ConceptStore
 
+COMPLETE = "SALVAGED"   # written into the copy once it holds everything salvage could read
+
 
 @dataclass
 class CheckReport:
@@ -135,10 +137,29 @@ def salvage(path: Path) -> SalvageReport:
                 finished.append(job)
         learns = newest_learns(finished)
         lost = {name: _what_is_known(old, name, learns.get(name)) for name in report.damaged}
+    # Whole from here: a crash between the two renames leaves no store at `path`, and
+    # `finish_interrupted` puts this one there (the next start would have made an empty one).
+    (fresh / COMPLETE).write_text(f"salvaged from {path}\n")
     kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
     path.rename(kept)
     fresh.rename(path)
+    (path / COMPLETE).unlink(missing_ok=True)
     return SalvageReport(report, copied, jobs, str(kept), lost)
+
+
+def finish_interrupted(path: Path) -> Path | None:
+    """No store at `path`, but a whole salvaged copy beside it (a salvage stopped between moving
+    the damaged store aside and putting the copy in its place): put the newest there. Returns
+    the copy it moved, or None."""
+    path = Path(path)
+    if path.exists():
+        return None
+    whole = sorted(p for p in path.parent.glob(f"{path.name}.salvage-*") if (p / COMPLETE).is_file())
+    if not whole:
+        return None
+    whole[-1].rename(path)
+    (path / COMPLETE).unlink(missing_ok=True)
+    return whole[-1]
 
 
 def _what_is_known(old: ConceptStore, name: str, learn: JobRecord | None) -> LostConcept:

@@ -537,3 +537,33 @@ def test_the_worker_gives_freed_memory_back_after_each_job(tmp_path, monkeypatch
     finally:
         worker.stop()
         store.close()
+
+
+def test_a_salvage_stopped_between_its_two_moves_is_finished_at_the_next_start(tmp_path, monkeypatch):
+    """The damaged store moved aside, the process died before the copy took its place: the next
+    start found no store and made an empty one. Now the whole copy is put in its place."""
+    from cns_daemon.api.settings import Paths
+    from cns_daemon.daemon import open_store
+    from store.salvage import COMPLETE, salvage
+
+    path = tmp_path / "data" / "store"
+    records = _three_concepts(path)
+    real_rename = Path.rename
+
+    def dies_before_the_copy_moves(self, target):
+        if Path(target) == path:
+            raise KeyboardInterrupt("the process died here")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", dies_before_the_copy_moves)
+    with pytest.raises(KeyboardInterrupt):
+        salvage(path)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not path.exists()
+    paths = Paths(data=tmp_path / "data", config=tmp_path, runtime=tmp_path / "run", inbox=tmp_path / "inbox")
+    assert paths.store == path
+    with open_store(paths) as store:
+        assert sorted(store.names()) == sorted(records)
+    assert not (path / COMPLETE).exists()
+    assert not list(path.parent.glob("store.salvage-*"))
+    assert len(list(path.parent.glob("store.damaged-*"))) == 1
