@@ -114,6 +114,11 @@ def test_tails_dealt_by_the_caller_hold_a_concept_to_its_share(fresh_tiny_pipe):
         with scope.prompt(ids, tails):
             added = ((to_k(x) - plain) / step)[..., 0].round()
         assert added[0].tolist() == expected, tails
+    # a prompt of 77 tokens ends at its EOS: the second concept named has no share of the end
+    full = torch.tensor([[1, 8, 7, 5, 9, 7, 3, 3, 2]])
+    with scope.prompt(full, {"mug": [8], "rex": []}):
+        added = ((to_k(x) - plain) / step)[..., 0].round()
+    assert added[0].tolist() == [0, 0, 0, 0, 1, 1, 0, 0, 0]
     scope.remove("rex")
 
 

@@ -236,7 +236,8 @@ def _deal_tails(scope: TokenScope, ids: torch.Tensor, rows_of: dict[str, torch.T
 def _share_mask(shares: dict[str, list[int]], name: str, n_tokens: int) -> torch.Tensor:
     """(n_tokens,) bool: every position before the end of the sequence, and `name`'s share of it."""
     keep = torch.zeros(n_tokens, dtype=torch.bool)
-    keep[:min(share[0] for share in shares.values())] = True
+    # A prompt of (nearly) 77 tokens leaves some concepts no share of its end: empty ones
+    keep[:min((share[0] for share in shares.values() if share), default=n_tokens)] = True
     keep[shares[name]] = True
     return keep
 
