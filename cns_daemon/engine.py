@@ -19,9 +19,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 from cns_daemon.archive import Archive
-from cns_daemon.api.errors import (Conflict, ConesError, Corrupt, Internal, ModelLoad, ModelMismatch,
+from cns_daemon.api.errors import (BadInput, Conflict, ConesError, Corrupt, Internal, ModelLoad, ModelMismatch,
                                    NotFound)
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.api.protocol import ConceptInfo, EvalRequest, GenerateRequest, JobResult, LearnJob
@@ -428,17 +429,31 @@ class Engine:
 
     # ------------------------------------------------------------ read-only (any thread)
 
-    def check_learn(self, method: str, steps: int | None, options: dict) -> None:
+    def check_learn(self, method: str, steps: int | None, options: dict, class_word: str = "",
+                    captions: Iterable[tuple[str, str | None]] = ()) -> None:
         """Refuse unknown option keys, values of the wrong type or out of range, for this method,
-        and a token asked for that is not a free rare word, before a learn job is queued (the
-        method parses and allocates the same way when the job runs)."""
+        a token asked for that is not a free rare word, and a photo's caption too long to keep
+        the concept's token once it is put in, before a learn job is queued (the method parses,
+        allocates and captions the same way when the job runs). `captions`: (file, caption)."""
         from cns_daemon.methods import get_method
         from cns_daemon.methods.common import allocate_token, parse_options
+        from cns_daemon.methods.data import with_token
+        from cns_daemon.prompts import check_length
 
         hp = parse_options(get_method(method).Params, options, steps)
-        if getattr(hp, "token", ""):
-            allocate_token(self.pipe.tokenizer, [m.token for m in self.store.list()], hp.token,
-                           getattr(hp, "vectors", 1))
+        taken = [m.token for m in self.store.list()]
+        token = ""
+        if method != "cones2":   # Cones 2 reads the concept at its class word: no token
+            token = allocate_token(self.pipe.tokenizer, taken, getattr(hp, "token", "") or None,
+                                   getattr(hp, "vectors", 1))
+        for file, caption in captions:
+            if not caption:
+                continue
+            try:   # cut short by the encoder, the caption would lose the token it is taught
+                check_length(self.pipe.tokenizer, with_token(caption, token, class_word), f"caption of {file}")
+            except BadInput as exc:
+                raise BadInput(f"{exc.message.rstrip('.')} (counting the concept's token put in it).",
+                               f"Shorten the caption of {file}.") from None
 
     def check_generate(self, req: GenerateRequest) -> None:
         """Refuse a bad prompt or box before it is queued: unknown, damaged or not rebuilt

@@ -86,7 +86,8 @@ class Service:
             raise BadPhoto(f"{head}; learning needs at least {MIN_PHOTOS} different photos ({why}).",
                            "Give 3-5 different photos of it (PNG, JPEG, WebP, BMP, GIF or TIFF, "
                            "at least 32x32 pixels).")
-        self.engine.check_learn(method, steps, options or {})
+        self.engine.check_learn(method, steps, options or {}, class_word,
+                                [(p.filename, p.caption) for p in photos])
         with self._queue_lock:
             self._check_name_free(name)
             digests = [self.archive.put(p) for p in photos]

@@ -155,3 +155,16 @@ def test_preservation_loss_limits_drift_of_the_other_tokens(tmp_path, tiny_pipe)
                          options={"lr": 3e-3, "lambda_reg": lam, "reg_batch": 8})
         drift[lam] = METHOD.learn(tiny_pipe, photos, spec, None, None).meta.metrics["preservation_last"]
     assert drift[20.0] < 0.6 * drift[0.0]
+
+
+def test_an_untrained_residual_is_zero_on_a_half_precision_model(tmp_path, monkeypatch):
+    """The frozen outputs are read from the fp32 copy before it trains: read from a bf16 encoder,
+    its rounding alone made a residual with no training at all."""
+    from cns_daemon.model import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.text_encoder.to(torch.bfloat16)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, closure=None: None)   # trains nothing
+    spec = LearnSpec("pot", "teapot", steps=1, seed=3, options={"reg_batch": 2, "variants": 2})
+    record = METHOD.learn(pipe, write_photos(tmp_path / "photos", 2), spec, None, None)
+    assert np.abs(record.residual).max() == 0.0

@@ -118,3 +118,42 @@ def test_a_learn_or_import_whose_first_run_stored_it_is_done_when_run_again(engi
     import dataclasses
 
     assert engine.saved_by_first_run(dataclasses.replace(record.meta, created=1.0)) is None
+
+
+@pytest.mark.parametrize("scope", ["all", "concept"])
+def test_a_cns_record_refused_half_way_leaves_the_model_as_it_was(fresh_tiny_pipe, scope):
+    """Its embedding row has the wrong width: found before any value is written (values stayed
+    written and a scope entry stayed with no layer to remove it)."""
+    from cns_daemon.methods.cns.layers import stack_for
+    from cns_daemon.methods.common.scope import token_scope
+
+    pipe = fresh_tiny_pipe
+    kv = kv_weights(pipe.unet)
+    before = {n: p.detach().clone() for n, p in kv.items()}
+    name, w = next(iter(kv.items()))
+    rec = ConceptRecord(ConceptMeta("rex", "cns", "dog", "sks", hparams={"scope": scope}),
+                        deltas={name: SparseDelta(np.array([0, 1, 2]), np.full(3, 5.0, np.float16),
+                                                  tuple(w.shape))},
+                        embeddings={"sks": np.zeros(7, np.float32)})
+    with pytest.raises(ConesError):
+        stack_for(pipe).push(rec)
+    assert all(torch.equal(p, before[n]) for n, p in kv.items())
+    assert stack_for(pipe).names() == [] and "rex" not in token_scope(pipe.unet).names()
+
+
+def test_a_cones_mask_past_its_tensor_shuts_nothing(fresh_tiny_pipe):
+    """A mask carries no shape the store could check: a position past its tensor was found
+    after the masks before it were written, and those neurons stayed shut until a restart."""
+    from cns_daemon.generate import generate
+    from cns_daemon.methods.common.tokens import rare_tokens
+
+    pipe = fresh_tiny_pipe
+    kv = kv_weights(pipe.unet)
+    before = {n: p.detach().clone() for n, p in kv.items()}
+    names = list(kv)
+    masks = {n: np.arange(0, 40, dtype=np.int64) for n in names}
+    masks[names[-1]] = np.array([0, 10 ** 9], np.int64)
+    mug = ConceptRecord(ConceptMeta("mug", "cones", "mug", rare_tokens(pipe.tokenizer)[1]), masks=masks)
+    with pytest.raises(ConesError, match="out of range"):
+        generate(pipe, "a photo of <mug>", {"mug": mug}, n=1, steps=2, output_type="np")
+    assert all(torch.equal(p, before[n]) for n, p in kv.items())

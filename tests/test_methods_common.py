@@ -64,6 +64,10 @@ def test_captions_sidecar_template_and_given(tmp_path):
     assert caps[0] == "a red sks star on the grass"
     assert "sks star" in caps[1] and caps[1] != caps[0]
     assert photo_captions([a], "sks", "dog", ["my pet in a field"]) == ["sks dog, my pet in a field"]
+    # a class of several words is found whole; Cones 2 (no token) still gets its class word
+    assert photo_captions([a], "sks", "teddy bear", ["a teddy bear on a bed"]) == ["a sks teddy bear on a bed"]
+    assert photo_captions([a], "", "dog", ["my buddy at the park"]) == ["a dog, my buddy at the park"]
+    assert photo_captions([a], "", "dog", ["my dog at the park"]) == ["my dog at the park"]
     with pytest.raises(BadInput, match="2 photos"):
         photo_captions([a, b], "sks", "star", ["one"])
     ps = prepare_photos([a, b], 32, "sks", "star", variants=3)

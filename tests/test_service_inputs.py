@@ -316,6 +316,15 @@ def test_add_sends_each_photos_sidecar_caption(cones, daemon, tmp_path):
     a.with_suffix(".txt").write_text("a dog " * 300)
     code, out = cones("add", "wordy", str(a), str(b), str(c), "--class", "dog")
     assert code == BAD_INPUT and "has 1799 characters" in out, out
+    # within the characters, but longer than the text encoder reads once the token is put in:
+    # cut short, the photo would train without its token (the class word stands at the end)
+    a.with_suffix(".txt").write_text("a photo taken " * 25 + "of my dog")
+    code, out = cones("add", "long", str(a), str(b), str(c), "--class", "dog")
+    flat = " ".join(out.split())
+    assert code == BAD_INPUT and f"The caption of {a.name} is" in flat and "concept's token" in flat, out
+    a.with_suffix(".txt").write_text("a photo taken " * 22 + "of my dog")   # fits with the token
+    code, out = cones("add", "fits", str(a), str(b), str(c), "--class", "dog", "--steps", "2")
+    assert code == 0, out
 
 
 # -- item 10: method options --------------------------------------------------------------------------

@@ -233,8 +233,12 @@ class ConesMethod(PerRequest):
         rows = {}
         for rec in records:
             rows.update(C.embedding_rows(pipe.text_encoder, pipe.tokenizer, rec.embeddings))
-        return (apply_masks(pipe, C.union_indices([r.masks for r in records])),
-                C.write_rows(pipe.text_encoder, rows))
+        values = apply_masks(pipe, C.union_indices([r.masks for r in records]))
+        try:
+            return values, C.write_rows(pipe.text_encoder, rows)
+        except BaseException:
+            C.restore_values(values)
+            raise
 
     def remove(self, handle: tuple[C.SavedValues, C.SavedRows]) -> None:
         values, rows = handle

@@ -114,14 +114,15 @@ def augment_pool(img: Image.Image, size: int, n: int, seed: int,
 
 def with_token(caption: str, token: str, class_word: str) -> str:
     """Make a free-form caption name the concept: put the token before the first mention of
-    the class word, or prefix "<token> <class>, " when the caption does not mention it."""
-    if not token:
-        return caption
+    the class word (of all its words: "teddy bear"), or prefix "<token> <class>, " when the
+    caption does not mention it. Without a token (Cones 2, which reads the concept at its class
+    word) the caption must still name the class: "a <class>, " is put before one that does not."""
     words = caption.split(" ")
-    for i, w in enumerate(words):
-        if w.lower().strip(".,;:!?") == class_word.lower():
-            return " ".join(words[:i] + [token] + words[i:])
-    return f"{token} {class_word}, {caption}"
+    wanted = class_word.lower().split()
+    for i in range(len(words) - len(wanted) + 1):
+        if [w.lower().strip(".,;:!?") for w in words[i:i + len(wanted)]] == wanted:
+            return " ".join(words[:i] + [token] + words[i:]) if token else caption
+    return f"{token} {class_word}, {caption}" if token else f"a {class_word}, {caption}"
 
 
 def without_token(caption: str, token: str) -> str:

@@ -92,6 +92,10 @@ class CNSStack:
                 if tuple(p.shape) != tuple(delta.shape):
                     raise Conflict(f"{record.name}: tensor {name} has shape {tuple(p.shape)}, "
                                    f"the record {tuple(delta.shape)}.")
+            # Everything that can refuse the record comes before the first write: a refusal
+            # half-way left values written and a scope entry with no layer to remove them.
+            new_rows = embedding_rows(self.text_encoder, self.tokenizer, record.embeddings)
+            where = anchor(self.tokenizer, record.meta.token, record.meta.class_word) if in_scope else None
             for name, delta in record.deltas.items():
                 p = self.params[name]
                 idx = torch.as_tensor(np.asarray(delta.indices, np.int64)).to(p.device)
@@ -107,10 +111,8 @@ class CNSStack:
                 indices[name] = idx
                 flat.index_copy_(0, idx, values)
         if in_scope:
-            token_scope(self.unet).add(record.name, anchor(self.tokenizer, record.meta.token,
-                                                           record.meta.class_word), scoped)
-        rows = write_rows(self.text_encoder,
-                          embedding_rows(self.text_encoder, self.tokenizer, record.embeddings))
+            token_scope(self.unet).add(record.name, where, scoped)
+        rows = write_rows(self.text_encoder, new_rows)
         layer = Layer(record, indices, below, rows)
         self.layers.append(layer)
         return layer
