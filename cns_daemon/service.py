@@ -285,8 +285,9 @@ class Service:
         """Delete the finished jobs beyond the newest `keep_jobs`, but the newest finished learn
         of each stored concept (salvage and `rm --photos` read its photos there). Returns how
         many went. Their images in outputs/ are the person's and stay."""
+        # Newest by when they ended: a learn of an hour that ends now is news, whenever it was asked
         finished = sorted((j for j in self.worker.jobs.jobs() if j.state in FINAL_STATES),
-                          key=lambda j: j.created, reverse=True)
+                          key=lambda j: j.finished or j.created, reverse=True)
         if len(finished) <= self.settings.keep_jobs:
             return 0
         stored = set(self.store.names())

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -559,3 +560,25 @@ def test_files_the_cli_leaves_out_are_kept_with_the_job_and_named_in_a_refusal(c
     assert [s["file"] for s in job["skipped"]] == ["IMG_0001.HEIC"]
     code, out = cones("add", "clione", str(photos[0]), str(heic), "--class", "dog", "--steps", "2")
     assert code == EXIT_CODES[ErrorCode.BAD_PHOTO] and "IMG_0001.HEIC: a HEIC photo" in " ".join(out.split()), out
+
+
+def test_pruning_keeps_the_jobs_that_ended_last(tmp_path):
+    """Newest by when a job ended, not when it was asked: a learn queued first that failed after
+    an hour is the news of the day, and was pruned the moment it ended."""
+    from cns_daemon.api.settings import load_settings
+    from cns_daemon.service import Service
+    from store import ConceptStore
+    from store.records import JobRecord
+
+    settings = load_settings(home=str(tmp_path), keep_jobs=10)
+    store = ConceptStore.open(tmp_path / "store")
+    service = Service(settings, store, engine=None)
+    now = time.time()
+    ends = {"long-learn": (now - 100, now)}
+    ends |= {f"gen-{i:02}": (now - 90 + i, now - 80 + i) for i in range(11)}
+    for job_id, (created, finished) in ends.items():
+        store.put_job(JobRecord(id=job_id, kind="learn" if "learn" in job_id else "generate",
+                                request={"name": "gone"}, state="failed", created=created, finished=finished))
+    assert service.prune_jobs() == 2
+    assert sorted(j.id for j in store.jobs()) == [f"gen-{i:02}" for i in range(2, 11)] + ["long-learn"]
+    store.close()
