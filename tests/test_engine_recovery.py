@@ -157,3 +157,24 @@ def test_a_cones_mask_past_its_tensor_shuts_nothing(fresh_tiny_pipe):
     with pytest.raises(ConesError, match="out of range"):
         generate(pipe, "a photo of <mug>", {"mug": mug}, n=1, steps=2, output_type="np")
     assert all(torch.equal(p, before[n]) for n, p in kv.items())
+
+
+def test_cns_records_applied_together_are_all_taken_off_when_one_is_refused(fresh_tiny_pipe):
+    from cns_daemon.methods import get_method
+    from cns_daemon.methods.cns.layers import stack_for
+
+    pipe = fresh_tiny_pipe
+    kv = kv_weights(pipe.unet)
+    before = {n: p.detach().clone() for n, p in kv.items()}
+    name, w = next(iter(kv.items()))
+
+    def record(n, token, width):
+        return ConceptRecord(ConceptMeta(n, "cns", "dog", token, hparams={"scope": "all"}),
+                             deltas={name: SparseDelta(np.array([0, 1]), np.full(2, 5.0, np.float32), tuple(w.shape))},
+                             embeddings={token: np.zeros(width, np.float32)})
+
+    good = record("good", "sks", pipe.text_encoder.get_input_embeddings().weight.shape[1])
+    with pytest.raises(ConesError):
+        get_method("cns").apply(pipe, [good, record("bad", "xqz", 7)])
+    assert stack_for(pipe).names() == []
+    assert all(torch.equal(p, before[n]) for n, p in kv.items())

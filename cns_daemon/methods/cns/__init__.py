@@ -410,7 +410,11 @@ class CNSMethod:
                 raise BadInput(f"{rec.name} is a {rec.meta.method} concept, not a CNS one.")
             if rec.name in stack.names():
                 continue  # fusion-free: already live
-            stack.push(rec)
+            try:
+                stack.push(rec)
+            except BaseException:   # no handle goes back: take off the ones pushed before it
+                self.remove(CNSHandle(stack, pushed))
+                raise
             pushed.append(rec.name)
         return CNSHandle(stack, pushed)
 
