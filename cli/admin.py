@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from cli.config import JSON, settings
 from cli.views import console, handled
@@ -31,7 +32,7 @@ def service_install(unit_dir: Optional[Path] = UNIT_DIR,
     from cli import service_unit
 
     service_unit.install(settings(), unit_dir or service_unit.default_unit_dir(), not no_start,
-                         say=lambda line: console.print(line, highlight=False))
+                         say=lambda line: console.print(line, highlight=False, markup=False))
 
 
 @service_app.command("uninstall")
@@ -41,7 +42,7 @@ def service_uninstall(unit_dir: Optional[Path] = UNIT_DIR) -> None:
     from cli import service_unit
 
     service_unit.uninstall(unit_dir or service_unit.default_unit_dir(),
-                           say=lambda line: console.print(line, highlight=False))
+                           say=lambda line: console.print(line, highlight=False, markup=False))
 
 
 # ---------------------------------------------------------------- the store's files
@@ -93,7 +94,7 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
         locks[0].acquire(paths.socket, stop_first)
         locks[1].acquire(None, stop_first)
         if check(paths.store).ok and not force:
-            console.print(f"Nothing is damaged in {paths.store}; nothing was moved (--force "
+            console.print(f"Nothing is damaged in {escape(str(paths.store))}; nothing was moved (--force "
                           "copies it into a fresh store anyway).", highlight=False)
             return
         done = salvage(paths.store)
@@ -102,17 +103,17 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
             lock.release()
     lost = done.check.damaged
     console.print(f"Copied {len(done.copied)} concepts and {done.jobs_copied} jobs into a fresh store "
-                  f"at {paths.store}.", highlight=False)
+                  f"at {escape(str(paths.store))}.", highlight=False)
     for name, why in lost.items():
-        console.print(f"[red]left behind[/] <{name}>: {why}", highlight=False)
+        console.print(f"[red]left behind[/] <{name}>: {escape(why)}", highlight=False)
         console.print(_relearn_text(name, done.lost.get(name), paths.archive), highlight=False,
                       markup=False, soft_wrap=True)
     if done.check.damaged_jobs:
         console.print(f"{len(done.check.damaged_jobs)} damaged jobs were left behind.", highlight=False)
     if done.check.ok:
-        console.print(f"The old store is kept at {done.kept_at}.", highlight=False)
+        console.print(f"The old store is kept at {escape(str(done.kept_at))}.", highlight=False)
     else:
-        console.print(f"The damaged store is kept at {done.kept_at}; learn the lost concepts again "
+        console.print(f"The damaged store is kept at {escape(str(done.kept_at))}; learn the lost concepts again "
                       "from their photos.", highlight=False)
 
 
@@ -143,11 +144,11 @@ def _relearn_text(name: str, known, archive_root) -> str:
 
 def _check_lines(report) -> list[str]:
     if report.error:
-        return [f"[red]cannot open[/] {report.path}: {report.error}"]
-    lines = [f"{report.path}: {len(report.concepts)} concepts and {report.jobs} jobs read whole."]
-    lines += [f"[red]damaged database[/] {db}: {why}" for db, why in report.databases.items()]
-    lines += [f"[red]damaged[/] <{name}>: {why}" for name, why in report.damaged.items()]
-    lines += [f"[red]damaged job[/] {job}: {why}" for job, why in report.damaged_jobs.items()]
+        return [f"[red]cannot open[/] {escape(report.path)}: {escape(report.error)}"]
+    lines = [f"{escape(report.path)}: {len(report.concepts)} concepts and {report.jobs} jobs read whole."]
+    lines += [f"[red]damaged database[/] {db}: {escape(why)}" for db, why in report.databases.items()]
+    lines += [f"[red]damaged[/] <{name}>: {escape(why)}" for name, why in report.damaged.items()]
+    lines += [f"[red]damaged job[/] {escape(job)}: {escape(why)}" for job, why in report.damaged_jobs.items()]
     if not report.ok:
         lines.append("Stop the service and run `cones store salvage` to keep everything readable "
                      "in a fresh store (a concept damaged only in its own bytes can also be removed "

@@ -82,7 +82,8 @@ def _tell_unknown_variables() -> None:
                       and not k.startswith("CONES_TEST_")):
         near = difflib.get_close_matches(key, sorted(known), n=1)
         err_console.print(f"warning: {key} is not a cones setting and is ignored"
-                          + (f" (did you mean {near[0]}?)" if near else "") + ".", highlight=False)
+                          + (f" (did you mean {near[0]}?)" if near else "") + ".", highlight=False,
+                          markup=False)
 
 
 _told = False

@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.markup import escape
+
 from cli.client import Client
 from cli.views import console, err_console, follow
 from cns_daemon.api.errors import ConesError, ModelLoad, Unavailable
@@ -240,7 +242,7 @@ def run(opts: Options) -> None:
             console.print(f"  {line}", highlight=False, markup=False)   # "[probe saw: …]" is text
         console.print("\n[bold]contact sheets[/]")
         for title, job in runs.items():
-            console.print(f"  {title}: {job.result.contact_sheet}", highlight=False)
+            console.print(f"  {title}: {escape(job.result.contact_sheet)}", highlight=False)
         if temp is not None:
             err_console.print(f"the demo's service is stopped; its files stay in {temp.home}")
     finally:

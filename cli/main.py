@@ -22,7 +22,7 @@ from cli.config import JSON, settings
 from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
-                       status_table, write_file)
+                       shorten, status_table, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, Interrupted, Unavailable
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.archive import caption_file, sidecar_caption, sniff
@@ -77,7 +77,7 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
                 job.kind == "generate" and running.kind == "learn"):
             time.sleep(QUEUED_GRACE_S)
             if c.job(job.id).state == "queued" and c.job(running.id).state == "running":
-                err_console.print(f"Job {job.id} is queued behind job {running.id} ({running.summary}); "
+                err_console.print(f"Job {job.id} is queued behind job {running.id} ({escape(shorten(running.summary))}); "
                                   "`cones jobs` shows the queue. Ctrl-C stops waiting, not the job.",
                                   highlight=False)
         follow(c.follow(job.id), quiet=quiet)
@@ -171,7 +171,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         for s in job.skipped[len(not_photos):]:   # the service's own (ours were said above)
             err_console.print(f"[yellow]skipped[/] {escape(s.file)}: {escape(s.reason)}", highlight=False)
         if no_wait:
-            print_json(job) if as_json else console.print(f"Queued job {job.id}: {job.summary}")
+            print_json(job) if as_json else console.print(f"Queued job {job.id}: {escape(shorten(job.summary))}")
             return
         job = wait_for(c, job, quiet=as_json, tell_wait=not as_json)
         if as_json:
@@ -195,7 +195,7 @@ def list_(as_json: bool = JSON) -> None:
         return
     console.print(concepts_table(concepts))
     for line in concept_problems(concepts):
-        err_console.print(line, highlight=False)
+        err_console.print(line, highlight=False, markup=False)
 
 
 @app.command()
@@ -217,7 +217,7 @@ def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait", help="Queue t
     with client() as c:
         job = c.remove(name, photos)
         if no_wait:
-            console.print(f"Queued job {job.id}: {job.summary}")
+            console.print(f"Queued job {job.id}: {escape(shorten(job.summary))}")
             return
         job = wait_for(c, job, quiet=True)
     m = job.result.metrics if job.result and job.result.metrics else {}
@@ -254,7 +254,7 @@ def export(name: str,
     output_folder(target.parent)   # a new folder only once there is something to put in it
     write_file(target, data, "Give -o a writable file path; an earlier file there is kept as it was.",
                mode=0o600)   # a concept can draw a person: private as the data folder is
-    console.print(f"Wrote <{name}> to {target} ({len(data):,} bytes).", highlight=False)
+    console.print(f"Wrote <{name}> to {escape(str(target))} ({len(data):,} bytes).", highlight=False)
 
 
 @app.command("import")
@@ -339,9 +339,9 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
             f"seeds {result.seed}-{result.seed + len(result.images) - 1}, one per image in order")
         err_console.print(f"{seeds}; the contact sheet is the last line", highlight=False)
     for p in result.images:
-        console.print(p, highlight=False)
+        console.print(p, highlight=False, markup=False)   # a path, as written ("shots[red]/")
     if result.contact_sheet:   # last, alone on its line: `cones generate ... | tail -1` opens it
-        console.print(result.contact_sheet, highlight=False)
+        console.print(result.contact_sheet, highlight=False, markup=False)
 
 
 @app.command("eval")
@@ -422,11 +422,11 @@ def cancel(job_id: str) -> None:
                            "Nothing to cancel; `cones jobs` lists the jobs still queued or running.")
         job = c.cancel(job_id)
     if job.state == "cancelled":
-        console.print(f"Cancelled job {job.id} ({job.summary}) before it started.")
+        console.print(f"Cancelled job {job.id} ({escape(shorten(job.summary))}) before it started.")
     elif job.state == "running":
-        console.print(f"Cancelling job {job.id} ({job.summary}): it stops at its next step.")
+        console.print(f"Cancelling job {job.id} ({escape(shorten(job.summary))}): it stops at its next step.")
     else:   # it finished between the two calls
-        console.print(f"Job {job.id} ({job.summary}) finished before the cancel reached it: {job.state}.")
+        console.print(f"Job {job.id} ({escape(shorten(job.summary))}) finished before the cancel reached it: {job.state}.")
 
 
 # ---------------------------------------------------------------- demo

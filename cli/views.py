@@ -178,10 +178,10 @@ def concept_table(c: ConceptInfo) -> Table:
     table.add_column("value", overflow="fold")
     rows = ([("state", f"{STATE_LABELS.get(c.state, c.state)}: {escape(c.problem)} {escape(c.hint)}")]
             if c.state != "ok" else [])
-    rows += [("method", c.method or "?"), ("class", c.class_word), ("token", c.token or "-"),
+    rows += [("method", c.method or "?"), ("class", c.class_word), ("token", escape(c.token) or "-"),
             ("photos", photos_text(c)), ("size", human_size(c.size_bytes)),
             ("neurons", f"{c.neurons:,}"), ("overlap", overlap_text(c.overlap)),
-            ("learned with", ", ".join(f"{k} {v}" for k, v in c.learned_with.items()) or "-"),
+            ("learned with", escape(", ".join(f"{k} {v}" for k, v in c.learned_with.items())) or "-"),
             ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created)) if c.created else "-"),
             ("fingerprint", c.fingerprint or "-")]
     rows += [(f"metric {k}", metric_text(v)) for k, v in sorted(c.metrics.items())]
@@ -195,7 +195,7 @@ def eval_table(names: list[str], metrics: dict) -> Table:
     for col in ("CLIP-I", "CLIP-T", "images", "prompts", "CLIP model"):
         table.add_column(col, justify="left" if col == "CLIP model" else "right")
     table.add_row(f"{metrics['clip_i']:.4f}", f"{metrics['clip_t']:.4f}", str(metrics["n_images"]),
-                  str(metrics["n_prompts"]), str(metrics.get("clip", "-")))
+                  str(metrics["n_prompts"]), escape(str(metrics.get("clip", "-"))))
     return table
 
 
@@ -214,9 +214,20 @@ def jobs_table(jobs: Iterable[JobInfo]) -> Table:
         p = j.progress
         prog = f"{p.phase} {p.step}/{p.total}" if p and p.total else (p.phase if p else "-")
         paused = p.message if p and p.message.startswith(PAUSED_FOR) else ""
-        note = "; ".join(n for n in (paused, j.note, j.error.message if j.error else _result_note(j)) if n)
-        table.add_row(j.id, _state(j.state), j.summary, prog, ago(j.created), note)
+        # Prompts, file names and messages are the person's text: printed as written ("[/]" in a
+        # prompt was read as markup and failed every `cones jobs` after it)
+        note = "; ".join(n for n in (escape(paused), escape(j.note),
+                                     escape(j.error.message) if j.error else _result_note(j)) if n)
+        table.add_row(j.id, _state(j.state), escape(shorten(j.summary)), prog, ago(j.created), note)
     return table
+
+
+SUMMARY_CHARS = 120   # a job's summary in a table; `--json` has it whole
+
+
+def shorten(text: str, limit: int = SUMMARY_CHARS) -> str:
+    """A prompt of 60 words made a row 33 lines tall at 80 columns."""
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def _result_note(j: JobInfo) -> str:
@@ -249,13 +260,13 @@ def status_table(s: StatusInfo) -> Table:
                  ("concepts", _concept_count(s)), ("running", running), ("queued", str(s.queue.queued)),
                  ("socket", s.socket), ("data", s.data),
                  ("inbox", s.inbox + ("" if s.inbox_watched else " (not watched)"))):
-        table.add_row(k, v)
+        table.add_row(k, escape(v))   # paths and prompts are text, not markup
     return table
 
 
 def _running_line(job) -> str:
     """The running job as `cones cancel` needs it, and how far it is."""
-    line = f"{job.id}: {job.summary}"
+    line = f"{job.id}: {shorten(job.summary)}"
     p = job.progress
     if p is not None and p.total:
         line += f" ({p.phase + ' ' if p.phase else ''}{p.step}/{p.total}"

@@ -58,6 +58,13 @@ def test_add_list_show_generate(cones, daemon, tmp_path):
     # photos are in the content-addressed archive
     archived = [p for p in (daemon.home / "data" / "archive").rglob("*.png")]
     assert len(archived) >= 3
+    # a folder named with brackets: the paths printed are where the files are ("[red]" was
+    # read as markup and left out), and a prompt with "[/]" does not break `cones jobs`
+    code, out = cones("generate", "a photo of <rex> [/]", "--seed", "1", "-o", str(tmp_path / "shots[red]"))
+    printed = [line for line in out.splitlines() if line.endswith(".png")]
+    assert code == 0 and printed and all(os.path.isfile(p) and "shots[red]" in p for p in printed), out
+    code, out = cones("jobs")
+    assert code == 0 and "<rex> [/]" in out, out
 
 
 def test_add_prints_the_learn_results_note(cones, tmp_path):

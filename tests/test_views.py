@@ -139,3 +139,30 @@ def test_status_names_the_running_job_and_how_far_it_is():
     out = io.StringIO()
     Console(file=out, width=160, force_terminal=False).print(status_table(s))
     assert "aaaaaaaaaaaa: learn <rex> (train 40/900, about 120 s left)" in out.getvalue(), out.getvalue()
+
+
+def test_the_persons_text_is_printed_as_written_not_read_as_markup():
+    """A prompt with "[/]" made every `cones jobs` (and `status` while it ran) fail with a
+    traceback, after restarts too; "[red]" in a prompt or path vanished. A long prompt is cut
+    to one or two lines in the table (`--json` has it whole)."""
+    import time
+
+    from cli.views import jobs_table, status_table
+    from cns_daemon.api.protocol import JobInfo, QueueInfo, StatusInfo
+
+    summary = "generate 'a photo of [bold red]big[/] <ibx> [/]'"
+    job = JobInfo(id="aaaaaaaaaaaa", kind="generate", state="failed", summary=summary, created=time.time(),
+                  error={"code": "bad_input", "message": "No [b]such[/] thing.", "hint": ""})
+    long = JobInfo(id="bbbbbbbbbbbb", kind="generate", state="done", summary="generate '" + "word " * 60 + "'",
+                   created=time.time())
+    out = io.StringIO()
+    Console(file=out, width=200, force_terminal=False).print(jobs_table([job, long]))
+    text = out.getvalue()
+    assert "[bold red]big[/] <ibx> [/]" in text and "No [b]such[/] thing." in text, text
+    assert "…" in text and text.count("word") < 30, text
+    status = StatusInfo(version="1", protocol="6", pid=1, uptime_s=1, model="/models/[v1]/sd", device="cpu",
+                        dtype="float32", fingerprint="f", concepts=0, socket="/run/[x]/s", data="/d",
+                        inbox="/i", inbox_watched=True, queue=QueueInfo(queued=0, running=job))
+    out = io.StringIO()
+    Console(file=out, width=200, force_terminal=False).print(status_table(status))
+    assert "/models/[v1]/sd" in out.getvalue() and "<ibx> [/]" in out.getvalue(), out.getvalue()
