@@ -380,19 +380,23 @@ class Engine:
             raise Conflict(f"A concept named {record.name!r} already exists.",
                            f"Import it under another name (`cones import FILE --name NEW`), or remove "
                            f"this one first with `cones rm {record.name}`.")
-        from cns_daemon.methods.common.tokens import token_words
+        from cns_daemon.methods.common.tokens import everyday_words, token_words
 
         words = set(token_words(record.meta.token))
         clash = [m.name for m in self.store.list() if words & set(token_words(m.token))]
+        # A file not made by cones may name its concept by an everyday word ("grass"): it would
+        # act on every prompt that says it, named or not.
+        common = everyday_words(self.pipe.tokenizer, sorted(words))
         note = None
-        if clash:
+        if clash or common:
             # Every store picks rare words in the same order, so two stores' first concepts
             # share one. Two concepts on one word would overwrite each other's row: this one
             # moves to free words, with the rows it drew under the old ones (same pictures).
             old = record.meta.token
             record = self._retoken(record)
-            note = (f"its token {old!r} is used by <{clash[0]}> here, so it was given "
-                    f"{record.meta.token!r}; its pictures are the same.")
+            why = (f"is used by <{clash[0]}> here" if clash else
+                   f"is an everyday word ({common[0]!r}), which would change every prompt that says it")
+            note = f"its token {old!r} {why}, so it was given {record.meta.token!r}; its pictures are the same."
         record = dataclasses.replace(record, meta=dataclasses.replace(
             record.meta, hparams={**record.meta.hparams, IMPORTED: time.time()}))
         self.store.put(record)

@@ -69,6 +69,7 @@ def decode(data: bytes) -> ConceptRecord:
             elif kind != "delta":
                 raise ValueError(f"unexpected tensor {key!r}")
         _check_parts(record)
+        _check_values(record)
     except Exception as exc:  # safetensors, json, dataclass and name errors all mean "not ours"
         raise BadInput(f"This is not a cones concept file ({type(exc).__name__}: {exc}).",
                       "Export it again with `cones export NAME -o FILE`.") from None
@@ -89,6 +90,19 @@ def _check_parts(record: ConceptRecord) -> None:
     if held - allowed or needed - held:
         raise ValueError(f"it holds {', '.join(sorted(held)) or 'nothing'}, not what a "
                          f"{record.meta.method} concept holds")
+
+
+def _check_values(record: ConceptRecord) -> None:
+    """What the store would refuse (positions unsorted or outside their tensor: a bug report
+    then), and values that are not numbers: one NaN made every image of the concept black."""
+    from store.store import check_record
+
+    check_record(record)
+    arrays = [d.values for d in record.deltas.values()] + list(record.embeddings.values())
+    arrays += [record.residual] if record.residual is not None else []
+    for arr in arrays:
+        if np.issubdtype(np.asarray(arr).dtype, np.floating) and not np.isfinite(arr).all():
+            raise ValueError("it holds values that are not finite numbers (NaN or infinity)")
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:

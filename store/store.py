@@ -426,6 +426,12 @@ def _scan(txn, db, name_key: bytes) -> Iterator[tuple[bytes, bytes]]:
         yield key, value
 
 
+def check_record(record: ConceptRecord) -> None:
+    """ValueError saying why, if the record's parts cannot be stored as they are (what `put`
+    refuses as inconsistent: positions unsorted, repeated or outside their tensor, ...)."""
+    _encode_parts(record)
+
+
 def _encode_parts(record: ConceptRecord) -> list[Item]:
     """Every value of a concept except its overlap (computed inside the write transaction)."""
     name = record.meta.name.encode()

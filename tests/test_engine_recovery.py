@@ -178,3 +178,40 @@ def test_cns_records_applied_together_are_all_taken_off_when_one_is_refused(fres
         get_method("cns").apply(pipe, [good, record("bad", "xqz", 7)])
     assert stack_for(pipe).names() == []
     assert all(torch.equal(p, before[n]) for n, p in kv.items())
+
+
+def test_a_concept_file_that_is_not_what_cones_writes_is_refused_or_mended_at_import(engine):
+    """One changed byte made a value NaN (every image black) or a mask unsorted (reported as a
+    bug in cones, exit 70): refused as not a usable file. A token that is an everyday word
+    ("grass") would change every prompt that says it: the concept moves to a rare word."""
+    from cns_daemon.api.errors import BadInput
+    from cns_daemon.methods.common.tokens import rare_tokens
+    from cns_daemon.transfer import decode, encode
+
+    good = cns_record(engine, "nan", rare_tokens(engine.pipe.tokenizer)[3], 1.0, time.time())
+    bad = dataclasses_replace_delta(good, np.float32("nan"))
+    with pytest.raises(BadInput, match="not finite"):
+        decode(encode(bad))
+    tensor, weight = next(iter(kv_weights(engine.pipe.unet).items()))
+    mug = ConceptRecord(ConceptMeta("mug", "cones", "mug", "qqq"),
+                        masks={tensor: np.array([5, 3], np.int64)}, embeddings={"qqq": np.zeros(4, np.float32)})
+    with pytest.raises(BadInput, match="not a cones concept file"):
+        decode(encode(mug))
+
+    width = engine.pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    grass = cns_record(engine, "gtok", "grass", 1.0, time.time())
+    grass.embeddings["grass"] = np.ones(width, np.float32)
+    result = engine.import_record(decode(encode(grass)))
+    token = engine.store.meta("gtok").token
+    assert token != "grass" and token in rare_tokens(engine.pipe.tokenizer)
+    assert "everyday word ('grass')" in result.metrics["note"]
+
+
+def dataclasses_replace_delta(record: ConceptRecord, value) -> ConceptRecord:
+    """The record with its first delta value set to `value` (a byte changed in the file)."""
+    import dataclasses
+
+    (name, delta), = record.deltas.items()
+    values = delta.values.copy()
+    values[0] = value
+    return dataclasses.replace(record, deltas={name: SparseDelta(delta.indices, values, delta.shape)})

@@ -45,6 +45,19 @@ MAX_VECTORS = 8   # token vectors (rare words) one concept may have
 RARE_FROM = 0.8
 
 
+def everyday_words(tokenizer, words: list[str]) -> list[str]:
+    """Those of `words` a concept may not be named by: not one token of the vocabulary, or an
+    everyday word (`RARE_FROM`), which would make the concept act wherever the word is said."""
+    rare = set(rare_tokens(tokenizer))
+    limit = RARE_FROM * len(tokenizer)
+    out = []
+    for w in words:
+        ids = token_ids(tokenizer, w)
+        if len(ids) != 1 or (w not in rare and ids[0] < limit):
+            out.append(w)
+    return out
+
+
 def token_words(token: str) -> list[str]:
     """A concept token's words: one per token vector."""
     return token.split()
