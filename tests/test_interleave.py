@@ -134,3 +134,29 @@ def test_generate_during_a_learn_on_the_daemon_waits_about_one_step(tmp_path, mo
         a = np.asarray(Image.open(alone.result.images[0]))
         b = np.asarray(Image.open(done.result.images[0]))
         assert np.array_equal(a, b)   # the same request gives the same image during the learn
+
+
+def test_a_generate_waits_for_one_batch_of_class_images_not_all_of_them(tiny_pipe, tmp_path):
+    """A learn drawing 48 class images kept a generate waiting 20-30 s: it now runs between two
+    batches, with the live model back (outside the weights that draw them)."""
+    import contextlib
+
+    from cns_daemon.methods.common.prior import class_images
+
+    drawing_now = []
+    seen = []
+
+    @contextlib.contextmanager
+    def drawing():
+        drawing_now.append(True)
+        try:
+            yield
+        finally:
+            drawing_now.pop()
+
+    token = CancelToken(interleave=lambda: seen.append(bool(drawing_now)))
+    token.request_pause()
+    images = class_images(tiny_pipe, "dog", 3, size=32, drawn_by="base-A", steps=2, batch=2,
+                          cancel=token, drawing=drawing)
+    assert images.shape == (3, 3, 32, 32)
+    assert seen == [False]   # it ran once, at the first boundary, outside the drawing weights

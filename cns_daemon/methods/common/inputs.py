@@ -56,10 +56,9 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, token: str, *, variants: 
     latents = encode_pixels(pipe, photo_set.pixels.flatten(0, 1)).unflatten(0, photo_set.pixels.shape[:2])
     prior_latents = None
     if prior is not None and prior.images > 0:
-        with prior.drawing():
-            pixels = class_images(pipe, spec.class_word, prior.images, size=size, drawn_by=prior.drawn_by,
-                                  steps=prior.steps, seed=spec.seed, cache_dir=spec.cache_dir,
-                                  progress=progress, cancel=cancel)
+        pixels = class_images(pipe, spec.class_word, prior.images, size=size, drawn_by=prior.drawn_by,
+                              steps=prior.steps, seed=spec.seed, cache_dir=spec.cache_dir,
+                              progress=progress, cancel=cancel, drawing=prior.drawing)
         prior_latents = encode_pixels(pipe, pixels)
     masks, found = object_masks(photo_set.pixels)
     return Prepared(token, photo_set, latents, prior_latents, masks, found)

@@ -9,9 +9,11 @@ learn fill the "base model" cache with a changed model's pictures.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -39,10 +41,14 @@ def _folder(cache_dir: Path, class_word: str, drawn_by: str, size: int, steps: i
 def class_images(pipe, class_word: str, n: int, *, size: int, drawn_by: str, steps: int = 20,
                  guidance: float | None = None, seed: int = 0, cache_dir: Path | None = None,
                  progress: ProgressFn | None = None, cancel: CancelToken | None = None,
-                 batch: int = 4) -> torch.Tensor:
+                 batch: int = 4,
+                 drawing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                 ) -> torch.Tensor:
     """`n` class images as (n, 3, size, size) in [-1, 1]; image i is always made with seed+i,
-    so a cached set and a fresh one are the same pictures. `drawn_by` names the weights the
-    pipeline holds now (a fingerprint): the cache never hands out another model's images."""
+    so a cached set and a fresh one are the same pictures. `drawn_by` names the weights that
+    draw them (a fingerprint), put in place by `drawing()` for each batch: the cache never hands
+    out another model's images. Between batches, with the live model back, a generate waiting
+    runs (`CancelToken.pause_point`): drawing 48 images kept one waiting 20-30 s."""
     if guidance is None:   # what the model generates with by default (model.recommended_guidance)
         from cns_daemon.model import recommended_guidance
 
@@ -67,11 +73,13 @@ def class_images(pipe, class_word: str, n: int, *, size: int, drawn_by: str, ste
     for start in range(0, len(missing), batch):
         if cancel is not None:
             cancel.check()
+            cancel.pause_point(contextlib.nullcontext)   # nothing of the learn is live yet
         part = missing[start:start + batch]
         gens = [torch.Generator().manual_seed(seed + i) for i in part]
-        out = pipe([prior_prompt(class_word)] * len(part), num_inference_steps=steps,
-                   guidance_scale=guidance, generator=gens, height=size, width=size,
-                   output_type="pil").images
+        with drawing():
+            out = pipe([prior_prompt(class_word)] * len(part), num_inference_steps=steps,
+                       guidance_scale=guidance, generator=gens, height=size, width=size,
+                       output_type="pil").images
         for i, img in zip(part, out):
             images[i] = img
             if folder is not None:
