@@ -111,12 +111,14 @@ class Service:
         return self.worker.submit("generate", req)
 
     def evaluate(self, req: EvalRequest) -> JobRecord:
-        from cns_daemon.evaluate import default_prompts, fill
+        from cns_daemon.evaluate import default_prompts, fill, strip_concepts
 
         for name in req.names:
             self._stored(name)   # NotFound now rather than from the queue
         for template in req.prompts or default_prompts():   # a bad prompt now, not mid-run
-            self.engine.check_generate(GenerateRequest(prompt=fill(template, req.names)))
+            prompt = fill(template, req.names)
+            strip_concepts(prompt, dict.fromkeys(req.names, ""))   # names only concepts evaluated
+            self.engine.check_generate(GenerateRequest(prompt=prompt))
         return self.worker.submit("eval", req)
 
     def remove(self, name: str, photos: bool = False) -> JobRecord:

@@ -101,3 +101,14 @@ def test_a_concept_whose_photos_are_elsewhere_says_so(cones, tmp_path):
     code, out, err = cones("eval", "none", "--clip-weights", str(tmp_path / "no-clip"))
     assert code == EXIT_CODES[ErrorCode.NOT_FOUND], out + err
     assert "no photos in this store's archive" in " ".join(err.split())
+
+
+def test_a_prompt_naming_a_concept_not_evaluated_is_refused_when_sent(cones, tmp_path):
+    """It was refused mid-run as an unknown concept, though the concept is stored."""
+    photos = write_photos(tmp_path / "pot", 2)
+    assert cones("add", "pot", *map(str, photos), "--class", "pot", "--method", "cones2", "--steps", "2")[0] == 0
+    prompts = tmp_path / "both.txt"
+    prompts.write_text("a photo of {} and <rex>\n")
+    code, out, err = cones("eval", "pot", "--prompts", str(prompts), "--clip-weights", str(tmp_path / "none"))
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT], out + err
+    assert "names <rex>, which is not being evaluated" in " ".join(err.split()), err
