@@ -85,7 +85,7 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
         raise Interrupted(f"Stopped following; job {job.id} goes on in the service{left_behind}.",
                           f"`cones jobs` shows it; `cones cancel {job.id}` stops it.") from None
     except Unavailable as exc:   # the service went away under us: which job to look for later
-        raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}).", exc.hint) from None
+        raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}){left_behind}.", exc.hint) from None
     return c.job(job.id)
 
 

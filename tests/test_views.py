@@ -166,3 +166,26 @@ def test_the_persons_text_is_printed_as_written_not_read_as_markup():
     out = io.StringIO()
     Console(file=out, width=200, force_terminal=False).print(status_table(status))
     assert "/models/[v1]/sd" in out.getvalue() and "<ibx> [/]" in out.getvalue(), out.getvalue()
+
+
+def test_a_generate_cut_off_by_a_stopping_service_says_its_images_are_not_copied():
+    """SIGTERM while `cones generate -o DIR` waited: the job runs after the restart, into the
+    service's outputs; the message said nothing of DIR staying empty (Ctrl-C's did)."""
+    import time
+
+    import pytest
+
+    from cli.main import wait_for
+    from cns_daemon.api.errors import Unavailable
+    from cns_daemon.api.protocol import JobInfo
+
+    job = JobInfo(id="cccccccccccc", kind="generate", state="running", summary="generate 'x'", created=time.time())
+
+    class Stopping:
+        def follow(self, job_id):
+            yield ProgressInfo(job=job_id, state="running", phase="generate", step=1, total=5)
+            raise Unavailable("The service is stopping before the job finished.")
+
+    with pytest.raises(Unavailable) as err:
+        wait_for(Stopping(), job, quiet=True, tell_wait=False, left_behind="; not copied to /tmp/out")
+    assert "(job cccccccccccc); not copied to /tmp/out" in err.value.message
