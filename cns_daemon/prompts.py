@@ -131,13 +131,17 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
 
 
+def empty_prompt() -> BadInput:
+    return BadInput("The prompt is empty.", "Give a prompt such as 'a photo of <rex> on the beach'.")
+
+
 def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> ExpandedPrompt:
     """Replace each `<name>` by its method's expansion and locate the concepts' tokens.
 
     Unknown names raise NotFound; a prompt whose concepts fall past the tokenizer's length limit
     raises BadInput (the encoder would silently drop them)."""
     if not isinstance(prompt, str) or not prompt.strip():
-        raise BadInput("The prompt is empty.", "Give a prompt such as 'a photo of <rex> on the beach'.")
+        raise empty_prompt()
     missing = [n for n in referenced_names(prompt) if n not in metas]
     if missing:
         # Names are case-sensitive (<Star> and <star> may both exist); a near miss is said.

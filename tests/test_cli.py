@@ -87,3 +87,15 @@ def test_a_command_line_that_does_not_parse_gives_json_with_json(tmp_path):
 
     out = run("--version")
     assert out.returncode == 0 and out.stdout.strip() == version("cones")
+
+
+def test_an_empty_prompt_is_told_as_a_blank_one_is(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import cli.main
+    from cns_daemon.api.errors import EXIT_CODES, ErrorCode
+
+    monkeypatch.setenv("CONES_HOME", str(tmp_path))   # no service: refused before it is asked
+    for prompt in ("", "   "):
+        r = CliRunner().invoke(cli.main.app, ["generate", prompt])
+        assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT] and "The prompt is empty" in r.output, r.output
