@@ -239,7 +239,10 @@ class Service:
             return
         job = self._learning(name)
         if job is None:
-            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.")
+            near = [n for n in self.store.names() if n.lower() == name.lower()]
+            raise NotFound(f"No concept named {name!r}.",
+                           f"Did you mean {near[0]!r}? Names are case-sensitive." if near else
+                           "`cones list` shows the stored concepts.")
         raise NotFound(f"{name!r} is not learned yet: job {job.id} is learning it ({job.state}).",
                        f"Wait for it (`cones jobs`), or cancel it with `cones cancel {job.id}`.")
 

@@ -48,6 +48,8 @@ def test_add_list_show_generate(cones, daemon, tmp_path):
     assert names["rex"]["size_bytes"] > 0
     code, out = cones("show", "rex", "--json")
     assert json.loads(out)["method"] == "cns"
+    code, out = cones("show", "Rex")
+    assert code == EXIT_CODES[ErrorCode.NOT_FOUND] and "Did you mean 'rex'?" in out, out
     code, out = cones("generate", "a photo of <rex>", "-n", "2", "--seed", "1", "--json",
                       "-o", str(tmp_path / "out"))
     assert code == 0, out
