@@ -567,6 +567,20 @@ def generation_caption(req: GenerateRequest) -> str:
     return " · ".join(parts)
 
 
+def png_text(caption: str, seed: int | None = None):
+    """What was asked, kept in the PNG itself (an image viewer's "description"): whole, in any
+    script, where the sheet's drawn caption has only the letters its font holds; and the
+    image's own seed, to draw it again with `--seed N -n 1`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if caption:
+        info.add_itxt("Description", caption)
+    if seed is not None:
+        info.add_itxt("Seed", str(seed))
+    return info
+
+
 def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | None = None,
                 seed: int | None = None) -> JobResult:
     """PNG per image plus a contact sheet of all of them (cns_daemon.sheet), written into a
@@ -581,9 +595,9 @@ def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | No
     partial.mkdir(parents=True, exist_ok=True)
     names = [f"{i:02d}.png" for i in range(len(images))]
     try:
-        for name, img in zip(names, images):
-            img.save(partial / name)
-        contact_sheet(images, caption, labels).save(partial / "contact-sheet.png")
+        for i, (name, img) in enumerate(zip(names, images)):
+            img.save(partial / name, pnginfo=png_text(caption, None if seed is None else seed + i))
+        contact_sheet(images, caption, labels).save(partial / "contact-sheet.png", pnginfo=png_text(caption))
         partial.rename(out_dir)
     except OSError as exc:   # a full disk: no cut images left behind (the folder is this job's own)
         shutil.rmtree(partial, ignore_errors=True)

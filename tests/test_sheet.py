@@ -125,3 +125,20 @@ def test_captions_keep_their_letters_or_fold_to_what_the_font_draws(monkeypatch)
     monkeypatch.setattr(sheet, "SYSTEM_FONTS", ())
     sheet.contact_sheet(tile, text, [text])
     assert drawn == ["cafe Muller · senor ?"] * 2
+
+
+def test_each_png_keeps_what_was_asked_whole_and_its_own_seed(tmp_path):
+    """The sheet's drawn caption has only the letters its font holds ("在草地上" came out as
+    "????"): the PNGs carry the caption as text, and each image its own seed."""
+    from PIL import Image
+
+    from cns_daemon.engine import save_images
+
+    caption = "a photo of <ibx> 🐶 在草地上 · seeds 7-8 · concepts <ibx>"
+    tiles = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    result = save_images(tiles, tmp_path / "job", caption, seed=7)
+    for i, path in enumerate(result.images):
+        with Image.open(path) as img:
+            assert img.text["Description"] == caption and img.text["Seed"] == str(7 + i)
+    with Image.open(result.contact_sheet) as img:
+        assert img.text["Description"] == caption and "Seed" not in img.text
