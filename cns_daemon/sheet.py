@@ -15,6 +15,7 @@ from typing import Mapping, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 MIN_TILE = 256
+MAX_TILE = 1024
 PAD = 4
 FONT_SIZE = 13
 
@@ -87,7 +88,9 @@ def contact_sheet(images: Sequence[Image.Image], caption: str = "",
     caption, labels = printable(caption, font), [printable(t, font) for t in labels or []]
     w = max(i.width for i in images)
     h = max(i.height for i in images)
-    scale = max(1, -(-MIN_TILE // min(w, h)))   # a whole factor: nearest-neighbour stays exact
+    # A whole factor, so nearest-neighbour stays exact; the long side is held to MAX_TILE (a
+    # 128x8 image's short side brought to 256 made a 16,404 px wide sheet of eight).
+    scale = max(1, min(-(-MIN_TILE // min(w, h)), MAX_TILE // max(w, h)))
     tw, th = w * scale, h * scale
     cols = min(columns, len(images))
     rows = -(-len(images) // cols)

@@ -142,3 +142,15 @@ def test_each_png_keeps_what_was_asked_whole_and_its_own_seed(tmp_path):
             assert img.text["Description"] == caption and img.text["Seed"] == str(7 + i)
     with Image.open(result.contact_sheet) as img:
         assert img.text["Description"] == caption and "Seed" not in img.text
+
+
+def test_a_thin_image_does_not_make_a_sheet_thousands_of_pixels_wide():
+    from PIL import Image
+
+    from cns_daemon.sheet import MAX_TILE
+
+    thin = [Image.new("RGB", (128, 8), "red")] * 8
+    sheet = contact_sheet(thin)
+    assert sheet.width <= 4 * (MAX_TILE + PAD) + PAD   # four tiles a row, each at most MAX_TILE long
+    square = contact_sheet([Image.new("RGB", (32, 32), "red")])
+    assert square.width >= MIN_TILE   # small square images still come out at least MIN_TILE
