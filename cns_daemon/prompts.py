@@ -152,6 +152,12 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
                        (hint[0].upper() + hint[1:] + " Names are case-sensitive.") if hint else
                        "`cones list` shows the stored concepts; learn a new one with `cones add`.")
 
+    # "rex>" with its '<' forgotten would be drawn as the plain word, the concept left out
+    for m in re.finditer(r"(?<![<\w-])([A-Za-z0-9][\w-]*)>", prompt):
+        if m.group(1) in metas:
+            raise BadInput(f"'{m.group(0)}' in the prompt looks like the concept <{m.group(1)}> with "
+                           "no opening '<'.", f"Write it as <{m.group(1)}>.")
+
     pieces: list[str] = []
     ids: list[int] = [tokenizer.bos_token_id]
     spans: list[ConceptSpan] = []

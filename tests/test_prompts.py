@@ -121,6 +121,9 @@ def test_an_unclosed_or_empty_reference_is_refused(tok, metas):
         assert "<rex>" in info.value.hint
     with pytest.raises(BadInput, match="empty '<>'"):
         expand("a photo of <> on the grass", metas, tok)
+    with pytest.raises(BadInput, match="'rex>' in the prompt looks like the concept <rex> with no opening"):
+        expand("a photo of rex> on the grass", metas, tok)
+    expand("a photo of dog> and <rex>", metas, tok)   # not a concept's name: other uses of '>' pass
 
 
 def test_concept_past_the_token_limit(tok, metas):
