@@ -40,8 +40,8 @@ from cns_daemon.archive import make_private
 from cns_daemon.api.errors import BadInput, ConesError, storage_error
 from cns_daemon.api.protocol import FINAL_STATES, SkippedFile, describe_validation_error
 from cns_daemon.inbox_folder import (CONFIG_FILE, ERROR_FILE, NOTE_FILES, drop_notes, holds_photos_of,
-                                     inputs_signature, latest_change, noted_signature, read_photos,
-                                     read_spec, taken_photos, write_cancelled, write_error)
+                                     inputs_signature, latest_change, noted_signature, ours, read_photos,
+                                     read_spec, shown, taken_photos, write_cancelled, write_error)
 from cns_daemon.worker import CANCELLED_AT_STOP, CRASH_REASON
 from store.env import file_identity
 from store.records import JobRecord
@@ -62,6 +62,9 @@ class Inbox:
         self._unwritable: dict[str, str] = {}   # folder name -> inputs signature of a failure
                                                 # whose ERROR.txt could not be written
         self._loose: set[str] = set()           # files put in the inbox itself, said once
+        self._failed: set[str] = set()          # folders whose look failed, logged once
+        self._future: dict[str, tuple[float, float]] = {}   # folder name -> (a newest time in
+                                                # the future, when it was first seen)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -184,23 +187,40 @@ class Inbox:
         now = time.time()
         self._tell_loose_files()
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            with self._lock:
-                if folder.name in self._in_flight:
-                    if self._idents.get(folder.name) == file_identity(folder):
-                        self._moved.pop(folder.name, None)   # renamed back: it is here again
-                    continue
-                candidate = self._renamed_from(folder)
-            if candidate is not None and self._follows(folder, *candidate):
-                continue
-            with self._lock:
-                last = max(self._events.get(folder.name, 0.0), latest_change(folder))
-            if now - last < self.settle:
-                continue
-            noted = noted_signature(folder) or self._unwritable.get(folder.name)
-            if noted is not None and noted in (inputs_signature(folder),
-                                               inputs_signature(folder, named=False)):
-                continue   # already told the person; wait for them to change something
-            self.take(folder)
+            try:
+                self._scan_one(folder, now)
+            except Exception:   # noqa: BLE001 - one odd folder must not keep the others waiting
+                if folder.name not in self._failed:   # said once, not every half second
+                    log.exception("inbox folder %s could not be looked at", shown(folder.name))
+                self._failed.add(folder.name)
+
+    def _scan_one(self, folder: Path, now: float) -> None:
+        """One folder: taken if settled, not in flight and not waiting for a fix."""
+        with self._lock:
+            if folder.name in self._in_flight:
+                if self._idents.get(folder.name) == file_identity(folder):
+                    self._moved.pop(folder.name, None)   # renamed back: it is here again
+                return
+            candidate = self._renamed_from(folder)
+        if candidate is not None and self._follows(folder, *candidate):
+            return
+        with self._lock:
+            last = max(self._events.get(folder.name, 0.0), latest_change(folder))
+            if last > now:
+                # A time in the future (a camera's wrong clock, `cp -p`, an unzipped archive)
+                # never grew old enough: the folder waited for good, without a word. Settled
+                # counts from when that newest time was first seen instead.
+                seen, since = self._future.get(folder.name, (None, now))
+                if seen != last:
+                    self._future[folder.name] = (last, since := now)
+                last = since
+        if now - last < self.settle:
+            return
+        noted = noted_signature(folder) or self._unwritable.get(folder.name)
+        if noted is not None and noted in (inputs_signature(folder),
+                                           inputs_signature(folder, named=False)):
+            return   # already told the person; wait for them to change something
+        self.take(folder)
 
     def _tell_loose_files(self) -> None:
         """Photos dropped in the inbox itself, not in a folder of their own: the log says once
@@ -209,11 +229,11 @@ class Inbox:
                  and (p.is_file() or (p.is_symlink() and not p.exists()))}
         new = sorted(loose - self._loose)
         if new:
-            shown = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+            listed = ", ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
             log.warning("inbox: %s %s in the inbox itself and %s not learned: put a concept's "
                         "photos in a folder of their own named after it, e.g. %s/rex.dog/ (a link "
                         "to a folder that is not there counts here too)",
-                        shown, *(("lies", "is") if len(new) == 1 else ("lie", "are")), self.root)
+                        listed, *(("lies", "is") if len(new) == 1 else ("lie", "are")), self.root)
         self._loose = loose
 
     def take(self, folder: Path) -> JobRecord | None:
@@ -243,6 +263,7 @@ class Inbox:
         with self._lock:
             self._in_flight[folder.name] = job.id
             self._taken[folder.name] = signature
+            self._future.pop(folder.name, None)
             self._remember(folder)
         drop_notes(folder)
         log.info("inbox folder %s taken as job %s (%d photos, %d skipped%s)", folder.name, job.id,
@@ -337,7 +358,9 @@ class Inbox:
         for p, digest in taken_photos(folder, job):
             if p.name != CONFIG_FILE and p.name not in NOTE_FILES and archive.has(digest):
                 p.unlink()
-        leftovers = [p for p in folder.iterdir() if p.name not in NOTE_FILES]
+        # The service's own notes go with the folder; a file of the person's that happens to be
+        # called ERROR.txt is a leftover like any other (it was deleted with the folder).
+        leftovers = [p for p in folder.iterdir() if p.name not in NOTE_FILES or not ours(p)]
         if leftovers:
             dest = archive.root / "inbox-leftovers" / f"{folder.name}-{job.id}"
             dest.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ inputs it speaks of. The watching, taking and clearing of folders is inbox.py's.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 import tomllib
@@ -38,7 +39,10 @@ class FolderSpec:
 
 def read_spec(folder: Path) -> FolderSpec:
     """Name, class and options of one inbox folder, or BadInput saying what to fix."""
-    subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not is_text(folder.name):
+        raise BadInput(f"The folder's name {shown(folder.name)!r} is not UTF-8 text.",
+                       "Rename it NAME.CLASS in plain letters, e.g. rex.dog.")
+    subfolders = sorted(shown(p.name) for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     # A folder of concept folders, one level too deep (one named NAME.CLASS is a concept's own,
     # its photos in a sub-folder: read_photos says to move them up)
     if subfolders and not input_files(folder) and "." not in folder.name:
@@ -94,6 +98,21 @@ def read_spec(folder: Path) -> FolderSpec:
     return FolderSpec(name, class_word, method, steps, seed, options)
 
 
+def is_text(name: str) -> bool:
+    """Whether a file name is UTF-8 text (os.fsdecode keeps other bytes as lone surrogates,
+    which no text file, JSON document or request can hold)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown(name: str) -> str:
+    """A file name as text, the bytes that are not UTF-8 shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def input_files(folder: Path) -> list[Path]:
     """What the person put in the folder: every file but hidden ones and the service's notes."""
     return sorted(p for p in folder.iterdir()
@@ -105,13 +124,14 @@ def inputs_signature(folder: Path, *, named: bool = True) -> str:
     rename it), then name, size and mtime of every input file: changes whenever the folder is
     renamed or a photo, caption or concept.toml is added, removed, replaced or touched.
     `named` False: the form notes written before the name counted (read, never written)."""
-    digest = hashlib.sha256(f"{folder.name}\0\0\n".encode() if named else b"")
+    # Names as the bytes they are on disk: one that is not UTF-8 failed every scan of the inbox
+    digest = hashlib.sha256(os.fsencode(folder.name) + b"\0\0\n" if named else b"")
     for p in input_files(folder):
         try:
             st = p.stat()
         except FileNotFoundError:   # removed while we looked: a change either way
             continue
-        digest.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(p.name) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -131,6 +151,9 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     """Every input file except the config and caption sidecars is a candidate photo; a
     `photo.txt` beside `photo.png` is that photo's caption."""
     files = input_files(folder)
+    odd = [SkippedFile(file=shown(p.name), reason="its name is not UTF-8 text: rename it to read it")
+           for p in files if not is_text(p.name)]
+    files = [p for p in files if is_text(p.name)]
     # (names compared in lower case: on a case-insensitive disk IMG.TXT is found as IMG.txt)
     captions = {c.name.lower() for p in files if p.suffix.lower() != ".txt"
                 and (c := caption_file(p, NOTE_FILES)) is not None}
@@ -138,11 +161,11 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     not_images = {p: why for p in candidates if (why := sniff(p)) is not None}
     good, skipped = check_photos([(p.name, p.read_bytes(), sidecar_caption(p, NOTE_FILES))
                                   for p in candidates if p not in not_images])
-    broken = sorted(p.name for p in folder.iterdir() if p.is_symlink() and not p.exists())
-    nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    broken = sorted(shown(p.name) for p in folder.iterdir() if p.is_symlink() and not p.exists())
+    nested = sorted(shown(p.name) for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     skipped += [SkippedFile(file=f"{n}/", reason="a folder: photos in sub-folders are not read; move them up "
                             f"into {folder.name}") for n in nested]
-    return good, skipped + list(not_images.values()) + [
+    return good, odd + skipped + list(not_images.values()) + [
         SkippedFile(file=n, reason="a link to a file that is not there") for n in broken]
 
 
@@ -177,7 +200,7 @@ def write_note(folder: Path, note: str, lines: list[str], signature: str) -> Non
 
 def write_error(folder: Path, exc: ConesError, skipped: list[SkippedFile],
                 signature: str) -> None:
-    lines = [f"cones could not learn a concept from this folder ({folder.name}).", "",
+    lines = [f"cones could not learn a concept from this folder ({shown(folder.name)}).", "",
              f"Why: {exc.message}", f"What to do: {exc.hint}", ""]
     if skipped:
         lines += ["Skipped files:"] + [f"  {s.file}: {s.reason}" for s in skipped] + [""]
@@ -189,7 +212,7 @@ def write_error(folder: Path, exc: ConesError, skipped: list[SkippedFile],
 def _this(folder: Path) -> str:
     """How a note names the folder it is in: an inbox folder may be a link to the person's own
     folder, whose name is not the one to change (and which must not be deleted)."""
-    return f"the link {folder.name} in the inbox" if folder.is_symlink() else "this folder"
+    return f"the link {shown(folder.name)} in the inbox" if folder.is_symlink() else "this folder"
 
 
 def write_cancelled(folder: Path, name: str, job_id: str, signature: str) -> None:

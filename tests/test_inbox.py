@@ -486,3 +486,38 @@ def test_notes_in_a_linked_folder_speak_of_the_link(tmp_path):
     assert "rename the link rex.dog in the inbox" in " ".join(text.split())
     write_error(link, BadInput("bad", "fix it"), [], "0123456789abcdef")
     assert "rename the link rex.dog in the inbox" in " ".join((own / ERROR_FILE).read_text().split())
+
+
+def test_odd_names_future_times_and_the_persons_own_notes(daemon):
+    """A file name that is not UTF-8 failed every scan, so no folder sorted after it was ever
+    taken; a photo dated in the future never settled; a person's own ERROR.txt was deleted with
+    the learned folder."""
+    import os
+
+    home, start = daemon
+    inbox = home / "inbox"
+    odd = inbox / "a_odd.dog"
+    write_photos(odd, 3)
+    os.rename(odd / "photo0.png", os.path.join(os.fsencode(odd), b"\xffphoto.png"))
+    bad_folder = os.path.join(os.fsencode(inbox), b"b_\xff.dog")
+    os.makedirs(bad_folder)
+    future = inbox / "c_future.dog"
+    for p in write_photos(future, 2, seed=20):
+        os.utime(p, (time.time() + 86400, time.time() + 86400))
+    mine = inbox / "d_mine.dog"
+    write_photos(mine, 2, seed=30)
+    (mine / ERROR_FILE).write_text("my own notes about this dog: vet on tuesday\n")
+    d = start()
+    with Client(d.socket) as c:
+        wait_until(lambda: {x.name for x in c.concepts()} >= {"a_odd", "c_future", "d_mine"},
+                   timeout=60, what="the folders after the odd ones learned")
+        odd_job = next(j for j in c.jobs() if j.summary.startswith("learn <a_odd>"))
+        assert [s.file for s in odd_job.skipped] == ["\ufffdphoto.png"], odd_job.skipped
+        assert c.concept("a_odd").photos == 2
+    note = os.path.join(bad_folder, ERROR_FILE.encode())
+    wait_until(lambda: os.path.exists(note), what="the oddly named folder's ERROR.txt")
+    assert b"not UTF-8 text" in open(note, "rb").read()
+    wait_until(lambda: not mine.exists(), what="the learned folder cleared")
+    kept = list((home / "data" / "archive" / "inbox-leftovers").rglob(ERROR_FILE))
+    assert [k.read_text() for k in kept] == ["my own notes about this dog: vet on tuesday\n"]
+    assert "Traceback" not in d.output()
