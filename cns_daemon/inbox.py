@@ -241,7 +241,7 @@ class Inbox:
         signature = inputs_signature(folder)   # before reading: a change meanwhile means a retry
         try:
             spec = read_spec(folder)
-            photos, skipped = read_photos(folder)
+            photos, skipped = read_photos(folder, spec.name)
             job = self.service.submit_learn(spec.name, spec.class_word, spec.method, spec.steps,
                                             spec.seed, photos, skipped, source="inbox",
                                             inbox_folder=folder.name, options=spec.options)

@@ -15,7 +15,8 @@ from typing import Iterator
 
 from cns_daemon.archive import CheckedPhoto, caption_file, check_photos, sidecar_caption, sniff
 from cns_daemon.api.errors import BadInput, ConesError
-from cns_daemon.api.protocol import CLASS_PATTERN, MAX_SEED, SkippedFile, learn_steps
+from cns_daemon.api.protocol import (CLASS_PATTERN, MAX_PHOTOS, MAX_SEED, TOO_MANY_HINT, SkippedFile,
+                                     learn_steps, too_many_photos)
 from cns_daemon.api.names import METHODS, validate_name
 from store.records import JobRecord
 
@@ -147,7 +148,7 @@ def noted_signature(folder: Path) -> str | None:
     return None
 
 
-def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
+def read_photos(folder: Path, name: str = "") -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     """Every input file except the config and caption sidecars is a candidate photo; a
     `photo.txt` beside `photo.png` is that photo's caption."""
     files = input_files(folder)
@@ -159,8 +160,11 @@ def read_photos(folder: Path) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
                 and (c := caption_file(p, NOTE_FILES)) is not None}
     candidates = [p for p in files if p.name != CONFIG_FILE and p.name.lower() not in captions]
     not_images = {p: why for p in candidates if (why := sniff(p)) is not None}
+    photos = [p for p in candidates if p not in not_images]
+    if len(photos) > MAX_PHOTOS:   # before reading them: 80 photos were read whole, then refused
+        raise BadInput(too_many_photos(name or folder.name, len(photos)), TOO_MANY_HINT)
     good, skipped = check_photos([(p.name, p.read_bytes(), sidecar_caption(p, NOTE_FILES))
-                                  for p in candidates if p not in not_images])
+                                  for p in photos])
     broken = sorted(shown(p.name) for p in folder.iterdir() if p.is_symlink() and not p.exists())
     nested = sorted(shown(p.name) for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     skipped += [SkippedFile(file=f"{n}/", reason="a folder: photos in sub-folders are not read; move them up "

@@ -521,3 +521,15 @@ def test_odd_names_future_times_and_the_persons_own_notes(daemon):
     kept = list((home / "data" / "archive" / "inbox-leftovers").rglob(ERROR_FILE))
     assert [k.read_text() for k in kept] == ["my own notes about this dog: vet on tuesday\n"]
     assert "Traceback" not in d.output()
+
+
+def test_a_folder_of_too_many_photos_is_refused_before_they_are_read(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    write_photos(tmp_path / "crowd.dog", 66)
+    read: list[str] = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or real(self))
+    with pytest.raises(BadInput, match="66 photos for 'crowd'; at most 64"):
+        read_photos(tmp_path / "crowd.dog", "crowd")
+    assert read == []
