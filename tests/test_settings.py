@@ -179,3 +179,19 @@ def test_a_config_toml_that_is_a_folder_is_said(cones_home):
     (cones_home / "config" / "config.toml").mkdir(parents=True)
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 2 and "is not a file" in result.stderr, result.output
+
+
+def test_home_cannot_be_set_in_the_file_found_through_it(cones_home, monkeypatch):
+    """`home` in config.toml moved the other settings' folders but not the file itself, and a
+    service installed from that shell read another config.toml. A blank CONES_HOME is unset for
+    every path too (it made folders named "  " in the current one)."""
+    from cns_daemon.api.errors import BadInput
+
+    cfg = cones_home / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True)
+    cfg.write_text('home = "/elsewhere"\n')
+    with pytest.raises(BadInput, match="`home` cannot be set in") as err:
+        load_settings()
+    assert "CONES_HOME" in err.value.hint
+    monkeypatch.setenv("CONES_HOME", "   ")
+    assert load_settings().paths.data == default_paths(None).data and "  " not in str(default_paths().data)

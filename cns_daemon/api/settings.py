@@ -62,10 +62,15 @@ class Paths:
         return self.data / "outputs"
 
 
+def env_home() -> str | None:
+    """CONES_HOME, a blank value counting as unset (as it does for the settings field)."""
+    return os.environ.get("CONES_HOME", "").strip() or None
+
+
 def default_paths(home: str | os.PathLike | None = None) -> Paths:
     """Where things live. `home` (or CONES_HOME) overrides everything."""
-    home = home if home is not None else os.environ.get("CONES_HOME")
-    if home:
+    home = home if home is not None else env_home()
+    if home and str(home).strip():
         root = Path(home).expanduser().absolute()
         return Paths(root / "data", root / "config", root / "run", root / "inbox")
     with warnings.catch_warnings():  # no XDG_RUNTIME_DIR (containers, CI): /tmp fallback is fine
@@ -137,10 +142,9 @@ class Settings(BaseSettings):
                                    dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource):
         # Earlier sources win: flags (init kwargs) > environment > config.toml > defaults.
-        home = getattr(init_settings, "init_kwargs", {}).get("home") or os.environ.get("CONES_HOME")
+        home = getattr(init_settings, "init_kwargs", {}).get("home") or env_home()
         toml_file = default_paths(home).config_file
-        return (init_settings, env_settings,
-                TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return (init_settings, env_settings, _TomlWithoutHome(settings_cls, toml_file=toml_file))
 
     def memory_overrides(self) -> dict[str, bool | None]:
         return {k: getattr(self, k) for k in
@@ -160,6 +164,22 @@ class Settings(BaseSettings):
             runtime=given(self.runtime_dir, base.runtime),
             inbox=given(self.inbox_dir, base.inbox),
         )
+
+
+class _TomlWithoutHome(TomlConfigSettingsSource):
+    """config.toml lives in the home folder, so it cannot move it: `home` there was taken for
+    the other settings but not for finding the file, and `cones service install` then pointed the
+    service at another config.toml."""
+
+    def __call__(self) -> dict:
+        values = super().__call__()
+        if "home" in values:
+            from cns_daemon.api.errors import BadInput
+
+            raise BadInput(f"`home` cannot be set in {self.toml_file_path}: the file is found through it.",
+                           "Set CONES_HOME (or --home) instead, or set data_dir, inbox_dir and "
+                           "runtime_dir in the file.")
+        return values
 
 
 def load_settings(**flags) -> Settings:
