@@ -204,7 +204,9 @@ def run(opts: Options) -> None:
     # SIGTERM (e.g. `timeout`) ends the demo through the `finally` below, which stops the
     # temporary service; the default action would leave it running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    settings = load_settings()
+    from cli.config import settings as checked_settings
+
+    settings = checked_settings()   # a bad CONES_* variable is one line, not a traceback
     temp: TempService | None = None
     try:
         with Client(settings.paths.socket, timeout=5) as c:

@@ -25,7 +25,7 @@ from cli.views import (concept_problems, concept_table, concepts_table, console,
                        shorten, status_table, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, Interrupted, Unavailable
 from cns_daemon.api.names import validate_new_name
-from cns_daemon.archive import caption_file, sidecar_caption, sniff
+from cns_daemon.archive import caption_file, read_text, sidecar_caption, sniff
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
                                      MAX_PHOTOS, ErrorBody, TOO_MANY_HINT, AddRequest, EvalRequest,
                                      GenerateRequest, JobInfo, Photo, too_many_photos)
@@ -394,7 +394,7 @@ def _prompt_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise BadInput(f"No prompt file at {path}.", "Give a text file with one prompt per line; "
                        "`{}` marks where the concepts go.")
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln.strip() for ln in read_text(path, f"The prompt file {path}").splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise BadInput(f"The prompt file {path} has no prompts.", "Write one prompt per line.")

@@ -78,7 +78,13 @@ def handled(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except OSError as exc:   # a file of the person's that cannot be read: no traceback
+                where = exc.filename2 or exc.filename
+                raise storage_error(exc) or BadInput(
+                    f"Cannot use {where}: {exc.strerror or exc}." if where else f"{exc.strerror or exc}.",
+                    "Check the path and that you may read (and write) it.") from None
         except ConesError as exc:
             print_error(exc)
             if kwargs.get("as_json"):

@@ -140,16 +140,24 @@ def sidecar_caption(path: Path, exclude: Iterable[str] = ()) -> str | None:
     txt = caption_file(path, exclude)
     if txt is None:
         return None
-    raw = txt.read_bytes()
-    # UTF-16 with its byte-order mark is what Windows Notepad saves as "Unicode"; UTF-8 (with or
-    # without a mark) is everyone else's. Anything else is refused rather than garbled.
+    return " ".join(read_text(txt, f"The caption {txt.name}").split()) or None
+
+
+def read_text(path: Path, what: str) -> str:
+    """A text file a person wrote (a caption, a prompt list), or BadInput saying why it cannot
+    be read. UTF-16 with its byte-order mark is what Windows Notepad saves as "Unicode"; UTF-8
+    (with or without a mark) is everyone else's. Anything else is refused rather than garbled."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadInput(f"{what} cannot be read: {exc.strerror or exc}.",
+                       "Check that it is a file you may read.") from None
     encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
-        text = raw.decode(encoding).strip()
+        return raw.decode(encoding).strip()
     except UnicodeDecodeError:
-        raise BadInput(f"The caption {txt.name} is not UTF-8 text.",
+        raise BadInput(f"{what} is not UTF-8 text.",
                        "Save it as UTF-8 (or UTF-16 with a byte-order mark), or remove it.") from None
-    return " ".join(text.split()) or None
 
 
 def check_photo(filename: str, data: bytes, caption: str | None = None) -> CheckedPhoto | SkippedFile:

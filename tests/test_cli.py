@@ -99,3 +99,35 @@ def test_an_empty_prompt_is_told_as_a_blank_one_is(tmp_path, monkeypatch):
     for prompt in ("", "   "):
         r = CliRunner().invoke(cli.main.app, ["generate", prompt])
         assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT] and "The prompt is empty" in r.output, r.output
+
+
+def test_files_the_cli_cannot_read_are_typed_errors_not_tracebacks(tmp_path, monkeypatch):
+    """A prompt list in another encoding and a caption the person may not read went out as
+    tracebacks (exit 1; with --json no error document)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import cli.main
+    from cns_daemon.api.errors import EXIT_CODES, ErrorCode
+
+    monkeypatch.setenv("CONES_HOME", str(tmp_path))   # no service: refused before it is asked
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a photo of {} \xff\xfe\xfd on the beach\n")
+    r = CliRunner().invoke(cli.main.app, ["eval", "rex", "--prompts", str(prompts), "--json"])
+    assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT], r.output
+    assert "is not UTF-8 text" in json.loads(r.stdout)["error"]["message"]
+    photo, other = write_photos(tmp_path / "p", 2)
+    caption = photo.with_suffix(".txt")
+    caption.write_text("a dog")
+    real = type(caption).read_bytes
+
+    def unreadable(self):
+        if self.name == caption.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(type(caption), "read_bytes", unreadable)
+    r = CliRunner().invoke(cli.main.app, ["add", "rex", str(photo), str(other), "--class", "dog", "--json"])
+    assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT], r.output
+    assert "cannot be read: Permission denied" in json.loads(r.stdout)["error"]["message"]
