@@ -137,6 +137,10 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         as_json: bool = JSON) -> None:
     """Learn a concept from photos (a photo.txt beside photo.jpg is its caption, as in the inbox)."""
     validate_new_name(name)   # the friendly words, before the photos are read
+    # `cones add rex dir/*` names each photo's caption too: a caption is read with its photo
+    # (as in the inbox), not counted against the 64 nor said to be "not an image"
+    captions = {c.resolve() for p in photos if p.is_file() and (c := caption_file(p)) is not None}
+    photos = [p for p in photos if p.resolve() not in captions]
     if len(photos) > MAX_PHOTOS:
         raise BadInput(too_many_photos(name, len(photos)), TOO_MANY_HINT)
     items, not_photos = [], []

@@ -312,6 +312,10 @@ def test_add_sends_each_photos_sidecar_caption(cones, daemon, tmp_path):
     assert code == 0, out
     kept = sorted(p.read_text() for p in (daemon.home / "data" / "archive").rglob("*.txt"))
     assert "a photo of a dog in the snow" in kept
+    # `cones add NAME dir/*` names the captions too: read with their photos, not "not an image"
+    everything = sorted(map(str, (tmp_path / "cap").iterdir()))
+    code, out = cones("add", "globbed", *everything, "--class", "dog", "--steps", "2")
+    assert code == 0 and "not an image" not in out and ".txt" not in out, out
     assert all(t.strip() for t in kept)   # no empty caption file
     a.with_suffix(".txt").write_text("a dog " * 300)
     code, out = cones("add", "wordy", str(a), str(b), str(c), "--class", "dog")
