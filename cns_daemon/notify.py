@@ -22,7 +22,7 @@ class Notifier:
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         # The watchdog is for us only when no PID is named or ours is.
-        wanted = usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
+        wanted = usec.isascii() and usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid()))
         self.watchdog_interval = int(usec) / 2e6 if wanted else None  # ping at half the deadline
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

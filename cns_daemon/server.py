@@ -122,7 +122,7 @@ class App:
             raw = scope.get("raw_path")
             if raw is not None:
                 scope = {**scope, "path": raw.decode("latin-1").split("?", 1)[0]}
-            receive = _limited(receive, self.max_request_bytes)
+            receive = _limited(receive, self.max_request_bytes, scope.get("path", ""))
         await self.app(scope, receive, send)
 
     # ------------------------------------------------------------ routing table
@@ -232,7 +232,7 @@ class App:
 
     async def list_jobs(self, req: Request, params: dict) -> Response:
         raw = req.query_params.get("limit", "50")
-        limit = int(raw) if raw.isdigit() else 0
+        limit = int(raw) if raw.isascii() and raw.isdigit() else 0   # "²" is a digit int() refuses
         if not 1 <= limit <= MAX_JOBS_LISTED:
             raise BadInput(f"limit must be a whole number from 1 to {MAX_JOBS_LISTED}, not {raw!r}.")
         jobs = await asyncio.to_thread(self.service.jobs, limit)
@@ -364,22 +364,25 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return error_response(BadInput(f"The request was refused: {exc.detail}."))
 
 
-def _too_large(size: int, limit: int) -> TooLarge:
+def _too_large(size: int, limit: int, path: str = "") -> TooLarge:
+    """`path`: the endpoint, so the words fit what was sent (an import is a file, not photos)."""
+    file = path.endswith("/import")
     return TooLarge(f"The request is too large ({size / 2**20:,.1f} MiB; the service takes up to "
-                    f"{limit / 2**20:,.1f} MiB, max_request_bytes = {limit}; photos count a third "
-                    "more than their files).",
-                    "Send fewer or smaller photos, or raise the service's max_request_bytes (its "
-                    "config.toml or CONES_MAX_REQUEST_BYTES where the service runs) and restart it.")
+                    f"{limit / 2**20:,.1f} MiB, max_request_bytes = {limit}"
+                    + (")." if file else "; photos count a third more than their files)."),
+                    ("Raise" if file else "Send fewer or smaller photos, or raise")
+                    + " the service's max_request_bytes (its config.toml or CONES_MAX_REQUEST_BYTES "
+                    "where the service runs) and restart it.")
 
 
 def _check_declared_length(request: Request, limit: int) -> None:
     """Refused before reading: nothing of an over-long body is ever buffered."""
     raw = request.headers.get("content-length", "")
-    if raw.isdigit() and int(raw) > limit:
-        raise _too_large(int(raw), limit)
+    if raw.isascii() and raw.isdigit() and int(raw) > limit:
+        raise _too_large(int(raw), limit, request.url.path)
 
 
-def _limited(receive, limit: int):
+def _limited(receive, limit: int, path: str = ""):
     """`receive` that stops a body longer than `limit` (longer than declared, or chunked)."""
     size = 0
 
@@ -389,7 +392,7 @@ def _limited(receive, limit: int):
         if message["type"] == "http.request":
             size += len(message.get("body", b""))
             if size > limit:
-                raise _too_large(size, limit)
+                raise _too_large(size, limit, path)
         return message
     return limited_receive
 

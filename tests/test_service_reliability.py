@@ -276,6 +276,11 @@ def test_oversized_request(raw):
     big = _add_body(files=[("big.png", b"\0" * (LIMIT * 2))])
     body = _error(raw.post(f"{API_PREFIX}/concepts", json=big), 413, "bad_input")
     assert "too large" in body["message"] and str(LIMIT) in body["message"]
+    assert "photos" in body["message"] and "photos" in body["hint"]
+    big_file = raw.post(f"{API_PREFIX}/concepts/import", content=b"\0" * (LIMIT * 2),
+                        headers={"content-type": "application/octet-stream"})
+    body = _error(big_file, 413, "bad_input")   # an exported file, not photos: said so
+    assert "too large" in body["message"] and "photos" not in body["message"] + body["hint"]
 
 
 def test_wrong_or_missing_protocol_version(daemon, raw):
