@@ -25,7 +25,7 @@ from cli.views import (concept_problems, concept_table, concepts_table, console,
                        shorten, status_table, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, Interrupted, Unavailable
 from cns_daemon.api.names import validate_new_name
-from cns_daemon.archive import caption_file, read_text, sidecar_caption, sniff
+from cns_daemon.archive import caption_file, read_text, shown, sidecar_caption, sniff
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
                                      MAX_PHOTOS, ErrorBody, TOO_MANY_HINT, AddRequest, EvalRequest,
                                      GenerateRequest, JobInfo, Photo, too_many_photos)
@@ -156,7 +156,8 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         if caption is not None and len(caption) > MAX_PROMPT_CHARS:
             raise BadInput(f"The caption {caption_file(p)} has {len(caption)} characters, over "
                            f"{MAX_PROMPT_CHARS}.", "Shorten it: a sentence saying what the photo shows.")
-        items.append(_model(Photo, filename=p.name, data=p.read_bytes(), caption=caption))
+        # a name that is not UTF-8 cannot travel as text: sent as shown ("\ufffd" for its odd bytes)
+        items.append(_model(Photo, filename=shown(p.name), data=p.read_bytes(), caption=caption))
     # Left out, the method and steps are the service's settings, unless this command's own
     # config.toml or CONES_METHOD / CONES_STEPS set them (the layering the README promises).
     mine = settings()

@@ -97,6 +97,21 @@ def upright(img: Image.Image) -> Image.Image:
         return img
 
 
+def is_text(name: str) -> bool:
+    """Whether a file name is UTF-8 text (os.fsdecode keeps other bytes as lone surrogates,
+    which no text file, JSON document or request can hold)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown(name: str) -> str:
+    """A file name as text, the bytes that are not UTF-8 shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def not_an_image(head: bytes) -> str:
     """Why a file PIL cannot open is skipped, from its first bytes."""
     brand = HEIF_BRANDS.get(head[8:12]) if head[4:8] == b"ftyp" else None
@@ -213,7 +228,7 @@ def sniff(path: Path) -> SkippedFile | None:
                 return None
     except UnidentifiedImageError:
         with open(path, "rb") as f:
-            return SkippedFile(file=Path(path).name, reason=not_an_image(f.read(16)))
+            return SkippedFile(file=shown(Path(path).name), reason=not_an_image(f.read(16)))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None   # an image with a problem: check_photo reads it and says which
 

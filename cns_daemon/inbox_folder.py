@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cns_daemon.archive import CheckedPhoto, caption_file, check_photos, sidecar_caption, sniff
+from cns_daemon.archive import (CheckedPhoto, caption_file, check_photos, is_text, shown, sidecar_caption,
+                                sniff)
 from cns_daemon.api.errors import BadInput, ConesError
 from cns_daemon.api.protocol import (CLASS_PATTERN, MAX_PHOTOS, MAX_SEED, TOO_MANY_HINT, SkippedFile,
                                      learn_steps, too_many_photos)
@@ -97,21 +98,6 @@ def read_spec(folder: Path) -> FolderSpec:
         raise BadInput(f"[options] in {CONFIG_FILE} must be a table of plain values.",
                        "For example:\n[options]\ntop_p = 5.0")
     return FolderSpec(name, class_word, method, steps, seed, options)
-
-
-def is_text(name: str) -> bool:
-    """Whether a file name is UTF-8 text (os.fsdecode keeps other bytes as lone surrogates,
-    which no text file, JSON document or request can hold)."""
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def shown(name: str) -> str:
-    """A file name as text, the bytes that are not UTF-8 shown as U+FFFD."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def input_files(folder: Path) -> list[Path]:

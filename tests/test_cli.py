@@ -131,3 +131,35 @@ def test_files_the_cli_cannot_read_are_typed_errors_not_tracebacks(tmp_path, mon
     r = CliRunner().invoke(cli.main.app, ["add", "rex", str(photo), str(other), "--class", "dog", "--json"])
     assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT], r.output
     assert "cannot be read: Permission denied" in json.loads(r.stdout)["error"]["message"]
+
+
+def test_a_photo_whose_name_is_not_utf8_is_sent_under_a_name_that_can_be_shown(tmp_path, monkeypatch):
+    """The whole request was refused ("filename: Input should be a valid string") without
+    naming the file."""
+    import os
+
+    import cli.main
+    from cns_daemon.api.protocol import AddRequest
+
+    a, b = write_photos(tmp_path / "p", 2)
+    odd = os.path.join(os.fsencode(tmp_path / "p"), b"\xffdog.png")
+    os.rename(a, odd)
+    sent = {}
+
+    class Capture:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def add(self, req: AddRequest):
+            sent["names"] = [p.filename for p in req.photos]
+            raise KeyboardInterrupt   # enough: the request was built
+
+    monkeypatch.setenv("CONES_HOME", str(tmp_path))
+    monkeypatch.setattr(cli.main, "client", lambda: Capture())
+    from typer.testing import CliRunner
+
+    CliRunner().invoke(cli.main.app, ["add", "rex", os.fsdecode(odd), str(b), "--class", "dog"])
+    assert sent["names"] == ["\ufffddog.png", b.name]
