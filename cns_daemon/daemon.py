@@ -14,6 +14,7 @@ import fcntl
 import logging
 import os
 import socket
+import stat
 import struct
 from pathlib import Path
 from typing import Callable
@@ -57,9 +58,19 @@ def prepare_data(paths: Paths) -> None:
 
 
 def prepare_runtime(paths: Paths) -> None:
-    """The socket's folder: created 0700, tightened to 0700 if it already exists."""
+    """The socket's folder: created 0700, tightened to 0700 if it already exists, unless it is a
+    shared folder (sticky, as /tmp is, or another user's): that one is refused, never stripped of
+    its permissions (runtime_dir = "/tmp" made /tmp 0700)."""
     make_folder(paths.runtime, "runtime folder", "runtime_dir")
-    os.chmod(paths.runtime, 0o700)
+    st = os.stat(paths.runtime)
+    if st.st_mode & stat.S_ISVTX or st.st_uid != os.getuid():
+        raise BadInput(f"The runtime folder {paths.runtime} is a shared folder; cones keeps its "
+                       "socket in a folder only it uses.",
+                       f"Set runtime_dir to a folder of cones' own, e.g. {paths.runtime / 'cones'}.")
+    try:
+        os.chmod(paths.runtime, 0o700)
+    except OSError as exc:
+        raise storage_error(exc) or BadInput(f"Cannot make {paths.runtime} private: {exc.strerror}.") from None
     if len(os.fsencode(paths.socket)) > SUN_PATH_MAX:
         raise BadInput(f"The socket path {paths.socket} is too long for a Unix socket "
                        f"(over {SUN_PATH_MAX} bytes).", "Use a shorter CONES_HOME or runtime_dir.")

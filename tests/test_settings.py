@@ -195,3 +195,25 @@ def test_home_cannot_be_set_in_the_file_found_through_it(cones_home, monkeypatch
     assert "CONES_HOME" in err.value.hint
     monkeypatch.setenv("CONES_HOME", "   ")
     assert load_settings().paths.data == default_paths(None).data and "  " not in str(default_paths().data)
+
+
+def test_a_shared_runtime_folder_is_refused_not_stripped_of_its_permissions(tmp_path):
+    """runtime_dir = "/tmp" made /tmp 0700 (and failed with a traceback where it could not)."""
+    import os
+
+    from cns_daemon.api.errors import BadInput
+    from cns_daemon.api.settings import Paths
+    from cns_daemon.daemon import prepare_runtime
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    paths = Paths(data=tmp_path / "d", config=tmp_path / "c", runtime=shared, inbox=tmp_path / "i")
+    with pytest.raises(BadInput, match="shared folder") as err:
+        prepare_runtime(paths)
+    assert str(shared / "cones") in err.value.hint
+    assert os.stat(shared).st_mode & 0o7777 == 0o1777
+    own = tmp_path / "own"
+    own.mkdir(mode=0o755)
+    prepare_runtime(Paths(data=tmp_path / "d", config=tmp_path / "c", runtime=own, inbox=tmp_path / "i"))
+    assert os.stat(own).st_mode & 0o777 == 0o700
