@@ -55,7 +55,10 @@ def test_start_up_rebuilds_the_weights_in_the_order_concepts_came_into_the_store
     local = cns_record(engine, "local", "sks", 1.0, time.time())
     engine.store.put(local)
     engine._apply_resident(local)
-    engine.import_record(cns_record(engine, "imported", "xqz", 2.0, time.time() - 86400))
+    from cns_daemon.methods.common.tokens import rare_tokens
+
+    rare = rare_tokens(engine.pipe.tokenizer)[5]   # a word cones would pick: imported as it is
+    engine.import_record(cns_record(engine, "imported", rare, 2.0, time.time() - 86400))
     live = first_values(engine)
     assert torch.all(live == 2.0)
     again = restarted(engine)
