@@ -77,7 +77,8 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
                 job.kind == "generate" and running.kind == "learn"):
             time.sleep(QUEUED_GRACE_S)
             if c.job(job.id).state == "queued" and c.job(running.id).state == "running":
-                err_console.print(f"Job {job.id} is queued behind job {running.id} ({escape(shorten(running.summary))}); "
+                what = escape(shorten(running.summary))
+                err_console.print(f"Job {job.id} is queued behind job {running.id} ({what}); "
                                   "`cones jobs` shows the queue. Ctrl-C stops waiting, not the job.",
                                   highlight=False)
         follow(c.follow(job.id), quiet=quiet)
@@ -435,7 +436,8 @@ def cancel(job_id: str) -> None:
     elif job.state == "running":
         console.print(f"Cancelling job {job.id} ({escape(shorten(job.summary))}): it stops at its next step.")
     else:   # it finished between the two calls
-        console.print(f"Job {job.id} ({escape(shorten(job.summary))}) finished before the cancel reached it: {job.state}.")
+        console.print(f"Job {job.id} ({escape(shorten(job.summary))}) finished before the cancel "
+                      f"reached it: {job.state}.")
 
 
 # ---------------------------------------------------------------- demo

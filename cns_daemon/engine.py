@@ -156,8 +156,9 @@ class Engine:
 
     def rebuild(self) -> int:
         """Read every stored concept (every checksum) and re-apply the resident ones in the order
-        they came into this store (each was trained, or imported, on top of the ones before it). One that cannot be read or used is
-        recorded in `problems` (and logged), so one bad concept never keeps the service down.
+        they came into this store (each was trained, or imported, on top of the ones before it).
+        One that cannot be read or used is recorded in `problems` (and logged), so one bad
+        concept never keeps the service down.
         (Reading records ahead on a second thread was measured: no gain on 2 cores, so it stays
         sequential.) Returns how many resident concepts were rebuilt."""
         self.problems.clear()
