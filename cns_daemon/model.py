@@ -82,7 +82,8 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
                         "Set device to `auto` or `cpu`, or check the GPU driver.")
     if dtype == "auto":
         if device == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            # native bf16 only: before Ampere (T4, V100) it is emulated, far slower than fp16
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
         else:
             dtype = "float32"
     if device == "cpu" and dtype == "float16":
@@ -103,6 +104,10 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
     source = Path(model).expanduser() if model is not None else TOYWORLD_MODEL
     hub = False
     try:
+        if source.is_file() and source.suffix != source.suffix.lower() and source.suffix.lower() in (
+                ".safetensors", ".ckpt"):   # diffusers tells the format by the lower-case suffix
+            raise ModelLoad(f"{source.absolute()} ends in {source.suffix}: diffusers reads the format from "
+                            "a lower-case suffix.", f"Rename it to end in {source.suffix.lower()}.")
         if source.is_file() and source.suffix in (".safetensors", ".ckpt"):
             pipe = checkpoint.load(source, **_common_kwargs(place.dtype))
         elif source.is_dir():
@@ -145,6 +150,26 @@ def check_model_folder(folder: Path) -> None:
     missing = [p for p in MODEL_PARTS if not (folder / p).is_dir()]
     if missing:
         raise ModelLoad(f"The model folder {folder} has no {', '.join(p + '/' for p in missing)}.", FOLDER_HINT)
+    # Another family loads as Stable Diffusion without a word (diffusers reads the parts, not the
+    # pipeline's name) and fails in the first job on a tensor shape: an inpainting UNet (9 input
+    # channels), SDXL (two text encoders, added embeddings), an image-variation pipeline.
+    index = _json(folder / "model_index.json")
+    unet = _json(folder / "unet" / "config.json")
+    kind = index.get("_class_name", "StableDiffusionPipeline")
+    if kind != "StableDiffusionPipeline" or unet.get("in_channels", 4) != 4 or unet.get("addition_embed_type"):
+        what = kind if kind != "StableDiffusionPipeline" else (
+            f"a UNet with {unet.get('in_channels')} input channels" if unet.get("in_channels", 4) != 4
+            else f"a UNet with added {unet.get('addition_embed_type')} embeddings")
+        raise ModelLoad(f"The model folder {folder} holds {what}, not a Stable Diffusion 1.x/2.x "
+                        "text-to-image model.", "Point `model` at a Stable Diffusion 1.5 or 2.x model.")
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}   # diffusers says what is wrong with it when it reads it
+    return value if isinstance(value, dict) else {}
 
 
 def check_tokenizer(pipe, source: Path) -> None:

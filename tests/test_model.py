@@ -209,3 +209,41 @@ def test_a_mistyped_path_says_what_happened(tmp_path, monkeypatch):
     with pytest.raises(ModelLoad, match="There is no folder") as info:
         load_pipeline("models/mysd", device="cpu")
     assert str(tmp_path / "models" / "mysd") in info.value.message and "absolute path" in info.value.hint
+
+
+def test_a_model_folder_of_another_family_is_refused_by_name(tmp_path):
+    """diffusers loads an inpainting folder as Stable Diffusion without a word; the first job
+    then failed on a tensor shape."""
+    import json
+
+    from cns_daemon.api.errors import ModelLoad
+    from cns_daemon.model import check_model_folder
+
+    def folder(name, index, unet):
+        root = tmp_path / name
+        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            (root / part).mkdir(parents=True)
+        (root / "model_index.json").write_text(json.dumps(index))
+        (root / "unet" / "config.json").write_text(json.dumps(unet))
+        return root
+
+    sd = {"_class_name": "StableDiffusionPipeline"}
+    check_model_folder(folder("sd", sd, {"in_channels": 4}))
+    for name, index, unet, needle in (
+            ("inpaint", {"_class_name": "StableDiffusionInpaintPipeline"}, {"in_channels": 9},
+             "StableDiffusionInpaintPipeline"),
+            ("nine", sd, {"in_channels": 9}, "a UNet with 9 input channels"),
+            ("xl", sd, {"in_channels": 4, "addition_embed_type": "text_time"}, "added text_time embeddings")):
+        with pytest.raises(ModelLoad, match=needle):
+            check_model_folder(folder(name, index, unet))
+
+
+def test_auto_dtype_takes_bf16_only_where_the_gpu_has_it(monkeypatch):
+    """torch counts emulated bf16 as supported by default: a T4 or V100 got slow bf16, not fp16."""
+    from cns_daemon.model import choose_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native, want in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
+        assert choose_placement("auto", "auto").dtype == want

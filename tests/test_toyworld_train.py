@@ -59,3 +59,27 @@ def test_the_training_command_names_its_folder_and_replaces_none_unasked(tmp_pat
     with pytest.raises(SystemExit) as exit_:
         main(["--out", str(tmp_path / "m"), "--unet-steps", "1"])
     assert exit_.value.code == 2 and "--force" in capsys.readouterr().err
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path):
+    """From its step-2 checkpoint, a resumed run draws the same captions and noise, on the same
+    schedule, as the run that went on (captions were drawn afresh, and the wall-time budget
+    started again)."""
+    import shutil
+
+    threads = torch.get_num_threads()
+    cfg = TrainConfig(seed=12, n_images=16, vae_steps=0, unet_steps=4, unet_batch=2, warmup=1,
+                      checkpoint_every=2, init=str(TOYWORLD_MODEL), device="cpu", max_minutes=5.0)
+    try:
+        run(cfg, tmp_path / "whole")
+        # what a run cut off after step 2 leaves: its work folder with the step-2 checkpoint
+        shutil.copytree(tmp_path / "whole.work", tmp_path / "cut.work")
+        ckpt = torch.load(tmp_path / "cut.work" / "denoiser.pt", weights_only=False)
+        assert ckpt["step"] == 2 and ckpt["elapsed"] > 0 and "rng" in ckpt
+        info = run(cfg, tmp_path / "cut", resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert info["resumed"] and info["unet_steps_done"] == 4
+    whole = load_pipeline(tmp_path / "whole", device="cpu", dtype="float32").unet.state_dict()
+    cut = load_pipeline(tmp_path / "cut", device="cpu", dtype="float32").unet.state_dict()
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)

@@ -225,9 +225,14 @@ def train_denoiser(pipe, latents: torch.Tensor, scenes: list, cfg: TrainConfig, 
         text.load_state_dict(start["text"])
         opt.load_state_dict(start["opt"])
         ema = start["ema"]
-        gen.set_state(start["gen"])
+        gen.set_state(start["gen"].cpu())   # a CPU generator (--device cuda moved it on load)
         first = start["step"]
+        # The whole run's wall-time budget and learning-rate schedule go on where they were (a
+        # resumed run got a fresh budget, and a rate that had wound down jumped back up).
+        t_begin = time.time() - start.get("elapsed", 0.0)
     rng = np.random.default_rng(cfg.seed + 1 + first)
+    if start is not None and "rng" in start:   # the captions an uninterrupted run would draw
+        rng.bit_generator.state = start["rng"]
     alphas = sched.alphas_cumprod
     unet.train()
     text.train()
@@ -270,7 +275,8 @@ def train_denoiser(pipe, latents: torch.Tensor, scenes: list, cfg: TrainConfig, 
                      loss_avg, lr, rate, rate * (cfg.unet_steps - step) / 60)
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.unet_steps:
             torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(),
-                        "ema": ema, "gen": gen.get_state(), "step": step + 1},
+                        "ema": ema, "gen": gen.get_state(), "step": step + 1,
+                        "elapsed": time.time() - t_begin, "rng": rng.bit_generator.state},
                        work / "denoiser.pt")
             log.info("checkpoint at step %d", step + 1)
     else:
