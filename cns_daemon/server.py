@@ -77,6 +77,10 @@ class Route:
     response: type[BaseModel] | None = None
     content_type: str = "application/json"   # of the response; the schema says what it carries
     versioned: bool = True                    # needs the protocol header
+    # For the schema: query parameters as (name, JSON schema, description), and a request body
+    # that is not a model (its content type)
+    query: tuple[tuple[str, dict, str], ...] = ()
+    raw_body: str | None = None
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:
@@ -136,11 +140,13 @@ class App:
                   request=AddRequest, response=JobInfo),
             Route("POST", f"{p}/concepts/import", self.import_concept,
                   "Import a concept file (body: safetensors bytes; queues an import job)",
-                  response=JobInfo),
+                  response=JobInfo, raw_body="application/octet-stream",
+                  query=(("name", {"type": "string"}, "Store it under this name instead of its own"),)),
             Route("GET", f"{p}/concepts/{{name}}", self.show_concept, "One concept",
                   response=ConceptInfo),
             Route("DELETE", f"{p}/concepts/{{name}}", self.remove, "Remove a concept (queues a job)",
-                  response=JobInfo),
+                  response=JobInfo, query=(("photos", {"type": "string", "enum": ["0", "1"]},
+                                            "1: its archived photos go too, but those in use"),)),
             Route("GET", f"{p}/concepts/{{name}}/export", self.export,
                   "Export a concept as one safetensors file", content_type="application/octet-stream"),
             Route("POST", f"{p}/generate", self.generate, "Generate images (queues a job)",
@@ -149,7 +155,9 @@ class App:
                   request=EvalRequest, response=JobInfo),
             Route("POST", f"{p}/photos/prune", self.prune_photos,
                   "Delete the archived photos no concept or queued learn uses", response=PhotosPruned),
-            Route("GET", f"{p}/jobs", self.list_jobs, "Recent jobs, newest first", response=JobList),
+            Route("GET", f"{p}/jobs", self.list_jobs, "Recent jobs, newest first", response=JobList,
+                  query=(("limit", {"type": "integer", "minimum": 1, "maximum": MAX_JOBS_LISTED,
+                                    "default": 50}, "How many"),)),
             Route("GET", f"{p}/jobs/{{id}}", self.show_job, "One job", response=JobInfo),
             Route("POST", f"{p}/jobs/{{id}}/cancel", self.cancel, "Cancel a job", response=JobInfo),
             Route("GET", f"{p}/jobs/{{id}}/events", self.events,
@@ -329,10 +337,15 @@ class App:
             if r.request is not None:
                 op["requestBody"] = {"required": True, "content": {"application/json": {
                     "schema": {"$ref": ref(r.request.__name__)}}}}
+            elif r.raw_body is not None:
+                op["requestBody"] = {"required": True, "content": {r.raw_body: {
+                    "schema": {"type": "string", "format": "binary"}}}}
             params = re.findall(r"\{(\w+)\}", r.path)
-            if params or r.versioned:
+            if params or r.versioned or r.query:
                 op["parameters"] = [{"name": n, "in": "path", "required": True,
                                      "schema": {"type": "string"}} for n in params]
+                op["parameters"] += [{"name": n, "in": "query", "required": False, "schema": schema,
+                                      "description": text} for n, schema, text in r.query]
                 if r.versioned:
                     op["parameters"].append({"name": PROTOCOL_HEADER, "in": "header", "required": True,
                                              "schema": {"type": "string", "enum": [PROTOCOL_VERSION]}})

@@ -66,6 +66,13 @@ def test_openapi_describes_every_route_and_model():
     add = schema["paths"]["/v1/concepts"]["post"]
     assert add["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/AddRequest")
     assert any(p["name"] == "X-Cones-Protocol" for p in add["parameters"])
+    # query parameters and the import's raw body are described too (they were left out)
+    query = {(path, m, p["name"]) for path, ops in schema["paths"].items() for m, op in ops.items()
+             for p in op.get("parameters", []) if p["in"] == "query"}
+    assert query == {("/v1/jobs", "get", "limit"), ("/v1/concepts/{name}", "delete", "photos"),
+                     ("/v1/concepts/import", "post", "name")}
+    imp = schema["paths"]["/v1/concepts/import"]["post"]["requestBody"]["content"]
+    assert imp["application/octet-stream"]["schema"]["format"] == "binary"
 
 
 def test_every_error_code_has_an_http_status():
