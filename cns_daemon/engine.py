@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,7 @@ class Engine:
                                dtype="-", fingerprint="")
         self.problems: dict[str, ConesError] = {}   # concept -> why it is damaged / not rebuilt
         self.memory_in_effect: list[str] = []      # `cones status`: set at start-up
+        self._tokenizers = threading.local()       # request threads' own (`tokenizer_here`)
 
     # ------------------------------------------------------------ start-up
 
@@ -434,6 +436,17 @@ class Engine:
 
     # ------------------------------------------------------------ read-only (any thread)
 
+    def tokenizer_here(self):
+        """The tokenizer for this thread: a copy per request thread. The tokenizer keeps its
+        padding and truncation settings in itself, and a request's check set them while a learn
+        tokenized on the worker thread: the learn failed ("Unable to create tensor")."""
+        local = self._tokenizers
+        if getattr(local, "source", None) is not self.pipe.tokenizer:
+            import copy
+
+            local.tokenizer, local.source = copy.deepcopy(self.pipe.tokenizer), self.pipe.tokenizer
+        return local.tokenizer
+
     def check_learn(self, method: str, steps: int | None, options: dict, class_word: str = "",
                     captions: Iterable[tuple[str, str | None]] = ()) -> None:
         """Refuse unknown option keys, values of the wrong type or out of range, for this method,
@@ -449,13 +462,13 @@ class Engine:
         taken = [m.token for m in self.store.list()]
         token = ""
         if method != "cones2":   # Cones 2 reads the concept at its class word: no token
-            token = allocate_token(self.pipe.tokenizer, taken, getattr(hp, "token", "") or None,
+            token = allocate_token(self.tokenizer_here(), taken, getattr(hp, "token", "") or None,
                                    getattr(hp, "vectors", 1))
         for file, caption in captions:
             if not caption:
                 continue
             try:   # cut short by the encoder, the caption would lose the token it is taught
-                check_length(self.pipe.tokenizer, with_token(caption, token, class_word), f"caption of {file}")
+                check_length(self.tokenizer_here(), with_token(caption, token, class_word), f"caption of {file}")
             except BadInput as exc:
                 raise BadInput(f"{exc.message.rstrip('.')} (counting the concept's token put in it).",
                                f"Shorten the caption of {file}.") from None
@@ -472,10 +485,10 @@ class Engine:
             if name in self.problems:
                 raise _again(self.problems[name])
         metas = {m.name: m for m in self.store.list()}
-        expanded = expand(req.prompt, metas, self.pipe.tokenizer)
+        expanded = expand(req.prompt, metas, self.tokenizer_here())
         check_boxes(req.boxes, expanded)
         scale = req.guidance_scale if req.guidance_scale is not None else recommended_guidance(self.pipe)
-        check_negative_prompt(req.negative_prompt, self.pipe.tokenizer, scale)
+        check_negative_prompt(req.negative_prompt, self.tokenizer_here(), scale)
         image_size(self.pipe, req.height, req.width)
         if req.steps is not None:
             check_steps(self.pipe, req.steps)

@@ -218,3 +218,43 @@ def dataclasses_replace_delta(record: ConceptRecord, value) -> ConceptRecord:
     values = delta.values.copy()
     values[0] = value
     return dataclasses.replace(record, deltas={name: SparseDelta(delta.indices, values, delta.shape)})
+
+
+def test_request_checks_never_use_the_tokenizer_a_learn_is_using(engine):
+    """The tokenizer keeps its padding and truncation settings in itself: a request thread's check
+    set them while the worker tokenized for a learn, and the learn failed as a bug in cones
+    ("Unable to create tensor"). Checks use a copy of their own thread's."""
+    import copy
+    import threading
+
+    from cns_daemon.api.protocol import GenerateRequest
+
+    real = engine.pipe.tokenizer
+
+    class Tripwire:   # the worker's tokenizer: request threads must not call it
+        def __call__(self, *a, **k):
+            raise AssertionError("a request thread used the worker's tokenizer")
+
+        def __deepcopy__(self, memo):
+            return copy.deepcopy(real, memo)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    engine.pipe.tokenizer = Tripwire()
+    seen, errors = [], []
+
+    def request():
+        try:
+            engine.check_generate(GenerateRequest(prompt="a photo of a dog on the grass", negative_prompt="blur"))
+            engine.check_learn("cns", None, {}, "dog", [("a.png", "a dog on the grass")])
+            seen.append(engine.tokenizer_here())
+            assert engine.tokenizer_here() is seen[-1]   # one copy a thread, kept
+        except Exception as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    engine.pipe.tokenizer = real
+    assert errors == [] and len({id(t) for t in seen}) == 2
