@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -71,6 +73,9 @@ def write_file(path: Path, data: bytes, hint: str = "Give -o a writable place.",
         raise kind(f"Cannot write {path}: {exc.strerror or exc}.", hint) from None
 
 
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE, as a shell reports a command whose reader went away
+
+
 def handled(fn):
     """Typed errors become one red line + hint on stderr and their exit code; a command run with
     --json also prints the error as its one document on stdout ({"error": ErrorBody}), so a
@@ -80,6 +85,9 @@ def handled(fn):
         try:
             try:
                 return fn(*args, **kwargs)
+            except BrokenPipeError:   # `cones jobs --json | head`: the reader has all it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no flush error at exit
+                raise typer.Exit(EXIT_BROKEN_PIPE) from None
             except OSError as exc:   # a file of the person's that cannot be read: no traceback
                 where = exc.filename2 or exc.filename
                 raise storage_error(exc) or BadInput(

@@ -163,3 +163,18 @@ def test_a_photo_whose_name_is_not_utf8_is_sent_under_a_name_that_can_be_shown(t
 
     CliRunner().invoke(cli.main.app, ["add", "rex", os.fsdecode(odd), str(b), "--class", "dog"])
     assert sent["names"] == ["\ufffddog.png", b.name]
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`cones jobs --json | head -3`: 'error: Broken pipe. Check the path ...' and exit 1."""
+    import subprocess
+    import sys
+
+    script = ("import cli.views as v, typer\n"
+              "@v.handled\n"
+              "def talk(as_json=False):\n"
+              "    raise BrokenPipeError(32, 'Broken pipe')\n"
+              "try:\n    talk()\nexcept typer.Exit as e:\n    raise SystemExit(e.exit_code)\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 141 and out.stderr == "", out.stderr
