@@ -26,6 +26,8 @@ def test_install_writes_unit_with_paths_and_hardening(tmp_path, cones_home):
     paths = load_settings().paths
     lines = unit.splitlines()
     assert "Type=notify" in lines and "Restart=on-failure" in lines
+    # a wrong model or setting is not restarted every 5 s for ever (a model load each time)
+    assert "RestartPreventExitStatus=2 4 6 7 8" in lines
     assert any(l.startswith("WatchdogSec=") for l in lines)
     assert "NoNewPrivileges=yes" in lines and "ProtectSystem=strict" in lines
     rw = next(l for l in lines if l.startswith("ReadWritePaths="))
