@@ -63,6 +63,7 @@ class Inbox:
                                                 # whose ERROR.txt could not be written
         self._loose: set[str] = set()           # files put in the inbox itself, said once
         self._failed: set[str] = set()          # folders whose look failed, logged once
+        self._first_seen: dict[str, float] = {}  # folder name -> when a scan first saw it
         self._future: dict[str, tuple[float, float]] = {}   # folder name -> (a newest time in
                                                 # the future, when it was first seen)
         self._lock = threading.Lock()
@@ -205,6 +206,10 @@ class Inbox:
         if candidate is not None and self._follows(folder, *candidate):
             return
         with self._lock:
+            # Settled counts from when this service first saw the folder too: at start-up a
+            # folder still being copied in with its files' old times kept (`cp -p`, rsync -a,
+            # an archive) was taken at once, and the photos that came after were set aside.
+            first = self._first_seen.setdefault(folder.name, now)
             last = max(self._events.get(folder.name, 0.0), latest_change(folder))
             if last > now:
                 # A time in the future (a camera's wrong clock, `cp -p`, an unzipped archive)
@@ -214,6 +219,7 @@ class Inbox:
                 if seen != last:
                     self._future[folder.name] = (last, since := now)
                 last = since
+            last = max(last, first)
         if now - last < self.settle:
             return
         noted = noted_signature(folder) or self._unwritable.get(folder.name)
@@ -264,6 +270,7 @@ class Inbox:
             self._in_flight[folder.name] = job.id
             self._taken[folder.name] = signature
             self._future.pop(folder.name, None)
+            self._first_seen.pop(folder.name, None)
             self._remember(folder)
         drop_notes(folder)
         log.info("inbox folder %s taken as job %s (%d photos, %d skipped%s)", folder.name, job.id,

@@ -533,3 +533,22 @@ def test_a_folder_of_too_many_photos_is_refused_before_they_are_read(tmp_path, m
     with pytest.raises(BadInput, match="66 photos for 'crowd'; at most 64"):
         read_photos(tmp_path / "crowd.dog", "crowd")
     assert read == []
+
+
+def test_a_folder_still_being_copied_in_at_start_up_waits_to_settle(daemon):
+    """Its files keep their old times (`cp -p`): it was taken the moment the service started, and
+    the photos copied after were set aside as leftovers, without a word."""
+    import os
+
+    home, start = daemon
+    folder = home / "inbox" / "hh.cross"
+    old = time.time() - 7200
+    for p in write_photos(folder, 2):
+        os.utime(p, (old, old))
+    d = start(CONES_SETTLE_SECONDS="1.5")
+    for p in write_photos(folder, 4)[2:]:   # the rest of the copy, a moment after the start
+        os.utime(p, (old, old))
+    with Client(d.socket) as c:
+        job = wait_until(lambda: next((j for j in c.jobs() if j.summary.startswith("learn <hh>")), None),
+                         timeout=30, what="hh taken")
+        assert "4 photos" in job.summary, job.summary
