@@ -129,7 +129,8 @@ class Worker:
             elif job.attempts >= MAX_ATTEMPTS:
                 job.state, job.finished = "failed", time.time()
                 job.error = error_body(Internal(
-                    CRASH_REASON, "Look at the service log (`journalctl --user -u cones`) for why it "
+                    CRASH_REASON, "Look at the service log (`journalctl --user -u cones`, or what "
+                    "`cones serve` printed) for why it "
                     "stopped, then submit it again (an inbox folder: rename it or change a file in it)."))
             else:
                 job.state, job.started = "queued", None
@@ -350,6 +351,8 @@ def restart_note(job: JobRecord) -> str:
         return f"{RESTARTED}; attempt {job.attempts + 1} of {MAX_ATTEMPTS} next"
     if job.attempts >= 2 and not (job.error and job.error.get("message") == CRASH_REASON):
         return f"{RESTARTED}, attempt {job.attempts} of {MAX_ATTEMPTS}"
+    if job.error and job.error.get("message") == CRASH_REASON:
+        return ""   # its error says it all (a clean stop before the crashes read as a contradiction)
     if job.interrupted:   # a clean shutdown gave its start back: it starts over, uncounted
         times = "" if job.interrupted == 1 else f" ({job.interrupted} times)"
         when = "; it starts over when it runs" if job.state == "queued" else "; it started over"

@@ -567,3 +567,17 @@ def test_a_salvage_stopped_between_its_two_moves_is_finished_at_the_next_start(t
     assert not (path / COMPLETE).exists()
     assert not list(path.parent.glob("store.salvage-*"))
     assert len(list(path.parent.glob("store.damaged-*"))) == 1
+
+
+def test_a_job_failed_after_two_crashes_has_no_note_contradicting_its_error():
+    """Stopped cleanly once, then killed twice: the note said "it started over" beside the error
+    "The service stopped while this job was running, twice"."""
+    from cns_daemon.api.errors import Internal
+    from cns_daemon.worker import CRASH_REASON, error_body, restart_note
+    from store.records import JobRecord
+
+    job = JobRecord(id="j", kind="generate", request={}, state="failed", attempts=2, interrupted=1,
+                    error=error_body(Internal(CRASH_REASON)))
+    assert restart_note(job) == ""
+    job.error, job.state, job.attempts = None, "done", 1   # stopped cleanly once, then ran through
+    assert "started over" in restart_note(job)
