@@ -6,6 +6,7 @@ not): it imports only the protocol, settings and errors from cns_daemon, plus ht
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -313,10 +314,17 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
         if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and not out.exists():
             raise BadInput(f"-o {out} names a file, but generate writes its images and a contact "
                            "sheet into a folder.", f"Give -o a folder, e.g. -o {out.with_suffix('')}/")
+        made = not out.exists()
         output_folder(out, "images")   # before the job: a bad -o must not cost a generation
     with client() as c:
         left = f"; its images stay in the service's outputs, not copied to {out}" if out else ""
-        job = wait_for(c, c.generate(req), quiet=as_json, tell_wait=not as_json, left_behind=left)
+        try:
+            job = wait_for(c, c.generate(req), quiet=as_json, tell_wait=not as_json, left_behind=left)
+        except ConesError:
+            if out is not None and made:   # made for this generate, and nothing came: not left empty
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
     result = job.result
     if result is None:
         raise BadInput("The job finished without images.")

@@ -259,7 +259,10 @@ def _result_note(j: JobInfo) -> str:
     if j.kind == "learn" and r.metrics and "neurons" in r.metrics:
         made = f"{r.metrics['neurons']:,} neurons, {human_size(int(r.metrics.get('size_bytes', 0)))}"
         return "; ".join(x for x in (made, skipped) if x)
-    return f"{len(r.images)} image{'s' if len(r.images) != 1 else ''}" if r.images else skipped
+    if not r.images:
+        return skipped
+    # where they are: a generate whose `cones generate -o` was cut off is found here
+    return f"{len(r.images)} image{'s' if len(r.images) != 1 else ''} in {escape(str(Path(r.images[0]).parent))}"
 
 
 def status_table(s: StatusInfo) -> Table:

@@ -113,14 +113,14 @@ def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
             JobInfo(id="b" * 12, kind="eval", state="done", summary="eval <rex>", created=now,
                     result=JobResult(metrics={"clip_i": 0.8, "clip_t": 0.3})),
             JobInfo(id="c" * 12, kind="generate", state="done", summary="generate 2x", created=now,
-                    result=JobResult(images=["a.png", "b.png"], seed=1)),
+                    result=JobResult(images=["/data/outputs/job-c/00.png", "/data/outputs/job-c/01.png"], seed=1)),
             JobInfo(id="d" * 12, kind="remove", state="done", summary="remove <rex> and its photos",
                     created=now, result=JobResult(concept="rex", metrics={"photos_deleted": 3, "photos_kept": 1}))]
     out = io.StringIO()
     Console(file=out, width=200, force_terminal=False).print(jobs_table(jobs))
     text = " ".join(out.getvalue().split())
     assert "12,345 neurons, 48.0 kB; 1 skipped: IMG_1.HEIC (a HEIC photo)" in text, text
-    assert "CLIP-I 0.8, CLIP-T 0.3" in text and "2 images" in text
+    assert "CLIP-I 0.8, CLIP-T 0.3" in text and "2 images in /data/outputs/job-c" in text
     assert text.count("CLIP-I") == 1 and "3 photos deleted, 1 kept" in text
 
 
@@ -189,3 +189,38 @@ def test_a_generate_cut_off_by_a_stopping_service_says_its_images_are_not_copied
     with pytest.raises(Unavailable) as err:
         wait_for(Stopping(), job, quiet=True, tell_wait=False, left_behind="; not copied to /tmp/out")
     assert "(job cccccccccccc); not copied to /tmp/out" in err.value.message
+
+
+def test_an_output_folder_made_for_a_generate_that_was_cut_off_is_not_left_empty(tmp_path, monkeypatch):
+    import time
+
+    from typer.testing import CliRunner
+
+    import cli.main
+    from cns_daemon.api.errors import Unavailable
+    from cns_daemon.api.protocol import JobInfo
+
+    class Stopping:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def generate(self, req):
+            return JobInfo(id="cccccccccccc", kind="generate", state="running", summary="generate 'x'",
+                           created=time.time())
+
+        def follow(self, job_id):
+            raise Unavailable("The service is stopping before the job finished.")
+            yield
+
+    monkeypatch.setenv("CONES_HOME", str(tmp_path))
+    monkeypatch.setattr(cli.main, "client", lambda: Stopping())
+    out = tmp_path / "new" / "shots"
+    r = CliRunner().invoke(cli.main.app, ["generate", "a photo of a dog", "-o", str(out)])
+    assert r.exit_code == 11 and "not copied to" in r.output, r.output
+    assert not out.exists()
+    out.mkdir(parents=True)   # a folder the person had: kept
+    r = CliRunner().invoke(cli.main.app, ["generate", "a photo of a dog", "-o", str(out)])
+    assert r.exit_code == 11 and out.is_dir()
