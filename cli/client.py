@@ -42,13 +42,14 @@ def service_starting(lock: Path) -> bool:
         os.close(fd)
 
 
-def _lock_owner(lock: Path) -> tuple[str, str]:
-    """(pid, socket path or "") a service wrote in its lock file."""
+def _lock_owner(lock: Path) -> tuple[str, str, str]:
+    """(pid, socket path or "", what it is doing or "") a service wrote in its lock file."""
     try:
-        lines = lock.read_text().strip().splitlines()
+        lines = lock.read_text().splitlines()
     except OSError:
         lines = []
-    return (lines[0] if lines else "?"), (lines[1] if len(lines) > 1 else "")
+    lines += [""] * (3 - len(lines))
+    return lines[0].strip() or "?", lines[1].strip(), lines[2].strip()
 
 
 def _idle_close(response: httpx.Response) -> bool:
@@ -174,11 +175,19 @@ class Client:
 
     def _transport_error(self, exc: httpx.TransportError) -> ConesError:
         if isinstance(exc, httpx.ConnectError):
-            if service_starting(self.socket_path.parent / "cones.lock"):
+            runtime_lock = self.socket_path.parent / "cones.lock"
+            if service_starting(runtime_lock):
+                pid, _, state = _lock_owner(runtime_lock)
+                if state == "stopping":
+                    return Unavailable("The cones service is stopping.", START_HINT + " once it has.")
+                if state == "serving":   # its socket removed under it (the folder is still there)
+                    return Unavailable(f"A cones service (pid {pid}) runs, but its socket {self.socket_path} "
+                                       "is gone (removed?).", f"Stop it (`systemctl --user restart cones`, "
+                                       f"or `kill {pid}` and start `cones serve` again).")
                 return Unavailable("The cones service is starting (loading the model); it will answer "
                                    f"on {self.socket_path} when ready.", "Try again in a moment.")
             if self.data_lock is not None and service_starting(self.data_lock):
-                pid, serves = _lock_owner(self.data_lock)
+                pid, serves, _ = _lock_owner(self.data_lock)
                 if serves and Path(serves) != self.socket_path and Path(serves).exists():
                     return Unavailable(
                         f"A cones service (pid {pid}) runs on this data folder with its socket at "

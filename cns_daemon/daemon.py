@@ -91,6 +91,7 @@ class InstanceLock:
     def __init__(self, path: Path):
         self.path = path
         self.fd: int | None = None
+        self.serves: Path | None = None
 
     def acquire(self, socket_path: Path | None, hint: str | None = None, serves: Path | None = None) -> None:
         """`socket_path` None: the lock guards the data folder, whatever socket its holder
@@ -108,9 +109,16 @@ class InstanceLock:
             raise Conflict(f"A cones service is already running {where} (pid {owner}).",
                            hint or "Use it (`cones status`), stop it first (`systemctl --user stop "
                            "cones` or end its `cones serve`), or give this one another CONES_HOME.") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, (f"{os.getpid()}\n{serves}" if serves else str(os.getpid())).encode())
-        self.fd = fd
+        self.fd, self.serves = fd, serves
+        self.say("starting")
+
+    def say(self, state: str) -> None:
+        """What the holder is doing, on the file's third line ("starting", "serving",
+        "stopping"): a client that finds the lock held but no socket tells a loading model from
+        a service stopping, or one whose socket was removed under it."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n{self.serves or ''}\n{state}\n".encode(), 0)
 
     def release(self) -> None:
         if self.fd is not None:
@@ -285,11 +293,13 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
 
             async def startup(self, sockets=None) -> None:
                 await super().startup(sockets=sockets)
+                lock.say("serving")
                 notifier.ready(_status_line(service))
                 log.info("cones is serving on %s", paths.socket)
 
             async def shutdown(self, sockets=None) -> None:
                 log.info("cones is stopping (a job running now starts over at the next start)")
+                lock.say("stopping")
                 app.stopping.set()   # followers' streams end now, not at the graceful timeout
                 await super().shutdown(sockets=sockets)
 

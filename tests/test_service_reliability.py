@@ -170,6 +170,10 @@ def test_a_service_whose_socket_folder_was_removed_is_told_apart_from_none(monke
     daemon = start_daemon(home)
     try:
         cones = cli_in_process(home, monkeypatch)
+        (home / "run" / "cones.sock").unlink()   # the socket alone: it was called "starting" for good
+        code, out, err = cones("status")
+        text = " ".join(err.split())
+        assert code == 11 and "is gone" in text and "starting" not in text, err
         shutil.rmtree(home / "run")   # the socket and its lock go; the service runs on
         code, out, err = cones("status")
         text = " ".join(err.split())
@@ -302,3 +306,21 @@ def test_service_still_serves_after_the_corpus(daemon, raw):
         job = c.add(AddRequest(name="after", class_word="dog", steps=2, photos=photos_of(30)))
         wait_until(lambda: c.job(job.id).state == "done", what="learn after corpus")
         assert "after" in {x.name for x in c.concepts()}
+
+
+def test_a_client_tells_a_starting_service_from_a_stopping_one(tmp_path):
+    """An import waiting while the service stopped was told "starting (loading the model)"."""
+    from cns_daemon.daemon import InstanceLock
+
+    run = short_home()
+    try:
+        lock = InstanceLock(run / "cones.lock")
+        lock.acquire(run / "cones.sock")
+        for state, needle in (("starting", "is starting (loading the model)"), ("stopping", "is stopping")):
+            lock.say(state)
+            with Client(run / "cones.sock") as c, pytest.raises(Unavailable) as err:
+                c.status()
+            assert needle in err.value.message, (state, err.value.message)
+        lock.release()
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
