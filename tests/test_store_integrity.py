@@ -427,6 +427,18 @@ def test_the_worker_outlives_a_store_removed_under_a_job(tmp_path):
         store.close()
 
 
+def _running_learn(worker, store):
+    """A learn submitted to `worker`, once it runs."""
+    from cns_daemon.api.protocol import AddRequest, Photo
+
+    learn = worker.submit("learn", AddRequest(name="rex", class_word="dog", steps=10, photos=[
+        Photo(filename="a.png", data=b"x"), Photo(filename="b.png", data=b"y")]))
+    deadline = time.monotonic() + 10
+    while store.get_job(learn.id).state != "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return learn
+
+
 def test_a_crash_in_a_generate_is_not_counted_against_the_learn_it_paused(tmp_path):
     """A learn pauses for a generate; the service dies in the generate (an out-of-memory kill, say).
     At start-up the generate takes the crash (attempt 2 of 2 next) and the learn starts over
@@ -434,7 +446,7 @@ def test_a_crash_in_a_generate_is_not_counted_against_the_learn_it_paused(tmp_pa
     import contextlib
     import threading
 
-    from cns_daemon.api.protocol import AddRequest, GenerateRequest, JobResult, Photo
+    from cns_daemon.api.protocol import GenerateRequest, JobResult
     from cns_daemon.worker import Worker, restart_note
 
     store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
@@ -453,11 +465,7 @@ def test_a_crash_in_a_generate_is_not_counted_against_the_learn_it_paused(tmp_pa
     worker = Worker(store, runner)
     worker.start()
     try:
-        learn = worker.submit("learn", AddRequest(name="rex", class_word="dog", steps=10, photos=[
-            Photo(filename="a.png", data=b"x"), Photo(filename="b.png", data=b"y")]))
-        deadline = time.monotonic() + 10
-        while store.get_job(learn.id).state != "running" and time.monotonic() < deadline:
-            time.sleep(0.01)
+        learn = _running_learn(worker, store)
         gen = worker.submit("generate", GenerateRequest(prompt="a plain photo"))
         assert in_generate.wait(10)
         assert store.get_job(learn.id).paused and store.get_job(learn.id).state == "running"
@@ -479,7 +487,7 @@ def test_a_learn_is_no_longer_marked_paused_once_it_resumes(tmp_path):
     """The mark is taken off when the learn goes on, so a crash in its own steps counts."""
     import contextlib
 
-    from cns_daemon.api.protocol import AddRequest, GenerateRequest, JobResult, Photo
+    from cns_daemon.api.protocol import GenerateRequest, JobResult
     from cns_daemon.worker import Worker
 
     store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
@@ -499,11 +507,8 @@ def test_a_learn_is_no_longer_marked_paused_once_it_resumes(tmp_path):
     worker = Worker(store, runner)
     worker.start()
     try:
-        learn = worker.submit("learn", AddRequest(name="rex", class_word="dog", steps=10, photos=[
-            Photo(filename="a.png", data=b"x"), Photo(filename="b.png", data=b"y")]))
+        learn = _running_learn(worker, store)
         deadline = time.monotonic() + 10
-        while store.get_job(learn.id).state != "running" and time.monotonic() < deadline:
-            time.sleep(0.01)
         gen = worker.submit("generate", GenerateRequest(prompt="a plain photo"))
         while not steps_after and time.monotonic() < deadline:
             time.sleep(0.01)
