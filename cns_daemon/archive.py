@@ -164,6 +164,8 @@ def read_text(path: Path, what: str) -> str:
     (with or without a mark) is everyone else's. Anything else is refused rather than garbled."""
     try:
         raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise   # gone while it was read: the inbox looks again at its next scan
     except OSError as exc:
         raise BadInput(f"{what} cannot be read: {exc.strerror or exc}.",
                        "Check that it is a file you may read.") from None

@@ -177,7 +177,7 @@ class _TomlWithoutHome(TomlConfigSettingsSource):
             from cns_daemon.api.errors import BadInput
 
             raise BadInput(f"`home` cannot be set in {self.toml_file_path}: the file is found through it.",
-                           "Set CONES_HOME (or --home) instead, or set data_dir, inbox_dir and "
+                           "Set CONES_HOME instead, or set data_dir, inbox_dir and "
                            "runtime_dir in the file.")
         return values
 
