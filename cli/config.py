@@ -20,7 +20,7 @@ def settings(**flags):
     from cns_daemon.api.settings import load_settings
 
     _tell_unknown_variables()
-    cfg = _config_file()
+    cfg = config_file()
     if cfg.exists() and not cfg.is_file():   # it would be skipped without a word
         raise BadInput(f"{cfg} is not a file.", "config.toml is a TOML file; move the folder aside.")
     try:
@@ -32,19 +32,19 @@ def settings(**flags):
                        f"Fix it where it is set: {_where_set(exc, flags)}.") from None
     except tomllib.TOMLDecodeError as exc:
         try:
-            raw = _config_file().read_bytes()
+            raw = config_file().read_bytes()
         except OSError:
             raw = b""
         if b"\x00" in raw:   # UTF-16 without a byte-order mark decodes as UTF-8 with NULs
-            raise BadInput(f"{_config_file()} is not UTF-8 text.",
+            raise BadInput(f"{config_file()} is not UTF-8 text.",
                            "Save it as UTF-8 (the encoding TOML files use), or move it aside.") from None
         bom = raw.startswith(b"\xef\xbb\xbf")
-        raise BadInput(f"{_config_file()} is not valid TOML: {exc}"
+        raise BadInput(f"{config_file()} is not valid TOML: {exc}"
                        + (" (it starts with a byte-order mark)." if bom else "."),
                        "Save it as UTF-8 without a byte-order mark." if bom else
                        "Fix the file (README, 'Where data lives'), or move it aside.") from None
     except UnicodeDecodeError:   # saved as UTF-16 ("Unicode" in Notepad) or Latin-1
-        raise BadInput(f"{_config_file()} is not UTF-8 text.",
+        raise BadInput(f"{config_file()} is not UTF-8 text.",
                        "Save it as UTF-8 (the encoding TOML files use), or move it aside.") from None
 
 
@@ -56,7 +56,7 @@ def _where_set(exc, flags: dict) -> str:
         return f"the command's --{field.replace('_', '-')} flag"
     if os.environ.get(f"CONES_{field.upper()}", "").strip():
         return f"the environment variable CONES_{field.upper()}"
-    cfg = _config_file()
+    cfg = config_file()
     try:
         if field in {k.lower() for k in tomllib.loads(cfg.read_text(encoding="utf-8"))}:
             return f"{cfg}"
@@ -89,7 +89,7 @@ def _tell_unknown_variables() -> None:
 _told = False
 
 
-def _config_file() -> Path:
+def config_file() -> Path:
     from cns_daemon.api.settings import default_paths
 
     return default_paths(os.environ.get("CONES_HOME")).config_file

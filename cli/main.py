@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from cli.admin import service_app, store_app
 from cli.client import Client
-from cli.config import JSON, settings
+from cli.config import JSON, config_file, settings
 from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
@@ -118,7 +118,18 @@ def status(as_json: bool = JSON) -> None:
     """Is the service running, on what model, with what queue."""
     with client() as c:
         info = c.status()
-    print_json(info) if as_json else console.print(status_table(info))
+    if as_json:
+        print_json(info)
+        return
+    console.print(status_table(info))
+    # The service read config.toml when it started; an edit since counts after a restart (this
+    # command and `cones add` read it now, so their defaults and the service's can differ).
+    cfg = config_file()
+    with contextlib.suppress(OSError):
+        if cfg.is_file() and cfg.stat().st_mtime > time.time() - info.uptime_s:
+            err_console.print(f"note: {escape(str(cfg))} changed after the service started; it applies "
+                              "once the service restarts (`systemctl --user restart cones`, or stop "
+                              "and start `cones serve`).", highlight=False)
 
 
 # ---------------------------------------------------------------- concepts

@@ -591,3 +591,18 @@ def test_pruning_keeps_the_jobs_that_ended_last(tmp_path):
     assert service.prune_jobs() == 2
     assert sorted(j.id for j in store.jobs()) == [f"gen-{i:02}" for i in range(2, 11)] + ["long-learn"]
     store.close()
+
+
+def test_status_says_when_config_toml_changed_after_the_service_started(cones, daemon):
+    """The service reads config.toml once; an edit while it runs applied to `cones add` (which
+    reads it itself) but not to the service, and nothing said so."""
+    code, out = cones("status")
+    assert code == 0 and "changed after the service started" not in out, out
+    cfg = daemon.home / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text('method = "cones2"\n')
+    try:
+        code, out = cones("status")
+        assert code == 0 and "changed after the service started" in " ".join(out.split()), out
+    finally:
+        cfg.unlink()
