@@ -19,7 +19,7 @@ from typing import Callable
 
 from cns_daemon import jobkinds
 from cns_daemon.archive import Archive, CheckedPhoto, atomic_write, check_photos
-from cns_daemon.engine import PARTIAL_PREFIX
+from cns_daemon.outputs import PARTIAL_PREFIX
 from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, NotFound
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.methods.base import CancelToken, ProgressEvent

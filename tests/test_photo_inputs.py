@@ -293,7 +293,7 @@ def test_a_full_disk_names_the_folder_it_could_not_write(tmp_path, monkeypatch):
 
     from cns_daemon.api.errors import storage_error
     from cns_daemon.archive import atomic_write
-    from cns_daemon.engine import save_images
+    from cns_daemon.outputs import save_images
 
     real_open = builtins.open
 

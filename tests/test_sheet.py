@@ -89,7 +89,7 @@ def test_generate_prints_the_sheet_last_and_keeps_the_seed(daemon, tmp_path, mon
 
 def test_caption_line_names_prompt_seed_concepts_and_boxes():
     """What the contact sheet's caption says (the service builds it from the request)."""
-    from cns_daemon.engine import generation_caption
+    from cns_daemon.outputs import generation_caption
     from cns_daemon.api.protocol import GenerateRequest
 
     req = GenerateRequest(prompt="a photo of <rex> and <mug> on the beach", seed=7,
@@ -132,7 +132,7 @@ def test_each_png_keeps_what_was_asked_whole_and_its_own_seed(tmp_path):
     "????"): the PNGs carry the caption as text, and each image its own seed."""
     from PIL import Image
 
-    from cns_daemon.engine import save_images
+    from cns_daemon.outputs import save_images
 
     caption = "a photo of <ibx> 🐶 在草地上 · seeds 7-8 · concepts <ibx>"
     tiles = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]

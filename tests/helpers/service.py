@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from cns_daemon.engine import Engine, EngineInfo, generation_caption, save_images  # noqa: E402
+from cns_daemon.engine import Engine, EngineInfo  # noqa: E402
+from cns_daemon.outputs import generation_caption, save_images  # noqa: E402
 from cns_daemon.api.errors import BadPhoto, Conflict  # noqa: E402
 from cns_daemon.methods.base import ProgressReporter  # noqa: E402
 from cns_daemon.api.protocol import JobResult  # noqa: E402

@@ -1,0 +1,74 @@
+"""A generation's files: each image a PNG that keeps what was asked (its text) and its own seed,
+and a contact sheet of them all, written whole or not at all."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from cns_daemon.api.errors import Internal
+from cns_daemon.api.protocol import GenerateRequest, JobResult
+
+PARTIAL_PREFIX = ".partial-"   # an output folder being written (save_images)
+
+
+def seeds_text(seed: int | None, n: int) -> str:
+    """Image k of a request is drawn from seed + k: "seed 7", or "seeds 7-10" for four."""
+    return f"seed {seed}" if n == 1 or seed is None else f"seeds {seed}-{seed + n - 1}"
+
+
+def generation_caption(req: GenerateRequest) -> str:
+    """The contact sheet's caption line: what was asked."""
+    from cns_daemon.prompts import referenced_names
+
+    names = ", ".join(f"<{n}>" for n in referenced_names(req.prompt)) or "none"
+    parts = [req.prompt, seeds_text(req.seed, req.n), f"concepts {names}"]
+    if req.boxes:
+        parts.append(f"boxes {'; '.join(req.boxes)}")
+    if req.negative_prompt:
+        parts.append(f"not {req.negative_prompt}")
+    if req.guidance_scale is not None:
+        parts.append(f"CFG {req.guidance_scale:g}")
+    if req.width or req.height:
+        parts.append(f"size {req.width or 'native'}x{req.height or 'native'}")
+    return " · ".join(parts)
+
+
+def png_text(caption: str, seed: int | None = None):
+    """What was asked, kept in the PNG itself (an image viewer's "description"): whole, in any
+    script, where the sheet's drawn caption has only the letters its font holds; and the
+    image's own seed, to draw it again with `--seed N -n 1`."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    if caption:
+        info.add_itxt("Description", caption)
+    if seed is not None:
+        info.add_itxt("Seed", str(seed))
+    return info
+
+
+def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | None = None,
+                seed: int | None = None) -> JobResult:
+    """PNG per image plus a contact sheet of all of them (cns_daemon.sheet), written into a
+    hidden folder beside `out_dir` and renamed to it when whole: a full disk or a process
+    killed half-way leaves no folder of half the images (Service.sweep removes what a killed
+    one left)."""
+    from cns_daemon.sheet import contact_sheet
+
+    if not images:
+        raise Internal("The generation returned no images.")
+    partial = out_dir.with_name(PARTIAL_PREFIX + out_dir.name)
+    partial.mkdir(parents=True, exist_ok=True)
+    names = [f"{i:02d}.png" for i in range(len(images))]
+    try:
+        for i, (name, img) in enumerate(zip(names, images)):
+            img.save(partial / name, pnginfo=png_text(caption, None if seed is None else seed + i))
+        contact_sheet(images, caption, labels).save(partial / "contact-sheet.png", pnginfo=png_text(caption))
+        partial.rename(out_dir)
+    except OSError as exc:   # a full disk: no cut images left behind (the folder is this job's own)
+        shutil.rmtree(partial, ignore_errors=True)
+        if not exc.filename:   # "no space left" names no file: the folder it was for
+            exc.filename = str(out_dir.parent)
+        raise
+    return JobResult(images=[str(out_dir / n) for n in names],
+                     contact_sheet=str(out_dir / "contact-sheet.png"), seed=seed)
