@@ -24,7 +24,7 @@ from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
                        shorten, status_table, write_file)
-from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, Interrupted, Unavailable
+from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, Corrupt, Interrupted, Unavailable
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.archive import caption_file, read_text, shown, sidecar_caption, sniff
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
@@ -445,10 +445,14 @@ def cancel(job_id: str) -> None:
     """Cancel a job (a running one stops at its next step; nothing partial is kept)."""
     job_id = job_id.strip().lower()   # ids are hex: 142AADC707EA is the same job
     with client() as c:
-        before = c.job(job_id)
+        try:
+            before = c.job(job_id)
+        except Corrupt:   # a damaged record: the service removes it when asked to cancel it
+            c.cancel(job_id)
+            raise
         if before.state not in ("queued", "running"):
-            raise Conflict(f"Job {before.id} ({before.summary}) has already finished: {before.state}.",
-                           "Nothing to cancel; `cones jobs` lists the jobs still queued or running.")
+            raise Conflict(f"Job {before.id} ({shorten(before.summary)}) has already finished: "
+                           f"{before.state}.", "Nothing to cancel; `cones jobs` lists the jobs still queued or running.")
         job = c.cancel(job_id)
     if job.state == "cancelled":
         console.print(f"Cancelled job {job.id} ({escape(shorten(job.summary))}) before it started.")

@@ -334,7 +334,7 @@ def _own_inbox(lock: InstanceLock, inbox: Path) -> bool:
     try:
         lock.acquire(None)
     except Conflict:
-        owner = lock.path.read_text().strip() or "?"
+        owner = (lock.path.read_text().splitlines() or ["?"])[0].strip() or "?"
         log.warning("not watching the inbox %s: another cones service (pid %s) watches it", inbox, owner)
         return False
     return True

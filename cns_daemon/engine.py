@@ -454,7 +454,6 @@ class Engine:
         from cns_daemon.methods import get_method
         from cns_daemon.methods.common import allocate_token, parse_options
         from cns_daemon.methods.data import with_token
-        from cns_daemon.prompts import check_length
 
         hp = parse_options(get_method(method).Params, options, steps)
         taken = [m.token for m in self.store.list()]
@@ -462,14 +461,20 @@ class Engine:
         if method != "cones2":   # Cones 2 reads the concept at its class word: no token
             token = allocate_token(self.tokenizer_here(), taken, getattr(hp, "token", "") or None,
                                    getattr(hp, "vectors", 1))
+        tok = self.tokenizer_here()
+        # where the concept is read: its first rare word, or (Cones 2) its class word
+        anchor = tok((token or class_word).split()[0], add_special_tokens=False).input_ids[0]
         for file, caption in captions:
             if not caption:
                 continue
-            try:   # cut short by the encoder, the caption would lose the token it is taught
-                check_length(self.tokenizer_here(), with_token(caption, token, class_word), f"caption of {file}")
-            except BadInput as exc:
-                raise BadInput(f"{exc.message.rstrip('.')} (counting the concept's token put in it).",
-                               f"Shorten the caption of {file}.") from None
+            # Cut short by the encoder, a caption whose concept word falls past the end would
+            # train without it (a long caption that names it early is read as far as it goes)
+            ids = tok(with_token(caption, token, class_word)).input_ids
+            if anchor not in ids[:tok.model_max_length - 1]:
+                raise BadInput(f"The caption of {file} is {len(ids) - 2} tokens long with the concept's "
+                               f"token put in, which comes after the {tok.model_max_length - 2} the "
+                               "text encoder reads.", f"Shorten the caption of {file}, or name the "
+                               f"{class_word} nearer its start.")
 
     def check_generate(self, req: GenerateRequest) -> None:
         """Refuse a bad prompt or box before it is queued: unknown, damaged or not rebuilt

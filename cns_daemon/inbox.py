@@ -210,15 +210,17 @@ class Inbox:
             # folder still being copied in with its files' old times kept (`cp -p`, rsync -a,
             # an archive) was taken at once, and the photos that came after were set aside.
             first = self._first_seen.setdefault(folder.name, now)
-            last = max(self._events.get(folder.name, 0.0), latest_change(folder))
+            event = self._events.get(folder.name, 0.0)
+            last = max(event, latest_change(folder))
             if last > now:
                 # A time in the future (a camera's wrong clock, `cp -p`, an unzipped archive)
                 # never grew old enough: the folder waited for good, without a word. Settled
-                # counts from when that newest time was first seen instead.
+                # counts from when that newest time was first seen instead, and from the
+                # folder's latest event (files still coming in keep their old times).
                 seen, since = self._future.get(folder.name, (None, now))
                 if seen != last:
                     self._future[folder.name] = (last, since := now)
-                last = since
+                last = max(since, event)
             last = max(last, first)
         if now - last < self.settle:
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import threading
 import time
@@ -372,9 +373,17 @@ def release_freed() -> None:
     reuse, so a service that generated at several sizes kept the largest size's peak for good
     (measured on the toy world, 8 images at 32, 64, 96 and 128 px: 463 MB loaded, 666 MB after,
     483 MB after a trim). A no-op where there is no glibc; CUDA's cache is left to PyTorch."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to ask
-        return
-    trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig: not after every job)."""
+    for name in ("libc.so.6", ctypes.util.find_library("c")):
+        try:
+            return ctypes.CDLL(name).malloc_trim if name else None
+        except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to ask
+            continue
+    return None

@@ -552,3 +552,44 @@ def test_a_folder_still_being_copied_in_at_start_up_waits_to_settle(daemon):
         job = wait_until(lambda: next((j for j in c.jobs() if j.summary.startswith("learn <hh>")), None),
                          timeout=30, what="hh taken")
         assert "4 photos" in job.summary, job.summary
+
+
+def test_a_second_service_names_the_inbox_watchers_pid_alone(tmp_path, caplog):
+    """The lock file holds the pid, the socket and what the holder does: the log line showed all
+    three as the "pid"."""
+    import logging
+    import os
+
+    from cns_daemon.daemon import INBOX_LOCK, InstanceLock, _own_inbox
+
+    first = InstanceLock(tmp_path / INBOX_LOCK)
+    first.acquire(None)
+    with caplog.at_level(logging.WARNING):
+        assert not _own_inbox(InstanceLock(tmp_path / INBOX_LOCK), tmp_path)
+    assert f"(pid {os.getpid()}) watches it" in caplog.text and "starting" not in caplog.text
+    first.release()
+
+
+def test_a_future_dated_folder_still_waits_for_files_coming_in(tmp_path, monkeypatch):
+    """One photo dated in the future made the folder settle from when it was first seen, and a
+    copy still coming in (its files keeping their old times) no longer held it back."""
+    import os
+
+    from cns_daemon import inbox as inbox_module
+    from cns_daemon.inbox import Inbox
+
+    base = time.time()
+    clock = [base]
+    monkeypatch.setattr(inbox_module.time, "time", lambda: clock[0])
+    (folder := tmp_path / "rex.dog").mkdir()
+    for p in write_photos(folder, 2):
+        os.utime(p, (base + 86400, base + 86400))
+    box = Inbox(service=None, root=tmp_path, settle=1.0)
+    taken: list[float] = []
+    monkeypatch.setattr(box, "take", lambda f: taken.append(clock[0]))
+    box.scan()
+    box._events["rex.dog"] = base + 0.8   # a file arrived (the watcher's event)
+    for at in (1.5, 2.0):
+        clock[0] = base + at
+        box.scan()
+    assert taken == [base + 2.0]

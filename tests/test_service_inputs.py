@@ -329,6 +329,9 @@ def test_add_sends_each_photos_sidecar_caption(cones, daemon, tmp_path):
     a.with_suffix(".txt").write_text("a photo taken " * 22 + "of my dog")   # fits with the token
     code, out = cones("add", "fits", str(a), str(b), str(c), "--class", "dog", "--steps", "2")
     assert code == 0, out
+    a.with_suffix(".txt").write_text("my dog in a photo taken " + "in the park " * 25)   # named early:
+    code, out = cones("add", "early", str(a), str(b), str(c), "--class", "dog", "--steps", "2")
+    assert code == 0, out   # cut short, it still holds its token
 
 
 # -- item 10: method options --------------------------------------------------------------------------

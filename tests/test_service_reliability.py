@@ -324,3 +324,29 @@ def test_a_client_tells_a_starting_service_from_a_stopping_one(tmp_path):
         lock.release()
     finally:
         shutil.rmtree(run, ignore_errors=True)
+
+
+def test_cones_cancel_removes_a_damaged_job_record(monkeypatch):
+    """The hint of a damaged job says `cones cancel ID` removes it; the CLI asked for the job
+    first, got the same damage, and never sent the cancel."""
+    import lmdb
+
+    home = short_home()
+    daemon = None
+    try:
+        daemon = start_daemon(home)
+        daemon.kill(15)
+        env = lmdb.open(str(home / "data" / "store"), max_dbs=16)
+        with env.begin(write=True) as txn:
+            txn.put(b"0123456789ab", b"not a job", db=env.open_db(b"jobs", txn=txn))
+        env.close()
+        daemon = start_daemon(home)
+        cones = cli_in_process(home, monkeypatch)
+        code, out, err = cones("cancel", "0123456789ab")
+        assert code == 7 and "removed now" in " ".join(err.split()), err
+        code, out, err = cones("cancel", "0123456789ab")
+        assert code == 3, err   # gone
+    finally:
+        if daemon is not None:
+            daemon.kill(15)
+        shutil.rmtree(home, ignore_errors=True)
