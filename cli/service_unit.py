@@ -59,6 +59,11 @@ def unit_environment(settings: Settings) -> dict[str, str]:
                       ("CONES_INBOX_DIR", paths.inbox)):
         if key in env:
             env[key] = str(path)
+    if not settings.home and "CONES_RUNTIME_DIR" not in env and not os.environ.get("XDG_RUNTIME_DIR"):
+        # This shell has no XDG_RUNTIME_DIR, so its runtime folder is a fallback under /tmp; the
+        # service under systemd would get the manager's (/run/user/UID), which the unit's
+        # ReadWritePaths leave read-only, and its socket would be where no CLI here looks.
+        env["CONES_RUNTIME_DIR"] = str(paths.runtime)
     if "CONES_MODEL" in env and Path(env["CONES_MODEL"]).expanduser().exists():
         env["CONES_MODEL"] = str(Path(env["CONES_MODEL"]).expanduser().absolute())
     return env

@@ -135,3 +135,19 @@ def test_percent_and_dollar_in_paths_reach_systemd_as_written(tmp_path, cones_ho
     rw = next(l for l in lines if l.startswith("ReadWritePaths="))
     assert "-" + str(inbox).replace("%", "%%") in rw.split("=", 1)[1].split()
     assert f"Environment=CONES_INBOX_DIR={str(inbox).replace('%', '%%')}" in lines
+
+
+def test_a_unit_installed_from_a_shell_without_xdg_runtime_dir_pins_the_runtime_folder(tmp_path, monkeypatch):
+    """Its /tmp fallback went into ReadWritePaths and the mkdir, but under systemd the service
+    took the manager's XDG_RUNTIME_DIR (read-only in the sandbox, and not where this shell's CLI
+    looks)."""
+    from cli.service_unit import unit_environment
+
+    monkeypatch.delenv("CONES_HOME", raising=False)
+    monkeypatch.delenv("CONES_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    settings = load_settings()
+    assert unit_environment(settings)["CONES_RUNTIME_DIR"] == str(settings.paths.runtime)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))   # the usual login shell: left to systemd
+    assert "CONES_RUNTIME_DIR" not in unit_environment(load_settings())
