@@ -453,6 +453,7 @@ class Engine:
         allocates and captions the same way when the job runs). `captions`: (file, caption)."""
         from cns_daemon.methods import get_method
         from cns_daemon.methods.common import allocate_token, parse_options
+        from cns_daemon.methods.common.tokens import token_ids
         from cns_daemon.methods.data import with_token
 
         hp = parse_options(get_method(method).Params, options, steps)
@@ -463,7 +464,7 @@ class Engine:
                                    getattr(hp, "vectors", 1))
         tok = self.tokenizer_here()
         # where the concept is read: its first rare word, or (Cones 2) its class word
-        anchor = tok((token or class_word).split()[0], add_special_tokens=False).input_ids[0]
+        anchor = token_ids(tok, (token or class_word).split()[0])[0]
         for file, caption in captions:
             if not caption:
                 continue

@@ -45,10 +45,11 @@ MAX_VECTORS = 8   # token vectors (rare words) one concept may have
 RARE_FROM = 0.8
 
 
-def everyday_words(tokenizer, words: list[str]) -> list[str]:
+def everyday_words(tokenizer, words: list[str], rare: tuple[str, ...] | None = None) -> list[str]:
     """Those of `words` a concept may not be named by: not one token of the vocabulary, or an
-    everyday word (`RARE_FROM`), which would make the concept act wherever the word is said."""
-    rare = set(rare_tokens(tokenizer))
+    everyday word (`RARE_FROM`), which would make the concept act wherever the word is said.
+    `rare`: `rare_tokens(tokenizer)` where the caller has it already."""
+    rare = set(rare_tokens(tokenizer) if rare is None else rare)
     limit = RARE_FROM * len(tokenizer)
     out = []
     for w in words:
@@ -76,7 +77,7 @@ def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None
                            f"{'s' if vectors > 1 else ''} of the vocabulary.",
                            "Leave the token unset to pick rare ones automatically.")
         rare = rare_tokens(tokenizer)
-        common = [w for w in words if w not in rare and token_id(tokenizer, w) < RARE_FROM * len(tokenizer)]
+        common = everyday_words(tokenizer, words, rare)
         if common:
             free = [w for w in rare if w not in used][:1]
             raise BadInput(f"{common[0]!r} is an everyday word of the vocabulary: a concept on it "
