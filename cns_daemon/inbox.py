@@ -250,9 +250,24 @@ class Inbox:
         try:
             spec = read_spec(folder)
             photos, skipped = read_photos(folder, spec.name)
-            job = self.service.submit_learn(spec.name, spec.class_word, spec.method, spec.steps,
-                                            spec.seed, photos, skipped, source="inbox",
-                                            inbox_folder=folder.name, options=spec.options)
+            # Held from the submit until the folder is recorded in flight and its old note gone:
+            # a learn that ends at once (refused in its first step) tells _job_changed, which
+            # waits here, then finds the entries to clear and writes its note after. (The entries
+            # stayed until a restart, and a new folder of the name was never taken; the note was
+            # deleted.) _job_changed returns before taking the lock for the queued job.
+            with self._lock:
+                job = self.service.submit_learn(spec.name, spec.class_word, spec.method, spec.steps,
+                                                spec.seed, photos, skipped, source="inbox",
+                                                inbox_folder=folder.name, options=spec.options)
+                self._in_flight[folder.name] = job.id
+                self._taken[folder.name] = signature
+                self._future.pop(folder.name, None)
+                self._first_seen.pop(folder.name, None)
+                self._remember(folder)
+                try:   # the last try's note; in the lock, as the job's end may write the next
+                    drop_notes(folder)
+                except OSError as exc:   # replaced when the job ends
+                    log.warning("inbox folder %s: cannot remove its old note: %s", folder.name, exc)
         except (ConesError, OSError, ValidationError) as exc:
             # A request the protocol refuses is a bad folder too (read_spec checks what it
             # knows): its ERROR.txt, never a traceback on every scan.
@@ -268,13 +283,6 @@ class Inbox:
                 log.warning("inbox folder %s: cannot write its %s: %s", folder.name, ERROR_FILE, note_exc)
                 self._unwritable[folder.name] = signature
             return None
-        with self._lock:
-            self._in_flight[folder.name] = job.id
-            self._taken[folder.name] = signature
-            self._future.pop(folder.name, None)
-            self._first_seen.pop(folder.name, None)
-            self._remember(folder)
-        drop_notes(folder)
         log.info("inbox folder %s taken as job %s (%d photos, %d skipped%s)", folder.name, job.id,
                  len(photos), len(skipped), "".join(f"; {s.file}: {s.reason}" for s in skipped))
         return job

@@ -593,3 +593,42 @@ def test_a_future_dated_folder_still_waits_for_files_coming_in(tmp_path, monkeyp
         clock[0] = base + at
         box.scan()
     assert taken == [base + 2.0]
+
+
+def test_a_learn_that_ends_before_its_folder_is_recorded_leaves_nothing_in_flight(tmp_path):
+    """The worker can end a learn (refused in its first step) before `take` has recorded the
+    folder: the end found no entry to clear, `take` then recorded one that stayed until a
+    restart (a new folder of that name was never taken), and its old note was deleted after the
+    end wrote the new one."""
+    import dataclasses
+    import hashlib
+    import threading
+
+    from cns_daemon.inbox import Inbox
+    from store.records import JobRecord
+
+    folder = tmp_path / "rex.dog"
+    write_photos(folder, 3)
+    ended: list[threading.Thread] = []
+
+    class Service:   # submits, and the job fails at once on the worker's thread
+        def submit_learn(self, name, *args, inbox_folder, **kwargs):
+            photos = sorted(folder.glob("*.png"))
+            digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in photos]
+            queued = JobRecord(id="j1", kind="learn", request={
+                "name": name, "inbox_folder": inbox_folder, "photo_digests": digests})
+            failed = dataclasses.replace(queued, state="failed",
+                                         error={"code": "bad_input", "message": "Refused at once."})
+            box._job_changed(queued)   # what the submit itself tells the listeners
+            worker = threading.Thread(target=box._job_changed, args=(failed,))
+            worker.start()
+            worker.join(0.5)   # it ends while `take` is still on its way to recording the folder
+            ended.append(worker)
+            return queued
+
+    box = Inbox(service=Service(), root=tmp_path, settle=0.0)
+    assert box.take(folder) is not None
+    ended[0].join(5)
+    assert not ended[0].is_alive()
+    assert box._in_flight == {} and box._taken == {}
+    assert "Refused at once." in (folder / ERROR_FILE).read_text()
