@@ -219,7 +219,8 @@ def test_generation_steers_each_concepts_share_of_the_end_into_its_box(fresh_tin
 
 def test_a_concept_of_another_method_gets_its_share_of_the_end_too(fresh_tiny_pipe, monkeypatch):
     """A CNS concept beside a Cones 2 one: the end is dealt between both in the order they are
-    named, so guidance steers each share into its own box (with the whole end the CNS concept's,
+    named, the CNS concept's values act on its share only, and guidance steers each share into
+    its own box (with the whole end the CNS concept's,
     the other's shape went into the CNS concept's box); a Cones 2 concept alone keeps it all."""
     import cns_daemon.generate as G
     import numpy as np
@@ -234,6 +235,9 @@ def test_a_concept_of_another_method_gets_its_share_of_the_end_too(fresh_tiny_pi
     seen = []
     real = G.LayoutBias
     monkeypatch.setattr(G, "LayoutBias", lambda *args, **kw: seen.append(kw["tails"]) or real(*args, **kw))
+    scoped = []   # the shares the K/V scope holds the CNS concept to: the same as guidance steers
+    real_scope = G.prompt_scope
+    monkeypatch.setattr(G, "prompt_scope", lambda unet, ids, tails: scoped.append(tails) or real_scope(unet, ids, tails))
     records = {"a": a, "c": c}
     prompts = ("a photo of <a> and <c>", "a photo of <c> and <a>", "a photo of <c>")
     for prompt in prompts:
@@ -244,6 +248,7 @@ def test_a_concept_of_another_method_gets_its_share_of_the_end_too(fresh_tiny_pi
     assert seen[0] == {"a": list(range(eos[0], 77, 2)), "c": list(range(eos[0] + 1, 77, 2))}
     assert seen[1] == {"c": list(range(eos[1], 77, 2)), "a": list(range(eos[1] + 1, 77, 2))}
     assert seen[2] == {"c": list(range(eos[2], 77))}
+    assert scoped == seen
 
 
 def test_batch_ids_follow_the_cfg_layout(tiny_pipe):

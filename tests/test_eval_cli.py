@@ -32,11 +32,18 @@ def clip_folder(tmp_path_factory):
     return folder
 
 
+def learn_rex(cones, tmp_path) -> None:
+    """The module's concept 'rex' (Cones 2, 2 steps), learned by the first test that needs it:
+    any one of them runs alone too."""
+    if cones("show", "rex")[0] != 0:
+        photos = write_photos(tmp_path / "rex", 3)
+        code, out, err = cones("add", "rex", *map(str, photos), "--class", "dog", "--method", "cones2",
+                               "--steps", "2")
+        assert code == 0, out + err
+
+
 def test_eval_scores_are_reported_and_stored(cones, clip_folder, tmp_path):
-    photos = write_photos(tmp_path / "rex", 3)
-    code, out, err = cones("add", "rex", *map(str, photos), "--class", "dog", "--method", "cones2",
-                           "--steps", "2")
-    assert code == 0, out + err
+    learn_rex(cones, tmp_path)
     # Cones 2 records its training seed as the other methods do (`show`'s "learned with")
     assert json.loads(cones("show", "rex", "--json")[1])["learned_with"] == {"steps": 2, "seed": 0}
     prompts = tmp_path / "prompts.txt"
@@ -60,6 +67,7 @@ def test_eval_scores_are_reported_and_stored(cones, clip_folder, tmp_path):
 
 
 def test_eval_errors_are_typed(cones, tmp_path):
+    learn_rex(cones, tmp_path)
     missing = tmp_path / "no-such" / "clip.safetensors"
     code, out, err = cones("eval", "rex", "-n", "1", "--clip-weights", str(missing))
     assert code == EXIT_CODES[ErrorCode.MODEL_LOAD], out + err
@@ -81,6 +89,7 @@ def test_a_concept_whose_photos_are_elsewhere_says_so(cones, tmp_path):
 
     from cns_daemon.transfer import decode, encode
 
+    learn_rex(cones, tmp_path)
     exported = tmp_path / "rex.safetensors"
     assert cones("export", "rex", "-o", str(exported))[0] == 0
     record = decode(exported.read_bytes())
@@ -105,6 +114,7 @@ def test_a_concept_whose_photos_are_elsewhere_says_so(cones, tmp_path):
 
 def test_a_prompt_naming_a_concept_not_evaluated_is_refused_when_sent(cones, tmp_path):
     """It was refused mid-run as an unknown concept, though the concept is stored."""
+    learn_rex(cones, tmp_path)
     photos = write_photos(tmp_path / "pot", 2)
     assert cones("add", "pot", *map(str, photos), "--class", "pot", "--method", "cones2", "--steps", "2")[0] == 0
     prompts = tmp_path / "both.txt"

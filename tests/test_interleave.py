@@ -144,7 +144,8 @@ def test_a_generate_waits_for_one_batch_of_class_images_not_all_of_them(tiny_pip
     from cns_daemon.methods.common.prior import class_images
 
     drawing_now = []
-    seen = []
+    drawn = []   # batches drawn so far
+    seen = []    # (inside the drawing weights?, batches drawn) when the generate ran
 
     @contextlib.contextmanager
     def drawing():
@@ -153,10 +154,12 @@ def test_a_generate_waits_for_one_batch_of_class_images_not_all_of_them(tiny_pip
             yield
         finally:
             drawing_now.pop()
+            drawn.append(True)
+            if len(drawn) == 1:   # a generate arrives while the first batch is drawn
+                token.request_pause()
 
-    token = CancelToken(interleave=lambda: seen.append(bool(drawing_now)))
-    token.request_pause()
+    token = CancelToken(interleave=lambda: seen.append((bool(drawing_now), len(drawn))))
     images = class_images(tiny_pipe, "dog", 3, size=32, drawn_by="base-A", steps=2, batch=2,
                           cancel=token, drawing=drawing)
-    assert images.shape == (3, 3, 32, 32)
-    assert seen == [False]   # it ran once, at the first boundary, outside the drawing weights
+    assert images.shape == (3, 3, 32, 32) and len(drawn) == 2
+    assert seen == [(False, 1)]   # once, between the two batches, outside the drawing weights

@@ -251,7 +251,45 @@ def test_photos_as_phones_and_editors_write_them(tmp_path):
         assert load_photo(tmp_path / "odd.jpg").size == (64, 64)   # as stored
 
 
-def test_files_that_are_no_usable_photo_say_why(tmp_path):
+def _bytes_read_from(path, call, monkeypatch):
+    """(call(), the bytes read from `path` meanwhile, by any open() of it)."""
+    import builtins
+
+    real_open, total = builtins.open, [0]
+
+    class Counting:
+        def __init__(self, f):
+            self._f = f
+
+        def read(self, *a):
+            data = self._f.read(*a)
+            total[0] += len(data)
+            return data
+
+        def readinto(self, b):
+            n = self._f.readinto(b)
+            total[0] += n or 0
+            return n
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._f.close()
+
+    def counting_open(file, *a, **kw):
+        f = real_open(file, *a, **kw)
+        return Counting(f) if str(file) == str(path) else f
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", counting_open)
+        return call(), total[0]
+
+
+def test_files_that_are_no_usable_photo_say_why(tmp_path, monkeypatch):
     """A PNG whose checksum is wrong is refused when it is given (it failed the learn later,
     named by its archive hash); a HEIC photo is named as one; a strip is refused; a video is
     skipped without being read whole."""
@@ -279,8 +317,9 @@ def test_files_that_are_no_usable_photo_say_why(tmp_path):
     assert not isinstance(_checked(_encoded(Image.new("RGB", (96, 32)), "PNG")), SkippedFile)
 
     video = tmp_path / "IMG_0002.MOV"
-    video.write_bytes(b"\x00\x00\x00\x14ftypqt  " + b"\x00" * 4096)
-    assert sniff(video).reason == "not an image"
+    video.write_bytes(b"\x00\x00\x00\x14ftypqt  " + b"\x00" * 2**20)
+    read = _bytes_read_from(video, lambda: sniff(video), monkeypatch)
+    assert read[0].reason == "not an image" and 0 < read[1] <= 4096   # of 1 MiB
     (tmp_path / "photo.png").write_bytes(_encoded(Image.new("RGB", (64, 64)), "PNG"))
     assert sniff(tmp_path / "photo.png") is None
 

@@ -180,7 +180,8 @@ def test_a_cones_concept_imported_where_its_word_is_taken_draws_the_same(cones, 
 
 def test_cns_concept_survives_restart_and_removal_restores_base(tmp_path, monkeypatch):
     """Learn a CNS concept, restart the service: the rebuilt weights give the same images; remove
-    it: plain prompts give exactly the images of the untouched base model again."""
+    it and one whose values act everywhere (scope all): plain prompts give exactly the images of
+    the untouched base model again."""
     import numpy as np
     from PIL import Image
 
@@ -199,6 +200,13 @@ def test_cns_concept_survives_restart_and_removal_restores_base(tmp_path, monkey
         result = runner.invoke(app, ["add", "rex", *map(str, photos), "--class", "dog", "--steps", "3",
                                      "--option", "prior_images=0"])
         assert result.exit_code == 0, result.stdout + result.stderr
+        # one learned with its values written into the weights (as stores of earlier versions):
+        # it acts on plain prompts too, so its removal shows on them
+        photos = write_photos(tmp_path / "pan", 3, seed=40)
+        result = runner.invoke(app, ["add", "pan", *map(str, photos), "--class", "pan", "--steps", "3",
+                                     "--option", "prior_images=0", "--option", "scope=all"])
+        assert result.exit_code == 0, result.stdout + result.stderr
+        assert not any(np.array_equal(a, b) for a, b in zip(plain_before, pixels("a photo of a dog")))
         with_rex = pixels("a photo of <rex>")
         d.kill(15)
         d = start_daemon(home, fake=False, args=("--model", "tiny"), timeout=180)
@@ -208,6 +216,7 @@ def test_cns_concept_survives_restart_and_removal_restores_base(tmp_path, monkey
         again = pixels("a photo of <rex>")
         assert all(np.array_equal(a, b) for a, b in zip(with_rex, again))   # rebuilt exactly
         assert runner.invoke(app, ["rm", "rex"]).exit_code == 0
+        assert runner.invoke(app, ["rm", "pan"]).exit_code == 0
         plain_after = pixels("a photo of a dog")
         assert all(np.array_equal(a, b) for a, b in zip(plain_before, plain_after))   # base restored
     finally:
@@ -225,13 +234,20 @@ def test_generate_takes_negative_prompt_guidance_and_size(cones, daemon, tmp_pat
     photos = [str(p) for p in write_photos(tmp_path / "neg", 2)]
     assert cones("add", "neg", *photos, "--class", "dog", "--method", "cones2", "--steps", "2")[0] == 0
 
-    def first_image(*extra):
-        code, out = cones("generate", "a photo of <neg>", "--seed", "3", "--steps", "2",
+    def images(*extra, seed="3"):
+        code, out = cones("generate", "a photo of <neg>", "--seed", seed, "--steps", "2",
                           "--json", *extra)
         assert code == 0, out
-        return np.asarray(Image.open(json.loads(out)["result"]["images"][0]))
+        return [np.asarray(Image.open(p)) for p in json.loads(out)["result"]["images"]]
+
+    def first_image(*extra, seed="3"):
+        return images(*extra, seed=seed)[0]
 
     plain = first_image()
+    # the seed is honoured, and image i of a batch is what its own seed (printed, seed + i) draws
+    assert not np.array_equal(plain, first_image(seed="4"))
+    batch = images("-n", "2")
+    assert np.array_equal(batch[0], plain) and np.array_equal(batch[1], first_image(seed="4"))
     assert not np.array_equal(plain, first_image("--negative", "a blurry photo"))
     assert not np.array_equal(plain, first_image("--cfg", "9"))
     assert np.array_equal(plain, first_image())

@@ -124,6 +124,7 @@ def test_a_folder_the_service_may_not_write_is_a_storage_error(tmp_path, monkeyp
     """Exit 12 (README: a folder cannot be written) for a read-only place or no permission;
     a file in the way stays bad input (exit 2)."""
     import errno
+    import os
 
     from cns_daemon.api.errors import BadInput, Storage
     from cns_daemon.daemon import make_folder
@@ -136,6 +137,18 @@ def test_a_folder_the_service_may_not_write_is_a_storage_error(tmp_path, monkeyp
         with pytest.raises(Storage, match="Cannot use .* as the data folder: Read-only") as info:
             make_folder(tmp_path / "data", "data folder", "data_dir")
         assert "data_dir" in info.value.hint
+    for code, said in ((errno.EACCES, "Permission denied"), (errno.EPERM, "Operation not permitted")):
+        def refused(self, *a, code=code, said=said, **kw):
+            raise OSError(code, said, str(self))
+
+        with monkeypatch.context() as m:
+            m.setattr(Path, "mkdir", refused)
+            with pytest.raises(Storage, match=f"as the data folder: {said}"):
+                make_folder(tmp_path / "data", "data folder", "data_dir")
+    with monkeypatch.context() as m:   # there, but not ours to write (root writes anywhere: faked)
+        m.setattr(os, "access", lambda path, mode: False)
+        with pytest.raises(Storage, match="as the data folder: Permission denied"):
+            make_folder(tmp_path / "data", "data folder", "data_dir")
     (tmp_path / "afile").write_text("x")
     with pytest.raises(BadInput):
         make_folder(tmp_path / "afile" / "data", "data folder", "data_dir")

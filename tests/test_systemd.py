@@ -2,10 +2,12 @@
 `systemd-analyze verify` where that tool exists; sd_notify messages reach NOTIFY_SOCKET."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -65,9 +67,18 @@ def test_install_where_it_cannot_write_is_one_error(tmp_path, cones_home):
     assert result.exit_code == 2 and "Cannot write" in result.stderr and "Traceback" not in result.output
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    result = CliRunner().invoke(app, ["service", "install", "--unit-dir", str(locked / "u"), "--no-start"])
-    if os.geteuid() != 0:   # root writes anywhere
-        assert result.exit_code == 12 and "Cannot write" in result.stderr, result.output
+    with pytest.MonkeyPatch.context() as m:
+        if os.geteuid() == 0:   # root writes anywhere: the refusal it would meet, faked
+            real = Path.mkdir
+
+            def mkdir(self, *a, **kw):
+                if self.is_relative_to(locked):
+                    raise PermissionError(errno.EACCES, "Permission denied", str(self))
+                return real(self, *a, **kw)
+
+            m.setattr(Path, "mkdir", mkdir)
+        result = CliRunner().invoke(app, ["service", "install", "--unit-dir", str(locked / "u"), "--no-start"])
+    assert result.exit_code == 12 and "Cannot write" in result.stderr, result.output
 
 
 def test_unit_carries_every_cones_setting_of_this_shell(tmp_path, cones_home, monkeypatch):
