@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .model import Placement
+from .model import Placement, native_bf16
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,8 @@ def training(pipe, opts: MemoryOptions, *, text_encoder_needed: bool = True):
                     restores.append(_park(module, device))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if opts.autocast and device.type == "cuda":
-            dtype = unet.dtype if unet.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        dtype = autocast_dtype(unet.dtype, native_bf16()) if opts.autocast and device.type == "cuda" else None
+        if dtype is not None:
             with torch.autocast("cuda", dtype=dtype):
                 yield
         else:
@@ -145,3 +145,12 @@ def prepare_generation(pipe, opts: MemoryOptions) -> None:
         pipe.vae.enable_tiling()
     else:
         pipe.vae.disable_tiling()
+
+
+def autocast_dtype(model_dtype: torch.dtype, native_bf16: bool) -> torch.dtype | None:
+    """What a training loop autocasts to on a GPU: a half model's own precision; for a float32
+    model, bf16 where the GPU has it natively, else none. (torch emulates bf16 before Ampere, T4
+    and V100: far slower than fp32; and fp16 would need loss scaling, which the loops lack.)"""
+    if model_dtype in (torch.float16, torch.bfloat16):
+        return model_dtype
+    return torch.bfloat16 if native_bf16 else None

@@ -81,14 +81,16 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
         raise ModelLoad("device=cuda was asked for but no CUDA GPU is visible.",
                         "Set device to `auto` or `cpu`, or check the GPU driver.")
     if dtype == "auto":
-        if device == "cuda":
-            # native bf16 only: before Ampere (T4, V100) it is emulated, far slower than fp16
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
-        else:
-            dtype = "float32"
-    if device == "cpu" and dtype == "float16":
-        raise ModelLoad("float16 is not supported on the CPU.", "Use dtype float32 or bfloat16 on CPU.")
+        # native bf16 only: before Ampere (T4, V100) it is emulated, far slower than fp16
+        dtype = ("bfloat16" if native_bf16() else "float16") if device == "cuda" else "float32"
+    # float16 on the CPU is slow but runs: it is how a store made on an fp16 GPU from a float32
+    # file is opened there (its fingerprint is the fp16 load's; see `fingerprints`).
     return Placement(torch.device(device), getattr(torch, dtype))
+
+
+def native_bf16() -> bool:
+    """Whether the GPU computes in bf16 itself (Ampere on); torch counts emulation too by default."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def _common_kwargs(dtype: torch.dtype) -> dict:

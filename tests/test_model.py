@@ -247,3 +247,16 @@ def test_auto_dtype_takes_bf16_only_where_the_gpu_has_it(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                             lambda including_emulation=True, native=native: native or including_emulation)
         assert choose_placement("auto", "auto").dtype == want
+
+
+def test_float32_models_autocast_to_bf16_only_where_the_gpu_has_it(monkeypatch):
+    """dtype = float32 on a T4 trained under emulated bf16 (far slower than fp32); and float16 runs
+    on the CPU (slow), so a store made on an fp16 GPU from a float32 file opens there too."""
+    from cns_daemon.memory import autocast_dtype
+    from cns_daemon.model import choose_placement
+
+    assert autocast_dtype(torch.float32, native_bf16=True) == torch.bfloat16
+    assert autocast_dtype(torch.float32, native_bf16=False) is None
+    for half in (torch.float16, torch.bfloat16):
+        assert autocast_dtype(half, native_bf16=False) == half
+    assert choose_placement("cpu", "float16").dtype == torch.float16

@@ -158,7 +158,7 @@ class ConceptLoss:
             around = self.unet_context(captions) if self.unet_context else contextlib.nullcontext()
             with torch.no_grad(), around:
                 unet = self.pipe.unet
-                pred0 = unet(noisy[rows], t[rows], encoder_hidden_states=cond.to(unet.dtype)).sample
+                pred0 = unet(noisy[rows].to(unet.dtype), t[rows], encoder_hidden_states=cond.to(unet.dtype)).sample
             m = mask.to(target.device, target.dtype)
             out = target.clone()
             out[rows] = m * target[rows] + (1 - m) * pred0.to(target.dtype)
