@@ -127,7 +127,10 @@ class _StepClock:
 
 def _plain_learn(pipe, photos: list[Path], spec, progress) -> None:
     """A plain K/V fine-tune: the same photos, prior images and loss as the methods, Adam on
-    every K/V weight, text encoded once (no token training), nothing else."""
+    every K/V weight (fp32 masters of a half model's), text encoded once (no token training),
+    nothing else. The memory options act on the loop, as for the methods."""
+    from bench.baselines import MasterAdam
+    from cns_daemon.memory import loop_context
     from cns_daemon.methods.cns import prepare
     from cns_daemon.methods import common as C
     from cns_daemon.methods.cns import CNSParams
@@ -139,10 +142,10 @@ def _plain_learn(pipe, photos: list[Path], spec, progress) -> None:
                          prior_batch=hp.prior_batch, seed=spec.seed)
     weights = list(C.kv_weights(pipe.unet).values())
     before = [w.detach().clone() for w in weights]
-    opt = torch.optim.Adam(weights, lr=hp.lr)
+    opt = MasterAdam([{"params": weights, "lr": hp.lr}])
 
     def step(k: int) -> float:
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         total = loss(k)
         total.backward()
         opt.step()
@@ -150,7 +153,8 @@ def _plain_learn(pipe, photos: list[Path], spec, progress) -> None:
 
     try:
         with C.only_trainable(C.pipeline_modules(pipe), weights):
-            C.run_steps(hp.steps, step, progress, None)
+            C.run_steps(hp.steps, step, progress, None,
+                        around=lambda: loop_context(pipe, spec.memory, text_encoder_needed=False))
     finally:
         with torch.no_grad():
             for w, b in zip(weights, before):
@@ -167,7 +171,7 @@ def _best_ms(fn, repeats: int = 5) -> float:
 
 
 def learn(task: Task, out: Measurement) -> None:
-    from cns_daemon.memory import MemoryOptions, set_attention, training
+    from cns_daemon.memory import MemoryOptions, set_attention
     from cns_daemon.methods.base import LearnSpec
     from cns_daemon.methods.common import kv_total
     from cns_daemon.model import fingerprint
@@ -180,17 +184,18 @@ def learn(task: Task, out: Measurement) -> None:
     with tempfile.TemporaryDirectory(prefix="cones-overhead-") as tmp:
         photos = _photos(task.photos, Path(tmp), task.size)
         options = {} if task.full_learn else dict(FAST_OPTIONS[task.method])
+        # The memory options act on the training loop only, as in the service: wrapped around
+        # the whole learn, offload parked the VAE before the photos were encoded and the class
+        # images drawn (on CUDA a device mismatch; elsewhere CPU time counted as the learn's).
         spec = LearnSpec("bench", "star", steps=None if task.full_learn else task.steps,
-                         options=options, cache_dir=Path(tmp) / "cache")
+                         options=options, cache_dir=Path(tmp) / "cache", memory=opts)
         clock = _StepClock()
         t0 = time.perf_counter()
-        with training(pipe, opts, text_encoder_needed=task.method != "plain"):
-            if task.method == "plain":
-                _plain_learn(pipe, photos, spec, clock)
-                record = None
-            else:
-                method = _method(task.method)
-                record = method.learn(pipe, photos, spec, clock, None)
+        if task.method == "plain":
+            _plain_learn(pipe, photos, spec, clock)
+            record = None
+        else:
+            record = _method(task.method).learn(pipe, photos, spec, clock, None)
         out.learn_s = time.perf_counter() - t0
         out.step_s = clock.times
         if record is None:

@@ -46,6 +46,39 @@ def parse_options(name: str, options: dict, steps: int | None = None) -> CNSPara
     return C.parse_options(CNSParams, {**options, "scope": "all"}, steps)
 
 
+class MasterAdam:
+    """Adam over parameter groups whose weights may be fp16/bf16 (a GPU's model): it steps fp32
+    master copies and writes them back rounded. On the half weights themselves Adam's eps (1e-8)
+    rounds to 0 in fp16 and the weights went to -inf within three steps."""
+
+    def __init__(self, groups: list[dict]):
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        masters = []
+        for group in groups:
+            params = []
+            for p in group["params"]:
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    master = p.detach().float().clone().requires_grad_(True)
+                    self.pairs.append((p, master))
+                    p = master
+                params.append(p)
+            masters.append({**group, "params": params})
+        self.opt = torch.optim.Adam(masters)
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        for p, _ in self.pairs:
+            p.grad = None
+
+    def step(self) -> None:
+        for p, master in self.pairs:
+            master.grad = None if p.grad is None else p.grad.float()
+        self.opt.step()
+        with torch.no_grad():
+            for p, master in self.pairs:
+                p.copy_(master)
+
+
 class BaselineMethod:
     """`kv=True`: naive (all K/V + token); `kv=False`: textual inversion (token only)."""
 
@@ -67,10 +100,10 @@ class BaselineMethod:
         groups = [{"params": [row.param], "lr": hp.lr_token}]
         if weights:
             groups.append({"params": list(weights.values()), "lr": hp.lr})
-        opt = torch.optim.Adam(groups)
+        opt = MasterAdam(groups)
 
         def step(k: int) -> float:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             total = loss.parts(k).total
             total.backward()
             opt.step()

@@ -13,7 +13,9 @@ whatever happens, take everything off again in reverse order: weights, token row
 processors are bit-identical afterwards.
 
 Determinism: image i of a request starts from noise drawn by a CPU generator seeded with
-seed + i, so an image does not depend on `n` or on the device.
+seed + i, so on one machine an image does not depend on `n`. Another device or precision starts
+from the same noise but computes in other rounding (bf16/fp16 on a GPU, batched kernels): the
+same composition, not the same pixels.
 """
 from __future__ import annotations
 

@@ -178,3 +178,22 @@ def test_placement_sweep_smoke(random_judge):
     for r in rates.values():
         assert set(r) == {"a_left", "b_left"}
         assert all(v in (0.0, 0.5, 1.0) for v in r.values())   # fractions of 2 images
+
+
+def test_the_baselines_adam_steps_fp32_masters_of_half_weights():
+    """Adam on fp16 weights themselves: eps rounds to 0 and the weights went to -inf in three
+    steps (a GPU's naive baseline and the overhead bench's plain fine-tune)."""
+    from bench.baselines import MasterAdam
+
+    results = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        w = torch.nn.Parameter(torch.full((4,), 0.05, dtype=dtype))
+        opt = MasterAdam([{"params": [w], "lr": 1.2e-2}])
+        for _ in range(3):
+            opt.zero_grad()
+            (w.float().sum() * 1e-5).backward()
+            opt.step()
+        assert w.dtype == dtype
+        results[dtype] = w.detach().float()
+    assert torch.allclose(results[torch.float16], results[torch.float32], atol=1e-4)
+    assert torch.allclose(results[torch.bfloat16], results[torch.float32], atol=1e-3)

@@ -526,7 +526,15 @@ def test_the_worker_gives_freed_memory_back_after_each_job(tmp_path, monkeypatch
     from cns_daemon.api.protocol import GenerateRequest, JobResult
     from cns_daemon.worker import Worker
 
+    import types
+
     worker_module.release_freed()   # the real call: found on this system, or a no-op
+    emptied = []   # and the GPU's cache, where torch has a GPU in use
+    cuda = types.SimpleNamespace(is_initialized=lambda: True, empty_cache=lambda: emptied.append(1))
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    worker_module.release_freed()
+    monkeypatch.undo()
+    assert emptied == [1]
     trims: list[str] = []
     store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
     monkeypatch.setattr(worker_module, "release_freed",

@@ -45,7 +45,8 @@ def class_images(pipe, class_word: str, n: int, *, size: int, drawn_by: str, ste
                  drawing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
                  ) -> torch.Tensor:
     """`n` class images as (n, 3, size, size) in [-1, 1]; image i is always made with seed+i,
-    so a cached set and a fresh one are the same pictures. `drawn_by` names the weights that
+    so a cached set and a fresh one are the same pictures on one machine (on another device or
+    precision: the same compositions, other rounding). `drawn_by` names the weights that
     draw them (a fingerprint), put in place by `drawing()` for each batch: the cache never hands
     out another model's images. Between batches, with the live model back, a generate waiting
     runs (`CancelToken.pause_point`): drawing 48 images kept one waiting 20-30 s."""

@@ -3,8 +3,10 @@ preservation, freezing everything but the trained tensors, and a step loop with 
 cooperative cancel.
 
 Randomness (photo variant, prior images, noise, timesteps) is drawn per step from a CPU
-generator seeded by (seed, step): a run is reproducible per seed on any device, and two
-computations can replay exactly the same loss sequence (the Cones mask test relies on it).
+generator seeded by (seed, step): a run draws the same data and noise per seed on any device,
+and two computations can replay exactly the same loss sequence (the Cones mask test relies on
+it). The arithmetic is exact on the CPU; on a GPU (half precision, nondeterministic backward
+kernels) two runs of one seed end close, not bit-equal.
 """
 from __future__ import annotations
 
