@@ -14,7 +14,7 @@ from cli.views import console, handled
 from cns_daemon.api.errors import EXIT_CODES
 
 service_app = typer.Typer(help="Install or remove the systemd user service.", no_args_is_help=True)
-store_app = typer.Typer(help="Check or repair the concept store (on its files; no service needed).",
+store_app = typer.Typer(help="Check or repair the concept store (on its files: check needs no service, salvage needs it stopped).",
                         no_args_is_help=True)
 
 
@@ -76,7 +76,7 @@ def store_check(as_json: bool = JSON) -> None:
 def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a fresh store even when nothing is damaged.")) -> None:
     """Copy every readable concept and job into a fresh store (the service must be stopped).
 
-    The damaged store is kept aside as store.damaged-DATE."""
+    The damaged store is kept aside as store.damaged-DATE-TIME."""
     from cns_daemon.api.errors import NotFound
     from cns_daemon.daemon import InstanceLock
     from store.salvage import check, salvage

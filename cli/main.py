@@ -128,8 +128,9 @@ def status(as_json: bool = JSON) -> None:
     with contextlib.suppress(OSError):
         if cfg.is_file() and cfg.stat().st_mtime > time.time() - info.uptime_s:
             err_console.print(f"note: {escape(str(cfg))} changed after the service started; it applies "
-                              "once the service restarts (`systemctl --user restart cones`, or stop "
-                              "and start `cones serve`).", highlight=False)
+                              "to the service once it restarts (`systemctl --user restart cones`, or "
+                              "stop and start `cones serve`); its method and steps count for "
+                              "`cones add` at once, as this command reads them itself.", highlight=False)
 
 
 # ---------------------------------------------------------------- concepts
@@ -143,7 +144,9 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         method: Optional[str] = typer.Option(None, help="cns | cones | cones2 (default: CONES_METHOD or "
                                              "config.toml's `method` where this command runs, else the "
                                              "service's, which `cones status` shows; cns unless set)."),
-        steps: Optional[int] = typer.Option(None, help="Training steps (default: the method's)."),
+        steps: Optional[int] = typer.Option(None, help="Training steps (default: CONES_STEPS or "
+                                            "config.toml's `steps` where this command runs, else the "
+                                            "service's; the method's own unless set)."),
         seed: int = typer.Option(0, help=f"Training seed (0 to {MAX_SEED})."),
         option: List[str] = typer.Option([], "--option", help="Method hyper-parameter KEY=VALUE (e.g. top_p=5); repeatable."),
         no_wait: bool = typer.Option(False, "--no-wait", help="Queue the job and return."),
@@ -229,7 +232,7 @@ def show(name: str, as_json: bool = JSON) -> None:
 @handled
 def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait", help="Queue the removal and return at once."),
        photos: bool = typer.Option(False, "--photos", help=(
-           "Also delete its photos from the archive (those no other concept uses); without "
+           "Also delete its photos from the archive (those no other concept or queued learn uses); without "
            "them it cannot be learned again from the archive."))) -> None:
     """Remove a concept (its weights come off the model, its record out of the store)."""
     with client() as c:

@@ -64,6 +64,12 @@ def unit_environment(settings: Settings) -> dict[str, str]:
         # service under systemd would get the manager's (/run/user/UID), which the unit's
         # ReadWritePaths leave read-only, and its socket would be where no CLI here looks.
         env["CONES_RUNTIME_DIR"] = str(paths.runtime)
+    # Folders this shell finds through XDG or HF_HOME: a systemd manager is started without
+    # the shell's variables, so the service read another config.toml and wrote to folders the
+    # unit keeps read-only (it failed at start, and restarted in a loop).
+    for key in ((() if settings.home else ("XDG_DATA_HOME", "XDG_CONFIG_HOME")) + ("HF_HOME",)):
+        if os.environ.get(key, "").strip():
+            env[key] = str(Path(os.environ[key]).expanduser().absolute())
     if "CONES_MODEL" in env and Path(env["CONES_MODEL"]).expanduser().exists():
         env["CONES_MODEL"] = str(Path(env["CONES_MODEL"]).expanduser().absolute())
     return env
@@ -138,10 +144,14 @@ def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
             f"Cannot write {where}: {exc.strerror or exc}.",
             "Give folders you can write to (CONES_HOME, the *_dir settings, --unit-dir).") from None
     say(f"wrote {unit}")
-    carried = sorted(k for k in unit_environment(settings) if k.startswith("CONES_") and k in os.environ)
+    env = unit_environment(settings)
+    carried = sorted(k for k in env if k.startswith("CONES_") and k in os.environ)
     if carried:   # they win over config.toml: said, so a later edit there is not a surprise
         say(f"carried from this shell (they override config.toml; unset them and install again to "
             f"let config.toml decide): {', '.join(carried)}")
+    folders = sorted(k for k in env if not k.startswith(("CONES_", "PYTHON")))
+    if folders:
+        say(f"carried from this shell, where the service finds its folders: {', '.join(folders)}")
     if not start:
         say("not starting it (--no-start)")
     elif systemd_user_available():

@@ -77,8 +77,10 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     """CUDA with bf16 (or fp16 where bf16 is unsupported) when present, else CPU fp32."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu" and Path("/proc/driver/nvidia/version").exists():
+            _say_gpu_unused()
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoad("device=cuda was asked for but no CUDA GPU is visible.",
+        raise ModelLoad(f"device=cuda was asked for but no CUDA GPU is usable ({_cuda_reason()}).",
                         "Set device to `auto` or `cpu`, or check the GPU driver.")
     if dtype == "auto":
         # native bf16 only: before Ampere (T4, V100) it is emulated, far slower than fp16
@@ -86,6 +88,27 @@ def choose_placement(device: str = "auto", dtype: str = "auto") -> Placement:
     # float16 on the CPU is slow but runs: it is how a store made on an fp16 GPU from a float32
     # file is opened there (its fingerprint is the fp16 load's; see `fingerprints`).
     return Placement(torch.device(device), getattr(torch, dtype))
+
+
+def _cuda_reason() -> str:
+    """Why CUDA is not available, in torch's words (is_available only says that it is not)."""
+    try:
+        torch.cuda.init()
+    except Exception as exc:   # RuntimeError, AssertionError ("not compiled with CUDA"), ...
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return "no device found"
+
+
+def _say_gpu_unused() -> None:
+    """An NVIDIA driver is loaded but CUDA is not usable here: the likeliest cause under the
+    systemd unit is /dev/nvidia-uvm, which the first CUDA program makes through the setuid
+    nvidia-modprobe, and the unit's NoNewPrivileges forbids it. Said, not silently slow."""
+    uvm = "" if Path("/dev/nvidia-uvm").exists() else (
+        " /dev/nvidia-uvm is missing: run `nvidia-modprobe -u -c=0` (or any CUDA program) once "
+        "after boot, then restart the service; under systemd it cannot load the module itself.")
+    log.warning("An NVIDIA driver is loaded, but CUDA is not usable by this process (is the torch "
+                "installed a CUDA build? `python -c 'import torch; print(torch.version.cuda)'`): "
+                "running on the CPU.%s Set device = cuda to be told the reason instead.", uvm)
 
 
 def native_bf16() -> bool:

@@ -260,3 +260,26 @@ def test_float32_models_autocast_to_bf16_only_where_the_gpu_has_it(monkeypatch):
     for half in (torch.float16, torch.bfloat16):
         assert autocast_dtype(half, native_bf16=False) == half
     assert choose_placement("cpu", "float16").dtype == torch.float16
+
+
+def test_a_gpu_that_cuda_cannot_use_is_said(monkeypatch, caplog):
+    """device = auto fell back to the CPU without a word where an NVIDIA driver is loaded but
+    CUDA is not usable (under the systemd unit, a missing /dev/nvidia-uvm); device = cuda said
+    "no CUDA GPU is visible" without torch's reason."""
+    import logging
+
+    from cns_daemon import model as model_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelLoad, match=r"no CUDA GPU is usable \(.+\)"):
+        model_module.choose_placement("cuda", "auto")
+    real_exists = model_module.Path.exists
+    for driver, told in ((False, False), (True, True)):
+        monkeypatch.setattr(model_module.Path, "exists", lambda self, driver=driver: (
+            driver if str(self).startswith(("/proc/driver/nvidia", "/dev/nvidia")) and str(self) != "/dev/nvidia-uvm"
+            else False if str(self) == "/dev/nvidia-uvm" else real_exists(self)))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="cns_daemon.model"):
+            assert model_module.choose_placement("auto", "auto").device.type == "cpu"
+        assert ("CUDA is not usable" in caplog.text) == told
+        assert ("nvidia-modprobe -u -c=0" in caplog.text) == told

@@ -162,3 +162,22 @@ def test_a_unit_installed_from_a_shell_without_xdg_runtime_dir_pins_the_runtime_
     assert unit_environment(settings)["CONES_RUNTIME_DIR"] == str(settings.paths.runtime)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))   # the usual login shell: left to systemd
     assert "CONES_RUNTIME_DIR" not in unit_environment(load_settings())
+
+
+def test_unit_carries_the_xdg_and_hf_folders_this_shell_finds_its_own_in(tmp_path, monkeypatch):
+    """A systemd manager has not the shell's XDG_DATA_HOME / XDG_CONFIG_HOME: the service read
+    another config.toml and wrote under ~/.local/share, which the unit keeps read-only."""
+    for key in [k for k in os.environ if k.startswith("CONES_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdata"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xconfig"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    unit, output = _install(tmp_path, None)
+    assert "where the service finds its folders: HF_HOME, XDG_CONFIG_HOME, XDG_DATA_HOME" in output
+    lines = unit.splitlines()
+    for key, folder in (("XDG_DATA_HOME", "xdata"), ("XDG_CONFIG_HOME", "xconfig"), ("HF_HOME", "hf")):
+        assert f"Environment={key}={tmp_path / folder}" in lines, unit
+    rw = next(l for l in lines if l.startswith("ReadWritePaths="))
+    assert str(tmp_path / "xdata" / "cones") in rw and str(tmp_path / "hf") in rw
