@@ -317,10 +317,13 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
              out: Optional[Path] = typer.Option(None, "-o", "--out", help="Copy the PNGs into this folder."),
              as_json: bool = JSON) -> None:
     """Generate images; writes PNGs and a contact sheet and prints their paths (the sheet last)."""
-    if not prompt.strip():   # as a blank one is told by the service ("" failed as "prompt: empty")
-        from cns_daemon.prompts import empty_prompt
+    # as a blank one is told by the service ("" failed as "prompt: empty", from the protocol)
+    from cns_daemon.prompts import blank_negative, empty_prompt
 
+    if not prompt.strip():
         raise empty_prompt()
+    if negative is not None and not negative.strip():
+        raise blank_negative()
     req = _model(GenerateRequest, prompt=prompt, n=n, seed=seed, steps=steps, boxes=box,
                  negative_prompt=negative, guidance_scale=guidance_scale, width=width, height=height)
     if out is not None:

@@ -23,8 +23,17 @@ from cns_daemon.archive import atomic_write
 from cns_daemon.api.protocol import (FINAL_STATES, PAUSED_FOR, STREAM_STOPPING, ConceptInfo, ErrorBody, JobInfo,
                                      ProgressInfo, StatusInfo)
 
-console = Console(soft_wrap=True)   # paths must stay whole for copy and paste
-err_console = Console(stderr=True)
+class _Console(Console):
+    """Rich ends a print to a pipe whose reader went away with exit 1 (`cones jobs | head`): the
+    BrokenPipeError goes to `handled` instead, which exits 141 as the README says."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError
+
+
+console = _Console(soft_wrap=True)   # paths must stay whole for copy and paste
+err_console = _Console(stderr=True)
 
 
 def print_json(doc: BaseModel | list[BaseModel]) -> None:

@@ -289,18 +289,19 @@ class Engine:
 
     def generate(self, req: GenerateRequest, out_dir: Path, progress: ProgressFn,
                  cancel: CancelToken) -> JobResult:
-        from cns_daemon.generate import generate
+        from cns_daemon.generate import DEFAULT_SAMPLE_STEPS, generate
         from cns_daemon.prompts import parse_box, referenced_names
 
         if req.seed is None:   # a job queued before the service chose seeds at the request
             req = req.model_copy(update={"seed": 0})
         records = {n: self._get(n) for n in referenced_names(req.prompt)}
-        options = {k: v for k, v in (("steps", req.steps),) if v is not None}
+        steps = req.steps or DEFAULT_SAMPLE_STEPS
         images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
                           n=req.n, seed=req.seed, progress=progress, cancel=cancel,
                           negative_prompt=req.negative_prompt, guidance_scale=req.guidance_scale,
-                          height=req.height, width=req.width, **options)
-        return save_images(images, out_dir, generation_caption(req), self._readings(images), req.seed)
+                          height=req.height, width=req.width, steps=steps)
+        caption = generation_caption(req, images[0].size if images else None, steps)
+        return save_images(images, out_dir, caption, self._readings(images), req.seed)
 
     def _readings(self, images) -> list[str] | None:
         """In toy-world runs (no model configured): the attribute probe's reading of each image,
@@ -442,7 +443,13 @@ class Engine:
         if getattr(local, "source", None) is not self.pipe.tokenizer:
             import copy
 
-            local.tokenizer, local.source = copy.deepcopy(self.pipe.tokenizer), self.pipe.tokenizer
+            mine = copy.deepcopy(self.pipe.tokenizer)
+            # transformers' CLIPTokenizer wraps its backend's decode in __init__ to turn "</w>"
+            # into spaces; a deep copy has the bare one (a refusal quoted 'red</w>red</w>')
+            rewrap = getattr(mine, "_wrap_decode_method_backend_tokenizer", None)
+            if rewrap is not None:
+                rewrap()
+            local.tokenizer, local.source = mine, self.pipe.tokenizer
         return local.tokenizer
 
     def check_learn(self, method: str, steps: int | None, options: dict, class_word: str = "",

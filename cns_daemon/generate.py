@@ -32,7 +32,8 @@ from cns_daemon.model import recommended_guidance
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
 from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope, tail_shares
-from cns_daemon.prompts import Box, ExpandedPrompt, check_boxes, check_length, expand, referenced_names
+from cns_daemon.prompts import (Box, ExpandedPrompt, blank_negative, check_boxes, check_length, expand,
+                                referenced_names)
 from store.records import ConceptRecord
 
 MAX_IMAGES = 16
@@ -117,7 +118,7 @@ def check_negative_prompt(negative_prompt: str | None, tokenizer, guidance_scale
     negative prompt cut short, blank, or given where guidance is off (it acts through the
     guidance's unconditional branch, which a scale of 1 skips) without a word."""
     if negative_prompt is not None and not negative_prompt.strip():
-        raise BadInput("The negative prompt is blank.", "Leave --negative out, or say what to avoid.")
+        raise blank_negative()
     if negative_prompt and guidance_scale <= 1.0:
         raise BadInput(f"A negative prompt acts through classifier-free guidance, which is off at "
                        f"a guidance scale of {guidance_scale:g}: it would change nothing.",
@@ -154,18 +155,25 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     return h, w
 
 
+DEFAULT_SAMPLE_STEPS = 30   # denoising steps of a generate that does not say
+
+
 def check_steps(pipe, steps: int) -> None:
     """Denoising steps the scheduler can space: with an offset (SD's DDIM adds 1 to every
     timestep) as many steps as training timesteps would index past the last one."""
     config = pipe.scheduler.config
     most = int(config.num_train_timesteps) - int(getattr(config, "steps_offset", 0) or 0)
-    if not 1 <= steps <= most:
-        raise BadInput(f"steps must be between 1 and {most} for this model's scheduler, not {steps}.",
+    # "leading" spacing (SD's own schedulers) puts a lone step at the schedule's end, t = 1:
+    # the noise is not denoised at all, and a picture of noise came back as a success
+    least = 2 if getattr(config, "timestep_spacing", "leading") == "leading" else 1
+    if not least <= steps <= most:
+        raise BadInput(f"steps must be between {least} and {most} for this model's scheduler, not "
+                       f"{steps}{' (its one step denoises nothing)' if steps == 1 else ''}.",
                        "Stable Diffusion looks its best at 20-50 steps.")
 
 
 def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
-             boxes: Iterable[Box | str] = (), n: int = 1, seed: int = 0, steps: int = 30,
+             boxes: Iterable[Box | str] = (), n: int = 1, seed: int = 0, steps: int = DEFAULT_SAMPLE_STEPS,
              guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
              progress: ProgressFn | None = None, cancel: CancelToken | None = None, *,
              apply_resident: bool = False, negative_prompt: str | None = None,

@@ -16,20 +16,26 @@ def seeds_text(seed: int | None, n: int) -> str:
     return f"seed {seed}" if n == 1 or seed is None else f"seeds {seed}-{seed + n - 1}"
 
 
-def generation_caption(req: GenerateRequest) -> str:
-    """The contact sheet's caption line: what was asked."""
-    from cns_daemon.prompts import referenced_names
+def generation_caption(req: GenerateRequest, size: tuple[int, int] | None = None,
+                       steps: int | None = None) -> str:
+    """The contact sheet's caption line: what was asked, enough to draw it again (`size`, the
+    images' width and height, where the request set a side; `steps`, as generated)."""
+    from cns_daemon.prompts import parse_box, referenced_names
 
     names = ", ".join(f"<{n}>" for n in referenced_names(req.prompt)) or "none"
     parts = [req.prompt, seeds_text(req.seed, req.n), f"concepts {names}"]
-    if req.boxes:
-        parts.append(f"boxes {'; '.join(req.boxes)}")
+    if req.boxes:   # as read (" rex =1e-1,..." and "<rex>=..." are one box)
+        boxes = [parse_box(b) for b in req.boxes]
+        parts.append("boxes " + "; ".join(f"{b.name}={b.x0:g},{b.y0:g},{b.x1:g},{b.y1:g}" for b in boxes))
     if req.negative_prompt:
         parts.append(f"not {req.negative_prompt}")
     if req.guidance_scale is not None:
         parts.append(f"CFG {req.guidance_scale:g}")
+    if steps is not None:
+        parts.append(f"{steps} steps")
     if req.width or req.height:
-        parts.append(f"size {req.width or 'native'}x{req.height or 'native'}")
+        width, height = size or (req.width, req.height)
+        parts.append(f"size {width or 'native'}x{height or 'native'}")
     return " · ".join(parts)
 
 

@@ -83,7 +83,7 @@ def referenced_names(prompt: str, what: str = "prompt") -> list[str]:
 def check_length(tokenizer, text: str, what: str = "prompt") -> None:
     """BadInput when `text` is longer than the text encoder reads: the encoder would drop the
     rest without a word (diffusers only logs it)."""
-    ids = tokenizer(text).input_ids
+    ids = tokenizer(text, verbose=False).input_ids   # (its "longer than" warning: said here)
     limit = tokenizer.model_max_length
     if len(ids) > limit:
         dropped = tokenizer.decode(ids[limit - 1:-1]).strip()
@@ -133,6 +133,10 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 def empty_prompt() -> BadInput:
     return BadInput("The prompt is empty.", "Give a prompt such as 'a photo of <rex> on the beach'.")
+
+
+def blank_negative() -> BadInput:
+    return BadInput("The negative prompt is blank.", "Leave --negative out, or say what to avoid.")
 
 
 def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> ExpandedPrompt:
@@ -247,9 +251,15 @@ def check_boxes(boxes: Iterable[Box | str], expanded: ExpandedPrompt) -> Layout:
     for box in parsed:
         if box.name not in expanded.names:
             near = [n for n in expanded.names if n.lower() == box.name.lower()]
-            raise BadInput(f"There is a box for <{box.name}>, which is not in the prompt.",
-                           f"Did you mean --box {near[0]}=...? Names are case-sensitive." if near else
-                           "Name the concept in the prompt as <" + box.name + ">, or drop its box.")
+            if near:
+                hint = f"Did you mean --box {near[0]}=...? Names are case-sensitive."
+            elif re.search(rf"\b{re.escape(box.name)}\b", expanded.text, re.IGNORECASE):
+                # "--box grass=..." for "on the grass": boxes place concepts, not words
+                hint = (f"'{box.name}' is a plain word of the prompt; boxes place concepts "
+                        f"(<name>, learned with `cones add`): drop this box.")
+            else:
+                hint = "Name the concept in the prompt as <" + box.name + ">, or drop its box."
+            raise BadInput(f"There is a box for <{box.name}>, which is not in the prompt.", hint)
         if box.name in seen:
             raise BadInput(f"Two boxes for <{box.name}>.", "Give one box per concept.")
         seen.add(box.name)

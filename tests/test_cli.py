@@ -26,7 +26,7 @@ verbs = [
     ["--help"], ["version"], ["status"], ["list"], ["jobs"], ["show", "nobody"],
     ["add", "light", *photos.split(","), "--class", "dog", "--steps", "2"],
     ["show", "light", "--json"], ["list", "--json"],
-    ["generate", "a photo of <light>", "--steps", "1", "--seed", "3", "-o", out + "/gen"],
+    ["generate", "a photo of <light>", "--steps", "2", "--seed", "3", "-o", out + "/gen"],
     ["export", "light", "-o", out + "/light.safetensors"],
     ["rm", "light"], ["import", out + "/light.safetensors"],
     ["cancel", "0123456789ab"], ["jobs", "--json"], ["store", "check"],
@@ -99,6 +99,8 @@ def test_an_empty_prompt_is_told_as_a_blank_one_is(tmp_path, monkeypatch):
     for prompt in ("", "   "):
         r = CliRunner().invoke(cli.main.app, ["generate", prompt])
         assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT] and "The prompt is empty" in r.output, r.output
+        r = CliRunner().invoke(cli.main.app, ["generate", "a dog", "--negative", prompt])   # and --negative
+        assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT] and "negative prompt is blank" in r.output, r.output
 
 
 def test_files_the_cli_cannot_read_are_typed_errors_not_tracebacks(tmp_path, monkeypatch):
@@ -178,3 +180,23 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=str(REPO), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 141 and out.stderr == "", out.stderr
+
+
+def test_a_table_printed_to_a_reader_that_went_away_ends_141_too(tmp_path):
+    """`cones jobs | head -1`: rich ended the print with exit 1 (its own broken-pipe handling),
+    where `--json` ended 141."""
+    import subprocess
+    import sys
+
+    script = ("import cli.views as v, typer, time\n"
+              "time.sleep(0.5)\n"   # the reader is gone by then
+              "@v.handled\n"
+              "def talk(as_json=False):\n"
+              "    for i in range(2000):\n"
+              "        v.console.print(f'row {i} ' + 'x' * 60)\n"
+              "try:\n    talk()\nexcept typer.Exit as e:\n    raise SystemExit(e.exit_code)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=str(REPO), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == "", err

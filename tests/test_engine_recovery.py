@@ -258,3 +258,7 @@ def test_request_checks_never_use_the_tokenizer_a_learn_is_using(engine):
     [t.join() for t in threads]
     engine.pipe.tokenizer = real
     assert errors == [] and len({id(t) for t in seen}) == 2
+    # the copies decode as the tokenizer does (a refusal quoted 'red</w>red</w>' from a copy)
+    ids = real("a photo of a red star red red").input_ids
+    assert real.decode(ids[1:-1]) == "a photo of a red star red red"
+    assert [t.decode(ids[1:-1]) for t in seen] == [real.decode(ids[1:-1])] * 2

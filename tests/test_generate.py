@@ -138,12 +138,17 @@ def test_bad_requests_fail_before_anything_is_applied(tiny_pipe):
         generate(tiny_pipe, "<pot> and <ghost>", recs)
     with pytest.raises(BadInput, match="not in the prompt"):
         generate(tiny_pipe, "<pot> alone", recs, ["rex=0,0,1,1"])
+    with pytest.raises(BadInput, match="not in the prompt") as err:   # a box for a word of it
+        generate(tiny_pipe, "<pot> on the grass", recs, ["grass=0,0,1,1"])
+    assert "plain word of the prompt" in err.value.hint
     with pytest.raises(BadInput, match="x0,y0,x1,y1"):
         generate(tiny_pipe, "<pot> alone", recs, ["pot=0,0,1"])
     with pytest.raises(BadInput, match="multiple of 8"):
         generate(tiny_pipe, "a dog", {}, height=36)   # the VAE divides it, the pipeline does not
-    with pytest.raises(BadInput, match="between 1 and 999"):
+    with pytest.raises(BadInput, match="between 2 and 999"):
         generate(tiny_pipe, "a dog", {}, steps=1000)  # DDIM's offset would index timestep 1000
+    with pytest.raises(BadInput, match="its one step denoises nothing"):   # a picture of noise
+        generate(tiny_pipe, "a dog", {}, steps=1)
     with pytest.raises(BadInput):
         generate(tiny_pipe, "a dog", {}, n=0)
     # "<rex>" in the negative prompt is refused, not passed to the encoder as raw text

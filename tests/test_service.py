@@ -344,7 +344,7 @@ def test_data_store_and_archive_are_private():
             with Client(d.socket) as c:
                 job = c.add(AddRequest(name="private", class_word="dog", steps=2, photos=photos))
                 wait_until(lambda: c.job(job.id).state == "done", what="learned")
-                gen = c.generate(GenerateRequest(prompt="a photo of <private>", steps=1))
+                gen = c.generate(GenerateRequest(prompt="a photo of <private>", steps=2))
                 wait_until(lambda: c.job(gen.id).state == "done", what="generated")
         finally:
             d.kill(15)
@@ -468,7 +468,7 @@ def test_finished_jobs_beyond_the_kept_number_are_pruned_at_start(tmp_path, monk
         photos = write_photos(tmp_path / "k", 2)
         assert cones("add", "keepme", *map(str, photos), "--class", "dog", "--steps", "2")[0] == 0
         for i in range(14):
-            assert cones("generate", "a photo of <keepme>", "--steps", "1", "--seed", str(i))[0] == 0
+            assert cones("generate", "a photo of <keepme>", "--steps", "2", "--seed", str(i))[0] == 0
         assert len(json.loads(cones("jobs", "--json", "--limit", "100")[1])) == 15
         d.kill(15)
         d = start_daemon(home, CONES_KEEP_JOBS="10")

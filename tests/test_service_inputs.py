@@ -226,7 +226,7 @@ def test_jobs_table_shows_whole_ids_at_80_columns(daemon, tmp_path, monkeypatch)
     from cns_daemon.api.protocol import GenerateRequest
 
     with Client(daemon.socket) as c:   # a long prompt and a long note squeeze the other columns
-        job = c.generate(GenerateRequest(prompt="a photo of <wide> " + "on a very long beach " * 8, steps=1))
+        job = c.generate(GenerateRequest(prompt="a photo of <wide> " + "on a very long beach " * 8, steps=2))
         wait_until(lambda: c.job(job.id).state == "done", what="generate done")
     monkeypatch.setattr(views.console, "_width", 80)
     code, out = cones("jobs")

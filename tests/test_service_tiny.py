@@ -56,6 +56,7 @@ def test_cli_and_inbox_then_generate_with_boxes(cones, daemon, tmp_path):
 
     images = [Image.open(p) for p in result["images"]]
     assert len(images) == 2 and images[0].size == (32, 32)
+    assert images[1].text["Seed"] == "4" and " · 3 steps" in images[1].text["Description"]
     assert Image.open(result["contact_sheet"]).width > 2 * 32
     # a second run into the same folder keeps the first run's images and sheet beside its own
     first = {p: open(p, "rb").read() for p in [*result["images"], result["contact_sheet"]]}
@@ -251,14 +252,17 @@ def test_generate_takes_negative_prompt_guidance_and_size(cones, daemon, tmp_pat
     assert not np.array_equal(plain, first_image("--negative", "a blurry photo"))
     assert not np.array_equal(plain, first_image("--cfg", "9"))
     assert np.array_equal(plain, first_image())
-    assert first_image("--width", "48", "--height", "32", "--box", "neg=0,0,0.5,1").shape == (32, 48, 3)
+    assert first_image("--width", "48", "--box", "neg=0,0,0.5,1").shape == (32, 48, 3)
+    code, out = cones("generate", "a photo of <neg>", "--steps", "2", "--height", "48", "--json")
+    described = Image.open(json.loads(out)["result"]["images"][0]).text["Description"]
+    assert described.endswith(" · 2 steps · size 32x48"), described   # the size drawn
 
     with Client(daemon.socket) as c:
         before = len(c.jobs(limit=1000))
     for args, said in ((("--negative", "no <neg>"), "negative prompt"),
                        (("--width", "34"), "multiple of 8"),
                        (("--width", "136"), "over 128 px a side"),   # 4 times the tiny model's 32
-                       (("--steps", "1000"), "between 1 and 999"),
+                       (("--steps", "1000"), "between 2 and 999"),
                        (("--guidance-scale", "0.5"), "guidance_scale"),
                        (("--height", "5000"), "height")):
         code, out = cones("generate", "a photo of <neg>", *args)

@@ -88,12 +88,13 @@ def test_generate_prints_the_sheet_last_and_keeps_the_seed(daemon, tmp_path, mon
 
 
 def test_caption_line_names_prompt_seed_concepts_and_boxes():
-    """What the contact sheet's caption says (the service builds it from the request)."""
+    """What the contact sheet's caption says (the service builds it from the request and the
+    images): the size drawn, not "48xnative", and the steps, so the line draws it again."""
     from cns_daemon.outputs import generation_caption
     from cns_daemon.api.protocol import GenerateRequest
 
     req = GenerateRequest(prompt="a photo of <rex> and <mug> on the beach", seed=7,
-                          boxes=["rex=0,0,0.5,1", "mug=0.5,0,1,1"])
+                          boxes=[" rex =0,0,5e-1,1", "<mug>=0.5,0,1,1"])   # said as read
     assert generation_caption(req) == ("a photo of <rex> and <mug> on the beach · seed 7 · "
                                        "concepts <rex>, <mug> · boxes rex=0,0,0.5,1; mug=0.5,0,1,1")
     plain = GenerateRequest(prompt="a photo of a dog", seed=0)
@@ -102,8 +103,8 @@ def test_caption_line_names_prompt_seed_concepts_and_boxes():
     assert generation_caption(four) == "a photo of a dog · seeds 7-10 · concepts none"
     tuned = GenerateRequest(prompt="a photo of a dog", seed=0, negative_prompt="blurry",
                             guidance_scale=5, width=48)
-    assert generation_caption(tuned) == ("a photo of a dog · seed 0 · concepts none · not blurry · "
-                                         "CFG 5 · size 48xnative")
+    assert generation_caption(tuned, (48, 32), 20) == (
+        "a photo of a dog · seed 0 · concepts none · not blurry · CFG 5 · 20 steps · size 48x32")
 
 
 def test_captions_keep_their_letters_or_fold_to_what_the_font_draws(monkeypatch):
