@@ -141,10 +141,14 @@ def loop_context(pipe, opts: "MemoryOptions | None", *, text_encoder_needed: boo
 def prepare_generation(pipe, opts: MemoryOptions) -> None:
     """Generation-side options; applied once when the service loads its model."""
     set_attention(pipe.unet, opts.sdpa)
+    # Tiles for images over the VAE's native size, and a batch decoded one image at a time:
+    # 16 images of 512 px decoded together need several GB more than one does.
     if opts.vae_tiling:
         pipe.vae.enable_tiling()
+        pipe.vae.enable_slicing()
     else:
         pipe.vae.disable_tiling()
+        pipe.vae.disable_slicing()
 
 
 def autocast_dtype(model_dtype: torch.dtype, native_bf16: bool) -> torch.dtype | None:

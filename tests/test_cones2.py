@@ -168,3 +168,18 @@ def test_an_untrained_residual_is_zero_on_a_half_precision_model(tmp_path, monke
     spec = LearnSpec("pot", "teapot", steps=1, seed=3, options={"reg_batch": 2, "variants": 2})
     record = METHOD.learn(pipe, write_photos(tmp_path / "photos", 2), spec, None, None)
     assert np.abs(record.residual).max() == 0.0
+
+
+def test_the_preservation_loss_of_an_untrained_copy_is_zero_under_autocast(tiny_pipe):
+    """On a GPU the loop runs under autocast: the copy's outputs in bf16 against the fp32 frozen
+    ones made a loss of rounding alone (2e-5 on the tiny model) that training pushed against."""
+    import copy
+
+    from cns_daemon.methods.cones2 import _encode, preservation_loss, sentence_set
+
+    tuned = copy.deepcopy(tiny_pipe.text_encoder).float()
+    sset = sentence_set(tiny_pipe, "star")
+    with torch.no_grad():
+        frozen = _encode(tuned, sset.ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert float(preservation_loss(tuned, frozen, sset.ids, sset.keep)) == 0.0

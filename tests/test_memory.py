@@ -47,10 +47,10 @@ def test_generation_options_switch_processors_and_tiling(fresh_tiny_pipe):
     pipe = fresh_tiny_pipe
     prepare_generation(pipe, MemoryOptions(sdpa=False, vae_tiling=True))
     assert all(isinstance(p, AttnProcessor) for p in pipe.unet.attn_processors.values())
-    assert pipe.vae.use_tiling
+    assert pipe.vae.use_tiling and pipe.vae.use_slicing
     prepare_generation(pipe, MemoryOptions(sdpa=True, vae_tiling=False))
     assert all(isinstance(p, AttnProcessor2_0) for p in pipe.unet.attn_processors.values())
-    assert not pipe.vae.use_tiling
+    assert not pipe.vae.use_tiling and not pipe.vae.use_slicing
 
 
 def test_engine_applies_configured_memory_options(tmp_path, fresh_tiny_pipe):

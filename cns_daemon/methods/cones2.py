@@ -128,8 +128,11 @@ def _encode(encoder, ids: torch.Tensor, chunk: int = 32) -> torch.Tensor:
 
 def preservation_loss(tuned, frozen_out: torch.Tensor, ids: torch.Tensor,
                       keep: torch.Tensor) -> torch.Tensor:
-    """Eq. 3 as an MSE over the kept positions and all channels."""
-    diff = (tuned(ids)[0].float() - frozen_out) ** 2
+    """Eq. 3 as an MSE over the kept positions and all channels. In fp32 as `frozen_out` was
+    drawn, outside the loop's autocast (a GPU's): bf16 rounding alone left a floor of loss the
+    encoder was pushed around by."""
+    with torch.autocast(ids.device.type, enabled=False):
+        diff = (tuned(ids)[0].float() - frozen_out) ** 2
     weights = keep[..., None].to(diff.dtype)
     return (diff * weights).sum() / (weights.sum() * diff.shape[-1])
 
