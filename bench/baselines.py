@@ -1,9 +1,11 @@
 """The two baselines the quality bench compares the methods with (bench code, not product code).
 
 - naive: sequential fine-tuning of ALL cross-attention K/V weights plus the concept's token
-  embedding (Custom-Diffusion-like), with the same loss (denoising on the photos + prior
-  preservation on class images made by the base model) and the same step budget as CNS.
-- ti: textual inversion, only the concept's token embedding, same loss and budget.
+  embedding (Custom-Diffusion-like), with the published methods' loss (denoising on the whole
+  photos + prior preservation on class images made by the base model) and CNS's step budget.
+  CNS's own additions to that loss (the photo's border weighted down, the background teacher,
+  scene phrases and caption mix) are not the baselines': they are what CNS is compared with.
+- ti: textual inversion, only the concept's token embedding, the same loss and budget.
 
 Both take their hyper-parameters from CNS's dataclass (`CNSParams`: steps, lr, lr_token,
 lambda_prior, prior_images, prior_batch, prior_steps, variants, and the token's), so "same

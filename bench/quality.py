@@ -61,7 +61,7 @@ class QualityConfig:
     concepts: int = 6
     photos: int = 4
     generations: int = 32           # images per cell (per concept, per plain-prompt set, per pair)
-    gen_steps: int = 20             # DDIM steps per generation
+    gen_steps: int | None = None    # DDIM steps per generation; None: the model's own, as generation uses
     cfg_scale: float | None = None  # CFG; None: the model's own (its cones.json), as generation uses
     guidance_weight: float | None = None  # layout guidance w; None: GuidanceConfig's default
     guidance_suppress: str | None = None  # layout guidance suppress; None: GuidanceConfig's default
@@ -128,10 +128,11 @@ def check_methods(cfg: QualityConfig, set_for: set[str] = frozenset()) -> None:
 # --- running --------------------------------------------------------------------------------------
 
 def _generator(pipe, cfg: QualityConfig, weight: float | None = None) -> Generator:
-    from cns_daemon.model import recommended_guidance
+    from cns_daemon.model import recommended_guidance, recommended_steps
 
     scale = recommended_guidance(pipe) if cfg.cfg_scale is None else cfg.cfg_scale
-    return Generator(pipe, cfg.gen_steps, scale,
+    steps = recommended_steps(pipe) if cfg.gen_steps is None else cfg.gen_steps
+    return Generator(pipe, steps, scale,
                      cfg.guidance_weight if weight is None else weight, cfg.guidance_suppress)
 
 
@@ -149,10 +150,13 @@ def run(cfg: QualityConfig, judge: Judge | None = None, log=print) -> dict:
         (work / "photos").mkdir()
         concepts = make_concepts(cfg.concepts, cfg.photos, cfg.seed, work / "photos", cfg.captions)
         base_pipe = load_model(cfg)
-        if cfg.cfg_scale is None:   # the model's own, recorded with the figures it gave
-            from cns_daemon.model import recommended_guidance
+        from cns_daemon.model import recommended_guidance, recommended_steps
 
+        # the model's own, as a user's generate gets them, recorded with the figures they gave
+        if cfg.cfg_scale is None:
             cfg = replace(cfg, cfg_scale=recommended_guidance(base_pipe))
+        if cfg.gen_steps is None:
+            cfg = replace(cfg, gen_steps=recommended_steps(base_pipe))
         base = measure_base(base_pipe, _generator(base_pipe, cfg), judge, concepts, cfg.generations,
                             cfg.seed)
         log(f"base model: fidelity {_mean(base.fidelity):.3f}, plain prompts {base.prior:.3f} "
@@ -174,6 +178,8 @@ def run(cfg: QualityConfig, judge: Judge | None = None, log=print) -> dict:
                 pipe = load_model(cfg)
                 mixed[combo] = asdict(mixed_composition(pipe, _generator(pipe, cfg), judge, concepts,
                                                         records[first], records[second], cfg.generations))
+            elif {first, second} <= set(cfg.methods):   # asked for, not measured: said, not dropped
+                log(f"{combo}: not measured ({'one concept' if len(concepts) < 2 else 'a method failed'})")
     return {"config": asdict(cfg), "concepts": [_describe(c) for c in concepts],
             "base": asdict(base), "methods": {k: asdict(v) | {"forgetting": _forgetting(v)}
                                               for k, v in results.items()},
@@ -186,7 +192,8 @@ def _describe(c: Concept) -> str:
 
 
 def _forgetting(r: MethodResult) -> float | None:
-    return r.forgetting if r.fidelity and r.fidelity_final else None
+    """None with one concept: nothing came after it (it read 0.000, a goal met by nothing)."""
+    return r.forgetting if len(r.fidelity) > 1 and r.fidelity_final else None
 
 
 def _mean(xs) -> float | None:
@@ -240,7 +247,8 @@ def print_table(result: dict) -> None:
             ("in_scene", "prompt_look"), ("prior_drop", "prior_drop"), ("prior2_drop", "prior_drop_two"),
             ("comp_box", "composition_guided"), ("comp_nobox", "composition_unguided"),
             ("place_box", "placement_guided"), ("place_nobox", "placement_unguided"),
-            ("kv_share", "kv_share"), ("KB/concept", "bytes_per_concept"), ("learn s", "learn_s_per_concept")]
+            ("kv_share", "kv_share"), ("general", "general_share"), ("KB/concept", "bytes_per_concept"),
+            ("learn s", "learn_s_per_concept")]
     print(f"{'method':>8}" + "".join(f"{h:>12}" for h, _ in cols))
     for m in result["methods"]:
         if s.get(f"{m}_error"):

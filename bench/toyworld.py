@@ -40,7 +40,7 @@ from cns_daemon.toyworld.fidelity import (DEFAULT_GUIDANCE, DEFAULT_STEPS, attri
                                           two_object_fidelity)
 from cns_daemon.toyworld.probe import Probe
 from cns_daemon.toyworld.probe_train import accuracy
-from cns_daemon.toyworld.world import UNNAMED, ObjectSpec, SceneSpec, caption
+from cns_daemon.toyworld.world import ObjectSpec, SceneSpec, caption
 
 UNNAMED_PROMPT = "a photo of a red star"
 TOP_P = 5.0
@@ -52,10 +52,10 @@ def model_bytes(folder: Path = TOYWORLD_MODEL) -> int:
 
 
 def probe_floor(acc: dict[str, dict[str, float]]) -> float:
-    """The worst attribute over both readings, except the tilt of two-object halves: halves
-    judge where things went and their named look (composition), never the tilt."""
-    return min(v for part, attrs in acc.items() for k, v in attrs.items()
-               if not (part == "halves" and k in UNNAMED))
+    """The worst attribute over both readings, the tilt of two-object halves too (the issue asks
+    for every attribute; the benches judge halves by their named look, never their tilt, but
+    a floor that leaves a reading out reported 0.963 where the worst was 0.945)."""
+    return min(v for attrs in acc.values() for v in attrs.values())
 
 
 def eq3_overlap(pipe, caption_text: str, top_p: float = TOP_P) -> float:

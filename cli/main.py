@@ -306,7 +306,7 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
              seed: Optional[int] = typer.Option(
                  None, help=f"Seed of the first image, 0 to {MAX_SEED}; image k is drawn from seed + k "
                  "(default: random)."),
-             steps: Optional[int] = typer.Option(None, help="Denoising steps."),
+             steps: Optional[int] = typer.Option(None, help="Denoising steps, 2 to 999 (default: the model's, 30 unless its cones.json says; the toy world's 20)."),
              box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
              negative: Optional[str] = typer.Option(None, "--negative", help="What to steer away from, in plain words."),
              guidance_scale: Optional[float] = typer.Option(

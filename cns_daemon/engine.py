@@ -289,13 +289,14 @@ class Engine:
 
     def generate(self, req: GenerateRequest, out_dir: Path, progress: ProgressFn,
                  cancel: CancelToken) -> JobResult:
-        from cns_daemon.generate import DEFAULT_SAMPLE_STEPS, generate
+        from cns_daemon.generate import generate
+        from cns_daemon.model import recommended_steps
         from cns_daemon.prompts import parse_box, referenced_names
 
         if req.seed is None:   # a job queued before the service chose seeds at the request
             req = req.model_copy(update={"seed": 0})
         records = {n: self._get(n) for n in referenced_names(req.prompt)}
-        steps = req.steps or DEFAULT_SAMPLE_STEPS
+        steps = req.steps or recommended_steps(self.pipe)
         images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
                           n=req.n, seed=req.seed, progress=progress, cancel=cancel,
                           negative_prompt=req.negative_prompt, guidance_scale=req.guidance_scale,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from cns_daemon.api.errors import BadInput
-from cns_daemon.model import recommended_guidance
+from cns_daemon.model import recommended_guidance, recommended_steps
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
 from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope, tail_shares
@@ -155,9 +155,6 @@ def image_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     return h, w
 
 
-DEFAULT_SAMPLE_STEPS = 30   # denoising steps of a generate that does not say
-
-
 def check_steps(pipe, steps: int) -> None:
     """Denoising steps the scheduler can space: with an offset (SD's DDIM adds 1 to every
     timestep) as many steps as training timesteps would index past the last one."""
@@ -173,7 +170,7 @@ def check_steps(pipe, steps: int) -> None:
 
 
 def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
-             boxes: Iterable[Box | str] = (), n: int = 1, seed: int = 0, steps: int = DEFAULT_SAMPLE_STEPS,
+             boxes: Iterable[Box | str] = (), n: int = 1, seed: int = 0, steps: int | None = None,
              guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
              progress: ProgressFn | None = None, cancel: CancelToken | None = None, *,
              apply_resident: bool = False, negative_prompt: str | None = None,
@@ -181,9 +178,10 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
     """Generate `n` images for `prompt`. `records_by_name` must hold every `<name>` the prompt
     uses (others are ignored). Raises NotFound / BadInput for bad prompts and boxes, Cancelled
     when `cancel` fires (at the next step). `guidance_scale` None: the model's recommended
-    CFG scale (`model.recommended_guidance`)."""
+    CFG scale (`model.recommended_guidance`); `steps` None: its steps (`recommended_steps`)."""
     if not 1 <= n <= MAX_IMAGES:
         raise BadInput(f"n must be between 1 and {MAX_IMAGES}, not {n}.")
+    steps = recommended_steps(pipe) if steps is None else steps
     check_steps(pipe, steps)
     if guidance_scale is None:
         guidance_scale = recommended_guidance(pipe)

@@ -29,6 +29,9 @@ TOYWORLD_MODEL = Path(__file__).parent / "toyworld" / "model"
 # A diffusers folder may carry `cones.json` with {"guidance_scale": x}: the shipped toy-world
 # fixture does, because its CFG sweet spot was measured lower (docs/tuning.md).
 DEFAULT_GUIDANCE_SCALE = 7.5
+# Denoising steps of a generate that does not say; `cones.json` may name the model's own
+# {"steps": n} (the fixture's 20: what its figures in docs/tuning.md are measured at).
+DEFAULT_SAMPLE_STEPS = 30
 MODEL_NOTES = "cones.json"
 
 # Scene phrases CNS's `background scenes` adds to the photos' captions, so a concept learns to
@@ -44,6 +47,11 @@ def recommended_guidance(pipe) -> float:
     return float(getattr(pipe, "cones_guidance_scale", DEFAULT_GUIDANCE_SCALE))
 
 
+def recommended_steps(pipe) -> int:
+    """The denoising steps generation uses unless asked otherwise."""
+    return int(getattr(pipe, "cones_steps", DEFAULT_SAMPLE_STEPS))
+
+
 def scene_phrases(pipe) -> tuple[str, ...]:
     """The scene phrases this model's concepts are trained with (see DEFAULT_SCENES)."""
     return tuple(getattr(pipe, "cones_scenes", DEFAULT_SCENES))
@@ -53,18 +61,22 @@ def _model_notes(folder: Path) -> dict:
     f = folder / MODEL_NOTES
     if not f.is_file():
         return {}
-    hint = 'It should hold {"guidance_scale": 7.5} and may name {"scenes": ["on the beach", ...]}.'
+    hint = ('It should hold {"guidance_scale": 7.5} and may name {"steps": 30} and '
+            '{"scenes": ["on the beach", ...]}.')
     try:
         notes = json.loads(f.read_text())
         scale = float(notes.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+        steps = notes.get("steps", DEFAULT_SAMPLE_STEPS)
         scenes = notes.get("scenes", list(DEFAULT_SCENES))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise ModelLoad(f"{f} is not valid: {exc}", hint) from exc
     if not 1.0 <= scale <= 30.0:
         raise ModelLoad(f"{f}: guidance_scale {scale} is outside 1..30.")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 999:
+        raise ModelLoad(f"{f}: steps {steps!r} is not a whole number from 2 to 999.", hint)
     if not (isinstance(scenes, list) and scenes and all(isinstance(x, str) and x.strip() for x in scenes)):
         raise ModelLoad(f"{f}: scenes must be a non-empty list of phrases.", hint)
-    return {"guidance_scale": scale, "scenes": tuple(scenes)}
+    return {"guidance_scale": scale, "steps": steps, "scenes": tuple(scenes)}
 
 
 @dataclass(frozen=True)
@@ -158,6 +170,7 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
     if source.is_dir():
         notes = _model_notes(source)
         pipe.cones_guidance_scale = notes.get("guidance_scale", DEFAULT_GUIDANCE_SCALE)
+        pipe.cones_steps = notes.get("steps", DEFAULT_SAMPLE_STEPS)
         pipe.cones_scenes = notes.get("scenes", DEFAULT_SCENES)
     return pipe.to(place.device)
 

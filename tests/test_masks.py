@@ -197,3 +197,22 @@ def test_model_notes_name_the_scenes(tmp_path):
 
     # the toy-world fixture names the world's own background phrases
     assert set(scene_phrases(load_pipeline(None, device="cpu", dtype="float32"))) == set(BACKGROUND_PHRASE.values())
+
+
+def test_model_notes_name_the_generation_steps(tmp_path):
+    """The fixture's figures are all measured at 20 denoising steps, and a user's generate on it
+    took 30 (the SD default): cones.json names the model's own, as it names its CFG scale."""
+    import json
+
+    from cns_daemon.api.errors import ModelLoad
+    from cns_daemon.model import DEFAULT_SAMPLE_STEPS, MODEL_NOTES, _model_notes, load_pipeline, recommended_steps
+
+    (tmp_path / MODEL_NOTES).write_text(json.dumps({"guidance_scale": 5, "steps": 25}))
+    assert _model_notes(tmp_path)["steps"] == 25
+    (tmp_path / MODEL_NOTES).write_text(json.dumps({"guidance_scale": 5}))
+    assert _model_notes(tmp_path)["steps"] == DEFAULT_SAMPLE_STEPS == 30
+    for bad in (1, 1000, 2.5, "20", True):
+        (tmp_path / MODEL_NOTES).write_text(json.dumps({"steps": bad}))
+        with pytest.raises(ModelLoad, match="steps"):
+            _model_notes(tmp_path)
+    assert recommended_steps(load_pipeline(None, device="cpu", dtype="float32")) == 20

@@ -118,10 +118,11 @@ def look_fidelity(probe: Probe, images: Sequence, scenes: Sequence[SceneSpec]) -
 
 def attribute_distribution(probe: Probe, images: Sequence, attribute: str = "pattern") -> dict[str, float]:
     """How often each value of `attribute` is read over the images (fractions, sorted). For the
-    tilt, only images read as patterned count (a solid object has none)."""
+    tilt, only images read as patterned with a tilt count (a solid object has none; the probe's
+    heads read apart, and a tilt read as none counted as a third value: 1.19 bits of two)."""
     reads = probe.read(images)
     if attribute == "tilt":
-        reads = [a for a in reads if a.pattern != "solid"]
+        reads = [a for a in reads if a.pattern != "solid" and a.tilt is not None]
     counts = Counter(str(getattr(a, attribute)) for a in reads)
     total = sum(counts.values())
     return {k: counts[k] / total for k in sorted(counts, key=lambda k: -counts[k])}

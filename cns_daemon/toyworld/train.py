@@ -87,6 +87,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     guidance_scale: float = 3.0  # the CFG scale written to cones.json as the model's recommendation
                                  # (measured on the result with bench.toyworld --guidance; tuning.md)
+    sample_steps: int = 20       # and its denoising steps (what every figure on it is measured at)
     max_minutes: float = 58.0  # whole-run wall-time budget: the denoiser stage anneals and stops by then
     device: str = "cpu"          # where the denoiser stage runs ("cuda" on a lent GPU); every random
                                  # draw stays on the CPU generator, so the data order is the same
@@ -345,7 +346,8 @@ def save_model(pipe, out: Path, info: dict) -> None:
     (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     # The world's background phrases are the only places this model knows: they are the scene
     # phrases CNS trains concepts with (model.DEFAULT_SCENES is for real models).
-    notes = {"guidance_scale": info["config"]["guidance_scale"], "scenes": list(BACKGROUND_PHRASE.values())}
+    notes = {"guidance_scale": info["config"]["guidance_scale"],
+             "steps": info["config"].get("sample_steps", 20), "scenes": list(BACKGROUND_PHRASE.values())}
     (out / MODEL_NOTES).write_text(json.dumps(notes) + "\n")
     write_checksums(out)
 
