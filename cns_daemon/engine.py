@@ -383,10 +383,15 @@ class Engine:
             raise Conflict(f"A concept named {record.name!r} already exists.",
                            f"Import it under another name (`cones import FILE --name NEW`), or remove "
                            f"this one first with `cones rm {record.name}`.")
-        from cns_daemon.methods.common.tokens import everyday_words, token_words
+        from cns_daemon.methods.common.tokens import everyday_words, token_ids, token_words
 
         words = set(token_words(record.meta.token))
-        clash = [m.name for m in self.store.list() if words & set(token_words(m.token))]
+
+        def ids(token: str) -> set[int]:   # by id: "HTTR" in a file is this store's "httr"
+            return {i for w in token_words(token) for i in token_ids(self.pipe.tokenizer, w)}
+
+        mine = ids(record.meta.token)
+        clash = [m.name for m in self.store.list() if mine & ids(m.token)]
         # A file not made by cones may name its concept by an everyday word ("grass"): it would
         # act on every prompt that says it, named or not.
         common = everyday_words(self.pipe.tokenizer, sorted(words))

@@ -208,6 +208,13 @@ def test_a_concept_file_that_is_not_what_cones_writes_is_refused_or_mended_at_im
     token = engine.store.meta("gtok").token
     assert token != "grass" and token in rare_tokens(engine.pipe.tokenizer)
     assert "everyday word ('grass')" in result.metrics["note"]
+    # the same word in capitals is the same token, and a special token acts on every prompt
+    for name, clashing, said in (("gtok2", token.upper(), "is used by <gtok>"),
+                                 ("gtok3", "<|endoftext|>", "everyday word")):
+        other = cns_record(engine, name, clashing, 1.0, time.time())
+        other.embeddings[clashing] = np.ones(width, np.float32)
+        result = engine.import_record(decode(encode(other)))
+        assert engine.store.meta(name).token not in (token, clashing) and said in result.metrics["note"]
 
 
 def dataclasses_replace_delta(record: ConceptRecord, value) -> ConceptRecord:

@@ -352,6 +352,7 @@ def test_add_sends_each_photos_sidecar_caption(cones, daemon, tmp_path):
     (("--option", "token=star"), "everyday word"),        # would change every "a star" prompt
     (("--option", "token=zqxj"), "not 1 single token"),   # caught now, not by the job
     (("--method", "cones", "--option", "token=dog"), "everyday word"),
+    (("--option", "token=<|endoftext|>"), "special token"),   # every prompt ends with it
     (("--steps", "0"), "steps"),             # was taken as "the method's default"
 ])
 def test_method_options_are_checked_when_submitted(cones, daemon, tmp_path, args, needle):
@@ -370,6 +371,10 @@ def test_a_token_another_concept_uses_is_refused_when_submitted(cones, daemon, t
     code, out = cones("add", "second", *photos, "--class", "dog", "--option", "token=sks")
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already used" in out, out
     assert "Give another token" in out and "Pick another name" not in out, out
+    # the same token in capitals: the tokenizer reads it as "sks" (it was taken, and changed
+    # the other concept's pictures)
+    code, out = cones("add", "second", *photos, "--class", "dog", "--option", "token=SKS")
+    assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already used" in out, out
 
 
 # -- item 12: export targets ---------------------------------------------------------------------------

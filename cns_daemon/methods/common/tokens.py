@@ -47,14 +47,16 @@ RARE_FROM = 0.8
 
 def everyday_words(tokenizer, words: list[str], rare: tuple[str, ...] | None = None) -> list[str]:
     """Those of `words` a concept may not be named by: not one token of the vocabulary, or an
-    everyday word (`RARE_FROM`), which would make the concept act wherever the word is said.
-    `rare`: `rare_tokens(tokenizer)` where the caller has it already."""
+    everyday word (`RARE_FROM`), which would make the concept act wherever the word is said, or
+    a special token (the start and end of every prompt). `rare`: `rare_tokens(tokenizer)` where
+    the caller has it already."""
     rare = set(rare_tokens(tokenizer) if rare is None else rare)
     limit = RARE_FROM * len(tokenizer)
     out = []
     for w in words:
         ids = token_ids(tokenizer, w)
-        if len(ids) != 1 or (w not in rare and ids[0] < limit):
+        if (len(ids) != 1 or (w not in rare and ids[0] < limit)
+                or ids[0] in tokenizer.all_special_ids):
             out.append(w)
     return out
 
@@ -71,11 +73,18 @@ def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None
     one or more words."""
     used = {w for t in taken for w in token_words(t)}
     if requested:
-        words = token_words(requested)
-        if len(words) != vectors or any(len(token_ids(tokenizer, w)) != 1 for w in words):
+        ids = [token_ids(tokenizer, w) for w in token_words(requested)]
+        if len(ids) != vectors or any(len(i) != 1 for i in ids):
             raise BadInput(f"Token {requested!r} is not {vectors} single token"
                            f"{'s' if vectors > 1 else ''} of the vocabulary.",
                            "Leave the token unset to pick rare ones automatically.")
+        if any(i[0] in tokenizer.all_special_ids for i in ids):
+            raise BadInput(f"Token {requested!r} is a special token of the text encoder (the start "
+                           "or end of every prompt): a concept on it would act on every prompt.",
+                           "Leave the token unset to pick a rare one automatically.")
+        # as the vocabulary spells it: "HTTR" is the token "httr", and passed as another
+        # concept's token's free twin it changed that concept's pictures
+        words = [vocabulary_word(tokenizer, i[0], w) for i, w in zip(ids, token_words(requested))]
         rare = rare_tokens(tokenizer)
         common = everyday_words(tokenizer, words, rare)
         if common:
@@ -94,6 +103,13 @@ def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None
     if len(free) < vectors:
         raise Conflict("Every rare token is taken.", "Remove concepts you no longer need.")
     return " ".join(free)
+
+
+def vocabulary_word(tokenizer, token_id: int, written: str) -> str:
+    """The word `token_id` stands for, as the vocabulary has it (lower case), or `written` where
+    that spelling would not read back as the token."""
+    word = tokenizer.decode([token_id]).strip()
+    return word if token_ids(tokenizer, word) == [token_id] else written
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
