@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from cns_daemon.api.protocol import ConceptInfo, EvalRequest, GenerateRequest, J
 from cns_daemon.api.settings import Paths, Settings
 from cns_daemon.outputs import generation_caption, save_images
 from store.records import ConceptMeta, ConceptRecord, Overlap
+from store.store import values_finite
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +258,11 @@ class Engine:
         record.meta.fingerprint = self.info.fingerprint
         try:
             cancel.check()   # a cancel that arrived during the last step still wins
+            if not values_finite(record) or not math.isfinite(record.meta.metrics.get("loss_last") or 0.0):
+                raise BadInput(f"Training {job.name!r} diverged: its values are no longer numbers "
+                               "(NaN or infinity), so nothing was stored.",
+                               "Learn it again with the method's defaults or a lower learning rate "
+                               "(--option lr=..., lr_token=...).")
             self.store.put(record)
         except BaseException:
             method.unlearn(self.pipe, job.name)   # a resident method left it live; not kept

@@ -95,14 +95,11 @@ def _check_parts(record: ConceptRecord) -> None:
 def _check_values(record: ConceptRecord) -> None:
     """What the store would refuse (positions unsorted or outside their tensor: a bug report
     then), and values that are not numbers: one NaN made every image of the concept black."""
-    from store.store import check_record
+    from store.store import check_record, values_finite
 
     check_record(record)
-    arrays = [d.values for d in record.deltas.values()] + list(record.embeddings.values())
-    arrays += [record.residual] if record.residual is not None else []
-    for arr in arrays:
-        if np.issubdtype(np.asarray(arr).dtype, np.floating) and not np.isfinite(arr).all():
-            raise ValueError("it holds values that are not finite numbers (NaN or infinity)")
+    if not values_finite(record):
+        raise ValueError("it holds values that are not finite numbers (NaN or infinity)")
 
 
 def _header_metadata(data: bytes) -> dict[str, str]:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import lmdb
+import numpy as np
 
 from cns_daemon.api.errors import (Conflict, Corrupt, Internal, NotFound,
                                    ProtocolMismatch, Unavailable)
@@ -424,6 +425,15 @@ def _scan(txn, db, name_key: bytes) -> Iterator[tuple[bytes, bytes]]:
         if not key.startswith(prefix):
             return
         yield key, value
+
+
+def values_finite(record: ConceptRecord) -> bool:
+    """Whether every learned value is a number: one NaN made every image of a concept black
+    (an edited file; a learn whose training diverged, at a learning rate of 1e9)."""
+    arrays = [d.values for d in record.deltas.values()] + list(record.embeddings.values())
+    arrays += [record.residual] if record.residual is not None else []
+    return all(np.isfinite(arr).all() for arr in arrays
+               if np.issubdtype(np.asarray(arr).dtype, np.floating))
 
 
 def check_record(record: ConceptRecord) -> None:

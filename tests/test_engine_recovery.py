@@ -269,3 +269,23 @@ def test_request_checks_never_use_the_tokenizer_a_learn_is_using(engine):
     ids = real("a photo of a red star red red").input_ids
     assert real.decode(ids[1:-1]) == "a photo of a red star red red"
     assert [t.decode(ids[1:-1]) for t in seen] == [real.decode(ids[1:-1])] * 2
+
+
+@pytest.mark.parametrize("method,options", [("cones2", {"lr": 1e9}),
+                                            ("cns", {"lr": 1e9, "prior_images": 0, "variants": 1})])
+def test_a_learn_whose_training_diverged_stores_nothing(engine, tmp_path, method, options):
+    """At a learning rate of 1e9 the values became NaN or infinity: the concept was stored as
+    learned, and every image of it came out black."""
+    from cns_daemon.api.errors import BadInput
+    from cns_daemon.archive import check_photo
+    from cns_daemon.methods.base import CancelToken
+    from helpers.service import write_photos
+
+    digests = [engine.archive.put(check_photo(p.name, p.read_bytes())) for p in write_photos(tmp_path / "p", 2)]
+    job = LearnJob(name="wild", class_word="dog", method=method, steps=3, options=options,
+                   photo_digests=digests)
+    before = {n: w.detach().clone() for n, w in kv_weights(engine.pipe.unet).items()}
+    with pytest.raises(BadInput, match="diverged"):
+        engine.learn(job, None, CancelToken())
+    assert "wild" not in engine.store
+    assert all(torch.equal(w, before[n]) for n, w in kv_weights(engine.pipe.unet).items())
