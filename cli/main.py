@@ -153,6 +153,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         as_json: bool = JSON) -> None:
     """Learn a concept from photos (a photo.txt beside photo.jpg is its caption, as in the inbox)."""
     validate_new_name(name)   # the friendly words, before the photos are read
+    options = _options(option)
     # `cones add rex dir/*` names each photo's caption too: a caption is read with its photo
     # (as in the inbox), not counted against the 64 nor said to be "not an image"
     captions = {c.resolve() for p in photos if p.is_file() and (c := caption_file(p)) is not None}
@@ -186,7 +187,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
     if not items:
         raise BadPhoto(f"No usable photo for {name!r}: " + "; ".join(f"{s.file}: {s.reason}" for s in not_photos) + ".")
     req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
-                 seed=seed, photos=items, options=dict(_option(o) for o in option), skipped=not_photos)
+                 seed=seed, photos=items, options=options, skipped=not_photos)
     with client() as c:
         job = c.add(req)
         for s in job.skipped[len(not_photos):]:   # the service's own (ours were said above)
@@ -499,6 +500,19 @@ def version() -> None:
     typer.echo(_installed_version())
 
 
+def _options(texts: list[str]) -> dict:
+    """Every --option KEY=VALUE; a key given twice is refused (the last one won without a word,
+    where an inbox folder's concept.toml refuses it)."""
+    options: dict = {}
+    for text in texts:
+        key, value = _option(text)
+        if key in options:
+            raise BadInput(f"Option {key!r} is given twice ({options[key]!r} and {value!r}).",
+                           "Give each option once.")
+        options[key] = value
+    return options
+
+
 def _option(text: str) -> tuple[str, bool | int | float | str]:
     """KEY=VALUE with the value read as a bool, whole number, number or text, in that order."""
     key, sep, raw = text.partition("=")
@@ -507,7 +521,7 @@ def _option(text: str) -> tuple[str, bool | int | float | str]:
     raw = raw.strip()
     if raw.lower() in ("true", "false"):
         return key.strip(), raw.lower() == "true"
-    for kind in (int, float):
+    for kind in (int, float) if "_" not in raw else ():   # "1_0" is Python's 10, no one else's
         try:
             value = kind(raw)
         except ValueError:

@@ -171,10 +171,15 @@ def read_text(path: Path, what: str) -> str:
                        "Check that it is a file you may read.") from None
     encoding = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
     try:
-        return raw.decode(encoding).strip()
+        text = raw.decode(encoding).strip()
     except UnicodeDecodeError:
+        text = "\0"
+    # NUL is no character of text: UTF-16 without its mark decodes as UTF-8 with one between
+    # every letter ("a\0 \0p\0h\0o\0..."), and was learned from as the caption
+    if "\0" in text:
         raise BadInput(f"{what} is not UTF-8 text.",
                        "Save it as UTF-8 (or UTF-16 with a byte-order mark), or remove it.") from None
+    return text
 
 
 def check_photo(filename: str, data: bytes, caption: str | None = None) -> CheckedPhoto | SkippedFile:

@@ -68,6 +68,12 @@ def test_option_values_are_read_as_their_type_and_nan_is_refused():
     for raw in ("nan", "inf", "-Infinity"):
         with pytest.raises(BadInput, match="finite number"):
             _option(f"lr={raw}")
+    assert _option("top_p=1_0") == ("top_p", "1_0")   # Python's 10; the service names its type
+    from cli.main import _options
+
+    assert _options(["top_p=5", "lr=1e-3"]) == {"top_p": 5, "lr": 1e-3}
+    with pytest.raises(BadInput, match="'top_p' is given twice"):   # the last one won, unsaid
+        _options(["top_p=5", "top_p=7"])
 
 
 def test_a_command_line_that_does_not_parse_gives_json_with_json(tmp_path):
@@ -119,6 +125,16 @@ def test_files_the_cli_cannot_read_are_typed_errors_not_tracebacks(tmp_path, mon
     r = CliRunner().invoke(cli.main.app, ["eval", "rex", "--prompts", str(prompts), "--json"])
     assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT], r.output
     assert "is not UTF-8 text" in json.loads(r.stdout)["error"]["message"]
+    # UTF-16 without its byte-order mark reads as UTF-8 with a NUL between every letter: it was
+    # learned from as the caption "a\0 \0p\0h\0o\0t\0o..."
+    prompts.write_bytes("a photo of {} on the beach\n".encode("utf-16-le"))
+    r = CliRunner().invoke(cli.main.app, ["eval", "rex", "--prompts", str(prompts), "--json"])
+    assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT], r.output
+    assert "is not UTF-8 text" in json.loads(r.stdout)["error"]["message"]
+    prompts.write_bytes("a photo of {} on the beach\n".encode("utf-16"))   # with its mark: read
+    from cns_daemon.archive import read_text
+
+    assert read_text(prompts, "x") == "a photo of {} on the beach"
     photo, other = write_photos(tmp_path / "p", 2)
     caption = photo.with_suffix(".txt")
     caption.write_text("a dog")
