@@ -29,18 +29,19 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as StarletteRoute
 
 from cns_daemon.api.errors import (BadInput, ConesError, ErrorCode, Internal, NotFound, ProtocolMismatch,
                                    storage_error)
-from cns_daemon.api.protocol import (API_PREFIX, FINAL_STATES, MAX_JOBS_LISTED, NDJSON, PROTOCOL_HEADER,
+from cns_daemon.api.protocol import (API_PREFIX, FINAL_STATES, MAX_JOBS_LISTED, MAX_PHOTOS, NDJSON, PROTOCOL_HEADER,
                                      PROTOCOL_VERSION, SEGMENTS, STREAM_STOPPING, AddRequest, ConceptInfo, ConceptList,
                                      ErrorBody, EvalRequest, GenerateRequest, JobInfo, JobList,
                                      PhotosPruned, ProgressInfo, StatusInfo, check_segment,
                                      describe_validation_error)
 from cns_daemon.service import Service
+from cns_daemon.worker import release_freed
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,14 @@ class MethodNotAllowed(BadInput):
 
 Handler = Callable[[Request, dict], Awaitable[Response]]
 
+# A generate or eval request is a prompt and its settings: kilobytes. Held to this, not to the
+# photos' max_request_bytes: 250 MB of `"boxes": [1, 1, ...]` within that limit took the
+# service's event loop for 30 s and 8.8 GB of memory to be refused.
+SMALL_BODY = 1 << 20
+# JSON objects an add request may hold: 64 photos and their skipped files, a few options (a
+# caption may hold braces too). 250 MB of `"photos": [{}, {}, ...]` took 15 GB to be refused.
+MAX_OBJECTS = 100_000
+
 
 @dataclass
 class Route:
@@ -81,6 +90,7 @@ class Route:
     # that is not a model (its content type)
     query: tuple[tuple[str, dict, str], ...] = ()
     raw_body: str | None = None
+    small_body: bool = False                  # held to SMALL_BODY, not max_request_bytes
 
 
 def json_response(model: BaseModel, status: int = 200) -> Response:
@@ -119,6 +129,8 @@ class App:
             routes=[_OnlyTheseMethods(path, self._endpoint(methods), methods=list(methods))
                     for path, methods in by_path.items()],
             exception_handlers={HTTPException: _http_error})
+        # "/v1/generate/" is not a route: a typed 404, not a redirect built from the Host header
+        self.app.router.redirect_slashes = False
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
@@ -126,7 +138,8 @@ class App:
             raw = scope.get("raw_path")
             if raw is not None:
                 scope = {**scope, "path": raw.decode("latin-1").split("?", 1)[0]}
-            receive = _limited(receive, self.max_request_bytes, scope.get("path", ""))
+            receive = _limited(receive, self.max_request_bytes, scope.get("path", ""),
+                               scope.get("method", "POST"))
         await self.app(scope, receive, send)
 
     # ------------------------------------------------------------ routing table
@@ -150,9 +163,9 @@ class App:
             Route("GET", f"{p}/concepts/{{name}}/export", self.export,
                   "Export a concept as one safetensors file", content_type="application/octet-stream"),
             Route("POST", f"{p}/generate", self.generate, "Generate images (queues a job)",
-                  request=GenerateRequest, response=JobInfo),
+                  request=GenerateRequest, response=JobInfo, small_body=True),
             Route("POST", f"{p}/eval", self.evaluate, "Score concepts with CLIP-I / CLIP-T (queues a job)",
-                  request=EvalRequest, response=JobInfo),
+                  request=EvalRequest, response=JobInfo, small_body=True),
             Route("POST", f"{p}/photos/prune", self.prune_photos,
                   "Delete the archived photos no concept or queued learn uses", response=PhotosPruned),
             Route("GET", f"{p}/jobs", self.list_jobs, "Recent jobs, newest first", response=JobList,
@@ -177,8 +190,14 @@ class App:
                         check_segment(kind, value)
                 if route.versioned:
                     _check_protocol(request.headers.get(PROTOCOL_HEADER))
-                _check_declared_length(request, self.max_request_bytes)
+                limit = SMALL_BODY if route.small_body else self.max_request_bytes
+                _check_declared_length(request, limit)
+                request.state.body_limit = limit
                 return await route.handler(request, params)
+            except ClientDisconnect:   # it went away, or its body stopped coming (daemon.py's timer)
+                log.info("request %s %s: the client went away before its body arrived",
+                         request.method, request.url.path)
+                return error_response(BadInput("The request's body did not arrive whole."))
             except ConesError as exc:
                 return error_response(exc)
             except Exception as exc:  # a full disk, or a bug: answer in typed form, keep serving
@@ -204,7 +223,16 @@ class App:
         return json_response(await asyncio.to_thread(self.service.concept, params["name"]))
 
     async def add(self, req: Request, params: dict) -> Response:
-        body = await asyncio.to_thread(parse_body, AddRequest, await req.body())
+        data = await _body(req)
+        if data.count(b"{") > MAX_OBJECTS:   # refused before pydantic builds them all
+            raise BadInput(f"The request holds {data.count(b'{'):,} JSON objects; a learn request has "
+                           f"at most {MAX_PHOTOS} photos.", "Send what `cones add` sends.")
+        try:
+            body = await asyncio.to_thread(parse_body, AddRequest, data)
+        except BadInput:   # a refused body of hundreds of MB: its memory back now, not after a job
+            del data
+            await asyncio.to_thread(release_freed)
+            raise
         job = await asyncio.to_thread(self.service.add, body)
         return json_response(self.service.job_info(job), 202)
 
@@ -220,17 +248,17 @@ class App:
         return Response(data, media_type="application/octet-stream")
 
     async def import_concept(self, req: Request, params: dict) -> Response:
-        job = await asyncio.to_thread(self.service.import_file, await req.body(),
+        job = await asyncio.to_thread(self.service.import_file, await _body(req),
                                       req.query_params.get("name"))
         return json_response(self.service.job_info(job), 202)
 
     async def generate(self, req: Request, params: dict) -> Response:
-        body = parse_body(GenerateRequest, await req.body())
+        body = parse_body(GenerateRequest, await _body(req))
         job = await asyncio.to_thread(self.service.generate, body)
         return json_response(self.service.job_info(job), 202)
 
     async def evaluate(self, req: Request, params: dict) -> Response:
-        body = parse_body(EvalRequest, await req.body())
+        body = parse_body(EvalRequest, await _body(req))
         job = await asyncio.to_thread(self.service.evaluate, body)
         return json_response(self.service.job_info(job), 202)
 
@@ -378,14 +406,30 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def _too_large(size: int, limit: int, path: str = "") -> TooLarge:
-    """`path`: the endpoint, so the words fit what was sent (an import is a file, not photos)."""
+    """`path`: the endpoint, so the words fit what was sent (an import is a file, a learn
+    photos, anything else a few settings)."""
+    if limit == SMALL_BODY:
+        return TooLarge(f"The request is too large ({size:,} bytes; this endpoint takes up to "
+                        f"{limit:,}: a prompt and its settings).", "Send what `cones` sends.")
     file = path.endswith("/import")
-    return TooLarge(f"The request is too large ({size / 2**20:,.1f} MiB; the service takes up to "
+    said = f"{size / 2**20:,.1f} MiB" if size - limit > 2**20 / 20 else f"{size:,} bytes"
+    return TooLarge(f"The request is too large ({said}; the service takes up to "
                     f"{limit / 2**20:,.1f} MiB, max_request_bytes = {limit}"
                     + (")." if file else "; photos count a third more than their files)."),
                     ("Raise" if file else "Send fewer or smaller photos, or raise")
                     + " the service's max_request_bytes (its config.toml or CONES_MAX_REQUEST_BYTES "
                     "where the service runs) and restart it.")
+
+
+async def _body(request: Request) -> bytes:
+    """The body, held to its route's limit (`endpoint` set it) as it arrives."""
+    limit, size, chunks = request.state.body_limit, 0, []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit, request.url.path)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _check_declared_length(request: Request, limit: int) -> None:
@@ -395,14 +439,18 @@ def _check_declared_length(request: Request, limit: int) -> None:
         raise _too_large(int(raw), limit, request.url.path)
 
 
-def _limited(receive, limit: int, path: str = ""):
-    """`receive` that stops a body longer than `limit` (longer than declared, or chunked)."""
+def _limited(receive, limit: int, path: str = "", method: str = "POST"):
+    """`receive` that stops a body longer than `limit` (longer than declared, or chunked). A GET
+    or DELETE takes no body: what one sends is dropped as it comes (a job's event stream keeps
+    receiving, to hear of a disconnect, and a limit raised there was a traceback)."""
     size = 0
 
     async def limited_receive():
         nonlocal size
         message = await receive()
         if message["type"] == "http.request":
+            if method in ("GET", "HEAD", "DELETE"):
+                return {**message, "body": b""}
             size += len(message.get("body", b""))
             if size > limit:
                 raise _too_large(size, limit, path)

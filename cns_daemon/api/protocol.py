@@ -32,7 +32,7 @@ from typing import Literal
 
 from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from cns_daemon.api.errors import BadInput
 from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part of the protocol)
@@ -132,8 +132,8 @@ class AddRequest(Model):
     name: str = Field(pattern=NAME_PATTERN, description="Concept name used as <name> in prompts.")
     class_word: str = Field(pattern=CLASS_PATTERN, description="What it is: dog, mug, star …")
     method: MethodName | None = Field(None, description="None: the service's default method.")
-    steps: int | None = Field(None, ge=1, le=MAX_LEARN_STEPS)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
+    steps: StrictInt | None = Field(None, ge=1, le=MAX_LEARN_STEPS)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
     options: dict[str, OptionValue] = Field(default_factory=dict, max_length=32,
                                             description="Method hyper-parameters (e.g. top_p, lr).")
     photos: list[Photo] = Field(min_length=1, max_length=MAX_PHOTOS)
@@ -164,9 +164,9 @@ class LearnJob(Model):
 
 class GenerateRequest(Model):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    n: int = Field(1, ge=1, le=MAX_IMAGES)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="None: the service picks one.")
-    steps: int | None = Field(None, ge=1, le=1000)
+    n: StrictInt = Field(1, ge=1, le=MAX_IMAGES)
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="None: the service picks one.")
+    steps: StrictInt | None = Field(None, ge=1, le=1000)
     # Boxes stay in their user-facing text form, NAME=x0,y0,x1,y1 in image fractions: the
     # service parses them with the same routine as every other prompt input (prompts.parse_box).
     boxes: list[str] = Field(default_factory=list, max_length=MAX_BOXES)
@@ -175,8 +175,8 @@ class GenerateRequest(Model):
     guidance_scale: float | None = Field(None, ge=1.0, le=MAX_GUIDANCE_SCALE, description=(
         "Classifier-free guidance scale; 1 turns it off. None: the model's own (its cones.json)."))
     # None: the model's native size. The service refuses sizes its VAE cannot divide.
-    width: int | None = Field(None, ge=1, le=MAX_SIDE)
-    height: int | None = Field(None, ge=1, le=MAX_SIDE)
+    width: StrictInt | None = Field(None, ge=1, le=MAX_SIDE)
+    height: StrictInt | None = Field(None, ge=1, le=MAX_SIDE)
 
     @field_validator("guidance_scale", mode="before")   # before: NaN would fail the bounds' words
     @classmethod
@@ -199,12 +199,12 @@ class EvalRequest(Model):
     names: list[str] = Field(min_length=1, max_length=MAX_BOXES)
     # None: the service's shipped prompt list. `{}` marks where the concept references go.
     prompts: list[str] | None = Field(None, min_length=1, max_length=200)
-    n: int = Field(4, ge=1, le=MAX_IMAGES)
+    n: StrictInt = Field(4, ge=1, le=MAX_IMAGES)
     clip: str = Field("ViT-L-14", min_length=1, max_length=100, description="open_clip model name.")
     clip_weights: str | None = Field(None, max_length=4096, description=(
         "Local weights file, a transformers CLIP folder, or an open_clip pretrained tag."))
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    steps: int | None = Field(None, ge=1, le=1000)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
+    steps: StrictInt | None = Field(None, ge=1, le=1000)
 
     @field_validator("names")
     @classmethod
