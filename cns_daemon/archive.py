@@ -333,9 +333,14 @@ class Archive:
             return False
 
     def _dir(self, digest: str) -> Path:
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        if not is_digest(digest):
             raise NotFound(f"{digest!r} is not a photo digest.")
         return self.root / digest[:2]
+
+
+def is_digest(text: str) -> bool:
+    """A photo's name in the archive: its SHA-256, 64 lower-case hex digits."""
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def atomic_write(target: Path, data: bytes, mode: int = 0o600) -> None:

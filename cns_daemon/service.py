@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from cns_daemon import jobkinds
-from cns_daemon.archive import Archive, CheckedPhoto, atomic_write, check_photos
+from cns_daemon.archive import Archive, CheckedPhoto, atomic_write, check_photos, is_digest
 from cns_daemon.outputs import PARTIAL_PREFIX
 from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, NotFound
 from cns_daemon.api.names import validate_new_name
@@ -159,7 +159,8 @@ class Service:
             used |= {d for meta in readable for d in meta.photo_digests}
             for name in set(self.store.names()) - {m.name for m in readable}:
                 used |= set(self.concept_photos(name))
-            wanted = list(dict.fromkeys(digests))
+            # (an edited concept file may name what is no photo: it is in no archive)
+            wanted = [d for d in dict.fromkeys(digests) if is_digest(d)]
             kept = sum(1 for d in wanted if d in used and self.archive.has(d))
             deleted = sum(self.archive.delete(d) for d in wanted if d not in used)
         return deleted, kept

@@ -13,6 +13,7 @@ import json
 import numpy as np
 
 from cns_daemon.api.errors import BadInput
+from cns_daemon.archive import is_digest
 from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 
 FORMAT = "cones-concept/1"
@@ -70,6 +71,8 @@ def decode(data: bytes) -> ConceptRecord:
                 raise ValueError(f"unexpected tensor {key!r}")
         _check_parts(record)
         _check_values(record)
+        if not all(is_digest(d) for d in meta.photo_digests):
+            raise ValueError("its photos are not named by their SHA-256")
     except Exception as exc:  # safetensors, json, dataclass and name errors all mean "not ours"
         raise BadInput(f"This is not a cones concept file ({type(exc).__name__}: {exc}).",
                       "Export it again with `cones export NAME -o FILE`.") from None

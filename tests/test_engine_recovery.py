@@ -4,6 +4,7 @@ import whose first run stored the concept before a crash is done when run again,
 that does not fit the model is not kept."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -200,6 +201,9 @@ def test_a_concept_file_that_is_not_what_cones_writes_is_refused_or_mended_at_im
                         masks={tensor: np.array([5, 3], np.int64)}, embeddings={"qqq": np.zeros(4, np.float32)})
     with pytest.raises(BadInput, match="not a cones concept file"):
         decode(encode(mug))
+    walker = dataclasses.replace(good, meta=dataclasses.replace(good.meta, photo_digests=["../../../etc/passwd"]))
+    with pytest.raises(BadInput, match="photos are not named by their SHA-256"):   # rm --photos failed on it
+        decode(encode(walker))
 
     width = engine.pipe.text_encoder.get_input_embeddings().weight.shape[1]
     grass = cns_record(engine, "gtok", "grass", 1.0, time.time())
