@@ -169,8 +169,10 @@ def concepts_table(concepts: Iterable[ConceptInfo]) -> Table:
         columns.remove("state")
     for col in columns:
         # fold, never cut: a name must stay whole to be copied into a prompt (80 columns, pipes)
+        # (and never squeezed to nothing: at 40 columns names vanished)
         table.add_column(col, justify="right" if col in ("size", "neurons") else "left",
-                         overflow="fold", no_wrap=col in ("method", "size", "neurons"))
+                         overflow="fold", no_wrap=col in ("method", "size", "neurons"),
+                         min_width=6 if col == "name" else None)
     for c in concepts:
         cells = {"name": c.name, "state": STATE_LABELS.get(c.state, c.state), "method": c.method or "?",
                  "class": c.class_word or "?", "size": human_size(c.size_bytes), "neurons": f"{c.neurons:,}",

@@ -54,6 +54,10 @@ def test_concept_list_keeps_names_and_figures_whole_at_80_columns():
     # the list names the concept shared with most and counts the rest; `show` lists them all
     assert column[5].replace(" ", "") == "star2:15,230(+1)" * 3, text
     assert "state" not in text.splitlines()[2]   # all ok: no column saying so, more room for names
+    out = io.StringIO()   # at 40 columns the names were squeezed to nothing
+    Console(file=out, width=40, force_terminal=False).print(concepts_table(concepts))
+    narrow = [line.split("│")[1].strip() for line in out.getvalue().splitlines() if line.startswith("│")]
+    assert "".join(narrow) == "".join(c.name for c in concepts), out.getvalue()
     concepts[1] = concepts[1].model_copy(update={"state": "damaged", "problem": "x"})
     out = io.StringIO()
     Console(file=out, width=80, force_terminal=False).print(concepts_table(concepts))
