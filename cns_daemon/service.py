@@ -211,6 +211,10 @@ class Service:
 
     def _check_name_free(self, name: str, imported: bool = False) -> None:
         if name in self.store:
+            removal = self._pending(name, ("remove",))
+            if removal is not None:   # "remove it first" was said of one already being removed
+                raise Conflict(f"A concept named {name!r} exists until its removal (job {removal.id}) "
+                               "has run.", "Wait for it (`cones jobs`), then send this again.")
             # An imported concept keeps the name it was exported under.
             raise Conflict(f"A concept named {name!r} already exists.",
                            f"Import it under another name (`cones import FILE --name NEW`), or remove "

@@ -606,3 +606,24 @@ def test_status_says_when_config_toml_changed_after_the_service_started(cones, d
         assert code == 0 and "changed after the service started" in " ".join(out.split()), out
     finally:
         cfg.unlink()
+
+
+def test_adding_a_name_whose_removal_is_queued_says_to_wait_for_it():
+    """`cones rm v2 --no-wait`, then `cones add v2 ...`: the refusal said to remove it first."""
+    import types
+
+    from cns_daemon.api.errors import Conflict
+    from cns_daemon.service import Service
+    from store.records import JobRecord
+
+    service = Service.__new__(Service)
+    service.store = {"v2"}
+    queued = [JobRecord(id="r1", kind="remove", request={"name": "v2"})]
+    service.worker = types.SimpleNamespace(jobs=types.SimpleNamespace(jobs=lambda states=None: queued))
+    with pytest.raises(Conflict, match=r"exists until its removal \(job r1\)") as err:
+        service._check_name_free("v2")
+    assert "cones rm" not in err.value.hint
+    queued.clear()
+    with pytest.raises(Conflict, match="already exists") as err:
+        service._check_name_free("v2")
+    assert "cones rm v2" in err.value.hint
