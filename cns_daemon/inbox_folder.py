@@ -190,8 +190,11 @@ def write_note(folder: Path, note: str, lines: list[str], signature: str) -> Non
 
 def write_error(folder: Path, exc: ConesError, skipped: list[SkippedFile],
                 signature: str) -> None:
+    # the generic hint speaks of command flags, which a folder has none of
+    hint = (f"Fix it in this folder (its name NAME.CLASS, its photos, or {CONFIG_FILE}: the "
+            "README's inbox section lists its keys)." if exc.hint == BadInput.default_hint else exc.hint)
     lines = [f"cones could not learn a concept from this folder ({shown(folder.name)}).", "",
-             f"Why: {exc.message}", f"What to do: {exc.hint}", ""]
+             f"Why: {exc.message}", f"What to do: {hint}", ""]
     if skipped:
         lines += ["Skipped files:"] + [f"  {s.file}: {s.reason}" for s in skipped] + [""]
     lines += ["The service tries again as soon as you rename " + _this(folder) + " or a photo, "
