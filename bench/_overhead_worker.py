@@ -56,11 +56,11 @@ class Measurement:
 
 # Small step budgets: the bench measures per-step cost, not quality.
 FAST_OPTIONS = {
-    "cns": {"prior_images": 1, "prior_batch": 1, "prior_steps": 1, "variants": 1, "probe_steps": 1},
-    "naive": {"prior_images": 1, "prior_batch": 1, "prior_steps": 1, "variants": 1},
-    "ti": {"prior_images": 1, "prior_batch": 1, "prior_steps": 1, "variants": 1},
-    "plain": {"prior_images": 1, "prior_batch": 1, "prior_steps": 1, "variants": 1},
-    "cones": {"prior_images": 1, "prior_batch": 1, "prior_steps": 1, "variants": 1},
+    "cns": {"prior_images": 1, "prior_batch": 1, "prior_steps": 2, "variants": 1, "probe_steps": 1},
+    "naive": {"prior_images": 1, "prior_batch": 1, "prior_steps": 2, "variants": 1},
+    "ti": {"prior_images": 1, "prior_batch": 1, "prior_steps": 2, "variants": 1},
+    "plain": {"prior_images": 1, "prior_batch": 1, "prior_steps": 2, "variants": 1},
+    "cones": {"prior_images": 1, "prior_batch": 1, "prior_steps": 2, "variants": 1},
     "cones2": {"variants": 1},
 }
 

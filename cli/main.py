@@ -200,7 +200,6 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
             print_json(job)
             return
         info = c.concept(name)
-        # Cones 2 learns a residual, no neurons: "0 neurons" read as nothing learned
         what = "a residual embedding" if info.method == "cones2" else f"{info.neurons:,} neurons"
         console.print(f"Learned <{info.name}> ({info.method}, {info.class_word}): "
                       f"{what}, {info.size_bytes:,} bytes.")

@@ -81,7 +81,7 @@ def render(settings: Settings) -> str:
                        "Install cones from its source folder (`pip install -e .`).")
     paths = settings.paths
     env = unit_environment(settings)
-    hf_cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    hf_cache = Path(env.get("HF_HOME") or Path.home() / ".cache" / "huggingface")   # resolved as carried
     text = TEMPLATE.read_text()
     fields = {
         "@EXEC@": " ".join(_quote(w, command=True) for w in exec_command()),

@@ -120,6 +120,12 @@ def human_size(n: int) -> str:
     return f"{n} B"
 
 
+def neurons_text(c: ConceptInfo) -> str:
+    """Its neurons, or "-" for Cones 2, which learns a residual embedding and no neurons ("0"
+    read as nothing learned)."""
+    return "-" if c.method == "cones2" else f"{c.neurons:,}"
+
+
 def overlap_text(overlap: dict[str, int]) -> str:
     """Every concept it shares neurons with, most shared first (`cones show`)."""
     return ", ".join(f"{k}: {v:,}" for k, v in _by_share(overlap)) or "-"
@@ -175,7 +181,7 @@ def concepts_table(concepts: Iterable[ConceptInfo]) -> Table:
                          min_width=6 if col == "name" else None)
     for c in concepts:
         cells = {"name": c.name, "state": STATE_LABELS.get(c.state, c.state), "method": c.method or "?",
-                 "class": c.class_word or "?", "size": human_size(c.size_bytes), "neurons": f"{c.neurons:,}",
+                 "class": c.class_word or "?", "size": human_size(c.size_bytes), "neurons": neurons_text(c),
                  "overlap": overlap_summary(c.overlap), "created": ago(c.created) if c.created else "-"}
         table.add_row(*(cells[col] for col in columns))
     return table
@@ -205,7 +211,7 @@ def concept_table(c: ConceptInfo) -> Table:
             if c.state != "ok" else [])
     rows += [("method", c.method or "?"), ("class", c.class_word), ("token", escape(c.token) or "-"),
             ("photos", photos_text(c)), ("size", human_size(c.size_bytes)),
-            ("neurons", f"{c.neurons:,}"), ("overlap", overlap_text(c.overlap)),
+            ("neurons", neurons_text(c)), ("overlap", overlap_text(c.overlap)),
             ("learned with", escape(", ".join(f"{k} {v}" for k, v in c.learned_with.items())) or "-"),
             ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created)) if c.created else "-"),
             ("fingerprint", c.fingerprint or "-")]

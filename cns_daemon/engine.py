@@ -261,8 +261,8 @@ class Engine:
             if not values_finite(record) or not math.isfinite(record.meta.metrics.get("loss_last") or 0.0):
                 raise BadInput(f"Training {job.name!r} diverged: its values are no longer numbers "
                                "(NaN or infinity), so nothing was stored.",
-                               "Learn it again with the method's defaults or a lower learning rate "
-                               "(--option lr=..., lr_token=...).")
+                               "Learn it again with the method's defaults, or smaller steps for "
+                               "its optimizer (`--option lr=...`; Cones: `rho=...`).")
             self.store.put(record)
         except BaseException:
             method.unlearn(self.pipe, job.name)   # a resident method left it live; not kept

@@ -160,9 +160,10 @@ def check_steps(pipe, steps: int) -> None:
     timestep) as many steps as training timesteps would index past the last one."""
     config = pipe.scheduler.config
     most = int(config.num_train_timesteps) - int(getattr(config, "steps_offset", 0) or 0)
-    # "leading" spacing (SD's own schedulers) puts a lone step at the schedule's end, t = 1:
-    # the noise is not denoised at all, and a picture of noise came back as a success
-    least = 2 if getattr(config, "timestep_spacing", "leading") == "leading" else 1
+    # "leading" spacing (SD's own schedulers) puts a lone step at the schedule's end, t = 1, and
+    # "linspace" at t = 0: the noise is not denoised at all, and a picture of noise came back as
+    # a success. Only "trailing" starts its one step from the top.
+    least = 1 if getattr(config, "timestep_spacing", "leading") == "trailing" else 2
     if not least <= steps <= most:
         raise BadInput(f"steps must be between {least} and {most} for this model's scheduler, not "
                        f"{steps}{' (its one step denoises nothing)' if steps == 1 else ''}.",

@@ -72,6 +72,8 @@ def _model_notes(folder: Path) -> dict:
         raise ModelLoad(f"{f} is not valid: {exc}", hint) from exc
     if not 1.0 <= scale <= 30.0:
         raise ModelLoad(f"{f}: guidance_scale {scale} is outside 1..30.")
+    if isinstance(steps, float) and steps.is_integer():   # 30.0, as some tools write numbers
+        steps = int(steps)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 2 <= steps <= 999:
         raise ModelLoad(f"{f}: steps {steps!r} is not a whole number from 2 to 999.", hint)
     if not (isinstance(scenes, list) and scenes and all(isinstance(x, str) and x.strip() for x in scenes)):

@@ -190,7 +190,7 @@ class App:
                         check_segment(kind, value)
                 if route.versioned:
                     _check_protocol(request.headers.get(PROTOCOL_HEADER))
-                limit = SMALL_BODY if route.small_body else self.max_request_bytes
+                limit = min(SMALL_BODY, self.max_request_bytes) if route.small_body else self.max_request_bytes
                 _check_declared_length(request, limit)
                 request.state.body_limit = limit
                 return await route.handler(request, params)
@@ -408,13 +408,15 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 def _too_large(size: int, limit: int, path: str = "") -> TooLarge:
     """`path`: the endpoint, so the words fit what was sent (an import is a file, a learn
     photos, anything else a few settings)."""
-    if limit == SMALL_BODY:
-        return TooLarge(f"The request is too large ({size:,} bytes; this endpoint takes up to "
-                        f"{limit:,}: a prompt and its settings).", "Send what `cones` sends.")
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    # in bytes where the rounded sizes would read alike ("1.0 MiB; the service takes up to 1.0")
+    said, most = (mib(size), mib(limit)) if mib(size) != mib(limit) else (f"{size:,} bytes", f"{limit:,} bytes")
+    if not path.endswith(("/concepts", "/import")):   # generate, eval: a prompt and its settings
+        return TooLarge(f"The request is too large ({said}; this endpoint takes up to {most}: a prompt "
+                        "and its settings).", "Send what `cones` sends.")
     file = path.endswith("/import")
-    said = f"{size / 2**20:,.1f} MiB" if size - limit > 2**20 / 20 else f"{size:,} bytes"
-    return TooLarge(f"The request is too large ({said}; the service takes up to "
-                    f"{limit / 2**20:,.1f} MiB, max_request_bytes = {limit}"
+    return TooLarge(f"The request is too large ({said}; the service takes up to {most}, "
+                    f"max_request_bytes = {limit}"
                     + (")." if file else "; photos count a third more than their files)."),
                     ("Raise" if file else "Send fewer or smaller photos, or raise")
                     + " the service's max_request_bytes (its config.toml or CONES_MAX_REQUEST_BYTES "

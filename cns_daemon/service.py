@@ -118,7 +118,7 @@ class Service:
         for template in req.prompts or default_prompts():   # a bad prompt now, not mid-run
             prompt = fill(template, req.names)
             strip_concepts(prompt, dict.fromkeys(req.names, ""))   # names only concepts evaluated
-            self.engine.check_generate(GenerateRequest(prompt=prompt))
+            self.engine.check_generate(GenerateRequest(prompt=prompt, steps=req.steps))
         return self.worker.submit("eval", req)
 
     def remove(self, name: str, photos: bool = False) -> JobRecord:

@@ -635,19 +635,21 @@ def test_a_learn_that_ends_before_its_folder_is_recorded_leaves_nothing_in_fligh
 
 
 def test_a_value_the_protocol_refuses_is_told_as_a_concept_toml_fix(tmp_path):
-    """seed = 99999999999 in concept.toml: its ERROR.txt said "`cones COMMAND --help` shows what
-    a command takes", which no folder has."""
+    """A value refused by the folder's own reading (seed = 99999999999) or by the request
+    models: their ERROR.txt said "`cones COMMAND --help` shows what a command takes", which no
+    folder has."""
     from cns_daemon.api.protocol import LearnJob
     from cns_daemon.inbox import Inbox
 
-    folder = tmp_path / "rex.dog"
-    write_photos(folder, 3)
-    (folder / "concept.toml").write_text("seed = 99999999999\n")
+    class Service:   # the request models refuse what read_spec let through
+        def submit_learn(self, name, *args, **kwargs):
+            LearnJob(name=name, class_word="dog", method="cns", seed=2**40, photo_digests=["0" * 64])
 
-    class Service:   # what the service's own request model says of it
-        def submit_learn(self, name, class_word, method, steps, seed, *args, **kwargs):
-            LearnJob(name=name, class_word=class_word, method="cns", seed=seed, photo_digests=["0" * 64])
-
-    assert Inbox(service=Service(), root=tmp_path, settle=0.0).take(folder) is None
-    error = (folder / ERROR_FILE).read_text()
-    assert "seed" in error and "concept.toml" in error and "COMMAND" not in error, error
+    for folder, toml, said in ((tmp_path / "rex.dog", "seed = 99999999999\n", "seed in concept.toml"),
+                               (tmp_path / "pot.dog", "", "Invalid value: seed")):
+        write_photos(folder, 3)
+        (folder / "concept.toml").write_text(toml)
+        assert Inbox(service=Service(), root=tmp_path, settle=0.0).take(folder) is None
+        error = (folder / ERROR_FILE).read_text()
+        assert said in error and "concept.toml" in error.split("What to do:")[1], error
+        assert "COMMAND" not in error, error

@@ -211,6 +211,8 @@ def test_model_notes_name_the_generation_steps(tmp_path):
     assert _model_notes(tmp_path)["steps"] == 25
     (tmp_path / MODEL_NOTES).write_text(json.dumps({"guidance_scale": 5}))
     assert _model_notes(tmp_path)["steps"] == DEFAULT_SAMPLE_STEPS == 30
+    (tmp_path / MODEL_NOTES).write_text(json.dumps({"steps": 30.0}))
+    assert _model_notes(tmp_path)["steps"] == 30
     for bad in (1, 1000, 2.5, "20", True):
         (tmp_path / MODEL_NOTES).write_text(json.dumps({"steps": bad}))
         with pytest.raises(ModelLoad, match="steps"):

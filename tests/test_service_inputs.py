@@ -539,3 +539,17 @@ def test_bodies_the_api_does_not_want_are_refused_cheaply_and_quietly(daemon):
         s.sendall(request("POST", f"{API_PREFIX}/generate", b"x" * 1000).encode() + b'{"prompt":')
     wait_until(lambda: "went away before its body arrived" in daemon.output()[said:], what="the log line")
     assert "Traceback" not in daemon.output()[said:], daemon.output()[said:]
+
+
+def test_a_413_says_the_endpoints_limit_in_numbers_that_differ():
+    """A limit that is no whole number of MiB read "1.0 MiB; the service takes up to 1.0 MiB";
+    a learn at a limit of 1 MiB was told it was "a prompt and its settings"."""
+    from cns_daemon.server import _too_large
+
+    learn = _too_large(2_000_000, 1 << 20, "/v1/concepts").message
+    assert "1.9 MiB; the service takes up to 1.0 MiB" in learn and "photos count" in learn
+    close = _too_large(1_060_000, 1_000_000, "/v1/concepts").message
+    assert "1,060,000 bytes; the service takes up to 1,000,000 bytes" in close, close
+    prompt = _too_large(2_000_000, 1 << 20, "/v1/generate").message
+    assert "a prompt and its settings" in prompt and "photos" not in prompt
+    assert "photos" not in _too_large(300 * 2**20, 256 * 2**20, "/v1/concepts/import").message

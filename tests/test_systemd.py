@@ -181,3 +181,8 @@ def test_unit_carries_the_xdg_and_hf_folders_this_shell_finds_its_own_in(tmp_pat
         assert f"Environment={key}={tmp_path / folder}" in lines, unit
     rw = next(l for l in lines if l.startswith("ReadWritePaths="))
     assert str(tmp_path / "xdata" / "cones") in rw and str(tmp_path / "hf") in rw
+    monkeypatch.chdir(tmp_path)   # a relative HF_HOME: made absolute in both places
+    monkeypatch.setenv("HF_HOME", "relhf")
+    unit, _ = _install(tmp_path, None)
+    rw = next(l for l in unit.splitlines() if l.startswith("ReadWritePaths="))
+    assert f"Environment=HF_HOME={tmp_path / 'relhf'}" in unit and f"-{tmp_path / 'relhf'}" in rw, unit

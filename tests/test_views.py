@@ -62,6 +62,11 @@ def test_concept_list_keeps_names_and_figures_whole_at_80_columns():
     out = io.StringIO()
     Console(file=out, width=80, force_terminal=False).print(concepts_table(concepts))
     assert "state" in out.getvalue().splitlines()[2] and "damaged" in out.getvalue()
+    residual = concepts[2].model_copy(update={"method": "cones2", "neurons": 0})   # no neurons: "-"
+    out = io.StringIO()
+    Console(file=out, width=120, force_terminal=False).print(concepts_table([residual]))
+    row = next(line for line in out.getvalue().splitlines() if "cones2" in line)
+    assert [cell.strip() for cell in row.split("│")][5] == "-", out.getvalue()
     out = io.StringIO()
     Console(file=out, width=80, force_terminal=False).print(concept_table(concepts[0]))
     assert "0.2123" in out.getvalue() and "0.21230246" not in out.getvalue()

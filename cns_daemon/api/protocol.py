@@ -119,6 +119,7 @@ class Photo(Model):
     filename: str = Field(min_length=1, max_length=255)
     data: bytes
     caption: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS,
+                                pattern=r"^[^\x00]*$",   # NUL is no text (UTF-16 read as UTF-8)
                                 description="What the photo shows (its sidecar photo.txt); "
                                             "None: the method's template caption.")
 
@@ -369,6 +370,8 @@ FRIENDLY_ERRORS = {
         "what the concept is, in letters, spaces or hyphens (up to 64), such as dog or coffee mug",
     ("prompt", "string_too_short"): "empty",
     ("negative_prompt", "string_too_short"): "empty",
+    ("caption", "string_pattern_mismatch"): "holds a NUL character, which no text has (UTF-16 saved "
+                                            "without its byte-order mark?)",
 }
 
 

@@ -15,13 +15,13 @@ from cns_daemon.api.errors import BadInput
 T = TypeVar("T")
 
 # The least sensible value of options the methods share by name: (bound, whether the bound
-# itself is allowed). Each method's `validate` checks what is its own (percentages, choices).
+# itself is allowed). Class images drawn in one step are noise (generate.check_steps). Each method's `validate` checks what is its own (percentages, choices).
 LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "lr": (0, False), "lr_token": (0, False), "probe_lr": (0, False), "rho": (0, False),
     "grad_clip": (0, False),
     "lambda_prior": (0, True), "lambda_prev": (0, True), "lambda_base": (0, True),
     "lambda_reg": (0, True), "tau": (0, True),
-    "prior_images": (0, True), "prior_batch": (1, True), "prior_steps": (1, True),
+    "prior_images": (0, True), "prior_batch": (1, True), "prior_steps": (2, True),
     "variants": (1, True), "probe_steps": (1, True), "reg_batch": (1, True), "vectors": (1, True),
 }
 

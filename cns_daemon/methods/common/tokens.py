@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -71,7 +72,8 @@ def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None
     """`vectors` rare words no other concept uses, space-joined, or `requested` (that many
     words, each a single free token of the vocabulary). `taken` holds concept tokens, each of
     one or more words."""
-    used = {w for t in taken for w in token_words(t)}
+    # taken by token id: a store of an earlier version may hold "HTTR", which is "httr"
+    used = {i for t in taken for w in token_words(t) for i in token_ids(tokenizer, w)}
     if requested:
         ids = [token_ids(tokenizer, w) for w in token_words(requested)]
         if len(ids) != vectors or any(len(i) != 1 for i in ids):
@@ -88,18 +90,19 @@ def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None
         rare = rare_tokens(tokenizer)
         common = everyday_words(tokenizer, words, rare)
         if common:
-            free = [w for w in rare if w not in used][:1]
+            free = list(islice((w for w in rare if token_ids(tokenizer, w)[0] not in used), 1))
             raise BadInput(f"{common[0]!r} is an everyday word of the vocabulary: a concept on it "
                            "would act on every prompt that says it.",
                            "Leave the token unset to pick a rare one automatically"
                            + (f", or give a free rare one such as {free[0]!r}." if free else "."))
-        if used & set(words):
+        if used & {i[0] for i in ids}:
             raise Conflict(f"Token {requested!r} is already used by another concept.",
                            "Give another token, or leave it unset to pick a free one.")
         if len(set(words)) != len(words):
             raise BadInput(f"Token {requested!r} repeats a word.")
         return " ".join(words)
-    free = [w for w in rare_tokens(tokenizer) if w not in used][:vectors]
+    free = list(islice((w for w in rare_tokens(tokenizer) if token_ids(tokenizer, w)[0] not in used),
+                       vectors))
     if len(free) < vectors:
         raise Conflict("Every rare token is taken.", "Remove concepts you no longer need.")
     return " ".join(free)
