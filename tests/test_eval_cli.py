@@ -80,6 +80,8 @@ def test_eval_errors_are_typed(cones, tmp_path):
     wordy.write_text("a photo of {} " + "on a very long sunny beach " * 16 + "\n")
     code, out, err = cones("eval", "rex", "--prompts", str(wordy), "--clip-weights", str(missing))
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "tokens long" in err, out + err
+    code, out, err = cones("eval", "rex", "--steps", "1", "--clip-weights", str(missing))   # noise
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "denoises nothing" in " ".join(err.split()), out + err
 
 
 def test_a_concept_whose_photos_are_elsewhere_says_so(cones, tmp_path):

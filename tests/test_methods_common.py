@@ -370,3 +370,16 @@ def test_run_steps_reports_progress_and_cancels():
 def test_get_method_unknown_is_bad_input():
     with pytest.raises(BadInput, match="Unknown method"):
         get_method("dreambooth")
+
+
+def test_class_images_take_two_steps_at_least():
+    """prior_steps = 1 drew class images of pure noise (one step of SD's schedule denoises
+    nothing) and trained against them."""
+    from cns_daemon.api.errors import BadInput
+    from cns_daemon.methods.cns import CNSParams
+    from cns_daemon.methods.cones import ConesParams
+
+    for params in (CNSParams, ConesParams):
+        with pytest.raises(BadInput, match="prior_steps"):
+            C.parse_options(params, {"prior_steps": 1})
+        assert C.parse_options(params, {"prior_steps": 2}).prior_steps == 2
