@@ -207,7 +207,7 @@ def test_options_typed_and_unknown_keys_rejected():
     ("cns", {"lr": -1}, "'lr' must be > 0"),
     ("cns", {"lr_token": 0}, "'lr_token' must be > 0"),
     ("cns", {"prior_batch": 0}, "'prior_batch' must be ≥ 1"),
-    ("cns", {"prior_steps": 0}, "'prior_steps' must be ≥ 1"),
+    ("cns", {"prior_steps": 0}, "'prior_steps' must be ≥ 2"),
     ("cns", {"lambda_prior": -0.5}, "'lambda_prior' must be ≥ 0"),
     ("cns", {"mask_background": float("nan")}, "finite"),
     ("cones", {"variants": 0}, "'variants' must be ≥ 1"),

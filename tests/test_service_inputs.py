@@ -511,21 +511,20 @@ def test_bodies_the_api_does_not_want_are_refused_cheaply_and_quietly(daemon):
     traceback in the log as an internal error."""
     import socket
 
-    def post(path: str, body: bytes) -> tuple[int, dict, dict]:
-        with socket.socket(socket.AF_UNIX) as s:   # a refusal may come before the body is sent
+    def post(path: str, body: bytes, *, head_only: bool = False) -> tuple[int, dict, dict]:
+        with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
             s.connect(str(daemon.socket))
-            try:
-                s.sendall(request("POST", f"{API_PREFIX}{path}", body, content_type="application/json")
-                          .encode() + body)
-            except BrokenPipeError:
-                pass
+            # a body declared too long is refused before it is read: sent, the service's close
+            # with it unread could reset the connection before the answer was read
+            s.sendall(request("POST", f"{API_PREFIX}{path}", body, content_type="application/json")
+                      .encode() + (b"" if head_only else body))
             response = b"".join(iter(lambda: s.recv(65536), b""))
         status, headers, answer = status_and_body(response)
         return status, headers, json.loads(answer)
 
     big = json.dumps({"prompt": "a dog", "boxes": [1] * 600_000}).encode()   # 1.8 MB
-    status, _, answer = post("/generate", big)
+    status, _, answer = post("/generate", big, head_only=True)
     assert status == 413 and "a prompt and its settings" in answer["message"], answer
     for field in ('"n": "2"', '"n": true', '"n": 2.0', '"seed": "7"', '"steps": true'):
         status, _, answer = post("/generate", ('{"prompt": "a dog", ' + field + "}").encode())
