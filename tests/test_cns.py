@@ -46,6 +46,11 @@ def test_concept_neurons_are_base_and_not_general(tiny_pipe):
     general = cns.general_neurons(tiny_pipe, stack, 20.0)
     counts = cns.general_counts(tiny_pipe, stack, 20.0)
     assert cns.general_counts(tiny_pipe, stack, 20.0) is counts       # cached per model
+    from cns_daemon.methods.cns import selection
+
+    for top_p in (21.0, 22.0, 23.0):   # one per top_p a person tried stayed for the service's life
+        cns.general_counts(tiny_pipe, stack, top_p)
+    assert len(selection._GENERAL) == selection._GENERAL_KEPT
     base = cns.select(stack.params, cns.column_norms(tiny_pipe, caps), 20.0, "and")
     plain = cns.concept_neurons(tiny_pipe, stack, caps, 20.0)
     for name in stack.params:

@@ -70,6 +70,9 @@ class Selection:
 
 
 _GENERAL: dict[tuple[str, str, float], dict[str, torch.Tensor]] = {}
+# Counts kept at once (oldest out): each is an int16 per K/V weight, some 38 MB for SD 1.5 on its
+# device, and a person trying top_p values kept one per value for the service's life.
+_GENERAL_KEPT = 2
 _CALIBRATION_KEY = hashlib.sha256("\n".join(CALIBRATION_PROMPTS).encode()).hexdigest()[:12]
 
 
@@ -89,6 +92,8 @@ def general_counts(pipe, stack: CNSStack, top_p: float) -> dict[str, torch.Tenso
                 for n in norms:
                     acc += row_top(w, n, top_p)
                 counts[name] = acc
+        while len(_GENERAL) >= _GENERAL_KEPT:
+            _GENERAL.pop(next(iter(_GENERAL)))
         _GENERAL[key] = counts
     return _GENERAL[key]
 
