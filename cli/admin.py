@@ -139,7 +139,27 @@ def _relearn_text(name: str, known, archive_root) -> str:
     note = f" ({missing} of its photos are not in the archive)" if missing else ""
     new_name = f" (under a new name: '{name}' starts with '-')" if renamed != name else ""
     return (f"  Its photos are in the archive{note}; to learn it again as it was{new_name}:\n"
-            f"    {shlex.join(words)}")
+            f"    {shlex.join(words)}" + _caption_notes(known, archive))
+
+
+def _caption_notes(known, archive) -> str:
+    """The archive keeps one caption per photo (`cones add` reads it beside the photo): where a
+    later learn of the same photo replaced this concept's, say which caption it had."""
+    from cns_daemon.archive import sidecar_caption
+
+    lines = []
+    for digest, caption in zip(known.photo_digests, known.photo_captions or []):
+        if not archive.has(digest):
+            continue
+        path = archive.path(digest)
+        beside = sidecar_caption(path)
+        if beside != caption:
+            had = f"the caption {caption!r}" if caption else "no caption"
+            lines.append(f"    {path.name} was learned with {had}, and the archive now holds "
+                         + (f"another concept's, {beside!r}" if beside else "none") + ": copy the photo "
+                         "elsewhere with " + ("that caption in a .txt beside it" if caption else "no .txt")
+                         + " and give the copy instead.")
+    return "\n" + "\n".join(lines) if lines else ""
 
 
 def _check_lines(report) -> list[str]:

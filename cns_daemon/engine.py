@@ -253,6 +253,7 @@ class Engine:
                          memory=self.memory)   # the methods apply it around their loops only
         record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
         record.meta.photo_digests = list(job.photo_digests)
+        record.meta.photo_captions = list(captions) if captions is not None else []
         record.meta.hparams["options_given"] = dict(job.options)   # `cones show`: what was asked
         record.meta.hparams.setdefault("seed", job.seed)   # every method's concept says its seed
         record.meta.fingerprint = self.info.fingerprint

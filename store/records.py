@@ -39,6 +39,10 @@ class ConceptMeta:
     token: str                        # the rare/new token the prompt expands to ("" for cones2)
     created: float = field(default_factory=time.time)
     photo_digests: list[str] = field(default_factory=list)  # sha256 of archived photos
+    # each photo's caption as its learn gave it (None: none): the archive keeps one caption per
+    # picture, which a later learn of the same photo replaces (empty: learned before captions
+    # were kept here, or imported from such a file)
+    photo_captions: list[str | None] = field(default_factory=list)
     hparams: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""             # base model this was learned on

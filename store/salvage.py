@@ -51,6 +51,7 @@ class LostConcept:
     steps: int | None = None
     seed: int | None = None
     options: dict = field(default_factory=dict)
+    photo_captions: list = field(default_factory=list)   # one per digest where known
 
 
 @dataclass
@@ -170,12 +171,13 @@ def _what_is_known(old: ConceptStore, name: str, learn: JobRecord | None) -> Los
         if meta.photo_digests:
             hp = meta.hparams
             return LostConcept(meta.class_word, list(meta.photo_digests), meta.method,
-                               hp.get("steps"), hp.get("seed"), dict(hp.get("options_given", {})))
+                               hp.get("steps"), hp.get("seed"), dict(hp.get("options_given", {})),
+                               list(meta.photo_captions))
     except ConesError:
         pass
     req = learn.request if learn is not None else {}
     if req.get("photo_digests"):
         return LostConcept(str(req.get("class_word", "")), [str(d) for d in req["photo_digests"]],
                            str(req.get("method", "")), req.get("steps"), req.get("seed"),
-                           dict(req.get("options", {})))
+                           dict(req.get("options", {})), list(req.get("photo_captions", [])))
     return LostConcept()

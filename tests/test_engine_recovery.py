@@ -293,3 +293,18 @@ def test_a_learn_whose_training_diverged_stores_nothing(engine, tmp_path, method
         engine.learn(job, None, CancelToken())
     assert "wild" not in engine.store
     assert all(torch.equal(w, before[n]) for n, w in kv_weights(engine.pipe.unet).items())
+
+
+def test_a_learned_concept_keeps_its_photos_captions(engine, tmp_path):
+    """The archive's caption beside a photo is the latest learn's: the concept keeps its own, for
+    salvage to say which it had."""
+    from cns_daemon.archive import check_photo
+    from cns_daemon.methods.base import CancelToken
+    from helpers.service import write_photos
+
+    photos = write_photos(tmp_path / "p", 2)
+    digests = [engine.archive.put(check_photo(p.name, p.read_bytes())) for p in photos]
+    job = LearnJob(name="capt", class_word="dog", method="cones2", steps=2, photo_digests=digests,
+                   photo_captions=["a dog on the beach", None])
+    engine.learn(job, None, CancelToken())
+    assert engine.store.meta("capt").photo_captions == ["a dog on the beach", None]

@@ -379,3 +379,24 @@ def test_salvage_of_a_healthy_store_moves_nothing(home, monkeypatch):
     code, out, err = cones("store", "salvage", "--force")
     assert code == 0 and f"Copied {len(records)} concepts and 1 jobs" in out and "old store" in out, out + err
     assert len(list(path.parent.glob("store.damaged-*"))) == 1
+
+
+def test_a_relearn_command_says_which_captions_the_archive_no_longer_holds(tmp_path):
+    """The archive keeps one caption per photo: the same photo learned later for another concept
+    with another caption replaced it, and salvage's relearn command (`cones add` reads the caption
+    beside each photo) would learn the lost concept with the other one."""
+    from cli.admin import _relearn_text
+    from cns_daemon.archive import Archive, check_photo
+    from store.salvage import LostConcept
+
+    archive = Archive(tmp_path / "archive")
+    first, second = write_photos(tmp_path / "p", 2)
+    digests = [archive.put(check_photo(first.name, first.read_bytes(), "a dog on the beach")),
+               archive.put(check_photo(second.name, second.read_bytes(), "a dog in the snow"))]
+    archive.put(check_photo(first.name, first.read_bytes(), "a mug on a table"))   # a later learn
+    lost = LostConcept("dog", digests, "cns", photo_captions=["a dog on the beach", "a dog in the snow"])
+    text = _relearn_text("rex", lost, archive.root)
+    assert "cones add rex" in text
+    (note,) = [line for line in text.splitlines() if "was learned with" in line]
+    assert "'a dog on the beach'" in note and "'a mug on a table'" in note, text
+    assert _relearn_text("rex", LostConcept("dog", digests, "cns"), archive.root).count("\n") == 1   # none known
