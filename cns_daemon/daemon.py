@@ -298,7 +298,12 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
                 log.info("cones is serving on %s", paths.socket)
 
             async def shutdown(self, sockets=None) -> None:
-                log.info("cones is stopping (a job running now starts over at the next start)")
+                try:
+                    running = service.worker.running()
+                except ConesError:   # its record unreadable: the stop goes on regardless
+                    running = None
+                log.info("cones is stopping" + (f" (job {running.id}, a {running.kind}, starts over "
+                                                "at the next start)" if running else ""))
                 lock.say("stopping")
                 app.stopping.set()   # followers' streams end now, not at the graceful timeout
                 await super().shutdown(sockets=sockets)

@@ -135,8 +135,21 @@ def _common_kwargs(dtype: torch.dtype) -> dict:
                 requires_safety_checker=False)
 
 
+def quiet_libraries() -> None:
+    """transformers and diffusers said their advice on every start of the service, into its log
+    and the journal: install torchvision (which would pull a CUDA torch: pyproject.toml) and
+    accelerate, both needless here, and drew progress bars. Errors still show."""
+    import diffusers.utils.logging as diffusers_log
+    import transformers.utils.logging as transformers_log
+
+    for lib in (transformers_log, diffusers_log):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
 def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: str = "auto"):
     """Load the configured base model. `None` means the shipped toy-world fixture."""
+    quiet_libraries()   # before diffusers' pipelines import transformers' image processors
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     place = choose_placement(device, dtype)

@@ -283,3 +283,18 @@ def test_a_gpu_that_cuda_cannot_use_is_said(monkeypatch, caplog):
             assert model_module.choose_placement("auto", "auto").device.type == "cpu"
         assert ("CUDA is not usable" in caplog.text) == told
         assert ("nvidia-modprobe -u -c=0" in caplog.text) == told
+
+
+def test_loading_a_model_says_nothing_of_the_libraries_advice():
+    """Every start of the service printed transformers' "install torchvision" (which would pull a
+    CUDA torch), diffusers' "install accelerate" and progress bars, into its log and the journal."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = "from cns_daemon.model import load_pipeline; load_pipeline(None, 'cpu', 'float32')"
+    out = subprocess.run([sys.executable, "-c", script], cwd=str(Path(__file__).parents[1]),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for said in ("torchvision", "accelerate", "Loading"):
+        assert said not in out.stderr + out.stdout, out.stderr

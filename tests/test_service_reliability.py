@@ -128,6 +128,8 @@ def test_clean_stop_during_learn_says_it_started_over(tmp_path):
         assert told and "service is stopping" in told[0], told
         assert "Traceback" not in daemon.output(), daemon.output()
         assert "cones is stopping" in daemon.output() and "cones stopped" in daemon.output()   # the log says so
+        # and which job starts over (it said "a job running now starts over" with none running)
+        assert f"cones is stopping (job {job.id}, a learn, starts over" in daemon.output(), daemon.output()
         daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
         with Client(daemon.socket) as c:
             wait_until(lambda: c.job(job.id).state == "running", what="learn running again")
