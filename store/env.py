@@ -89,6 +89,41 @@ def file_identity(file: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+# LMDB's two meta pages (pages 0 and 1; the newer transaction id wins) say how many pages the
+# file holds. A file cut shorter than that (a full disk, a copy stopped half-way) killed every
+# command that read it with SIGBUS (LMDB maps the file), and an emptied one was made a new empty
+# store by the service without a word, the concepts gone.
+_META_MAGIC = 0xBEEFC0DE
+_META = 16   # the page header before a meta page's fields
+
+
+def cut_short(data_file: Path) -> str | None:
+    """Why `data_file` cannot hold the store it says it does, or None."""
+    import struct
+
+    size = data_file.stat().st_size
+    if size == 0:
+        return "its data file is empty (0 bytes)"
+    with open(data_file, "rb") as f:
+        head = f.read(_META + 48)
+        if len(head) < _META + 48 or struct.unpack_from("<I", head, _META)[0] != _META_MAGIC:
+            return None   # not LMDB's layout: lmdb.open says what it is
+        psize = struct.unpack_from("<I", head, _META + 24)[0]   # the free DB's md_pad holds it
+        metas = []
+        for page in (0, 1):
+            f.seek(page * psize)
+            meta = f.read(_META + 136)
+            if len(meta) == _META + 136 and struct.unpack_from("<I", meta, _META)[0] == _META_MAGIC:
+                last_pg, txnid = struct.unpack_from("<QQ", meta, _META + 120)
+                metas.append((txnid, last_pg))
+    if not metas or not 512 <= psize <= 1 << 16:
+        return None
+    needed = (max(metas)[1] + 1) * psize
+    if size < needed:
+        return f"its data file is cut short ({size:,} of the {needed:,} bytes it says it holds)"
+    return None
+
+
 class Env:
     """One LMDB environment (a directory) with the store's named databases."""
 
@@ -100,6 +135,13 @@ class Env:
                 raise NotFound(f"No concept store at {self.path}.",
                                "Check the data folder (CONES_HOME) or let the service create it.")
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        else:
+            why = cut_short(self.path / "data.mdb")
+            if why is not None:
+                raise Corrupt(f"The concept store at {self.path} is damaged: {why}.",
+                              "Restore the store folder from a backup, or move it aside to start a "
+                              "new store; the photos stay in the archive to learn the concepts "
+                              "again (`cones jobs` lists the learns).")
         try:   # the store is private to this user: 0700 folder, 0600 files
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DB_NAMES) + 2,
                                  readonly=readonly, create=create, max_readers=126, mode=0o600)

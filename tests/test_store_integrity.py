@@ -594,3 +594,31 @@ def test_a_job_failed_after_two_crashes_has_no_note_contradicting_its_error():
     assert restart_note(job) == ""
     job.error, job.state, job.attempts = None, "done", 1   # stopped cleanly once, then ran through
     assert "started over" in restart_note(job)
+
+
+def test_a_store_file_cut_short_or_emptied_is_damage_not_a_crash_nor_a_new_store(tmp_path):
+    """A data.mdb cut short (a full disk, a copy stopped half-way) killed check, salvage and
+    serve with SIGBUS and no word; an emptied one was made a new empty store by the service,
+    its concepts gone without a word."""
+    import shutil
+
+    src = tmp_path / "store"
+    with ConceptStore.open(src, fingerprint="base-A") as store:
+        for i in range(40):
+            store.put(sample_record(f"c{i}", "cns", seed=i))
+    size = (src / "data.mdb").stat().st_size
+    for cut, said in ((size // 3, "cut short"), (8192, "cut short"), (0, "empty (0 bytes)")):
+        trial = tmp_path / f"t{cut}"
+        shutil.copytree(src, trial)
+        os.truncate(trial / "data.mdb", cut)
+        # in a child: a SIGBUS there is a failed test, not a dead test run
+        script = ("from store import ConceptStore\n"
+                  "from cns_daemon.api.errors import Corrupt\n"
+                  "try:\n"
+                  f"    ConceptStore.open({str(trial)!r}, fingerprint='base-A')\n"
+                  "except Corrupt as exc:\n"
+                  "    print(exc.message)\n")
+        out = subprocess.run([sys.executable, "-c", script], cwd=str(Path(__file__).parents[1]),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and said in out.stdout, (cut, out.returncode, out.stdout, out.stderr)
+        assert (trial / "data.mdb").stat().st_size == cut   # nothing made anew over it
