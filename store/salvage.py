@@ -114,8 +114,7 @@ def salvage(path: Path) -> SalvageReport:
     if report.error:
         raise Corrupt(f"The concept store at {path} cannot be opened to salvage it: {report.error}",
                       "Restore the store folder from a backup, or move it aside to start a new store.")
-    fresh = path.with_name(f"{path.name}.salvage-{time.strftime('%Y%m%d-%H%M%S')}")
-    shutil.rmtree(fresh, ignore_errors=True)
+    fresh = _unused(path.with_name(f"{path.name}.salvage-{time.strftime('%Y%m%d-%H%M%S')}"))
     copied: list[str] = []
     jobs = 0
     with ConceptStore.open(path, create=False, readonly=True) as old, ConceptStore.open(fresh) as new:
@@ -141,11 +140,26 @@ def salvage(path: Path) -> SalvageReport:
     # Whole from here: a crash between the two renames leaves no store at `path`, and
     # `finish_interrupted` puts this one there (the next start would have made an empty one).
     (fresh / COMPLETE).write_text(f"salvaged from {path}\n")
-    kept = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-    path.rename(kept)
+    # two salvages in one second: the second's rename failed on the first's folder, and left
+    # its whole copy beside the store without a word
+    kept = _unused(path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
+    try:
+        path.rename(kept)
+    except OSError:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
     fresh.rename(path)
     (path / COMPLETE).unlink(missing_ok=True)
     return SalvageReport(report, copied, jobs, str(kept), lost)
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`, ... : the first that is not there."""
+    n, candidate = 1, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{n}")
+    return candidate
 
 
 def finish_interrupted(path: Path) -> Path | None:

@@ -622,3 +622,21 @@ def test_a_store_file_cut_short_or_emptied_is_damage_not_a_crash_nor_a_new_store
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and said in out.stdout, (cut, out.returncode, out.stdout, out.stderr)
         assert (trial / "data.mdb").stat().st_size == cut   # nothing made anew over it
+
+
+def test_two_salvages_in_one_second_keep_both_stores(tmp_path, monkeypatch):
+    """`cones store salvage --force` twice in a second: the second failed on the first's
+    store.damaged-<time> folder ("Directory not empty") and left its whole copy beside the store."""
+    from store import salvage as salvage_module
+
+    path = tmp_path / "store"
+    with ConceptStore.open(path, fingerprint="base-A") as store:
+        store.put(sample_record("c1", "cns"))
+    monkeypatch.setattr(salvage_module.time, "strftime", lambda fmt: "20261206-075912")
+    first = salvage_module.salvage(path)
+    second = salvage_module.salvage(path)
+    assert first.kept_at != second.kept_at and Path(second.kept_at).name.endswith("-2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "store", "store.damaged-20261206-075912", "store.damaged-20261206-075912-2"]
+    with ConceptStore.open(path) as store:
+        assert store.names() == ["c1"]
