@@ -391,6 +391,7 @@ class Engine:
             raise Conflict(f"A concept named {record.name!r} already exists.",
                            f"Import it under another name (`cones import FILE --name NEW`), or remove "
                            f"this one first with `cones rm {record.name}`.")
+        self._check_fits(record)
         from cns_daemon.methods.common.tokens import everyday_words, token_ids, token_words
 
         words = set(token_words(record.meta.token))
@@ -422,6 +423,27 @@ class Engine:
             self.store.delete(record.name)
             raise
         return JobResult(concept=record.name, metrics={"note": note} if note else None)
+
+    def _check_fits(self, record: ConceptRecord) -> None:
+        """A file of this very model (its fingerprint matched) whose parts do not fit it was
+        edited: a Cones 2 residual of another width, a mask on a tensor that is no K/V weight
+        were stored as ok and failed every generate, saying to load another base model."""
+        import numpy as np
+
+        from cns_daemon.model import kv_weights
+
+        kv = kv_weights(self.pipe.unet)
+        width = int(self.pipe.text_encoder.config.hidden_size)
+        wrong = [f"no K/V weight {name!r}" for name in [*record.masks, *record.deltas] if name not in kv]
+        wrong += [f"{name!r} has {kv[name].numel():,} weights, not {int(idx.max()) + 1:,}"
+                  for name, idx in [*record.masks.items(), *((n, d.indices) for n, d in record.deltas.items())]
+                  if name in kv and len(idx) and int(idx.max()) >= kv[name].numel()]
+        if record.residual is not None and np.asarray(record.residual).size != width:
+            wrong.append(f"a residual of width {np.asarray(record.residual).size}, not the text "
+                         f"encoder's {width}")
+        if wrong:
+            raise BadInput(f"This concept file does not fit the model it says it was learned on: "
+                           f"{'; '.join(wrong[:3])}.", "Export it again with `cones export NAME -o FILE`.")
 
     def _retoken(self, record: ConceptRecord) -> ConceptRecord:
         """The record on free rare words, each carrying the row its old word had: the trained

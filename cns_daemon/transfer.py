@@ -71,6 +71,7 @@ def decode(data: bytes) -> ConceptRecord:
                 raise ValueError(f"unexpected tensor {key!r}")
         _check_parts(record)
         _check_values(record)
+        _check_meta(record.meta)
         if not all(is_digest(d) for d in meta.photo_digests):
             raise ValueError("its photos are not named by their SHA-256")
     except Exception as exc:  # safetensors, json, dataclass and name errors all mean "not ours"
@@ -93,6 +94,26 @@ def _check_parts(record: ConceptRecord) -> None:
     if held - allowed or needed - held:
         raise ValueError(f"it holds {', '.join(sorted(held)) or 'nothing'}, not what a "
                          f"{record.meta.method} concept holds")
+
+
+def _check_meta(meta) -> None:
+    """The metadata's fields of the types cones writes: an edited file with "created":
+    "yesterday" was taken and failed every `cones list` after (a bug report, exit 70), hparams
+    as a list failed its import so, and an empty class failed its generates."""
+    import re
+
+    from cns_daemon.api.protocol import CLASS_PATTERN
+
+    kinds = {"created": (int, float), "hparams": dict, "metrics": dict, "token": str,
+             "class_word": str, "photo_digests": list, "photo_captions": list, "fingerprint": str}
+    for field, kind in kinds.items():
+        value = getattr(meta, field)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ValueError(f"its {field} is a {type(value).__name__}")
+    if not re.fullmatch(CLASS_PATTERN, meta.class_word):
+        raise ValueError(f"its class {meta.class_word!r} is not one cones takes")
+    if not all(c is None or isinstance(c, str) for c in meta.photo_captions):
+        raise ValueError("its photo captions are not text")
 
 
 def _check_values(record: ConceptRecord) -> None:

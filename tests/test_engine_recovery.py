@@ -308,3 +308,32 @@ def test_a_learned_concept_keeps_its_photos_captions(engine, tmp_path):
                    photo_captions=["a dog on the beach", None])
     engine.learn(job, None, CancelToken())
     assert engine.store.meta("capt").photo_captions == ["a dog on the beach", None]
+
+
+def test_a_hand_edited_concept_file_is_refused_at_import(engine):
+    """From a walkthrough: "created": "yesterday" was imported and failed every `cones list`
+    after (exit 70); hparams as a list and a class of 5 failed their import as bugs; a Cones 2
+    residual of another width, a mask on a tensor no K/V weight, an empty class were stored as ok
+    and failed every generate."""
+    import dataclasses
+
+    from cns_daemon.api.errors import BadInput
+    from cns_daemon.methods.common.tokens import rare_tokens
+    from cns_daemon.transfer import decode, encode
+
+    good = cns_record(engine, "good", rare_tokens(engine.pipe.tokenizer)[5], 1.0, time.time())
+    for edit in ({"created": "yesterday"}, {"hparams": [1, 2]}, {"class_word": 5}, {"class_word": ""},
+                 {"photo_captions": [3]}):
+        edited = dataclasses.replace(good, meta=dataclasses.replace(good.meta, **edit))
+        with pytest.raises(BadInput, match="not a cones concept file"):
+            decode(encode(edited))
+    width = engine.pipe.text_encoder.config.hidden_size
+    narrow = ConceptRecord(ConceptMeta("narrow", "cones2", "mug", ""), residual=np.zeros(width - 3, np.float32))
+    name = next(iter(kv_weights(engine.pipe.unet)))
+    q = ConceptRecord(ConceptMeta("onq", "cones", "mug", rare_tokens(engine.pipe.tokenizer)[6]),
+                      masks={name.replace("to_k", "to_q"): np.array([1, 2], np.int64)})
+    for record, said in ((narrow, f"residual of width {width - 3}"), (q, "no K/V weight")):
+        record.meta.fingerprint = engine.info.fingerprint
+        with pytest.raises(BadInput, match=said):
+            engine.import_record(record)
+        assert record.meta.name not in engine.store
