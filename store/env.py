@@ -140,8 +140,8 @@ class Env:
             if why is not None:
                 raise Corrupt(f"The concept store at {self.path} is damaged: {why}.",
                               "Restore the store folder from a backup, or move it aside to start a "
-                              "new store; the photos stay in the archive to learn the concepts "
-                              "again (`cones jobs` lists the learns).")
+                              "new store; the photos stay in the data folder's archive, to learn "
+                              "the concepts again from.")
         try:   # the store is private to this user: 0700 folder, 0600 files
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DB_NAMES) + 2,
                                  readonly=readonly, create=create, max_readers=126, mode=0o600)
