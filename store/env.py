@@ -21,7 +21,7 @@ from cns_daemon.api.errors import Corrupt, Internal, NotFound, Storage, Unavaila
 DB_NAMES = ("meta", "concepts", "masks", "residuals", "deltas", "embeddings", "overlap", "jobs")
 # LMDB's own errors for a damaged B-tree (a page number that points nowhere, a page of the wrong
 # kind): the checksums in envelope.py cover values, these cover the structure around them.
-PAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError)
+PAGE_ERRORS = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError)
 SALVAGE_HINT = ("Stop the service and run `cones store salvage`: it copies every readable concept "
                 "into a fresh store and keeps the damaged one aside (`cones store check` lists what "
                 "is damaged); or restore the store folder from a backup.")

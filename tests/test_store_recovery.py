@@ -400,3 +400,25 @@ def test_a_relearn_command_says_which_captions_the_archive_no_longer_holds(tmp_p
     (note,) = [line for line in text.splitlines() if "was learned with" in line]
     assert "'a dog on the beach'" in note and "'a mug on a table'" in note, text
     assert _relearn_text("rex", LostConcept("dog", digests, "cns"), archive.root).count("\n") == 1   # none known
+
+
+def test_a_page_whose_header_is_garbage_leaves_the_other_databases_readable(home):
+    """A page of one database (`embeddings`) with a garbled header: LMDB answers MDB_BAD_TXN, and
+    `store check` and `store salvage` both gave up on the whole store (exit 7, nothing listed,
+    no relearn command), though every other database read whole."""
+    from store.salvage import check, salvage
+
+    h, _ = home
+    fp, records = tiny_records(4)
+    path = write_store(h, records, fp, jobs=3)
+    root, psize = db_root(path, "embeddings")
+    with open(path / "data.mdb", "r+b") as f:
+        f.seek(root * psize + 8)
+        f.write(b"\xff" * 8)
+    report = check(path)
+    assert not report.error and "embeddings" in report.databases, report
+    assert report.jobs == 3 and set(report.damaged) <= {r.name for r in records}
+    done = salvage(path)
+    assert done.jobs_copied == 3
+    with ConceptStore.open(path, readonly=True) as store:
+        assert len(store.jobs()) == 3
