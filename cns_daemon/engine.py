@@ -427,23 +427,20 @@ class Engine:
     def _check_fits(self, record: ConceptRecord) -> None:
         """A file of this very model (its fingerprint matched) whose parts do not fit it was
         edited: a Cones 2 residual of another width, a mask on a tensor that is no K/V weight
-        were stored as ok and failed every generate, saying to load another base model."""
-        import numpy as np
-
+        were stored as ok and failed every generate, saying to load another base model. The
+        methods' own checks, before anything is stored."""
+        from cns_daemon.methods.common.kv import check_positions
+        from cns_daemon.methods.cones2 import encoder_width, residual_vector
         from cns_daemon.model import kv_weights
 
-        kv = kv_weights(self.pipe.unet)
-        width = int(self.pipe.text_encoder.config.hidden_size)
-        wrong = [f"no K/V weight {name!r}" for name in [*record.masks, *record.deltas] if name not in kv]
-        wrong += [f"{name!r} has {kv[name].numel():,} weights, not {int(idx.max()) + 1:,}"
-                  for name, idx in [*record.masks.items(), *((n, d.indices) for n, d in record.deltas.items())]
-                  if name in kv and len(idx) and int(idx.max()) >= kv[name].numel()]
-        if record.residual is not None and np.asarray(record.residual).size != width:
-            wrong.append(f"a residual of width {np.asarray(record.residual).size}, not the text "
-                         f"encoder's {width}")
-        if wrong:
+        try:
+            check_positions(kv_weights(self.pipe.unet), {**record.masks, **{
+                name: delta.indices for name, delta in record.deltas.items()}})
+            if record.residual is not None:
+                residual_vector(record, encoder_width(self.pipe))
+        except ModelMismatch as exc:
             raise BadInput(f"This concept file does not fit the model it says it was learned on: "
-                           f"{'; '.join(wrong[:3])}.", "Export it again with `cones export NAME -o FILE`.")
+                           f"{exc.message}", "Export it again with `cones export NAME -o FILE`.") from None
 
     def _retoken(self, record: ConceptRecord) -> ConceptRecord:
         """The record on free rare words, each carrying the row its old word had: the trained
@@ -502,10 +499,10 @@ class Engine:
         hp = parse_options(get_method(method).Params, options, steps)
         taken = [m.token for m in self.store.list()]
         token = ""
-        if method != "cones2":   # Cones 2 reads the concept at its class word: no token
-            token = allocate_token(self.tokenizer_here(), taken, getattr(hp, "token", "") or None,
-                                   getattr(hp, "vectors", 1))
         tok = self.tokenizer_here()
+        if method != "cones2":   # Cones 2 reads the concept at its class word: no token
+            token = allocate_token(tok, taken, getattr(hp, "token", "") or None,
+                                   getattr(hp, "vectors", 1))
         # where the concept is read: its first rare word, or (Cones 2) its class word
         anchor = token_ids(tok, (token or class_word).split()[0])[0]
         for file, caption in captions:

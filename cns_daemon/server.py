@@ -224,8 +224,9 @@ class App:
 
     async def add(self, req: Request, params: dict) -> Response:
         data = await _body(req)
-        if data.count(b"{") > MAX_OBJECTS:   # refused before pydantic builds them all
-            raise BadInput(f"The request holds {data.count(b'{'):,} JSON objects; a learn request has "
+        objects = data.count(b"{")
+        if objects > MAX_OBJECTS:   # refused before pydantic builds them all
+            raise BadInput(f"The request holds {objects:,} JSON objects; a learn request has "
                            f"at most {MAX_PHOTOS} photos.", "Send what `cones add` sends.")
         try:
             body = await asyncio.to_thread(parse_body, AddRequest, data)

@@ -198,15 +198,7 @@ class Cones2Method(PerRequest):
 
     def apply(self, pipe, records: list[ConceptRecord]) -> "Cones2Handle":
         width = encoder_width(pipe)
-        residuals = {}
-        for r in records:
-            vec = np.asarray(r.residual, dtype=np.float32).reshape(-1) if r.residual is not None else None
-            if vec is None or vec.shape != (width,):
-                got = "none" if vec is None else str(vec.shape[0])
-                raise ModelMismatch(f"Concept {r.name!r} has a residual of width {got}; this "
-                                    f"model's text encoder has width {width}.")
-            residuals[r.name] = torch.from_numpy(vec)
-        return Cones2Handle(residuals)
+        return Cones2Handle({r.name: torch.from_numpy(residual_vector(r, width)) for r in records})
 
     def remove(self, handle: "Cones2Handle") -> None:
         handle.residuals.clear()   # nothing in the pipeline was changed
@@ -224,6 +216,16 @@ class Cones2Handle:
             for pos in anchors.get(name, ()):
                 out[:, pos] += vec.to(out.device, out.dtype)
         return out
+
+
+def residual_vector(record: ConceptRecord, width: int) -> np.ndarray:
+    """The record's residual as a float32 vector, or ModelMismatch unless it is `width` long."""
+    vec = np.asarray(record.residual, dtype=np.float32).reshape(-1) if record.residual is not None else None
+    if vec is None or vec.shape != (width,):
+        got = "none" if vec is None else str(vec.shape[0])
+        raise ModelMismatch(f"Concept {record.name!r} has a residual of width {got}; this "
+                            f"model's text encoder has width {width}.")
+    return vec
 
 
 def encoder_width(pipe) -> int:

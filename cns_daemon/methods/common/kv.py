@@ -32,19 +32,24 @@ class SavedValues:
     old: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
-def write_values(params: dict[str, torch.nn.Parameter],
-                 updates: dict[str, tuple[np.ndarray, np.ndarray | torch.Tensor | float]]) -> SavedValues:
-    """Write `values` (an array, or one scalar such as 0.0) at `indices` of each named tensor.
-    All or nothing: every name and position is checked before the first write (a Cones mask
-    carries no shape the store could check it by, and a write failing half-way left the live
-    model with some of its neurons shut until a restart)."""
-    for name, (indices, _) in updates.items():
+def check_positions(params: dict[str, torch.nn.Parameter], positions: dict[str, np.ndarray]) -> None:
+    """ModelMismatch unless every named tensor is one of `params` and holds every position."""
+    for name, indices in positions.items():
         if name not in params:
             raise ModelMismatch(f"The model has no K/V tensor {name!r}.")
         idx = np.asarray(indices)
         if idx.size and (idx.min() < 0 or idx.max() >= params[name].numel()):
             raise ModelMismatch(f"Positions up to {int(idx.max())} are out of range for {name} "
                                 f"({params[name].numel()} values).")
+
+
+def write_values(params: dict[str, torch.nn.Parameter],
+                 updates: dict[str, tuple[np.ndarray, np.ndarray | torch.Tensor | float]]) -> SavedValues:
+    """Write `values` (an array, or one scalar such as 0.0) at `indices` of each named tensor.
+    All or nothing: every name and position is checked before the first write (a Cones mask
+    carries no shape the store could check it by, and a write failing half-way left the live
+    model with some of its neurons shut until a restart)."""
+    check_positions(params, {name: indices for name, (indices, _) in updates.items()})
     saved = SavedValues(params)
     with torch.no_grad():
         for name, (indices, values) in updates.items():
