@@ -274,7 +274,10 @@ def _result_note(j: JobInfo) -> str:
     if j.kind == "remove" and r.metrics and "photos_deleted" in r.metrics:
         return f"{r.metrics['photos_deleted']} photos deleted, {r.metrics.get('photos_kept', 0)} kept"
     if j.kind == "learn" and r.metrics and "neurons" in r.metrics:
-        made = f"{r.metrics['neurons']:,} neurons, {human_size(int(r.metrics.get('size_bytes', 0)))}"
+        # Cones 2 learns a residual embedding and no neurons (its count reads 0)
+        what = ("a residual embedding" if r.metrics.get("method") == "cones2"
+                else f"{r.metrics['neurons']:,} neurons")
+        made = f"{what}, {human_size(int(r.metrics.get('size_bytes', 0)))}"
         return "; ".join(x for x in (made, skipped) if x)
     if not r.images:
         return skipped

@@ -268,17 +268,19 @@ class Engine:
         except BaseException:
             method.unlearn(self.pipe, job.name)   # a resident method left it live; not kept
             raise
-        return self._learned(job.name, job.seed, record.meta.metrics.get("note"))
+        return self._learned(job.name, job.seed, job.method, record.meta.metrics.get("note"))
 
-    def _learned(self, name: str, seed: int, note) -> JobResult:
-        """A learn's result: its note, and what it came to in the store."""
-        metrics = {"note": str(note)} if note else {}
+    def _learned(self, name: str, seed: int, method: str, note) -> JobResult:
+        """A learn's result: its method and note, and what it came to in the store."""
+        metrics: dict[str, float | int | str] = {"method": method}
+        if note:
+            metrics["note"] = str(note)
         try:   # the concept is learned whatever these reads do
             metrics |= {"neurons": int(self.store.overlap(name).total),
                         "size_bytes": self.store.size_of(name)}
         except ConesError as exc:
             log.warning("learned %s, but its size could not be read: %s", name, exc)
-        return JobResult(concept=name, seed=seed, metrics=metrics or None)
+        return JobResult(concept=name, seed=seed, metrics=metrics)
 
     def saved_by_first_run(self, job: LearnJob | ConceptMeta) -> JobResult | None:
         """A learn or import run again after a crash whose first run had stored the concept (the
@@ -293,7 +295,7 @@ class Engine:
             return None   # another concept of that name: the conflict stands
         if isinstance(job, ConceptMeta):
             return JobResult(concept=job.name, metrics={"note": SAVED_BEFORE_STOP})
-        return self._learned(job.name, job.seed, SAVED_BEFORE_STOP)
+        return self._learned(job.name, job.seed, job.method, SAVED_BEFORE_STOP)
 
     def generate(self, req: GenerateRequest, out_dir: Path, progress: ProgressFn,
                  cancel: CancelToken) -> JobResult:

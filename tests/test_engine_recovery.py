@@ -114,7 +114,7 @@ def test_a_learn_or_import_whose_first_run_stored_it_is_done_when_run_again(engi
     job = LearnJob(name="rex", class_word="dog", method="cns", photo_digests=["a" * 64, "b" * 64], seed=3)
     result = engine.saved_by_first_run(job)
     assert result.concept == "rex" and result.seed == 3 and result.metrics["note"] == SAVED_BEFORE_STOP
-    assert result.metrics["neurons"] == 40
+    assert result.metrics["neurons"] == 40 and result.metrics["method"] == "cns"
     other = job.model_copy(update={"photo_digests": ["c" * 64, "b" * 64]})
     assert engine.saved_by_first_run(other) is None   # another concept of that name
     assert engine.saved_by_first_run(job.model_copy(update={"name": "nobody"})) is None

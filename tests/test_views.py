@@ -119,6 +119,9 @@ def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
     jobs = [JobInfo(id="a" * 12, kind="learn", state="done", summary="learn <rex>", created=now,
                     skipped=[SkippedFile(file="IMG_1.HEIC", reason="a HEIC photo")],
                     result=JobResult(concept="rex", seed=0, metrics={"neurons": 12345, "size_bytes": 48000})),
+            JobInfo(id="e" * 12, kind="learn", state="done", summary="learn <mug>", created=now,
+                    result=JobResult(concept="mug", seed=0,
+                                     metrics={"method": "cones2", "neurons": 0, "size_bytes": 3000})),
             JobInfo(id="b" * 12, kind="eval", state="done", summary="eval <rex>", created=now,
                     result=JobResult(metrics={"clip_i": 0.8, "clip_t": 0.3})),
             JobInfo(id="c" * 12, kind="generate", state="done", summary="generate 2x", created=now,
@@ -129,6 +132,7 @@ def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
     Console(file=out, width=200, force_terminal=False).print(jobs_table(jobs))
     text = " ".join(out.getvalue().split())
     assert "12,345 neurons, 48.0 kB; 1 skipped: IMG_1.HEIC (a HEIC photo)" in text, text
+    assert "a residual embedding, 3.0 kB" in text and "0 neurons" not in text   # Cones 2
     assert "CLIP-I 0.8, CLIP-T 0.3" in text and "2 images in /data/outputs/job-c" in text
     assert text.count("CLIP-I") == 1 and "3 photos deleted, 1 kept" in text
 
