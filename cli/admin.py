@@ -115,6 +115,9 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
     else:
         console.print(f"The damaged store is kept at {escape(str(done.kept_at))}; learn the lost concepts again "
                       "from their photos.", highlight=False)
+    if any(k.photo_digests for k in done.lost.values()):
+        console.print("Their archived photos are kept (`cones prune-photos` leaves them) until each is "
+                      "learned again under its name, or let go with `cones rm NAME --photos`.", highlight=False)
 
 
 def _relearn_text(name: str, known, archive_root) -> str:

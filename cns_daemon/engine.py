@@ -375,7 +375,10 @@ class Engine:
 
     def remove(self, name: str) -> JobResult:
         """Remove a concept without decoding it (a damaged one can be removed too): the store
-        drops its keys, the weights drop it if it is live."""
+        drops its keys, the weights drop it if it is live. A concept a salvage left behind is
+        forgotten (its photos are no longer kept for it)."""
+        if name not in self.store and self.store.drop_lost(name):
+            return JobResult(concept=name)
         if name not in self.store:
             raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.")
         # Store first: if the process dies between the two steps, the store (which start-up

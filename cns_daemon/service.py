@@ -125,7 +125,8 @@ class Service:
         # NotFound now rather than from the queue; membership only, so a damaged concept (whose
         # record cannot be decoded) can still be removed.
         with self._queue_lock:
-            self._stored(name)
+            if name not in self.store.lost():   # one a salvage left behind: its photos can go
+                self._stored(name)
             pending = self._pending(name, ("remove",))
             if pending is not None:
                 raise Conflict(f"{name!r} is already being removed (job {pending.id}).",
@@ -137,7 +138,10 @@ class Service:
 
     def concept_photos(self, name: str) -> list[str]:
         """The photos a concept was learned from: its metadata's, or, where that cannot be read
-        (a damaged concept), those of the newest finished learn of that name."""
+        (a damaged concept), those of the newest finished learn of that name; of one a salvage
+        left behind, those it kept."""
+        if name not in self.store and name in (lost := self.store.lost()):
+            return list(lost[name])
         try:
             return list(self.store.meta(name).photo_digests)
         except ConesError:
@@ -157,6 +161,8 @@ class Service:
                     for d in job.request.get("photo_digests", [])}
             readable = self.store.list()
             used |= {d for meta in readable for d in meta.photo_digests}
+            # concepts a salvage could not copy: kept to learn them again
+            used |= {d for digests in self.store.lost().values() for d in digests}
             for name in set(self.store.names()) - {m.name for m in readable}:
                 used |= set(self.concept_photos(name))
             # (an edited concept file may name what is no photo: it is in no archive)

@@ -137,6 +137,9 @@ def salvage(path: Path) -> SalvageReport:
                 finished.append(job)
         learns = newest_learns(finished)
         lost = {name: _what_is_known(old, name, learns.get(name)) for name in report.damaged}
+        # their photos stay in the archive until they are learned again (`cones prune-photos`
+        # would delete them: no concept of the fresh store names them)
+        new.set_lost({**_old_lost(old), **{n: k.photo_digests for n, k in lost.items() if k.photo_digests}})
     # Whole from here: a crash between the two renames leaves no store at `path`, and
     # `finish_interrupted` puts this one there (the next start would have made an empty one).
     (fresh / COMPLETE).write_text(f"salvaged from {path}\n")
@@ -151,6 +154,14 @@ def salvage(path: Path) -> SalvageReport:
     fresh.rename(path)
     (path / COMPLETE).unlink(missing_ok=True)
     return SalvageReport(report, copied, jobs, str(kept), lost)
+
+
+def _old_lost(store: ConceptStore) -> dict[str, list[str]]:
+    """What an earlier salvage of this store left behind, where that still reads."""
+    try:
+        return store.lost()
+    except ConesError:
+        return {}
 
 
 def _unused(path: Path) -> Path:

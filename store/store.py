@@ -7,7 +7,9 @@
 
 Layout (named databases; every value framed by `envelope`: schema version + crc32):
     meta        b"schema" -> {"version"}, b"fingerprint" -> base model fingerprint,
-                b"aliases" -> [earlier digests of the same model], b"base_model" -> {model, dtype}
+                b"aliases" -> [earlier digests of the same model], b"base_model" -> {model, dtype},
+                b"lost" -> {name: [photo digests]}: concepts a salvage could not copy (their
+                photos are kept for learning them again; `lost`)
     concepts    name -> ConceptMeta (JSON)
     masks       name \\0 tensor -> index set          (Cones)
     deltas      name \\0 tensor -> shape, indices, values (CNS)
@@ -175,6 +177,7 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
             elif meta.fingerprint and stored_fp != meta.fingerprint:
                 raise self._mismatch(stored_fp, meta.fingerprint, f"Concept '{name}'")
             self._put_items(txn, items)
+            self._drop_lost(txn, name)   # learned again: its photos are this concept's now
             overlap = Overlap(shared_with=self._shared_counts(txn, own, exclude=name),
                               total=sum(int(v.size) for v in own.values()))
             self._put_overlap(txn, name, overlap)
@@ -182,6 +185,28 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
             return overlap
 
         return self._env.write(txn_fn)
+
+    # -- concepts a salvage left behind ---------------------------------------------------------
+
+    def lost(self) -> dict[str, list[str]]:
+        """Concepts a salvage could not copy, by name: the photos each was learned from, which
+        `cones prune-photos` keeps until the concept is learned again or removed (`drop_lost`)."""
+        return dict(self._meta_value(b"lost") or {})
+
+    def set_lost(self, lost: dict[str, list[str]]) -> None:
+        self._env.write(lambda txn: self._put_meta(txn, b"lost", {n: list(d) for n, d in lost.items()}))
+
+    def drop_lost(self, name: str) -> bool:
+        """Forget a lost concept (its photos may be pruned then). False if none of that name."""
+        return self._env.write(lambda txn: self._drop_lost(txn, name))
+
+    def _drop_lost(self, txn, name: str) -> bool:
+        lost = self._read_meta(txn, b"lost") or {}
+        if name not in lost:
+            return False
+        del lost[name]
+        self._put_meta(txn, b"lost", lost)
+        return True
 
     def _put_items(self, txn, items: Iterable[Item]) -> None:
         for db, key, value in items:

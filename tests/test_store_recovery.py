@@ -237,10 +237,23 @@ def test_salvage_says_how_to_learn_a_lost_concept_again_from_its_archived_photos
         archived = words[3:at]
         assert len(archived) == n and all(Path(p).is_file() for p in archived)
         assert all(str(h / "data") in p for p in archived)
-    # the command it printed works: the concept is back
+    assert "kept (`cones prune-photos` leaves them)" in text
+    # the photos the commands name outlive a pruning: no concept of the fresh store names them
     started.append(start_daemon(h))
+    code, out, _ = cones("prune-photos")
+    assert code == 0 and out.startswith("Deleted 0 ") and all(Path(p).is_file() for p in by_name["rex"][3:6])
+    # the command it printed works: the concept is back, and no longer kept as lost
     assert cones(*by_name["rex"][1:], "--steps", "2")[0] == 0
     assert _states(cones) == {"rex": "ok"}
+    mug_photos = by_name["mug"][3:5]
+    with ConceptStore.open(store_dir, create=False, readonly=True) as store:
+        assert set(store.lost()) == {"mug"}
+    # a lost concept can be let go: its photos then go with `--photos` (rex still uses them here)
+    code, out, _ = cones("rm", "mug", "--photos")
+    assert code == 0 and "Removed <mug> and 0 archived photos (2 kept" in " ".join(out.split()), out
+    assert cones("rm", "mug")[0] != 0   # gone for good
+    assert cones("rm", "rex", "--photos")[0] == 0
+    assert not any(Path(p).exists() for p in mug_photos)
 
 
 def _a_value_of(store_dir: Path, name: bytes) -> bytes:
