@@ -30,7 +30,7 @@ from cns_daemon.api.protocol import ConceptInfo, EvalRequest, GenerateRequest, J
 from cns_daemon.api.settings import Paths, Settings
 from cns_daemon.outputs import generation_caption, save_images
 from store.records import ConceptMeta, ConceptRecord, Overlap
-from store.store import values_finite
+from store.store import ConceptStore, values_finite
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,12 @@ def _model_name(model: str | None) -> str:
         return "the shipped toy-world model"
     path = Path(model).expanduser()
     return str(path.absolute()) if path.exists() else model
+
+
+# A concept key whose bytes are no name: no request can name it, so only salvage mends it
+UNNAMED = Corrupt(ConceptStore.UNNAMED,
+                  "Stop the service and run `cones store salvage`: it copies every other concept into "
+                  "a fresh store and says how to learn this one again.")
 
 
 def state_of(problem: ConesError | None) -> str:
@@ -549,6 +555,9 @@ class Engine:
         listed = {m.name for m in metas}
         out = [self._info(m) for m in metas]
         out += [self._unreadable_info(name) for name in sorted(set(self.store.names()) - listed)]
+        out += [ConceptInfo(name=name, method="", class_word="", token="", created=0.0, photos=0,
+                            size_bytes=0, neurons=0, state="damaged", problem=UNNAMED.message,
+                            hint=UNNAMED.hint) for name in self.store.unnamed()]
         return out
 
     def _unreadable_info(self, name: str) -> ConceptInfo:
@@ -564,6 +573,7 @@ class Engine:
         and later reads found, without reading any concept again)."""
         names = set(self.store.names())
         states = {n: "damaged" for n in names - {m.name for m in self.store.list()}}
+        states.update({n: "damaged" for n in self.store.unnamed()})   # no valid name looks so
         states.update({n: state_of(e) for n, e in self.problems.items() if n in names})
         counts = {"damaged": 0, "not_rebuilt": 0}
         for state in states.values():

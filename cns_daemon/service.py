@@ -285,7 +285,7 @@ class Service:
             uptime_s=round(time.time() - self.started, 3), socket=str(self.paths.socket),
             data=str(self.paths.data), inbox=str(self.paths.inbox), inbox_watched=self.inbox_watched,
             model=info.model, device=info.device, dtype=info.dtype, fingerprint=info.fingerprint,
-            concepts=len(self.store.names()), damaged=health["damaged"],
+            concepts=len(self.store.names()) + len(self.store.unnamed()), damaged=health["damaged"],
             not_rebuilt=health["not_rebuilt"], memory=getattr(self.engine, "memory_in_effect", []),
             method=self.settings.method,
             queue=QueueInfo(queued=len(self.worker.queued()),

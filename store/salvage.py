@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cns_daemon.api.errors import ConesError, Corrupt
+from cns_daemon.api.errors import BadInput, ConesError, Corrupt
 
 from .env import DB_NAMES
 from .jobs import newest_learns
@@ -75,7 +75,7 @@ def _names(store: ConceptStore, report: CheckReport) -> list[str]:
         if stopped:
             report.databases[db] = stopped
         for key in keys:
-            names.setdefault(key.split(SEP, 1)[0].decode(errors="replace"), None)
+            names.setdefault(key.split(SEP, 1)[0].decode(errors="backslashreplace"), None)
     return list(names)
 
 
@@ -92,6 +92,8 @@ def check(path: Path) -> CheckReport:
             try:
                 store.raw_concept(name)
                 report.concepts.append(name)
+            except BadInput:   # no name at all: its key's bytes changed
+                report.damaged[name] = ConceptStore.UNNAMED
             except ConesError as exc:
                 report.damaged[name] = exc.message
         keys, stopped = store.scan_keys("jobs")

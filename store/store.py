@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator
 import lmdb
 import numpy as np
 
-from cns_daemon.api.errors import (Conflict, Corrupt, Internal, NotFound,
+from cns_daemon.api.errors import (BadInput, Conflict, Corrupt, Internal, NotFound,
                                    ProtocolMismatch, Unavailable)
 
 from . import serialize as ser
@@ -167,10 +167,11 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
 
         def txn_fn(txn) -> Overlap:
             key = name.encode()
-            if txn.get(key, db=self._db["concepts"]) is not None:
-                if not replace:
-                    raise Conflict(f"A concept named '{name}' already exists.")
-                self._delete_parts(txn, name)
+            if txn.get(key, db=self._db["concepts"]) is not None and not replace:
+                raise Conflict(f"A concept named '{name}' already exists.")
+            # Parts of this name with no concept key (its key damaged, then removed) would be
+            # read back as this concept's: none but its own stay.
+            self._delete_parts(txn, name)
             stored_fp = self._read_meta(txn, b"fingerprint")
             if meta.fingerprint and stored_fp is None:
                 self._put_meta(txn, b"fingerprint", meta.fingerprint)
@@ -265,9 +266,26 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
         return self._env.read(
             lambda txn: txn.get(name.encode(), db=self._db["concepts"]) is not None)
 
+    UNNAMED = "Its name in the concept store is damaged (the bytes shown are no concept name)."
+
     def names(self) -> list[str]:
-        """Every stored concept name, damaged or not."""
-        return self._env.read(lambda txn: [k.decode() for k, _ in
+        """Every stored concept name, damaged or not; keys whose bytes are no name are left out
+        (`unnamed`)."""
+        return [name for name, ok in self._keys() if ok]
+
+    def unnamed(self) -> list[str]:
+        """Keys of the concepts database whose bytes are no concept name (damaged in the file),
+        as text with the bad bytes escaped: nothing can address them but `cones store salvage`,
+        which copies every other concept."""
+        return [name for name, ok in self._keys() if not ok]
+
+    def _keys(self) -> list[tuple[str, bool]]:
+        def name_of(key: bytes) -> tuple[str, bool]:
+            try:
+                return validate_name(key.decode()), True
+            except (UnicodeDecodeError, BadInput):
+                return key.decode(errors="backslashreplace"), False
+        return self._env.read(lambda txn: [name_of(bytes(k)) for k, _ in
                                            txn.cursor(db=self._db["concepts"])])
 
     def list(self) -> list[ConceptMeta]:

@@ -50,6 +50,29 @@ def test_put_conflict_replace_and_delete(store):
             call()
 
 
+def test_parts_left_without_their_concept_key_are_not_read_back_as_a_new_concept(store):
+    """A concept key damaged (then removed as another name) leaves the concept's parts under its
+    old name: a new concept of that name must not read them as its own."""
+    store.put(sample_record("rex", "cns", seed=1))
+    store._env.write(lambda txn: txn.delete(b"rex", db=store._db["concepts"]))
+    assert store.names() == []
+    small = sample_record("rex", "cns", seed=2, shapes={"only.to_k": (8, 64)})
+    store.put(small)
+    assert_same_record(store.get("rex"), small)
+    assert store.size_of("rex") < 4000
+
+
+def test_a_key_whose_bytes_are_no_name_is_counted_apart(store):
+    """A flipped byte in a concepts key: `names` (which everything addresses concepts by) leaves
+    it out and `unnamed` shows it, so the service starts and lists the rest."""
+    store.put(sample_record("mug", "cns", seed=1))
+    raw = store._env.read(lambda txn: bytes(txn.get(b"mug", db=store._db["concepts"])))
+    for key in (b"r\xe5x", b"r x"):
+        store._env.write(lambda txn: txn.put(key, raw, db=store._db["concepts"]))
+    assert store.names() == ["mug"] and sorted(store.unnamed()) == ["r x", "r\\xe5x"]
+    assert [m.name for m in store.list()] == ["mug"]
+
+
 @pytest.mark.parametrize("name", ["", "a" * 65, "has space", "slash/name", "dot.name", "ü",
                                   "nul\x00", "<rex>", "semi;colon"])
 def test_invalid_names_are_clear_errors_everywhere(store, name):

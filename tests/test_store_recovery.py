@@ -271,6 +271,39 @@ def _a_value_of(store_dir: Path, name: bytes) -> bytes:
     raise AssertionError(f"no values stored for {name!r}")
 
 
+@pytest.mark.parametrize("flip, shown", [(b"\x00\x80\x00", "r\\xe5x"), (b"\x00\x45\x00", "r x")],
+                         ids=["not-utf8", "a-space"])
+def test_a_concept_key_whose_bytes_are_no_name_leaves_the_service_serving_the_rest(home, tmp_path,
+                                                                                  monkeypatch, flip, shown):
+    """A byte of a concepts key flipped ("rex" read as "r\\xe5x" or "r x"): the service failed to
+    start on it. It starts, lists it damaged with what to do, and salvage leaves it behind."""
+    h, started = home
+    cones = cli_in_process(h, monkeypatch)
+    started.append(start_daemon(h))
+    photos = [str(p) for p in write_photos(tmp_path / "rex", 2)]
+    for name in ("rex", "mug"):
+        assert cones("add", name, *photos, "--class", "dog", "--steps", "2")[0] == 0
+    started.pop().kill(signal.SIGTERM)
+    store_dir = h / "data" / "store"
+    root, psize = db_root(store_dir, "concepts")
+    at = (store_dir / "data.mdb").read_bytes()[root * psize:(root + 1) * psize].find(b"rex")
+    xor_bytes(store_dir, root * psize + at, flip)
+
+    started.append(start_daemon(h))
+    assert _states(cones) == {"mug": "ok", shown: "damaged"}
+    code, out, err = cones("list")
+    assert code == 0 and "cones store salvage" in " ".join(err.split()), out + err
+    code, out, _ = cones("status")
+    assert "2 (1 damaged; see `cones list`)" in " ".join(out.split()), out
+    assert cones("add", "rex", *photos, "--class", "dog", "--steps", "2")[0] == 0   # the name is free
+    started.pop().kill(signal.SIGTERM)
+    code, out, _ = cones("store", "salvage")
+    text = " ".join(out.split())
+    assert code == 0 and f"left behind <{shown}>: Its name in the concept store is damaged" in text, out
+    started.append(start_daemon(h))
+    assert _states(cones) == {"mug": "ok", "rex": "ok"}
+
+
 # -- items 2 and 3: a bad page; check and salvage ------------------------------------------------------
 
 
