@@ -102,6 +102,10 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
         for lock in locks:
             lock.release()
     lost = done.check.damaged
+    if done.other_meta_page:
+        console.print("[yellow]One of the two meta pages of the store's data file is damaged: it was "
+                      "salvaged as the other one describes it, which may be one commit old (the last "
+                      "learn, removal or job's record missing).[/]", highlight=False)
     console.print(f"Copied {len(done.copied)} concepts and {done.jobs_copied} jobs into a fresh store "
                   f"at {escape(str(paths.store))}.", highlight=False)
     for name, why in lost.items():
@@ -110,7 +114,7 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
                       markup=False, soft_wrap=True)
     if done.check.damaged_jobs:
         console.print(f"{len(done.check.damaged_jobs)} damaged jobs were left behind.", highlight=False)
-    if done.check.ok:
+    if done.check.ok and not done.other_meta_page:
         console.print(f"The old store is kept at {escape(str(done.kept_at))}.", highlight=False)
     else:
         console.print(f"The damaged store is kept at {escape(str(done.kept_at))}; learn the lost concepts again "

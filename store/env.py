@@ -124,6 +124,47 @@ def cut_short(data_file: Path) -> str | None:
     return None
 
 
+def older_snapshot(store_dir: Path) -> Path | None:
+    """A copy of the store at `store_dir` as one of its two meta pages describes it, for a store
+    LMDB will not open because the other is damaged (it reads both and refuses the file when
+    either is garbled; of two that read it takes the newer, whose tree may be the damaged one).
+    The page that reads is taken, or of two the older: LMDB never reuses a page of the commit
+    before the newest, so it still describes a whole store. The copy holds it in both places.
+    None when neither reads as a meta page."""
+    import shutil
+    import struct
+
+    data = (store_dir / "data.mdb").read_bytes()
+
+    def meta_at(offset: int) -> tuple[int, int] | None:   # (txnid, page size) of a meta page there
+        if len(data) < offset + _META + 136 or struct.unpack_from("<I", data, offset + _META)[0] != _META_MAGIC:
+            return None
+        return struct.unpack_from("<Q", data, offset + _META + 128)[0], struct.unpack_from("<I", data, offset + _META + 24)[0]
+
+    first = meta_at(0)
+    if first is not None:
+        psize, second = first[1], meta_at(first[1])
+    else:   # page 0 garbled: the second page's place is found by the size it says pages are
+        psize, second = next(((size, m) for size in (4096, 8192, 16384, 32768, 65536)
+                              if (m := meta_at(size)) is not None and m[1] == size), (0, None))
+    if first is None and second is None:
+        return None
+    if first is not None and second is not None:
+        keep = 0 if first[0] < second[0] else 1   # the older of two that read
+    else:
+        keep = 0 if second is None else 1   # the one that reads
+    page = bytearray(data[keep * psize:(keep + 1) * psize])
+    copy = bytearray(data)
+    for slot in (0, 1):
+        struct.pack_into("<Q", page, 0, slot)   # the page header's own page number
+        copy[slot * psize:(slot + 1) * psize] = page
+    dest = store_dir.with_name(f"{store_dir.name}.older-snapshot")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(mode=0o700)
+    (dest / "data.mdb").write_bytes(bytes(copy))
+    return dest
+
+
 class Env:
     """One LMDB environment (a directory) with the store's named databases."""
 
@@ -147,7 +188,8 @@ class Env:
                                  readonly=readonly, create=create, max_readers=126, mode=0o600)
         except lmdb.InvalidError:
             raise Corrupt(f"The concept store at {self.path} is not a readable LMDB store.",
-                          "Restore it from a backup or move it aside to start a new store.") from None
+                          "Stop the service and run `cones store salvage` (it reads around a damaged "
+                          "meta page), or restore the store folder from a backup.") from None
         except lmdb.Error as exc:
             raise Unavailable(f"Cannot open the concept store at {self.path}: {str(exc).rstrip('.')}.",
                               "Check the folder's permissions and free disk space.") from None

@@ -10,6 +10,7 @@ without the service (a store that stops the service from starting must still be 
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from cns_daemon.api.errors import BadInput, ConesError, Corrupt
 
-from .env import DB_NAMES
+from .env import DB_NAMES, older_snapshot
 from .jobs import newest_learns
 from .records import JobRecord
 from .store import SEP, ConceptStore
@@ -61,6 +62,7 @@ class SalvageReport:
     jobs_copied: int
     kept_at: str      # where the damaged store now is
     lost: dict[str, LostConcept] = field(default_factory=dict)
+    other_meta_page: bool = False   # read as LMDB's other meta page describes it (one garbled)
 
 
 def _names(store: ConceptStore, report: CheckReport) -> list[str]:
@@ -113,13 +115,32 @@ def salvage(path: Path) -> SalvageReport:
     damaged one to `<path>.damaged-<time>` and put the fresh one in its place."""
     path = Path(path)
     report = check(path)
-    if report.error:
-        raise Corrupt(f"The concept store at {path} cannot be opened to salvage it: {report.error}",
-                      "Restore the store folder from a backup, or move it aside to start a new store.")
+    older = None
+    if report.error:   # a meta page garbled: the commit the other one describes may read
+        older = older_snapshot(path)
+        again = check(older) if older is not None else report
+        if again.error:
+            if older is not None:
+                shutil.rmtree(older, ignore_errors=True)
+            raise Corrupt(f"The concept store at {path} cannot be opened to salvage it: {report.error}",
+                          "Restore the store folder from a backup, or move it aside to start a new store.")
+        report = dataclasses.replace(again, path=str(path))
+    try:
+        done = _copy(path, older or path, report)
+    finally:
+        if older is not None:
+            shutil.rmtree(older, ignore_errors=True)
+    done.other_meta_page = older is not None
+    return done
+
+
+def _copy(path: Path, source: Path, report: CheckReport) -> SalvageReport:
+    """Salvage's copy from `source` (the store, or a copy of it at an older commit), and the
+    fresh store put at `path`."""
     fresh = _unused(path.with_name(f"{path.name}.salvage-{time.strftime('%Y%m%d-%H%M%S')}"))
     copied: list[str] = []
     jobs = 0
-    with ConceptStore.open(path, create=False, readonly=True) as old, ConceptStore.open(fresh) as new:
+    with ConceptStore.open(source, create=False, readonly=True) as old, ConceptStore.open(fresh) as new:
         if old.fingerprint:
             base_model = old._meta_value(b"base_model")   # for the words of a later refusal
             new.bind(old.fingerprint, base_model if isinstance(base_model, dict) else None,

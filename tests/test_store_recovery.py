@@ -427,6 +427,40 @@ def test_salvage_of_a_healthy_store_moves_nothing(home, monkeypatch):
     assert len(list(path.parent.glob("store.damaged-*"))) == 1
 
 
+@pytest.mark.parametrize("garble", ["newest", "older"])
+def test_a_garbled_meta_page_is_read_around_by_salvage(home, monkeypatch, garble):
+    """LMDB keeps two meta pages and refuses the whole file when either is garbled: salvage
+    reads the store as the other one describes it (the commit before the newest, or the newest
+    when the older page is the garbled one) instead of giving up on every concept."""
+    import struct
+
+    h, started = home
+    cones = cli_in_process(h, monkeypatch)
+    fp, records = tiny_records(2)
+    path = write_store(h, records[:2], fp)
+    with ConceptStore.open(path, fingerprint=fp) as store:   # the newest commit: one concept more
+        store.put(records[2])
+    data = (path / "data.mdb").read_bytes()
+    psize = struct.unpack_from("<I", data, 16 + 24)[0]
+    txnids = [struct.unpack_from("<Q", data, slot * psize + 16 + 128)[0] for slot in (0, 1)]
+    slot = txnids.index(max(txnids) if garble == "newest" else min(txnids))
+    xor_bytes(path, slot * psize + 16, b"\xff\xff\xff\xff")   # its magic number
+    code, out, err = cones("store", "check")
+    assert code == CORRUPT and "not a readable LMDB store" in out + err, out + err
+
+    code, out, err = cones("store", "salvage")
+    assert code == 0, out + err
+    text = " ".join(out.split())
+    newest = [r.meta.name for r in records[:3]]
+    expected = newest if garble == "older" else newest[:2]
+    assert f"Copied {len(expected)} concepts" in text, out
+    assert "meta pages of the store's data file is damaged" in text and "damaged store is kept" in text, out
+    with ConceptStore.open(path, readonly=True) as store:
+        assert sorted(store.names()) == sorted(expected)
+    assert not list(path.parent.glob("*older-snapshot*"))   # its working copy is gone
+    assert len(list(path.parent.glob("store.damaged-*"))) == 1
+
+
 def test_a_relearn_command_says_which_captions_the_archive_no_longer_holds(tmp_path):
     """The archive keeps one caption per photo: the same photo learned later for another concept
     with another caption replaced it, and salvage's relearn command (`cones add` reads the caption
