@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from cns_daemon.api.errors import BadInput
+from cns_daemon.api.settings import setting_variables
 
 JSON = typer.Option(False, "--json", help="Print one machine-readable JSON document.")
 
@@ -23,13 +24,19 @@ def settings(**flags):
     cfg = config_file()
     if cfg.exists() and not cfg.is_file():   # it would be skipped without a word
         raise BadInput(f"{cfg} is not a file.", "config.toml is a TOML file; move the folder aside.")
+    if cfg.is_symlink() and not cfg.exists():   # so would a link to nothing
+        raise BadInput(f"{cfg} is a link to {os.readlink(cfg)}, which is not there.",
+                       "Point the link at your config.toml, or remove it to use the defaults.")
     try:
         return load_settings(**flags)
     except ValidationError as exc:
         from cns_daemon.api.protocol import describe_validation_error
 
-        raise BadInput(f"Invalid configuration: {describe_validation_error(exc)}.",
+        raise BadInput(f"Invalid configuration: {_unknown_keys(exc) or describe_validation_error(exc)}.",
                        f"Fix it where it is set: {_where_set(exc, flags)}.") from None
+    except OSError as exc:   # unreadable: no storage trouble, whatever errno says
+        raise BadInput(f"{cfg} cannot be read: {exc.strerror or exc}.",
+                       "Make it readable by you (chmod 600), or move it aside.") from None
     except tomllib.TOMLDecodeError as exc:
         try:
             raw = config_file().read_bytes()
@@ -48,21 +55,46 @@ def settings(**flags):
                        "Save it as UTF-8 (the encoding TOML files use), or move it aside.") from None
 
 
+def _unknown_keys(exc) -> str:
+    """A key config.toml has that is no setting ("step"), with the one it is closest to, as
+    an unknown CONES_* variable is told; "" when the errors are others."""
+    import difflib
+
+    from cns_daemon.api.settings import Settings
+
+    unknown = [str(e["loc"][0]) for e in exc.errors() if e.get("type") == "extra_forbidden" and e.get("loc")]
+    if not unknown or len(unknown) != len(exc.errors()):
+        return ""
+    said = []
+    for key in unknown:
+        near = difflib.get_close_matches(key, sorted(Settings.model_fields), n=1)
+        said.append(f"`{key}` is not a cones setting" + (f" (did you mean `{near[0]}`?)" if near else ""))
+    return "; ".join(said)
+
+
 def _where_set(exc, flags: dict) -> str:
-    """Where the first refused setting came from: a flag, a CONES_* variable or config.toml."""
+    """Where the refused settings came from: a flag, a CONES_* variable or config.toml."""
     errors = exc.errors() if hasattr(exc, "errors") else []
-    field = str(errors[0]["loc"][0]) if errors and errors[0].get("loc") else ""
+    fields = [str(e["loc"][0]) if e.get("loc") else "" for e in errors] or [""]
+    return "; ".join(dict.fromkeys(_place(field, flags) for field in fields))
+
+
+def _place(field: str, flags: dict) -> str:
     if flags.get(field) is not None:
-        return f"the command's --{field.replace('_', '-')} flag"
-    if os.environ.get(f"CONES_{field.upper()}", "").strip():
+        return f"the command's {FLAGS.get(field, '--' + field.replace('_', '-'))} flag"
+    if setting_variables().get(f"CONES_{field.upper()}"):
         return f"the environment variable CONES_{field.upper()}"
     cfg = config_file()
     try:
-        if field in {k.lower() for k in tomllib.loads(cfg.read_text(encoding="utf-8"))}:
+        if field in tomllib.loads(cfg.read_text(encoding="utf-8")):
             return f"{cfg}"
     except (OSError, ValueError):
         pass
     return f"the command's flags, the CONES_* environment variables or {cfg}"
+
+
+# Settings whose flag is not named after them (`cones serve`)
+FLAGS = {"settle_seconds": "--settle", "watch_inbox": "--no-inbox"}
 
 
 def _tell_unknown_variables() -> None:
@@ -78,9 +110,14 @@ def _tell_unknown_variables() -> None:
         return
     _told = True
     known = {f"CONES_{name.upper()}" for name in Settings.model_fields}
-    for key in sorted(k for k in os.environ if k.startswith("CONES_") and k not in known
-                      and not k.startswith("CONES_TEST_")):
-        near = difflib.get_close_matches(key, sorted(known), n=1)
+    for key in sorted(k for k in os.environ if k.upper().startswith("CONES_")
+                      and not k.upper().startswith("CONES_TEST_")):
+        if key.upper() in known:
+            if key != key.upper():   # read all the same (the settings ignore case): said
+                err_console.print(f"warning: {key} is read as {key.upper()}; spell it so.",
+                                  highlight=False, markup=False)
+            continue
+        near = difflib.get_close_matches(key.upper(), sorted(known), n=1)
         err_console.print(f"warning: {key} is not a cones setting and is ignored"
                           + (f" (did you mean {near[0]}?)" if near else "") + ".", highlight=False,
                           markup=False)

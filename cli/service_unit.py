@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from cns_daemon.api.errors import BadInput, NotFound, Storage, Unavailable, storage_error
-from cns_daemon.api.settings import Settings
+from cns_daemon.api.settings import Settings, setting_variables
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "cones.service"
 UNIT_NAME = "cones.service"
@@ -49,10 +49,22 @@ def unit_environment(settings: Settings) -> dict[str, str]:
     # stay there (the unit's service reads the same file), so editing it later still counts.
     # Every CONES_* setting this shell sets goes along (steps, method, memory options ...), not
     # only the folders: a service that silently ignored them would surprise.
+    given = setting_variables()   # CONES_Steps is read as CONES_STEPS: carried so
     for field in Settings.model_fields:
         key = f"CONES_{field.upper()}"
-        if os.environ.get(key, "").strip():
-            env[key] = os.environ[key]
+        if key in given:
+            env[key] = given[key]
+    for field in ("data_dir", "runtime_dir", "inbox_dir", "model"):
+        value, key = getattr(settings, field), f"CONES_{field.upper()}"
+        if field == "model" and (value is None or not Path(value).exists()):
+            continue   # a model named otherwise than by a path
+        if value is not None and key not in env and not str(value).startswith(("/", "~")):
+            # a relative folder in config.toml: the service would read it from its own working
+            # folder (the home folder), not the one this was installed from
+            raise BadInput(f"{field} is a relative path in config.toml ({str(value)!r}): the service "
+                           "resolves it from its own working folder, not this one.",
+                           f"Make it a full path (or one starting with ~/) in {settings.paths.config_file}, "
+                           "then install again.")
     if settings.home:
         env["CONES_HOME"] = str(Path(settings.home).expanduser().absolute())
     for key, path in (("CONES_DATA_DIR", paths.data), ("CONES_RUNTIME_DIR", paths.runtime),
@@ -67,11 +79,16 @@ def unit_environment(settings: Settings) -> dict[str, str]:
     # Folders this shell finds through XDG or HF_HOME: a systemd manager is started without
     # the shell's variables, so the service read another config.toml and wrote to folders the
     # unit keeps read-only (it failed at start, and restarted in a loop).
-    for key in ((() if settings.home else ("XDG_DATA_HOME", "XDG_CONFIG_HOME")) + ("HF_HOME",)):
+    xdg = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_PICTURES_DIR", "XDG_RUNTIME_DIR")
+    for key in ((() if settings.home else xdg) + ("HF_HOME",)):
         if os.environ.get(key, "").strip():
             env[key] = str(Path(os.environ[key]).expanduser().absolute())
     if "CONES_MODEL" in env and Path(env["CONES_MODEL"]).expanduser().exists():
         env["CONES_MODEL"] = str(Path(env["CONES_MODEL"]).expanduser().absolute())
+    for key, value in env.items():
+        if any(c in value for c in "\n\r"):   # it would end the Environment= line: a line of its own
+            raise BadInput(f"{key} holds a line break; a unit file cannot carry it.",
+                           f"Set {key} without the line break, then install again.")
     return env
 
 

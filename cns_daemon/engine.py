@@ -104,8 +104,9 @@ class Engine:
         self.store = store
         self.archive = archive
         self.pipe = None
-        self.info = EngineInfo(model=settings.model or "toy-world (built in)", device="-",
-                               dtype="-", fingerprint="")
+        # the path in effect (`cones status`): "../m" read from the CLI's folder points elsewhere
+        model = _model_name(settings.model) if settings.model else "toy-world (built in)"
+        self.info = EngineInfo(model=model, device="-", dtype="-", fingerprint="")
         self.problems: dict[str, ConesError] = {}   # concept -> why it is damaged / not rebuilt
         self.memory_in_effect: list[str] = []      # `cones status`: set at start-up
         self._tokenizers = threading.local()       # request threads' own (`tokenizer_here`)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,3 +338,16 @@ def test_a_hand_edited_concept_file_is_refused_at_import(engine):
         with pytest.raises(BadInput, match=said):
             engine.import_record(record)
         assert record.meta.name not in engine.store
+
+
+def test_status_names_the_model_by_the_path_in_effect(tmp_path, monkeypatch):
+    """`--model ../tw` showed as typed: from the CLI's folder that names another place."""
+    from cns_daemon.api.settings import load_settings
+    from cns_daemon.engine import Engine
+
+    (tmp_path / "tw").mkdir()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    engine = Engine(load_settings(home=str(tmp_path / "h"), model="../tw"), store=None, archive=None)
+    assert Path(engine.info.model) == (tmp_path / "sub" / ".." / "tw").absolute()
+    assert Path(engine.info.model).is_absolute() and Path(engine.info.model).resolve() == tmp_path / "tw"

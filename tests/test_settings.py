@@ -230,3 +230,82 @@ def test_a_shared_runtime_folder_is_refused_not_stripped_of_its_permissions(tmp_
     own.mkdir(mode=0o755)
     prepare_runtime(Paths(data=tmp_path / "d", config=tmp_path / "c", runtime=own, inbox=tmp_path / "i"))
     assert os.stat(own).st_mode & 0o777 == 0o700
+
+
+def _status(args=("status",)):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, " ".join(result.stderr.split())
+
+
+def _config(cones_home, text: str) -> Path:
+    cfg = cones_home / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(text)
+    return cfg
+
+
+@pytest.mark.parametrize("layer", ["toml", "env", "home"])
+def test_a_home_folder_of_no_user_is_a_refusal_naming_the_setting(cones_home, monkeypatch, layer):
+    """"~nosuchuser/x" crashed every command with a traceback (pathlib's RuntimeError)."""
+    if layer == "toml":
+        _config(cones_home, 'inbox_dir = "~nosuchuser0/x"\n')
+    elif layer == "env":
+        monkeypatch.setenv("CONES_DATA_DIR", "~nosuchuser0/d")
+    else:
+        monkeypatch.setenv("CONES_HOME", "~nosuchuser0/h")
+    code, said = _status()
+    assert code == 2 and "there is no user 'nosuchuser0'" in said, said
+    assert {"toml": "config.toml", "env": "CONES_DATA_DIR", "home": "CONES_HOME"}[layer] in said
+
+
+def test_booleans_are_no_numbers_and_unknown_keys_are_named_with_the_nearest(cones_home):
+    """`steps = true` learned 1 step; `step = 5` said pydantic's "Extra inputs are not permitted"."""
+    _config(cones_home, "steps = true\n")
+    code, said = _status()
+    assert code == 2 and "steps: a number is needed, not true or false" in said, said
+    _config(cones_home, "step = 5\n")
+    code, said = _status()
+    assert code == 2 and "`step` is not a cones setting (did you mean `steps`?)" in said, said
+
+
+def test_every_layer_with_a_bad_value_is_named_and_flags_by_their_own_name(cones_home, monkeypatch):
+    cfg = _config(cones_home, 'device = "gpu"\n')
+    monkeypatch.setenv("CONES_STEPS", "0")
+    code, said = _status()
+    assert code == 2 and "config.toml; the environment variable CONES_STEPS." in said, said
+    cfg.unlink()
+    monkeypatch.delenv("CONES_STEPS")
+    code, said = _status(["serve", "--settle", "-1"])
+    assert code == 2 and "the command's --settle flag" in said, said   # not --settle-seconds
+
+
+def test_a_variable_spelled_in_another_case_is_said_as_read(cones_home, monkeypatch):
+    """CONES_Method is read as CONES_METHOD (the settings ignore case): the CLI said it was ignored."""
+    import cli.config
+
+    monkeypatch.setattr(cli.config, "_told", False)
+    monkeypatch.setenv("CONES_Method", "cones2")
+    assert load_settings().method == "cones2"
+    _, said = _status()
+    assert "CONES_Method is read as CONES_METHOD" in said and "ignored" not in said, said
+
+
+def test_a_config_toml_link_to_nothing_or_unreadable_is_said(cones_home, monkeypatch):
+    cfg = cones_home / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.symlink_to(cones_home / "gone.toml")
+    code, said = _status()
+    assert code == 2 and "which is not there" in said, said   # the defaults were used silently
+    cfg.unlink()
+    _config(cones_home, "steps = 5\n")
+
+    def unreadable(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tomllib.load", unreadable)
+    code, said = _status()
+    assert code == 2 and "cannot be read: Permission denied" in said, said   # not exit 12, storage

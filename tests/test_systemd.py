@@ -174,10 +174,13 @@ def test_unit_carries_the_xdg_and_hf_folders_this_shell_finds_its_own_in(tmp_pat
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xconfig"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("XDG_PICTURES_DIR", str(tmp_path / "pics"))   # the inbox is found through it
     unit, output = _install(tmp_path, None)
-    assert "where the service finds its folders: HF_HOME, XDG_CONFIG_HOME, XDG_DATA_HOME" in output
+    assert ("where the service finds its folders: HF_HOME, XDG_CONFIG_HOME, XDG_DATA_HOME, "
+            "XDG_PICTURES_DIR, XDG_RUNTIME_DIR") in " ".join(output.split()), output
     lines = unit.splitlines()
-    for key, folder in (("XDG_DATA_HOME", "xdata"), ("XDG_CONFIG_HOME", "xconfig"), ("HF_HOME", "hf")):
+    for key, folder in (("XDG_DATA_HOME", "xdata"), ("XDG_CONFIG_HOME", "xconfig"), ("HF_HOME", "hf"),
+                        ("XDG_PICTURES_DIR", "pics"), ("XDG_RUNTIME_DIR", "run")):
         assert f"Environment={key}={tmp_path / folder}" in lines, unit
     rw = next(l for l in lines if l.startswith("ReadWritePaths="))
     assert str(tmp_path / "xdata" / "cones") in rw and str(tmp_path / "hf") in rw
@@ -186,3 +189,30 @@ def test_unit_carries_the_xdg_and_hf_folders_this_shell_finds_its_own_in(tmp_pat
     unit, _ = _install(tmp_path, None)
     rw = next(l for l in unit.splitlines() if l.startswith("ReadWritePaths="))
     assert f"Environment=HF_HOME={tmp_path / 'relhf'}" in unit and f"-{tmp_path / 'relhf'}" in rw, unit
+
+
+def test_what_a_unit_cannot_carry_as_this_shell_means_it_is_refused(tmp_path, cones_home, monkeypatch):
+    """A relative folder in config.toml was resolved here for the unit's mkdir and sandbox, and
+    by the service from its own working folder (the home folder, read-only there); a line break
+    in a carried variable wrote a line of its own into the unit. A variable in another case
+    (read all the same) is carried under its setting's name."""
+    from cns_daemon.api.errors import BadInput
+    from cli.service_unit import unit_environment
+
+    cfg = cones_home / "config" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text('data_dir = "reld"\n')
+    with pytest.raises(BadInput, match="data_dir is a relative path in config.toml"):
+        unit_environment(load_settings())
+    result = CliRunner().invoke(app, ["service", "install", "--unit-dir", str(tmp_path / "u"), "--no-start"])
+    assert result.exit_code == 2 and not (tmp_path / "u" / "cones.service").exists(), result.output
+    cfg.write_text('data_dir = "~/d"\n')   # the home folder, for both
+    assert "CONES_DATA_DIR" not in unit_environment(load_settings())
+    monkeypatch.setenv("CONES_DATA_DIR", "reld")   # this shell's: carried resolved
+    assert unit_environment(load_settings())["CONES_DATA_DIR"] == str(Path("reld").absolute())
+    monkeypatch.delenv("CONES_DATA_DIR")
+    monkeypatch.setenv("CONES_Steps", "7")
+    assert unit_environment(load_settings())["CONES_STEPS"] == "7"
+    monkeypatch.setenv("CONES_MODEL", "/m/a b\nExecStartPre=/bin/true")
+    with pytest.raises(BadInput, match="CONES_MODEL holds a line break"):
+        unit_environment(load_settings())

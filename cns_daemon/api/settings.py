@@ -62,16 +62,35 @@ class Paths:
         return self.data / "outputs"
 
 
+def setting_variables() -> dict[str, str]:
+    """The environment's variables as the settings read them, by setting name upper-cased
+    (CONES_STEPS), whatever case they are spelled in; a blank one is unset."""
+    return {key.upper(): value for key, value in os.environ.items()
+            if key.upper().startswith("CONES_") and value.strip()}
+
+
 def env_home() -> str | None:
     """CONES_HOME, a blank value counting as unset (as it does for the settings field)."""
-    return os.environ.get("CONES_HOME", "").strip() or None
+    return setting_variables().get("CONES_HOME", "").strip() or None
+
+
+def expand(path: str | os.PathLike, what: str) -> Path:
+    """`path` with "~" or "~user" made the home folder, as a shell does, and made absolute;
+    BadInput naming `what` (the setting) for a user who does not exist."""
+    try:
+        return Path(path).expanduser().absolute()
+    except RuntimeError:   # "~nosuchuser/x": pathlib cannot find that home folder
+        from cns_daemon.api.errors import BadInput
+
+        raise BadInput(f"{what} is {str(path)!r}, and there is no user {str(path)[1:].split('/')[0]!r} "
+                       "whose home folder '~' could name.", "Give the folder's full path.") from None
 
 
 def default_paths(home: str | os.PathLike | None = None) -> Paths:
     """Where things live. `home` (or CONES_HOME) overrides everything."""
     home = home if home is not None else env_home()
     if home and str(home).strip():
-        root = Path(home).expanduser().absolute()
+        root = expand(home, "CONES_HOME")
         return Paths(root / "data", root / "config", root / "run", root / "inbox")
     with warnings.catch_warnings():  # no XDG_RUNTIME_DIR (containers, CI): /tmp fallback is fine
         warnings.simplefilter("ignore")
@@ -89,6 +108,8 @@ class Settings(BaseSettings):
     with a CONES_ prefix, as environment variables (CONES_MODEL, CONES_DEVICE, …)."""
 
     # A blanked variable (CONES_STEPS=) means "not set", as one unsets it in a shell.
+    # Variables are read whatever their case (cones_steps is CONES_STEPS): `setting_variables`
+    # finds them so for the CLI's warning and `cones service install`.
     model_config = SettingsConfigDict(env_prefix="CONES_", extra="forbid", validate_default=True,
                                       env_ignore_empty=True)
 
@@ -135,6 +156,27 @@ class Settings(BaseSettings):
         shell, not the folder one happens to be in."""
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("steps", "settle_seconds", "max_request_bytes", "header_timeout_seconds",
+                     "keep_jobs", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value):
+        """`steps = true` in config.toml was taken as 1 step (TOML's booleans are Python's)."""
+        if isinstance(value, bool):
+            raise ValueError("a number is needed, not true or false")
+        return value
+
+    @field_validator("home", "data_dir", "runtime_dir", "inbox_dir", "model")
+    @classmethod
+    def _home_folder_exists(cls, value, info):
+        """"~nosuchuser/x" failed later with a traceback, wherever the path was first used."""
+        if value is not None and str(value).startswith("~"):
+            try:
+                Path(value).expanduser()
+            except RuntimeError:
+                raise ValueError(f"there is no user {str(value)[1:].split('/')[0]!r} whose home "
+                                 "folder '~' could name") from None
+        return value
+
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
                                    init_settings: PydanticBaseSettingsSource,
@@ -156,7 +198,7 @@ class Settings(BaseSettings):
         def given(p: Path | None, default: Path) -> Path:
             # "~/cones" in config.toml or an env var means the home folder, as in a shell; a
             # relative path is made absolute once, here, so every part sees the same folder.
-            return Path(p).expanduser().absolute() if p else default
+            return expand(p, "a folder setting") if p else default
 
         return Paths(
             data=given(self.data_dir, base.data),
