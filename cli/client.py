@@ -223,5 +223,10 @@ class Client:
         if isinstance(exc, httpx.TimeoutException):
             return Unavailable("The cones service did not answer in time.",
                                "It may be busy loading the model; try again, or see its log.")
-        return Unavailable(f"The connection to the cones service broke ({type(exc).__name__}).",
-                           "It may have stopped; check `cones status` and the service log.")
+        # (what broke is httpx's to say: its class name meant nothing to a person)
+        what = ("its answer was not HTTP" if isinstance(exc, httpx.RemoteProtocolError) else
+                "it was cut off" if isinstance(exc, (httpx.ReadError, httpx.WriteError)) else
+                str(exc).rstrip(".") or "no reason given")
+        return Unavailable(f"The connection to the cones service at {self.socket_path} broke ({what}).",
+                           "It may have stopped or be another program: see the service log "
+                           "(`journalctl --user -u cones`), and start it again if it is down.")

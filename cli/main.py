@@ -23,7 +23,7 @@ from cli.config import JSON, config_file, settings
 from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
-                       shorten, status_table, write_file)
+                       shorten, status_table, this_command, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, Corrupt, Interrupted, Unavailable
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.archive import caption_file, read_text, shown, sidecar_caption, sniff
@@ -291,8 +291,11 @@ def import_(file: Path,
         raise BadInput(f"{file} is a folder.", "Give the exported .safetensors file itself.")
     if not file.is_file():
         raise BadInput(f"No such file: {file}.", "Check the path of the exported .safetensors file.")
-    with client() as c:
-        job = wait_for(c, c.import_file(file.read_bytes(), name), quiet=True)
+    try:
+        with client() as c:
+            job = wait_for(c, c.import_file(file.read_bytes(), name), quiet=True)
+    except BadInput as exc:   # the service saw bytes: which file they were is said here
+        raise BadInput(f"{file}: {exc.message}", exc.hint) from None
     console.print(f"Imported <{job.result.concept if job.result else '?'}>.", highlight=False)
     if job.result and job.result.metrics and job.result.metrics.get("note"):
         console.print(f"[yellow]Note:[/] {escape(str(job.result.metrics['note']))}", highlight=False)
@@ -533,8 +536,16 @@ def _option(text: str) -> tuple[str, bool | int | float | str]:
     return key.strip(), raw
 
 
+# A request field as the person gave it: the flag or argument (not "class_word" or "guidance_scale")
+ARGUMENTS = {"class_word": "--class", "method": "--method", "steps": "--steps", "seed": "--seed",
+             "options": "--option", "n": "-n", "boxes": "--box", "negative_prompt": "--negative",
+             "guidance_scale": "--cfg", "width": "--width", "height": "--height", "clip": "--clip",
+             "clip_weights": "--clip-weights", "prompts": "--prompts", "name": "NAME", "names": "NAMES",
+             "prompt": "PROMPT", "photos": "PHOTOS"}
+
+
 def _model(model, **fields):
-    """Build a request model; a bad value becomes BadInput naming the field."""
+    """Build a request model; a bad value becomes BadInput naming the flag it came from."""
     from pydantic import ValidationError
 
     from cns_daemon.api.protocol import describe_validation_error
@@ -542,7 +553,7 @@ def _model(model, **fields):
     try:
         return model(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        raise BadInput(f"Invalid value: {describe_validation_error(exc)}.") from None
+        raise BadInput(f"Invalid value: {describe_validation_error(exc, ARGUMENTS)}.") from None
 
 
 def main() -> None:
@@ -563,7 +574,7 @@ def main() -> None:
             exc.show()
         if "--json" in sys.argv[1:]:
             body = ErrorBody(code="bad_input", message=exc.format_message(),
-                             hint="`cones COMMAND --help` shows what it takes.")
+                             hint=f"`{this_command(getattr(exc, 'ctx', None))} --help` shows what it takes.")
             print(json.dumps({"error": body.model_dump()}, indent=2))
         sys.exit(exc.exit_code)
     except typer.Abort:   # input ended (EOF) where a command read it; Ctrl-C is Exit(130) already

@@ -33,7 +33,7 @@ class _Console(Console):
 
 
 console = _Console(soft_wrap=True)   # paths must stay whole for copy and paste
-err_console = _Console(stderr=True)
+err_console = _Console(stderr=True, soft_wrap=True)   # so must those in errors
 
 
 def print_json(doc: BaseModel | list[BaseModel]) -> None:
@@ -51,6 +51,23 @@ def print_error(exc: ConesError) -> None:
     err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
     if exc.hint:
         err_console.print(f"[dim]{escape(exc.hint)}[/]", highlight=False)
+
+
+def this_command(ctx=None) -> str:
+    """The command being run, as a person types it ("cones add"), for hints that say where its
+    help is; "cones COMMAND" outside one."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:   # typer versions that use click itself
+        from click import get_current_context
+    ctx = ctx or get_current_context(silent=True)
+    words = ctx.command_path.split()[1:] if ctx is not None else ["COMMAND"]
+    return " ".join(["cones", *words]) if words else "cones"
+
+
+def _named(hint: str) -> str:
+    """A generic hint ("`cones COMMAND --help` shows ...") naming the command it was given in."""
+    return hint.replace("cones COMMAND", this_command()) if "cones COMMAND" in hint else hint
 
 
 def output_folder(path: Path, what: str = "files") -> None:
@@ -103,6 +120,7 @@ def handled(fn):
                     f"Cannot use {where}: {exc.strerror or exc}." if where else f"{exc.strerror or exc}.",
                     "Check the path and that you may read (and write) it.") from None
         except ConesError as exc:
+            exc.hint = _named(exc.hint or "")
             print_error(exc)
             if kwargs.get("as_json"):
                 body = ErrorBody(code=exc.code.value, message=exc.message, hint=exc.hint or "")

@@ -75,7 +75,8 @@ def decode(data: bytes) -> ConceptRecord:
         if not all(is_digest(d) for d in meta.photo_digests):
             raise ValueError("its photos are not named by their SHA-256")
     except Exception as exc:  # safetensors, json, dataclass and name errors all mean "not ours"
-        raise BadInput(f"This is not a cones concept file ({type(exc).__name__}: {exc}).",
+        why = f"no {exc} in it" if isinstance(exc, KeyError) else str(exc).rstrip(".")
+        raise BadInput(f"This is not a cones concept file ({why}).",
                       "Export it again with `cones export NAME -o FILE`.") from None
     return record
 

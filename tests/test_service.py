@@ -517,6 +517,26 @@ def test_requests_for_one_name_at_once_are_one_job(cones, daemon, tmp_path):
         assert sum(r in ("Conflict", "NotFound") for r in removals) == 3, removals
 
 
+def test_a_file_that_is_no_concept_file_is_named_without_python_words(cones, daemon, tmp_path):
+    """`cones import trunc.safetensors` said "(SafetensorError: ...)" and not which file."""
+    from cns_daemon.api.errors import BadInput
+    from cns_daemon.transfer import decode
+
+    cut = tmp_path / "trunc.safetensors"
+    cut.write_bytes(b"\x08\x00\x00")
+    code, out = cones("import", str(cut))
+    said = " ".join(out.split())
+    assert code == 2 and f"{cut}: This is not a cones concept file (" in said, said
+    assert "SafetensorError" not in said and "Export it again" in said
+    import numpy as np
+    import safetensors.numpy
+
+    from cns_daemon.transfer import FORMAT
+    with pytest.raises(BadInput) as refused:   # a key it must have, named as missing
+        decode(safetensors.numpy.save({"x": np.zeros(2, np.float32)}, metadata={"format": FORMAT}))
+    assert "KeyError" not in refused.value.message and "no 'meta' in it" in refused.value.message
+
+
 def test_an_import_queued_holds_its_name_and_its_upload_goes_with_a_cancel(cones, daemon, tmp_path):
     """An add of a name a queued import brings in is refused; cancelling the import before it
     runs removes its upload from the data folder (it stayed there for good)."""

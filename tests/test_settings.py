@@ -309,3 +309,15 @@ def test_a_config_toml_link_to_nothing_or_unreadable_is_said(cones_home, monkeyp
     monkeypatch.setattr("tomllib.load", unreadable)
     code, said = _status()
     assert code == 2 and "cannot be read: Permission denied" in said, said   # not exit 12, storage
+
+
+def test_a_refused_value_is_named_by_its_flag_in_plain_words_and_the_hint_names_the_command(cones_home):
+    """"n: Input should be greater than or equal to 1" and "guidance_scale: ..." named fields no
+    flag is called, in pydantic's words, and the hint said `cones COMMAND --help`."""
+    code, said = _status(["generate", "x", "-n", "0"])
+    assert code == 2 and "Invalid value: -n: must be at least 1." in said, said
+    assert "`cones generate --help`" in said and "COMMAND" not in said
+    code, said = _status(["generate", "x", "--cfg", "31"])
+    assert code == 2 and "--cfg: must be at most 30." in said, said
+    code, said = _status(["eval", "rex", "-n", "0"])
+    assert "`cones eval --help`" in said, said

@@ -65,7 +65,7 @@ class ConesError(Exception):
 
 class BadInput(ConesError):
     code = ErrorCode.BAD_INPUT
-    default_hint = "Check the value and try again (`cones COMMAND --help` shows what a command takes)."
+    default_hint = "Check the value and try again (`cones COMMAND --help` shows what it takes)."
 
 
 class NotFound(ConesError):

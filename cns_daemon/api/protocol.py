@@ -375,15 +375,28 @@ FRIENDLY_ERRORS = {
 }
 
 
-def describe_validation_error(exc: Exception) -> str:
-    """One readable line out of a pydantic ValidationError (field path: message)."""
+# pydantic's bounds in plain words ("Input should be greater than or equal to 1")
+BOUNDS = {"greater_than_equal": ("ge", "at least"), "less_than_equal": ("le", "at most"),
+          "greater_than": ("gt", "more than"), "less_than": ("lt", "less than")}
+
+
+def describe_validation_error(exc: Exception, names: dict[str, str] | None = None) -> str:
+    """One readable line out of a pydantic ValidationError (field path: message). `names`: what
+    the caller calls a field (the CLI: its flag, "--class" for class_word)."""
     errors = getattr(exc, "errors", None)
     if not callable(errors):
         return str(exc)
     parts = []
     for err in errors()[:3]:
         loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        friendly = FRIENDLY_ERRORS.get((loc[-1] if loc else "", err.get("type", "")))
+        kind, ctx = err.get("type", ""), err.get("ctx") or {}
+        friendly = FRIENDLY_ERRORS.get((loc[-1] if loc else "", kind))
+        if friendly is None and kind in BOUNDS and BOUNDS[kind][0] in ctx:
+            bound = ctx[BOUNDS[kind][0]]
+            friendly = f"must be {BOUNDS[kind][1]} {bound:g}" if isinstance(bound, float) else \
+                f"must be {BOUNDS[kind][1]} {bound}"
         msg = err.get("msg", "invalid").removeprefix("Value error, ")   # our own validators' words
+        if loc and names and loc[0] in names:
+            loc = [names[loc[0]], *loc[1:]]
         parts.append(f"{'.'.join(loc) or 'request'}: {friendly or msg}")
     return "; ".join(parts)
