@@ -367,6 +367,9 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
         except ConesError:   # all or nothing: a full disk must not leave half the images
             for done in copied:
                 Path(done).unlink(missing_ok=True)
+            if made:   # nor the folder made for them
+                with contextlib.suppress(OSError):
+                    out.rmdir()
             raise
         sheet = copied.pop() if result.contact_sheet else None
         job = job.model_copy(update={"result": result.model_copy(update={"images": copied, "contact_sheet": sheet})})

@@ -5,14 +5,15 @@ command, so importing the CLI never imports torch.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from cli.views import handled, output_folder
-from cns_daemon.api.errors import BadInput, NotFound
+from cli.views import handled, output_folder, write_file
+from cns_daemon.api.errors import BadInput, ConesError
 from cns_daemon.api.protocol import MAX_SEED
 
 toyworld_app = typer.Typer(help="The toy world: render synthetic photos, read them with the probe.",
@@ -53,13 +54,25 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
         # The folder is what `cones add` or the inbox learns from: photos of another object (or
         # of the same one, partly replaced) would make one mixed training set.
         raise BadInput(f"{out} already holds photos.", "Give -o a new folder, or add --force to write into it.")
+    made = not out.exists()
     output_folder(out, "photos")
     for old in out.glob("*.png"):   # --force: this run's photos replace the folder's, all of them
         old.unlink()
         old.with_suffix(".txt").unlink(missing_ok=True)
-    for i, (image, text) in enumerate(photos):
-        image.save(out / f"{i:03d}.png")
-        (out / f"{i:03d}.txt").write_text(text + "\n")
+    written: list[Path] = []
+    try:   # all or none: a full disk must not leave a cut photo or an empty caption
+        for i, (image, text) in enumerate(photos):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            for path, data in ((out / f"{i:03d}.png", buffer.getvalue()), (out / f"{i:03d}.txt", (text + "\n").encode())):
+                write_file(path, data, "Give -o a folder you can write to, on a disk with room.")
+                written.append(path)
+    except ConesError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if made:
+            out.rmdir()
+        raise
     typer.echo(f"wrote {len(photos)} photos to {out}")
 
 
@@ -70,7 +83,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 @handled
 def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the toy world, or folders of them."),
           halves: bool = typer.Option(False, "--halves", help="Two-object images: read left and right halves."),
-          as_json: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
+          as_json: bool = typer.Option(False, "--json", help="Print one machine-readable JSON document.")) -> None:
     """Read shape, colour, pattern, second colour, tilt and background from images."""
     from dataclasses import asdict
 
@@ -84,7 +97,8 @@ def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the t
                                and not q.stem.endswith("contact-sheet"))   # generate -o's sheets
                         if path.is_dir() else [path])]
     if not images:
-        raise NotFound("No images in the folders given.", "Pass PNG or JPEG files, or folders that hold them.")
+        raise BadInput("No images in the folders given.", f"Pass images ({', '.join(sorted(IMAGE_SUFFIXES))}), "
+                       "or folders that hold them.")
     loaded = []
     for path in images:
         if not path.is_file():
@@ -93,7 +107,8 @@ def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the t
             with Image.open(path) as im:
                 loaded.append(im.convert("RGB"))
         except (UnidentifiedImageError, OSError) as exc:
-            raise BadInput(f"{path} is not a readable image ({exc}).", "Pass PNG or JPEG files.") from None
+            raise BadInput(f"{path} is not a readable image ({exc}).",
+                           f"Pass images ({', '.join(sorted(IMAGE_SUFFIXES))}).") from None
     reader = Probe.load()
     if halves:
         rows = [{"image": str(p), "left": asdict(lft), "right": asdict(rgt)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,6 +214,45 @@ def test_concept_photos_keep_identity_and_vary():
     wheres = render_concept_photos(STAR, 5, seed=3, look="none", with_color=False)
     assert [im.tobytes() for im, _ in wheres] == [im.tobytes() for im, _ in photos]
     assert [w for _, w in wheres] == [t.replace("red star with yellow stripes", "star") for _, t in photos]
+
+
+def test_a_full_disk_leaves_nothing_of_a_render_or_of_a_folder_check(tmp_path, monkeypatch):
+    """`toyworld render` on a full disk left 000.png and an empty 000.txt and said "A file
+    operation failed" without a path; `-o`'s write check left its empty probe file."""
+    import errno
+
+    import cli.views
+    from cli.main import app
+
+    real, calls = cli.views.atomic_write, []
+
+    def fills_up(path, data, mode=0o600):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data, mode)
+
+    monkeypatch.setattr(cli.views, "atomic_write", fills_up)
+    out = tmp_path / "p"
+    result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",
+                                      "-n", "3", "-o", str(out)])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 12 and f"Cannot write {out / '001.png'}: No space left" in said, said
+    assert not out.exists()   # nothing of it: no photo, no caption, no folder made for them
+
+    def probe_fails(self, data):
+        self.touch()   # created, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", probe_fails)
+    result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",
+                                      "-n", "1", "-o", str(out)])
+    assert result.exit_code == 12 and not out.exists(), result.output
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",
+                                      "-n", "1", "-o", str(kept)])
+    assert result.exit_code == 12 and kept.is_dir() and not list(kept.iterdir()), result.output
 
 
 def test_cli_render_writes_photos_and_captions(tmp_path):
