@@ -165,7 +165,8 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         if p.is_dir():
             raise BadInput(f"{p} is a directory, not a photo.", f"Give the photos in it, e.g. {p}/*.jpg.")
         if not p.is_file():
-            raise BadInput(f"No such file: {p}.", "Give paths of photo files.")
+            raise BadInput(f"No such file: {p}." if not p.exists() else
+                           f"{p} is not a regular file (a pipe or a device?).", "Give paths of photo files.")
         if (why := sniff(p)) is not None:   # not sent (a video can be gigabytes): said here
             not_photos.append(why)
             continue
@@ -253,8 +254,10 @@ def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait", help="Queue t
 @app.command("prune-photos")
 @handled
 def prune_photos() -> None:
-    """Delete the archived photos no concept or queued learn uses (those a plain `cones rm`
-    kept, to learn it again from them)."""
+    """Delete the archived photos no concept or queued learn uses.
+
+    Photos a plain `cones rm` kept (to learn the concept again) go. Those of concepts a salvage
+    could not copy stay until each is learned again or let go with `cones rm NAME --photos`."""
     with client() as c:
         done = c.prune_photos()
     console.print(f"Deleted {done.deleted} archived photo{'s' if done.deleted != 1 else ''}; "
@@ -287,6 +290,9 @@ def import_(file: Path,
     """Add a concept from an exported file (refused if made on another base model)."""
     if name is not None:
         validate_new_name(name)
+    if not str(file).strip() or str(file) == ".":   # typer turns "" into "."
+        raise BadInput("No file given (a blank path, or '.', the current folder).",
+                       "Give the exported .safetensors file: cones import FILE.")
     if file.is_dir():
         raise BadInput(f"{file} is a folder.", "Give the exported .safetensors file itself.")
     if not file.is_file():
@@ -417,6 +423,8 @@ def eval_(names: List[str] = typer.Argument(..., help="Concepts to score (all of
 def _export_target(name: str, output: str) -> Path:
     """Where `cones export -o OUTPUT` writes: OUTPUT itself, or OUTPUT/NAME.safetensors when it
     is a folder or says it is one (a trailing slash, which pathlib would drop)."""
+    if not output.strip():   # "" was the current folder, written into without a word
+        raise BadInput("-o is empty.", "Give -o a file path (NAME.safetensors) or a folder.")
     path = Path(output)
     if output.endswith(("/", os.sep)) or path.is_dir():
         if path.exists() and not path.is_dir():

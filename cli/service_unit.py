@@ -148,6 +148,9 @@ def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
     paths = settings.paths
     unit = unit_dir / UNIT_NAME
     text = render(settings)
+    if unit_dir.exists() and not unit_dir.is_dir():   # said before any folder is made
+        raise BadInput(f"{unit_dir} is a file, not a folder for the unit.",
+                       "Give --unit-dir a folder (default: ~/.config/systemd/user).")
     try:
         for folder in (paths.data, paths.inbox, paths.runtime):
             folder.mkdir(parents=True, exist_ok=True)

@@ -133,8 +133,8 @@ class OpenClipScorer:
                               "torchvision matching your torch), or pass a transformers CLIP "
                               "folder with --clip-weights.") from exc
         if weights and _looks_like_path(weights):
-            if not Path(weights).expanduser().is_file():
-                raise ModelLoad(f"No CLIP weights file at {weights}.",
+            if not Path(weights).expanduser().is_file():   # a file named that is not there: input
+                raise BadInput(f"No CLIP weights file at {weights}.",
                                 f"Put the {model_name} weights file there, or pass its path "
                                 "with --clip-weights.")
         try:
@@ -165,9 +165,13 @@ def load_scorer(clip: str = "ViT-L-14", weights: str | None = None) -> ClipScore
         return HFClipScorer.from_folder(weights)
     if weights and _looks_like_path(weights) and not Path(weights).expanduser().exists():
         # said before importing open_clip: a wrong path is the user's first problem to fix
-        raise ModelLoad(f"No CLIP weights at {weights}.",
-                        f"Check the --clip-weights path, or put the {clip} weights file (or a "
-                        "transformers CLIP folder) there.")
+        raise BadInput(f"No CLIP weights at {weights}.",
+                       f"Check the --clip-weights path, or put the {clip} weights file (or a "
+                       "transformers CLIP folder) there.")
+    if weights and Path(weights).expanduser().is_dir():   # open_clip wants a file: "not importable" misled
+        raise BadInput(f"{weights} is a folder without a config.json: not a transformers CLIP folder.",
+                       "Give a transformers CLIP folder (saved with save_pretrained) or an open_clip "
+                       "weights file.")
     return OpenClipScorer(clip, weights)
 
 

@@ -97,9 +97,14 @@ def test_prompt_file_errors(tmp_path):
 def test_missing_clip_is_a_clear_error_not_a_download(tmp_path, scorer):
     # Either open_clip is absent/unimportable here (Unavailable naming the extra), or it is
     # present and a missing weights file is a ModelLoad naming the path — never a hub call.
-    with pytest.raises((Unavailable, ModelLoad)) as info:
+    with pytest.raises((Unavailable, BadInput)) as info:   # a file named that is not there: exit 2
         OpenClipScorer("ViT-B-32", str(tmp_path / "missing.pt"))
     assert "cones[eval]" in info.value.hint or "missing.pt" in info.value.message
+    with pytest.raises(BadInput, match="No CLIP weights at"):
+        load_scorer(weights=str(tmp_path / "missing.pt"))
+    (tmp_path / "empty").mkdir()   # not "open_clip could not be imported"
+    with pytest.raises(BadInput, match="a folder without a config.json"):
+        load_scorer(weights=str(tmp_path / "empty"))
     with pytest.raises(ModelLoad, match="No CLIP model"):
         HFClipScorer.from_folder(tmp_path)
     # A saved transformers folder is picked up by load_scorer.

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,19 @@ def test_cli_refusals_that_need_no_service(cones_home, tmp_path):
     assert result.exit_code == 3 and "No concept store" in result.stderr, result.output
     result = CliRunner().invoke(app, ["serve", "--log-level", "bogus"])
     assert result.exit_code == 2 and "Unknown log level" in result.stderr, result.output
+    # blank paths: export wrote ./NAME.safetensors without a word, import said ". is a folder"
+    result = CliRunner().invoke(app, ["export", "rex", "-o", ""])
+    assert result.exit_code == 2 and "-o is empty" in result.stderr, result.output
+    result = CliRunner().invoke(app, ["import", ""])
+    assert result.exit_code == 2 and "No file given" in result.stderr, result.output
+    fifo = tmp_path / "pipe.png"   # it exists: not "No such file"
+    os.mkfifo(fifo)
+    result = CliRunner().invoke(app, ["add", "rex", str(fifo), str(photo), "--class", "dog"])
+    assert result.exit_code == 2 and "is not a regular file" in " ".join(result.stderr.split()), result.output
+    result = CliRunner().invoke(app, ["service", "install", "--no-start", "--unit-dir", str(photo)])
+    said = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "is a file, not a folder for the unit" in said, result.output
+    assert "folder" not in result.stdout   # nothing made before the refusal
 
 
 def test_a_folder_the_service_may_not_write_is_a_storage_error(tmp_path, monkeypatch):
