@@ -13,6 +13,7 @@ from cns_daemon.api.errors import BadInput
 from cns_daemon.api.settings import setting_variables
 
 JSON = typer.Option(False, "--json", help="Print one machine-readable JSON document.")
+CONCEPT = typer.Argument(..., help="The concept's name, as `cones list` shows it.")
 
 
 def settings(**flags):

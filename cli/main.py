@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from cli.admin import service_app, store_app
 from cli.client import Client
-from cli.config import JSON, config_file, settings
+from cli.config import CONCEPT, JSON, config_file, settings
 from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        eval_table, follow, handled, jobs_table, output_folder, print_json,
@@ -97,9 +97,9 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
 @app.command()
 @handled
 def serve(model: Optional[str] = typer.Option(None, help="Diffusers folder or .safetensors/.ckpt file (default: the shipped toy-world model; 'tiny': a seeded test model)."),
-          device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-          dtype: Optional[str] = typer.Option(None, help="auto | float32 | float16 | bfloat16"),
-          settle: Optional[float] = typer.Option(None, help="Seconds an inbox folder must be quiet before it is taken."),
+          device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (default: auto, the GPU where there is one)."),
+          dtype: Optional[str] = typer.Option(None, help="auto | float32 | float16 | bfloat16 (default: auto, bfloat16 on a GPU that has it natively, else float16; float32 on the CPU)."),
+          settle: Optional[float] = typer.Option(None, help="Seconds an inbox folder must be quiet before it is taken, 0 to 3600 (default 5)."),
           no_inbox: bool = typer.Option(False, "--no-inbox", help="Do not watch the inbox folder."),
           log_level: str = typer.Option("INFO", help=" | ".join(LOG_LEVELS))) -> None:
     """Run the service in the foreground (what the systemd unit starts)."""
@@ -224,7 +224,7 @@ def list_(as_json: bool = JSON) -> None:
 
 @app.command()
 @handled
-def show(name: str, as_json: bool = JSON) -> None:
+def show(name: str = CONCEPT, as_json: bool = JSON) -> None:
     """One concept in detail."""
     with client() as c:
         info = c.concept(name)
@@ -233,7 +233,7 @@ def show(name: str, as_json: bool = JSON) -> None:
 
 @app.command()
 @handled
-def rm(name: str, no_wait: bool = typer.Option(False, "--no-wait", help="Queue the removal and return at once."),
+def rm(name: str = CONCEPT, no_wait: bool = typer.Option(False, "--no-wait", help="Queue the removal and return at once."),
        photos: bool = typer.Option(False, "--photos", help=(
            "Also delete its photos from the archive (those no other concept or queued learn uses); without "
            "them it cannot be learned again from the archive."))) -> None:
@@ -266,7 +266,7 @@ def prune_photos() -> None:
 
 @app.command()
 @handled
-def export(name: str,
+def export(name: str = CONCEPT,
            output: str = typer.Option(..., "-o", "--output", help=(
                "File to write (.safetensors), or a folder for NAME.safetensors: one that exists, "
                "or a path ending in / (made if missing).")),
@@ -285,7 +285,7 @@ def export(name: str,
 
 @app.command("import")
 @handled
-def import_(file: Path,
+def import_(file: Path = typer.Argument(..., help="A concept file `cones export` wrote (.safetensors)."),
             name: Optional[str] = typer.Option(None, "--name", help="Store it under this name instead of its own.")) -> None:
     """Add a concept from an exported file (refused if made on another base model)."""
     if name is not None:
@@ -397,11 +397,11 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
 @handled
 def eval_(names: List[str] = typer.Argument(..., help="Concepts to score (all of them in every prompt)."),
           prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file, one a line; `{}` marks the concepts (default: the shipped list)."),
-          n: int = typer.Option(4, "-n", help="Images per prompt."),
+          n: int = typer.Option(4, "-n", help=f"Images per prompt (1-{MAX_IMAGES})."),
           clip: str = typer.Option("ViT-L-14", "--clip", help="open_clip model name."),
           clip_weights: Optional[str] = typer.Option(None, "--clip-weights", help="Weights file, transformers CLIP folder, or open_clip pretrained tag."),
-          seed: int = typer.Option(0, help="Generation seed."),
-          steps: Optional[int] = typer.Option(None, help="Denoising steps."),
+          seed: int = typer.Option(0, help=f"Seed of each prompt's first image, 0 to {MAX_SEED}."),
+          steps: Optional[int] = typer.Option(None, help="Denoising steps, 2 to 999 (default: the model's)."),
           as_json: bool = JSON) -> None:
     """Score concepts with CLIP-I (likeness to their photos) and CLIP-T (prompt fidelity)."""
     lines = _prompt_lines(prompts) if prompts is not None else None
@@ -463,7 +463,7 @@ def jobs(limit: int = typer.Option(20, min=1, max=MAX_JOBS_LISTED, help="How man
 
 @app.command()
 @handled
-def cancel(job_id: str) -> None:
+def cancel(job_id: str = typer.Argument(..., help="The job's id, as `cones jobs` lists it.")) -> None:
     """Cancel a job (a running one stops at its next step; nothing partial is kept)."""
     job_id = job_id.strip().lower()   # ids are hex: 142AADC707EA is the same job
     with client() as c:
