@@ -18,21 +18,20 @@ import typer
 from rich.markup import escape
 
 from cli.admin import service_app, store_app
-from cli.client import Client
 from cli.config import CONCEPT, JSON, config_file, settings
+from cli.generation import eval_, generate
+from cli.session import client, request, wait_for
 from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
-                       eval_table, follow, handled, jobs_table, output_folder, print_json,
-                       shorten, status_table, this_command, write_file)
-from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, Corrupt, Interrupted, Unavailable
+                       handled, jobs_table, output_folder, print_json, shorten, status_table,
+                       this_command, write_file)
+from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, Corrupt
 from cns_daemon.api.names import validate_new_name
-from cns_daemon.archive import caption_file, read_text, shown, sidecar_caption, sniff
-from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED,
-                                     MAX_PHOTOS, ErrorBody, TOO_MANY_HINT, AddRequest, EvalRequest,
-                                     GenerateRequest, JobInfo, Photo, too_many_photos)
+from cns_daemon.archive import caption_file, shown, sidecar_caption, sniff
+from cns_daemon.api.protocol import (MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED, MAX_PHOTOS, ErrorBody,
+                                     TOO_MANY_HINT, AddRequest, Photo, too_many_photos)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-QUEUED_GRACE_S = 1.0   # how long a job may sit queued before the CLI says what it waits for
 
 app = typer.Typer(name="cones", help="Personalize Stable Diffusion: learn concepts, generate them.",
                   no_args_is_help=True, add_completion=False)
@@ -59,36 +58,6 @@ def _root(version_flag: bool = typer.Option(False, "--version", is_eager=True, c
 app.add_typer(service_app, name="service")
 app.add_typer(store_app, name="store")
 app.add_typer(toyworld_app, name="toyworld")
-
-
-def client() -> Client:
-    paths = settings().paths
-    return Client(paths.socket, data_lock=paths.data_lock)
-
-
-def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = True,
-             left_behind: str = "") -> JobInfo:
-    """Follow a job to its end; Ctrl-C stops following, not the job (`left_behind`: what the
-    command will then not do, said with it). A job still queued after a moment waits for
-    another: say which (on stderr; `tell_wait` False for --json output)."""
-    try:
-        running = c.status().queue.running if tell_wait and job.state == "queued" else None
-        # A generate runs inside a running learn at its next step: that is no wait to tell.
-        if running is not None and running.id != job.id and not (
-                job.kind == "generate" and running.kind == "learn"):
-            time.sleep(QUEUED_GRACE_S)
-            if c.job(job.id).state == "queued" and c.job(running.id).state == "running":
-                what = escape(shorten(running.summary))
-                err_console.print(f"Job {job.id} is queued behind job {running.id} ({what}); "
-                                  "`cones jobs` shows the queue. Ctrl-C stops waiting, not the job.",
-                                  highlight=False)
-        follow(c.follow(job.id), quiet=quiet)
-    except KeyboardInterrupt:   # exit 130; with --json the error document says it too
-        raise Interrupted(f"Stopped following; job {job.id} goes on in the service{left_behind}.",
-                          f"`cones jobs` shows it; `cones cancel {job.id}` stops it.") from None
-    except Unavailable as exc:   # the service went away under us: which job to look for later
-        raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}){left_behind}.", exc.hint) from None
-    return c.job(job.id)
 
 
 # ---------------------------------------------------------------- the service
@@ -175,7 +144,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
             raise BadInput(f"The caption {caption_file(p)} has {len(caption)} characters, over "
                            f"{MAX_PROMPT_CHARS}.", "Shorten it: a sentence saying what the photo shows.")
         # a name that is not UTF-8 cannot travel as text: sent as shown ("\ufffd" for its odd bytes)
-        items.append(_model(Photo, filename=shown(p.name), data=p.read_bytes(), caption=caption))
+        items.append(request(Photo, filename=shown(p.name), data=p.read_bytes(), caption=caption))
     # Left out, the method and steps are the service's settings, unless this command's own
     # config.toml or CONES_METHOD / CONES_STEPS set them (the layering the README promises).
     mine = settings()
@@ -187,8 +156,8 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         err_console.print(f"[yellow]skipped[/] {escape(s.file)}: {escape(s.reason)}", highlight=False)
     if not items:
         raise BadPhoto(f"No usable photo for {name!r}: " + "; ".join(f"{s.file}: {s.reason}" for s in not_photos) + ".")
-    req = _model(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
-                 seed=seed, photos=items, options=options, skipped=not_photos)
+    req = request(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
+                  seed=seed, photos=items, options=options, skipped=not_photos)
     with client() as c:
         job = c.add(req)
         for s in job.skipped[len(not_photos):]:   # the service's own (ours were said above)
@@ -307,119 +276,6 @@ def import_(file: Path = typer.Argument(..., help="A concept file `cones export`
         console.print(f"[yellow]Note:[/] {escape(str(job.result.metrics['note']))}", highlight=False)
 
 
-# ---------------------------------------------------------------- generation
-
-
-@app.command()
-@handled
-def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <name>."),
-             n: int = typer.Option(1, "-n", help=f"Number of images (1-{MAX_IMAGES})."),
-             seed: Optional[int] = typer.Option(
-                 None, help=f"Seed of the first image, 0 to {MAX_SEED}; image k is drawn from seed + k "
-                 "(default: random)."),
-             steps: Optional[int] = typer.Option(None, help="Denoising steps, 2 to 999 (default: the model's, 30 unless its cones.json says; the toy world's 20)."),
-             box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
-             negative: Optional[str] = typer.Option(None, "--negative", help="What to steer away from, in plain words."),
-             guidance_scale: Optional[float] = typer.Option(
-                 None, "--guidance-scale", "--cfg",
-                 help=f"Classifier-free guidance, 1 to {MAX_GUIDANCE_SCALE:g} (default: the model's; 1 turns it off)."),
-             width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's)."),
-             height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's)."),
-             out: Optional[Path] = typer.Option(None, "-o", "--out", help="Copy the PNGs into this folder."),
-             as_json: bool = JSON) -> None:
-    """Generate images; writes PNGs and a contact sheet and prints their paths (the sheet last)."""
-    # as a blank one is told by the service ("" failed as "prompt: empty", from the protocol)
-    from cns_daemon.prompts import blank_negative, empty_prompt
-
-    if not prompt.strip():
-        raise empty_prompt()
-    if negative is not None and not negative.strip():
-        raise blank_negative()
-    req = _model(GenerateRequest, prompt=prompt, n=n, seed=seed, steps=steps, boxes=box,
-                 negative_prompt=negative, guidance_scale=guidance_scale, width=width, height=height)
-    if out is not None:
-        out = out.expanduser().absolute()   # the paths printed (and in --json) work from anywhere
-        if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and not out.exists():
-            raise BadInput(f"-o {out} names a file, but generate writes its images and a contact "
-                           "sheet into a folder.", f"Give -o a folder, e.g. -o {out.with_suffix('')}/")
-        made = not out.exists()
-        output_folder(out, "images")   # before the job: a bad -o must not cost a generation
-    with client() as c:
-        left = f"; its images stay in the service's outputs, not copied to {out}" if out else ""
-        try:
-            job = wait_for(c, c.generate(req), quiet=as_json, tell_wait=not as_json, left_behind=left)
-        except ConesError:
-            if out is not None and made:   # made for this generate, and nothing came: not left empty
-                with contextlib.suppress(OSError):
-                    out.rmdir()
-            raise
-    result = job.result
-    if result is None:
-        raise BadInput("The job finished without images.")
-    if out is not None:
-        # Named after the job, so a second run into the same folder adds its images beside the
-        # first's instead of replacing some of them under a contact sheet that no longer fits.
-        def keep(p: str) -> str:
-            target = out / f"{job.id}-{Path(p).name}"
-            write_file(target, Path(p).read_bytes(),
-                       f"The images are in {Path(p).parent}; free space or give -o a writable folder.",
-                       mode=Path(p).stat().st_mode & 0o777)   # as private as the service keeps them
-            return str(target)
-
-        copied: list[str] = []
-        try:
-            for p in result.images + ([result.contact_sheet] if result.contact_sheet else []):
-                copied.append(keep(p))
-        except ConesError:   # all or nothing: a full disk must not leave half the images
-            for done in copied:
-                Path(done).unlink(missing_ok=True)
-            if made:   # nor the folder made for them
-                with contextlib.suppress(OSError):
-                    out.rmdir()
-            raise
-        sheet = copied.pop() if result.contact_sheet else None
-        job = job.model_copy(update={"result": result.model_copy(update={"images": copied, "contact_sheet": sheet})})
-        result = job.result
-    if as_json:
-        print_json(job)
-        return
-    if result.seed is not None:
-        seeds = f"seed {result.seed}" if len(result.images) == 1 else (
-            f"seeds {result.seed}-{result.seed + len(result.images) - 1}, one per image in order")
-        err_console.print(f"{seeds}; the contact sheet is the last line", highlight=False)
-    for p in result.images:
-        console.print(p, highlight=False, markup=False)   # a path, as written ("shots[red]/")
-    if result.contact_sheet:   # last, alone on its line: `cones generate ... | tail -1` opens it
-        console.print(result.contact_sheet, highlight=False, markup=False)
-
-
-@app.command("eval")
-@handled
-def eval_(names: List[str] = typer.Argument(..., help="Concepts to score (all of them in every prompt)."),
-          prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file, one a line; `{}` marks the concepts (default: the shipped list)."),
-          n: int = typer.Option(4, "-n", help=f"Images per prompt (1-{MAX_IMAGES})."),
-          clip: str = typer.Option("ViT-L-14", "--clip", help="open_clip model name."),
-          clip_weights: Optional[str] = typer.Option(None, "--clip-weights", help="Weights file, transformers CLIP folder, or open_clip pretrained tag."),
-          seed: int = typer.Option(0, help=f"Seed of each prompt's first image, 0 to {MAX_SEED}."),
-          steps: Optional[int] = typer.Option(None, help="Denoising steps, 2 to 999 (default: the model's)."),
-          as_json: bool = JSON) -> None:
-    """Score concepts with CLIP-I (likeness to their photos) and CLIP-T (prompt fidelity)."""
-    lines = _prompt_lines(prompts) if prompts is not None else None
-    if clip_weights is not None and (Path(clip_weights).expanduser().exists() or "/" in clip_weights):
-        # a path, not an open_clip tag: the service has its own working folder, so send it whole
-        clip_weights = str(Path(clip_weights).expanduser().absolute())
-    req = _model(EvalRequest, names=names, prompts=lines, n=n, clip=clip, clip_weights=clip_weights,
-                 seed=seed, steps=steps)
-    with client() as c:
-        job = wait_for(c, c.evaluate(req), quiet=as_json, tell_wait=not as_json)
-    if job.result is None or job.result.metrics is None:
-        raise BadInput("The job finished without scores.")
-    if as_json:
-        print(json.dumps({"names": names, **job.result.metrics}, indent=2))
-        return
-    console.print(eval_table(names, job.result.metrics))
-
-
 def _export_target(name: str, output: str) -> Path:
     """Where `cones export -o OUTPUT` writes: OUTPUT itself, or OUTPUT/NAME.safetensors when it
     is a folder or says it is one (a trailing slash, which pathlib would drop)."""
@@ -436,16 +292,10 @@ def _export_target(name: str, output: str) -> Path:
     return path
 
 
-def _prompt_lines(path: Path) -> list[str]:
-    """One prompt a line; blank lines and # comments are skipped (as in the shipped list)."""
-    if not path.is_file():
-        raise BadInput(f"No prompt file at {path}.", "Give a text file with one prompt per line; "
-                       "`{}` marks where the concepts go.")
-    lines = [ln.strip() for ln in read_text(path, f"The prompt file {path}").splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not lines:
-        raise BadInput(f"The prompt file {path} has no prompts.", "Write one prompt per line.")
-    return lines
+# ---------------------------------------------------------------- generation (cli/generation.py)
+
+app.command()(generate)
+app.command("eval")(eval_)
 
 
 # ---------------------------------------------------------------- jobs
@@ -545,26 +395,6 @@ def _option(text: str) -> tuple[str, bool | int | float | str]:
             raise BadInput(f"Option {key.strip()!r} must be a finite number, not {raw!r}.")
         return key.strip(), value
     return key.strip(), raw
-
-
-# A request field as the person gave it: the flag or argument (not "class_word" or "guidance_scale")
-ARGUMENTS = {"class_word": "--class", "method": "--method", "steps": "--steps", "seed": "--seed",
-             "options": "--option", "n": "-n", "boxes": "--box", "negative_prompt": "--negative",
-             "guidance_scale": "--cfg", "width": "--width", "height": "--height", "clip": "--clip",
-             "clip_weights": "--clip-weights", "prompts": "--prompts", "name": "NAME", "names": "NAMES",
-             "prompt": "PROMPT", "photos": "PHOTOS"}
-
-
-def _model(model, **fields):
-    """Build a request model; a bad value becomes BadInput naming the flag it came from."""
-    from pydantic import ValidationError
-
-    from cns_daemon.api.protocol import describe_validation_error
-
-    try:
-        return model(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as exc:
-        raise BadInput(f"Invalid value: {describe_validation_error(exc, ARGUMENTS)}.") from None
 
 
 def main() -> None:

@@ -77,12 +77,12 @@ def test_add_prints_the_learn_results_note(cones, tmp_path):
 
 
 def test_ctrl_c_while_following_says_the_job_goes_on_and_json_gets_its_document(daemon, tmp_path, monkeypatch):
-    import cli.main
+    import cli.session
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.main, "follow", interrupted)
+    monkeypatch.setattr(cli.session, "follow", interrupted)
     cones = cli_in_process(daemon.home, monkeypatch)
     code, out, err = cones("generate", "a plain photo", "--json")
     assert code == 130 and "goes on in the service" in err, err

@@ -189,6 +189,7 @@ def test_an_output_folder_made_for_a_generate_that_was_cut_off_is_not_left_empty
 
     from typer.testing import CliRunner
 
+    import cli.generation
     import cli.main
     from cns_daemon.api.errors import Unavailable
     from cns_daemon.api.protocol import JobInfo
@@ -209,7 +210,7 @@ def test_an_output_folder_made_for_a_generate_that_was_cut_off_is_not_left_empty
             yield
 
     monkeypatch.setenv("CONES_HOME", str(tmp_path))
-    monkeypatch.setattr(cli.main, "client", lambda: Stopping())
+    monkeypatch.setattr(cli.generation, "client", lambda: Stopping())
     out = tmp_path / "new" / "shots"
     r = CliRunner().invoke(cli.main.app, ["generate", "a photo of a dog", "-o", str(out)])
     said = f"(job cccccccccccc); its images stay in the service's outputs, not copied to {out}."
