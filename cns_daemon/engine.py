@@ -9,11 +9,11 @@ concept once and re-apply the resident ones (base.Method.resident; CNS is fusion
 service keeps its concepts in the weights). A concept that cannot be read is "damaged", a
 readable one that cannot be used on this model (a resident one that could not be written back)
 is "not rebuilt"; both are kept in `problems`, shown by `concepts()` and refused by
-`check_generate`, and the service serves the rest.
+`check_generate`, and the service serves the rest. Importing a concept file is the `Importing`
+mixin (importing.py); what `cones list` / `show` / `status` read, the `Listing` mixin (listing.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import threading
@@ -26,25 +26,18 @@ from cns_daemon.archive import Archive
 from cns_daemon.api.errors import (BadInput, Conflict, ConesError, Corrupt, Internal, ModelLoad, ModelMismatch,
                                    NotFound)
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
-from cns_daemon.api.protocol import ConceptInfo, EvalRequest, GenerateRequest, JobResult, LearnJob
+from cns_daemon.api.protocol import EvalRequest, GenerateRequest, JobResult, LearnJob
 from cns_daemon.api.settings import Paths, Settings
 from cns_daemon.outputs import generation_caption, save_images
-from store.records import ConceptMeta, ConceptRecord, Overlap
-from store.store import ConceptStore, values_finite
+from cns_daemon.importing import Importing
+from cns_daemon.listing import Listing, state_of, store_order
+from store.records import ConceptMeta, ConceptRecord
+from store.store import values_finite
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL = "tiny"   # settings.model value: the seeded tiny test pipeline (tests, benches)
-# An imported concept's hparams say when it came into this store: its `created` is when it was
-# learned, elsewhere, but it was applied on top of the concepts here, and start-up must rebuild
-# the weights in the order they were had (and `cones list` lists it where its overlap says).
-IMPORTED = "imported"
 SAVED_BEFORE_STOP = "stored by its first run, before the service stopped"
-
-
-def store_order(meta: ConceptMeta) -> float:
-    """When a concept came into this store: learned here, or imported."""
-    return float(meta.hparams.get(IMPORTED, meta.created))
 
 
 @dataclass(frozen=True)
@@ -55,23 +48,6 @@ class EngineInfo:
     fingerprint: str
 
 
-def concept_info(meta: ConceptMeta, overlap: Overlap, size_bytes: int,
-                 problem: ConesError | None = None, archived: int | None = None) -> ConceptInfo:
-    """`overlap.total` is the store's count of the concept's neurons (mask + delta indices);
-    `archived` how many of its photos the archive holds."""
-    return ConceptInfo(name=meta.name, method=meta.method, class_word=meta.class_word,
-                       token=meta.token, created=meta.created, photos=len(meta.photo_digests),
-                       photos_archived=archived,
-                       size_bytes=size_bytes, neurons=int(overlap.total),
-                       overlap=dict(overlap.shared_with), fingerprint=meta.fingerprint,
-                       metrics={k: v for k, v in meta.metrics.items()
-                                if isinstance(v, (int, float, str)) or v is None},
-                       learned_with={**{k: meta.hparams[k] for k in ("steps", "seed") if k in meta.hparams},
-                                     **meta.hparams.get("options_given", {})},
-                       state=state_of(problem), problem=problem.message if problem else "",
-                       hint=problem.hint if problem else "")
-
-
 def _model_name(model: str | None) -> str:
     """How a store names the model it was made on: a path made absolute, else as given."""
     if model is None:
@@ -80,24 +56,12 @@ def _model_name(model: str | None) -> str:
     return str(path.absolute()) if path.exists() else model
 
 
-# A concept key whose bytes are no name: no request can name it, so only salvage mends it
-UNNAMED = Corrupt(ConceptStore.UNNAMED,
-                  "Stop the service and run `cones store salvage`: it copies every other concept into "
-                  "a fresh store and says how to learn this one again.")
-
-
-def state_of(problem: ConesError | None) -> str:
-    if problem is None:
-        return "ok"
-    return "damaged" if isinstance(problem, Corrupt) else "not_rebuilt"
-
-
 def _again(problem: ConesError) -> ConesError:
     """A fresh error of the same type and words (one instance must not be raised twice)."""
     return type(problem)(problem.message, problem.hint)
 
 
-class Engine:
+class Engine(Importing, Listing):
     def __init__(self, settings: Settings, store, archive: Archive):
         self.settings = settings
         self.paths: Paths = settings.paths
@@ -396,88 +360,6 @@ class Engine:
             self._unapply_resident(name)
         return JobResult(concept=name)
 
-    def import_record(self, record: ConceptRecord) -> JobResult:
-        self._check_fingerprint(record, "Import it into a service on the model it was learned on "
-                                        "(another CONES_HOME), or learn it again here from its photos.")
-        if record.name in self.store:
-            raise Conflict(f"A concept named {record.name!r} already exists.",
-                           f"Import it under another name (`cones import FILE --name NEW`), or remove "
-                           f"this one first with `cones rm {record.name}`.")
-        self._check_fits(record)
-        from cns_daemon.methods.common.tokens import everyday_words, token_ids, token_words
-
-        words = set(token_words(record.meta.token))
-
-        def ids(token: str) -> set[int]:   # by id: "HTTR" in a file is this store's "httr"
-            return {i for w in token_words(token) for i in token_ids(self.pipe.tokenizer, w)}
-
-        mine = ids(record.meta.token)
-        clash = [m.name for m in self.store.list() if mine & ids(m.token)]
-        # A file not made by cones may name its concept by an everyday word ("grass"): it would
-        # act on every prompt that says it, named or not.
-        common = everyday_words(self.pipe.tokenizer, sorted(words))
-        note = None
-        if clash or common:
-            # Every store picks rare words in the same order, so two stores' first concepts
-            # share one. Two concepts on one word would overwrite each other's row: this one
-            # moves to free words, with the rows it drew under the old ones (same pictures).
-            old = record.meta.token
-            record = self._retoken(record)
-            why = (f"is used by <{clash[0]}> here" if clash else
-                   f"is an everyday word ({common[0]!r}), which would change every prompt that says it")
-            note = f"its token {old!r} {why}, so it was given {record.meta.token!r}; its pictures are the same."
-        record = dataclasses.replace(record, meta=dataclasses.replace(
-            record.meta, hparams={**record.meta.hparams, IMPORTED: time.time()}))
-        self.store.put(record)
-        try:
-            self._apply_resident(record)
-        except BaseException:   # it does not fit the live model: not kept (a learn is not either)
-            self.store.delete(record.name)
-            raise
-        return JobResult(concept=record.name, metrics={"note": note} if note else None)
-
-    def _check_fits(self, record: ConceptRecord) -> None:
-        """A file of this very model (its fingerprint matched) whose parts do not fit it was
-        edited: a Cones 2 residual of another width, a mask on a tensor that is no K/V weight
-        were stored as ok and failed every generate, saying to load another base model. The
-        methods' own checks, before anything is stored."""
-        from cns_daemon.methods.common.kv import check_positions
-        from cns_daemon.methods.cones2 import encoder_width, residual_vector
-        from cns_daemon.model import kv_weights
-
-        try:
-            check_positions(kv_weights(self.pipe.unet), {**record.masks, **{
-                name: delta.indices for name, delta in record.deltas.items()}})
-            if record.residual is not None:
-                residual_vector(record, encoder_width(self.pipe))
-        except ModelMismatch as exc:
-            raise BadInput(f"This concept file does not fit the model it says it was learned on: "
-                           f"{exc.message}", "Export it again with `cones export NAME -o FILE`.") from None
-
-    def _retoken(self, record: ConceptRecord) -> ConceptRecord:
-        """The record on free rare words, each carrying the row its old word had: the trained
-        row where the method trained one, else the old word's row in this (same) base model."""
-        from cns_daemon.methods.cns.layers import stack_for
-        from cns_daemon.methods.common.tokens import allocate_token, token_id, token_words
-
-        old = token_words(record.meta.token)
-        taken = [m.token for m in self.store.list()] + [record.meta.token]
-        new = token_words(allocate_token(self.pipe.tokenizer, taken, vectors=len(old)))
-        embeddings = {}
-        for o, n in zip(old, new):
-            vec = record.embeddings.get(o)
-            if vec is None:   # a live CNS concept on this word has its own row written there
-                row = stack_for(self.pipe).base_row(token_id(self.pipe.tokenizer, o))
-                vec = row.float().cpu().numpy()
-            embeddings[n] = vec
-        token = " ".join(new)
-        given = record.meta.hparams.get("options_given", {})
-        hparams = {**record.meta.hparams, "token": token}
-        if "token" in given:   # what `cones show` says it was learned with names the word it has
-            hparams["options_given"] = {**given, "token": token}
-        meta = dataclasses.replace(record.meta, token=token, hparams=hparams)
-        return dataclasses.replace(record, meta=meta, embeddings=embeddings)
-
     # ------------------------------------------------------------ read-only (any thread)
 
     def tokenizer_here(self):
@@ -548,57 +430,6 @@ class Engine:
         image_size(self.pipe, req.height, req.width)
         if req.steps is not None:
             check_steps(self.pipe, req.steps)
-
-    def concepts(self) -> list[ConceptInfo]:
-        """Metadata, overlap, size and state only: listing never reads masks or deltas. Concepts
-        whose metadata is unreadable are listed last, as damaged."""
-        metas = sorted(self.store.list(), key=store_order)
-        listed = {m.name for m in metas}
-        out = [self._info(m) for m in metas]
-        out += [self._unreadable_info(name) for name in sorted(set(self.store.names()) - listed)]
-        out += [ConceptInfo(name=name, method="", class_word="", token="", created=0.0, photos=0,
-                            size_bytes=0, neurons=0, state="damaged", problem=UNNAMED.message,
-                            hint=UNNAMED.hint) for name in self.store.unnamed()]
-        return out
-
-    def _unreadable_info(self, name: str) -> ConceptInfo:
-        """A concept whose metadata cannot be read: its name, size and what is wrong."""
-        problem = self.problems.get(name) or self._read_error(name)
-        return ConceptInfo(name=name, method="", class_word="", token="", created=0.0, photos=0,
-                           size_bytes=self.store.size_of(name), neurons=0, state=state_of(problem),
-                           problem=problem.message if problem else "",
-                           hint=problem.hint if problem else "")
-
-    def health(self) -> dict[str, int]:
-        """How many concepts are damaged / not rebuilt (for `cones status`; from what start-up
-        and later reads found, without reading any concept again)."""
-        names = set(self.store.names())
-        states = {n: "damaged" for n in names - {m.name for m in self.store.list()}}
-        states.update({n: "damaged" for n in self.store.unnamed()})   # no valid name looks so
-        states.update({n: state_of(e) for n, e in self.problems.items() if n in names})
-        counts = {"damaged": 0, "not_rebuilt": 0}
-        for state in states.values():
-            counts[state] += 1
-        return counts
-
-    def concept(self, name: str) -> ConceptInfo:
-        """As `cones list` has it (metadata only): a damaged concept is shown, not refused."""
-        try:
-            meta = self.store.meta(name)
-        except NotFound:
-            raise NotFound(f"No concept named {name!r}.", "`cones list` shows the stored concepts.") from None
-        except Corrupt:
-            return self._unreadable_info(name)
-        return self._info(meta)
-
-    def _info(self, meta: ConceptMeta) -> ConceptInfo:
-        try:
-            overlap, size = self.store.overlap(meta.name), self.store.size_of(meta.name)
-        except Corrupt as exc:   # damage found while listing: remembered like start-up's
-            self.problems.setdefault(meta.name, exc)
-            overlap, size = Overlap(), 0
-        archived = sum(self.archive.has(d) for d in meta.photo_digests)
-        return concept_info(meta, overlap, size, self.problems.get(meta.name), archived)
 
     def record(self, name: str) -> ConceptRecord:
         return self._get(name)

@@ -16,7 +16,8 @@ from cns_daemon.api.errors import ConesError
 from cns_daemon.api.protocol import LearnJob
 from cns_daemon.api.settings import Settings
 from cns_daemon.archive import Archive
-from cns_daemon.engine import IMPORTED, SAVED_BEFORE_STOP, Engine
+from cns_daemon.engine import SAVED_BEFORE_STOP, Engine
+from cns_daemon.importing import IMPORTED
 from cns_daemon.methods.cns.layers import kv_weights
 from cns_daemon.model import build_tiny_pipeline
 from store import ConceptMeta, ConceptRecord, ConceptStore, SparseDelta
