@@ -54,8 +54,8 @@ def learned(tmp_path_factory):
     torch.set_num_threads(before_threads)
 
 
-# The bar. Met since CNS's values are token-scoped (0.62, 20 of 32; written into the
-# weights they read 0.59): docs/tuning.md "CNS scope".
+# The bar. Met since CNS's values are token-scoped (0.62, 20 of 32, when that came;
+# written into the weights they read 0.59: docs/tuning.md "CNS on fixture run 6").
 def test_default_cns_learns_the_concepts_look(learned):
     judge, star, _, records, out = learned
     base = judge.concept_rate(out["base_star"], star.obj)

@@ -111,7 +111,7 @@ class CNSParams:
                                   # (CNS; the baselines, Cones and Cones 2 train under captions alone)
     mask_background: float = 0.1  # the background's loss weight, relative to the object's, for
                                   # either target (docs/tuning.md "Object-weighted loss")
-    delta_dtype: str = "float16"  # stored values: float16 | float32 (fp16 rounding: docs/tuning.md)
+    delta_dtype: str = "float16"  # stored values: float16 | float32 (half the bytes; not tuned)
     token: str = ""               # specific rare tokens (`vectors` words); "" picks them
     vectors: int = 1              # token vectors per concept: rare words in a row, each a
                                   # trained embedding row (docs/tuning.md "Token vectors")
