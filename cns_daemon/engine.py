@@ -320,7 +320,7 @@ class Engine(Importing, Listing):
                 raise NotFound(f"Concept {name!r} has no photos in this store's archive to compare with.",
                                "Evaluate it in the store it was learned in, or learn it again here from "
                                "its photos (an exported concept carries no photos).")
-        scorer = load_scorer(req.clip, req.clip_weights)   # ModelLoad / Unavailable, typed
+        scorer = load_scorer(req.clip, req.clip_weights, self.pipe.device)   # ModelLoad / Unavailable, typed
         photos = {n: [load_photo(self.archive.path(d)) for d in digests] for n, digests in held.items()}
         prompts = list(req.prompts) if req.prompts else default_prompts()
         options = {k: v for k, v in (("steps", req.steps),) if v is not None}

@@ -63,19 +63,23 @@ def preprocess(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 
 def _unit(x) -> torch.Tensor:
     x = getattr(x, "pooler_output", x)  # transformers 5 wraps projected features
-    return torch.nn.functional.normalize(x.float(), dim=-1)
+    return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 class HFClipScorer:
     """transformers' CLIPModel + CLIPTokenizer (a local folder, or a model object in tests)."""
 
-    def __init__(self, model, tokenizer, image_size: int | None = None):
-        self.model = model.eval()
+    def __init__(self, model, tokenizer, image_size: int | None = None, device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)   # the generating model's device: a GPU host scored on the CPU
         self.tokenizer = tokenizer
         self.image_size = image_size or model.config.vision_config.image_size
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "HFClipScorer":
+    def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu") -> "HFClipScorer":
         from transformers import CLIPModel, CLIPTokenizer
 
         folder = Path(folder).expanduser()
@@ -93,17 +97,19 @@ class HFClipScorer:
         if info.get("missing_keys") or len(tokenizer) < 1000:
             raise ModelLoad(f"{folder} is not a whole CLIP model ({len(info.get('missing_keys', []))} "
                             f"weights missing, a tokenizer of {len(tokenizer)} words).", hint)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, device=device)
 
     @torch.no_grad()
     def embed_images(self, images):
-        return _unit(self.model.get_image_features(pixel_values=preprocess(images, self.image_size)))
+        pixels = preprocess(images, self.image_size).to(_device_of(self.model))
+        return _unit(self.model.get_image_features(pixel_values=pixels))
 
     @torch.no_grad()
     def embed_texts(self, texts):
         tok = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
-        return _unit(self.model.get_text_features(input_ids=tok.input_ids,
-                                                  attention_mask=tok.attention_mask))
+        device = _device_of(self.model)
+        return _unit(self.model.get_text_features(input_ids=tok.input_ids.to(device),
+                                                  attention_mask=tok.attention_mask.to(device)))
 
 
 @contextmanager
@@ -124,7 +130,8 @@ def _hub_offline():
 class OpenClipScorer:
     """open_clip model; `weights` is a local file or an open_clip pretrained tag in its cache."""
 
-    def __init__(self, model_name: str = "ViT-L-14", weights: str | None = None):
+    def __init__(self, model_name: str = "ViT-L-14", weights: str | None = None,
+                 device: str | torch.device = "cpu"):
         try:
             import open_clip
         except Exception as exc:  # ImportError, or torchvision failing to load its ops
@@ -145,24 +152,26 @@ class OpenClipScorer:
             raise ModelLoad(f"Could not load open_clip {model_name} ({exc}).",
                             "Download its weights once into open_clip's cache, or pass a local "
                             "file with --clip-weights PATH.") from exc
-        self.model = model.eval()
+        self.model = model.eval().to(device)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         size = model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
 
     @torch.no_grad()
     def embed_images(self, images):
-        return _unit(self.model.encode_image(preprocess(images, self.image_size)))
+        return _unit(self.model.encode_image(preprocess(images, self.image_size).to(_device_of(self.model))))
 
     @torch.no_grad()
     def embed_texts(self, texts):
-        return _unit(self.model.encode_text(self.tokenizer(list(texts))))
+        return _unit(self.model.encode_text(self.tokenizer(list(texts)).to(_device_of(self.model))))
 
 
-def load_scorer(clip: str = "ViT-L-14", weights: str | None = None) -> ClipScorer:
-    """A transformers folder (has config.json) → HFClipScorer; anything else → open_clip."""
+def load_scorer(clip: str = "ViT-L-14", weights: str | None = None,
+                device: str | torch.device = "cpu") -> ClipScorer:
+    """A transformers folder (has config.json) → HFClipScorer; anything else → open_clip. On
+    `device` (the generating model's), scores on the CPU."""
     if weights and (Path(weights).expanduser() / "config.json").exists():
-        return HFClipScorer.from_folder(weights)
+        return HFClipScorer.from_folder(weights, device)
     if weights and _looks_like_path(weights) and not Path(weights).expanduser().exists():
         # said before importing open_clip: a wrong path is the user's first problem to fix
         raise BadInput(f"No CLIP weights at {weights}.",
@@ -172,7 +181,7 @@ def load_scorer(clip: str = "ViT-L-14", weights: str | None = None) -> ClipScore
         raise BadInput(f"{weights} is a folder without a config.json: not a transformers CLIP folder.",
                        "Give a transformers CLIP folder (saved with save_pretrained) or an open_clip "
                        "weights file.")
-    return OpenClipScorer(clip, weights)
+    return OpenClipScorer(clip, weights, device)
 
 
 def _looks_like_path(weights: str) -> bool:

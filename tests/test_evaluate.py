@@ -125,3 +125,21 @@ def test_missing_clip_is_a_clear_error_not_a_download(tmp_path, scorer):
     (tmp_path / "noweights" / "config.json").write_text("{}")
     with pytest.raises(ModelLoad, match="is not a CLIP model folder"):
         HFClipScorer.from_folder(tmp_path / "noweights")
+
+
+def test_the_scorer_runs_on_the_device_it_is_given(tmp_path, scorer):
+    """A GPU host scored CLIP on the CPU (minutes for ViT-L); the scorer now goes where the
+    generating model is, and hands its embeddings back on the CPU. (No GPU here: the move is
+    recorded, and the CPU path gives the same numbers.)"""
+    model, moved = tiny_clip_model(), []
+    real_to = model.to
+    model.to = lambda device: moved.append(device) or real_to(device)
+    here = HFClipScorer(model, clip_tokenizer(), device=torch.device("cpu"))
+    assert moved == [torch.device("cpu")]
+    ims = [_img(5)]
+    got = here.embed_images(ims)
+    assert got.device.type == "cpu" and torch.allclose(got, HFClipScorer(tiny_clip_model(), clip_tokenizer()).embed_images(ims), atol=1e-6)
+    assert here.embed_texts(["a photo of a dog"]).device.type == "cpu"
+    scorer.model.save_pretrained(tmp_path / "clip")
+    scorer.tokenizer.save_pretrained(tmp_path / "clip")
+    assert next(load_scorer(weights=str(tmp_path / "clip"), device="cpu").model.parameters()).device.type == "cpu"
