@@ -154,7 +154,8 @@ def prepare_generation(pipe, opts: MemoryOptions) -> None:
 def autocast_dtype(model_dtype: torch.dtype, native_bf16: bool) -> torch.dtype | None:
     """What a training loop autocasts to on a GPU: a half model's own precision; for a float32
     model, bf16 where the GPU has it natively, else none. (torch emulates bf16 before Ampere, T4
-    and V100: far slower than fp32; and fp16 would need loss scaling, which the loops lack.)"""
+    and V100: far slower than fp32. A float16 model's loops scale their loss, `LossScale`; fp16
+    autocast of a float32 model would take it too, but was never measured on such a GPU.)"""
     if model_dtype in (torch.float16, torch.bfloat16):
         return model_dtype
     return torch.bfloat16 if native_bf16 else None

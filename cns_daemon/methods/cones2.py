@@ -35,7 +35,7 @@ import torch
 from cns_daemon.memory import loop_context
 from cns_daemon.api.errors import BadInput, ModelMismatch
 from cns_daemon.methods.base import CancelToken, LearnSpec, PerRequest, ProgressFn
-from cns_daemon.methods.common import (ConceptLoss, as_dict, only_trainable, parse_options,
+from cns_daemon.methods.common import (ConceptLoss, LossScale, as_dict, only_trainable, parse_options,
                                        pipeline_modules, prepare, run_steps, step_generator, tokenize)
 from cns_daemon.prompts import expand
 from store.records import ConceptMeta, ConceptRecord
@@ -165,6 +165,8 @@ class Cones2Method(PerRequest):
                                    seed=spec.seed, text_grad=True)
         params = _trainable(tuned)
         opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=0.0)
+        # the encoder copy is float32, but its gradient comes back through a float16 UNet
+        scale = LossScale(pipe.unet.dtype, pipe.unet.device)
         reg_values: list[float] = []
 
         def step(k: int) -> float:
@@ -173,9 +175,10 @@ class Cones2Method(PerRequest):
             reg = preservation_loss(tuned, frozen_out[pick], sset.ids[pick], sset.keep[pick])
             loss = concept_loss(k) + hp.lambda_reg * reg
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scale.backward(loss)
+            scale.unscale(opt)   # clipped as they are, not as scaled
             torch.nn.utils.clip_grad_norm_(params, hp.grad_clip)
-            opt.step()
+            scale.step(opt)
             reg_values.append(float(reg.detach()))
             return float(loss.detach())
 

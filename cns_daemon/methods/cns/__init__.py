@@ -269,6 +269,7 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
                             {"params": [row.param], "lr": hp.lr_token}])
     weights = [t.weight for t in trainees]
     shared = [bool(t.reg_mask.any()) for t in trainees]
+    scale = C.LossScale(pipe.unet.dtype, pipe.unet.device)   # float16 UNets: see LossScale
 
     def pull(t: _Trainee, has_shared: bool):
         """The regularisers' terms that are not zero by construction (the probe trains every
@@ -285,11 +286,11 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
         for w in weights:
             w.grad = None
         parts = loss.parts(k)
-        (parts.total + sum(pull(t, h) for t, h in zip(trainees, shared))).backward()
+        scale.backward(parts.total + sum(pull(t, h) for t, h in zip(trainees, shared)))
         for t in trainees:  # the denoising gradient reaches the full weight; keep ours
             mine = t.weight.grad.view(-1)[t.idx].float()
             t.values.grad = mine if t.values.grad is None else t.values.grad + mine
-        opt.step()
+        scale.step(opt)
         for t in trainees:
             t.write()
         return float(parts.total.detach())
