@@ -52,3 +52,18 @@ def test_gradients_too_small_for_float16_survive_the_loss_scale():
     assert master_grad(scaled=False) == 0.0   # lost, as before
     assert master_grad(scaled=True) == pytest.approx(2e-6, rel=0.05)   # 2 w x² = 2e-6
     assert not LossScale(torch.bfloat16, torch.device("cpu")).enabled   # bf16 has float32's range
+
+
+def test_cones_scores_keep_gradients_too_small_for_float16():
+    """Cones ranks neurons by their gradients: on a float16 UNet those under 6e-8 read zero."""
+    from types import SimpleNamespace
+
+    from cns_daemon.methods.cones import _gradients
+
+    w = torch.nn.Parameter(torch.ones(1, 1, dtype=torch.float16))
+    x = torch.full((100_000, 1), 1e-3, dtype=torch.float16)
+    loss_fn = lambda k: ((x @ w).float() ** 2).mean()   # noqa: E731  dL/dpred = 2e-8
+    for dtype, expected in ((torch.float16, 2e-6), (torch.float32, 0.0)):   # unscaled: lost, as before
+        pipe = SimpleNamespace(unet=SimpleNamespace(dtype=dtype))
+        _, grads = _gradients(pipe, {"w": w}, {"w": torch.ones(1, 1)}, loss_fn, 0)
+        assert float(grads["w"]) == pytest.approx(expected, rel=0.05, abs=1e-12), dtype

@@ -61,14 +61,20 @@ class ConesParams:
 
 def _gradients(pipe, params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor],
                loss_fn: LossFn, k: int) -> tuple[float, dict[str, torch.Tensor]]:
-    """∇L at weights = `values` (written into the live tensors), for step k's loss."""
-    with torch.no_grad():
-        for name, p in params.items():
-            p.data.copy_(values[name].to(p.dtype))
-            p.grad = None
-    loss = loss_fn(k)
-    loss.backward()
-    return float(loss.detach()), {n: p.grad.float() for n, p in params.items()}
+    """∇L at weights = `values` (written into the live tensors), for step k's loss. On a float16
+    UNet the loss is scaled up first (gradients under float16's 6e-8 flush to zero there; see
+    common.LossScale) and, where that overflowed, taken again unscaled."""
+    for scale in ((2.0 ** 12, 1.0) if pipe.unet.dtype == torch.float16 else (1.0,)):
+        with torch.no_grad():
+            for name, p in params.items():
+                p.data.copy_(values[name].to(p.dtype))
+                p.grad = None
+        loss = loss_fn(k)
+        (loss * scale).backward()
+        grads = {n: p.grad.float() / scale for n, p in params.items()}
+        if scale == 1.0 or all(bool(torch.isfinite(g).all()) for g in grads.values()):
+            break
+    return float(loss.detach()), grads
 
 
 def _walk(pipe, loss_fn: LossFn, steps: int, progress: ProgressFn | None,
