@@ -103,4 +103,4 @@ def test_cli_probe_json(tmp_path):
     folder = CliRunner().invoke(app, ["toyworld", "probe", str(tmp_path), "--json"])   # its images
     assert folder.exit_code == 0 and json.loads(folder.output.strip().splitlines()[-1]) == rows
     (tmp_path / "empty").mkdir()
-    assert CliRunner().invoke(app, ["toyworld", "probe", str(tmp_path / "empty")]).exit_code == 3
+    assert CliRunner().invoke(app, ["toyworld", "probe", str(tmp_path / "empty")]).exit_code == 2   # bad input, as the README says
