@@ -199,7 +199,9 @@ class Client:
             if service_starting(runtime_lock):
                 pid, _, state = _lock_owner(runtime_lock)
                 if state == "stopping":
-                    return Unavailable("The cones service is stopping.", START_HINT + " once it has.")
+                    return Unavailable("The cones service is stopping.",
+                                       "Once it has stopped, start it again: `cones serve` (foreground) or "
+                                       "`systemctl --user start cones`.")
                 if state == "serving":   # its socket removed under it (the folder is still there)
                     return Unavailable(f"A cones service (pid {pid}) runs, but its socket {self.socket_path} "
                                        "is gone (removed?).", f"Stop it (`systemctl --user restart cones`, "

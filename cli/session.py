@@ -34,7 +34,9 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
             time.sleep(QUEUED_GRACE_S)
             if c.job(job.id).state == "queued" and c.job(running.id).state == "running":
                 what = escape(shorten(running.summary))
-                err_console.print(f"Job {job.id} is queued behind job {running.id} ({what}); "
+                others = c.status().queue.queued - 1   # ahead or not: generates go first
+                more = f", with {others} other job{'s' if others != 1 else ''} queued" if others > 0 else ""
+                err_console.print(f"Job {job.id} is queued: job {running.id} runs ({what}){more}; "
                                   "`cones jobs` shows the queue. Ctrl-C stops waiting, not the job.",
                                   highlight=False)
         follow(c.follow(job.id), quiet=quiet)
@@ -42,7 +44,9 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
         raise Interrupted(f"Stopped following; job {job.id} goes on in the service{left_behind}.",
                           f"`cones jobs` shows it; `cones cancel {job.id}` stops it.") from None
     except Unavailable as exc:   # the service went away under us: which job to look for later
-        raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}){left_behind}.", exc.hint) from None
+        # (a job a stop or crash cut off is queued again when the service starts: it is kept)
+        raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}, kept: it runs when the service is "
+                          f"back){left_behind}.", exc.hint) from None
     return c.job(job.id)
 
 

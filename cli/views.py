@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cns_daemon.api.errors import BadInput, ConesError, Storage, from_code, storage_error
+from cns_daemon.api.errors import BadInput, ConesError, Interrupted, Storage, from_code, storage_error
 from cns_daemon.archive import atomic_write
 from cns_daemon.api.protocol import (FINAL_STATES, PAUSED_FOR, STREAM_STOPPING, ConceptInfo, ErrorBody, JobInfo,
                                      ProgressInfo, StatusInfo)
@@ -118,6 +118,10 @@ def handled(fn):
         try:
             try:
                 return fn(*args, **kwargs)
+            except KeyboardInterrupt:   # before a job was followed (wait_for says its own)
+                raise Interrupted("Interrupted. A request the service had already received goes on "
+                                  "there (an add or generate is queued all the same).",
+                                  "`cones jobs` shows it; `cones cancel JOB` stops it.") from None
             except BrokenPipeError:   # `cones jobs --json | head`: the reader has all it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no flush error at exit
                 raise typer.Exit(EXIT_BROKEN_PIPE) from None
@@ -380,6 +384,8 @@ def follow(events: Iterable[ProgressInfo], quiet: bool = False,
             label = info.phase
             finish_others(label)
             loss = f"loss {info.loss:.4f}" if info.loss is not None else ""
+            if info.message.startswith(PAUSED_FOR):   # the bar stands still meanwhile: said why
+                loss = f"({info.message})"
             if info.total:
                 if label not in tasks:
                     tasks[label] = bar.add_task(label, total=info.total, loss=loss)

@@ -91,6 +91,17 @@ def test_ctrl_c_while_following_says_the_job_goes_on_and_json_gets_its_document(
     assert "cones cancel" in body["hint"]
     code, out, err = cones("generate", "a plain photo")
     assert code == 130 and out == "" and "cancel" in err and "goes on in the service" in err
+    # Ctrl-C before the service answered the submission: it exited 130 without a word, and the
+    # job was queued all the same
+    import cli.client
+
+    def cut_short(self, req):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.client.Client, "generate", cut_short)
+    code, out, err = cones("generate", "a plain photo", "--json")
+    assert code == 130 and "queued all the same" in " ".join(err.split()), err
+    assert json.loads(out)["error"]["code"] == "interrupted" and "cones jobs" in json.loads(out)["error"]["hint"]
 
 
 def test_a_concept_still_being_learned_is_said_to_be(cones, tmp_path):
@@ -197,7 +208,14 @@ def test_a_queued_job_says_what_it_waits_for(cones, daemon, tmp_path):
     assert code == 0 and json.loads(out)["state"] == "done", out
     ahead = start_long("ahead2")
     code, out = cones("add", "behind", *photos, "--class", "dog", "--steps", "2")
-    assert code == 0 and f"queued behind job {ahead} (learn <ahead2>" in out, out
+    assert code == 0 and f"is queued: job {ahead} runs (learn <ahead2>" in out, out
+    # with others queued too, they are counted (one running job named, not all that go first)
+    ahead3 = start_long("ahead3")
+    code, out = cones("add", "queued1", *photos, "--class", "dog", "--steps", "2", "--no-wait")
+    assert code == 0, out
+    code, out = cones("add", "behind2", *photos, "--class", "dog", "--steps", "2")
+    said = " ".join(out.split())
+    assert code == 0 and f"job {ahead3} runs (learn <ahead3>" in said and "with 1 other job queued" in said, out
 
 
 def test_generate_runs_inside_a_running_learn_and_before_queued_ones(daemon, tmp_path):

@@ -32,6 +32,21 @@ def test_finished_phases_are_full_or_gone():
     assert "waiting" not in rows and "queued" not in rows and "start" not in rows, out.getvalue()
 
 
+def test_a_learn_paused_for_a_generate_says_so_on_its_bar():
+    """The bar stood still (its time left growing) while a generate ran inside the learn."""
+    from cns_daemon.api.protocol import PAUSED_FOR
+
+    def paused(job="0123456789ab"):
+        yield ProgressInfo(job=job, state="running", phase="train", step=1, total=3, loss=0.5)
+        yield ProgressInfo(job=job, state="running", phase="train", step=1, total=3, loss=0.5,
+                           message=PAUSED_FOR + "fedcba987654")
+        yield ProgressInfo(job=job, state="done")
+
+    out = io.StringIO()
+    follow(paused(), console=Console(file=out, width=120, force_terminal=False))
+    assert "(paused for generate job fedcba987654)" in out.getvalue(), out.getvalue()
+
+
 def test_concept_list_keeps_names_and_figures_whole_at_80_columns():
     import time
 
@@ -213,7 +228,8 @@ def test_an_output_folder_made_for_a_generate_that_was_cut_off_is_not_left_empty
     monkeypatch.setattr(cli.generation, "client", lambda: Stopping())
     out = tmp_path / "new" / "shots"
     r = CliRunner().invoke(cli.main.app, ["generate", "a photo of a dog", "-o", str(out)])
-    said = f"(job cccccccccccc); its images stay in the service's outputs, not copied to {out}."
+    said = (f"(job cccccccccccc, kept: it runs when the service is back); its images stay in the "
+            f"service's outputs, not copied to {out}.")
     assert r.exit_code == 11 and "".join(said.split()) in "".join(r.output.split()), r.output   # (wrapped)
     assert not out.exists()
     out.mkdir(parents=True)   # a folder the person had: kept
