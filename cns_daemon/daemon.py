@@ -291,6 +291,15 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
                     yield
                     self._captured_signals.clear()
 
+            def handle_exit(self, sig, frame) -> None:
+                # A second Ctrl-C made uvicorn force its exit, which cancels the app's own
+                # shutdown mid-way (a traceback in the log); the stop takes seconds at most
+                # (the graceful timeout, the job's next step), so it is said instead.
+                if self.should_exit:
+                    log.info("already stopping (the running job is put back at its next step)")
+                    return
+                super().handle_exit(sig, frame)
+
             async def startup(self, sockets=None) -> None:
                 await super().startup(sockets=sockets)
                 lock.say("serving")

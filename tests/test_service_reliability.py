@@ -99,6 +99,30 @@ def test_a_learn_stored_just_before_a_crash_is_done_after_the_restart(tmp_path):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_ctrl_c_twice_stops_cleanly(tmp_path):
+    """A second Ctrl-C on `cones serve` made uvicorn force its exit: the app's shutdown was
+    cancelled mid-way and its traceback logged. The stop goes on as after one."""
+    import signal
+
+    home = short_home()
+    daemon = None
+    try:
+        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
+        with Client(daemon.socket) as c:
+            job = c.add(AddRequest(name="twice", class_word="cat", steps=5000, photos=photos_of(40)))
+            wait_until(lambda: c.job(job.id).state == "running", what="learn running")
+        daemon.proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+        daemon.proc.send_signal(signal.SIGINT)
+        assert daemon.proc.wait(20) == 0
+        assert "Traceback" not in daemon.output() and "already stopping" in daemon.output(), daemon.output()
+        assert "cones stopped" in daemon.output()
+    finally:
+        if daemon is not None:
+            daemon.kill(15)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_clean_stop_during_learn_says_it_started_over(tmp_path):
     """SIGTERM gives the running job's start back (it is not counted against its attempts), and
     after the restart its note says that it ran when the service stopped and started over."""
