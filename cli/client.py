@@ -14,7 +14,7 @@ from typing import Iterator, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from cns_daemon.api.errors import ConesError, Internal, ProtocolMismatch, Unavailable, from_code
+from cns_daemon.api.errors import ConesError, Internal, Interrupted, ProtocolMismatch, Unavailable, from_code
 from cns_daemon.api.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest,
                                      ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest, JobInfo,
                                      JobList, PhotosPruned, ProgressInfo, StatusInfo, segment)
@@ -176,6 +176,14 @@ class Client:
                 response = request()
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from None
+        except KeyboardInterrupt:
+            if method == "GET":
+                raise
+            # the service may have the whole request already: an add or generate is queued and
+            # runs, though this command never heard its job's id (it said nothing before)
+            raise Interrupted("Interrupted while the request was sent or answered: the service may "
+                              "have taken it (an add, generate, removal or import then goes on there).",
+                              "`cones jobs` shows whether it did; `cones cancel JOB` stops it.") from None
         if response.status_code >= 400:
             raise self._error(response)
         return response

@@ -118,10 +118,8 @@ def handled(fn):
         try:
             try:
                 return fn(*args, **kwargs)
-            except KeyboardInterrupt:   # before a job was followed (wait_for says its own)
-                raise Interrupted("Interrupted. A request the service had already received goes on "
-                                  "there (an add or generate is queued all the same).",
-                                  "`cones jobs` shows it; `cones cancel JOB` stops it.") from None
+            except KeyboardInterrupt:   # exit 130, as the README says (click's Abort exited 1)
+                raise Interrupted("Interrupted.", "Run the command again to go on.") from None
             except BrokenPipeError:   # `cones jobs --json | head`: the reader has all it wanted
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no flush error at exit
                 raise typer.Exit(EXIT_BROKEN_PIPE) from None
