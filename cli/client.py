@@ -183,7 +183,7 @@ class Client:
             # runs, though this command never heard its job's id (it said nothing before)
             raise Interrupted("Interrupted while the request was sent or answered: the service may "
                               "have taken it (an add, generate, removal or import then goes on there).",
-                              "`cones jobs` shows whether it did; `cones cancel JOB` stops it.") from None
+                              "`cones jobs` shows whether it did (and `cones cancel JOB` stops a job).") from None
         if response.status_code >= 400:
             raise self._error(response)
         return response

@@ -37,7 +37,8 @@ def settings(**flags):
                        f"Fix it where it is set: {_where_set(exc, flags)}.") from None
     except OSError as exc:   # unreadable: no storage trouble, whatever errno says
         raise BadInput(f"{cfg} cannot be read: {exc.strerror or exc}.",
-                       "Make it readable by you (chmod 600), or move it aside.") from None
+                       "Make it readable by you (chmod 600), or move it aside." if isinstance(
+                           exc, PermissionError) else "Check the file and its disk, or move it aside.") from None
     except tomllib.TOMLDecodeError as exc:
         try:
             raw = config_file().read_bytes()
@@ -59,18 +60,21 @@ def settings(**flags):
 def _unknown_keys(exc) -> str:
     """A key config.toml has that is no setting ("step"), with the one it is closest to, as
     an unknown CONES_* variable is told; "" when the errors are others."""
-    import difflib
-
     from cns_daemon.api.settings import Settings
 
     unknown = [str(e["loc"][0]) for e in exc.errors() if e.get("type") == "extra_forbidden" and e.get("loc")]
     if not unknown or len(unknown) != len(exc.errors()):
         return ""
-    said = []
-    for key in unknown:
-        near = difflib.get_close_matches(key, sorted(Settings.model_fields), n=1)
-        said.append(f"`{key}` is not a cones setting" + (f" (did you mean `{near[0]}`?)" if near else ""))
-    return "; ".join(said)
+    return "; ".join(f"`{key}` is not a cones setting" + (f" (did you mean `{near}`?)" if (
+        near := nearest(key, Settings.model_fields)) else "") for key in unknown)
+
+
+def nearest(word: str, choices) -> str | None:
+    """The choice `word` is most likely a typo of (CONES_STEP for CONES_STEPS), or None."""
+    import difflib
+
+    near = difflib.get_close_matches(word, sorted(choices), n=1)
+    return near[0] if near else None
 
 
 def _where_set(exc, flags: dict) -> str:
@@ -101,8 +105,6 @@ FLAGS = {"settle_seconds": "--settle", "watch_inbox": "--no-inbox"}
 def _tell_unknown_variables() -> None:
     """A CONES_* variable that is no setting (CONES_STEP for CONES_STEPS) would be ignored
     without a word: said on stderr, with the setting it is closest to. Once per process."""
-    import difflib
-
     from cns_daemon.api.settings import Settings
     from cli.views import err_console
 
@@ -118,9 +120,9 @@ def _tell_unknown_variables() -> None:
                 err_console.print(f"warning: {key} is read as {key.upper()}; spell it so.",
                                   highlight=False, markup=False)
             continue
-        near = difflib.get_close_matches(key.upper(), sorted(known), n=1)
+        near = nearest(key.upper(), known)
         err_console.print(f"warning: {key} is not a cones setting and is ignored"
-                          + (f" (did you mean {near[0]}?)" if near else "") + ".", highlight=False,
+                          + (f" (did you mean {near}?)" if near else "") + ".", highlight=False,
                           markup=False)
 
 

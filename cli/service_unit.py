@@ -165,7 +165,7 @@ def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
             "Give folders you can write to (CONES_HOME, the *_dir settings, --unit-dir).") from None
     say(f"wrote {unit}")
     env = unit_environment(settings)
-    carried = sorted(k for k in env if k.startswith("CONES_") and k in os.environ)
+    carried = sorted(k for k in env if k in setting_variables())   # as read: CONES_Steps too
     if carried:   # they win over config.toml: said, so a later edit there is not a surprise
         say(f"carried from this shell (they override config.toml; unset them and install again to "
             f"let config.toml decide): {', '.join(carried)}")

@@ -5,6 +5,7 @@ command, so importing the CLI never imports torch.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -71,7 +72,8 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
         for path in written:
             path.unlink(missing_ok=True)
         if made:
-            out.rmdir()
+            with contextlib.suppress(OSError):   # the write's error is the one to tell
+                out.rmdir()
         raise
     typer.echo(f"wrote {len(photos)} photos to {out}")
 

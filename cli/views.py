@@ -76,18 +76,18 @@ def output_folder(path: Path, what: str = "files") -> None:
     typed error (one line and exit 2, not a traceback)."""
     if path.exists() and not path.is_dir():
         raise BadInput(f"{path} is a file, not a folder.", f"Give -o a folder for the {what}.")
-    made = not path.exists()
+    made = [p for p in (path, *path.parents) if not p.exists()]   # innermost first
     probe = path / f".cones-write-test-{uuid.uuid4().hex}"   # read-only or full: said now
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"x")
         probe.unlink()
     except OSError as exc:
-        # nothing left of the try: the probe (made empty on a full disk) nor the folder
+        # nothing left of the try: the probe (made empty on a full disk) nor the folders
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
-            if made:
-                path.rmdir()
+            for folder in made:
+                folder.rmdir()
         known = storage_error(exc)
         raise (Storage(f"Cannot write into the folder {path}: {exc.strerror}.", "Give -o a folder "
                        "you can write to, on a disk with room.") if known else

@@ -55,6 +55,7 @@ def _eval(service, req: EvalRequest, job, progress, cancel) -> JobResult:
 def _remove(service, req: RemoveJob, job, progress, cancel) -> JobResult:
     if job.attempts > 1 and req.name not in service.store:
         result = JobResult(concept=req.name)   # a retry after a crash: the first run removed it
+        service.store.drop_lost(req.name)      # (or, of one a salvage left behind, not yet)
     else:
         result = service.engine.remove(req.name)
     if req.photos:

@@ -163,6 +163,10 @@ class Service:
             used |= {d for meta in readable for d in meta.photo_digests}
             # concepts a salvage could not copy: kept to learn them again
             used |= {d for digests in self.store.lost().values() for d in digests}
+            if self.store.unnamed():   # a concept whose name is damaged: which photos are its
+                # is not known until salvage reads it, so every finished learn's are kept
+                used |= {d for job in newest_learns(self.worker.jobs.jobs(("done",))).values()
+                         for d in job.request.get("photo_digests", [])}
             for name in set(self.store.names()) - {m.name for m in readable}:
                 used |= set(self.concept_photos(name))
             # (an edited concept file may name what is no photo: it is in no archive)

@@ -124,44 +124,56 @@ def cut_short(data_file: Path) -> str | None:
     return None
 
 
-def older_snapshot(store_dir: Path) -> Path | None:
-    """A copy of the store at `store_dir` as one of its two meta pages describes it, for a store
-    LMDB will not open because the other is damaged (it reads both and refuses the file when
-    either is garbled; of two that read it takes the newer, whose tree may be the damaged one).
-    The page that reads is taken, or of two the older: LMDB never reuses a page of the commit
-    before the newest, so it still describes a whole store. The copy holds it in both places.
-    None when neither reads as a meta page."""
+def other_meta_page(store_dir: Path) -> Path | None:
+    """A copy of the store at `store_dir` as its one readable meta page describes it, where the
+    other is garbled: LMDB reads both and refuses the whole file then, though the page that reads
+    describes a whole store (LMDB never reuses a page of the commit before the newest). The copy
+    holds that page in both places. None unless exactly one of the two reads as a meta page (a
+    store LMDB refuses for another reason is not rolled back a commit)."""
     import shutil
     import struct
 
-    data = (store_dir / "data.mdb").read_bytes()
+    data_file = store_dir / "data.mdb"
+    if not data_file.is_file():
+        return None
+    with open(data_file, "rb") as f:
+        head = f.read(2 * 65536)
 
-    def meta_at(offset: int) -> tuple[int, int] | None:   # (txnid, page size) of a meta page there
-        if len(data) < offset + _META + 136 or struct.unpack_from("<I", data, offset + _META)[0] != _META_MAGIC:
+    def meta_at(offset: int) -> int | None:
+        """The page size a meta page at `offset` says pages are, or None if none is there:
+        LMDB's magic and data version, and the page header's P_META flag."""
+        if len(head) < offset + _META + 136:
             return None
-        return struct.unpack_from("<Q", data, offset + _META + 128)[0], struct.unpack_from("<I", data, offset + _META + 24)[0]
+        flags = struct.unpack_from("<H", head, offset + 10)[0]
+        magic, version = struct.unpack_from("<II", head, offset + _META)
+        if magic != _META_MAGIC or version != 1 or not flags & 0x08:
+            return None
+        return struct.unpack_from("<I", head, offset + _META + 24)[0]
 
     first = meta_at(0)
-    if first is not None:
-        psize, second = first[1], meta_at(first[1])
-    else:   # page 0 garbled: the second page's place is found by the size it says pages are
-        psize, second = next(((size, m) for size in (4096, 8192, 16384, 32768, 65536)
-                              if (m := meta_at(size)) is not None and m[1] == size), (0, None))
-    if first is None and second is None:
-        return None
-    if first is not None and second is not None:
-        keep = 0 if first[0] < second[0] else 1   # the older of two that read
-    else:
-        keep = 0 if second is None else 1   # the one that reads
-    page = bytearray(data[keep * psize:(keep + 1) * psize])
-    copy = bytearray(data)
-    for slot in (0, 1):
-        struct.pack_into("<Q", page, 0, slot)   # the page header's own page number
-        copy[slot * psize:(slot + 1) * psize] = page
-    dest = store_dir.with_name(f"{store_dir.name}.older-snapshot")
+    if first is not None:   # page 1 sits one page on; is it garbled?
+        psize, keep = first, 0
+        if meta_at(psize) is not None:
+            return None
+    else:   # page 0 garbled: the second page is found by the size it says pages are
+        psize = next((size for size in (4096, 8192, 16384, 32768, 65536) if meta_at(size) == size), 0)
+        if not psize:
+            return None
+        keep = 1
+    page = bytearray(head[keep * psize:(keep + 1) * psize])
+    dest = store_dir.with_name(f"{store_dir.name}.other-meta-page")
     shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(mode=0o700)
-    (dest / "data.mdb").write_bytes(bytes(copy))
+    try:
+        dest.mkdir(mode=0o700)
+        shutil.copyfile(data_file, dest / "data.mdb")
+        with open(dest / "data.mdb", "r+b") as f:
+            for slot in (0, 1):
+                struct.pack_into("<Q", page, 0, slot)   # the page header's own page number
+                f.seek(slot * psize)
+                f.write(page)
+    except BaseException:   # a full disk: no half copy left beside the store
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
     return dest
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cns_daemon.api.errors import BadInput, ConesError, Corrupt
 
-from .env import DB_NAMES, older_snapshot
+from .env import DB_NAMES, other_meta_page
 from .jobs import newest_learns
 from .records import JobRecord
 from .store import SEP, ConceptStore
@@ -115,27 +115,27 @@ def salvage(path: Path) -> SalvageReport:
     damaged one to `<path>.damaged-<time>` and put the fresh one in its place."""
     path = Path(path)
     report = check(path)
-    older = None
-    if report.error:   # a meta page garbled: the commit the other one describes may read
-        older = older_snapshot(path)
-        again = check(older) if older is not None else report
+    stand_in = None
+    if report.error:   # one meta page garbled: the store the other describes may read
+        stand_in = other_meta_page(path)
+        again = check(stand_in) if stand_in is not None else report
         if again.error:
-            if older is not None:
-                shutil.rmtree(older, ignore_errors=True)
+            if stand_in is not None:
+                shutil.rmtree(stand_in, ignore_errors=True)
             raise Corrupt(f"The concept store at {path} cannot be opened to salvage it: {report.error}",
                           "Restore the store folder from a backup, or move it aside to start a new store.")
         report = dataclasses.replace(again, path=str(path))
     try:
-        done = _copy(path, older or path, report)
+        done = _copy(path, stand_in or path, report)
     finally:
-        if older is not None:
-            shutil.rmtree(older, ignore_errors=True)
-    done.other_meta_page = older is not None
+        if stand_in is not None:
+            shutil.rmtree(stand_in, ignore_errors=True)
+    done.other_meta_page = stand_in is not None
     return done
 
 
 def _copy(path: Path, source: Path, report: CheckReport) -> SalvageReport:
-    """Salvage's copy from `source` (the store, or a copy of it at an older commit), and the
+    """Salvage's copy from `source` (the store, or a copy read through its other meta page), and the
     fresh store put at `path`."""
     fresh = _unused(path.with_name(f"{path.name}.salvage-{time.strftime('%Y%m%d-%H%M%S')}"))
     copied: list[str] = []

@@ -473,12 +473,23 @@ def test_a_removal_retried_after_a_crash_still_deletes_its_photos():
     from cns_daemon.api.protocol import RemoveJob
     from cns_daemon.jobkinds import _remove
 
+    class Store(set):   # none stored; "gone" is one a salvage left behind (its photos kept for it)
+        lost = {"gone"}
+
+        def drop_lost(self, name):
+            self.lost.discard(name)
+
     forgotten = []
-    service = SimpleNamespace(store=set(), forget_photos=lambda d: forgotten.append(d) or (len(d), 0))
+
+    def forget(digests):   # the lost concept is let go first, or its photos would be kept for it
+        forgotten.append((digests, set(service.store.lost)))
+        return len(digests), 0
+
+    service = SimpleNamespace(store=Store(), forget_photos=forget)
     req = RemoveJob(name="gone", photos=True, photo_digests=["ab" * 32])
     result = _remove(service, req, SimpleNamespace(attempts=2), None, None)
     assert result.concept == "gone" and result.metrics == {"photos_deleted": 1, "photos_kept": 0}
-    assert forgotten == [["ab" * 32]]
+    assert forgotten == [(["ab" * 32], set())]
 
 
 def test_finished_jobs_beyond_the_kept_number_are_pruned_at_start(tmp_path, monkeypatch):

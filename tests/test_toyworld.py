@@ -245,9 +245,10 @@ def test_a_full_disk_leaves_nothing_of_a_render_or_of_a_folder_check(tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", probe_fails)
+    deep = tmp_path / "new" / "p"   # every folder made for it goes, not only the last
     result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",
-                                      "-n", "1", "-o", str(out)])
-    assert result.exit_code == 12 and not out.exists(), result.output
+                                      "-n", "1", "-o", str(deep)])
+    assert result.exit_code == 12 and not (tmp_path / "new").exists(), result.output
     kept = tmp_path / "kept"
     kept.mkdir()
     result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",

@@ -74,16 +74,27 @@ def env_home() -> str | None:
     return setting_variables().get("CONES_HOME", "").strip() or None
 
 
+def no_such_home(path: str | os.PathLike) -> str | None:
+    """Why "~user/..." names no folder ("there is no user 'x' ..."), or None: pathlib raises
+    RuntimeError for it wherever the path is first used (a traceback)."""
+    if not str(path).startswith("~"):
+        return None
+    try:
+        Path(path).expanduser()
+    except RuntimeError:
+        return f"there is no user {str(path)[1:].split('/')[0]!r} whose home folder '~' could name"
+    return None
+
+
 def expand(path: str | os.PathLike, what: str) -> Path:
     """`path` with "~" or "~user" made the home folder, as a shell does, and made absolute;
     BadInput naming `what` (the setting) for a user who does not exist."""
-    try:
-        return Path(path).expanduser().absolute()
-    except RuntimeError:   # "~nosuchuser/x": pathlib cannot find that home folder
+    why = no_such_home(path)
+    if why is not None:
         from cns_daemon.api.errors import BadInput
 
-        raise BadInput(f"{what} is {str(path)!r}, and there is no user {str(path)[1:].split('/')[0]!r} "
-                       "whose home folder '~' could name.", "Give the folder's full path.") from None
+        raise BadInput(f"{what} is {str(path)!r}, and {why}.", "Give the folder's full path.")
+    return Path(path).expanduser().absolute()
 
 
 def default_paths(home: str | os.PathLike | None = None) -> Paths:
@@ -167,14 +178,11 @@ class Settings(BaseSettings):
 
     @field_validator("home", "data_dir", "runtime_dir", "inbox_dir", "model")
     @classmethod
-    def _home_folder_exists(cls, value, info):
+    def _home_folder_exists(cls, value):
         """"~nosuchuser/x" failed later with a traceback, wherever the path was first used."""
-        if value is not None and str(value).startswith("~"):
-            try:
-                Path(value).expanduser()
-            except RuntimeError:
-                raise ValueError(f"there is no user {str(value)[1:].split('/')[0]!r} whose home "
-                                 "folder '~' could name") from None
+        why = no_such_home(value) if value is not None else None
+        if why is not None:
+            raise ValueError(why)
         return value
 
     @classmethod
