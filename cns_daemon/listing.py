@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from cns_daemon.api.errors import ConesError, Corrupt, NotFound
 from cns_daemon.api.protocol import ConceptInfo
+from cns_daemon.importing import IMPORTED
 from store.records import ConceptMeta, Overlap
 from store.store import ConceptStore
 
@@ -39,8 +40,6 @@ def concept_info(meta: ConceptMeta, overlap: Overlap, size_bytes: int,
 
 def store_order(meta: ConceptMeta) -> float:
     """When a concept came into this store: learned here, or imported."""
-    from cns_daemon.importing import IMPORTED
-
     return float(meta.hparams.get(IMPORTED, meta.created))
 
 

@@ -24,6 +24,19 @@ def photos_of(seed: int, n: int = 3) -> list[Photo]:
     return [Photo(filename=f"p{i}.png", data=photo_bytes(seed + i)) for i in range(n)]
 
 
+def learning(home, name: str, seed: int):
+    """A service with a long learn running (5,000 steps of 0.05 s): (daemon, job)."""
+    daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
+    try:
+        with Client(daemon.socket) as c:
+            job = c.add(AddRequest(name=name, class_word="cat", steps=5000, photos=photos_of(seed)))
+            wait_until(lambda: c.job(job.id).state == "running", what="learn running")
+    except BaseException:
+        daemon.kill(15)
+        raise
+    return daemon, job
+
+
 def test_kill9_during_learn_requeues_once_then_fails(tmp_path, monkeypatch):
     from cli import views
 
@@ -77,10 +90,7 @@ def test_a_learn_stored_just_before_a_crash_is_done_after_the_restart(tmp_path):
     home = short_home()
     daemon = None
     try:
-        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
-        with Client(daemon.socket) as c:
-            job = c.add(AddRequest(name="saved", class_word="cat", steps=5000, photos=photos_of(40)))
-            wait_until(lambda: c.job(job.id).state == "running", what="learn running")
+        daemon, job = learning(home, "saved", 40)
         daemon.kill()
         with ConceptStore.open(home / "data" / "store") as store:   # what its store.put left
             digests = store.get_job(job.id).request["photo_digests"]
@@ -107,10 +117,7 @@ def test_ctrl_c_twice_stops_cleanly(tmp_path):
     home = short_home()
     daemon = None
     try:
-        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
-        with Client(daemon.socket) as c:
-            job = c.add(AddRequest(name="twice", class_word="cat", steps=5000, photos=photos_of(40)))
-            wait_until(lambda: c.job(job.id).state == "running", what="learn running")
+        daemon, job = learning(home, "twice", 40)
         daemon.proc.send_signal(signal.SIGINT)
         time.sleep(0.1)
         daemon.proc.send_signal(signal.SIGINT)
@@ -129,10 +136,7 @@ def test_clean_stop_during_learn_says_it_started_over(tmp_path):
     home = short_home()
     daemon = None
     try:
-        daemon = start_daemon(home, CONES_TEST_STEP_S="0.05")
-        with Client(daemon.socket) as c:
-            job = c.add(AddRequest(name="stopped", class_word="cat", steps=5000, photos=photos_of(30)))
-            wait_until(lambda: c.job(job.id).state == "running", what="learn running")
+        daemon, job = learning(home, "stopped", 30)
         told: list = []
 
         def follower() -> None:   # a `cones add` waiting on the job when the service stops
