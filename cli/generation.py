@@ -23,7 +23,7 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
              seed: Optional[int] = typer.Option(
                  None, help=f"Seed of the first image, 0 to {MAX_SEED}; image k is drawn from seed + k "
                  "(default: random)."),
-             steps: Optional[int] = typer.Option(None, help="Denoising steps, 2 to 999 (default: the model's, 30 unless its cones.json says; the toy world's 20)."),
+             steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's, 30 unless its cones.json says; the toy world's 20). The model's scheduler sets the range: 2 to 999 for SD's."),
              box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
              negative: Optional[str] = typer.Option(None, "--negative", help="What to steer away from, in plain words."),
              guidance_scale: Optional[float] = typer.Option(
@@ -114,7 +114,7 @@ def eval_(names: List[str] = typer.Argument(..., help="Concepts to score (all of
           clip: str = typer.Option("ViT-L-14", "--clip", help="open_clip model name."),
           clip_weights: Optional[str] = typer.Option(None, "--clip-weights", help="Weights file, transformers CLIP folder, or open_clip pretrained tag."),
           seed: int = typer.Option(0, help=f"Seed of each prompt's first image, 0 to {MAX_SEED}."),
-          steps: Optional[int] = typer.Option(None, help="Denoising steps, 2 to 999 (default: the model's)."),
+          steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's; its scheduler sets the range, 2 to 999 for SD's)."),
           as_json: bool = JSON) -> None:
     """Score concepts with CLIP-I (likeness to their photos) and CLIP-T (prompt fidelity)."""
     lines = _prompt_lines(prompts) if prompts is not None else None
