@@ -108,6 +108,8 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
                       "learn, removal or job's record missing).[/]", highlight=False)
     console.print(f"Copied {len(done.copied)} concepts and {done.jobs_copied} jobs into a fresh store "
                   f"at {escape(str(paths.store))}.", highlight=False)
+    for name, key in done.check.refiled.items():
+        console.print(f"filed <{name}> under its own name again (its key read '{escape(key)}')", highlight=False)
     for name, why in lost.items():
         console.print(f"[red]left behind[/] <{name}>: {escape(why)}", highlight=False)
         console.print(_relearn_text(name, done.lost.get(name), paths.archive), highlight=False,
@@ -117,8 +119,8 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
     if done.check.ok and not done.other_meta_page:
         console.print(f"The old store is kept at {escape(str(done.kept_at))}.", highlight=False)
     else:
-        console.print(f"The damaged store is kept at {escape(str(done.kept_at))}; learn the lost concepts again "
-                      "from their photos.", highlight=False)
+        again = "; learn the lost concepts again from their photos" if lost else ""
+        console.print(f"The damaged store is kept at {escape(str(done.kept_at))}{again}.", highlight=False)
     if any(k.photo_digests for k in done.lost.values()):
         console.print("Their archived photos are kept (`cones prune-photos` leaves them) until each is "
                       "learned again under its name, or let go with `cones rm NAME --photos`.", highlight=False)
@@ -175,6 +177,8 @@ def _check_lines(report) -> list[str]:
     lines = [f"{escape(report.path)}: {len(report.concepts)} concepts and {report.jobs} jobs read whole."]
     lines += [f"[red]damaged database[/] {db}: {escape(why)}" for db, why in report.databases.items()]
     lines += [f"[red]damaged[/] <{name}>: {escape(why)}" for name, why in report.damaged.items()]
+    lines += [f"[yellow]misfiled[/] <{name}>: whole, but its key reads '{escape(key)}' (a damaged byte); "
+              "salvage files it under its name again" for name, key in report.refiled.items()]
     lines += [f"[red]damaged job[/] {escape(job)}: {escape(why)}" for job, why in report.damaged_jobs.items()]
     if not report.ok:
         lines.append("Stop the service and run `cones store salvage` to keep everything readable "

@@ -11,8 +11,9 @@ from store.store import ConceptStore
 
 # A concept key whose bytes are no name: no request can name it, so only salvage mends it
 UNNAMED = Corrupt(ConceptStore.UNNAMED,
-                  "Stop the service and run `cones store salvage`: it copies every other concept into "
-                  "a fresh store and says how to learn this one again.")
+                  "Stop the service and run `cones store salvage`: it copies every concept into a fresh "
+                  "store, this one under its own name where its metadata still reads (else it says how "
+                  "to learn it again).")
 
 
 def state_of(problem: ConesError | None) -> str:

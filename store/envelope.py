@@ -39,5 +39,11 @@ def unframe(key: bytes, value: bytes) -> tuple[int, bytes]:
     return version, payload
 
 
+def unchecked_payload(value: bytes) -> bytes:
+    """The payload without checking it: to read what a value says it is before its checksum
+    confirms it (a value under a damaged key names the key it was written under)."""
+    return bytes(value[_HEADER.size:])
+
+
 def _crc(key: bytes, version: int, payload: bytes) -> int:
     return zlib.crc32(payload, zlib.crc32(struct.pack("<H", version), zlib.crc32(key)))

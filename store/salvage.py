@@ -35,10 +35,11 @@ class CheckReport:
     jobs: int = 0                                             # readable jobs
     damaged_jobs: dict[str, str] = field(default_factory=dict)
     error: str = ""   # the store could not be opened at all
+    refiled: dict[str, str] = field(default_factory=dict)    # concept -> the damaged key it is under
 
     @property
     def ok(self) -> bool:
-        return not (self.databases or self.damaged or self.damaged_jobs or self.error)
+        return not (self.databases or self.damaged or self.damaged_jobs or self.error or self.refiled)
 
 
 @dataclass
@@ -90,10 +91,16 @@ def check(path: Path) -> CheckReport:
         report.error = exc.message
         return report
     with store:
-        for name in _names(store, report):
+        misfiled = store.misfiled()   # keys with a flipped byte, known by what they hold
+        under = {key for key, _ in misfiled.values()}
+        for name in dict.fromkeys([*_names(store, report), *misfiled]):
+            if name in under:
+                continue   # read under the name its metadata was written under
             try:
-                store.raw_concept(name)
+                store.raw_concept(name, misfiled[name][1] if name in misfiled else None)
                 report.concepts.append(name)
+                if name in misfiled:
+                    report.refiled[name] = misfiled[name][0]
             except BadInput:   # no name at all: its key's bytes changed
                 report.damaged[name] = ConceptStore.UNNAMED
             except ConesError as exc:
@@ -145,8 +152,9 @@ def _copy(path: Path, source: Path, report: CheckReport) -> SalvageReport:
             base_model = old._meta_value(b"base_model")   # for the words of a later refusal
             new.bind(old.fingerprint, base_model if isinstance(base_model, dict) else None,
                      aliases=old.aliases)
-        for name in report.concepts:
-            new.put_raw(old.raw_concept(name))
+        misfiled = old.misfiled() if report.refiled else {}
+        for name in report.concepts:   # a misfiled one under the name it was written under
+            new.put_raw(old.raw_concept(name, misfiled[name][1] if name in misfiled else None))
             copied.append(name)
         new.forget(report.damaged)
         keys, _ = old.scan_keys("jobs")

@@ -48,7 +48,7 @@ from .env import DEFAULT_MAP_SIZE, PAGE_ERRORS, SALVAGE_HINT, Env, lmdb_reason
 from .binding import BaseModelBinding
 from .jobs import JobQueue
 from .overlap import SEP, OverlapIndex, record_indices
-from .envelope import SCHEMA_VERSION, frame, unframe
+from .envelope import SCHEMA_VERSION, frame, unchecked_payload, unframe
 from .records import ConceptMeta, ConceptRecord, Overlap, validate_name
 
 log = logging.getLogger("cones.store")
@@ -348,13 +348,17 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
     def _read_record(self, txn, name: str) -> ConceptRecord:
         return self._read_parts(txn, name)[0]
 
-    def _read_parts(self, txn, name: str) -> tuple[ConceptRecord, list[Item]]:
+    def _read_parts(self, txn, name: str, meta_raw: bytes | None = None) -> tuple[ConceptRecord, list[Item]]:
         """The record, every value checked, and the framed values it came from (salvage copies
-        those bytes as they are)."""
+        those bytes as they are). `meta_raw`: its metadata found under another key (`misfiled`)."""
         key = name.encode()
-        meta = self._read_concept_meta(txn, name)
+        if meta_raw is None:
+            meta = self._read_concept_meta(txn, name)
+            meta_raw = bytes(txn.get(key, db=self._db["concepts"]))
+        else:
+            meta = ser.decode_meta(unframe(key, meta_raw)[1])
         record = ConceptRecord(meta=meta)
-        items: list[Item] = [("concepts", key, bytes(txn.get(key, db=self._db["concepts"])))]
+        items: list[Item] = [("concepts", key, meta_raw)]
         parts = (("masks", ser.decode_mask, record.masks), ("deltas", ser.decode_delta, record.deltas),
                  ("embeddings", decode_tensor, record.embeddings))
         where = "concept"
@@ -413,10 +417,35 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
             return None
         return keys, self._env.read(txn_fn)
 
-    def raw_concept(self, name: str) -> list[Item]:
-        """Every framed value of one concept, each checked (Corrupt if any is damaged)."""
+    def raw_concept(self, name: str, meta_raw: bytes | None = None) -> list[Item]:
+        """Every framed value of one concept, each checked (Corrupt if any is damaged);
+        `meta_raw`: its metadata, found under a damaged key (`misfiled`)."""
         validate_name(name)
-        return self._env.read(lambda txn: self._read_parts(txn, name)[1])
+        return self._env.read(lambda txn: self._read_parts(txn, name, meta_raw)[1])
+
+    def misfiled(self) -> dict[str, tuple[str, bytes]]:
+        """Concepts whose key in the concepts database was damaged (a flipped byte: "rex" read
+        as "rax" or as no name at all): by the name their metadata gives, which its checksum
+        confirms (it covers the key it was written under), the damaged key as text and the
+        metadata's bytes. Only names no concept holds now."""
+        def txn_fn(txn):
+            found = {}
+            for key, raw in txn.cursor(db=self._db["concepts"]):
+                key, raw = bytes(key), bytes(raw)
+                try:
+                    unframe(key, raw)
+                    continue   # whole where it is
+                except CodecError:
+                    pass
+                try:
+                    name = validate_name(ser.decode_meta(unchecked_payload(raw)).name)
+                    unframe(name.encode(), raw)   # the checksum says it was written under this name
+                except (CodecError, BadInput):
+                    continue
+                if txn.get(name.encode(), db=self._db["concepts"]) is None:
+                    found[name] = (key.decode(errors="backslashreplace"), raw)
+            return found
+        return self._env.read(txn_fn)
 
     def put_raw(self, items: list[Item]) -> None:
         """Write framed values as they are, in one transaction (a concept `raw_concept` read from

@@ -308,6 +308,37 @@ def test_a_concept_key_whose_bytes_are_no_name_leaves_the_service_serving_the_re
     assert _states(cones) == {"mug": "ok", "rex": "ok"}
 
 
+@pytest.mark.parametrize("flip, shown", [(b"\x00\x80\x00", "r\\xe5x"), (b"\x00\x45\x00", "r x"),
+                                         (b"\x00\x04\x00", "rax")], ids=["not-utf8", "a-space", "another-name"])
+def test_salvage_files_a_concept_under_a_damaged_key_under_its_own_name_again(home, tmp_path,
+                                                                          monkeypatch, flip, shown):
+    """The metadata under a damaged key names the concept it was written for, and its checksum
+    (which covers the key) confirms it: salvage copies the concept whole under that name, where
+    it left it behind to be learned again."""
+    h, started = home
+    cones = cli_in_process(h, monkeypatch)
+    started.append(start_daemon(h))
+    for name, seed in (("rex", 0), ("mug", 50)):
+        photos = [str(p) for p in write_photos(tmp_path / name, 2, seed=seed)]
+        assert cones("add", name, *photos, "--class", "dog", "--steps", "2")[0] == 0
+    started.pop().kill(signal.SIGTERM)
+    store_dir = h / "data" / "store"
+    root, psize = db_root(store_dir, "concepts")
+    at = (store_dir / "data.mdb").read_bytes()[root * psize:(root + 1) * psize].find(b"rex")
+    xor_bytes(store_dir, root * psize + at, flip)
+
+    code, out, _ = cones("store", "check")
+    text = " ".join(out.split())
+    assert code == CORRUPT and f"misfiled <rex>: whole, but its key reads '{shown}'" in text, out
+    code, out, _ = cones("store", "salvage")
+    text = " ".join(out.split())
+    assert code == 0 and f"filed <rex> under its own name again (its key read '{shown}')" in text, out
+    assert "left behind" not in text and "Copied 2 concepts" in text, out
+    started.append(start_daemon(h))
+    assert _states(cones) == {"mug": "ok", "rex": "ok"}
+    assert json.loads(cones("show", "rex", "--json")[1])["class_word"] == "dog"
+
+
 # -- items 2 and 3: a bad page; check and salvage ------------------------------------------------------
 
 
