@@ -430,20 +430,23 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
         metadata's bytes. Only names no concept holds now."""
         def txn_fn(txn):
             found = {}
-            for key, raw in txn.cursor(db=self._db["concepts"]):
-                key, raw = bytes(key), bytes(raw)
-                try:
-                    unframe(key, raw)
-                    continue   # whole where it is
-                except CodecError:
-                    pass
-                try:
-                    name = validate_name(ser.decode_meta(unchecked_payload(raw)).name)
-                    unframe(name.encode(), raw)   # the checksum says it was written under this name
-                except (CodecError, BadInput):
-                    continue
-                if txn.get(name.encode(), db=self._db["concepts"]) is None:
-                    found[name] = (key.decode(errors="backslashreplace"), raw)
+            try:
+                for key, raw in txn.cursor(db=self._db["concepts"]):
+                    key, raw = bytes(key), bytes(raw)
+                    try:
+                        unframe(key, raw)
+                        continue   # whole where it is
+                    except CodecError:
+                        pass
+                    try:
+                        name = validate_name(ser.decode_meta(unchecked_payload(raw)).name)
+                        unframe(name.encode(), raw)   # its checksum: written under this name
+                    except (CodecError, BadInput):
+                        continue
+                    if txn.get(name.encode(), db=self._db["concepts"]) is None:
+                        found[name] = (key.decode(errors="backslashreplace"), raw)
+            except PAGE_ERRORS:   # a damaged page ends the walk: what was found before it
+                pass
             return found
         return self._env.read(txn_fn)
 
