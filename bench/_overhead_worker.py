@@ -128,14 +128,17 @@ class _StepClock:
 def _plain_learn(pipe, photos: list[Path], spec, progress) -> None:
     """A plain K/V fine-tune: the same photos, prior images and loss as the methods, Adam on
     every K/V weight (fp32 masters of a half model's), text encoded once (no token training),
-    nothing else. The memory options act on the loop, as for the methods."""
+    nothing else. The memory options act on the loop, as for the methods. Its prior term is
+    CNS's `scope all` one: with the default `scope concept` CNS draws no class images (its
+    values act only where its token is), and this row had lost half its batch with it (its step
+    halved, and every ratio to it doubled)."""
     from bench.baselines import MasterAdam
     from cns_daemon.memory import loop_context
     from cns_daemon.methods.cns import prepare
     from cns_daemon.methods import common as C
     from cns_daemon.methods.cns import CNSParams
 
-    hp = C.parse_options(CNSParams, spec.options, spec.steps)
+    hp = C.parse_options(CNSParams, {**spec.options, "scope": "all"}, spec.steps)
     prep = prepare(pipe, photos, spec, hp, None, None)
     loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
                          prior_prompt=C.prior_prompt(spec.class_word), lambda_prior=hp.lambda_prior,

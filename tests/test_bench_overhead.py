@@ -57,3 +57,26 @@ def test_cuda_rows_only_when_asked():
     assert {"learn/plain", "generate", "memory/cns/no-sdpa"} <= set(names)
     gpu = dict(overhead.tasks(cfg, cuda=True))
     assert gpu["cuda/learn-full/cns"].device == "cuda" and gpu["cuda/learn-full/cns"].full_learn
+
+
+def test_the_plain_row_trains_on_photos_and_class_images_as_the_methods_do(monkeypatch):
+    """With CNS's default `scope concept` (no class images) the plain row lost its prior half
+    of the batch: its step halved and every ratio to it doubled (Cones read 1.74 x plain)."""
+    import torch
+
+    from cns_daemon.methods.common import training
+
+    batches = []
+    real = training.ConceptLoss.__init__
+
+    def spy(self, *args, prior_latents=None, **kw):
+        batches.append(prior_latents is not None)
+        real(self, *args, prior_latents=prior_latents, **kw)
+
+    monkeypatch.setattr(training.ConceptLoss, "__init__", spy)
+    threads = torch.get_num_threads()
+    try:
+        m = worker.run(Task("learn", method="plain", small=True, size=64, steps=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert m.error is None and batches == [True], (m.error, batches)
