@@ -261,15 +261,15 @@ def only_trainable(modules: Iterable[torch.nn.Module], params: Iterable[torch.Te
 
 class LossScale:
     """Dynamic loss scaling where the UNet computes in float16 (GPUs before Ampere: T4, V100). A
-    denoising loss's gradients on K/V weights are often below float16's smallest number (6e-8)
-    and flush to zero there: the loss is multiplied up before backward, and the gradients are
+    denoising loss's gradients can fall below float16's smallest number (6e-8), and flush to
+    zero there: the loss is multiplied up before backward, and the gradients are
     divided back in the methods' float32 master copies, where a step whose gradients overflowed
     is skipped and the scale lowered (torch's GradScaler). A no-op for float32 and bfloat16."""
 
     def __init__(self, compute_dtype: torch.dtype, device: torch.device):
         self.enabled = compute_dtype == torch.float16
-        # 4096 lifts gradients of 1e-11 into float16's range; torch's 65536 overflowed (and
-        # skipped) the first steps of a short learn
+        # 4096 lifts gradients of 1e-11 into float16's range; a start below torch's 65536 skips
+        # fewer first steps while the scale finds its level (not measured: no such GPU here)
         self._scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12, enabled=self.enabled)
 
     def backward(self, loss: torch.Tensor) -> None:
