@@ -11,7 +11,7 @@ import typer
 
 from cli.config import JSON
 from cli.session import client, request, wait_for
-from cli.views import console, err_console, eval_table, handled, output_folder, print_json, write_file
+from cli.views import console, err_console, eval_table, handled, output_folder, print_json, write_files
 from cns_daemon.api.errors import BadInput, ConesError
 from cns_daemon.api.protocol import MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_SEED, EvalRequest, GenerateRequest
 from cns_daemon.archive import read_text
@@ -82,27 +82,15 @@ def _copy_out(job, out: Path, made: bool):
     """The job's images and sheet copied into -o, all or none (and the folder made for them
     taken back): the job as the person's copies name it."""
     result = job.result
-
+    sources = [Path(p) for p in result.images + ([result.contact_sheet] if result.contact_sheet else [])]
     # Named after the job, so a second run into the same folder adds its images beside the
-    # first's instead of replacing some of them under a contact sheet that no longer fits.
-    def keep(p: str) -> str:
-        target = out / f"{job.id}-{Path(p).name}"
-        write_file(target, Path(p).read_bytes(),
-                   f"The images are in {Path(p).parent}; free space or give -o a writable folder.",
-                   mode=Path(p).stat().st_mode & 0o777)   # as private as the service keeps them
-        return str(target)
-
-    copied: list[str] = []
-    try:
-        for p in result.images + ([result.contact_sheet] if result.contact_sheet else []):
-            copied.append(keep(p))
-    except ConesError:   # all or nothing: a full disk must not leave half the images
-        for done in copied:
-            Path(done).unlink(missing_ok=True)
-        if made:   # nor the folder made for them
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
+    # first's instead of replacing some of them under a contact sheet that no longer fits; as
+    # private as the service keeps them.
+    copied = [str(p) for p in write_files(
+        ((out / f"{job.id}-{p.name}", p.read_bytes(), p.stat().st_mode & 0o777) for p in sources),
+        f"The images are in {sources[0].parent if sources else 'the service'}; free space or give -o "
+        "a writable folder.",
+        out if made else None)]
     sheet = copied.pop() if result.contact_sheet else None
     return job.model_copy(update={"result": result.model_copy(update={"images": copied, "contact_sheet": sheet})})
 

@@ -5,7 +5,6 @@ command, so importing the CLI never imports torch.
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 from pathlib import Path
@@ -13,8 +12,8 @@ from typing import List, Optional
 
 import typer
 
-from cli.views import handled, output_folder, write_file
-from cns_daemon.api.errors import BadInput, ConesError
+from cli.views import handled, output_folder, write_files
+from cns_daemon.api.errors import BadInput
 from cns_daemon.api.protocol import MAX_SEED
 
 toyworld_app = typer.Typer(help="The toy world: render synthetic photos, read them with the probe.",
@@ -60,21 +59,15 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
     for old in out.glob("*.png"):   # --force: this run's photos replace the folder's, all of them
         old.unlink()
         old.with_suffix(".txt").unlink(missing_ok=True)
-    written: list[Path] = []
-    try:   # all or none: a full disk must not leave a cut photo or an empty caption
+    def files():
         for i, (image, text) in enumerate(photos):
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
-            for path, data in ((out / f"{i:03d}.png", buffer.getvalue()), (out / f"{i:03d}.txt", (text + "\n").encode())):
-                write_file(path, data, "Give -o a folder you can write to, on a disk with room.")
-                written.append(path)
-    except ConesError:
-        for path in written:
-            path.unlink(missing_ok=True)
-        if made:
-            with contextlib.suppress(OSError):   # the write's error is the one to tell
-                out.rmdir()
-        raise
+            yield out / f"{i:03d}.png", buffer.getvalue(), 0o666
+            yield out / f"{i:03d}.txt", (text + "\n").encode(), 0o666
+
+    # all or none: a full disk must not leave a cut photo or an empty caption
+    write_files(files(), "Give -o a folder you can write to, on a disk with room.", out if made else None)
     typer.echo(f"wrote {len(photos)} photos to {out}")
 
 

@@ -106,6 +106,24 @@ def write_file(path: Path, data: bytes, hint: str = "Give -o a writable place.",
         raise kind(f"Cannot write {path}: {exc.strerror or exc}.", hint) from None
 
 
+def write_files(files: Iterable[tuple[Path, bytes, int]], hint: str, made: Path | None = None) -> list[Path]:
+    """`write_file` for each (path, data, mode), all or none: a full disk leaves neither the
+    files written before it nor `made`, the folder made for them. Returns the paths written."""
+    written: list[Path] = []
+    try:
+        for path, data, mode in files:
+            write_file(path, data, hint, mode)
+            written.append(path)
+    except ConesError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if made is not None:
+            with contextlib.suppress(OSError):   # the write's error is the one to tell
+                made.rmdir()
+        raise
+    return written
+
+
 EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE, as a shell reports a command whose reader went away
 
 

@@ -406,10 +406,10 @@ def test_generate_o_takes_a_folder_copies_all_or_nothing_and_prints_absolute_pat
     result = json.loads(out)["result"]
     assert all(Path(p).is_absolute() and Path(p).parent == tmp_path / "rel" and Path(p).is_file()
                for p in result["images"] + [result["contact_sheet"]]), result
-    import cli.generation
+    import cli.views
     from cns_daemon.api.errors import Storage
 
-    real, calls = cli.generation.write_file, []
+    real, calls = cli.views.write_file, []
 
     def full_at_the_second(path, *args, **kw):   # the disk fills up after the first image
         calls.append(path)
@@ -417,7 +417,7 @@ def test_generate_o_takes_a_folder_copies_all_or_nothing_and_prints_absolute_pat
             raise Storage(f"Cannot write {path}: No space left on device.")
         return real(path, *args, **kw)
 
-    monkeypatch.setattr(cli.generation, "write_file", full_at_the_second)
+    monkeypatch.setattr(cli.views, "write_file", full_at_the_second)
     code, out = cones("generate", "a plain photo", "-n", "2", "-o", str(tmp_path / "full"))
     assert code == EXIT_CODES[ErrorCode.STORAGE] and len(calls) == 2, out
     assert not (tmp_path / "full").exists()   # the first copy is taken back, and the folder made for it
