@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -95,30 +96,43 @@ def file_identity(file: Path) -> tuple[int, int] | None:
 # store by the service without a word, the concepts gone.
 _META_MAGIC = 0xBEEFC0DE
 _META = 16   # the page header before a meta page's fields
+_HEAD = 2 * 65536   # both meta pages, at LMDB's largest page size
+
+
+@dataclass(frozen=True)
+class _MetaPage:
+    flags: int      # the page header's (P_META = 0x08)
+    version: int    # LMDB's data version (1)
+    psize: int      # the page size (the free DB's md_pad holds it)
+    last_pg: int    # the last page the file holds
+    txnid: int
+
+
+def _meta_page(head: bytes, offset: int) -> _MetaPage | None:
+    """The meta page at `offset` of the data file's head, where LMDB's magic number reads there."""
+    import struct
+
+    if len(head) < offset + _META + 136 or struct.unpack_from("<I", head, offset + _META)[0] != _META_MAGIC:
+        return None
+    flags = struct.unpack_from("<H", head, offset + 10)[0]
+    version, psize = (struct.unpack_from("<I", head, offset + _META + at)[0] for at in (4, 24))
+    last_pg, txnid = struct.unpack_from("<QQ", head, offset + _META + 120)
+    return _MetaPage(flags, version, psize, last_pg, txnid)
 
 
 def cut_short(data_file: Path) -> str | None:
     """Why `data_file` cannot hold the store it says it does, or None."""
-    import struct
-
     size = data_file.stat().st_size
     if size == 0:
         return "its data file is empty (0 bytes)"
     with open(data_file, "rb") as f:
-        head = f.read(_META + 48)
-        if len(head) < _META + 48 or struct.unpack_from("<I", head, _META)[0] != _META_MAGIC:
-            return None   # not LMDB's layout: lmdb.open says what it is
-        psize = struct.unpack_from("<I", head, _META + 24)[0]   # the free DB's md_pad holds it
-        metas = []
-        for page in (0, 1):
-            f.seek(page * psize)
-            meta = f.read(_META + 136)
-            if len(meta) == _META + 136 and struct.unpack_from("<I", meta, _META)[0] == _META_MAGIC:
-                last_pg, txnid = struct.unpack_from("<QQ", meta, _META + 120)
-                metas.append((txnid, last_pg))
-    if not metas or not 512 <= psize <= 1 << 16:
-        return None
-    needed = (max(metas)[1] + 1) * psize
+        head = f.read(_HEAD)
+    first = _meta_page(head, 0)
+    if first is None or not 512 <= first.psize <= 1 << 16:
+        return None   # not LMDB's layout: lmdb.open says what it is
+    newest = max((m for m in (first, _meta_page(head, first.psize)) if m is not None),
+                 key=lambda m: (m.txnid, m.last_pg))
+    needed = (newest.last_pg + 1) * first.psize
     if size < needed:
         return f"its data file is cut short ({size:,} of the {needed:,} bytes it says it holds)"
     return None
@@ -137,18 +151,13 @@ def other_meta_page(store_dir: Path) -> Path | None:
     if not data_file.is_file():
         return None
     with open(data_file, "rb") as f:
-        head = f.read(2 * 65536)
+        head = f.read(_HEAD)
 
     def meta_at(offset: int) -> int | None:
         """The page size a meta page at `offset` says pages are, or None if none is there:
         LMDB's magic and data version, and the page header's P_META flag."""
-        if len(head) < offset + _META + 136:
-            return None
-        flags = struct.unpack_from("<H", head, offset + 10)[0]
-        magic, version = struct.unpack_from("<II", head, offset + _META)
-        if magic != _META_MAGIC or version != 1 or not flags & 0x08:
-            return None
-        return struct.unpack_from("<I", head, offset + _META + 24)[0]
+        page = _meta_page(head, offset)
+        return page.psize if page is not None and page.version == 1 and page.flags & 0x08 else None
 
     first = meta_at(0)
     if first is not None:   # page 1 sits one page on; is it garbled?
