@@ -64,7 +64,7 @@ def _gradients(pipe, params: dict[str, torch.nn.Parameter], values: dict[str, to
     """∇L at weights = `values` (written into the live tensors), for step k's loss. On a float16
     UNet the loss is scaled up first (gradients under float16's 6e-8 flush to zero there; see
     common.LossScale) and, where that overflowed, taken again unscaled."""
-    for scale in ((2.0 ** 12, 1.0) if pipe.unet.dtype == torch.float16 else (1.0,)):
+    for scale in ((C.FLOAT16_LOSS_SCALE, 1.0) if pipe.unet.dtype == torch.float16 else (1.0,)):
         with torch.no_grad():
             for name, p in params.items():
                 p.data.copy_(values[name].to(p.dtype))

@@ -19,12 +19,12 @@ from .inputs import Prepared, Prior, concept_token, prepare
 from .prior import class_images, prior_prompt
 from .tokens import (MAX_VECTORS, SavedRows, TrainableRows, allocate_token, concept_ids, embedding_rows,
                      rare_tokens, restore_rows, token_id, token_ids, token_words, write_rows)
-from .training import (ConceptLoss, LossParts, LossScale, denoising_losses, encode_pixels, encode_text,
+from .training import (FLOAT16_LOSS_SCALE, ConceptLoss, LossParts, LossScale, denoising_losses, encode_pixels, encode_text,
                        noise_schedule, only_trainable, pipeline_modules, run_steps, step_generator,
                        tokenize)
 
 __all__ = [
-    "LossScale", "SavedValues", "count", "kv_total", "kv_weights", "mask_indices", "read_values",
+    "FLOAT16_LOSS_SCALE", "LossScale", "SavedValues", "count", "kv_total", "kv_weights", "mask_indices", "read_values",
     "restore_values", "union_indices", "write_values", "as_dict", "parse_options",
     "Prepared", "Prior", "concept_token", "prepare",
     "class_images", "prior_prompt", "MAX_VECTORS", "SavedRows", "TrainableRows", "allocate_token",

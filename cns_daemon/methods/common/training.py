@@ -259,6 +259,11 @@ def only_trainable(modules: Iterable[torch.nn.Module], params: Iterable[torch.Te
             p.grad = None
 
 
+# 4096 lifts gradients of 1e-11 into float16's range; a start below torch's 65536 skips fewer
+# first steps while the scale finds its level (not measured: no such GPU here)
+FLOAT16_LOSS_SCALE = 2.0 ** 12
+
+
 class LossScale:
     """Dynamic loss scaling where the UNet computes in float16 (GPUs before Ampere: T4, V100). A
     denoising loss's gradients can fall below float16's smallest number (6e-8), and flush to
@@ -268,9 +273,8 @@ class LossScale:
 
     def __init__(self, compute_dtype: torch.dtype, device: torch.device):
         self.enabled = compute_dtype == torch.float16
-        # 4096 lifts gradients of 1e-11 into float16's range; a start below torch's 65536 skips
-        # fewer first steps while the scale finds its level (not measured: no such GPU here)
-        self._scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12, enabled=self.enabled)
+        self._scaler = torch.amp.GradScaler(device.type, init_scale=FLOAT16_LOSS_SCALE,
+                                            enabled=self.enabled)
 
     def backward(self, loss: torch.Tensor) -> None:
         self._scaler.scale(loss).backward()
