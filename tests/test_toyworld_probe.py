@@ -104,3 +104,24 @@ def test_cli_probe_json(tmp_path):
     assert folder.exit_code == 0 and json.loads(folder.output.strip().splitlines()[-1]) == rows
     (tmp_path / "empty").mkdir()
     assert CliRunner().invoke(app, ["toyworld", "probe", str(tmp_path / "empty")]).exit_code == 2   # bad input, as the README says
+
+
+def test_probe_fine_tune_starts_from_a_probe_and_records_it(tmp_path, monkeypatch):
+    """`--init` continues a shipped probe (a few steps at a tiny rate leave it reading as it
+    did) and its labels carry the run it started from, so the chain can be run again."""
+    from cns_daemon.toyworld import probe_train
+
+    monkeypatch.setattr(probe_train, "accuracy", lambda p: {"single": {}, "halves": {}})   # not the 1,300 renders
+    probe_train.main(["--out", str(tmp_path / "ft"), "--init", str(PROBE_DIR), "--steps", "2",
+                      "--lr", "1e-7", "--n-single", "8", "--n-pairs", "4", "--threads", "1"])
+    shipped = json.loads((PROBE_DIR / "labels.json").read_text())
+    meta = json.loads((tmp_path / "ft" / "labels.json").read_text())
+    assert meta["config"]["init"] == str(PROBE_DIR) and meta["config"]["steps"] == 2
+    assert meta["started_from"]["config"] == shipped["config"]
+    tuned = Probe.load(tmp_path / "ft")
+    scene = SceneSpec((ObjectSpec("ring", "purple", "stripes", "orange", "diagonal"),), "sand")
+    read = tuned.read([render(scene, EVAL_SEED_BASE + 80_000)])[0]
+    assert (read.shape, read.color, read.pattern, read.tilt) == ("ring", "purple", "stripes", "diagonal")
+    with pytest.raises(SystemExit, match="another width"):
+        probe_train.main(["--out", str(tmp_path / "w"), "--init", str(PROBE_DIR), "--width", "8",
+                          "--steps", "1", "--n-single", "2", "--n-pairs", "1", "--threads", "1"])

@@ -38,6 +38,8 @@ class ProbeConfig:
     lr: float = 3e-3
     width: int = 24
     threads: int = 2
+    pair_batch: int = 32   # two-object halves per step, beside `batch` whole photos
+    init: str = ""         # a probe folder to start from (a fine-tune), or "" for fresh weights
 
 
 def _labels(obj: ObjectSpec, background: str) -> dict[str, int]:
@@ -117,14 +119,16 @@ def train(cfg: ProbeConfig) -> ProbeNet:
     t0 = time.time()
     singles, parts = render_sets(cfg.n_single, cfg.n_pairs, cfg.seed, cfg.seed * 1_000_000)
     log.info("rendered %d + %d halves in %.0fs", len(singles.images), len(parts.images), time.time() - t0)
-    net = ProbeNet(cfg.width)
+    net = Probe.load(Path(cfg.init)).net if cfg.init else ProbeNet(cfg.width)
+    if cfg.init and net.heads["shape"].in_features != 8 * cfg.width:
+        raise SystemExit(f"--init {cfg.init} is a probe of another width than --width {cfg.width}")
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     net.train()
     for step in range(cfg.steps):
         loss = 0.0
         # Whole single-object photos and two-object halves each step (two shapes, two batches).
-        for data, b in ((singles, cfg.batch), (parts, cfg.batch // 2)):
+        for data, b in ((singles, cfg.batch), (parts, cfg.pair_batch)):
             idx = torch.randint(len(data.images), (b,), generator=gen)
             loss = loss + _loss(net, augment(data.images[idx], gen), {k: v[idx] for k, v in data.labels.items()})
         opt.zero_grad(set_to_none=True)
@@ -132,7 +136,7 @@ def train(cfg: ProbeConfig) -> ProbeNet:
         opt.step()
         sched.step()
         if step % 100 == 0 or step == cfg.steps - 1:
-            log.info("probe step %d/%d loss %.4f (%.0fs)", step, cfg.steps, float(loss), time.time() - t0)
+            log.info("probe step %d/%d loss %.4f (%.0fs)", step, cfg.steps, float(loss.detach()), time.time() - t0)
     return net.eval()
 
 
@@ -148,13 +152,18 @@ def accuracy(probe: Probe, n_single: int = 1000, n_pairs: int = 300, seed: int =
     return out
 
 
-def save(net: ProbeNet, cfg: ProbeConfig, acc: dict, folder: Path, seconds: float) -> None:
+def save(net: ProbeNet, cfg: ProbeConfig, acc: dict, folder: Path, seconds: float,
+         started_from: dict | None = None) -> None:
+    """Weights and labels; a fine-tune also records the run it started from (`started_from`:
+    that probe's own labels, minus its head names), so the chain can be run again."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / WEIGHTS))
     meta = {"heads": {k: list(v) for k, v in HEADS.items()}, "width": cfg.width, "config": asdict(cfg),
             "fresh_render_accuracy": acc, "train_seconds": round(seconds, 1)}
+    if started_from is not None:
+        meta["started_from"] = {k: v for k, v in started_from.items() if k != "heads"}
     (folder / LABELS).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -167,11 +176,13 @@ def main(argv: list[str] | None = None) -> None:
     out = args.pop("out")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = ProbeConfig(**args)
+    # Read before training: with --out the same folder, the run replaces what it started from.
+    started_from = json.loads((Path(cfg.init) / LABELS).read_text()) if cfg.init else None
     t0 = time.time()
     net = train(cfg)
     acc = accuracy(Probe(net))
     log.info("fresh-render accuracy: %s", json.dumps(acc))
-    save(net, cfg, acc, out, time.time() - t0)
+    save(net, cfg, acc, out, time.time() - t0, started_from)
 
 
 if __name__ == "__main__":
