@@ -116,12 +116,12 @@ def train(cfg: ProbeConfig) -> ProbeNet:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     gen = torch.Generator().manual_seed(cfg.seed)
+    net = Probe.load(Path(cfg.init)).net if cfg.init else ProbeNet(cfg.width)   # before the renders' minute
+    if cfg.init and net.heads["shape"].in_features != 8 * cfg.width:
+        raise SystemExit(f"--init {cfg.init} is a probe of another width than --width {cfg.width}")
     t0 = time.time()
     singles, parts = render_sets(cfg.n_single, cfg.n_pairs, cfg.seed, cfg.seed * 1_000_000)
     log.info("rendered %d + %d halves in %.0fs", len(singles.images), len(parts.images), time.time() - t0)
-    net = Probe.load(Path(cfg.init)).net if cfg.init else ProbeNet(cfg.width)
-    if cfg.init and net.heads["shape"].in_features != 8 * cfg.width:
-        raise SystemExit(f"--init {cfg.init} is a probe of another width than --width {cfg.width}")
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     net.train()
