@@ -112,8 +112,9 @@ def test_probe_fine_tune_starts_from_a_probe_and_records_it(tmp_path, monkeypatc
     from cns_daemon.toyworld import probe_train
 
     monkeypatch.setattr(probe_train, "accuracy", lambda p: {"single": {}, "halves": {}})   # not the 1,300 renders
+    threads = str(torch.get_num_threads())   # training sets torch's threads: leave the suite's as they are
     probe_train.main(["--out", str(tmp_path / "ft"), "--init", str(PROBE_DIR), "--steps", "2",
-                      "--lr", "1e-7", "--n-single", "8", "--n-pairs", "4", "--threads", "1"])
+                      "--lr", "1e-7", "--n-single", "8", "--n-pairs", "4", "--threads", threads])
     shipped = json.loads((PROBE_DIR / "labels.json").read_text())
     meta = json.loads((tmp_path / "ft" / "labels.json").read_text())
     assert meta["config"]["init"] == str(PROBE_DIR) and meta["config"]["steps"] == 2
@@ -124,4 +125,4 @@ def test_probe_fine_tune_starts_from_a_probe_and_records_it(tmp_path, monkeypatc
     assert (read.shape, read.color, read.pattern, read.tilt) == ("ring", "purple", "stripes", "diagonal")
     with pytest.raises(SystemExit, match="another width"):
         probe_train.main(["--out", str(tmp_path / "w"), "--init", str(PROBE_DIR), "--width", "8",
-                          "--steps", "1", "--n-single", "2", "--n-pairs", "1", "--threads", "1"])
+                          "--steps", "1", "--n-single", "2", "--n-pairs", "1", "--threads", threads])

@@ -38,7 +38,8 @@ API (import the submodules; this package module imports nothing heavy):
 The fixture model (cns_daemon/toyworld/model, a diffusers folder; `cns_daemon.model.load_pipeline
 (None)` loads it) is trained by `python -m cns_daemon.toyworld.train`; the probe (toyworld/probe/)
 by `python -m cns_daemon.toyworld.probe_train`. Both record their seed and settings next to the
-weights, and a run warm-started from another (`--init`) records that one's too. CLI: `cones toyworld render ...`, `cones toyworld probe IMAGES... [--json]`.
+weights, and a run warm-started from another (`--init`) records that one's too.
+CLI: `cones toyworld render ...`, `cones toyworld probe IMAGES... [--json]`.
 Benchmark: `python -m bench.toyworld [--json]`.
 
 Measured figures of the shipped model (bench.toyworld): README and docs/tuning.md.
