@@ -1,22 +1,24 @@
 """`cones service install|uninstall`: the systemd user unit, written with this machine's paths.
 
-The template is systemd/cones.service (in the source tree the project is installed from);
+The template is cli/cones.service (package data: a wheel carries it as an editable install does);
 `render` fills in the command, the environment that selects the data folders, and the paths
 the hardened unit may write. `install` writes it and, when a systemd user manager answers,
 runs daemon-reload and enable --now; every step it takes is printed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from cns_daemon.api.errors import BadInput, NotFound, Storage, Unavailable, storage_error
 from cns_daemon.api.settings import Settings, setting_variables
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "cones.service"
+TEMPLATE = Path(__file__).resolve().parent / "cones.service"
 UNIT_NAME = "cones.service"
 
 
@@ -26,18 +28,28 @@ def default_unit_dir() -> Path:
 
 
 def exec_command() -> list[str]:
-    """The installed `cones` script beside this Python, else `python -m cli.main` (as words)."""
-    script = Path(sys.executable).parent / "cones"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "cli.main"]
+    """The `cones` script this Python installed (beside it, or in its scripts folder: a --user
+    install's is ~/.local/bin), else `python -P -m cli.main` (as words). -P: `-m` would first
+    look in the working folder (the home folder under systemd), where a cli/ of the user's own
+    would run instead."""
+    folders = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
+    if sys.prefix == sys.base_prefix:   # not a venv: `pip install --user` puts it in ~/.local/bin
+        with contextlib.suppress(KeyError):
+            folders.append(Path(sysconfig.get_path("scripts", sysconfig.get_preferred_scheme("user"))))
+    script = next((f / "cones" for f in folders if (f / "cones").is_file()), None)
+    return [str(script)] if script else [sys.executable, "-P", "-m", "cli.main"]
 
 
 def _quote(value: str, command: bool = False) -> str:
-    """A systemd word: quoted when it holds spaces, "%" doubled (systemd reads %i and the like as
+    """A systemd word: quoted when it holds a space, a tab, a quote of either kind or a
+    backslash (systemd reads ' as quoting too), "%" doubled (systemd reads %i and the like as
     specifiers everywhere), and in a command line "$" doubled too (systemd expands $HOME there)."""
     value = value.replace("%", "%%")
     if command:
         value = value.replace("$", "$$")
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"' if any(c in value for c in ' "\\') else value
+    if not any(c in value for c in ' \t"\'\\'):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def unit_environment(settings: Settings) -> dict[str, str]:
@@ -95,7 +107,7 @@ def unit_environment(settings: Settings) -> dict[str, str]:
 def render(settings: Settings) -> str:
     if not TEMPLATE.is_file():
         raise NotFound(f"The unit template {TEMPLATE} is missing.",
-                       "Install cones from its source folder (`pip install -e .`).")
+                       "Install cones again (`pip install --force-reinstall cones`, or from its source folder).")
     paths = settings.paths
     env = unit_environment(settings)
     hf_cache = Path(env.get("HF_HOME") or Path.home() / ".cache" / "huggingface")   # resolved as carried
@@ -120,7 +132,7 @@ def render(settings: Settings) -> str:
                          for line in text.split("\n"))
     # the template's header comment describes the template, not this file
     body = text.split("\n[Unit]", 1)[1]
-    return ("# Written by `cones service install`; edit the template systemd/cones.service or the\n"
+    return ("# Written by `cones service install`; edit the template cli/cones.service or the\n"
             "# settings (config.toml) and run it again rather than editing this file.\n[Unit]" + body)
 
 

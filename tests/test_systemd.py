@@ -216,3 +216,44 @@ def test_what_a_unit_cannot_carry_as_this_shell_means_it_is_refused(tmp_path, co
     monkeypatch.setenv("CONES_MODEL", "/m/a b\nExecStartPre=/bin/true")
     with pytest.raises(BadInput, match="CONES_MODEL holds a line break"):
         unit_environment(load_settings())
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_a_single_quote_in_a_path_is_quoted_for_systemd(tmp_path, cones_home, monkeypatch):
+    """systemd reads ' as quoting: a folder named with one (and no space) broke every line that
+    named it, ExecStart included."""
+    inbox = tmp_path / "o'brien"
+    monkeypatch.setenv("CONES_INBOX_DIR", str(inbox))
+    unit, _ = _install(tmp_path, cones_home)
+    assert f'Environment="CONES_INBOX_DIR={inbox}"' in unit.splitlines()
+    path = tmp_path / "units" / "cones.service"
+    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True,
+                            timeout=60)
+    complaints = [l for l in (result.stderr + result.stdout).splitlines() if "cones.service" in l]
+    assert result.returncode == 0 and not complaints, result.stderr
+
+
+def test_the_unit_template_ships_inside_the_package():
+    """A wheel carries package data only: the template lives in the cli package and is declared."""
+    import tomllib
+
+    import cli
+    from cli.service_unit import TEMPLATE
+
+    assert TEMPLATE.is_file() and TEMPLATE.parent == Path(cli.__file__).resolve().parent
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert TEMPLATE.name in pyproject["tool"]["setuptools"]["package-data"]["cli"]
+
+
+def test_without_an_installed_script_the_unit_runs_the_module_safely(tmp_path, monkeypatch):
+    """No `cones` script where this Python installs them: `python -P -m cli.main`, so a cli/
+    folder in the service's working folder cannot stand in for the installed one."""
+    from cli import service_unit
+
+    python = tmp_path / "bin" / "python3"
+    monkeypatch.setattr(service_unit.sys, "executable", str(python))
+    monkeypatch.setattr(service_unit.sysconfig, "get_path", lambda *a, **k: str(tmp_path / "scripts"))
+    assert service_unit.exec_command() == [str(python), "-P", "-m", "cli.main"]
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "cones").write_text("#!/bin/sh\n")
+    assert service_unit.exec_command() == [str(tmp_path / "scripts" / "cones")]
