@@ -14,10 +14,12 @@ from typing import Iterator, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from cns_daemon.api.errors import ConesError, Internal, Interrupted, ProtocolMismatch, Unavailable, from_code
+from cns_daemon.api.errors import (BadInput, ConesError, Internal, Interrupted, ProtocolMismatch, Unavailable,
+                                   from_code)
 from cns_daemon.api.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest,
                                      ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest, JobInfo,
                                      JobList, PhotosPruned, ProgressInfo, StatusInfo, segment)
+from cns_daemon.api.trust import socket_problem
 
 M = TypeVar("M", bound=BaseModel)
 START_HINT = "Start it with `cones serve` (foreground) or `cones service install` (systemd user service)."
@@ -85,6 +87,20 @@ class Client:
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket_path)),
                                  base_url="http://cones", timeout=timeout,
                                  headers={PROTOCOL_HEADER: PROTOCOL_VERSION})
+        self.trusted = False
+
+    def check_socket(self) -> None:
+        """Before the first request: the socket's folder is this user's alone (api/trust.py), so
+        what answers there is a service of this user's, not another user's stand-in."""
+        if self.trusted:
+            return
+        problem = socket_problem(self.socket_path)
+        if problem is not None:
+            raise BadInput(f"cones does not connect to {self.socket_path}: {problem}, so another user "
+                           "could stand in for the service there.",
+                           "Point runtime_dir (config.toml or CONES_RUNTIME_DIR) at a folder of your own "
+                           "that only you can write to (log-in sessions have one: XDG_RUNTIME_DIR).")
+        self.trusted = True
 
     def close(self) -> None:
         self.http.close()
@@ -142,6 +158,7 @@ class Client:
     def follow(self, job_id: str, _again: bool = True) -> Iterator[ProgressInfo]:
         """Progress lines of a job until its final state (no read timeout: jobs take long)."""
         url = f"{API_PREFIX}/jobs/{segment('id', job_id)}/events"
+        self.check_socket()
         timeout = httpx.Timeout(None, connect=5.0)
         try:
             with self.http.stream("GET", url, timeout=timeout) as response:
@@ -167,6 +184,8 @@ class Client:
         return self._parse(self._send(method, path, content=content, headers=headers), model)
 
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        self.check_socket()
+
         def request() -> httpx.Response:
             return self.http.request(method, f"{API_PREFIX}{path}", **_streamed(kwargs))
 

@@ -12,8 +12,9 @@ import typer
 from cli.config import JSON
 from cli.session import client, request, wait_for
 from cli.views import console, err_console, eval_table, handled, output_folder, print_json, write_files
-from cns_daemon.api.errors import BadInput, ConesError
-from cns_daemon.api.protocol import MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_SEED, EvalRequest, GenerateRequest
+from cns_daemon.api.errors import BadInput, ConesError, ProtocolMismatch
+from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_SEED, EvalRequest, GenerateRequest,
+                                     check_segment)
 from cns_daemon.archive import read_text
 
 
@@ -82,6 +83,10 @@ def _copy_out(job, out: Path, made: bool):
     """The job's images and sheet copied into -o, all or none (and the folder made for them
     taken back): the job as the person's copies name it."""
     result = job.result
+    try:   # the id names files in -o: one with "/" or ".." would put them elsewhere
+        check_segment("id", job.id)
+    except BadInput:
+        raise ProtocolMismatch(f"The service answered with a job id that is none ({job.id[:40]!r}).") from None
     sources = [Path(p) for p in result.images + ([result.contact_sheet] if result.contact_sheet else [])]
     # Named after the job, so a second run into the same folder adds its images beside the
     # first's instead of replacing some of them under a contact sheet that no longer fits; as

@@ -30,6 +30,11 @@ from cns_daemon.api.protocol import SkippedFile
 MIN_SIDE = 32  # the smallest photo the methods train on (methods.data.MIN_SIDE; errors.BadPhoto says so)
 MAX_SIDE = 8192
 MAX_PIXELS = 50_000_000   # about 8192 x 6144; a 48 MP phone photo fits
+# A file past this is not read at all (a 1.5 GB file that began as a PNG was read whole, and held
+# twice, before it was found broken): a 48 MP photo is under 30 MB as JPEG, under 150 MB as PNG.
+MAX_PHOTO_BYTES = 256 * 1024 * 1024
+# A caption is at most 1,000 characters (protocol.MAX_PROMPT_CHARS): room for UTF-16 and spaces
+MAX_CAPTION_BYTES = 16 * 1024
 CHECK_DECODE_SIDE = 1024  # JPEGs are decoded at the smallest DCT scale at least this large
 # Two photos are one picture when their 16x16 RGB thumbnails differ by less than SAME_PICTURE on
 # average and by less than SAME_PICTURE_MAX in every cell (0-255). Measured: distinct toy-world
@@ -155,6 +160,15 @@ def sidecar_caption(path: Path, exclude: Iterable[str] = ()) -> str | None:
     txt = caption_file(path, exclude)
     if txt is None:
         return None
+    # Its text goes into the concept and its exports: a link (in a folder unpacked from someone
+    # else, to ~/.ssh/id_rsa) would carry whatever it points at there
+    if txt.is_symlink():
+        raise BadInput(f"The caption {txt.name} is a link (to {os.readlink(txt)}); cones reads a caption "
+                       "only from a file of its own beside the photo, as its text goes into the concept "
+                       "and its exports.", "Put a copy of the caption there instead of the link.")
+    if (size := txt.stat().st_size) > MAX_CAPTION_BYTES:
+        raise BadInput(f"The caption {txt.name} is {size:,} bytes, over the {MAX_CAPTION_BYTES:,} a caption "
+                       "may have.", "Shorten it: a sentence saying what the photo shows.")
     return " ".join(read_text(txt, f"The caption {txt.name}").split()) or None
 
 
@@ -227,8 +241,13 @@ def sniff(path: Path) -> SkippedFile | None:
     document). Read before the whole file is: a 3 GB video in an inbox folder cost the service
     3 GB of memory to be told it is not a photo."""
     try:
-        if Path(path).stat().st_size == 0:
+        size = Path(path).stat().st_size
+        if size == 0:
             return None   # check_photo says "empty file"
+        if size > MAX_PHOTO_BYTES:
+            return SkippedFile(file=shown(Path(path).name), reason=(
+                f"{size / 1e6:,.0f} MB, over the {MAX_PHOTO_BYTES / 1e6:.0f} MB cones reads of a photo: "
+                "save it smaller (as JPEG)"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path):   # the header only

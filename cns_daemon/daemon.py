@@ -21,6 +21,7 @@ from typing import Callable
 
 from cns_daemon.archive import Archive, make_private
 from cns_daemon.api.errors import BadInput, Conflict, ConesError, Storage, storage_error
+from cns_daemon.api.trust import folder_problem
 from cns_daemon.notify import Notifier
 from cns_daemon.api.settings import Paths, Settings
 
@@ -62,15 +63,27 @@ def prepare_runtime(paths: Paths) -> None:
     shared folder (sticky, as /tmp is, or another user's): that one is refused, never stripped of
     its permissions (runtime_dir = "/tmp" made /tmp 0700)."""
     make_folder(paths.runtime, "runtime folder", "runtime_dir")
-    st = os.stat(paths.runtime)
+    st = os.lstat(paths.runtime)
+    if stat.S_ISLNK(st.st_mode):   # chmod and the stale-socket removal would act on its target
+        raise BadInput(f"The runtime folder {paths.runtime} is a link (to {os.readlink(paths.runtime)}); "
+                       "cones keeps its socket in a folder of its own, not behind a link.",
+                       "Point runtime_dir (config.toml or CONES_RUNTIME_DIR) at the folder itself.")
     if st.st_mode & stat.S_ISVTX or st.st_uid != os.getuid():
-        raise BadInput(f"The runtime folder {paths.runtime} is a shared folder; cones keeps its "
-                       "socket in a folder only it uses.",
-                       f"Set runtime_dir to a folder of cones' own, e.g. {paths.runtime / 'cones'}.")
+        mine = st.st_uid == os.getuid()
+        raise BadInput(f"The runtime folder {paths.runtime} is a shared folder{'' if mine else ' of another user'}; "
+                       "cones keeps its socket in a folder only it uses.",
+                       f"Set runtime_dir to a folder of cones' own, e.g. {paths.runtime / 'cones'}." if mine else
+                       "Set runtime_dir (config.toml or CONES_RUNTIME_DIR) to a folder of your own.")
     try:
         os.chmod(paths.runtime, 0o700)
     except OSError as exc:
         raise storage_error(exc) or BadInput(f"Cannot make {paths.runtime} private: {exc.strerror}.") from None
+    problem = folder_problem(paths.runtime)
+    if problem is not None:   # a folder above it another user can write to or owns
+        raise BadInput(f"The runtime folder {paths.runtime} is not this user's alone: {problem}, so "
+                       "another user could stand in for the service there.",
+                       "Set runtime_dir (config.toml or CONES_RUNTIME_DIR) to a folder of your own that "
+                       "only you can write to (log-in sessions have one: XDG_RUNTIME_DIR).")
     if len(os.fsencode(paths.socket)) > SUN_PATH_MAX:
         raise BadInput(f"The socket path {paths.socket} is too long for a Unix socket "
                        f"(over {SUN_PATH_MAX} bytes).", "Use a shorter CONES_HOME or runtime_dir.")

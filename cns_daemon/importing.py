@@ -47,6 +47,11 @@ class Importing:
             why = (f"is used by <{clash[0]}> here" if clash else
                    f"is an everyday word ({common[0]!r}), which would change every prompt that says it")
             note = f"its token {old!r} {why}, so it was given {record.meta.token!r}; its pictures are the same."
+        if record.meta.method == "cns" and record.meta.hparams.get("scope", "all") == "all":
+            # layers.scope_of: such a concept's values are written into the weights
+            everywhere = ("it acts on every prompt, named or not (learned with scope=all, or by a "
+                          "version of cones before scopes); `cones rm` takes it out again.")
+            note = f"{note} Also, {everywhere}" if note else everywhere
         record = dataclasses.replace(record, meta=dataclasses.replace(
             record.meta, hparams={**record.meta.hparams, IMPORTED: time.time()}))
         self.store.put(record)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cns_daemon.archive import (CheckedPhoto, caption_file, check_photos, is_text, shown, sidecar_caption,
-                                sniff)
+from cns_daemon.archive import (MAX_PHOTO_BYTES, CheckedPhoto, caption_file, check_photos, is_text, shown,
+                                sidecar_caption, sniff)
 from cns_daemon.api.errors import BadInput, ConesError
 from cns_daemon.api.protocol import (CLASS_PATTERN, MAX_PHOTOS, MAX_SEED, TOO_MANY_HINT, SkippedFile,
                                      learn_steps, too_many_photos)
@@ -238,7 +238,8 @@ def taken_photos(folder: Path, job: JobRecord) -> Iterator[tuple[Path, str]]:
     digests = set(job.request.get("photo_digests", []))
     for p in folder.iterdir():
         try:
-            if p.is_file() and (digest := hashlib.sha256(p.read_bytes()).hexdigest()) in digests:
+            if (p.is_file() and p.stat().st_size <= MAX_PHOTO_BYTES   # larger: never taken (sniff)
+                    and (digest := hashlib.sha256(p.read_bytes()).hexdigest()) in digests):
                 yield p, digest
         except OSError:   # gone or unreadable meanwhile: not evidence either way
             continue

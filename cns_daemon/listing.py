@@ -34,9 +34,15 @@ def concept_info(meta: ConceptMeta, overlap: Overlap, size_bytes: int,
                        metrics={k: v for k, v in meta.metrics.items()
                                 if isinstance(v, (int, float, str)) or v is None},
                        learned_with={**{k: meta.hparams[k] for k in ("steps", "seed") if k in meta.hparams},
-                                     **meta.hparams.get("options_given", {})},
+                                     **meta.hparams.get("options_given", {}), **acts_everywhere(meta)},
                        state=state_of(problem), problem=problem.message if problem else "",
                        hint=problem.hint if problem else "")
+
+
+def acts_everywhere(meta: ConceptMeta) -> dict[str, str]:
+    """`scope: all` for a CNS concept whose values act on every prompt (layers.scope_of: learned
+    with that option, or before scopes, or so imported), which `cones show` must not hide."""
+    return {"scope": "all"} if meta.method == "cns" and meta.hparams.get("scope", "all") == "all" else {}
 
 
 def store_order(meta: ConceptMeta) -> float:

@@ -14,9 +14,12 @@ import numpy as np
 
 from cns_daemon.api.errors import BadInput
 from cns_daemon.archive import is_digest
+from cns_daemon.methods.common.tokens import token_words
 from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 
 FORMAT = "cones-concept/1"
+# Metadata a concept of cones' own stays far under (its captions are at most 64 x 1,000 characters)
+MAX_META_CHARS = 1 << 20
 
 
 def encode(record: ConceptRecord) -> bytes:
@@ -51,6 +54,8 @@ def decode(data: bytes) -> ConceptRecord:
         metadata = _header_metadata(data)
         if metadata.get("format") != FORMAT:
             raise ValueError(f"format {metadata.get('format')!r}")
+        if len(metadata["meta"]) > MAX_META_CHARS:   # it is stored, listed and sent whole
+            raise ValueError(f"its metadata is {len(metadata['meta']):,} characters, over {MAX_META_CHARS:,}")
         meta = ConceptMeta(**json.loads(metadata["meta"]))
         overlap = Overlap(**json.loads(metadata.get("overlap", "{}")))
         shapes = json.loads(metadata.get("delta_shapes", "{}"))
@@ -95,6 +100,13 @@ def _check_parts(record: ConceptRecord) -> None:
     if held - allowed or needed - held:
         raise ValueError(f"it holds {', '.join(sorted(held)) or 'nothing'}, not what a "
                          f"{record.meta.method} concept holds")
+    # Token rows for its own words only: a row for "red" would turn every red thing of every
+    # prompt into what the file says, named or not
+    words = token_words(record.meta.token) if isinstance(record.meta.token, str) else []
+    if not words and record.meta.method != "cones2":   # Cones 2 reads the class word: no token
+        raise ValueError("it names no token")
+    if stray := sorted(set(record.embeddings) - set(words)):
+        raise ValueError(f"it holds token rows for words its token does not name ({', '.join(map(repr, stray[:3]))})")
 
 
 def _check_meta(meta) -> None:
@@ -115,6 +127,16 @@ def _check_meta(meta) -> None:
         raise ValueError(f"its class {meta.class_word!r} is not one cones takes")
     if not all(c is None or isinstance(c, str) for c in meta.photo_captions):
         raise ValueError("its photo captions are not text")
+    hparams = meta.hparams
+    for key in ("steps", "seed"):
+        if key in hparams and (isinstance(hparams[key], bool) or not isinstance(hparams[key], int)):
+            raise ValueError(f"its {key} is a {type(hparams[key]).__name__}")
+    given = hparams.get("options_given", {})
+    if not isinstance(given, dict) or not all(
+            isinstance(v, (str, int, float, bool)) or v is None for v in given.values()):
+        raise ValueError("its options are not names with values")
+    if hparams.get("scope", "all") not in ("concept", "all"):
+        raise ValueError(f"its scope {hparams['scope']!r} is none cones writes")
 
 
 def _check_values(record: ConceptRecord) -> None:

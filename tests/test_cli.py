@@ -216,3 +216,26 @@ def test_a_table_printed_to_a_reader_that_went_away_ends_141_too(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and err == "", err
+
+
+def test_images_are_copied_into_o_only_under_a_job_id_that_is_one(tmp_path):
+    """From a security review: the copies in -o were named after the job id as the service
+    answered it; an id "../../x" put a file of the answer's choosing outside -o."""
+    from cli.generation import _copy_out
+    from cns_daemon.api.errors import ProtocolMismatch
+    from cns_daemon.api.protocol import JobInfo, JobResult
+
+    image = tmp_path / "made.png"
+    image.write_bytes(b"png")
+    out = tmp_path / "out" / "sub"
+    out.mkdir(parents=True)
+
+    def job(job_id):
+        return JobInfo(id=job_id, kind="generate", state="done", summary="", created=0.0,
+                       result=JobResult(images=[str(image)]))
+
+    with pytest.raises(ProtocolMismatch, match="job id that is none"):
+        _copy_out(job("../../evil"), out, made=False)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["made.png", "out", "sub"]
+    copied = _copy_out(job("0123456789ab"), out, made=False)
+    assert copied.result.images == [str(out / "0123456789ab-made.png")]

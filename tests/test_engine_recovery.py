@@ -341,6 +341,45 @@ def test_a_hand_edited_concept_file_is_refused_at_import(engine):
         assert record.meta.name not in engine.store
 
 
+def test_a_concept_file_cannot_reach_past_its_own_words(engine):
+    """From a security review: a file with a token row for "red" as well as its own imported
+    cleanly and turned every red thing of every prompt blue; options as a list, steps as a
+    table, an empty token and 50 MB of metadata were taken too (and broke `cones list` after).
+    A concept that acts on every prompt (scope all) is taken, and said so, at import and in
+    `cones show`."""
+    import dataclasses
+
+    from cns_daemon.api.errors import BadInput
+    from cns_daemon.methods.common.tokens import rare_tokens
+    from cns_daemon.transfer import decode, encode
+
+    token = rare_tokens(engine.pipe.tokenizer)[5]
+    width = engine.pipe.text_encoder.config.hidden_size
+    row = np.zeros(width, np.float32)
+    good = dataclasses.replace(cns_record(engine, "good", token, 1.0, time.time()), embeddings={token: row})
+    decode(encode(good))   # as cones writes it
+    red = dataclasses.replace(good, embeddings={token: row, "red": row})
+    with pytest.raises(BadInput, match="token rows for words its token does not name .'red'"):
+        decode(encode(red))
+    for edit, said in (({"token": ""}, "names no token"),
+                       ({"hparams": {"options_given": [1]}}, "options are not names with values"),
+                       ({"hparams": {"steps": {"a": 1}}}, "its steps is a dict"),
+                       ({"hparams": {"scope": "sometimes"}}, "scope 'sometimes' is none cones writes"),
+                       ({"photo_captions": ["x" * (1 << 20)]}, "over 1,048,576")):
+        edited = dataclasses.replace(good, meta=dataclasses.replace(good.meta, **edit))
+        if edit.get("token") == "":
+            edited = dataclasses.replace(edited, embeddings={})
+        with pytest.raises(BadInput, match=said):
+            decode(encode(edited))
+    result = engine.import_record(decode(encode(good)))
+    assert "acts on every prompt" in result.metrics["note"]
+    assert engine.concept("good").learned_with["scope"] == "all"
+    scoped = dataclasses.replace(good, meta=dataclasses.replace(good.meta, name="scoped", token=rare_tokens(
+        engine.pipe.tokenizer)[6], hparams={"scope": "concept"}), embeddings={})
+    assert engine.import_record(decode(encode(scoped))).metrics is None
+    assert "scope" not in engine.concept("scoped").learned_with
+
+
 def test_status_names_the_model_by_the_path_in_effect(tmp_path, monkeypatch):
     """`--model ../tw` showed as typed: from the CLI's folder that names another place."""
     from cns_daemon.api.settings import load_settings

@@ -65,6 +65,32 @@ def test_read_photos_skips_bad_files_and_reads_captions(tmp_path):
     assert {s.file for s in skipped} == {"notes.md", "cut.jpg"}
 
 
+def test_a_caption_that_is_a_link_is_refused_and_a_huge_file_is_not_read(tmp_path):
+    """From a security review: a caption linked to a private file put that file's text into the
+    concept and its export; a 1.5 GB file that began as a PNG was read whole (twice) before it
+    was found broken. Now the link is refused with a reason, and the file is skipped by its size
+    (a sparse file here: it costs no disk) without being read."""
+    from cns_daemon.archive import MAX_CAPTION_BYTES, MAX_PHOTO_BYTES
+
+    write_photos(tmp_path, 2)
+    secret = tmp_path.parent / "secret.txt"
+    secret.write_text("SECRET-TOKEN")
+    (tmp_path / "photo0.txt").symlink_to(secret)
+    with pytest.raises(BadInput, match="photo0.txt is a link"):
+        read_photos(tmp_path)
+    (tmp_path / "photo0.txt").unlink()
+    (tmp_path / "photo0.txt").write_text("x" * (MAX_CAPTION_BYTES + 1))
+    with pytest.raises(BadInput, match="over the 16,384 a caption may have"):
+        read_photos(tmp_path)
+    (tmp_path / "photo0.txt").unlink()
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.write(photo_bytes(9)[:64])
+        f.truncate(MAX_PHOTO_BYTES + 1)
+    good, skipped = read_photos(tmp_path)
+    assert [p.filename for p in good] == ["photo0.png", "photo1.png"]
+    assert [(s.file, "over the 268 MB" in s.reason) for s in skipped] == [("huge.png", True)]
+
+
 @pytest.fixture
 def daemon():
     home = short_home()

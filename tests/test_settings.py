@@ -246,6 +246,49 @@ def test_a_shared_runtime_folder_is_refused_not_stripped_of_its_permissions(tmp_
     assert os.stat(own).st_mode & 0o777 == 0o700
 
 
+def test_a_socket_folder_another_user_could_take_over_is_refused_on_both_sides(tmp_path):
+    """From a security review: the CLI sent photos to whatever listened where it looked, and
+    the service followed a link planted as its runtime folder (tightened the target, deleted a
+    file named cones.sock there). A runtime folder that is a link, or under a folder others may
+    write to that is not sticky, is refused by the service, and the CLI does not connect there."""
+    import os
+
+    from cli.client import Client
+    from cns_daemon.api.errors import BadInput, ConesError
+    from cns_daemon.api.settings import Paths
+    from cns_daemon.daemon import prepare_runtime
+
+    def paths(runtime):
+        return Paths(data=tmp_path / "d", config=tmp_path / "c", runtime=runtime, inbox=tmp_path / "i")
+
+    target = tmp_path / "target"
+    target.mkdir()
+    os.chmod(target, 0o755)   # (not by mkdir: an earlier test's service set this process's umask)
+    (target / "cones.sock").write_text("precious")
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(BadInput, match="is a link"):
+        prepare_runtime(paths(tmp_path / "link"))
+    assert (target / "cones.sock").read_text() == "precious" and os.stat(target).st_mode & 0o777 == 0o755
+    with pytest.raises(BadInput, match="is a link"), Client(tmp_path / "link" / "cones.sock") as c:
+        c.status()
+    open_ = tmp_path / "open"
+    (open_ / "run").mkdir(parents=True, mode=0o700)
+    os.chmod(open_, 0o777)   # anyone may rename run/ and put a folder of their own there
+    with pytest.raises(BadInput, match=f"others may write to {open_}, above it"):
+        prepare_runtime(paths(open_ / "run"))
+    with pytest.raises(BadInput, match="another user could stand in"), Client(open_ / "run" / "cones.sock") as c:
+        c.status()
+    os.chmod(open_, 0o1777)   # sticky, as /tmp: only run/'s owner may rename it
+    prepare_runtime(paths(open_ / "run"))
+    with pytest.raises(ConesError, match="not running"), Client(open_ / "run" / "cones.sock") as c:
+        c.status()
+    if os.getuid() == 0:   # as root the folder can be given to another user
+        os.chown(open_ / "run", 65534, 65534)
+        with pytest.raises(BadInput, match="belongs to another user .uid 65534"), \
+                Client(open_ / "run" / "cones.sock") as c:
+            c.status()
+
+
 def _status(args=("status",)):
     from typer.testing import CliRunner
 

@@ -1,0 +1,68 @@
+"""Whether the socket's folder is this user's alone, all the way up.
+
+The CLI sends photos to whatever listens on the socket and writes the files it is told of, so
+another local user who could make the socket's folder first (the /tmp fallback when there is no
+XDG_RUNTIME_DIR), or swap it later, could stand in for the service. The rule is the one ssh
+applies to its keys: the folder is no link, is ours, and no one else may write to it; each
+folder above it is ours or root's, and one that others may write to is sticky (as /tmp is), so
+only an entry's owner can rename it. Both sides check it: the service before it listens there,
+the CLI before it connects.
+"""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+from pathlib import Path
+
+
+def _own_group(st: os.stat_result) -> bool:
+    """A group-writable folder is still ours alone when its group is our private one (a group
+    named after us, as Debian gives every user), which no one else is in."""
+    try:
+        group, me = grp.getgrgid(st.st_gid), pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return False
+    return st.st_gid == os.getgid() and group.gr_name == me and set(group.gr_mem) <= {me}
+
+
+def _writable_by_others(st: os.stat_result) -> bool:
+    return bool(st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and not _own_group(st)))
+
+
+def folder_problem(path: Path) -> str | None:
+    """What makes `path` a folder another user could take over, or None (also when it is not
+    there: nothing listens in a folder that does not exist)."""
+    uid = os.getuid()
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a link (to {os.readlink(path)})"
+    if st.st_uid != uid:
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    if _writable_by_others(st):
+        return f"others may write to {path}"
+    for folder in Path(os.path.realpath(Path(path).absolute().parent)).joinpath("x").parents:
+        st = os.stat(folder)
+        if st.st_uid not in (0, uid):
+            return f"{folder}, above it, belongs to another user (uid {st.st_uid})"
+        if _writable_by_others(st) and not st.st_mode & stat.S_ISVTX:
+            return f"others may write to {folder}, above it (and so replace what is in it)"
+    return None
+
+
+def socket_problem(path: Path) -> str | None:
+    """`folder_problem` of the socket's folder, then the socket itself: a socket there is ours."""
+    problem = folder_problem(path.parent)
+    if problem is not None:
+        return problem
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISSOCK(st.st_mode) and st.st_uid != os.getuid():
+        return f"the socket {path} belongs to another user (uid {st.st_uid})"
+    return None
