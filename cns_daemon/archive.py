@@ -218,7 +218,10 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
                 invisible = has_alpha(img) and img.convert("RGBA").getchannel("A").getextrema()[1] <= INVISIBLE_ALPHA
     except UnidentifiedImageError:
         return SkippedFile(file=filename, reason=not_an_image(data[:16]))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:   # declared far past MAX_PIXELS: refused on opening
+        return SkippedFile(file=filename, reason=(
+            f"too large ({str(exc).rstrip('.')}; at most {MAX_PIXELS // 1_000_000} megapixels)"))
+    except (OSError, SyntaxError, ValueError) as exc:
         return SkippedFile(file=filename, reason=f"damaged or truncated image ({exc})")
     if fmt not in ACCEPTED_FORMATS:
         return SkippedFile(file=filename, reason=f"unsupported image format {fmt or 'unknown'}")

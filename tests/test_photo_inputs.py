@@ -358,3 +358,21 @@ def test_a_full_disk_names_the_folder_it_could_not_write(tmp_path, monkeypatch):
         save_images([Image.new("RGB", (8, 8))], tmp_path / "outputs" / "job")
     assert str(tmp_path / "outputs") in storage_error(info.value).message
     assert not list((tmp_path / "outputs").iterdir())   # nothing half-written left
+
+
+def test_a_photo_declared_far_past_the_pixel_limit_is_called_too_large_not_damaged():
+    """PIL refuses a header of 100,000 x 100,000 pixels on opening (a decompression bomb); the
+    skip said "damaged or truncated image", which sends a person looking for a broken file."""
+    import struct
+    import zlib
+
+    from cns_daemon.archive import check_photo
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+    bomb = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    skipped = check_photo("bomb.png", bomb)
+    assert skipped.reason.startswith("too large (") and "at most 50 megapixels" in skipped.reason
+    assert "damaged" not in skipped.reason
