@@ -306,8 +306,9 @@ class Worker:
                 state, error = "queued", None   # shutdown, not the user: back in the queue
             else:
                 state, error = "cancelled", error_body(exc)
-        except ConesError as exc:
+        except ConesError as exc:   # said to whoever follows the job, and kept in the log
             result, state, error = None, "failed", error_body(exc)
+            log.warning("job %s (%s) failed: %s", job.id, job.kind, exc.message)
         except Exception as exc:  # a full disk, or a bug: keep serving, tell the user in typed form
             result, state = None, "failed"
             known = storage_error(exc)

@@ -242,10 +242,11 @@ class Env:
     def map_size(self) -> int:
         return self.env.info()["map_size"]
 
-    def read(self, fn: Callable[[lmdb.Transaction], T]) -> T:
-        """Run `fn` in one read transaction (a consistent snapshot)."""
+    def read(self, fn: Callable[[lmdb.Transaction], T], buffers: bool = False) -> T:
+        """Run `fn` in one read transaction (a consistent snapshot). `buffers`: values come as
+        views of the map rather than copies, valid inside `fn` only (to measure, not to keep)."""
         with self._lock.shared():
-            return self._run(fn, write=False)
+            return self._run(fn, write=False, buffers=buffers)
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """Run `fn` in one write transaction: all of its puts land, or none. If the map is
@@ -268,10 +269,10 @@ class Env:
                     with self._lock.exclusive():
                         self._grow()
 
-    def _run(self, fn: Callable[[lmdb.Transaction], T], write: bool) -> T:
+    def _run(self, fn: Callable[[lmdb.Transaction], T], write: bool, buffers: bool = False) -> T:
         for attempt in (0, 1):
             try:
-                with self.env.begin(write=write) as txn:
+                with self.env.begin(write=write, buffers=buffers) as txn:
                     return fn(txn)
             except lmdb.MapResizedError:
                 # another process grew the map: adopt its size (no transaction is open here)

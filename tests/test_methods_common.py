@@ -168,6 +168,17 @@ def test_allocate_token_with_several_vectors(tiny_pipe):
     assert C.allocate_token(tok, {first}, requested=f"{rare[5]} {rare[6]}", vectors=2) == f"{rare[5]} {rare[6]}"
 
 
+def test_a_store_out_of_rare_words_says_how_many_there_are(tiny_pipe):
+    """From a scale review: a store stops at CLIP's 802 rare words (305 concepts, some of 8
+    vectors, reached it), and the refusal said only "Every rare token is taken"."""
+    tok = tiny_pipe.tokenizer
+    rare = C.rare_tokens(tok)
+    assert len(rare) == 802   # CLIP's vocabulary, as real SD's encoders have it
+    with pytest.raises(Conflict, match=f"has {len(rare)} rare words, 2 of them free, and the concept needs 3"):
+        C.allocate_token(tok, set(rare[2:]), vectors=3)
+    assert C.allocate_token(tok, set(rare[2:]), vectors=2) == f"{rare[0]} {rare[1]}"
+
+
 # -- sparse K/V writes ----------------------------------------------------------------------
 
 def test_write_values_restore_bit_identical(tiny_pipe):

@@ -427,6 +427,34 @@ def test_the_worker_outlives_a_store_removed_under_a_job(tmp_path):
         store.close()
 
 
+def test_a_job_that_fails_with_a_cones_error_is_in_the_service_log(tmp_path, caplog):
+    """From a scale review: a learn that failed on a full disk (a Storage error) was told to
+    its follower and nowhere else: the service log, which a person reads later, had nothing."""
+    import logging
+
+    from cns_daemon.api.errors import Storage
+    from cns_daemon.api.protocol import GenerateRequest
+    from cns_daemon.worker import Worker
+
+    store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
+
+    def runner(job, progress, token):
+        raise Storage("No space left on device.", "Free some space.")
+
+    worker = Worker(store, runner)
+    worker.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="cns_daemon.worker"):
+            job = worker.submit("generate", GenerateRequest(prompt="a plain photo"))
+            deadline = time.monotonic() + 10
+            while store.get_job(job.id).state != "failed" and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert f"job {job.id} (generate) failed: No space left on device." in caplog.text
+    finally:
+        worker.stop()
+        store.close()
+
+
 def _running_learn(worker, store):
     """A learn submitted to `worker`, once it runs."""
     from cns_daemon.api.protocol import AddRequest, Photo

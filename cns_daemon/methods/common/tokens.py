@@ -101,10 +101,14 @@ def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None
         if len(set(words)) != len(words):
             raise BadInput(f"Token {requested!r} repeats a word.")
         return " ".join(words)
-    free = list(islice((w for w in rare_tokens(tokenizer) if token_ids(tokenizer, w)[0] not in used),
-                       vectors))
-    if len(free) < vectors:
-        raise Conflict("Every rare token is taken.", "Remove concepts you no longer need.")
+    rare = rare_tokens(tokenizer)
+    free = list(islice((w for w in rare if token_ids(tokenizer, w)[0] not in used), vectors))
+    if len(free) < vectors:   # CLIP's vocabulary has 802: that many one-vector concepts a store
+        have = sum(token_ids(tokenizer, w)[0] not in used for w in rare)
+        raise Conflict(f"Every rare token is taken: this vocabulary has {len(rare)} rare words, "
+                       f"{have} of them free, and the concept needs {vectors}.",
+                       "Remove concepts you no longer need (a concept learned with more than one "
+                       "token vector holds that many).")
     return " ".join(free)
 
 
