@@ -30,7 +30,7 @@ from cns_daemon.api.protocol import EvalRequest, GenerateRequest, JobResult, Lea
 from cns_daemon.api.settings import Paths, Settings
 from cns_daemon.outputs import generation_caption, save_images
 from cns_daemon.importing import Importing
-from cns_daemon.listing import Listing, state_of, store_order
+from cns_daemon.listing import Listing, acts_everywhere, state_of, store_order
 from store.records import ConceptMeta, ConceptRecord
 from store.store import values_finite
 
@@ -154,12 +154,14 @@ class Engine(Importing, Listing):
 
     def _previous(self) -> list[ConceptRecord]:
         """Every stored concept, whatever its method, for a learn: the methods pick a token no
-        concept uses and filter by method themselves for overlap / regularisation. One that is
-        damaged or does not fit the model counts by its metadata alone (its token stays taken;
-        its neurons cannot be read): one bad concept failed every learn."""
+        concept uses, and a CNS learn of scope `all` keeps the neurons of the CNS concepts that
+        act everywhere (λ₁). Only those are read whole; the rest count by their metadata (every
+        learn read every concept's tensors: at SD size, 12 MB a concept). One that is damaged or
+        does not fit the model counts by its metadata alone (its token stays taken; its neurons
+        cannot be read): one bad concept failed every learn."""
         out = []
         for meta in sorted(self.store.list(), key=store_order):
-            if meta.name not in self.problems:
+            if meta.name not in self.problems and acts_everywhere(meta):
                 try:
                     out.append(self.store.get(meta.name))
                     continue

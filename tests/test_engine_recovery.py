@@ -380,6 +380,28 @@ def test_a_concept_file_cannot_reach_past_its_own_words(engine):
     assert "scope" not in engine.concept("scoped").learned_with
 
 
+def test_a_learn_reads_whole_only_the_concepts_whose_neurons_it_keeps(engine, monkeypatch):
+    """From a scale review: every learn read every stored concept's tensors, though only CNS
+    concepts that act on every prompt (scope all) matter to it beyond their tokens."""
+    import dataclasses
+
+    from cns_daemon.methods.common.tokens import rare_tokens
+
+    rare = rare_tokens(engine.pipe.tokenizer)
+    everywhere = cns_record(engine, "everywhere", rare[5], 1.0, time.time())
+    scoped = cns_record(engine, "scoped", rare[6], 1.0, time.time() + 1)
+    scoped = dataclasses.replace(scoped, meta=dataclasses.replace(scoped.meta, hparams={"scope": "concept"}))
+    for record in (everywhere, scoped):
+        engine.store.put(record)
+    read = []
+    get = engine.store.get
+    monkeypatch.setattr(engine.store, "get", lambda name: read.append(name) or get(name))
+    previous = {r.name: r for r in engine._previous()}
+    assert read == ["everywhere"]
+    assert previous["everywhere"].deltas and not previous["scoped"].deltas
+    assert previous["scoped"].meta.token == rare[6]   # its token stays taken
+
+
 def test_status_names_the_model_by_the_path_in_effect(tmp_path, monkeypatch):
     """`--model ../tw` showed as typed: from the CLI's folder that names another place."""
     from cns_daemon.api.settings import load_settings
