@@ -28,7 +28,7 @@ from cns_daemon.api.errors import (BadInput, Conflict, ConesError, Corrupt, Inte
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.api.protocol import EvalRequest, GenerateRequest, JobResult, LearnJob
 from cns_daemon.api.settings import Paths, Settings
-from cns_daemon.outputs import generation_caption, save_images
+from cns_daemon.outputs import check_room, generation_caption, save_images
 from cns_daemon.importing import Importing
 from cns_daemon.listing import Listing, acts_everywhere, state_of, store_order
 from store.records import ConceptMeta, ConceptRecord
@@ -272,7 +272,7 @@ class Engine(Importing, Listing):
 
     def generate(self, req: GenerateRequest, out_dir: Path, progress: ProgressFn,
                  cancel: CancelToken) -> JobResult:
-        from cns_daemon.generate import generate
+        from cns_daemon.generate import generate, image_size
         from cns_daemon.model import recommended_steps
         from cns_daemon.prompts import parse_box, referenced_names
 
@@ -280,6 +280,7 @@ class Engine(Importing, Listing):
             req = req.model_copy(update={"seed": 0})
         records = {n: self._get(n) for n in referenced_names(req.prompt)}
         steps = req.steps or recommended_steps(self.pipe)
+        check_room(out_dir.parent, req.n, *image_size(self.pipe, req.height, req.width))
         images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
                           n=req.n, seed=req.seed, progress=progress, cancel=cancel,
                           negative_prompt=req.negative_prompt, guidance_scale=req.guidance_scale,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from cns_daemon.api.errors import Internal
+from cns_daemon.api.errors import Internal, Storage
 from cns_daemon.api.protocol import GenerateRequest, JobResult
 
 PARTIAL_PREFIX = ".partial-"   # an output folder being written (save_images)
@@ -53,6 +53,26 @@ def png_text(caption: str, seed: int | None = None):
     return info
 
 
+# PNGs of generated images are rarely under a quarter of their raw pixels (the toy world's flat
+# grounds come nearest): a disk with less free than that cannot hold them, so a generate says so
+# before it draws (it drew every step of the images, minutes on SD, then failed to write them).
+PNG_RATIO = 4
+
+
+def check_room(outputs: Path, n: int, height: int, width: int) -> None:
+    """Storage error when the disk of `outputs` cannot hold `n` images of that size."""
+    need = n * height * width * 3 // PNG_RATIO
+    probe = outputs if outputs.exists() else outputs.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return   # not measurable here: saving says what goes wrong
+    if free < need:
+        raise Storage(f"The disk of {outputs} has {free / 1e6:.1f} MB free; {n} image{'s' * (n > 1)} of "
+                      f"{width}x{height} need about {need / 1e6:.1f} MB.",
+                      f"Free some space there (generated images stay in {outputs} until you delete them).")
+
+
 def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | None = None,
                 seed: int | None = None) -> JobResult:
     """PNG per image plus a contact sheet of all of them (cns_daemon.sheet), written into a
@@ -64,16 +84,18 @@ def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | No
     if not images:
         raise Internal("The generation returned no images.")
     partial = out_dir.with_name(PARTIAL_PREFIX + out_dir.name)
-    partial.mkdir(parents=True, exist_ok=True)
     names = [f"{i:02d}.png" for i in range(len(images))]
     try:
+        partial.mkdir(parents=True, exist_ok=True)
         for i, (name, img) in enumerate(zip(names, images)):
             img.save(partial / name, pnginfo=png_text(caption, None if seed is None else seed + i))
         contact_sheet(images, caption, labels).save(partial / "contact-sheet.png", pnginfo=png_text(caption))
         partial.rename(out_dir)
     except OSError as exc:   # a full disk: no cut images left behind (the folder is this job's own)
         shutil.rmtree(partial, ignore_errors=True)
-        if not exc.filename:   # "no space left" names no file: the folder it was for
+        # "no space left" names no file, and a file in the hidden folder means nothing to a
+        # person: the folder it was for is named
+        if not exc.filename or Path(exc.filename) == partial or partial in Path(exc.filename).parents:
             exc.filename = str(out_dir.parent)
         raise
     return JobResult(images=[str(out_dir / n) for n in names],

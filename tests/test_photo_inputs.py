@@ -376,3 +376,37 @@ def test_a_photo_declared_far_past_the_pixel_limit_is_called_too_large_not_damag
     skipped = check_photo("bomb.png", bomb)
     assert skipped.reason.startswith("too large (") and "at most 50 megapixels" in skipped.reason
     assert "damaged" not in skipped.reason
+
+
+def test_a_generate_is_told_of_a_full_disk_before_it_draws_and_of_the_folder_not_a_hidden_one(
+        tmp_path, monkeypatch):
+    """From a scale review: a generate on a full disk drew all its steps and only then failed to
+    write; and where the outputs folder could not be written, the error named the hidden
+    folder the images are first written to."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from cns_daemon.api.errors import Storage, storage_error
+    from cns_daemon.outputs import check_room, save_images
+
+    outputs = tmp_path / "outputs"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100_000, 100_000))
+    check_room(outputs, 4, 64, 64)   # 12 KB of 100 KB free
+    with pytest.raises(Storage, match=r"has 0.1 MB free; 4 images of 512x512 need about 0.8 MB"):
+        check_room(outputs, 4, 512, 512)
+    monkeypatch.undo()
+
+    real_mkdir = type(outputs).mkdir
+
+    def read_only(self, *a, **k):
+        if self.parent == outputs:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    outputs.mkdir()
+    monkeypatch.setattr(type(outputs), "mkdir", read_only)
+    with pytest.raises(OSError) as info:
+        save_images([Image.new("RGB", (8, 8))], outputs / "job")
+    assert storage_error(info.value).message == f"Cannot use {outputs}: Read-only file system."
