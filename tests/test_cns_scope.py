@@ -12,6 +12,7 @@ from cns_daemon.generate import batch_ids, generate
 from cns_daemon.methods import LearnSpec, cns, get_method
 from cns_daemon.methods import common as C
 from cns_daemon.methods.common.scope import NO_TOKEN, Anchor, anchor, token_scope
+from cns_daemon.methods.cns.layers import stack_for
 from cns_daemon.prompts import expand
 from helpers.methods import FAST, changed, fixed_selection, photos, snapshot, synthetic
 
@@ -186,6 +187,10 @@ def test_scoped_and_written_records_apply_and_remove_exactly(fresh_tiny_pipe):
     new = synthetic(pipe, "b", "pbc", 2, scope="concept")
     handle = method.apply(pipe, [old, new])
     assert method.applied(pipe) == ["a", "b"] and token_scope(pipe.unet).names() == ["b"]
+    # the scoped one's values live in the scope alone (a second copy with its record cost host
+    # memory per concept for as long as the service ran); the record handed in keeps its own
+    kept = {r.name: r for r in stack_for(pipe).records()}
+    assert kept["a"].deltas and not kept["b"].deltas and new.deltas
     assert {k for k in changed(pipe, before) if k.startswith("unet.")} == \
         {f"unet.{n}" for n in old.deltas}                       # only the old one is written
     method.remove(handle)
