@@ -19,7 +19,7 @@ from cns_daemon.api.errors import (BadInput, ConesError, Internal, Interrupted, 
 from cns_daemon.api.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest,
                                      ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest, JobInfo,
                                      JobList, PhotosPruned, ProgressInfo, StatusInfo, segment)
-from cns_daemon.api.trust import socket_problem
+from cns_daemon.api.trust import RUNTIME_HINT, socket_problem
 
 M = TypeVar("M", bound=BaseModel)
 START_HINT = "Start it with `cones serve` (foreground) or `cones service install` (systemd user service)."
@@ -94,12 +94,16 @@ class Client:
         what answers there is a service of this user's, not another user's stand-in."""
         if self.trusted:
             return
+        if not self.socket_path.parent.is_dir():
+            # Nothing to check yet, so nothing to trust: another user who could make the folder
+            # between this check and the connect would be listening there. Said as a connect
+            # that found nothing is (not running, or running with its socket elsewhere).
+            raise self._transport_error(httpx.ConnectError("no socket folder")) from None
         problem = socket_problem(self.socket_path)
         if problem is not None:
             raise BadInput(f"cones does not connect to {self.socket_path}: {problem}, so another user "
                            "could stand in for the service there.",
-                           "Point runtime_dir (config.toml or CONES_RUNTIME_DIR) at a folder of your own "
-                           "that only you can write to (log-in sessions have one: XDG_RUNTIME_DIR).")
+                           RUNTIME_HINT)
         self.trusted = True
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -219,8 +220,10 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
     except UnidentifiedImageError:
         return SkippedFile(file=filename, reason=not_an_image(data[:16]))
     except Image.DecompressionBombError as exc:   # declared far past MAX_PIXELS: refused on opening
+        declared = re.search(r"\((\d+) pixels\)", str(exc))   # PIL's "Image size (N pixels) exceeds ..."
+        size = f"{int(declared.group(1)) / 1e6:,.0f} megapixels" if declared else "far more pixels"
         return SkippedFile(file=filename, reason=(
-            f"too large ({str(exc).rstrip('.')}; at most {MAX_PIXELS // 1_000_000} megapixels)"))
+            f"too large ({size}; at most {MAX_PIXELS // 1_000_000} megapixels)"))
     except (OSError, SyntaxError, ValueError) as exc:
         return SkippedFile(file=filename, reason=f"damaged or truncated image ({exc})")
     if fmt not in ACCEPTED_FORMATS:
@@ -249,7 +252,7 @@ def sniff(path: Path) -> SkippedFile | None:
             return None   # check_photo says "empty file"
         if size > MAX_PHOTO_BYTES:
             return SkippedFile(file=shown(Path(path).name), reason=(
-                f"{size / 1e6:,.0f} MB, over the {MAX_PHOTO_BYTES / 1e6:.0f} MB cones reads of a photo: "
+                f"{size / 2**20:,.0f} MiB, over the {MAX_PHOTO_BYTES >> 20} MiB cones reads of a photo: "
                 "save it smaller (as JPEG)"))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

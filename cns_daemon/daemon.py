@@ -21,7 +21,7 @@ from typing import Callable
 
 from cns_daemon.archive import Archive, make_private
 from cns_daemon.api.errors import BadInput, Conflict, ConesError, Storage, storage_error
-from cns_daemon.api.trust import folder_problem
+from cns_daemon.api.trust import RUNTIME_HINT, folder_problem
 from cns_daemon.notify import Notifier
 from cns_daemon.api.settings import Paths, Settings
 
@@ -82,8 +82,7 @@ def prepare_runtime(paths: Paths) -> None:
     if problem is not None:   # a folder above it another user can write to or owns
         raise BadInput(f"The runtime folder {paths.runtime} is not this user's alone: {problem}, so "
                        "another user could stand in for the service there.",
-                       "Set runtime_dir (config.toml or CONES_RUNTIME_DIR) to a folder of your own that "
-                       "only you can write to (log-in sessions have one: XDG_RUNTIME_DIR).")
+                       RUNTIME_HINT)
     if len(os.fsencode(paths.socket)) > SUN_PATH_MAX:
         raise BadInput(f"The socket path {paths.socket} is too long for a Unix socket "
                        f"(over {SUN_PATH_MAX} bytes).", "Use a shorter CONES_HOME or runtime_dir.")

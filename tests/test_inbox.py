@@ -88,7 +88,7 @@ def test_a_caption_that_is_a_link_is_refused_and_a_huge_file_is_not_read(tmp_pat
         f.truncate(MAX_PHOTO_BYTES + 1)
     good, skipped = read_photos(tmp_path)
     assert [p.filename for p in good] == ["photo0.png", "photo1.png"]
-    assert [(s.file, "over the 268 MB" in s.reason) for s in skipped] == [("huge.png", True)]
+    assert [(s.file, "over the 256 MiB" in s.reason) for s in skipped] == [("huge.png", True)]
 
 
 @pytest.fixture

@@ -282,11 +282,24 @@ def test_a_socket_folder_another_user_could_take_over_is_refused_on_both_sides(t
     prepare_runtime(paths(open_ / "run"))
     with pytest.raises(ConesError, match="not running"), Client(open_ / "run" / "cones.sock") as c:
         c.status()
+    # A missing folder is not checked and trusted: another user could make it, with a socket,
+    # between the check and the connect. It is "not running", and nothing is connected to.
+    missing = Client(open_ / "gone" / "cones.sock")
+    with pytest.raises(ConesError, match="not running"), missing:
+        missing.status()
+    assert not missing.trusted
     if os.getuid() == 0:   # as root the folder can be given to another user
         os.chown(open_ / "run", 65534, 65534)
         with pytest.raises(BadInput, match="belongs to another user .uid 65534"), \
                 Client(open_ / "run" / "cones.sock") as c:
             c.status()
+        # a link of another user's above the folder: its owner could point it elsewhere later
+        (tmp_path / "mine" / "run").mkdir(parents=True)
+        theirs = open_ / "lnk"
+        theirs.symlink_to(tmp_path / "mine")
+        os.lchown(theirs, 65534, 65534)
+        with pytest.raises(BadInput, match="above it, is a link that belongs to another user"):
+            prepare_runtime(paths(theirs / "run"))
 
 
 def _status(args=("status",)):

@@ -17,6 +17,11 @@ import stat
 from pathlib import Path
 
 
+RUNTIME_HINT = ("Point runtime_dir (config.toml or CONES_RUNTIME_DIR) at a folder only you can write to, "
+                "in folders only you or root own (a log-in session has one: XDG_RUNTIME_DIR; for root "
+                "in a container, a volume owned by the host's user is not one).")
+
+
 def _own_group(st: os.stat_result) -> bool:
     """A group-writable folder is still ours alone when its group is our private one (a group
     named after us, as Debian gives every user), which no one else is in."""
@@ -33,7 +38,7 @@ def _writable_by_others(st: os.stat_result) -> bool:
 
 def folder_problem(path: Path) -> str | None:
     """What makes `path` a folder another user could take over, or None (also when it is not
-    there: nothing listens in a folder that does not exist)."""
+    there: the CLI then connects nowhere, `Client.check_socket`)."""
     uid = os.getuid()
     try:
         st = os.lstat(path)
@@ -45,11 +50,19 @@ def folder_problem(path: Path) -> str | None:
         return f"{path} belongs to another user (uid {st.st_uid})"
     if _writable_by_others(st):
         return f"others may write to {path}"
-    for folder in Path(os.path.realpath(Path(path).absolute().parent)).joinpath("x").parents:
-        st = os.stat(folder)
+    # Above it, both ways there: as written (a link of another user's could be pointed elsewhere
+    # later) and as the links lead now (the folders the socket's folder really sits in).
+    written = Path(path).absolute().parents
+    led = Path(os.path.realpath(Path(path).absolute().parent)).joinpath("x").parents
+    for folder, look in [(f, os.lstat) for f in written] + [(f, os.stat) for f in led]:
+        try:
+            st = look(folder)
+        except OSError as exc:
+            return f"{folder}, above it, cannot be looked at ({exc.strerror})"
+        link = " is a link that" if stat.S_ISLNK(st.st_mode) else ""
         if st.st_uid not in (0, uid):
-            return f"{folder}, above it, belongs to another user (uid {st.st_uid})"
-        if _writable_by_others(st) and not st.st_mode & stat.S_ISVTX:
+            return f"{folder}, above it,{link} belongs to another user (uid {st.st_uid})"
+        if not link and _writable_by_others(st) and not st.st_mode & stat.S_ISVTX:
             return f"others may write to {folder}, above it (and so replace what is in it)"
     return None
 
