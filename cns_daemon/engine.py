@@ -29,8 +29,8 @@ from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.api.protocol import EvalRequest, GenerateRequest, JobResult, LearnJob
 from cns_daemon.api.settings import Paths, Settings
 from cns_daemon.outputs import check_room, generation_caption, save_images
-from cns_daemon.importing import Importing
-from cns_daemon.listing import Listing, acts_everywhere, state_of, store_order
+from cns_daemon.importing import Importing, acts_everywhere
+from cns_daemon.listing import Listing, state_of, store_order
 from store.records import ConceptMeta, ConceptRecord
 from store.store import values_finite
 

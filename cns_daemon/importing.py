@@ -8,12 +8,18 @@ import time
 
 from cns_daemon.api.errors import BadInput, Conflict, ModelMismatch
 from cns_daemon.api.protocol import JobResult
-from store.records import ConceptRecord
+from store.records import ConceptMeta, ConceptRecord
 
 # An imported concept's hparams say when it came into this store: its `created` is when it was
 # learned, elsewhere, but it was applied on top of the concepts here, and start-up must rebuild
 # the weights in the order they were had (and `cones list` lists it where its overlap says).
 IMPORTED = "imported"
+
+
+def acts_everywhere(meta: ConceptMeta) -> bool:
+    """A CNS concept whose values act on every prompt, named or not (scope `all`, as
+    layers.scope_of reads it: learned with that option, or before scopes)."""
+    return meta.method == "cns" and meta.hparams.get("scope", "all") == "all"
 
 
 class Importing:
@@ -47,8 +53,7 @@ class Importing:
             why = (f"is used by <{clash[0]}> here" if clash else
                    f"is an everyday word ({common[0]!r}), which would change every prompt that says it")
             note = f"its token {old!r} {why}, so it was given {record.meta.token!r}; its pictures are the same."
-        if record.meta.method == "cns" and record.meta.hparams.get("scope", "all") == "all":
-            # layers.scope_of: such a concept's values are written into the weights
+        if acts_everywhere(record.meta):   # its values are written into the weights
             everywhere = ("it acts on every prompt, named or not (learned with scope=all, or by a "
                           "version of cones before scopes); `cones rm` takes it out again.")
             note = f"{note} Also, {everywhere}" if note else everywhere

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cns_daemon.api.errors import ConesError, Corrupt, NotFound
 from cns_daemon.api.protocol import ConceptInfo
-from cns_daemon.importing import IMPORTED
+from cns_daemon.importing import IMPORTED, acts_everywhere
 from store.records import ConceptMeta, Overlap
 from store.store import ConceptStore
 
@@ -34,15 +34,10 @@ def concept_info(meta: ConceptMeta, overlap: Overlap, size_bytes: int,
                        metrics={k: v for k, v in meta.metrics.items()
                                 if isinstance(v, (int, float, str)) or v is None},
                        learned_with={**{k: meta.hparams[k] for k in ("steps", "seed") if k in meta.hparams},
-                                     **meta.hparams.get("options_given", {}), **acts_everywhere(meta)},
+                                     **meta.hparams.get("options_given", {}),
+                                     **({"scope": "all"} if acts_everywhere(meta) else {})},   # not hidden
                        state=state_of(problem), problem=problem.message if problem else "",
                        hint=problem.hint if problem else "")
-
-
-def acts_everywhere(meta: ConceptMeta) -> dict[str, str]:
-    """`scope: all` for a CNS concept whose values act on every prompt (layers.scope_of: learned
-    with that option, or before scopes, or so imported), which `cones show` must not hide."""
-    return {"scope": "all"} if meta.method == "cns" and meta.hparams.get("scope", "all") == "all" else {}
 
 
 def store_order(meta: ConceptMeta) -> float:

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -116,7 +115,7 @@ class CNSStack:
         rows = write_rows(self.text_encoder, new_rows)
         if in_scope:   # its values live in the scope now (on the model's device): no second copy
             # of them is kept with it (records() serves tokens and scopes; tuned() reads scope all)
-            record = dataclasses.replace(record, deltas={})
+            record = replace(record, deltas={})
         layer = Layer(record, indices, below, rows)
         self.layers.append(layer)
         return layer
