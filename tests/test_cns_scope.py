@@ -197,6 +197,48 @@ def test_scoped_and_written_records_apply_and_remove_exactly(fresh_tiny_pipe):
     assert changed(pipe, before) == [] and token_scope(pipe.unet).names() == []
 
 
+def _held(pipe, name):
+    return [t for pair in token_scope(pipe.unet).concepts[name].deltas.values() for t in pair]
+
+
+def test_scoped_values_are_held_on_the_host_as_int32_positions(fresh_tiny_pipe):
+    """Between prompts a scoped concept's values sit in host memory with int32 positions (half
+    an int64's bytes); a prompt naming it draws the same image as the values' int64 form."""
+    pipe, method = fresh_tiny_pipe, get_method("cns")
+    rec = synthetic(pipe, "b", "pbc", 2, scope="concept")
+    method.apply(pipe, [rec])
+    held = token_scope(pipe.unet).concepts["b"].deltas
+    assert held and {idx.dtype for idx, _ in held.values()} == {torch.int32}
+    assert {t.device.type for t in _held(pipe, "b")} == {"cpu"}
+    for tname, (idx, _) in held.items():
+        assert np.array_equal(idx.numpy(), rec.deltas[tname].indices)
+    drawn = generate(pipe, "a photo of <b>", {"b": rec}, n=1, steps=2, output_type="np")[0]
+    scope = token_scope(pipe.unet)
+    scope.concepts["b"].deltas = {t: (i.long(), d) for t, (i, d) in held.items()}
+    assert np.array_equal(drawn, generate(pipe, "a photo of <b>", {"b": rec}, n=1, steps=2,
+                                          output_type="np")[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_scoped_values_take_no_device_memory_until_a_prompt_names_them():
+    from cns_daemon.model import build_tiny_pipeline
+
+    pipe, method = build_tiny_pipeline(seed=0).to("cuda"), get_method("cns")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    rec = synthetic(pipe, "b", "pbc", 2, fraction=0.5, scope="concept")
+    method.apply(pipe, [rec])
+    torch.cuda.synchronize()
+    assert {t.device.type for t in _held(pipe, "b")} == {"cpu"}
+    assert torch.cuda.memory_allocated() - before < 4096     # the token row is written in place
+    named = generate(pipe, "a photo of <b>", {"b": rec}, n=1, steps=2, output_type="np")[0]
+    scope = token_scope(pipe.unet)
+    kept = scope.concepts.pop("b")
+    plain = generate(pipe, "a photo of <b>", {"b": rec}, n=1, steps=2, output_type="np")[0]
+    scope.concepts["b"] = kept
+    assert not np.array_equal(named, plain)                  # the values reached the device
+
+
 def test_generation_steers_each_concepts_share_of_the_end_into_its_box(fresh_tiny_pipe, monkeypatch):
     """Two scoped concepts with boxes: the layout bias gets each one's share of the end of the
     sequence, the shares the scope deals out on the conditional row; one alone gets all of it."""

@@ -113,7 +113,7 @@ class CNSStack:
         if in_scope:
             token_scope(self.unet).add(record.name, where, scoped)
         rows = write_rows(self.text_encoder, new_rows)
-        if in_scope:   # its values live in the scope now (on the model's device): no second copy
+        if in_scope:   # its values live in the scope now (in host memory): no second copy
             # of them is kept with it (records() serves tokens and scopes; tuned() reads scope all)
             record = replace(record, deltas={})
         layer = Layer(record, indices, below, rows)

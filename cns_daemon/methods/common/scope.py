@@ -86,6 +86,16 @@ class _Concept:
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]  # tensor → (flat indices, differences)
 
 
+def _on_host(idx: torch.Tensor, diff: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A concept's values as the scope keeps them between prompts: in host memory, the indices
+    as int32 where the tensor allows. Why: every applied concept is held for the service's life,
+    and on a GPU its values (millions of positions at SD 1.5 size) would bound how many concepts
+    fit beside the model; a prompt moves only the concepts it names to the device, for its own
+    length (`TokenScope.prompt`). int32 positions take half the bytes of int64 ones."""
+    kind = torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
+    return idx.detach().to("cpu", kind), diff.detach().to("cpu")
+
+
 class TokenScope:
     def __init__(self, unet):
         self.modules: dict[str, torch.nn.Linear] = {
@@ -108,7 +118,9 @@ class TokenScope:
         unknown = set(deltas) - set(self.modules)
         if unknown:
             raise Internal(f"{name}: no cross-attention K/V tensor {sorted(unknown)[0]!r}.")
-        self.concepts[name] = _Concept(where, dict(deltas))
+        self.concepts[name] = _Concept(where, {
+            tname: _on_host(idx, diff, self.modules[tname].weight.numel())
+            for tname, (idx, diff) in deltas.items()})
 
     def remove(self, name: str) -> None:
         self.concepts.pop(name, None)
@@ -170,7 +182,8 @@ class TokenScope:
             for tname, (idx, diff) in concept.deltas.items():
                 weight = self.modules[tname].weight
                 dense = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
-                dense.index_copy_(0, idx.to(weight.device), diff.to(weight.device, weight.dtype))
+                dense.index_copy_(0, idx.to(weight.device, torch.int64),
+                                  diff.to(weight.device, weight.dtype))
                 active.setdefault(tname, []).append((rows.to(device)[..., None],
                                                      dense.view_as(weight)))
         outer = self._active, self._training_rows
