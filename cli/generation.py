@@ -32,7 +32,7 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
                  help=f"Classifier-free guidance, 1 to {MAX_GUIDANCE_SCALE:g} (default: the model's; 1 turns it off)."),
              width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's)."),
              height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's)."),
-             out: Optional[Path] = typer.Option(None, "-o", "--out", help="Copy the PNGs into this folder."),
+             out: Optional[Path] = typer.Option(None, "-o", "--out", help="Copy the PNGs into this folder, named JOBID-NN.png and JOBID-contact-sheet.png (earlier runs' files stay beside them; the printed paths are this run's)."),
              as_json: bool = JSON) -> None:
     """Generate images; writes PNGs and a contact sheet and prints their paths (the sheet last)."""
     # as a blank one is told by the service ("" failed as "prompt: empty", from the protocol)

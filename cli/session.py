@@ -44,7 +44,10 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
         raise Interrupted(f"Stopped following; job {job.id} goes on in the service{left_behind}.",
                           f"`cones jobs` shows it; `cones cancel {job.id}` stops it.") from None
     except Unavailable as exc:   # the service went away under us: which job to look for later
-        # (a job a stop or crash cut off is queued again when the service starts: it is kept)
+        # (a job a stop or crash cut off is queued again when the service starts: it is kept);
+        # a job that failed so itself (an optional extra not installed) is not kept
+        if getattr(exc, "job_ended", False):
+            raise
         raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}, kept: it runs when the service is "
                           f"back){left_behind}.", exc.hint) from None
     return c.job(job.id)

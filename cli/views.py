@@ -417,5 +417,7 @@ def follow(events: Iterable[ProgressInfo], quiet: bool = False,
                           "Check `cones jobs` and the service log.")
     if last.state != "done":
         err = last.error
-        raise from_code(err.code, err.message, err.hint) if err else from_code("cancelled", f"The job {last.state}.")
+        exc = from_code(err.code, err.message, err.hint) if err else from_code("cancelled", f"The job {last.state}.")
+        exc.job_ended = True   # the job's own end (an extra not installed is `unavailable` too),
+        raise exc              # not the service going away under the follower (session.wait_for)
     return last

@@ -235,3 +235,42 @@ def test_an_output_folder_made_for_a_generate_that_was_cut_off_is_not_left_empty
     out.mkdir(parents=True)   # a folder the person had: kept
     r = CliRunner().invoke(cli.main.app, ["generate", "a photo of a dog", "-o", str(out)])
     assert r.exit_code == 11 and out.is_dir()
+
+
+class _Following:
+    """A client whose job ends as `last` says (or whose stream breaks off)."""
+
+    def __init__(self, last: ProgressInfo | None):
+        self.last = last
+
+    def follow(self, job_id):
+        yield ProgressInfo(job=job_id, state="running", phase="train", step=1, total=3)
+        if self.last is None:
+            from cns_daemon.api.errors import Unavailable
+            raise Unavailable("The service is not running.")
+        yield self.last
+
+
+def _wait(last):
+    import pytest
+
+    from cli.session import wait_for
+    from cns_daemon.api.errors import Unavailable
+    from cns_daemon.api.protocol import JobInfo
+
+    job = JobInfo(id="0123456789ab", kind="eval", state="running", summary="eval rex", created=0.0)
+    with pytest.raises(Unavailable) as err:
+        wait_for(_Following(last), job, quiet=True, tell_wait=False)
+    return err.value.message
+
+
+def test_a_job_that_failed_for_want_of_an_extra_is_not_said_to_be_kept():
+    """A job failing with code `unavailable` (open_clip not installed) was told as the service
+    going away: "kept: it runs when the service is back", for a job that had failed for good."""
+    from cns_daemon.api.protocol import ErrorBody
+
+    failed = ProgressInfo(job="0123456789ab", state="failed", error=ErrorBody(
+        code="unavailable", message="open_clip could not be imported."))
+    assert _wait(failed) == "open_clip could not be imported."
+    gone = _wait(None)     # the service went away while the job ran: that job is kept
+    assert "job 0123456789ab, kept" in gone
