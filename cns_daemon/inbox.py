@@ -40,7 +40,7 @@ from cns_daemon.archive import make_private
 from cns_daemon.api.errors import BadInput, ConesError, storage_error
 from cns_daemon.api.protocol import FINAL_STATES, SkippedFile, describe_validation_error
 from cns_daemon.inbox_folder import (CONFIG_FILE, ERROR_FILE, NOTE_FILES, drop_notes, holds_photos_of,
-                                     inputs_signature, latest_change, noted_signature, ours, read_photos,
+                                     inputs_signature, inputs_signatures, latest_change, noted_signature, ours, read_photos,
                                      read_spec, shown, taken_photos, write_cancelled, write_error)
 from cns_daemon.worker import CANCELLED_AT_STOP, CRASH_REASON
 from store.env import file_identity
@@ -48,12 +48,26 @@ from store.records import JobRecord
 
 log = logging.getLogger(__name__)
 
+# With no folder settling, the inbox is looked at this often even without an event: inotify does
+# not see inside a linked folder (the README's "a link to your own photo folder") or on some
+# network file systems. Every scan stats every file of every folder left in the inbox (a failed
+# folder of 2,000 linked photos: 19 % of a core at the settling rate), so it is not the 0.5 s the
+# settling folders get.
+RESCAN_SECONDS = 30.0
+# What the watch asks inotify for: changes only. Opens and reads (the scans' own, a viewer's)
+# woke the watcher's threads for nothing.
+WATCHED_EVENTS = ("FileCreatedEvent", "FileModifiedEvent", "FileDeletedEvent", "FileMovedEvent",
+                  "FileClosedEvent", "DirCreatedEvent", "DirDeletedEvent", "DirMovedEvent")
+
+
 class Inbox:
-    def __init__(self, service, root: Path, settle: float, poll: float = 0.5):
+    def __init__(self, service, root: Path, settle: float, poll: float = 0.5,
+                 rescan: float = RESCAN_SECONDS):
         self.service = service
         self.root = Path(root)
         self.settle = settle
-        self.poll = poll
+        self.poll = poll        # how often a folder that is settling is looked at
+        self.rescan = rescan    # how often the inbox is looked at with none settling
         self._events: dict[str, float] = {}     # folder name -> wall time of its last event
         self._in_flight: dict[str, str] = {}    # folder name -> learn job id
         self._taken: dict[str, str] = {}        # folder name -> inputs signature when taken
@@ -63,6 +77,7 @@ class Inbox:
                                                 # whose ERROR.txt could not be written
         self._loose: set[str] = set()           # files put in the inbox itself, said once
         self._failed: set[str] = set()          # folders whose look failed, logged once
+        self._retry: set[str] = set()           # folders a file vanished from while taken
         self._first_seen: dict[str, float] = {}  # folder name -> when a scan first saw it
         self._future: dict[str, tuple[float, float]] = {}   # folder name -> (a newest time in
                                                 # the future, when it was first seen)
@@ -73,6 +88,7 @@ class Inbox:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        import watchdog.events
         from watchdog.events import FileSystemEventHandler
         from watchdog.observers import Observer
 
@@ -105,7 +121,8 @@ class Inbox:
                     inbox._note(Path(str(event.dest_path)))
 
         self._observer = Observer()
-        self._observer.schedule(Handler(), str(self.root), recursive=True)
+        self._observer.schedule(Handler(), str(self.root), recursive=True,
+                                event_filter=[getattr(watchdog.events, n) for n in WATCHED_EVENTS])
         self._observer.start()
         self._thread = threading.Thread(target=self._loop, name="cones-inbox", daemon=True)
         self._thread.start()
@@ -174,37 +191,47 @@ class Inbox:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            settling = False
             try:
-                self.scan()
+                settling = self.scan()
             except Exception:  # the watcher must outlive any one odd folder
                 log.exception("inbox scan failed")
-            self._wake.wait(self.poll)
+            # An event wakes it at once either way
+            self._wake.wait(self.poll if settling else self.rescan)
             self._wake.clear()
 
-    def scan(self) -> None:
-        """Take every settled folder that is not in flight and not waiting for a fix."""
+    def scan(self) -> bool:
+        """Take every settled folder that is not in flight and not waiting for a fix. Returns
+        whether a folder is still settling (to be looked at again soon)."""
         if not self.root.is_dir():
-            return
+            return False
         now = time.time()
         self._tell_loose_files()
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        settling = False
+        folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self._failed &= {p.name for p in folders}   # a folder that went and came back is new
+        for folder in folders:
             try:
-                self._scan_one(folder, now)
+                settling |= self._scan_one(folder, now)
             except Exception:   # noqa: BLE001 - one odd folder must not keep the others waiting
-                if folder.name not in self._failed:   # said once, not every half second
+                if not folder.is_dir():   # removed while it was looked at: nothing to say
+                    continue
+                if folder.name not in self._failed:   # said once, not on every scan
                     log.exception("inbox folder %s could not be looked at", shown(folder.name))
                 self._failed.add(folder.name)
+        return settling
 
-    def _scan_one(self, folder: Path, now: float) -> None:
-        """One folder: taken if settled, not in flight and not waiting for a fix."""
+    def _scan_one(self, folder: Path, now: float) -> bool:
+        """One folder: taken if settled, not in flight and not waiting for a fix. Returns
+        whether it is still settling."""
         with self._lock:
             if folder.name in self._in_flight:
                 if self._idents.get(folder.name) == file_identity(folder):
                     self._moved.pop(folder.name, None)   # renamed back: it is here again
-                return
+                return False
             candidate = self._renamed_from(folder)
         if candidate is not None and self._follows(folder, *candidate):
-            return
+            return False
         with self._lock:
             # Settled counts from when this service first saw the folder too: at start-up a
             # folder still being copied in with its files' old times kept (`cp -p`, rsync -a,
@@ -223,12 +250,14 @@ class Inbox:
                 last = max(since, event)
             last = max(last, first)
         if now - last < self.settle:
-            return
+            return True
         noted = noted_signature(folder) or self._unwritable.get(folder.name)
-        if noted is not None and noted in (inputs_signature(folder),
-                                           inputs_signature(folder, named=False)):
-            return   # already told the person; wait for them to change something
-        self.take(folder)
+        if noted is not None and noted in inputs_signatures(folder):
+            return False   # already told the person; wait for them to change something
+        if self.take(folder) is None and folder.name in self._retry:
+            self._retry.discard(folder.name)
+            return True        # looked at again soon, as a folder settling
+        return False
 
     def _tell_loose_files(self) -> None:
         """Photos dropped in the inbox itself, not in a folder of their own: the log says once
@@ -275,6 +304,7 @@ class Inbox:
                      else BadInput(f"Invalid value: {describe_validation_error(exc)}."))
             if error is None:   # a file vanished or could not be read: the next scan looks again
                 log.warning("inbox folder %s: %s", folder.name, exc)
+                self._retry.add(folder.name)
                 return None
             log.warning("inbox folder %s: %s", folder.name, error.message)
             try:
@@ -326,6 +356,7 @@ class Inbox:
         finally:
             with self._lock:
                 self._in_flight.pop(folder_name, None)
+            self._wake.set()   # a new folder of its name, held back while it ran, is taken now
 
     def _remember(self, folder: Path) -> None:
         """Note which directory an in-flight folder is, to know it again if it is renamed."""

@@ -111,15 +111,24 @@ def inputs_signature(folder: Path, *, named: bool = True) -> str:
     rename it), then name, size and mtime of every input file: changes whenever the folder is
     renamed or a photo, caption or concept.toml is added, removed, replaced or touched.
     `named` False: the form notes written before the name counted (read, never written)."""
+    return inputs_signatures(folder)[0 if named else 1]
+
+
+def inputs_signatures(folder: Path) -> tuple[str, str]:
+    """`inputs_signature` named and not, from one look at the files (a scan compares a note with
+    both, for every folder with a note, every time)."""
     # Names as the bytes they are on disk: one that is not UTF-8 failed every scan of the inbox
-    digest = hashlib.sha256(os.fsencode(folder.name) + b"\0\0\n" if named else b"")
+    named = hashlib.sha256(os.fsencode(folder.name) + b"\0\0\n")
+    bare = hashlib.sha256(b"")
     for p in input_files(folder):
         try:
             st = p.stat()
         except FileNotFoundError:   # removed while we looked: a change either way
             continue
-        digest.update(os.fsencode(p.name) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+        entry = os.fsencode(p.name) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+        named.update(entry)
+        bare.update(entry)
+    return named.hexdigest()[:16], bare.hexdigest()[:16]
 
 
 def noted_signature(folder: Path) -> str | None:

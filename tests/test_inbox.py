@@ -679,3 +679,94 @@ def test_a_value_the_protocol_refuses_is_told_as_a_concept_toml_fix(tmp_path):
         error = (folder / ERROR_FILE).read_text()
         assert said in error and "concept.toml" in error.split("What to do:")[1], error
         assert "COMMAND" not in error, error
+
+
+def _no_jobs():
+    """The part of the service an idle inbox reads: no jobs, its listeners."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(job_listeners=[],
+                           worker=SimpleNamespace(jobs=SimpleNamespace(jobs=lambda: [])))
+
+
+def _counting(box):
+    scans = []
+    real = box.scan
+    box.scan = lambda: scans.append(time.time()) or real()
+    return scans
+
+
+def test_an_idle_inbox_is_looked_at_on_changes_not_every_half_second(tmp_path):
+    """The inbox was re-scanned every 0.5 s whatever happened: a failed folder of 2,000 linked
+    photos kept the service at 19 % of a core. Now a folder settling is looked at every `poll`,
+    an idle inbox every `rescan` or when a change wakes it; the scans' own opens and a person
+    reading a file wake nothing."""
+    from cns_daemon.api.errors import BadInput as Refused
+    from cns_daemon.inbox import Inbox
+    from cns_daemon.inbox_folder import inputs_signature, write_error
+
+    folder = tmp_path / "rex.dog"
+    photos = write_photos(folder, 2)
+    write_error(folder, Refused("Only 2 usable photos."), [], inputs_signature(folder))
+    box = Inbox(_no_jobs(), tmp_path, settle=0.2, poll=0.1, rescan=30.0)
+    box.take = lambda f: pytest.fail(f"{f.name} taken while its note stands")
+    scans = _counting(box)
+    box.start()
+    try:
+        wait_until(lambda: len(scans) >= 2, timeout=5, what="the first scans")
+        time.sleep(1.0)   # settled, noted: idle
+        idle = len(scans)
+        for p in photos:
+            p.read_bytes()                     # a person looking: no change
+        (folder / ERROR_FILE).read_text()
+        time.sleep(1.5)
+        assert len(scans) == idle, scans       # nothing looked at again
+        assert box.scan() is False             # nothing settling
+        taken = []
+        box.take = lambda f: taken.append(f.name)
+        write_photos(tmp_path / "pot.dog", 3)  # a change: looked at at once, taken once settled
+        wait_until(lambda: taken == ["pot.dog"], timeout=5, what="the new folder taken")
+    finally:
+        box.stop()
+
+
+def test_a_folder_removed_while_it_is_looked_at_is_no_error_and_one_back_is_said_again(tmp_path, caplog):
+    """Removing a folder mid-scan logged an ERROR with a traceback, and whatever went wrong with
+    a folder of that name later was never said again."""
+    import logging
+
+    from cns_daemon import inbox as inbox_module
+    from cns_daemon.inbox import Inbox
+
+    folder = tmp_path / "rex.dog"
+    write_photos(folder, 2)
+    box = Inbox(service=None, root=tmp_path, settle=0.0)
+    real = inbox_module.latest_change
+
+    def vanishing(f):
+        shutil.rmtree(f)
+        return real(f)                          # the folder is gone under it
+
+    caplog.set_level(logging.INFO, "cns_daemon.inbox")
+    inbox_module.latest_change = vanishing
+    try:
+        box.scan()
+    finally:
+        inbox_module.latest_change = real
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+    def broken(f):
+        raise RuntimeError("odd")
+
+    for _ in range(2):                          # fails, is said once; gone; back, said again
+        write_photos(folder, 2)
+        inbox_module.latest_change = broken
+        try:
+            box.scan()
+            box.scan()
+        finally:
+            inbox_module.latest_change = real
+        shutil.rmtree(folder)
+        box.scan()
+    said = [r for r in caplog.records if "could not be looked at" in r.getMessage()]
+    assert len(said) == 2, caplog.text
