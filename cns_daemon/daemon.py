@@ -8,6 +8,7 @@ queue, the socket removed and the lock released.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -28,6 +29,7 @@ from cns_daemon.api.settings import Paths, Settings
 log = logging.getLogger("cones")
 
 SUN_PATH_MAX = 107   # sockaddr_un.sun_path is 108 bytes including the terminating NUL
+IDLE_TICK_SECONDS = 1.0   # how often the server loop looks whether to stop (uvicorn's: 0.1)
 
 
 def make_folder(path: Path, what: str, setting: str) -> None:
@@ -311,6 +313,25 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
                     log.info("already stopping (the running job is put back at its next step)")
                     return
                 super().handle_exit(sig, frame)
+                if self.wake is not None:
+                    self.wake()
+
+            wake: Callable[[], None] | None = None
+
+            async def main_loop(self) -> None:
+                # uvicorn looks whether to stop 10 times a second, which is most of what an idle
+                # service does all day (10 wake-ups a second); once a second is its Date
+                # header's resolution, and a stop's signal wakes the loop at once. on_tick
+                # counts tenths of a second.
+                stop_now, loop = asyncio.Event(), asyncio.get_running_loop()
+                # threadsafe: a signal handler runs between the loop's own steps, and only this
+                # wakes its wait for the sockets
+                self.wake = lambda: loop.call_soon_threadsafe(stop_now.set)
+                counter = 0
+                while not await self.on_tick(counter):
+                    counter = (counter + 10) % 864000
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(stop_now.wait(), IDLE_TICK_SECONDS)
 
             async def startup(self, sockets=None) -> None:
                 await super().startup(sockets=sockets)

@@ -130,6 +130,34 @@ def test_ctrl_c_twice_stops_cleanly(tmp_path):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def _wakeups(pid: int) -> int:
+    """Voluntary context switches of the process's main thread (each wait it woke from)."""
+    with open(f"/proc/{pid}/task/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_an_idle_service_wakes_about_once_a_second_and_still_stops_at_once():
+    """uvicorn's loop looked whether to stop 10 times a second, most of what an idle service
+    did all day; once a second now, and a stop's signal wakes it at once."""
+    import signal
+
+    home = short_home()
+    daemon = start_daemon(home, CONES_WATCH_INBOX="false")
+    try:
+        time.sleep(1.0)
+        before = _wakeups(daemon.proc.pid)
+        time.sleep(4.0)
+        assert _wakeups(daemon.proc.pid) - before <= 12   # 4 ticks, and room for a stray wake
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(20) == 0
+        assert time.monotonic() - started < 0.9, daemon.output()
+        assert "cones stopped" in daemon.output()
+    finally:
+        daemon.kill(15)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_clean_stop_during_learn_says_it_started_over(tmp_path):
     """SIGTERM gives the running job's start back (it is not counted against its attempts), and
     after the restart its note says that it ran when the service stopped and started over."""
