@@ -52,12 +52,8 @@ log = logging.getLogger(__name__)
 # not see inside a linked folder (the README's "a link to your own photo folder") or on some
 # network file systems. Every scan stats every file of every folder left in the inbox (a failed
 # folder of 2,000 linked photos: 19 % of a core at the settling rate), so it is not the 0.5 s the
-# settling folders get.
+# settling folders get. What wakes it sooner: inbox_watch.py.
 RESCAN_SECONDS = 30.0
-# What the watch asks inotify for: changes only. Opens and reads (the scans' own, a viewer's)
-# woke the watcher's threads for nothing.
-WATCHED_EVENTS = ("FileCreatedEvent", "FileModifiedEvent", "FileDeletedEvent", "FileMovedEvent",
-                  "FileClosedEvent", "DirCreatedEvent", "DirDeletedEvent", "DirMovedEvent")
 
 
 class Inbox:
@@ -84,13 +80,11 @@ class Inbox:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._observer = None
+        self._watch = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        import watchdog.events
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
+        from cns_daemon.inbox_watch import InboxWatch
 
         self.root.mkdir(parents=True, exist_ok=True)
         jobs = self.service.worker.jobs.jobs()   # read once: the job list only grows
@@ -110,20 +104,8 @@ class Inbox:
         self._note_ended_at_start(jobs)
         self.service.job_listeners.append(self._job_changed)
 
-        inbox = self
-
-        class Handler(FileSystemEventHandler):
-            def on_any_event(self, event) -> None:
-                if event.is_directory and event.event_type == "modified":
-                    return   # a folder's listing changed: the file's own event says what
-                inbox._note(Path(str(event.src_path)))
-                if getattr(event, "dest_path", ""):
-                    inbox._note(Path(str(event.dest_path)))
-
-        self._observer = Observer()
-        self._observer.schedule(Handler(), str(self.root), recursive=True,
-                                event_filter=[getattr(watchdog.events, n) for n in WATCHED_EVENTS])
-        self._observer.start()
+        self._watch = InboxWatch(self.root, self._note)
+        self._watch.start()
         self._thread = threading.Thread(target=self._loop, name="cones-inbox", daemon=True)
         self._thread.start()
         log.info("watching the inbox %s (settle %.1fs)", self.root, self.settle)
@@ -173,31 +155,32 @@ class Inbox:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(5)
+        if self._watch is not None:
+            self._watch.stop()
         if self._thread is not None:
             self._thread.join(5)
 
-    def _note(self, path: Path) -> None:
-        try:
-            rel = path.relative_to(self.root)
-        except ValueError:
-            return
-        if rel.parts and rel.parts[-1] not in NOTE_FILES:
+    def _note(self, parts: tuple[str, ...]) -> None:
+        """A change at `parts` inside the inbox (the watch's); `()`: look at everything now."""
+        if parts and parts[-1] in NOTE_FILES:
+            return   # the service's own notes are no change
+        if parts:
             with self._lock:
-                self._events[rel.parts[0]] = time.time()
-            self._wake.set()
+                self._events[parts[0]] = time.time()
+        self._wake.set()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            settling = False
+            settling = watched = False
             try:
+                # an inbox not watched (not there, or its watch not made) is looked at as often
+                # as a folder settling: there is nothing in it to stat, or no event to wait for
+                watched = self._watch is None or self._watch.check()
                 settling = self.scan()
             except Exception:  # the watcher must outlive any one odd folder
                 log.exception("inbox scan failed")
             # An event wakes it at once either way
-            self._wake.wait(self.poll if settling else self.rescan)
+            self._wake.wait(self.poll if settling or not watched else self.rescan)
             self._wake.clear()
 
     def scan(self) -> bool:
@@ -326,6 +309,9 @@ class Inbox:
             moved = self._moved.pop(folder_name, None)
             ident = self._idents.pop(folder_name, None)
         folder = self.root / (moved or folder_name)
+        if not moved and ident is not None and file_identity(folder) != ident:
+            moved = self._renamed_since(ident, job)   # renamed with no scan before the job ended
+            folder = self.root / (moved or folder_name)
         if moved:
             signature = None   # taken under another name: its inputs as they are now
         try:
@@ -357,6 +343,20 @@ class Inbox:
             with self._lock:
                 self._in_flight.pop(folder_name, None)
             self._wake.set()   # a new folder of its name, held back while it ran, is taken now
+
+    def _renamed_since(self, ident: tuple[int, int], job: JobRecord) -> str | None:
+        """The name the directory `ident` has in the inbox now, where it still holds the job's
+        photos (not a new folder on a freed inode number)."""
+        try:
+            entries = list(self.root.iterdir())
+        except OSError:   # the inbox itself is gone
+            return None
+        for p in entries:
+            if p.is_dir() and file_identity(p) == ident and holds_photos_of(p, job):
+                log.info("inbox folder %s was renamed to %s while its job ran; its clean-up follows it",
+                         job.request.get("inbox_folder"), p.name)
+                return p.name
+        return None
 
     def _remember(self, folder: Path) -> None:
         """Note which directory an in-flight folder is, to know it again if it is renamed."""

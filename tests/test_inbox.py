@@ -770,3 +770,90 @@ def test_a_folder_removed_while_it_is_looked_at_is_no_error_and_one_back_is_said
         box.scan()
     said = [r for r in caplog.records if "could not be looked at" in r.getMessage()]
     assert len(said) == 2, caplog.text
+
+
+def _watching(tmp_path, root):
+    from cns_daemon.inbox import Inbox
+
+    box = Inbox(_no_jobs(), root, settle=0.2, poll=0.1, rescan=30.0)
+    taken: list[str] = []
+    box.take = lambda f: taken.append(f.name)
+    box.start()
+    return box, taken
+
+
+def test_an_attribute_change_wakes_the_inbox(tmp_path):
+    """`touch` of a photo one cannot write, `chmod` of a folder: attribute changes only, which
+    the watch did not pass on (a failed folder so changed waited for the 30 s look)."""
+    import os
+
+    from cns_daemon.api.errors import BadInput as Refused
+    from cns_daemon.inbox_folder import inputs_signature, write_error
+
+    folder = tmp_path / "rex.dog"
+    photos = write_photos(folder, 2)
+    write_error(folder, Refused("Only 2 usable photos."), [], inputs_signature(folder))
+    box, taken = _watching(tmp_path, tmp_path)
+    try:
+        time.sleep(1.0)
+        assert taken == []
+        os.utime(photos[0], (time.time() - 5, time.time() - 5))   # no write: an attribute change
+        wait_until(lambda: taken == ["rex.dog"], timeout=5, what="the changed folder taken again")
+    finally:
+        box.stop()
+
+
+def test_an_inbox_that_is_a_link_or_is_made_again_is_still_watched(tmp_path):
+    """The inbox folder a link to another disk, or removed and made again while the service
+    runs: the watch heard nothing in it, and every folder dropped there waited for the 30 s look."""
+    own = tmp_path / "disk" / "inbox"
+    own.mkdir(parents=True)
+    link = tmp_path / "inbox"
+    link.symlink_to(own, target_is_directory=True)
+    box, taken = _watching(tmp_path, link)
+    try:
+        time.sleep(0.5)
+        write_photos(link / "rex.dog", 3)
+        wait_until(lambda: taken == ["rex.dog"], timeout=5, what="a folder in a linked inbox taken")
+        shutil.rmtree(own)
+        time.sleep(0.5)
+        own.mkdir()
+        time.sleep(0.5)
+        write_photos(link / "pot.dog", 3)
+        wait_until(lambda: "pot.dog" in taken, timeout=5, what="a folder in the inbox made again taken")
+        moved = tmp_path / "disk" / "old-inbox"
+        own.rename(moved)                     # moved away, a new one made in its place
+        own.mkdir()
+        time.sleep(0.5)
+        write_photos(link / "cup.dog", 3)
+        wait_until(lambda: "cup.dog" in taken, timeout=5, what="a folder in the inbox's replacement taken")
+    finally:
+        box.stop()
+
+
+def test_a_folder_renamed_just_before_its_job_ends_is_followed(tmp_path):
+    """Renamed while its job ran, with no look at the inbox between the rename and the job's end:
+    the end found nothing under the old name, and the renamed folder was learned a second time."""
+    import dataclasses
+    import hashlib
+
+    from cns_daemon.inbox import Inbox
+    from store.records import JobRecord
+
+    folder = tmp_path / "rex.dog"
+    write_photos(folder, 3)
+
+    class Service:
+        def submit_learn(self, name, *args, inbox_folder, **kwargs):
+            digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))]
+            return JobRecord(id="j1", kind="learn", request={
+                "name": name, "inbox_folder": inbox_folder, "photo_digests": digests})
+
+    box = Inbox(service=Service(), root=tmp_path, settle=0.0)
+    job = box.take(folder)
+    folder.rename(tmp_path / "rex2.dog")
+    box._job_changed(dataclasses.replace(job, state="failed",
+                                         error={"code": "bad_input", "message": "It failed."}))
+    assert "It failed." in (tmp_path / "rex2.dog" / ERROR_FILE).read_text()
+    box.take = lambda f: pytest.fail(f"{f.name} taken a second time")
+    box.scan()
