@@ -106,8 +106,12 @@ class Engine(Importing, Listing):
         self.info = EngineInfo(model=self.info.model, device=str(pipe.device),
                                dtype=str(pipe.unet.dtype).replace("torch.", ""), fingerprint=fp)
         # Stores and exports made before the digest read bf16 carry one of its older forms.
-        self.store.bind(fp, {"model": _model_name(self.settings.model), "dtype": self.info.dtype},
-                        aliases=older)
+        moved = self.store.bind(fp, {"model": _model_name(self.settings.model), "dtype": self.info.dtype},
+                                aliases=older)
+        if moved:
+            log.warning("the concept store was carried over from an earlier cones's digest of this model "
+                        "(%s) to this one's (%s); cones versions that know only the earlier digest no "
+                        "longer open it", moved, fp)
         from cns_daemon.memory import in_effect, prepare_generation
 
         self.memory = self._memory_options()

@@ -24,8 +24,12 @@ def acts_everywhere(meta: ConceptMeta) -> bool:
 
 class Importing:
     def import_record(self, record: ConceptRecord) -> JobResult:
-        self._check_fingerprint(record, "Import it into a service on the model it was learned on "
-                                        "(another CONES_HOME), or learn it again here from its photos.")
+        hint = ("Import it into a service on the model it was learned on (another CONES_HOME), or "
+                "learn it again here from its photos.")
+        if self.info.dtype != "float32":   # an earlier cones's export names the float32 digest
+            hint += (" A file exported by an earlier cones on this model imports into a service started "
+                     "with dtype = float32 (another CONES_HOME); exported again from there, it imports here.")
+        self._check_fingerprint(record, hint)
         if record.name in self.store:
             raise Conflict(f"A concept named {record.name!r} already exists.",
                            f"Import it under another name (`cones import FILE --name NEW`), or remove "

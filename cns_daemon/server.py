@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import unquote
 
@@ -462,9 +464,22 @@ def _limited(receive, limit: int, path: str = "", method: str = "POST"):
 
 
 def _check_protocol(value: str | None) -> None:
-    if value != PROTOCOL_VERSION:
+    """The client's protocol must be this service's. Which side is older says what to do: an old
+    `cones` left on PATH was told to restart the service, which cannot help it."""
+    if value == PROTOCOL_VERSION:
+        return
+    if value and value.isdigit() and int(value) < int(PROTOCOL_VERSION):
         raise ProtocolMismatch(
-            f"The client speaks protocol {value or '(none)'}, this service speaks {PROTOCOL_VERSION}.")
+            f"This cones command speaks protocol {value}, older than the service's {PROTOCOL_VERSION}.",
+            f"Use the cones command of the install the service runs from (in {Path(sys.executable).parent}), "
+            "or update this one to the same version.")
+    if value and value.isdigit():
+        raise ProtocolMismatch(
+            f"The service speaks protocol {PROTOCOL_VERSION}, older than this cones command's {value}.",
+            "Restart the service so it runs this install (`systemctl --user restart cones`, or stop "
+            "`cones serve` and start it again; after an update `cones service install` writes its unit again).")
+    raise ProtocolMismatch(
+        f"The client speaks protocol {value or '(none)'}, this service speaks {PROTOCOL_VERSION}.")
 
 
 def _line(info: BaseModel) -> bytes:

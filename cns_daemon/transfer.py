@@ -52,11 +52,15 @@ def decode(data: bytes) -> ConceptRecord:
     try:
         tensors = load(data)
         metadata = _header_metadata(data)
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"format {metadata.get('format')!r}")
+        _check_version(metadata)
         if len(metadata["meta"]) > MAX_META_CHARS:   # it is stored, listed and sent whole
             raise ValueError(f"its metadata is {len(metadata['meta']):,} characters, over {MAX_META_CHARS:,}")
-        meta = ConceptMeta(**json.loads(metadata["meta"]))
+        fields = json.loads(metadata["meta"])
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ConceptMeta)}) \
+            if isinstance(fields, dict) else []
+        if unknown:
+            raise _Newer(f"it holds {', '.join(unknown[:3])}, which this version does not know")
+        meta = ConceptMeta(**fields)
         overlap = Overlap(**json.loads(metadata.get("overlap", "{}")))
         shapes = json.loads(metadata.get("delta_shapes", "{}"))
         record = ConceptRecord(meta=meta, overlap=overlap)
@@ -79,11 +83,30 @@ def decode(data: bytes) -> ConceptRecord:
         _check_meta(record.meta)
         if not all(is_digest(d) for d in meta.photo_digests):
             raise ValueError("its photos are not named by their SHA-256")
+    except _Newer as exc:   # ours, from a later cones: saying "not ours" sent people to re-export
+        raise BadInput(f"This concept file was written by a newer version of cones ({exc}).",
+                       "Update cones to import it, or export the concept again from a service of "
+                       "this version.") from None
     except Exception as exc:  # safetensors, json, dataclass and name errors all mean "not ours"
         why = f"no {exc} in it" if isinstance(exc, KeyError) else str(exc).rstrip(".")
         raise BadInput(f"This is not a cones concept file ({why}).",
                       "Export it again with `cones export NAME -o FILE`.") from None
     return record
+
+
+class _Newer(Exception):
+    """A concept file of a later cones (a higher format, or metadata fields added since)."""
+
+
+def _check_version(metadata: dict) -> None:
+    written = metadata.get("format")
+    if written == FORMAT:
+        return
+    family, _, version = str(written).partition("/")
+    ours, _, mine = FORMAT.partition("/")
+    if family == ours and version.isdigit() and int(version) > int(mine):
+        raise _Newer(f"format {written}, this version reads {FORMAT}")
+    raise ValueError(f"format {written!r}")
 
 
 # What each method's concept holds (and must): a file whose parts are another method's was

@@ -39,12 +39,14 @@ class BaseModelBinding:
         return fingerprint in self._accepted
 
     def bind(self, fingerprint: str, about: dict[str, str] | None = None,
-             aliases: Iterable[str] = ()) -> None:
+             aliases: Iterable[str] = ()) -> str | None:
         """Serve records for this base model only: the first binding records it (and `about`
         it: which model file or folder, in which dtype, for the words of a later refusal); a
         store made on another model raises ModelMismatch naming both. `aliases` are other
         digests of the same loaded model (the older scheme's): a store bound to one is moved to
-        `fingerprint`, and records stamped with any of them stay readable."""
+        `fingerprint`, and records stamped with any of them stay readable. Returns the digest
+        the store was moved from, if it was (the caller says so: earlier versions that know only
+        that digest refuse the store from then on)."""
         aliases = [a for a in aliases if a and a != fingerprint]
 
         def check(stored, known: list[str], made) -> list[str]:
@@ -61,14 +63,17 @@ class BaseModelBinding:
                 self._put_meta(txn, b"aliases", merged)
             if about and self._read_meta(txn, b"base_model") is None:
                 self._put_meta(txn, b"base_model", about)
-            return merged
+            return merged, stored
 
         if self._env.readonly:
             merged = check(self.fingerprint, self.aliases, self._meta_value(b"base_model"))
+            moved = None
         else:
-            merged = self._env.write(txn_fn)
+            merged, stored = self._env.write(txn_fn)
+            moved = stored if stored not in (None, fingerprint) else None
         self._bound = fingerprint
         self._accepted = frozenset([fingerprint, *merged])
+        return moved
 
     def _mismatch(self, stored: str, current: str, what: str | None = None,
                   made: dict | None = None, loaded: dict | None = None) -> ModelMismatch:
@@ -81,6 +86,12 @@ class BaseModelBinding:
 
         hint = None
         if (isinstance(made, dict) and loaded and made.get("model") == loaded.get("model")
+                and made.get("dtype") == loaded.get("dtype")):
+            # the same model in the same precision under a digest this version does not know: a
+            # later cones reads the weights another way and carried the store over
+            hint = ("A newer version of cones carried this store over to its own digest of the same "
+                    "model: run that version, or give this one another CONES_HOME.")
+        elif (isinstance(made, dict) and loaded and made.get("model") == loaded.get("model")
                 and made.get("dtype") != loaded.get("dtype")):
             dtypes = {made.get("dtype"), loaded.get("dtype")}
             hint = (f"Start the service once with dtype = {made.get('dtype')} (config.toml, "

@@ -413,3 +413,44 @@ def test_status_names_the_model_by_the_path_in_effect(tmp_path, monkeypatch):
     engine = Engine(load_settings(home=str(tmp_path / "h"), model="../tw"), store=None, archive=None)
     assert Path(engine.info.model) == (tmp_path / "sub" / ".." / "tw").absolute()
     assert Path(engine.info.model).is_absolute() and Path(engine.info.model).resolve() == tmp_path / "tw"
+
+
+def test_a_concept_file_of_a_newer_cones_is_said_to_be_one(engine):
+    """A file from a later version (a field added since, or a higher format) was "not a cones
+    concept file" with the hint to export it again, which cannot help."""
+    import json
+
+    from safetensors.numpy import load, save
+
+    from cns_daemon.api.errors import BadInput
+    from cns_daemon.methods.common.tokens import rare_tokens
+    from cns_daemon.transfer import _header_metadata, decode, encode
+
+    data = encode(cns_record(engine, "new", rare_tokens(engine.pipe.tokenizer)[3], 1.0, time.time()))
+    tensors, metadata = load(data), _header_metadata(data)
+    meta = json.loads(metadata["meta"])
+    later = save(tensors, {**metadata, "meta": json.dumps({**meta, "lighting": "soft"})})
+    with pytest.raises(BadInput, match="newer version of cones.*lighting") as err:
+        decode(later)
+    assert "Update cones" in err.value.hint
+    with pytest.raises(BadInput, match="newer version of cones.*cones-concept/2"):
+        decode(save(tensors, {**metadata, "format": "cones-concept/2"}))
+    with pytest.raises(BadInput, match="not a cones concept file"):
+        decode(save(tensors, {**metadata, "format": "someone-else/3"}))
+
+
+def test_an_import_refused_in_half_precision_names_the_float32_way(engine, monkeypatch):
+    from cns_daemon.api.errors import ModelMismatch
+    from cns_daemon.methods.common.tokens import rare_tokens
+
+    record = cns_record(engine, "old", rare_tokens(engine.pipe.tokenizer)[3], 1.0, time.time())
+    record.meta.fingerprint = "an-earlier-digest"
+    with pytest.raises(ModelMismatch) as err:
+        engine.import_record(record)
+    assert "float32" not in err.value.hint                  # this service is float32 already
+    import dataclasses
+
+    monkeypatch.setattr(engine, "info", dataclasses.replace(engine.info, dtype="bfloat16"))
+    with pytest.raises(ModelMismatch) as err:
+        engine.import_record(record)
+    assert "dtype = float32" in err.value.hint and "exported again" in err.value.hint

@@ -348,6 +348,12 @@ def test_oversized_request(raw):
 def test_wrong_or_missing_protocol_version(daemon, raw):
     body = _error(raw.get(f"{API_PREFIX}/status", headers={PROTOCOL_HEADER: "0"}), 400, "protocol")
     assert "protocol 0" in body["message"]
+    # an old `cones` left on PATH was told to restart the service, which cannot help it
+    assert "older than the service's" in body["message"] and "Restart" not in body["hint"], body
+    assert "update this one" in body["hint"], body
+    newer = _error(raw.get(f"{API_PREFIX}/status", headers={PROTOCOL_HEADER: str(int(PROTOCOL_VERSION) + 1)}),
+                   400, "protocol")
+    assert "The service speaks protocol" in newer["message"] and "Restart the service" in newer["hint"], newer
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.socket)), base_url="http://cones") as bare:
         _error(bare.get(f"{API_PREFIX}/status"), 400, "protocol")
         schema = bare.get("/openapi.json").json()   # the schema needs no header

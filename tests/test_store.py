@@ -284,3 +284,18 @@ def test_jobs_queue(tmp_path):
         with pytest.raises(NotFound):
             s.delete_job("c")
         assert [j.id for j in s.jobs()] == ["b", "a"]
+
+
+def test_a_store_carried_over_says_so_and_a_newer_ones_store_is_named(tmp_path):
+    """bind() moved a store to a new digest without a word (earlier versions then refused it),
+    and a version that met a store carried over by a newer one blamed another base model."""
+    path = tmp_path / "store"
+    made = {"model": "toy", "dtype": "float32"}
+    with ConceptStore.open(path) as s:
+        assert s.bind("old-digest", made) is None            # first binding: nothing moved
+    with ConceptStore.open(path) as s:
+        assert s.bind("new-digest", made, aliases=["old-digest"]) == "old-digest"
+        assert s.bind("new-digest", made, aliases=["old-digest"]) is None
+    with ConceptStore.open(path) as s, pytest.raises(ModelMismatch) as err:
+        s.bind("old-digest", made)                           # the earlier version's view
+    assert "newer version of cones" in err.value.hint
