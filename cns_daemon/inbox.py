@@ -40,8 +40,9 @@ from cns_daemon.archive import make_private
 from cns_daemon.api.errors import BadInput, ConesError, storage_error
 from cns_daemon.api.protocol import FINAL_STATES, SkippedFile, describe_validation_error
 from cns_daemon.inbox_folder import (CONFIG_FILE, ERROR_FILE, NOTE_FILES, drop_notes, holds_photos_of,
-                                     inputs_signature, inputs_signatures, latest_change, noted_signature, ours, read_photos,
-                                     read_spec, shown, taken_photos, write_cancelled, write_error)
+                                     inputs_signature, inputs_signatures, latest_change, noted_signature,
+                                     ours, read_photos, read_spec, shown, taken_photos, write_cancelled,
+                                     write_error)
 from cns_daemon.worker import CANCELLED_AT_STOP, CRASH_REASON
 from store.env import file_identity
 from store.records import JobRecord

@@ -87,10 +87,12 @@ class BaseModelBinding:
         hint = None
         if (isinstance(made, dict) and loaded and made.get("model") == loaded.get("model")
                 and made.get("dtype") == loaded.get("dtype")):
-            # the same model in the same precision under a digest this version does not know: a
-            # later cones reads the weights another way and carried the store over
-            hint = ("A newer version of cones carried this store over to its own digest of the same "
-                    "model: run that version, or give this one another CONES_HOME.")
+            # the same file in the same precision under a digest this version does not know: its
+            # weights changed, or a later cones reads them another way and carried the store over
+            hint = ("The same model file in the same precision gives another digest now: either its "
+                    "weights changed since the store was made (load the model it was made with), or a "
+                    "newer version of cones carried this store over to its own digest (run that "
+                    "version, or give this one another CONES_HOME).")
         elif (isinstance(made, dict) and loaded and made.get("model") == loaded.get("model")
                 and made.get("dtype") != loaded.get("dtype")):
             dtypes = {made.get("dtype"), loaded.get("dtype")}
