@@ -7,8 +7,9 @@ folder itself:
 - the inbox is a link (to another disk): the directory it leads to is watched (watchdog does not
   follow a link it is given, and heard nothing inside it);
 - removed and made again, moved away and replaced, or its link pointed elsewhere: the old
-  directory's watch hears nothing of the new one, so a second, flat watch on the folder that holds
-  the inbox says when the inbox's entry there changes, and `check` makes the watch again;
+  directory's watch hears nothing of the new one, so flat watches on the folders that hold the
+  inbox (its link's and its target's) say when its entry there changes, and `check` makes the
+  watch again;
 - inotify's queue overflowed: events were lost, so the inbox looks at everything.
 Only changes are asked for: opens and reads (the inbox's own scans, a person's viewer) woke the
 watcher's threads for nothing. Attribute changes count (`touch` of a photo one cannot write,
