@@ -111,11 +111,17 @@ class Inbox:
         self._thread.start()
         log.info("watching the inbox %s (settle %.1fs)", self.root, self.settle)
 
-    def _renamed_folder(self, job: JobRecord) -> Path | None:
-        """The inbox folder, under another name than the job's, that holds this job's photos."""
+    def _renamed_folder(self, job: JobRecord, ident: tuple[int, int] | None = None) -> Path | None:
+        """The inbox folder, under another name than the job's, that holds this job's photos
+        (and, where `ident` is known, is that directory: not a copy, nor a new folder on a freed
+        inode number)."""
         taken = job.request.get("inbox_folder")
-        return next((p for p in sorted(self.root.iterdir()) if p.is_dir() and p.name != taken
-                     and not p.name.startswith(".") and holds_photos_of(p, job)), None)
+        try:
+            entries = sorted(self.root.iterdir())
+        except OSError:   # the inbox itself is gone
+            return None
+        return next((p for p in entries if p.is_dir() and p.name != taken and not p.name.startswith(".")
+                     and (ident is None or file_identity(p) == ident) and holds_photos_of(p, job)), None)
 
     def _follow_at_start(self, folder_name: str, job: JobRecord) -> None:
         """An in-flight folder not under its name at start-up: the one holding its photos is it,
@@ -311,8 +317,11 @@ class Inbox:
             ident = self._idents.pop(folder_name, None)
         folder = self.root / (moved or folder_name)
         if not moved and ident is not None and file_identity(folder) != ident:
-            moved = self._renamed_since(ident, job)   # renamed with no scan before the job ended
-            folder = self.root / (moved or folder_name)
+            renamed = self._renamed_folder(job, ident)   # renamed, no scan before the job ended
+            if renamed is not None:
+                log.info("inbox folder %s was renamed to %s while its job ran; its clean-up follows it",
+                         folder_name, renamed.name)
+                folder, moved = renamed, renamed.name
         if moved:
             signature = None   # taken under another name: its inputs as they are now
         try:
@@ -344,20 +353,6 @@ class Inbox:
             with self._lock:
                 self._in_flight.pop(folder_name, None)
             self._wake.set()   # a new folder of its name, held back while it ran, is taken now
-
-    def _renamed_since(self, ident: tuple[int, int], job: JobRecord) -> str | None:
-        """The name the directory `ident` has in the inbox now, where it still holds the job's
-        photos (not a new folder on a freed inode number)."""
-        try:
-            entries = list(self.root.iterdir())
-        except OSError:   # the inbox itself is gone
-            return None
-        for p in entries:
-            if p.is_dir() and file_identity(p) == ident and holds_photos_of(p, job):
-                log.info("inbox folder %s was renamed to %s while its job ran; its clean-up follows it",
-                         job.request.get("inbox_folder"), p.name)
-                return p.name
-        return None
 
     def _remember(self, folder: Path) -> None:
         """Note which directory an in-flight folder is, to know it again if it is renamed."""
