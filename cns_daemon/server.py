@@ -468,16 +468,17 @@ def _check_protocol(value: str | None) -> None:
     `cones` left on PATH was told to restart the service, which cannot help it."""
     if value == PROTOCOL_VERSION:
         return
-    if value and value.isdigit() and int(value) < int(PROTOCOL_VERSION):
-        raise ProtocolMismatch(
-            f"This cones command speaks protocol {value}, older than the service's {PROTOCOL_VERSION}.",
-            f"Use the cones command of the install the service runs from (in {Path(sys.executable).parent}), "
-            "or update this one to the same version.")
     if value and value.isdigit():
+        if int(value) < int(PROTOCOL_VERSION):
+            raise ProtocolMismatch(
+                f"This cones command speaks protocol {value}, older than the service's {PROTOCOL_VERSION}.",
+                f"Use the cones command of the install the service runs from (in {Path(sys.executable).parent}), "
+                "or update this one to the same version.")
         raise ProtocolMismatch(
             f"The service speaks protocol {PROTOCOL_VERSION}, older than this cones command's {value}.",
             "Restart the service so it runs this install (`systemctl --user restart cones`, or stop "
-            "`cones serve` and start it again; after an update `cones service install` writes its unit again).")
+            "`cones serve` and start it again; after an update `cones service install` writes its unit "
+            "again).")
     raise ProtocolMismatch(
         f"The client speaks protocol {value or '(none)'}, this service speaks {PROTOCOL_VERSION}.")
 

@@ -85,16 +85,15 @@ class BaseModelBinding:
             return f"{fp} ({about['model']}, {about.get('dtype', '?')})"
 
         hint = None
-        if (isinstance(made, dict) and loaded and made.get("model") == loaded.get("model")
-                and made.get("dtype") == loaded.get("dtype")):
+        same_model = isinstance(made, dict) and loaded and made.get("model") == loaded.get("model")
+        if same_model and made.get("dtype") == loaded.get("dtype"):
             # the same file in the same precision under a digest this version does not know: its
             # weights changed, or a later cones reads them another way and carried the store over
             hint = ("The same model file in the same precision gives another digest now: either its "
                     "weights changed since the store was made (load the model it was made with), or a "
                     "newer version of cones carried this store over to its own digest (run that "
                     "version, or give this one another CONES_HOME).")
-        elif (isinstance(made, dict) and loaded and made.get("model") == loaded.get("model")
-                and made.get("dtype") != loaded.get("dtype")):
+        elif same_model:   # in another precision
             dtypes = {made.get("dtype"), loaded.get("dtype")}
             hint = (f"Start the service once with dtype = {made.get('dtype')} (config.toml, "
                     "CONES_DTYPE or --dtype): a store from an earlier cones is then carried over "
