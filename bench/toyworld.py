@@ -20,6 +20,11 @@ Rows (everything seeded: the same model gives the same numbers):
   words' text pathway exists and a learned token can reach it; with one token vector (as
   published; keys `textual_inversion_*`) and with several (`--ti-vectors`, keys
   `textual_inversion_<k>v_*`);
+- `vae_roundtrip`: the probe's named-look reading of fresh renders of patterned objects, as
+  drawn and after the model's own VAE (encode to the posterior mean, decode): one object, each
+  half of a two-object photo, and both halves of one photo. A generated image is a decoded
+  latent, so the last is a ceiling on composition (both named looks right, one in each half)
+  that no method or guidance can pass on this model;
 - model size on disk; generation time per image (in a batch, and alone).
 """
 from __future__ import annotations
@@ -30,7 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from cns_daemon.methods.common.tokens import MAX_VECTORS
 from cns_daemon.model import TOYWORLD_MODEL, load_pipeline, recommended_guidance
@@ -40,7 +47,8 @@ from cns_daemon.toyworld.fidelity import (DEFAULT_GUIDANCE, DEFAULT_STEPS, attri
                                           two_object_fidelity)
 from cns_daemon.toyworld.probe import Probe
 from cns_daemon.toyworld.probe_train import accuracy
-from cns_daemon.toyworld.world import ObjectSpec, SceneSpec, caption
+from cns_daemon.toyworld.world import (BACKGROUNDS, NAMED_LOOK, PATTERNS, ObjectSpec, SceneSpec,
+                                       caption, random_object, render)
 
 UNNAMED_PROMPT = "a photo of a red star"
 TOP_P = 5.0
@@ -76,6 +84,53 @@ def eq3_overlap(pipe, caption_text: str, top_p: float = TOP_P) -> float:
         base += int(mask.sum())
         shared += int((mask & general).sum())
     return shared / base
+
+
+def patterned_scenes(n: int, objects: int, seed: int) -> list[SceneSpec]:
+    """`n` scenes of `objects` patterned objects (two: different patterns and shapes), the
+    backgrounds in turn."""
+    rng = np.random.default_rng(seed)
+    patterns = [p for p in PATTERNS if p != "solid"]
+    scenes = []
+    for i in range(n):
+        objs = [random_object(rng, pattern=patterns[i % 3])]
+        while len(objs) < objects:
+            other = random_object(rng, pattern=patterns[(i + 1) % 3])
+            if other.shape != objs[0].shape:
+                objs.append(other)
+        scenes.append(SceneSpec(tuple(objs), BACKGROUNDS[i % len(BACKGROUNDS)]))
+    return scenes
+
+
+@torch.no_grad()
+def vae_roundtrip(pipe, probe: Probe, n: int, seed: int = 4242) -> dict[str, dict[str, float]]:
+    """Named look read on renders and on their VAE round trips: {"single", "half", "both_halves"}
+    -> {"render", "vae"}."""
+    vae = pipe.vae
+
+    def roundtrip(images: list) -> list:
+        x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
+        x = x.to(vae.dtype) / 127.5 - 1
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+        pixels = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(p) for p in pixels]
+
+    def right(read, obj) -> bool:
+        return all(getattr(read, k) == getattr(obj, k) for k in NAMED_LOOK)
+
+    singles = patterned_scenes(n, 1, seed)
+    pairs = patterned_scenes(n, 2, seed + 1)
+    single_images = [render(s, seed * 1000 + i) for i, s in enumerate(singles)]
+    pair_images = [render(s, (seed + 1) * 1000 + i) for i, s in enumerate(pairs)]
+    out: dict[str, dict[str, float]] = {"single": {}, "half": {}, "both_halves": {}}
+    for kind, convert in (("render", lambda ims: ims), ("vae", roundtrip)):
+        reads = probe.read(convert(single_images))
+        out["single"][kind] = float(np.mean([right(r, s.objects[0]) for r, s in zip(reads, singles)]))
+        halves = [[right(r, o) for r, o in zip(rr, s.objects)]
+                  for rr, s in zip(probe.read_halves(convert(pair_images)), pairs)]
+        out["half"][kind] = float(np.mean(halves))
+        out["both_halves"][kind] = float(np.mean([all(h) for h in halves]))
+    return out
 
 
 def textual_inversion(pipe, probe: Probe, n: int, steps: int, guidance: float, seed: int = 0,
@@ -114,7 +169,8 @@ def textual_inversion(pipe, probe: Probe, n: int, steps: int, guidance: float, s
 
 
 def run(n_prompts: int, n_pairs: int, n_pattern: int, steps: int, guidance: float | None,
-        ti: bool = True, model: Path = TOYWORLD_MODEL, ti_vectors: tuple[int, ...] = (1, 3)) -> dict:
+        ti: bool = True, model: Path = TOYWORLD_MODEL, ti_vectors: tuple[int, ...] = (1, 3),
+        n_vae: int = 200) -> dict:
     """`guidance` None: the scale the model's cones.json recommends, as generation uses."""
     probe = Probe.load()
     acc = accuracy(probe)
@@ -169,6 +225,8 @@ def run(n_prompts: int, n_pairs: int, n_pattern: int, steps: int, guidance: floa
         "unnamed_prompt_tilt_entropy": entropy_bits(tilts),
         "eq3_base_general_overlap": next(iter(overlaps.values())),
         "eq3_base_general_overlap_per_caption": overlaps,
+        "vae_roundtrip": vae_roundtrip(pipe, probe, n_vae),
+        "n_vae_roundtrip": n_vae,
         "model_bytes": model_bytes(model),
         "gen_seconds_per_image": per_image,
         "gen_seconds_single_image": alone,
@@ -222,6 +280,12 @@ def print_tables(r: dict) -> None:
                   + f"; entropy {r[f'unnamed_prompt_{attr}_entropy']:.2f} bits")
     for text, v in r["eq3_base_general_overlap_per_caption"].items():
         con.print(f"Eq. 3 base neurons that are general, '{text}': {v:.3f}")
+    rt = r["vae_roundtrip"]
+    con.print(f"Named look of patterned objects through the model's VAE ({r['n_vae_roundtrip']} renders "
+              "each; render -> round trip): one object "
+              f"{rt['single']['render']:.3f} -> {rt['single']['vae']:.3f}, a half of a two-object photo "
+              f"{rt['half']['render']:.3f} -> {rt['half']['vae']:.3f}, both halves "
+              f"{rt['both_halves']['render']:.3f} -> {rt['both_halves']['vae']:.3f} (a ceiling on composition)")
     for k in range(1, MAX_VECTORS + 1):
         key = ti_key(k)
         if f"{key}_named_fidelity" in r:
@@ -240,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=40, help="two-object plain prompts")
     p.add_argument("--pattern-samples", type=int, default=64,
                    help=f"images of '{UNNAMED_PROMPT}' (and of the textual-inversion concept)")
+    p.add_argument("--vae-renders", type=int, default=200,
+                   help="renders of each kind read through the model's VAE (one object, two objects)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=None,
                    help=f"CFG scale (default: the model's own, from its cones.json; {DEFAULT_GUIDANCE:g} "
@@ -259,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     if not vectors or not all(1 <= v <= MAX_VECTORS for v in vectors):
         p.error(f"--ti-vectors: each between 1 and {MAX_VECTORS}")
     r = run(a.prompts, a.pairs, a.pattern_samples, a.steps, a.guidance, ti=not a.no_ti,
-            model=a.model, ti_vectors=vectors)
+            model=a.model, ti_vectors=vectors, n_vae=a.vae_renders)
     print_tables(r)
     if a.json:
         print(json.dumps(r))
