@@ -23,8 +23,9 @@ Rows (everything seeded: the same model gives the same numbers):
 - `vae_roundtrip`: the probe's named-look reading of fresh renders of patterned objects, as
   drawn and after the model's own VAE (encode to the posterior mean, decode): one object, each
   half of a two-object photo, and both halves of one photo. A generated image is a decoded
-  latent, so the last is a ceiling on composition (both named looks right, one in each half)
-  that no method or guidance can pass on this model;
+  latent, so the last estimates the ceiling on composition (both named looks right, one in each
+  half) on this model: what its autoencoder keeps of a right image (an estimate, not a bound:
+  a latent the encoder would not give might decode better);
 - model size on disk; generation time per image (in a batch, and alone).
 """
 from __future__ import annotations
@@ -285,7 +286,7 @@ def print_tables(r: dict) -> None:
               "each; render -> round trip): one object "
               f"{rt['single']['render']:.3f} -> {rt['single']['vae']:.3f}, a half of a two-object photo "
               f"{rt['half']['render']:.3f} -> {rt['half']['vae']:.3f}, both halves "
-              f"{rt['both_halves']['render']:.3f} -> {rt['both_halves']['vae']:.3f} (a ceiling on composition)")
+              f"{rt['both_halves']['render']:.3f} -> {rt['both_halves']['vae']:.3f} (composition's ceiling, estimated)")
     for k in range(1, MAX_VECTORS + 1):
         key = ti_key(k)
         if f"{key}_named_fidelity" in r:
