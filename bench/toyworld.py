@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from cns_daemon.methods.common.tokens import MAX_VECTORS
 from cns_daemon.model import TOYWORLD_MODEL, load_pipeline, recommended_guidance
@@ -48,6 +47,7 @@ from cns_daemon.toyworld.fidelity import (DEFAULT_GUIDANCE, DEFAULT_STEPS, attri
                                           two_object_fidelity)
 from cns_daemon.toyworld.probe import Probe
 from cns_daemon.toyworld.probe_train import accuracy
+from cns_daemon.toyworld.train import to_tensor
 from cns_daemon.toyworld.world import (BACKGROUNDS, NAMED_LOOK, PATTERNS, ObjectSpec, SceneSpec,
                                        caption, random_object, render)
 
@@ -87,47 +87,40 @@ def eq3_overlap(pipe, caption_text: str, top_p: float = TOP_P) -> float:
     return shared / base
 
 
-def patterned_scenes(n: int, objects: int, seed: int) -> list[SceneSpec]:
-    """`n` scenes of `objects` patterned objects (two: different patterns and shapes), the
+def patterned_pairs(n: int, seed: int) -> list[SceneSpec]:
+    """`n` two-object scenes, both objects patterned (their patterns and shapes differ), the
     backgrounds in turn."""
     rng = np.random.default_rng(seed)
     patterns = [p for p in PATTERNS if p != "solid"]
     scenes = []
     for i in range(n):
-        objs = [random_object(rng, pattern=patterns[i % 3])]
-        while len(objs) < objects:
-            other = random_object(rng, pattern=patterns[(i + 1) % 3])
-            if other.shape != objs[0].shape:
-                objs.append(other)
-        scenes.append(SceneSpec(tuple(objs), BACKGROUNDS[i % len(BACKGROUNDS)]))
+        first = random_object(rng, pattern=patterns[i % 3])
+        second = random_object(rng, pattern=patterns[(i + 1) % 3])
+        while second.shape == first.shape:
+            second = random_object(rng, pattern=patterns[(i + 1) % 3])
+        scenes.append(SceneSpec((first, second), BACKGROUNDS[i % len(BACKGROUNDS)]))
     return scenes
 
 
 @torch.no_grad()
 def vae_roundtrip(pipe, probe: Probe, n: int, seed: int = 4242) -> dict[str, dict[str, float]]:
     """Named look read on renders and on their VAE round trips: {"single", "half", "both_halves"}
-    -> {"render", "vae"}."""
+    -> {"render", "vae"}. The single objects are named_look_cases' scenes."""
     vae = pipe.vae
 
-    def roundtrip(images: list) -> list:
-        x = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2)
-        x = x.to(vae.dtype) / 127.5 - 1
+    def roundtrip(images: list) -> np.ndarray:
+        x = to_tensor(np.stack([np.asarray(im) for im in images])).to(vae.dtype)
         y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        pixels = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        return [Image.fromarray(p) for p in pixels]
+        return ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
-    def right(read, obj) -> bool:
-        return all(getattr(read, k) == getattr(obj, k) for k in NAMED_LOOK)
-
-    singles = patterned_scenes(n, 1, seed)
-    pairs = patterned_scenes(n, 2, seed + 1)
+    singles = [c.scene for c in named_look_cases(n, seed)]
+    pairs = patterned_pairs(n, seed + 1)
     single_images = [render(s, seed * 1000 + i) for i, s in enumerate(singles)]
     pair_images = [render(s, (seed + 1) * 1000 + i) for i, s in enumerate(pairs)]
     out: dict[str, dict[str, float]] = {"single": {}, "half": {}, "both_halves": {}}
     for kind, convert in (("render", lambda ims: ims), ("vae", roundtrip)):
-        reads = probe.read(convert(single_images))
-        out["single"][kind] = float(np.mean([right(r, s.objects[0]) for r, s in zip(reads, singles)]))
-        halves = [[right(r, o) for r, o in zip(rr, s.objects)]
+        out["single"][kind] = look_fidelity(probe, convert(single_images), singles).all_match
+        halves = [[all(getattr(r, k) == getattr(o, k) for k in NAMED_LOOK) for r, o in zip(rr, s.objects)]
                   for rr, s in zip(probe.read_halves(convert(pair_images)), pairs)]
         out["half"][kind] = float(np.mean(halves))
         out["both_halves"][kind] = float(np.mean([all(h) for h in halves]))

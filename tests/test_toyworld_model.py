@@ -145,7 +145,7 @@ def test_plain_prompts_leave_pattern_and_tilt_to_the_noise(toy_pipe):
 def test_vae_roundtrip_reads_renders_and_keeps_one_objects_look(toy_pipe):
     """bench.toyworld's composition ceiling: the probe reads the named look of fresh renders (one
     object, and both halves of a two-object photo), and the shipped VAE keeps one object's look
-    (200 renders: 1.000 -> 0.970); what it keeps of two half-size looks (0.920 -> 0.610) is what
+    (200 renders: 1.000 -> 0.945); what it keeps of two half-size looks (0.920 -> 0.610) is what
     the bench reports as an estimate of the ceiling on composition (docs/tuning.md, "The VAE caps
     composition"). A round trip through wrong scaling or channel order would read far under 0.9."""
     from bench.toyworld import vae_roundtrip
