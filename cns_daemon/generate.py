@@ -6,11 +6,11 @@
 Order of work: expand the prompt (prompts.py), apply each method's records for this request (a
 resident method's concepts, CNS's, only when `apply_resident`: the service keeps them live),
 encode the prompt ourselves so Cones 2 residuals land on the conditional embeddings at their
-class-word positions only, tell the token scope which rows hold which tokens (scoped CNS
-concepts act only there: methods/common/scope.py), install layout guidance when boxes are given,
-run the pipeline with a step callback (progress, cooperative cancel, guidance step), and,
-whatever happens, take everything off again in reverse order: weights, token rows and attention
-processors are bit-identical afterwards.
+class-word positions and shares of the end of the sequence only, tell the token scope which
+rows hold which tokens (scoped CNS concepts act only there: methods/common/scope.py), install
+layout guidance when boxes are given, run the pipeline with a step callback (progress,
+cooperative cancel, guidance step), and, whatever happens, take everything off again in reverse
+order: weights, token rows and attention processors are bit-identical afterwards.
 
 Determinism: image i of a request starts from noise drawn by a CPU generator seeded with
 seed + i, so on one machine an image does not depend on `n`. Another device or precision starts
@@ -48,14 +48,16 @@ class Embeddings:
 def encode(pipe, expanded: ExpandedPrompt, n: int, cfg: bool, handles: Iterable = (),
            negative_prompt: str | None = None) -> Embeddings:
     """Encode the expanded prompt; handles that carry residuals (Cones 2) add them to the
-    conditional embeddings at their concepts' anchors. The unconditional branch stays plain."""
+    conditional embeddings at their concepts' anchors and shares of the end of the sequence
+    (`prompt_tails`). The unconditional branch stays plain."""
     cond, uncond = pipe.encode_prompt(expanded.text, pipe._execution_device, n, cfg,
                                       negative_prompt=negative_prompt)
     anchors = {name: expanded.anchors(name) for name in expanded.names}
+    tails = prompt_tails(expanded, cond.shape[1])
     for handle in handles:
         add = getattr(handle, "add_residuals", None)
         if add is not None:
-            cond = add(cond, anchors)
+            cond = add(cond, anchors, tails, len(expanded.token_ids) - 1)
     return Embeddings(cond, uncond if cfg else None)
 
 
@@ -100,8 +102,9 @@ def batch_ids(expanded: ExpandedPrompt, n: int, cfg: bool, tokens: int) -> torch
 def prompt_tails(expanded: ExpandedPrompt, n_tokens: int) -> dict[str, list[int]]:
     """The end of the sequence (EOS and the padding after it) dealt out among the prompt's
     concepts, of every method, in the order they are first named (`tail_shares`): a CNS
-    concept's values act on its share alone (scope.py), and layout guidance steers each share
-    into its concept's box. One concept keeps the whole end. Dealt among the CNS concepts only,
+    concept's values act on its share alone (scope.py), a Cones 2 concept's end-of-sequence
+    residuals are added there (cones2.py), and layout guidance steers each share into its
+    concept's box. One concept keeps the whole end. Dealt among the CNS concepts only,
     a CNS concept beside a Cones 2 one kept the whole end, whose last position sums up the whole
     prompt, the other concept's words included, and steered it into its own box: the other's
     shape came out there (docs/tuning.md, "Mixed methods share the end of the sequence")."""

@@ -115,7 +115,7 @@ def test_methods_and_options_are_checked_before_anything_runs(capsys, monkeypatc
             quality.main(["--tiny", "--quick", *argv])
         assert exit_.value.code == 2 and words in capsys.readouterr().err, argv
     cfg = quality.QualityConfig.quick(methods=("ti",), options={"ti": {"vectors": 3, "token_init": "class"}})
-    quality.check_methods(cfg, {"ti"})   # what a baseline reads passes (and quick's cones2 steps are no --set)
+    quality.check_methods(cfg, {"ti"})   # what a baseline reads passes
 
 
 @pytest.mark.parametrize("baseline", [NAIVE, TEXTUAL_INVERSION], ids=lambda b: b.name)

@@ -1,5 +1,6 @@
 """Cones 2 on the tiny model: the live encoder is never changed, the residual lands only on the
-conditional embeddings at the concept's class-word position, public residuals import."""
+conditional embeddings at the concept's class-word position and its share of the end of the
+sequence, public residuals import."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,12 +11,13 @@ from PIL import Image
 from cns_daemon.api.errors import BadInput, ModelMismatch
 from cns_daemon.generate import encode
 from cns_daemon.methods.base import LearnSpec
-from cns_daemon.methods.cones2 import (METHOD, Cones2Handle, imported_record, import_residual,
-                                       sentence_set, sentences)
+from cns_daemon.methods.cones2 import (METHOD, Cones2Handle, SentenceSet, class_residual,
+                                       imported_record, import_residual, sentence_set, sentences)
 from cns_daemon.prompts import expand
 from store.records import ConceptMeta, ConceptRecord
 
 WIDTH = 64  # the tiny model's text encoder width
+TOKENS = 77  # its sequence
 
 
 def write_photos(folder, n=3, seed=0):
@@ -63,12 +65,17 @@ def test_learn_leaves_the_live_pipeline_untouched(learned, tiny_pipe):
     assert all(p.grad is None for p in tiny_pipe.text_encoder.parameters())
 
 
-def test_record_is_one_residual_vector(learned):
-    record, *_ = learned
+def test_record_holds_the_class_word_and_the_end_of_the_sequence(learned, tiny_pipe):
+    """By default a row for the class word, one for EOS and one per position; with tail off the
+    paper's one vector."""
+    record, _, _, photos, spec = learned
     assert record.meta.method == "cones2" and record.meta.token == ""
-    assert record.residual.shape == (WIDTH,) and record.residual.dtype == np.float32
+    assert record.residual.shape == (2 + TOKENS, WIDTH) and record.residual.dtype == np.float32
     assert np.isfinite(record.residual).all() and np.abs(record.residual).max() > 0
-    assert record.meta.metrics["sentences"] >= 100
+    assert record.meta.metrics["sentences"] >= 100 and record.meta.metrics["tail_norm"] > 0
+    paper = METHOD.learn(tiny_pipe, photos, LearnSpec("pot", "teapot", steps=2, seed=3,
+                                                      options={"reg_batch": 4, "tail": False}), None, None)
+    assert paper.residual.shape == (WIDTH,) and "tail_norm" not in paper.meta.metrics
 
 
 def test_learn_is_deterministic_per_seed(learned, tiny_pipe):
@@ -85,9 +92,31 @@ def test_shipped_sentences_contain_the_class_word(tiny_pipe):
     rows = torch.arange(len(s))
     assert (sset.ids[rows, sset.anchors] == teapot).all()
     assert (~sset.keep).sum(1).eq(1).all()   # exactly the class word is not preserved
+    free = sentence_set(tiny_pipe, "teapot", tail=True)
+    eos = tiny_pipe.tokenizer.eos_token_id
+    assert (free.ids[rows, free.eos] == eos).all() and torch.equal(free.eos, sset.eos)
+    tail = torch.arange(free.ids.shape[1])[None] >= free.eos[:, None]
+    assert torch.equal(~free.keep, ~sset.keep | tail)   # and the end of the sequence is free
 
 
-def test_residual_changes_only_the_conditional_class_word_position(learned, tiny_pipe):
+def test_class_residual_rows_by_position():
+    """Row 0 the class word's mean shift, row 1 EOS's, row 2 + p position p's over the sentences
+    that pad p; positions no sentence pads take the first padded one's."""
+    s, t, d = 2, 8, 3
+    shift = torch.arange(t, dtype=torch.float32)[None, :, None].expand(s, t, d)   # p at position p
+    tuned = lambda ids: (shift[: len(ids)],)   # noqa: E731 (the encoder's output tuple)
+    sset = SentenceSet(torch.zeros(s, t, dtype=torch.long), torch.tensor([2, 4]),
+                       torch.ones(s, t, dtype=torch.bool), torch.tensor([3, 5]))
+    rows = class_residual(tuned, torch.zeros(s, t, d), sset, tail=True)
+    assert rows.shape == (2 + t, d)
+    assert rows[:, 0].tolist() == [3.0, 4.0] + [4.0] * 4 + [4.0, 5.0, 6.0, 7.0]
+    assert class_residual(tuned, torch.zeros(s, t, d), sset).tolist() == [3.0] * d
+
+
+def test_residual_changes_only_the_conditional_class_word_and_its_end_share(learned, tiny_pipe):
+    """pot (class word and end rows) and cup (the paper's one vector) in one prompt: pot's rows
+    land at its class word, EOS and its turns of the padding (the end is dealt out between the
+    two, pot first); cup's at its class word only; the unconditional branch is untouched."""
     record, *_ = learned
     other = ConceptRecord(ConceptMeta("cup", "cones2", "mug", ""),
                           residual=np.full(WIDTH, 0.5, np.float32))
@@ -100,18 +129,23 @@ def test_residual_changes_only_the_conditional_class_word_position(learned, tiny
     assert torch.equal(plain.uncond, edited.uncond)
     diff = (edited.cond - plain.cond).abs().amax(dim=(0, 2))
     changed = torch.nonzero(diff).flatten().tolist()
-    assert changed == sorted(e.anchors("pot") + e.anchors("cup"))
-    for name, rec in (("pot", record), ("cup", other)):
-        p = e.anchors(name)[0]
-        torch.testing.assert_close(edited.cond[:, p] - plain.cond[:, p],
-                                   torch.from_numpy(rec.residual).expand(2, -1))
+    eos = len(e.token_ids) - 1
+    pot_end = list(range(eos, TOKENS, 2))
+    assert changed == sorted(e.anchors("pot") + e.anchors("cup") + pot_end)
+    rows = torch.from_numpy(record.residual)
+    expected = {e.anchors("pot")[0]: rows[0], e.anchors("cup")[0]: torch.full((WIDTH,), 0.5),
+                eos: rows[1], eos + 2: rows[2 + eos + 2], pot_end[-1]: rows[2 + pot_end[-1]]}
+    for p, vec in expected.items():
+        torch.testing.assert_close(edited.cond[:, p] - plain.cond[:, p], vec.expand(2, -1))
     METHOD.remove(handle)
 
 
-def test_apply_refuses_a_residual_of_another_width(tiny_pipe):
-    bad = ConceptRecord(ConceptMeta("big", "cones2", "dog", ""), residual=np.zeros(768, np.float32))
-    with pytest.raises(ModelMismatch, match="768.*64"):
-        METHOD.apply(tiny_pipe, [bad])
+def test_apply_refuses_a_residual_of_another_shape(tiny_pipe):
+    for shape, words in (((768,), "768.*width 64"), ((2 + TOKENS, 768), "79x768"),
+                         ((3, WIDTH), "3x64.*79 rows")):
+        bad = ConceptRecord(ConceptMeta("big", "cones2", "dog", ""), residual=np.zeros(shape, np.float32))
+        with pytest.raises(ModelMismatch, match=words):
+            METHOD.apply(tiny_pipe, [bad])
 
 
 def test_import_public_residual_shapes(tmp_path, tiny_pipe):
@@ -141,7 +175,7 @@ def test_import_public_residual_shapes(tmp_path, tiny_pipe):
 def test_handle_add_residuals_copies():
     handle = Cones2Handle({"a": torch.ones(3)})
     cond = torch.zeros(1, 5, 3)
-    out = handle.add_residuals(cond, {"a": [2], "b": [4]})
+    out = handle.add_residuals(cond, {"a": [2], "b": [4]}, {"a": [3, 4]}, 3)
     assert cond.abs().sum() == 0 and out[0, 2].tolist() == [1, 1, 1] and out.abs().sum() == 3
 
 

@@ -16,6 +16,19 @@ Generation (Eq. 6) adds the residual to the CONDITIONAL encoder output at that c
 word position only (see `Cones2Handle.add_residuals`); the weights are never changed, so
 `apply`/`remove` only carry the residuals.
 
+The end of the sequence (`tail`, on by default). On the toy-world fixture a look is read from the
+end of the sequence (EOS and the padding after it), not from the class word: with the paper's one
+vector the concept read the base model's rate (named look 0.010), and even a vector distilled from
+the named words' own prediction reached 0.375 (docs/tuning.md, "Token vectors per concept"). With
+`tail`, L_reg leaves the positions from EOS on free too, and the record keeps, beside the class
+word's vector, the mean shift at EOS and the mean shift of each padding position (by its absolute
+position, which the padding's output depends on: averaged from EOS instead it drew nothing).
+Generation adds them on the concept's share of the end of the sequence (`generate.prompt_tails`,
+the share CNS's scope and layout guidance use). docs/tuning.md, "Cones 2 on the end of the
+sequence", has the measurements. A record is then (2 + T, d): the class word's row, EOS's row,
+one row per position; a record of one row (d,), the paper's form and a public `residual.pt`,
+acts on the class word alone.
+
 What is trained: the encoder's transformer layers and final norm. The token and position
 embedding tables are left out: they are a third of SD's encoder, Adam would hold two more copies
 of them, and the output at the class word moves through the layers anyway.
@@ -45,12 +58,13 @@ SENTENCES_FILE = Path(__file__).with_name("cones2_sentences.txt")
 
 @dataclass
 class Cones2Params:
-    steps: int = 300
-    lr: float = 1e-4            # AdamW on the encoder copy (no weight decay)
+    steps: int = 900            # the paper's 3,000 at lr 1e-6 on SD 2.1; these two are the fixture's
+    lr: float = 1e-3            # AdamW on the encoder copy (no weight decay)
     lambda_reg: float = 1.0     # weight of the text-embedding-preservation loss
     reg_batch: int = 8          # preservation sentences per step
     variants: int = 4           # augmented variants per photo
     grad_clip: float = 1.0
+    tail: bool = True           # residuals at the end of the sequence too (EOS and padding)
 
     def validate(self) -> None:   # the shared bounds (lr, counts): common.options.LOWER_BOUNDS
         if self.steps < 1:
@@ -86,9 +100,10 @@ class SentenceSet:
     ids: torch.Tensor       # (S, T) padded token ids
     anchors: torch.Tensor   # (S,) the class word's last token (where the residual is measured)
     keep: torch.Tensor      # (S, T) bool: positions L_reg preserves (all but the class word)
+    eos: torch.Tensor       # (S,) each sentence's EOS position
 
 
-def sentence_set(pipe, class_word: str) -> SentenceSet:
+def sentence_set(pipe, class_word: str, tail: bool = False) -> SentenceSet:
     """Locate the class word with the prompt expander, so training and generation agree on
     positions by construction: each sentence is written as a Cones 2 reference."""
     meta = {"subject": ConceptMeta("subject", "cones2", class_word, "")}
@@ -102,7 +117,11 @@ def sentence_set(pipe, class_word: str) -> SentenceSet:
     keep = torch.ones(ids.shape, dtype=torch.bool)
     for row, positions in enumerate(classes):
         keep[row, positions] = False
-    return SentenceSet(ids, torch.tensor(anchors), keep.to(ids.device))
+    is_eos = (ids == int(pipe.tokenizer.eos_token_id)).cpu()
+    eos = is_eos.float().argmax(1)
+    if tail:   # the end of the sequence is the concept's too: not preserved
+        keep &= ~(is_eos.cumsum(1) > 0)
+    return SentenceSet(ids, torch.tensor(anchors), keep.to(ids.device), eos)
 
 
 # --- learning -------------------------------------------------------------------------------
@@ -137,11 +156,25 @@ def preservation_loss(tuned, frozen_out: torch.Tensor, ids: torch.Tensor,
     return (diff * weights).sum() / (weights.sum() * diff.shape[-1])
 
 
-def class_residual(tuned, frozen_out: torch.Tensor, sset: SentenceSet) -> torch.Tensor:
-    """Eq. 5: mean over the sentences of the output shift at the class word."""
-    tuned_out = _encode(tuned, sset.ids)
+def class_residual(tuned, frozen_out: torch.Tensor, sset: SentenceSet, tail: bool = False
+                   ) -> torch.Tensor:
+    """Eq. 5: mean over the sentences of the output shift at the class word, (d,). With `tail`
+    (2 + T, d): that row, the mean shift at EOS, and per position p the mean shift over the
+    sentences whose padding holds p (positions no sentence pads take the first padded one's)."""
+    shift = _encode(tuned, sset.ids) - frozen_out
     rows = torch.arange(len(sset.anchors))
-    return (tuned_out[rows, sset.anchors] - frozen_out[rows, sset.anchors]).mean(0)
+    word = shift[rows, sset.anchors.to(shift.device)].mean(0)
+    if not tail:
+        return word
+    eos = sset.eos.to(shift.device)
+    n_tokens = shift.shape[1]
+    padding = torch.arange(n_tokens, device=shift.device)[None] > eos[:, None]   # (S, T)
+    count = padding.sum(0)
+    by_position = (shift * padding[..., None]).sum(0) / count.clamp(min=1)[:, None]
+    first = int(torch.nonzero(count)[0]) if count.any() else n_tokens
+    if first < n_tokens:
+        by_position[:first] = by_position[first]
+    return torch.cat([word[None], shift[rows, eos].mean(0)[None], by_position])
 
 
 class Cones2Method(PerRequest):
@@ -155,7 +188,7 @@ class Cones2Method(PerRequest):
         prep = prepare(pipe, photos, spec, "", variants=hp.variants)
 
         tuned = copy.deepcopy(pipe.text_encoder).to(torch.float32).train(False)
-        sset = sentence_set(pipe, spec.class_word)
+        sset = sentence_set(pipe, spec.class_word, tail=hp.tail)
         # The frozen outputs from the fp32 copy before it trains, not from the live encoder: in
         # bf16/fp16 their rounding alone made a residual (norm 0.003 untrained on the toy model).
         with torch.no_grad():
@@ -189,19 +222,22 @@ class Cones2Method(PerRequest):
                                around=lambda: loop_context(pipe, spec.memory),
                                aside=contextlib.nullcontext)
         with torch.no_grad():
-            residual = class_residual(tuned, frozen_out, sset)
+            residual = class_residual(tuned, frozen_out, sset, tail=hp.tail)
         del tuned, opt
+        word = residual if residual.dim() == 1 else residual[0]
+        tail_metrics = {} if residual.dim() == 1 else {"tail_norm": float(residual[1:].norm(dim=1).mean())}
 
         meta = ConceptMeta(spec.name, "cones2", spec.class_word, "", hparams=as_dict(hp),
                            metrics={"loss_first": losses[0], "loss_last": losses[-1],
                                     "preservation_last": reg_values[-1],
-                                    "residual_norm": float(residual.norm()),
+                                    "residual_norm": float(word.norm()), **tail_metrics,
                                     "sentences": len(sset.ids)})
         return ConceptRecord(meta, residual=residual.cpu().numpy().astype(np.float32))
 
     def apply(self, pipe, records: list[ConceptRecord]) -> "Cones2Handle":
-        width = encoder_width(pipe)
-        return Cones2Handle({r.name: torch.from_numpy(residual_vector(r, width)) for r in records})
+        width, n_tokens = encoder_width(pipe), int(pipe.tokenizer.model_max_length)
+        return Cones2Handle({r.name: torch.from_numpy(residual_rows(r, width, n_tokens))
+                             for r in records})
 
     def remove(self, handle: "Cones2Handle") -> None:
         handle.residuals.clear()   # nothing in the pipeline was changed
@@ -209,26 +245,37 @@ class Cones2Method(PerRequest):
 
 @dataclass
 class Cones2Handle:
-    residuals: dict[str, torch.Tensor]   # concept name → (d,) float32
+    residuals: dict[str, torch.Tensor]   # concept name → (d,) or (2 + T, d) float32
 
-    def add_residuals(self, cond: torch.Tensor, anchors: dict[str, list[int]]) -> torch.Tensor:
+    def add_residuals(self, cond: torch.Tensor, anchors: dict[str, list[int]],
+                      tails: dict[str, list[int]] | None = None, eos: int | None = None
+                      ) -> torch.Tensor:
         """Eq. 6 on conditional embeddings (batch, tokens, d): a copy with each concept's
-        residual added at its anchor positions, nothing else changed."""
+        class-word residual added at its anchor positions and, for a record with end-of-sequence
+        rows, its EOS row at `eos` and its position rows at the rest of its share of the end
+        (`tails`); nothing else changed."""
         out = cond.clone()
-        for name, vec in self.residuals.items():
+        for name, res in self.residuals.items():
+            res = res.to(out.device, out.dtype)
+            word = res if res.dim() == 1 else res[0]
             for pos in anchors.get(name, ()):
-                out[:, pos] += vec.to(out.device, out.dtype)
+                out[:, pos] += word
+            if res.dim() == 2:
+                for pos in (tails or {}).get(name, ()):
+                    out[:, pos] += res[1] if pos == eos else res[2 + pos]
         return out
 
 
-def residual_vector(record: ConceptRecord, width: int) -> np.ndarray:
-    """The record's residual as a float32 vector, or ModelMismatch unless it is `width` long."""
-    vec = np.asarray(record.residual, dtype=np.float32).reshape(-1) if record.residual is not None else None
-    if vec is None or vec.shape != (width,):
-        got = "none" if vec is None else str(vec.shape[0])
-        raise ModelMismatch(f"Concept {record.name!r} has a residual of width {got}; this "
-                            f"model's text encoder has width {width}.")
-    return vec
+def residual_rows(record: ConceptRecord, width: int, n_tokens: int) -> np.ndarray:
+    """The record's residual as float32, (width,) or (2 + n_tokens, width) (with end-of-sequence
+    rows); ModelMismatch for any other shape."""
+    arr = np.asarray(record.residual, dtype=np.float32) if record.residual is not None else None
+    if arr is None or arr.shape not in ((width,), (2 + n_tokens, width)):
+        got = "none" if arr is None else "x".join(map(str, arr.shape))
+        raise ModelMismatch(f"Concept {record.name!r} has a residual of shape {got}; this model's "
+                            f"text encoder takes width {width} (one row, or {2 + n_tokens} rows "
+                            f"with the end of its {n_tokens}-token sequence).")
+    return arr
 
 
 def encoder_width(pipe) -> int:
