@@ -13,7 +13,8 @@ cooperative cancel, guidance step), and, whatever happens, take everything off a
 order: weights, token rows and attention processors are bit-identical afterwards.
 
 Determinism: image i of a request starts from noise drawn by a CPU generator seeded with
-seed + i, so on one machine an image does not depend on `n`. Another device or precision starts
+seed + i, so on one machine an image does not depend on `n` (but for the rounding of batched
+kernels: about 1e-6, which can tip a pixel by one grey level). Another device or precision starts
 from the same noise but computes in other rounding (bf16/fp16 on a GPU, batched kernels): the
 same composition, not the same pixels.
 """

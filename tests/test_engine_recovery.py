@@ -334,7 +334,7 @@ def test_a_hand_edited_concept_file_is_refused_at_import(engine):
     name = next(iter(kv_weights(engine.pipe.unet)))
     q = ConceptRecord(ConceptMeta("onq", "cones", "mug", rare_tokens(engine.pipe.tokenizer)[6]),
                       masks={name.replace("to_k", "to_q"): np.array([1, 2], np.int64)})
-    for record, said in ((narrow, f"residual of width {width - 3}"), (q, "no K/V tensor")):
+    for record, said in ((narrow, f"residual of shape {width - 3}"), (q, "no K/V tensor")):
         record.meta.fingerprint = engine.info.fingerprint
         with pytest.raises(BadInput, match=said):
             engine.import_record(record)

@@ -245,10 +245,14 @@ def test_generate_takes_negative_prompt_guidance_and_size(cones, daemon, tmp_pat
         return images(*extra, seed=seed)[0]
 
     plain = first_image()
-    # the seed is honoured, and image i of a batch is what its own seed (printed, seed + i) draws
-    assert not np.array_equal(plain, first_image(seed="4"))
+    # the seed is honoured, and image i of a batch is what its own seed (printed, seed + i) draws,
+    # up to the rounding of batched kernels (1e-6 in float: a grey level where it tips a pixel)
+    def same_but_rounding(a, b):
+        return np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+    assert not same_but_rounding(plain, first_image(seed="4"))
     batch = images("-n", "2")
-    assert np.array_equal(batch[0], plain) and np.array_equal(batch[1], first_image(seed="4"))
+    assert same_but_rounding(batch[0], plain) and same_but_rounding(batch[1], first_image(seed="4"))
     assert not np.array_equal(plain, first_image("--negative", "a blurry photo"))
     assert not np.array_equal(plain, first_image("--cfg", "9"))
     assert np.array_equal(plain, first_image())
