@@ -162,7 +162,7 @@ def class_residual(tuned, frozen_out: torch.Tensor, sset: SentenceSet, tail: boo
     (2 + T, d): that row, the mean shift at EOS, and per position p the mean shift over the
     sentences whose padding holds p (positions no sentence pads take the first padded one's)."""
     shift = _encode(tuned, sset.ids) - frozen_out
-    rows = torch.arange(len(sset.anchors))
+    rows = torch.arange(len(sset.anchors), device=shift.device)
     word = shift[rows, sset.anchors.to(shift.device)].mean(0)
     if not tail:
         return word
