@@ -77,14 +77,14 @@ class Importing:
         were stored as ok and failed every generate, saying to load another base model. The
         methods' own checks, before anything is stored."""
         from cns_daemon.methods.common.kv import check_positions
-        from cns_daemon.methods.cones2 import encoder_width, residual_rows
+        from cns_daemon.methods.cones2 import residual_rows
         from cns_daemon.model import kv_weights
 
         try:
             check_positions(kv_weights(self.pipe.unet), {**record.masks, **{
                 name: delta.indices for name, delta in record.deltas.items()}})
             if record.residual is not None:
-                residual_rows(record, encoder_width(self.pipe), int(self.pipe.tokenizer.model_max_length))
+                residual_rows(record, self.pipe)
         except ModelMismatch as exc:
             raise BadInput(f"This concept file does not fit the model it says it was learned on: "
                            f"{exc.message}", "Export it again with `cones export NAME -o FILE`.") from None

@@ -107,20 +107,20 @@ def sentence_set(pipe, class_word: str, tail: bool = False) -> SentenceSet:
     """Locate the class word with the prompt expander, so training and generation agree on
     positions by construction: each sentence is written as a Cones 2 reference."""
     meta = {"subject": ConceptMeta("subject", "cones2", class_word, "")}
-    texts, anchors, classes = [], [], []
+    texts, anchors, classes, ends = [], [], [], []
     for template in sentence_templates():
         e = expand(template.replace("{cls}", "<subject>"), meta, pipe.tokenizer)
         texts.append(e.text)
         anchors.append(e.anchors("subject")[0])
         classes.append(e.positions("subject"))
+        ends.append(len(e.token_ids) - 1)   # EOS, where generate.encode finds it
     ids = tokenize(pipe, texts)
     keep = torch.ones(ids.shape, dtype=torch.bool)
     for row, positions in enumerate(classes):
         keep[row, positions] = False
-    is_eos = (ids == int(pipe.tokenizer.eos_token_id)).cpu()
-    eos = is_eos.float().argmax(1)
+    eos = torch.tensor(ends)
     if tail:   # the end of the sequence is the concept's too: not preserved
-        keep &= ~(is_eos.cumsum(1) > 0)
+        keep &= torch.arange(ids.shape[1])[None] < eos[:, None]
     return SentenceSet(ids, torch.tensor(anchors), keep.to(ids.device), eos)
 
 
@@ -235,9 +235,7 @@ class Cones2Method(PerRequest):
         return ConceptRecord(meta, residual=residual.cpu().numpy().astype(np.float32))
 
     def apply(self, pipe, records: list[ConceptRecord]) -> "Cones2Handle":
-        width, n_tokens = encoder_width(pipe), int(pipe.tokenizer.model_max_length)
-        return Cones2Handle({r.name: torch.from_numpy(residual_rows(r, width, n_tokens))
-                             for r in records})
+        return Cones2Handle({r.name: torch.from_numpy(residual_rows(r, pipe)) for r in records})
 
     def remove(self, handle: "Cones2Handle") -> None:
         handle.residuals.clear()   # nothing in the pipeline was changed
@@ -266,9 +264,10 @@ class Cones2Handle:
         return out
 
 
-def residual_rows(record: ConceptRecord, width: int, n_tokens: int) -> np.ndarray:
+def residual_rows(record: ConceptRecord, pipe) -> np.ndarray:
     """The record's residual as float32, (width,) or (2 + n_tokens, width) (with end-of-sequence
-    rows); ModelMismatch for any other shape."""
+    rows) for this pipeline's encoder; ModelMismatch for any other shape."""
+    width, n_tokens = encoder_width(pipe), int(pipe.tokenizer.model_max_length)
     arr = np.asarray(record.residual, dtype=np.float32) if record.residual is not None else None
     if arr is None or arr.shape not in ((width,), (2 + n_tokens, width)):
         got = "none" if arr is None else "x".join(map(str, arr.shape))
