@@ -197,7 +197,7 @@ def print_table(result: dict) -> None:
     print(f"Generation ({cfg['gen_steps']} DDIM steps, best of {cfg['repeats']}): plain "
           f"{_f(s['plain_gen_s'], '.2f')} s, layout-guided {_f(s['guided_gen_s'], '.2f')} s, "
           f"ratio {_f(s['guidance_ratio'], '.3f')} (goal <= 1.15)")
-    print(f"Cones mask {_f(s['cones_mask_bytes'], ',')} B stored vs the paper's 1.43 MB; CNS delta "
+    print(f"Cones mask (values shut) {_f(s['cones_mask_bytes'], ',')} B stored vs the paper's 1.43 MB; CNS delta "
           f"{_f(s['cns_delta_bytes'], ',')} B; Cones 2 residual {_f(s['residual_bytes'], ',')} B "
           f"stored ({_f(s['residual_raw_bytes'], ',')} B raw; goal <= 4 KB); apply+remove "
           f"slowest of CNS/Cones/Cones 2 {_f(s['apply_remove_ms'], '.1f')} ms (goal < 50 ms)")

@@ -113,6 +113,8 @@ def _check_version(metadata: dict) -> None:
 # edited or damaged, and would draw something else than it says.
 PARTS = {"cns": ({"deltas", "embeddings"}, set()), "cones": ({"masks", "embeddings"}, {"masks"}),
          "cones2": ({"residual"}, {"residual"})}
+# A Cones concept whose neurons' values were trained (`values tuned`) holds them instead of a mask
+TUNED_CONES = ({"deltas", "embeddings"}, {"deltas"})
 
 
 def _check_parts(record: ConceptRecord) -> None:
@@ -120,6 +122,8 @@ def _check_parts(record: ConceptRecord) -> None:
                                        ("embeddings", record.embeddings),
                                        ("residual", record.residual is not None)) if present}
     allowed, needed = PARTS[record.meta.method]
+    if record.meta.method == "cones" and record.meta.hparams.get("values") == "tuned":
+        allowed, needed = TUNED_CONES
     if held - allowed or needed - held:
         raise ValueError(f"it holds {', '.join(sorted(held)) or 'nothing'}, not what a "
                          f"{record.meta.method} concept holds")

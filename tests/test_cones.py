@@ -1,6 +1,7 @@
 """Cones on the tiny model: A2 agrees with the explicit Algorithm 1, selection by τ or target
 sparsity, learning leaves the model untouched, shutting is exact and per request, union, joint
-fine-tune stays inside the union."""
+fine-tune stays inside the union; trained values start shut and act only where the concept is
+named (scope concept), or are written for the request (scope all)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,9 @@ from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import LearnSpec, cones, get_method
 from cns_daemon.methods import common as C
 from store import ConceptStore
-from helpers.methods import FAST, changed, photos, snapshot
+from helpers.methods import CONES, FAST, changed, photos, snapshot
+
+SHUT = {**FAST, "sparsity": 2.0, "values": "shut", "scope": "all"}   # the paper's binary form
 
 
 def synthetic_loss(pipe, seed=0):
@@ -62,7 +65,7 @@ def test_learn_apply_remove(fresh_tiny_pipe, tmp_path):
     before = snapshot(pipe)
     events = []
     a = method.learn(pipe, photos(tmp_path / "a"), LearnSpec(
-        "a", "star", steps=3, options={**FAST, "sparsity": 2.0}, cache_dir=tmp_path), events.append, None)
+        "a", "star", steps=3, options=SHUT, cache_dir=tmp_path), events.append, None)
     assert changed(pipe, before) == []                   # learning leaves the model as it was
     assert a.meta.token and not a.embeddings and not a.deltas
     total = C.kv_total(pipe.unet)
@@ -70,7 +73,7 @@ def test_learn_apply_remove(fresh_tiny_pipe, tmp_path):
     assert a.meta.hparams["fraction_kv"] == C.count(a.masks) / total
     assert [e.step for e in events if e.phase == "train"] == [0, 1, 2, 3]
     b = method.learn(pipe, photos(tmp_path / "b", (30, 30, 200)), LearnSpec(
-        "b", "star", steps=2, seed=1, options={**FAST, "sparsity": 2.0}, cache_dir=tmp_path),
+        "b", "star", steps=2, seed=1, options=SHUT, cache_dir=tmp_path),
         None, None, previous=[a])
     assert b.meta.token != a.meta.token
     union = C.union_indices([a.masks, b.masks])
@@ -94,6 +97,78 @@ def test_learn_apply_remove(fresh_tiny_pipe, tmp_path):
                                    steps=2, cache_dir=tmp_path)
     assert changed(pipe, before) == []
     assert refined and all(np.isin(idx, union[n]).all() for n, idx in refined.items())
+
+
+def _kv_out(pipe, scope, tname, ids):
+    """What one K/V projection gives for a fixed input, inside the scope's prompt for `ids`."""
+    module = scope.modules[tname]
+    x = torch.randn(1, ids.shape[1], module.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), scope.prompt(ids):
+        return module(x), x
+
+
+def test_tuned_values_start_shut_and_act_only_where_named(fresh_tiny_pipe, tmp_path):
+    pipe, method = fresh_tiny_pipe, get_method("cones")
+    before = snapshot(pipe)
+    events = []
+    rec = method.learn(pipe, photos(tmp_path / "a"), LearnSpec(
+        "a", "star", steps=2, options={**CONES, "tune_steps": 3, "lr": 1e-2}, cache_dir=tmp_path),
+        events.append, None)
+    assert changed(pipe, before) == []
+    assert not rec.masks and rec.deltas and rec.meta.hparams["scope"] == "concept"
+    total = C.kv_total(pipe.unet)
+    assert C.count(cones.neurons(rec)) == pytest.approx(0.02 * total, abs=2)
+    assert [e.step for e in events if e.phase == "tune"] == [0, 1, 2, 3]
+    values = np.concatenate([d.values for d in rec.deltas.values()])
+    assert values.dtype == np.float16
+    # three Adam steps of lr 1e-2 from 0: each value moved, none by more than about 3e-2
+    assert np.count_nonzero(values) > 0.9 * len(values)
+    assert np.abs(values.astype(np.float32)).max() <= 3 * 1e-2 * 1.01
+
+    handle = method.apply(pipe, [rec])
+    assert changed(pipe, before) == []                  # nothing written: it lives in the scope
+    scope = C.token_scope(pipe.unet)
+    assert "a" in scope.names()
+    tname, delta = next(iter(rec.deltas.items()))
+    tok = pipe.tokenizer
+    named = C.tokenize(pipe, [f"a photo of {rec.meta.token} star"])
+    plain = C.tokenize(pipe, ["a photo of a star"])
+    weight = C.kv_weights(pipe.unet)[tname]
+    target = weight.detach().clone().view(-1)
+    target[torch.as_tensor(delta.indices)] = torch.as_tensor(delta.values.astype(np.float32))
+    out, x = _kv_out(pipe, scope, tname, named)
+    rows = C.anchor(tok, rec.meta.token, "star").rows(named)[0]
+    assert rows.sum() > 2 and not rows.all()
+    want_in = torch.nn.functional.linear(x, target.view_as(weight))
+    want_out = torch.nn.functional.linear(x, weight.detach())
+    assert torch.allclose(out[0, rows], want_in[0, rows], atol=1e-5)
+    assert torch.equal(out[0, ~rows], want_out[0, ~rows])
+    out, x = _kv_out(pipe, scope, tname, plain)          # a prompt without the token: untouched
+    assert torch.equal(out, torch.nn.functional.linear(x, weight.detach()))
+    method.remove(handle)
+    assert "a" not in scope.names() and changed(pipe, before) == []
+
+
+def test_written_values_merge_later_wins_and_undo_exactly(fresh_tiny_pipe, tmp_path):
+    pipe, method = fresh_tiny_pipe, get_method("cones")
+    before = snapshot(pipe)
+    tname, weight = next(iter(C.kv_weights(pipe.unet).items()))
+    shape = tuple(weight.shape)
+    from store.records import ConceptMeta, ConceptRecord, SparseDelta
+
+    def tuned(name, token, idx, value):
+        return ConceptRecord(ConceptMeta(name, "cones", "star", token,
+                                         hparams={"values": "tuned", "scope": "all"}),
+                             deltas={tname: SparseDelta(np.array(idx, np.int64),
+                                                        np.full(len(idx), value, np.float16), shape)})
+    shut = ConceptRecord(ConceptMeta("s", "cones", "star", "qqq"), masks={tname: np.array([4, 5], np.int64)})
+    handle = method.apply(pipe, [tuned("p", "pbc", [1, 2, 4], 0.5), shut, tuned("q", "xqz", [2, 3], -0.25)])
+    flat_now = weight.detach().view(-1)
+    assert flat_now[:6].tolist()[1:] == [0.5, -0.25, -0.25, 0.0, 0.0]
+    assert flat_now[0] == before[f"unet.{tname}"].view(-1)[0]
+    assert torch.equal(flat_now[6:], before[f"unet.{tname}"].view(-1)[6:])
+    method.remove(handle)
+    assert changed(pipe, before) == []
 
 
 def test_cones_on_top_of_cns_restores_cns_values(fresh_tiny_pipe):

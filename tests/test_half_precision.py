@@ -12,7 +12,7 @@ from cns_daemon.model import build_tiny_pipeline
 from helpers.methods import FAST, photos
 
 LEARNS = (("cns", {**FAST, "background": "base"}), ("cns", {**FAST, "scope": "all"}),
-          ("cones", FAST), ("cones2", {"variants": 2}))
+          ("cones", {**FAST, "tune_steps": 2}), ("cones2", {"variants": 2}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

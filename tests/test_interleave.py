@@ -18,7 +18,7 @@ from cns_daemon.model import kv_weights
 from helpers.service import cli_in_process, running_daemon, wait_until, write_photos
 
 FAST = {"cns": {"prior_images": 2, "prior_steps": 2, "prior_batch": 1, "variants": 2},
-        "cones": {"prior_images": 2, "prior_steps": 2, "prior_batch": 1, "variants": 2},
+        "cones": {"prior_images": 2, "prior_steps": 2, "prior_batch": 1, "variants": 2, "tune_steps": 6},
         "cones2": {"variants": 2, "reg_batch": 2}}
 PROMPT = "a photo of a dog on the grass"
 
@@ -53,8 +53,11 @@ def record_arrays(record) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("method_name", ["cns", "cones", "cones2"])
-def test_generate_between_steps_sees_the_model_without_the_concept(fresh_tiny_pipe, tmp_path, method_name):
+@pytest.mark.parametrize("method_name, phase", [("cns", "train"), ("cones", "train"),
+                                                ("cones", "tune"), ("cones2", "train")])
+def test_generate_between_steps_sees_the_model_without_the_concept(fresh_tiny_pipe, tmp_path,
+                                                                   method_name, phase):
+    """Cones pauses in A2's walk (train) and while its neurons' values are trained (tune)."""
     pipe = fresh_tiny_pipe
     method = get_method(method_name)
     photos = write_photos(tmp_path / "photos", 2)
@@ -75,7 +78,7 @@ def test_generate_between_steps_sees_the_model_without_the_concept(fresh_tiny_pi
         seen["image"] = generate(pipe, PROMPT, {}, n=1, seed=5, steps=3, output_type="np")[0]
 
     def progress(ev):
-        if ev.phase == "train":
+        if ev.phase == phase:
             seen.setdefault("steps", []).append(ev.step)
             if ev.step == 3:   # a generate arrives while step 3 runs
                 token.request_pause()

@@ -95,16 +95,17 @@ def _parking_spy(monkeypatch):
 
 
 @pytest.mark.parametrize("method, expected", [("cns", ["AutoencoderKL"]),
-                                              ("cones", ["AutoencoderKL", "CLIPTextModel"]),
+                                              # Cones: A2's walk, then training the values
+                                              ("cones", ["AutoencoderKL", "CLIPTextModel"] * 2),
                                               ("cones2", ["AutoencoderKL"])])
 def test_methods_loops_run_with_vae_and_unneeded_encoder_offloaded(method, expected, fresh_tiny_pipe,
                                                                    tmp_path, monkeypatch):
     from cns_daemon.methods import LearnSpec, cns, get_method
-    from helpers.methods import FAST, fixed_selection, photos
+    from helpers.methods import CONES, FAST, fixed_selection, photos
 
     monkeypatch.setattr(cns, "choose_neurons", fixed_selection(0.02, 0))
     parked = _parking_spy(monkeypatch)
-    options = {"cns": FAST, "cones": {**FAST, "sparsity": 2.0}, "cones2": {"reg_batch": 4}}[method]
+    options = {"cns": FAST, "cones": CONES, "cones2": {"reg_batch": 4}}[method]
     spec = LearnSpec("x", "star", steps=2, options=options, cache_dir=tmp_path,
                      memory=MemoryOptions(offload=True))
     record = get_method(method).learn(fresh_tiny_pipe, photos(tmp_path / "p"), spec, None, None)
@@ -117,11 +118,11 @@ def test_methods_loops_run_with_vae_and_unneeded_encoder_offloaded(method, expec
 
 def test_no_memory_options_leave_the_loop_alone(fresh_tiny_pipe, tmp_path, monkeypatch):
     from cns_daemon.methods import LearnSpec, get_method
-    from helpers.methods import FAST, photos
+    from helpers.methods import CONES, photos
 
     parked = _parking_spy(monkeypatch)
     get_method("cones").learn(fresh_tiny_pipe, photos(tmp_path / "p"),
-                              LearnSpec("x", "star", steps=1, options={**FAST, "sparsity": 2.0},
+                              LearnSpec("x", "star", steps=1, options=CONES,
                                         cache_dir=tmp_path), None, None)
     assert parked == []
 

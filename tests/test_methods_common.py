@@ -350,8 +350,8 @@ def test_cns_and_cones_key_their_class_images_by_the_weights_that_drew_them(tiny
         spec = LearnSpec("x", "star", steps=1, cache_dir=tmp_path)
         cns.prepare(tiny_pipe, photos, spec, cns.CNSParams(prior_images=1, variants=1, scope="all"),
                     None, None)
-        cones.implanting_loss(tiny_pipe, photos, "tok", spec, cones.ConesParams(prior_images=1, variants=1),
-                              progress=None, cancel=None)
+        cones.prepare(tiny_pipe, photos, "tok", spec, cones.ConesParams(prior_images=1, variants=1),
+                      progress=None, cancel=None)
     finally:
         with torch.no_grad():   # put the value back exactly (x + 1 - 1 need not be x)
             w.view(-1)[0] = original

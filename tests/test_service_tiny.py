@@ -163,7 +163,7 @@ def _pixels(cones, tmp_path, prompt: str) -> bytes:
 def test_a_cones_concept_imported_where_its_word_is_taken_draws_the_same(cones, daemon, tmp_path):
     photos = write_photos(tmp_path / "ring", 3, seed=81)
     code, out = cones("add", "cring", *map(str, photos), "--class", "ring", "--method", "cones",
-                      "--steps", "2", "--option", "prior_images=0")
+                      "--steps", "2", "--option", "prior_images=0", "--option", "tune_steps=2")
     assert code == 0, out
     before = _pixels(cones, tmp_path, "a photo of <cring>")
     exported = tmp_path / "cring.safetensors"

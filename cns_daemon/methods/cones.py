@@ -10,17 +10,31 @@ neurons are M_p > τ. τ can be given directly or as a target sparsity (the top 
 K/V weights by M_p, among those with M_p > 0). `algorithm1_scores` is the explicit Algorithm 1
 accumulation, kept for the test that A2 agrees with it.
 
-The record is the index set per tensor. Generating with the concept sets those weights to 0 for
-that request only ("shutting"); several Cones concepts shut the union of their sets.
+What the neurons then hold (`values`). The paper optimises the concept-implanting loss on the
+concept neurons at four precisions (float32, float16, quaternary, binary; Fig. 3) and finds them
+alike; binary, shutting the neurons without training, is its default. On the toy world shutting
+draws no look at any sparsity, step count or ρ (docs/tuning.md "Cones swept on fixture run 6"),
+so `tuned`, the default here, trains the neurons' values on the photos' loss, starting from shut
+(0: binary is where it starts), and stores them as float16 (the paper's float16 setting);
+`shut` is the paper's binary form, stored as integer indices alone.
+
+Where they act (`scope`). `concept`, the default: only on prompts that name the concept, on its
+words and its share of the sequence's end, as CNS's values (common/scope.py says why); the
+unconditional half of guidance and every other prompt see the model without it. `all`, the
+paper's: written into the weights for the whole request. Measured in docs/tuning.md ("Cones
+learns a look: trained values, scoped").
+
+The record is the index set per tensor (shut) or the values per tensor (tuned). Generating with
+the concept puts them in for that request only; several Cones concepts put in all of theirs.
 `joint_finetune` repeats A2 on the summed losses of several subjects, limited to the union of
-their sets (paper §3.3), and returns the refined union to shut instead.
+their sets (paper §3.3), and returns the refined union.
 
 The token is a rare existing token, never trained: Cones changes no embedding.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -30,9 +44,11 @@ import torch
 from cns_daemon.memory import loop_context
 from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import common as C
+from cns_daemon.methods.common.kv import check_positions
+from cns_daemon.methods.common.scope import TokenScope
 from cns_daemon.methods.base import CancelToken, LearnSpec, PerRequest, ProgressFn, ProgressReporter
 from cns_daemon.model import fingerprint
-from store.records import ConceptMeta, ConceptRecord
+from store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 LossFn = Callable[[int], torch.Tensor]
 
@@ -41,7 +57,7 @@ LossFn = Callable[[int], torch.Tensor]
 class ConesParams:
     steps: int = 30               # K
     rho: float = 1e-2             # ρ, step size on ξ (plain gradient descent)
-    sparsity: float = 1.3         # % of all K/V weights kept (picks τ); 0: use `tau`
+    sparsity: float = 10.0        # % of all K/V weights kept (picks τ); 0: use `tau`
     tau: float = 0.0              # threshold on M_p when sparsity is 0
     lambda_prior: float = 1.0
     prior_images: int = 8
@@ -49,12 +65,20 @@ class ConesParams:
     prior_steps: int = 20
     variants: int = 4
     token: str = ""
+    values: str = "tuned"         # tuned: trained from 0 on the photos' loss | shut: 0 (binary)
+    tune_steps: int = 900         # tuned: Adam steps on the neurons' values
+    lr: float = 3e-3              # tuned: Adam's learning rate
+    scope: str = "concept"        # concept: where the concept is named | all: the whole request
 
-    def validate(self) -> None:   # shared bounds (rho, counts): common.options.LOWER_BOUNDS
+    def validate(self) -> None:   # shared bounds (rho, lr, counts): common.options.LOWER_BOUNDS
         if self.steps < 1:
             raise BadInput("steps must be ≥ 1.")
         if not 0 <= self.sparsity <= 100:
             raise BadInput("sparsity is a percentage in [0, 100].")
+        if self.values not in ("tuned", "shut"):
+            raise BadInput("values must be `tuned` or `shut`.")
+        if self.scope not in ("concept", "all"):
+            raise BadInput("scope must be `concept` or `all`.")
 
 
 # -- the two score computations ------------------------------------------------------------------
@@ -187,19 +211,109 @@ def select_neurons(scores: dict[str, torch.Tensor], *, sparsity: float = 0.0,
 
 # -- the method -----------------------------------------------------------------------------------
 
-def implanting_loss(pipe, photos: list[Path], token: str, spec: LearnSpec, hp: ConesParams, *,
-                    progress: ProgressFn | None, cancel: CancelToken | None):
-    """The concept-implanting loss (photos + λ · prior) as a per-step closure.
-    The class images are drawn by the live weights (CNS concepts included), keyed by their
-    digest (at bf16 precision: an fp32 and a bf16 load share them, near enough for a prior)."""
+def prepare(pipe, photos: list[Path], token: str, spec: LearnSpec, hp: ConesParams, *,
+            progress: ProgressFn | None, cancel: CancelToken | None) -> C.Prepared:
+    """Photos and class images. The class images are drawn by the live weights (CNS concepts
+    included), keyed by their digest (at bf16 precision: an fp32 and a bf16 load share them,
+    near enough for a prior)."""
     wanted = hp.lambda_prior > 0 and hp.prior_images > 0   # only then hash the live weights
     prior = C.Prior(hp.prior_images, hp.prior_steps, drawn_by=fingerprint(pipe)) if wanted else None
-    prep = C.prepare(pipe, photos, spec, token, variants=hp.variants, prior=prior,
+    return C.prepare(pipe, photos, spec, token, variants=hp.variants, prior=prior,
                      progress=progress, cancel=cancel)
-    loss = C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
-                         prior_prompt=C.prior_prompt(spec.class_word), lambda_prior=hp.lambda_prior,
-                         prior_batch=hp.prior_batch, seed=spec.seed)
-    return loss
+
+
+def implanting_loss(pipe, prep: C.Prepared, spec: LearnSpec, hp: ConesParams, *,
+                    lambda_prior: float | None = None, unet_context=None) -> C.ConceptLoss:
+    """The concept-implanting loss (photos + λ · prior) as a per-step closure."""
+    return C.ConceptLoss(pipe, prep.latents, prep.photos.captions, prior_latents=prep.prior,
+                         prior_prompt=C.prior_prompt(spec.class_word),
+                         lambda_prior=hp.lambda_prior if lambda_prior is None else lambda_prior,
+                         prior_batch=hp.prior_batch, seed=spec.seed, unet_context=unet_context)
+
+
+def tune_values(pipe, prep: C.Prepared, spec: LearnSpec, hp: ConesParams,
+                masks: dict[str, np.ndarray], progress: ProgressFn | None = None,
+                cancel: CancelToken | None = None) -> dict[str, np.ndarray]:
+    """The concept neurons' values trained on the implanting loss from shut (0), as float16 per
+    tensor (what the record stores). Scoped (`scope concept`), the values reach only the rows
+    naming the token, so class prompts see the model as it is and the prior term has nothing to
+    hold: it is left out. The live weights are back as they were on return, or on any error."""
+    params = {n: C.kv_weights(pipe.unet)[n] for n in masks}
+    idx = {n: torch.as_tensor(i).to(params[n].device) for n, i in masks.items()}
+    before = {n: params[n].detach().view(-1)[i].clone() for n, i in idx.items()}
+    vals = {n: torch.nn.Parameter(torch.zeros(len(i), device=params[n].device)) for n, i in idx.items()}
+    opt = torch.optim.Adam(list(vals.values()), lr=hp.lr)
+    scale = C.LossScale(pipe.unet.dtype, pipe.unet.device)   # float16 UNets: see LossScale
+    scoped, around = contextlib.nullcontext(), None
+    if hp.scope == "concept":
+        scope = C.token_scope(pipe.unet)
+        scoped = scope.training(C.anchor(pipe.tokenizer, prep.token, spec.class_word),
+                                {n: p.detach().clone() for n, p in params.items()})
+        around = lambda prompts: scope.prompt(C.tokenize(pipe, prompts))  # noqa: E731
+    loss = implanting_loss(pipe, prep, spec, hp, unet_context=around,
+                           lambda_prior=0.0 if hp.scope == "concept" else None)
+
+    def write(source: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, i in idx.items():
+                params[n].data.view(-1)[i] = source[n].detach().to(params[n].dtype)
+
+    def step(k: int) -> float:
+        opt.zero_grad(set_to_none=True)
+        for p in params.values():
+            p.grad = None
+        value = loss(k)
+        scale.backward(value)
+        for n, i in idx.items():   # the gradient reaches the whole weight: keep the neurons'
+            vals[n].grad = params[n].grad.view(-1)[i].float()
+        scale.step(opt)
+        write(vals)
+        return float(value.detach())
+
+    @contextlib.contextmanager
+    def aside():
+        """Between two steps (a generate job): the live model as it was, then the values again."""
+        write(before)
+        try:
+            yield
+        finally:
+            write(vals)
+
+    try:
+        with C.only_trainable(C.pipeline_modules(pipe), params.values()), scoped:
+            write(vals)
+            # The loss encodes its captions up front, so the loop needs no text encoder.
+            C.run_steps(hp.tune_steps, step, progress, cancel, "tune", aside=aside,
+                        around=lambda: loop_context(pipe, spec.memory, text_encoder_needed=False))
+    finally:
+        write(before)
+    return {n: v.detach().cpu().numpy().astype(np.float16) for n, v in vals.items()}
+
+
+def neurons(record: ConceptRecord) -> dict[str, np.ndarray]:
+    """A Cones concept's neurons: its mask (shut) or its values' positions (tuned)."""
+    return record.masks or {n: d.indices for n, d in record.deltas.items()}
+
+
+def targets(record: ConceptRecord) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """What each of its neurons holds while it is applied: 0 (shut) or its trained value."""
+    if record.masks:
+        return {n: (idx, np.zeros(len(idx), np.float32)) for n, idx in record.masks.items()}
+    return {n: (d.indices, d.values.astype(np.float32)) for n, d in record.deltas.items()}
+
+
+def scope_of(record: ConceptRecord) -> str:
+    """`concept` or `all` (records from before the option: written, as the paper's)."""
+    return str(record.meta.hparams.get("scope", "all"))
+
+
+@dataclass
+class ConesHandle:
+    """What `apply` changed: values written into the weights, token rows, scoped concepts."""
+    values: C.SavedValues
+    rows: C.SavedRows | None = None
+    scope: TokenScope | None = None
+    scoped: list[str] = field(default_factory=list)
 
 
 class ConesMethod(PerRequest):
@@ -214,48 +328,92 @@ class ConesMethod(PerRequest):
         # `previous` is every concept in use (the engine passes every stored one): its tokens are taken.
         token = C.concept_token(pipe.tokenizer, previous or [], hp.token)
         ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
-        loss = implanting_loss(pipe, photos, token, spec, hp, progress=progress, cancel=cancel)
-        scores = a2_scores(pipe, loss, hp.steps, hp.rho, progress=progress, cancel=cancel,
-                           memory=spec.memory)
+        prep = prepare(pipe, photos, token, spec, hp, progress=progress, cancel=cancel)
+        scores = a2_scores(pipe, implanting_loss(pipe, prep, spec, hp), hp.steps, hp.rho,
+                           progress=progress, cancel=cancel, memory=spec.memory)
         masks, tau = select_neurons(scores, sparsity=hp.sparsity, tau=hp.tau)
         if not masks:
             raise BadInput("No concept neurons were found for these photos.",
                            "Raise `sparsity`, lower `tau`, or give more steps.")
         n = C.count(masks)
+        deltas = {}
+        if hp.values == "tuned":
+            kv = C.kv_weights(pipe.unet)
+            tuned = tune_values(pipe, prep, spec, hp, masks, progress, cancel)
+            deltas = {name: SparseDelta(idx, tuned[name], tuple(kv[name].shape))
+                      for name, idx in masks.items()}
+            masks = {}
         meta = ConceptMeta(
             spec.name, "cones", spec.class_word, token,
             hparams={**C.as_dict(hp), "token": token, "seed": spec.seed, "tau_used": tau,
                      "neurons": n, "fraction_kv": n / C.kv_total(pipe.unet)})
         # The store computes the overlap with earlier concepts when it keeps the record, and
         # the engine sets which archived photos it came from.
-        return ConceptRecord(meta, masks=masks)
+        return ConceptRecord(meta, masks=masks, deltas=deltas)
 
-    def apply(self, pipe, records: list[ConceptRecord]) -> tuple[C.SavedValues, C.SavedRows]:
-        """Shut the concepts' neurons. A concept imported where its rare word was taken carries
-        its old word's row under its new word (`Engine.import_record`): written too."""
+    def apply(self, pipe, records: list[ConceptRecord]) -> ConesHandle:
+        """Put the concepts' neurons in: scoped ones into the UNet's token scope, the others
+        written (a neuron two written concepts share holds the later one's value). A concept
+        imported where its rare word was taken carries its old word's row under its new word
+        (`Engine.import_record`): written too."""
         for rec in records:
             if rec.meta.method != "cones":
                 raise BadInput(f"{rec.name} is a {rec.meta.method} concept, not a Cones one.")
         rows = {}
         for rec in records:
             rows.update(C.embedding_rows(pipe.text_encoder, pipe.tokenizer, rec.embeddings))
-        values = apply_masks(pipe, C.union_indices([r.masks for r in records]))
+        kv = C.kv_weights(pipe.unet)
+        written = [targets(r) for r in records if scope_of(r) == "all"]
+        handle = ConesHandle(C.write_values(kv, merge_targets(written)))
         try:
-            return values, C.write_rows(pipe.text_encoder, rows)
+            scoped = [r for r in records if scope_of(r) == "concept"]
+            if scoped:
+                handle.scope = C.token_scope(pipe.unet)
+                for rec in scoped:
+                    check_positions(kv, neurons(rec))
+                    handle.scope.add(rec.name, C.anchor(pipe.tokenizer, rec.meta.token, rec.meta.class_word),
+                                     scope_differences(kv, targets(rec)))
+                    handle.scoped.append(rec.name)
+            handle.rows = C.write_rows(pipe.text_encoder, rows)
         except BaseException:
-            C.restore_values(values)
+            self.remove(handle)
             raise
+        return handle
 
-    def remove(self, handle: tuple[C.SavedValues, C.SavedRows]) -> None:
-        values, rows = handle
-        C.restore_values(values)
-        values.old.clear()
-        C.restore_rows(rows)
+    def remove(self, handle: ConesHandle) -> None:
+        for name in handle.scoped:
+            handle.scope.remove(name)
+        handle.scoped = []
+        C.restore_values(handle.values)
+        handle.values.old.clear()
+        if handle.rows is not None:
+            C.restore_rows(handle.rows)
 
 
-def apply_masks(pipe, masks: dict[str, np.ndarray]) -> C.SavedValues:
-    """Shut (zero) the given neurons; `ConesMethod.remove` / `restore_values` undoes it."""
-    return C.write_values(C.kv_weights(pipe.unet), {n: (idx, 0.0) for n, idx in masks.items()})
+def merge_targets(parts: list[dict[str, tuple[np.ndarray, np.ndarray]]]
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Several concepts' targets as one write per tensor; at a shared position the later wins."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for part in parts:
+        for name, (idx, vals) in part.items():
+            if name in out:
+                idx = np.concatenate([out[name][0], idx])
+                vals = np.concatenate([out[name][1], vals])
+            last = len(idx) - 1 - np.unique(idx[::-1], return_index=True)[1]
+            out[name] = (idx[last], vals[last])
+    return out
+
+
+def scope_differences(kv: dict[str, torch.nn.Parameter],
+                      target: dict[str, tuple[np.ndarray, np.ndarray]]
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The scope adds differences to the live weights: target − what the weights hold now."""
+    out = {}
+    for name, (idx, vals) in target.items():
+        pos = torch.as_tensor(idx)
+        live = kv[name].detach().view(-1)[pos.to(kv[name].device)].float().cpu()
+        out[name] = (pos, torch.as_tensor(vals) - live)
+    return out
 
 
 def joint_finetune(pipe, items: list[tuple[ConceptRecord, list[Path]]], *, steps: int = 10,
@@ -273,9 +431,9 @@ def joint_finetune(pipe, items: list[tuple[ConceptRecord, list[Path]]], *, steps
         hp = C.parse_options(ConesParams, {k: v for k, v in rec.meta.hparams.items()
                                            if k in ConesParams.__dataclass_fields__})
         spec = LearnSpec(rec.name, rec.meta.class_word, seed=seed, cache_dir=cache_dir)
-        loss = implanting_loss(pipe, photos, rec.meta.token, spec, hp, progress=progress, cancel=cancel)
-        losses.append(loss)
-    union = C.union_indices([rec.masks for rec, _ in items])
+        prep = prepare(pipe, photos, rec.meta.token, spec, hp, progress=progress, cancel=cancel)
+        losses.append(implanting_loss(pipe, prep, spec, hp))
+    union = C.union_indices([neurons(rec) for rec, _ in items])
     scores = a2_scores(pipe, lambda k: sum(l(k) for l in losses), steps,
                        rho if rho is not None else hp.rho, restrict=union,
                        progress=progress, cancel=cancel)

@@ -13,7 +13,8 @@ from cns_daemon.methods import common as C
 from store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 FAST = {"prior_images": 2, "prior_steps": 2, "prior_batch": 1, "variants": 2}
-MOVEMENT = {**FAST, "selection": "movement", "probe_steps": 3}   # CNS only (Cones shares FAST)
+MOVEMENT = {**FAST, "selection": "movement", "probe_steps": 3}   # CNS only
+CONES = {**FAST, "sparsity": 2.0, "tune_steps": 2}   # Cones: 2 % of K/V, two steps on their values
 
 
 def photos(folder: Path, color=(200, 30, 30), n=3) -> list[Path]:

@@ -22,7 +22,7 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "lambda_prior": (0, True), "lambda_prev": (0, True), "lambda_base": (0, True),
     "lambda_reg": (0, True), "tau": (0, True),
     "prior_images": (0, True), "prior_batch": (1, True), "prior_steps": (2, True),
-    "variants": (1, True), "probe_steps": (1, True), "reg_batch": (1, True), "vectors": (1, True),
+    "variants": (1, True), "probe_steps": (1, True), "tune_steps": (1, True), "reg_batch": (1, True), "vectors": (1, True),
 }
 
 
