@@ -238,7 +238,8 @@ def tune_values(pipe, prep: C.Prepared, spec: LearnSpec, hp: ConesParams,
     tensor (what the record stores). Scoped (`scope concept`), the values reach only the rows
     naming the token, so class prompts see the model as it is and the prior term has nothing to
     hold: it is left out. The live weights are back as they were on return, or on any error."""
-    params = {n: C.kv_weights(pipe.unet)[n] for n in masks}
+    kv = C.kv_weights(pipe.unet)
+    params = {n: kv[n] for n in masks}
     idx = {n: torch.as_tensor(i).to(params[n].device) for n, i in masks.items()}
     before = {n: params[n].detach().view(-1)[i].clone() for n, i in idx.items()}
     vals = {n: torch.nn.Parameter(torch.zeros(len(i), device=params[n].device)) for n, i in idx.items()}
