@@ -195,6 +195,35 @@ def test_write_values_restore_bit_identical(tiny_pipe):
     assert C.union_indices([{name: idx}, {name: np.array([5, 99])}])[name].tolist() == [0, 5, 17, 99]
 
 
+def test_trainable_values_train_only_their_positions_and_restore(tiny_pipe):
+    """CNS and Cones train selected K/V values through this: the weight's gradient reaches
+    only the selected values, writes touch only their positions, restore is exact."""
+    params = C.kv_weights(tiny_pipe.unet)
+    name = sorted(params)[0]
+    weight = params[name]
+    before = weight.detach().clone()
+    idx = np.array([3, 8, 40], np.int64)
+    t = C.TrainableValues.at(weight, idx, start=torch.zeros(3))
+    assert torch.equal(t.prev, before.reshape(-1)[idx].float())
+    with torch.no_grad():
+        t.values += torch.tensor([1.0, 2.0, 3.0])
+    t.write()
+    flat = weight.detach().reshape(-1)
+    assert flat[idx].tolist() == [1.0, 2.0, 3.0]
+    assert torch.count_nonzero((weight.detach() != before).reshape(-1)) == 3
+    weight.grad = torch.arange(weight.numel(), dtype=weight.dtype).reshape(weight.shape)
+    t.take_grad()
+    t.take_grad()   # accumulates, as a second loss term's gradient would
+    assert t.values.grad.tolist() == [6.0, 16.0, 80.0]
+    t.restore()
+    weight.grad = None
+    assert torch.equal(weight.detach(), before)
+    # A token scope reaches the targets from the live weights by these differences.
+    diff = C.differences(params, {name: (idx, np.array([1.0, 2.0, 3.0], np.float32))})
+    assert torch.allclose(diff[name][1] + before.reshape(-1)[idx], torch.tensor([1.0, 2.0, 3.0]))
+    assert diff[name][0].tolist() == idx.tolist()
+
+
 # -- options --------------------------------------------------------------------------------
 
 def test_options_typed_and_unknown_keys_rejected():

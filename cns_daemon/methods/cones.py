@@ -239,56 +239,53 @@ def tune_values(pipe, prep: C.Prepared, spec: LearnSpec, hp: ConesParams,
     naming the token, so class prompts see the model as it is and the prior term has nothing to
     hold: it is left out. The live weights are back as they were on return, or on any error."""
     kv = C.kv_weights(pipe.unet)
-    params = {n: kv[n] for n in masks}
-    idx = {n: torch.as_tensor(i).to(params[n].device) for n, i in masks.items()}
-    before = {n: params[n].detach().view(-1)[i].clone() for n, i in idx.items()}
-    vals = {n: torch.nn.Parameter(torch.zeros(len(i), device=params[n].device)) for n, i in idx.items()}
-    opt = torch.optim.Adam(list(vals.values()), lr=hp.lr)
+    trainees = {n: C.TrainableValues.at(kv[n], i, start=torch.zeros(len(i))) for n, i in masks.items()}
+    opt = torch.optim.Adam([t.values for t in trainees.values()], lr=hp.lr)
     scale = C.LossScale(pipe.unet.dtype, pipe.unet.device)   # float16 UNets: see LossScale
     scoped, around = contextlib.nullcontext(), None
     if hp.scope == "concept":
         scope = C.token_scope(pipe.unet)
         scoped = scope.training(C.anchor(pipe.tokenizer, prep.token, spec.class_word),
-                                {n: p.detach().clone() for n, p in params.items()})
+                                {n: t.weight.detach().clone() for n, t in trainees.items()})
         around = lambda prompts: scope.prompt(C.tokenize(pipe, prompts))  # noqa: E731
     loss = implanting_loss(pipe, prep, spec, hp, unet_context=around,
                            lambda_prior=0.0 if hp.scope == "concept" else None)
 
-    def write(source: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for n, i in idx.items():
-                params[n].data.view(-1)[i] = source[n].detach().to(params[n].dtype)
-
     def step(k: int) -> float:
         opt.zero_grad(set_to_none=True)
-        for p in params.values():
-            p.grad = None
+        for t in trainees.values():
+            t.weight.grad = None
         value = loss(k)
         scale.backward(value)
-        for n, i in idx.items():   # the gradient reaches the whole weight: keep the neurons'
-            vals[n].grad = params[n].grad.view(-1)[i].float()
+        for t in trainees.values():   # the gradient reaches the whole weight: keep the neurons'
+            t.take_grad()
         scale.step(opt)
-        write(vals)
+        for t in trainees.values():
+            t.write()
         return float(value.detach())
 
     @contextlib.contextmanager
     def aside():
         """Between two steps (a generate job): the live model as it was, then the values again."""
-        write(before)
+        for t in trainees.values():
+            t.restore()
         try:
             yield
         finally:
-            write(vals)
+            for t in trainees.values():
+                t.write()
 
     try:
-        with C.only_trainable(C.pipeline_modules(pipe), params.values()), scoped:
-            write(vals)
+        with C.only_trainable(C.pipeline_modules(pipe), [t.weight for t in trainees.values()]), scoped:
+            for t in trainees.values():
+                t.write()
             # The loss encodes its captions up front, so the loop needs no text encoder.
             C.run_steps(hp.tune_steps, step, progress, cancel, "tune", aside=aside,
                         around=lambda: loop_context(pipe, spec.memory, text_encoder_needed=False))
     finally:
-        write(before)
-    return {n: v.detach().cpu().numpy().astype(np.float16) for n, v in vals.items()}
+        for t in trainees.values():
+            t.restore()
+    return {n: t.values.detach().cpu().numpy().astype(np.float16) for n, t in trainees.items()}
 
 
 def neurons(record: ConceptRecord) -> dict[str, np.ndarray]:
@@ -373,7 +370,7 @@ class ConesMethod(PerRequest):
                 for rec in scoped:
                     check_positions(kv, neurons(rec))
                     handle.scope.add(rec.name, C.anchor(pipe.tokenizer, rec.meta.token, rec.meta.class_word),
-                                     scope_differences(kv, targets(rec)))
+                                     C.differences(kv, targets(rec)))
                     handle.scoped.append(rec.name)
             handle.rows = C.write_rows(pipe.text_encoder, rows)
         except BaseException:
@@ -402,18 +399,6 @@ def merge_targets(parts: list[dict[str, tuple[np.ndarray, np.ndarray]]]
                 vals = np.concatenate([out[name][1], vals])
             last = len(idx) - 1 - np.unique(idx[::-1], return_index=True)[1]
             out[name] = (idx[last], vals[last])
-    return out
-
-
-def scope_differences(kv: dict[str, torch.nn.Parameter],
-                      target: dict[str, tuple[np.ndarray, np.ndarray]]
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The scope adds differences to the live weights: target − what the weights hold now."""
-    out = {}
-    for name, (idx, vals) in target.items():
-        pos = torch.as_tensor(idx)
-        live = kv[name].detach().view(-1)[pos.to(kv[name].device)].float().cpu()
-        out[name] = (pos, torch.as_tensor(vals) - live)
     return out
 
 

@@ -146,23 +146,11 @@ class CNSParams:
 # -- learning -----------------------------------------------------------------------------------
 
 @dataclass
-class _Trainee:
-    """The selected values of one tensor as a trainable flat parameter, with the references the
-    regularisers pull toward."""
-    weight: torch.nn.Parameter
-    idx: torch.Tensor
-    values: torch.nn.Parameter
-    prev: torch.Tensor
+class _Trainee(C.TrainableValues):
+    """The selected values of one tensor, trainable, with the references the regularisers pull
+    toward (`prev`, what the weight held: the earlier concepts' values where they share it)."""
     base: torch.Tensor
     reg_mask: torch.Tensor  # bool, shared with earlier concepts
-
-    def write(self) -> None:
-        with torch.no_grad():
-            self.weight.data.view(-1)[self.idx] = self.values.detach().to(self.weight.dtype)
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            self.weight.data.view(-1)[self.idx] = self.prev.to(self.weight.dtype)
 
 
 def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
@@ -288,8 +276,7 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
         parts = loss.parts(k)
         scale.backward(parts.total + sum(pull(t, h) for t, h in zip(trainees, shared)))
         for t in trainees:  # the denoising gradient reaches the full weight; keep ours
-            mine = t.weight.grad.view(-1)[t.idx].float()
-            t.values.grad = mine if t.values.grad is None else t.values.grad + mine
+            t.take_grad()
         scale.step(opt)
         for t in trainees:
             t.write()
@@ -324,12 +311,10 @@ def _trainees(stack: CNSStack, indices: dict[str, np.ndarray],
     out = []
     for name, idx_np in indices.items():
         w = stack.params[name]
-        idx = torch.as_tensor(idx_np).to(w.device)
-        prev = w.detach().view(-1)[idx].clone().float()
         reg = np.isin(idx_np, tuned.get(name, np.empty(0, np.int64)))
-        out.append(_Trainee(w, idx, torch.nn.Parameter(prev.clone()), prev,
-                            stack.base_values(name, idx).float(),
-                            torch.as_tensor(reg).to(w.device)))
+        idx = torch.as_tensor(idx_np).to(w.device)
+        out.append(_Trainee.at(w, idx_np, base=stack.base_values(name, idx).float(),
+                               reg_mask=torch.as_tensor(reg).to(w.device)))
     return out
 
 

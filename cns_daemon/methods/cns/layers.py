@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from cns_daemon.api.errors import Conflict, NotFound
-from cns_daemon.methods.common import (SavedRows, embedding_rows, kv_weights, restore_rows,
-                                       anchor, token_scope, write_rows)
+from cns_daemon.methods.common import (SavedRows, differences, embedding_rows, kv_weights,
+                                       restore_rows, anchor, token_scope, write_rows)
 from store.records import ConceptRecord
 
 
@@ -96,14 +96,14 @@ class CNSStack:
             # half-way left values written and a scope entry with no layer to remove them.
             new_rows = embedding_rows(self.text_encoder, self.tokenizer, record.embeddings)
             where = anchor(self.tokenizer, record.meta.token, record.meta.class_word) if in_scope else None
-            for name, delta in record.deltas.items():
+            if in_scope:   # differences to what lies below, not written
+                scoped = differences(self.params, {n: (d.indices, d.values)
+                                                   for n, d in record.deltas.items()})
+            for name, delta in (() if in_scope else record.deltas.items()):
                 p = self.params[name]
                 idx = torch.as_tensor(np.asarray(delta.indices, np.int64)).to(p.device)
                 flat = p.data.view(-1)
                 values = torch.as_tensor(np.asarray(delta.values)).to(p.device, p.dtype)
-                if in_scope:   # differences to what lies below, not written
-                    scoped[name] = (idx, values - flat.index_select(0, idx))
-                    continue
                 # index_select/index_copy_ rather than flat[idx]: same result for unique
                 # indices, and they stay fast when the CPU is contended (advanced indexing
                 # took ~40 ms per tensor on a loaded 2-core machine; start-up does 32 per concept).

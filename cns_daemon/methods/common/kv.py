@@ -14,7 +14,7 @@ from cns_daemon.api.errors import ModelMismatch
 from cns_daemon.model import kv_weights
 
 __all__ = ["kv_weights", "SavedValues", "write_values", "restore_values", "read_values",
-           "mask_indices", "union_indices", "count", "kv_total"]
+           "mask_indices", "union_indices", "count", "kv_total", "TrainableValues", "differences"]
 
 
 def _idx(indices, device) -> torch.Tensor:
@@ -65,6 +65,55 @@ def restore_values(saved: SavedValues) -> None:
     with torch.no_grad():
         for name, (idx, old) in saved.old.items():
             saved.params[name].data.view(-1)[idx] = old
+
+
+@dataclass
+class TrainableValues:
+    """Some values of one K/V tensor as a flat trainable parameter (what CNS and Cones train).
+    The loss sees them through the weight: `write` puts them in, the weight's gradient is sliced
+    back onto them (`take_grad`), `restore` puts back what the weight held at the start."""
+    weight: torch.nn.Parameter
+    idx: torch.Tensor
+    values: torch.nn.Parameter
+    prev: torch.Tensor         # the weight's values there at the start, float32
+
+    @classmethod
+    def at(cls, weight: torch.nn.Parameter, indices, start: torch.Tensor | None = None, **extra):
+        """Trainable values at `indices`, starting from what the weight holds or from `start`;
+        `extra` fills a subclass's own fields."""
+        idx = _idx(indices, weight.device)
+        prev = weight.detach().view(-1)[idx].clone().float()
+        first = prev.clone() if start is None else start.to(prev.device, torch.float32)
+        return cls(weight, idx, torch.nn.Parameter(first), prev, **extra)
+
+    def write(self) -> None:
+        with torch.no_grad():
+            self.weight.data.view(-1)[self.idx] = self.values.detach().to(self.weight.dtype)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            self.weight.data.view(-1)[self.idx] = self.prev.to(self.weight.dtype)
+
+    def take_grad(self) -> None:
+        """Add the weight's gradient at our positions to ours: the denoising loss reaches the
+        whole weight, and only the selected values train."""
+        mine = self.weight.grad.view(-1)[self.idx].float()
+        self.values.grad = mine if self.values.grad is None else self.values.grad + mine
+
+
+def differences(params: dict[str, torch.nn.Parameter],
+                targets: dict[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """What a token scope adds to reach `targets` (positions, values) from the live weights:
+    target − what each weight holds there now, on the weight's device."""
+    out = {}
+    for name, (indices, values) in targets.items():
+        p = params[name]
+        idx = _idx(indices, p.device)
+        live = p.detach().view(-1).index_select(0, idx)
+        out[name] = (idx, torch.as_tensor(np.asarray(values) if isinstance(values, np.ndarray)
+                                          else values).to(p.device, p.dtype) - live)
+    return out
 
 
 def mask_indices(mask: torch.Tensor) -> np.ndarray:
