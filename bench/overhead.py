@@ -9,6 +9,8 @@ Every row is measured in a fresh subprocess (bench/_overhead_worker.py), so its 
   method's own progress events) and peak RSS, as ratios to a plain diffusers-style K/V
   fine-tune step with the same loss and batch; apply+remove milliseconds of one concept; stored
   bytes per concept (through the store); the fraction of K/V weights each method touches.
+  Cones has two rows: its defaults (`learn/cones`: A2, then its neurons' values trained, the
+  value-training step timed) and the paper's binary form (`learn/cones_paper`: a mask, shut).
 - generation: layout-guided vs plain generation time (best of repeats, same request).
 - memory options (cns_daemon/memory.py): CNS learning peak RSS without SDPA, with SDPA (the CPU
   default) and with SDPA + gradient checkpointing; generation peak RSS with and without VAE
@@ -31,7 +33,8 @@ from bench._overhead_worker import Measurement, Task
 from cns_daemon.api.names import METHODS as PRODUCT
 
 PRODUCT_METHODS = PRODUCT
-METHODS = (*PRODUCT_METHODS, "naive", "ti")   # with the two baselines
+# with Cones's paper form (values shut, a mask) and the two baselines
+METHODS = (*PRODUCT_METHODS, "cones_paper", "naive", "ti")
 PAPER_CONES_BYTES = 1.43e6  # Cones paper: 1.43 MB per subject as int indices
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,8 +150,9 @@ def summary(result: dict) -> dict:
     ar = [out.get(f"apply_remove_ms_{m}") for m in PRODUCT_METHODS]
     ar = [v for v in ar if v is not None]
     out["apply_remove_ms"] = max(ar) if ar else None   # the slowest product method's
-    out["cones_mask_bytes"] = out.get("stored_bytes_cones")
-    out["cones_mask_vs_paper"] = _ratio(out.get("stored_bytes_cones"), PAPER_CONES_BYTES)
+    out["cones_mask_bytes"] = out.get("stored_bytes_cones_paper")
+    out["cones_mask_vs_paper"] = _ratio(out.get("stored_bytes_cones_paper"), PAPER_CONES_BYTES)
+    out["cones_values_bytes"] = out.get("stored_bytes_cones")
     out["cns_delta_bytes"] = out.get("stored_bytes_cns")
     out["residual_bytes"] = out.get("stored_bytes_cones2")
     out["residual_raw_bytes"] = rows.get("learn/cones2", {}).get("residual_raw_bytes")
@@ -197,7 +201,8 @@ def print_table(result: dict) -> None:
     print(f"Generation ({cfg['gen_steps']} DDIM steps, best of {cfg['repeats']}): plain "
           f"{_f(s['plain_gen_s'], '.2f')} s, layout-guided {_f(s['guided_gen_s'], '.2f')} s, "
           f"ratio {_f(s['guidance_ratio'], '.3f')} (goal <= 1.15)")
-    print(f"Cones mask (values shut) {_f(s['cones_mask_bytes'], ',')} B stored vs the paper's 1.43 MB; CNS delta "
+    print(f"Cones mask (paper form, values shut) {_f(s['cones_mask_bytes'], ',')} B stored vs the "
+          f"paper's 1.43 MB; Cones trained values (default) {_f(s['cones_values_bytes'], ',')} B; CNS delta "
           f"{_f(s['cns_delta_bytes'], ',')} B; Cones 2 residual {_f(s['residual_bytes'], ',')} B "
           f"stored ({_f(s['residual_raw_bytes'], ',')} B raw; goal <= 4 KB); apply+remove "
           f"slowest of CNS/Cones/Cones 2 {_f(s['apply_remove_ms'], '.1f')} ms (goal < 50 ms)")

@@ -3,6 +3,7 @@ subprocesses (plain K/V step, CNS, generation), the documented summary keys, san
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -80,3 +81,26 @@ def test_the_plain_row_trains_on_photos_and_class_images_as_the_methods_do(monke
     finally:
         torch.set_num_threads(threads)
     assert m.error is None and batches == [True], (m.error, batches)
+
+
+def test_cones_rows_time_its_value_training_and_keep_the_papers_form_apart():
+    """`learn/cones` is Cones as a user gets it (values trained after A2: only those steps are
+    timed, and a value per neuron is stored); `learn/cones_paper` is the paper's mask."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        tuned = worker.run(Task("learn", method="cones", small=True, size=64, steps=2))
+        paper = worker.run(Task("learn", method="cones_paper", small=True, size=64, steps=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert tuned.error is None and paper.error is None, (tuned.error, paper.error)
+    assert len(tuned.step_s) == 2 and len(paper.step_s) == 2
+    # 10 % of K/V with a float16 value each against 1.3 % as positions alone
+    assert tuned.fraction_kv > 5 * paper.fraction_kv > 0
+    assert tuned.stored_bytes > paper.stored_bytes > 0
+    result = {"rows": {"learn/plain": asdict(paper), "learn/cones": asdict(tuned),
+                       "learn/cones_paper": asdict(paper),
+                       "generate": asdict(Measurement({}, plain_gen_s=1.0, guided_gen_s=1.0))}}
+    s = overhead.summary(result)
+    assert (s["cones_values_bytes"], s["cones_mask_bytes"]) == (tuned.stored_bytes, paper.stored_bytes)
