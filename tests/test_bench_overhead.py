@@ -19,6 +19,7 @@ def small_result():
     return overhead.run(cfg, log=lambda *_: None)
 
 
+@pytest.mark.slow   # 25 s: SD-1.5-shaped worker subprocesses (CI runs -m slow)
 def test_overhead_smoke(small_result, capsys):
     rows = small_result["rows"]
     assert set(rows) == {"learn/plain", "learn/cns", "generate"}

@@ -39,6 +39,7 @@ def random_judge():
 FAST = {"steps": 2, "prior_images": 2, "prior_steps": 2, "variants": 1}
 
 
+@pytest.mark.slow   # 12 s (CI runs -m slow)
 def test_quality_bench_smoke(random_judge):
     cfg = quality.QualityConfig(
         methods=("cns", "cones2", "naive", "ti", "nosuch"), concepts=2, photos=2, generations=2,

@@ -15,7 +15,9 @@ LEARNS = (("cns", {**FAST, "background": "base"}), ("cns", {**FAST, "scope": "al
           ("cones", {**FAST, "tune_steps": 2}), ("cones2", {"variants": 2}))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+# bfloat16 with -m slow (CI runs both): 9 s each
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.slow)],
+                         ids=["fp16", "bf16"])
 def test_every_method_learns_and_generates_on_a_half_precision_model(dtype, tmp_path):
     pipe = build_tiny_pipeline(seed=0).to(dtype)
     shots = photos(tmp_path / "p")

@@ -257,6 +257,7 @@ def test_a_note_from_before_the_name_counted_still_holds(daemon):
         assert not _learn_jobs(c, "kept") and (folder / CANCELLED_FILE).exists()
 
 
+@pytest.mark.slow   # an inbox edge case, 5-13 s of waits (CI runs -m slow)
 def test_cancelled_inbox_folder_is_not_taken_again(daemon):
     home, start = daemon
     d = start()
@@ -306,6 +307,7 @@ def test_a_folder_renamed_while_its_job_runs_is_followed_not_taken_again(daemon)
         assert {x.name for x in c.concepts()} == {"quick"}
 
 
+@pytest.mark.slow   # an inbox edge case, 5-13 s of waits (CI runs -m slow)
 def test_a_folder_whose_learn_the_service_died_under_twice_is_not_taken_again(daemon):
     home, start = daemon
     folder = home / "inbox" / "crash.dog"
@@ -328,6 +330,7 @@ def test_a_folder_whose_learn_the_service_died_under_twice_is_not_taken_again(da
         assert [j.id for j in _learn_jobs(c, "crash")] == [first]   # not taken again
 
 
+@pytest.mark.slow   # an inbox edge case, 5-13 s of waits (CI runs -m slow)
 def test_a_link_to_a_missing_photo_does_not_hold_the_folder_back(daemon):
     home, start = daemon
     d = start()
@@ -345,6 +348,7 @@ def test_a_link_to_a_missing_photo_does_not_hold_the_folder_back(daemon):
         assert c.status().inbox_watched
 
 
+@pytest.mark.slow   # an inbox edge case, 5-13 s of waits (CI runs -m slow)
 def test_a_folder_renamed_and_back_is_cleared_where_it_is(daemon):
     home, start = daemon
     d = start()
@@ -361,6 +365,7 @@ def test_a_folder_renamed_and_back_is_cleared_where_it_is(daemon):
         assert [j.id for j in _learn_jobs(c, "back")] == [job.id]
 
 
+@pytest.mark.slow   # an inbox edge case, 5-13 s of waits (CI runs -m slow)
 def test_a_folder_whose_note_cannot_be_written_is_not_retried_in_a_loop(daemon):
     home, start = daemon
     d = start()
@@ -452,6 +457,7 @@ def test_the_services_notes_are_no_captions_and_a_persons_file_of_that_name_is_l
     assert (tmp_path / ERROR_FILE).read_text() == "my own list of errors"
 
 
+@pytest.mark.slow   # an inbox edge case, 5-13 s of waits (CI runs -m slow)
 def test_a_folder_renamed_while_its_job_runs_is_not_taken_again_after_a_restart(daemon):
     """The rename was followed in memory only: after a restart the folder under its new name
     was learned a second time. Now start-up finds it by its photos."""
@@ -474,6 +480,7 @@ def test_a_folder_renamed_while_its_job_runs_is_not_taken_again_after_a_restart(
         assert {x.name for x in c.concepts()} == {"roam"}
 
 
+@pytest.mark.slow   # an inbox edge case, 5-13 s of waits (CI runs -m slow)
 def test_a_new_folder_dropped_under_the_name_of_one_being_learned_is_its_own(daemon):
     """The folder a job took was deleted and another dropped under its name while the job
     ran: when the job ends the new one is not cleared into the leftovers (it was, unlearned and
@@ -514,6 +521,7 @@ def test_notes_in_a_linked_folder_speak_of_the_link(tmp_path):
     assert "rename the link rex.dog in the inbox" in " ".join((own / ERROR_FILE).read_text().split())
 
 
+@pytest.mark.slow   # an inbox edge case, 5-13 s of waits (CI runs -m slow)
 def test_odd_names_future_times_and_the_persons_own_notes(daemon):
     """A file name that is not UTF-8 failed every scan, so no folder sorted after it was ever
     taken; a photo dated in the future never settled; a person's own ERROR.txt was deleted with
@@ -561,6 +569,7 @@ def test_a_folder_of_too_many_photos_is_refused_before_they_are_read(tmp_path, m
     assert read == []
 
 
+@pytest.mark.slow   # an inbox edge case, 5-13 s of waits (CI runs -m slow)
 def test_a_folder_still_being_copied_in_at_start_up_waits_to_settle(daemon):
     """Its files keep their old times (`cp -p`): it was taken the moment the service started, and
     the photos copied after were set aside as leftovers, without a word."""

@@ -285,6 +285,7 @@ def test_a_gpu_that_cuda_cannot_use_is_said(monkeypatch, caplog):
         assert ("nvidia-modprobe -u -c=0" in caplog.text) == told
 
 
+@pytest.mark.slow   # 7 s in a subprocess (CI runs -m slow)
 def test_loading_a_model_says_nothing_of_the_libraries_advice():
     """Every start of the service printed transformers' "install torchvision" (which would pull a
     CUDA torch), diffusers' "install accelerate" and progress bars, into its log and the journal."""

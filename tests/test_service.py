@@ -197,6 +197,7 @@ def test_cancel_running_learn_leaves_no_concept(cones, daemon, tmp_path):
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already finished: cancelled" in out, out
 
 
+@pytest.mark.slow   # 8-10 s of service restarts and waits (CI runs -m slow)
 def test_a_queued_job_says_what_it_waits_for(cones, daemon, tmp_path):
     photos = [str(p) for p in write_photos(tmp_path / "w", 2)]
 
@@ -492,6 +493,7 @@ def test_a_removal_retried_after_a_crash_still_deletes_its_photos():
     assert forgotten == [(["ab" * 32], set())]
 
 
+@pytest.mark.slow   # 8-10 s of service restarts and waits (CI runs -m slow)
 def test_finished_jobs_beyond_the_kept_number_are_pruned_at_start(tmp_path, monkeypatch):
     """keep_jobs: the newest finished jobs stay, older ones go at start-up (and every 50
     finished jobs); the newest learn of a stored concept stays however old (salvage reads it)."""

@@ -136,6 +136,7 @@ def _wakeups(pid: int) -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith("voluntary_ctxt_switches"))
 
 
+@pytest.mark.slow   # 7 s of idle watching (CI runs -m slow)
 def test_an_idle_service_wakes_about_once_a_second_and_still_stops_at_once():
     """uvicorn's loop looked whether to stop 10 times a second, most of what an idle service
     did all day; once a second now, and a stop's signal wakes it at once."""
@@ -199,7 +200,7 @@ def test_clean_stop_during_learn_says_it_started_over(tmp_path):
         shutil.rmtree(home, ignore_errors=True)
 
 
-@pytest.mark.parametrize("sig", [15, 9])
+@pytest.mark.parametrize("sig", [15, pytest.param(9, marks=pytest.mark.slow)])   # 9: with -m slow
 def test_a_job_cancelled_just_before_a_stop_stays_cancelled(tmp_path, sig):
     """A cancel waits for the job's next step; a stop (or a crash) meanwhile must not put the
     job back in the queue to run again after the restart."""

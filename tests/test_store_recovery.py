@@ -271,8 +271,9 @@ def _a_value_of(store_dir: Path, name: bytes) -> bytes:
     raise AssertionError(f"no values stored for {name!r}")
 
 
-@pytest.mark.parametrize("flip, shown", [(b"\x00\x80\x00", "r\\xe5x"), (b"\x00\x45\x00", "r x")],
-                         ids=["not-utf8", "a-space"])
+# one flip in the default run, the other with -m slow (CI runs both): 11 s each
+@pytest.mark.parametrize("flip, shown", [pytest.param(b"\x00\x80\x00", "r\\xe5x", marks=pytest.mark.slow),
+                                         (b"\x00\x45\x00", "r x")], ids=["not-utf8", "a-space"])
 def test_a_concept_key_whose_bytes_are_no_name_leaves_the_service_serving_the_rest(home, tmp_path,
                                                                                   monkeypatch, flip, shown):
     """A byte of a concepts key flipped ("rex" read as "r\\xe5x" or "r x"): the service failed to
@@ -308,8 +309,11 @@ def test_a_concept_key_whose_bytes_are_no_name_leaves_the_service_serving_the_re
     assert _states(cones) == {"mug": "ok", "rex": "ok"}
 
 
-@pytest.mark.parametrize("flip, shown", [(b"\x00\x80\x00", "r\\xe5x"), (b"\x00\x45\x00", "r x"),
-                                         (b"\x00\x04\x00", "rax")], ids=["not-utf8", "a-space", "another-name"])
+# one flip in the default run, the others with -m slow (CI runs both): 6 s each
+@pytest.mark.parametrize("flip, shown", [pytest.param(b"\x00\x80\x00", "r\\xe5x", marks=pytest.mark.slow),
+                                         (b"\x00\x45\x00", "r x"),
+                                         pytest.param(b"\x00\x04\x00", "rax", marks=pytest.mark.slow)],
+                         ids=["not-utf8", "a-space", "another-name"])
 def test_salvage_files_a_concept_under_a_damaged_key_under_its_own_name_again(home, tmp_path,
                                                                           monkeypatch, flip, shown):
     """The metadata under a damaged key names the concept it was written for, and its checksum
@@ -342,6 +346,7 @@ def test_salvage_files_a_concept_under_a_damaged_key_under_its_own_name_again(ho
 # -- items 2 and 3: a bad page; check and salvage ------------------------------------------------------
 
 
+@pytest.mark.slow   # 15 s; damaged concepts are in the default run (CI runs -m slow)
 def test_bad_page_in_deltas_marks_concepts_damaged_and_salvage_keeps_the_rest(home, monkeypatch):
     h, started = home
     cones = cli_in_process(h, monkeypatch)
