@@ -102,17 +102,16 @@ class TrainableValues:
 
 
 def differences(params: dict[str, torch.nn.Parameter],
-                targets: dict[str, tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]]
+                targets: dict[str, tuple[np.ndarray, np.ndarray]]
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """What a token scope adds to reach `targets` (positions, values) from the live weights:
-    target − what each weight holds there now, on the weight's device."""
+    target − what each weight holds there now, on the weight's device and in its dtype."""
     out = {}
     for name, (indices, values) in targets.items():
         p = params[name]
         idx = _idx(indices, p.device)
         live = p.detach().view(-1).index_select(0, idx)
-        out[name] = (idx, torch.as_tensor(np.asarray(values) if isinstance(values, np.ndarray)
-                                          else values).to(p.device, p.dtype) - live)
+        out[name] = (idx, torch.as_tensor(values).to(p.device, p.dtype) - live)
     return out
 
 
