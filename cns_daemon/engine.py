@@ -277,19 +277,20 @@ class Engine(Importing, Listing):
     def generate(self, req: GenerateRequest, out_dir: Path, progress: ProgressFn,
                  cancel: CancelToken) -> JobResult:
         from cns_daemon.generate import generate, image_size
-        from cns_daemon.model import recommended_steps
+        from cns_daemon.model import recommended_guidance, recommended_steps
         from cns_daemon.prompts import parse_box, referenced_names
 
         if req.seed is None:   # a job queued before the service chose seeds at the request
             req = req.model_copy(update={"seed": 0})
         records = {n: self._get(n) for n in referenced_names(req.prompt)}
         steps = req.steps or recommended_steps(self.pipe)
+        cfg = recommended_guidance(self.pipe) if req.guidance_scale is None else req.guidance_scale
         check_room(out_dir.parent, req.n, *image_size(self.pipe, req.height, req.width))
         images = generate(self.pipe, req.prompt, records, [parse_box(b) for b in req.boxes],
                           n=req.n, seed=req.seed, progress=progress, cancel=cancel,
-                          negative_prompt=req.negative_prompt, guidance_scale=req.guidance_scale,
+                          negative_prompt=req.negative_prompt, guidance_scale=cfg,
                           height=req.height, width=req.width, steps=steps)
-        caption = generation_caption(req, images[0].size if images else None, steps)
+        caption = generation_caption(req, images[0].size if images else None, steps, cfg)
         return save_images(images, out_dir, caption, self._readings(images), req.seed)
 
     def _readings(self, images) -> list[str] | None:

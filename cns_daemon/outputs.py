@@ -17,9 +17,10 @@ def seeds_text(seed: int | None, n: int) -> str:
 
 
 def generation_caption(req: GenerateRequest, size: tuple[int, int] | None = None,
-                       steps: int | None = None) -> str:
-    """The contact sheet's caption line: what was asked, enough to draw it again (`size`, the
-    images' width and height, where the request set a side; `steps`, as generated)."""
+                       steps: int | None = None, cfg: float | None = None) -> str:
+    """The contact sheet's caption line: what was asked, enough to draw it again, defaults
+    included (the model's recommended CFG and steps change with the model): `size`, the images'
+    width and height; `steps` and `cfg`, as generated. Without them, what the request set."""
     from cns_daemon.prompts import parse_box, referenced_names
 
     names = ", ".join(f"<{n}>" for n in referenced_names(req.prompt)) or "none"
@@ -29,11 +30,12 @@ def generation_caption(req: GenerateRequest, size: tuple[int, int] | None = None
         parts.append("boxes " + "; ".join(f"{b.name}={b.x0:g},{b.y0:g},{b.x1:g},{b.y1:g}" for b in boxes))
     if req.negative_prompt:
         parts.append(f"not {req.negative_prompt}")
-    if req.guidance_scale is not None:
-        parts.append(f"CFG {req.guidance_scale:g}")
+    cfg = req.guidance_scale if cfg is None else cfg
+    if cfg is not None:
+        parts.append(f"CFG {cfg:g}")
     if steps is not None:
         parts.append(f"{steps} steps")
-    if req.width or req.height:
+    if size or req.width or req.height:
         width, height = size or (req.width, req.height)
         parts.append(f"size {width or 'native'}x{height or 'native'}")
     return " · ".join(parts)

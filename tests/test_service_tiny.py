@@ -56,7 +56,9 @@ def test_cli_and_inbox_then_generate_with_boxes(cones, daemon, tmp_path):
 
     images = [Image.open(p) for p in result["images"]]
     assert len(images) == 2 and images[0].size == (32, 32)
-    assert images[1].text["Seed"] == "4" and " · 3 steps" in images[1].text["Description"]
+    assert images[1].text["Seed"] == "4"
+    # the defaults it drew with are said too (the tiny model has no cones.json: CFG 7.5)
+    assert images[1].text["Description"].endswith(" · CFG 7.5 · 3 steps · size 32x32"), images[1].text
     assert Image.open(result["contact_sheet"]).width > 2 * 32
     # a second run into the same folder keeps the first run's images and sheet beside its own
     first = {p: open(p, "rb").read() for p in [*result["images"], result["contact_sheet"]]}

@@ -105,6 +105,9 @@ def test_caption_line_names_prompt_seed_concepts_and_boxes():
                             guidance_scale=5, width=48)
     assert generation_caption(tuned, (48, 32), 20) == (
         "a photo of a dog · seed 0 · concepts none · not blurry · CFG 5 · 20 steps · size 48x32")
+    # the service passes what it drew with: the model's defaults are said too, not left out
+    assert generation_caption(plain, (32, 32), 20, 3.0) == (
+        "a photo of a dog · seed 0 · concepts none · CFG 3 · 20 steps · size 32x32")
 
 
 def test_captions_keep_their_letters_or_fold_to_what_the_font_draws(monkeypatch):
