@@ -18,7 +18,7 @@ IMPORTED = "imported"
 
 def acts_everywhere(meta: ConceptMeta) -> bool:
     """A CNS concept whose values act on every prompt, named or not (scope `all`, as
-    layers.scope_of reads it: learned with that option, or before scopes)."""
+    common.scope_of reads it: learned with that option, or before scopes)."""
     return meta.method == "cns" and meta.hparams.get("scope", "all") == "all"
 
 

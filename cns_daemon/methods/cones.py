@@ -300,11 +300,6 @@ def targets(record: ConceptRecord) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {n: (d.indices, d.values.astype(np.float32)) for n, d in record.deltas.items()}
 
 
-def scope_of(record: ConceptRecord) -> str:
-    """`concept` or `all` (records from before the option: written, as the paper's)."""
-    return str(record.meta.hparams.get("scope", "all"))
-
-
 @dataclass
 class ConesHandle:
     """What `apply` changed: values written into the weights, token rows, scoped concepts."""
@@ -361,10 +356,10 @@ class ConesMethod(PerRequest):
         for rec in records:
             rows.update(C.embedding_rows(pipe.text_encoder, pipe.tokenizer, rec.embeddings))
         kv = C.kv_weights(pipe.unet)
-        written = [targets(r) for r in records if scope_of(r) == "all"]
+        written = [targets(r) for r in records if C.scope_of(r) == "all"]
         handle = ConesHandle(C.write_values(kv, merge_targets(written)))
         try:
-            scoped = [r for r in records if scope_of(r) == "concept"]
+            scoped = [r for r in records if C.scope_of(r) == "concept"]
             if scoped:
                 handle.scope = C.token_scope(pipe.unet)
                 for rec in scoped:

@@ -58,7 +58,7 @@ from cns_daemon.model import scene_phrases
 from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn, ProgressReporter
-from cns_daemon.methods.cns.layers import CNSStack, scope_of, stack_for
+from cns_daemon.methods.cns.layers import CNSStack, stack_for
 from cns_daemon.methods.data import without_token
 from cns_daemon.methods.cns.selection import (  # noqa: F401  (re-exported: the selection API)
     Selection, base_neurons, column_norms, concept_neurons, general_counts, general_neurons,
@@ -348,7 +348,7 @@ class CNSMethod:
         # λ₁ pulls shared neurons toward the values earlier concepts wrote into the weights;
         # scoped concepts write nothing and never meet, so a scoped learn has nothing to keep.
         earlier = ([r for r in (stack.records() if previous is None else previous)
-                    if r.meta.method == "cns" and scope_of(r) == "all"]
+                    if r.meta.method == "cns" and C.scope_of(r) == "all"]
                    if hp.scope == "all" else [])
         prep = prepare(pipe, photos, spec, hp, progress, cancel, previous)
         if cancel is not None:

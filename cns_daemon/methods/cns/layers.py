@@ -29,7 +29,7 @@ import torch
 
 from cns_daemon.api.errors import Conflict, NotFound
 from cns_daemon.methods.common import (SavedRows, differences, embedding_rows, kv_weights,
-                                       restore_rows, anchor, token_scope, write_rows)
+                                       restore_rows, anchor, scope_of, token_scope, write_rows)
 from store.records import ConceptRecord
 
 
@@ -43,11 +43,6 @@ class Layer:
     @property
     def name(self) -> str:
         return self.record.name
-
-
-def scope_of(record: ConceptRecord) -> str:
-    """`concept` (token-scoped values) or `all` (written into the weights; older records)."""
-    return str(record.meta.hparams.get("scope", "all"))
 
 
 class CNSStack:

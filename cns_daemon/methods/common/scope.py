@@ -67,6 +67,12 @@ class Anchor:
         return out | (tail & hit.any(1, keepdim=True))
 
 
+def scope_of(record) -> str:
+    """Where a CNS or Cones concept's values act, from its hparams: `concept` (in the token
+    scope) or `all` (written into the weights; records from before the option)."""
+    return str(record.meta.hparams.get("scope", "all"))
+
+
 def anchor(tokenizer, token: str, class_word: str) -> Anchor:
     """The anchor of a concept whose prompts read "<token> <class word>" (the token one rare
     word or several: the first one marks the concept, rare words being the concept's own)."""
