@@ -348,8 +348,8 @@ def demo(model: Optional[str] = typer.Option(None, help="Model for a temporary s
          sample_steps: Optional[int] = typer.Option(None, help="Denoising steps per generation.")) -> None:
     """Offline tour: learn two toy-world concepts, generate with them, in boxes, and without.
 
-    One concept comes through the inbox, one through `cones add`; the probe's verdict and the
-    contact sheets' paths are printed."""
+    One concept comes through the inbox, one through `cones add`; prints the probe's verdict and the contact sheets' paths.
+    """
     from cli import demo as tour
 
     tour.run(tour.Options(model=model, method=method, steps=steps, images=images, seed=seed,
