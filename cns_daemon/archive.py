@@ -34,6 +34,9 @@ MAX_PIXELS = 50_000_000   # about 8192 x 6144; a 48 MP phone photo fits
 # A file past this is not read at all (a 1.5 GB file that began as a PNG was read whole, and held
 # twice, before it was found broken): a 48 MP photo is under 30 MB as JPEG, under 150 MB as PNG.
 MAX_PHOTO_BYTES = 256 * 1024 * 1024
+# One concept's photos together, as an inbox folder is read (all of them are held while checked):
+# what `cones add` may send in one request by default (settings.max_request_bytes).
+MAX_CONCEPT_BYTES = 256 * 1024 * 1024
 # A caption is at most 1,000 characters (protocol.MAX_PROMPT_CHARS): room for UTF-16 and spaces
 MAX_CAPTION_BYTES = 16 * 1024
 CHECK_DECODE_SIDE = 1024  # JPEGs are decoded at the smallest DCT scale at least this large
@@ -224,8 +227,9 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
         size = f"{int(declared.group(1)) / 1e6:,.0f} megapixels" if declared else "far more pixels"
         return SkippedFile(file=filename, reason=(
             f"too large ({size}; at most {MAX_PIXELS // 1_000_000} megapixels)"))
-    except (OSError, SyntaxError, ValueError) as exc:
-        return SkippedFile(file=filename, reason=f"damaged or truncated image ({exc})")
+    except Exception as exc:   # noqa: BLE001 - OSError mostly, but PIL's decoders raise others on
+        # damaged files (a byte-flipped TIFF: TypeError from load()); a bad photo is skipped, not a 500
+        return SkippedFile(file=filename, reason=f"damaged or truncated image ({exc or type(exc).__name__})")
     if fmt not in ACCEPTED_FORMATS:
         return SkippedFile(file=filename, reason=f"unsupported image format {fmt or 'unknown'}")
     if invisible:
@@ -261,8 +265,8 @@ def sniff(path: Path) -> SkippedFile | None:
     except UnidentifiedImageError:
         with open(path, "rb") as f:
             return SkippedFile(file=shown(Path(path).name), reason=not_an_image(f.read(16)))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None   # an image with a problem: check_photo reads it and says which
+    except Exception:   # noqa: BLE001 - an image with a problem (PIL raises more than OSError on
+        return None      # a damaged header): check_photo reads it and says which
 
 
 def check_photos(items: list[tuple[str, bytes, str | None]]) -> tuple[list[CheckedPhoto], list[SkippedFile]]:

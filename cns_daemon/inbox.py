@@ -37,7 +37,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cns_daemon.archive import make_private
-from cns_daemon.api.errors import BadInput, ConesError, storage_error
+from cns_daemon.api.errors import BadInput, ConesError, Internal, storage_error
 from cns_daemon.api.protocol import FINAL_STATES, SkippedFile, describe_validation_error
 from cns_daemon.inbox_folder import (CONFIG_FILE, ERROR_FILE, NOTE_FILES, drop_notes, holds_photos_of,
                                      inputs_signature, inputs_signatures, latest_change, noted_signature,
@@ -55,6 +55,21 @@ log = logging.getLogger(__name__)
 # folder of 2,000 linked photos: 19 % of a core at the settling rate), so it is not the 0.5 s the
 # settling folders get. What wakes it sooner: inbox_watch.py.
 RESCAN_SECONDS = 30.0
+
+
+def folder_error(folder: Path, exc: Exception) -> ConesError | None:
+    """What a folder's ERROR.txt says when taking it failed; None for a file that vanished or
+    could not be read (the next scan looks again). A request the protocol refuses is a bad folder
+    too (read_spec checks what it knows); anything else is a bug in cones, said once in the note
+    and the log rather than in a traceback on every scan."""
+    if isinstance(exc, ConesError):
+        return exc
+    if isinstance(exc, OSError):
+        return storage_error(exc)
+    if isinstance(exc, ValidationError):
+        return BadInput(f"Invalid value: {describe_validation_error(exc)}.")
+    log.error("inbox folder %s could not be taken", folder.name, exc_info=exc)
+    return Internal(f"Taking this folder failed unexpectedly: {type(exc).__name__}: {exc}")
 
 
 class Inbox:
@@ -287,11 +302,8 @@ class Inbox:
                     drop_notes(folder)
                 except OSError as exc:   # replaced when the job ends
                     log.warning("inbox folder %s: cannot remove its old note: %s", folder.name, exc)
-        except (ConesError, OSError, ValidationError) as exc:
-            # A request the protocol refuses is a bad folder too (read_spec checks what it
-            # knows): its ERROR.txt, never a traceback on every scan.
-            error = (exc if isinstance(exc, ConesError) else storage_error(exc) if isinstance(exc, OSError)
-                     else BadInput(f"Invalid value: {describe_validation_error(exc)}."))
+        except Exception as exc:   # noqa: BLE001 - see folder_error
+            error = folder_error(folder, exc)
             if error is None:   # a file vanished or could not be read: the next scan looks again
                 log.warning("inbox folder %s: %s", folder.name, exc)
                 self._retry.add(folder.name)

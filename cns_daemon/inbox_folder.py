@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from cns_daemon.archive import (MAX_PHOTO_BYTES, CheckedPhoto, caption_file, check_photos, is_text, shown,
-                                sidecar_caption, sniff)
+from cns_daemon.archive import (MAX_CONCEPT_BYTES, MAX_PHOTO_BYTES, CheckedPhoto, caption_file,
+                                check_photos, is_text, shown, sidecar_caption, sniff)
 from cns_daemon.api.errors import BadInput, ConesError
 from cns_daemon.api.protocol import (CLASS_PATTERN, MAX_PHOTOS, MAX_SEED, TOO_MANY_HINT, SkippedFile,
                                      learn_steps, too_many_photos)
@@ -158,6 +158,11 @@ def read_photos(folder: Path, name: str = "") -> tuple[list[CheckedPhoto], list[
     photos = [p for p in candidates if p not in not_images]
     if len(photos) > MAX_PHOTOS:   # before reading them: 80 photos were read whole, then refused
         raise BadInput(too_many_photos(name or folder.name, len(photos)), TOO_MANY_HINT)
+    total = sum(p.stat().st_size for p in photos)
+    if total > MAX_CONCEPT_BYTES:   # before reading them: 64 scans of 200 MB each held at once
+        raise BadInput(f"The photos of {name or folder.name} come to {total / 2**20:,.0f} MiB, over the "
+                       f"{MAX_CONCEPT_BYTES >> 20} MiB cones reads for one concept.",
+                       "Save them smaller (as JPEG), or keep the 3-5 best.")
     good, skipped = check_photos([(p.name, p.read_bytes(), sidecar_caption(p, NOTE_FILES))
                                   for p in photos])
     broken = sorted(shown(p.name) for p in folder.iterdir() if p.is_symlink() and not p.exists())

@@ -23,8 +23,8 @@ from cns_daemon.outputs import PARTIAL_PREFIX
 from cns_daemon.api.errors import BadInput, BadPhoto, ConesError, Conflict, NotFound
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.methods.base import CancelToken, ProgressEvent
-from cns_daemon.api.protocol import (FINAL_STATES, MAX_PHOTOS, MAX_SEED, MIN_PHOTOS, PROTOCOL_VERSION,
-                                     TOO_MANY_HINT, AddRequest, ConceptInfo, EvalRequest,
+from cns_daemon.api.protocol import (FINAL_STATES, MAX_PHOTOS, MAX_PROMPT_CHARS, MAX_SEED, MIN_PHOTOS,
+                                     PROTOCOL_VERSION, TOO_MANY_HINT, AddRequest, ConceptInfo, EvalRequest,
                                      GenerateRequest, ImportJob, JobInfo, JobResult, LearnJob,
                                      QueueInfo, RemoveJob, SkippedFile, StatusInfo, learn_steps,
                                      too_many_photos)
@@ -117,6 +117,10 @@ class Service:
             self._stored(name)   # NotFound now rather than from the queue
         for template in req.prompts or default_prompts():   # a bad prompt now, not mid-run
             prompt = fill(template, req.names)
+            if len(prompt) > MAX_PROMPT_CHARS:   # each {} became every name: a 500 from the model below
+                raise BadInput(f"Prompt {template!r} with the concepts filled in is {len(prompt)} "
+                               f"characters; a prompt takes at most {MAX_PROMPT_CHARS}.",
+                               "Shorten the prompt, or evaluate fewer concepts at a time.")
             strip_concepts(prompt, dict.fromkeys(req.names, ""))   # names only concepts evaluated
             self.engine.check_generate(GenerateRequest(prompt=prompt, steps=req.steps))
         return self.worker.submit("eval", req)

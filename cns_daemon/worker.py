@@ -102,6 +102,22 @@ class ProgressHub:
                 self._subs.pop(job_id, None)
 
 
+def out_of_memory(exc: BaseException, kind: str) -> Internal | None:
+    """The machine's memory, not a bug: said with what to change. CUDA's allocator raises
+    torch.OutOfMemoryError; the CPU's, MemoryError or a RuntimeError that says so."""
+    import torch
+
+    if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+            or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())):
+        return None
+    what = ("Generate fewer images at a time (-n) or smaller ones" if kind == "generate"
+            else "Stop what else uses the GPU")
+    return Internal(f"The {kind} ran out of memory ({type(exc).__name__}).",
+                    f"{what}, or turn on the memory options (gradient_checkpointing, offload, "
+                    "vae_tiling in config.toml or CONES_* variables; `cones status` shows them), "
+                    "and try again.")
+
+
 class Worker:
     def __init__(self, jobs: JobStore, run: JobRunner,
                  on_change: Callable[[JobRecord], None] | None = None):
@@ -158,6 +174,25 @@ class Worker:
         self._kick()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._requeue_running()
+
+    def _requeue_running(self) -> None:
+        """The running job did not reach its next step in time (a slow step: a class-image batch
+        or a large generate on a CPU) and the process exits under it: back in the queue now,
+        its attempt returned, or the next start would count a clean stop as a crash."""
+        with self._lock:
+            for running, _ in self._running:
+                try:
+                    job = self.jobs.get_job(running.id)
+                    if job.state != "running":
+                        continue
+                    job.state, job.started, job.paused = "queued", None, False
+                    job.attempts, job.interrupted = max(0, job.attempts - 1), job.interrupted + 1
+                    self.jobs.put_job(job)
+                    log.warning("job %s did not stop in time; it starts over at the next start", job.id)
+                except ConesError as exc:
+                    log.warning("job %s: its stop could not be recorded: %s", running.id, exc.message)
 
     @property
     def alive(self) -> bool:
@@ -314,7 +349,7 @@ class Worker:
             log.warning("job %s (%s) failed: %s", job.id, job.kind, exc.message)
         except Exception as exc:  # a full disk, or a bug: keep serving, tell the user in typed form
             result, state = None, "failed"
-            known = storage_error(exc)
+            known = storage_error(exc) or out_of_memory(exc, job.kind)
             if known is not None:
                 log.warning("job %s failed: %s", job.id, known.message)
             else:
@@ -324,9 +359,10 @@ class Worker:
             try:
                 job = self.jobs.get_job(job.id)
                 if state == "queued":
-                    job.state, job.started, job.attempts = "queued", None, max(0, job.attempts - 1)
-                    job.interrupted += 1
-                    self.jobs.put_job(job)
+                    if job.state == "running":   # not already put back by a stop that timed out
+                        job.state, job.started, job.attempts = "queued", None, max(0, job.attempts - 1)
+                        job.interrupted += 1
+                        self.jobs.put_job(job)
                 else:
                     self._finish(job, state, error=error, result=result)
             except ConesError as exc:

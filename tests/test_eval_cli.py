@@ -80,6 +80,10 @@ def test_eval_errors_are_typed(cones, tmp_path):
     wordy.write_text("a photo of {} " + "on a very long sunny beach " * 16 + "\n")
     code, out, err = cones("eval", "rex", "--prompts", str(wordy), "--clip-weights", str(missing))
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "tokens long" in err, out + err
+    braces = tmp_path / "braces.txt"   # every {} becomes every name: past the 1,000 characters a
+    braces.write_text("{} " * 300 + "\n")   # prompt may have, said, not an internal error
+    code, out, err = cones("eval", "rex", "--prompts", str(braces), "--clip-weights", str(missing))
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "at most 1000" in " ".join(err.split()), out + err
     code, out, err = cones("eval", "rex", "--steps", "1", "--clip-weights", str(missing))   # noise
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "denoises nothing" in " ".join(err.split()), out + err
 

@@ -690,6 +690,42 @@ def test_a_value_the_protocol_refuses_is_told_as_a_concept_toml_fix(tmp_path):
         assert "COMMAND" not in error, error
 
 
+def test_a_folder_that_fails_unexpectedly_gets_its_note_once(tmp_path, monkeypatch, caplog):
+    """A review's find: anything but a ConesError, an OSError or a validation error escaped
+    `take` (a TypeError from a damaged TIFF's decoder did), so the folder got no ERROR.txt and
+    was read whole again on every scan. Now its note says so and the log has the traceback."""
+    import logging
+
+    from cns_daemon import inbox_folder
+    from cns_daemon.inbox import Inbox
+
+    def broken(folder, name=""):
+        raise TypeError("'IFDRational' object cannot be interpreted as an integer")
+
+    monkeypatch.setattr("cns_daemon.inbox.read_photos", broken)
+    folder = tmp_path / "rex.dog"
+    write_photos(folder, 3)
+    with caplog.at_level(logging.ERROR, logger="cns_daemon.inbox"):
+        assert Inbox(service=None, root=tmp_path, settle=0.0).take(folder) is None
+    error = (folder / ERROR_FILE).read_text()
+    assert "failed unexpectedly: TypeError" in error and "IFDRational" in caplog.text
+    assert inbox_folder.ours(folder / ERROR_FILE)   # the note of these inputs: not taken again
+
+
+def test_a_folder_of_photos_too_large_together_is_refused_before_reading(tmp_path, monkeypatch):
+    """Every photo of a folder is held while it is checked: their total is capped as `cones
+    add`'s request is, and refused by the files' sizes, before any is read."""
+    from cns_daemon import inbox_folder
+
+    write_photos(tmp_path, 3)
+    monkeypatch.setattr(inbox_folder, "MAX_CONCEPT_BYTES", 100)
+    monkeypatch.setattr(inbox_folder.Path, "read_bytes",
+                        lambda self: pytest.fail(f"{self.name} was read"))
+    with pytest.raises(BadInput, match="over the 0 MiB cones reads for one concept") as err:
+        read_photos(tmp_path, "rex")
+    assert "photos of rex come to" in err.value.message
+
+
 def _no_jobs():
     """The part of the service an idle inbox reads: no jobs, its listeners."""
     from types import SimpleNamespace

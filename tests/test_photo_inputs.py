@@ -312,6 +312,14 @@ def test_files_that_are_no_usable_photo_say_why(tmp_path, monkeypatch):
     assert "HEIC" in reason and "JPEG" in reason
     assert "AVIF" in _checked(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 64, "a.avif").reason
 
+    # one byte of a TIFF's header changed (a review's fuzzing): PIL's load() raises TypeError,
+    # not OSError; skipped as damaged, where it failed the request as a bug in cones
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    tiff = bytearray(_encoded(Image.fromarray(pixels), "TIFF"))
+    tiff[72] = 5
+    skipped = _checked(bytes(tiff), "scan.tif")
+    assert isinstance(skipped, SkippedFile) and "damaged" in skipped.reason, skipped
+
     strip = _checked(_encoded(Image.new("RGB", (400, 40)), "PNG"), "strip.png")
     assert isinstance(strip, SkippedFile) and "too wide (400x40" in strip.reason
     assert not isinstance(_checked(_encoded(Image.new("RGB", (96, 32)), "PNG")), SkippedFile)

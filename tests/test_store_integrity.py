@@ -668,3 +668,64 @@ def test_two_salvages_in_one_second_keep_both_stores(tmp_path, monkeypatch):
         "store", "store.damaged-20261206-075912", "store.damaged-20261206-075912-2"]
     with ConceptStore.open(path) as store:
         assert store.names() == ["c1"]
+
+
+def test_a_stop_that_outlasts_a_slow_step_gives_the_attempt_back(tmp_path):
+    """A review's find: a job in a step longer than the stop's wait (a class-image batch, a large
+    generate on a CPU) was left "running" as the process exited, so the next start counted a
+    clean stop as a crash, and a second such stop failed the job. Now it is back in the queue
+    with its attempt returned, once, however its thread ends."""
+    from cns_daemon.worker import Worker
+
+    store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
+    in_step, release = threading.Event(), threading.Event()
+
+    def runner(job, progress, token):
+        in_step.set()
+        release.wait(10)   # a step that does not look at the token
+        token.check()      # its next step: cancelled by the stop
+
+    worker = Worker(store, runner)
+    worker.start()
+    try:
+        learn = _running_learn(worker, store)
+        assert in_step.wait(10)
+        worker.stop(timeout=0.2)
+        job = store.get_job(learn.id)
+        assert (job.state, job.attempts, job.interrupted) == ("queued", 0, 1)
+        release.set()
+        worker._thread.join(10)
+        job = store.get_job(learn.id)
+        assert (job.state, job.attempts, job.interrupted) == ("queued", 0, 1)
+        assert Worker(store, runner).recover() == []   # nothing for the next start to settle
+    finally:
+        release.set()
+        store.close()
+
+
+def test_running_out_of_memory_is_said_with_what_to_change(tmp_path):
+    """Not "a bug in cones": a generate that ran out of memory is told to draw fewer or smaller
+    images, or to turn the memory options on."""
+    import torch
+
+    from cns_daemon.api.protocol import GenerateRequest
+    from cns_daemon.worker import Worker
+
+    store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
+
+    def runner(job, progress, token):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    worker = Worker(store, runner)
+    worker.start()
+    try:
+        job = worker.submit("generate", GenerateRequest(prompt="a plain photo", n=16))
+        deadline = time.monotonic() + 10
+        while store.get_job(job.id).state != "failed" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        error = store.get_job(job.id).error
+        assert "ran out of memory" in error["message"] and "fewer images" in error["hint"]
+        assert "bug" not in error["hint"]
+    finally:
+        worker.stop()
+        store.close()

@@ -80,7 +80,7 @@ def class_images(pipe, class_word: str, n: int, *, size: int, drawn_by: str, ste
         with drawing():
             out = pipe([prior_prompt(class_word)] * len(part), num_inference_steps=steps,
                        guidance_scale=guidance, generator=gens, height=size, width=size,
-                       output_type="pil").images
+                       output_type="pil", callback_on_step_end=_checking(cancel)).images
         for i, img in zip(part, out):
             images[i] = img
             if folder is not None:
@@ -91,3 +91,15 @@ def class_images(pipe, class_word: str, n: int, *, size: int, drawn_by: str, ste
         done += len(part)
         report(done)
     return torch.stack([to_tensor(images[i].resize((size, size))) for i in range(n)])
+
+
+def _checking(cancel: CancelToken | None):
+    """A step callback that stops a batch at its next denoising step when the job is cancelled
+    or the service stops (a batch of SD 1.5 class images takes minutes on a CPU)."""
+    if cancel is None:
+        return None
+
+    def on_step_end(_pipe, _i, _t, kwargs):
+        cancel.check()
+        return kwargs
+    return on_step_end
