@@ -49,7 +49,7 @@ def test_scoped_values_act_only_from_the_token_on(fresh_tiny_pipe):
     scope = token_scope(pipe.unet)
     w = to_k.weight
     idx = torch.arange(0, w.numel(), 7)
-    scope.add("rex", AT, {tname: (idx, torch.ones(len(idx)))})
+    scope.add("rex", AT, {tname: (idx, w.detach().view(-1)[idx] + 1)})   # targets: the weights + 1
     x = torch.randn(2, 6, w.shape[1])
     plain = to_k(x)
     with scope.prompt(torch.tensor([[1, 5, 9, 7, 4, 2], [1, 5, 6, 7, 4, 2]])):
@@ -77,9 +77,9 @@ def test_two_concepts_in_a_row_deal_out_the_end(fresh_tiny_pipe):
     tname, to_k = _kv_module(pipe)
     scope = token_scope(pipe.unet)
     other = Anchor(token_id=8, span=2, eos_id=2)
-    ones = lambda: (torch.arange(to_k.weight.numel()), torch.ones(to_k.weight.numel()))  # noqa: E731
-    scope.add("rex", AT, {tname: ones()})
-    scope.add("pot", other, {tname: (ones()[0], 2 * ones()[1])})
+    n, live = to_k.weight.numel(), to_k.weight.detach().view(-1)
+    scope.add("rex", AT, {tname: (torch.arange(n), live + 1)})     # the weights + 1 everywhere
+    scope.add("pot", other, {tname: (torch.arange(n), live + 2)})
     ids = torch.tensor([[1, 8, 7, 5, 9, 7, 2, NO_TOKEN, NO_TOKEN],    # pot first, then rex
                         [1, 9, 7, 2, NO_TOKEN, NO_TOKEN, NO_TOKEN, NO_TOKEN, NO_TOKEN]])
     assert scope.shared_tails(ids[0]) == {"pot": [6, 8], "rex": [7]}
@@ -105,7 +105,7 @@ def test_tails_dealt_by_the_caller_hold_a_concept_to_its_share(fresh_tiny_pipe):
     tname, to_k = _kv_module(pipe)
     scope = token_scope(pipe.unet)
     n = to_k.weight.numel()
-    scope.add("rex", AT, {tname: (torch.arange(n), torch.ones(n))})
+    scope.add("rex", AT, {tname: (torch.arange(n), to_k.weight.detach().view(-1) + 1)})
     ids = torch.tensor([[1, 8, 7, 5, 9, 7, 2, NO_TOKEN, NO_TOKEN]])   # another concept, then rex
     x = torch.randn(1, 9, to_k.weight.shape[1])
     plain = to_k(x)
@@ -197,8 +197,43 @@ def test_scoped_and_written_records_apply_and_remove_exactly(fresh_tiny_pipe):
     assert changed(pipe, before) == [] and token_scope(pipe.unet).names() == []
 
 
+def test_a_scoped_concept_draws_its_own_values_whatever_lies_below(fresh_tiny_pipe):
+    """A review's find: the scope held a concept's values as differences to the weights when it
+    was applied, so removing an older written concept under it (`cones rm`) shifted what it drew
+    until a restart rebuilt it without the other. Now the images are a restart's, and a
+    paper-form Cones concept written for one request leaves it its own values too."""
+    from cns_daemon.model import build_tiny_pipeline
+
+    pipe, method = fresh_tiny_pipe, get_method("cns")
+    old = synthetic(pipe, "a", "sks", 1, fraction=0.5)                  # written, before scopes
+    new = synthetic(pipe, "b", "pbc", 2, fraction=0.5, scope="concept")
+    shared = set(old.deltas) & set(new.deltas)
+    assert any(np.intersect1d(old.deltas[n].indices, new.deltas[n].indices).size for n in shared)
+    method.apply(pipe, [old, new])
+    method.unlearn(pipe, "a")
+    drawn = generate(pipe, "a photo of <b>", {"b": new}, n=1, steps=2, output_type="np")[0]
+    restarted = build_tiny_pipeline(seed=0)
+    method.apply(restarted, [new])
+    assert np.array_equal(drawn, generate(restarted, "a photo of <b>", {"b": new}, n=1, steps=2,
+                                          output_type="np")[0])
+    # another's values written under its neurons for one request: its rows hold its own
+    kv = C.kv_weights(restarted.unet)
+    tname = next(iter(shared))
+    to_k = restarted.unet.get_submodule(tname.removesuffix(".weight"))
+    ids = torch.tensor([[1, C.concept_ids(restarted.tokenizer, "pbc")[0], 2]])
+    x = torch.randn(1, 3, to_k.weight.shape[1])
+    with token_scope(restarted.unet).prompt(ids):
+        alone = to_k(x)
+    under = np.isin(old.deltas[tname].indices, new.deltas[tname].indices)   # its shared neurons
+    written = C.write_values(kv, {tname: (old.deltas[tname].indices[under], old.deltas[tname].values[under])})
+    with token_scope(restarted.unet).prompt(ids):
+        over = to_k(x)
+    C.restore_values(written)
+    assert torch.allclose(over[0, 1:], alone[0, 1:], atol=1e-5)   # the token and EOS: its own
+
+
 def _held(pipe, name):
-    return [t for pair in token_scope(pipe.unet).concepts[name].deltas.values() for t in pair]
+    return [t for pair in token_scope(pipe.unet).concepts[name].targets.values() for t in pair]
 
 
 def test_scoped_values_are_held_on_the_host_as_int32_positions(fresh_tiny_pipe):
@@ -207,14 +242,14 @@ def test_scoped_values_are_held_on_the_host_as_int32_positions(fresh_tiny_pipe):
     pipe, method = fresh_tiny_pipe, get_method("cns")
     rec = synthetic(pipe, "b", "pbc", 2, scope="concept")
     method.apply(pipe, [rec])
-    held = token_scope(pipe.unet).concepts["b"].deltas
+    held = token_scope(pipe.unet).concepts["b"].targets
     assert held and {idx.dtype for idx, _ in held.values()} == {torch.int32}
     assert {t.device.type for t in _held(pipe, "b")} == {"cpu"}
     for tname, (idx, _) in held.items():
         assert np.array_equal(idx.numpy(), rec.deltas[tname].indices)
     drawn = generate(pipe, "a photo of <b>", {"b": rec}, n=1, steps=2, output_type="np")[0]
     scope = token_scope(pipe.unet)
-    scope.concepts["b"].deltas = {t: (i.long(), d) for t, (i, d) in held.items()}
+    scope.concepts["b"].targets = {t: (i.long(), d) for t, (i, d) in held.items()}
     assert np.array_equal(drawn, generate(pipe, "a photo of <b>", {"b": rec}, n=1, steps=2,
                                           output_type="np")[0])
 

@@ -365,7 +365,7 @@ class ConesMethod(PerRequest):
                 for rec in scoped:
                     check_positions(kv, neurons(rec))
                     handle.scope.add(rec.name, C.anchor(pipe.tokenizer, rec.meta.token, rec.meta.class_word),
-                                     C.differences(kv, targets(rec)))
+                                     targets(rec))
                     handle.scoped.append(rec.name)
             handle.rows = C.write_rows(pipe.text_encoder, rows)
         except BaseException:

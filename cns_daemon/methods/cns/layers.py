@@ -14,9 +14,9 @@ Removing the top layer writes its `below` values back: bit-exact. Removing an ol
   base weights bit-exactly.
 
 A scoped concept (hparams scope `concept`, the default since 2026-12-04) is not written into the
-weights: its layer covers no positions, and its values, as differences to the weights below it,
-go to the UNet's token scope (common/scope.py), which applies them only to prompts with its
-token. Records without a scope are from before and are written, as the paper's CNS is.
+weights: its layer covers no positions, and its values go to the UNet's token scope
+(common/scope.py), which applies them only to prompts with its token, over whatever the weights
+hold below at that prompt. Records without a scope are from before and are written, as the paper's CNS is.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cns_daemon.api.errors import Conflict, NotFound
-from cns_daemon.methods.common import (SavedRows, differences, embedding_rows, kv_weights,
+from cns_daemon.methods.common import (SavedRows, embedding_rows, kv_weights,
                                        restore_rows, anchor, scope_of, token_scope, write_rows)
 from store.records import ConceptRecord
 
@@ -91,9 +91,8 @@ class CNSStack:
             # half-way left values written and a scope entry with no layer to remove them.
             new_rows = embedding_rows(self.text_encoder, self.tokenizer, record.embeddings)
             where = anchor(self.tokenizer, record.meta.token, record.meta.class_word) if in_scope else None
-            if in_scope:   # differences to what lies below, not written
-                scoped = differences(self.params, {n: (d.indices, d.values)
-                                                   for n, d in record.deltas.items()})
+            if in_scope:   # its values, not written: the scope adds them over what lies below
+                scoped = {n: (np.asarray(d.indices, np.int64), d.values) for n, d in record.deltas.items()}
             for name, delta in (() if in_scope else record.deltas.items()):
                 p = self.params[name]
                 idx = torch.as_tensor(np.asarray(delta.indices, np.int64)).to(p.device)

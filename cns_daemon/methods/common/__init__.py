@@ -10,7 +10,7 @@
 - inputs:   photos -> latents + class-image latents, what every method's training starts from
 Photo loading, validation, augmentation and captions live in methods/data.py.
 """
-from .kv import (SavedValues, TrainableValues, count, differences, kv_total, kv_weights,
+from .kv import (SavedValues, TrainableValues, count, kv_total, kv_weights,
                  mask_indices, read_values, restore_values, union_indices, write_values)
 from .options import as_dict, parse_options
 from .scope import Anchor, anchor, prompt_scope, scope_of, token_scope
@@ -24,7 +24,7 @@ from .training import (FLOAT16_LOSS_SCALE, ConceptLoss, LossParts, LossScale, de
                        tokenize)
 
 __all__ = [
-    "FLOAT16_LOSS_SCALE", "LossScale", "SavedValues", "TrainableValues", "differences", "count", "kv_total", "kv_weights", "mask_indices", "read_values",
+    "FLOAT16_LOSS_SCALE", "LossScale", "SavedValues", "TrainableValues", "count", "kv_total", "kv_weights", "mask_indices", "read_values",
     "restore_values", "union_indices", "write_values", "as_dict", "parse_options",
     "Prepared", "Prior", "concept_token", "prepare",
     "class_images", "prior_prompt", "MAX_VECTORS", "SavedRows", "TrainableRows", "allocate_token",

@@ -14,7 +14,7 @@ from cns_daemon.api.errors import ModelMismatch
 from cns_daemon.model import kv_weights
 
 __all__ = ["kv_weights", "SavedValues", "write_values", "restore_values", "read_values",
-           "mask_indices", "union_indices", "count", "kv_total", "TrainableValues", "differences"]
+           "mask_indices", "union_indices", "count", "kv_total", "TrainableValues"]
 
 
 def _idx(indices, device) -> torch.Tensor:
@@ -99,20 +99,6 @@ class TrainableValues:
         whole weight, and only the selected values train."""
         mine = self.weight.grad.view(-1)[self.idx].float()
         self.values.grad = mine if self.values.grad is None else self.values.grad + mine
-
-
-def differences(params: dict[str, torch.nn.Parameter],
-                targets: dict[str, tuple[np.ndarray, np.ndarray]]
-                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """What a token scope adds to reach `targets` (positions, values) from the live weights:
-    target − what each weight holds there now, on the weight's device and in its dtype."""
-    out = {}
-    for name, (indices, values) in targets.items():
-        p = params[name]
-        idx = _idx(indices, p.device)
-        live = p.detach().view(-1).index_select(0, idx)
-        out[name] = (idx, torch.as_tensor(values).to(p.device, p.dtype) - live)
-    return out
 
 
 def mask_indices(mask: torch.Tensor) -> np.ndarray:

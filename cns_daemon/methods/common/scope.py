@@ -2,9 +2,10 @@
 and there only on its own words and the end of the sequence.
 
     scope = token_scope(pipe.unet)  # one per UNet, made on first use
-    scope.add("rex", anchor(tokenizer, "sks", "dog"), {tensor: (flat indices, value differences)})
+    scope.add("rex", anchor(tokenizer, "sks", "dog"), {tensor: (flat indices, target values)})
     with scope.prompt(ids):         # ids: (batch, tokens), laid out as the UNet's batch is
-        pipe.unet(...)              # K and V += m ⊙ (X ΔWᵀ) for each concept whose token is in ids
+        pipe.unet(...)              # K and V += m ⊙ (X ΔWᵀ) for each concept whose token is in ids,
+                                    # ΔW = its targets − the live weights there, at this prompt
     scope.remove("rex")
 
 Why. Written into the weights (the CNS paper's way), a concept's values change the keys and
@@ -89,17 +90,23 @@ def tail_shares(eos: int, n_tokens: int, k: int) -> list[range]:
 @dataclass
 class _Concept:
     anchor: Anchor
-    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]  # tensor → (flat indices, differences)
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]]  # tensor → (flat indices, values)
 
 
-def _on_host(idx: torch.Tensor, diff: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A concept's values as the scope keeps them between prompts: in host memory, the indices
-    as int32 where the tensor allows. Why: every applied concept is held for the service's life,
-    and on a GPU its values (millions of positions at SD 1.5 size) would bound how many concepts
-    fit beside the model; a prompt moves only the concepts it names to the device, for its own
-    length (`TokenScope.prompt`). int32 positions take half the bytes of int64 ones."""
+def _on_host(idx, values, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A concept's values as the scope keeps them between prompts: in host memory, as stored
+    (float16 for a CNS record), the indices as int32 where the tensor allows. Why: every
+    applied concept is held for the service's life, and on a GPU its values (millions of
+    positions at SD 1.5 size) would bound how many concepts fit beside the model; a prompt moves
+    only the concepts it names to the device, for its own length (`TokenScope.prompt`). int32
+    positions take half the bytes of int64 ones.
+
+    Targets, not differences to the weights as they were when it was added: what lies below a
+    concept can change while it is applied (an older written concept removed, a Cones concept
+    written for one request), and a difference taken earlier then drew other values than its
+    own until a restart rebuilt it (a review's find)."""
     kind = torch.int32 if numel <= torch.iinfo(torch.int32).max else torch.int64
-    return idx.detach().to("cpu", kind), diff.detach().to("cpu")
+    return torch.as_tensor(idx).detach().to("cpu", kind), torch.as_tensor(values).detach().to("cpu")
 
 
 class TokenScope:
@@ -117,16 +124,17 @@ class TokenScope:
 
     # -- registry ---------------------------------------------------------------------------
 
-    def add(self, name: str, where: Anchor,
-            deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def add(self, name: str, where: Anchor, targets: dict[str, tuple]) -> None:
+        """`targets`: tensor name → (flat positions, the values the concept holds there), as
+        numpy arrays or tensors."""
         if name in self.concepts:
             raise Conflict(f"Concept {name!r} is already applied.")
-        unknown = set(deltas) - set(self.modules)
+        unknown = set(targets) - set(self.modules)
         if unknown:
             raise Internal(f"{name}: no cross-attention K/V tensor {sorted(unknown)[0]!r}.")
         self.concepts[name] = _Concept(where, {
-            tname: _on_host(idx, diff, self.modules[tname].weight.numel())
-            for tname, (idx, diff) in deltas.items()})
+            tname: _on_host(idx, values, self.modules[tname].weight.numel())
+            for tname, (idx, values) in targets.items()})
 
     def remove(self, name: str) -> None:
         self.concepts.pop(name, None)
@@ -185,11 +193,15 @@ class TokenScope:
             _deal_tails(self, ids, rows_of)
         for name, rows in rows_of.items():
             concept = self.concepts[name]
-            for tname, (idx, diff) in concept.deltas.items():
+            for tname, (idx, values) in concept.targets.items():
                 weight = self.modules[tname].weight
+                idx = idx.to(weight.device, torch.int64)
+                below = weight.detach()   # what lies below now; while a concept trains, the
+                if self._training is not None and tname in self._training[1]:   # weights without it
+                    below = self._training[1][tname]
+                live = below.reshape(-1).index_select(0, idx)
                 dense = torch.zeros(weight.numel(), dtype=weight.dtype, device=weight.device)
-                dense.index_copy_(0, idx.to(weight.device, torch.int64),
-                                  diff.to(weight.device, weight.dtype))
+                dense.index_copy_(0, idx, values.to(weight.device, weight.dtype) - live)
                 active.setdefault(tname, []).append((rows.to(device)[..., None],
                                                      dense.view_as(weight)))
         outer = self._active, self._training_rows
