@@ -176,7 +176,9 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
         if not word_ids:
             raise Internal(f"Concept {meta.name!r} has an empty class word.")
         if _needs_article(prompt[:match.start()]):
-            article = _article(prefix or word)
+            # "a" before a token, as every training caption has it ("a photo of a ohwx mug");
+            # English's rule before a class word alone (Cones 2: "an apple")
+            article = "a" if prefix else _article(word)
             ids += _ids(tokenizer, article)
             pieces.append(f" {article}")
         start = len(ids)
@@ -198,7 +200,31 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
         raise BadInput(f"The prompt is too long: <{late[0]}> falls past the {limit - 1} tokens the "
                        "text encoder reads.", "Shorten the prompt or name the concepts earlier in it.")
     check_length(tokenizer, text)
+    named = {p for s in spans for p in s.positions}
+    check_bare_tokens([i for k, i in enumerate(ids) if k not in named], metas, tokenizer)
     return ExpandedPrompt(text, tuple(ids), tuple(spans))
+
+
+def check_plain_words(text: str, metas: Mapping[str, ConceptMeta], tokenizer, what: str) -> None:
+    """`check_bare_tokens` for text with no `<name>` in it (a negative prompt)."""
+    check_bare_tokens(_ids(tokenizer, text), metas, tokenizer, what)
+
+
+def check_bare_tokens(ids: Iterable[int], metas: Mapping[str, ConceptMeta], tokenizer,
+                      what: str = "prompt") -> None:
+    """Refuse a concept's token written as a plain word ("dbz" where a concept is drawn by it):
+    the token's row and values act wherever its id stands (a CNS concept's always), so the word
+    would draw the concept unasked, and a prompt without `<name>` would not be the base model's.
+    Concept tokens are rare words, but some are words to someone (an acronym)."""
+    owners = {i: m.name for m in metas.values() if m.token
+              for w in m.token.split() for i in _ids(tokenizer, w)}
+    hit = next((i for i in ids if i in owners), None)
+    if hit is not None:
+        word = tokenizer.decode([hit]).strip()
+        raise BadInput(f"The word {word!r} in the {what} is the token concept <{owners[hit]}> is "
+                       f"drawn by: it would draw <{owners[hit]}> there.",
+                       f"Write <{owners[hit]}> for the concept; for the plain word, remove the concept "
+                       "and learn it again (it gets another token), or leave the word out.")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def _words(tok, ids):
 
 def test_expansion_per_method(tok, metas):
     e = expand("a photo of <rex>, <mug> and <pot> on the beach", metas, tok)
-    assert e.text == "a photo of a sks dog , an ohwx mug and a teapot on the beach"
+    assert e.text == "a photo of a sks dog , a ohwx mug and a teapot on the beach"
     assert e.names == ["rex", "mug", "pot"]
     assert list(e.token_ids) == list(tok(e.text).input_ids)
 
@@ -46,14 +46,46 @@ def test_a_reference_reads_as_its_training_caption(tok, metas):
                          ("my <rex> and two <mug>", "my sks dog and two ohwx mug"),
                          ("anna's <rex>", "anna's sks dog"),
                          ("<rex> running", "a sks dog running"),
-                         ("a red <rex> next to <mug>", "a red sks dog next to an ohwx mug"),
-                         ("(<mug>)", "( an ohwx mug )")):
+                         ("a red <rex> next to <mug>", "a red sks dog next to a ohwx mug"),
+                         ("(<mug>)", "( a ohwx mug )")):
         e = expand(prompt, metas, tok)
         assert e.text == text, prompt
         assert list(e.token_ids) == list(tok(e.text).input_ids)
     # the article is not part of the concept's positions (guidance and residuals use those)
     e = expand("a photo of <rex>", metas, tok)
     assert [_words(tok, e.token_ids)[p] for p in e.positions("rex")] == ["sks", "dog"]
+
+
+def test_the_article_before_a_token_is_the_training_captions(tok, metas):
+    """Every template caption says "a" before the token, whatever its first letter, so a token
+    starting with a vowel gets "a" too; a Cones 2 concept, its class word alone, gets English's."""
+    from cns_daemon.methods.data import template_caption
+
+    assert expand("a photo of <mug>", metas, tok).text == template_caption(0, "ohwx", "mug")
+    metas["apple"] = ConceptMeta("apple", "cones2", "apple", "")
+    assert expand("a photo of <apple>", metas, tok).text == "a photo of an apple"
+
+
+def test_a_concepts_token_as_a_plain_word_is_refused(tok, metas):
+    """The word a concept is drawn by would draw it unasked (its values and row act wherever its
+    token stands): in the prompt outside `<name>`, and in the negative prompt, it is refused,
+    naming the concept; its own expansion and other words pass."""
+    from cns_daemon.prompts import check_plain_words
+
+    for prompt in ("a photo of a sks dog", "<mug> next to an sks", "ohwx style, <rex>"):
+        with pytest.raises(BadInput) as err:
+            expand(prompt, metas, tok)
+        assert "<rex>" in err.value.message or "<mug>" in err.value.message, prompt
+    assert "'sks'" in pytest.raises(BadInput, expand, "a sks dog", metas, tok).value.message
+    assert expand("a photo of <rex> and <mug>, skis", metas, tok).names == ["rex", "mug"]
+    with pytest.raises(BadInput) as err:
+        check_plain_words("blurry, ohwx", metas, tok, "negative prompt")
+    assert "negative prompt" in err.value.message and "<mug>" in err.value.message
+    check_plain_words("blurry, dark", metas, tok, "negative prompt")
+    # multi-vector tokens: each of its words
+    metas["cup"] = ConceptMeta("cup", "cns", "cup", "httr rcn")
+    with pytest.raises(BadInput, match="<cup>"):
+        expand("a rcn cup", metas, tok)
 
 
 def test_positions_point_at_the_expanded_tokens(tok, metas):
