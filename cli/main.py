@@ -113,9 +113,10 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
         method: Optional[str] = typer.Option(None, help="cns | cones | cones2 (default: CONES_METHOD or "
                                              "config.toml's `method` where this command runs, else the "
                                              "service's, which `cones status` shows; cns unless set)."),
-        steps: Optional[int] = typer.Option(None, help="Training steps (default: CONES_STEPS or "
+        steps: Optional[int] = typer.Option(None, help="Training steps; for Cones its selection walk's "
+                                            "(its values train --option tune_steps=N). Default: CONES_STEPS or "
                                             "config.toml's `steps` where this command runs, else the "
-                                            "service's; the method's own unless set)."),
+                                            "service's; the method's own unless set."),
         seed: int = typer.Option(0, help=f"Training seed (0 to {MAX_SEED})."),
         option: List[str] = typer.Option([], "--option", help="Method hyper-parameter KEY=VALUE (e.g. top_p=5); repeatable."),
         no_wait: bool = typer.Option(False, "--no-wait", help="Queue the job and return."),

@@ -96,6 +96,40 @@ def test_generate_between_steps_sees_the_model_without_the_concept(fresh_tiny_pi
     assert same(snapshot(pipe), before)
 
 
+@pytest.mark.parametrize("method_name, phase", [("cns", "train"), ("cones", "tune")])
+def test_a_generate_in_the_pause_draws_a_written_cones_concept(fresh_tiny_pipe, tmp_path,
+                                                              method_name, phase):
+    """A review's find: a scoped learn (CNS; Cones's value training) left the scope's training
+    open through the pause, which took (weight − the learn's starting copy) out of every row, so
+    a Cones concept of scope `all`, written into the weights for the generate, was drawn as if
+    absent. The paused generate's image is the one before the learn."""
+    from store.records import ConceptMeta, ConceptRecord
+
+    pipe = fresh_tiny_pipe
+    g = torch.Generator().manual_seed(0)
+    masks = {n: np.sort(torch.randperm(p.numel(), generator=g)[: p.numel() * 3 // 10].numpy())
+             for n, p in kv_weights(pipe.unet).items()}
+    shut = ConceptRecord(ConceptMeta("mug", "cones", "cup", "ohwx", hparams={"scope": "all"}), masks=masks)
+    prompt = "a photo of <mug> on the grass"
+    want = generate(pipe, prompt, {"mug": shut}, n=1, seed=5, steps=3, output_type="np")[0]
+    assert not np.array_equal(want, generate(pipe, "a photo of a ohwx cup on the grass", {}, n=1,
+                                             seed=5, steps=3, output_type="np")[0])
+    seen = {}
+    token: CancelToken
+
+    def interleaved():
+        seen["image"] = generate(pipe, prompt, {"mug": shut}, n=1, seed=5, steps=3, output_type="np")[0]
+
+    def progress(ev):
+        if ev.phase == phase and ev.step == 2:
+            token.request_pause()
+
+    token = CancelToken(interleave=interleaved)
+    spec = LearnSpec("rex", "dog", steps=4, options=FAST[method_name], cache_dir=tmp_path / "cache")
+    get_method(method_name).learn(pipe, write_photos(tmp_path / "photos", 2), spec, progress, token)
+    assert np.array_equal(seen["image"], want)
+
+
 @pytest.mark.slow   # ~15 s: the same on the worker is in the default suite (test_service, FakeEngine)
 def test_generate_during_a_learn_on_the_daemon_waits_about_one_step(tmp_path, monkeypatch):
     from cli.client import Client

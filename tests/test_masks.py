@@ -129,6 +129,11 @@ def test_cns_holds_the_background_to_the_base_model_only_when_asked_and_scoped(f
     assert w is not None and torch.equal(w, cns.photo_weights(prep, cns.CNSParams()))
     with pytest.raises(BadInput):
         cns.CNSParams(background="sky").validate()
+    # where it would change nothing it is refused when asked, not trained as `photo` unsaid
+    for hp in (cns.CNSParams(background="base", scope="all"), cns.CNSParams(background="scenes", mask="none")):
+        with pytest.raises(BadInput, match="needs scope `concept` and mask `border`"):
+            hp.validate()
+    cns.CNSParams(background="scenes").validate()
 
 
 class _Recorder:

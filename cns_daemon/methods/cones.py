@@ -270,7 +270,8 @@ def tune_values(pipe, prep: C.Prepared, spec: LearnSpec, hp: ConesParams,
         for t in trainees.values():
             t.restore()
         try:
-            yield
+            with C.training_suspended(pipe.unet):
+                yield
         finally:
             for t in trainees.values():
                 t.write()

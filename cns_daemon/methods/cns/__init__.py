@@ -135,6 +135,12 @@ class CNSParams:
             raise BadInput("caption_mix must be in [0, 1].")
         if self.background not in ("photo", "scenes", "base"):
             raise BadInput("background must be `photo`, `scenes` or `base`.")
+        if self.background != "photo" and (self.scope != "concept" or self.mask == "none"):
+            # (it trained as `photo` without a word: _distils)
+            raise BadInput(f"background `{self.background}` needs scope `concept` and mask `border`: "
+                           "it holds the background to what a prompt without the token draws, "
+                           "told from the object by the photo's border.",
+                           "Leave out the background option, or the scope or mask one.")
         if not 1 <= self.vectors <= C.MAX_VECTORS:
             raise BadInput(f"vectors must be between 1 and {C.MAX_VECTORS}.")
         if self.token_init not in ("token", "class"):
@@ -290,7 +296,8 @@ def _train(pipe, stack: CNSStack, prep: C.Prepared, spec: LearnSpec, hp: CNSPara
         for t in trainees:
             t.restore()
         try:
-            yield
+            with C.training_suspended(pipe.unet):
+                yield
         finally:
             for t in trainees:
                 t.write()

@@ -13,7 +13,7 @@ Photo loading, validation, augmentation and captions live in methods/data.py.
 from .kv import (SavedValues, TrainableValues, count, kv_total, kv_weights,
                  mask_indices, read_values, restore_values, union_indices, write_values)
 from .options import as_dict, parse_options
-from .scope import Anchor, anchor, prompt_scope, scope_of, token_scope
+from .scope import Anchor, anchor, prompt_scope, scope_of, token_scope, training_suspended
 from .masks import latent_masks, loss_weights, object_masks
 from .inputs import Prepared, Prior, concept_token, prepare
 from .prior import class_images, prior_prompt
@@ -33,4 +33,5 @@ __all__ = [
     "ConceptLoss", "LossParts", "denoising_losses", "encode_pixels", "encode_text",
     "noise_schedule", "only_trainable", "pipeline_modules", "run_steps", "step_generator",
     "tokenize", "latent_masks", "loss_weights", "object_masks", "Anchor", "anchor", "prompt_scope", "scope_of", "token_scope",
+    "training_suspended",
 ]

@@ -297,6 +297,24 @@ def recompute_context(unet):
     return scope.as_now() if scope is not None else contextlib.nullcontext
 
 
+@contextlib.contextmanager
+def training_suspended(unet):
+    """Inside: the UNet's scope trains nothing, for a generate that a paused learn lets run (its
+    `aside`, with the trained values already taken off). Left open, the scope went on taking
+    (weight − the copy from the learn's start) out of every row: a Cones concept written into
+    the weights for that generate (scope `all`) was taken back out, and it drew without it (a
+    review's find)."""
+    scope = _SCOPES.get(unet)
+    held = scope._training if scope is not None else None
+    if held is not None:
+        scope._training = None
+    try:
+        yield
+    finally:
+        if held is not None:
+            scope._training = held
+
+
 def prompt_scope(unet, ids: torch.Tensor, tails: dict[str, list[int]] | None = None):
     """`scope.prompt(ids, tails)` when the UNet has scoped concepts, else a context that does
     nothing."""
