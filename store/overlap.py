@@ -35,7 +35,10 @@ class OverlapIndex:
         concept get the new pairwise count (overlap is symmetric) or lose the entry."""
         updated: dict[str, Overlap] = {}
         for other, raw in txn.cursor(db=self._db["overlap"]):
-            other_name = other.decode()
+            try:
+                other_name = other.decode()
+            except UnicodeDecodeError:
+                continue   # a damaged key (`cones store check` names it): not a reason to refuse this write
             if other_name == name:
                 continue
             try:
@@ -93,7 +96,10 @@ class OverlapIndex:
             methods = {m.name: m.method for m in self._metas(txn)}
         for db, decoder in (("masks", ser.decode_mask), ("deltas", ser.delta_indices)):
             for key, raw in txn.cursor(db=self._db[db]):
-                name, tensor = (p.decode() for p in key.split(SEP, 1))
+                try:
+                    name, tensor = (p.decode() for p in key.split(SEP, 1))
+                except (UnicodeDecodeError, ValueError):   # a damaged key: `store check` names it;
+                    continue                             # every learn and removal failed as a bug
                 if wanted is not None and tensor not in wanted:
                     continue
                 if methods is not None and methods.get(name) != method:

@@ -350,6 +350,61 @@ def test_readers_do_not_wait_for_a_slow_write(tmp_path, monkeypatch):
     store.close()
 
 
+def test_a_put_counts_its_overlap_before_it_takes_the_writer_lock(tmp_path, monkeypatch):
+    """A review measured a generate's job record waiting 2.3 s behind a learn's put with 15
+    SD-size concepts stored: the put decoded every stored concept's positions inside its write.
+    Other writes now go through while the overlap is counted."""
+    from store.records import JobRecord
+
+    store = ConceptStore.open(tmp_path / "s")
+    store.put(sample_record("rex", "cones"))
+    counting, release = threading.Event(), threading.Event()
+    real = ConceptStore._shared_counts
+
+    def slow(self, *args, **kwargs):
+        counting.set()
+        release.wait(30)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConceptStore, "_shared_counts", slow)
+    writer = threading.Thread(target=store.put, args=(sample_record("mug", "cones", seed=2),))
+    writer.start()
+    try:
+        assert counting.wait(30)
+        t0 = time.monotonic()
+        store.put_job(JobRecord(id="job-1", kind="generate", request={"prompt": "a dog"}))
+        assert time.monotonic() - t0 < 5 and store.get_job("job-1").kind == "generate"
+    finally:
+        release.set()
+        writer.join(30)
+    assert store.names() == ["mug", "rex"] and "rex" in store.get("mug").overlap.shared_with
+    store.close()
+
+
+def test_a_damaged_key_in_the_overlap_or_mask_index_fails_no_write(tmp_path):
+    """A non-UTF-8 byte in an overlap or mask key made every put and delete (which walk those
+    indices) fail as a bug in cones; `store check` names the key and writes go on."""
+    from store.salvage import check
+
+    store = ConceptStore.open(tmp_path / "s", fingerprint="base-A")
+    store.put(sample_record("rex", "cones", seed=1))
+    store.put(sample_record("mug", "cones", seed=2))
+    with store._env.env.begin(write=True) as txn:
+        value = txn.get(b"mug", db=store._db["overlap"])
+        txn.delete(b"mug", db=store._db["overlap"])
+        txn.put(b"m\xf5g", value, db=store._db["overlap"])
+        cur = txn.cursor(db=store._db["masks"])
+        cur.set_range(b"mug\0")
+        key, value = bytes(cur.key()), bytes(cur.value())
+        txn.delete(key, db=store._db["masks"])
+        txn.put(b"m\xf5g" + key[3:], value, db=store._db["masks"])
+    store.put(sample_record("pot", "cones", seed=3))
+    store.delete("rex")
+    assert store.names() == ["mug", "pot"] and len(store.tuned_union()) > 0
+    store.close()
+    assert "m\\xf5g" in check(tmp_path / "s").damaged
+
+
 def test_a_database_root_page_overwritten_is_damage_with_the_salvage_hint(tmp_path):
     """Bytes over the root page of the store's own `meta` database: LMDB ends the transaction
     (MDB_BAD_TXN); that is a damaged store (exit 7, salvage), not a disk or permission matter."""
