@@ -167,6 +167,7 @@ class Service:
             used |= {d for meta in readable for d in meta.photo_digests}
             # concepts a salvage could not copy: kept to learn them again
             used |= {d for digests in self.store.lost().values() for d in digests}
+            used |= self.store.misfiled_photos()   # under a damaged key: salvage copies them back
             if self.store.unnamed():   # a concept whose name is damaged: which photos are its
                 # is not known until salvage reads it, so every finished learn's are kept
                 used |= {d for job in newest_learns(self.worker.jobs.jobs(("done",))).values()

@@ -397,6 +397,10 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
         try:
             return ser.decode_meta(unframe(key, raw)[1])
         except CodecError as exc:
+            own = _meta_name(raw)
+            if own is not None and own != name:   # `cones rm` would delete another concept's record
+                raise Corrupt(f"Concept '{name}' is concept '{own}' under a damaged key ({exc}).",
+                              SALVAGE_HINT) from None
             raise _damaged(name, "metadata", str(exc)) from None
 
     @staticmethod
@@ -443,17 +447,19 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
                         continue   # whole where it is
                     except CodecError:
                         pass
-                    try:
-                        name = validate_name(ser.decode_meta(unchecked_payload(raw)).name)
-                        unframe(name.encode(), raw)   # its checksum: written under this name
-                    except (CodecError, BadInput):
-                        continue
-                    if txn.get(name.encode(), db=self._db["concepts"]) is None:
+                    name = _meta_name(raw)
+                    if name is not None and txn.get(name.encode(), db=self._db["concepts"]) is None:
                         found[name] = (key.decode(errors="backslashreplace"), raw)
             except PAGE_ERRORS:   # a damaged page ends the walk: what was found before it
                 pass
             return found
         return self._env.read(txn_fn)
+
+    def misfiled_photos(self) -> set[str]:
+        """The photos the concepts under damaged keys (`misfiled`) were learned from: theirs
+        still, for a salvage to copy them back whole."""
+        return {d for _, raw in self.misfiled().values()
+                for d in ser.decode_meta(unchecked_payload(raw)).photo_digests}
 
     def put_raw(self, items: list[Item]) -> None:
         """Write framed values as they are, in one transaction (a concept `raw_concept` read from
@@ -470,6 +476,17 @@ class _DamagedPart(Exception):
     def __init__(self, where: str, reason: str):
         super().__init__(where)
         self.where, self.reason = where, reason
+
+
+def _meta_name(raw: bytes) -> str | None:
+    """The name a concept's metadata value was written under, where its checksum confirms it
+    (it covers the key): a value under a damaged key still says whose it is. None if not."""
+    try:
+        name = validate_name(ser.decode_meta(unchecked_payload(raw)).name)
+        unframe(name.encode(), raw)
+        return name
+    except (CodecError, BadInput):
+        return None
 
 
 def _damaged(name: str, where: str, reason: str, page: bool = False) -> Corrupt:

@@ -405,6 +405,28 @@ def test_a_damaged_key_in_the_overlap_or_mask_index_fails_no_write(tmp_path):
     assert "m\\xf5g" in check(tmp_path / "s").damaged
 
 
+def test_a_concept_under_a_damaged_key_that_reads_as_another_name_points_to_salvage(tmp_path):
+    """A review's find: "rex" under a key read as "rez" was called damaged with the hint `cones
+    rm rez`, which deleted its metadata (salvage would have copied it back whole), and
+    prune-photos, finding no learn of "rez", could delete rex's photos."""
+    import dataclasses
+
+    store = ConceptStore.open(tmp_path / "s", fingerprint="base-A")
+    rex = sample_record("rex", "cns", seed=1)
+    rex = dataclasses.replace(rex, meta=dataclasses.replace(rex.meta, photo_digests=["ab" * 32]))
+    store.put(rex)
+    with store._env.env.begin(write=True) as txn:
+        value = txn.get(b"rex", db=store._db["concepts"])
+        txn.delete(b"rex", db=store._db["concepts"])
+        txn.put(b"rez", value, db=store._db["concepts"])
+    with pytest.raises(Corrupt) as err:
+        store.get("rez")
+    assert "is concept 'rex' under a damaged key" in err.value.message
+    assert "salvage" in err.value.hint and "cones rm" not in err.value.hint
+    assert store.misfiled_photos() == {"ab" * 32}
+    store.close()
+
+
 def test_a_database_root_page_overwritten_is_damage_with_the_salvage_hint(tmp_path):
     """Bytes over the root page of the store's own `meta` database: LMDB ends the transaction
     (MDB_BAD_TXN); that is a damaged store (exit 7, salvage), not a disk or permission matter."""
