@@ -180,6 +180,8 @@ def _check_lines(report) -> list[str]:
     lines += [f"[yellow]misfiled[/] <{name}>: whole, but its key reads '{escape(key)}' (a damaged byte); "
               "salvage files it under its name again" for name, key in report.refiled.items()]
     lines += [f"[red]damaged job[/] {escape(job)}: {escape(why)}" for job, why in report.damaged_jobs.items()]
+    lines += [f"[red]damaged store record[/] {escape(key)}: {escape(why)} (salvage makes it anew from "
+              "the concepts, or leaves it behind)" for key, why in report.damaged_records.items()]
     if not report.ok:
         lines.append("Stop the service and run `cones store salvage` to keep everything readable "
                      "in a fresh store (a concept damaged only in its own bytes can also be removed "

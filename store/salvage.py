@@ -36,10 +36,12 @@ class CheckReport:
     damaged_jobs: dict[str, str] = field(default_factory=dict)
     error: str = ""   # the store could not be opened at all
     refiled: dict[str, str] = field(default_factory=dict)    # concept -> the damaged key it is under
+    damaged_records: dict[str, str] = field(default_factory=dict)   # the store's own (schema, ...)
 
     @property
     def ok(self) -> bool:
-        return not (self.databases or self.damaged or self.damaged_jobs or self.error or self.refiled)
+        return not (self.databases or self.damaged or self.damaged_jobs or self.error or self.refiled
+                    or self.damaged_records)
 
 
 @dataclass
@@ -91,6 +93,7 @@ def check(path: Path) -> CheckReport:
         report.error = exc.message
         return report
     with store:
+        report.damaged_records = store.damaged_records()
         misfiled = store.misfiled()   # keys with a flipped byte, known by what they hold
         under = {key for key, _ in misfiled.values()}
         for name in dict.fromkeys([*_names(store, report), *misfiled]):
@@ -148,10 +151,11 @@ def _copy(path: Path, source: Path, report: CheckReport) -> SalvageReport:
     copied: list[str] = []
     jobs = 0
     with ConceptStore.open(source, create=False, readonly=True) as old, ConceptStore.open(fresh) as new:
-        if old.fingerprint:
-            base_model = old._meta_value(b"base_model")   # for the words of a later refusal
-            new.bind(old.fingerprint, base_model if isinstance(base_model, dict) else None,
-                     aliases=old.aliases)
+        fingerprint = _readable(lambda: old.fingerprint) or _concepts_model(old, report.concepts)
+        if fingerprint:   # a damaged record of the store's own is left behind, or made anew
+            base_model = _readable(lambda: old._meta_value(b"base_model"))   # for a refusal's words
+            new.bind(fingerprint, base_model if isinstance(base_model, dict) else None,
+                     aliases=_readable(lambda: old.aliases) or [])
         misfiled = old.misfiled() if report.refiled else {}
         for name in report.concepts:   # a misfiled one under the name it was written under
             new.put_raw(old.raw_concept(name, misfiled[name][1] if name in misfiled else None))
@@ -189,10 +193,25 @@ def _copy(path: Path, source: Path, report: CheckReport) -> SalvageReport:
 
 def _old_lost(store: ConceptStore) -> dict[str, list[str]]:
     """What an earlier salvage of this store left behind, where that still reads."""
+    return _readable(store.lost) or {}
+
+
+def _readable(read):
+    """`read()`, or None where the record it reads is damaged."""
     try:
-        return store.lost()
+        return read()
     except ConesError:
-        return {}
+        return None
+
+
+def _concepts_model(store: ConceptStore, names: list[str]) -> str | None:
+    """The base model a store's concepts were learned on, from their own metadata: what its
+    damaged fingerprint record said (every concept's matched it when it was stored)."""
+    for name in names:
+        fingerprint = _readable(lambda: store.meta(name).fingerprint)
+        if fingerprint:
+            return fingerprint
+    return None
 
 
 def _unused(path: Path) -> Path:

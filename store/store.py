@@ -105,16 +105,20 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
     # -- schema --------------------------------------------------------------------------------
 
     def _check_schema(self) -> None:
-        stored = self._meta_value(b"schema")
+        try:
+            stored = self._meta_value(b"schema")
+            if stored is not None and not _schema_record(stored):
+                raise Corrupt(f"The concept store at {self.path} has a damaged schema record.", META_HINT)
+        except Corrupt:
+            if self._env.readonly:   # check and salvage read it as this version's store;
+                return               # damaged_records says it is damaged
+            raise
         if stored is None:
             if self._env.readonly:
                 return
             self._env.write(lambda txn: self._put_meta(txn, b"schema", {"version": SCHEMA_VERSION}))
             return
-        version = stored.get("version") if isinstance(stored, dict) else None
-        if not isinstance(version, int):
-            raise Corrupt(f"The concept store at {self.path} has a damaged schema record.",
-                          "Restore it from a backup or move it aside to start a new store.")
+        version = stored["version"]
         if version > SCHEMA_VERSION:
             raise ProtocolMismatch(
                 f"The concept store at {self.path} has schema {version}; this cones reads up "
@@ -136,6 +140,19 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
     def _meta_value(self, key: bytes):
         return self._env.read(lambda txn: self._read_meta(txn, key))
 
+    def damaged_records(self) -> dict[str, str]:
+        """The store's own records (schema, base model, lost concepts ...) that do not read: by
+        name, why. One of them damaged refused every concept, and `store check` said nothing."""
+        out = {}
+        for key in META_KEYS:
+            try:
+                value = self._meta_value(key)
+                if key == b"schema" and value is not None and not _schema_record(value):
+                    raise Corrupt(f"The concept store at {self.path} has a damaged schema record.")
+            except Corrupt as exc:
+                out[key.decode()] = exc.message
+        return out
+
     def _read_meta(self, txn, key: bytes):
         raw = txn.get(key, db=self._db["meta"])
         if raw is None:
@@ -144,7 +161,7 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
             return ser.load_json(unframe(key, raw)[1])
         except CodecError:
             raise Corrupt(f"The concept store at {self.path} has a damaged '{key.decode()}' "
-                          "record.", "Restore it from a backup or move it aside.") from None
+                          "record.", META_HINT) from None
 
     def _put_meta(self, txn, key: bytes, value) -> None:
         txn.put(key, frame(key, ser.dump_json(value)), db=self._db["meta"])
@@ -476,6 +493,16 @@ class _DamagedPart(Exception):
     def __init__(self, where: str, reason: str):
         super().__init__(where)
         self.where, self.reason = where, reason
+
+
+# The store's own records, beside the concepts and jobs.
+META_KEYS = (b"schema", b"fingerprint", b"aliases", b"base_model", b"lost")
+META_HINT = ("Stop the service and run `cones store salvage`: it copies every concept and job into "
+             "a fresh store and keeps this one aside.")
+
+
+def _schema_record(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("version"), int)
 
 
 def _meta_name(raw: bytes) -> str | None:

@@ -549,3 +549,32 @@ def test_a_page_whose_header_is_garbage_leaves_the_other_databases_readable(home
     assert done.jobs_copied == 3
     with ConceptStore.open(path, readonly=True) as store:
         assert len(store.jobs()) == 3
+
+
+@pytest.mark.parametrize("record", ["fingerprint", "schema", "lost", "base_model"])
+def test_a_damaged_record_of_the_store_itself_is_checked_and_salvaged(home, record):
+    """A review's find: one damaged byte in one of the store's own small records (its base
+    model's fingerprint, its schema, the concepts a salvage lost) refused every concept, while
+    `store check` said all was well and salvage refused or did nothing. Now check names it and
+    salvage keeps every concept, the fingerprint made anew from the concepts' own."""
+    from store.salvage import check, salvage
+
+    h, _ = home
+    fp, records = tiny_records(2)
+    path = write_store(h, records, fp)
+    with ConceptStore.open(path, fingerprint=fp) as store:
+        store.set_lost({"gone": ["ab" * 32]})
+        store.bind(fp, {"model": "toy", "dtype": "float32"})
+    damage_value(path, "meta", record.encode())
+    report = check(path)
+    assert not report.error and not report.ok and list(report.damaged_records) == [record], report
+    with pytest.raises(Exception) as err:   # what the service meets: the salvage hint
+        with ConceptStore.open(path, fingerprint=fp) as store:
+            store.lost() if record == "lost" else store.names() if record != "base_model" else \
+                store._meta_value(b"base_model")
+    assert "cones store salvage" in getattr(err.value, "hint", ""), err.value
+    done = salvage(path)
+    assert sorted(done.copied) == sorted(r.name for r in records)
+    with ConceptStore.open(path, fingerprint=fp) as store:   # the model's store again
+        assert store.fingerprint == fp and sorted(store.names()) == sorted(r.name for r in records)
+    assert check(path).ok
