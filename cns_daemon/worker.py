@@ -107,11 +107,12 @@ def out_of_memory(exc: BaseException, kind: str) -> Internal | None:
     torch.OutOfMemoryError; the CPU's, MemoryError or a RuntimeError that says so."""
     import torch
 
-    if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
-            or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())):
+    said = str(exc).lower()
+    if not (isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (isinstance(exc, RuntimeError) and (
+            "out of memory" in said or "can't allocate memory" in said))):   # CPU: DefaultCPUAllocator
         return None
-    what = ("Generate fewer images at a time (-n) or smaller ones" if kind == "generate"
-            else "Stop what else uses the GPU")
+    what = ("Generate fewer images at a time (-n) or smaller ones" if kind in ("generate", "eval")
+            else "Free memory for it (other programs on the GPU or in RAM)")
     return Internal(f"The {kind} ran out of memory ({type(exc).__name__}).",
                     f"{what}, or turn on the memory options (gradient_checkpointing, offload, "
                     "vae_tiling in config.toml or CONES_* variables; `cones status` shows them), "
