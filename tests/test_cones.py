@@ -4,6 +4,8 @@ fine-tune stays inside the union; trained values start shut and act only where t
 named (scope concept), or are written for the request (scope all)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import LearnSpec, cones, get_method
 from cns_daemon.methods import common as C
 from store import ConceptStore
+from store.records import SparseDelta
 from helpers.methods import CONES, FAST, changed, photos, snapshot
 
 SHUT = {**FAST, "sparsity": 2.0, "values": "shut", "scope": "all"}   # the paper's binary form
@@ -97,6 +100,10 @@ def test_learn_apply_remove(fresh_tiny_pipe, tmp_path):
                                    steps=2, cache_dir=tmp_path)
     assert changed(pipe, before) == []
     assert refined and all(np.isin(idx, union[n]).all() for n, idx in refined.items())
+    tuned = dataclasses.replace(a, masks={}, deltas={
+        n: SparseDelta(i, np.ones(len(i), np.float16), tuple(kv[n].shape)) for n, i in a.masks.items()})
+    with pytest.raises(BadInput, match="holds trained values"):   # its answer would drop them
+        cones.joint_finetune(pipe, [(tuned, photos(tmp_path / "a"))], steps=1, cache_dir=tmp_path)
 
 
 def _kv_out(pipe, scope, tname, ids):

@@ -27,7 +27,9 @@ learns a look: trained values, scoped").
 The record is the index set per tensor (shut) or the values per tensor (tuned). Generating with
 the concept puts them in for that request only; several Cones concepts put in all of theirs.
 `joint_finetune` repeats A2 on the summed losses of several subjects, limited to the union of
-their sets (paper §3.3), and returns the refined union.
+their sets (paper §3.3), and returns the refined union: for the paper's form (values shut) only,
+and from Python only (no command runs it; the toy world gives it nothing to refine: shut
+neurons draw no look there).
 
 The token is a rare existing token, never trained: Cones changes no embedding.
 """
@@ -407,6 +409,10 @@ def joint_finetune(pipe, items: list[tuple[ConceptRecord, list[Path]]], *, steps
     (shut these instead of the plain union when generating the subjects together)."""
     if not items:
         raise BadInput("No concepts were given for the joint fine-tune.")
+    tuned = [rec.name for rec, _ in items if not rec.masks]
+    if tuned:   # its answer is a set to shut, which would throw trained values away
+        raise BadInput(f"{tuned[0]} holds trained values: the joint fine-tune refines the paper's "
+                       "shut neurons only.", "Give concepts learned with values=shut.")
     losses = []
     hp = None
     for rec, photos in items:
