@@ -37,7 +37,10 @@ def encode(record: ConceptRecord) -> bytes:
         tensors[f"embedding/{token}"] = np.ascontiguousarray(vec)
     metadata = {
         "format": FORMAT,
-        "meta": json.dumps(dataclasses.asdict(record.meta), default=_jsonable),
+        # (the store's own count of its parts stays behind: an importing store counts anew, and
+        # a cones from before it counted reads the file)
+        "meta": json.dumps({k: v for k, v in dataclasses.asdict(record.meta).items() if k != "parts"},
+                           default=_jsonable),
         "overlap": json.dumps(dataclasses.asdict(record.overlap)),
         "delta_shapes": json.dumps({k: list(d.shape) for k, d in record.deltas.items()}),
     }

@@ -46,6 +46,9 @@ class ConceptMeta:
     hparams: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""             # base model this was learned on
+    # How many parts of each kind the store wrote ({"deltas": 32, ...}; {} before it counted):
+    # a part whose key was damaged is missing from a read, which a count tells from "none".
+    parts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         validate_name(self.name)

@@ -174,7 +174,7 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
         stored concept's mask and delta positions, stores it in place of `record.overlap` and
         returns it; concepts that already list this name get the new pairwise count."""
         name = validate_name(record.meta.name)
-        meta = self._stamped_meta(record.meta)
+        meta = dataclasses.replace(self._stamped_meta(record.meta), parts=part_counts(record))
         record = dataclasses.replace(record, meta=meta)
         try:
             items = _encode_parts(record)
@@ -400,6 +400,10 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
                     else:
                         record.overlap = value
                     items.append((db, key, bytes(raw)))
+            read = part_counts(record)
+            for db, want in meta.parts.items():   # a part's checksum covers its key: one under a
+                if read.get(db, 0) != want:       # damaged key is never read as this concept's
+                    raise _DamagedPart(db, f"{read.get(db, 0)} of its {want} parts read; a key is damaged")
         except _DamagedPart as exc:
             raise _damaged(name, exc.where, exc.reason) from None
         except PAGE_ERRORS as exc:
@@ -564,6 +568,12 @@ def check_record(record: ConceptRecord) -> None:
     """ValueError saying why, if the record's parts cannot be stored as they are (what `put`
     refuses as inconsistent: positions unsorted, repeated or outside their tensor, ...)."""
     _encode_parts(record)
+
+
+def part_counts(record: ConceptRecord) -> dict[str, int]:
+    """How many values of each kind a concept has in the store (ConceptMeta.parts)."""
+    return {"masks": len(record.masks), "deltas": len(record.deltas),
+            "embeddings": len(record.embeddings), "residuals": int(record.residual is not None)}
 
 
 def _encode_parts(record: ConceptRecord) -> list[Item]:

@@ -381,6 +381,27 @@ def test_a_put_counts_its_overlap_before_it_takes_the_writer_lock(tmp_path, monk
     store.close()
 
 
+def test_a_part_under_a_damaged_key_makes_its_concept_damaged_not_smaller(tmp_path):
+    """A review's find: one delta's key with a flipped byte ("rex\\0..." read as "rez\\0...")
+    left rex whole-looking with 3 of its 4 deltas: the service would apply it and draw something
+    else, and check and salvage called it whole. The store counts each concept's parts now."""
+    from store.salvage import check
+
+    store = ConceptStore.open(tmp_path / "s", fingerprint="base-A")
+    store.put(sample_record("rex", "cns", seed=1))
+    assert store.get("rex").meta.parts["deltas"] == len(sample_record("rex", "cns", seed=1).deltas)
+    with store._env.env.begin(write=True) as txn:
+        cur = txn.cursor(db=store._db["deltas"])
+        cur.set_range(b"rex\0")
+        key, value = bytes(cur.key()), bytes(cur.value())
+        txn.delete(key, db=store._db["deltas"])
+        txn.put(b"rez" + key[3:], value, db=store._db["deltas"])
+    with pytest.raises(Corrupt, match="deltas: 3 of its 4 parts read"):
+        store.get("rex")
+    store.close()
+    assert "rex" in check(tmp_path / "s").damaged
+
+
 def test_a_damaged_key_in_the_overlap_or_mask_index_fails_no_write(tmp_path):
     """A non-UTF-8 byte in an overlap or mask key made every put and delete (which walk those
     indices) fail as a bug in cones; `store check` names the key and writes go on."""
