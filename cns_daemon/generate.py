@@ -21,6 +21,7 @@ same composition, not the same pixels.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -36,6 +37,8 @@ from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope, tail_shares
 from cns_daemon.prompts import (Box, ExpandedPrompt, blank_negative, check_boxes, check_length, expand,
                                 referenced_names)
 from store.records import ConceptRecord
+
+log = logging.getLogger(__name__)
 
 MAX_IMAGES = 16
 
@@ -81,15 +84,24 @@ def applied(pipe, records: list[ConceptRecord], apply_resident: bool):
             if apply_resident or not method.resident:
                 done.append((method, method.apply(pipe, by_method[m])))
         yield [h for _, h in done]
-    finally:
-        errors = []
-        for method, handle in reversed(done):
-            try:
-                method.remove(handle)
-            except Exception as exc:  # keep undoing the others; report the first failure
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+    except BaseException:   # the request's own error (a cancel, a bad input) is the one to tell
+        for exc in _remove_all(done):
+            log.error("taking a concept off the model failed after the request failed", exc_info=exc)
+        raise
+    errors = _remove_all(done)
+    if errors:
+        raise errors[0]
+
+
+def _remove_all(done: list[tuple[object, object]]) -> list[Exception]:
+    """Undo every applied method, newest first, whatever fails: the failures."""
+    errors = []
+    for method, handle in reversed(done):
+        try:
+            method.remove(handle)
+        except Exception as exc:  # keep undoing the others
+            errors.append(exc)
+    return errors
 
 
 def batch_ids(expanded: ExpandedPrompt, n: int, cfg: bool, tokens: int) -> torch.Tensor:

@@ -131,6 +131,34 @@ def test_cancel_stops_at_the_next_step_and_restores(tiny_pipe):
         generate(tiny_pipe, "a dog", {}, steps=2, cancel=token)
 
 
+def test_a_cancel_is_told_even_when_taking_a_concept_off_fails(fresh_tiny_pipe, monkeypatch, caplog):
+    """A review's find: a removal failing while a cancel unwound the request raised the
+    removal's error in place of the cancel. The cancel is told; the removal's error is logged;
+    without a cancel, the removal's error is the request's."""
+    import logging
+
+    recs = _records(fresh_tiny_pipe)
+    cones = get_method("cones")
+    real = cones.remove
+
+    def broken(handle):
+        real(handle)
+        raise RuntimeError("could not take it off")
+
+    monkeypatch.setattr(cones, "remove", broken)
+    token = CancelToken()
+
+    def progress(event):
+        if event.step == 1:
+            token.cancel()
+
+    with caplog.at_level(logging.ERROR, logger="cns_daemon.generate"), pytest.raises(Cancelled):
+        generate(fresh_tiny_pipe, "a photo of <mug>", recs, steps=4, progress=progress, cancel=token)
+    assert "could not take it off" in caplog.text
+    with pytest.raises(RuntimeError, match="could not take it off"):
+        generate(fresh_tiny_pipe, "a photo of <mug>", recs, steps=2)
+
+
 def test_bad_requests_fail_before_anything_is_applied(tiny_pipe):
     recs = _records(tiny_pipe)
     snap = _snapshot(tiny_pipe)
