@@ -577,7 +577,7 @@ def part_counts(record: ConceptRecord) -> dict[str, int]:
 
 
 def _encode_parts(record: ConceptRecord) -> list[Item]:
-    """Every value of a concept except its overlap (computed inside the write transaction)."""
+    """Every value of a concept except its overlap (`put` counts it against the stored ones)."""
     name = record.meta.name.encode()
     items: list[Item] = [("concepts", name, ser.encode_meta(record.meta))]
     for tensor, idx in record.masks.items():
