@@ -282,7 +282,7 @@ def _export_target(name: str, output: str) -> Path:
     is a folder or says it is one (a trailing slash, which pathlib would drop)."""
     if not output.strip():   # "" was the current folder, written into without a word
         raise BadInput("-o is empty.", "Give -o a file path (NAME.safetensors) or a folder.")
-    path = Path(output)
+    path = Path(output).expanduser()   # `--output=~/x`: no shell expands that `~`
     if output.endswith(("/", os.sep)) or path.is_dir():
         if path.exists() and not path.is_dir():
             raise BadInput(f"{path} is a file, not a folder.", "Give -o a file path, or a folder.")

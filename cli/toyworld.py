@@ -50,6 +50,7 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
         photos = render_concept_photos(obj, n, seed, background=background)
     except ValueError as exc:
         raise BadInput(f"{exc}.", "See `cones toyworld render --help` for the choices.") from None
+    out = out.expanduser()   # `--out=~/x`: no shell expands that `~`
     if out.is_dir() and any(out.glob("*.png")) and not force:
         # The folder is what `cones add` or the inbox learns from: photos of another object (or
         # of the same one, partly replaced) would make one mixed training set.

@@ -143,6 +143,9 @@ def handled(fn):
                 raise typer.Exit(EXIT_BROKEN_PIPE) from None
             except OSError as exc:   # a file of the person's that cannot be read: no traceback
                 where = exc.filename2 or exc.filename
+                if where and os.path.isfile(where) and not os.access(where, os.R_OK):
+                    raise BadInput(f"Cannot read {where}: {exc.strerror or exc}.",   # an input
+                                   "Check that you may read it (its permissions).") from None  # (exit 2)
                 raise storage_error(exc) or BadInput(
                     f"Cannot use {where}: {exc.strerror or exc}." if where else f"{exc.strerror or exc}.",
                     "Check the path and that you may read (and write) it.") from None

@@ -229,7 +229,8 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
             f"too large ({size}; at most {MAX_PIXELS // 1_000_000} megapixels)"))
     except Exception as exc:   # noqa: BLE001 - OSError mostly, but PIL's decoders raise others on
         # damaged files (a byte-flipped TIFF: TypeError from load()); a bad photo is skipped, not a 500
-        return SkippedFile(file=filename, reason=f"damaged or truncated image ({exc or type(exc).__name__})")
+        said = str(exc)[:300] or type(exc).__name__   # (a reason is bounded: protocol.SkippedFile)
+        return SkippedFile(file=filename, reason=f"damaged or truncated image ({said})")
     if fmt not in ACCEPTED_FORMATS:
         return SkippedFile(file=filename, reason=f"unsupported image format {fmt or 'unknown'}")
     if invisible:

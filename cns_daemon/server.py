@@ -468,7 +468,7 @@ def _check_protocol(value: str | None) -> None:
     `cones` left on PATH was told to restart the service, which cannot help it."""
     if value == PROTOCOL_VERSION:
         return
-    if value and value.isdigit():
+    if value and value.isascii() and value.isdigit():   # "²".isdigit(), and int() refuses it
         if int(value) < int(PROTOCOL_VERSION):
             raise ProtocolMismatch(
                 f"This cones command speaks protocol {value}, older than the service's {PROTOCOL_VERSION}.",

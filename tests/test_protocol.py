@@ -38,6 +38,17 @@ def test_add_request_refusals_name_the_field(fields, where):
     assert describe_validation_error(info.value).startswith(where)
 
 
+def test_a_skipped_files_list_is_bounded():
+    """A learn's skipped files are kept in its job record and sent with every job listing: a
+    60 MB reason made every `cones status` read it again."""
+    from cns_daemon.api.protocol import MAX_SKIPPED_REASON, SkippedFile
+
+    SkippedFile(file="a" * 1020, reason="r" * MAX_SKIPPED_REASON)
+    for fields in ({"file": "x", "reason": "r" * (MAX_SKIPPED_REASON + 1)}, {"file": "x" * 2000, "reason": "r"}):
+        with pytest.raises(ValidationError):
+            SkippedFile(**fields)
+
+
 def test_generate_request_limits():
     GenerateRequest(prompt="a photo of <rex>", n=16, boxes=["rex=0,0,1,1"] * 8)
     for bad in ({"prompt": ""}, {"prompt": "x" * 1001}, {"prompt": "x", "n": 0}, {"prompt": "x", "n": 17},

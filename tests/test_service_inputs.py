@@ -380,7 +380,7 @@ def test_a_token_another_concept_uses_is_refused_when_submitted(cones, daemon, t
 # -- item 12: export targets ---------------------------------------------------------------------------
 
 
-def test_export_to_a_missing_folder_or_into_a_folder(cones, daemon, tmp_path):
+def test_export_to_a_missing_folder_or_into_a_folder(cones, daemon, tmp_path, monkeypatch):
     learned(daemon, tmp_path, "exported")
     code, out = cones("export", "exported", "-o", str(tmp_path / "missing" / "x.safetensors"))
     assert code == BAD_INPUT and "does not exist" in out and "Traceback" not in out, out
@@ -390,6 +390,11 @@ def test_export_to_a_missing_folder_or_into_a_folder(cones, daemon, tmp_path):
     assert code == 0, out
     written = folder / "exported.safetensors"
     assert written.is_file() and written.stat().st_size > 0 and str(written) in out
+    # `--output=~/x`: no shell expands that `~` (a folder named "~" was made where cones ran)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "exports").mkdir(parents=True)
+    code, out = cones("export", "exported", "--output=~/exports/")
+    assert code == 0 and (tmp_path / "home" / "exports" / "exported.safetensors").is_file(), out
     (tmp_path / "afile").write_text("x")
     code, out = cones("generate", "a plain photo", "-o", str(tmp_path / "afile"))
     assert code == BAD_INPUT and "is a file" in out, out

@@ -352,6 +352,8 @@ def test_wrong_or_missing_protocol_version(daemon, raw):
     # an old `cones` left on PATH was told to restart the service, which cannot help it
     assert "older than the service's" in body["message"] and "Restart" not in body["hint"], body
     assert "update this one" in body["hint"], body
+    # a digit that is no ASCII digit ("²".isdigit(); b"\xb2" in latin-1) was a 500 "bug in cones"
+    _error(raw.get(f"{API_PREFIX}/status", headers={PROTOCOL_HEADER: b"\xb2"}), 400, "protocol")
     newer = _error(raw.get(f"{API_PREFIX}/status", headers={PROTOCOL_HEADER: str(int(PROTOCOL_VERSION) + 1)}),
                    400, "protocol")
     assert "The service speaks protocol" in newer["message"] and "Restart the service" in newer["hint"], newer

@@ -274,3 +274,38 @@ def test_a_job_that_failed_for_want_of_an_extra_is_not_said_to_be_kept():
     assert _wait(failed) == "open_clip could not be imported."
     gone = _wait(None)     # the service went away while the job ran: that job is kept
     assert "job 0123456789ab, kept" in gone
+
+
+def test_a_file_one_may_not_read_is_bad_input_not_a_full_disk(tmp_path, monkeypatch, capsys):
+    """A review's find: `cones add rex photo.png` with a photo one may not read exited 12 with
+    "Free space on that disk", the hint for a folder that cannot be written; it is bad input
+    (exit 2), as an unreadable caption already was. A write refused stays exit 12."""
+    import errno
+    import os
+
+    import pytest
+    import typer
+
+    from cli.views import handled
+    from cns_daemon.api.errors import EXIT_CODES, ErrorCode
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(b"x")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(photo) else real_access(p, mode))
+
+    @handled
+    def read_it():
+        raise PermissionError(errno.EACCES, "Permission denied", str(photo))
+
+    @handled
+    def write_it():
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "out"))
+
+    with pytest.raises(typer.Exit) as done:
+        read_it()
+    assert done.value.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT]
+    assert "Cannot read" in capsys.readouterr().err
+    with pytest.raises(typer.Exit) as done:
+        write_it()
+    assert done.value.exit_code == EXIT_CODES[ErrorCode.STORAGE]

@@ -58,6 +58,8 @@ NDJSON = "application/x-ndjson"
 # Limits (the request-size limit itself is Settings.max_request_bytes).
 MAX_PHOTOS = 64
 MAX_PROMPT_CHARS = 1000
+MAX_SKIPPED_NAME = 1024     # a 255-byte file name shown with \x escapes is 1,020 characters
+MAX_SKIPPED_REASON = 2000
 MAX_IMAGES = 16
 MAX_BOXES = 8
 MAX_SIDE = 2048          # pixels, either side of a generated image
@@ -125,8 +127,10 @@ class Photo(Model):
 
 
 class SkippedFile(Model):
-    file: str
-    reason: str
+    # bounded: a learn's list is kept in its job record and sent back with every job listing
+    # (a 60 MB reason made each `cones status` read it again)
+    file: str = Field(max_length=MAX_SKIPPED_NAME)
+    reason: str = Field(max_length=MAX_SKIPPED_REASON)
 
 
 class AddRequest(Model):
