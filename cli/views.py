@@ -13,6 +13,7 @@ from typing import Iterable
 
 import typer
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -38,12 +39,28 @@ err_console = _Console(stderr=True, soft_wrap=True)   # so must those in errors
 
 
 def print_json(doc: BaseModel | list[BaseModel]) -> None:
-    """One JSON document on stdout (no rich markup, no wrapping)."""
+    """One JSON document on stdout (no rich markup, no wrapping). A path whose name is not
+    UTF-8 (`-o` into such a folder) is written as the CLI shows it ("out-\\xff"): JSON holds
+    text only, and the dump failed on it after the images were copied."""
     if isinstance(doc, list):
-        text = json.dumps([d.model_dump(mode="json") for d in doc], indent=2)
+        text = json.dumps([_as_text(d.model_dump(mode="json")) for d in doc], indent=2)
     else:
-        text = doc.model_dump_json(indent=2)
+        try:
+            text = doc.model_dump_json(indent=2)
+        except PydanticSerializationError:   # such a path
+            text = json.dumps(_as_text(doc.model_dump(mode="json")), indent=2)
     print(text)
+
+
+def _as_text(value):
+    """`value` with every string's undecodable bytes (surrogate escapes) written as \\xNN."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {_as_text(k): _as_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_text(v) for v in value]
+    return value
 
 
 def print_error(exc: ConesError) -> None:

@@ -309,3 +309,18 @@ def test_a_file_one_may_not_read_is_bad_input_not_a_full_disk(tmp_path, monkeypa
     with pytest.raises(typer.Exit) as done:
         write_it()
     assert done.value.exit_code == EXIT_CODES[ErrorCode.STORAGE]
+
+
+def test_json_output_writes_a_non_utf8_path_as_the_cli_shows_it(capsys):
+    """`generate --json -o` into a folder whose name is not UTF-8 copied the images, then failed
+    on the JSON dump with a traceback and no document."""
+    import json
+
+    from cli.views import print_json
+    from cns_daemon.api.protocol import SkippedFile
+
+    doc = SkippedFile(file="a.png", reason="r").model_copy(update={"file": "out-\udcff/a.png"})
+    print_json(doc)
+    assert json.loads(capsys.readouterr().out) == {"file": "out-\\xff/a.png", "reason": "r"}
+    print_json([SkippedFile(file="b.png", reason="r")])
+    assert json.loads(capsys.readouterr().out) == [{"file": "b.png", "reason": "r"}]
