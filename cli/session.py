@@ -56,7 +56,7 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
 # A request field as the person gave it: the flag or argument (not "class_word" or "guidance_scale")
 ARGUMENTS = {"class_word": "--class", "method": "--method", "steps": "--steps", "seed": "--seed",
              "options": "--option", "n": "-n", "boxes": "--box", "negative_prompt": "--negative",
-             "guidance_scale": "--cfg", "width": "--width", "height": "--height", "clip": "--clip",
+             "guidance_scale": "--guidance-scale", "width": "--width", "height": "--height", "clip": "--clip",
              "clip_weights": "--clip-weights", "prompts": "--prompts", "name": "NAME", "names": "NAMES",
              "prompt": "PROMPT", "photos": "PHOTOS"}
 

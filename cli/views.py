@@ -168,10 +168,13 @@ def handled(fn):
                     "Check the path and that you may read (and write) it.") from None
         except ConesError as exc:
             exc.hint = _named(exc.hint or "")
-            print_error(exc)
-            if kwargs.get("as_json"):
-                body = ErrorBody(code=exc.code.value, message=exc.message, hint=exc.hint or "")
-                print(json.dumps({"error": body.model_dump()}, indent=2))
+            try:
+                print_error(exc)
+                if kwargs.get("as_json"):
+                    body = ErrorBody(code=exc.code.value, message=exc.message, hint=exc.hint or "")
+                    print(json.dumps({"error": body.model_dump()}, indent=2))
+            except BrokenPipeError:   # `cones show nope --json | true`: the error's code, not click's 1
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise typer.Exit(exc.exit_code) from None
     return wrapper
 

@@ -269,7 +269,7 @@ def test_generate_takes_negative_prompt_guidance_and_size(cones, daemon, tmp_pat
                        (("--width", "34"), "multiple of 8"),
                        (("--width", "136"), "over 128 px a side"),   # 4 times the tiny model's 32
                        (("--steps", "1000"), "between 2 and 999"),
-                       (("--guidance-scale", "0.5"), "--cfg: must be at least 1"),
+                       (("--guidance-scale", "0.5"), "--guidance-scale: must be at least 1"),
                        (("--height", "5000"), "height")):
         code, out = cones("generate", "a photo of <neg>", *args)
         assert code == 2 and said in out, (args, out)

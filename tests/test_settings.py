@@ -388,6 +388,6 @@ def test_a_refused_value_is_named_by_its_flag_in_plain_words_and_the_hint_names_
     assert code == 2 and "Invalid value: -n: must be at least 1." in said, said
     assert "`cones generate --help`" in said and "COMMAND" not in said
     code, said = _status(["generate", "x", "--cfg", "31"])
-    assert code == 2 and "--cfg: must be at most 30." in said, said
+    assert code == 2 and "--guidance-scale: must be at most 30." in said, said   # the flag's name
     code, said = _status(["eval", "rex", "-n", "0"])
     assert "`cones eval --help`" in said, said

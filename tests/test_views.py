@@ -324,3 +324,27 @@ def test_json_output_writes_a_non_utf8_path_as_the_cli_shows_it(capsys):
     assert json.loads(capsys.readouterr().out) == {"file": "out-\\xff/a.png", "reason": "r"}
     print_json([SkippedFile(file="b.png", reason="r")])
     assert json.loads(capsys.readouterr().out) == [{"file": "b.png", "reason": "r"}]
+
+
+def test_an_error_whose_reader_went_away_keeps_its_exit_code(monkeypatch):
+    """`cones show nope --json | true`: printing the error into the closed pipe escaped to click,
+    which exited 1; the error's own code now (3, not found)."""
+    import pytest
+    import typer
+
+    from cli import views
+    from cns_daemon.api.errors import EXIT_CODES, ErrorCode, NotFound
+
+    def closed(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(views, "print_error", closed)
+    monkeypatch.setattr(views.os, "dup2", lambda *a: None)   # the test's own stdout stays
+
+    @views.handled
+    def show(as_json: bool = True):
+        raise NotFound("No concept named 'nope'.")
+
+    with pytest.raises(typer.Exit) as done:
+        show(as_json=True)
+    assert done.value.exit_code == EXIT_CODES[ErrorCode.NOT_FOUND]
