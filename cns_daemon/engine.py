@@ -425,7 +425,7 @@ class Engine(Importing, Listing):
         prompt, an image size or a number of steps the model cannot make."""
         from cns_daemon.generate import check_negative_prompt, check_steps, image_size
         from cns_daemon.model import recommended_guidance
-        from cns_daemon.prompts import check_boxes, check_plain_words, expand, referenced_names
+        from cns_daemon.prompts import check_boxes, expand, referenced_names
 
         for name in referenced_names(req.prompt):
             if name in self.problems:
@@ -434,9 +434,7 @@ class Engine(Importing, Listing):
         expanded = expand(req.prompt, metas, self.tokenizer_here())
         check_boxes(req.boxes, expanded)
         scale = req.guidance_scale if req.guidance_scale is not None else recommended_guidance(self.pipe)
-        check_negative_prompt(req.negative_prompt, self.tokenizer_here(), scale)
-        if req.negative_prompt:
-            check_plain_words(req.negative_prompt, metas, self.tokenizer_here(), "negative prompt")
+        check_negative_prompt(req.negative_prompt, self.tokenizer_here(), scale, metas)
         image_size(self.pipe, req.height, req.width)
         if req.steps is not None:
             check_steps(self.pipe, req.steps)

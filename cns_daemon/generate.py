@@ -34,9 +34,9 @@ from cns_daemon.model import recommended_guidance, recommended_steps
 from cns_daemon.guidance import GuidanceConfig, GuidanceState, LayoutBias, layout_guidance
 from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
 from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope, tail_shares
-from cns_daemon.prompts import (Box, ExpandedPrompt, blank_negative, check_boxes, check_length, expand,
-                                referenced_names)
-from store.records import ConceptRecord
+from cns_daemon.prompts import (Box, ExpandedPrompt, blank_negative, check_boxes, check_length,
+                                check_plain_words, expand, referenced_names)
+from store.records import ConceptMeta, ConceptRecord
 
 log = logging.getLogger(__name__)
 
@@ -128,11 +128,13 @@ def prompt_tails(expanded: ExpandedPrompt, n_tokens: int) -> dict[str, list[int]
     return {name: list(share) for name, share in zip(expanded.names, shares)}
 
 
-def check_negative_prompt(negative_prompt: str | None, tokenizer, guidance_scale: float) -> None:
+def check_negative_prompt(negative_prompt: str | None, tokenizer, guidance_scale: float,
+                          metas: Mapping[str, ConceptMeta] | None = None) -> None:
     """A concept in the negative branch would need its weights, mask or residual applied to the
-    unconditional pass alone; rather than pass "<rex>" through as text, say so. Nor is a
-    negative prompt cut short, blank, or given where guidance is off (it acts through the
-    guidance's unconditional branch, which a scale of 1 skips) without a word."""
+    unconditional pass alone; rather than pass "<rex>" through as text, say so, and of one of
+    `metas` written as its plain token word too. Nor is a negative prompt cut short, blank, or
+    given where guidance is off (it acts through the guidance's unconditional branch, which a
+    scale of 1 skips) without a word."""
     if negative_prompt is not None and not negative_prompt.strip():
         raise blank_negative()
     if negative_prompt and guidance_scale <= 1.0:
@@ -144,6 +146,7 @@ def check_negative_prompt(negative_prompt: str | None, tokenizer, guidance_scale
                        "Describe what to avoid in plain words, or leave the concept out.")
     if negative_prompt:
         check_length(tokenizer, negative_prompt, "negative prompt")
+        check_plain_words(negative_prompt, metas or {}, tokenizer, "negative prompt")
 
 
 NATIVE_TIMES = 4   # sides generated: from the model's own over this to the model's own times this
@@ -202,8 +205,9 @@ def generate(pipe, prompt: str, records_by_name: Mapping[str, ConceptRecord],
     check_steps(pipe, steps)
     if guidance_scale is None:
         guidance_scale = recommended_guidance(pipe)
-    check_negative_prompt(negative_prompt, pipe.tokenizer, guidance_scale)
-    expanded = expand(prompt, {k: r.meta for k, r in records_by_name.items()}, pipe.tokenizer)
+    metas = {k: r.meta for k, r in records_by_name.items()}
+    check_negative_prompt(negative_prompt, pipe.tokenizer, guidance_scale, metas)
+    expanded = expand(prompt, metas, pipe.tokenizer)
     layout = check_boxes(boxes, expanded)
     h, w = image_size(pipe, height, width)
     cfg = guidance_scale > 1.0

@@ -119,6 +119,14 @@ def out_of_memory(exc: BaseException, kind: str) -> Internal | None:
                     "and try again.")
 
 
+def requeued(job: JobRecord) -> JobRecord:
+    """`job`, stopped by no fault of its own (a clean stop, a crash while it was paused): back
+    in the queue to start over, its attempt given back."""
+    job.state, job.started, job.paused = "queued", None, False
+    job.attempts, job.interrupted = max(0, job.attempts - 1), job.interrupted + 1
+    return job
+
+
 class Worker:
     def __init__(self, jobs: JobStore, run: JobRunner,
                  on_change: Callable[[JobRecord], None] | None = None):
@@ -146,8 +154,7 @@ class Worker:
                 job.state, job.finished = "cancelled", time.time()
                 job.error = error_body(Cancelled(CANCELLED_AT_STOP))
             elif job.paused:   # a generate it paused for was running: that one takes the count
-                job.state, job.started, job.paused = "queued", None, False
-                job.attempts, job.interrupted = max(0, job.attempts - 1), job.interrupted + 1
+                requeued(job)
             elif job.attempts >= MAX_ATTEMPTS:
                 job.state, job.finished = "failed", time.time()
                 job.error = error_body(Internal(
@@ -188,9 +195,7 @@ class Worker:
                     job = self.jobs.get_job(running.id)
                     if job.state != "running":
                         continue
-                    job.state, job.started, job.paused = "queued", None, False
-                    job.attempts, job.interrupted = max(0, job.attempts - 1), job.interrupted + 1
-                    self.jobs.put_job(job)
+                    self.jobs.put_job(requeued(job))
                     log.warning("job %s did not stop in time; it starts over at the next start", job.id)
                 except ConesError as exc:
                     log.warning("job %s: its stop could not be recorded: %s", running.id, exc.message)
@@ -361,9 +366,7 @@ class Worker:
                 job = self.jobs.get_job(job.id)
                 if state == "queued":
                     if job.state == "running":   # not already put back by a stop that timed out
-                        job.state, job.started, job.attempts = "queued", None, max(0, job.attempts - 1)
-                        job.interrupted += 1
-                        self.jobs.put_job(job)
+                        self.jobs.put_job(requeued(job))
                 else:
                     self._finish(job, state, error=error, result=result)
             except ConesError as exc:
