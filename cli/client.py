@@ -22,6 +22,9 @@ from cns_daemon.api.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSI
 from cns_daemon.api.trust import RUNTIME_HINT, socket_problem
 
 M = TypeVar("M", bound=BaseModel)
+# The service sends a job's state at least every 10 s while a follower listens (server._follow):
+# a stream silent this long is a service that hangs, not a long step.
+STREAM_SILENCE_S = 60.0
 START_HINT = "Start it with `cones serve` (foreground) or `cones service install` (systemd user service)."
 
 
@@ -160,10 +163,11 @@ class Client:
                                       headers={"content-type": "application/octet-stream"}), JobInfo)
 
     def follow(self, job_id: str, _again: bool = True) -> Iterator[ProgressInfo]:
-        """Progress lines of a job until its final state (no read timeout: jobs take long)."""
+        """Progress lines of a job until its final state: no deadline (jobs take long), but a
+        limit on silence (the service's heartbeat is every 10 s)."""
         url = f"{API_PREFIX}/jobs/{segment('id', job_id)}/events"
         self.check_socket()
-        timeout = httpx.Timeout(None, connect=5.0)
+        timeout = httpx.Timeout(None, connect=5.0, read=STREAM_SILENCE_S)
         try:
             with self.http.stream("GET", url, timeout=timeout) as response:
                 if response.status_code == 408:
@@ -177,8 +181,20 @@ class Client:
                 for line in response.iter_lines():
                     if line.strip():
                         yield ProgressInfo.model_validate_json(line)
+        except httpx.ReadTimeout:
+            raise Unavailable(f"The cones service sent nothing about job {job_id} for {STREAM_SILENCE_S:g} s "
+                              "(it says how a job goes every 10 s): it may hang.",
+                              "See its log (`journalctl --user -u cones`); `systemctl --user restart cones` "
+                              "restarts it, and the job runs again after.") from None
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from None
+
+    def service_state(self) -> str | None:
+        """What a service holding this socket's runtime lock says it does ("starting", "serving",
+        "stopping"); None where no service holds it (down, or between a crash and systemd's
+        restart)."""
+        lock = self.socket_path.parent / "cones.lock"
+        return (_lock_owner(lock)[2] or "starting") if service_starting(lock) else None
 
     # ------------------------------------------------------------ plumbing
 
@@ -257,8 +273,10 @@ class Client:
             return Unavailable("The cones service did not answer in time.",
                                "It may be busy loading the model; try again, or see its log.")
         # (what broke is httpx's to say: its class name meant nothing to a person)
-        what = ("its answer was not HTTP" if isinstance(exc, httpx.RemoteProtocolError) else
-                "it was cut off" if isinstance(exc, (httpx.ReadError, httpx.WriteError)) else
+        # (h11's words for a service that closed mid-answer, as one killed does)
+        cut = any(w in str(exc) for w in ("peer closed", "Server disconnected"))
+        what = ("it was cut off" if cut or isinstance(exc, (httpx.ReadError, httpx.WriteError)) else
+                "its answer was not HTTP" if isinstance(exc, httpx.RemoteProtocolError) else
                 str(exc).rstrip(".") or "no reason given")
         return Unavailable(f"The connection to the cones service at {self.socket_path} broke ({what}).",
                            "It may have stopped or be another program: see the service log "

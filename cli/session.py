@@ -14,6 +14,13 @@ from cns_daemon.api.errors import BadInput, Interrupted, Unavailable
 from cns_daemon.api.protocol import JobInfo
 
 QUEUED_GRACE_S = 1.0   # how long a job may sit queued before the CLI says what it waits for
+# A followed job's service that went away: how long to wait for it to answer again. With no
+# service holding its lock, a restart by systemd (RestartSec=5, then its imports) is due within
+# the grace; one loading its model takes as long as the unit's start limit allows (900 s).
+REJOIN_GRACE_S = 30.0
+REJOIN_LIMIT_S = 900.0
+REJOIN_POLL_S = 1.0
+MAX_REJOINS = 5   # each restart takes an attempt of the job: a crashing job fails long before
 
 
 def client() -> Client:
@@ -25,32 +32,65 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
              left_behind: str = "") -> JobInfo:
     """Follow a job to its end; Ctrl-C stops following, not the job (`left_behind`: what the
     command will then not do, said with it). A job still queued after a moment waits for
-    another: say which (on stderr; `tell_wait` False for --json output)."""
+    another: say which (on stderr; `tell_wait` False for --json output). Where the service goes
+    away meanwhile (a crash systemd restarts, `systemctl --user restart cones`), wait for it and
+    follow the job on: it was queued again and runs there."""
     try:
-        running = c.status().queue.running if tell_wait and job.state == "queued" else None
-        # A generate runs inside a running learn at its next step: that is no wait to tell.
-        if running is not None and running.id != job.id and not (
-                job.kind == "generate" and running.kind == "learn"):
-            time.sleep(QUEUED_GRACE_S)
-            if c.job(job.id).state == "queued" and c.job(running.id).state == "running":
-                what = escape(shorten(running.summary))
-                others = c.status().queue.queued - 1   # ahead or not: generates go first
-                more = f", with {others} other job{'s' if others != 1 else ''} queued" if others > 0 else ""
-                err_console.print(f"Job {job.id} is queued: job {running.id} runs ({what}){more}; "
-                                  "`cones jobs` shows the queue. Ctrl-C stops waiting, not the job.",
-                                  highlight=False)
-        follow(c.follow(job.id), quiet=quiet)
+        if tell_wait and job.state == "queued":
+            _tell_what_runs(c, job)
+        for rejoin in range(MAX_REJOINS + 1):
+            try:
+                follow(c.follow(job.id), quiet=quiet)
+                break
+            except Unavailable as exc:
+                if getattr(exc, "job_ended", False):   # it failed so itself (an extra not installed)
+                    raise
+                if rejoin == MAX_REJOINS or not _service_back(c, job, exc):
+                    # (a job a stop or crash cut off is queued again when the service starts: it is kept)
+                    raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}, kept: it runs when the "
+                                      f"service is back){left_behind}.", exc.hint) from None
     except KeyboardInterrupt:   # exit 130; with --json the error document says it too
         raise Interrupted(f"Stopped following; job {job.id} goes on in the service{left_behind}.",
                           f"`cones jobs` shows it; `cones cancel {job.id}` stops it.") from None
-    except Unavailable as exc:   # the service went away under us: which job to look for later
-        # (a job a stop or crash cut off is queued again when the service starts: it is kept);
-        # a job that failed so itself (an optional extra not installed) is not kept
-        if getattr(exc, "job_ended", False):
-            raise
-        raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}, kept: it runs when the service is "
-                          f"back){left_behind}.", exc.hint) from None
     return c.job(job.id)
+
+
+def _tell_what_runs(c: Client, job: JobInfo) -> None:
+    """A job still queued after a moment waits for another: say which, and how many more."""
+    running = c.status().queue.running
+    # A generate runs inside a running learn at its next step: that is no wait to tell.
+    if running is None or running.id == job.id or (job.kind == "generate" and running.kind == "learn"):
+        return
+    time.sleep(QUEUED_GRACE_S)
+    if c.job(job.id).state == "queued" and c.job(running.id).state == "running":
+        what = escape(shorten(running.summary))
+        others = c.status().queue.queued - 1   # ahead or not: generates go first
+        more = f", with {others} other job{'s' if others != 1 else ''} queued" if others > 0 else ""
+        err_console.print(f"Job {job.id} is queued: job {running.id} runs ({what}){more}; "
+                          "`cones jobs` shows the queue. Ctrl-C stops waiting, not the job.",
+                          highlight=False)
+
+
+def _service_back(c: Client, job: JobInfo, gone: Unavailable) -> bool:
+    """Wait for the service to answer again after it went away while `job` ran; False when it
+    does not come back. A service that holds its lock (loading its model, or stopping to
+    restart) is waited for up to REJOIN_LIMIT_S; none at all, for REJOIN_GRACE_S (systemd
+    restarts a crashed one after RestartSec=5; a stopped one does not come back)."""
+    err_console.print(f"{escape(gone.message)} Waiting for it to come back to follow job {job.id} on "
+                      "(Ctrl-C stops waiting, not the job).", highlight=False)
+    start = last_seen = time.monotonic()
+    while True:
+        try:
+            c.job(job.id)
+            return True
+        except Unavailable:
+            pass
+        now = time.monotonic()
+        if c.service_state() in ("starting", "stopping"):
+            last_seen = now
+        if now - last_seen > REJOIN_GRACE_S or now - start > REJOIN_LIMIT_S:
+            return False
+        time.sleep(REJOIN_POLL_S)
 
 
 # A request field as the person gave it: the flag or argument (not "class_word" or "guidance_scale")

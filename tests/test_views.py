@@ -224,6 +224,13 @@ def test_an_output_folder_made_for_a_generate_that_was_cut_off_is_not_left_empty
             raise Unavailable("The service is stopping before the job finished.")
             yield
 
+        def job(self, job_id):   # and it does not come back
+            raise Unavailable("The cones service is not running.")
+
+        def service_state(self):
+            return None
+
+    monkeypatch.setattr("cli.session.REJOIN_GRACE_S", 0.0)
     monkeypatch.setenv("CONES_HOME", str(tmp_path))
     monkeypatch.setattr(cli.generation, "client", lambda: Stopping())
     out = tmp_path / "new" / "shots"
@@ -250,17 +257,30 @@ class _Following:
             raise Unavailable("The service is not running.")
         yield self.last
 
+    def job(self, job_id):   # a service gone away stays away
+        from cns_daemon.api.errors import Unavailable
+        raise Unavailable("The cones service is not running.")
+
+    def service_state(self):
+        return None
+
 
 def _wait(last):
     import pytest
+
+    import cli.session
+    cli.session.REJOIN_GRACE_S, grace = 0.0, cli.session.REJOIN_GRACE_S
 
     from cli.session import wait_for
     from cns_daemon.api.errors import Unavailable
     from cns_daemon.api.protocol import JobInfo
 
     job = JobInfo(id="0123456789ab", kind="eval", state="running", summary="eval rex", created=0.0)
-    with pytest.raises(Unavailable) as err:
-        wait_for(_Following(last), job, quiet=True, tell_wait=False)
+    try:
+        with pytest.raises(Unavailable) as err:
+            wait_for(_Following(last), job, quiet=True, tell_wait=False)
+    finally:
+        cli.session.REJOIN_GRACE_S = grace
     return err.value.message
 
 

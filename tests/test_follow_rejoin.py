@@ -1,0 +1,125 @@
+"""A followed job whose service goes away: the CLI waits for the service to come back and
+follows the job on (it was queued again there), instead of giving up with exit 11 while the
+job runs on (`generate -o` then copied nothing). A stream that goes silent is told, not
+waited on forever."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+import cli.session
+from cli.client import Client
+from cli.session import wait_for
+from cns_daemon.api.errors import Cancelled, Unavailable
+from cns_daemon.api.protocol import JobInfo, ProgressInfo
+
+JOB = "0123456789ab"
+
+
+def _job(state="running"):
+    return JobInfo(id=JOB, kind="learn", state=state, summary="learn <rex>", created=0.0)
+
+
+class Restarting:
+    """A client whose service dies while the job runs, stays away for `down` polls (holding its
+    lock as `state` meanwhile, or not at all), then answers again; the job then ends as `end`."""
+
+    def __init__(self, down: int, state: str | None, end: str = "done", breaks: int = 1):
+        self.down, self.state, self.end, self.breaks = down, state, end, breaks
+        self.follows = self.polls = 0
+
+    def follow(self, job_id):
+        self.follows += 1
+        yield ProgressInfo(job=job_id, state="running", phase="train", step=self.follows, total=9)
+        if self.follows <= self.breaks:
+            raise Unavailable("The connection to the cones service broke (it was cut off).")
+        yield ProgressInfo(job=job_id, state=self.end)
+
+    def job(self, job_id):
+        self.polls += 1
+        if self.polls <= self.down:
+            raise Unavailable("The cones service is not running.")
+        return _job("done" if self.follows > self.breaks else "queued")
+
+    def service_state(self):
+        return self.state
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    monkeypatch.setattr(cli.session, "REJOIN_POLL_S", 0.01)
+    monkeypatch.setattr(cli.session, "REJOIN_GRACE_S", 0.2)
+    monkeypatch.setattr(cli.session, "REJOIN_LIMIT_S", 5.0)
+
+
+def test_a_service_restarted_meanwhile_is_followed_to_the_jobs_end(quick, capsys):
+    c = Restarting(down=3, state=None)
+    assert wait_for(c, _job(), quiet=True, tell_wait=False).state == "done"
+    assert c.follows == 2
+    said = capsys.readouterr().err
+    assert "Waiting for it to come back to follow job 0123456789ab on" in " ".join(said.split())
+
+
+def test_the_jobs_own_end_after_the_restart_is_what_the_command_says(quick):
+    """A learn that fails after a restart (its second crash fails it) ends the command with its
+    error, not with "kept: it runs when the service is back"."""
+    with pytest.raises(Cancelled):
+        wait_for(Restarting(down=1, state=None, end="cancelled"), _job(), quiet=True, tell_wait=False)
+
+
+def test_a_service_that_loads_its_model_is_waited_for_past_the_grace(quick):
+    # 60 polls of 10 ms and more: well past the 0.2 s grace, while its lock says "starting"
+    c = Restarting(down=60, state="starting")
+    assert wait_for(c, _job(), quiet=True, tell_wait=False).state == "done"
+
+
+def test_a_service_that_does_not_come_back_is_said_kept_after_the_grace(quick):
+    c = Restarting(down=10**9, state=None)
+    start = time.monotonic()
+    with pytest.raises(Unavailable) as err:
+        wait_for(c, _job(), quiet=True, tell_wait=False)
+    assert time.monotonic() - start < 3.0
+    assert "(job 0123456789ab, kept: it runs when the service is back)" in err.value.message
+
+
+def test_a_service_that_keeps_breaking_the_stream_is_given_up_on(quick, monkeypatch):
+    monkeypatch.setattr(cli.session, "MAX_REJOINS", 2)
+    c = Restarting(down=0, state=None, breaks=10**9)
+    with pytest.raises(Unavailable):
+        wait_for(c, _job(), quiet=True, tell_wait=False)
+    assert c.follows == 3
+
+
+def _silent_service(path, served: threading.Event):
+    """An HTTP answer that starts a job's stream and then says nothing (a hung service)."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def serve():
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n")
+        served.wait(10)
+        conn.close()
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def test_a_stream_silent_past_the_heartbeat_is_told(tmp_path, monkeypatch):
+    monkeypatch.setattr("cli.client.STREAM_SILENCE_S", 0.5)
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    done = threading.Event()
+    _silent_service(run / "cones.sock", done)
+    try:
+        with Client(run / "cones.sock") as c, pytest.raises(Unavailable) as err:
+            list(c.follow(JOB))
+    finally:
+        done.set()
+    assert f"sent nothing about job {JOB} for 0.5 s" in err.value.message and "may hang" in err.value.message
