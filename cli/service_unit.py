@@ -1,8 +1,7 @@
 """`cones service install|uninstall`: the systemd user unit, written with this machine's paths.
 
 The template is cli/cones.service (package data: a wheel carries it as an editable install does);
-`render` fills in the command, the environment that selects the data folders, and the paths
-the hardened unit may write. `install` writes it and, when a systemd user manager answers,
+`render` fills in the command and the environment that selects the data folders. `install` writes it and, when a systemd user manager answers,
 runs daemon-reload and enable --now; every step it takes is printed.
 """
 from __future__ import annotations
@@ -83,14 +82,15 @@ def unit_environment(settings: Settings) -> dict[str, str]:
                       ("CONES_INBOX_DIR", paths.inbox)):
         if key in env:
             env[key] = str(path)
-    if not settings.home and "CONES_RUNTIME_DIR" not in env and not os.environ.get("XDG_RUNTIME_DIR"):
+    if (not settings.home and settings.runtime_dir is None and "CONES_RUNTIME_DIR" not in env
+            and not os.environ.get("XDG_RUNTIME_DIR")):
         # This shell has no XDG_RUNTIME_DIR, so its runtime folder is a fallback under /tmp; the
-        # service under systemd would get the manager's (/run/user/UID), which the unit's
-        # ReadWritePaths leave read-only, and its socket would be where no CLI here looks.
+        # service under systemd would get the manager's (/run/user/UID): its socket would be
+        # where no CLI here looks.
         env["CONES_RUNTIME_DIR"] = str(paths.runtime)
     # Folders this shell finds through XDG or HF_HOME: a systemd manager is started without
-    # the shell's variables, so the service read another config.toml and wrote to folders the
-    # unit keeps read-only (it failed at start, and restarted in a loop).
+    # the shell's variables, so the service read another config.toml and served other folders
+    # than this shell's CLI looks in.
     xdg = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_PICTURES_DIR", "XDG_RUNTIME_DIR")
     for key in ((() if settings.home else xdg) + ("HF_HOME",)):
         if os.environ.get(key, "").strip():
@@ -108,36 +108,18 @@ def render(settings: Settings) -> str:
     if not TEMPLATE.is_file():
         raise NotFound(f"The unit template {TEMPLATE} is missing.",
                        "Install cones again (`pip install --force-reinstall cones`, or from its source folder).")
-    paths = settings.paths
     env = unit_environment(settings)
-    hf_cache = Path(env.get("HF_HOME") or Path.home() / ".cache" / "huggingface")   # resolved as carried
     text = TEMPLATE.read_text()
     fields = {
         "@EXEC@": " ".join(_quote(w, command=True) for w in exec_command()),
-        "@MKDIR@": " ".join(_quote(str(p), command=True) for p in (paths.data, paths.inbox, paths.runtime)),
         "@ENVIRONMENT@": "\n".join(f"Environment={_quote(f'{k}={v}')}" for k, v in sorted(env.items())),
-        "@DATA@": _quote(str(paths.data)),
-        "@INBOX@": _quote(str(paths.inbox)),
-        "@RUNTIME@": _quote(str(paths.runtime)),
-        "@HF_CACHE@": _quote(str(hf_cache)),
     }
     for key, value in fields.items():
         text = text.replace(key, value)
-    model = Path(settings.model).expanduser().absolute() if settings.model else None
-    if any(_under_tmp(p) for p in (paths.data, paths.inbox, paths.runtime, model) if p is not None):
-        # A private /tmp would hide folders (or the model) that live in the real one; without it
-        # ProtectSystem=strict leaves /tmp read-only, and the tokenizer cache is made there.
-        text = text.replace("PrivateTmp=yes\n", "")
-        text = "\n".join(line + " -/tmp -/var/tmp" if line.startswith("ReadWritePaths=") else line
-                         for line in text.split("\n"))
     # the template's header comment describes the template, not this file
     body = text.split("\n[Unit]", 1)[1]
     return ("# Written by `cones service install`; edit the template cli/cones.service or the\n"
             "# settings (config.toml) and run it again rather than editing this file.\n[Unit]" + body)
-
-
-def _under_tmp(path: Path) -> bool:
-    return any(path.is_relative_to(t) for t in (Path("/tmp"), Path("/var/tmp")))
 
 
 def systemd_user_available() -> bool:
@@ -147,13 +129,25 @@ def systemd_user_available() -> bool:
     return probe.returncode == 0
 
 
-def _systemctl(*args: str, say) -> None:
+def _systemctl(*args: str, say, check: bool = True) -> bool:
     cmd = ["systemctl", "--user", *args]
     say(f"$ {' '.join(cmd)}")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if result.returncode != 0:
+    if result.returncode != 0 and check:
         raise Unavailable(f"`{' '.join(cmd)}` failed: {(result.stderr or result.stdout).strip()}",
                           "Check `systemctl --user status cones` and `journalctl --user -u cones`.")
+    return result.returncode == 0
+
+
+def _active() -> bool:
+    return subprocess.run(["systemctl", "--user", "is-active", "--quiet", UNIT_NAME],
+                          capture_output=True, timeout=60).returncode == 0
+
+
+def _read_by_systemd(unit_dir: Path) -> bool:
+    """Whether the user manager reads units from `unit_dir` (it does from the default one; a
+    unit written elsewhere is unknown to it until linked)."""
+    return unit_dir.expanduser().absolute() == default_unit_dir().absolute()
 
 
 def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
@@ -165,7 +159,8 @@ def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
                        "Give --unit-dir a folder (default: ~/.config/systemd/user).")
     try:
         for folder in (paths.data, paths.inbox, paths.runtime):
-            folder.mkdir(parents=True, exist_ok=True)
+            # 0700 as the service makes them: photos and concepts are no one else's to read
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             say(f"folder {folder}")
         os.chmod(paths.runtime, 0o700)
         unit_dir.mkdir(parents=True, exist_ok=True)
@@ -181,14 +176,25 @@ def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
     if carried:   # they win over config.toml: said, so a later edit there is not a surprise
         say(f"carried from this shell (they override config.toml; unset them and install again to "
             f"let config.toml decide): {', '.join(carried)}")
+    if "CONES_RUNTIME_DIR" in env and "CONES_RUNTIME_DIR" not in carried:
+        say(f"the socket's folder is pinned to {env['CONES_RUNTIME_DIR']}: this shell has no "
+            "XDG_RUNTIME_DIR, and the service would otherwise take the user manager's")
     folders = sorted(k for k in env if not k.startswith(("CONES_", "PYTHON")))
     if folders:
         say(f"carried from this shell, where the service finds its folders: {', '.join(folders)}")
     if not start:
         say("not starting it (--no-start)")
+    elif not _read_by_systemd(unit_dir):
+        say(f"not starting it: the user manager reads its units from {default_unit_dir()}, not "
+            f"{unit_dir} (`systemctl --user link {unit}` makes it known there)")
     elif systemd_user_available():
+        running = _active()
         _systemctl("daemon-reload", say=say)
         _systemctl("enable", "--now", UNIT_NAME, say=say)
+        if running:   # `enable --now` leaves a running service as it was started
+            _systemctl("restart", UNIT_NAME, say=say)
+            say("the service was running: restarted with this unit and the settings as they are now "
+                "(a job it ran is queued again and starts over)")
         say("the service is enabled and started; `cones status` talks to it")
     else:
         say("no systemd user manager here: the unit is written but not enabled; run "
@@ -198,13 +204,14 @@ def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
 
 def uninstall(unit_dir: Path, say) -> None:
     unit = unit_dir / UNIT_NAME
-    if systemd_user_available():
+    if not unit.exists():
+        say(f"no unit at {unit}: nothing to remove")
+        return
+    managed = _read_by_systemd(unit_dir) and systemd_user_available()
+    if managed:
         _systemctl("disable", "--now", UNIT_NAME, say=say)
-    if unit.exists():
-        unit.unlink()
-        say(f"removed {unit}")
-    else:
-        say(f"no unit at {unit}")
-    if systemd_user_available():
+    unit.unlink()
+    say(f"removed {unit}")
+    if managed:
         _systemctl("daemon-reload", say=say)
     say("your concepts, photos and inbox are kept")

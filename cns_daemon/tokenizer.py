@@ -10,6 +10,9 @@ import functools
 import gzip
 import hashlib
 import json
+import os
+import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -55,16 +58,31 @@ def write_tokenizer_files(folder: Path) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def tokenizer_folder() -> Path:
+    """The tokenizer's files, written once per user and vocabulary into the temporary folder.
+    Only a folder of this user's that no one else may write to is read back: another local
+    user could otherwise make it first, with a vocabulary of theirs (a review's find); then
+    this process writes its own private copy."""
     digest = hashlib.sha256(BPE_FILE.read_bytes()).hexdigest()[:12]
-    folder = Path(tempfile.gettempdir()) / f"cones-clip-tokenizer-{digest}"
-    if not (folder / "tokenizer_config.json").exists():
-        tmp = Path(tempfile.mkdtemp(prefix="cones-tok-"))
-        write_tokenizer_files(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process won the race; its copy is identical
-            pass
+    folder = Path(tempfile.gettempdir()) / f"cones-clip-tokenizer-{os.getuid()}-{digest}"
+    if _ours(folder) and (folder / "tokenizer_config.json").exists():
+        return folder
+    tmp = write_tokenizer_files(Path(tempfile.mkdtemp(prefix="cones-tok-")))   # 0700
+    try:
+        tmp.rename(folder)
+    except OSError:  # there already: another process of ours won the race, or it is not ours
+        if _ours(folder) and (folder / "tokenizer_config.json").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return folder
+        return tmp
     return folder
+
+
+def _ours(folder: Path) -> bool:
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 def clip_tokenizer(max_length: int = 77):

@@ -299,3 +299,30 @@ def test_loading_a_model_says_nothing_of_the_libraries_advice():
     assert out.returncode == 0, out.stderr
     for said in ("torchvision", "accelerate", "Loading"):
         assert said not in out.stderr + out.stdout, out.stderr
+
+
+def test_the_tokenizer_is_read_only_from_a_folder_of_this_users(tmp_path, monkeypatch):
+    """A review's find: the tokenizer's files were read from /tmp/cones-clip-tokenizer-DIGEST
+    whoever had made it, so another local user could plant a vocabulary of theirs there first."""
+    import os
+    import tempfile
+
+    from cns_daemon import tokenizer
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    tokenizer.tokenizer_folder.cache_clear()
+    try:
+        mine = tokenizer.tokenizer_folder()
+        assert mine.parent == tmp_path and str(os.getuid()) in mine.name
+        assert (mine / "vocab.json").is_file() and (mine.stat().st_mode & 0o777) == 0o700
+        tokenizer.tokenizer_folder.cache_clear()
+        assert tokenizer.tokenizer_folder() == mine   # written once, read back after
+        # planted: a folder others may write to (as one of another user's would be to us)
+        (mine / "vocab.json").write_text("{}")
+        mine.chmod(0o777)
+        tokenizer.tokenizer_folder.cache_clear()
+        other = tokenizer.tokenizer_folder()
+        assert other != mine and (other / "vocab.json").read_text() != "{}"
+        assert (other.stat().st_mode & 0o777) == 0o700
+    finally:
+        tokenizer.tokenizer_folder.cache_clear()

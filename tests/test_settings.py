@@ -67,6 +67,21 @@ def test_a_blank_setting_means_its_default(cones_home, monkeypatch):
     assert s.model is None and s.paths.inbox == cones_home / "inbox" and s.steps is None
 
 
+def test_a_blank_variable_or_flag_leaves_config_toml_its_say(cones_home, monkeypatch):
+    """A review's find: `CONES_STEPS=' '` was refused as a bad `steps` in config.toml (pydantic
+    drops only "" as unset), `CONES_MODEL=' '` and `--model ""` put the toy world over the model
+    config.toml names (while `cones service install`, reading blanks as unset, did not)."""
+    config = cones_home / "config" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('steps = 50\nmodel = "tiny"\n')
+    monkeypatch.setenv("CONES_STEPS", " ")
+    monkeypatch.setenv("CONES_MODEL", "\t")
+    s = load_settings()
+    assert s.steps == 50 and s.model == "tiny"
+    assert load_settings(model="", steps=None).model == "tiny"
+    assert load_settings(model="x").model == "x"
+
+
 def test_cli_names_a_broken_config_file_and_a_folder_it_cannot_use(cones_home, monkeypatch, tmp_path):
     """A TOML syntax error and a data folder where a file stands are one clear line each with
     exit code 2, not a traceback."""

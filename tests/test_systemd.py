@@ -29,20 +29,31 @@ def test_install_writes_unit_with_paths_and_hardening(tmp_path, cones_home):
     lines = unit.splitlines()
     assert "Type=notify" in lines and "Restart=on-failure" in lines
     # a wrong model or setting is not restarted every 5 s for ever (a model load each time)
-    assert "RestartPreventExitStatus=2 4 6 7 8" in lines
+    assert "RestartPreventExitStatus=2 4 6 7 8 12" in lines
+    assert "StartLimitBurst=5" in lines and "StartLimitIntervalSec=600" in lines
     assert any(l.startswith("WatchdogSec=") for l in lines)
-    assert "NoNewPrivileges=yes" in lines and "ProtectSystem=strict" in lines
-    rw = next(l for l in lines if l.startswith("ReadWritePaths="))
-    made = next(l for l in lines if l.startswith("ExecStartPre=+mkdir -p "))
-    for p in (paths.data, paths.inbox, paths.runtime):
-        # "-": a folder missing at start (the runtime one after a reboot) does not stop it;
-        # ExecStartPre makes them first, outside the sandbox
-        assert f"-{p}" in rw.split("=", 1)[1].split() and str(p) in made and p.is_dir()
+    assert "NoNewPrivileges=yes" in lines and "RestrictSUIDSGID=yes" in lines
+    for p in (paths.data, paths.inbox, paths.runtime):   # made as the service makes them
+        assert p.is_dir() and (p.stat().st_mode & 0o777) == 0o700, p
     exec_start = next(l for l in lines if l.startswith("ExecStart="))
     assert exec_start.endswith(" serve") and os.access(exec_start.split("=", 1)[1].split()[0], os.X_OK)
     assert f"Environment=CONES_HOME={cones_home}" in lines
     assert "@" not in unit.replace("default.target", "")   # every placeholder filled
     assert "wrote" in output and "--no-start" in output
+
+
+def test_the_unit_has_no_file_system_sandbox_a_user_manager_cannot_give(tmp_path, cones_home):
+    """A review's find: systemd 254 and later sets ProtectSystem, ProtectHome, PrivateTmp and
+    ReadWritePaths up for a user unit inside a user namespace mapping this user alone, where /,
+    /run and /tmp read as the overflow user's: the service refused its socket folder as another
+    user's and exited 2 (not restarted), so the installed service never ran; earlier versions
+    ignored them in user units."""
+    unit, _ = _install(tmp_path, cones_home)
+    settings = {l.split("=", 1)[0] for l in unit.splitlines() if "=" in l and not l.startswith("#")}
+    needs_namespace = {"ProtectSystem", "ProtectHome", "PrivateTmp", "ReadWritePaths", "ReadOnlyPaths",
+                       "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups",
+                       "PrivateDevices", "PrivateUsers", "ExecStartPre"}
+    assert not settings & needs_namespace, settings & needs_namespace
 
 
 def test_unit_carries_the_environment_resolved(tmp_path, cones_home, monkeypatch):
@@ -83,7 +94,7 @@ def test_install_where_it_cannot_write_is_one_error(tmp_path, cones_home):
 
 def test_unit_carries_every_cones_setting_of_this_shell(tmp_path, cones_home, monkeypatch):
     """Steps, method and memory options set in this shell reach the service too (they were
-    dropped without a word); a model under /tmp keeps /tmp shared with the service."""
+    dropped without a word)."""
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"x")
     for key, value in (("CONES_STEPS", "300"), ("CONES_METHOD", "cones"), ("CONES_SDPA", "false"),
@@ -94,10 +105,6 @@ def test_unit_carries_every_cones_setting_of_this_shell(tmp_path, cones_home, mo
     for want in ("CONES_STEPS=300", "CONES_METHOD=cones", "CONES_SDPA=false", f"CONES_MODEL={model}"):
         assert f"Environment={want}" in lines, want
     assert not any("CONES_SETTLE_SECONDS" in l for l in lines)   # blank: not set
-    under_tmp = str(model).startswith(("/tmp/", "/var/tmp/"))
-    assert ("PrivateTmp=yes" in lines) == (not under_tmp)
-    rw = next(l for l in lines if l.startswith("ReadWritePaths="))
-    assert rw.endswith(" -/tmp -/var/tmp") == under_tmp   # the shared /tmp stays writable then
     assert "carried from this shell" in output and "CONES_STEPS" in output
 
 
@@ -137,21 +144,18 @@ def test_sd_notify_messages(tmp_path):
 def test_percent_and_dollar_in_paths_reach_systemd_as_written(tmp_path, cones_home, monkeypatch):
     """systemd reads %i as a specifier in every setting and expands $HOME in command lines: a
     folder named with them must be written %% and $$ there (and %% alone elsewhere)."""
+    from cli.service_unit import _quote
+
     inbox = tmp_path / "100%in$HOME"
     monkeypatch.setenv("CONES_INBOX_DIR", str(inbox))
     unit, _ = _install(tmp_path, cones_home)
-    lines = unit.splitlines()
-    made = next(l for l in lines if l.startswith("ExecStartPre="))
-    assert str(inbox).replace("%", "%%").replace("$", "$$") in made
-    rw = next(l for l in lines if l.startswith("ReadWritePaths="))
-    assert "-" + str(inbox).replace("%", "%%") in rw.split("=", 1)[1].split()
-    assert f"Environment=CONES_INBOX_DIR={str(inbox).replace('%', '%%')}" in lines
+    assert f"Environment=CONES_INBOX_DIR={str(inbox).replace('%', '%%')}" in unit.splitlines()
+    assert _quote("/a%b$c", command=True) == "/a%%b$$c"
 
 
 def test_a_unit_installed_from_a_shell_without_xdg_runtime_dir_pins_the_runtime_folder(tmp_path, monkeypatch):
-    """Its /tmp fallback went into ReadWritePaths and the mkdir, but under systemd the service
-    took the manager's XDG_RUNTIME_DIR (read-only in the sandbox, and not where this shell's CLI
-    looks)."""
+    """Under systemd the service took the manager's XDG_RUNTIME_DIR, not where this shell's CLI
+    looks (its /tmp fallback); one config.toml names is left to config.toml."""
     from cli.service_unit import unit_environment
 
     monkeypatch.delenv("CONES_HOME", raising=False)
@@ -162,11 +166,16 @@ def test_a_unit_installed_from_a_shell_without_xdg_runtime_dir_pins_the_runtime_
     assert unit_environment(settings)["CONES_RUNTIME_DIR"] == str(settings.paths.runtime)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))   # the usual login shell: left to systemd
     assert "CONES_RUNTIME_DIR" not in unit_environment(load_settings())
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    config = settings.paths.config_file
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(f'runtime_dir = "{tmp_path / "rt"}"\n')   # read by the service itself
+    assert "CONES_RUNTIME_DIR" not in unit_environment(load_settings())
 
 
 def test_unit_carries_the_xdg_and_hf_folders_this_shell_finds_its_own_in(tmp_path, monkeypatch):
     """A systemd manager has not the shell's XDG_DATA_HOME / XDG_CONFIG_HOME: the service read
-    another config.toml and wrote under ~/.local/share, which the unit keeps read-only."""
+    another config.toml and served other folders than this shell's CLI looks in."""
     for key in [k for k in os.environ if k.startswith("CONES_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -182,13 +191,10 @@ def test_unit_carries_the_xdg_and_hf_folders_this_shell_finds_its_own_in(tmp_pat
     for key, folder in (("XDG_DATA_HOME", "xdata"), ("XDG_CONFIG_HOME", "xconfig"), ("HF_HOME", "hf"),
                         ("XDG_PICTURES_DIR", "pics"), ("XDG_RUNTIME_DIR", "run")):
         assert f"Environment={key}={tmp_path / folder}" in lines, unit
-    rw = next(l for l in lines if l.startswith("ReadWritePaths="))
-    assert str(tmp_path / "xdata" / "cones") in rw and str(tmp_path / "hf") in rw
-    monkeypatch.chdir(tmp_path)   # a relative HF_HOME: made absolute in both places
+    monkeypatch.chdir(tmp_path)   # a relative HF_HOME: made absolute
     monkeypatch.setenv("HF_HOME", "relhf")
     unit, _ = _install(tmp_path, None)
-    rw = next(l for l in unit.splitlines() if l.startswith("ReadWritePaths="))
-    assert f"Environment=HF_HOME={tmp_path / 'relhf'}" in unit and f"-{tmp_path / 'relhf'}" in rw, unit
+    assert f"Environment=HF_HOME={tmp_path / 'relhf'}" in unit.splitlines(), unit
 
 
 def test_what_a_unit_cannot_carry_as_this_shell_means_it_is_refused(tmp_path, cones_home, monkeypatch):
@@ -257,3 +263,58 @@ def test_without_an_installed_script_the_unit_runs_the_module_safely(tmp_path, m
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "cones").write_text("#!/bin/sh\n")
     assert service_unit.exec_command() == [str(tmp_path / "scripts" / "cones")]
+
+
+def _fake_systemctl(tmp_path, monkeypatch, active: bool):
+    """A systemctl on PATH that logs its arguments; `is-active` answers `active`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    log = tmp_path / "systemctl.log"
+    script = bin_dir / "systemctl"
+    script.write_text("#!/bin/sh\n"
+                      f'echo "$*" >> {log}\n'
+                      f'case "$*" in *is-active*) exit {0 if active else 3};; esac\n'
+                      "exit 0\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xconfig"))   # the manager's unit folder
+    return log
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_installing_again_restarts_a_running_service_so_the_new_unit_applies(tmp_path, cones_home,
+                                                                             monkeypatch, active):
+    """`enable --now` leaves a running service as it was started: installing again after a
+    setting changed said "enabled and started" while the old process served on."""
+    log = _fake_systemctl(tmp_path, monkeypatch, active)
+    result = CliRunner().invoke(app, ["service", "install"])
+    assert result.exit_code == 0, result.output
+    calls = log.read_text().splitlines()
+    assert "--user enable --now cones.service" in calls
+    assert ("--user restart cones.service" in calls) == active
+    assert ("restarted with this unit" in " ".join(result.output.split())) == active
+    assert (tmp_path / "xconfig" / "systemd" / "user" / "cones.service").is_file()
+
+
+def test_a_unit_written_where_systemd_does_not_look_is_not_started(tmp_path, cones_home, monkeypatch):
+    """`--unit-dir X` wrote the unit there, then `enable --now cones.service` by name failed
+    (exit 11) or enabled another one; and uninstall disabled the real unit whatever X was."""
+    log = _fake_systemctl(tmp_path, monkeypatch, active=True)
+    result = CliRunner().invoke(app, ["service", "install", "--unit-dir", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 0 and "not starting it: the user manager reads" in " ".join(result.output.split())
+    assert not log.exists() or "enable" not in log.read_text()
+    result = CliRunner().invoke(app, ["service", "uninstall", "--unit-dir", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 0 and not (tmp_path / "elsewhere" / "cones.service").exists()
+    assert not log.exists() or "disable" not in log.read_text()
+
+
+def test_uninstalling_twice_says_there_is_nothing_to_remove(tmp_path, cones_home, monkeypatch):
+    """The second uninstall ran `disable --now` first, which systemd refuses for a unit it does
+    not know: exit 11 instead of "no unit"."""
+    log = _fake_systemctl(tmp_path, monkeypatch, active=False)
+    assert CliRunner().invoke(app, ["service", "install"]).exit_code == 0
+    first = CliRunner().invoke(app, ["service", "uninstall"])
+    assert first.exit_code == 0 and "--user disable --now cones.service" in log.read_text().splitlines()
+    log.unlink()
+    second = CliRunner().invoke(app, ["service", "uninstall"])
+    assert second.exit_code == 0 and "nothing to remove" in second.output and not log.exists()

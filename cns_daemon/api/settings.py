@@ -14,7 +14,7 @@ from typing import Literal
 
 import platformdirs
 from pydantic import Field, field_validator
-from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
+from pydantic_settings import (BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
 from cns_daemon.api.names import DEFAULT_METHOD, MethodName
@@ -194,7 +194,7 @@ class Settings(BaseSettings):
         # Earlier sources win: flags (init kwargs) > environment > config.toml > defaults.
         home = getattr(init_settings, "init_kwargs", {}).get("home") or env_home()
         toml_file = default_paths(home).config_file
-        return (init_settings, env_settings, _TomlWithoutHome(settings_cls, toml_file=toml_file))
+        return (init_settings, _EnvBlankIsUnset(settings_cls), _TomlWithoutHome(settings_cls, toml_file=toml_file))
 
     def memory_overrides(self) -> dict[str, bool | None]:
         return {k: getattr(self, k) for k in
@@ -216,6 +216,15 @@ class Settings(BaseSettings):
         )
 
 
+class _EnvBlankIsUnset(EnvSettingsSource):
+    """A variable of spaces is unset too, as `setting_variables` reads it (pydantic's
+    env_ignore_empty drops only ""): `CONES_STEPS=' '` was refused as a bad value in config.toml,
+    and `CONES_MODEL=' '` hid config.toml's model from this shell but not from the unit."""
+
+    def __call__(self) -> dict:
+        return {k: v for k, v in super().__call__().items() if not (isinstance(v, str) and not v.strip())}
+
+
 class _TomlWithoutHome(TomlConfigSettingsSource):
     """config.toml lives in the home folder, so it cannot move it: `home` there was taken for
     the other settings but not for finding the file, and `cones service install` then pointed the
@@ -234,5 +243,7 @@ class _TomlWithoutHome(TomlConfigSettingsSource):
 
 def load_settings(**flags) -> Settings:
     """Build settings; `flags` are the command-line overrides (None values are ignored so an
-    unset flag never hides the config file or the environment)."""
-    return Settings(**{k: v for k, v in flags.items() if v is not None})
+    unset flag never hides the config file or the environment, nor does a blank one, as a
+    blank variable does not: `--model ""` is the model config.toml names)."""
+    return Settings(**{k: v for k, v in flags.items()
+                       if v is not None and not (isinstance(v, str) and not v.strip())})
