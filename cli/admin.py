@@ -129,8 +129,6 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
 def _relearn_text(name: str, known, archive_root) -> str:
     """How to learn a concept salvage left behind again: the command with its archived photos,
     where its metadata or its learn job still says which they were."""
-    import shlex
-
     from cns_daemon.archive import Archive
 
     archive = Archive(archive_root)
@@ -139,16 +137,25 @@ def _relearn_text(name: str, known, archive_root) -> str:
         return (f"  Which photos <{name}> was learned from is not known here (or they are not in "
                 f"{archive_root}): learn it again from your photos of it.")
     missing = len(known.photo_digests) - len(held)
-    renamed = name.lstrip("-") or "NEW_NAME"   # a name a command line would read as an option
-    words = ["cones", "add", renamed, *map(str, held), "--class", known.class_word or "CLASS"]
-    for flag, value in (("--method", known.method), ("--steps", known.steps), ("--seed", known.seed)):
-        words += [flag, str(value)] if value not in (None, "") else []
-    for key, value in known.options.items():
-        words += ["--option", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     note = f" ({missing} of its photos are not in the archive)" if missing else ""
+    return (f"  Its photos are in the archive{note}; " + relearn_command(
+        name, held, known.class_word, {"method": known.method, "steps": known.steps, "seed": known.seed},
+        known.options) + _caption_notes(known, archive))
+
+
+def relearn_command(name: str, photos, class_word: str, flags: dict, options: dict) -> str:
+    """"to learn it again as it was:" and the `cones add` line that does (its photos, class,
+    method, steps, seed and options; a name a command line would read as an option renamed)."""
+    import shlex
+
+    renamed = name.lstrip("-") or "NEW_NAME"
+    words = ["cones", "add", renamed, *map(str, photos), "--class", class_word or "CLASS"]
+    for flag, value in flags.items():
+        words += [f"--{flag}", str(value)] if value not in (None, "") else []
+    for key, value in options.items():
+        words += ["--option", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
     new_name = f" (under a new name: '{name}' starts with '-')" if renamed != name else ""
-    return (f"  Its photos are in the archive{note}; to learn it again as it was{new_name}:\n"
-            f"    {shlex.join(words)}" + _caption_notes(known, archive))
+    return f"to learn it again as it was{new_name}:\n    {shlex.join(words)}"
 
 
 def _caption_notes(known, archive) -> str:

@@ -25,7 +25,7 @@ from cli.toyworld import toyworld_app
 from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        handled, jobs_table, output_folder, print_json, shorten, status_table,
                        this_command, write_file)
-from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, Corrupt
+from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, ConesError, Corrupt
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.archive import caption_file, shown, sidecar_caption, sniff
 from cns_daemon.api.protocol import (MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED, MAX_PHOTOS, ErrorBody,
@@ -209,6 +209,7 @@ def rm(name: str = CONCEPT, no_wait: bool = typer.Option(False, "--no-wait", hel
            "them it cannot be learned again from the archive."))) -> None:
     """Remove a concept (its weights come off the model, its record out of the store)."""
     with client() as c:
+        learned = None if photos else _concept_or_none(c, name)   # to say how to learn it again
         job = c.remove(name, photos)
         if no_wait:
             console.print(f"Queued job {job.id}: {escape(shorten(job.summary))}")
@@ -219,6 +220,25 @@ def rm(name: str = CONCEPT, no_wait: bool = typer.Option(False, "--no-wait", hel
     said = "" if deleted is None else f" and {deleted} archived photo{'s' if deleted != 1 else ''}" + (
         f" ({kept} kept: another concept or a queued learn uses {'them' if kept != 1 else 'it'})" if kept else "")
     console.print(f"Removed <{name}>{said}.")
+    kept = job.result.photos if job.result else []
+    if kept:
+        from cli.admin import relearn_command
+
+        with_ = dict(learned.learned_with) if learned else {}
+        flags = {"method": learned.method if learned else None, "steps": with_.pop("steps", None),
+                 "seed": with_.pop("seed", None)}
+        many = len(kept) != 1
+        console.print(f"Its {len(kept)} photo{'s stay' if many else ' stays'} in the archive (`cones "
+                      f"prune-photos` deletes {'them' if many else 'it'}); " + relearn_command(
+                          name, kept, learned.class_word if learned else "", flags, with_),
+                      markup=False, highlight=False, soft_wrap=True)
+
+
+def _concept_or_none(c, name: str):
+    try:
+        return c.concept(name)
+    except ConesError:   # damaged, say: the removal says what it says
+        return None
 
 
 @app.command("prune-photos")

@@ -61,6 +61,8 @@ def _remove(service, req: RemoveJob, job, progress, cancel) -> JobResult:
     if req.photos:
         deleted, kept = service.forget_photos(req.photo_digests)
         result.metrics = {"photos_deleted": deleted, "photos_kept": kept}
+    else:   # kept in the archive: said where, to learn it again
+        result.photos = [str(service.archive.path(d)) for d in req.photo_digests if service.archive.has(d)]
     return result
 
 

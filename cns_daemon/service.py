@@ -135,9 +135,9 @@ class Service:
             if pending is not None:
                 raise Conflict(f"{name!r} is already being removed (job {pending.id}).",
                                "Wait for it: `cones jobs` shows it.")
-            # Which photos go is decided now and kept in the job: a removal retried after a crash
-            # finds the concept gone and still knows them.
-            digests = self.concept_photos(name) if photos else []
+            # Which photos go (or stay, to learn it again) is decided now and kept in the job: a
+            # removal retried after a crash finds the concept gone and still knows them.
+            digests = self.concept_photos(name)
             return self.worker.submit("remove", RemoveJob(name=name, photos=photos, photo_digests=digests))
 
     def concept_photos(self, name: str) -> list[str]:

@@ -428,8 +428,14 @@ def test_rm_with_photos_deletes_the_photos_no_other_concept_uses(cones, daemon, 
     assert [archive.has(digest[p.name]) for p in photos] == [False, False, True, True]
     assert json.loads(cones("show", "pb", "--json")[1])["photos_archived"] == 2
     assert "remove <pa> and its photos" in [j["summary"] for j in json.loads(cones("jobs", "--json")[1])]
-    code, out = cones("rm", "pb")
-    assert code == 0 and out.strip() == "Removed <pb>."
+    code, out = cones("rm", "pb")   # says how to learn it again from the photos it keeps
+    said = out.strip().splitlines()
+    kept = sorted(str(archive.path(digest[f"photo{k}.png"])) for k in (2, 3))
+    assert code == 0 and said[:2] == ["Removed <pb>.", "Its 2 photos stay in the archive (`cones prune-photos` "
+                                      "deletes them); to learn it again as it was:"], out
+    words = said[2].split()
+    assert words[:3] == ["cones", "add", "pb"] and sorted(words[3:5]) == kept, out
+    assert " ".join(words[5:]).startswith("--class dog --method cns"), out   # (the fake engine's: no steps)
     assert archive.has(digest["photo2.png"]) and archive.has(digest["photo3.png"])
     # ... until `cones prune-photos`, which deletes what no concept uses, and nothing else
     def held() -> dict:

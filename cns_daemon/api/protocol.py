@@ -45,7 +45,9 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 # 6: an import may name the concept anew (`?name=`); ConceptInfo.photos_archived,
 #    StatusInfo.method, a learn's result says its seed, neurons and bytes; a removal may take
 #    the concept's archived photos with it (`?photos=1`); POST /photos/prune; AddRequest.skipped.
-PROTOCOL_VERSION = "6"
+# 7: a removal's result names the archived photos it leaves, to learn the concept again
+#    (`JobResult.photos`).
+PROTOCOL_VERSION = "7"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 # The progress message of a learn while a generate runs inside it (`cones jobs` shows it).
 PAUSED_FOR = "paused for generate job "
@@ -231,9 +233,10 @@ class EvalRequest(Model):
 
 class RemoveJob(Model):
     name: str = Field(pattern=NAME_PATTERN)
-    # Also delete its photos from the archive (those no other concept or queued learn uses):
-    # which ones, as the service found them when the removal was asked for
+    # Also delete its photos from the archive (those no other concept or queued learn uses)
     photos: bool = False
+    # the photos it was learned from, as the service found them when the removal was asked for:
+    # deleted with `photos`, else named in the result as kept
     photo_digests: list[str] = Field(default_factory=list)
 
 
@@ -266,6 +269,8 @@ class JobResult(Model):
     seed: int | None = None           # generate: the seed used (the service picks one if none was given); learn: its seed
     # eval: clip_i, clip_t, n_images …; learn: neurons, size_bytes (and a note, if any)
     metrics: dict[str, float | int | str] | None = None
+    # remove (without its photos): the archived photos it was learned from, kept to learn it again
+    photos: list[str] = Field(default_factory=list)
 
 
 class JobInfo(Model):
