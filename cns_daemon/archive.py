@@ -13,6 +13,7 @@ place, so the archive never holds half a file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -207,9 +208,11 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning etc.
-            with Image.open(io.BytesIO(data)) as img:   # checksums (a PNG's), as the learn will
-                img.verify()
-            with Image.open(io.BytesIO(data)) as img:   # reads the header only
+            # Only the accepted formats' decoders: another PIL knows (EPS, PDF) is refused before
+            # a byte is decoded (EPS through Ghostscript, where it is installed)
+            with Image.open(io.BytesIO(data), formats=_decoders()) as img:
+                img.verify()   # checksums (a PNG's), as the learn will
+            with Image.open(io.BytesIO(data), formats=_decoders()) as img:   # the header only
                 fmt = img.format or ""
                 width, height = img.size
                 if max(width, height) > MAX_SIDE or width * height > MAX_PIXELS:
@@ -221,7 +224,9 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
                 thumb = thumbnail(img)
                 invisible = has_alpha(img) and img.convert("RGBA").getchannel("A").getextrema()[1] <= INVISIBLE_ALPHA
     except UnidentifiedImageError:
-        return SkippedFile(file=filename, reason=not_an_image(data[:16]))
+        other = _other_format(data)
+        return SkippedFile(file=filename, reason=f"unsupported image format {other}" if other else
+                           not_an_image(data[:16]))
     except Image.DecompressionBombError as exc:   # declared far past MAX_PIXELS: refused on opening
         declared = re.search(r"\((\d+) pixels\)", str(exc))   # PIL's "Image size (N pixels) exceeds ..."
         size = f"{int(declared.group(1)) / 1e6:,.0f} megapixels" if declared else "far more pixels"
@@ -245,6 +250,26 @@ def check_photo(filename: str, data: bytes, caption: str | None = None) -> Check
             f"too {'wide' if width > height else 'tall'} ({width}x{height}; the methods learn a "
             f"centre square, so crop it around the object, at most {MAX_ASPECT:g} times as long as wide)"))
     return CheckedPhoto(filename, data, ACCEPTED_FORMATS[fmt], caption, thumb)
+
+
+@functools.lru_cache(maxsize=1)
+def _decoders() -> tuple[str, ...]:
+    """PIL's names of the accepted formats' decoders (all registered first: MPO is not until
+    then)."""
+    Image.init()
+    return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
+
+
+def _other_format(data: bytes) -> str | None:
+    """The format of an image PIL knows but cones does not take, read from its header alone
+    (opening decodes nothing), or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as img:
+                return img.format or None
+    except Exception:   # noqa: BLE001 - no image, or a damaged header: not one PIL knows
+        return None
 
 
 def sniff(path: Path) -> SkippedFile | None:

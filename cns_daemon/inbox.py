@@ -37,10 +37,11 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cns_daemon.archive import make_private
-from cns_daemon.api.errors import BadInput, ConesError, Internal, storage_error
+from cns_daemon.api.errors import BadInput, ConesError, Internal, Storage, storage_error
 from cns_daemon.api.protocol import FINAL_STATES, SkippedFile, describe_validation_error
 from cns_daemon.inbox_folder import (CONFIG_FILE, ERROR_FILE, NOTE_FILES, drop_notes, holds_photos_of,
-                                     inputs_signature, inputs_signatures, latest_change, noted_signature,
+                                     inputs_signature, inputs_signatures, latest_change, left_uncleared,
+                                     noted_signature,
                                      ours, read_photos, read_spec, shown, taken_photos, write_cancelled,
                                      write_error)
 from cns_daemon.worker import CANCELLED_AT_STOP, CRASH_REASON
@@ -109,9 +110,7 @@ class Inbox:
             if not folder or job.state not in ("queued", "running", "done"):
                 continue
             if job.state == "done":   # learned, but the process died before the clean-up
-                if ((self.root / folder).is_dir() and job.request.get("name") in self.service.store
-                        and holds_photos_of(self.root / folder, job)):   # not a new folder so named
-                    self._clear(self.root / folder, job)
+                self._clear_at_start(self.root / folder, job)
             else:
                 self._in_flight[folder] = job.id
                 self._remember(self.root / folder)
@@ -125,6 +124,23 @@ class Inbox:
         self._thread = threading.Thread(target=self._loop, name="cones-inbox", daemon=True)
         self._thread.start()
         log.info("watching the inbox %s (settle %.1fs)", self.root, self.settle)
+
+    def _clear_at_start(self, folder: Path, job: JobRecord) -> None:
+        """The clean-up a learn's process did not live to do; one folder that cannot be
+        cleared is said in the log and left, never a service that does not start."""
+        try:
+            if not (folder.is_dir() and job.request.get("name") in self.service.store
+                    and left_uncleared(folder, job)):   # not a folder so named dropped again
+                return
+        except OSError as exc:   # one it may not read: the scan says what is wrong with it
+            log.warning("inbox folder %s: cannot look into it: %s", folder.name, exc)
+            return
+        log.info("inbox folder %s: clearing what learn job %s left (the service stopped before its "
+                 "clean-up)", folder.name, job.id)
+        try:
+            self._clear(folder, job)
+        except OSError as exc:
+            self._cannot_clear(folder, job, exc)
 
     def _renamed_folder(self, job: JobRecord, ident: tuple[int, int] | None = None) -> Path | None:
         """The inbox folder, under another name than the job's, that holds this job's photos
@@ -345,7 +361,10 @@ class Inbox:
                 log.info("inbox folder %s is a new folder of that name: left to be taken", folder.name)
                 return
             if job.state == "done":
-                self._clear(folder, job)
+                try:
+                    self._clear(folder, job)
+                except OSError as exc:   # learned; the folder said so, not taken again as new
+                    self._cannot_clear(folder, job, exc)
             elif folder.is_dir():
                 # the inputs as they were taken (after a restart: as they are now)
                 signature = signature or inputs_signature(folder)
@@ -365,6 +384,24 @@ class Inbox:
             with self._lock:
                 self._in_flight.pop(folder_name, None)
             self._wake.set()   # a new folder of its name, held back while it ran, is taken now
+
+    def _cannot_clear(self, folder: Path, job: JobRecord, exc: OSError) -> None:
+        """A learned folder whose photos may not be removed (a file of root's, a read-only
+        folder): its note says the concept is learned and the folder is the person's to remove.
+        Without it the next scan took the folder again, and its note said the name was taken."""
+        log.warning("inbox folder %s: learned, but cannot clear it: %s", folder.name, exc)
+        if not folder.is_dir():
+            return
+        name = job.request.get("name", folder.name)
+        signature = inputs_signature(folder)
+        why = Storage(f"<{name}> is learned (job {job.id}), but this folder could not be cleared: "
+                      f"{exc.strerror or exc} ({shown(Path(exc.filename or folder).name)}).",
+                      "Remove the folder yourself; its photos are in cones's archive.")
+        try:
+            write_error(folder, why, [], signature)
+        except OSError:
+            with self._lock:
+                self._unwritable[folder.name] = signature
 
     def _remember(self, folder: Path) -> None:
         """Note which directory an in-flight folder is, to know it again if it is renamed."""

@@ -57,7 +57,8 @@ def read_spec(folder: Path) -> FolderSpec:
     cfg = folder / CONFIG_FILE
     if cfg.is_file():
         try:
-            config = tomllib.loads(cfg.read_text(encoding="utf-8"))
+            # (utf-8-sig: a byte-order mark, as some editors save "UTF-8", was "invalid statement")
+            config = tomllib.loads(cfg.read_text(encoding="utf-8-sig"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise BadInput(f"{CONFIG_FILE} is not valid TOML ({exc}).",
                            'Write it like:  class = "dog"   (optional: method = "cns", steps = 400)') from None
@@ -136,7 +137,7 @@ def noted_signature(folder: Path) -> str | None:
     for name in NOTE_FILES:
         try:
             m = _SIGNATURE_RE.search((folder / name).read_text(encoding="utf-8", errors="replace"))
-        except (FileNotFoundError, IsADirectoryError):
+        except OSError:   # gone, a folder, or one we may not read: no note of ours
             continue
         if m:
             return m.group(1)
@@ -179,7 +180,7 @@ def ours(path: Path) -> bool:
     may be a link to their own)."""
     try:
         return bool(_SIGNATURE_RE.search(path.read_text(encoding="utf-8", errors="replace")))
-    except (FileNotFoundError, IsADirectoryError):
+    except OSError:   # gone, a folder, or one we may not read (not ours to remove, then)
         return False
 
 
@@ -262,3 +263,18 @@ def taken_photos(folder: Path, job: JobRecord) -> Iterator[tuple[Path, str]]:
 def holds_photos_of(folder: Path, job: JobRecord) -> bool:
     """Whether `folder` still holds a photo that `job` took (by content)."""
     return next(taken_photos(folder, job), None) is not None
+
+
+def left_uncleared(folder: Path, job: JobRecord) -> bool:
+    """Whether `folder` is what the finished `job` took, its clean-up never done (the process
+    ended first): no note of ours in it, and of its photos, those the job took and those it
+    skipped, at least one taken. A folder of that name dropped again (to learn more of it, or
+    refused with our note) holds other photos or a note: it is the person's, left as it is."""
+    if noted_signature(folder) is not None:
+        return False
+    taken = {p.name for p, _ in taken_photos(folder, job)}
+    skipped = {s.get("file") for s in job.request.get("skipped", [])}
+    captions = {c.name for p in input_files(folder) if (c := caption_file(p, NOTE_FILES)) is not None}
+    others = [p for p in input_files(folder) if p.name not in taken | skipped | captions
+              and p.name != CONFIG_FILE and sniff(p) is None]
+    return bool(taken) and not others

@@ -417,3 +417,24 @@ def test_a_generate_is_told_of_a_full_disk_before_it_draws_and_of_the_folder_not
     with pytest.raises(OSError) as info:
         save_images([Image.new("RGB", (8, 8))], outputs / "job")
     assert storage_error(info.value).message == f"Cannot use {outputs}: Read-only file system."
+
+
+def test_a_format_cones_does_not_take_is_refused_before_it_is_decoded(monkeypatch):
+    """A review's find: any format PIL knows was decoded before its format was checked, an EPS
+    through Ghostscript where it is installed (a file in a folder from someone else)."""
+    import io
+
+    from PIL import EpsImagePlugin, Image
+
+    from cns_daemon.archive import check_photo
+
+    def decoded(self, *a, **kw):
+        raise AssertionError("an EPS was decoded")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "load", decoded)
+    data = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(data, "EPS")
+    assert check_photo("x.eps", data.getvalue()).reason == "unsupported image format EPS"
+    data = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(data, "JPEG")   # MPO's decoder reads JPEGs: still taken
+    assert check_photo("x.jpg", data.getvalue()).suffix == ".jpg"
