@@ -287,6 +287,7 @@ def import_(file: Path = typer.Argument(..., help="A concept file `cones export`
         raise BadInput(f"{file} is a folder.", "Give the exported .safetensors file itself.")
     if not file.is_file():
         raise BadInput(f"No such file: {file}.", "Check the path of the exported .safetensors file.")
+    _check_concept_file(file)
     try:
         with client() as c:
             job = wait_for(c, c.import_file(file.read_bytes(), name), quiet=True)
@@ -295,6 +296,21 @@ def import_(file: Path = typer.Argument(..., help="A concept file `cones export`
     console.print(f"Imported <{job.result.concept if job.result else '?'}>.", highlight=False)
     if job.result and job.result.metrics and job.result.metrics.get("note"):
         console.print(f"[yellow]Note:[/] {escape(str(job.result.metrics['note']))}", highlight=False)
+
+
+def _check_concept_file(file: Path) -> None:
+    """Its header before the file is read whole and sent: a checkpoint or LoRA given by mistake
+    (gigabytes) was read into memory, sent, and refused as too large a request."""
+    from cns_daemon.api import concept_file
+
+    with open(file, "rb") as f:
+        head = f.read(8)
+        try:
+            head += f.read(concept_file.header_length(head) - 8)
+            concept_file.check_format(concept_file.metadata(head))
+        except Exception as exc:   # noqa: BLE001 - a short file, bad JSON, another format: refused
+            refused = concept_file.refusal(exc)
+            raise BadInput(f"{file}: {refused.message}", refused.hint) from None
 
 
 def _export_target(name: str, output: str) -> Path:

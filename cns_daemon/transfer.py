@@ -12,12 +12,11 @@ import json
 
 import numpy as np
 
-from cns_daemon.api.errors import BadInput
+from cns_daemon.api.concept_file import FORMAT, Newer, check_format, metadata as header_metadata, refusal
 from cns_daemon.archive import is_digest
 from cns_daemon.methods.common.tokens import token_words
 from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 
-FORMAT = "cones-concept/1"
 # Metadata a concept of cones' own stays far under (its captions are at most 64 x 1,000 characters)
 MAX_META_CHARS = 1 << 20
 
@@ -53,18 +52,24 @@ def decode(data: bytes) -> ConceptRecord:
     from safetensors.numpy import load
 
     try:
+        metadata = header_metadata(data)
+        check_format(metadata)
         tensors = load(data)
-        metadata = _header_metadata(data)
-        _check_version(metadata)
         if len(metadata["meta"]) > MAX_META_CHARS:   # it is stored, listed and sent whole
             raise ValueError(f"its metadata is {len(metadata['meta']):,} characters, over {MAX_META_CHARS:,}")
         fields = json.loads(metadata["meta"])
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(ConceptMeta)}) \
             if isinstance(fields, dict) else []
         if unknown:
-            raise _Newer(f"it holds {', '.join(unknown[:3])}, which this version does not know")
+            raise Newer(f"it holds {', '.join(unknown[:3])}, which this version does not know")
+        if isinstance(fields, dict) and isinstance(fields.get("method"), str) and fields["method"] not in PARTS:
+            raise Newer(f"its method {fields['method']!r} is none this version knows")
         meta = ConceptMeta(**fields)
-        overlap = Overlap(**json.loads(metadata.get("overlap", "{}")))
+        overlap_fields = json.loads(metadata.get("overlap", "{}"))
+        if isinstance(overlap_fields, dict) and (added := sorted(
+                set(overlap_fields) - {f.name for f in dataclasses.fields(Overlap)})):
+            raise Newer(f"its overlap holds {', '.join(added[:3])}, which this version does not know")
+        overlap = Overlap(**overlap_fields)
         shapes = json.loads(metadata.get("delta_shapes", "{}"))
         record = ConceptRecord(meta=meta, overlap=overlap)
         for key, arr in tensors.items():
@@ -79,6 +84,8 @@ def decode(data: bytes) -> ConceptRecord:
                 name = rest[: -len("/indices")]
                 record.deltas[name] = SparseDelta(arr, tensors[f"delta/{name}/values"],
                                                   tuple(shapes[name]))
+            elif kind not in ("delta", "mask", "embedding", "residual"):   # a part added since
+                raise Newer(f"it holds a part of kind {kind!r}, which this version does not know")
             elif kind != "delta":
                 raise ValueError(f"unexpected tensor {key!r}")
         _check_parts(record)
@@ -86,30 +93,9 @@ def decode(data: bytes) -> ConceptRecord:
         _check_meta(record.meta)
         if not all(is_digest(d) for d in meta.photo_digests):
             raise ValueError("its photos are not named by their SHA-256")
-    except _Newer as exc:   # ours, from a later cones: saying "not ours" sent people to re-export
-        raise BadInput(f"This concept file was written by a newer version of cones ({exc}).",
-                       "Update cones to import it, or export the concept again from a service of "
-                       "this version.") from None
     except Exception as exc:  # safetensors, json, dataclass and name errors all mean "not ours"
-        why = f"no {exc} in it" if isinstance(exc, KeyError) else str(exc).rstrip(".")
-        raise BadInput(f"This is not a cones concept file ({why}).",
-                      "Export it again with `cones export NAME -o FILE`.") from None
+        raise refusal(exc) from None   # (or, Newer, ours from a later cones)
     return record
-
-
-class _Newer(Exception):
-    """A concept file of a later cones (a higher format, or metadata fields added since)."""
-
-
-def _check_version(metadata: dict) -> None:
-    written = metadata.get("format")
-    if written == FORMAT:
-        return
-    family, _, version = str(written).partition("/")
-    ours, _, mine = FORMAT.partition("/")
-    if family == ours and version.isdigit() and int(version) > int(mine):
-        raise _Newer(f"format {written}, this version reads {FORMAT}")
-    raise ValueError(f"format {written!r}")
 
 
 # What each method's concept holds (and must): a file whose parts are another method's was
@@ -165,8 +151,8 @@ def _check_meta(meta) -> None:
     if not isinstance(given, dict) or not all(
             isinstance(v, (str, int, float, bool)) or v is None for v in given.values()):
         raise ValueError("its options are not names with values")
-    if hparams.get("scope", "all") not in ("concept", "all"):
-        raise ValueError(f"its scope {hparams['scope']!r} is none cones writes")
+    if hparams.get("scope", "all") not in ("concept", "all"):   # a scope added since
+        raise Newer(f"its scope {hparams['scope']!r} is none this version knows")
 
 
 def _check_values(record: ConceptRecord) -> None:
@@ -177,13 +163,6 @@ def _check_values(record: ConceptRecord) -> None:
     check_record(record)
     if not values_finite(record):
         raise ValueError("it holds values that are not finite numbers (NaN or infinity)")
-
-
-def _header_metadata(data: bytes) -> dict[str, str]:
-    """The safetensors header's __metadata__ (8-byte little-endian length, then JSON)."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    return header.get("__metadata__", {}) or {}
 
 
 def _jsonable(value):

@@ -239,3 +239,29 @@ def test_images_are_copied_into_o_only_under_a_job_id_that_is_one(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["made.png", "out", "sub"]
     copied = _copy_out(job("0123456789ab"), out, made=False)
     assert copied.result.images == [str(out / "0123456789ab-made.png")]
+
+
+def test_import_refuses_a_file_of_another_kind_before_reading_or_sending_it(tmp_path, monkeypatch):
+    """A review's find: `cones import model.safetensors` (a checkpoint or LoRA given by mistake)
+    read the whole file into the CLI's memory and sent it, to be told to raise the service's
+    request limit. Its header says what it is: refused before anything is sent."""
+    import numpy as np
+    from safetensors.numpy import save
+    from typer.testing import CliRunner
+
+    import cli.main
+
+    monkeypatch.setenv("CONES_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(cli.main, "client", lambda: (_ for _ in ()).throw(AssertionError("sent")))
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(save({"w": np.zeros(3, np.float32)}, metadata={"ss_network_module": "lora"}))
+    later = tmp_path / "later.safetensors"
+    later.write_bytes(save({"w": np.zeros(3, np.float32)}, metadata={"format": "cones-concept/9"}))
+    huge = tmp_path / "huge.safetensors"
+    with open(huge, "wb") as f:   # a header length no concept file has
+        f.write((1 << 40).to_bytes(8, "little"))
+    for file, said in ((lora, "not a cones concept file (a safetensors file without cones's format"),
+                       (later, "written by a newer version of cones (format cones-concept/9"),
+                       (huge, "not a cones concept file (its header says it is 1,099,511,627,776 bytes")):
+        r = CliRunner().invoke(cli.main.app, ["import", str(file)])
+        assert r.exit_code == 2 and said in " ".join(r.output.split()), r.output

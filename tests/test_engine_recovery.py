@@ -424,7 +424,8 @@ def test_a_concept_file_of_a_newer_cones_is_said_to_be_one(engine):
 
     from cns_daemon.api.errors import BadInput
     from cns_daemon.methods.common.tokens import rare_tokens
-    from cns_daemon.transfer import _header_metadata, decode, encode
+    from cns_daemon.api.concept_file import metadata as _header_metadata
+    from cns_daemon.transfer import decode, encode
 
     data = encode(cns_record(engine, "new", rare_tokens(engine.pipe.tokenizer)[3], 1.0, time.time()))
     tensors, metadata = load(data), _header_metadata(data)
@@ -437,6 +438,19 @@ def test_a_concept_file_of_a_newer_cones_is_said_to_be_one(engine):
         decode(save(tensors, {**metadata, "format": "cones-concept/2"}))
     with pytest.raises(BadInput, match="not a cones concept file"):
         decode(save(tensors, {**metadata, "format": "someone-else/3"}))
+    # A method, a scope, an overlap field or a kind of part added since, in a file of format 1
+    # (a review's find: "not a cones concept file", and export it again)
+    hp = meta["hparams"]
+    for changed, needle in ((dict(meta, method="cones3"), "its method 'cones3'"),
+                            (dict(meta, hparams={**hp, "scope": "nearby"}), "its scope 'nearby'")):
+        with pytest.raises(BadInput, match=f"newer version of cones.*{needle}"):
+            decode(save(tensors, {**metadata, "meta": json.dumps(changed)}))
+    overlap = json.loads(metadata["overlap"])
+    with pytest.raises(BadInput, match="newer version of cones.*its overlap holds shared_heads"):
+        decode(save(tensors, {**metadata, "overlap": json.dumps({**overlap, "shared_heads": 2})}))
+    import numpy as np
+    with pytest.raises(BadInput, match="newer version of cones.*a part of kind 'lora'"):
+        decode(save({**tensors, "lora/x": np.zeros(2, np.float32)}, metadata))
 
 
 def test_an_import_refused_in_half_precision_names_the_float32_way(engine, monkeypatch):
