@@ -132,6 +132,22 @@ def inputs_signatures(folder: Path) -> tuple[str, str]:
     return named.hexdigest()[:16], bare.hexdigest()[:16]
 
 
+def _distinct(photos: list[Path]) -> tuple[list[Path], list[SkippedFile]]:
+    """The photos whose bytes differ (the first of each, by name), and the copies skipped as
+    check_photos says of them; hashed a block at a time, none held whole."""
+    seen: dict[str, Path] = {}
+    copies = []
+    for p in sorted(photos, key=lambda p: p.name):
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        first = seen.setdefault(digest.hexdigest(), p)
+        if first is not p:
+            copies.append(SkippedFile(file=shown(p.name), reason=f"the same photo as {shown(first.name)}"))
+    return list(seen.values()), copies
+
+
 def noted_signature(folder: Path) -> str | None:
     """The inputs signature the folder's note speaks of (None: no note, or a note without one)."""
     for name in NOTE_FILES:
@@ -156,7 +172,9 @@ def read_photos(folder: Path, name: str = "") -> tuple[list[CheckedPhoto], list[
                 and (c := caption_file(p, NOTE_FILES)) is not None}
     candidates = [p for p in files if p.name != CONFIG_FILE and p.name.lower() not in captions]
     not_images = {p: why for p in candidates if (why := sniff(p)) is not None}
-    photos = [p for p in candidates if p not in not_images]
+    # A copy of a photo counts once (as the learn counts it): set aside by content before the
+    # caps, which count what is read
+    photos, copies = _distinct([p for p in candidates if p not in not_images])
     if len(photos) > MAX_PHOTOS:   # before reading them: 80 photos were read whole, then refused
         raise BadInput(too_many_photos(name or folder.name, len(photos)), TOO_MANY_HINT)
     total = sum(p.stat().st_size for p in photos)
@@ -170,7 +188,7 @@ def read_photos(folder: Path, name: str = "") -> tuple[list[CheckedPhoto], list[
     nested = sorted(shown(p.name) for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     skipped += [SkippedFile(file=f"{n}/", reason="a folder: photos in sub-folders are not read; move them up "
                             f"into {folder.name}") for n in nested]
-    return good, odd + skipped + list(not_images.values()) + [
+    return good, odd + copies + skipped + list(not_images.values()) + [
         SkippedFile(file=n, reason="a link to a file that is not there") for n in broken]
 
 

@@ -976,3 +976,20 @@ def test_a_learned_folder_that_cannot_be_cleared_is_noted_not_taken_again(tmp_pa
     said = " ".join(note.read_text().split())
     assert "<mug> is learned (job aaaaaaaaaaaa), but this folder could not be cleared" in said
     assert "Remove the folder yourself" in said and "already exists" not in said
+
+
+def test_a_copy_of_a_photo_does_not_count_against_the_folders_cap(tmp_path, monkeypatch):
+    """A review's find: 63 photos and two copies ("000 (1).png") were refused whole as 65 photos,
+    over the 64 taken, though a copy counts once."""
+    import cns_daemon.inbox_folder as inbox_folder
+
+    monkeypatch.setattr(inbox_folder, "MAX_PHOTOS", 4)
+    folder = tmp_path / "pur.cup"
+    photos = write_photos(folder, 4, seed=600)
+    shutil.copy(photos[0], folder / "photo0 (1).png")
+    good, skipped = read_photos(folder)
+    assert len(good) == 4
+    assert [(s.file, s.reason) for s in skipped] == [("photo0.png", "the same photo as photo0 (1).png")]
+    write_photos(tmp_path / "fifth", 1, seed=700)[0].rename(folder / "photo9.png")
+    with pytest.raises(BadInput, match="5 photos"):
+        read_photos(folder)
