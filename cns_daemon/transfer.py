@@ -139,6 +139,8 @@ def _check_meta(meta) -> None:
         value = getattr(meta, field)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise ValueError(f"its {field} is a {type(value).__name__}")
+    if not meta.fingerprint:   # every export names the model it was learned on: this one was edited
+        raise ValueError("it names no base model (its fingerprint is empty)")
     if not re.fullmatch(CLASS_PATTERN, meta.class_word):
         raise ValueError(f"its class {meta.class_word!r} is not one cones takes")
     if not all(c is None or isinstance(c, str) for c in meta.photo_captions):

@@ -365,7 +365,9 @@ def test_a_concept_file_cannot_reach_past_its_own_words(engine):
                        ({"hparams": {"options_given": [1]}}, "options are not names with values"),
                        ({"hparams": {"steps": {"a": 1}}}, "its steps is a dict"),
                        ({"hparams": {"scope": "sometimes"}}, "newer version of cones .its scope 'sometimes' is none this version knows"),
-                       ({"photo_captions": ["x" * (1 << 20)]}, "over 1,048,576")):
+                       ({"photo_captions": ["x" * (1 << 20)]}, "over 1,048,576"),
+                       # taken once, and stamped with the loaded model's, whichever it was learned on
+                       ({"fingerprint": ""}, "names no base model")):
         edited = dataclasses.replace(good, meta=dataclasses.replace(good.meta, **edit))
         if edit.get("token") == "":
             edited = dataclasses.replace(edited, embeddings={})
