@@ -78,7 +78,7 @@ class Engine(Importing, Listing):
     # ------------------------------------------------------------ start-up
 
     def start(self) -> None:
-        from cns_daemon.model import build_tiny_pipeline, load_pipeline
+        from cns_daemon.model import build_tiny_pipeline, choose_placement, load_pipeline
 
         t0 = time.monotonic()
         if self.settings.model == TINY_MODEL:
@@ -86,7 +86,8 @@ class Engine(Importing, Listing):
                 raise ModelLoad(f"'{TINY_MODEL}' names the built-in test model, and there is also a "
                                 f"'{TINY_MODEL}' here ({Path(TINY_MODEL).absolute()}).",
                                 f"For the folder, give ./{TINY_MODEL} or its absolute path.")
-            pipe = build_tiny_pipeline(seed=0)
+            place = choose_placement(self.settings.device, self.settings.dtype)   # as a real model's
+            pipe = build_tiny_pipeline(seed=0).to(place.device, place.dtype)
         else:
             pipe = load_pipeline(self.settings.model, self.settings.device, self.settings.dtype)
         log.info("model %s loaded in %.1fs", self.info.model, time.monotonic() - t0)

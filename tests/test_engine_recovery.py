@@ -470,3 +470,15 @@ def test_an_import_refused_in_half_precision_names_the_float32_way(engine, monke
     with pytest.raises(ModelMismatch) as err:
         engine.import_record(record)
     assert "dtype = float32" in err.value.hint and "exported again" in err.value.hint
+
+
+def test_the_tiny_model_takes_the_device_and_dtype_given(tmp_path):
+    """`cones serve --model tiny --dtype bfloat16` served float32 without a word (a review's
+    find): the test model is placed as a real one is."""
+    store = ConceptStore.open(tmp_path / "store")
+    try:
+        eng = Engine(Settings(model="tiny", home=str(tmp_path), dtype="bfloat16"), store, Archive(tmp_path / "a"))
+        eng.start()
+        assert eng.info.dtype == "bfloat16" and eng.pipe.text_encoder.dtype == torch.bfloat16
+    finally:
+        store.close()
