@@ -344,3 +344,10 @@ def test_captioned_photos_mix_in_their_templates_only_where_it_applies():
     assert cns.plain_captions(own, cns.CNSParams(caption_mix=0)) is None
     with pytest.raises(BadInput, match="caption_mix"):
         cns.CNSParams(caption_mix=1.5).validate()
+    # given where it changes nothing (background base or scenes: no template captions mixed),
+    # it is refused, not trained without a word
+    from cns_daemon.methods.common.options import parse_options
+    assert parse_options(cns.CNSParams, {"background": "base"}).caption_mix == 0.5
+    assert cns.plain_captions(own, parse_options(cns.CNSParams, {"background": "base"})) is None
+    with pytest.raises(BadInput, match="caption_mix applies with background `photo` only"):
+        parse_options(cns.CNSParams, {"background": "scenes", "caption_mix": 0.3})

@@ -72,7 +72,7 @@ class ConesParams:
     lr: float = 3e-3              # tuned: Adam's learning rate
     scope: str = "concept"        # concept: where the concept is named | all: the whole request
 
-    def validate(self) -> None:   # shared bounds (rho, lr, counts): common.options.LOWER_BOUNDS
+    def validate(self, given: frozenset[str] = frozenset()) -> None:   # shared bounds (rho, lr, counts): common.options.LOWER_BOUNDS
         if self.steps < 1:
             raise BadInput("steps must be ≥ 1.")
         if not 0 <= self.sparsity <= 100:

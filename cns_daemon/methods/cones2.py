@@ -66,7 +66,7 @@ class Cones2Params:
     grad_clip: float = 1.0
     tail: bool = True           # residuals at the end of the sequence too (EOS and padding)
 
-    def validate(self) -> None:   # the shared bounds (lr, counts): common.options.LOWER_BOUNDS
+    def validate(self, given: frozenset[str] = frozenset()) -> None:   # the shared bounds (lr, counts): common.options.LOWER_BOUNDS
         if self.steps < 1:
             raise BadInput("steps must be ≥ 1.")
 

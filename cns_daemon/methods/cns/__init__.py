@@ -117,7 +117,7 @@ class CNSParams:
                                   # trained embedding row (docs/tuning.md "Token vectors")
     token_init: str = "token"     # start the row from the rare token's own row | the "class" word's
 
-    def validate(self) -> None:
+    def validate(self, given: frozenset[str] = frozenset()) -> None:
         if not (0 < self.top_p <= 100 and 0 < self.base_top_p <= 100
                 and 0 <= self.few_percent <= 100):
             raise BadInput("top_p and base_top_p must be in (0, 100], few_percent in [0, 100].")
@@ -141,6 +141,10 @@ class CNSParams:
                            "it holds the background to what a prompt without the token draws, "
                            "told from the object by the photo's border.",
                            "Leave out the background option, or the scope or mask one.")
+        if "caption_mix" in given and self.background != "photo":   # (plain_captions: none to mix)
+            raise BadInput(f"caption_mix applies with background `photo` only: with `{self.background}` "
+                           "the photos train under their own captions, which the background's target "
+                           "is drawn from.", "Leave out caption_mix, or the background option.")
         if not 1 <= self.vectors <= C.MAX_VECTORS:
             raise BadInput(f"vectors must be between 1 and {C.MAX_VECTORS}.")
         if self.token_init not in ("token", "class"):

@@ -63,7 +63,7 @@ def parse_options(cls: type[T], options: dict | None, steps: int | None = None) 
         hp = dataclasses.replace(defaults, **values)
         check = getattr(hp, "validate", None)
         if check is not None:
-            check()
+            check(frozenset(values))   # (what was given: an option that changes nothing is refused)
     except BadInput as exc:
         if exc.hint != BadInput.default_hint:   # a hint of its own says more
             raise
