@@ -182,10 +182,12 @@ class Client:
                     if line.strip():
                         yield ProgressInfo.model_validate_json(line)
         except httpx.ReadTimeout:
-            raise Unavailable(f"The cones service sent nothing about job {job_id} for {STREAM_SILENCE_S:g} s "
-                              "(it says how a job goes every 10 s): it may hang.",
-                              "See its log (`journalctl --user -u cones`); `systemctl --user restart cones` "
-                              "restarts it, and the job runs again after.") from None
+            silent = Unavailable(f"The cones service sent nothing about job {job_id} for {STREAM_SILENCE_S:g} s "
+                                 "(it says how a job goes every 10 s): it may hang.",
+                                 "See its log (`journalctl --user -u cones`); `systemctl --user restart "
+                                 "cones` restarts it, and the job runs again after.")
+            silent.silent = True   # (session.wait_for: no "come back" to wait for)
+            raise silent from None
         except httpx.TransportError as exc:
             raise self._transport_error(exc) from None
 

@@ -229,7 +229,8 @@ def rm(name: str = CONCEPT, no_wait: bool = typer.Option(False, "--no-wait", hel
                  "seed": with_.pop("seed", None)}
         many = len(kept) != 1
         console.print(f"Its {len(kept)} photo{'s stay' if many else ' stays'} in the archive (`cones "
-                      f"prune-photos` deletes {'them' if many else 'it'}); " + relearn_command(
+                      f"prune-photos` deletes {'those' if many else 'it, if'} no other concept uses"
+                      f"{'' if many else ' it'}); " + relearn_command(
                           name, kept, learned.class_word if learned else "", flags, with_),
                       markup=False, highlight=False, soft_wrap=True)
 

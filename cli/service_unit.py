@@ -139,15 +139,35 @@ def _systemctl(*args: str, say, check: bool = True) -> bool:
     return result.returncode == 0
 
 
-def _active() -> bool:
-    return subprocess.run(["systemctl", "--user", "is-active", "--quiet", UNIT_NAME],
-                          capture_output=True, timeout=60).returncode == 0
+def _running() -> bool:
+    """Whether the unit runs or is starting (loading its model: is-active says "activating",
+    which `enable --now` leaves as it is too)."""
+    shown = subprocess.run(["systemctl", "--user", "show", "-p", "ActiveState", "--value", UNIT_NAME],
+                           capture_output=True, text=True, timeout=60)
+    return shown.returncode == 0 and shown.stdout.strip() in ("active", "activating", "reloading")
 
 
-def _read_by_systemd(unit_dir: Path) -> bool:
-    """Whether the user manager reads units from `unit_dir` (it does from the default one; a
-    unit written elsewhere is unknown to it until linked)."""
-    return unit_dir.expanduser().absolute() == default_unit_dir().absolute()
+def _running_job(settings: Settings):
+    """The job the service runs now (a restart would start it over), or None (none, or no answer)."""
+    from cli.client import Client
+    from cns_daemon.api.errors import ConesError
+
+    try:
+        with Client(settings.paths.socket, timeout=10.0, data_lock=settings.paths.data_lock) as c:
+            return c.status().queue.running
+    except ConesError:
+        return None
+
+
+def _read_by_systemd(unit: Path) -> bool:
+    """Whether the user manager reads this unit file: it reads the default folder's; one written
+    elsewhere only once linked (`systemctl --user link`)."""
+    if unit.parent.expanduser().absolute() == default_unit_dir().absolute():
+        return True
+    shown = subprocess.run(["systemctl", "--user", "show", "-p", "FragmentPath", "--value", UNIT_NAME],
+                           capture_output=True, text=True, timeout=60)
+    fragment = shown.stdout.strip() if shown.returncode == 0 else ""
+    return bool(fragment) and Path(fragment).resolve() == unit.expanduser().resolve()
 
 
 def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
@@ -184,21 +204,25 @@ def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
         say(f"carried from this shell, where the service finds its folders: {', '.join(folders)}")
     if not start:
         say("not starting it (--no-start)")
-    elif not _read_by_systemd(unit_dir):
-        say(f"not starting it: the user manager reads its units from {default_unit_dir()}, not "
-            f"{unit_dir} (`systemctl --user link {unit}` makes it known there)")
-    elif systemd_user_available():
-        running = _active()
-        _systemctl("daemon-reload", say=say)
-        _systemctl("enable", "--now", UNIT_NAME, say=say)
-        if running:   # `enable --now` leaves a running service as it was started
-            _systemctl("restart", UNIT_NAME, say=say)
-            say("the service was running: restarted with this unit and the settings as they are now "
-                "(a job it ran is queued again and starts over)")
-        say("the service is enabled and started; `cones status` talks to it")
-    else:
+    elif not systemd_user_available():
         say("no systemd user manager here: the unit is written but not enabled; run "
             "`systemctl --user enable --now cones` where systemd runs, or `cones serve`")
+    elif not _read_by_systemd(unit):
+        say(f"not starting it: the user manager reads its units from {default_unit_dir()}, not "
+            f"{unit_dir} (`systemctl --user link {unit}` makes it known there)")
+    else:
+        running = _running()
+        _systemctl("daemon-reload", say=say)
+        _systemctl("enable", "--now", UNIT_NAME, say=say)
+        busy = _running_job(settings) if running else None
+        if busy is not None:   # hours of a learn are not thrown away unasked
+            say(f"not restarted: it runs job {busy.id} ({busy.summary}), which a restart would start "
+                "over; once it ends, `systemctl --user restart cones` makes this unit and config.toml "
+                "as they are now count")
+        elif running:   # `enable --now` leaves a running service as it was started
+            _systemctl("restart", UNIT_NAME, say=say)
+            say("the service was running: restarted, so this unit and config.toml as they are now count")
+        say("the service is enabled and started; `cones status` talks to it")
     return unit
 
 
@@ -207,7 +231,7 @@ def uninstall(unit_dir: Path, say) -> None:
     if not unit.exists():
         say(f"no unit at {unit}: nothing to remove")
         return
-    managed = _read_by_systemd(unit_dir) and systemd_user_available()
+    managed = systemd_user_available() and _read_by_systemd(unit)
     if managed:
         _systemctl("disable", "--now", UNIT_NAME, say=say)
     unit.unlink()

@@ -45,10 +45,15 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
             except Unavailable as exc:
                 if getattr(exc, "job_ended", False):   # it failed so itself (an extra not installed)
                     raise
-                if rejoin == MAX_REJOINS or not _service_back(c, job, exc):
+                hung = getattr(exc, "silent", False)   # it did not go away: nothing to wait for
+                if hung and rejoin < MAX_REJOINS and _answers(c, job):
+                    continue   # only its stream fell silent: followed anew
+                if hung or rejoin == MAX_REJOINS or not _service_back(c, job, exc):
                     # (a job a stop or crash cut off is queued again when the service starts: it is kept)
-                    raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}, kept: it runs when the "
-                                      f"service is back){left_behind}.", exc.hint) from None
+                    kept = "" if hung or "when the service is back" in exc.message else \
+                        ", kept: it runs when the service is back"
+                    raise Unavailable(f"{exc.message.rstrip('.')} (job {job.id}{kept}){left_behind}.",
+                                      exc.hint) from None
     except KeyboardInterrupt:   # exit 130; with --json the error document says it too
         raise Interrupted(f"Stopped following; job {job.id} goes on in the service{left_behind}.",
                           f"`cones jobs` shows it; `cones cancel {job.id}` stops it.") from None
@@ -56,7 +61,15 @@ def wait_for(c: Client, job: JobInfo, quiet: bool = False, tell_wait: bool = Tru
 
 
 def _tell_what_runs(c: Client, job: JobInfo) -> None:
-    """A job still queued after a moment waits for another: say which, and how many more."""
+    """A job still queued after a moment waits for another: say which, and how many more (a
+    service gone meanwhile is the follow's to tell, and wait for)."""
+    try:
+        _tell_queue(c, job)
+    except Unavailable:
+        pass
+
+
+def _tell_queue(c: Client, job: JobInfo) -> None:
     running = c.status().queue.running
     # A generate runs inside a running learn at its next step: that is no wait to tell.
     if running is None or running.id == job.id or (job.kind == "generate" and running.kind == "learn"):
@@ -69,6 +82,14 @@ def _tell_what_runs(c: Client, job: JobInfo) -> None:
         err_console.print(f"Job {job.id} is queued: job {running.id} runs ({what}){more}; "
                           "`cones jobs` shows the queue. Ctrl-C stops waiting, not the job.",
                           highlight=False)
+
+
+def _answers(c: Client, job: JobInfo) -> bool:
+    try:
+        c.job(job.id)
+        return True
+    except Unavailable:
+        return False
 
 
 def _service_back(c: Client, job: JobInfo, gone: Unavailable) -> bool:

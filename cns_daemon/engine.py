@@ -78,7 +78,7 @@ class Engine(Importing, Listing):
     # ------------------------------------------------------------ start-up
 
     def start(self) -> None:
-        from cns_daemon.model import build_tiny_pipeline, choose_placement, load_pipeline
+        from cns_daemon.model import build_tiny_pipeline, choose_placement, load_pipeline, quiet_libraries
 
         t0 = time.monotonic()
         if self.settings.model == TINY_MODEL:
@@ -87,7 +87,10 @@ class Engine(Importing, Listing):
                                 f"'{TINY_MODEL}' here ({Path(TINY_MODEL).absolute()}).",
                                 f"For the folder, give ./{TINY_MODEL} or its absolute path.")
             place = choose_placement(self.settings.device, self.settings.dtype)   # as a real model's
-            pipe = build_tiny_pipeline(seed=0).to(place.device, place.dtype)
+            pipe = build_tiny_pipeline(seed=0)   # (built on the CPU in float32)
+            if (place.device.type, place.dtype) != ("cpu", pipe.unet.dtype):
+                quiet_libraries()   # diffusers' advice to load with torch_dtype, which no one can take
+                pipe = pipe.to(place.device, place.dtype)
         else:
             pipe = load_pipeline(self.settings.model, self.settings.device, self.settings.dtype)
         log.info("model %s loaded in %.1fs", self.info.model, time.monotonic() - t0)

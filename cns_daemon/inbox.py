@@ -37,13 +37,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from cns_daemon.archive import make_private
-from cns_daemon.api.errors import BadInput, ConesError, Internal, Storage, storage_error
+from cns_daemon.api.errors import BadInput, ConesError, Internal, storage_error
 from cns_daemon.api.protocol import FINAL_STATES, SkippedFile, describe_validation_error
 from cns_daemon.inbox_folder import (CONFIG_FILE, ERROR_FILE, NOTE_FILES, drop_notes, holds_photos_of,
                                      inputs_signature, inputs_signatures, latest_change, left_uncleared,
                                      noted_signature,
                                      ours, read_photos, read_spec, shown, taken_photos, write_cancelled,
-                                     write_error)
+                                     write_error, write_uncleared)
 from cns_daemon.worker import CANCELLED_AT_STOP, CRASH_REASON
 from store.env import file_identity
 from store.records import JobRecord
@@ -392,13 +392,10 @@ class Inbox:
         log.warning("inbox folder %s: learned, but cannot clear it: %s", folder.name, exc)
         if not folder.is_dir():
             return
-        name = job.request.get("name", folder.name)
         signature = inputs_signature(folder)
-        why = Storage(f"<{name}> is learned (job {job.id}), but this folder could not be cleared: "
-                      f"{exc.strerror or exc} ({shown(Path(exc.filename or folder).name)}).",
-                      "Remove the folder yourself; its photos are in cones's archive.")
+        why = f"{exc.strerror or exc} ({shown(Path(exc.filename or folder).name)})"
         try:
-            write_error(folder, why, [], signature)
+            write_uncleared(folder, job.request.get("name", folder.name), job.id, why, signature)
         except OSError:
             with self._lock:
                 self._unwritable[folder.name] = signature

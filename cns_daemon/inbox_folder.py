@@ -134,18 +134,26 @@ def inputs_signatures(folder: Path) -> tuple[str, str]:
 
 def _distinct(photos: list[Path]) -> tuple[list[Path], list[SkippedFile]]:
     """The photos whose bytes differ (the first of each, by name), and the copies skipped as
-    check_photos says of them; hashed a block at a time, none held whole."""
+    check_photos says of them. Only files of one size are compared, by a hash read a block at
+    a time: a folder of a thousand photos is not read to be counted."""
+    by_size: dict[int, list[Path]] = {}
+    for p in sorted(photos, key=lambda p: p.name):
+        by_size.setdefault(p.stat().st_size, []).append(p)
+    if len(by_size) > MAX_PHOTOS:   # so many sizes, so many photos at least: no need to read them
+        return [group[0] for group in by_size.values()], []
     seen: dict[str, Path] = {}
     copies = []
-    for p in sorted(photos, key=lambda p: p.name):
-        digest = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        first = seen.setdefault(digest.hexdigest(), p)
-        if first is not p:
-            copies.append(SkippedFile(file=shown(p.name), reason=f"the same photo as {shown(first.name)}"))
-    return list(seen.values()), copies
+    for group in by_size.values():
+        for p in group if len(group) > 1 else []:
+            digest = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            first = seen.setdefault(digest.hexdigest(), p)
+            if first is not p:
+                copies.append(SkippedFile(file=shown(p.name), reason=f"the same photo as {shown(first.name)}"))
+    copied = {c.file for c in copies}
+    return [p for p in sorted(photos, key=lambda p: p.name) if shown(p.name) not in copied], copies
 
 
 def noted_signature(folder: Path) -> str | None:
@@ -173,7 +181,7 @@ def read_photos(folder: Path, name: str = "") -> tuple[list[CheckedPhoto], list[
     candidates = [p for p in files if p.name != CONFIG_FILE and p.name.lower() not in captions]
     not_images = {p: why for p in candidates if (why := sniff(p)) is not None}
     # A copy of a photo counts once (as the learn counts it): set aside by content before the
-    # caps, which count what is read
+    # caps, which count what is read (copies are found among files of one size only)
     photos, copies = _distinct([p for p in candidates if p not in not_images])
     if len(photos) > MAX_PHOTOS:   # before reading them: 80 photos were read whole, then refused
         raise BadInput(too_many_photos(name or folder.name, len(photos)), TOO_MANY_HINT)
@@ -209,12 +217,14 @@ def drop_notes(folder: Path, keep: str | None = None) -> None:
             (folder / name).unlink(missing_ok=True)
 
 
-def write_note(folder: Path, note: str, lines: list[str], signature: str) -> None:
+UNTOUCHED = "Your files are untouched; this note is replaced on the next try."
+
+
+def write_note(folder: Path, note: str, lines: list[str], signature: str, closing: str = UNTOUCHED) -> None:
     """Write one of the service's notes (and drop the other kind): what happened, what to do,
     and the signature of the inputs it speaks of. OSError where a file of the person's holds
     its name."""
-    lines = lines + ["Your files are untouched; this note is replaced on the next try.",
-                     f"(cones: inputs {signature})", ""]
+    lines = lines + [closing, f"(cones: inputs {signature})", ""]
     drop_notes(folder, keep=note)
     if (folder / note).exists() and not ours(folder / note):
         raise FileExistsError(f"{folder / note} is not a note of cones's; it is left as it is")
@@ -233,6 +243,17 @@ def write_error(folder: Path, exc: ConesError, skipped: list[SkippedFile],
     lines += ["The service tries again as soon as you rename " + _this(folder) + " or a photo, "
               "caption or concept.toml in it changes."]
     write_note(folder, ERROR_FILE, lines, signature)
+
+
+def write_uncleared(folder: Path, name: str, job_id: str, why: str, signature: str) -> None:
+    """The note of a folder learned from that could not be cleared: the concept is there, the
+    folder is the person's to remove (taken again, it would be told the name is taken)."""
+    lines = [f"<{name}> is learned from this folder (job {job_id}), but cones could not clear it: {why}.",
+             "", "Its photos are in cones's archive: " + ("remove the link from the inbox yourself."
+                                                         if folder.is_symlink() else "delete the folder yourself."),
+             "cones does not take it again while it stays as it is.", ""]
+    write_note(folder, ERROR_FILE, lines, signature,
+               closing="Some of its photos may be gone from it already (those cones could remove).")
 
 
 def _this(folder: Path) -> str:

@@ -123,3 +123,59 @@ def test_a_stream_silent_past_the_heartbeat_is_told(tmp_path, monkeypatch):
     finally:
         done.set()
     assert f"sent nothing about job {JOB} for 0.5 s" in err.value.message and "may hang" in err.value.message
+
+
+class Silent(Restarting):
+    """A client whose event stream falls silent once (STREAM_SILENCE_S without a line), its
+    service answering (`answers`) or not."""
+
+    def __init__(self, answers: bool):
+        super().__init__(down=0 if answers else 10**9, state="serving")
+
+    def follow(self, job_id):
+        self.follows += 1
+        if self.follows == 1:
+            silent = Unavailable("The cones service sent nothing about job x for 60 s: it may hang.")
+            silent.silent = True
+            raise silent
+        yield ProgressInfo(job=job_id, state="done")
+
+
+def test_a_silent_stream_of_a_service_that_answers_is_followed_anew(quick, capsys):
+    c = Silent(answers=True)
+    assert wait_for(c, _job(), quiet=True, tell_wait=False).state == "done" and c.follows == 2
+    assert "Waiting" not in capsys.readouterr().err
+
+
+def test_a_hung_service_is_said_hung_not_waited_for_nor_said_kept(quick, capsys):
+    """A review's find: a silent stream was told "Waiting for it to come back" and then "kept:
+    it runs when the service is back", of a service that never went away."""
+    start = time.monotonic()
+    with pytest.raises(Unavailable) as err:
+        wait_for(Silent(answers=False), _job(), quiet=True, tell_wait=False)
+    assert time.monotonic() - start < 0.15   # less than the grace: not waited for
+    assert err.value.message.endswith("it may hang (job 0123456789ab).") and "kept" not in err.value.message
+    assert "Waiting" not in capsys.readouterr().err
+
+
+def test_a_stopping_service_is_not_said_kept_twice(quick):
+    class Stopping(Restarting):
+        def follow(self, job_id):
+            raise Unavailable("The service is stopping before the job finished; the job stays in its "
+                              "queue and runs when the service is back.")
+            yield
+
+    with pytest.raises(Unavailable) as err:
+        wait_for(Stopping(down=10**9, state=None), _job(), quiet=True, tell_wait=False)
+    assert err.value.message.count("when the service is back") == 1 and "(job 0123456789ab)" in err.value.message
+
+
+def test_a_service_gone_while_the_queue_is_told_is_waited_for_too(quick):
+    """A review's find: the queue's wait was told outside the follow's handling: a service gone
+    in that first moment ended the command without the job's id or the wait."""
+    class Queued(Restarting):
+        def status(self):
+            raise Unavailable("The cones service is not running.")
+
+    c = Queued(down=2, state=None)
+    assert wait_for(c, _job("queued"), quiet=True, tell_wait=True).state == "done"

@@ -957,6 +957,7 @@ def test_a_learned_folder_that_cannot_be_cleared_is_noted_not_taken_again(tmp_pa
     """A review's find: a photo that may not be removed (root's, in a read-only folder) failed
     the clean-up: at start-up the service did not start (exit 12, never restarted), and while it
     ran the folder was taken again and told that its own concept's name was taken."""
+    import time
     from pathlib import Path
 
     from cns_daemon.inbox_folder import ERROR_FILE, noted_signature
@@ -965,17 +966,23 @@ def test_a_learned_folder_that_cannot_be_cleared_is_noted_not_taken_again(tmp_pa
     real = Path.unlink
 
     def unlink(self, *a, **kw):
-        if self.parent == folder and self.suffix == ".png":
+        if self.parent == folder and self.name == "photo1.png":
             raise PermissionError(1, "Operation not permitted", str(self))
         return real(self, *a, **kw)
 
     monkeypatch.setattr(Path, "unlink", unlink)
-    inbox._clear_at_start(folder, job)   # no exception: the service starts
-    note = folder / ERROR_FILE
-    assert note.exists() and noted_signature(folder) is not None
-    said = " ".join(note.read_text().split())
-    assert "<mug> is learned (job aaaaaaaaaaaa), but this folder could not be cleared" in said
-    assert "Remove the folder yourself" in said and "already exists" not in said
+    inbox._clear_at_start(folder, job)   # at start-up: no exception, so the service starts
+    assert noted_signature(folder) is not None
+    (folder / ERROR_FILE).unlink()
+    inbox._job_changed(job)   # while it runs: the learn ends, the clean-up fails
+    said = " ".join((folder / ERROR_FILE).read_text().split())
+    assert "<mug> is learned from this folder (job aaaaaaaaaaaa), but cones could not clear it: " \
+           "Operation not permitted (photo1.png)" in said and "delete the folder yourself" in said
+    assert "could not learn" not in said and "untouched" not in said
+    monkeypatch.setattr(inbox, "take", lambda f: (_ for _ in ()).throw(AssertionError("taken again")))
+    now = time.time()
+    inbox._scan_one(folder, now)   # first seen: settling from now
+    assert inbox._scan_one(folder, now + 3600) is False   # settled, and left alone (not taken)
 
 
 def test_a_copy_of_a_photo_does_not_count_against_the_folders_cap(tmp_path, monkeypatch):
@@ -991,5 +998,9 @@ def test_a_copy_of_a_photo_does_not_count_against_the_folders_cap(tmp_path, monk
     assert len(good) == 4
     assert [(s.file, s.reason) for s in skipped] == [("photo0.png", "the same photo as photo0 (1).png")]
     write_photos(tmp_path / "fifth", 1, seed=700)[0].rename(folder / "photo9.png")
+    # five sizes are five photos at least: refused before a byte is read (a review's find: every
+    # file was hashed first, a camera roll's gigabytes for a refusal)
+    monkeypatch.setattr(inbox_folder.hashlib, "sha256", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
+    assert len({p.stat().st_size for p in folder.glob("*.png")}) == 5
     with pytest.raises(BadInput, match="5 photos"):
         read_photos(folder)

@@ -432,7 +432,7 @@ def test_rm_with_photos_deletes_the_photos_no_other_concept_uses(cones, daemon, 
     said = out.strip().splitlines()
     kept = sorted(str(archive.path(digest[f"photo{k}.png"])) for k in (2, 3))
     assert code == 0 and said[:2] == ["Removed <pb>.", "Its 2 photos stay in the archive (`cones prune-photos` "
-                                      "deletes them); to learn it again as it was:"], out
+                                      "deletes those no other concept uses); to learn it again as it was:"], out
     words = said[2].split()
     assert words[:3] == ["cones", "add", "pb"] and sorted(words[3:5]) == kept, out
     assert " ".join(words[5:]).startswith("--class dog --method cns"), out   # (the fake engine's: no steps)
