@@ -137,7 +137,7 @@ def run_method(method, name: str, pipe, gen: Generator, judge: Judge, concepts: 
     MethodResult and the records (for the mixed-method compositions)."""
     from cns_daemon.methods.base import LearnSpec
     from cns_daemon.model import fingerprint
-    from store.store import ConceptStore
+    from cones_store.store import ConceptStore
 
     result = MethodResult(name)
     records: dict = {}
@@ -201,7 +201,7 @@ def placement_sweep(pipe, gen_for, judge: Judge, weights: list[float], n: int) -
     import numpy as np
 
     from bench._world import ObjectSpec
-    from store.records import ConceptMeta, ConceptRecord
+    from cones_store.records import ConceptMeta, ConceptRecord
 
     width = pipe.text_encoder.config.hidden_size
     objs = {"a": ObjectSpec("star", "red"), "b": ObjectSpec("ring", "blue")}

@@ -187,7 +187,7 @@ def learn(task: Task, out: Measurement) -> None:
     from cns_daemon.methods.base import LearnSpec
     from cns_daemon.methods.common import kv_total
     from cns_daemon.model import fingerprint
-    from store.store import ConceptStore
+    from cones_store.store import ConceptStore
 
     pipe = _model(task)
     out.model_rss_kb = _status_kb("VmRSS")
@@ -239,7 +239,7 @@ def generate(task: Task, out: Measurement) -> None:
 
     from cns_daemon.generate import guidance_overhead
     from cns_daemon.memory import MemoryOptions, prepare_generation
-    from store.records import ConceptMeta, ConceptRecord
+    from cones_store.records import ConceptMeta, ConceptRecord
 
     pipe = _model(task)
     out.model_rss_kb = _status_kb("VmRSS")

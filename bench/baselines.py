@@ -28,7 +28,7 @@ from cns_daemon.methods import common as C
 from cns_daemon.methods.base import CancelToken, LearnSpec, ProgressFn
 from cns_daemon.methods.cns import CNSParams, prepare, token_rows
 from cns_daemon.methods.cns.layers import stack_for
-from store.records import ConceptMeta, ConceptRecord, SparseDelta
+from cones_store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 BASELINES = ("naive", "ti")
 # The CNSParams fields a baseline reads. The others (selection, scope, masks, the background's

@@ -68,7 +68,7 @@ def sd15_shaped_pipeline(seed: int = 0):
 def synthetic_records(pipe, count: int, fraction: float, fp: str, seed: int = 0):
     from cns_daemon.methods.common.tokens import rare_tokens
     from cns_daemon.model import kv_weights
-    from store.records import ConceptMeta, ConceptRecord, SparseDelta
+    from cones_store.records import ConceptMeta, ConceptRecord, SparseDelta
 
     rng = np.random.default_rng(seed)
     shapes = {name: tuple(p.shape) for name, p in kv_weights(pipe.unet).items()}
@@ -102,13 +102,13 @@ def p99(values: list[float]) -> float:
 def generate_during_learn(gen_steps: int = 20) -> dict:
     """Submit -> done of a generate job while a learn job trains, beside the generate alone and
     one training step, on the toy-world model through the shipped Service and worker."""
-    from cli.demo import FIRST, photos_of
+    from cones_cli.demo import FIRST, photos_of
     from cns_daemon.archive import Archive, check_photos
     from cns_daemon.engine import Engine
     from cns_daemon.api.protocol import GenerateRequest
     from cns_daemon.service import Service
     from cns_daemon.api.settings import load_settings
-    from store import ConceptStore
+    from cones_store import ConceptStore
 
     home = Path(tempfile.mkdtemp(prefix="cones-bench-", dir="/tmp"))
     try:
@@ -164,7 +164,7 @@ def run(concepts: int, fraction: float, settle: float, rounds: int, repeat: int 
     import torch
     import uvicorn
 
-    from cli.client import Client
+    from cones_cli.client import Client
     from cns_daemon.archive import Archive
     from cns_daemon.daemon import bind_socket, prepare_runtime
     from cns_daemon.engine import Engine
@@ -173,7 +173,7 @@ def run(concepts: int, fraction: float, settle: float, rounds: int, repeat: int 
     from cns_daemon.server import App
     from cns_daemon.service import Service
     from cns_daemon.api.settings import load_settings
-    from store import ConceptStore
+    from cones_store import ConceptStore
 
     torch.set_num_threads(2)
     home = Path(tempfile.mkdtemp(prefix="cones-bench-", dir="/tmp"))
@@ -226,7 +226,7 @@ def run(concepts: int, fraction: float, settle: float, rounds: int, repeat: int 
         # --- inbox: a complete folder appears (rename), until its job runs
         inbox = Inbox(service, paths.inbox, settle, poll=0.05)
         inbox.start()
-        from cli.demo import FIRST, photos_of
+        from cones_cli.demo import FIRST, photos_of
 
         staging = paths.inbox / ".staging"
         staging.mkdir(parents=True)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from store.codec import decode_indices, encode_indices, put_uvarint
-from store.records import ConceptMeta, ConceptRecord, SparseDelta
-from store.serialize import decode_delta, encode_delta
-from store.store import ConceptStore
+from cones_store.codec import decode_indices, encode_indices, put_uvarint
+from cones_store.records import ConceptMeta, ConceptRecord, SparseDelta
+from cones_store.serialize import decode_delta, encode_delta
+from cones_store.store import ConceptStore
 
 SD15_KV_POSITIONS = 19_169_280
 PAPER_INT_INDEX_BYTES_1_32PCT = 1.43e6  # Cones paper: "1.43 MB per subject as int indices"

@@ -238,8 +238,8 @@ def _protocol_class(header_timeout: float):
 
 
 def open_store(paths: Paths):
-    from store import ConceptStore
-    from store.salvage import finish_interrupted
+    from cones_store import ConceptStore
+    from cones_store.salvage import finish_interrupted
 
     moved = finish_interrupted(paths.store)
     if moved is not None:

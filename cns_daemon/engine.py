@@ -31,8 +31,8 @@ from cns_daemon.api.settings import Paths, Settings
 from cns_daemon.outputs import check_room, generation_caption, save_images
 from cns_daemon.importing import Importing, acts_everywhere
 from cns_daemon.listing import Listing, state_of, store_order
-from store.records import ConceptMeta, ConceptRecord
-from store.store import values_finite
+from cones_store.records import ConceptMeta, ConceptRecord
+from cones_store.store import values_finite
 
 log = logging.getLogger(__name__)
 

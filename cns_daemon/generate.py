@@ -36,7 +36,7 @@ from cns_daemon.methods.base import CancelToken, ProgressFn, ProgressReporter
 from cns_daemon.methods.common.scope import NO_TOKEN, prompt_scope, tail_shares
 from cns_daemon.prompts import (Box, ExpandedPrompt, blank_negative, check_boxes, check_length,
                                 check_plain_words, expand, referenced_names)
-from store.records import ConceptMeta, ConceptRecord
+from cones_store.records import ConceptMeta, ConceptRecord
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import time
 
 from cns_daemon.api.errors import BadInput, Conflict, ModelMismatch
 from cns_daemon.api.protocol import JobResult
-from store.records import ConceptMeta, ConceptRecord
+from cones_store.records import ConceptMeta, ConceptRecord
 
 # An imported concept's hparams say when it came into this store: its `created` is when it was
 # learned, elsewhere, but it was applied on top of the concepts here, and start-up must rebuild

@@ -45,8 +45,8 @@ from cns_daemon.inbox_folder import (CONFIG_FILE, ERROR_FILE, NOTE_FILES, drop_n
                                      ours, read_photos, read_spec, shown, taken_photos, write_cancelled,
                                      write_error, write_uncleared)
 from cns_daemon.worker import CANCELLED_AT_STOP, CRASH_REASON
-from store.env import file_identity
-from store.records import JobRecord
+from cones_store.env import file_identity
+from cones_store.records import JobRecord
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from cns_daemon.api.errors import BadInput, ConesError
 from cns_daemon.api.protocol import (CLASS_PATTERN, MAX_PHOTOS, MAX_SEED, TOO_MANY_HINT, SkippedFile,
                                      learn_steps, too_many_photos)
 from cns_daemon.api.names import METHODS, validate_name
-from store.records import JobRecord
+from cones_store.records import JobRecord
 
 CONFIG_FILE = "concept.toml"
 ERROR_FILE = "ERROR.txt"

@@ -26,7 +26,7 @@ from typing import Callable
 import watchdog.events
 from watchdog.events import FileSystemEventHandler
 
-from store.env import file_identity
+from cones_store.env import file_identity
 
 log = logging.getLogger(__name__)
 

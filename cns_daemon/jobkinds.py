@@ -20,7 +20,7 @@ from cns_daemon.engine import SAVED_BEFORE_STOP
 from cns_daemon.api.protocol import (EvalRequest, GenerateRequest, ImportJob, JobKind, JobResult,
                                      LearnJob, RemoveJob)
 from cns_daemon.methods.base import CancelToken, ProgressFn
-from store.records import JobRecord
+from cones_store.records import JobRecord
 
 Handler = Callable[[Any, Any, JobRecord, ProgressFn, CancelToken], JobResult]
 

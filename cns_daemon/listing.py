@@ -6,8 +6,8 @@ from __future__ import annotations
 from cns_daemon.api.errors import ConesError, Corrupt, NotFound
 from cns_daemon.api.protocol import ConceptInfo
 from cns_daemon.importing import IMPORTED, acts_everywhere
-from store.records import ConceptMeta, Overlap
-from store.store import ConceptStore
+from cones_store.records import ConceptMeta, Overlap
+from cones_store.store import ConceptStore
 
 # A concept key whose bytes are no name: no request can name it, so only salvage mends it
 UNNAMED = Corrupt(ConceptStore.UNNAMED,

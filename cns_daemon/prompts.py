@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from cns_daemon.api.errors import BadInput, Internal, NotFound
 from cns_daemon.api.names import validate_name
-from store.records import ConceptMeta
+from cones_store.records import ConceptMeta
 
 # Anything in angle brackets without spaces is meant as a reference; the name check then says
 # precisely what is wrong with a malformed one instead of silently passing "<my dog>" through.

@@ -30,8 +30,8 @@ from cns_daemon.api.protocol import (FINAL_STATES, MAX_PHOTOS, MAX_PROMPT_CHARS,
                                      too_many_photos)
 from cns_daemon.api.settings import Settings
 from cns_daemon.worker import Worker, get_job_or_404
-from store.jobs import newest_learns
-from store.records import JobRecord
+from cones_store.jobs import newest_learns
+from cones_store.records import JobRecord
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 from cns_daemon.api.concept_file import FORMAT, Newer, check_format, metadata as header_metadata, refusal
 from cns_daemon.archive import is_digest
 from cns_daemon.methods.common.tokens import token_words
-from store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
+from cones_store.records import ConceptMeta, ConceptRecord, Overlap, SparseDelta
 
 # Metadata a concept of cones' own stays far under (its captions are at most 64 x 1,000 characters)
 MAX_META_CHARS = 1 << 20
@@ -160,7 +160,7 @@ def _check_meta(meta) -> None:
 def _check_values(record: ConceptRecord) -> None:
     """What the store would refuse (positions unsorted or outside their tensor: a bug report
     then), and values that are not numbers: one NaN made every image of the concept black."""
-    from store.store import check_record, values_finite
+    from cones_store.store import check_record, values_finite
 
     check_record(record)
     if not values_finite(record):

@@ -31,7 +31,7 @@ from cns_daemon.api.errors import Cancelled, ConesError, Corrupt, Internal, NotF
 from cns_daemon.jobkinds import INTERLEAVED, KINDS, pausable, summarize
 from cns_daemon.methods.base import CancelToken, ProgressEvent
 from cns_daemon.api.protocol import FINAL_STATES, PAUSED_FOR, ErrorBody, JobInfo, JobResult, ProgressInfo
-from store.records import JobRecord
+from cones_store.records import JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ RESTARTED = "restarted after the service stopped"
 
 
 class JobStore(Protocol):
-    """The part of store.ConceptStore the queue uses."""
+    """The part of cones_store.ConceptStore the queue uses."""
 
     def put_job(self, job: JobRecord) -> None: ...
     def get_job(self, job_id: str) -> JobRecord: ...

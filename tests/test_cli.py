@@ -20,7 +20,7 @@ HEAVY = ("torch", "diffusers", "transformers")
 SCRIPT = """
 import json, sys
 from typer.testing import CliRunner
-import cli.main
+import cones_cli.main
 photos, out = sys.argv[1], sys.argv[2]
 verbs = [
     ["--help"], ["version"], ["status"], ["list"], ["jobs"], ["show", "nobody"],
@@ -36,7 +36,7 @@ verbs = [
 ]
 codes = {}
 for verb in verbs:
-    r = CliRunner().invoke(cli.main.app, verb)
+    r = CliRunner().invoke(cones_cli.main.app, verb)
     codes[" ".join(verb[:2])] = r.exit_code
 heavy = sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in %r})
 print(json.dumps({"codes": codes, "heavy": heavy}))
@@ -60,7 +60,7 @@ def test_cli_verbs_never_import_torch(tmp_path):
 
 
 def test_option_values_are_read_as_their_type_and_nan_is_refused():
-    from cli.main import _option
+    from cones_cli.main import _option
     from cns_daemon.api.errors import BadInput
 
     assert _option("top_p=5") == ("top_p", 5) and _option(" lr = 1e-3") == ("lr", 1e-3)
@@ -69,7 +69,7 @@ def test_option_values_are_read_as_their_type_and_nan_is_refused():
         with pytest.raises(BadInput, match="finite number"):
             _option(f"lr={raw}")
     assert _option("top_p=1_0") == ("top_p", "1_0")   # Python's 10; the service names its type
-    from cli.main import _options
+    from cones_cli.main import _options
 
     assert _options(["top_p=5", "lr=1e-3"]) == {"top_p": 5, "lr": 1e-3}
     with pytest.raises(BadInput, match="'top_p' is given twice"):   # the last one won, unsaid
@@ -80,7 +80,7 @@ def test_a_command_line_that_does_not_parse_gives_json_with_json(tmp_path):
     """The `cones` entry point: typer's usage box either way, and with --json the error document
     on stdout as every other failure gives it; exit 2."""
     env = {**os.environ, "CONES_HOME": str(tmp_path)}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=str(REPO),  # noqa: E731
+    run = lambda *args: subprocess.run([sys.executable, "-m", "cones_cli.main", *args], cwd=str(REPO),  # noqa: E731
                                        env=env, capture_output=True, text=True, timeout=60)
     out = run("generate", "a photo", "-n", "abc", "--json")
     assert out.returncode == 2 and "Invalid value for '-n'" in out.stderr, out.stderr
@@ -98,14 +98,14 @@ def test_a_command_line_that_does_not_parse_gives_json_with_json(tmp_path):
 def test_an_empty_prompt_is_told_as_a_blank_one_is(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import cli.main
+    import cones_cli.main
     from cns_daemon.api.errors import EXIT_CODES, ErrorCode
 
     monkeypatch.setenv("CONES_HOME", str(tmp_path))   # no service: refused before it is asked
     for prompt in ("", "   "):
-        r = CliRunner().invoke(cli.main.app, ["generate", prompt])
+        r = CliRunner().invoke(cones_cli.main.app, ["generate", prompt])
         assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT] and "The prompt is empty" in r.output, r.output
-        r = CliRunner().invoke(cli.main.app, ["generate", "a dog", "--negative", prompt])   # and --negative
+        r = CliRunner().invoke(cones_cli.main.app, ["generate", "a dog", "--negative", prompt])   # and --negative
         assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT] and "negative prompt is blank" in r.output, r.output
 
 
@@ -116,19 +116,19 @@ def test_files_the_cli_cannot_read_are_typed_errors_not_tracebacks(tmp_path, mon
 
     from typer.testing import CliRunner
 
-    import cli.main
+    import cones_cli.main
     from cns_daemon.api.errors import EXIT_CODES, ErrorCode
 
     monkeypatch.setenv("CONES_HOME", str(tmp_path))   # no service: refused before it is asked
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"a photo of {} \xff\xfe\xfd on the beach\n")
-    r = CliRunner().invoke(cli.main.app, ["eval", "rex", "--prompts", str(prompts), "--json"])
+    r = CliRunner().invoke(cones_cli.main.app, ["eval", "rex", "--prompts", str(prompts), "--json"])
     assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT], r.output
     assert "is not UTF-8 text" in json.loads(r.stdout)["error"]["message"]
     # UTF-16 without its byte-order mark reads as UTF-8 with a NUL between every letter: it was
     # learned from as the caption "a\0 \0p\0h\0o\0t\0o..."
     prompts.write_bytes("a photo of {} on the beach\n".encode("utf-16-le"))
-    r = CliRunner().invoke(cli.main.app, ["eval", "rex", "--prompts", str(prompts), "--json"])
+    r = CliRunner().invoke(cones_cli.main.app, ["eval", "rex", "--prompts", str(prompts), "--json"])
     assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT], r.output
     assert "is not UTF-8 text" in json.loads(r.stdout)["error"]["message"]
     prompts.write_bytes("a photo of {} on the beach\n".encode("utf-16"))   # with its mark: read
@@ -146,7 +146,7 @@ def test_files_the_cli_cannot_read_are_typed_errors_not_tracebacks(tmp_path, mon
         return real(self)
 
     monkeypatch.setattr(type(caption), "read_bytes", unreadable)
-    r = CliRunner().invoke(cli.main.app, ["add", "rex", str(photo), str(other), "--class", "dog", "--json"])
+    r = CliRunner().invoke(cones_cli.main.app, ["add", "rex", str(photo), str(other), "--class", "dog", "--json"])
     assert r.exit_code == EXIT_CODES[ErrorCode.BAD_INPUT], r.output
     assert "cannot be read: Permission denied" in json.loads(r.stdout)["error"]["message"]
 
@@ -156,7 +156,7 @@ def test_a_photo_whose_name_is_not_utf8_is_sent_under_a_name_that_can_be_shown(t
     naming the file."""
     import os
 
-    import cli.main
+    import cones_cli.main
     from cns_daemon.api.protocol import AddRequest
 
     a, b = write_photos(tmp_path / "p", 2)
@@ -176,10 +176,10 @@ def test_a_photo_whose_name_is_not_utf8_is_sent_under_a_name_that_can_be_shown(t
             raise KeyboardInterrupt   # enough: the request was built
 
     monkeypatch.setenv("CONES_HOME", str(tmp_path))
-    monkeypatch.setattr(cli.main, "client", lambda: Capture())
+    monkeypatch.setattr(cones_cli.main, "client", lambda: Capture())
     from typer.testing import CliRunner
 
-    CliRunner().invoke(cli.main.app, ["add", "rex", os.fsdecode(odd), str(b), "--class", "dog"])
+    CliRunner().invoke(cones_cli.main.app, ["add", "rex", os.fsdecode(odd), str(b), "--class", "dog"])
     assert sent["names"] == ["\ufffddog.png", b.name]
 
 
@@ -188,7 +188,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     import subprocess
     import sys
 
-    script = ("import cli.views as v, typer\n"
+    script = ("import cones_cli.views as v, typer\n"
               "@v.handled\n"
               "def talk(as_json=False):\n"
               "    raise BrokenPipeError(32, 'Broken pipe')\n"
@@ -204,7 +204,7 @@ def test_a_table_printed_to_a_reader_that_went_away_ends_141_too(tmp_path):
     import subprocess
     import sys
 
-    script = ("import cli.views as v, typer, time\n"
+    script = ("import cones_cli.views as v, typer, time\n"
               "time.sleep(0.5)\n"   # the reader is gone by then
               "@v.handled\n"
               "def talk(as_json=False):\n"
@@ -221,7 +221,7 @@ def test_a_table_printed_to_a_reader_that_went_away_ends_141_too(tmp_path):
 def test_images_are_copied_into_o_only_under_a_job_id_that_is_one(tmp_path):
     """From a security review: the copies in -o were named after the job id as the service
     answered it; an id "../../x" put a file of the answer's choosing outside -o."""
-    from cli.generation import _copy_out
+    from cones_cli.generation import _copy_out
     from cns_daemon.api.errors import ProtocolMismatch
     from cns_daemon.api.protocol import JobInfo, JobResult
 
@@ -249,10 +249,10 @@ def test_import_refuses_a_file_of_another_kind_before_reading_or_sending_it(tmp_
     from safetensors.numpy import save
     from typer.testing import CliRunner
 
-    import cli.main
+    import cones_cli.main
 
     monkeypatch.setenv("CONES_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(cli.main, "client", lambda: (_ for _ in ()).throw(AssertionError("sent")))
+    monkeypatch.setattr(cones_cli.main, "client", lambda: (_ for _ in ()).throw(AssertionError("sent")))
     lora = tmp_path / "lora.safetensors"
     lora.write_bytes(save({"w": np.zeros(3, np.float32)}, metadata={"ss_network_module": "lora"}))
     later = tmp_path / "later.safetensors"
@@ -263,5 +263,5 @@ def test_import_refuses_a_file_of_another_kind_before_reading_or_sending_it(tmp_
     for file, said in ((lora, "not a cones concept file (a safetensors file without cones's format"),
                        (later, "written by a newer version of cones (format cones-concept/9"),
                        (huge, "not a cones concept file (its header says it is 1,099,511,627,776 bytes")):
-        r = CliRunner().invoke(cli.main.app, ["import", str(file)])
+        r = CliRunner().invoke(cones_cli.main.app, ["import", str(file)])
         assert r.exit_code == 2 and said in " ".join(r.output.split()), r.output

@@ -13,7 +13,7 @@ from helpers.service import REPO, daemon_env, short_home
 @pytest.mark.slow
 def test_demo_runs_offline_and_prints_contact_sheets():
     home = short_home()   # no service runs here, so the demo starts its own
-    out = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--model", "tiny", "--method", "cones2",
+    out = subprocess.run([sys.executable, "-m", "cones_cli.main", "demo", "--model", "tiny", "--method", "cones2",
                           "--steps", "2", "--images", "2", "--sample-steps", "3"],
                          env=daemon_env(home), cwd=str(REPO), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr

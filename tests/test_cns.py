@@ -12,7 +12,7 @@ from cns_daemon.api.errors import Cancelled
 from cns_daemon.methods import CancelToken, LearnSpec, cns, get_method
 from cns_daemon.methods import common as C
 from cns_daemon.methods.cns.layers import stack_for
-from store import ConceptStore
+from cones_store import ConceptStore
 from helpers.methods import FAST, MOVEMENT, changed, fixed_selection, photos, snapshot, synthetic
 
 EMB = "text.embeddings.token_embedding.weight"

@@ -307,7 +307,7 @@ def test_a_concept_of_another_method_gets_its_share_of_the_end_too(fresh_tiny_pi
     import cns_daemon.generate as G
     import numpy as np
 
-    from store.records import ConceptMeta, ConceptRecord
+    from cones_store.records import ConceptMeta, ConceptRecord
 
     pipe, method = fresh_tiny_pipe, get_method("cns")
     a = synthetic(pipe, "a", "sks", 1, scope="concept")

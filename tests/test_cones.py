@@ -13,8 +13,8 @@ import torch
 from cns_daemon.api.errors import BadInput
 from cns_daemon.methods import LearnSpec, cones, get_method
 from cns_daemon.methods import common as C
-from store import ConceptStore
-from store.records import SparseDelta
+from cones_store import ConceptStore
+from cones_store.records import SparseDelta
 from helpers.methods import CONES, FAST, changed, photos, snapshot
 
 SHUT = {**FAST, "sparsity": 2.0, "values": "shut", "scope": "all"}   # the paper's binary form
@@ -161,7 +161,7 @@ def test_written_values_merge_later_wins_and_undo_exactly(fresh_tiny_pipe, tmp_p
     before = snapshot(pipe)
     tname, weight = next(iter(C.kv_weights(pipe.unet).items()))
     shape = tuple(weight.shape)
-    from store.records import ConceptMeta, ConceptRecord, SparseDelta
+    from cones_store.records import ConceptMeta, ConceptRecord, SparseDelta
 
     def tuned(name, token, idx, value):
         return ConceptRecord(ConceptMeta(name, "cones", "star", token,
@@ -186,7 +186,7 @@ def test_cones_on_top_of_cns_restores_cns_values(fresh_tiny_pipe):
     get_method("cns").apply(pipe, [cns_rec])
     live = snapshot(pipe)
     name = next(iter(cns_rec.deltas))
-    from store.records import ConceptMeta, ConceptRecord
+    from cones_store.records import ConceptMeta, ConceptRecord
     rec = ConceptRecord(ConceptMeta("k", "cones", "star", "pbc"),
                         masks={name: cns_rec.deltas[name].indices[:50]})
     handle = get_method("cones").apply(pipe, [rec])

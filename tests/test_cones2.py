@@ -14,7 +14,7 @@ from cns_daemon.methods.base import LearnSpec
 from cns_daemon.methods.cones2 import (METHOD, Cones2Handle, SentenceSet, class_residual,
                                        imported_record, import_residual, sentence_set, sentences)
 from cns_daemon.prompts import expand
-from store.records import ConceptMeta, ConceptRecord
+from cones_store.records import ConceptMeta, ConceptRecord
 
 WIDTH = 64  # the tiny model's text encoder width
 TOKENS = 77  # its sequence

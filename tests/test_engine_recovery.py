@@ -20,7 +20,7 @@ from cns_daemon.engine import SAVED_BEFORE_STOP, Engine
 from cns_daemon.importing import IMPORTED
 from cns_daemon.methods.cns.layers import kv_weights
 from cns_daemon.model import build_tiny_pipeline
-from store import ConceptMeta, ConceptRecord, ConceptStore, SparseDelta
+from cones_store import ConceptMeta, ConceptRecord, ConceptStore, SparseDelta
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-import cli.session
-from cli.client import Client
-from cli.session import wait_for
+import cones_cli.session
+from cones_cli.client import Client
+from cones_cli.session import wait_for
 from cns_daemon.api.errors import Cancelled, Unavailable
 from cns_daemon.api.protocol import JobInfo, ProgressInfo
 
@@ -50,9 +50,9 @@ class Restarting:
 
 @pytest.fixture
 def quick(monkeypatch):
-    monkeypatch.setattr(cli.session, "REJOIN_POLL_S", 0.01)
-    monkeypatch.setattr(cli.session, "REJOIN_GRACE_S", 0.2)
-    monkeypatch.setattr(cli.session, "REJOIN_LIMIT_S", 5.0)
+    monkeypatch.setattr(cones_cli.session, "REJOIN_POLL_S", 0.01)
+    monkeypatch.setattr(cones_cli.session, "REJOIN_GRACE_S", 0.2)
+    monkeypatch.setattr(cones_cli.session, "REJOIN_LIMIT_S", 5.0)
 
 
 def test_a_service_restarted_meanwhile_is_followed_to_the_jobs_end(quick, capsys):
@@ -86,7 +86,7 @@ def test_a_service_that_does_not_come_back_is_said_kept_after_the_grace(quick):
 
 
 def test_a_service_that_keeps_breaking_the_stream_is_given_up_on(quick, monkeypatch):
-    monkeypatch.setattr(cli.session, "MAX_REJOINS", 2)
+    monkeypatch.setattr(cones_cli.session, "MAX_REJOINS", 2)
     c = Restarting(down=0, state=None, breaks=10**9)
     with pytest.raises(Unavailable):
         wait_for(c, _job(), quiet=True, tell_wait=False)
@@ -112,7 +112,7 @@ def _silent_service(path, served: threading.Event):
 
 
 def test_a_stream_silent_past_the_heartbeat_is_told(tmp_path, monkeypatch):
-    monkeypatch.setattr("cli.client.STREAM_SILENCE_S", 0.5)
+    monkeypatch.setattr("cones_cli.client.STREAM_SILENCE_S", 0.5)
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
     done = threading.Event()

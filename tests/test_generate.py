@@ -11,7 +11,7 @@ from cns_daemon.guidance import GuidanceConfig, LayoutAttnProcessor
 from cns_daemon.methods import get_method
 from cns_daemon.methods.base import CancelToken
 from cns_daemon.model import kv_weights
-from store.records import ConceptMeta, ConceptRecord, SparseDelta
+from cones_store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 WIDTH = 64
 STEPS = 4

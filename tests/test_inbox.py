@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cli.client import Client
+from cones_cli.client import Client
 from cns_daemon.api.errors import BadInput
 from cns_daemon.inbox_folder import ERROR_FILE, read_photos, read_spec
 from helpers.service import photo_bytes, short_home, start_daemon, wait_until, write_photos
@@ -644,7 +644,7 @@ def test_a_learn_that_ends_before_its_folder_is_recorded_leaves_nothing_in_fligh
     import threading
 
     from cns_daemon.inbox import Inbox
-    from store.records import JobRecord
+    from cones_store.records import JobRecord
 
     folder = tmp_path / "rex.dog"
     write_photos(folder, 3)
@@ -887,7 +887,7 @@ def test_a_folder_renamed_just_before_its_job_ends_is_followed(tmp_path):
     import hashlib
 
     from cns_daemon.inbox import Inbox
-    from store.records import JobRecord
+    from cones_store.records import JobRecord
 
     folder = tmp_path / "rex.dog"
     write_photos(folder, 3)
@@ -916,7 +916,7 @@ def _learned_folder(tmp_path, n=3, seed=500):
 
     from cns_daemon.archive import Archive, check_photos
     from cns_daemon.inbox import Inbox
-    from store.records import JobRecord
+    from cones_store.records import JobRecord
 
     folder = tmp_path / "inbox" / "mug.cup"
     photos = write_photos(folder, n, seed=seed)

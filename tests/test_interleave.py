@@ -103,7 +103,7 @@ def test_a_generate_in_the_pause_draws_a_written_cones_concept(fresh_tiny_pipe, 
     open through the pause, which took (weight − the learn's starting copy) out of every row, so
     a Cones concept of scope `all`, written into the weights for the generate, was drawn as if
     absent. The paused generate's image is the one before the learn."""
-    from store.records import ConceptMeta, ConceptRecord
+    from cones_store.records import ConceptMeta, ConceptRecord
 
     pipe = fresh_tiny_pipe
     g = torch.Generator().manual_seed(0)
@@ -132,7 +132,7 @@ def test_a_generate_in_the_pause_draws_a_written_cones_concept(fresh_tiny_pipe, 
 
 @pytest.mark.slow   # ~15 s: the same on the worker is in the default suite (test_service, FakeEngine)
 def test_generate_during_a_learn_on_the_daemon_waits_about_one_step(tmp_path, monkeypatch):
-    from cli.client import Client
+    from cones_cli.client import Client
     from cns_daemon.api.protocol import AddRequest, GenerateRequest, Photo
 
     with running_daemon(fake=False, args=("--model", "tiny"), timeout=180) as d:

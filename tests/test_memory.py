@@ -58,7 +58,7 @@ def test_engine_applies_configured_memory_options(tmp_path, fresh_tiny_pipe):
     on the live pipeline from then on."""
     from cns_daemon.archive import Archive
     from cns_daemon.engine import Engine
-    from store.store import ConceptStore
+    from cones_store.store import ConceptStore
 
     settings = load_settings(model="tiny", vae_tiling=True, sdpa=False, gradient_checkpointing=True,
                              autocast=True, offload=True)

@@ -118,7 +118,7 @@ def test_a_full_disk_is_a_storage_error_and_leaves_the_earlier_file(tmp_path, mo
     import errno
     import os
 
-    from cli.views import write_file
+    from cones_cli.views import write_file
     from cns_daemon.api.errors import EXIT_CODES, ErrorCode, Storage, storage_error
 
     full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
@@ -169,7 +169,7 @@ def test_a_learn_trains_on_the_captions_its_own_request_gave(tmp_path, monkeypat
     from cns_daemon.archive import Archive, check_photo
     from cns_daemon.engine import Engine
     from cns_daemon.methods import CancelToken
-    from store.store import ConceptStore
+    from cones_store.store import ConceptStore
 
     archive = Archive(tmp_path / "archive")
     store = ConceptStore.open(tmp_path / "store")

@@ -6,7 +6,7 @@ import pytest
 from cns_daemon.api.errors import BadInput, NotFound
 from cns_daemon.prompts import Box, check_boxes, expand, parse_box, referenced_names
 from cns_daemon.tokenizer import clip_tokenizer
-from store.records import ConceptMeta
+from cones_store.records import ConceptMeta
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from cli.client import Client
-from cli.main import app
+from cones_cli.client import Client
+from cones_cli.main import app
 from cns_daemon.api.errors import EXIT_CODES, ErrorCode
 from helpers.service import (REPO, cli_in_process, daemon_env, running_daemon, short_home,
                                   start_daemon, wait_until, write_photos)
@@ -77,12 +77,12 @@ def test_add_prints_the_learn_results_note(cones, tmp_path):
 
 
 def test_ctrl_c_while_following_says_the_job_goes_on_and_json_gets_its_document(daemon, tmp_path, monkeypatch):
-    import cli.session
+    import cones_cli.session
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.session, "follow", interrupted)
+    monkeypatch.setattr(cones_cli.session, "follow", interrupted)
     cones = cli_in_process(daemon.home, monkeypatch)
     code, out, err = cones("generate", "a plain photo", "--json")
     assert code == 130 and "goes on in the service" in err, err
@@ -282,7 +282,7 @@ def test_peer_credentials_name_the_connecting_user():
 
 
 def test_second_serve_refuses_with_clear_message(daemon):
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "serve"], env=daemon_env(daemon.home),
+    proc = subprocess.run([sys.executable, "-m", "cones_cli.main", "serve"], env=daemon_env(daemon.home),
                           cwd=str(REPO), capture_output=True, text=True, timeout=60)
     assert proc.returncode == EXIT_CODES[ErrorCode.CONFLICT], proc.stderr
     assert "already running" in proc.stderr and str(daemon.socket) in proc.stderr
@@ -638,8 +638,8 @@ def test_pruning_keeps_the_jobs_that_ended_last(tmp_path):
     an hour is the news of the day, and was pruned the moment it ended."""
     from cns_daemon.api.settings import load_settings
     from cns_daemon.service import Service
-    from store import ConceptStore
-    from store.records import JobRecord
+    from cones_store import ConceptStore
+    from cones_store.records import JobRecord
 
     settings = load_settings(home=str(tmp_path), keep_jobs=10)
     store = ConceptStore.open(tmp_path / "store")
@@ -676,7 +676,7 @@ def test_adding_a_name_whose_removal_is_queued_says_to_wait_for_it():
 
     from cns_daemon.api.errors import Conflict
     from cns_daemon.service import Service
-    from store.records import JobRecord
+    from cones_store.records import JobRecord
 
     service = Service.__new__(Service)
     service.store = {"v2"}

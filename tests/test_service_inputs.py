@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.client import Client
+from cones_cli.client import Client
 from cns_daemon.api.errors import EXIT_CODES, ErrorCode
 from cns_daemon.api.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, GenerateRequest
 from helpers.service import cli_in_process, running_daemon, wait_until, write_photos
@@ -219,7 +219,7 @@ def test_jobs_limit_below_one_is_refused(cones, daemon):
 
 
 def test_jobs_table_shows_whole_ids_at_80_columns(daemon, tmp_path, monkeypatch):
-    from cli import views
+    from cones_cli import views
 
     cones = cli_in_process(daemon.home, monkeypatch, merged=True)
     learned(daemon, tmp_path, "wide")
@@ -411,10 +411,10 @@ def test_generate_o_takes_a_folder_copies_all_or_nothing_and_prints_absolute_pat
     result = json.loads(out)["result"]
     assert all(Path(p).is_absolute() and Path(p).parent == tmp_path / "rel" and Path(p).is_file()
                for p in result["images"] + [result["contact_sheet"]]), result
-    import cli.views
+    import cones_cli.views
     from cns_daemon.api.errors import Storage
 
-    real, calls = cli.views.write_file, []
+    real, calls = cones_cli.views.write_file, []
 
     def full_at_the_second(path, *args, **kw):   # the disk fills up after the first image
         calls.append(path)
@@ -422,7 +422,7 @@ def test_generate_o_takes_a_folder_copies_all_or_nothing_and_prints_absolute_pat
             raise Storage(f"Cannot write {path}: No space left on device.")
         return real(path, *args, **kw)
 
-    monkeypatch.setattr(cli.views, "write_file", full_at_the_second)
+    monkeypatch.setattr(cones_cli.views, "write_file", full_at_the_second)
     code, out = cones("generate", "a plain photo", "-n", "2", "-o", str(tmp_path / "full"))
     assert code == EXIT_CODES[ErrorCode.STORAGE] and len(calls) == 2, out
     assert not (tmp_path / "full").exists()   # the first copy is taken back, and the folder made for it

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from cli.client import Client
-from cli.views import follow
+from cones_cli.client import Client
+from cones_cli.views import follow
 from cns_daemon.api.errors import Unavailable
 from cns_daemon.api.protocol import API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest, Photo
 from cns_daemon.worker import CRASH_REASON
@@ -38,7 +38,7 @@ def learning(home, name: str, seed: int):
 
 
 def test_kill9_during_learn_requeues_once_then_fails(tmp_path, monkeypatch):
-    from cli import views
+    from cones_cli import views
 
     monkeypatch.setattr(views.console, "_width", 200)
     home = short_home()
@@ -85,7 +85,7 @@ def test_kill9_during_learn_requeues_once_then_fails(tmp_path, monkeypatch):
 def test_a_learn_stored_just_before_a_crash_is_done_after_the_restart(tmp_path):
     """kill -9 after the learn stored its concept but before its job was marked done: the re-run
     finds its own concept and ends done, saying so (it failed with "already exists")."""
-    from store import ConceptMeta, ConceptRecord, ConceptStore
+    from cones_store import ConceptMeta, ConceptRecord, ConceptStore
 
     home = short_home()
     daemon = None

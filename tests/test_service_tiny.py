@@ -9,8 +9,8 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from cli.client import Client
-from cli.main import app
+from cones_cli.client import Client
+from cones_cli.main import app
 from cns_daemon.api.errors import EXIT_CODES, ErrorCode
 from cns_daemon.transfer import decode, encode
 from helpers.service import (cli_in_process, running_daemon, short_home, start_daemon,

@@ -87,7 +87,7 @@ def test_cli_names_a_broken_config_file_and_a_folder_it_cannot_use(cones_home, m
     exit code 2, not a traceback."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cones_cli.main import app
 
     cfg = cones_home / "config" / "config.toml"
     cfg.parent.mkdir(parents=True)
@@ -122,7 +122,7 @@ def test_cli_refusals_that_need_no_service(cones_home, tmp_path):
     level: each a clear line and its exit code."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cones_cli.main import app
 
     photo = tmp_path / "p.png"
     photo.write_bytes(b"x")
@@ -185,12 +185,12 @@ def test_a_folder_the_service_may_not_write_is_a_storage_error(tmp_path, monkeyp
 
 def test_a_cones_variable_that_is_no_setting_is_said(cones_home, monkeypatch):
     """CONES_STEP=5 (for CONES_STEPS) was ignored without a word."""
-    import cli.config
+    import cones_cli.config
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cones_cli.main import app
 
-    monkeypatch.setattr(cli.config, "_told", False)
+    monkeypatch.setattr(cones_cli.config, "_told", False)
     monkeypatch.setenv("CONES_STEP", "5")
     result = CliRunner().invoke(app, ["status"])
     said = " ".join(result.stderr.split())
@@ -200,7 +200,7 @@ def test_a_cones_variable_that_is_no_setting_is_said(cones_home, monkeypatch):
 def test_a_refused_setting_says_where_it_was_set(cones_home, monkeypatch):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cones_cli.main import app
 
     monkeypatch.setenv("CONES_STEPS", "abc")
     said = " ".join(CliRunner().invoke(app, ["status"]).stderr.split())
@@ -216,7 +216,7 @@ def test_a_refused_setting_says_where_it_was_set(cones_home, monkeypatch):
 def test_a_config_toml_that_is_a_folder_is_said(cones_home):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cones_cli.main import app
 
     (cones_home / "config" / "config.toml").mkdir(parents=True)
     result = CliRunner().invoke(app, ["status"])
@@ -268,7 +268,7 @@ def test_a_socket_folder_another_user_could_take_over_is_refused_on_both_sides(t
     write to that is not sticky, is refused by the service, and the CLI does not connect there."""
     import os
 
-    from cli.client import Client
+    from cones_cli.client import Client
     from cns_daemon.api.errors import BadInput, ConesError
     from cns_daemon.api.settings import Paths
     from cns_daemon.daemon import prepare_runtime
@@ -320,7 +320,7 @@ def test_a_socket_folder_another_user_could_take_over_is_refused_on_both_sides(t
 def _status(args=("status",)):
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cones_cli.main import app
 
     result = CliRunner().invoke(app, list(args))
     return result.exit_code, " ".join(result.stderr.split())
@@ -370,9 +370,9 @@ def test_every_layer_with_a_bad_value_is_named_and_flags_by_their_own_name(cones
 
 def test_a_variable_spelled_in_another_case_is_said_as_read(cones_home, monkeypatch):
     """CONES_Method is read as CONES_METHOD (the settings ignore case): the CLI said it was ignored."""
-    import cli.config
+    import cones_cli.config
 
-    monkeypatch.setattr(cli.config, "_told", False)
+    monkeypatch.setattr(cones_cli.config, "_told", False)
     monkeypatch.setenv("CONES_Method", "cones2")
     assert load_settings().method == "cones2"
     _, said = _status()

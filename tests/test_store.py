@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from cns_daemon.api.errors import BadInput, Conflict, Internal, ModelMismatch, NotFound
-from store import ConceptMeta, ConceptRecord, ConceptStore, JobRecord
-from store.fixtures.samples import assert_same_record, sample_record
+from cones_store import ConceptMeta, ConceptRecord, ConceptStore, JobRecord
+from cones_store.fixtures.samples import assert_same_record, sample_record
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_a_store_bound_to_an_older_digest_of_the_model_moves_to_the_new_one(tmp_
     """A store (and its records, and exports) made when the digest read fp32 bytes: the engine
     binds the new digest with the old one as an alias; the store moves over, keeps the alias,
     and every record made before reads as the current model's. Another model is still refused."""
-    from store.salvage import salvage
+    from cones_store.salvage import salvage
 
     path = tmp_path / "store"
     with ConceptStore.open(path) as s:
@@ -204,7 +204,7 @@ def test_unbound_store_takes_fingerprint_from_first_record(tmp_path):
 
 
 def _expected_shared(a: ConceptRecord, b: ConceptRecord) -> int:
-    from store.store import record_indices
+    from cones_store.store import record_indices
 
     ia, ib = record_indices(a), record_indices(b)
     return sum(len(set(ia[t].tolist()) & set(ib[t].tolist())) for t in ia.keys() & ib.keys())

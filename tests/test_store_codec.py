@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from store.codec import (GAPS, RUNS, CodecError, decode_indices, decode_tensor, encode_indices,
+from cones_store.codec import (GAPS, RUNS, CodecError, decode_indices, decode_tensor, encode_indices,
                          encode_tensor)
-from store.envelope import frame, unframe
+from cones_store.envelope import frame, unframe
 
 
 def info_limit_bytes(n: int, k: int) -> float:

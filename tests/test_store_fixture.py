@@ -6,10 +6,10 @@ import shutil
 import pytest
 
 from cns_daemon.api.errors import Internal, ModelMismatch
-from store import ConceptStore
-from store.envelope import SCHEMA_VERSION
-from store.fixtures.make import FINGERPRINT, expected_records, fixture_dir
-from store.fixtures.samples import assert_same_record
+from cones_store import ConceptStore
+from cones_store.envelope import SCHEMA_VERSION
+from cones_store.fixtures.make import FINGERPRINT, expected_records, fixture_dir
+from cones_store.fixtures.samples import assert_same_record
 
 
 @pytest.mark.parametrize("version", range(1, SCHEMA_VERSION + 1))

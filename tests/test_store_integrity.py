@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from cns_daemon.api.errors import Corrupt, NotFound, ProtocolMismatch
-from store import ConceptStore
-from store.envelope import frame
-from store.fixtures.samples import sample_record
-from store.serialize import dump_json
+from cones_store import ConceptStore
+from cones_store.envelope import frame
+from cones_store.fixtures.samples import sample_record
+from cones_store.serialize import dump_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,8 +84,8 @@ def test_exception_inside_write_leaves_nothing(tmp_path, monkeypatch):
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from store import ConceptStore
-    from store.fixtures.samples import sample_record
+    from cones_store import ConceptStore
+    from cones_store.fixtures.samples import sample_record
     path, flag, name, method, replace = sys.argv[1:]
     original = ConceptStore._put_items
     def patched(self, txn, items):
@@ -280,8 +280,8 @@ def test_map_grown_by_another_process_is_adopted(tmp_path):
     with ConceptStore.open(path, map_size=64 << 10) as s:
         s.put(sample_record("small", "cones2"))
         small_map = s.map_size
-        code = ("import sys; from store import ConceptStore; "
-                "from store.fixtures.samples import sample_record; "
+        code = ("import sys; from cones_store import ConceptStore; "
+                "from cones_store.fixtures.samples import sample_record; "
                 f"BIG = {BIG!r}; s = ConceptStore.open(sys.argv[1], map_size=64 << 10); "
                 "[s.put(sample_record(f'big{i}', 'cns', seed=i, shapes=BIG)) for i in range(3)]")
         subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, check=True, timeout=120)
@@ -354,7 +354,7 @@ def test_a_put_counts_its_overlap_before_it_takes_the_writer_lock(tmp_path, monk
     """A review measured a generate's job record waiting 2.3 s behind a learn's put with 15
     SD-size concepts stored: the put decoded every stored concept's positions inside its write.
     Other writes now go through while the overlap is counted."""
-    from store.records import JobRecord
+    from cones_store.records import JobRecord
 
     store = ConceptStore.open(tmp_path / "s")
     store.put(sample_record("rex", "cones"))
@@ -385,7 +385,7 @@ def test_a_part_under_a_damaged_key_makes_its_concept_damaged_not_smaller(tmp_pa
     """A review's find: one delta's key with a flipped byte ("rex\\0..." read as "rez\\0...")
     left rex whole-looking with 3 of its 4 deltas: the service would apply it and draw something
     else, and check and salvage called it whole. The store counts each concept's parts now."""
-    from store.salvage import check
+    from cones_store.salvage import check
 
     store = ConceptStore.open(tmp_path / "s", fingerprint="base-A")
     store.put(sample_record("rex", "cns", seed=1))
@@ -405,7 +405,7 @@ def test_a_part_under_a_damaged_key_makes_its_concept_damaged_not_smaller(tmp_pa
 def test_a_damaged_key_in_the_overlap_or_mask_index_fails_no_write(tmp_path):
     """A non-UTF-8 byte in an overlap or mask key made every put and delete (which walk those
     indices) fail as a bug in cones; `store check` names the key and writes go on."""
-    from store.salvage import check
+    from cones_store.salvage import check
 
     store = ConceptStore.open(tmp_path / "s", fingerprint="base-A")
     store.put(sample_record("rex", "cones", seed=1))
@@ -683,7 +683,7 @@ def test_a_salvage_stopped_between_its_two_moves_is_finished_at_the_next_start(t
     start found no store and made an empty one. Now the whole copy is put in its place."""
     from cns_daemon.api.settings import Paths
     from cns_daemon.daemon import open_store
-    from store.salvage import COMPLETE, salvage
+    from cones_store.salvage import COMPLETE, salvage
 
     path = tmp_path / "data" / "store"
     records = _three_concepts(path)
@@ -713,7 +713,7 @@ def test_a_job_failed_after_two_crashes_has_no_note_contradicting_its_error():
     "The service stopped while this job was running, twice"."""
     from cns_daemon.api.errors import Internal
     from cns_daemon.worker import CRASH_REASON, error_body, restart_note
-    from store.records import JobRecord
+    from cones_store.records import JobRecord
 
     job = JobRecord(id="j", kind="generate", request={}, state="failed", attempts=2, interrupted=1,
                     error=error_body(Internal(CRASH_REASON)))
@@ -738,7 +738,7 @@ def test_a_store_file_cut_short_or_emptied_is_damage_not_a_crash_nor_a_new_store
         shutil.copytree(src, trial)
         os.truncate(trial / "data.mdb", cut)
         # in a child: a SIGBUS there is a failed test, not a dead test run
-        script = ("from store import ConceptStore\n"
+        script = ("from cones_store import ConceptStore\n"
                   "from cns_daemon.api.errors import Corrupt\n"
                   "try:\n"
                   f"    ConceptStore.open({str(trial)!r}, fingerprint='base-A')\n"
@@ -753,7 +753,7 @@ def test_a_store_file_cut_short_or_emptied_is_damage_not_a_crash_nor_a_new_store
 def test_two_salvages_in_one_second_keep_both_stores(tmp_path, monkeypatch):
     """`cones store salvage --force` twice in a second: the second failed on the first's
     store.damaged-<time> folder ("Directory not empty") and left its whole copy beside the store."""
-    from store import salvage as salvage_module
+    from cones_store import salvage as salvage_module
 
     path = tmp_path / "store"
     with ConceptStore.open(path, fingerprint="base-A") as store:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from cns_daemon.api.errors import EXIT_CODES, ErrorCode
-from store import ConceptStore
-from store.records import ConceptMeta, ConceptRecord, JobRecord, SparseDelta
+from cones_store import ConceptStore
+from cones_store.records import ConceptMeta, ConceptRecord, JobRecord, SparseDelta
 from helpers.service import cli_in_process, short_home, start_daemon, write_photos
 
 CORRUPT = EXIT_CODES[ErrorCode.CORRUPT]
@@ -258,7 +258,7 @@ def test_salvage_says_how_to_learn_a_lost_concept_again_from_its_archived_photos
 
 def _a_value_of(store_dir: Path, name: bytes) -> bytes:
     """The key of one of a concept's deltas."""
-    from store.overlap import SEP
+    from cones_store.overlap import SEP
 
     env = lmdb.open(str(store_dir), readonly=True, lock=False, max_dbs=16)
     try:
@@ -408,7 +408,7 @@ def test_unreadable_structure_is_one_clear_error_and_salvage_restores_service(ho
                for r in tiny_records(2)[1]]
     path = write_store(h, records, fake_fp, jobs=3)
     break_leaf_root(path, "jobs")
-    proc = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--model", "tiny"],
+    proc = subprocess.run([sys.executable, "-m", "cones_cli.main", "serve", "--model", "tiny"],
                           env=daemon_env(h), cwd=str(REPO), capture_output=True, text=True, timeout=180)
     assert proc.returncode == CORRUPT, proc.stdout + proc.stderr
     assert "is damaged" in proc.stderr and "cones store salvage" in proc.stderr
@@ -474,7 +474,7 @@ def test_a_garbled_meta_page_is_read_around_by_salvage(home, monkeypatch, garble
     when the older page is the garbled one) instead of giving up on every concept."""
     import struct
 
-    from store.env import other_meta_page
+    from cones_store.env import other_meta_page
 
     h, started = home
     cones = cli_in_process(h, monkeypatch)
@@ -510,9 +510,9 @@ def test_a_relearn_command_says_which_captions_the_archive_no_longer_holds(tmp_p
     """The archive keeps one caption per photo: the same photo learned later for another concept
     with another caption replaced it, and salvage's relearn command (`cones add` reads the caption
     beside each photo) would learn the lost concept with the other one."""
-    from cli.admin import _relearn_text
+    from cones_cli.admin import _relearn_text
     from cns_daemon.archive import Archive, check_photo
-    from store.salvage import LostConcept
+    from cones_store.salvage import LostConcept
 
     archive = Archive(tmp_path / "archive")
     first, second = write_photos(tmp_path / "p", 2)
@@ -533,7 +533,7 @@ def test_a_page_whose_header_is_garbage_leaves_the_other_databases_readable(home
     check` and `store salvage` both gave up on the whole store (exit 7, nothing listed, no
     relearn command), though every other database read whole. (`concepts` too: the walk for
     misfiled concepts stops there as the others do.)"""
-    from store.salvage import check, salvage
+    from cones_store.salvage import check, salvage
 
     h, _ = home
     fp, records = tiny_records(4)
@@ -557,7 +557,7 @@ def test_a_damaged_record_of_the_store_itself_is_checked_and_salvaged(home, reco
     model's fingerprint, its schema, the concepts a salvage lost) refused every concept, while
     `store check` said all was well and salvage refused or did nothing. Now check names it and
     salvage keeps every concept, the fingerprint made anew from the concepts' own."""
-    from store.salvage import check, salvage
+    from cones_store.salvage import check, salvage
 
     h, _ = home
     fp, records = tiny_records(2)

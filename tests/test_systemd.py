@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
+from cones_cli.main import app
 from cns_daemon.notify import Notifier
 from cns_daemon.api.settings import load_settings
 
@@ -146,7 +146,7 @@ def test_sd_notify_messages(tmp_path):
 def test_percent_and_dollar_in_paths_reach_systemd_as_written(tmp_path, cones_home, monkeypatch):
     """systemd reads %i as a specifier in every setting and expands $HOME in command lines: a
     folder named with them must be written %% and $$ there (and %% alone elsewhere)."""
-    from cli.service_unit import _quote
+    from cones_cli.service_unit import _quote
 
     inbox = tmp_path / "100%in$HOME"
     monkeypatch.setenv("CONES_INBOX_DIR", str(inbox))
@@ -158,7 +158,7 @@ def test_percent_and_dollar_in_paths_reach_systemd_as_written(tmp_path, cones_ho
 def test_a_unit_installed_from_a_shell_without_xdg_runtime_dir_pins_the_runtime_folder(tmp_path, monkeypatch):
     """Under systemd the service took the manager's XDG_RUNTIME_DIR, not where this shell's CLI
     looks (its /tmp fallback); one config.toml names is left to config.toml."""
-    from cli.service_unit import unit_environment
+    from cones_cli.service_unit import unit_environment
 
     monkeypatch.delenv("CONES_HOME", raising=False)
     monkeypatch.delenv("CONES_RUNTIME_DIR", raising=False)
@@ -205,7 +205,7 @@ def test_what_a_unit_cannot_carry_as_this_shell_means_it_is_refused(tmp_path, co
     in a carried variable wrote a line of its own into the unit. A variable in another case
     (read all the same) is carried under its setting's name."""
     from cns_daemon.api.errors import BadInput
-    from cli.service_unit import unit_environment
+    from cones_cli.service_unit import unit_environment
 
     cfg = cones_home / "config" / "config.toml"
     cfg.parent.mkdir(parents=True, exist_ok=True)
@@ -242,26 +242,26 @@ def test_a_single_quote_in_a_path_is_quoted_for_systemd(tmp_path, cones_home, mo
 
 
 def test_the_unit_template_ships_inside_the_package():
-    """A wheel carries package data only: the template lives in the cli package and is declared."""
+    """A wheel carries package data only: the template lives in the cones_cli package and is declared."""
     import tomllib
 
-    import cli
-    from cli.service_unit import TEMPLATE
+    import cones_cli
+    from cones_cli.service_unit import TEMPLATE
 
-    assert TEMPLATE.is_file() and TEMPLATE.parent == Path(cli.__file__).resolve().parent
+    assert TEMPLATE.is_file() and TEMPLATE.parent == Path(cones_cli.__file__).resolve().parent
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert TEMPLATE.name in pyproject["tool"]["setuptools"]["package-data"]["cli"]
+    assert TEMPLATE.name in pyproject["tool"]["setuptools"]["package-data"]["cones_cli"]
 
 
 def test_without_an_installed_script_the_unit_runs_the_module_safely(tmp_path, monkeypatch):
-    """No `cones` script where this Python installs them: `python -P -m cli.main`, so a cli/
+    """No `cones` script where this Python installs them: `python -P -m cones_cli.main`, so a cones_cli/
     folder in the service's working folder cannot stand in for the installed one."""
-    from cli import service_unit
+    from cones_cli import service_unit
 
     python = tmp_path / "bin" / "python3"
     monkeypatch.setattr(service_unit.sys, "executable", str(python))
     monkeypatch.setattr(service_unit.sysconfig, "get_path", lambda *a, **k: str(tmp_path / "scripts"))
-    assert service_unit.exec_command() == [str(python), "-P", "-m", "cli.main"]
+    assert service_unit.exec_command() == [str(python), "-P", "-m", "cones_cli.main"]
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "cones").write_text("#!/bin/sh\n")
     assert service_unit.exec_command() == [str(tmp_path / "scripts" / "cones")]
@@ -302,7 +302,7 @@ def test_installing_again_restarts_a_running_service_so_the_new_unit_applies(tmp
 
 def test_installing_again_does_not_start_a_running_job_over(tmp_path, cones_home, monkeypatch):
     """A review's find: the restart threw away a learn's hours unasked; it is said instead."""
-    from cli import service_unit
+    from cones_cli import service_unit
     from cns_daemon.api.protocol import JobInfo
 
     log = _fake_systemctl(tmp_path, monkeypatch, active=True)

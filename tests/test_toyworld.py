@@ -221,10 +221,10 @@ def test_a_full_disk_leaves_nothing_of_a_render_or_of_a_folder_check(tmp_path, m
     operation failed" without a path; `-o`'s write check left its empty probe file."""
     import errno
 
-    import cli.views
-    from cli.main import app
+    import cones_cli.views
+    from cones_cli.main import app
 
-    real, calls = cli.views.atomic_write, []
+    real, calls = cones_cli.views.atomic_write, []
 
     def fills_up(path, data, mode=0o600):
         calls.append(path)
@@ -232,7 +232,7 @@ def test_a_full_disk_leaves_nothing_of_a_render_or_of_a_folder_check(tmp_path, m
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data, mode)
 
-    monkeypatch.setattr(cli.views, "atomic_write", fills_up)
+    monkeypatch.setattr(cones_cli.views, "atomic_write", fills_up)
     out = tmp_path / "p"
     result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",
                                       "-n", "3", "-o", str(out)])
@@ -257,7 +257,7 @@ def test_a_full_disk_leaves_nothing_of_a_render_or_of_a_folder_check(tmp_path, m
 
 
 def test_cli_render_writes_photos_and_captions(tmp_path):
-    from cli.main import app
+    from cones_cli.main import app
 
     out = tmp_path / "photos"
     result = CliRunner().invoke(app, ["toyworld", "render", "--shape", "star", "--color", "red",
@@ -285,7 +285,7 @@ def test_cli_render_writes_photos_and_captions(tmp_path):
 
 
 def test_cli_render_rejects_bad_attributes(tmp_path):
-    from cli.main import app
+    from cones_cli.main import app
 
     for bad in (["--pattern", "stripes"],                                  # no second colour
                 ["--pattern", "stripes", "--second-color", "blue", "--tilt", "up"],

@@ -86,7 +86,7 @@ def test_probe_tells_the_tilt_no_caption_names(probe):
 
 
 def test_cli_probe_json(tmp_path):
-    from cli.main import app
+    from cones_cli.main import app
 
     scene = SceneSpec((ObjectSpec("triangle", "orange", "checks", "purple"),), "snow")
     paths = []

@@ -7,7 +7,7 @@ import re
 
 from rich.console import Console
 
-from cli.views import follow
+from cones_cli.views import follow
 from cns_daemon.api.protocol import ProgressInfo
 
 
@@ -50,7 +50,7 @@ def test_a_learn_paused_for_a_generate_says_so_on_its_bar():
 def test_concept_list_keeps_names_and_figures_whole_at_80_columns():
     import time
 
-    from cli.views import concept_table, concepts_table
+    from cones_cli.views import concept_table, concepts_table
     from cns_daemon.api.protocol import ConceptInfo
 
     long = "a_very_long_concept_name_someone_typed"
@@ -94,7 +94,7 @@ def test_the_concept_list_stays_one_line_a_concept_as_concepts_add_up():
     lines, numbers broken across them)."""
     import time
 
-    from cli.views import concepts_table
+    from cones_cli.views import concepts_table
     from cns_daemon.api.protocol import ConceptInfo
 
     concepts = [ConceptInfo(name=f"k{i}", method="cns", class_word="star", token="t", created=time.time(),
@@ -111,7 +111,7 @@ def test_the_concept_list_stays_one_line_a_concept_as_concepts_add_up():
 def test_a_learn_paused_for_a_generate_says_so_in_the_jobs_table():
     import time
 
-    from cli.views import jobs_table
+    from cones_cli.views import jobs_table
     from cns_daemon.api.protocol import PAUSED_FOR, JobInfo
 
     learn = JobInfo(id="aaaaaaaaaaaa", kind="learn", state="running", summary="learn <rex>",
@@ -127,7 +127,7 @@ def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
     is gone by then); an eval its scores; a generate its images."""
     import time
 
-    from cli.views import jobs_table
+    from cones_cli.views import jobs_table
     from cns_daemon.api.protocol import JobInfo, JobResult, SkippedFile
 
     now = time.time()
@@ -155,7 +155,7 @@ def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
 def test_status_names_the_running_job_and_how_far_it_is():
     import time
 
-    from cli.views import status_table
+    from cones_cli.views import status_table
     from cns_daemon.api.protocol import JobInfo, QueueInfo, StatusInfo
 
     learn = JobInfo(id="aaaaaaaaaaaa", kind="learn", state="running", summary="learn <rex>",
@@ -175,7 +175,7 @@ def test_the_persons_text_is_printed_as_written_not_read_as_markup():
     to one or two lines in the table (`--json` has it whole)."""
     import time
 
-    from cli.views import jobs_table, status_table
+    from cones_cli.views import jobs_table, status_table
     from cns_daemon.api.protocol import JobInfo, QueueInfo, StatusInfo
 
     summary = "generate 'a photo of [bold red]big[/] <ibx> [/]'"
@@ -204,8 +204,8 @@ def test_an_output_folder_made_for_a_generate_that_was_cut_off_is_not_left_empty
 
     from typer.testing import CliRunner
 
-    import cli.generation
-    import cli.main
+    import cones_cli.generation
+    import cones_cli.main
     from cns_daemon.api.errors import Unavailable
     from cns_daemon.api.protocol import JobInfo
 
@@ -230,17 +230,17 @@ def test_an_output_folder_made_for_a_generate_that_was_cut_off_is_not_left_empty
         def service_state(self):
             return None
 
-    monkeypatch.setattr("cli.session.REJOIN_GRACE_S", 0.0)
+    monkeypatch.setattr("cones_cli.session.REJOIN_GRACE_S", 0.0)
     monkeypatch.setenv("CONES_HOME", str(tmp_path))
-    monkeypatch.setattr(cli.generation, "client", lambda: Stopping())
+    monkeypatch.setattr(cones_cli.generation, "client", lambda: Stopping())
     out = tmp_path / "new" / "shots"
-    r = CliRunner().invoke(cli.main.app, ["generate", "a photo of a dog", "-o", str(out)])
+    r = CliRunner().invoke(cones_cli.main.app, ["generate", "a photo of a dog", "-o", str(out)])
     said = (f"(job cccccccccccc, kept: it runs when the service is back); its images stay in the "
             f"service's outputs, not copied to {out}.")
     assert r.exit_code == 11 and "".join(said.split()) in "".join(r.output.split()), r.output   # (wrapped)
     assert not out.exists()
     out.mkdir(parents=True)   # a folder the person had: kept
-    r = CliRunner().invoke(cli.main.app, ["generate", "a photo of a dog", "-o", str(out)])
+    r = CliRunner().invoke(cones_cli.main.app, ["generate", "a photo of a dog", "-o", str(out)])
     assert r.exit_code == 11 and out.is_dir()
 
 
@@ -268,10 +268,10 @@ class _Following:
 def _wait(last):
     import pytest
 
-    import cli.session
-    cli.session.REJOIN_GRACE_S, grace = 0.0, cli.session.REJOIN_GRACE_S
+    import cones_cli.session
+    cones_cli.session.REJOIN_GRACE_S, grace = 0.0, cones_cli.session.REJOIN_GRACE_S
 
-    from cli.session import wait_for
+    from cones_cli.session import wait_for
     from cns_daemon.api.errors import Unavailable
     from cns_daemon.api.protocol import JobInfo
 
@@ -280,7 +280,7 @@ def _wait(last):
         with pytest.raises(Unavailable) as err:
             wait_for(_Following(last), job, quiet=True, tell_wait=False)
     finally:
-        cli.session.REJOIN_GRACE_S = grace
+        cones_cli.session.REJOIN_GRACE_S = grace
     return err.value.message
 
 
@@ -306,7 +306,7 @@ def test_a_file_one_may_not_read_is_bad_input_not_a_full_disk(tmp_path, monkeypa
     import pytest
     import typer
 
-    from cli.views import handled
+    from cones_cli.views import handled
     from cns_daemon.api.errors import EXIT_CODES, ErrorCode
 
     photo = tmp_path / "photo.png"
@@ -336,7 +336,7 @@ def test_json_output_writes_a_non_utf8_path_as_the_cli_shows_it(capsys):
     on the JSON dump with a traceback and no document."""
     import json
 
-    from cli.views import print_json
+    from cones_cli.views import print_json
     from cns_daemon.api.protocol import SkippedFile
 
     doc = SkippedFile(file="a.png", reason="r").model_copy(update={"file": "out-\udcff/a.png"})
@@ -352,7 +352,7 @@ def test_an_error_whose_reader_went_away_keeps_its_exit_code(monkeypatch):
     import pytest
     import typer
 
-    from cli import views
+    from cones_cli import views
     from cns_daemon.api.errors import EXIT_CODES, ErrorCode, NotFound
 
     def closed(*args, **kwargs):

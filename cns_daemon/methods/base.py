@@ -126,7 +126,7 @@ class Method(Protocol):
 
     def learn(self, pipe, photos: list[Path], spec: LearnSpec, progress: ProgressFn | None,
               cancel: CancelToken | None, previous: list | None = None):
-        """Learn a concept; returns a store.ConceptRecord. Leaves no trace on `pipe` except,
+        """Learn a concept; returns a cones_store.ConceptRecord. Leaves no trace on `pipe` except,
         for CNS, the learned concept applied (fusion-free)."""
 
     def apply(self, pipe, records: list):

@@ -50,7 +50,7 @@ from cns_daemon.methods.common.kv import check_positions
 from cns_daemon.methods.common.scope import TokenScope
 from cns_daemon.methods.base import CancelToken, LearnSpec, PerRequest, ProgressFn, ProgressReporter
 from cns_daemon.model import fingerprint
-from store.records import ConceptMeta, ConceptRecord, SparseDelta
+from cones_store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 LossFn = Callable[[int], torch.Tensor]
 

@@ -51,7 +51,7 @@ from cns_daemon.methods.base import CancelToken, LearnSpec, PerRequest, Progress
 from cns_daemon.methods.common import (ConceptLoss, LossScale, as_dict, only_trainable, parse_options,
                                        pipeline_modules, prepare, run_steps, step_generator, tokenize)
 from cns_daemon.prompts import expand
-from store.records import ConceptMeta, ConceptRecord
+from cones_store.records import ConceptMeta, ConceptRecord
 
 SENTENCES_FILE = Path(__file__).with_name("cones2_sentences.txt")
 

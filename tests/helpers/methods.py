@@ -10,7 +10,7 @@ from PIL import Image
 
 from cns_daemon.methods import cns
 from cns_daemon.methods import common as C
-from store.records import ConceptMeta, ConceptRecord, SparseDelta
+from cones_store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 FAST = {"prior_images": 2, "prior_steps": 2, "prior_batch": 1, "variants": 2}
 MOVEMENT = {**FAST, "selection": "movement", "probe_steps": 3}   # CNS only

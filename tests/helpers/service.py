@@ -35,7 +35,7 @@ from cns_daemon.outputs import generation_caption, save_images  # noqa: E402
 from cns_daemon.api.errors import BadPhoto, Conflict  # noqa: E402
 from cns_daemon.methods.base import ProgressReporter  # noqa: E402
 from cns_daemon.api.protocol import JobResult  # noqa: E402
-from store.records import ConceptMeta, ConceptRecord  # noqa: E402
+from cones_store.records import ConceptMeta, ConceptRecord  # noqa: E402
 
 
 def photo_bytes(seed: int, size: int = 48, fmt: str = "PNG") -> bytes:
@@ -179,7 +179,7 @@ def daemon_env(home: Path, **extra: str) -> dict[str, str]:
 def start_daemon(home: Path, *, fake: bool = True, args: tuple[str, ...] = (), wait: bool = True,
                  timeout: float = 90.0, **env: str) -> Daemon:
     cmd = ([sys.executable, str(Path(__file__)), "serve"] if fake
-           else [sys.executable, "-m", "cli.main", "serve", *args])
+           else [sys.executable, "-m", "cones_cli.main", "serve", *args])
     log = home / f"daemon-{time.monotonic_ns()}.log"
     home.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as fh:
@@ -245,7 +245,7 @@ def cli_in_process(home: Path, monkeypatch, *, merged: bool = False):
     returns (exit code, stdout, stderr), or (exit code, stdout + stderr) when `merged`."""
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from cones_cli.main import app
 
     monkeypatch.setenv("CONES_HOME", str(home))
     runner = CliRunner()

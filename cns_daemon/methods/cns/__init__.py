@@ -63,7 +63,7 @@ from cns_daemon.methods.data import without_token
 from cns_daemon.methods.cns.selection import (  # noqa: F401  (re-exported: the selection API)
     Selection, base_neurons, column_norms, concept_neurons, general_counts, general_neurons,
     general_share, movement_base, row_top, select)
-from store.records import ConceptMeta, ConceptRecord, SparseDelta
+from cones_store.records import ConceptMeta, ConceptRecord, SparseDelta
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 from cns_daemon.api.errors import Conflict, NotFound
 from cns_daemon.methods.common import (SavedRows, embedding_rows, kv_weights,
                                        restore_rows, anchor, scope_of, token_scope, write_rows)
-from store.records import ConceptRecord
+from cones_store.records import ConceptRecord
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Sparse reads and writes of the UNet's cross-attention K/V weights ("neurons").
 
 Indices are flat positions into a tensor's row-major storage (int64, sorted, unique), as in
-store.records. Every write saves what it overwrote, so undoing it is bit-exact.
+cones_store.records. Every write saves what it overwrote, so undoing it is bit-exact.
 """
 from __future__ import annotations
 

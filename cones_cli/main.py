@@ -17,12 +17,12 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from cli.admin import service_app, store_app
-from cli.config import CONCEPT, JSON, config_file, settings
-from cli.generation import eval_, generate
-from cli.session import client, request, wait_for
-from cli.toyworld import toyworld_app
-from cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
+from cones_cli.admin import service_app, store_app
+from cones_cli.config import CONCEPT, JSON, config_file, settings
+from cones_cli.generation import eval_, generate
+from cones_cli.session import client, request, wait_for
+from cones_cli.toyworld import toyworld_app
+from cones_cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        handled, jobs_table, output_folder, print_json, shorten, status_table,
                        this_command, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, ConesError, Corrupt
@@ -222,7 +222,7 @@ def rm(name: str = CONCEPT, no_wait: bool = typer.Option(False, "--no-wait", hel
     console.print(f"Removed <{name}>{said}.")
     kept = job.result.photos if job.result else []
     if kept:
-        from cli.admin import relearn_command
+        from cones_cli.admin import relearn_command
 
         with_ = dict(learned.learned_with) if learned else {}
         flags = {"method": learned.method if learned else None, "steps": with_.pop("steps", None),
@@ -330,7 +330,7 @@ def _export_target(name: str, output: str) -> Path:
     return path
 
 
-# ---------------------------------------------------------------- generation (cli/generation.py)
+# ---------------------------------------------------------------- generation (cones_cli/generation.py)
 
 app.command()(generate)
 app.command("eval")(eval_)
@@ -388,7 +388,7 @@ def demo(model: Optional[str] = typer.Option(None, help="Model for a temporary s
 
     One concept comes through the inbox, one through `cones add`; prints the probe's verdict and the contact sheets' paths.
     """
-    from cli import demo as tour
+    from cones_cli import demo as tour
 
     tour.run(tour.Options(model=model, method=method, steps=steps, images=images, seed=seed,
                           sample_steps=sample_steps))

@@ -29,7 +29,7 @@ def newest_learns(jobs: Iterable[JobRecord]) -> dict[str, JobRecord]:
 
 
 class JobQueue:
-    """Needs `self._env` (store.env.Env) and `self._db` (its databases)."""
+    """Needs `self._env` (cones_store.env.Env) and `self._db` (its databases)."""
 
     def put_job(self, job: JobRecord) -> None:
         key = _job_key(job.id)

@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from cli.config import JSON, settings
-from cli.views import console, handled
+from cones_cli.config import JSON, settings
+from cones_cli.views import console, handled
 from cns_daemon.api.errors import EXIT_CODES
 
 service_app = typer.Typer(help="Install or remove the systemd user service.", no_args_is_help=True)
@@ -29,7 +29,7 @@ UNIT_DIR = typer.Option(None, "--unit-dir", help="Where the unit goes (default ~
 def service_install(unit_dir: Optional[Path] = UNIT_DIR,
                     no_start: bool = typer.Option(False, "--no-start", help="Write the unit only.")) -> None:
     """Write the user unit with this machine's paths; enable and start it when systemd runs."""
-    from cli import service_unit
+    from cones_cli import service_unit
 
     service_unit.install(settings(), unit_dir or service_unit.default_unit_dir(), not no_start,
                          say=lambda line: console.print(line, highlight=False, markup=False))
@@ -39,7 +39,7 @@ def service_install(unit_dir: Optional[Path] = UNIT_DIR,
 @handled
 def service_uninstall(unit_dir: Optional[Path] = UNIT_DIR) -> None:
     """Stop, disable and remove the user unit (data and inbox are kept)."""
-    from cli import service_unit
+    from cones_cli import service_unit
 
     service_unit.uninstall(unit_dir or service_unit.default_unit_dir(),
                            say=lambda line: console.print(line, highlight=False, markup=False))
@@ -55,7 +55,7 @@ def store_check(as_json: bool = JSON) -> None:
     from dataclasses import asdict
 
     from cns_daemon.api.errors import Corrupt, NotFound
-    from store.salvage import check
+    from cones_store.salvage import check
 
     paths = settings().paths
     if not paths.store.is_dir():
@@ -79,7 +79,7 @@ def store_salvage(force: bool = typer.Option(False, "--force", help="Copy into a
     The damaged store is kept aside as store.damaged-DATE-TIME."""
     from cns_daemon.api.errors import NotFound
     from cns_daemon.daemon import InstanceLock
-    from store.salvage import check, salvage
+    from cones_store.salvage import check, salvage
 
     paths = settings().paths
     if not paths.store.is_dir():

@@ -106,7 +106,7 @@ def _tell_unknown_variables() -> None:
     """A CONES_* variable that is no setting (CONES_STEP for CONES_STEPS) would be ignored
     without a word: said on stderr, with the setting it is closest to. Once per process."""
     from cns_daemon.api.settings import Settings
-    from cli.views import err_console
+    from cones_cli.views import err_console
 
     global _told
     if _told:

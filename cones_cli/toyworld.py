@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from cli.views import handled, output_folder, write_files
+from cones_cli.views import handled, output_folder, write_files
 from cns_daemon.api.errors import BadInput
 from cns_daemon.api.protocol import MAX_SEED
 

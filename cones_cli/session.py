@@ -7,9 +7,9 @@ import time
 
 from rich.markup import escape
 
-from cli.client import Client
-from cli.config import settings
-from cli.views import err_console, follow, shorten
+from cones_cli.client import Client
+from cones_cli.config import settings
+from cones_cli.views import err_console, follow, shorten
 from cns_daemon.api.errors import BadInput, Interrupted, Unavailable
 from cns_daemon.api.protocol import JobInfo
 

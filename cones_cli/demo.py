@@ -21,8 +21,8 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from cli.client import Client
-from cli.views import console, err_console, follow
+from cones_cli.client import Client
+from cones_cli.views import console, err_console, follow
 from cns_daemon.api.errors import ConesError, ModelLoad, Unavailable
 from cns_daemon.api.protocol import AddRequest, GenerateRequest, JobInfo, Photo
 from cns_daemon.api.settings import load_settings
@@ -69,7 +69,7 @@ class TempService:
         self.log = self.home / "service.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONES_")}
         env.update(CONES_HOME=str(self.home), CONES_SETTLE_SECONDS="1")
-        cmd = [sys.executable, "-m", "cli.main", "serve"] + (["--model", model] if model else [])
+        cmd = [sys.executable, "-m", "cones_cli.main", "serve"] + (["--model", model] if model else [])
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -204,7 +204,7 @@ def run(opts: Options) -> None:
     # SIGTERM (e.g. `timeout`) ends the demo through the `finally` below, which stops the
     # temporary service; the default action would leave it running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from cli.config import settings as checked_settings
+    from cones_cli.config import settings as checked_settings
 
     settings = checked_settings()   # a bad CONES_* variable is one line, not a traceback
     temp: TempService | None = None

@@ -9,9 +9,9 @@ from typing import List, Optional
 
 import typer
 
-from cli.config import JSON
-from cli.session import client, request, wait_for
-from cli.views import console, err_console, eval_table, handled, output_folder, print_json, write_files
+from cones_cli.config import JSON
+from cones_cli.session import client, request, wait_for
+from cones_cli.views import console, err_console, eval_table, handled, output_folder, print_json, write_files
 from cns_daemon.api.errors import BadInput, ConesError, ProtocolMismatch
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_SEED, EvalRequest, GenerateRequest,
                                      check_segment)

@@ -1,6 +1,6 @@
 """`cones service install|uninstall`: the systemd user unit, written with this machine's paths.
 
-The template is cli/cones.service (package data: a wheel carries it as an editable install does);
+The template is cones_cli/cones.service (package data: a wheel carries it as an editable install does);
 `render` fills in the command and the environment that selects the data folders. `install` writes it and, when a systemd user manager answers,
 runs daemon-reload and enable --now; every step it takes is printed.
 """
@@ -28,15 +28,15 @@ def default_unit_dir() -> Path:
 
 def exec_command() -> list[str]:
     """The `cones` script this Python installed (beside it, or in its scripts folder: a --user
-    install's is ~/.local/bin), else `python -P -m cli.main` (as words). -P: `-m` would first
-    look in the working folder (the home folder under systemd), where a cli/ of the user's own
+    install's is ~/.local/bin), else `python -P -m cones_cli.main` (as words). -P: `-m` would first
+    look in the working folder (the home folder under systemd), where a cones_cli/ of the user's own
     would run instead."""
     folders = [Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))]
     if sys.prefix == sys.base_prefix:   # not a venv: `pip install --user` puts it in ~/.local/bin
         with contextlib.suppress(KeyError):
             folders.append(Path(sysconfig.get_path("scripts", sysconfig.get_preferred_scheme("user"))))
     script = next((f / "cones" for f in folders if (f / "cones").is_file()), None)
-    return [str(script)] if script else [sys.executable, "-P", "-m", "cli.main"]
+    return [str(script)] if script else [sys.executable, "-P", "-m", "cones_cli.main"]
 
 
 def _quote(value: str, command: bool = False) -> str:
@@ -118,7 +118,7 @@ def render(settings: Settings) -> str:
         text = text.replace(key, value)
     # the template's header comment describes the template, not this file
     body = text.split("\n[Unit]", 1)[1]
-    return ("# Written by `cones service install`; edit the template cli/cones.service or the\n"
+    return ("# Written by `cones service install`; edit the template cones_cli/cones.service or the\n"
             "# settings (config.toml) and run it again rather than editing this file.\n[Unit]" + body)
 
 
@@ -149,7 +149,7 @@ def _running() -> bool:
 
 def _running_job(settings: Settings):
     """The job the service runs now (a restart would start it over), or None (none, or no answer)."""
-    from cli.client import Client
+    from cones_cli.client import Client
     from cns_daemon.api.errors import ConesError
 
     try:

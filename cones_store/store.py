@@ -18,14 +18,14 @@ Layout (named databases; every value framed by `envelope`: schema version + crc3
     overlap     name -> Overlap (JSON): earlier concepts sharing its neurons, and how many
     jobs        job id -> JobRecord (JSON)
 A concept's parts are keyed by its name, so a damaged value only ever affects that concept.
-The overlap bookkeeping (who shares which neurons) is the `OverlapIndex` mixin, store/overlap.py;
-which base model the store serves is the `BaseModelBinding` mixin, store/binding.py.
+The overlap bookkeeping (who shares which neurons) is the `OverlapIndex` mixin, cones_store/overlap.py;
+which base model the store serves is the `BaseModelBinding` mixin, cones_store/binding.py.
 
 Two kinds of damage. A value whose bytes changed fails its checksum: that concept is damaged and
 `delete` (which never decodes a value) removes it. A damaged B-tree page (LMDB's
 MDB_PAGE_NOTFOUND / MDB_CORRUPTED) makes every key behind it unreachable: a read that can pin it
 on one concept (`get`, `overlap`, `size_of`) reports that concept damaged, anything else reports
-the store damaged with one error saying to run `cones store salvage` (store/salvage.py), which
+the store damaged with one error saying to run `cones store salvage` (cones_store/salvage.py), which
 copies every readable concept into a fresh store. LMDB poisons a transaction after such an
 error, so per-concept checks each use their own read transaction.
 """
@@ -431,7 +431,7 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
         except CodecError as exc:
             raise _DamagedPart(key.replace(SEP, b"/").decode(errors="replace"), str(exc)) from None
 
-    # -- salvage (store/salvage.py) ------------------------------------------------------------
+    # -- salvage (cones_store/salvage.py) ------------------------------------------------------------
 
     def scan_keys(self, db: str) -> tuple[list[bytes], str | None]:
         """Every key of one database, in order, as far as it can be walked, and why the walk
