@@ -1,8 +1,9 @@
 """`cones service install|uninstall`: the systemd user unit, written with this machine's paths.
 
-The template is cones_cli/cones.service (package data: a wheel carries it as an editable install does);
-`render` fills in the command and the environment that selects the data folders. `install` writes it and, when a systemd user manager answers,
-runs daemon-reload and enable --now; every step it takes is printed.
+The template is cones_cli/cones.service (package data: a wheel carries it as an editable install
+does); `render` fills in the command and the environment that selects the data folders. `install`
+writes it and, when a systemd user manager answers, runs daemon-reload and enable --now (and a
+restart, where that changes something and throws no job away); every step it takes is printed.
 """
 from __future__ import annotations
 

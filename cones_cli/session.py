@@ -16,7 +16,7 @@ from cns_daemon.api.protocol import JobInfo
 QUEUED_GRACE_S = 1.0   # how long a job may sit queued before the CLI says what it waits for
 # A followed job's service that went away: how long to wait for it to answer again. With no
 # service holding its lock, a restart by systemd (RestartSec=5, then its imports) is due within
-# the grace; one loading its model takes as long as the unit's start limit allows (900 s).
+# the grace; one loading its model, as long as the unit's TimeoutStartSec allows (900 s).
 REJOIN_GRACE_S = 30.0
 REJOIN_LIMIT_S = 900.0
 REJOIN_POLL_S = 1.0
