@@ -21,7 +21,9 @@ store_app = typer.Typer(help="Check or repair the concept store (on its files: c
 # ---------------------------------------------------------------- systemd
 
 
-UNIT_DIR = typer.Option(None, "--unit-dir", help="Where the unit goes (default ~/.config/systemd/user).")
+UNIT_DIR = typer.Option(None, "--unit-dir", help=(
+    "The unit's folder (default ~/.config/systemd/user, where systemd reads it; elsewhere it is "
+    "started or disabled only once linked: `systemctl --user link`)."))
 
 
 @service_app.command("install")

@@ -236,9 +236,15 @@ def rm(name: str = CONCEPT, no_wait: bool = typer.Option(False, "--no-wait", hel
 
 
 def _concept_or_none(c, name: str):
+    """What `cones show` says of it; of a damaged one, what its `cones list` row still says (its
+    class and method); None where neither answers (the removal then says why)."""
     try:
         return c.concept(name)
-    except ConesError:   # damaged, say: the removal says what it says
+    except ConesError:
+        pass
+    try:
+        return next((row for row in c.concepts() if row.name == name and row.class_word), None)
+    except ConesError:
         return None
 
 

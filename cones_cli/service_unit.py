@@ -108,7 +108,8 @@ def unit_environment(settings: Settings) -> dict[str, str]:
 def render(settings: Settings) -> str:
     if not TEMPLATE.is_file():
         raise NotFound(f"The unit template {TEMPLATE} is missing.",
-                       "Install cones again (`pip install --force-reinstall cones`, or from its source folder).")
+                       "Install cones again: `bash scripts/setup.sh` in its source folder (or "
+                       "`pip install --force-reinstall .` there).")
     env = unit_environment(settings)
     text = TEMPLATE.read_text()
     fields = {

@@ -265,3 +265,30 @@ def test_import_refuses_a_file_of_another_kind_before_reading_or_sending_it(tmp_
                        (huge, "not a cones concept file (its header says it is 1,099,511,627,776 bytes")):
         r = CliRunner().invoke(cones_cli.main.app, ["import", str(file)])
         assert r.exit_code == 2 and said in " ".join(r.output.split()), r.output
+
+
+def test_rm_of_a_damaged_concept_learns_it_again_with_what_its_list_row_says():
+    """A review's find: `cones rm` of a damaged concept printed `--class CLASS` and no method,
+    steps or seed (`cones show` refuses a damaged concept), where its `cones list` row still
+    said them."""
+    from cones_cli.main import _concept_or_none
+    from cns_daemon.api.errors import Corrupt, Unavailable
+    from cns_daemon.api.protocol import ConceptInfo
+
+    row = ConceptInfo(name="star", method="cns", class_word="star", token="sks", created=0.0, photos=4,
+                      size_bytes=1, neurons=1, state="damaged", learned_with={"steps": 5, "seed": 0})
+
+    class Damaged:
+        def concept(self, name):
+            raise Corrupt("Concept 'star' is damaged.")
+
+        def concepts(self):
+            return [row]
+
+    assert _concept_or_none(Damaged(), "star") == row
+
+    class Gone(Damaged):
+        def concepts(self):
+            raise Unavailable("The cones service is not running.")
+
+    assert _concept_or_none(Gone(), "star") is None
