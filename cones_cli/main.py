@@ -220,18 +220,18 @@ def rm(name: str = CONCEPT, no_wait: bool = typer.Option(False, "--no-wait", hel
     said = "" if deleted is None else f" and {deleted} archived photo{'s' if deleted != 1 else ''}" + (
         f" ({kept} kept: another concept or a queued learn uses {'them' if kept != 1 else 'it'})" if kept else "")
     console.print(f"Removed <{name}>{said}.")
-    kept = job.result.photos if job.result else []
-    if kept:
+    left = job.result.photos if job.result else []   # (a plain rm's: in the archive still)
+    if left:
         from cones_cli.admin import relearn_command
 
         with_ = dict(learned.learned_with) if learned else {}
         flags = {"method": learned.method if learned else None, "steps": with_.pop("steps", None),
                  "seed": with_.pop("seed", None)}
-        many = len(kept) != 1
-        console.print(f"Its {len(kept)} photo{'s stay' if many else ' stays'} in the archive (`cones "
+        many = len(left) != 1
+        console.print(f"Its {len(left)} photo{'s stay' if many else ' stays'} in the archive (`cones "
                       f"prune-photos` deletes {'those' if many else 'it, if'} no other concept uses"
                       f"{'' if many else ' it'}); " + relearn_command(
-                          name, kept, learned.class_word if learned else "", flags, with_),
+                          name, left, learned.class_word if learned else "", flags, with_),
                       markup=False, highlight=False, soft_wrap=True)
 
 
