@@ -137,10 +137,7 @@ class Inbox:
             return
         log.info("inbox folder %s: clearing what learn job %s left (the service stopped before its "
                  "clean-up)", folder.name, job.id)
-        try:
-            self._clear(folder, job)
-        except OSError as exc:
-            self._cannot_clear(folder, job, exc)
+        self._clear(folder, job)
 
     def _renamed_folder(self, job: JobRecord, ident: tuple[int, int] | None = None) -> Path | None:
         """The inbox folder, under another name than the job's, that holds this job's photos
@@ -361,10 +358,7 @@ class Inbox:
                 log.info("inbox folder %s is a new folder of that name: left to be taken", folder.name)
                 return
             if job.state == "done":
-                try:
-                    self._clear(folder, job)
-                except OSError as exc:   # learned; the folder said so, not taken again as new
-                    self._cannot_clear(folder, job, exc)
+                self._clear(folder, job)
             elif folder.is_dir():
                 # the inputs as they were taken (after a restart: as they are now)
                 signature = signature or inputs_signature(folder)
@@ -438,7 +432,14 @@ class Inbox:
 
     def _clear(self, folder: Path, job: JobRecord) -> None:
         """Learned: photos are in the archive, so they go; anything else is moved aside. A
-        folder that is a link to one elsewhere is the person's own: only the link goes."""
+        folder that is a link to one elsewhere is the person's own: only the link goes. One
+        that cannot be cleared says so in a note (and is not taken again as new)."""
+        try:
+            self._clear_now(folder, job)
+        except OSError as exc:
+            self._cannot_clear(folder, job, exc)
+
+    def _clear_now(self, folder: Path, job: JobRecord) -> None:
         if folder.is_symlink():
             folder.unlink()
             return

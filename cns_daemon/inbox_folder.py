@@ -134,8 +134,8 @@ def inputs_signatures(folder: Path) -> tuple[str, str]:
 
 def _distinct(photos: list[Path]) -> tuple[list[Path], list[SkippedFile]]:
     """The photos whose bytes differ (the first of each, by name), and the copies skipped as
-    check_photos says of them. Only files of one size are compared, by a hash read a block at
-    a time: a folder of a thousand photos is not read to be counted."""
+    check_photos says of them. Only files of one size are compared, by their digests: a folder
+    of a thousand photos is not read to be counted."""
     by_size: dict[int, list[Path]] = {}
     for p in sorted(photos, key=lambda p: p.name):
         by_size.setdefault(p.stat().st_size, []).append(p)
@@ -145,11 +145,7 @@ def _distinct(photos: list[Path]) -> tuple[list[Path], list[SkippedFile]]:
     copies = []
     for group in by_size.values():
         for p in group if len(group) > 1 else []:
-            digest = hashlib.sha256()
-            with open(p, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            first = seen.setdefault(digest.hexdigest(), p)
+            first = seen.setdefault(file_digest(p), p)
             if first is not p:
                 copies.append(SkippedFile(file=shown(p.name), reason=f"the same photo as {shown(first.name)}"))
     copied = {c.file for c in copies}
@@ -293,10 +289,16 @@ def taken_photos(folder: Path, job: JobRecord) -> Iterator[tuple[Path, str]]:
     for p in folder.iterdir():
         try:
             if (p.is_file() and p.stat().st_size <= MAX_PHOTO_BYTES   # larger: never taken (sniff)
-                    and (digest := hashlib.sha256(p.read_bytes()).hexdigest()) in digests):
+                    and (digest := file_digest(p)) in digests):
                 yield p, digest
         except OSError:   # gone or unreadable meanwhile: not evidence either way
             continue
+
+
+def file_digest(path: Path) -> str:
+    """The sha256 a photo is archived under, read a block at a time."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, hashlib.sha256).hexdigest()
 
 
 def holds_photos_of(folder: Path, job: JobRecord) -> bool:
@@ -313,7 +315,8 @@ def left_uncleared(folder: Path, job: JobRecord) -> bool:
         return False
     taken = {p.name for p, _ in taken_photos(folder, job)}
     skipped = {s.get("file") for s in job.request.get("skipped", [])}
-    captions = {c.name for p in input_files(folder) if (c := caption_file(p, NOTE_FILES)) is not None}
-    others = [p for p in input_files(folder) if p.name not in taken | skipped | captions
+    files = input_files(folder)
+    captions = {c.name for p in files if (c := caption_file(p, NOTE_FILES)) is not None}
+    others = [p for p in files if p.name not in taken | skipped | captions
               and p.name != CONFIG_FILE and sniff(p) is None]
     return bool(taken) and not others

@@ -64,25 +64,27 @@ def tokenizer_folder() -> Path:
     this process writes its own private copy."""
     digest = hashlib.sha256(BPE_FILE.read_bytes()).hexdigest()[:12]
     folder = Path(tempfile.gettempdir()) / f"cones-clip-tokenizer-{os.getuid()}-{digest}"
-    if _ours(folder) and (folder / "tokenizer_config.json").exists():
+    if _written_by_us(folder):
         return folder
     tmp = write_tokenizer_files(Path(tempfile.mkdtemp(prefix="cones-tok-")))   # 0700
     try:
         tmp.rename(folder)
     except OSError:  # there already: another process of ours won the race, or it is not ours
-        if _ours(folder) and (folder / "tokenizer_config.json").exists():
+        if _written_by_us(folder):
             shutil.rmtree(tmp, ignore_errors=True)
             return folder
         return tmp
     return folder
 
 
-def _ours(folder: Path) -> bool:
+def _written_by_us(folder: Path) -> bool:
+    """A folder of this user's, no one else may write to, holding the files."""
     try:
         st = os.lstat(folder)
     except OSError:
         return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+            and (folder / "tokenizer_config.json").exists())
 
 
 def clip_tokenizer(max_length: int = 77):

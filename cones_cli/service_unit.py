@@ -141,12 +141,17 @@ def _systemctl(*args: str, say, check: bool = True) -> bool:
     return result.returncode == 0
 
 
+def _unit_property(name: str) -> str:
+    """One property of the unit as the user manager knows it ("" where it answers nothing)."""
+    shown = subprocess.run(["systemctl", "--user", "show", "-p", name, "--value", UNIT_NAME],
+                           capture_output=True, text=True, timeout=60)
+    return shown.stdout.strip() if shown.returncode == 0 else ""
+
+
 def _running() -> bool:
     """Whether the unit runs or is starting (loading its model: is-active says "activating",
     which `enable --now` leaves as it is too)."""
-    shown = subprocess.run(["systemctl", "--user", "show", "-p", "ActiveState", "--value", UNIT_NAME],
-                           capture_output=True, text=True, timeout=60)
-    return shown.returncode == 0 and shown.stdout.strip() in ("active", "activating", "reloading")
+    return _unit_property("ActiveState") in ("active", "activating", "reloading")
 
 
 def _running_job(settings: Settings):
@@ -166,9 +171,7 @@ def _read_by_systemd(unit: Path) -> bool:
     elsewhere only once linked (`systemctl --user link`)."""
     if unit.parent.expanduser().absolute() == default_unit_dir().absolute():
         return True
-    shown = subprocess.run(["systemctl", "--user", "show", "-p", "FragmentPath", "--value", UNIT_NAME],
-                           capture_output=True, text=True, timeout=60)
-    fragment = shown.stdout.strip() if shown.returncode == 0 else ""
+    fragment = _unit_property("FragmentPath")
     return bool(fragment) and Path(fragment).resolve() == unit.expanduser().resolve()
 
 

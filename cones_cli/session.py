@@ -100,18 +100,14 @@ def _service_back(c: Client, job: JobInfo, gone: Unavailable) -> bool:
     err_console.print(f"{escape(gone.message)} Waiting for it to come back to follow job {job.id} on "
                       "(Ctrl-C stops waiting, not the job).", highlight=False)
     start = last_seen = time.monotonic()
-    while True:
-        try:
-            c.job(job.id)
-            return True
-        except Unavailable:
-            pass
+    while not _answers(c, job):
         now = time.monotonic()
         if c.service_state() in ("starting", "stopping"):
             last_seen = now
         if now - last_seen > REJOIN_GRACE_S or now - start > REJOIN_LIMIT_S:
             return False
         time.sleep(REJOIN_POLL_S)
+    return True
 
 
 # A request field as the person gave it: the flag or argument (not "class_word" or "guidance_scale")

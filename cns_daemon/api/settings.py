@@ -62,6 +62,11 @@ class Paths:
         return self.data / "outputs"
 
 
+def blank(value) -> bool:
+    """A value that means "not set" wherever a setting is given: "" or spaces."""
+    return isinstance(value, str) and not value.strip()
+
+
 def setting_variables() -> dict[str, str]:
     """The environment's variables as the settings read them, by setting name upper-cased
     (CONES_STEPS), whatever case they are spelled in; a blank one is unset."""
@@ -165,7 +170,7 @@ class Settings(BaseSettings):
     def _blank_is_unset(cls, value):
         """`CONES_MODEL=` (or model = "") means the default, as a blanked variable does in a
         shell, not the folder one happens to be in."""
-        return None if isinstance(value, str) and not value.strip() else value
+        return None if blank(value) else value
 
     @field_validator("steps", "settle_seconds", "max_request_bytes", "header_timeout_seconds",
                      "keep_jobs", mode="before")
@@ -222,7 +227,7 @@ class _EnvBlankIsUnset(EnvSettingsSource):
     and `CONES_MODEL=' '` hid config.toml's model from this shell but not from the unit."""
 
     def __call__(self) -> dict:
-        return {k: v for k, v in super().__call__().items() if not (isinstance(v, str) and not v.strip())}
+        return {k: v for k, v in super().__call__().items() if not blank(v)}
 
 
 class _TomlWithoutHome(TomlConfigSettingsSource):
@@ -246,4 +251,4 @@ def load_settings(**flags) -> Settings:
     unset flag never hides the config file or the environment, nor does a blank one, as a
     blank variable does not: `--model ""` is the model config.toml names)."""
     return Settings(**{k: v for k, v in flags.items()
-                       if v is not None and not (isinstance(v, str) and not v.strip())})
+                       if v is not None and not blank(v)})
