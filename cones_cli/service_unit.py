@@ -231,10 +231,32 @@ def install(settings: Settings, unit_dir: Path, start: bool, say) -> Path:
     return unit
 
 
+def _left_behind(unit: Path, say) -> bool:
+    """A unit file deleted by hand leaves the service running and its enable link dangling, so
+    it would start again at the next log-in (systemd then says the unit is not found). Stops the
+    one and removes the other; whether there was anything to do."""
+    if unit.parent.expanduser().absolute() != default_unit_dir().absolute() or not systemd_user_available():
+        return False
+    link = default_unit_dir() / "default.target.wants" / UNIT_NAME
+    dangling = link.is_symlink() and not link.exists()
+    running = _running()
+    if not (dangling or running):
+        return False
+    say(f"no unit at {unit}, but the user manager still has it: cleaning up")
+    if running:
+        _systemctl("stop", UNIT_NAME, say=say, check=False)
+    if dangling:   # `disable` refuses a unit whose file is gone; the link is ours to remove
+        link.unlink()
+        say(f"removed the dangling link {link}")
+    _systemctl("daemon-reload", say=say, check=False)
+    return True
+
+
 def uninstall(unit_dir: Path, say) -> None:
     unit = unit_dir / UNIT_NAME
     if not unit.exists():
-        say(f"no unit at {unit}: nothing to remove")
+        if not _left_behind(unit, say):
+            say(f"no unit at {unit}: nothing to remove")
         return
     managed = systemd_user_available() and _read_by_systemd(unit)
     if managed:

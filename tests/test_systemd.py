@@ -340,4 +340,25 @@ def test_uninstalling_twice_says_there_is_nothing_to_remove(tmp_path, cones_home
     assert first.exit_code == 0 and "--user disable --now cones.service" in log.read_text().splitlines()
     log.unlink()
     second = CliRunner().invoke(app, ["service", "uninstall"])
-    assert second.exit_code == 0 and "nothing to remove" in second.output and not log.exists()
+    assert second.exit_code == 0 and "nothing to remove" in second.output
+    assert "disable" not in log.read_text() and "stop" not in log.read_text()
+
+
+def test_uninstall_after_the_unit_file_was_deleted_by_hand_stops_the_service(tmp_path, cones_home,
+                                                                               monkeypatch):
+    """The service ran on and its enable link dangled (it started again at the next log-in), and
+    uninstall said "nothing to remove"."""
+    log = _fake_systemctl(tmp_path, monkeypatch, active=True)
+    assert CliRunner().invoke(app, ["service", "install"]).exit_code == 0
+    user_dir = tmp_path / "xconfig" / "systemd" / "user"
+    wants = user_dir / "default.target.wants"
+    wants.mkdir()
+    (wants / "cones.service").symlink_to(user_dir / "cones.service")   # what `enable` makes
+    (user_dir / "cones.service").unlink()                               # deleted by hand
+    log.unlink()
+    result = CliRunner().invoke(app, ["service", "uninstall"])
+    assert result.exit_code == 0, result.output
+    calls = log.read_text().splitlines()
+    assert "--user stop cones.service" in calls and "--user daemon-reload" in calls
+    assert not (wants / "cones.service").is_symlink()
+    assert "nothing to remove" not in result.output and "dangling link" in result.output
