@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -253,6 +254,7 @@ def test_import_refuses_a_file_of_another_kind_before_reading_or_sending_it(tmp_
 
     monkeypatch.setenv("CONES_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(cones_cli.main, "client", lambda: (_ for _ in ()).throw(AssertionError("sent")))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(AssertionError("read")))
     lora = tmp_path / "lora.safetensors"
     lora.write_bytes(save({"w": np.zeros(3, np.float32)}, metadata={"ss_network_module": "lora"}))
     later = tmp_path / "later.safetensors"
@@ -292,3 +294,45 @@ def test_rm_of_a_damaged_concept_learns_it_again_with_what_its_list_row_says():
             raise Unavailable("The cones service is not running.")
 
     assert _concept_or_none(Gone(), "star") is None
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_rm_prints_the_line_that_learns_the_concept_again_as_it_was(tmp_path, monkeypatch, damaged):
+    """The relearn line carries the class, method, steps, seed and options the concept was
+    learned with, from `cones show` or, for a damaged concept, from its `cones list` row."""
+    from contextlib import contextmanager
+
+    from typer.testing import CliRunner
+
+    import cones_cli.main
+    from cns_daemon.api.errors import Corrupt
+    from cns_daemon.api.protocol import ConceptInfo, JobInfo, JobResult
+
+    learned = ConceptInfo(name="star", method="cns", class_word="star", token="sks", created=0.0,
+                          photos=1, size_bytes=1, neurons=1, state="damaged" if damaged else "ok",
+                          learned_with={"steps": 5, "seed": 7, "lr": 0.01})
+    kept = tmp_path / "archive" / "ab.png"
+
+    class Fake:
+        def concept(self, name):
+            if damaged:
+                raise Corrupt("Concept 'star' is damaged.")
+            return learned
+
+        def concepts(self):
+            return [learned]
+
+        def remove(self, name, photos):
+            return JobInfo(id="c" * 12, kind="remove", state="done", summary="rm", created=0.0,
+                           result=JobResult(concept=name, photos=[str(kept)]))
+
+    @contextmanager
+    def client():
+        yield Fake()
+
+    monkeypatch.setattr(cones_cli.main, "client", client)
+    monkeypatch.setattr(cones_cli.main, "wait_for", lambda c, job, quiet: job)
+    r = CliRunner().invoke(cones_cli.main.app, ["rm", "star"])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert f"cones add star {kept} --class star --method cns --steps 5 --seed 7 --option lr=0.01" in said

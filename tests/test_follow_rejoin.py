@@ -94,7 +94,8 @@ def test_a_service_that_keeps_breaking_the_stream_is_given_up_on(quick, monkeypa
 
 
 def _silent_service(path, served: threading.Event):
-    """An HTTP answer that starts a job's stream and then says nothing (a hung service)."""
+    """An HTTP answer that starts a job's stream and then says nothing (a hung service) until
+    `served` is set, then closes mid-answer (as a killed service does)."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(str(path))
     server.listen(1)
@@ -123,6 +124,20 @@ def test_a_stream_silent_past_the_heartbeat_is_told(tmp_path, monkeypatch):
     finally:
         done.set()
     assert f"sent nothing about job {JOB} for 0.5 s" in err.value.message and "may hang" in err.value.message
+    assert getattr(err.value, "silent", False)   # what tells wait_for a hang from a service gone
+
+
+def test_a_stream_cut_off_mid_answer_is_said_cut_off(tmp_path):
+    """A killed service's half answer read "its answer was not HTTP"."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    done = threading.Event()
+    done.set()   # the stream's head, then the connection closes
+    _silent_service(run / "cones.sock", done)
+    with Client(run / "cones.sock") as c, pytest.raises(Unavailable) as err:
+        list(c.follow(JOB))
+    assert "broke (it was cut off)" in err.value.message
+    assert not getattr(err.value, "silent", False)
 
 
 class Silent(Restarting):

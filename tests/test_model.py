@@ -324,5 +324,14 @@ def test_the_tokenizer_is_read_only_from_a_folder_of_this_users(tmp_path, monkey
         other = tokenizer.tokenizer_folder()
         assert other != mine and (other / "vocab.json").read_text() != "{}"
         assert (other.stat().st_mode & 0o777) == 0o700
+        # planted by another user: private, but not ours (seen as a user whose uid is not the
+        # folder owner's: the name carries the uid, so the folder is made at that user's name)
+        uid = os.getuid() + 1
+        theirs = tmp_path / mine.name.replace(f"-{os.getuid()}-", f"-{uid}-")
+        mine.chmod(0o700)
+        mine.rename(theirs)
+        monkeypatch.setattr(tokenizer.os, "getuid", lambda: uid)
+        tokenizer.tokenizer_folder.cache_clear()
+        assert tokenizer.tokenizer_folder() != theirs
     finally:
         tokenizer.tokenizer_folder.cache_clear()

@@ -267,16 +267,16 @@ def test_without_an_installed_script_the_unit_runs_the_module_safely(tmp_path, m
     assert service_unit.exec_command() == [str(tmp_path / "scripts" / "cones")]
 
 
-def _fake_systemctl(tmp_path, monkeypatch, active: bool):
-    """A systemctl on PATH that logs its arguments; the unit's ActiveState is `active` or not,
-    its FragmentPath $FAKE_FRAGMENT."""
+def _fake_systemctl(tmp_path, monkeypatch, active: bool | str):
+    """A systemctl on PATH that logs its arguments; the unit's ActiveState is `active` (True),
+    `inactive` (False) or the state given, its FragmentPath $FAKE_FRAGMENT."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     log = tmp_path / "systemctl.log"
     script = bin_dir / "systemctl"
     script.write_text("#!/bin/sh\n"
                       f'echo "$*" >> {log}\n'
-                      f'case "$*" in *ActiveState*) echo {"active" if active else "inactive"};; '
+                      f'case "$*" in *ActiveState*) echo {active if isinstance(active, str) else "active" if active else "inactive"};; '
                       f'*FragmentPath*) echo "$FAKE_FRAGMENT";; esac\n'
                       "exit 0\n")
     script.chmod(0o755)
@@ -285,16 +285,18 @@ def _fake_systemctl(tmp_path, monkeypatch, active: bool):
     return log
 
 
-@pytest.mark.parametrize("active", [True, False])
+@pytest.mark.parametrize("state", ["active", "activating", "inactive"])
 def test_installing_again_restarts_a_running_service_so_the_new_unit_applies(tmp_path, cones_home,
-                                                                             monkeypatch, active):
-    """`enable --now` leaves a running service as it was started: installing again after a
-    setting changed said "enabled and started" while the old process served on."""
-    log = _fake_systemctl(tmp_path, monkeypatch, active)
+                                                                             monkeypatch, state):
+    """`enable --now` leaves a running service as it was started (or starting: loading its
+    model): installing again after a setting changed said "enabled and started" while the old
+    process served on."""
+    log = _fake_systemctl(tmp_path, monkeypatch, state)
     result = CliRunner().invoke(app, ["service", "install"])
     assert result.exit_code == 0, result.output
     calls = log.read_text().splitlines()
     assert "--user enable --now cones.service" in calls
+    active = state != "inactive"
     assert ("--user restart cones.service" in calls) == active
     assert ("was running: restarted, so this unit" in " ".join(result.output.split())) == active
     assert (tmp_path / "xconfig" / "systemd" / "user" / "cones.service").is_file()
@@ -362,3 +364,9 @@ def test_uninstall_after_the_unit_file_was_deleted_by_hand_stops_the_service(tmp
     assert "--user stop cones.service" in calls and "--user daemon-reload" in calls
     assert not (wants / "cones.service").is_symlink()
     assert "nothing to remove" not in result.output and "dangling link" in result.output
+    # a link that leads somewhere (a unit of the same name linked from elsewhere) is not ours
+    elsewhere = tmp_path / "elsewhere.service"
+    elsewhere.write_text("[Unit]\n")
+    (wants / "cones.service").symlink_to(elsewhere)
+    assert CliRunner().invoke(app, ["service", "uninstall"]).exit_code == 0
+    assert (wants / "cones.service").is_symlink()
