@@ -436,7 +436,7 @@ class Engine(Importing, Listing):
                 raise _again(self.problems[name])
         metas = {m.name: m for m in self.store.list()}
         expanded = expand(req.prompt, metas, self.tokenizer_here())
-        check_boxes(req.boxes, expanded)
+        check_boxes(req.boxes, expanded, metas)
         scale = req.guidance_scale if req.guidance_scale is not None else recommended_guidance(self.pipe)
         check_negative_prompt(req.negative_prompt, self.tokenizer_here(), scale, metas)
         image_size(self.pipe, req.height, req.width)

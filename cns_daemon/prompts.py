@@ -28,11 +28,14 @@ REFERENCE_RE = re.compile(r"<([^<>\s]+)>")
 # One or two name-like words in angle brackets with spaces ("<my dog>", "< rex >") read as a
 # reference too: a concept's name has no spaces, so they are refused rather than drawn as plain
 # words. Other uses of < and > (a heart <3, an emoticon >_<, "x < y and y > z") pass.
-SPACED_REFERENCE_RE = re.compile(r"<(\s*[A-Za-z_][\w-]*(?:\s+[A-Za-z_][\w-]*)?\s*)>")
+# A name-like word: a name may start with a digit ("7up"), but one of digits alone is a heart
+# ("<3") or arithmetic, not a reference.
+_NAMEISH = r"(?:[A-Za-z_][\w-]*|\d[\w-]*[A-Za-z_][\w-]*)"
+SPACED_REFERENCE_RE = re.compile(rf"<(\s*{_NAMEISH}(?:\s+{_NAMEISH})?\s*)>")
 # A name-like word after "<" and no ">" before the next "<" or the end ("a photo of <rex on the
 # grass", "<rex and <mug>"): a reference with a typo, refused rather than drawn as plain words.
 # "<3", "< y", "<div class=x>" pass.
-UNCLOSED_REFERENCE_RE = re.compile(r"<([A-Za-z_][\w-]*)(?![\w>-])[^<>]*(?=<|$)")
+UNCLOSED_REFERENCE_RE = re.compile(rf"<({_NAMEISH})(?![\w>-])[^<>]*(?=<|$)")
 BOX_FORM = "NAME=x0,y0,x1,y1 with numbers in [0,1], x0 < x1 and y0 < y1 (for example rex=0,0.2,0.5,1)"
 
 
@@ -219,6 +222,11 @@ def check_bare_tokens(ids: Iterable[int], metas: Mapping[str, ConceptMeta], toke
     owners = {i: m.name for m in metas.values() if m.token
               for w in m.token.split() for i in _ids(tokenizer, w)}
     hit = next((i for i in ids if i in owners), None)
+    if hit is not None and what == "negative prompt":   # (<name> is refused there too)
+        word = tokenizer.decode([hit]).strip()
+        raise BadInput(f"The word {word!r} in the negative prompt is the token concept "
+                       f"<{owners[hit]}> is drawn by; a concept cannot be steered away from.",
+                       "Leave the word out of the negative prompt.")
     if hit is not None:
         word = tokenizer.decode([hit]).strip()
         raise BadInput(f"The word {word!r} in the {what} is the token concept <{owners[hit]}> is "
@@ -270,19 +278,28 @@ class Layout:
         return bool(self.boxes)
 
 
-def check_boxes(boxes: Iterable[Box | str], expanded: ExpandedPrompt) -> Layout:
-    """Boxes must name concepts of the prompt, each once."""
+def check_boxes(boxes: Iterable[Box | str], expanded: ExpandedPrompt,
+                metas: Mapping[str, ConceptMeta] | None = None) -> Layout:
+    """Boxes must name concepts of the prompt, each once. `metas`, every stored concept, make
+    the hint for a box that names none exact."""
     parsed = [b if isinstance(b, Box) else parse_box(b) for b in boxes]
     seen: set[str] = set()
     for box in parsed:
         if box.name not in expanded.names:
             near = [n for n in expanded.names if n.lower() == box.name.lower()]
+            of_class = [n for n in expanded.names if metas and n in metas
+                        and metas[n].class_word.lower() == box.name.lower()]
             if near:
                 hint = f"Did you mean --box {near[0]}=...? Names are case-sensitive."
+            elif of_class:   # "--box star=..." for <rex>, a star: the prompt's star is <rex>
+                hint = (f"'{box.name}' is the class of <{of_class[0]}>: give its box as "
+                        f"--box {of_class[0]}=...")
             elif re.search(rf"\b{re.escape(box.name)}\b", expanded.text, re.IGNORECASE):
                 # "--box grass=..." for "on the grass": boxes place concepts, not words
                 hint = (f"'{box.name}' is a plain word of the prompt; boxes place concepts "
                         f"(<name>, learned with `cones add`): drop this box.")
+            elif metas is not None and box.name not in metas:
+                hint = "No concept has this name (`cones list` shows the names): drop its box."
             else:
                 hint = "Name the concept in the prompt as <" + box.name + ">, or drop its box."
             raise BadInput(f"There is a box for <{box.name}>, which is not in the prompt.", hint)

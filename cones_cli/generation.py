@@ -2,7 +2,6 @@
 scores out."""
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -11,8 +10,9 @@ import typer
 
 from cones_cli.config import JSON
 from cones_cli.session import client, request, wait_for
-from cones_cli.views import console, err_console, eval_table, handled, output_folder, print_json, write_files
-from cns_daemon.api.errors import BadInput, ConesError, ProtocolMismatch
+from cones_cli.views import (console, err_console, eval_table, handled, output_folder, print_json, remove_made,
+                             write_files)
+from cns_daemon.api.errors import BadInput, ConesError, NotFound, ProtocolMismatch
 from cns_daemon.api.protocol import (MAX_GUIDANCE_SCALE, MAX_IMAGES, MAX_SEED, EvalRequest, GenerateRequest,
                                      check_segment)
 from cns_daemon.archive import read_text
@@ -25,7 +25,7 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
                  None, help=f"Seed of the first image, 0 to {MAX_SEED}; image k is drawn from seed + k "
                  "(default: random)."),
              steps: Optional[int] = typer.Option(None, help="Denoising steps (default: the model's, 30 unless its cones.json says; the toy world's 20). The model's scheduler sets the range: 2 to 999 for SD's."),
-             box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1 (fractions); repeatable."),
+             box: List[str] = typer.Option([], "--box", help="NAME=x0,y0,x1,y1: fractions of the width and height, from the top-left corner (y runs down); repeatable."),
              negative: Optional[str] = typer.Option(None, "--negative", help="What to steer away from, in plain words."),
              guidance_scale: Optional[float] = typer.Option(
                  None, "--guidance-scale", "--cfg",
@@ -49,16 +49,14 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
         if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp") and not out.exists():
             raise BadInput(f"-o {out} names a file, but generate writes its images and a contact "
                            "sheet into a folder.", f"Give -o a folder, e.g. -o {out.with_suffix('')}/")
-        made = not out.exists()
-        output_folder(out, "images")   # before the job: a bad -o must not cost a generation
+        made = output_folder(out, "images")   # before the job: a bad -o must not cost a generation
     with client() as c:
         left = f"; its images stay in the service's outputs, not copied to {out}" if out else ""
         try:
             job = wait_for(c, c.generate(req), quiet=as_json, tell_wait=not as_json, left_behind=left)
         except ConesError:
-            if out is not None and made:   # made for this generate, and nothing came: not left empty
-                with contextlib.suppress(OSError):
-                    out.rmdir()
+            if out is not None:   # made for this generate, and nothing came: not left empty
+                remove_made(made)
             raise
     result = job.result
     if result is None:
@@ -79,7 +77,7 @@ def generate(prompt: str = typer.Argument(..., help="Prompt; name concepts as <n
         console.print(result.contact_sheet, highlight=False, markup=False)
 
 
-def _copy_out(job, out: Path, made: bool):
+def _copy_out(job, out: Path, made: list[Path]):
     """The job's images and sheet copied into -o, all or none (and the folder made for them
     taken back): the job as the person's copies name it."""
     result = job.result
@@ -91,11 +89,18 @@ def _copy_out(job, out: Path, made: bool):
     # Named after the job, so a second run into the same folder adds its images beside the
     # first's instead of replacing some of them under a contact sheet that no longer fits; as
     # private as the service keeps them.
+    def read(p: Path) -> tuple[Path, bytes, int]:
+        try:
+            return out / f"{job.id}-{p.name}", p.read_bytes(), p.stat().st_mode & 0o777
+        except OSError as exc:   # removed or unreadable meanwhile: none is copied
+            raise NotFound(f"Cannot read the service's {p}: {exc.strerror or exc}; nothing was "
+                           f"copied to {out}.", "Generate again.") from None
+
     copied = [str(p) for p in write_files(
-        ((out / f"{job.id}-{p.name}", p.read_bytes(), p.stat().st_mode & 0o777) for p in sources),
+        (read(p) for p in sources),
         f"The images are in {sources[0].parent if sources else 'the service'}; free space or give -o "
         "a writable folder.",
-        out if made else None)]
+        made)]
     sheet = copied.pop() if result.contact_sheet else None
     return job.model_copy(update={"result": result.model_copy(update={"images": copied, "contact_sheet": sheet})})
 

@@ -24,7 +24,7 @@ from cones_cli.session import client, request, wait_for
 from cones_cli.toyworld import toyworld_app
 from cones_cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
                        handled, jobs_table, output_folder, print_json, shorten, status_table,
-                       this_command, write_file)
+                       remove_made, this_command, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, ConesError, Corrupt
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.archive import caption_file, shown, sidecar_caption, sniff
@@ -274,9 +274,13 @@ def export(name: str = CONCEPT,
         raise Conflict(f"{target} already exists.", "Give -o another path, or add --force to overwrite it.")
     with client() as c:
         data = c.export(name)
-    output_folder(target.parent)   # a new folder only once there is something to put in it
-    write_file(target, data, "Give -o a writable file path; an earlier file there is kept as it was.",
-               mode=0o600)   # a concept can draw a person: private as the data folder is
+    made = output_folder(target.parent)   # a new folder only once there is something to put in it
+    try:
+        write_file(target, data, "Give -o a writable file path; an earlier file there is kept as it was.",
+                   mode=0o600)   # a concept can draw a person: private as the data folder is
+    except ConesError:
+        remove_made(made)
+        raise
     console.print(f"Wrote <{name}> to {escape(str(target))} ({len(data):,} bytes).", highlight=False)
 
 

@@ -55,8 +55,7 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
         # The folder is what `cones add` or the inbox learns from: photos of another object (or
         # of the same one, partly replaced) would make one mixed training set.
         raise BadInput(f"{out} already holds photos.", "Give -o a new folder, or add --force to write into it.")
-    made = not out.exists()
-    output_folder(out, "photos")
+    made = output_folder(out, "photos")
     for old in out.glob("*.png"):   # --force: this run's photos replace the folder's, all of them
         old.unlink()
         old.with_suffix(".txt").unlink(missing_ok=True)
@@ -68,7 +67,7 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
             yield out / f"{i:03d}.txt", (text + "\n").encode(), 0o666
 
     # all or none: a full disk must not leave a cut photo or an empty caption
-    write_files(files(), "Give -o a folder you can write to, on a disk with room.", out if made else None)
+    write_files(files(), "Give -o a folder you can write to, on a disk with room.", made)
     typer.echo(f"wrote {len(photos)} photos to {out}")
 
 

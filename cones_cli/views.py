@@ -88,9 +88,10 @@ def _named(hint: str) -> str:
     return hint.replace("cones COMMAND", this_command()) if "cones COMMAND" in hint else hint
 
 
-def output_folder(path: Path, what: str = "files") -> None:
+def output_folder(path: Path, what: str = "files") -> list[Path]:
     """A folder for -o, made if missing; a file in the way or a place it cannot be made is a
-    typed error (one line and exit 2, not a traceback)."""
+    typed error (one line and exit 2, not a traceback). Returns the folders it made, innermost
+    first (for `remove_made`)."""
     if path.exists() and not path.is_dir():
         raise BadInput(f"{path} is a file, not a folder.", f"Give -o a folder for the {what}.")
     made = [p for p in (path, *path.parents) if not p.exists()]   # innermost first
@@ -103,13 +104,23 @@ def output_folder(path: Path, what: str = "files") -> None:
         # nothing left of the try: the probe (made empty on a full disk) nor the folders
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
-            for folder in made:
-                folder.rmdir()
+        remove_made(made)
         known = storage_error(exc)
         raise (Storage(f"Cannot write into the folder {path}: {exc.strerror}.", "Give -o a folder "
                        "you can write to, on a disk with room.") if known else
                BadInput(f"Cannot write into the folder {path}: {exc.strerror or exc}.",
                         "Give -o a folder you can write to.")) from None
+    return made
+
+
+def remove_made(folders: Iterable[Path]) -> None:
+    """Take back the folders `output_folder` made (innermost first) where nothing came into
+    them: `-o deep/a/b` of a refused job left deep/a."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:   # not empty (something of another's came in) or gone: the rest stay
+            return
 
 
 def write_file(path: Path, data: bytes, hint: str = "Give -o a writable place.",
@@ -123,20 +134,18 @@ def write_file(path: Path, data: bytes, hint: str = "Give -o a writable place.",
         raise kind(f"Cannot write {path}: {exc.strerror or exc}.", hint) from None
 
 
-def write_files(files: Iterable[tuple[Path, bytes, int]], hint: str, made: Path | None = None) -> list[Path]:
+def write_files(files: Iterable[tuple[Path, bytes, int]], hint: str, made: Iterable[Path] = ()) -> list[Path]:
     """`write_file` for each (path, data, mode), all or none: a full disk leaves neither the
-    files written before it nor `made`, the folder made for them. Returns the paths written."""
+    files written before it nor `made`, the folders made for them. Returns the paths written."""
     written: list[Path] = []
     try:
         for path, data, mode in files:
             write_file(path, data, hint, mode)
             written.append(path)
-    except ConesError:
+    except BaseException:   # a full disk, a source that cannot be read, Ctrl-C: none
         for path in written:
             path.unlink(missing_ok=True)
-        if made is not None:
-            with contextlib.suppress(OSError):   # the write's error is the one to tell
-                made.rmdir()
+        remove_made(made)   # (the write's error is the one to tell)
         raise
     return written
 

@@ -236,10 +236,34 @@ def test_images_are_copied_into_o_only_under_a_job_id_that_is_one(tmp_path):
                        result=JobResult(images=[str(image)]))
 
     with pytest.raises(ProtocolMismatch, match="job id that is none"):
-        _copy_out(job("../../evil"), out, made=False)
+        _copy_out(job("../../evil"), out, made=[])
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["made.png", "out", "sub"]
-    copied = _copy_out(job("0123456789ab"), out, made=False)
+    copied = _copy_out(job("0123456789ab"), out, made=[])
     assert copied.result.images == [str(out / "0123456789ab-made.png")]
+
+
+def test_generate_o_takes_back_what_it_made_when_nothing_comes(tmp_path):
+    """A review's find: a source the CLI could not read left the images copied before it (a
+    FileNotFoundError passed the all-or-none clean-up), and a refused generate into -o
+    deep/a/b left deep/a behind."""
+    from cones_cli.generation import _copy_out
+    from cones_cli.views import output_folder, remove_made
+    from cns_daemon.api.errors import NotFound
+    from cns_daemon.api.protocol import JobInfo, JobResult
+
+    image = tmp_path / "made.png"
+    image.write_bytes(b"png")
+    out = tmp_path / "deep" / "a" / "b"
+    made = output_folder(out, "images")
+    assert made == [out, out.parent, out.parent.parent]
+    job = JobInfo(id="0123456789ab", kind="generate", state="done", summary="", created=0.0,
+                  result=JobResult(images=[str(image), str(tmp_path / "gone.png")]))
+    with pytest.raises(NotFound, match="gone.png"):
+        _copy_out(job, out, made)
+    assert not (tmp_path / "deep").exists()
+    made = output_folder(out, "images")
+    remove_made(made)   # what a refused generate does
+    assert not (tmp_path / "deep").exists()
 
 
 def test_import_refuses_a_file_of_another_kind_before_reading_or_sending_it(tmp_path, monkeypatch):

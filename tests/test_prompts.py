@@ -81,6 +81,8 @@ def test_a_concepts_token_as_a_plain_word_is_refused(tok, metas):
     with pytest.raises(BadInput) as err:
         check_plain_words("blurry, ohwx", metas, tok, "negative prompt")
     assert "negative prompt" in err.value.message and "<mug>" in err.value.message
+    # not "write <mug> for the concept": <name> is refused in a negative prompt too
+    assert "cannot be steered away from" in err.value.message and "<mug>" not in err.value.hint
     check_plain_words("blurry, dark", metas, tok, "negative prompt")
     # multi-vector tokens: each of its words
     metas["cup"] = ConceptMeta("cup", "cns", "cup", "httr rcn")
@@ -156,6 +158,13 @@ def test_an_unclosed_or_empty_reference_is_refused(tok, metas):
     with pytest.raises(BadInput, match="'rex>' in the prompt looks like the concept <rex> with no opening"):
         expand("a photo of rex> on the grass", metas, tok)
     expand("a photo of dog> and <rex>", metas, tok)   # not a concept's name: other uses of '>' pass
+    # a name may start with a digit (`cones add 7up`): its typos are refused too (they were
+    # drawn as plain words), while a heart "<3" still passes
+    for prompt, said in (("a photo of <7up on the grass", "'<7up' in the prompt looks like a concept"),
+                         ("a photo of < 7up > and <rex>", "name has no spaces")):
+        with pytest.raises(BadInput, match=said):
+            expand(prompt, metas, tok)
+    assert referenced_names("i <3 <rex> so much <3") == ["rex"]
 
 
 def test_concept_past_the_token_limit(tok, metas):
@@ -194,3 +203,18 @@ def test_box_for_a_name_not_in_the_prompt(tok, metas):
     assert "Did you mean --box rex=" in info.value.hint
     with pytest.raises(BadInput, match="Two boxes"):
         check_boxes(["rex=0,0,0.5,1", "rex=0.5,0,1,1"], e)
+
+
+def test_a_box_naming_no_concept_of_the_prompt_gets_the_hint_that_fits(tok, metas):
+    """A review's find: `--box dog=` for <rex>, a dog, was told to drop the box as a plain word
+    of the prompt (the person never wrote "dog"), and a box of no stored concept was told to
+    name it in the prompt, where it would fail as unknown."""
+    e = expand("a photo of <rex> and <mug> on the grass", metas, tok)
+    cases = (("dog", "'dog' is the class of <rex>: give its box as --box rex=..."),
+             ("grass", "'grass' is a plain word of the prompt"),
+             ("pot", "Name the concept in the prompt as <pot>"),
+             ("sks2", "No concept has this name"))
+    for name, hint in cases:
+        with pytest.raises(BadInput, match="not in the prompt") as info:
+            check_boxes([f"{name}=0,0,0.5,1"], e, metas)
+        assert hint in info.value.hint, (name, info.value.hint)

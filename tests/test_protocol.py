@@ -122,4 +122,13 @@ def test_the_last_image_of_a_batch_has_a_seed_one_can_ask_for():
     with pytest.raises(ValidationError) as info:
         GenerateRequest(prompt="x", seed=MAX_SEED - 1, n=3)
     said = describe_validation_error(info.value)
-    assert said.startswith("request: seed") and "image k is drawn from seed + k" in said, said
+    assert said.startswith("seed") and "image k is drawn from seed + k" in said, said
+
+
+def test_the_guidance_scale_is_a_number_only():
+    """JSON's true was read as a scale of 1 (guidance off) and "7.5" taken as a number."""
+    for fine, read in (("7", 7), ("7.5", 7.5), ("null", None)):
+        assert GenerateRequest.model_validate_json(f'{{"prompt": "x", "guidance_scale": {fine}}}').guidance_scale == read
+    for bad in ("true", '"7.5"'):
+        with pytest.raises(ValidationError, match="must be a number from 1"):
+            GenerateRequest.model_validate_json(f'{{"prompt": "x", "guidance_scale": {bad}}}')

@@ -188,7 +188,9 @@ class GenerateRequest(Model):
     @field_validator("guidance_scale", mode="before")   # before: NaN would fail the bounds' words
     @classmethod
     def _finite_scale(cls, v):
-        if isinstance(v, float) and not math.isfinite(v):
+        # A number only: JSON's true was read as 1 (guidance off) and "7.5" taken as a number.
+        if isinstance(v, bool) or (v is not None and not isinstance(v, (int, float))) or (
+                isinstance(v, float) and not math.isfinite(v)):
             raise ValueError(f"must be a number from 1 to {MAX_GUIDANCE_SCALE:g}")
         return v
 
@@ -407,5 +409,6 @@ def describe_validation_error(exc: Exception, names: dict[str, str] | None = Non
         msg = err.get("msg", "invalid").removeprefix("Value error, ")   # our own validators' words
         if loc and names and loc[0] in names:
             loc = [names[loc[0]], *loc[1:]]
-        parts.append(f"{'.'.join(loc) or 'request'}: {friendly or msg}")
+        # (a check of the whole request, seed with n, says its fields in its own words)
+        parts.append(f"{'.'.join(loc)}: {friendly or msg}" if loc else friendly or msg)
     return "; ".join(parts)
