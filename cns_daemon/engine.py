@@ -216,7 +216,9 @@ class Engine(Importing, Listing):
 
     # ------------------------------------------------------------ jobs (worker thread)
 
-    def learn(self, job: LearnJob, progress: ProgressFn, cancel: CancelToken) -> JobResult:
+    def learn(self, job: LearnJob, progress: ProgressFn, cancel: CancelToken,
+              reserved: Iterable[str] = ()) -> JobResult:
+        """`reserved`: the tokens other queued learns asked for (an automatic pick skips them)."""
         from cns_daemon.methods import get_method
 
         if job.name in self.store:
@@ -230,6 +232,7 @@ class Engine(Importing, Listing):
         captions = list(job.photo_captions) if len(job.photo_captions) == len(photos) else None
         spec = LearnSpec(name=job.name, class_word=job.class_word, steps=job.steps, seed=job.seed,
                          options=dict(job.options), photo_names=names, captions=captions,
+                         reserved_tokens=tuple(reserved),
                          cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16],
                          memory=self.memory)   # the methods apply it around their loops only
         record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
@@ -392,9 +395,10 @@ class Engine(Importing, Listing):
         return local.tokenizer
 
     def check_learn(self, method: str, steps: int | None, options: dict, class_word: str = "",
-                    captions: Iterable[tuple[str, str | None]] = ()) -> None:
+                    captions: Iterable[tuple[str, str | None]] = (), reserved: Iterable[str] = ()) -> None:
         """Refuse unknown option keys, values of the wrong type or out of range, for this method,
-        a token asked for that is not a free rare word, and a photo's caption too long to keep
+        a token asked for that is not a free rare word (`reserved`: those queued learns asked
+        for are not free either), and a photo's caption too long to keep
         the concept's token once it is put in, before a learn job is queued (the method parses,
         allocates and captions the same way when the job runs). `captions`: (file, caption)."""
         from cns_daemon.methods import get_method
@@ -403,7 +407,7 @@ class Engine(Importing, Listing):
         from cns_daemon.methods.data import with_token
 
         hp = parse_options(get_method(method).Params, options, steps)
-        taken = [m.token for m in self.store.list()]
+        taken = [m.token for m in self.store.list()] + list(reserved)
         token = ""
         tok = self.tokenizer_here()
         if method != "cones2":   # Cones 2 reads the concept at its class word: no token

@@ -40,7 +40,7 @@ class Kind:
 def _learn(service, req: LearnJob, job, progress, cancel) -> JobResult:
     # A retry after a crash whose first run had stored the concept: done, not "already exists"
     saved = service.engine.saved_by_first_run(req) if job.attempts > 1 else None
-    return saved or service.engine.learn(req, progress, cancel)
+    return saved or service.engine.learn(req, progress, cancel, service.pinned_tokens(but=job.id))
 
 
 def _generate(service, req: GenerateRequest, job, progress, cancel) -> JobResult:

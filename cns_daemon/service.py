@@ -87,7 +87,7 @@ class Service:
                            "Give 3-5 different photos of it (PNG, JPEG, WebP, BMP, GIF or TIFF, "
                            "at least 32x32 pixels).")
         self.engine.check_learn(method, steps, options or {}, class_word,
-                                [(p.filename, p.caption) for p in photos])
+                                [(p.filename, p.caption) for p in photos], self.pinned_tokens())
         with self._queue_lock:
             self._check_name_free(name)
             digests = [self.archive.put(p) for p in photos]
@@ -240,6 +240,12 @@ class Service:
             doing = "learned" if job.kind == "learn" else "imported"
             raise Conflict(f"A concept named {name!r} is already being {doing} (job {job.id}).",
                            f"Wait for it (`cones jobs`) or cancel it with `cones cancel {job.id}`.")
+
+    def pinned_tokens(self, but: str | None = None) -> list[str]:
+        """The tokens queued or running learns (but job `but`) asked for with `--option token=`:
+        taken for every other learn, as a stored concept's are."""
+        return [str(job.request["options"]["token"]) for job in self.worker.jobs.jobs(("queued", "running"))
+                if job.kind == "learn" and job.id != but and (job.request.get("options") or {}).get("token")]
 
     def _learning(self, name: str) -> JobRecord | None:
         """The queued or running learn of `name`, if any."""

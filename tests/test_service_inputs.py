@@ -377,6 +377,26 @@ def test_a_token_another_concept_uses_is_refused_when_submitted(cones, daemon, t
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already used" in out, out
 
 
+def test_a_token_a_queued_learn_asked_for_is_refused_when_submitted(cones, daemon, tmp_path):
+    """A review's find: two learns pinning one token were both queued, and failed once a third
+    took it; a pinned token is held from submission on."""
+    from cns_daemon.methods.common.tokens import rare_tokens
+    from cns_daemon.tokenizer import clip_tokenizer
+
+    word = rare_tokens(clip_tokenizer())[7]
+    photos = [str(p) for p in write_photos(tmp_path / "pin", 2)]
+    code, out = cones("add", "pinned", *photos, "--class", "dog", "--steps", "2000", "--no-wait",
+                      "--option", f"token={word}")
+    assert code == 0, out
+    try:
+        code, out = cones("add", "second", *photos, "--class", "dog", "--option", f"token={word}")
+        assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already used" in out, out
+    finally:
+        with Client(daemon.socket) as c:
+            job = next(j for j in c.jobs(1000) if j.summary and "pinned" in j.summary)
+            c.cancel(job.id)
+
+
 # -- item 12: export targets ---------------------------------------------------------------------------
 
 

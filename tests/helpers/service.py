@@ -98,7 +98,7 @@ class FakeEngine(Engine):
     def _check_fits(self, record) -> None:   # no model to fit: its records are made up
         pass
 
-    def learn(self, job, progress, cancel) -> JobResult:
+    def learn(self, job, progress, cancel, reserved=()) -> JobResult:
         if job.name in self.store:
             raise Conflict(f"A concept named {job.name!r} already exists.")
         for d in job.photo_digests:
