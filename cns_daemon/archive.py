@@ -83,13 +83,16 @@ def has_alpha(img: Image.Image) -> bool:
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB, 8 bits a channel, as an image viewer shows it. 16-bit greyscale (PNG, TIFF) opens as
     an integer mode whose values PIL's convert() clips at 255 (a white photo): scaled down
-    instead. Transparent pixels are laid on white (convert() keeps whatever colour they hide:
-    a cut-out's removed background, or black)."""
-    if img.mode.startswith("I"):
+    instead; 32-bit float greyscale (TIFF's mode F), which convert() truncates (0-1 became
+    black), is read as image editors do, 0-1 as black to white. Transparent pixels are laid on
+    white (convert() keeps whatever colour they hide: a cut-out's removed background, or black)."""
+    if img.mode.startswith("I") or img.mode == "F":
         import numpy as np   # here: the CLI imports this module and starts without numpy
 
-        values = np.asarray(img).astype(np.float64)
-        if img.mode.startswith("I;16") or values.max() > 255:
+        values = np.nan_to_num(np.asarray(img).astype(np.float64))
+        if img.mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        elif img.mode.startswith("I;16") or values.max() > 255:
             values = values / 257.0
         img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     if has_alpha(img):

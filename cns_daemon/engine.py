@@ -220,6 +220,7 @@ class Engine(Importing, Listing):
               reserved: Iterable[str] = ()) -> JobResult:
         """`reserved`: the tokens other queued learns asked for (an automatic pick skips them)."""
         from cns_daemon.methods import get_method
+        from cns_daemon.methods.common.options import inert_note, parse_options
 
         if job.name in self.store:
             raise Conflict(f"A concept named {job.name!r} already exists.",
@@ -236,6 +237,10 @@ class Engine(Importing, Listing):
                          cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16],
                          memory=self.memory)   # the methods apply it around their loops only
         record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
+        inert = inert_note(parse_options(method.Params, job.options, job.steps), job.options)
+        if inert:   # said with the result (and by `cones show`): the person thought it would act
+            record.meta.metrics["note"] = "; ".join(
+                x for x in (record.meta.metrics.get("note"), inert) if x)
         record.meta.photo_digests = list(job.photo_digests)
         record.meta.photo_captions = list(captions) if captions is not None else []
         record.meta.hparams["options_given"] = dict(job.options)   # `cones show`: what was asked

@@ -7,6 +7,7 @@ not): it imports only the protocol, settings and errors from cns_daemon, plus ht
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -128,7 +129,9 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
     # (as in the inbox), not counted against the 64 nor said to be "not an image"
     captions = {c.resolve() for p in photos if p.is_file() and (c := caption_file(p)) is not None}
     photos = [p for p in photos if p.resolve() not in captions]
-    if len(photos) > MAX_PHOTOS:
+    # Copies of one photo count once, as the service and the inbox count them (found once read);
+    # files past any such count are not read at all.
+    if len(photos) > COPIES_READ * MAX_PHOTOS:
         raise BadInput(too_many_photos(name, len(photos)), TOO_MANY_HINT)
     items, not_photos = [], []
     for p in photos:
@@ -146,6 +149,8 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
                            f"{MAX_PROMPT_CHARS}.", "Shorten it: a sentence saying what the photo shows.")
         # a name that is not UTF-8 cannot travel as text: sent as shown ("\ufffd" for its odd bytes)
         items.append(request(Photo, filename=shown(p.name), data=p.read_bytes(), caption=caption))
+    if (distinct := len({hashlib.sha256(i.data).digest() for i in items})) > MAX_PHOTOS:
+        raise BadInput(too_many_photos(name, distinct), TOO_MANY_HINT)
     # Left out, the method and steps are the service's settings, unless this command's own
     # config.toml or CONES_METHOD / CONES_STEPS set them (the layering the README promises).
     mine = settings()
@@ -411,6 +416,9 @@ def demo(model: Optional[str] = typer.Option(None, help="Model for a temporary s
 def version() -> None:
     """Print the installed version (also: cones --version)."""
     typer.echo(_installed_version())
+
+
+COPIES_READ = 4   # files given per photo taken that `cones add` reads before refusing them all
 
 
 def _options(texts: list[str]) -> dict:

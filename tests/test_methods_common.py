@@ -262,6 +262,12 @@ def test_options_typed_and_unknown_keys_rejected():
     ("cones", {"tau": -1}, "'tau' must be ≥ 0"),
     ("cones", {"prior_images": -2}, "'prior_images' must be ≥ 0"),
     ("cones2", {"lr": float("inf")}, "finite"),
+    # counts past what makes sense: a pool of 1,000 variants of each photo, 16 GB at 512 px
+    ("cns", {"variants": 1000}, "'variants' must be ≤ 64"),
+    ("cones", {"tune_steps": 10**12}, "'tune_steps' must be ≤ 100,000"),
+    ("cones2", {"reg_batch": 5000}, "'reg_batch' must be ≤ 1,024"),
+    ("cns", {"prior_images": 10**12}, "'prior_images' must be ≤ 1,000"),
+    ("cns", {"lr": 10**400}, "'lr' must be a finite number"),   # was an OverflowError: a 500
 ])
 def test_out_of_range_options_are_refused_for_every_method(method, options, needle):
     from cns_daemon.methods import get_method
@@ -431,3 +437,24 @@ def test_class_images_take_two_steps_at_least():
         with pytest.raises(BadInput, match="prior_steps"):
             C.parse_options(params, {"prior_steps": 1})
         assert C.parse_options(params, {"prior_steps": 2}).prior_steps == 2
+
+
+def test_options_that_change_nothing_under_the_others_are_said():
+    """A review's find: `--option lambda_prior=0.3` with CNS's default scope, or `tau=3` with
+    Cones's default sparsity, was taken without a word and shown as "learned with"."""
+    from cns_daemon.methods import get_method
+    from cns_daemon.methods.common.options import inert_note
+
+    def note(method, options):
+        return inert_note(C.parse_options(get_method(method).Params, options), options)
+
+    said = note("cns", {"lambda_prior": 0.3, "probe_steps": 7, "lr": 1e-2})
+    assert said.startswith("options that changed nothing: ") and "lr " not in said
+    assert "lambda_prior (scope `concept`" in said and "probe_steps (selection `eq3`)" in said
+    assert note("cns", {"lambda_prior": 0.3, "scope": "all"}) is None
+    assert note("cns", {"base_top_p": 20, "selection": "movement"}) == (
+        "options that changed nothing: base_top_p (selection `movement`)")
+    assert "tau (sparsity is not 0" in note("cones", {"tau": 3.0})
+    assert note("cones", {"tau": 3.0, "sparsity": 0}) is None
+    assert "tune_steps (values `shut`" in note("cones", {"values": "shut", "tune_steps": 5})
+    assert note("cones2", {"lr": 1e-3}) is None

@@ -28,6 +28,18 @@ def test_a_16_bit_greyscale_png_keeps_its_tones(tmp_path):
     assert abs(rgb[:, :32].mean() - 30000 / 257) < 1 and abs(rgb[:, 32:].mean() - 60000 / 257) < 1
 
 
+def test_a_32_bit_float_greyscale_tiff_keeps_its_tones(tmp_path):
+    """A review's find: mode F (0-1 floats) was truncated to black, and several such photos were
+    refused as copies of one another."""
+    values = np.full((64, 64), 0.25, dtype=np.float32)
+    values[:, 32:] = 0.75
+    path = tmp_path / "f32.tif"
+    Image.fromarray(values, "F").save(path)
+    assert Image.open(path).mode == "F"
+    rgb = np.asarray(load_photo(path))
+    assert abs(rgb[:, :32].mean() - 0.25 * 255) < 1 and abs(rgb[:, 32:].mean() - 0.75 * 255) < 1
+
+
 def test_the_exif_orientation_is_honoured(tmp_path):
     pixels = np.zeros((96, 128, 3), dtype=np.uint8)
     pixels[:, :64] = 255           # left half white as stored

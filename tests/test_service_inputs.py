@@ -377,6 +377,25 @@ def test_a_token_another_concept_uses_is_refused_when_submitted(cones, daemon, t
     assert code == EXIT_CODES[ErrorCode.CONFLICT] and "already used" in out, out
 
 
+def test_copies_of_a_photo_count_once_against_the_cap(cones, daemon, tmp_path, monkeypatch):
+    """A review's find: `cones add` counted files before copies were told apart, so a folder
+    of copies was refused where the service and the inbox count each picture once."""
+    import shutil
+
+    import cones_cli.main
+
+    monkeypatch.setattr(cones_cli.main, "MAX_PHOTOS", 3)
+    photos = write_photos(tmp_path / "cap", 4)
+    copies = []
+    for i in range(5):
+        copies.append(tmp_path / "cap" / f"copy{i}.png")
+        shutil.copy(photos[0], copies[-1])
+    code, out = cones("add", "copied", *map(str, photos[:3] + copies), "--class", "dog", "--steps", "2")
+    assert code == 0, out
+    code, out = cones("add", "toomany", *map(str, photos), "--class", "dog", "--steps", "2")
+    assert code == BAD_INPUT and "4 photos for 'toomany'" in out, out   # (the words name the real cap)
+
+
 def test_a_token_a_queued_learn_asked_for_is_refused_when_submitted(cones, daemon, tmp_path):
     """A review's find: two learns pinning one token were both queued, and failed once a third
     took it; a pinned token is held from submission on."""

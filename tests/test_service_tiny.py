@@ -79,6 +79,8 @@ def test_export_rm_import_and_model_mismatch(cones, daemon, tmp_path):
     result = json.loads(out)["result"]   # what the human line says, in the document too
     assert result["concept"] == "star" and result["seed"] == 3
     assert result["metrics"]["neurons"] > 0 and result["metrics"]["size_bytes"] > 0
+    # (no class images are drawn for scoped values: the option is said to change nothing)
+    assert "options that changed nothing: prior_images (scope `concept`" in result["metrics"]["note"]
     code, before = cones("show", "star", "--json")
     assert json.loads(before)["learned_with"] == {"steps": 2, "seed": 3, "prior_images": 0}
     assert json.loads(before)["neurons"] == result["metrics"]["neurons"]

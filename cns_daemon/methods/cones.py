@@ -72,6 +72,13 @@ class ConesParams:
     lr: float = 3e-3              # tuned: Adam's learning rate
     scope: str = "concept"        # concept: where the concept is named | all: the whole request
 
+    def inert(self) -> dict[str, str]:
+        """Options these settings leave unread, and why (common.options.inert_note)."""
+        out = {"tau": "sparsity is not 0: it sets the threshold"} if self.sparsity > 0 else {}
+        if self.values == "shut":
+            out.update(dict.fromkeys(("tune_steps", "lr"), "values `shut`: none are trained"))
+        return out
+
     def validate(self, given: frozenset[str] = frozenset()) -> None:   # shared bounds (rho, lr, counts): common.options.LOWER_BOUNDS
         if self.steps < 1:
             raise BadInput("steps must be ≥ 1.")

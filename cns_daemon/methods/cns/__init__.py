@@ -117,6 +117,21 @@ class CNSParams:
                                   # trained embedding row (docs/tuning.md "Token vectors")
     token_init: str = "token"     # start the row from the rare token's own row | the "class" word's
 
+    def inert(self) -> dict[str, str]:
+        """Options these settings leave unread, and why (common.options.inert_note)."""
+        out = {}
+        if self.scope == "concept":
+            out.update(dict.fromkeys(("lambda_prior", "prior_images", "prior_batch", "prior_steps"),
+                                     "scope `concept`: no class prompt sees the values"))
+            out["lambda_prev"] = "scope `concept`: concepts' values never meet"
+        if self.selection == "eq3":
+            out.update(dict.fromkeys(("movement_percent", "probe_steps", "probe_lr"), "selection `eq3`"))
+        else:
+            out["base_top_p"] = "selection `movement`"
+        if self.mask == "none":
+            out["mask_background"] = "mask `none`"
+        return out
+
     def validate(self, given: frozenset[str] = frozenset()) -> None:
         if not (0 < self.top_p <= 100 and 0 < self.base_top_p <= 100
                 and 0 <= self.few_percent <= 100):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, TypeVar
+from typing import Any, Iterable, TypeVar
 
 from cns_daemon.api.errors import BadInput
+from cns_daemon.api.protocol import MAX_LEARN_STEPS
 
 T = TypeVar("T")
 
@@ -24,6 +25,13 @@ LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "prior_images": (0, True), "prior_batch": (1, True), "prior_steps": (2, True),
     "variants": (1, True), "probe_steps": (1, True), "tune_steps": (1, True), "reg_batch": (1, True), "vectors": (1, True),
 }
+# The most of a count that makes sense: more loops as long as a learn may (MAX_LEARN_STEPS), or
+# holds that many images in memory (`variants` is a pool of every photo that many times over:
+# 1,000 at 512 px was some 16 GB) or draws that many class images or denoising steps.
+UPPER_BOUNDS: dict[str, int] = {
+    "tune_steps": MAX_LEARN_STEPS, "probe_steps": MAX_LEARN_STEPS, "prior_steps": 1000,
+    "prior_images": 1000, "prior_batch": 64, "variants": 64, "reg_batch": 1024,
+}
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -36,7 +44,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             return value
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:   # an integer of 400 digits: no float holds it
+                raise BadInput(f"Option {name!r} must be a finite number, not one this large.") from None
     elif default is None or isinstance(value, kind):
         return value
     article = "an" if kind.__name__[0] in "aeiou" else "a"
@@ -63,7 +74,7 @@ def parse_options(cls: type[T], options: dict | None, steps: int | None = None) 
         hp = dataclasses.replace(defaults, **values)
         check = getattr(hp, "validate", None)
         if check is not None:
-            check(frozenset(values))   # (what was given: an option that changes nothing is refused)
+            check(frozenset(values))   # (what was given: a combination that cannot be is refused)
     except BadInput as exc:
         if exc.hint != BadInput.default_hint:   # a hint of its own says more
             raise
@@ -83,6 +94,17 @@ def _check_range(name: str, value: Any) -> None:
     bound, inclusive = LOWER_BOUNDS.get(name, (-math.inf, True))
     if value < bound or (value == bound and not inclusive):
         raise BadInput(f"Option {name!r} must be {'≥' if inclusive else '>'} {bound:g}, not {value!r}.")
+    if value > UPPER_BOUNDS.get(name, math.inf):
+        raise BadInput(f"Option {name!r} must be ≤ {UPPER_BOUNDS[name]:,}, not {value!r}.")
+
+
+def inert_note(hp: Any, given: Iterable[str]) -> str | None:
+    """What the learn result says of options given that changed nothing under the others (a
+    prior weight with scoped values, which never meet the class prompt): said, not refused, so
+    a relearn line or concept.toml of an earlier learn still runs. `hp.inert()`: option -> why."""
+    inert = hp.inert() if hasattr(hp, "inert") else {}
+    hit = [f"{k} ({inert[k]})" for k in sorted(set(given) & set(inert))]
+    return f"options that changed nothing: {'; '.join(hit)}" if hit else None
 
 
 def as_dict(hp: Any) -> dict[str, Any]:
