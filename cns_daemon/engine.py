@@ -323,6 +323,18 @@ class Engine(Importing, Listing):
                 return None
         return [describe_reading(asdict(a)) for a in self._probe.read(images)]
 
+    def held_photos(self, records: dict) -> dict[str, list[str]]:
+        """Each concept's photos this archive holds (digests). An imported concept's photos
+        stayed in the store it was learned in (`cones show` says how many are here): it is
+        compared with those held here, and needs one."""
+        held = {n: [d for d in r.meta.photo_digests if self.archive.has(d)] for n, r in records.items()}
+        for name, digests in held.items():
+            if not digests:
+                raise NotFound(f"Concept {name!r} has no photos in this store's archive to compare with.",
+                               "Evaluate it in the store it was learned in, or learn it again here from "
+                               "its photos (an exported concept carries no photos).")
+        return held
+
     def evaluate(self, req: EvalRequest, progress: ProgressFn, cancel: CancelToken) -> JobResult:
         """CLIP-I / CLIP-T of the named concepts (evaluate.py), generated with the same routine
         as a generate job; each concept's scores are stored in its metadata under `eval_*`."""
@@ -332,14 +344,7 @@ class Engine(Importing, Listing):
         from cns_daemon.methods.data import load_photo   # upright, 8-bit: as the methods saw them
 
         records = {n: self._get(n) for n in req.names}
-        # An imported concept's photos stayed in the store it was learned in (`cones show` says
-        # how many are here): it is compared with those this archive holds, and needs one.
-        held = {n: [d for d in r.meta.photo_digests if self.archive.has(d)] for n, r in records.items()}
-        for name, digests in held.items():
-            if not digests:
-                raise NotFound(f"Concept {name!r} has no photos in this store's archive to compare with.",
-                               "Evaluate it in the store it was learned in, or learn it again here from "
-                               "its photos (an exported concept carries no photos).")
+        held = self.held_photos(records)
         scorer = load_scorer(req.clip, req.clip_weights, self.pipe.device)   # ModelLoad / Unavailable, typed
         photos = {n: [load_photo(self.archive.path(d)) for d in digests] for n, digests in held.items()}
         prompts = list(req.prompts) if req.prompts else default_prompts()

@@ -20,6 +20,7 @@ both back-ends, so no torchvision transform is needed.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from contextlib import contextmanager
@@ -135,10 +136,7 @@ class OpenClipScorer:
         try:
             import open_clip
         except Exception as exc:  # ImportError, or torchvision failing to load its ops
-            raise Unavailable(f"open_clip could not be imported ({exc}).",
-                              "Install the eval extra: pip install 'cones[eval]' (needs a "
-                              "torchvision matching your torch), or pass a transformers CLIP "
-                              "folder with --clip-weights.") from exc
+            raise Unavailable(f"open_clip could not be imported ({exc}).", OPEN_CLIP_HINT) from exc
         if weights and _looks_like_path(weights):
             if not Path(weights).expanduser().is_file():   # a file named that is not there: input
                 raise BadInput(f"No CLIP weights file at {weights}.",
@@ -170,8 +168,17 @@ def load_scorer(clip: str = "ViT-L-14", weights: str | None = None,
                 device: str | torch.device = "cpu") -> ClipScorer:
     """A transformers folder (has config.json) → HFClipScorer; anything else → open_clip. On
     `device` (the generating model's), scores on the CPU."""
-    if weights and (Path(weights).expanduser() / "config.json").exists():
+    if check_scorer(clip, weights) == "transformers":
         return HFClipScorer.from_folder(weights, device)
+    return OpenClipScorer(clip, weights, device)
+
+
+def check_scorer(clip: str, weights: str | None) -> str:
+    """Which scorer `load_scorer` makes ("transformers" or "open_clip"), or the error it would
+    meet before loading anything: called when an eval is asked for too, so a missing open_clip
+    or weights file is said then, not after the learns queued before it."""
+    if weights and (Path(weights).expanduser() / "config.json").exists():
+        return "transformers"
     if weights and _looks_like_path(weights) and not Path(weights).expanduser().exists():
         # said before importing open_clip: a wrong path is the user's first problem to fix
         raise BadInput(f"No CLIP weights at {weights}.",
@@ -181,7 +188,13 @@ def load_scorer(clip: str = "ViT-L-14", weights: str | None = None,
         raise BadInput(f"{weights} is a folder without a config.json: not a transformers CLIP folder.",
                        "Give a transformers CLIP folder (saved with save_pretrained) or an open_clip "
                        "weights file.")
-    return OpenClipScorer(clip, weights, device)
+    if importlib.util.find_spec("open_clip") is None:
+        raise Unavailable("open_clip is not installed.", OPEN_CLIP_HINT)
+    return "open_clip"
+
+
+OPEN_CLIP_HINT = ("Install the eval extra: pip install 'cones[eval]' (needs a torchvision matching "
+                  "your torch), or pass a transformers CLIP folder with --clip-weights.")
 
 
 def _looks_like_path(weights: str) -> bool:

@@ -111,7 +111,7 @@ class Service:
         return self.worker.submit("generate", req)
 
     def evaluate(self, req: EvalRequest) -> JobRecord:
-        from cns_daemon.evaluate import default_prompts, fill, strip_concepts
+        from cns_daemon.evaluate import check_scorer, default_prompts, fill, strip_concepts
 
         for name in req.names:
             self._stored(name)   # NotFound now rather than from the queue
@@ -123,6 +123,8 @@ class Service:
                                "Shorten the prompt, or evaluate fewer concepts at a time.")
             strip_concepts(prompt, dict.fromkeys(req.names, ""))   # names only concepts evaluated
             self.engine.check_generate(GenerateRequest(prompt=prompt, steps=req.steps))
+        self.engine.held_photos({n: self.store.get(n) for n in req.names})
+        check_scorer(req.clip, req.clip_weights)   # no open_clip, no weights file: now, not after a learn
         return self.worker.submit("eval", req)
 
     def remove(self, name: str, photos: bool = False) -> JobRecord:

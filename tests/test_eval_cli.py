@@ -69,9 +69,12 @@ def test_eval_scores_are_reported_and_stored(cones, clip_folder, tmp_path):
 def test_eval_errors_are_typed(cones, tmp_path):
     learn_rex(cones, tmp_path)
     missing = tmp_path / "no-such" / "clip.safetensors"
+    jobs = len(json.loads(cones("jobs", "--json", "--limit", "1000")[1]))
     code, out, err = cones("eval", "rex", "-n", "1", "--clip-weights", str(missing))
     assert code == EXIT_CODES[ErrorCode.BAD_INPUT], out + err   # a file named that is not there
     assert str(missing) in err   # whole: error lines are not wrapped
+    # said when asked, not once the job's turn came (after every learn queued before it)
+    assert len(json.loads(cones("jobs", "--json", "--limit", "1000")[1])) == jobs
     code, out, err = cones("eval", "ghost", "--clip-weights", str(missing))
     assert code == EXIT_CODES[ErrorCode.NOT_FOUND], out + err
     code, out, err = cones("eval", "rex", "--prompts", str(tmp_path / "none.txt"))
