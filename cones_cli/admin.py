@@ -181,8 +181,8 @@ def _caption_notes(known, archive) -> str:
 
 
 def _check_lines(report) -> list[str]:
-    if report.error:
-        return [f"[red]cannot open[/] {escape(report.path)}: {escape(report.error)}"]
+    if report.open_error:
+        return [f"[red]cannot open[/] {escape(report.path)}: {escape(report.open_error)}"]
     lines = [f"{escape(report.path)}: {len(report.concepts)} concepts and {report.jobs} jobs read whole."]
     lines += [f"[red]damaged database[/] {db}: {escape(why)}" for db, why in report.databases.items()]
     lines += [f"[red]damaged[/] <{name}>: {escape(why)}" for name, why in report.damaged.items()]

@@ -34,13 +34,15 @@ class CheckReport:
     damaged: dict[str, str] = field(default_factory=dict)     # concept -> what is damaged
     jobs: int = 0                                             # readable jobs
     damaged_jobs: dict[str, str] = field(default_factory=dict)
-    error: str = ""   # the store could not be opened at all
+    # The store is too damaged to open at all (why). A store that cannot be opened for another
+    # reason (none there, no permission, a newer schema) is that reason's error, not damage.
+    open_error: str = ""
     refiled: dict[str, str] = field(default_factory=dict)    # concept -> the damaged key it is under
     damaged_records: dict[str, str] = field(default_factory=dict)   # the store's own (schema, ...)
 
     @property
     def ok(self) -> bool:
-        return not (self.databases or self.damaged or self.damaged_jobs or self.error or self.refiled
+        return not (self.databases or self.damaged or self.damaged_jobs or self.open_error or self.refiled
                     or self.damaged_records)
 
 
@@ -89,8 +91,8 @@ def check(path: Path) -> CheckReport:
     report = CheckReport(path=str(path))
     try:
         store = ConceptStore.open(path, create=False, readonly=True)
-    except ConesError as exc:
-        report.error = exc.message
+    except Corrupt as exc:
+        report.open_error = exc.message
         return report
     with store:
         report.damaged_records = store.damaged_records()
@@ -126,13 +128,13 @@ def salvage(path: Path) -> SalvageReport:
     path = Path(path)
     report = check(path)
     stand_in = None
-    if report.error:   # one meta page garbled: the store the other describes may read
+    if report.open_error:   # one meta page garbled: the store the other describes may read
         stand_in = other_meta_page(path)
         again = check(stand_in) if stand_in is not None else report
-        if again.error:
+        if again.open_error:
             if stand_in is not None:
                 shutil.rmtree(stand_in, ignore_errors=True)
-            raise Corrupt(f"The concept store at {path} cannot be opened to salvage it: {report.error}",
+            raise Corrupt(f"The concept store at {path} cannot be opened to salvage it: {report.open_error}",
                           "Restore the store folder from a backup, or move it aside to start a new store.")
         report = dataclasses.replace(again, path=str(path))
     try:

@@ -360,3 +360,23 @@ def test_rm_prints_the_line_that_learns_the_concept_again_as_it_was(tmp_path, mo
     assert r.exit_code == 0, r.output
     said = " ".join(r.output.split())
     assert f"cones add star {kept} --class star --method cns --steps 5 --seed 7 --option lr=0.01" in said
+
+
+def test_store_check_json_keeps_the_error_document_for_errors_that_are_not_damage(tmp_path, monkeypatch):
+    """A review's find: the report's "error" was a string where every other --json error is
+    {"code", "message", "hint"}, and any store that could not be opened (none there, no
+    permission) was reported damaged, exit 7."""
+    from typer.testing import CliRunner
+
+    import cones_cli.main
+    from cones_cli.config import settings
+
+    monkeypatch.setenv("CONES_HOME", str(tmp_path / "home"))
+    store = settings().paths.store
+    store.mkdir(parents=True)   # a folder, no store in it
+    r = CliRunner().invoke(cones_cli.main.app, ["store", "check", "--json"])
+    assert r.exit_code == 3 and json.loads(r.stdout)["error"]["code"] == "not_found", r.output
+    (store / "data.mdb").write_bytes(b"\0" * 8192)   # damaged past opening
+    r = CliRunner().invoke(cones_cli.main.app, ["store", "check", "--json"])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 7 and doc["ok"] is False and doc["open_error"] and "error" not in doc, r.output

@@ -543,7 +543,7 @@ def test_a_page_whose_header_is_garbage_leaves_the_other_databases_readable(home
         f.seek(root * psize + 8)
         f.write(b"\xff" * 8)
     report = check(path)
-    assert not report.error and db in report.databases, report
+    assert not report.open_error and db in report.databases, report
     assert report.jobs == 3 and set(report.damaged) <= {r.name for r in records}
     done = salvage(path)
     assert done.jobs_copied == 3
@@ -567,7 +567,7 @@ def test_a_damaged_record_of_the_store_itself_is_checked_and_salvaged(home, reco
         store.bind(fp, {"model": "toy", "dtype": "float32"})
     damage_value(path, "meta", record.encode())
     report = check(path)
-    assert not report.error and not report.ok and list(report.damaged_records) == [record], report
+    assert not report.open_error and not report.ok and list(report.damaged_records) == [record], report
     with pytest.raises(Exception) as err:   # what the service meets: the salvage hint
         with ConceptStore.open(path, fingerprint=fp) as store:
             store.lost() if record == "lost" else store.names() if record != "base_model" else \
