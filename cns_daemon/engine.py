@@ -338,7 +338,7 @@ class Engine(Importing, Listing):
     def evaluate(self, req: EvalRequest, progress: ProgressFn, cancel: CancelToken) -> JobResult:
         """CLIP-I / CLIP-T of the named concepts (evaluate.py), generated with the same routine
         as a generate job; each concept's scores are stored in its metadata under `eval_*`."""
-        from cns_daemon.evaluate import default_prompts, evaluate, load_scorer
+        from cns_daemon.evaluate import check_scorer, default_prompts, evaluate, load_scorer
         from cns_daemon.generate import generate
         from cns_daemon.methods.base import ProgressReporter
         from cns_daemon.methods.data import load_photo   # upright, 8-bit: as the methods saw them
@@ -360,13 +360,18 @@ class Engine(Importing, Listing):
         result = evaluate(gen, photos, {n: r.meta.class_word for n, r in records.items()},
                           prompts, req.n, scorer, progress=lambda i, _t: report(i))
         cancel.check()
-        clip_id = req.clip_weights or req.clip
+        # what measured it: a transformers folder says it all, an open_clip file or tag with its
+        # model ("openai" alone was stored for --clip ViT-B-32 --clip-weights openai)
+        clip_id = (req.clip_weights if check_scorer(req.clip, req.clip_weights) == "transformers" else
+                   f"{req.clip} ({req.clip_weights})" if req.clip_weights else req.clip)
         for name in req.names:
             per = [p.per_concept_clip_i[name] for p in result.prompts]
+            # scored beside other concepts in every prompt: said, as it differs from alone
+            others = ", ".join(f"<{n}>" for n in req.names if n != name) or None
             self.store.update_metrics(name, {
                 "eval_clip_i": round(sum(per) / len(per), 4), "eval_clip_t": round(result.clip_t, 4),
                 "eval_n_images": result.n_images, "eval_n_prompts": len(result.prompts),
-                "eval_clip": clip_id})
+                "eval_clip": clip_id, "eval_with": others})
         return JobResult(metrics={**result.summary(), "clip": clip_id})
 
     def remove(self, name: str) -> JobResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 
@@ -139,6 +140,8 @@ def _check_meta(meta) -> None:
         value = getattr(meta, field)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise ValueError(f"its {field} is a {type(value).__name__}")
+    if not 0 <= meta.created <= time.time() + 86400 * 366 * 100:   # 1e20 failed every `cones show`
+        raise ValueError(f"its creation time {meta.created!r} is no time a concept was made")
     if not meta.fingerprint:   # every export names the model it was learned on: this one was edited
         raise ValueError("it names no base model (its fingerprint is empty)")
     if not re.fullmatch(CLASS_PATTERN, meta.class_word):

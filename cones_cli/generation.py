@@ -116,6 +116,9 @@ def eval_(names: List[str] = typer.Argument(..., help="Concepts to score (all of
           as_json: bool = JSON) -> None:
     """Score concepts with CLIP-I (likeness to their photos) and CLIP-T (prompt fidelity)."""
     lines = _prompt_lines(prompts) if prompts is not None else None
+    if clip_weights is not None and not clip_weights.strip():   # Path("") is the working folder
+        raise BadInput("--clip-weights is blank.", "Give a weights file, a transformers CLIP folder or "
+                       "an open_clip pretrained tag, or leave it out.")
     if clip_weights is not None and (Path(clip_weights).expanduser().exists() or "/" in clip_weights):
         # a path, not an open_clip tag: the service has its own working folder, so send it whole
         clip_weights = str(Path(clip_weights).expanduser().absolute())

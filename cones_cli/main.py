@@ -30,7 +30,7 @@ from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, ConesError, Corr
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.archive import caption_file, shown, sidecar_caption, sniff
 from cns_daemon.api.protocol import (MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED, MAX_PHOTOS, ErrorBody,
-                                     TOO_MANY_HINT, AddRequest, Photo, too_many_photos)
+                                     STOPPED_MIDWAY, TOO_MANY_HINT, AddRequest, Photo, too_many_photos)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -367,7 +367,7 @@ def jobs(limit: int = typer.Option(20, min=1, max=MAX_JOBS_LISTED, help="How man
 @app.command()
 @handled
 def cancel(job_id: str = typer.Argument(..., help="The job's id, as `cones jobs` lists it.")) -> None:
-    """Cancel a job (a running one stops at its next step; nothing partial is kept)."""
+    """Cancel a job (a running learn, generate or eval stops at its next step; nothing partial is kept)."""
     job_id = job_id.strip().lower()   # ids are hex: 142AADC707EA is the same job
     with client() as c:
         try:
@@ -381,6 +381,9 @@ def cancel(job_id: str = typer.Argument(..., help="The job's id, as `cones jobs`
         job = c.cancel(job_id)
     if job.state == "cancelled":
         console.print(f"Cancelled job {job.id} ({escape(shorten(job.summary))}) before it started.")
+    elif job.state == "running" and job.kind not in STOPPED_MIDWAY:
+        console.print(f"Job {job.id} ({escape(shorten(job.summary))}) is already under way and is not "
+                      "stopped midway: it ends in a moment (`cones jobs` shows how).")
     elif job.state == "running":
         console.print(f"Cancelling job {job.id} ({escape(shorten(job.summary))}): it stops at its next step.")
     else:   # it finished between the two calls

@@ -111,7 +111,7 @@ def probe(images: List[Path] = typer.Argument(..., help="PNG/JPEG files of the t
     else:
         rows = [{"image": str(p), **asdict(a)} for p, a in zip(images, reader.read(loaded))]
     if as_json:
-        typer.echo(json.dumps(rows))
+        typer.echo(json.dumps(rows, indent=2))   # as every other --json
         return
     for row in rows:
         parts = [("left", row["left"]), ("right", row["right"])] if halves else [("", row)]

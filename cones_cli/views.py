@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
+import click
 import typer
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
@@ -20,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cns_daemon.api.errors import BadInput, ConesError, Interrupted, Storage, from_code, storage_error
+from cns_daemon.api.errors import BadInput, ConesError, Internal, Interrupted, Storage, from_code, storage_error
 from cns_daemon.archive import atomic_write
 from cns_daemon.api.protocol import (FINAL_STATES, PAUSED_FOR, STREAM_STOPPING, ConceptInfo, ErrorBody, JobInfo,
                                      ProgressInfo, StatusInfo)
@@ -175,6 +176,15 @@ def handled(fn):
                 raise storage_error(exc) or BadInput(
                     f"Cannot use {where}: {exc.strerror or exc}." if where else f"{exc.strerror or exc}.",
                     "Check the path and that you may read (and write) it.") from None
+            except (ConesError, typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+                raise
+            except Exception as exc:   # a bug: exit 70 (and the --json document), as the README says
+                import traceback
+
+                trace = "".join(traceback.format_exception(exc))
+                err_console.print(escape(trace.rstrip()), highlight=False, style="dim")
+                raise Internal(f"{type(exc).__name__}: {exc}", "This is a bug in cones; please report it "
+                               "with the lines above.") from None
         except ConesError as exc:
             exc.hint = _named(exc.hint or "")
             try:
@@ -225,6 +235,22 @@ def _by_share(overlap: dict[str, int]) -> list[tuple[str, int]]:
 def metric_text(value) -> str:
     """A metric for a rich table: floats to 4 digits, text (a note may name a file) escaped."""
     return f"{value:.4g}" if isinstance(value, float) else escape(str(value))
+
+
+def _when(t: float | None) -> str:
+    """A local date and time; "-" for none, or one no calendar holds (a file edited by hand)."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+    except (OverflowError, OSError, ValueError):
+        return "-"
+
+
+def duration(s: float) -> str:
+    """How long, as a person reads it: "3 d 4 h", "5 min 2 s" (uptime was "259200 s")."""
+    s = int(s)
+    parts = [(s // 86400, "d"), (s % 86400 // 3600, "h"), (s % 3600 // 60, "min"), (s % 60, "s")]
+    first = next((i for i, (n, _) in enumerate(parts) if n), len(parts) - 1)
+    return " ".join(f"{n} {unit}" for n, unit in parts[first:first + 2])
 
 
 def ago(t: float | None) -> str:
@@ -290,9 +316,9 @@ def concept_table(c: ConceptInfo) -> Table:
             ("photos", photos_text(c)), ("size", human_size(c.size_bytes)),
             ("neurons", neurons_text(c)), ("overlap", overlap_text(c.overlap)),
             ("learned with", escape(", ".join(f"{k} {v}" for k, v in c.learned_with.items())) or "-"),
-            ("created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created)) if c.created else "-"),
+            ("created", _when(c.created)),
             ("fingerprint", c.fingerprint or "-")]
-    rows += [(f"metric {k}", metric_text(v)) for k, v in sorted(c.metrics.items())]
+    rows += [(f"metric {escape(k)}", metric_text(v)) for k, v in sorted(c.metrics.items())]
     for k, v in rows:
         table.add_row(k, v)
     return table
@@ -301,7 +327,8 @@ def concept_table(c: ConceptInfo) -> Table:
 def eval_table(names: list[str], metrics: dict) -> Table:
     table = Table(title="CLIP scores of " + ", ".join(f"<{n}>" for n in names))
     for col in ("CLIP-I", "CLIP-T", "images", "prompts", "CLIP model"):
-        table.add_column(col, justify="left" if col == "CLIP model" else "right")
+        table.add_column(col, justify="left" if col == "CLIP model" else "right",
+                         overflow="fold" if col == "CLIP model" else "ellipsis")
     table.add_row(f"{metrics['clip_i']:.4f}", f"{metrics['clip_t']:.4f}", str(metrics["n_images"]),
                   str(metrics["n_prompts"]), escape(str(metrics.get("clip", "-"))))
     return table
@@ -364,11 +391,11 @@ def _result_note(j: JobInfo) -> str:
 
 def status_table(s: StatusInfo) -> Table:
     table = Table(title="cones service", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")   # a path folds whole, not cut with "…"
     running = _running_line(s.queue.running) if s.queue.running else "-"
     for k, v in (("version", f"{s.version} (protocol {s.protocol})"), ("pid", str(s.pid)),
-                 ("uptime", f"{s.uptime_s:.0f} s"), ("model", s.model),
+                 ("uptime", duration(s.uptime_s)), ("model", s.model),
                  ("device", f"{s.device} / {s.dtype}"), ("memory", ", ".join(s.memory) or "-"),
                  ("fingerprint", s.fingerprint), ("default method", s.method or "-"),
                  ("concepts", _concept_count(s)), ("running", running), ("queued", str(s.queue.queued)),

@@ -254,12 +254,14 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
             txn.delete(key, db=self._db[db])
 
     def update_metrics(self, name: str, metrics: dict) -> ConceptMeta:
-        """Merge evaluation metrics into a concept's metadata."""
+        """Merge evaluation metrics into a concept's metadata (a value None drops its key)."""
         validate_name(name)
 
         def txn_fn(txn):
             meta = self._read_concept_meta(txn, name)
             meta.metrics.update(metrics)
+            for key in [k for k, v in metrics.items() if v is None]:
+                del meta.metrics[key]
             key = name.encode()
             txn.put(key, frame(key, ser.encode_meta(meta)), db=self._db["concepts"])
             return meta

@@ -380,3 +380,32 @@ def test_store_check_json_keeps_the_error_document_for_errors_that_are_not_damag
     r = CliRunner().invoke(cones_cli.main.app, ["store", "check", "--json"])
     doc = json.loads(r.stdout)
     assert r.exit_code == 7 and doc["ok"] is False and doc["open_error"] and "error" not in doc, r.output
+
+
+@pytest.mark.parametrize("kind,said", [("remove", "is not stopped midway"), ("learn", "it stops at its next step")])
+def test_cancel_of_a_running_job_says_what_it_does(monkeypatch, kind, said):
+    """A review's find: a running removal or import (which no cancel stops: a moment's store
+    write) was told "it stops at its next step", and ended done."""
+    from contextlib import contextmanager
+
+    from typer.testing import CliRunner
+
+    import cones_cli.main
+    from cns_daemon.api.protocol import JobInfo
+
+    job = JobInfo(id="d" * 12, kind=kind, state="running", summary=f"{kind} <rex>", created=0.0)
+
+    class Fake:
+        def job(self, job_id):
+            return job
+
+        def cancel(self, job_id):
+            return job
+
+    @contextmanager
+    def client():
+        yield Fake()
+
+    monkeypatch.setattr(cones_cli.main, "client", client)
+    r = CliRunner().invoke(cones_cli.main.app, ["cancel", "d" * 12])
+    assert r.exit_code == 0 and said in " ".join(r.output.split()), r.output

@@ -42,6 +42,15 @@ def learn_rex(cones, tmp_path) -> None:
         assert code == 0, out + err
 
 
+def learn_pot(cones, tmp_path) -> None:
+    """The module's second concept 'pot' (Cones 2, 2 steps), as `learn_rex`."""
+    if cones("show", "pot")[0] != 0:
+        photos = write_photos(tmp_path / "pot", 2)
+        code, out, err = cones("add", "pot", *map(str, photos), "--class", "pot", "--method", "cones2",
+                               "--steps", "2")
+        assert code == 0, out + err
+
+
 def test_eval_scores_are_reported_and_stored(cones, clip_folder, tmp_path):
     learn_rex(cones, tmp_path)
     # Cones 2 records its training seed as the other methods do (`show`'s "learned with")
@@ -61,9 +70,16 @@ def test_eval_scores_are_reported_and_stored(cones, clip_folder, tmp_path):
     assert metrics["eval_n_images"] == 4 and metrics["eval_clip"] == str(clip_folder)
     code, out, err = cones("show", "rex")
     assert code == 0 and "eval_clip_i" in out
+    # scored beside another concept: said, and a later solo eval says it no longer
+    learn_pot(cones, tmp_path)
+    assert cones("eval", "rex", "pot", "-n", "1", "--steps", "2", "--prompts", str(prompts),
+                 "--clip-weights", str(clip_folder))[0] == 0
+    assert json.loads(cones("show", "rex", "--json")[1])["metrics"]["eval_with"] == "<pot>"
+    assert json.loads(cones("show", "pot", "--json")[1])["metrics"]["eval_with"] == "<rex>"
     code, out, err = cones("eval", "rex", "-n", "1", "--steps", "2", "--prompts", str(prompts),
                            "--clip-weights", str(clip_folder))
     assert code == 0 and "CLIP-I" in out, out + err
+    assert "eval_with" not in json.loads(cones("show", "rex", "--json")[1])["metrics"]
 
 
 def test_eval_errors_are_typed(cones, tmp_path):
@@ -75,6 +91,8 @@ def test_eval_errors_are_typed(cones, tmp_path):
     assert str(missing) in err   # whole: error lines are not wrapped
     # said when asked, not once the job's turn came (after every learn queued before it)
     assert len(json.loads(cones("jobs", "--json", "--limit", "1000")[1])) == jobs
+    code, out, err = cones("eval", "rex", "--clip-weights", " ")   # was the working folder
+    assert code == EXIT_CODES[ErrorCode.BAD_INPUT] and "--clip-weights is blank" in err, out + err
     code, out, err = cones("eval", "ghost", "--clip-weights", str(missing))
     assert code == EXIT_CODES[ErrorCode.NOT_FOUND], out + err
     code, out, err = cones("eval", "rex", "--prompts", str(tmp_path / "none.txt"))
@@ -124,8 +142,7 @@ def test_a_concept_whose_photos_are_elsewhere_says_so(cones, tmp_path):
 def test_a_prompt_naming_a_concept_not_evaluated_is_refused_when_sent(cones, tmp_path):
     """It was refused mid-run as an unknown concept, though the concept is stored."""
     learn_rex(cones, tmp_path)
-    photos = write_photos(tmp_path / "pot", 2)
-    assert cones("add", "pot", *map(str, photos), "--class", "pot", "--method", "cones2", "--steps", "2")[0] == 0
+    learn_pot(cones, tmp_path)
     prompts = tmp_path / "both.txt"
     prompts.write_text("a photo of {} and <rex>\n")
     code, out, err = cones("eval", "pot", "--prompts", str(prompts), "--clip-weights", str(tmp_path / "none"))

@@ -255,6 +255,8 @@ def test_update_metrics_merges_and_persists(tmp_path):
     with ConceptStore.open(path) as s:
         assert s.get("rex").meta.metrics == {"fidelity": 0.8, "forgetting": 0.1}
         assert s.get("rex").masks  # the rest of the concept is untouched
+        # None drops a key (a later solo eval drops the joint one's "eval_with"), absent or not
+        assert s.update_metrics("rex", {"fidelity": None, "absent": None}).metrics == {"forgetting": 0.1}
 
 
 def test_jobs_queue(tmp_path):

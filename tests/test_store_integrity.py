@@ -837,3 +837,20 @@ def test_running_out_of_memory_is_said_with_what_to_change(tmp_path):
     finally:
         worker.stop()
         store.close()
+
+
+def test_an_import_whose_creation_time_is_no_time_is_refused():
+    """A review's find: "created": 1e20 passed the import's type check and failed every
+    `cones show` of the concept after (no calendar holds it)."""
+    import dataclasses
+
+    from cns_daemon.api.errors import BadInput
+    from cns_daemon.transfer import decode, encode
+
+    record = sample_record("rex", "cns", seed=1)
+    record = dataclasses.replace(record, meta=dataclasses.replace(record.meta, fingerprint="base-A", created=1e9))
+    assert decode(encode(record)).meta.created == 1e9
+    for bad in (1e20, -5.0, float("nan")):
+        odd = dataclasses.replace(record, meta=dataclasses.replace(record.meta, created=bad))
+        with pytest.raises(BadInput, match="creation time"):
+            decode(encode(odd))

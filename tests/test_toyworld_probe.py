@@ -95,13 +95,13 @@ def test_cli_probe_json(tmp_path):
         render(scene, 100 + i).save(paths[-1])
     result = CliRunner().invoke(app, ["toyworld", "probe", *map(str, paths), "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output.strip().splitlines()[-1])
+    rows = json.loads(result.stdout)   # one document on stdout, whatever stderr says
     assert [r["image"] for r in rows] == [str(p) for p in paths]
     assert all((r["shape"], r["color"], r["background"]) == ("triangle", "orange", "snow") for r in rows)
     missing = CliRunner().invoke(app, ["toyworld", "probe", str(tmp_path / "nope.png")])
     assert missing.exit_code == 2 and "No image at" in missing.output   # a missing input, as in add
     folder = CliRunner().invoke(app, ["toyworld", "probe", str(tmp_path), "--json"])   # its images
-    assert folder.exit_code == 0 and json.loads(folder.output.strip().splitlines()[-1]) == rows
+    assert folder.exit_code == 0 and json.loads(folder.stdout) == rows
     (tmp_path / "empty").mkdir()
     assert CliRunner().invoke(app, ["toyworld", "probe", str(tmp_path / "empty")]).exit_code == 2   # bad input, as the README says
 

@@ -368,3 +368,46 @@ def test_an_error_whose_reader_went_away_keeps_its_exit_code(monkeypatch):
     with pytest.raises(typer.Exit) as done:
         show(as_json=True)
     assert done.value.exit_code == EXIT_CODES[ErrorCode.NOT_FOUND]
+
+
+def test_a_bug_in_the_cli_is_exit_70_with_the_error_document(capsys):
+    """A review's find: an exception of no expected kind (a concept file's "created": 1e20 in
+    `cones show`) printed a bare traceback and exited 1, with nothing on stdout for --json."""
+    import json
+
+    import pytest
+    import typer
+
+    from cones_cli import views
+    from cns_daemon.api.errors import EXIT_CODES, ErrorCode
+
+    @views.handled
+    def show(as_json: bool = True):
+        raise OverflowError("timestamp out of range for platform time_t")
+
+    with pytest.raises(typer.Exit) as done:
+        show(as_json=True)
+    assert done.value.exit_code == EXIT_CODES[ErrorCode.INTERNAL] == 70
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"]["code"] == "internal" and "OverflowError" in err
+
+    @views.handled
+    def leaves(as_json: bool = False):
+        raise typer.Exit(4)   # the CLI's own exits pass as they are
+
+    with pytest.raises(typer.Exit) as done:
+        leaves()
+    assert done.value.exit_code == 4
+
+
+def test_a_concepts_odd_metric_names_and_times_are_shown_not_failed():
+    """A metric named "loss[/x]" was read as markup (a traceback in `cones show`), and a
+    creation time no calendar holds overflowed."""
+    from cones_cli.views import concept_table
+    from cns_daemon.api.protocol import ConceptInfo
+
+    c = ConceptInfo(name="odd", method="cns", class_word="star", token="t", created=1e20, photos=3,
+                    size_bytes=1, neurons=1, metrics={"loss[/x]": 0.5})
+    out = io.StringIO()
+    Console(file=out, width=120, force_terminal=False).print(concept_table(c))
+    assert "metric loss[/x]" in out.getvalue() and "created" in out.getvalue()

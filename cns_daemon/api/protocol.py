@@ -85,6 +85,9 @@ JobKind = Literal["learn", "generate", "remove", "import", "eval"]
 ConceptState = Literal["ok", "damaged", "not_rebuilt"]
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 FINAL_STATES = ("done", "failed", "cancelled")
+# Job kinds a cancel stops while they run (at their next step); a removal or import, a moment's
+# store write, runs to its end once started (a cancel stops them only while queued).
+STOPPED_MIDWAY = ("learn", "generate", "eval")
 OptionValue = bool | int | float | str
 
 
