@@ -28,14 +28,11 @@ REFERENCE_RE = re.compile(r"<([^<>\s]+)>")
 # One or two name-like words in angle brackets with spaces ("<my dog>", "< rex >") read as a
 # reference too: a concept's name has no spaces, so they are refused rather than drawn as plain
 # words. Other uses of < and > (a heart <3, an emoticon >_<, "x < y and y > z") pass.
-# A name-like word: a name may start with a digit ("7up"), but one of digits alone is a heart
-# ("<3") or arithmetic, not a reference.
-_NAMEISH = r"(?:[A-Za-z_][\w-]*|\d[\w-]*[A-Za-z_][\w-]*)"
-SPACED_REFERENCE_RE = re.compile(rf"<(\s*{_NAMEISH}(?:\s+{_NAMEISH})?\s*)>")
+SPACED_REFERENCE_RE = re.compile(r"<(\s*[A-Za-z_][\w-]*(?:\s+[A-Za-z_][\w-]*)?\s*)>")
 # A name-like word after "<" and no ">" before the next "<" or the end ("a photo of <rex on the
 # grass", "<rex and <mug>"): a reference with a typo, refused rather than drawn as plain words.
 # "<3", "< y", "<div class=x>" pass.
-UNCLOSED_REFERENCE_RE = re.compile(rf"<({_NAMEISH})(?![\w>-])[^<>]*(?=<|$)")
+UNCLOSED_REFERENCE_RE = re.compile(r"<([A-Za-z_][\w-]*)(?![\w>-])[^<>]*(?=<|$)")
 BOX_FORM = "NAME=x0,y0,x1,y1 with numbers in [0,1], x0 < x1 and y0 < y1 (for example rex=0,0.2,0.5,1)"
 
 
@@ -142,6 +139,17 @@ def blank_negative() -> BadInput:
     return BadInput("The negative prompt is blank.", "Leave --negative out, or say what to avoid.")
 
 
+def _check_digit_names(prompt: str, metas: Mapping[str, ConceptMeta]) -> None:
+    """The typos `referenced_names` refuses ("<rex on the grass", "< rex >"), for names that
+    start with a digit ("7up"): those it cannot tell from "<5cm tall" or a heart "<3" unless the
+    name is a stored concept's."""
+    for name in (n for n in metas if n[:1].isdigit()):
+        typo = re.search(rf"<\s*{re.escape(name)}(?![\w-])(?!>)", prompt)
+        if typo:
+            raise BadInput(f"{typo.group(0)!r} in the prompt looks like the concept <{name}> written "
+                           "with spaces or no closing '>'.", f"Write it as <{name}>.")
+
+
 def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> ExpandedPrompt:
     """Replace each `<name>` by its method's expansion and locate the concepts' tokens.
 
@@ -149,6 +157,7 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
     raises BadInput (the encoder would silently drop them)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise empty_prompt()
+    _check_digit_names(prompt, metas)
     missing = [n for n in referenced_names(prompt) if n not in metas]
     if missing:
         # Names are case-sensitive (<Star> and <star> may both exist); a near miss is said.

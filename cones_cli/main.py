@@ -23,7 +23,7 @@ from cones_cli.config import CONCEPT, JSON, config_file, settings
 from cones_cli.generation import eval_, generate
 from cones_cli.session import client, request, wait_for
 from cones_cli.toyworld import toyworld_app
-from cones_cli.views import (concept_problems, concept_table, concepts_table, console, err_console,
+from cones_cli.views import (click_errors, concept_problems, concept_table, concepts_table, console, err_console,
                        handled, jobs_table, output_folder, print_json, shorten, status_table,
                        remove_made, this_command, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, ConesError, Corrupt
@@ -459,11 +459,6 @@ def _option(text: str) -> tuple[str, bool | int | float | str]:
 def main() -> None:
     """The `cones` command: the typer app, except that a command line it cannot parse, given
     with --json, also prints the error document on stdout (as every other failure does)."""
-    try:   # typer 0.2x carries its own click; older ones use click itself
-        from typer._click import exceptions as click_errors
-    except ImportError:
-        from click import exceptions as click_errors
-
     try:
         code = app(standalone_mode=False)
     except click_errors.ClickException as exc:

@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 from typing import Iterable
 
-import click
 import typer
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError
@@ -70,6 +69,12 @@ def print_error(exc: ConesError) -> None:
     err_console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
     if exc.hint:
         err_console.print(f"[dim]{escape(exc.hint)}[/]", highlight=False)
+
+
+try:   # typer 0.2x carries its own click; older ones use click itself
+    from typer._click import exceptions as click_errors
+except ImportError:
+    from click import exceptions as click_errors
 
 
 def this_command(ctx=None) -> str:
@@ -176,7 +181,7 @@ def handled(fn):
                 raise storage_error(exc) or BadInput(
                     f"Cannot use {where}: {exc.strerror or exc}." if where else f"{exc.strerror or exc}.",
                     "Check the path and that you may read (and write) it.") from None
-            except (ConesError, typer.Exit, click.exceptions.ClickException, click.exceptions.Abort):
+            except (ConesError, typer.Exit, click_errors.Exit, click_errors.ClickException, click_errors.Abort):
                 raise
             except Exception as exc:   # a bug: exit 70 (and the --json document), as the README says
                 import traceback

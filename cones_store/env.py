@@ -207,7 +207,7 @@ class Env:
         try:   # the store is private to this user: 0700 folder, 0600 files
             self.env = lmdb.open(str(self.path), map_size=map_size, max_dbs=len(DB_NAMES) + 2,
                                  readonly=readonly, create=create, max_readers=126, mode=0o600)
-        except lmdb.InvalidError:
+        except (lmdb.InvalidError, lmdb.VersionMismatchError):   # (a garbled meta page's version)
             raise Corrupt(f"The concept store at {self.path} is not a readable LMDB store.",
                           "Stop the service and run `cones store salvage` (it reads around a damaged "
                           "meta page), or restore the store folder from a backup.") from None

@@ -159,12 +159,15 @@ def test_an_unclosed_or_empty_reference_is_refused(tok, metas):
         expand("a photo of rex> on the grass", metas, tok)
     expand("a photo of dog> and <rex>", metas, tok)   # not a concept's name: other uses of '>' pass
     # a name may start with a digit (`cones add 7up`): its typos are refused too (they were
-    # drawn as plain words), while a heart "<3" still passes
-    for prompt, said in (("a photo of <7up on the grass", "'<7up' in the prompt looks like a concept"),
-                         ("a photo of < 7up > and <rex>", "name has no spaces")):
-        with pytest.raises(BadInput, match=said):
-            expand(prompt, metas, tok)
-    assert referenced_names("i <3 <rex> so much <3") == ["rex"]
+    # drawn as plain words), while a heart "<3" and "<5cm tall" still pass
+    digits = {**metas, "7up": ConceptMeta("7up", "cns", "can", "ohwx")}
+    for prompt in ("a photo of <7up on the grass", "a photo of < 7up > and <rex>", "<7up and <rex>"):
+        with pytest.raises(BadInput, match="looks like the concept <7up> written"):
+            expand(prompt, digits, tok)
+    expand("a photo of <7up> beside <rex>", digits, tok)
+    for fine in ("i <3 <rex> so much <3", "a figurine <5cm tall, <rex>", "a <3d render of <rex>"):
+        assert referenced_names(fine) == ["rex"], fine
+        expand(fine, digits, tok)
 
 
 def test_concept_past_the_token_limit(tok, metas):

@@ -398,6 +398,14 @@ def test_a_bug_in_the_cli_is_exit_70_with_the_error_document(capsys):
     with pytest.raises(typer.Exit) as done:
         leaves()
     assert done.value.exit_code == 4
+    for own in (typer.Abort(), typer.BadParameter("no")):   # typer's (its own click's), as they are
+
+        @views.handled
+        def raises(as_json: bool = False, own=own):
+            raise own
+
+        with pytest.raises(type(own)):
+            raises()
 
 
 def test_a_concepts_odd_metric_names_and_times_are_shown_not_failed():
