@@ -72,6 +72,7 @@ class Engine(Importing, Listing):
         model = _model_name(settings.model) if settings.model else "toy-world (built in)"
         self.info = EngineInfo(model=model, device="-", dtype="-", fingerprint="")
         self.problems: dict[str, ConesError] = {}   # concept -> why it is damaged / not rebuilt
+        self.learning_token: str | None = None   # the token of the learn running now
         self.memory_in_effect: list[str] = []      # `cones status`: set at start-up
         self._tokenizers = threading.local()       # request threads' own (`tokenizer_here`)
 
@@ -220,6 +221,7 @@ class Engine(Importing, Listing):
               reserved: Iterable[str] = ()) -> JobResult:
         """`reserved`: the tokens other queued learns asked for (an automatic pick skips them)."""
         from cns_daemon.methods import get_method
+        from cns_daemon.methods.common import allocate_token
         from cns_daemon.methods.common.options import inert_note, parse_options
 
         if job.name in self.store:
@@ -231,13 +233,24 @@ class Engine(Importing, Listing):
         names = job.photo_names if len(job.photo_names) == len(photos) else None
         # The captions this request gave (a job written by an older version reads the archive's)
         captions = list(job.photo_captions) if len(job.photo_captions) == len(photos) else None
+        hp = parse_options(method.Params, job.options, job.steps)
+        options = dict(job.options)
+        if hasattr(hp, "token") and not hp.token:
+            # Picked here rather than by the method, as it would (the first free rare words):
+            # past those queued learns asked for, and known to the service while this runs, so
+            # no learn submitted meanwhile is given it (`pinned_tokens`).
+            taken = [r.meta.token for r in previous] + list(reserved)
+            options["token"] = allocate_token(self.pipe.tokenizer, taken, vectors=getattr(hp, "vectors", 1))
         spec = LearnSpec(name=job.name, class_word=job.class_word, steps=job.steps, seed=job.seed,
-                         options=dict(job.options), photo_names=names, captions=captions,
-                         reserved_tokens=tuple(reserved),
+                         options=options, photo_names=names, captions=captions,
                          cache_dir=self.paths.data / "class-images" / self.info.fingerprint[:16],
                          memory=self.memory)   # the methods apply it around their loops only
-        record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
-        inert = inert_note(parse_options(method.Params, job.options, job.steps), job.options)
+        self.learning_token = options.get("token") or None
+        try:
+            record = method.learn(self.pipe, photos, spec, progress, cancel, previous=previous)
+        finally:
+            self.learning_token = None
+        inert = inert_note(hp, job.options)
         if inert:   # said with the result (and by `cones show`): the person thought it would act
             record.meta.metrics["note"] = "; ".join(
                 x for x in (record.meta.metrics.get("note"), inert) if x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Iterable
 
 from cns_daemon.api.errors import BadInput, Conflict, ModelMismatch
 from cns_daemon.api.protocol import JobResult
@@ -23,7 +24,9 @@ def acts_everywhere(meta: ConceptMeta) -> bool:
 
 
 class Importing:
-    def import_record(self, record: ConceptRecord) -> JobResult:
+    def import_record(self, record: ConceptRecord, reserved: Iterable[str] = ()) -> JobResult:
+        """`reserved`: tokens learns queued or running hold (`Service.pinned_tokens`): taken, as
+        a stored concept's are."""
         hint = ("Import it into a service on the model it was learned on (another CONES_HOME), or "
                 "learn it again here from its photos.")
         if self.info.dtype != "float32":   # an earlier cones's export names the float32 digest
@@ -43,7 +46,8 @@ class Importing:
             return {i for w in token_words(token) for i in token_ids(self.pipe.tokenizer, w)}
 
         mine = ids(record.meta.token)
-        clash = [m.name for m in self.store.list() if mine & ids(m.token)]
+        clash = [f"<{m.name}>" for m in self.store.list() if mine & ids(m.token)]
+        clash += ["a learn under way" for t in reserved if mine & ids(t)][:1]
         # A file not made by cones may name its concept by an everyday word ("grass"): it would
         # act on every prompt that says it, named or not.
         common = everyday_words(self.pipe.tokenizer, sorted(words))
@@ -53,8 +57,8 @@ class Importing:
             # share one. Two concepts on one word would overwrite each other's row: this one
             # moves to free words, with the rows it drew under the old ones (same pictures).
             old = record.meta.token
-            record = self._retoken(record)
-            why = (f"is used by <{clash[0]}> here" if clash else
+            record = self._retoken(record, reserved)
+            why = (f"is used by {clash[0]} here" if clash else
                    f"is an everyday word ({common[0]!r}), which would change every prompt that says it")
             note = f"its token {old!r} {why}, so it was given {record.meta.token!r}; its pictures are the same."
         if acts_everywhere(record.meta):   # its values are written into the weights
@@ -89,14 +93,14 @@ class Importing:
             raise BadInput(f"This concept file does not fit the model it says it was learned on: "
                            f"{exc.message}", "Export it again with `cones export NAME -o FILE`.") from None
 
-    def _retoken(self, record: ConceptRecord) -> ConceptRecord:
+    def _retoken(self, record: ConceptRecord, reserved: Iterable[str] = ()) -> ConceptRecord:
         """The record on free rare words, each carrying the row its old word had: the trained
         row where the method trained one, else the old word's row in this (same) base model."""
         from cns_daemon.methods.cns.layers import stack_for
         from cns_daemon.methods.common.tokens import allocate_token, token_id, token_words
 
         old = token_words(record.meta.token)
-        taken = [m.token for m in self.store.list()] + [record.meta.token]
+        taken = [m.token for m in self.store.list()] + [record.meta.token] + list(reserved)
         new = token_words(allocate_token(self.pipe.tokenizer, taken, vectors=len(old)))
         embeddings = {}
         for o, n in zip(old, new):

@@ -80,7 +80,7 @@ def _import(service, req: ImportJob, job, progress, cancel) -> JobResult:
         if req.name and req.name != record.name:   # `cones import --name`
             record = dataclasses.replace(record, meta=dataclasses.replace(record.meta, name=req.name))
         saved = service.engine.saved_by_first_run(record.meta) if job.attempts > 1 else None
-        return saved or service.engine.import_record(record)
+        return saved or service.engine.import_record(record, service.pinned_tokens())
     finally:
         staged.unlink(missing_ok=True)   # imported or refused: the upload is not kept
 

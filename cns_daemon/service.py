@@ -86,9 +86,9 @@ class Service:
             raise BadPhoto(f"{head}; learning needs at least {MIN_PHOTOS} different photos ({why}).",
                            "Give 3-5 different photos of it (PNG, JPEG, WebP, BMP, GIF or TIFF, "
                            "at least 32x32 pixels).")
-        self.engine.check_learn(method, steps, options or {}, class_word,
-                                [(p.filename, p.caption) for p in photos], self.pinned_tokens())
-        with self._queue_lock:
+        with self._queue_lock:   # (the tokens learns hold, read and taken at once)
+            self.engine.check_learn(method, steps, options or {}, class_word,
+                                    [(p.filename, p.caption) for p in photos], self.pinned_tokens())
             self._check_name_free(name)
             digests = [self.archive.put(p) for p in photos]
             job = LearnJob(name=name, class_word=class_word, method=method,
@@ -244,10 +244,12 @@ class Service:
                            f"Wait for it (`cones jobs`) or cancel it with `cones cancel {job.id}`.")
 
     def pinned_tokens(self, but: str | None = None) -> list[str]:
-        """The tokens queued or running learns (but job `but`) asked for with `--option token=`:
-        taken for every other learn, as a stored concept's are."""
-        return [str(job.request["options"]["token"]) for job in self.worker.jobs.jobs(("queued", "running"))
-                if job.kind == "learn" and job.id != but and (job.request.get("options") or {}).get("token")]
+        """The tokens queued learns (but job `but`) asked for with `--option token=`, and the
+        running learn's: taken for every other learn and import, as a stored concept's are."""
+        asked = [str(job.request["options"]["token"]) for job in self.worker.jobs.jobs(("queued", "running"))
+                 if job.kind == "learn" and job.id != but and (job.request.get("options") or {}).get("token")]
+        running = self.engine.learning_token
+        return asked + ([running] if running else [])
 
     def _learning(self, name: str) -> JobRecord | None:
         """The queued or running learn of `name`, if any."""

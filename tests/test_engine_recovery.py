@@ -94,6 +94,8 @@ def test_a_damaged_concept_does_not_block_learning_others(engine, tmp_path, monk
     seen = {}
 
     class Capture:
+        from cns_daemon.methods.cns import CNSParams as Params
+
         def learn(self, pipe, photos, spec, progress, cancel, previous=None):
             seen["previous"] = previous
             raise RuntimeError("seen")
@@ -221,6 +223,11 @@ def test_a_concept_file_that_is_not_what_cones_writes_is_refused_or_mended_at_im
         other.embeddings[clashing] = np.ones(width, np.float32)
         result = engine.import_record(decode(encode(other)))
         assert engine.store.meta(name).token not in (token, clashing) and said in result.metrics["note"]
+    # a word a learn under way holds (pinned, or picked by the running one) is taken too
+    held = rare_tokens(engine.pipe.tokenizer)[40]
+    result = engine.import_record(decode(encode(cns_record(engine, "gtok4", held, 1.0, time.time()))),
+                                  reserved=[held])
+    assert engine.store.meta("gtok4").token != held and "is used by a learn under way" in result.metrics["note"]
 
 
 def dataclasses_replace_delta(record: ConceptRecord, value) -> ConceptRecord:
@@ -295,6 +302,27 @@ def test_a_learn_whose_training_diverged_stores_nothing(engine, tmp_path, method
         engine.learn(job, None, CancelToken())
     assert "wild" not in engine.store
     assert all(torch.equal(w, before[n]) for n, w in kv_weights(engine.pipe.unet).items())
+
+
+def test_a_learn_picks_its_token_past_those_held_and_says_it_while_it_runs(engine, tmp_path):
+    """A review's find: a learn picking its token took the word a queued learn had pinned, and
+    while it ran its own picked word could be pinned by another learn: each then failed
+    minutes later as "already used". The engine picks it, skipping `reserved`, and holds it in
+    `learning_token` while it runs (the service's `pinned_tokens` reads it)."""
+    from cns_daemon.archive import check_photo
+    from cns_daemon.methods.base import CancelToken
+    from cns_daemon.methods.common.tokens import rare_tokens
+    from helpers.service import write_photos
+
+    rare = rare_tokens(engine.pipe.tokenizer)
+    digests = [engine.archive.put(check_photo(p.name, p.read_bytes())) for p in write_photos(tmp_path / "p", 2)]
+    seen = []
+    job = LearnJob(name="picked", class_word="dog", method="cns", steps=2, photo_digests=digests,
+                   options={"variants": 1})
+    engine.learn(job, lambda ev: seen.append(engine.learning_token), CancelToken(), reserved=[rare[0]])
+    assert engine.store.meta("picked").token == rare[1] and set(seen) == {rare[1]}
+    assert engine.learning_token is None
+    assert engine.store.meta("picked").hparams["options_given"] == {"variants": 1}   # as asked
 
 
 def test_a_learned_concept_keeps_its_photos_captions(engine, tmp_path):

@@ -168,18 +168,6 @@ def test_allocate_token_with_several_vectors(tiny_pipe):
     assert C.allocate_token(tok, {first}, requested=f"{rare[5]} {rare[6]}", vectors=2) == f"{rare[5]} {rare[6]}"
 
 
-def test_an_automatic_token_skips_those_queued_learns_asked_for(tiny_pipe):
-    """A review's find: a learn picking its token took the word a queued learn had pinned
-    (`--option token=...`), and that learn failed minutes later as "already used"."""
-    from cns_daemon.methods.common.inputs import concept_token
-
-    tok = tiny_pipe.tokenizer
-    rare = C.rare_tokens(tok)
-    assert concept_token(tok, [], reserved=[rare[0], rare[2]]) == rare[1]
-    # the learn that asked for it gets it (reserved lists the other learns' only)
-    assert concept_token(tok, [], rare[0], reserved=[rare[2]]) == rare[0]
-
-
 def test_a_store_out_of_rare_words_says_how_many_there_are(tiny_pipe):
     """From a scale review: a store stops at CLIP's 802 rare words (305 concepts, some of 8
     vectors, reached it), and the refusal said only "Every rare token is taken"."""

@@ -33,9 +33,6 @@ class LearnSpec:
     # service trains on archived copies, whose names mean nothing to them). None: numbered.
     photo_names: list[str] | None = None
     options: dict = field(default_factory=dict)  # method-specific hyper-parameters
-    # Tokens other queued learns asked for (`--option token=...`): a token picked automatically
-    # skips them, or this learn would take one and fail the learn that asked for it.
-    reserved_tokens: tuple[str, ...] = ()
     # Where prior-preservation class images are cached (one sub-folder per class word). It must
     # belong to one base model (the daemon keeps it beside the store). None: no cache.
     cache_dir: Path | None = None

@@ -329,7 +329,7 @@ class ConesMethod(PerRequest):
         hp = C.parse_options(ConesParams, spec.options, spec.steps)
         ConceptMeta(spec.name, "cones", spec.class_word, "")  # validates the name early
         # `previous` is every concept in use (the engine passes every stored one): its tokens are taken.
-        token = C.concept_token(pipe.tokenizer, previous or [], hp.token, reserved=spec.reserved_tokens)
+        token = C.concept_token(pipe.tokenizer, previous or [], hp.token)
         ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
         prep = prepare(pipe, photos, token, spec, hp, progress=progress, cancel=cancel)
         scores = a2_scores(pipe, implanting_loss(pipe, prep, spec, hp), hp.steps, hp.rho,

@@ -186,7 +186,7 @@ def prepare(pipe, photos: list[Path], spec: LearnSpec, hp: "CNSParams",
     images (scope `all` only) are drawn by the base model, not by the earlier concepts."""
     stack = stack_for(pipe)
     token = C.concept_token(pipe.tokenizer, list(previous or []) + stack.records(), hp.token,
-                            hp.vectors, spec.reserved_tokens)
+                            hp.vectors)
     ProgressReporter(progress, "prepare", 1)(0, message=f"token {token}")
     # Scoped values and the token row act only on prompts with the token, so the class prompt's
     # loss has no gradient for them: with scope `concept` no class images are drawn.

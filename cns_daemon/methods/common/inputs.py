@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -40,12 +40,10 @@ class Prior:
     drawing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def concept_token(tokenizer, in_use: list, requested: str | None = None, vectors: int = 1,
-                  reserved: Iterable[str] = ()) -> str:
-    """`vectors` rare tokens (space-joined) none of the records `in_use` has, nor one `reserved`
-    for another learn (or `requested`, if free)."""
-    taken = {r.meta.token for r in in_use} - {""}
-    return allocate_token(tokenizer, taken if requested else taken | set(reserved), requested or None,
+def concept_token(tokenizer, in_use: list, requested: str | None = None, vectors: int = 1) -> str:
+    """`vectors` rare tokens (space-joined) none of the records `in_use` has (or `requested`,
+    if free)."""
+    return allocate_token(tokenizer, {r.meta.token for r in in_use} - {""}, requested or None,
                           vectors)
 
 

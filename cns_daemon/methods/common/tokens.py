@@ -96,7 +96,7 @@ def allocate_token(tokenizer, taken: set[str] | list[str], requested: str | None
                            "Leave the token unset to pick a rare one automatically"
                            + (f", or give a free rare one such as {free[0]!r}." if free else "."))
         if used & {i[0] for i in ids}:
-            raise Conflict(f"Token {requested!r} is already used by another concept.",
+            raise Conflict(f"Token {requested!r} is already used by another concept (or a learn under way).",
                            "Give another token, or leave it unset to pick a free one.")
         if len(set(words)) != len(words):
             raise BadInput(f"Token {requested!r} repeats a word.")
