@@ -194,6 +194,8 @@ def test_a_learn_trains_on_the_captions_its_own_request_gave(tmp_path, monkeypat
     seen = {}
 
     class Capture:
+        from cns_daemon.methods.cns import CNSParams as Params
+
         def learn(self, pipe, photos, spec, progress, cancel, previous=None):
             seen["captions"] = spec.captions
             raise Cancelled("seen")
