@@ -336,11 +336,11 @@ class Engine(Importing, Listing):
                 return None
         return [describe_reading(asdict(a)) for a in self._probe.read(images)]
 
-    def held_photos(self, records: dict) -> dict[str, list[str]]:
+    def held_photos(self, metas: dict[str, ConceptMeta]) -> dict[str, list[str]]:
         """Each concept's photos this archive holds (digests). An imported concept's photos
         stayed in the store it was learned in (`cones show` says how many are here): it is
         compared with those held here, and needs one."""
-        held = {n: [d for d in r.meta.photo_digests if self.archive.has(d)] for n, r in records.items()}
+        held = {n: [d for d in m.photo_digests if self.archive.has(d)] for n, m in metas.items()}
         for name, digests in held.items():
             if not digests:
                 raise NotFound(f"Concept {name!r} has no photos in this store's archive to compare with.",
@@ -357,7 +357,11 @@ class Engine(Importing, Listing):
         from cns_daemon.methods.data import load_photo   # upright, 8-bit: as the methods saw them
 
         records = {n: self._get(n) for n in req.names}
-        held = self.held_photos(records)
+        held = self.held_photos({n: r.meta for n, r in records.items()})
+        # what measures it: a transformers folder says it all, an open_clip file or tag with its
+        # model ("openai" alone was stored for --clip ViT-B-32 --clip-weights openai)
+        clip_id = (req.clip_weights if check_scorer(req.clip, req.clip_weights) == "transformers" else
+                   f"{req.clip} ({req.clip_weights})" if req.clip_weights else req.clip)
         scorer = load_scorer(req.clip, req.clip_weights, self.pipe.device)   # ModelLoad / Unavailable, typed
         photos = {n: [load_photo(self.archive.path(d)) for d in digests] for n, digests in held.items()}
         prompts = list(req.prompts) if req.prompts else default_prompts()
@@ -373,10 +377,6 @@ class Engine(Importing, Listing):
         result = evaluate(gen, photos, {n: r.meta.class_word for n, r in records.items()},
                           prompts, req.n, scorer, progress=lambda i, _t: report(i))
         cancel.check()
-        # what measured it: a transformers folder says it all, an open_clip file or tag with its
-        # model ("openai" alone was stored for --clip ViT-B-32 --clip-weights openai)
-        clip_id = (req.clip_weights if check_scorer(req.clip, req.clip_weights) == "transformers" else
-                   f"{req.clip} ({req.clip_weights})" if req.clip_weights else req.clip)
         for name in req.names:
             per = [p.per_concept_clip_i[name] for p in result.prompts]
             # scored beside other concepts in every prompt: said, as it differs from alone

@@ -123,7 +123,7 @@ class Service:
                                "Shorten the prompt, or evaluate fewer concepts at a time.")
             strip_concepts(prompt, dict.fromkeys(req.names, ""))   # names only concepts evaluated
             self.engine.check_generate(GenerateRequest(prompt=prompt, steps=req.steps))
-        self.engine.held_photos({n: self.store.get(n) for n in req.names})
+        self.engine.held_photos({n: self.store.meta(n) for n in req.names})
         check_scorer(req.clip, req.clip_weights)   # no open_clip, no weights file: now, not after a learn
         return self.worker.submit("eval", req)
 

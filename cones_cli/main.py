@@ -149,8 +149,19 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
                            f"{MAX_PROMPT_CHARS}.", "Shorten it: a sentence saying what the photo shows.")
         # a name that is not UTF-8 cannot travel as text: sent as shown ("\ufffd" for its odd bytes)
         items.append(request(Photo, filename=shown(p.name), data=p.read_bytes(), caption=caption))
-    if (distinct := len({hashlib.sha256(i.data).digest() for i in items})) > MAX_PHOTOS:
-        raise BadInput(too_many_photos(name, distinct), TOO_MANY_HINT)
+    firsts: dict[bytes, str] = {}   # a byte-for-byte copy is said here and not sent
+    distinct = []
+    for item in items:
+        key = hashlib.sha256(item.data).digest()
+        if key in firsts:
+            err_console.print(f"[yellow]skipped[/] {escape(item.filename)}: the same file as "
+                              f"{escape(firsts[key])}", highlight=False)
+            continue
+        firsts[key] = item.filename
+        distinct.append(item)
+    items = distinct
+    if len(items) > MAX_PHOTOS:
+        raise BadInput(too_many_photos(name, len(items)), TOO_MANY_HINT)
     # Left out, the method and steps are the service's settings, unless this command's own
     # config.toml or CONES_METHOD / CONES_STEPS set them (the layering the README promises).
     mine = settings()
@@ -163,10 +174,10 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
     if not items:
         raise BadPhoto(f"No usable photo for {name!r}: " + "; ".join(f"{s.file}: {s.reason}" for s in not_photos) + ".")
     req = request(AddRequest, name=name, class_word=class_word, method=method, steps=steps,
-                  seed=seed, photos=items, options=options, skipped=not_photos)
+                  seed=seed, photos=items, options=options, skipped=not_photos[:MAX_PHOTOS])
     with client() as c:
         job = c.add(req)
-        for s in job.skipped[len(not_photos):]:   # the service's own (ours were said above)
+        for s in job.skipped[len(not_photos[:MAX_PHOTOS]):]:   # the service's own (ours were said above)
             err_console.print(f"[yellow]skipped[/] {escape(s.file)}: {escape(s.reason)}", highlight=False)
         if no_wait:
             print_json(job) if as_json else console.print(f"Queued job {job.id}: {escape(shorten(job.summary))}")

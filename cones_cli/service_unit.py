@@ -237,15 +237,16 @@ def _left_behind(unit: Path, say) -> bool:
     one and removes the other; whether there was anything to do."""
     if unit.parent.expanduser().absolute() != default_unit_dir().absolute() or not systemd_user_available():
         return False
-    link = default_unit_dir() / "default.target.wants" / UNIT_NAME
-    dangling = link.is_symlink() and not link.exists()
+    # (a unit linked from elsewhere whose file is gone leaves a link of that name here too)
+    links = [p for p in (default_unit_dir() / "default.target.wants" / UNIT_NAME, unit)
+             if p.is_symlink() and not p.exists()]
     running = _running()
-    if not (dangling or running):
+    if not (links or running):
         return False
     say(f"no unit at {unit}, but the user manager still has it: cleaning up")
     if running:
         _systemctl("stop", UNIT_NAME, say=say, check=False)
-    if dangling:   # `disable` refuses a unit whose file is gone; the link is ours to remove
+    for link in links:   # `disable` refuses a unit whose file is gone; the links are ours to remove
         link.unlink()
         say(f"removed the dangling link {link}")
     _systemctl("daemon-reload", say=say, check=False)

@@ -370,3 +370,10 @@ def test_uninstall_after_the_unit_file_was_deleted_by_hand_stops_the_service(tmp
     (wants / "cones.service").symlink_to(elsewhere)
     assert CliRunner().invoke(app, ["service", "uninstall"]).exit_code == 0
     assert (wants / "cones.service").is_symlink()
+    # linked from elsewhere (`systemctl --user link`), that file deleted: both links dangle
+    (user_dir / "cones.service").symlink_to(tmp_path / "gone" / "cones.service")
+    (wants / "cones.service").unlink()
+    (wants / "cones.service").symlink_to(tmp_path / "gone" / "cones.service")
+    result = CliRunner().invoke(app, ["service", "uninstall"])
+    assert result.exit_code == 0 and not (user_dir / "cones.service").is_symlink()
+    assert not (wants / "cones.service").is_symlink()

@@ -395,9 +395,11 @@ class CNSMethod:
                    "kv_share": share, "general_share": general_share(pipe, stack, indices, hp.top_p)}
         notes = [mask_note(prep, hp, spec.photo_names)]
         if share * 100 < hp.few_percent:
+            wider = ("base_top_p", hp.base_top_p) if hp.selection == "eq3" else (
+                "movement_percent", hp.movement_percent)   # (the one its selection reads)
             notes.insert(0, f"only {n:,} concept neurons ({share:.3%} of K/V) remain once the general "
                             f"ones are left out, so the concept lives mostly in its token; "
-                            f"--option base_top_p=N (now {hp.base_top_p:g}) selects more")
+                            f"--option {wider[0]}=N (now {wider[1]:g}) selects more")
         if any(notes):
             metrics["note"] = "; ".join(x for x in notes if x)
         if hp.mask != "none":
