@@ -30,7 +30,8 @@ from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, ConesError, Corr
 from cns_daemon.api.names import validate_new_name
 from cns_daemon.archive import caption_file, shown, sidecar_caption, sniff
 from cns_daemon.api.protocol import (MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED, MAX_PHOTOS, ErrorBody,
-                                     STOPPED_MIDWAY, TOO_MANY_HINT, AddRequest, Photo, too_many_photos)
+                                     STOPPED_MIDWAY, TOO_MANY_HINT, AddRequest, Photo, SkippedFile,
+                                     too_many_photos)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -149,13 +150,12 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
                            f"{MAX_PROMPT_CHARS}.", "Shorten it: a sentence saying what the photo shows.")
         # a name that is not UTF-8 cannot travel as text: sent as shown ("\ufffd" for its odd bytes)
         items.append(request(Photo, filename=shown(p.name), data=p.read_bytes(), caption=caption))
-    firsts: dict[bytes, str] = {}   # a byte-for-byte copy is said here and not sent
+    firsts: dict[bytes, str] = {}   # a byte-for-byte copy is skipped here, in the service's words
     distinct = []
     for item in items:
         key = hashlib.sha256(item.data).digest()
         if key in firsts:
-            err_console.print(f"[yellow]skipped[/] {escape(item.filename)}: the same file as "
-                              f"{escape(firsts[key])}", highlight=False)
+            not_photos.append(request(SkippedFile, file=item.filename, reason=f"the same photo as {firsts[key]}"))
             continue
         firsts[key] = item.filename
         distinct.append(item)

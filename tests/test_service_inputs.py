@@ -390,7 +390,7 @@ def test_copies_of_a_photo_count_once_against_the_cap(cones, daemon, tmp_path, m
         copies.append(tmp_path / "cap" / f"copy{i}.png")
         shutil.copy(photos[0], copies[-1])
     code, out = cones("add", "copied", *map(str, photos[:3] + copies), "--class", "dog", "--steps", "2")
-    assert code == 0 and "skipped copy62.png: the same file as photo0.png" in out, out
+    assert code == 0 and "skipped copy62.png: the same photo as photo0.png" in out, out
     monkeypatch.setattr(cones_cli.main, "MAX_PHOTOS", 3)
     code, out = cones("add", "toomany", *map(str, photos), "--class", "dog", "--steps", "2")
     assert code == BAD_INPUT and "4 photos for 'toomany'" in out, out   # (the words name the real cap)
