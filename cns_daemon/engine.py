@@ -219,7 +219,7 @@ class Engine(Importing, Listing):
 
     def learn(self, job: LearnJob, progress: ProgressFn, cancel: CancelToken,
               reserved: Iterable[str] = ()) -> JobResult:
-        """`reserved`: the tokens other queued learns asked for (an automatic pick skips them)."""
+        """`reserved`: the tokens other learns under way hold (an automatic pick skips them)."""
         from cns_daemon.methods import get_method
         from cns_daemon.methods.common import allocate_token
         from cns_daemon.methods.common.options import inert_note, parse_options
@@ -425,8 +425,8 @@ class Engine(Importing, Listing):
     def check_learn(self, method: str, steps: int | None, options: dict, class_word: str = "",
                     captions: Iterable[tuple[str, str | None]] = (), reserved: Iterable[str] = ()) -> None:
         """Refuse unknown option keys, values of the wrong type or out of range, for this method,
-        a token asked for that is not a free rare word (`reserved`: those queued learns asked
-        for are not free either), and a photo's caption too long to keep
+        a token asked for that is not a free rare word (`reserved`: those learns under way hold
+        are not free either), and a photo's caption too long to keep
         the concept's token once it is put in, before a learn job is queued (the method parses,
         allocates and captions the same way when the job runs). `captions`: (file, caption)."""
         from cns_daemon.methods import get_method
