@@ -144,10 +144,10 @@ def _check_digit_names(prompt: str, metas: Mapping[str, ConceptMeta]) -> None:
     start with a digit ("7up"): those it cannot tell from "<5cm tall" or a heart "<3" unless the
     name is a stored concept's."""
     for name in (n for n in metas if n[:1].isdigit()):
-        typo = re.search(rf"<\s*{re.escape(name)}(?![\w-])(?!>)", prompt)
-        if typo:
-            raise BadInput(f"{typo.group(0)!r} in the prompt looks like the concept <{name}> written "
-                           "with spaces or no closing '>'.", f"Write it as <{name}>.")
+        for m in re.finditer(rf"<(\s*){re.escape(name)}(?![\w-])(\s*)(>?)", prompt):
+            if m.group(1) or m.group(2) or not m.group(3):   # spaced, or no closing '>'
+                raise BadInput(f"{m.group(0).strip()!r} in the prompt looks like the concept <{name}> "
+                               "written with spaces or no closing '>'.", f"Write it as <{name}>.")
 
 
 def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> ExpandedPrompt:

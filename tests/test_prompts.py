@@ -161,7 +161,8 @@ def test_an_unclosed_or_empty_reference_is_refused(tok, metas):
     # a name may start with a digit (`cones add 7up`): its typos are refused too (they were
     # drawn as plain words), while a heart "<3" and "<5cm tall" still pass
     digits = {**metas, "7up": ConceptMeta("7up", "cns", "can", "ohwx")}
-    for prompt in ("a photo of <7up on the grass", "a photo of < 7up > and <rex>", "<7up and <rex>"):
+    for prompt in ("a photo of <7up on the grass", "a photo of < 7up > and <rex>", "<7up and <rex>",
+                   "a photo of < 7up>", "a photo of <7up >"):
         with pytest.raises(BadInput, match="looks like the concept <7up> written"):
             expand(prompt, digits, tok)
     expand("a photo of <7up> beside <rex>", digits, tok)
