@@ -24,7 +24,7 @@ from rich.markup import escape
 from cones_cli.client import Client
 from cones_cli.views import console, err_console, follow
 from cns_daemon.api.errors import ConesError, ModelLoad, Unavailable
-from cns_daemon.api.protocol import AddRequest, GenerateRequest, JobInfo, Photo
+from cns_daemon.api.protocol import MAX_JOBS_LISTED, AddRequest, GenerateRequest, JobInfo, Photo
 from cns_daemon.api.settings import load_settings
 
 
@@ -120,6 +120,7 @@ def photos_of(concept: DemoConcept, n: int, seed: int) -> list[tuple[str, bytes,
 
 def learn_from_inbox(c: Client, inbox: Path, concept: DemoConcept, opts: Options) -> None:
     folder = inbox / f"{concept.name}.{concept.shape}"
+    before = {j.id for j in c.jobs(MAX_JOBS_LISTED)}   # a running service's earlier learns of it
     staging = inbox / f".{concept.name}.staging"   # hidden: the watcher ignores it until renamed
     staging.mkdir(parents=True, exist_ok=True)
     for filename, data, caption in photos_of(concept, 4, opts.seed):
@@ -133,16 +134,18 @@ def learn_from_inbox(c: Client, inbox: Path, concept: DemoConcept, opts: Options
     console.print(f"dropped 4 photos of {concept.words}, each with a caption that says where it "
                   f"was taken, into [bold]{folder}[/]")
     with console.status("waiting for the inbox to take the folder…"):
-        job = _wait_for_job(c, f"learn <{concept.name}>", folder)
+        job = _wait_for_job(c, f"learn <{concept.name}>", folder, before)
     console.print(f"learning <{concept.name}> (job {job.id}): {job.summary}")
     follow(c.follow(job.id))
 
 
-def _wait_for_job(c: Client, prefix: str, folder: Path, timeout: float = 120.0) -> JobInfo:
+def _wait_for_job(c: Client, prefix: str, folder: Path, before: set[str],
+                  timeout: float = 120.0) -> JobInfo:
+    """The learn the inbox queued for `folder`: a job of `prefix` not among `before`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for job in c.jobs(20):
-            if job.summary.startswith(prefix):
+            if job.summary.startswith(prefix) and job.id not in before:
                 return job
         error = folder / "ERROR.txt"
         if error.exists():
@@ -200,6 +203,14 @@ def probe_verdicts(runs: dict[str, JobInfo]) -> list[str]:
     return lines
 
 
+def _toy_world(model: str) -> bool:
+    """Whether a service's model (as `cones status` names it) is the shipped toy world."""
+    import cns_daemon   # (its package only: the CLI stays without torch)
+
+    shipped = Path(cns_daemon.__file__).parent / "toyworld" / "model"
+    return model.startswith("toy-world") or Path(model).expanduser().resolve() == shipped.resolve()
+
+
 def run(opts: Options) -> None:
     # SIGTERM (e.g. `timeout`) ends the demo through the `finally` below, which stops the
     # temporary service; the default action would leave it running.
@@ -208,22 +219,28 @@ def run(opts: Options) -> None:
 
     settings = checked_settings()   # a bad CONES_* variable is one line, not a traceback
     temp: TempService | None = None
-    try:
-        with Client(settings.paths.socket, timeout=5) as c:
-            status = c.status()
-        socket, inbox = settings.paths.socket, Path(status.inbox)
-        console.print(f"using the running service ({status.model}, pid {status.pid})")
-    except Unavailable:
-        temp = TempService(opts.model)
-        temp.wait_ready()
-        socket = temp.socket
-        with Client(socket) as c:
-            status = c.status()
-        inbox = Path(status.inbox)
-        console.print(f"service started in {temp.home} ({status.model} on {status.device})")
-    try:
+    try:   # from the first moment a service of ours may run: stopped however this ends
+        try:
+            with Client(settings.paths.socket, timeout=5) as c:
+                status = c.status()
+            socket, inbox = settings.paths.socket, Path(status.inbox)
+            console.print(f"using the running service ({status.model}, pid {status.pid}); the demo's "
+                          "concepts are learned into its store" +
+                          (f"; --model {opts.model} is not used" if opts.model else ""))
+        except Unavailable:
+            temp = TempService(opts.model)
+            temp.wait_ready()
+            socket = temp.socket
+            with Client(socket) as c:
+                status = c.status()
+            inbox = Path(status.inbox)
+            console.print(f"service started in {temp.home} ({status.model} on {status.device})")
         with Client(socket) as c:
             taken = {x.name for x in c.concepts()}
+            for concept in (FIRST, SECOND):
+                if concept.name in taken:
+                    console.print(f"<{concept.name}> is stored already: not learned again (as it was "
+                                  "learned; `cones rm " + concept.name + "` to learn it anew)")
             if FIRST.name not in taken:
                 learn_from_inbox(c, inbox, FIRST, opts)
             if SECOND.name not in taken:
@@ -236,6 +253,8 @@ def run(opts: Options) -> None:
                                  opts, [f"{FIRST.name}=0,0,0.5,1", f"{SECOND.name}=0.5,0,1,1"]),
             }
         try:
+            if not _toy_world(status.model):   # it reads the toy world's images only
+                raise Unavailable(f"it reads toy-world images, and the model is {status.model}.")
             verdicts = probe_verdicts(runs)
         except ConesError as exc:
             verdicts = [f"probe not available: {exc.message}"]
@@ -245,8 +264,7 @@ def run(opts: Options) -> None:
         console.print("\n[bold]contact sheets[/]")
         for title, job in runs.items():
             console.print(f"  {title}: {escape(job.result.contact_sheet)}", highlight=False)
-        if temp is not None:
-            err_console.print(f"the demo's service is stopped; its files stay in {temp.home}")
     finally:
         if temp is not None:
             temp.stop(keep_files=True)   # the contact sheets printed above live there
+            err_console.print(f"the demo's service is stopped; its files stay in {temp.home}")

@@ -27,9 +27,10 @@ from cones_cli.views import (click_errors, concept_problems, concept_table, conc
                        handled, jobs_table, output_folder, print_json, shorten, status_table,
                        remove_made, this_command, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, ConesError, Corrupt
-from cns_daemon.api.names import validate_new_name
+from cns_daemon.api.names import METHODS, validate_new_name
 from cns_daemon.archive import caption_file, shown, sidecar_caption, sniff
-from cns_daemon.api.protocol import (MAX_JOBS_LISTED, MAX_PROMPT_CHARS, MAX_SEED, MAX_PHOTOS, ErrorBody,
+from cns_daemon.api.protocol import (MAX_IMAGES, MAX_JOBS_LISTED, MAX_LEARN_STEPS, MAX_PROMPT_CHARS, MAX_SEED,
+                                     MAX_PHOTOS, ErrorBody,
                                      STOPPED_MIDWAY, TOO_MANY_HINT, AddRequest, Photo, SkippedFile,
                                      too_many_photos)
 
@@ -409,16 +410,18 @@ def cancel(job_id: str = typer.Argument(..., help="The job's id, as `cones jobs`
 @handled
 def demo(model: Optional[str] = typer.Option(None, help="Model for a temporary service (default: the toy world)."),
          method: Optional[str] = typer.Option(None, help="cns (default) | cones | cones2"),
-         steps: Optional[int] = typer.Option(None, help="Training steps per concept (default: the method's)."),
-         images: int = typer.Option(4, help="Images per generation."),
-         seed: int = typer.Option(0, help="Seed for photos and generations."),
-         sample_steps: Optional[int] = typer.Option(None, help="Denoising steps per generation.")) -> None:
+         steps: Optional[int] = typer.Option(None, min=1, max=MAX_LEARN_STEPS, help="Training steps per concept (default: the method's)."),
+         images: int = typer.Option(4, min=1, max=MAX_IMAGES, help="Images per generation."),
+         seed: int = typer.Option(0, min=0, max=MAX_SEED - MAX_IMAGES, help="Seed for photos and generations."),
+         sample_steps: Optional[int] = typer.Option(None, min=2, max=999, help="Denoising steps per generation (default: the model's).")) -> None:
     """Offline tour: learn two toy-world concepts, generate with them, in boxes, and without.
 
     One concept comes through the inbox, one through `cones add`; prints the probe's verdict and the contact sheets' paths.
     """
     from cones_cli import demo as tour
 
+    if method is not None and method not in METHODS:   # (it failed 12 s in, naming a concept.toml)
+        raise BadInput(f"Unknown method {method!r}.", f"Use one of: {', '.join(METHODS)}.")
     tour.run(tour.Options(model=model, method=method, steps=steps, images=images, seed=seed,
                           sample_steps=sample_steps))
 

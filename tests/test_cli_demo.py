@@ -35,3 +35,45 @@ def test_demo_runs_offline_and_prints_contact_sheets():
     assert len(captions) == 8, captions
     assert sum(c.startswith("a photo of a star ") for c in captions) == 4
     assert sum(c.startswith("a photo of a ring ") for c in captions) == 4
+
+
+def test_a_demo_stopped_while_its_service_starts_stops_that_service(tmp_path, monkeypatch):
+    """A review's find: Ctrl-C (or a failed start) while the temporary service loaded its model
+    left that service running for good (it sits in a session of its own)."""
+    from cones_cli import demo
+
+    stopped = []
+
+    class Starting:
+        home = tmp_path
+
+        def __init__(self, model):
+            pass
+
+        def wait_ready(self):
+            raise KeyboardInterrupt
+
+        def stop(self, keep_files):
+            stopped.append(keep_files)
+
+    monkeypatch.setenv("CONES_HOME", str(tmp_path / "home"))   # no service runs there
+    monkeypatch.setattr(demo, "TempService", Starting)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run(demo.Options(model=None, method=None, steps=None, images=1, seed=0))
+    assert stopped == [True]
+
+
+def test_the_demo_follows_the_learn_the_inbox_queued_not_an_earlier_one(tmp_path):
+    """Against a running service that had learned <redstar> before (then removed), the demo
+    followed that finished job and failed on the concept it had not waited for."""
+    from cones_cli import demo
+    from cns_daemon.api.protocol import JobInfo
+
+    old = JobInfo(id="a" * 12, kind="learn", state="done", summary="learn <redstar> (cns)", created=0.0)
+    new = JobInfo(id="b" * 12, kind="learn", state="running", summary="learn <redstar> (cns)", created=1.0)
+
+    class Jobs:
+        def jobs(self, limit):
+            return [new, old]
+
+    assert demo._wait_for_job(Jobs(), "learn <redstar>", tmp_path, {old.id}).id == new.id
