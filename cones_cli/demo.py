@@ -198,7 +198,7 @@ def probe_verdicts(runs: dict[str, JobInfo]) -> list[str]:
         tilt = sum(a.matches(first, attrs=UNNAMED) for a in reads)
         seen = ", ".join(sorted({f"{a.color} {a.shape} ({a.pattern})" for a in reads}))
         lines.append(f"{title}: {hits}/{len(reads)} images show {FIRST.color} {FIRST.shape} with "
-                     f"{FIRST.second_color} {FIRST.pattern}, {tilt}/{len(reads)} its {FIRST.tilt} tilt "
+                     f"{FIRST.second_color} {FIRST.pattern}; {tilt}/{len(reads)} its {FIRST.tilt} tilt, whatever their look "
                      f"[probe saw: {seen}]")
     return lines
 
