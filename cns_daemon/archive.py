@@ -298,19 +298,28 @@ def sniff(path: Path) -> SkippedFile | None:
         return None      # a damaged header): check_photo reads it and says which
 
 
+def byte_copies(files: list[tuple[str, bytes]]) -> list[SkippedFile | None]:
+    """Per (file name, bytes), why it is skipped if its bytes repeat an earlier file's, else
+    None (`cones add` drops such copies before sending; the service before checking)."""
+    seen: dict[bytes, str] = {}   # sha256 -> the file name it came with first
+    out: list[SkippedFile | None] = []
+    for filename, data in files:
+        key = hashlib.sha256(data).digest()
+        out.append(SkippedFile(file=filename, reason=f"the same photo as {seen[key]}") if key in seen else None)
+        seen.setdefault(key, filename)
+    return out
+
+
 def check_photos(items: list[tuple[str, bytes, str | None]]) -> tuple[list[CheckedPhoto], list[SkippedFile]]:
     """Each (file name, bytes, caption) checked once: a repeat of one already given (the same
     bytes, or the same picture saved again or resized) is skipped, so the first one's caption
     counts."""
     good: list[CheckedPhoto] = []
     skipped: list[SkippedFile] = []
-    seen: dict[str, str] = {}   # sha256 -> the file name it came with first
-    for filename, data, caption in items:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen:
-            skipped.append(SkippedFile(file=filename, reason=f"the same photo as {seen[digest]}"))
+    for (filename, data, caption), copy in zip(items, byte_copies([(f, d) for f, d, _ in items])):
+        if copy is not None:
+            skipped.append(copy)
             continue
-        seen[digest] = filename
         result = check_photo(filename, data, caption)
         twin = isinstance(result, CheckedPhoto) and next(
             (p for p in good if same_picture(p.thumb, result.thumb)), None)

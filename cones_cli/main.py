@@ -7,7 +7,6 @@ not): it imports only the protocol, settings and errors from cns_daemon, plus ht
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -28,11 +27,10 @@ from cones_cli.views import (click_errors, concept_problems, concept_table, conc
                        remove_made, this_command, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, ConesError, Corrupt
 from cns_daemon.api.names import METHODS, validate_new_name
-from cns_daemon.archive import caption_file, shown, sidecar_caption, sniff
+from cns_daemon.archive import byte_copies, caption_file, shown, sidecar_caption, sniff
 from cns_daemon.api.protocol import (MAX_IMAGES, MAX_JOBS_LISTED, MAX_LEARN_STEPS, MAX_PROMPT_CHARS, MAX_SEED,
                                      MAX_PHOTOS, ErrorBody,
-                                     STOPPED_MIDWAY, TOO_MANY_HINT, AddRequest, Photo, SkippedFile,
-                                     too_many_photos)
+                                     STOPPED_MIDWAY, TOO_MANY_HINT, AddRequest, Photo, too_many_photos)
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -151,16 +149,9 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
                            f"{MAX_PROMPT_CHARS}.", "Shorten it: a sentence saying what the photo shows.")
         # a name that is not UTF-8 cannot travel as text: sent as shown ("\ufffd" for its odd bytes)
         items.append(request(Photo, filename=shown(p.name), data=p.read_bytes(), caption=caption))
-    firsts: dict[bytes, str] = {}   # a byte-for-byte copy is skipped here, in the service's words
-    distinct = []
-    for item in items:
-        key = hashlib.sha256(item.data).digest()
-        if key in firsts:
-            not_photos.append(request(SkippedFile, file=item.filename, reason=f"the same photo as {firsts[key]}"))
-            continue
-        firsts[key] = item.filename
-        distinct.append(item)
-    items = distinct
+    copies = byte_copies([(i.filename, i.data) for i in items])   # skipped here, as the service would
+    not_photos += [c for c in copies if c is not None]
+    items = [i for i, c in zip(items, copies) if c is None]
     if len(items) > MAX_PHOTOS:
         raise BadInput(too_many_photos(name, len(items)), TOO_MANY_HINT)
     # Left out, the method and steps are the service's settings, unless this command's own

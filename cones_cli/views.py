@@ -181,7 +181,7 @@ def handled(fn):
                 raise storage_error(exc) or BadInput(
                     f"Cannot use {where}: {exc.strerror or exc}." if where else f"{exc.strerror or exc}.",
                     "Check the path and that you may read (and write) it.") from None
-            except (ConesError, typer.Exit, click_errors.Exit, click_errors.ClickException, click_errors.Abort):
+            except (ConesError, click_errors.Exit, click_errors.ClickException, click_errors.Abort):
                 raise
             except Exception as exc:   # a bug: exit 70 (and the --json document), as the README says
                 import traceback
