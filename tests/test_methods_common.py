@@ -446,3 +446,10 @@ def test_options_that_change_nothing_under_the_others_are_said():
     assert note("cones", {"tau": 3.0, "sparsity": 0}) is None
     assert "tune_steps (values `shut`" in note("cones", {"values": "shut", "tune_steps": 5})
     assert note("cones2", {"lr": 1e-3}) is None
+    # options a zero elsewhere leaves unread (a review's find: they were taken without a word)
+    assert "prior_images (lambda_prior 0" in note("cns", {"scope": "all", "lambda_prior": 0, "prior_images": 4})
+    assert note("cns", {"scope": "all", "lambda_prior": 0.5, "prior_images": 4}) is None
+    assert "prior_batch (lambda_prior 0" in note("cones", {"lambda_prior": 0, "prior_batch": 4})
+    assert note("cones", {"lambda_prior": 0.5, "prior_batch": 4}) is None
+    assert "reg_batch (lambda_reg 0" in note("cones2", {"lambda_reg": 0, "reg_batch": 4})
+    assert note("cones2", {"lambda_reg": 0.5, "reg_batch": 4}) is None

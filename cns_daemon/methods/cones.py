@@ -77,6 +77,9 @@ class ConesParams:
         out = {"tau": "sparsity is not 0: it sets the threshold"} if self.sparsity > 0 else {}
         if self.values == "shut":
             out.update(dict.fromkeys(("tune_steps", "lr"), "values `shut`: none are trained"))
+        if self.lambda_prior == 0:   # (_prepare draws no class images then)
+            out.update(dict.fromkeys(("prior_images", "prior_batch", "prior_steps"),
+                                     "lambda_prior 0: no prior term"))
         return out
 
     def validate(self, given: frozenset[str] = frozenset()) -> None:   # shared bounds (rho, lr, counts): common.options.LOWER_BOUNDS

@@ -66,6 +66,10 @@ class Cones2Params:
     grad_clip: float = 1.0
     tail: bool = True           # residuals at the end of the sequence too (EOS and padding)
 
+    def inert(self) -> dict[str, str]:
+        """Options these settings leave unread, and why (common.options.inert_note)."""
+        return {"reg_batch": "lambda_reg 0: no preservation term"} if self.lambda_reg == 0 else {}
+
     def validate(self, given: frozenset[str] = frozenset()) -> None:   # the shared bounds (lr, counts): common.options.LOWER_BOUNDS
         if self.steps < 1:
             raise BadInput("steps must be ≥ 1.")

@@ -124,6 +124,9 @@ class CNSParams:
             out.update(dict.fromkeys(("lambda_prior", "prior_images", "prior_batch", "prior_steps"),
                                      "scope `concept`: no class prompt sees the values"))
             out["lambda_prev"] = "scope `concept`: concepts' values never meet"
+        elif self.lambda_prior == 0:
+            out.update(dict.fromkeys(("prior_images", "prior_batch", "prior_steps"),
+                                     "lambda_prior 0: no prior term"))
         if self.selection == "eq3":
             out.update(dict.fromkeys(("movement_percent", "probe_steps", "probe_lr"), "selection `eq3`"))
         else:
