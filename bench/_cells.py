@@ -11,8 +11,7 @@ from pathlib import Path
 
 from bench._world import (LEFT_BOX, PAIR_PROMPT, RIGHT_BOX, Concept, Judge, class_prompt,
                           concept_prompt, pairs, prompt_background)
-from cns_daemon.toyworld.fidelity import (generate_batch, plain_prompt_cases, prompt_fidelity,
-                                          two_object_fidelity)
+from cns_daemon.toyworld.fidelity import plain_prompt_cases, prompt_fidelity, two_object_fidelity
 
 MAX_BATCH = 16  # generate()'s per-request limit
 
@@ -88,26 +87,27 @@ class Generator:
         return images
 
 
-def measure_prior(pipe, judge: Judge, n: int, seed: int, gen_steps: int,
-                  cfg_scale: float) -> tuple[float, float]:
+def measure_prior(gen: Generator, judge: Judge, records: dict, n: int, seed: int) -> tuple[float, float]:
     """Plain prompts (no concept; one image each): shape, colour and background honoured, for
-    single-object prompts and (per half) for two-object ones."""
+    single-object prompts and (per half) for two-object ones. Through the generation routine
+    with every learned record, as the service draws them: a scoped concept acts only inside that
+    routine (its token scope), and Cones and Cones 2 records are applied only there, so a plain
+    pipeline call would read the base model whatever they learned (a review's find)."""
     rates = []
     for two, score in ((False, prompt_fidelity), (True, two_object_fidelity)):
         cases = plain_prompt_cases(n, seed, two_objects=two)
-        images = generate_batch(pipe, [c.prompt for c in cases], [c.seed for c in cases],
-                                steps=gen_steps, guidance_scale=cfg_scale)
+        images = [im for c in cases for im in gen(c.prompt, records, 1, c.seed)]
         rates.append(score(judge.probe, images, [c.scene for c in cases]).all_match)
     return rates[0], rates[1]
 
 
-def measure_base(pipe, gen: Generator, judge: Judge, concepts: list[Concept], n: int, seed: int
+def measure_base(gen: Generator, judge: Judge, concepts: list[Concept], n: int, seed: int
                  ) -> BaseResult:
     # the seeds of the methods' fidelity cells (kind 3): a rate "above the base" is the same noise
     images = [gen(class_prompt(c), {}, n, cell_seed(3, i)) for i, c in enumerate(concepts)]
     return BaseResult([judge.concept_rate(im, c.obj) for im, c in zip(images, concepts)],
                       [judge.unnamed_rate(im, c.obj) for im, c in zip(images, concepts)],
-                      *measure_prior(pipe, judge, n, seed, gen.gen_steps, gen.cfg_scale))
+                      *measure_prior(gen, judge, {}, n, seed))
 
 
 def composition(gen: Generator, judge: Judge, pairs_: list[tuple[Concept, Concept]],
@@ -172,8 +172,7 @@ def run_method(method, name: str, pipe, gen: Generator, judge: Judge, concepts: 
         images = gen(concept_prompt(c, bg), records, n, cell_seed(4, i))
         result.prompt_fidelity.append(judge.background_rate(images, bg))
         result.prompt_look.append(judge.concept_rate(images, c.obj))
-    result.prior_after, result.prior_two_after = measure_prior(pipe, judge, n, seed, gen.gen_steps,
-                                                               gen.cfg_scale)
+    result.prior_after, result.prior_two_after = measure_prior(gen, judge, records, n, seed)
     result.composition = composition(gen, judge, pairs(concepts), records, n)
     return result, records
 

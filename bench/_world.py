@@ -6,8 +6,8 @@ its shape is the class word; its main colour, pattern and second colour are its 
 (words can say them, but the bench learns from template captions, "a photo of a <tok> star", so
 the token has to take them); its tilt is what no word of the world says. Concept fidelity asks
 the probe for the named look (shape, colour, pattern, second colour) and, separately, for the
-tilt. Concepts of one run get distinct shapes (while there are shapes left), so one concept is
-never mistaken for another.
+tilt. Concepts of one run get distinct shapes six at a time (c1-c6 differ, c7-c12 differ, ...),
+so the concepts composed in pairs are never mistaken for one another.
 """
 from __future__ import annotations
 
@@ -42,7 +42,12 @@ def make_concepts(n: int, photos: int, seed: int, folder: Path, captions: str = 
     if captions not in CAPTIONS:
         raise ValueError(f"captions must be one of {', '.join(CAPTIONS)}")
     rng = np.random.default_rng(seed)
-    shapes = [SHAPES[i % len(SHAPES)] for i in rng.permutation(max(n, len(SHAPES)))][:n]
+    # Every six in a row are the six shapes (a shuffle each): the first six, which the pairs
+    # compose, differ in shape in a run of any length. (One shuffle of max(n, 6) numbers, each
+    # taken modulo 6, did that only up to six: a 20-concept run's c1-c6 repeated shapes, and a
+    # pair of one shape left placement nothing to tell apart. Six or fewer draw as before.)
+    blocks = [rng.permutation(len(SHAPES)) for _ in range(-(-n // len(SHAPES)))]
+    shapes = [SHAPES[i] for block in blocks for i in block][:n]
     patterns = [p for p in PATTERNS if p != "solid"]
     out = []
     for i, shape in enumerate(shapes):

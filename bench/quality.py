@@ -2,7 +2,7 @@
 personal concepts in sequence, judged by the attribute probe.
 
     python -m bench.quality                 # full run (32 generations per cell)
-    python -m bench.quality --quick         # fits 15 minutes on 2 CPU cores
+    python -m bench.quality --quick         # fewer images and steps; the learns as in the full run (~10 min a method on 2 CPU cores)
     python -m bench.quality --quick --json  # the table, then one JSON object on the last line
     python -m bench.quality --methods cns --set cns.top_p=3 --set cns.steps=150   # a sweep point
 
@@ -156,7 +156,7 @@ def run(cfg: QualityConfig, judge: Judge | None = None, log=print) -> dict:
             cfg = replace(cfg, cfg_scale=recommended_guidance(base_pipe))
         if cfg.gen_steps is None:
             cfg = replace(cfg, gen_steps=recommended_steps(base_pipe))
-        base = measure_base(base_pipe, _generator(base_pipe, cfg), judge, concepts, cfg.generations,
+        base = measure_base(_generator(base_pipe, cfg), judge, concepts, cfg.generations,
                             cfg.seed)
         log(f"base model: fidelity {_mean(base.fidelity):.3f}, plain prompts {base.prior:.3f} "
             f"(two objects {base.prior_two:.3f}) "

@@ -354,7 +354,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
         config = uvicorn.Config(app,
                                 http=_protocol_class(settings.header_timeout_seconds),
                                 lifespan="on", log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=3)
+                                timeout_graceful_shutdown=3, limit_concurrency=connection_limit())
         notifier.start_watchdog(alive=lambda: service.worker.alive)
         Server(config).run(sockets=[sock])
     finally:
@@ -394,6 +394,31 @@ def _status_line(service) -> str:
     queued = len(service.worker.queued())
     head = f"running {summarize(running)}" if running else "idle"
     return f"{head}; {queued} queued"
+
+
+# Connections served at once beyond the long-lived job followers a desktop has: past it a new
+# request is answered 503 at once (the CLI says the service is busy) instead of the service
+# running out of file handles, which once failed a generate halfway and filled the log.
+MAX_CONNECTIONS = 1000
+FILES_SPARE = 256   # handles kept for the store, the model's files, the photos, logs
+
+
+def connection_limit() -> int:
+    """Raise the soft open-files limit to the hard one (a desktop's soft 1,024 is the usual
+    cap, its hard one far higher), then cap connections below what the limit leaves."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):   # kept as it was: the cap below follows it
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(32, min(MAX_CONNECTIONS, soft - FILES_SPARE))
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as StarletteRoute
 
 from cns_daemon.api.errors import (BadInput, ConesError, ErrorCode, Internal, NotFound, ProtocolMismatch,
-                                   storage_error)
+                                   Unavailable, os_error)
 from cns_daemon.api.protocol import (API_PREFIX, FINAL_STATES, MAX_JOBS_LISTED, MAX_PHOTOS, NDJSON, PROTOCOL_HEADER,
                                      PROTOCOL_VERSION, SEGMENTS, STREAM_STOPPING, AddRequest, ConceptInfo, ConceptList,
                                      ErrorBody, EvalRequest, GenerateRequest, JobInfo, JobList,
@@ -73,9 +73,12 @@ Handler = Callable[[Request, dict], Awaitable[Response]]
 # photos' max_request_bytes: 250 MB of `"boxes": [1, 1, ...]` within that limit took the
 # service's event loop for 30 s and 8.8 GB of memory to be refused.
 SMALL_BODY = 1 << 20
-# JSON objects an add request may hold: 64 photos and their skipped files, a few options (a
-# caption may hold braces too). 250 MB of `"photos": [{}, {}, ...]` took 15 GB to be refused.
-MAX_OBJECTS = 100_000
+# JSON objects, arrays and items an add request may hold, counted as its `{`, `[` and `,`
+# bytes (base64 photos hold none): 64 photos and their skipped files, a few options, and the
+# commas and braces captions and file names may hold (64 x 1,000 + 64 x 3,024 characters at
+# most). 250 MB of `"photos": [{}, {}, ...]` took 15 GB to be refused, 64 MB of
+# `"skipped": [[], [], ...]` 6 GB and 51 s with the event loop stalled.
+MAX_TOKENS = 400_000
 
 
 @dataclass
@@ -196,6 +199,16 @@ class App:
                 _check_declared_length(request, limit)
                 request.state.body_limit = limit
                 return await route.handler(request, params)
+            except asyncio.CancelledError:
+                if not self.stopping.is_set():
+                    raise
+                # the stop's grace ran out while this request was still arriving or being
+                # handled: said in typed form (it was the HTTP server's bare 500, "a bug")
+                log.info("request %s %s: cut short by the service's stop", request.method, request.url.path)
+                return error_response(Unavailable(
+                    "The cones service stopped while this request was being taken.",
+                    "Once it is back (`cones status`), `cones jobs` shows whether it was queued; "
+                    "send it again if it was not."), {"connection": "close"})
             except ClientDisconnect:   # it went away, or its body stopped coming (daemon.py's timer)
                 log.info("request %s %s: the client went away before its body arrived",
                          request.method, request.url.path)
@@ -203,7 +216,7 @@ class App:
             except ConesError as exc:
                 return error_response(exc)
             except Exception as exc:  # a full disk, or a bug: answer in typed form, keep serving
-                known = storage_error(exc)
+                known = os_error(exc)
                 if known is not None:
                     log.warning("request %s %s: %s", request.method, request.url.path, known.message)
                     return error_response(known)
@@ -226,10 +239,10 @@ class App:
 
     async def add(self, req: Request, params: dict) -> Response:
         data = await _body(req)
-        objects = data.count(b"{")
-        if objects > MAX_OBJECTS:   # refused before pydantic builds them all
-            raise BadInput(f"The request holds {objects:,} JSON objects; a learn request has "
-                           f"at most {MAX_PHOTOS} photos.", "Send what `cones add` sends.")
+        tokens = data.count(b"{") + data.count(b"[") + data.count(b",")
+        if tokens > MAX_TOKENS:   # refused before pydantic builds them all
+            raise BadInput(f"The request holds {tokens:,} JSON objects, arrays and items; a learn "
+                           f"request has at most {MAX_PHOTOS} photos.", "Send what `cones add` sends.")
         try:
             body = await asyncio.to_thread(parse_body, AddRequest, data)
         except BadInput:   # a refused body of hundreds of MB: its memory back now, not after a job

@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 
 from pydantic import BaseModel
 
-from cns_daemon.api.errors import Cancelled, ConesError, Corrupt, Internal, NotFound, storage_error
+from cns_daemon.api.errors import Cancelled, ConesError, Corrupt, Internal, NotFound, os_error
 from cns_daemon.jobkinds import INTERLEAVED, KINDS, pausable, summarize
 from cns_daemon.methods.base import CancelToken, ProgressEvent
 from cns_daemon.api.protocol import FINAL_STATES, PAUSED_FOR, ErrorBody, JobInfo, JobResult, ProgressInfo
@@ -272,22 +272,37 @@ class Worker:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                job = self._take_next()
-            except ConesError as exc:   # the store cannot take the job's start: say, wait, retry
-                log.error("the next job cannot start: %s", exc.message)
+                self._turn()
+            except Exception as exc:   # whatever it was, the queue must go on being served:
+                # a worker thread that died left the service answering while no job ever ran
+                # (and `cones generate` waiting for good), as out of file handles once did
+                known = os_error(exc)
+                if known is not None:
+                    log.error("the job queue stalled: %s; retrying", known.message)
+                else:
+                    log.exception("the job queue stalled; retrying")
                 with self._wake:
-                    self._wake.wait(timeout=30.0)
-                continue
-            if job is None:
-                # Woken by a submit (or a stop); the timeout only re-reads the queue now and then,
-                # since reading it decodes every job record.
-                with self._wake:
-                    if not self._kicked:
-                        self._wake.wait(timeout=IDLE_POLL_SECONDS)
-                    self._kicked = False
-                continue
-            self._run_one(job)
-            release_freed()   # between jobs: a service idles for days after its largest job
+                    self._wake.wait(timeout=5.0)
+
+    def _turn(self) -> None:
+        """Take the next job and run it, or wait for one."""
+        try:
+            job = self._take_next()
+        except ConesError as exc:   # the store cannot take the job's start: say, wait, retry
+            log.error("the next job cannot start: %s", exc.message)
+            with self._wake:
+                self._wake.wait(timeout=30.0)
+            return
+        if job is None:
+            # Woken by a submit (or a stop); the timeout only re-reads the queue now and then,
+            # since reading it decodes every job record.
+            with self._wake:
+                if not self._kicked:
+                    self._wake.wait(timeout=IDLE_POLL_SECONDS)
+                self._kicked = False
+            return
+        self._run_one(job)
+        release_freed()   # between jobs: a service idles for days after its largest job
 
     def _take_next(self, kinds: tuple[str, ...] | None = None) -> JobRecord | None:
         with self._lock:
@@ -355,7 +370,7 @@ class Worker:
             log.warning("job %s (%s) failed: %s", job.id, job.kind, exc.message)
         except Exception as exc:  # a full disk, or a bug: keep serving, tell the user in typed form
             result, state = None, "failed"
-            known = storage_error(exc) or out_of_memory(exc, job.kind)
+            known = os_error(exc) or out_of_memory(exc, job.kind)
             if known is not None:
                 log.warning("job %s failed: %s", job.id, known.message)
             else:
@@ -430,9 +445,11 @@ def release_freed() -> None:
 
 @functools.cache
 def _malloc_trim():
-    """glibc's malloc_trim, looked up once (find_library runs ldconfig: not after every job)."""
-    for name in ("libc.so.6", ctypes.util.find_library("c")):
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig: only where the usual
+    name does not load, and not after every job)."""
+    for name in ("libc.so.6", None):
         try:
+            name = name or ctypes.util.find_library("c")
             return ctypes.CDLL(name).malloc_trim if name else None
         except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to ask
             continue

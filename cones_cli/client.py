@@ -8,6 +8,7 @@ saying how to start the service.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator, TypeVar
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from cns_daemon.api.errors import (BadInput, ConesError, Internal, Interrupted, ProtocolMismatch, Unavailable,
                                    from_code)
 from cns_daemon.api.protocol import (API_PREFIX, PROTOCOL_HEADER, PROTOCOL_VERSION, AddRequest,
-                                     ConceptInfo, ConceptList, ErrorBody, EvalRequest, GenerateRequest, JobInfo,
+                                     ConceptInfo, ConceptList, EvalRequest, GenerateRequest, JobInfo,
                                      JobList, PhotosPruned, ProgressInfo, StatusInfo, segment)
 from cns_daemon.api.trust import RUNTIME_HINT, socket_problem
 
@@ -236,11 +237,29 @@ class Client:
             raise ProtocolMismatch("The service sent an answer this CLI does not understand.") from None
 
     def _error(self, response: httpx.Response) -> ConesError:
+        """The service's typed error. Read leniently (a field a newer service adds must not turn
+        its protocol-version error into "a bug"); an answer without one (the HTTP server's own,
+        e.g. its 503 past the connection cap) is said by its status."""
         try:
-            body = ErrorBody.model_validate_json(response.content)
-        except ValidationError:
-            return Internal(f"The service answered HTTP {response.status_code} without an error body.")
-        return from_code(body.code, body.message, body.hint or None)
+            body = json.loads(response.content)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("code"), str) and isinstance(body.get("message"), str):
+            hint = body.get("hint")
+            return from_code(body["code"], body["message"], hint if isinstance(hint, str) and hint else None)
+        status = response.status_code
+        if status == 503:
+            return Unavailable("The cones service is too busy to take this request (too many "
+                               "connections at once).", "Try again in a moment.")
+        if status == 408:
+            return Unavailable("The cones service gave up waiting for this request.", "Send it again.")
+        if status < 500:
+            return BadInput(f"The cones service could not read this request (HTTP {status}).",
+                            "Send it again with this cones command; if it persists, restart the "
+                            "service so the CLI and the service come from the same install.")
+        return Internal(f"The service answered HTTP {status} without an error body.",
+                        "See the service log (`journalctl --user -u cones`, or the terminal of "
+                        "`cones serve`); this is a bug in cones: please report it with that log.")
 
     def _transport_error(self, exc: httpx.TransportError) -> ConesError:
         if isinstance(exc, httpx.ConnectError):
@@ -272,8 +291,15 @@ class Client:
             return Unavailable(f"The cones service is not running (no live socket at {self.socket_path}).",
                                START_HINT)
         if isinstance(exc, httpx.TimeoutException):
-            return Unavailable("The cones service did not answer in time.",
-                               "It may be busy loading the model; try again, or see its log.")
+            # (its socket is bound once the model has loaded: a service that took the
+            # connection is not loading it)
+            pid, _, state = _lock_owner(self.socket_path.parent / "cones.lock")
+            which = f"The cones service (pid {pid})" if pid != "?" else "The cones service"
+            return Unavailable(f"{which} took the connection but did not answer in "
+                               f"{self.http.timeout.read or 0:.0f} s" + (f" ({state})" if state else "") + ".",
+                               "It may hang: see its log (`journalctl --user -u cones`, or the "
+                               "terminal of `cones serve`) and restart it (`systemctl --user "
+                               "restart cones`) if it does not recover.")
         # (what broke is httpx's to say: its class name meant nothing to a person)
         # (h11's words for a service that closed mid-answer, as one killed does)
         cut = any(w in str(exc) for w in ("peer closed", "Server disconnected"))

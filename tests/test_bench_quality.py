@@ -198,3 +198,27 @@ def test_the_baselines_adam_steps_fp32_masters_of_half_weights():
         results[dtype] = w.detach().float()
     assert torch.allclose(results[torch.float16], results[torch.float32], atol=1e-4)
     assert torch.allclose(results[torch.bfloat16], results[torch.float32], atol=1e-3)
+
+
+def test_plain_prompts_are_drawn_through_the_generation_routine_with_every_record(random_judge):
+    """A review's find: the prior drop drew its plain prompts with the bare pipeline, where a
+    scoped concept's values (token scope) and Cones / Cones 2 records (applied per request) never
+    act, so it read 0 for them whatever they learned. Each plain prompt now goes through the
+    bench's Generator (the service's routine) with the records, from its own seed."""
+    from PIL import Image
+
+    from bench._cells import measure_prior
+    from cns_daemon.toyworld.fidelity import plain_prompt_cases
+
+    calls = []
+
+    def gen(prompt, records, n, seed, boxes=()):
+        calls.append((prompt, records, n, seed))
+        return [Image.new("RGB", (32, 32))] * n
+
+    records = {"c1": object()}
+    one, two = measure_prior(gen, random_judge, records, 3, 5)
+    cases = plain_prompt_cases(3, 5) + plain_prompt_cases(3, 5, two_objects=True)
+    assert [(p, n, s) for p, _, n, s in calls] == [(c.prompt, 1, c.seed) for c in cases]
+    assert all(r is records for _, r, _, _ in calls)
+    assert 0.0 <= one <= 1.0 and 0.0 <= two <= 1.0

@@ -112,6 +112,11 @@ def test_validation_errors_a_person_meets_read_as_words():
     with pytest.raises(ValidationError) as exc:
         GenerateRequest(prompt="a dog", n=0)
     assert describe_validation_error(exc.value).startswith("n: ")   # the rest keep pydantic's words
+    # a NUL is no one's words (a review's find: "a\x00b" was drawn, and shown in job lists)
+    for field in ("prompt", "negative_prompt"):
+        with pytest.raises(ValidationError) as exc:
+            GenerateRequest(**{"prompt": "a dog", field: "a\x00b"})
+        assert describe_validation_error(exc.value) == f"{field}: holds a NUL character, which no text has"
 
 
 def test_the_last_image_of_a_batch_has_a_seed_one_can_ask_for():
@@ -132,3 +137,24 @@ def test_the_guidance_scale_is_a_number_only():
     for bad in ("true", '"7.5"'):
         with pytest.raises(ValidationError, match="must be a number from 1"):
             GenerateRequest.model_validate_json(f'{{"prompt": "x", "guidance_scale": {bad}}}')
+
+
+def test_out_of_file_handles_is_said_as_a_busy_service_and_connections_are_capped_below_the_limit():
+    """A review's find: a flood of connections ran the service out of file handles; a generate
+    failed halfway as "a bug" (exit 70). Now it is `unavailable` with what to do, and the HTTP
+    server answers 503 past a cap that leaves handles for the store and the model."""
+    import errno
+    import resource
+
+    from cns_daemon.api.errors import Storage, Unavailable, os_error
+    from cns_daemon.daemon import FILES_SPARE, MAX_CONNECTIONS, connection_limit
+
+    said = os_error(OSError(errno.EMFILE, "Too many open files"))
+    assert isinstance(said, Unavailable) and "too many files open" in said.message
+    assert "ulimit -n" in said.hint
+    assert isinstance(os_error(OSError(errno.ENOSPC, "No space left on device")), Storage)
+    assert os_error(OSError(errno.ENOENT, "No such file")) is None and os_error(ValueError()) is None
+    cap = connection_limit()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)   # (raised to the hard limit by it)
+    assert 32 <= cap <= MAX_CONNECTIONS
+    assert soft == resource.RLIM_INFINITY or cap <= max(32, soft - FILES_SPARE)

@@ -406,3 +406,16 @@ def test_a_refused_value_is_named_by_its_flag_in_plain_words_and_the_hint_names_
     assert code == 2 and "--guidance-scale: must be at most 30." in said, said   # the flag's name
     code, said = _status(["eval", "rex", "-n", "0"])
     assert "`cones eval --help`" in said, said
+
+
+def test_a_folder_whose_name_is_not_utf8_is_refused_by_name(cones_home, monkeypatch, tmp_path):
+    """A review's find: CONES_HOME or CONES_DATA_DIR holding a byte that is not UTF-8 failed
+    `cones serve` with a traceback (the lock file's text, LMDB's path)."""
+    from cns_daemon.api.errors import BadInput
+
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/d\xff")
+    monkeypatch.setenv("CONES_DATA_DIR", odd)
+    with pytest.raises(BadInput, match=r"data folder .*d\\xff has a name that is not UTF-8"):
+        load_settings().paths
+    with pytest.raises(BadInput, match="not UTF-8"):
+        default_paths(odd)

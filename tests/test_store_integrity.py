@@ -688,6 +688,41 @@ def test_the_worker_gives_freed_memory_back_after_each_job(tmp_path, monkeypatch
         store.close()
 
 
+def test_the_job_queue_goes_on_after_the_worker_meets_an_error_between_jobs(tmp_path, monkeypatch):
+    """A review's find: out of file handles, the step after a job (giving memory back) raised
+    and the worker thread died; the service went on answering while no job ever ran again and
+    `cones generate` waited for good. The worker logs it and serves the next job."""
+    from cns_daemon import worker as worker_module
+    from cns_daemon.api.protocol import GenerateRequest, JobResult
+    from cns_daemon.worker import Worker
+
+    calls: list[int] = []
+
+    def failing_once() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(worker_module, "release_freed", failing_once)
+    store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
+    worker = Worker(store, lambda job, progress, token: JobResult(images=[]))
+    worker.start()
+    try:
+        first = worker.submit("generate", GenerateRequest(prompt="a plain photo"))
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = worker.submit("generate", GenerateRequest(prompt="another photo"))
+        deadline = time.monotonic() + 20
+        while store.get_job(second.id).state != "done" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.get_job(first.id).state == store.get_job(second.id).state == "done"
+        assert worker.alive and len(calls) == 2
+    finally:
+        worker.stop()
+        store.close()
+
+
 def test_a_salvage_stopped_between_its_two_moves_is_finished_at_the_next_start(tmp_path, monkeypatch):
     """The damaged store moved aside, the process died before the copy took its place: the next
     start found no store and made an empty one. Now the whole copy is put in its place."""

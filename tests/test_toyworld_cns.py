@@ -40,7 +40,8 @@ def learned(tmp_path_factory):
     judge = Judge()
     gen = Generator(pipe, STEPS, DEFAULT_GUIDANCE, None)
     star, ring = _concept("star1", STAR, tmp, 7), _concept("ring1", RING, tmp, 8)
-    out = {"base_star": gen(class_prompt(star), {}, N, 100)}
+    general = _general_neurons(pipe, get_method("cns").Params().top_p)   # before any learn
+    out = {"base_star": gen(class_prompt(star), {}, N, 200)}   # the seeds the concept is read with
     cns = get_method("cns")
     records = {}
     for i, c in enumerate((star, ring)):
@@ -50,8 +51,28 @@ def learned(tmp_path_factory):
             out["star_alone"] = gen(concept_prompt(star), records, N, 200)
     out["star_after_ring"] = gen(concept_prompt(star), records, N, 200)
     out["composition"] = composition(gen, judge, [(star, ring)], records, N // 2)
+    out["general"] = general
     yield judge, star, ring, records, out
     torch.set_num_threads(before_threads)
+
+
+def _general_neurons(pipe, top_p: float) -> dict[str, torch.Tensor]:
+    """The paper's general neurons worked out here, on the base weights: per K/V row the top
+    `top_p` % for any calibration prompt. Apart from the method's own selection and its cache,
+    so that the concept's share of them is checked, not read back from where it was made (the
+    learn's `general_share` is computed on the very set it excluded them from: a review's find)."""
+    from cns_daemon.methods.cns.calibration_prompts import CALIBRATION_PROMPTS
+    from cns_daemon.methods.cns.selection import column_norms, row_top
+    from cns_daemon.model import kv_weights
+
+    calib = column_norms(pipe, list(CALIBRATION_PROMPTS))
+    out = {}
+    for name, w in kv_weights(pipe.unet).items():
+        mask = torch.zeros(w.shape, dtype=torch.bool)
+        for norms in calib:
+            mask |= row_top(w, norms, top_p)
+        out[name] = mask
+    return out
 
 
 # The issue's bar. Met since CNS's values are token-scoped (0.62, 20 of 32, when that came;
@@ -64,6 +85,11 @@ def test_default_cns_learns_the_concepts_look(learned):
           f"{judge.unnamed_rate(out['star_alone'], star.obj):.2f}")
     assert fid >= 0.6 and fid >= base + 0.4, (base, fid)
     assert records["star1"].meta.metrics["general_share"] == 0.0
+    general, trained = out["general"], 0
+    for name, delta in records["star1"].deltas.items():
+        assert not general[name].reshape(-1)[torch.as_tensor(delta.indices)].any(), name
+        trained += len(delta.indices)
+    assert trained > 0
 
 
 def test_a_second_concept_leaves_the_first_as_it_was(learned):

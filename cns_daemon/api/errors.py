@@ -142,6 +142,21 @@ def storage_error(exc: BaseException) -> Storage | None:
                    f"{exc.strerror}.")
 
 
+FILE_LIMIT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def os_error(exc: BaseException) -> ConesError | None:
+    """A typed error for an OSError a person can act on: a folder that cannot be written
+    (Storage), or too many open files (Unavailable: a flood of connections, or a low limit),
+    else None."""
+    if isinstance(exc, OSError) and exc.errno in FILE_LIMIT_ERRNOS:
+        return Unavailable(f"The service has too many files open: {exc.strerror}.",
+                           "Wait for other cones commands to end and send this again; if it "
+                           "persists, raise the open-files limit (`ulimit -n`, or LimitNOFILE= in "
+                           "the service unit) and restart the service.")
+    return storage_error(exc)
+
+
 class Internal(ConesError):
     code = ErrorCode.INTERNAL
 

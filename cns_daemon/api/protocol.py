@@ -119,6 +119,9 @@ class ErrorBody(Model):
 # ---------------------------------------------------------------- requests
 
 
+NO_NUL = r"^[^\x00]*$"   # text, not bytes: a NUL in a prompt or caption is no one's words
+
+
 class Photo(Model):
     # Raw bytes in Python, base64 in JSON (both directions).
     model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
@@ -126,7 +129,7 @@ class Photo(Model):
     filename: str = Field(min_length=1, max_length=255)
     data: bytes
     caption: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS,
-                                pattern=r"^[^\x00]*$",   # NUL is no text (UTF-16 read as UTF-8)
+                                pattern=NO_NUL,   # NUL is no text (UTF-16 read as UTF-8)
                                 description="What the photo shows (its sidecar photo.txt); "
                                             "None: the method's template caption.")
 
@@ -173,14 +176,14 @@ class LearnJob(Model):
 
 
 class GenerateRequest(Model):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL)
     n: StrictInt = Field(1, ge=1, le=MAX_IMAGES)
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="None: the service picks one.")
     steps: StrictInt | None = Field(None, ge=1, le=1000)
     # Boxes stay in their user-facing text form, NAME=x0,y0,x1,y1 in image fractions: the
     # service parses them with the same routine as every other prompt input (prompts.parse_box).
     boxes: list[str] = Field(default_factory=list, max_length=MAX_BOXES)
-    negative_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS,
+    negative_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS, pattern=NO_NUL,
                                         description="What to steer away from, in plain words (no <name>).")
     guidance_scale: float | None = Field(None, ge=1.0, le=MAX_GUIDANCE_SCALE, description=(
         "Classifier-free guidance scale; 1 turns it off. None: the model's own (its cones.json)."))
@@ -386,6 +389,8 @@ FRIENDLY_ERRORS = {
     ("negative_prompt", "string_too_short"): "empty",
     ("caption", "string_pattern_mismatch"): "holds a NUL character, which no text has (UTF-16 saved "
                                             "without its byte-order mark?)",
+    ("prompt", "string_pattern_mismatch"): "holds a NUL character, which no text has",
+    ("negative_prompt", "string_pattern_mismatch"): "holds a NUL character, which no text has",
 }
 
 

@@ -30,6 +30,21 @@ class Paths:
     runtime: Path   # the socket's 0700 folder
     inbox: Path     # watched folder people drop photos into
 
+    def __post_init__(self) -> None:
+        # LMDB, the lock file's text and the socket's address take text paths: a folder name of
+        # bytes that are not UTF-8 (CONES_HOME=$'/tmp/h\xff') failed `cones serve` with a traceback
+        for field in ("data", "config", "runtime", "inbox"):
+            path = str(getattr(self, field))
+            try:
+                path.encode("utf-8")
+            except UnicodeEncodeError:
+                from cns_daemon.api.errors import BadInput
+
+                shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise BadInput(f"The {field} folder {shown} has a name that is not UTF-8 text.",
+                               "Give cones folders whose names are UTF-8 (CONES_HOME, CONES_DATA_DIR, "
+                               "config.toml's folder settings).") from None
+
     @property
     def config_file(self) -> Path:
         return self.config / "config.toml"
