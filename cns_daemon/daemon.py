@@ -257,6 +257,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
     from cns_daemon.inbox import Inbox
     from cns_daemon.server import App
     from cns_daemon.service import Service
+    from cns_daemon.jobkinds import saved_before_stop
 
     paths = settings.paths
     notifier = notifier or Notifier()
@@ -282,7 +283,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
         archive = Archive(paths.archive)
         engine = (engine_factory or Engine)(settings, store, archive)
         service = Service(settings, store, engine, archive)
-        for job in service.worker.recover():
+        for job in service.worker.recover(lambda job: saved_before_stop(service, job)):
             log.warning("job %s (%s) left running by the previous process: %s", job.id, job.kind, job.state)
         service.prune_jobs()
         service.sweep()

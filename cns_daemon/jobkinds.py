@@ -15,7 +15,7 @@ from typing import Any, Callable, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from cns_daemon.api.errors import Internal, NotFound
+from cns_daemon.api.errors import ConesError, Internal, NotFound
 from cns_daemon.engine import SAVED_BEFORE_STOP
 from cns_daemon.api.protocol import (EvalRequest, GenerateRequest, ImportJob, JobKind, JobResult,
                                      LearnJob, RemoveJob)
@@ -125,6 +125,23 @@ def kind_of(job: JobRecord) -> Kind:
 def run(service, job: JobRecord, progress: ProgressFn, cancel: CancelToken) -> JobResult:
     kind = kind_of(job)
     return kind.run(service, kind.request(**job.request), job, progress, cancel)
+
+
+def saved_before_stop(service, job: JobRecord) -> JobResult | None:
+    """Of a learn or import the service stopped under for good (cancelled, or crashed on its
+    last attempt): its result where its run had stored the concept before the stop, so start-up
+    records it done, not failed beside a stored concept (a review's find: an inbox folder then got
+    a note saying it failed, and touched, "already exists"). None for other kinds and cases."""
+    try:
+        if job.kind == "learn":
+            return service.engine.saved_by_first_run(LearnJob(**job.request))
+        if job.kind == "import":
+            req = ImportJob(**job.request)
+            if req.name and req.name in service.store and not Path(req.staged).is_file():
+                return JobResult(concept=req.name, metrics={"note": SAVED_BEFORE_STOP})
+    except (ValidationError, ConesError):   # a record it cannot read is settled as before
+        return None
+    return None
 
 
 def summarize(job: JobRecord) -> str:

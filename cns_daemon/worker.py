@@ -140,17 +140,26 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._running: list[tuple[JobRecord, CancelToken]] = []   # outermost first
+        # Ends the store could not take (a full disk): job id -> (state, error, result), recorded
+        # before the next job starts, or by a cancel; until then the record reads "running".
+        self._unrecorded: dict[str, tuple[str, dict | None, JobResult | None]] = {}
 
     # ------------------------------------------------------------ start-up and shutdown
 
-    def recover(self) -> list[JobRecord]:
-        """Settle what a dead process left: running -> queued (once) or failed. Returns the
-        jobs it changed."""
+    def recover(self, saved: Callable[[JobRecord], JobResult | None] = lambda job: None) -> list[JobRecord]:
+        """Settle what a dead process left: running -> queued (once) or failed; done where
+        `saved` finds that a job to be failed or cancelled had stored its result before the stop
+        (jobkinds.saved_before_stop). Returns the jobs it changed."""
         changed = []
         for job in self.jobs.jobs():
             if job.state != "running":
                 continue
-            if job.cancel_requested:   # cancelled, and the service stopped before it ended
+            final = job.cancel_requested or (not job.paused and job.attempts >= MAX_ATTEMPTS)
+            result = saved(job) if final else None
+            if result is not None:
+                job.state, job.finished, job.error = "done", time.time(), None
+                job.result = result.model_dump(mode="json")
+            elif job.cancel_requested:   # cancelled, and the service stopped before it ended
                 job.state, job.finished = "cancelled", time.time()
                 job.error = error_body(Cancelled(CANCELLED_AT_STOP))
             elif job.paused:   # a generate it paused for was running: that one takes the count
@@ -235,9 +244,15 @@ class Worker:
                 log.warning("job %s was damaged and is removed: %s", job_id, exc.message)
                 raise Corrupt(f"{exc.message.rstrip('.')}; it could not run, and it is removed now.",
                               "Submit it again.") from None
-            was_queued = job.state == "queued"
-            if was_queued:
+            ended = job.state == "queued"
+            if ended:
                 self._finish(job, "cancelled", error=error_body(Cancelled("Cancelled before it started.")))
+            elif job.state == "running" and job_id in self._unrecorded:
+                # it ended, but the store could not take its end then: recorded now, as it was
+                state, error, result = self._unrecorded[job_id]
+                self._finish(job, state, error=error, result=result)   # (a full disk still: said)
+                del self._unrecorded[job_id]
+                ended = True
             elif job.state == "running":
                 # Kept in the record: neither a stop nor a crash before the job's next step
                 # may bring it back.
@@ -246,7 +261,7 @@ class Worker:
                 for running, token in self._running:
                     if running.id == job_id:
                         token.cancel()
-        if was_queued:
+        if ended:
             self.on_change(job)
         return job
 
@@ -286,6 +301,7 @@ class Worker:
 
     def _turn(self) -> None:
         """Take the next job and run it, or wait for one."""
+        self._record_unrecorded()
         try:
             job = self._take_next()
         except ConesError as exc:   # the store cannot take the job's start: say, wait, retry
@@ -303,6 +319,19 @@ class Worker:
             return
         self._run_one(job)
         release_freed()   # between jobs: a service idles for days after its largest job
+
+    def _record_unrecorded(self) -> None:
+        """Record the ends the store could not take when their jobs ended."""
+        with self._lock:
+            for job_id, (state, error, result) in list(self._unrecorded.items()):
+                try:
+                    job = self.jobs.get_job(job_id)
+                    if job.state == "running":
+                        self._finish(job, state, error=error, result=result)
+                    del self._unrecorded[job_id]
+                    log.info("job %s: its end (%s) is recorded now", job_id, state)
+                except ConesError:
+                    return   # the store still cannot: tried again before the next job
 
     def _take_next(self, kinds: tuple[str, ...] | None = None) -> JobRecord | None:
         with self._lock:
@@ -386,9 +415,15 @@ class Worker:
                     self._finish(job, state, error=error, result=result)
             except ConesError as exc:
                 # The store cannot record the end (its folder removed, its disk full): the job's
-                # followers still hear of it, and the worker lives on to say so to the next.
+                # followers still hear of it, and the worker lives on to say so to the next and
+                # to record it once the store takes it (before the next job, or at a cancel).
                 log.error("job %s: its end could not be recorded: %s", job.id, exc.message)
-                self.hub.publish(ProgressInfo(job=job.id, state="failed", error=ErrorBody(**error_body(exc))))
+                if state != "queued":
+                    self._unrecorded[job.id] = (state, error, result)
+                ended = {"done": "it ended", "failed": "it failed", "cancelled": "it was cancelled"}
+                said = type(exc)(f"{exc.message.rstrip('.')}: {ended.get(state, 'it ended')}, but "
+                                 "that could not be recorded.", exc.hint)
+                self.hub.publish(ProgressInfo(job=job.id, state="failed", error=ErrorBody(**error_body(said))))
                 return
             finally:
                 self._running.pop()

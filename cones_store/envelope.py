@@ -39,6 +39,19 @@ def unframe(key: bytes, value: bytes) -> tuple[int, bytes]:
     return version, payload
 
 
+def frame_version(key: bytes, value: bytes) -> int | None:
+    """The schema version a whole value was framed at (its checksum confirms it), whatever
+    version that is; None for a damaged one. A newer cones frames its values, the schema record
+    too, at its own version: read so, a store of a newer schema is told as one, not as damage
+    (which salvage would have emptied)."""
+    if len(value) < _HEADER.size:
+        return None
+    magic, version, crc = _HEADER.unpack_from(value)
+    if magic != MAGIC or crc != _crc(key, version, bytes(value[_HEADER.size:])):
+        return None
+    return version
+
+
 def unchecked_payload(value: bytes) -> bytes:
     """The payload without checking it: to read what a value says it is before its checksum
     confirms it (a value under a damaged key names the key it was written under)."""

@@ -48,7 +48,7 @@ from .env import DEFAULT_MAP_SIZE, PAGE_ERRORS, SALVAGE_HINT, Env, lmdb_reason
 from .binding import BaseModelBinding
 from .jobs import JobQueue
 from .overlap import SEP, OverlapIndex, record_indices
-from .envelope import SCHEMA_VERSION, frame, unchecked_payload, unframe
+from .envelope import SCHEMA_VERSION, frame, frame_version, unchecked_payload, unframe
 from .records import ConceptMeta, ConceptRecord, Overlap, validate_name
 
 log = logging.getLogger("cones.store")
@@ -105,6 +105,13 @@ class ConceptStore(JobQueue, OverlapIndex, BaseModelBinding):
     # -- schema --------------------------------------------------------------------------------
 
     def _check_schema(self) -> None:
+        framed = self._env.read(lambda txn: frame_version(b"schema", txn.get(b"schema", db=self._db["meta"]) or b""))
+        if framed is not None and framed > SCHEMA_VERSION:   # before anything reads it as damage
+            raise ProtocolMismatch(
+                f"The concept store at {self.path} was written by a newer cones (schema "
+                f"{framed}); this cones reads up to schema {SCHEMA_VERSION}.",
+                "Upgrade cones, or point CONES_HOME elsewhere. Do not salvage it: this cones "
+                "would read every record as damaged.")
         try:
             stored = self._meta_value(b"schema")
             if stored is not None and not _schema_record(stored):

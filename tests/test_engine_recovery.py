@@ -128,6 +128,35 @@ def test_a_learn_or_import_whose_first_run_stored_it_is_done_when_run_again(engi
     assert engine.saved_by_first_run(dataclasses.replace(record.meta, created=1.0)) is None
 
 
+def test_start_up_settles_a_learn_stopped_for_good_after_it_stored_its_concept_as_done(engine):
+    """A review's find: the service killed on a learn's last attempt after the concept was
+    stored (or a cancel that came after it was) left the job "failed" (or "cancelled") beside the
+    stored concept; an inbox folder then got a note saying it failed. Start-up now looks."""
+    import types
+
+    from cns_daemon.jobkinds import saved_before_stop
+    from cns_daemon.worker import MAX_ATTEMPTS, Worker
+    from cones_store.records import JobRecord
+
+    engine.store.put(cns_record(engine, "rex", "sks", 1.0, 1_700_000_000.0, photo_digests=["a" * 64]))
+    learn = LearnJob(name="rex", class_word="dog", method="cns", photo_digests=["a" * 64]).model_dump(mode="json")
+    other = {**learn, "name": "pot"}   # stopped for good, nothing stored: failed as before
+    jobs = {"crashed": JobRecord(id="a" * 12, kind="learn", request=learn, state="running", attempts=MAX_ATTEMPTS),
+            "cancelled": JobRecord(id="b" * 12, kind="learn", request=learn, state="running", attempts=1,
+                                   cancel_requested=True),
+            "again": JobRecord(id="c" * 12, kind="learn", request=learn, state="running", attempts=1),
+            "lost": JobRecord(id="d" * 12, kind="learn", request=other, state="running", attempts=MAX_ATTEMPTS)}
+    for job in jobs.values():
+        engine.store.put_job(job)
+    service = types.SimpleNamespace(engine=engine, store=engine.store)
+    Worker(engine.store, lambda *a: None).recover(lambda job: saved_before_stop(service, job))
+    got = {k: engine.store.get_job(j.id) for k, j in jobs.items()}
+    assert got["crashed"].state == got["cancelled"].state == "done"
+    assert got["crashed"].result["metrics"]["note"] == SAVED_BEFORE_STOP and got["crashed"].error is None
+    assert got["again"].state == "queued"   # a retry still to come finds it itself (jobkinds._learn)
+    assert got["lost"].state == "failed"
+
+
 @pytest.mark.parametrize("scope", ["all", "concept"])
 def test_a_cns_record_refused_half_way_leaves_the_model_as_it_was(fresh_tiny_pipe, scope):
     """Its embedding row has the wrong width: found before any value is written (values stayed

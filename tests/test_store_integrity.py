@@ -20,6 +20,7 @@ from cones_store import ConceptStore
 from cones_store.envelope import frame
 from cones_store.fixtures.samples import sample_record
 from cones_store.serialize import dump_json
+from helpers.service import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,6 +251,27 @@ def test_store_from_newer_schema_is_refused(tmp_path):
     env.close()
     with pytest.raises(ProtocolMismatch, match="schema 99"):
         ConceptStore.open(path)
+
+
+def test_a_store_a_newer_cones_wrote_is_told_as_newer_not_as_damage(tmp_path):
+    """A review's find: a newer cones frames every value at its own version, the schema record
+    too; read so, this cones called the schema record damaged, `store check` every record, and
+    the advised salvage copied nothing into a fresh store: the person's concepts gone from view.
+    Now open, check and salvage all say it is a newer store, and salvage moves nothing."""
+    from cones_store.salvage import check, salvage
+
+    path = tmp_path / "s"
+    with ConceptStore.open(path) as s:
+        s.put(sample_record("rex", "cns"))
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:   # as a schema-2 cones writes it: framed at 2 throughout
+        meta = env.open_db(b"meta", txn=txn)
+        txn.put(b"schema", frame(b"schema", dump_json({"version": 2}), version=2), db=meta)
+    env.close()
+    for opening in (lambda: ConceptStore.open(path), lambda: check(path), lambda: salvage(path)):
+        with pytest.raises(ProtocolMismatch, match="newer cones .schema 2"):
+            opening()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]   # nothing moved aside
 
 
 # -- map growth and concurrency -------------------------------------------------------------------
@@ -718,6 +740,47 @@ def test_the_job_queue_goes_on_after_the_worker_meets_an_error_between_jobs(tmp_
             time.sleep(0.05)
         assert store.get_job(first.id).state == store.get_job(second.id).state == "done"
         assert worker.alive and len(calls) == 2
+    finally:
+        worker.stop()
+        store.close()
+
+
+def test_a_job_end_the_store_could_not_take_is_recorded_later_or_at_a_cancel(tmp_path, monkeypatch):
+    """A review's find: a job whose end could not be written (a full disk) read "running" until
+    a restart, `cones cancel` said "it stops at its next step" and did nothing, and a learn of
+    the same name was refused as under way. Its end is now kept and recorded before the next
+    job starts, or at once by a cancel."""
+    from cns_daemon.api.errors import Storage
+    from cns_daemon.api.protocol import GenerateRequest, JobResult
+    from cns_daemon.worker import Worker
+
+    store = ConceptStore.open(tmp_path / "store", fingerprint="base-A")
+    real_put, full = store.put_job, [True]
+
+    def put_job(job):
+        if job.state in ("done", "failed", "cancelled") and full[0]:
+            raise Storage("The store's disk is full.")
+        return real_put(job)
+
+    monkeypatch.setattr(store, "put_job", put_job)
+    worker = Worker(store, lambda job, progress, token: JobResult(images=[]))
+    worker.start()
+    try:
+        first = worker.submit("generate", GenerateRequest(prompt="a plain photo"))
+        wait_until(lambda: first.id in worker._unrecorded, what="the end that could not be written")
+        assert store.get_job(first.id).state == "running"
+        with pytest.raises(Storage):   # the disk still full: said, and the end still kept
+            worker.cancel(first.id)
+        full[0] = False
+        assert worker.cancel(first.id).state == "done"   # what it was, recorded by the cancel
+        full[0] = True
+        assert store.get_job(first.id).state == "done" and not worker._unrecorded
+        second = worker.submit("generate", GenerateRequest(prompt="another photo"))
+        wait_until(lambda: second.id in worker._unrecorded, what="the second end")
+        full[0] = False   # space again: recorded before the next job starts
+        third = worker.submit("generate", GenerateRequest(prompt="a third photo"))
+        wait_until(lambda: store.get_job(third.id).state == "done", what="the third job")
+        assert store.get_job(second.id).state == "done"
     finally:
         worker.stop()
         store.close()
