@@ -38,8 +38,10 @@ def make_folder(path: Path, what: str, setting: str) -> None:
     disk, BadInput (exit 2) for a file in the way."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "Permission denied")
+        if not os.access(path, os.W_OK | os.X_OK):   # said as what it is: a read-only mount or not
+            read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+            raise OSError(errno.EROFS, "Read-only file system") if read_only else \
+                PermissionError(errno.EACCES, "Permission denied")
     except OSError as exc:
         kind = Storage if storage_error(exc) else BadInput
         raise kind(f"Cannot use {path} as the {what}: {exc.strerror or exc}.",
@@ -131,8 +133,11 @@ class InstanceLock:
         "stopping"): a client that finds the lock held but no socket tells a loading model from
         a service stopping, or one whose socket was removed under it."""
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, f"{os.getpid()}\n{self.serves or ''}\n{state}\n".encode(), 0)
+            try:
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, f"{os.getpid()}\n{self.serves or ''}\n{state}\n".encode(), 0)
+            except OSError as exc:   # a full disk at the first start: say which file
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def release(self) -> None:
         if self.fd is not None:

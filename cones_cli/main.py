@@ -364,7 +364,13 @@ def jobs(limit: int = typer.Option(20, min=1, max=MAX_JOBS_LISTED, help="How man
     """Recent jobs and their state."""
     with client() as c:
         items = c.jobs(limit)
-    print_json(items) if as_json else console.print(jobs_table(items))
+    if as_json:
+        print_json(items)
+        return
+    console.print(jobs_table(items))
+    failed = next((j for j in items if j.state == "failed" and j.error and j.error.hint), None)
+    if failed is not None:   # the table has room for what went wrong, not for what to do
+        err_console.print(f"job {failed.id} failed: {failed.error.hint}", highlight=False, markup=False)
 
 
 @app.command()

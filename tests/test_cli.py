@@ -409,3 +409,35 @@ def test_cancel_of_a_running_job_says_what_it_does(monkeypatch, kind, said):
     monkeypatch.setattr(cones_cli.main, "client", client)
     r = CliRunner().invoke(cones_cli.main.app, ["cancel", "d" * 12])
     assert r.exit_code == 0 and said in " ".join(r.output.split()), r.output
+
+
+def test_jobs_says_what_to_do_about_the_newest_failed_job(monkeypatch):
+    """A review's find: a failed job's hint (read the log, submit it again) was in `--json` only;
+    the table has room for what went wrong."""
+    from contextlib import contextmanager
+
+    from typer.testing import CliRunner
+
+    import cones_cli.main
+    from cns_daemon.api.protocol import ErrorBody, JobInfo
+
+    def failed(i, hint):
+        return JobInfo(id=str(i) * 12, kind="learn", state="failed", summary="learn <rex>", created=0.0,
+                       error=ErrorBody(code="internal", message="It stopped twice.", hint=hint))
+
+    jobs = [JobInfo(id="a" * 12, kind="generate", state="done", summary="generate 1x 'a'", created=0.0),
+            failed(1, "Look at the service log, then submit it again."), failed(2, "An older hint.")]
+
+    class Fake:
+        def jobs(self, limit):
+            return jobs
+
+    @contextmanager
+    def client():
+        yield Fake()
+
+    monkeypatch.setattr(cones_cli.main, "client", client)
+    r = CliRunner().invoke(cones_cli.main.app, ["jobs"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and f"job {'1' * 12} failed: Look at the service log, then submit it again." in out
+    assert "An older hint" not in out

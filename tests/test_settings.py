@@ -419,3 +419,35 @@ def test_a_folder_whose_name_is_not_utf8_is_refused_by_name(cones_home, monkeypa
         load_settings().paths
     with pytest.raises(BadInput, match="not UTF-8"):
         default_paths(odd)
+
+
+def test_a_read_only_data_folder_and_a_full_disk_at_the_first_start_are_said_as_they_are(tmp_path, monkeypatch):
+    """A review's find: a read-only mount was said as "Permission denied", and a full disk at
+    the first start as "A file operation failed" without a file."""
+    import types
+
+    from cns_daemon import daemon
+    from cns_daemon.api.errors import Storage, storage_error
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    monkeypatch.setattr(daemon.os, "access", lambda *a: False)
+    monkeypatch.setattr(daemon.os, "statvfs", lambda p: types.SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(Storage, match="Read-only file system"):
+        daemon.make_folder(folder, "data folder", "data_dir")
+    monkeypatch.setattr(daemon.os, "statvfs", lambda p: types.SimpleNamespace(f_flag=0))
+    with pytest.raises(Storage, match="Permission denied"):
+        daemon.make_folder(folder, "data folder", "data_dir")
+    monkeypatch.undo()
+
+    lock = daemon.InstanceLock(tmp_path / "cones.lock")
+    lock.acquire(None)
+
+    def full(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(daemon.os, "pwrite", full)
+    with pytest.raises(OSError) as exc:
+        lock.say("serving")
+    assert str(tmp_path / "cones.lock") in storage_error(exc.value).message
+    lock.release()
