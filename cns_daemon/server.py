@@ -288,7 +288,8 @@ class App:
         if not 1 <= limit <= MAX_JOBS_LISTED:
             raise BadInput(f"limit must be a whole number from 1 to {MAX_JOBS_LISTED}, not {raw!r}.")
         jobs = await asyncio.to_thread(self.service.jobs, limit)
-        return json_response(JobList(jobs=jobs))
+        damaged = await asyncio.to_thread(self.service.worker.jobs.damaged_jobs)
+        return json_response(JobList(jobs=jobs, damaged=damaged))
 
     async def show_job(self, req: Request, params: dict) -> Response:
         job = await asyncio.to_thread(self.service.job, params["id"])

@@ -308,7 +308,8 @@ class Service:
             not_rebuilt=health["not_rebuilt"], memory=getattr(self.engine, "memory_in_effect", []),
             method=self.settings.method,
             queue=QueueInfo(queued=len(self.worker.queued()),
-                            running=self.worker.info(running) if running else None))
+                            running=self.worker.info(running) if running else None,
+                            damaged=self.worker.jobs.damaged_jobs()))
 
     # ------------------------------------------------------------ the worker's side
 

@@ -147,7 +147,11 @@ class Client:
         return self._call("POST", "/eval", JobInfo, body=req)
 
     def jobs(self, limit: int = 50) -> list[JobInfo]:
-        return self._call("GET", f"/jobs?limit={limit}", JobList).jobs
+        return self.job_list(limit).jobs
+
+    def job_list(self, limit: int = 50) -> JobList:
+        """The jobs, and the ids of job records that cannot be read."""
+        return self._call("GET", f"/jobs?limit={limit}", JobList)
 
     def job(self, job_id: str) -> JobInfo:
         return self._call("GET", f"/jobs/{segment('id', job_id)}", JobInfo)

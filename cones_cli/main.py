@@ -23,7 +23,7 @@ from cones_cli.generation import eval_, generate
 from cones_cli.session import client, request, wait_for
 from cones_cli.toyworld import toyworld_app
 from cones_cli.views import (click_errors, concept_problems, concept_table, concepts_table, console, err_console,
-                       handled, jobs_table, output_folder, print_json, shorten, status_table,
+                       damaged_jobs_lines, handled, jobs_table, output_folder, print_json, shorten, status_table,
                        remove_made, this_command, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, ConesError, Corrupt
 from cns_daemon.api.names import METHODS, validate_new_name
@@ -363,7 +363,10 @@ def jobs(limit: int = typer.Option(20, min=1, max=MAX_JOBS_LISTED, help="How man
          as_json: bool = JSON) -> None:
     """Recent jobs and their state."""
     with client() as c:
-        items = c.jobs(limit)
+        listed = c.job_list(limit)
+    items = listed.jobs
+    for line in damaged_jobs_lines(listed.damaged):   # (on stderr: --json's document stays the list)
+        err_console.print(line, highlight=False, markup=False)
     if as_json:
         print_json(items)
         return

@@ -403,7 +403,7 @@ def status_table(s: StatusInfo) -> Table:
                  ("uptime", duration(s.uptime_s)), ("model", s.model),
                  ("device", f"{s.device} / {s.dtype}"), ("memory", ", ".join(s.memory) or "-"),
                  ("fingerprint", s.fingerprint), ("default method", s.method or "-"),
-                 ("concepts", _concept_count(s)), ("running", running), ("queued", str(s.queue.queued)),
+                 ("concepts", _concept_count(s)), ("running", running), ("queued", _queued(s)),
                  ("socket", s.socket), ("data", s.data),
                  ("inbox", s.inbox + ("" if s.inbox_watched else " (not watched)"))):
         table.add_row(k, escape(v))   # paths and prompts are text, not markup
@@ -418,6 +418,22 @@ def _running_line(job) -> str:
         line += f" ({p.phase + ' ' if p.phase else ''}{p.step}/{p.total}"
         line += f", about {p.eta_s:.0f} s left)" if p.eta_s is not None else ")"
     return line
+
+
+def _queued(s: StatusInfo) -> str:
+    n = len(s.queue.damaged)
+    return f"{s.queue.queued}" + (f" ({n} damaged job record{'s' if n != 1 else ''}: see `cones jobs`)" if n else "")
+
+
+def damaged_jobs_lines(ids: list[str]) -> list[str]:
+    """What `cones jobs` says of job records that cannot be read (a damaged queued learn never
+    runs, and no listing shows it)."""
+    if not ids:
+        return []
+    some = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return [f"{len(ids)} job record{'s are' if len(ids) != 1 else ' is'} damaged and cannot run or be "
+            f"shown: {some}. `cones cancel ID` removes one (submit it again if you still want "
+            "it); `cones store check` says more."]
 
 
 def _concept_count(s: StatusInfo) -> str:

@@ -40,6 +40,19 @@ class JobQueue:
         key = _job_key(job_id)
         return self._env.read(lambda txn: self._read_job(txn, key))
 
+    def damaged_jobs(self) -> list[str]:
+        """The ids of job records that do not read (`jobs` skips them): said by `cones jobs` and
+        `cones status`, not lost without a word."""
+        def txn_fn(txn):
+            out = []
+            for key, raw in txn.cursor(db=self._db["jobs"]):
+                try:
+                    ser.decode_job(unframe(key, raw)[1])
+                except CodecError:
+                    out.append(key.decode(errors="replace"))
+            return out
+        return self._env.read(txn_fn)
+
     def jobs(self, states: Iterable[str] | None = None) -> list[JobRecord]:
         """Jobs (in `states`, or all), highest priority first, then oldest first. Damaged job
         records are skipped with a warning."""

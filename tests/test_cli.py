@@ -441,3 +441,36 @@ def test_jobs_says_what_to_do_about_the_newest_failed_job(monkeypatch):
     out = " ".join(r.output.split())
     assert r.exit_code == 0 and f"job {'1' * 12} failed: Look at the service log, then submit it again." in out
     assert "An older hint" not in out
+
+
+def test_damaged_job_records_are_said_by_jobs_and_status(monkeypatch):
+    """A review's find: a queued learn whose record was damaged never ran and was in no
+    listing (only `cones store check` named its id)."""
+    from contextlib import contextmanager
+
+    from typer.testing import CliRunner
+
+    import cones_cli.main
+    from cns_daemon.api.protocol import JobList, QueueInfo, StatusInfo
+
+    class Fake:
+        def job_list(self, limit):
+            return JobList(jobs=[], damaged=["d50107539eee"])
+
+        def status(self):
+            return StatusInfo(protocol="8", version="0", pid=1, uptime_s=1.0, socket="/s", data="/d",
+                              inbox="/i", inbox_watched=True, model="m", device="cpu", dtype="float32",
+                              fingerprint="f", concepts=0, queue=QueueInfo(queued=0, damaged=["d50107539eee"]))
+
+    @contextmanager
+    def client():
+        yield Fake()
+
+    monkeypatch.setattr(cones_cli.main, "client", client)
+    for args in (["jobs"], ["jobs", "--json"]):
+        r = CliRunner().invoke(cones_cli.main.app, args)
+        out = " ".join(r.output.split())
+        assert r.exit_code == 0 and "1 job record is damaged and cannot run or be shown: d50107539eee" in out
+        assert "`cones cancel ID` removes one" in out
+    r = CliRunner().invoke(cones_cli.main.app, ["status"])
+    assert r.exit_code == 0 and "1 damaged job record: see `cones jobs`" in " ".join(r.output.split()), r.output

@@ -217,9 +217,9 @@ def test_damaged_metadata_and_jobs(tmp_path):
             s.get("rex")
         with pytest.raises(Corrupt, match="job-1"):
             s.get_job("job-1")
-        assert s.jobs() == []
+        assert s.jobs() == [] and s.damaged_jobs() == ["job-1"]   # (said by `cones jobs` and `status`)
         assert s.get("mug").masks.keys() == records["mug"].masks.keys()
-        # It can never run and `cones jobs` does not list it: the hint's `cones cancel` removes it
+        # It can never run: the hint's `cones cancel` removes it
         from cns_daemon.worker import Worker
 
         with pytest.raises(Corrupt, match="job-1") as err:
@@ -229,6 +229,7 @@ def test_damaged_metadata_and_jobs(tmp_path):
             Worker(s, lambda *a: None).cancel("job-1")
         with pytest.raises(NotFound):
             s.get_job("job-1")
+        assert s.damaged_jobs() == []
 
 
 def test_not_an_lmdb_file_is_a_clear_error(tmp_path):

@@ -47,7 +47,9 @@ from cns_daemon.api.names import NAME_PATTERN, MethodName  # noqa: F401  (part o
 #    the concept's archived photos with it (`?photos=1`); POST /photos/prune; AddRequest.skipped.
 # 7: a removal's result names the archived photos it leaves, to learn the concept again
 #    (`JobResult.photos`).
-PROTOCOL_VERSION = "7"
+# 8: the ids of damaged job records (`JobList.damaged`, `QueueInfo.damaged`): a queued learn
+#    whose record cannot be read was gone from every listing without a word.
+PROTOCOL_VERSION = "8"
 PROTOCOL_HEADER = "X-Cones-Protocol"
 # The progress message of a learn while a generate runs inside it (`cones jobs` shows it).
 PAUSED_FOR = "paused for generate job "
@@ -299,6 +301,7 @@ class JobInfo(Model):
 
 class JobList(Model):
     jobs: list[JobInfo]
+    damaged: list[str] = Field(default_factory=list)   # ids of job records that cannot be read
 
 
 class ConceptInfo(Model):
@@ -336,6 +339,7 @@ class PhotosPruned(Model):
 class QueueInfo(Model):
     queued: int
     running: JobInfo | None = None
+    damaged: list[str] = Field(default_factory=list)   # ids of job records that cannot be read
 
 
 class StatusInfo(Model):
