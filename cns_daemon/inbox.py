@@ -128,6 +128,13 @@ class Inbox:
     def _clear_at_start(self, folder: Path, job: JobRecord) -> None:
         """The clean-up a learn's process did not live to do; one folder that cannot be
         cleared is said in the log and left, never a service that does not start."""
+        staged = folder.with_name(clearing_name(folder.name, job.id))
+        if staged.is_dir():   # its clean-up began: finished now
+            try:
+                self._finish_clearing(staged, folder.name, job)
+            except OSError as exc:
+                log.warning("inbox folder %s: cannot finish its clean-up: %s", staged.name, exc)
+            return
         try:
             if not (folder.is_dir() and job.request.get("name") in self.service.store
                     and left_uncleared(folder, job)):   # not a folder so named dropped again
@@ -445,6 +452,22 @@ class Inbox:
             return
         if not folder.is_dir():
             return
+        # Out of the watched names in one step first: a process that died while the photos went
+        # one by one left a folder of captions that the next scan took as new, and refused with a
+        # note saying the concept could not be learned (a review's find). Hidden, the rest is
+        # finished at the next start (`_clear_at_start`).
+        staged = folder.with_name(clearing_name(folder.name, job.id))
+        folder.rename(staged)
+        try:
+            self._finish_clearing(staged, folder.name, job)
+        except OSError:   # back under its own name, where its note says it could not be cleared
+            if staged.is_dir() and not folder.exists():
+                staged.rename(folder)
+            raise
+
+    def _finish_clearing(self, folder: Path, name: str, job: JobRecord) -> None:
+        """Delete the archived photos of a cleared folder (renamed hidden), move what else it
+        holds aside under its own `name`, or remove it."""
         archive = self.service.archive
         for p, digest in taken_photos(folder, job):
             if p.name != CONFIG_FILE and p.name not in NOTE_FILES and archive.has(digest):
@@ -453,12 +476,17 @@ class Inbox:
         # called ERROR.txt is a leftover like any other (it was deleted with the folder).
         leftovers = [p for p in folder.iterdir() if p.name not in NOTE_FILES or not ours(p)]
         if leftovers:
-            dest = archive.root / "inbox-leftovers" / f"{folder.name}-{job.id}"
+            dest = archive.root / "inbox-leftovers" / f"{name}-{job.id}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(folder), str(dest))
             make_private(dest)   # in the data folder now: as private as the rest of it
         else:
             shutil.rmtree(folder)
+
+
+def clearing_name(name: str, job_id: str) -> str:
+    """The hidden name a learned inbox folder is cleared under (the scan skips hidden names)."""
+    return f".{name}.clearing-{job_id}"
 
 
 def _as_error(body: dict) -> ConesError:

@@ -965,8 +965,10 @@ def test_a_learned_folder_that_cannot_be_cleared_is_noted_not_taken_again(tmp_pa
     folder, job, inbox = _learned_folder(tmp_path)
     real = Path.unlink
 
-    def unlink(self, *a, **kw):
-        if self.parent == folder and self.name == "photo1.png":
+    from cns_daemon.inbox import clearing_name
+
+    def unlink(self, *a, **kw):   # (in the folder, or where its clean-up renames it first)
+        if self.parent.name in (folder.name, clearing_name(folder.name, job.id)) and self.name == "photo1.png":
             raise PermissionError(1, "Operation not permitted", str(self))
         return real(self, *a, **kw)
 
@@ -983,6 +985,27 @@ def test_a_learned_folder_that_cannot_be_cleared_is_noted_not_taken_again(tmp_pa
     now = time.time()
     inbox._scan_one(folder, now)   # first seen: settling from now
     assert inbox._scan_one(folder, now + 3600) is False   # settled, and left alone (not taken)
+
+
+def test_a_clean_up_cut_short_is_finished_at_the_next_start_and_the_folder_not_taken_again(tmp_path):
+    """A review's find: the service died while a learned folder's photos went one by one; the
+    folder of captions left was taken again at the next start and refused with a note that the
+    concept could not be learned (no usable photo). The folder is renamed out of the scanned
+    names in one step first, and a clean-up so begun is finished at the next start."""
+    from cns_daemon.inbox import clearing_name
+
+    folder, job, inbox = _learned_folder(tmp_path)
+    (folder / "photo0.txt").write_text("a mug on a table")
+    staged = folder.with_name(clearing_name(folder.name, job.id))
+    folder.rename(staged)   # as the clean-up's first step left it
+    (staged / "photo0.png").unlink()   # and one photo of three gone when the process died
+    inbox.take = lambda f: pytest.fail(f"{f.name} taken")
+    inbox.scan()   # hidden: not a folder to learn
+    inbox._clear_at_start(folder, job)
+    assert not staged.exists() and not folder.exists()
+    kept = tmp_path / "data" / "archive" / "inbox-leftovers" / f"{folder.name}-{job.id}"
+    assert (kept / "photo0.txt").read_text() == "a mug on a table"   # the caption, moved aside
+    assert sorted(p.name for p in kept.iterdir()) == ["photo0.txt"]
 
 
 def test_a_copy_of_a_photo_does_not_count_against_the_folders_cap(tmp_path, monkeypatch):
