@@ -90,9 +90,11 @@ class Generator:
 def measure_prior(gen: Generator, judge: Judge, records: dict, n: int, seed: int) -> tuple[float, float]:
     """Plain prompts (no concept; one image each): shape, colour and background honoured, for
     single-object prompts and (per half) for two-object ones. Through the generation routine
-    with every learned record, as the service draws them: a scoped concept acts only inside that
-    routine (its token scope), and Cones and Cones 2 records are applied only there, so a plain
-    pipeline call would read the base model whatever they learned (a review's find)."""
+    with every learned record, as the service draws them (it was the bare pipeline). A plain
+    prompt names no concept, so a scoped or per-request concept (CNS and Cones scoped, Cones 2)
+    leaves it as the base model draws it by design, and reads a drop of 0 either way; what can
+    move it is a concept written into the weights (CNS or Cones with scope all, the naive
+    baseline), which both routes see."""
     rates = []
     for two, score in ((False, prompt_fidelity), (True, two_object_fidelity)):
         cases = plain_prompt_cases(n, seed, two_objects=two)

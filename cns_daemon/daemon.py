@@ -24,7 +24,7 @@ from cns_daemon.archive import Archive, make_private
 from cns_daemon.api.errors import BadInput, Conflict, ConesError, Storage, storage_error
 from cns_daemon.api.trust import RUNTIME_HINT, folder_problem
 from cns_daemon.notify import Notifier
-from cns_daemon.api.settings import Paths, Settings
+from cns_daemon.api.settings import Paths, Settings, check_text_paths
 
 log = logging.getLogger("cones")
 
@@ -265,6 +265,7 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
     from cns_daemon.jobkinds import saved_before_stop
 
     paths = settings.paths
+    check_text_paths(paths, settings.watch_inbox)
     notifier = notifier or Notifier()
     prepare_runtime(paths)
     lock = InstanceLock(paths.runtime_lock)

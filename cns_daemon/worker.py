@@ -239,8 +239,9 @@ class Worker:
         with self._lock:
             try:
                 job = get_job_or_404(self.jobs, job_id)
-            except Corrupt as exc:   # it can never run; `cones jobs` does not list it
+            except Corrupt as exc:   # it can never run (`cones jobs` lists its id as damaged)
                 self.jobs.delete_job(job_id)
+                self._unrecorded.pop(job_id, None)
                 log.warning("job %s was damaged and is removed: %s", job_id, exc.message)
                 raise Corrupt(f"{exc.message.rstrip('.')}; it could not run, and it is removed now.",
                               "Submit it again.") from None
@@ -321,17 +322,24 @@ class Worker:
         release_freed()   # between jobs: a service idles for days after its largest job
 
     def _record_unrecorded(self) -> None:
-        """Record the ends the store could not take when their jobs ended."""
+        """Record the ends the store could not take when their jobs ended, and tell the
+        listeners (an inbox folder is cleared or noted then, an upload removed)."""
+        recorded = []
         with self._lock:
             for job_id, (state, error, result) in list(self._unrecorded.items()):
                 try:
                     job = self.jobs.get_job(job_id)
                     if job.state == "running":
                         self._finish(job, state, error=error, result=result)
+                        recorded.append(job)
                     del self._unrecorded[job_id]
                     log.info("job %s: its end (%s) is recorded now", job_id, state)
+                except (NotFound, Corrupt):   # its record gone (a cancel removed a damaged one)
+                    del self._unrecorded[job_id]
                 except ConesError:
-                    return   # the store still cannot: tried again before the next job
+                    break   # the store still cannot: tried again before the next job
+        for job in recorded:
+            self.on_change(job)
 
     def _take_next(self, kinds: tuple[str, ...] | None = None) -> JobRecord | None:
         with self._lock:
@@ -352,7 +360,11 @@ class Worker:
         """Inside a paused learn job (its changes set aside): run the waiting generate jobs."""
         paused = self.hub.latest(learn.id)
         marked = False
-        while (job := self._take_next(INTERLEAVED)) is not None:
+        while True:
+            self._record_unrecorded()   # (a learn runs for hours: not only between jobs)
+            job = self._take_next(INTERLEAVED)
+            if job is None:
+                break
             if not marked:
                 marked = self._mark_paused(learn.id, True)
             if paused is not None:
@@ -420,9 +432,10 @@ class Worker:
                 log.error("job %s: its end could not be recorded: %s", job.id, exc.message)
                 if state != "queued":
                     self._unrecorded[job.id] = (state, error, result)
-                ended = {"done": "it ended", "failed": "it failed", "cancelled": "it was cancelled"}
-                said = type(exc)(f"{exc.message.rstrip('.')}: {ended.get(state, 'it ended')}, but "
-                                 "that could not be recorded.", exc.hint)
+                ended = {"done": "it ended", "failed": "it failed", "cancelled": "it was cancelled",
+                         "queued": "it was to start over at the next start"}[state]
+                said = type(exc)(f"{exc.message.rstrip('.')}: {ended}, but that could not be "
+                                 "recorded.", exc.hint)
                 self.hub.publish(ProgressInfo(job=job.id, state="failed", error=ErrorBody(**error_body(said))))
                 return
             finally:

@@ -391,7 +391,7 @@ def cancel(job_id: str = typer.Argument(..., help="The job's id, as `cones jobs`
             raise Conflict(f"Job {before.id} ({shorten(before.summary)}) has already finished: "
                            f"{before.state}.", "Nothing to cancel; `cones jobs` lists the jobs still queued or running.")
         job = c.cancel(job_id)
-    if job.state == "cancelled":
+    if job.state == "cancelled" and before.state == "queued":
         console.print(f"Cancelled job {job.id} ({escape(shorten(job.summary))}) before it started.")
     elif job.state == "running" and job.kind not in STOPPED_MIDWAY:
         console.print(f"Job {job.id} ({escape(shorten(job.summary))}) is already under way and is not "

@@ -201,10 +201,10 @@ def test_the_baselines_adam_steps_fp32_masters_of_half_weights():
 
 
 def test_plain_prompts_are_drawn_through_the_generation_routine_with_every_record(random_judge):
-    """A review's find: the prior drop drew its plain prompts with the bare pipeline, where a
-    scoped concept's values (token scope) and Cones / Cones 2 records (applied per request) never
-    act, so it read 0 for them whatever they learned. Each plain prompt now goes through the
-    bench's Generator (the service's routine) with the records, from its own seed."""
+    """The prior drop draws its plain prompts as the service would: each through the bench's
+    Generator (the service's routine, not the bare pipeline) with the learned records, from its
+    own seed. (A plain prompt names no concept: scoped and per-request concepts leave it as the
+    base model draws it by design, so their drop reads 0 on either route.)"""
     from PIL import Image
 
     from bench._cells import measure_prior

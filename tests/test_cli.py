@@ -419,7 +419,7 @@ def test_jobs_says_what_to_do_about_the_newest_failed_job(monkeypatch):
     from typer.testing import CliRunner
 
     import cones_cli.main
-    from cns_daemon.api.protocol import ErrorBody, JobInfo
+    from cns_daemon.api.protocol import ErrorBody, JobInfo, JobList
 
     def failed(i, hint):
         return JobInfo(id=str(i) * 12, kind="learn", state="failed", summary="learn <rex>", created=0.0,
@@ -429,8 +429,8 @@ def test_jobs_says_what_to_do_about_the_newest_failed_job(monkeypatch):
             failed(1, "Look at the service log, then submit it again."), failed(2, "An older hint.")]
 
     class Fake:
-        def jobs(self, limit):
-            return jobs
+        def job_list(self, limit):
+            return JobList(jobs=jobs)
 
     @contextmanager
     def client():

@@ -408,17 +408,25 @@ def test_a_refused_value_is_named_by_its_flag_in_plain_words_and_the_hint_names_
     assert "`cones eval --help`" in said, said
 
 
-def test_a_folder_whose_name_is_not_utf8_is_refused_by_name(cones_home, monkeypatch, tmp_path):
+def test_a_folder_whose_name_is_not_utf8_is_refused_by_name_where_the_service_uses_it(cones_home, monkeypatch, tmp_path):
     """A review's find: CONES_HOME or CONES_DATA_DIR holding a byte that is not UTF-8 failed
-    `cones serve` with a traceback (the lock file's text, LMDB's path)."""
+    `cones serve` with a traceback (the lock file's text, LMDB's path). Folders the service does
+    not use (a base overridden, an inbox not watched) are not checked (a second review's find)."""
     from cns_daemon.api.errors import BadInput
+    from cns_daemon.api.settings import check_text_paths
+    from cns_daemon.daemon import serve
 
     odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/d\xff")
     monkeypatch.setenv("CONES_DATA_DIR", odd)
+    settings = load_settings()
     with pytest.raises(BadInput, match=r"data folder .*d\\xff has a name that is not UTF-8"):
-        load_settings().paths
-    with pytest.raises(BadInput, match="not UTF-8"):
-        default_paths(odd)
+        serve(settings)   # refused before anything is made or locked
+    assert not os.path.exists(os.fsencode(odd))
+    monkeypatch.delenv("CONES_DATA_DIR")
+    monkeypatch.setenv("CONES_INBOX_DIR", odd)
+    check_text_paths(load_settings().paths, inbox=False)   # an inbox not watched: not used
+    with pytest.raises(BadInput, match="inbox folder"):
+        check_text_paths(load_settings().paths, inbox=True)
 
 
 def test_a_read_only_data_folder_and_a_full_disk_at_the_first_start_are_said_as_they_are(tmp_path, monkeypatch):

@@ -764,7 +764,9 @@ def test_a_job_end_the_store_could_not_take_is_recorded_later_or_at_a_cancel(tmp
         return real_put(job)
 
     monkeypatch.setattr(store, "put_job", put_job)
-    worker = Worker(store, lambda job, progress, token: JobResult(images=[]))
+    told: list[tuple[str, str]] = []   # what the listeners (the inbox, the status line) hear
+    worker = Worker(store, lambda job, progress, token: JobResult(images=[]),
+                    on_change=lambda job: told.append((job.id, job.state)))
     worker.start()
     try:
         first = worker.submit("generate", GenerateRequest(prompt="a plain photo"))
@@ -782,6 +784,7 @@ def test_a_job_end_the_store_could_not_take_is_recorded_later_or_at_a_cancel(tmp
         third = worker.submit("generate", GenerateRequest(prompt="a third photo"))
         wait_until(lambda: store.get_job(third.id).state == "done", what="the third job")
         assert store.get_job(second.id).state == "done"
+        assert (first.id, "done") in told and (second.id, "done") in told   # the late ends told too
     finally:
         worker.stop()
         store.close()

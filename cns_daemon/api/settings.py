@@ -30,21 +30,6 @@ class Paths:
     runtime: Path   # the socket's 0700 folder
     inbox: Path     # watched folder people drop photos into
 
-    def __post_init__(self) -> None:
-        # LMDB, the lock file's text and the socket's address take text paths: a folder name of
-        # bytes that are not UTF-8 (CONES_HOME=$'/tmp/h\xff') failed `cones serve` with a traceback
-        for field in ("data", "config", "runtime", "inbox"):
-            path = str(getattr(self, field))
-            try:
-                path.encode("utf-8")
-            except UnicodeEncodeError:
-                from cns_daemon.api.errors import BadInput
-
-                shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-                raise BadInput(f"The {field} folder {shown} has a name that is not UTF-8 text.",
-                               "Give cones folders whose names are UTF-8 (CONES_HOME, CONES_DATA_DIR, "
-                               "config.toml's folder settings).") from None
-
     @property
     def config_file(self) -> Path:
         return self.config / "config.toml"
@@ -75,6 +60,23 @@ class Paths:
     @property
     def outputs(self) -> Path:
         return self.data / "outputs"
+
+
+def check_text_paths(paths: Paths, inbox: bool) -> None:
+    """BadInput for a folder the service uses (the inbox only where it is watched) whose name is
+    not UTF-8 text: LMDB, the lock file's text and the socket's address take text, and such a
+    name (CONES_HOME=$'/tmp/h\\xff') failed `cones serve` with a traceback."""
+    for field in ("data", "config", "runtime") + (("inbox",) if inbox else ()):
+        path = str(getattr(paths, field))
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            from cns_daemon.api.errors import BadInput
+
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise BadInput(f"The {field} folder {shown} has a name that is not UTF-8 text.",
+                           "Give cones folders whose names are UTF-8 (CONES_HOME, CONES_DATA_DIR, "
+                           "config.toml's folder settings).") from None
 
 
 def blank(value) -> bool:
