@@ -295,7 +295,8 @@ def serve(settings: Settings, engine_factory: Callable | None = None,
         service.sweep()
         notifier.status("loading the model")
         engine.start()
-        service.job_listeners.append(lambda job: notifier.status(_status_line(service)))
+        if notifier.enabled:   # (the line reads the job table: not built for no one)
+            service.job_listeners.append(lambda job: notifier.status(_status_line(service)))
         sock = bind_socket(paths.socket)
         if settings.watch_inbox and _own_inbox(inbox_lock, paths.inbox):
             inbox = Inbox(service, paths.inbox, settings.settle_seconds)

@@ -55,24 +55,33 @@ def png_text(caption: str, seed: int | None = None):
     return info
 
 
-# A generated image's PNG is well over a quarter of its raw pixels (287 toy-world ones, flat grounds
-# and all: 0.60-0.77), and the contact sheet comes on top: a disk with less free than that cannot
-# hold them, so a generate says so before it draws (it drew every step, minutes on SD, then failed).
-PNG_RATIO = 4
+# What a generate writes, at most: its PNGs (a toy-world one took 0.60-0.98 of its raw pixels,
+# the smaller the closer to all of them) and the contact sheet, whose tiles scale small images up
+# (a 32 px image's sheet took three times the image). Counted as raw pixels, with room for the
+# store's own pages: a disk with less free than that cannot hold them, so a generate says so
+# before it draws (it drew every step, minutes on SD, then failed; the count was 8-17 times short).
+SPARE_BYTES = 1 << 20
 
 
 def check_room(outputs: Path, n: int, height: int, width: int) -> None:
-    """Storage error when the disk of `outputs` cannot hold `n` images of that size."""
-    need = n * height * width * 3 // PNG_RATIO
+    """Storage error when the disk of `outputs` cannot hold `n` images of that size and their
+    contact sheet."""
+    from cns_daemon.sheet import tile_pixels
+
+    need = 3 * (n * height * width + tile_pixels(n, width, height)) + SPARE_BYTES
     probe = outputs if outputs.exists() else outputs.parent
     try:
         free = shutil.disk_usage(probe).free
     except OSError:
         return   # not measurable here: saving says what goes wrong
     if free < need:
-        raise Storage(f"The disk of {outputs} has {free / 1e6:.1f} MB free; {n} image{'s' * (n > 1)} of "
-                      f"{width}x{height} need about {need / 1e6:.1f} MB.",
+        raise Storage(f"The disk of {outputs} has {_size(free)} free; {n} image{'s' * (n > 1)} of "
+                      f"{width}x{height} and their contact sheet need about {_size(need)}.",
                       f"Free some space there (generated images stay in {outputs} until you delete them).")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
 
 
 def save_images(images, out_dir: Path, caption: str = "", labels: list[str] | None = None,

@@ -259,7 +259,8 @@ class Service:
         """The queued or running job of one of `kinds` for the concept `name`, if any (an import
         job names its concept since protocol 6)."""
         for job in self.worker.jobs.jobs(("queued", "running")):
-            if job.kind in kinds and job.request.get("name") == name:
+            if job.kind in kinds and job.request.get("name") == name and \
+                    self.worker.view(job).state in ("queued", "running"):   # (not one that ended)
                 return job
         return None
 
@@ -279,14 +280,14 @@ class Service:
     # ------------------------------------------------------------ reads
 
     def job(self, job_id: str) -> JobRecord:
-        return get_job_or_404(self.worker.jobs, job_id)
+        return self.worker.view(get_job_or_404(self.worker.jobs, job_id))
 
     def job_info(self, job: JobRecord) -> JobInfo:
         return self.worker.info(job)
 
     def jobs(self, limit: int = 50) -> list[JobInfo]:
         jobs = sorted(self.worker.jobs.jobs(), key=lambda j: j.created, reverse=True)[:limit]
-        return [self.worker.info(j) for j in jobs]
+        return [self.worker.info(self.worker.view(j)) for j in jobs]
 
     def concepts(self) -> list[ConceptInfo]:
         return self.engine.concepts()
@@ -338,6 +339,14 @@ class Service:
     def _job_changed(self, job: JobRecord) -> None:
         if job.kind == "import" and job.state in FINAL_STATES:   # cancelled before it ran, too
             Path(job.request.get("staged", "")).unlink(missing_ok=True)
+        if job.kind == "learn" and job.state in ("failed", "cancelled"):
+            # its photos came into the archive for it alone (a stored concept's and a queued
+            # learn's are kept): nothing points to them any more, and a failed `cones add` of
+            # 45 phone photos kept them all (a review's find). Submitted again, they come again.
+            try:
+                self.forget_photos(list(job.request.get("photo_digests", [])))
+            except ConesError as exc:
+                log.warning("the photos of learn job %s could not be let go: %s", job.id, exc.message)
         if job.state in FINAL_STATES:   # now and then, not after every job: pruning reads them all
             self._finished += 1
             if self._finished % PRUNE_EVERY == 0:

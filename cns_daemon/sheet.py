@@ -80,6 +80,20 @@ def describe_reading(a: Mapping) -> str:
     return f"{a['color']} {a['shape']}, {pattern}, on {a['background']} (confidence {a['confidence']:.2f})"
 
 
+def _scale(w: int, h: int) -> int:
+    """A whole factor, so nearest-neighbour stays exact; the long side is held to MAX_TILE (a
+    128x8 image's short side brought to 256 made a 16,404 px wide sheet of eight)."""
+    return max(1, min(-(-MIN_TILE // min(w, h)), MAX_TILE // max(w, h)))
+
+
+def tile_pixels(n: int, width: int, height: int, columns: int = 4) -> int:
+    """The pixels of the tiles of `n` images of that size on a contact sheet (its captions and
+    padding aside): what the sheet adds on the disk, about."""
+    scale = _scale(width, height)
+    cols = min(columns, n)
+    return cols * width * scale * -(-n // cols) * height * scale
+
+
 def contact_sheet(images: Sequence[Image.Image], caption: str = "",
                   labels: Sequence[str] | None = None, columns: int = 4) -> Image.Image:
     """Images on a white grid, up to `columns` a row, each at least MIN_TILE pixels, with the
@@ -88,9 +102,7 @@ def contact_sheet(images: Sequence[Image.Image], caption: str = "",
     caption, labels = printable(caption, font), [printable(t, font) for t in labels or []]
     w = max(i.width for i in images)
     h = max(i.height for i in images)
-    # A whole factor, so nearest-neighbour stays exact; the long side is held to MAX_TILE (a
-    # 128x8 image's short side brought to 256 made a 16,404 px wide sheet of eight).
-    scale = max(1, min(-(-MIN_TILE // min(w, h)), MAX_TILE // max(w, h)))
+    scale = _scale(w, h)
     tw, th = w * scale, h * scale
     cols = min(columns, len(images))
     rows = -(-len(images) // cols)

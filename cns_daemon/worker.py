@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import logging
 import sys
@@ -40,6 +41,7 @@ MAX_ATTEMPTS = 2  # the first run plus one re-run after a crash
 # only this seldom, as a safety net. Each read opens an LMDB read transaction, which writes the
 # store's lock file: at 10 s an idle service wrote 18 MB a day to disk.
 IDLE_POLL_SECONDS = 600.0
+UNRECORDED_RETRY_SECONDS = 15.0   # how soon an end the store could not take is tried again
 CANCELLED_AT_STOP = "Cancelled; the service stopped before the job ended."
 CRASH_REASON = ("The service stopped while this job was running, twice; it was not tried again.")
 RESTARTED = "restarted after the service stopped"
@@ -266,6 +268,16 @@ class Worker:
             self.on_change(job)
         return job
 
+    def view(self, job: JobRecord) -> JobRecord:
+        """The job as it is: one whose end the store could not take yet reads that end (a
+        follower of it waited for good on the record's "running", a review's find)."""
+        ended = self._unrecorded.get(job.id)
+        if ended is None or job.state != "running":
+            return job
+        state, error, result = ended
+        return dataclasses.replace(job, state=state, error=error, finished=job.finished or time.time(),
+                                   result=result.model_dump(mode="json") if result is not None else None)
+
     def info(self, job: JobRecord) -> JobInfo:
         return JobInfo(id=job.id, kind=job.kind, state=job.state, summary=summarize(job),
                        created=job.created, started=job.started, finished=job.finished,
@@ -314,8 +326,8 @@ class Worker:
             # Woken by a submit (or a stop); the timeout only re-reads the queue now and then,
             # since reading it decodes every job record.
             with self._wake:
-                if not self._kicked:
-                    self._wake.wait(timeout=IDLE_POLL_SECONDS)
+                if not self._kicked:   # (soon again while an end waits to be recorded)
+                    self._wake.wait(timeout=UNRECORDED_RETRY_SECONDS if self._unrecorded else IDLE_POLL_SECONDS)
                 self._kicked = False
             return
         self._run_one(job)

@@ -413,10 +413,16 @@ def test_a_generate_is_told_of_a_full_disk_before_it_draws_and_of_the_folder_not
 
     outputs = tmp_path / "outputs"
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 100_000, 100_000))
-    check_room(outputs, 4, 64, 64)   # 12 KB of 100 KB free
-    with pytest.raises(Storage, match=r"has 0.1 MB free; 4 images of 512x512 need about 0.8 MB"):
+    free = [2_000_000]
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - free[0], free[0]))
+    check_room(outputs, 4, 64, 64)   # 1.9 MB of 2 MB: the images, their sheet's 256 px tiles, a spare MB
+    with pytest.raises(Storage, match=r"has 2.0 MB free; 4 images of 512x512 and their contact sheet "
+                                      r"need about 7.3 MB"):
         check_room(outputs, 4, 512, 512)
+    # (a review's find: the count left the sheet out, 8-17 times short, and read "0.0 MB" near empty)
+    free[0] = 500_000
+    with pytest.raises(Storage, match=r"has 500 KB free; 1 image of 32x32 and their contact sheet need about 1.2 MB"):
+        check_room(outputs, 1, 32, 32)
     monkeypatch.undo()
 
     real_mkdir = type(outputs).mkdir

@@ -472,6 +472,35 @@ def test_rm_with_photos_keeps_a_photo_a_queued_learn_needs(cones, daemon, tmp_pa
         wait_until(lambda: c.job(queued).state == "done", timeout=30, what="the queued learn done")
 
 
+def test_the_photos_of_a_cancelled_or_failed_learn_are_let_go(cones, daemon, tmp_path):
+    """A review's find: a learn cancelled or failed kept its photos in the archive for good,
+    nothing pointing to them (a failed `cones add` of 45 phone photos kept them all). A photo a
+    stored concept was learned from stays."""
+    import hashlib
+
+    from cns_daemon.archive import Archive
+
+    photos = write_photos(tmp_path / "c", 3, seed=480)
+    others = write_photos(tmp_path / "b", 2, seed=490)
+    archive = Archive(daemon.home / "data" / "archive")
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in photos]
+    assert cones("add", "ckeep", str(photos[0]), str(photos[1]), "--class", "dog", "--steps", "2")[0] == 0
+    with Client(daemon.socket) as c:
+        busy = json.loads(cones("add", "cbusy", *map(str, others), "--class", "dog", "--steps", "150",
+                                "--no-wait", "--json")[1])["id"]
+        wait_until(lambda: c.job(busy).state == "running", what="a learn running")
+        gone = json.loads(cones("add", "cgone", *map(str, photos[1:]), "--class", "dog", "--steps", "2",
+                                "--no-wait", "--json")[1])["id"]
+        assert all(archive.has(d) for d in digest)
+        assert cones("cancel", gone)[0] == 0
+        wait_until(lambda: not archive.has(digest[2]), what="the cancelled learn's own photo let go")
+        assert archive.has(digest[0]) and archive.has(digest[1])   # <ckeep>'s
+        c.cancel(busy)
+        wait_until(lambda: c.job(busy).state == "cancelled", what="the busy learn cancelled")
+        wait_until(lambda: not any(archive.has(hashlib.sha256(p.read_bytes()).hexdigest()) for p in others),
+                   what="its photos let go")
+
+
 def test_a_removal_retried_after_a_crash_still_deletes_its_photos():
     """The first run removed the concept and died before the photos: the retry finds the
     concept gone, does not fail on it, and deletes the photos the job recorded."""

@@ -772,6 +772,9 @@ def test_a_job_end_the_store_could_not_take_is_recorded_later_or_at_a_cancel(tmp
         first = worker.submit("generate", GenerateRequest(prompt="a plain photo"))
         wait_until(lambda: first.id in worker._unrecorded, what="the end that could not be written")
         assert store.get_job(first.id).state == "running"
+        # what a follower, `cones jobs` and `cones status` read meanwhile: its end (a follower of
+        # a generate that failed fast waited on the record's "running" for good)
+        assert worker.view(store.get_job(first.id)).state == "done"
         with pytest.raises(Storage):   # the disk still full: said, and the end still kept
             worker.cancel(first.id)
         full[0] = False
