@@ -206,7 +206,7 @@ class Inbox:
         """A change at `parts` inside the inbox (the watch's); `()`: look at everything now."""
         if parts and parts[-1] in NOTE_FILES:
             return   # the service's own notes are no change
-        if parts:
+        if parts and not parts[0].startswith("."):   # (hidden: staging, a clean-up under way)
             with self._lock:
                 self._events[parts[0]] = time.time()
         self._wake.set()
@@ -235,6 +235,13 @@ class Inbox:
         settling = False
         folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self._failed &= {p.name for p in folders}   # a folder that went and came back is new
+        # what is known of names no longer there goes (a camera-sync or download folder as the
+        # inbox sees names by the thousand; these only grew): a folder in flight is the job's
+        present = {p.name for p in self.root.iterdir()}
+        with self._lock:
+            for known in (self._events, self._first_seen, self._future, self._unwritable):
+                for name in [n for n in known if n not in present and n not in self._in_flight]:
+                    del known[name]
         for folder in folders:
             try:
                 settling |= self._scan_one(folder, now)

@@ -1027,3 +1027,23 @@ def test_a_copy_of_a_photo_does_not_count_against_the_folders_cap(tmp_path, monk
     assert len({p.stat().st_size for p in folder.glob("*.png")}) == 5
     with pytest.raises(BadInput, match="5 photos"):
         read_photos(folder)
+
+
+def test_what_the_inbox_knows_of_names_gone_from_it_goes_too(tmp_path):
+    """A review's find: the watcher kept an entry for every name it had ever seen (500 rounds of a
+    folder that never settled and a staging folder left 1,500 entries in an empty inbox)."""
+    from types import SimpleNamespace
+
+    from cns_daemon.inbox import Inbox
+
+    box = Inbox(SimpleNamespace(), tmp_path, settle=3600.0)
+    for i in range(50):
+        box._note((f"gone{i}", "photo.png"))
+        box._first_seen[f"gone{i}"] = 1.0
+        box._note((f".gone{i}.staging", "photo.png"))   # hidden: not even noted
+    write_photos(tmp_path / "here", 1)
+    box._note(("here", "photo0.png"))
+    box._in_flight["away"] = "j1"          # a folder its job still follows stays known
+    box._events["away"] = 1.0
+    box.scan()
+    assert set(box._events) == {"here", "away"} and set(box._first_seen) <= {"here"}
