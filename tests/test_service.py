@@ -710,7 +710,8 @@ def test_adding_a_name_whose_removal_is_queued_says_to_wait_for_it():
     service = Service.__new__(Service)
     service.store = {"v2"}
     queued = [JobRecord(id="r1", kind="remove", request={"name": "v2"})]
-    service.worker = types.SimpleNamespace(jobs=types.SimpleNamespace(jobs=lambda states=None: queued))
+    service.worker = types.SimpleNamespace(jobs=types.SimpleNamespace(jobs=lambda states=None: queued),
+                                           view=lambda job: job)
     with pytest.raises(Conflict, match=r"exists until its removal \(job r1\)") as err:
         service._check_name_free("v2")
     assert "cones rm" not in err.value.hint
