@@ -233,11 +233,12 @@ class Inbox:
         now = time.time()
         self._tell_loose_files()
         settling = False
-        folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        entries = list(self.root.iterdir())
+        folders = sorted(p for p in entries if p.is_dir() and not p.name.startswith("."))
         self._failed &= {p.name for p in folders}   # a folder that went and came back is new
         # what is known of names no longer there goes (a camera-sync or download folder as the
         # inbox sees names by the thousand; these only grew): a folder in flight is the job's
-        present = {p.name for p in self.root.iterdir()}
+        present = {p.name for p in entries}
         with self._lock:
             for known in (self._events, self._first_seen, self._future, self._unwritable):
                 for name in [n for n in known if n not in present and n not in self._in_flight]:

@@ -71,9 +71,9 @@ def _import(service, req: ImportJob, job, progress, cancel) -> JobResult:
 
     staged = Path(req.staged)
     if not staged.is_file():
-        if job.attempts > 1 and req.name and req.name in service.store:
-            # A retry after a crash: the first run stored it, then removed the upload.
-            return JobResult(concept=req.name, metrics={"note": SAVED_BEFORE_STOP})
+        saved = _import_saved(service, req) if job.attempts > 1 else None
+        if saved is not None:   # a retry after a crash: the first run stored it, then removed the upload
+            return saved
         raise NotFound(f"The uploaded file {staged} is gone.", "Run `cones import` again.")
     try:
         record = decode(staged.read_bytes())
@@ -136,11 +136,16 @@ def saved_before_stop(service, job: JobRecord) -> JobResult | None:
         if job.kind == "learn":
             return service.engine.saved_by_first_run(LearnJob(**job.request))
         if job.kind == "import":
-            req = ImportJob(**job.request)
-            if req.name and req.name in service.store and not Path(req.staged).is_file():
-                return JobResult(concept=req.name, metrics={"note": SAVED_BEFORE_STOP})
+            return _import_saved(service, ImportJob(**job.request))
     except (ValidationError, ConesError):   # a record it cannot read is settled as before
         return None
+    return None
+
+
+def _import_saved(service, req: ImportJob) -> JobResult | None:
+    """An import whose run stored its concept and removed the upload before the service stopped."""
+    if req.name and req.name in service.store and not Path(req.staged).is_file():
+        return JobResult(concept=req.name, metrics={"note": SAVED_BEFORE_STOP})
     return None
 
 

@@ -287,9 +287,7 @@ class App:
         limit = int(raw) if raw.isascii() and raw.isdigit() else 0   # "²" is a digit int() refuses
         if not 1 <= limit <= MAX_JOBS_LISTED:
             raise BadInput(f"limit must be a whole number from 1 to {MAX_JOBS_LISTED}, not {raw!r}.")
-        jobs = await asyncio.to_thread(self.service.jobs, limit)
-        damaged = await asyncio.to_thread(self.service.worker.jobs.damaged_jobs)
-        return json_response(JobList(jobs=jobs, damaged=damaged))
+        return json_response(await asyncio.to_thread(self.service.jobs, limit))
 
     async def show_job(self, req: Request, params: dict) -> Response:
         job = await asyncio.to_thread(self.service.job, params["id"])

@@ -25,7 +25,7 @@ from cns_daemon.api.names import validate_new_name
 from cns_daemon.methods.base import CancelToken, ProgressEvent
 from cns_daemon.api.protocol import (FINAL_STATES, MAX_PHOTOS, MAX_PROMPT_CHARS, MAX_SEED, MIN_PHOTOS,
                                      PROTOCOL_VERSION, TOO_MANY_HINT, AddRequest, ConceptInfo, EvalRequest,
-                                     GenerateRequest, ImportJob, JobInfo, JobResult, LearnJob,
+                                     GenerateRequest, ImportJob, JobInfo, JobList, JobResult, LearnJob,
                                      QueueInfo, RemoveJob, SkippedFile, StatusInfo, learn_steps,
                                      too_many_photos)
 from cns_daemon.api.settings import Settings
@@ -285,9 +285,11 @@ class Service:
     def job_info(self, job: JobRecord) -> JobInfo:
         return self.worker.info(job)
 
-    def jobs(self, limit: int = 50) -> list[JobInfo]:
-        jobs = sorted(self.worker.jobs.jobs(), key=lambda j: j.created, reverse=True)[:limit]
-        return [self.worker.info(self.worker.view(j)) for j in jobs]
+    def jobs(self, limit: int = 50) -> JobList:
+        """The newest `limit` jobs, and the ids of the damaged records (one read of the table)."""
+        records, damaged = self.worker.jobs.scan_jobs()
+        jobs = sorted(records, key=lambda j: j.created, reverse=True)[:limit]
+        return JobList(jobs=[self.worker.info(self.worker.view(j)) for j in jobs], damaged=damaged)
 
     def concepts(self) -> list[ConceptInfo]:
         return self.engine.concepts()
@@ -300,6 +302,7 @@ class Service:
         info = self.engine.info
         health = self.engine.health()
         running = self.worker.running()
+        queued, damaged = self.worker.jobs.scan_jobs(("queued",))   # (one read of the job table)
         return StatusInfo(
             protocol=PROTOCOL_VERSION, version=_version(), pid=os.getpid(),
             uptime_s=round(time.time() - self.started, 3), socket=str(self.paths.socket),
@@ -308,9 +311,8 @@ class Service:
             concepts=len(self.store.names()) + len(self.store.unnamed()), damaged=health["damaged"],
             not_rebuilt=health["not_rebuilt"], memory=getattr(self.engine, "memory_in_effect", []),
             method=self.settings.method,
-            queue=QueueInfo(queued=len(self.worker.queued()),
-                            running=self.worker.info(running) if running else None,
-                            damaged=self.worker.jobs.damaged_jobs()))
+            queue=QueueInfo(queued=len(queued), running=self.worker.info(running) if running else None,
+                            damaged=damaged))
 
     # ------------------------------------------------------------ the worker's side
 

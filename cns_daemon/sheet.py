@@ -80,18 +80,19 @@ def describe_reading(a: Mapping) -> str:
     return f"{a['color']} {a['shape']}, {pattern}, on {a['background']} (confidence {a['confidence']:.2f})"
 
 
-def _scale(w: int, h: int) -> int:
-    """A whole factor, so nearest-neighbour stays exact; the long side is held to MAX_TILE (a
-    128x8 image's short side brought to 256 made a 16,404 px wide sheet of eight)."""
-    return max(1, min(-(-MIN_TILE // min(w, h)), MAX_TILE // max(w, h)))
+def _grid(n: int, w: int, h: int, columns: int) -> tuple[int, int, int]:
+    """(scale, columns, rows) of a sheet of `n` images of w x h. The scale is a whole factor, so
+    nearest-neighbour stays exact; the long side is held to MAX_TILE (a 128x8 image's short side
+    brought to 256 made a 16,404 px wide sheet of eight)."""
+    cols = min(columns, n)
+    return max(1, min(-(-MIN_TILE // min(w, h)), MAX_TILE // max(w, h))), cols, -(-n // cols)
 
 
 def tile_pixels(n: int, width: int, height: int, columns: int = 4) -> int:
     """The pixels of the tiles of `n` images of that size on a contact sheet (its captions and
     padding aside): what the sheet adds on the disk, about."""
-    scale = _scale(width, height)
-    cols = min(columns, n)
-    return cols * width * scale * -(-n // cols) * height * scale
+    scale, cols, rows = _grid(n, width, height, columns)
+    return cols * width * scale * rows * height * scale
 
 
 def contact_sheet(images: Sequence[Image.Image], caption: str = "",
@@ -102,10 +103,8 @@ def contact_sheet(images: Sequence[Image.Image], caption: str = "",
     caption, labels = printable(caption, font), [printable(t, font) for t in labels or []]
     w = max(i.width for i in images)
     h = max(i.height for i in images)
-    scale = _scale(w, h)
+    scale, cols, rows = _grid(len(images), w, h, columns)
     tw, th = w * scale, h * scale
-    cols = min(columns, len(images))
-    rows = -(-len(images) // cols)
     width = cols * (tw + PAD) + PAD
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = FONT_SIZE + 4

@@ -251,10 +251,7 @@ class Worker:
             if ended:
                 self._finish(job, "cancelled", error=error_body(Cancelled("Cancelled before it started.")))
             elif job.state == "running" and job_id in self._unrecorded:
-                # it ended, but the store could not take its end then: recorded now, as it was
-                state, error, result = self._unrecorded[job_id]
-                self._finish(job, state, error=error, result=result)   # (a full disk still: said)
-                del self._unrecorded[job_id]
+                self._record_end(job)   # it ended, the store could not take it then (full still: said)
                 ended = True
             elif job.state == "running":
                 # Kept in the record: neither a stop nor a crash before the job's next step
@@ -338,20 +335,27 @@ class Worker:
         listeners (an inbox folder is cleared or noted then, an upload removed)."""
         recorded = []
         with self._lock:
-            for job_id, (state, error, result) in list(self._unrecorded.items()):
+            for job_id in list(self._unrecorded):
                 try:
                     job = self.jobs.get_job(job_id)
-                    if job.state == "running":
-                        self._finish(job, state, error=error, result=result)
-                        recorded.append(job)
-                    del self._unrecorded[job_id]
-                    log.info("job %s: its end (%s) is recorded now", job_id, state)
+                    if job.state != "running":   # settled otherwise meanwhile
+                        del self._unrecorded[job_id]
+                        continue
+                    self._record_end(job)
+                    recorded.append(job)
                 except (NotFound, Corrupt):   # its record gone (a cancel removed a damaged one)
                     del self._unrecorded[job_id]
                 except ConesError:
                     break   # the store still cannot: tried again before the next job
         for job in recorded:
             self.on_change(job)
+
+    def _record_end(self, job: JobRecord) -> None:
+        """Record the end of `job` kept in `_unrecorded`, as it was (caller holds self._lock)."""
+        state, error, result = self._unrecorded[job.id]
+        self._finish(job, state, error=error, result=result)
+        del self._unrecorded[job.id]
+        log.info("job %s: its end (%s) is recorded now", job.id, state)
 
     def _take_next(self, kinds: tuple[str, ...] | None = None) -> JobRecord | None:
         with self._lock:

@@ -43,32 +43,30 @@ class JobQueue:
     def damaged_jobs(self) -> list[str]:
         """The ids of job records that do not read (`jobs` skips them): said by `cones jobs` and
         `cones status`, not lost without a word."""
-        def txn_fn(txn):
-            out = []
-            for key, raw in txn.cursor(db=self._db["jobs"]):
-                try:
-                    ser.decode_job(unframe(key, raw)[1])
-                except CodecError:
-                    out.append(key.decode(errors="replace"))
-            return out
-        return self._env.read(txn_fn)
+        return self.scan_jobs()[1]
 
     def jobs(self, states: Iterable[str] | None = None) -> list[JobRecord]:
         """Jobs (in `states`, or all), highest priority first, then oldest first. Damaged job
         records are skipped with a warning."""
+        return self.scan_jobs(states)[0]
+
+    def scan_jobs(self, states: Iterable[str] | None = None) -> tuple[list[JobRecord], list[str]]:
+        """One read of the job table (every record decoded): the jobs in `states` (or all), as
+        `jobs` orders them, and the ids of the damaged records."""
         wanted = set(states) if states is not None else None
 
         def txn_fn(txn):
-            out = []
+            out, damaged = [], []
             for key, raw in txn.cursor(db=self._db["jobs"]):
                 try:
                     job = ser.decode_job(unframe(key, raw)[1])
                 except CodecError as exc:
                     log.warning("skipping damaged job %r: %s", key.decode(errors="replace"), exc)
+                    damaged.append(key.decode(errors="replace"))
                     continue
                 if wanted is None or job.state in wanted:
                     out.append(job)
-            return sorted(out, key=lambda j: (-j.priority, j.created, j.id))
+            return sorted(out, key=lambda j: (-j.priority, j.created, j.id)), damaged
         return self._env.read(txn_fn)
 
     def update_job(self, job_id: str, expect_state: str | None = None, **changes) -> JobRecord:
