@@ -89,8 +89,16 @@ def _import(service, req: ImportJob, job, progress, cancel) -> JobResult:
 
 def _learn_summary(r: LearnJob) -> str:
     steps = f"{r.steps} steps, " if r.steps else ""
+    if r.method == "cones" and r.options.get("values", "tuned") == "tuned":
+        # --steps is its selection walk's; its values train tune_steps more ("20 steps" read as
+        # a short learn, then 900 of training followed)
+        from cns_daemon.methods.cones import ConesParams
+
+        tune = r.options.get("tune_steps", ConesParams.tune_steps)
+        steps = f"{r.steps or ConesParams.steps}+{tune} steps, "
     inbox = ", inbox" if r.source == "inbox" else ""
-    return f"learn <{r.name}> ({r.class_word}, {r.method}, {steps}{len(r.photo_digests)} photos{inbox})"
+    n = len(r.photo_digests)
+    return f"learn <{r.name}> ({r.class_word}, {r.method}, {steps}{n} photo{'s' * (n != 1)}{inbox})"
 
 
 def _eval_summary(r: EvalRequest) -> str:

@@ -14,6 +14,7 @@ else it is left as written ("the <rex>", "my <rex>", "a red <rex>", "anna's <rex
 """
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -150,6 +151,16 @@ def _check_digit_names(prompt: str, metas: Mapping[str, ConceptMeta]) -> None:
                                "written with spaces or no closing '>'.", f"Write it as <{name}>.")
 
 
+def _near_name(name: str, names) -> str | None:
+    """The stored name `name` most likely meant: the same but for case, else the closest
+    spelling (difflib's ratio ≥ 0.75: one letter off in a short name)."""
+    same = [m for m in names if m.lower() == name.lower()]
+    if same:
+        return same[0]
+    close = difflib.get_close_matches(name.lower(), {m.lower(): m for m in names}, n=1, cutoff=0.75)
+    return next((m for m in names if m.lower() == close[0]), None) if close else None
+
+
 def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> ExpandedPrompt:
     """Replace each `<name>` by its method's expansion and locate the concepts' tokens.
 
@@ -160,12 +171,14 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
     _check_digit_names(prompt, metas)
     missing = [n for n in referenced_names(prompt) if n not in metas]
     if missing:
-        # Names are case-sensitive (<Star> and <star> may both exist); a near miss is said.
-        near = {n: [m for m in metas if m.lower() == n.lower()] for n in missing}
-        hint = "; ".join(f"did you mean <{near[n][0]}>?" for n in missing if near[n])
+        # Names are case-sensitive (<Star> and <star> may both exist); a near miss is said,
+        # a misspelling too (<rexx> for <rex>)
+        near = {n: _near_name(n, metas) for n in missing}
+        hint = "; ".join(f"did you mean <{near[n]}>?" for n in missing if near[n])
+        cased = any(near[n] and near[n].lower() == n.lower() for n in missing)
         raise NotFound(f"Unknown concept{'s' if len(missing) > 1 else ''} in the prompt: "
                        + ", ".join(f"<{n}>" for n in missing) + ".",
-                       (hint[0].upper() + hint[1:] + " Names are case-sensitive.") if hint else
+                       (hint[0].upper() + hint[1:] + (" Names are case-sensitive." if cased else "")) if hint else
                        "`cones list` shows the stored concepts; learn a new one with `cones add`.")
 
     # "rex>" with its '<' forgotten would be drawn as the plain word, the concept left out

@@ -7,8 +7,10 @@ not): it imports only the protocol, settings and errors from cns_daemon, plus ht
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,11 +25,11 @@ from cones_cli.generation import eval_, generate
 from cones_cli.session import client, request, wait_for
 from cones_cli.toyworld import toyworld_app
 from cones_cli.views import (click_errors, concept_problems, concept_table, concepts_table, console, err_console,
-                       damaged_jobs_lines, handled, jobs_table, output_folder, print_json, shorten, status_table,
+                       damaged_jobs_lines, handled, images_line, jobs_table, output_folder, print_json, shorten, status_table,
                        remove_made, this_command, write_file)
 from cns_daemon.api.errors import BadInput, BadPhoto, Conflict, ConesError, Corrupt
 from cns_daemon.api.names import METHODS, validate_new_name
-from cns_daemon.archive import byte_copies, caption_file, shown, sidecar_caption, sniff
+from cns_daemon.archive import ACCEPTED_FORMATS, byte_copies, caption_file, shown, sidecar_caption, sniff
 from cns_daemon.api.protocol import (MAX_IMAGES, MAX_JOBS_LISTED, MAX_LEARN_STEPS, MAX_PROMPT_CHARS, MAX_SEED,
                                      MAX_PHOTOS, ErrorBody,
                                      STOPPED_MIDWAY, TOO_MANY_HINT, AddRequest, Photo, too_many_photos)
@@ -136,7 +138,7 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
     items, not_photos = [], []
     for p in photos:
         if p.is_dir():
-            raise BadInput(f"{p} is a directory, not a photo.", f"Give the photos in it, e.g. {p}/*.jpg.")
+            raise BadInput(f"{p} is a directory, not a photo.", f"Give the photos in it, e.g. {p}/{_photo_glob(p)}.")
         if not p.is_file():
             raise BadInput(f"No such file: {p}." if not p.exists() else
                            f"{p} is not a regular file (a pipe or a device?).", "Give paths of photo files.")
@@ -184,6 +186,17 @@ def add(name: str = typer.Argument(..., help="Concept name, used as <name> in pr
                       f"{what}, {info.size_bytes:,} bytes.")
         if info.metrics.get("note"):   # what the method wants the person to know (masks.py, ...)
             console.print(f"[yellow]Note:[/] {escape(str(info.metrics['note']))}", highlight=False)
+
+
+def _photo_glob(folder: Path) -> str:
+    """A pattern for the photos in `folder`: its commonest picture suffix ("*.png" for a folder
+    of PNGs; "*.jpg" was said of every folder)."""
+    try:
+        known = set(ACCEPTED_FORMATS.values()) | {".jpeg", ".tiff"}
+        suffixes = Counter(f.suffix for f in folder.iterdir() if f.suffix.lower() in known and f.is_file())
+    except OSError:
+        suffixes = Counter()
+    return f"*{suffixes.most_common(1)[0][0]}" if suffixes else "*.jpg"
 
 
 @app.command("list")
@@ -261,8 +274,7 @@ def _concept_or_none(c, name: str):
 def prune_photos() -> None:
     """Delete the archived photos no concept or queued learn uses.
 
-    Photos a plain `cones rm` kept (to learn the concept again) go. Those of concepts a salvage
-    could not copy stay until each is learned again or let go with `cones rm NAME --photos`."""
+    Photos a plain `cones rm` kept (to learn the concept again) go. Those of concepts a salvage could not copy stay until each is learned again or let go with `cones rm NAME --photos`."""   # (one line: the help keeps a paragraph's line breaks)
     with client() as c:
         done = c.prune_photos()
     console.print(f"Deleted {done.deleted} archived photo{'s' if done.deleted != 1 else ''}; "
@@ -371,6 +383,8 @@ def jobs(limit: int = typer.Option(20, min=1, max=MAX_JOBS_LISTED, help="How man
         print_json(items)
         return
     console.print(jobs_table(items))
+    if (where := images_line(items)) is not None:
+        console.print(where, highlight=False, markup=False)
     failed = next((j for j in items if j.state == "failed" and j.error and j.error.hint), None)
     if failed is not None:   # the table has room for what went wrong, not for what to do
         err_console.print(f"job {failed.id} failed: {failed.error.hint}", highlight=False, markup=False)
@@ -470,9 +484,22 @@ def _option(text: str) -> tuple[str, bool | int | float | str]:
     return key.strip(), raw
 
 
+NARROW_HELP_COLUMNS = 80
+
+
+def _plain_help_when_narrow() -> None:
+    """Below 80 columns rich's boxed help cut option names and values ("--meth…",
+    "42949672…", the `--cfg` alias gone); click's plain help wraps them whole there (at 50
+    columns at least: narrower, it split words, so the terminal wraps its lines)."""
+    if shutil.get_terminal_size().columns < NARROW_HELP_COLUMNS:
+        for typer_app in (app, service_app, store_app, toyworld_app):
+            typer_app.rich_markup_mode = None
+
+
 def main() -> None:
     """The `cones` command: the typer app, except that a command line it cannot parse, given
     with --json, also prints the error document on stdout (as every other failure does)."""
+    _plain_help_when_narrow()
     try:
         code = app(standalone_mode=False)
     except click_errors.ClickException as exc:

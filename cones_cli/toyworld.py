@@ -38,8 +38,7 @@ def render(shape: str = typer.Option(..., help="circle | square | triangle | sta
            force: bool = typer.Option(False, "--force", help="Replace the photos a folder already holds.")) -> None:
     """Write photos of one object (a 'personal concept') with sidecar captions.
 
-    The captions describe it as a captioning model would (shape, colours, pattern, background;
-    never the tilt)."""
+    The captions describe it as a captioning model would (shape, colours, pattern, background; never the tilt)."""
     from cns_daemon.toyworld.world import ObjectSpec, render_concept_photos
 
     if background is not None and not background.strip():

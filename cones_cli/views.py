@@ -268,11 +268,45 @@ def ago(t: float | None) -> str:
     return f"{s:.0f} s ago"
 
 
+class Records:
+    """A table where the terminal is wide enough for it, else one block a row: its first cell
+    on a line, then "  column: value" lines, each whole (at 40-60 columns the tables cut job
+    states to "runn…", emptied the class and created cells and folded "square" to "squar/e").
+    Decided at print time, from the width the console gives it."""
+
+    def __init__(self, table: Table, min_width: int, keyed: bool = True):
+        # keyed: the first cell names the row (a job id, a concept name) and heads its block;
+        # else (a row of scores) it is labelled like the others
+        self.table, self.min_width, self.keyed = table, min_width, keyed
+
+    def __rich_console__(self, console, options):
+        if options.max_width >= self.min_width:
+            yield self.table
+            return
+        from rich.text import Text
+
+        if self.table.title:
+            yield Text(str(self.table.title), style="bold")
+        headers = [str(c.header) for c in self.table.columns]
+        for row in zip(*(list(c.cells) for c in self.table.columns)):
+            yield Text("")
+            if self.keyed:
+                yield Text.from_markup(str(row[0]), style="bold")
+            for header, cell in list(zip(headers, row))[self.keyed:]:
+                if str(cell) not in ("", "-"):
+                    yield Text.assemble(f"  {header}: ", Text.from_markup(str(cell)))
+
+
 STATE_LABELS = {"ok": "[green]ok[/]", "damaged": "[red]damaged[/]",
                 "not_rebuilt": "[yellow]not rebuilt[/]"}
 
 
-def concepts_table(concepts: Iterable[ConceptInfo]) -> Table:
+CONCEPTS_MIN_WIDTH = 72   # below, `cones list` prints a block a concept (Records)
+JOBS_MIN_WIDTH = 80
+EVAL_MIN_WIDTH = 60
+
+
+def concepts_table(concepts: Iterable[ConceptInfo]) -> Records:
     concepts = list(concepts)
     table = Table(title="Concepts")
     # At 80 columns eight columns squeezed alike broke names every 8 letters: the state column
@@ -292,7 +326,7 @@ def concepts_table(concepts: Iterable[ConceptInfo]) -> Table:
                  "class": c.class_word or "?", "size": human_size(c.size_bytes), "neurons": neurons_text(c),
                  "overlap": overlap_summary(c.overlap), "created": ago(c.created) if c.created else "-"}
         table.add_row(*(cells[col] for col in columns))
-    return table
+    return Records(table, CONCEPTS_MIN_WIDTH)
 
 
 def concept_problems(concepts: Iterable[ConceptInfo]) -> list[str]:
@@ -329,19 +363,20 @@ def concept_table(c: ConceptInfo) -> Table:
     return table
 
 
-def eval_table(names: list[str], metrics: dict) -> Table:
+def eval_table(names: list[str], metrics: dict) -> Records:
     table = Table(title="CLIP scores of " + ", ".join(f"<{n}>" for n in names))
     for col in ("CLIP-I", "CLIP-T", "images", "prompts", "CLIP model"):
         table.add_column(col, justify="left" if col == "CLIP model" else "right",
-                         overflow="fold" if col == "CLIP model" else "ellipsis")
+                         overflow="fold", no_wrap=col != "CLIP model")
     table.add_row(f"{metrics['clip_i']:.4f}", f"{metrics['clip_t']:.4f}", str(metrics["n_images"]),
                   str(metrics["n_prompts"]), escape(str(metrics.get("clip", "-"))))
-    return table
+    return Records(table, EVAL_MIN_WIDTH, keyed=False)
 
 
-def jobs_table(jobs: Iterable[JobInfo]) -> Table:
+def jobs_table(jobs: Iterable[JobInfo]) -> Records:
     """At 80 columns the id (12 characters, what `cones cancel` takes) and the short columns stay
-    whole; `what` (which starts with the kind) and `note` wrap. `--json` has every field."""
+    whole; `what` (which starts with the kind) and `note` wrap; narrower, a block a job.
+    `--json` has every field."""
     table = Table(title="Jobs (newest first)", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
                   pad_edge=False, show_edge=False)
     table.add_column("id", no_wrap=True, min_width=12)
@@ -359,7 +394,19 @@ def jobs_table(jobs: Iterable[JobInfo]) -> Table:
         note = "; ".join(n for n in (escape(paused), escape(j.note),
                                      escape(j.error.message) if j.error else _result_note(j)) if n)
         table.add_row(j.id, _state(j.state), escape(shorten(j.summary)), prog, ago(j.created), note)
-    return table
+    return Records(table, JOBS_MIN_WIDTH)
+
+
+def images_line(jobs: Iterable[JobInfo]) -> str | None:
+    """Where the listed generates' images are, said once under the table: a path in the note
+    column folded over four lines and broke when copied. A generate's folder is named by its
+    time and id (`cones generate -o` copies them elsewhere; one cut off is found here)."""
+    newest = next((Path(j.result.images[0]).parent for j in jobs
+                   if j.kind == "generate" and j.result is not None and j.result.images), None)
+    if newest is None:
+        return None
+    return (f"Generated images are in {newest.parent}/, a folder a job named by its time and id "
+            f"(the newest listed: {newest}).")
 
 
 SUMMARY_CHARS = 120   # a job's summary in a table; `--json` has it whole
@@ -391,7 +438,7 @@ def _result_note(j: JobInfo) -> str:
     if not r.images:
         return skipped
     # where they are: a generate whose `cones generate -o` was cut off is found here
-    return f"{len(r.images)} image{'s' if len(r.images) != 1 else ''} in {escape(str(Path(r.images[0]).parent))}"
+    return f"{len(r.images)} image{'s' if len(r.images) != 1 else ''}"   # where: `images_line`
 
 
 def status_table(s: StatusInfo) -> Table:
@@ -455,8 +502,16 @@ def follow(events: Iterable[ProgressInfo], quiet: bool = False,
     last: ProgressInfo | None = None
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console or err_console, transient=False, disable=quiet) as bar:
-        tasks: dict[str, int] = {}
+    bar = Progress(*columns, console=console or err_console, transient=False, disable=quiet)
+    with contextlib.ExitStack() as shown:   # started at its first row: a job with none printed
+        tasks: dict[str, int] = {}          # an empty line to a pipe
+
+        started = []
+
+        def add_task(label: str, **fields) -> int:
+            if not started:
+                started.append(shown.enter_context(bar))
+            return bar.add_task(label, **fields)
 
         def finish_others(current: str | None) -> None:
             for label, task in list(tasks.items()):
@@ -484,10 +539,10 @@ def follow(events: Iterable[ProgressInfo], quiet: bool = False,
                 loss = f"({info.message})"
             if info.total:
                 if label not in tasks:
-                    tasks[label] = bar.add_task(label, total=info.total, loss=loss)
+                    tasks[label] = add_task(label, total=info.total, loss=loss)
                 bar.update(tasks[label], completed=info.step, total=info.total, loss=loss)
             elif label not in tasks:
-                tasks[label] = bar.add_task(label, total=None, loss="")
+                tasks[label] = add_task(label, total=None, loss="")
     if last is None or last.state not in FINAL_STATES:
         from cns_daemon.api.errors import Unavailable
 

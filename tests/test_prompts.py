@@ -130,6 +130,12 @@ def test_unknown_name_is_not_found(tok, metas):
     with pytest.raises(NotFound) as info:
         expand("a photo of <Rex>", metas, tok)
     assert info.value.hint == "Did you mean <rex>? Names are case-sensitive."
+    with pytest.raises(NotFound) as info:   # a misspelling is named too
+        expand("a photo of <rexx>", metas, tok)
+    assert info.value.hint == "Did you mean <rex>?"
+    with pytest.raises(NotFound) as info:   # nothing close: where to look
+        expand("a photo of <nobody>", metas, tok)
+    assert info.value.hint.startswith("`cones list` shows the stored concepts")
 
 
 def test_invalid_name_is_bad_input(tok, metas):

@@ -398,7 +398,7 @@ def test_config_toml_method_and_steps_reach_the_learn_job():
             with Client(d.socket) as c:
                 plain = c.add(AddRequest(name="plain", class_word="dog", photos=photos))
                 own = c.add(AddRequest(name="own", class_word="dog", method="cns", steps=5, photos=photos))
-                assert "(dog, cones, 3 steps, 2 photos)" in plain.summary, plain.summary
+                assert "(dog, cones, 3+900 steps, 2 photos)" in plain.summary, plain.summary
                 assert "(dog, cns, 5 steps, 2 photos)" in own.summary, own.summary
                 for job in (plain, own):
                     wait_until(lambda: c.job(job.id).state == "done", what="learned")

@@ -253,7 +253,9 @@ def test_jobs_table_shows_whole_ids_at_80_columns(daemon, tmp_path, monkeypatch)
     monkeypatch.setattr(views.console, "_width", 80)
     code, out = cones("jobs")
     assert code == 0, out
-    assert max(len(line) for line in out.splitlines()) <= 80
+    table, where = out.split("Generated images are in ")   # (a path line: the terminal wraps it)
+    assert max(len(line) for line in table.splitlines()) <= 80
+    assert f"{daemon.home}" in where and job.id in where, where
     with Client(daemon.socket) as c:
         ids = [j.id for j in c.jobs(20)]
     assert ids and all(i in out for i in ids), out

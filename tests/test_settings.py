@@ -143,6 +143,12 @@ def test_cli_refusals_that_need_no_service(cones_home, tmp_path):
     os.mkfifo(fifo)
     result = CliRunner().invoke(app, ["add", "rex", str(fifo), str(photo), "--class", "dog"])
     assert result.exit_code == 2 and "is not a regular file" in " ".join(result.stderr.split()), result.output
+    pngs = tmp_path / "ring"   # a folder given for its photos: the pattern said fits them
+    pngs.mkdir()
+    for i in range(3):
+        (pngs / f"{i}.png").write_bytes(b"x")
+    result = CliRunner().invoke(app, ["add", "rex", str(pngs), "--class", "dog"])
+    assert result.exit_code == 2 and f"e.g. {pngs}/*.png." in result.stderr, result.output
     result = CliRunner().invoke(app, ["service", "install", "--no-start", "--unit-dir", str(photo)])
     said = " ".join(result.stderr.split())
     assert result.exit_code == 2 and "is a file, not a folder for the unit" in said, result.output

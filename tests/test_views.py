@@ -69,10 +69,6 @@ def test_concept_list_keeps_names_and_figures_whole_at_80_columns():
     # the list names the concept shared with most and counts the rest; `show` lists them all
     assert column[5].replace(" ", "") == "star2:15,230(+1)" * 3, text
     assert "state" not in text.splitlines()[2]   # all ok: no column saying so, more room for names
-    out = io.StringIO()   # at 40 columns the names were squeezed to nothing
-    Console(file=out, width=40, force_terminal=False).print(concepts_table(concepts))
-    narrow = [line.split("│")[1].strip() for line in out.getvalue().splitlines() if line.startswith("│")]
-    assert "".join(narrow) == "".join(c.name for c in concepts), out.getvalue()
     concepts[1] = concepts[1].model_copy(update={"state": "damaged", "problem": "x"})
     out = io.StringIO()
     Console(file=out, width=80, force_terminal=False).print(concepts_table(concepts))
@@ -127,7 +123,7 @@ def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
     is gone by then); an eval its scores; a generate its images."""
     import time
 
-    from cones_cli.views import jobs_table
+    from cones_cli.views import images_line, jobs_table
     from cns_daemon.api.protocol import JobInfo, JobResult, SkippedFile
 
     now = time.time()
@@ -148,8 +144,13 @@ def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
     text = " ".join(out.getvalue().split())
     assert "12,345 neurons, 48.0 kB; 1 skipped: IMG_1.HEIC (a HEIC photo)" in text, text
     assert "a residual embedding, 3.0 kB" in text and "0 neurons" not in text   # Cones 2
-    assert "CLIP-I 0.8, CLIP-T 0.3" in text and "2 images in /data/outputs/job-c" in text
+    assert "CLIP-I 0.8, CLIP-T 0.3" in text and "2 images" in text
     assert text.count("CLIP-I") == 1 and "3 photos deleted, 1 kept" in text
+    # where the images are is said once under the table, whole (in the note column a path
+    # folded over four lines)
+    assert images_line(jobs) == ("Generated images are in /data/outputs/, a folder a job named by its "
+                                 "time and id (the newest listed: /data/outputs/job-c).")
+    assert images_line(jobs[:2]) is None
 
 
 def test_status_names_the_running_job_and_how_far_it_is():
@@ -419,3 +420,113 @@ def test_a_concepts_odd_metric_names_and_times_are_shown_not_failed():
     out = io.StringIO()
     Console(file=out, width=120, force_terminal=False).print(concept_table(c))
     assert "metric loss[/x]" in out.getvalue() and "created" in out.getvalue()
+
+
+def test_narrow_terminals_get_a_block_a_row_with_every_value_whole():
+    """At 40-60 columns the tables cut job states to "runn…", emptied the class and created
+    cells, folded "square" to "squar/e" and cut CLIP scores to "0.81…": below each table's
+    width a row is printed as a block of "column: value" lines instead."""
+    import time
+
+    from cones_cli.views import concepts_table, eval_table, jobs_table
+    from cns_daemon.api.protocol import ConceptInfo, JobInfo
+
+    now = time.time() - 200
+    jobs = [JobInfo(id="ea4c87da6744", kind="learn", state="running", created=now,
+                    summary="learn <sq> (square, cones, 20+900 steps, 4 photos)",
+                    progress=ProgressInfo(job="ea4c87da6744", state="running", phase="tune", step=232, total=900)),
+            JobInfo(id="8667d0b31bfc", kind="generate", state="failed", created=now, summary="generate 'x' ×4",
+                    error={"code": "storage", "message": "The disk is full.", "hint": ""})]
+    concepts = [ConceptInfo(name=f"rex{i}", method="cns", class_word="square", token="t", created=now,
+                            photos=4, size_bytes=50_000, neurons=12_345, overlap={"ring": 300}) for i in range(2)]
+
+    def shown(renderable, width):
+        out = io.StringIO()
+        Console(file=out, width=width, force_terminal=False, soft_wrap=True).print(renderable)
+        return out.getvalue()
+
+    for width in (40, 60):
+        text = shown(jobs_table(jobs), width)
+        for line in ("ea4c87da6744", "  state: running", "  what: learn <sq> (square, cones, 20+900 steps, 4 photos)",
+                     "  progress: tune 232/900", "  created: 3 min ago", "8667d0b31bfc", "  state: failed",
+                     "  note: The disk is full."):
+            assert line in text.splitlines(), (width, text)
+        text = shown(concepts_table(concepts), width)
+        for name in ("rex0", "rex1"):
+            assert name in text.splitlines(), (width, text)
+        for line in ("  method: cns", "  class: square", "  size: 50.0 kB", "  neurons: 12,345",
+                     "  overlap: ring: 300", "  created: 3 min ago"):
+            assert text.splitlines().count(line) == 2, (width, text)
+    text = shown(eval_table(["rex"], {"clip_i": 0.8123, "clip_t": 0.2711, "n_images": 8, "n_prompts": 4,
+                                      "clip": "ViT-B-32 laion2b"}), 40)
+    assert "  CLIP-I: 0.8123" in text.splitlines() and "  CLIP-T: 0.2711" in text.splitlines(), text
+    # wide enough, the tables as before
+    assert "│ rex0" in shown(concepts_table(concepts), 80) and "─" in shown(jobs_table(jobs), 80)
+    assert "┃ CLIP-I" in shown(eval_table(["rex"], {"clip_i": 0.8, "clip_t": 0.2, "n_images": 8,
+                                                  "n_prompts": 4}), 60)
+
+
+def test_a_cones_learns_summary_counts_its_value_training():
+    """`cones add --method cones --steps 20` read "20 steps" in `cones jobs` and `status`, then
+    trained its values 900 steps more: --steps is its selection walk's."""
+    from cns_daemon.api.protocol import LearnJob
+    from cns_daemon.jobkinds import KINDS
+
+    def summary(**kw):
+        return KINDS["learn"].summary(LearnJob(name="sq", class_word="square", photo_digests=["0" * 64], **kw))
+
+    assert "(square, cones, 20+900 steps, 1 photo)" in summary(method="cones", steps=20)
+    assert "(square, cones, 30+50 steps, 1 photo)" in summary(method="cones", options={"tune_steps": 50})
+    assert "(square, cones, 20 steps, 1 photo)" in summary(method="cones", steps=20, options={"values": "shut"})
+    assert "(square, cns, 20 steps, 1 photo)" in summary(method="cns", steps=20)
+    assert "(square, cns, 1 photo)" in summary(method="cns")
+
+
+def test_help_on_a_narrow_terminal_keeps_option_names_and_values_whole():
+    """At 40 columns rich's boxed help printed "--meth…", "--opti…" and "42949672…"; below 80
+    columns the plain help wraps them instead (wider, the boxed help stays)."""
+    import os
+    import subprocess
+    import sys
+
+    def help_text(columns):
+        env = {**os.environ, "COLUMNS": str(columns), "TERMINAL_WIDTH": ""}
+        run = subprocess.run([sys.executable, "-m", "cones_cli.main", "add", "--help"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    narrow = help_text(40)   # (plain help is 50 wide at least: the terminal wraps, nothing is cut)
+    assert max(len(line) for line in narrow.splitlines()) <= 50, narrow
+    for whole in ("--method", "--option", "--no-wait", "4294967295", "--class"):
+        assert whole in narrow, narrow
+    assert not re.search(r"\w…", narrow) and "╭" not in narrow, narrow   # (its own "star …" stays)
+    assert "╭" in help_text(100)
+
+
+def test_help_paragraphs_are_not_broken_where_the_source_breaks_them():
+    """`cones prune-photos --help` printed "Those of concepts a salvage" and went on on the next
+    line: the help keeps the line breaks inside a docstring's later paragraphs."""
+    import typer
+
+    from cones_cli.main import app
+
+    def broken(command, path):
+        later = (command.help or "").strip().split("\n\n")[1:]
+        found = [path] if any("\n" in p.strip() for p in later) else []
+        for name, sub in getattr(command, "commands", {}).items():
+            found += broken(sub, f"{path} {name}")
+        return found
+
+    assert broken(typer.main.get_command(app), "cones") == []
+
+
+def test_a_job_with_no_phase_to_show_prints_nothing():
+    """A followed job that finished with no phase shown wrote an empty line to a pipe."""
+    def quick(job="0123456789ab"):
+        yield ProgressInfo(job=job, state="queued")
+        yield ProgressInfo(job=job, state="done")
+
+    out = io.StringIO()
+    assert follow(quick(), console=Console(file=out, width=100, force_terminal=False)).state == "done"
+    assert out.getvalue() == ""
