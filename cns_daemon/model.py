@@ -165,6 +165,7 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
         elif source.is_dir():
             check_model_folder(source)
             pipe = StableDiffusionPipeline.from_pretrained(str(source), local_files_only=True,
+                                                           **_text_encoder(source, place.dtype),
                                                            **_common_kwargs(place.dtype))
         elif model is not None and not source.exists() and "/" in str(model) and not str(model).startswith(("/", ".", "~")):
             # A hub id ("org/name"): allowed for real users, never used by tests.
@@ -188,6 +189,29 @@ def load_pipeline(model: str | Path | None = None, device: str = "auto", dtype: 
         pipe.cones_steps = notes.get("steps", DEFAULT_SAMPLE_STEPS)
         pipe.cones_scenes = notes.get("scenes", DEFAULT_SCENES)
     return pipe.to(place.device)
+
+
+def _text_encoder(folder: Path, dtype: torch.dtype) -> dict:
+    """The folder's CLIP text encoder (as the pipeline's keyword; none for another class, which
+    the pipeline loads itself), refused unless every weight it needs was in its file.
+    transformers 5.0-5.5 read the shipped model's encoder (saved by a later 5.x, its weight
+    names without `text_model.`) as nothing and started it from random values, without a word
+    where the service keeps the libraries quiet: prompts were then ignored."""
+    from transformers import CLIPTextModel
+    from transformers import __version__ as transformers_version
+
+    if _json(folder / "model_index.json").get("text_encoder", [None, None])[1:] != ["CLIPTextModel"]:
+        return {}
+    encoder, info = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True,
+                                                  dtype=dtype, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelLoad(f"The text encoder of {folder} did not load whole with transformers "
+                        f"{transformers_version}: {len(missing)} of its weights were not found in its "
+                        f"file (such as {missing[0]}), so it would draw from random values.",
+                        "Install a transformers that reads it (cones needs 5.6 or later): "
+                        "pip install -U 'transformers>=5.6'.")
+    return {"text_encoder": encoder}
 
 
 MODEL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -69,7 +69,8 @@ class TempService:
         self.log = self.home / "service.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONES_")}
         env.update(CONES_HOME=str(self.home), CONES_SETTLE_SECONDS="1")
-        cmd = [sys.executable, "-m", "cones_cli.main", "serve"] + (["--model", model] if model else [])
+        # -P: run from a folder holding a cones_cli/ (another checkout), `-m` ran that code instead
+        cmd = [sys.executable, "-P", "-m", "cones_cli.main", "serve"] + (["--model", model] if model else [])
         with open(self.log, "wb") as fh:
             self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                          start_new_session=True)

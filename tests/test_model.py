@@ -335,3 +335,19 @@ def test_the_tokenizer_is_read_only_from_a_folder_of_this_users(tmp_path, monkey
         assert tokenizer.tokenizer_folder() != theirs
     finally:
         tokenizer.tokenizer_folder.cache_clear()
+
+
+def test_a_text_encoder_whose_weights_do_not_load_is_refused(tmp_path, tiny_pipe):
+    """transformers 5.0-5.5 read the shipped encoder's weights as nothing and drew from random
+    values without a word (the service keeps the libraries quiet): prompts were ignored. A
+    weights file the encoder class cannot find its weights in is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "sd"
+    tiny_pipe.save_pretrained(folder)
+    assert fingerprint(load_pipeline(folder, device="cpu")) == fingerprint(tiny_pipe)   # whole: loads
+    weights = next((folder / "text_encoder").glob("*.safetensors"))
+    save_file({f"renamed.{k}": v.contiguous() for k, v in load_file(weights).items()}, weights)
+    with pytest.raises(ModelLoad, match="text encoder of .* did not load whole with transformers") as info:
+        load_pipeline(folder, device="cpu")
+    assert "transformers>=5.6" in info.value.hint
