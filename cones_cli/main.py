@@ -7,12 +7,12 @@ not): it imports only the protocol, settings and errors from cns_daemon, plus ht
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 import json
 import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 

@@ -405,7 +405,7 @@ def images_line(jobs: Iterable[JobInfo]) -> str | None:
                    if j.kind == "generate" and j.result is not None and j.result.images), None)
     if newest is None:
         return None
-    return (f"Generated images are in {newest.parent}/, a folder a job named by its time and id "
+    return (f"Generated images are in {newest.parent}/, one folder per job named by its time and id "
             f"(the newest listed: {newest}).")
 
 
@@ -505,7 +505,6 @@ def follow(events: Iterable[ProgressInfo], quiet: bool = False,
     bar = Progress(*columns, console=console or err_console, transient=False, disable=quiet)
     with contextlib.ExitStack() as shown:   # started at its first row: a job with none printed
         tasks: dict[str, int] = {}          # an empty line to a pipe
-
         started = []
 
         def add_task(label: str, **fields) -> int:

@@ -148,7 +148,7 @@ def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
     assert text.count("CLIP-I") == 1 and "3 photos deleted, 1 kept" in text
     # where the images are is said once under the table, whole (in the note column a path
     # folded over four lines)
-    assert images_line(jobs) == ("Generated images are in /data/outputs/, a folder a job named by its "
+    assert images_line(jobs) == ("Generated images are in /data/outputs/, one folder per job named by its "
                                  "time and id (the newest listed: /data/outputs/job-c).")
     assert images_line(jobs[:2]) is None
 
