@@ -200,8 +200,9 @@ def _text_encoder(folder: Path, dtype: torch.dtype) -> dict:
     from transformers import CLIPTextModel
     from transformers import __version__ as transformers_version
 
-    if _json(folder / "model_index.json").get("text_encoder", [None, None])[1:] != ["CLIPTextModel"]:
-        return {}
+    entry = _json(folder / "model_index.json").get("text_encoder")
+    if not (isinstance(entry, list) and entry[1:] == ["CLIPTextModel"]):
+        return {}   # (diffusers says what is wrong with an entry it cannot load)
     encoder, info = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), local_files_only=True,
                                                   dtype=dtype, output_loading_info=True)
     missing = sorted(info.get("missing_keys") or [])

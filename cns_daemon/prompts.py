@@ -151,14 +151,30 @@ def _check_digit_names(prompt: str, metas: Mapping[str, ConceptMeta]) -> None:
                                "written with spaces or no closing '>'.", f"Write it as <{name}>.")
 
 
-def _near_name(name: str, names) -> str | None:
-    """The stored name `name` most likely meant: the same but for case, else the closest
-    spelling (difflib's ratio ≥ 0.75: one letter off in a short name)."""
+def _near_names(name: str, names) -> list[str]:
+    """The stored names `name` most likely meant: the same but for case, else those one letter
+    off, else the closest spellings by difflib's ratio (≥ 0.75); all of them where several are
+    as close (<dog1>: <dog2> and <dog3>, not the one sorted last)."""
     same = [m for m in names if m.lower() == name.lower()]
     if same:
-        return same[0]
-    close = difflib.get_close_matches(name.lower(), {m.lower(): m for m in names}, n=1, cutoff=0.75)
-    return next((m for m in names if m.lower() == close[0]), None) if close else None
+        return same
+    low = name.lower()
+    one_off = sorted(m for m in names if _one_edit(low, m.lower()))
+    if one_off:
+        return one_off
+    scored = [(difflib.SequenceMatcher(None, low, m.lower()).ratio(), m) for m in names]
+    best = max((c for c, _ in scored), default=0.0)
+    return sorted(m for c, m in scored if c == best) if best >= 0.75 else []
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """One letter changed, added or left out (<car> for <cat>: difflib's ratio is 0.67 there)."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) == 1
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
 def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> ExpandedPrompt:
@@ -173,9 +189,10 @@ def expand(prompt: str, metas: Mapping[str, ConceptMeta], tokenizer) -> Expanded
     if missing:
         # Names are case-sensitive (<Star> and <star> may both exist); a near miss is said,
         # a misspelling too (<rexx> for <rex>)
-        near = {n: _near_name(n, metas) for n in missing}
-        hint = "; ".join(f"did you mean <{near[n]}>?" for n in missing if near[n])
-        cased = any(near[n] and near[n].lower() == n.lower() for n in missing)
+        near = {n: _near_names(n, metas) for n in missing}
+        hint = "; ".join("did you mean " + " or ".join(f"<{m}>" for m in near[n][:3]) + "?"
+                         for n in missing if near[n])
+        cased = any(m.lower() == n.lower() for n in missing for m in near[n])
         raise NotFound(f"Unknown concept{'s' if len(missing) > 1 else ''} in the prompt: "
                        + ", ".join(f"<{n}>" for n in missing) + ".",
                        (hint[0].upper() + hint[1:] + (" Names are case-sensitive." if cased else "")) if hint else

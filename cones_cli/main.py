@@ -491,7 +491,9 @@ def _plain_help_when_narrow() -> None:
     """Below 80 columns rich's boxed help cut option names and values ("--meth…",
     "42949672…", the `--cfg` alias gone); click's plain help wraps them whole there (at 50
     columns at least: narrower, it split words, so the terminal wraps its lines)."""
-    if shutil.get_terminal_size().columns < NARROW_HELP_COLUMNS:
+    width = os.environ.get("TERMINAL_WIDTH", "")   # what typer's rich help sizes itself by, where set
+    columns = int(width) if width.isdigit() else shutil.get_terminal_size().columns
+    if columns < NARROW_HELP_COLUMNS:
         for typer_app in (app, service_app, store_app, toyworld_app):
             typer_app.rich_markup_mode = None
 

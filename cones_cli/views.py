@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from cns_daemon.api.errors import BadInput, ConesError, Internal, Interrupted, Storage, from_code, storage_error
 from cns_daemon.archive import atomic_write
@@ -283,25 +284,28 @@ class Records:
         if options.max_width >= self.min_width:
             yield self.table
             return
-        from rich.text import Text
-
         if self.table.title:
             yield Text(str(self.table.title), style="bold")
         headers = [str(c.header) for c in self.table.columns]
         for row in zip(*(list(c.cells) for c in self.table.columns)):
             yield Text("")
             if self.keyed:
-                yield Text.from_markup(str(row[0]), style="bold")
+                yield Text.assemble(_text(row[0]), style="bold")
             for header, cell in list(zip(headers, row))[self.keyed:]:
-                if str(cell) not in ("", "-"):
-                    yield Text.assemble(f"  {header}: ", Text.from_markup(str(cell)))
+                if _text(cell).plain not in ("", "-"):
+                    yield Text.assemble(f"  {header}: ", _text(cell))
+
+
+def _text(cell) -> Text:
+    """A table cell as text: a string cell is markup (escaped where it holds the person's text)."""
+    return cell if isinstance(cell, Text) else Text.from_markup(str(cell))
 
 
 STATE_LABELS = {"ok": "[green]ok[/]", "damaged": "[red]damaged[/]",
                 "not_rebuilt": "[yellow]not rebuilt[/]"}
 
 
-CONCEPTS_MIN_WIDTH = 72   # below, `cones list` prints a block a concept (Records)
+CONCEPTS_MIN_WIDTH = 72   # below, `cones list` prints a block a concept (Records); 8 more with its state column
 JOBS_MIN_WIDTH = 80
 EVAL_MIN_WIDTH = 60
 
@@ -326,7 +330,7 @@ def concepts_table(concepts: Iterable[ConceptInfo]) -> Records:
                  "class": c.class_word or "?", "size": human_size(c.size_bytes), "neurons": neurons_text(c),
                  "overlap": overlap_summary(c.overlap), "created": ago(c.created) if c.created else "-"}
         table.add_row(*(cells[col] for col in columns))
-    return Records(table, CONCEPTS_MIN_WIDTH)
+    return Records(table, CONCEPTS_MIN_WIDTH + 8 * ("state" in columns))
 
 
 def concept_problems(concepts: Iterable[ConceptInfo]) -> list[str]:
@@ -399,14 +403,16 @@ def jobs_table(jobs: Iterable[JobInfo]) -> Records:
 
 def images_line(jobs: Iterable[JobInfo]) -> str | None:
     """Where the listed generates' images are, said once under the table: a path in the note
-    column folded over four lines and broke when copied. A generate's folder is named by its
-    time and id (`cones generate -o` copies them elsewhere; one cut off is found here)."""
-    newest = next((Path(j.result.images[0]).parent for j in jobs
-                   if j.kind == "generate" and j.result is not None and j.result.images), None)
-    if newest is None:
+    column folded over four lines and broke when copied. Each generate's folder ends in its job
+    id (`cones generate -o` copies them elsewhere; one cut off is found here); the folders they
+    are in (one, unless the data folder moved), newest first."""
+    folders = [Path(j.result.images[0]).parent for j in jobs
+               if j.kind == "generate" and j.result is not None and j.result.images]
+    if not folders:
         return None
-    return (f"Generated images are in {newest.parent}/, one folder per job named by its time and id "
-            f"(the newest listed: {newest}).")
+    where = " and ".join(f"{p}/" for p in dict.fromkeys(f.parent for f in folders))
+    return (f"Generated images are in {where}, one folder per job, its name ending in the job's id "
+            f"(the newest listed: {folders[0]}).")
 
 
 SUMMARY_CHARS = 120   # a job's summary in a table; `--json` has it whole

@@ -3,15 +3,16 @@
 # torch==2.13.0 goes first: it is the local CPU wheel, and with it installed the project's
 # torch range is already satisfied, so pip never pulls a CUDA build.
 # A .venv set up from the same pyproject.toml and this script is left as it is (the editable
-# install sees code changes by itself; refreshing it took 20 s at every `scripts/test.sh`). The
-# import is tried from / so that a moved checkout, whose editable install points elsewhere, is redone.
+# install sees code changes by itself; refreshing it took 20 s at every `scripts/test.sh`), if
+# it imports this checkout's code from elsewhere (/): a moved or copied checkout's .venv, whose
+# editable install points at the first one, is redone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 STAMP=.venv/.cones-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/cones ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
-    && (cd / && "$OLDPWD/.venv/bin/python" -c "import cns_daemon, cones_cli, cones_store, pytest") 2>/dev/null; then
+    && [ "$(cd / && "$OLDPWD/.venv/bin/python" -c "import cns_daemon, cones_cli, cones_store, pytest; print(cns_daemon.__file__)" 2>/dev/null)" = "$PWD/cns_daemon/__init__.py" ]; then
     exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -133,6 +133,12 @@ def test_unknown_name_is_not_found(tok, metas):
     with pytest.raises(NotFound) as info:   # a misspelling is named too
         expand("a photo of <rexx>", metas, tok)
     assert info.value.hint == "Did you mean <rex>?"
+    from cns_daemon.prompts import _near_names
+
+    assert _near_names("dog1", ["dog2", "dog3", "rex"]) == ["dog2", "dog3"]   # as close: both, not one
+    assert _near_names("cat", ["car", "mug"]) == ["car"]   # one letter off in a short name
+    assert _near_names("c1", ["c11", "c2", "zebra"]) == ["c11", "c2"]
+    assert _near_names("zzz", ["car", "mug"]) == [] and _near_names("x", []) == []
     with pytest.raises(NotFound) as info:   # nothing close: where to look
         expand("a photo of <nobody>", metas, tok)
     assert info.value.hint.startswith("`cones list` shows the stored concepts")

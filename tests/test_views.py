@@ -148,8 +148,10 @@ def test_the_jobs_table_says_what_a_job_made_and_what_a_learn_left_out():
     assert text.count("CLIP-I") == 1 and "3 photos deleted, 1 kept" in text
     # where the images are is said once under the table, whole (in the note column a path
     # folded over four lines)
-    assert images_line(jobs) == ("Generated images are in /data/outputs/, one folder per job named by its "
-                                 "time and id (the newest listed: /data/outputs/job-c).")
+    assert images_line(jobs) == ("Generated images are in /data/outputs/, one folder per job, its name ending "
+                                 "in the job's id (the newest listed: /data/outputs/job-c).")
+    moved = jobs[3].model_copy(update={"result": JobResult(images=["/old/outputs/job-f/00.png"], seed=1)})
+    assert images_line([*jobs, moved]).startswith("Generated images are in /data/outputs/ and /old/outputs/,")
     assert images_line(jobs[:2]) is None
 
 
@@ -460,6 +462,10 @@ def test_narrow_terminals_get_a_block_a_row_with_every_value_whole():
     text = shown(eval_table(["rex"], {"clip_i": 0.8123, "clip_t": 0.2711, "n_images": 8, "n_prompts": 4,
                                       "clip": "ViT-B-32 laion2b"}), 40)
     assert "  CLIP-I: 0.8123" in text.splitlines() and "  CLIP-T: 0.2711" in text.splitlines(), text
+    # a damaged concept adds the state column: blocks up to 8 columns wider
+    damaged = [concepts[0].model_copy(update={"state": "damaged", "problem": "x"}), concepts[1]]
+    assert "  state: damaged" in shown(concepts_table(damaged), 76).splitlines()
+    assert "│ rex0" in shown(concepts_table(damaged), 80)
     # wide enough, the tables as before
     assert "│ rex0" in shown(concepts_table(concepts), 80) and "─" in shown(jobs_table(jobs), 80)
     assert "┃ CLIP-I" in shown(eval_table(["rex"], {"clip_i": 0.8, "clip_t": 0.2, "n_images": 8,
@@ -489,8 +495,8 @@ def test_help_on_a_narrow_terminal_keeps_option_names_and_values_whole():
     import subprocess
     import sys
 
-    def help_text(columns):
-        env = {**os.environ, "COLUMNS": str(columns), "TERMINAL_WIDTH": ""}
+    def help_text(columns, terminal_width=""):
+        env = {**os.environ, "COLUMNS": str(columns), "TERMINAL_WIDTH": terminal_width}
         run = subprocess.run([sys.executable, "-m", "cones_cli.main", "add", "--help"], env=env,
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
@@ -502,6 +508,7 @@ def test_help_on_a_narrow_terminal_keeps_option_names_and_values_whole():
         assert whole in narrow, narrow
     assert not re.search(r"\w…", narrow) and "╭" not in narrow, narrow   # (its own "star …" stays)
     assert "╭" in help_text(100)
+    assert "╭" not in help_text(100, terminal_width="40")   # the width typer's help sizes itself by
 
 
 def test_help_paragraphs_are_not_broken_where_the_source_breaks_them():
