@@ -213,6 +213,7 @@ def _taken(c, name: str):
     return wait_until(lambda: next(iter(_learn_jobs(c, name)), None), timeout=20, what=f"{name} taken")
 
 
+@pytest.mark.slow   # 10-12 s; the main path is in the default run (the suite neared 14 min)
 def test_failed_folder_is_retried_only_when_its_inputs_change(daemon):
     """Writing ERROR.txt is no change: neither a folder refused when read nor one whose job failed
     is taken again until a photo or concept.toml in it changes."""
@@ -284,6 +285,7 @@ def test_cancelled_inbox_folder_is_not_taken_again(daemon):
         c.cancel(again.id)
 
 
+@pytest.mark.slow   # 10-12 s; the main path is in the default run (the suite neared 14 min)
 def test_a_folder_renamed_while_its_job_runs_is_followed_not_taken_again(daemon):
     home, start = daemon
     d = start()

@@ -195,6 +195,7 @@ def test_damaged_concept_is_removed_and_its_name_is_free_again(home, tmp_path, m
     assert _states(cones) == {"mug": "ok", "rex": "ok"}
 
 
+@pytest.mark.slow   # 10-12 s; the main path is in the default run (the suite neared 14 min)
 def test_salvage_says_how_to_learn_a_lost_concept_again_from_its_archived_photos(home, tmp_path, monkeypatch):
     """A concept salvage cannot copy is named with the command that learns it again from its
     archived photos: from its metadata when that reads, else from the learn job that made it."""
