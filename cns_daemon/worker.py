@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from pydantic import BaseModel
 
@@ -52,7 +52,7 @@ class JobStore(Protocol):
 
     def put_job(self, job: JobRecord) -> None: ...
     def get_job(self, job_id: str) -> JobRecord: ...
-    def jobs(self) -> list[JobRecord]: ...
+    def jobs(self, states: Iterable[str] | None = None) -> list[JobRecord]: ...
     def delete_job(self, job_id: str) -> None: ...
 
 
@@ -289,8 +289,8 @@ class Worker:
         return self.jobs.get_job(current.id) if current else None
 
     def queued(self) -> list[JobRecord]:
-        jobs = [j for j in self.jobs.jobs() if j.state == "queued"]
-        return sorted(jobs, key=lambda j: (-j.priority, j.created))
+        """The queued jobs, highest priority first, then oldest (the order `jobs` gives)."""
+        return self.jobs.jobs(("queued",))
 
     # ------------------------------------------------------------ worker thread
 

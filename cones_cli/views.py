@@ -292,8 +292,8 @@ class Records:
             if self.keyed:
                 yield Text.assemble(_text(row[0]), style="bold")
             for header, cell in list(zip(headers, row))[self.keyed:]:
-                if _text(cell).plain not in ("", "-"):
-                    yield Text.assemble(f"  {header}: ", _text(cell))
+                if (text := _text(cell)).plain not in ("", "-"):
+                    yield Text.assemble(f"  {header}: ", text)
 
 
 def _text(cell) -> Text:
